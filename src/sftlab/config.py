@@ -1,0 +1,234 @@
+"""Typed run configuration: one YAML file plus ``--set key=value`` overrides, validated at load.
+
+Every field has a type, a default and help text. Unknown keys and bad values are one clear error
+naming the key. ``auto`` values (learning rate, epochs, batch, checkpointing) are resolved by the
+training code and the resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sftlab.errors import SftlabError
+
+
+def _f(default, help_text: str, choices: tuple | None = None):
+    meta = {"help": help_text}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- model and data -------------------------------------------------------------------
+    model: str = _f("smollm2-135m-instruct", "base model: the embedded default name, a local HF folder, a .gguf file or a hub id")
+    data: str | None = _f(None, "training data file (jsonl/json/csv/parquet) or local HF dataset folder")
+    eval_data: str | None = _f(None, "evaluation data, same formats as data")
+    format: str = _f("auto", "data format: auto, messages (openai), sharegpt, alpaca, prompt_completion or text")
+    template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, llama3, mistral, or a .jinja file")
+    system_prompt: str | None = _f(None, "system prompt added to conversations that have none")
+    max_seq_length: int = _f(2048, "longest example in tokens")
+    masking: str = _f("all_assistant", "which tokens are trained", ("all_assistant", "last_assistant", "all"))
+    truncation: str = _f("cut_turns", "what to do with examples longer than max_seq_length", ("cut_turns", "drop", "truncate"))
+    packing: bool = _f(False, "pack several examples per row (no attention across them)")
+    trust_remote_code: bool = _f(False, "allow model/tokenizer code from the model folder to run")
+
+    # --- method -----------------------------------------------------------------------------
+    method: str = _f("lora", "what is trained", ("full", "lora", "qlora", "prefix"))
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_target_modules: str = _f("all-linear", "modules LoRA adapts: 'all-linear' or a comma-separated list")
+    prefix_tokens: int = _f(20, "number of virtual tokens for prefix tuning")
+
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: float | str = _f(3, "number of epochs, or 'auto' by data size")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    batch_size: int | str = _f(4, "per-device batch size, or 'auto' by GPU memory")
+    gradient_accumulation: int | str = _f(4, "micro-batches per optimizer step, or 'auto'")
+    learning_rate: float | str = _f(2e-5, "peak learning rate, or 'auto' by model size")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    warmup_ratio: float = _f(0.1, "share of steps spent warming up")
+    lr_scheduler: str = _f("cosine", "learning-rate schedule", ("cosine", "linear", "constant", "constant_with_warmup"))
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    optimizer: str = _f("adamw", "optimizer", ("adamw", "adam", "sgd", "adamw8bit"))
+    gradient_checkpointing: bool | str = _f("auto", "recompute activations in backward: true, false, or 'auto' (only when it would not fit)")
+    precision: str = _f("auto", "bf16 where the hardware has it, else fp32", ("auto", "bf16", "fp16", "fp32"))
+    seed: int = _f(42, "random seed")
+
+    # --- loss -------------------------------------------------------------------------------
+    loss: str = _f("token", "loss normalisation: 'token' (mean over trained tokens of the step) or 'sequence' (mean per sequence)", ("token", "sequence"))
+    label_smoothing: float = _f(0.0, "label smoothing factor")
+
+    # --- forgetting -------------------------------------------------------------------------
+    replay_data: str | None = _f(None, "general data mixed into training to limit forgetting")
+    replay_ratio: float = _f(0.0, "share of the training mix that is replay data (0..0.9)")
+    ewc_lambda: float = _f(0.0, "EWC penalty weight (0 disables)")
+    ewc_samples: int = _f(64, "examples of the replay/general data used to estimate the Fisher diagonal")
+
+    # --- evaluation, checkpoints, logging ---------------------------------------------------
+    eval_steps: int = _f(500, "evaluate every N optimizer steps")
+    save_steps: int = _f(500, "checkpoint every N optimizer steps")
+    save_total_limit: int = _f(3, "checkpoints kept")
+    early_stopping_patience: int = _f(3, "evaluations without improvement before stopping (0 disables)")
+    early_stopping_min_delta: float = _f(0.01, "smallest eval-loss improvement that counts")
+    load_best_model_at_end: bool = _f(True, "restore the checkpoint with the lowest eval loss at the end")
+    logging_steps: int = _f(10, "log every N optimizer steps")
+    report_to: list = _f([], "extra loggers: tensorboard, wandb, mlflow")
+    output_dir: str = _f("runs/sft", "run folder")
+    resume: bool = _f(False, "resume from the last checkpoint in output_dir")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        from sftlab.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, raw, annotation):
+    """Convert ``raw`` (from YAML or a --set string) to the field's declared type."""
+    hint = typing.get_type_hints(Config)[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if raw is None and type(None) in args:
+        return None
+    if isinstance(raw, str) and raw.lower() in ("null", "none", "~") and type(None) in args:
+        return None
+    errors = []
+    for t in args:
+        if t is type(None):
+            continue
+        try:
+            if t is bool:
+                if isinstance(raw, bool):
+                    return raw
+                if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                    return raw.lower() in ("true", "yes", "1", "on")
+                raise ValueError
+            if t is int:
+                if isinstance(raw, bool):
+                    raise ValueError
+                if isinstance(raw, float):
+                    if raw.is_integer():
+                        return int(raw)
+                    raise ValueError
+                return int(raw)
+            if t is float:
+                if isinstance(raw, bool):
+                    raise ValueError
+                return float(raw)
+            if t is str:
+                if isinstance(raw, (dict, list)):
+                    raise ValueError
+                return str(raw)
+            if t is list:
+                if isinstance(raw, list):
+                    return raw
+                if isinstance(raw, str):
+                    return [s.strip() for s in raw.split(",") if s.strip()]
+                raise ValueError
+        except (ValueError, TypeError):
+            errors.append(t.__name__)
+    raise SftlabError(f"config key '{name}': {raw!r} is not a valid {' or '.join(errors) or 'value'}")
+
+
+def _validate(cfg: Config) -> None:
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        val = getattr(cfg, name)
+        if choices and val not in choices:
+            raise SftlabError(f"config key '{name}': {val!r} is not one of {', '.join(map(str, choices))}")
+    for name in ("learning_rate", "epochs", "batch_size", "gradient_accumulation"):
+        val = getattr(cfg, name)
+        if isinstance(val, str) and val != "auto":
+            raise SftlabError(f"config key '{name}': {val!r} must be a number or 'auto'")
+    if isinstance(cfg.gradient_checkpointing, str) and cfg.gradient_checkpointing != "auto":
+        raise SftlabError(f"config key 'gradient_checkpointing': {cfg.gradient_checkpointing!r} must be true, false or 'auto'")
+    checks = [
+        ("max_seq_length", cfg.max_seq_length >= 8, "must be at least 8"),
+        ("lora_r", cfg.lora_r >= 1, "must be at least 1"),
+        ("replay_ratio", 0.0 <= cfg.replay_ratio <= 0.9, "must be between 0 and 0.9"),
+        ("label_smoothing", 0.0 <= cfg.label_smoothing < 1.0, "must be in [0, 1)"),
+        ("warmup_ratio", 0.0 <= cfg.warmup_ratio < 1.0, "must be in [0, 1)"),
+        ("weight_decay", cfg.weight_decay >= 0, "must be >= 0"),
+        ("ewc_lambda", cfg.ewc_lambda >= 0, "must be >= 0"),
+        ("eval_steps", cfg.eval_steps >= 1, "must be at least 1"),
+        ("save_steps", cfg.save_steps >= 1, "must be at least 1"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise SftlabError(f"config key '{key}': {getattr(cfg, key)!r} {why}")
+    for name in ("learning_rate", "epochs", "batch_size", "gradient_accumulation"):
+        val = getattr(cfg, name)
+        if not isinstance(val, str) and val <= 0:
+            raise SftlabError(f"config key '{name}': {val!r} must be positive")
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``["lr=1e-4", "packing=true"]`` -> dict of raw values (YAML-parsed, so numbers and lists work)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SftlabError(f"--set '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            val = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            val = raw
+        out[key.strip()] = val
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """Read YAML (if given), apply overrides, coerce types and validate. Errors name the key."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise SftlabError(f"config file '{path}' not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise SftlabError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})")
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SftlabError(f"{path}: expected a mapping of config keys")
+        raw.update(loaded)
+    raw.update({k: v for k, v in (overrides or {}).items()})
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "run `sftlab train --help-config` for the list"
+        raise SftlabError(f"unknown config key '{unknown[0]}'", hint=hint)
+    values = {k: _coerce(k, v, FIELDS[k].type) for k, v in raw.items()}
+    cfg = Config(**values)
+    _validate(cfg)
+    return cfg
+
+
+def config_help() -> str:
+    lines = []
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  {name:<26} {f.metadata['help']}{extra} (default: {default!r})")
+    return "\n".join(lines)

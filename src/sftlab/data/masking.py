@@ -1,0 +1,276 @@
+"""Conversation -> (input_ids, labels) with exactly the assistant replies trained.
+
+How labels are found, for any template and without ``{% generation %}`` tags:
+
+1. Render the whole conversation, and for each assistant turn the prefix up to it with the
+   generation prompt. The reply must appear verbatim right where that prefix ends (a template that
+   trims content is matched on the trimmed text).
+2. The end-of-turn token is the template's known one (built-ins) or the special token that the
+   rendered text has right after the reply (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...). A
+   template that writes nothing after a reply gets the tokenizer's EOS appended and trained, so
+   the model always learns to stop.
+3. The text is cut into alternating untrained/trained segments and each segment is tokenized on
+   its own, in one batched call. A token therefore never straddles a reply boundary, the prompt
+   part is tokenized exactly as at inference (where it is rendered with the generation prompt),
+   and decoding the trained tokens gives back exactly the replies plus their end-of-turn tokens.
+
+Labels are set by position, never by token id, so pad == EOS can not mask the EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sftlab.data.templates import ChatTemplate
+from sftlab.data.types import Conversation, Message
+from sftlab.errors import SftlabError
+
+IGNORE = -100
+MASKING = ("all_assistant", "last_assistant", "all")
+TRUNCATION = ("cut_turns", "drop", "truncate")
+
+
+@dataclass
+class Example:
+    """One tokenized training example, in dataset order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    weight: float = 1.0
+    index: int = 0  # position in the input conversations
+    where: str = ""  # "file:line"
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class PrepareReport:
+    """What happened to each input example; printed by `prepare` and kept with every run."""
+
+    n_input: int = 0
+    n_kept: int = 0
+    n_turns_cut: int = 0  # examples that lost earlier turns to fit
+    n_truncated: int = 0  # examples cut at max_seq_length (truncation=truncate)
+    n_dropped_too_long: int = 0
+    n_dropped_no_trained: int = 0
+    n_tokens: int = 0
+    n_trained_tokens: int = 0
+    eos_appended: bool = False  # the template writes no end-of-turn token; EOS is appended and trained
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+
+    def summary(self) -> str:
+        parts = [f"{self.n_kept}/{self.n_input} examples kept", f"{self.n_tokens} tokens",
+                 f"{self.n_trained_tokens} trained"]
+        if self.n_turns_cut:
+            parts.append(f"{self.n_turns_cut} had earlier turns cut to fit")
+        if self.n_truncated:
+            parts.append(f"{self.n_truncated} truncated at max_seq_length")
+        if self.n_dropped_too_long:
+            parts.append(f"{self.n_dropped_too_long} dropped as too long")
+        if self.n_dropped_no_trained:
+            parts.append(f"{self.n_dropped_no_trained} dropped with no trained token")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["dropped"] = [{"where": w, "why": y} for w, y in self.dropped]
+        return d
+
+
+class Labeler:
+    """Turns conversations into examples with exact labels for one tokenizer and template."""
+
+    def __init__(self, tokenizer, template: ChatTemplate | None, *, masking: str = "all_assistant",
+                 max_seq_length: int | None = None, truncation: str = "cut_turns"):
+        if masking not in MASKING:
+            raise SftlabError(f"unknown masking '{masking}'", hint=f"use one of: {', '.join(MASKING)}")
+        if truncation not in TRUNCATION:
+            raise SftlabError(f"unknown truncation '{truncation}'", hint=f"use one of: {', '.join(TRUNCATION)}")
+        if max_seq_length is not None and max_seq_length < 8:
+            raise SftlabError(f"max_seq_length {max_seq_length} is too small", hint="use at least 8 tokens")
+        self.tok = tokenizer
+        self.template = template
+        self.masking = masking
+        self.max_len = max_seq_length
+        self.truncation = truncation
+        self.eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
+        specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        self._specials = sorted((s for s in specials if s), key=len, reverse=True)
+        self._prepends = self._detect_prepend()
+        self._anchor = "\n"
+        self._anchor_ids = self._encode_plain([self._anchor])[0] if self._prepends else []
+        self.eos_appended = False
+
+    # -- segments ---------------------------------------------------------------------------
+    def segments(self, conv: Conversation) -> list[tuple[str, bool]]:
+        """The example's text as (text, trained) pieces, in order."""
+        if conv.is_text:
+            return [(conv.text + (self.eos or ""), self.masking != "none")]
+        if self.template is None:
+            raise SftlabError("chat data needs a chat template", hint="pass --template")
+        msgs = conv.messages
+        full = self.template.render(msgs)
+        segs: list[tuple[str, bool]] = []
+        cursor = 0
+        assistant_idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+        for n, i in enumerate(assistant_idx):
+            start, end = self._locate_reply(conv, full, i, cursor, n + 1)
+            eot = self._eot_at(full, end)
+            if eot is None:
+                if not self.eos:
+                    raise SftlabError(f"{conv.where()}: the template writes no end-of-turn token and the tokenizer has no EOS",
+                                      hint="use a template with an end-of-turn token, e.g. --template chatml")
+                self.eos_appended = True
+                reply = full[start:end] + self.eos
+            else:
+                reply = full[start:end + len(eot)]
+                end += len(eot)
+            if cursor < start:
+                segs.append((full[cursor:start], False))
+            train = self.masking == "all" or self.masking == "all_assistant" or n == len(assistant_idx) - 1
+            segs.append((reply, train))
+            cursor = end
+        if cursor < len(full):
+            segs.append((full[cursor:], False))
+        if self.masking == "all":
+            segs = [(t, True) for t, _ in segs]
+        return segs
+
+    def _locate_reply(self, conv: Conversation, full: str, i: int, cursor: int, nth: int) -> tuple[int, int]:
+        content = conv.messages[i].content
+        prefix = self.template.render(conv.messages[:i], add_generation_prompt=True)
+        candidates = [content, content.strip()] if content.strip() != content else [content]
+        if full.startswith(prefix) and len(prefix) >= cursor:
+            for c in candidates:
+                if full.startswith(c, len(prefix)):
+                    return len(prefix), len(prefix) + len(c)
+        # The template renders the turn differently from its generation prompt: search after the
+        # common prefix (never before the previous reply's end).
+        common = 0
+        for a, b in zip(prefix, full):
+            if a != b:
+                break
+            common += 1
+        for c in candidates:
+            pos = full.find(c, max(cursor, min(common, len(prefix))))
+            if pos >= 0:
+                return pos, pos + len(c)
+        raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",
+                          hint="use a template that keeps message content as is, e.g. --template chatml")
+
+    def _eot_at(self, full: str, end: int) -> str | None:
+        tpl_eot = self.template.eot if self.template else None
+        if tpl_eot and full.startswith(tpl_eot, end):
+            return tpl_eot
+        for s in self._specials:
+            if full.startswith(s, end):
+                return s
+        return None
+
+    # -- tokenization -----------------------------------------------------------------------
+    def _detect_prepend(self) -> bool:
+        """SentencePiece-style tokenizers prepend '▁' to every encode call; pieces must not get it."""
+        ids = self.tok("a", add_special_tokens=False)["input_ids"]
+        return bool(ids) and self.tok.convert_ids_to_tokens(ids[0]).startswith("▁")
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode_pieces(self, texts: list[str], first: list[bool]) -> list[list[int]]:
+        if not self._prepends:
+            return self._encode_plain(texts)
+        # Encode non-first pieces behind an anchor and strip the anchor's ids.
+        wrapped = [t if f else self._anchor + t for t, f in zip(texts, first)]
+        out = self._encode_plain(wrapped)
+        k = len(self._anchor_ids)
+        for j, (ids, f) in enumerate(zip(out, first)):
+            if not f:
+                out[j] = ids[k:] if ids[:k] == self._anchor_ids else self._encode_plain([texts[j]])[0]
+        return out
+
+    def encode_segments(self, all_segs: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
+        flat = [t for segs in all_segs for t, _ in segs]
+        first = [k == 0 for segs in all_segs for k in range(len(segs))]
+        ids_flat = self._encode_pieces(flat, first)
+        out, pos = [], 0
+        for segs in all_segs:
+            ids: list[int] = []
+            labels: list[int] = []
+            for _, trained in segs:
+                piece = ids_flat[pos]
+                pos += 1
+                ids.extend(piece)
+                labels.extend(piece if trained else [IGNORE] * len(piece))
+            out.append((ids, labels))
+        return out
+
+    # -- the public entry -------------------------------------------------------------------
+    def encode(self, convs: list[Conversation], *, strict_empty: bool = False) -> tuple[list[Example], PrepareReport]:
+        """Tokenize and label all conversations; apply the length policy; report what happened."""
+        report = PrepareReport(n_input=len(convs))
+        seg_lists = [self.segments(c) for c in convs]
+        encoded = self.encode_segments(seg_lists)
+        examples: list[Example] = []
+        for idx, (conv, (ids, labels)) in enumerate(zip(convs, encoded)):
+            if self.max_len is not None and len(ids) > self.max_len:
+                fitted = self._fit(conv, ids, labels, report)
+                if fitted is None:
+                    report.n_dropped_too_long += 1
+                    report.dropped.append((conv.where(), f"{len(ids)} tokens > max_seq_length {self.max_len}"))
+                    continue
+                ids, labels = fitted
+            ex = Example(ids, labels, conv.weight, idx, conv.where())
+            if ex.n_trained == 0:
+                report.n_dropped_no_trained += 1
+                report.dropped.append((conv.where(), "no trained token left"))
+                if strict_empty:
+                    raise SftlabError(f"{conv.where()}: the example has no trained token",
+                                      hint="check the masking strategy and max_seq_length")
+                continue
+            examples.append(ex)
+            report.n_tokens += len(ids)
+            report.n_trained_tokens += ex.n_trained
+        report.n_kept = len(examples)
+        report.eos_appended = self.eos_appended
+        return examples, report
+
+    def _fit(self, conv: Conversation, ids: list[int], labels: list[int], report: PrepareReport):
+        """Apply the truncation policy to one over-long example; None means drop it."""
+        if self.truncation == "drop":
+            return None
+        if self.truncation == "cut_turns" and not conv.is_text:
+            msgs = list(conv.messages)
+            sys_n = 1 if msgs[0].role == "system" else 0
+            while len(msgs) - sys_n > 2:
+                msgs = msgs[:sys_n] + msgs[sys_n + 2:]
+                shorter = Conversation(msgs, weight=conv.weight, source=conv.source, line=conv.line)
+                (new_ids, new_labels), = self.encode_segments([self.segments(shorter)])
+                if len(new_ids) <= self.max_len:
+                    report.n_turns_cut += 1
+                    return new_ids, new_labels
+            return None
+        # truncate (and plain text under cut_turns): keep the first max_seq_length tokens.
+        report.n_truncated += 1
+        return ids[: self.max_len], labels[: self.max_len]
+
+
+def trained_text(tokenizer, ex: Example) -> list[str]:
+    """The decoded trained spans of an example, one string per contiguous run (for checks and --show)."""
+    runs, cur = [], []
+    for tid, lab in zip(ex.input_ids, ex.labels):
+        if lab != IGNORE:
+            cur.append(tid)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tokenizer.decode(r) for r in runs]
+
+
+def reply_messages(conv: Conversation) -> list[Message]:
+    return [m for m in conv.messages if m.role == "assistant"]

@@ -1,0 +1,109 @@
+"""The data pipeline in one call: config -> tokenizer + template -> conversations -> labelled examples."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftlab.config import Config
+from sftlab.data.formats import load_conversations
+from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport
+from sftlab.data.templates import ChatTemplate, missing_tokens, resolve_template
+from sftlab.data.types import Conversation
+from sftlab.errors import SftlabError
+
+
+@dataclass
+class Prepared:
+    examples: list[Example]
+    report: PrepareReport
+    template: ChatTemplate | None
+    tokenizer: object
+    conversations: list[Conversation]
+    added_tokens: list[str] = field(default_factory=list)  # special tokens the template needed
+
+
+def setup_template(cfg: Config, tokenizer) -> tuple[ChatTemplate, list[str]]:
+    """Resolve the template; add special tokens a built-in template needs and the tokenizer lacks.
+
+    Added tokens get new embedding rows: the training code resizes the model (and trains them).
+    """
+    template = resolve_template(cfg.template, tokenizer)
+    added: list[str] = []
+    if template.name != "tokenizer":
+        added = missing_tokens(template, tokenizer)
+        if added:
+            tokenizer.add_special_tokens({"additional_special_tokens": added}, replace_extra_special_tokens=False)
+    return template, added
+
+
+def labeler_for(cfg: Config, tokenizer, template: ChatTemplate | None) -> Labeler:
+    return Labeler(tokenizer, template, masking=cfg.masking, max_seq_length=cfg.max_seq_length,
+                   truncation=cfg.truncation)
+
+
+def prepare(cfg: Config, tokenizer=None, *, data: str | None = None) -> Prepared:
+    """Tokenize and label ``data`` (default ``cfg.data``) for ``cfg.model``'s tokenizer."""
+    path = data or cfg.data
+    if not path:
+        raise SftlabError("no training data given", hint="pass --data FILE or set `data:` in the config")
+    if tokenizer is None:
+        from sftlab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    convs = load_conversations(path, cfg.format, system_prompt=cfg.system_prompt)
+    template, added = (None, [])
+    if any(not c.is_text for c in convs):
+        template, added = setup_template(cfg, tokenizer)
+    examples, report = labeler_for(cfg, tokenizer, template).encode(convs)
+    if not examples:
+        raise SftlabError(f"{path}: no example is left to train on ({report.summary()})",
+                          hint="raise max_seq_length or check the masking strategy")
+    return Prepared(examples, report, template, tokenizer, convs, added)
+
+
+def dump_rows(prepared: Prepared):
+    for ex in prepared.examples:
+        yield {"index": ex.index, "source": ex.where, "input_ids": ex.input_ids, "labels": ex.labels,
+               "weight": ex.weight}
+
+
+def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
+    """Write the tokenized examples as an Arrow dataset plus the preparation report, atomically."""
+    import datasets
+
+    from sftlab.io import atomic_dir
+
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [e.input_ids for e in prepared.examples],
+        "labels": [e.labels for e in prepared.examples],
+        "weight": [e.weight for e in prepared.examples],
+        "index": [e.index for e in prepared.examples],
+    })
+    with atomic_dir(out_dir) as tmp:
+        ds.save_to_disk(str(tmp / "dataset"))
+        (tmp / "report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2))
+        if prepared.template is not None:
+            (tmp / "chat_template.jinja").write_text(prepared.template.source)
+
+
+def render_example(tokenizer, ex: Example, color: bool | None = None) -> str:
+    """The example's text with trained tokens highlighted (green on a terminal, «…» otherwise)."""
+    if color is None:
+        color = sys.stdout.isatty()
+    on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("«", "»")
+    out, run, trained = [], [], None
+    for tid, lab in zip(ex.input_ids, ex.labels):
+        t = lab != IGNORE
+        if trained is not None and t != trained:
+            text = tokenizer.decode(run)
+            out.append(f"{on}{text}{off}" if trained else text)
+            run = []
+        run.append(tid)
+        trained = t
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{on}{text}{off}" if trained else text)
+    return "".join(out)

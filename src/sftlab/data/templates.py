@@ -1,0 +1,155 @@
+"""Chat templates: the tokenizer's own (jinja, rendered in a sandbox) and named built-ins.
+
+Every template, built-in or not, is a jinja string rendered with the same sandboxed environment
+Hugging Face uses (trim_blocks, lstrip_blocks), so the exact template used in training can be
+written into an exported tokenizer and reproduced at inference by plain transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from sftlab.data.types import Message
+from sftlab.errors import SftlabError
+
+_NL = "{{ '\\n' }}"
+
+# Named templates. `eot` is the end-of-turn string each assistant reply ends with: it is trained
+# with the reply so the model learns to stop. eos_token/bos_token come from the tokenizer.
+BUILTIN: dict[str, tuple[str, str | None]] = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m.role }}" + _NL + "{{ m.content }}<|im_end|>" + _NL + "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant" + _NL + "{% endif %}",
+        "<|im_end|>",
+    ),
+    "llama3": (
+        "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>" + _NL + _NL +
+        "{{ m.content }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>" + _NL + _NL + "{% endif %}",
+        "<|eot_id|>",
+    ),
+    "mistral": (
+        "{{ bos_token }}{% set sys = messages[0].content if messages[0].role == 'system' else '' %}"
+        "{% for m in messages if m.role != 'system' %}"
+        "{% if m.role == 'user' %}[INST] {% if loop.first and sys %}{{ sys }}" + _NL + _NL + "{% endif %}{{ m.content }} [/INST]"
+        "{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}",
+        None,  # eos_token
+    ),
+    "alpaca": (
+        "{% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}"
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "{% endif %}" + _NL + _NL +
+        "{% for m in messages if m.role != 'system' %}{% if m.role == 'user' %}### Instruction:" + _NL + "{{ m.content }}" + _NL + _NL +
+        "{% else %}### Response:" + _NL + "{{ m.content }}{{ eos_token }}" + _NL + _NL + "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}### Response:" + _NL + "{% endif %}",
+        None,
+    ),
+    "vicuna": (
+        "{% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}"
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions.{% endif %} "
+        "{% for m in messages if m.role != 'system' %}{% if m.role == 'user' %}USER: {{ m.content }} "
+        "{% else %}ASSISTANT: {{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT: {% endif %}",
+        None,
+    ),
+}
+BUILTIN["sharegpt"] = BUILTIN["vicuna"]
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=1)
+def _env() -> ImmutableSandboxedEnvironment:
+    # The same environment transformers uses for chat templates: sandboxed, immutable, with
+    # loop controls and `raise_exception`; user templates cannot touch Python objects.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@dataclass
+class ChatTemplate:
+    """A jinja chat template plus the tokens it needs.
+
+    ``eot`` is the end-of-turn string after each assistant reply when known (built-ins); for the
+    tokenizer's own template it is detected from the rendered text (see masking).
+    """
+
+    name: str
+    source: str
+    eot: str | None = None
+    special: dict[str, str] | None = None  # bos_token, eos_token, ... passed to the template
+
+    def __post_init__(self):
+        try:
+            self._compiled = _env().from_string(self.source)
+        except TemplateError as exc:
+            raise SftlabError(f"chat template '{self.name}' does not compile: {exc}")
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return self._compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                         **(self.special or {}))
+        except TemplateError as exc:
+            raise SftlabError(f"chat template '{self.name}' failed to render: {exc}")
+
+
+def _special_map(tokenizer) -> dict[str, str]:
+    out = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        val = getattr(tokenizer, key, None) if tokenizer is not None else None
+        out[key] = val if isinstance(val, str) else ""
+    return out
+
+
+def template_names() -> list[str]:
+    return sorted(BUILTIN)
+
+
+def resolve_template(name: str | None, tokenizer) -> ChatTemplate:
+    """``None``/"auto"/"tokenizer": the tokenizer's own template; a built-in name; or a .jinja file."""
+    special = _special_map(tokenizer)
+    if name in (None, "", "auto", "tokenizer", "model"):
+        src = getattr(tokenizer, "chat_template", None)
+        if isinstance(src, dict):  # several named templates: take the default one
+            src = src.get("default") or next(iter(src.values()), None)
+        if not src:
+            raise SftlabError("the model's tokenizer has no chat template",
+                              hint=f"pass --template with one of: {', '.join(template_names())}")
+        return ChatTemplate("tokenizer", src, None, special)
+    if name in BUILTIN:
+        src, eot = BUILTIN[name]
+        if eot is None:
+            if not special["eos_token"]:
+                raise SftlabError(f"template '{name}' ends each reply with the EOS token, but the tokenizer has none",
+                                  hint="use --template chatml")
+            eot = special["eos_token"]
+        return ChatTemplate(name, src, eot, special)
+    path = Path(name)
+    if path.suffix in (".jinja", ".j2", ".txt") or path.exists():
+        if not path.exists():
+            raise SftlabError(f"template file '{name}' not found")
+        return ChatTemplate(path.name, path.read_text(encoding="utf-8"), None, special)
+    raise SftlabError(f"unknown template '{name}'",
+                      hint=f"use one of: {', '.join(template_names())}, 'tokenizer', or a .jinja file")
+
+
+def missing_tokens(template: ChatTemplate, tokenizer) -> list[str]:
+    """Special tokens a built-in template writes that the tokenizer does not know as single tokens."""
+    import re
+
+    wanted = set(re.findall(r"<\|[a-z_]+\|>", template.source))
+    vocab = tokenizer.get_vocab()
+    return sorted(t for t in wanted if t not in vocab)

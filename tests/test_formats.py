@@ -1,0 +1,104 @@
+"""Loading every file type and converting every format into one Conversation type."""
+
+import csv
+import json
+
+import pytest
+
+from sftlab.data.formats import load_conversations, resolve_format
+from sftlab.data.load import read_records
+from sftlab.errors import SftlabError
+
+ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("row,expected", [
+    (ROW, [("user", "Hi"), ("assistant", "Hello")]),
+    ({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+     [("system", "S"), ("user", "Hi"), ("assistant", "Yo")]),
+    ({"instruction": "Add", "input": "1 2", "output": "3"}, [("user", "Add\n\n1 2"), ("assistant", "3")]),
+    ({"instruction": "Add", "input": "", "output": "3", "system": "S"}, [("system", "S"), ("user", "Add"), ("assistant", "3")]),
+    ({"prompt": "P", "completion": "C"}, [("user", "P"), ("assistant", "C")]),
+    ({"prompt": [{"role": "user", "content": "P"}], "completion": [{"role": "assistant", "content": "C"}]},
+     [("user", "P"), ("assistant", "C")]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                   {"role": "assistant", "content": "c"}]}, [("user", "ab"), ("assistant", "c")]),
+])
+def test_each_format_converts(tmp_path, row, expected):
+    (conv,) = load_conversations(_jsonl(tmp_path / "d.jsonl", [row]))
+    assert [(m.role, m.content) for m in conv.messages] == expected
+    assert conv.line == 1
+
+
+def test_text_format_and_weights(tmp_path):
+    (c,) = load_conversations(_jsonl(tmp_path / "t.jsonl", [{"text": "raw", "weight": 2.5}]))
+    assert c.is_text and c.text == "raw" and c.weight == 2.5
+
+
+def test_system_prompt_option_adds_missing_system(tmp_path):
+    (c,) = load_conversations(_jsonl(tmp_path / "d.jsonl", [ROW]), system_prompt="Be terse.")
+    assert c.messages[0].role == "system" and c.messages[0].content == "Be terse."
+
+
+def test_format_override_and_unknown_format(tmp_path):
+    recs = read_records(_jsonl(tmp_path / "d.jsonl", [ROW]))
+    assert resolve_format("openai", recs) == "messages"
+    with pytest.raises(SftlabError, match="unknown format 'xml'"):
+        resolve_format("xml", recs)
+
+
+def test_undetectable_format_names_line_and_fields(tmp_path):
+    with pytest.raises(SftlabError, match=r"d.jsonl:1: cannot tell the data format from fields \['foo'\]"):
+        load_conversations(_jsonl(tmp_path / "d.jsonl", [{"foo": 1}]))
+
+
+def test_malformed_line_is_named(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(ROW) + "\n\n{not json\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"d.jsonl:3: line is not valid JSON"):
+        load_conversations(str(p))
+
+
+def test_bad_role_order_and_empty_reply(tmp_path):
+    bad = {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
+    with pytest.raises(SftlabError, match=r"d.jsonl:2: message 1 has role 'assistant' where 'user' was expected"):
+        load_conversations(_jsonl(tmp_path / "d.jsonl", [ROW, bad]))
+    empty = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}]}
+    with pytest.raises(SftlabError, match="message 2 \\(assistant\\) is empty"):
+        load_conversations(_jsonl(tmp_path / "e.jsonl", [empty]))
+
+
+def test_json_array_lines_csv_parquet_and_dataset_folder(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]
+    j = tmp_path / "d.json"
+    j.write_text("[\n" + ",\n".join("  " + json.dumps(r) for r in rows) + "\n]\n")
+    assert [c.line for c in load_conversations(str(j))] == [2, 3, 4]
+
+    c = tmp_path / "d.csv"
+    with c.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["prompt", "completion"])
+        w.writeheader()
+        w.writerows(rows)
+    convs = load_conversations(str(c))
+    assert [cv.line for cv in convs] == [2, 3, 4] and convs[2].messages[1].content == "c2"
+
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    assert len(load_conversations(str(tmp_path / "d.parquet"))) == 3
+    ds.save_to_disk(str(tmp_path / "hf"))
+    assert [cv.messages[0].content for cv in load_conversations(str(tmp_path / "hf"))] == ["p0", "p1", "p2"]
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(SftlabError, match="not found"):
+        load_conversations(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "d.xml").write_text("<x/>")
+    with pytest.raises(SftlabError, match="unsupported file type '.xml'"):
+        load_conversations(str(tmp_path / "d.xml"))

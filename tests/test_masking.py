@@ -1,0 +1,217 @@
+"""Exact response-only labels: decoding the trained tokens gives back exactly the replies."""
+
+import json
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from sftlab.data.formats import load_conversations
+from sftlab.data.masking import IGNORE, Labeler, trained_text
+from sftlab.data.templates import BUILTIN, ChatTemplate, resolve_template, template_names
+from sftlab.data.types import Conversation, Message
+from sftlab.errors import SftlabError
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _random_text(rng: random.Random) -> str:
+    pieces = ["hello", "World", " ", "  ", "\n", "\n\n", "ünïcödé", "日本語", "🙂", "{\"a\": 1}", "x", "42", ".",
+              "tab\there", "Paris", "###", "USER:", "the end"]
+    s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+    return s if s.strip() else s + "ok"
+
+
+def _conversations(seed: int = 0, n: int = 25):
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n):
+        msgs = []
+        if rng.random() < 0.4:
+            msgs.append(Message("system", _random_text(rng)))
+        for _ in range(rng.randint(1, 3)):
+            msgs += [Message("user", _random_text(rng)), Message("assistant", _random_text(rng))]
+        convs.append(Conversation(msgs))
+    return convs
+
+
+def _records_in_format(fmt: str, conv: Conversation) -> dict:
+    sys = [m.content for m in conv.messages if m.role == "system"]
+    turns = [m for m in conv.messages if m.role != "system"]
+    if fmt == "messages":
+        return {"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}
+    if fmt == "sharegpt":
+        out = {"conversations": [{"from": "human" if m.role == "user" else "gpt", "value": m.content} for m in turns]}
+        if sys:
+            out["system"] = sys[0]
+        return out
+    if fmt == "alpaca":
+        out = {"instruction": turns[0].content, "input": "", "output": turns[1].content}
+        if sys:
+            out["system"] = sys[0]
+        return out
+    if fmt == "prompt_completion":
+        return {"prompt": turns[0].content, "completion": turns[1].content}
+    raise AssertionError(fmt)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca", "prompt_completion"])
+@pytest.mark.parametrize("template", ["tokenizer"] + template_names())
+def test_decoded_trained_tokens_are_exactly_the_replies(tmp_path, tok, fmt, template):
+    convs = _conversations(seed=hash((fmt, template)) % 1000)
+    if fmt in ("alpaca", "prompt_completion"):  # single-turn formats
+        convs = [Conversation([m for m in c.messages if m.role != "system"][:2]) for c in convs]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(_records_in_format(fmt, c)) + "\n" for c in convs), encoding="utf-8")
+    loaded = load_conversations(str(path))
+    tpl = resolve_template(template, tok)
+    examples, report = Labeler(tok, tpl).encode(loaded)
+    assert report.n_kept == len(convs)
+    eot = tpl.eot or "<|im_end|>"
+    for conv, ex in zip(loaded, examples):
+        expected = [r + eot for r in conv.replies()]
+        assert trained_text(tok, ex) == expected
+        # and nothing else: the untrained part never contains a reply's end-of-turn that is trained
+        assert ex.n_trained == sum(len(tok(e, add_special_tokens=False)["input_ids"]) for e in expected)
+
+
+def test_prompt_tokens_match_inference_rendering(tok):
+    """The tokens before a reply are exactly what inference sees: the prompt with the generation prompt."""
+    tpl = resolve_template("chatml", tok)
+    conv = _conversations(seed=3, n=1)[0]
+    (ex,), _ = Labeler(tok, tpl).encode([conv])
+    first = ex.labels.index(next(x for x in ex.labels if x != IGNORE))
+    i = next(k for k, m in enumerate(conv.messages) if m.role == "assistant")
+    prompt = tpl.render(conv.messages[:i], add_generation_prompt=True)
+    assert ex.input_ids[:first] == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_last_assistant_and_all_masking(tok):
+    conv = Conversation([Message("user", "a"), Message("assistant", "first"), Message("user", "b"),
+                         Message("assistant", "second")])
+    tpl = resolve_template("chatml", tok)
+    (last,), _ = Labeler(tok, tpl, masking="last_assistant").encode([conv])
+    assert trained_text(tok, last) == ["second<|im_end|>"]
+    (every,), _ = Labeler(tok, tpl, masking="all").encode([conv])
+    assert every.labels == every.input_ids
+
+
+def test_eos_stays_trained_when_pad_equals_eos(tok):
+    """The classic trap: pad == EOS and a collator that masks pad ids would mask the EOS too."""
+    from sftlab.data.collate import PadCollator
+
+    tok2 = AutoTokenizer.from_pretrained(tok.name_or_path)
+    tok2.pad_token = tok2.eos_token
+    tpl = resolve_template("chatml", tok2)
+    convs = [Conversation([Message("user", "hi"), Message("assistant", "hello there")]),
+             Conversation([Message("user", "x"), Message("assistant", "y")])]
+    examples, _ = Labeler(tok2, tpl).encode(convs)
+    batch = PadCollator(tok2.pad_token_id)(examples)
+    eos = tok2.convert_tokens_to_ids("<|im_end|>")
+    for r, ex in enumerate(examples):
+        trained = batch["labels"][r][batch["labels"][r] != IGNORE].tolist()
+        assert trained[-1] == eos
+    # padding positions are masked by position even though the pad id is the EOS id
+    short = 1
+    n = len(examples[short].input_ids)
+    assert (batch["labels"][short, n:] == IGNORE).all()
+    assert (batch["input_ids"][short, n:] == eos).all()
+
+
+def test_template_without_end_of_turn_gets_eos_appended(tok):
+    tpl = ChatTemplate("bare", "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    conv = Conversation([Message("user", "q"), Message("assistant", "answer")])
+    lab = Labeler(tok, tpl)
+    (ex,), report = lab.encode([conv])
+    assert trained_text(tok, ex) == ["answer" + tok.eos_token]
+    assert report.eos_appended
+
+
+def test_template_that_rewrites_content_is_a_clear_error(tok):
+    tpl = ChatTemplate("upper", "{% for m in messages %}{{ m.content | upper }}<|im_end|>{% endfor %}")
+    conv = Conversation([Message("user", "q"), Message("assistant", "answer")], source="d.jsonl", line=7)
+    with pytest.raises(SftlabError, match=r"d.jsonl:7: .*does not render assistant reply 1 verbatim"):
+        Labeler(tok, tpl).encode([conv])
+
+
+def test_trimming_template_is_matched_on_trimmed_text(tok):
+    tpl = ChatTemplate("trim", "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    conv = Conversation([Message("user", "q"), Message("assistant", "  spaced reply \n")])
+    (ex,), _ = Labeler(tok, tpl).encode([conv])
+    assert trained_text(tok, ex) == ["spaced reply<|im_end|>"]
+
+
+def test_truncation_policies_are_reported(tok):
+    tpl = resolve_template("chatml", tok)
+    long_turn = "word " * 60
+    conv = Conversation([Message("system", "s"), Message("user", long_turn), Message("assistant", long_turn),
+                         Message("user", "short"), Message("assistant", "ok")], source="f.jsonl", line=3)
+    full_len = len(Labeler(tok, tpl).encode([conv])[0][0].input_ids)
+    assert full_len > 64
+    (cut,), rep = Labeler(tok, tpl, max_seq_length=64, truncation="cut_turns").encode([conv])
+    assert rep.n_turns_cut == 1 and trained_text(tok, cut) == ["ok<|im_end|>"]
+    assert tok.decode(cut.input_ids).startswith("<|im_start|>system\ns<|im_end|>")
+    dropped, rep = Labeler(tok, tpl, max_seq_length=64, truncation="drop").encode([conv])
+    assert dropped == [] and rep.n_dropped_too_long == 1 and rep.dropped[0][0] == "f.jsonl:3"
+    long_reply = Conversation([Message("user", "q"), Message("assistant", long_turn)])
+    (trunc,), rep = Labeler(tok, tpl, max_seq_length=64, truncation="truncate").encode([long_reply])
+    assert len(trunc.input_ids) == 64 and rep.n_truncated == 1 and trunc.n_trained > 0
+
+
+def test_example_left_without_trained_token_is_dropped_and_reported(tok):
+    tpl = resolve_template("chatml", tok)
+    conv = Conversation([Message("user", "word " * 80), Message("assistant", "ok")], source="g.jsonl", line=2)
+    examples, rep = Labeler(tok, tpl, max_seq_length=32, truncation="truncate").encode([conv])
+    assert examples == [] and rep.n_dropped_no_trained == 1
+    assert rep.dropped == [("g.jsonl:2", "no trained token left")]
+    with pytest.raises(SftlabError, match="no trained token"):
+        Labeler(tok, tpl, max_seq_length=32, truncation="truncate").encode([conv], strict_empty=True)
+
+
+def test_plain_text_trains_every_token_and_eos(tok):
+    conv = Conversation(text="just some text")
+    (ex,), _ = Labeler(tok, None).encode([conv])
+    assert ex.labels == ex.input_ids
+    assert tok.decode(ex.input_ids) == "just some text" + tok.eos_token
+
+
+def test_builtin_templates_need_their_tokens(tok):
+    from sftlab.data.templates import missing_tokens
+
+    assert missing_tokens(resolve_template("chatml", tok), tok) == []
+    assert "<|eot_id|>" in missing_tokens(resolve_template("llama3", tok), tok)
+
+
+def test_unknown_template_and_masking_are_clear_errors(tok):
+    with pytest.raises(SftlabError, match="unknown template 'nope'"):
+        resolve_template("nope", tok)
+    with pytest.raises(SftlabError, match="unknown masking"):
+        Labeler(tok, None, masking="bogus")
+
+
+def test_sentencepiece_style_tokenizer_pieces_get_no_extra_space():
+    """Tokenizers that prepend '▁' to every encode call must not add it to each reply piece."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyz[]/INST ▁"))
+    t.train_from_iterator(["the quick brown fox [INST] jumps [/INST] over the lazy dog"] * 10, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tpl = resolve_template("mistral", tok)
+    conv = Conversation([Message("user", "the fox"), Message("assistant", "jumps over")])
+    lab = Labeler(tok, tpl)
+    assert lab._prepends
+    (ex,), _ = lab.encode([conv])
+    trained = [i for i, l in zip(ex.input_ids, ex.labels) if l != IGNORE]
+    pieces = tok.convert_ids_to_tokens(trained)
+    assert not pieces[0].startswith("▁"), pieces  # the reply follows "[/INST]" directly, as rendered
+    assert pieces[-1] == "</s>"

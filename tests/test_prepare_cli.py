@@ -1,0 +1,78 @@
+"""`sftlab prepare`: --dump contract, --show, --out, and bad input as one clear line."""
+
+import json
+
+import pytest
+
+from sftlab.cli import main
+
+
+def _data(tmp_path, n=5):
+    p = tmp_path / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+            for i in range(n)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_dump_writes_one_object_per_example_in_order(tmp_path, tiny_model_dir, capsys):
+    data = _data(tmp_path)
+    dump = tmp_path / "out.jsonl"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(data), "--dump", str(dump)]) == 0
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for i, r in enumerate(rows):
+        assert len(r["input_ids"]) == len(r["labels"])
+        trained = [t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100]
+        assert tok.decode(trained) == f"answer {i}<|im_end|>"
+    assert "5/5 examples kept" in capsys.readouterr().out
+
+
+def test_show_highlights_trained_tokens(tmp_path, tiny_model_dir, capsys):
+    data = _data(tmp_path, 2)
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(data), "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "«answer 0<|im_end|>»" in out
+    assert "«question" not in out
+
+
+def test_out_writes_arrow_dataset_and_report(tmp_path, tiny_model_dir):
+    import datasets
+
+    data = _data(tmp_path, 3)
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]) == 0
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert len(ds) == 3 and set(ds.column_names) >= {"input_ids", "labels"}
+    assert json.loads((out / "report.json").read_text())["n_kept"] == 3
+
+
+@pytest.mark.parametrize("content,args,message", [
+    (None, [], "data file '{d}' not found"),
+    ('{"messages": [}\n', [], "{d}:1: line is not valid JSON"),
+    ('{"prompt": "a", "completion": "b"}\n', ["--format", "xml"], "unknown format 'xml'"),
+    ('{"prompt": "a", "completion": "b"}\n', ["--template", "nope"], "unknown template 'nope'"),
+    ('{"prompt": "a", "completion": "b"}\n', ["--set", "lerning_rate=1"], "unknown config key 'lerning_rate'"),
+    ('{"prompt": "a", "completion": "b"}\n', ["--max-seq-length", "2"], "max_seq_length"),
+])
+def test_bad_input_is_one_line_and_nothing_written(tmp_path, tiny_model_dir, capsys, content, args, message):
+    d = tmp_path / "d.jsonl"
+    if content is not None:
+        d.write_text(content)
+    dump = tmp_path / "dump.jsonl"
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(d), "--dump", str(dump)] + args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message.format(d=d) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not dump.exists()
+    assert not list(tmp_path.glob(".dump.jsonl.*"))
+
+
+def test_unknown_model_path(tmp_path, capsys):
+    d = _data(tmp_path, 1)
+    code = main(["prepare", "--model", str(tmp_path / "missing-model"), "--data", str(d)])
+    assert code == 2 and "not found" in capsys.readouterr().err
