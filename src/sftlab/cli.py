@@ -101,6 +101,82 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+@_command("doctor", "check a data file: parsing, roles, encoding, special tokens, lengths, duplicates, eval overlap")
+def _add_doctor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="data file (.jsonl/.json/.csv/.parquet) or local dataset folder")
+    p.add_argument("--model", default=None,
+                   help="tokenizer to count tokens with (local folder, hub id or smollm2-135m-instruct); "
+                        "enables the length, no-trained-token and trained-token checks")
+    p.add_argument("--template", default=None, help="chat template: a built-in name, 'tokenizer' or a .jinja file")
+    p.add_argument("--format", dest="fmt", default=None, help="data format (default: detected)")
+    p.add_argument("--max-seq-length", type=int, default=2048, help="token limit checked with --model (default 2048)")
+    p.add_argument("--eval", dest="eval_data", default=None, help="eval data file to check for overlap with DATA")
+    p.add_argument("--json", action="store_true", help="print findings and stats as JSON")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args) -> int:
+    """Exit 0 when clean, 1 with only warnings, 2 with errors in the data."""
+    from sftlab.data.doctor import run_doctor
+
+    tokenizer = None
+    if args.model:
+        from sftlab.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    result = run_doctor(args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
+                        template=args.template, max_seq_length=args.max_seq_length)
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(result.format_text())
+    return result.exit_code
+
+
+@_command("train", "fine-tune: full, lora, qlora or prefix; writes a run folder")
+def _add_train(p):
+    _add_data_flags(p)
+    p.add_argument("--eval-data", dest="eval_data", help="evaluation data")
+    p.add_argument("--method", help="full, lora (default), qlora or prefix")
+    p.add_argument("--output-dir", dest="output_dir", help="run folder (default runs/sft)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in the run folder")
+    p.add_argument("--check", action="store_true", help="only run the configuration checklist and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from sftlab.config import config_help
+
+    if args.help_config:
+        print(config_help())
+        return 0
+    from sftlab.train.run import train
+
+    cfg = _config_from_args(args)
+    extra = {k: getattr(args, k) for k in ("eval_data", "method", "output_dir", "resume") if getattr(args, k) is not None}
+    if extra:
+        from sftlab.config import load_config, parse_set
+
+        cfg = load_config(args.config, {**{k: v for k, v in cfg.to_dict().items()}, **extra, **parse_set(args.set)})
+    summary = train(cfg, check_only=args.check, quiet=args.json)
+    if args.json:
+        _print_json(summary)
+        return 0
+    if args.check:
+        return 2 if any(f["severity"] == "error" for f in summary["findings"]) else 0
+    stopped = summary["stopped"]
+    print(f"run folder: {cfg.output_dir}  ({stopped}; {summary['steps']} steps, {summary['time_s']:.0f}s, "
+          f"{summary['tokens_per_second']:.0f} tok/s, peak {summary['peak_memory_mb']:.0f} MB)")
+    if summary.get("final_eval_loss") is not None:
+        print(f"final train loss {summary['final_train_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
+    if stopped == "interrupted":
+        print(f"interrupted: a checkpoint was saved; continue with: sftlab train ... --output-dir {cfg.output_dir} --resume")
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -42,7 +42,8 @@ class PadCollator:
             labels[r, :n] = torch.tensor(e.labels)
             att[r, :n] = 1
             weights[r, :n] = e.weight
-        out = {"input_ids": ids, "labels": labels, "attention_mask": att}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": att,
+               "n_real": torch.tensor(sum(len(e.input_ids) for e in batch))}
         if any(e.weight != 1.0 for e in batch):
             out["loss_weights"] = weights
         return out
@@ -102,7 +103,8 @@ class PackedCollator:
                 pos[r, p:p + m] = torch.arange(m)
                 weights[r, p:p + m] = row.weights[k]
                 p += m
-        out = {"input_ids": ids, "labels": labels, "position_ids": pos}
+        out = {"input_ids": ids, "labels": labels, "position_ids": pos,
+               "n_real": torch.tensor(sum(len(r.input_ids) for r in batch))}
         if self.mode == "mask":
             out["attention_mask"] = block_causal_mask([r.seq_lens for r in batch], L, self.mask_dtype)
         if any(w != 1.0 for r in batch for w in r.weights):

@@ -1,0 +1,1 @@
+"""Training: `train(cfg)` and the pieces it is made of."""

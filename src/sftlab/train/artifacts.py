@@ -1,0 +1,95 @@
+"""The run folder contract, and loading a trained model back from it.
+
+A run folder holds:
+    config.yaml          the resolved config (every `auto` replaced by the value used)
+    metrics.jsonl        one JSON object per logged step (train rows and eval rows, see callbacks)
+    prepare_report.json  what data preparation kept, cut and dropped
+    summary.json         steps, tokens, time, peak memory, final losses, method, base model, template
+    model/               the adapter (LoRA/QLoRA/prefix: adapter_config.json + adapter_model.safetensors)
+                         or the full model (config.json + model.safetensors), plus the tokenizer
+                         whose chat_template is exactly the template used in training
+    checkpoints/         checkpoint-N folders (written to a staging folder and renamed)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sftlab.errors import SftlabError
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+PREPARE_REPORT = "prepare_report.json"
+MODEL_DIR = "model"
+CHECKPOINTS = "checkpoints"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG).exists() and (p / MODEL_DIR).is_dir()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All rows of metrics.jsonl; a damaged line is a clear error naming it."""
+    p = Path(run_dir) / METRICS
+    if not p.exists():
+        raise SftlabError(f"{run_dir}: no {METRICS} in this run folder", hint="is this a finished sftlab run?")
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise SftlabError(f"{p}:{i}: damaged metrics line (not JSON)")
+    return rows
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    p = Path(run_dir) / SUMMARY
+    if not p.exists():
+        raise SftlabError(f"{run_dir}: no {SUMMARY} in this run folder", hint="the run did not finish")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise SftlabError(f"{p}: damaged summary (not JSON)")
+
+
+def read_run_config(run_dir: str | Path):
+    from sftlab.config import load_config
+
+    p = Path(run_dir) / CONFIG
+    if not p.exists():
+        raise SftlabError(f"{run_dir}: no {CONFIG} in this run folder", hint="is this a sftlab run folder?")
+    return load_config(p)
+
+
+def load_run_model(run_dir: str | Path, *, device=None, dtype=None, merge: bool = False):
+    """(model, tokenizer, config) of a finished run: the base model with the adapter, or the full model."""
+    from transformers import AutoTokenizer
+
+    from sftlab.models import load_model
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    mdir = run_dir / MODEL_DIR
+    if not mdir.is_dir():
+        raise SftlabError(f"{run_dir}: no {MODEL_DIR}/ folder in this run", hint="the run did not save a model")
+    tok = AutoTokenizer.from_pretrained(mdir, trust_remote_code=cfg.trust_remote_code)
+    if (mdir / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = load_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+        if base.get_input_embeddings().weight.shape[0] != len(tok):
+            base.resize_token_embeddings(len(tok))
+        model = PeftModel.from_pretrained(base, mdir)
+        if merge:
+            model = model.merge_and_unload()
+    elif (mdir / "config.json").exists():
+        model = load_model(str(mdir), dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    else:
+        raise SftlabError(f"{mdir}: holds neither an adapter nor a model")
+    model.eval()
+    return model, tok, cfg

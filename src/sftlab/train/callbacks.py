@@ -1,0 +1,118 @@
+"""Callbacks: metrics.jsonl, signal-safe checkpoints, progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+
+from transformers import TrainerCallback
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA max allocated on GPU, else peak resident set size."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MetricsLogger(TrainerCallback):
+    """Appends one JSON object per log event to metrics.jsonl (train rows and eval rows)."""
+
+    def __init__(self, path, trainer_ref, *, quiet: bool = False):
+        self.path = path
+        self.trainer_ref = trainer_ref
+        self.quiet = quiet
+        self._last = (time.perf_counter(), 0, 0)
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        t = self.trainer_ref()
+        self._last = (time.perf_counter(), t.tokens_seen, t.trained_tokens_seen)
+        self._bar = None
+        if not self.quiet and args.should_save:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.update(state.global_step - self._bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not args.should_save or not logs:
+            return
+        t = self.trainer_ref()
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        if "eval_loss" in logs:
+            row["split"] = "eval"
+            row.update({k: v for k, v in logs.items() if k.startswith(("eval_", "gen_", "general_"))})
+        elif "loss" in logs:
+            now = time.perf_counter()
+            t0, tok0, tr0 = self._last
+            dt = max(now - t0, 1e-9)
+            row.update({"split": "train", "loss": logs["loss"], "learning_rate": logs.get("learning_rate"),
+                        "grad_norm": logs.get("grad_norm"),
+                        "tokens_per_second": (t.tokens_seen - tok0) / dt,
+                        "trained_tokens_per_second": (t.trained_tokens_seen - tr0) / dt,
+                        "tokens": t.tokens_seen, "trained_tokens": t.trained_tokens_seen,
+                        "memory_mb": round(peak_memory_mb(), 1)})
+            self._last = (now, t.tokens_seen, t.trained_tokens_seen)
+        else:
+            return
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        bar = getattr(self, "_bar", None)
+        if bar is not None and row["split"] == "train":
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{row['learning_rate']:.2e}",
+                            tok_s=f"{row['tokens_per_second']:.0f}", refresh=True)
+        elif not self.quiet and row["split"] == "eval":
+            line = (f"step {row['step']:>5}  eval_loss {logs['eval_loss']:.4f}  "
+                    f"ppl {logs.get('eval_perplexity', float('nan')):.2f}")
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
+
+
+class SignalCheckpoint(TrainerCallback):
+    """Ctrl-C or SIGTERM: finish the current step, save a checkpoint, stop cleanly."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: saving a checkpoint after this step (press Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

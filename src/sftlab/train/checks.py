@@ -1,0 +1,136 @@
+"""`auto` values and the pre-flight configuration checklist."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from sftlab.config import Config
+
+
+@dataclass
+class Finding:
+    severity: str  # "warning" | "error"
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message} -> {self.fix}"
+
+
+def lr_for_size(n_params: int, method: str) -> float:
+    """Learning rate by model size (1B: 1e-4, 7B: 2e-5, 13B: 1e-5, 70B: 5e-6)."""
+    b = n_params / 1e9
+    lr = 1e-4 if b < 4 else 2e-5 if b < 10 else 1e-5 if b < 40 else 5e-6
+    return lr
+
+
+def epochs_for_data(n_examples: int) -> int:
+    return 5 if n_examples < 1000 else 3 if n_examples < 10000 else 1
+
+
+def batch_for_memory(gpu_gb: float | None) -> tuple[int, int]:
+    if gpu_gb is not None and gpu_gb >= 79:
+        return 4, 4
+    if gpu_gb is not None and gpu_gb >= 39:
+        return 2, 8
+    return 1, 16
+
+
+def device_memory_gb() -> tuple[str, float]:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        import psutil
+
+        return "cpu", psutil.virtual_memory().available / 2**30
+    except ImportError:  # pragma: no cover
+        import os
+
+        return "cpu", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpointing: bool, device: str) -> int:
+    from sftlab.plan.memory import TrainSetup, estimate_memory
+    from sftlab.plan.shapes import shape_from_config
+
+    shape = shape_from_config(model_cfg, cfg.model)
+    setup = TrainSetup(method=cfg.method if not (cfg.method == "qlora" and device == "cpu") else "lora",
+                       batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
+                       device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
+                       optimizer=cfg.optimizer if cfg.optimizer != "adamw8bit" or device == "cuda" else "adamw")
+    return estimate_memory(shape, setup).total_bytes
+
+
+def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_len: int) -> Config:
+    """A copy of ``cfg`` with every `auto` replaced by the value that will be used."""
+    device, mem_gb = device_memory_gb()
+    out = dataclasses.replace(cfg)
+    if out.learning_rate == "auto":
+        out.learning_rate = lr_for_size(n_params, cfg.method)
+    if out.epochs == "auto":
+        out.epochs = epochs_for_data(n_examples)
+    if out.batch_size == "auto" or out.gradient_accumulation == "auto":
+        b, ga = batch_for_memory(mem_gb if device == "cuda" else None)
+        if out.batch_size == "auto":
+            out.batch_size = b
+        if out.gradient_accumulation == "auto":
+            out.gradient_accumulation = ga
+    if out.precision == "auto":
+        import torch
+
+        out.precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if out.gradient_checkpointing == "auto":
+        need = estimated_bytes(out, model_cfg, batch=int(out.batch_size), seq_len=seq_len, checkpointing=False,
+                               device=device)
+        out.gradient_checkpointing = need > 0.9 * mem_gb * 2**30
+    return out
+
+
+def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
+              train_keys: set, eval_keys: set, report) -> list[Finding]:
+    """The configuration checklist, each finding with its fix. ``cfg`` is resolved (no `auto`)."""
+    out: list[Finding] = []
+    lr = float(cfg.learning_rate)
+    ref = lr_for_size(n_params, cfg.method)
+    lo, hi = (ref / 10, ref * 10) if cfg.method == "full" else (ref / 10, ref * 30)
+    if not lo <= lr <= hi:
+        out.append(Finding("warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} for a "
+                           f"{n_params / 1e9:.2g}B model ({cfg.method})", f"--set learning_rate={ref:g}"))
+    device, mem_gb = device_memory_gb()
+    need = estimated_bytes(cfg, model_cfg, batch=int(cfg.batch_size), seq_len=seq_len,
+                           checkpointing=bool(cfg.gradient_checkpointing), device=device)
+    if need > mem_gb * 2**30:
+        out.append(Finding("error", f"batch {cfg.batch_size} x {seq_len} tokens needs about {need / 2**30:.1f} GiB, "
+                           f"{mem_gb:.1f} GiB available", "lower batch_size and raise gradient_accumulation, "
+                           "or --set gradient_checkpointing=true"))
+    world = 1
+    global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world
+    steps_per_epoch = max(1, -(-n_examples // global_batch))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else int(steps_per_epoch * float(cfg.epochs))
+    if global_batch > max(8, n_examples // 4):
+        out.append(Finding("warning", f"global batch {global_batch} is implausible for {n_examples} examples "
+                           f"({steps_per_epoch} optimizer steps per epoch)",
+                           f"--set gradient_accumulation={max(1, n_examples // (8 * int(cfg.batch_size)))}"))
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if total_steps <= 2 or warmup >= total_steps:
+        out.append(Finding("warning", f"warmup ({warmup} steps) is as long as the run ({total_steps} steps)",
+                           "lower warmup_ratio or train longer"))
+    if cfg.weight_decay > 0.1:
+        out.append(Finding("warning", f"weight decay {cfg.weight_decay:g} is high for fine-tuning", "--set weight_decay=0.01"))
+    if eval_keys:
+        shared = train_keys & eval_keys
+        if shared and shared == eval_keys:
+            out.append(Finding("error", "the eval data is identical to the training data",
+                               "hold out a separate eval split"))
+        elif shared:
+            out.append(Finding("warning", f"{len(shared)} eval examples also appear in the training data",
+                               "remove them from the eval split (`sftlab doctor --eval` lists them)"))
+    if report is not None and report.n_input:
+        lost = report.n_dropped_too_long + report.n_truncated + report.n_turns_cut
+        if lost / report.n_input > 0.05:
+            out.append(Finding("warning", f"max_seq_length {cfg.max_seq_length} cuts or drops {lost} of "
+                               f"{report.n_input} examples", "raise max_seq_length"))
+    return out

@@ -1,0 +1,68 @@
+"""Forgetting mitigation: replay mixing and EWC (elastic weight consolidation)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from sftlab.data.masking import Example
+
+
+def replay_count(n_task: int, ratio: float) -> int:
+    """Replay examples so that they make up ``ratio`` of the mix: n·r/(1−r)."""
+    if ratio <= 0:
+        return 0
+    return int(round(n_task * ratio / (1.0 - ratio)))
+
+
+def mix_replay(task: list[Example], general: list[Example], ratio: float, seed: int = 0) -> tuple[list[Example], int]:
+    """The task examples plus replay examples drawn from ``general`` (cycled when there are too few)."""
+    k = replay_count(len(task), ratio)
+    if k == 0 or not general:
+        return list(task), 0
+    rng = random.Random(seed)
+    pool: list[Example] = []
+    while len(pool) < k:
+        batch = list(general)
+        rng.shuffle(batch)
+        pool.extend(batch)
+    return list(task) + pool[:k], k
+
+
+class EWC:
+    """Penalty λ/2 · Σ F_i (θ_i − θ*_i)² on trainable parameters, F the empirical Fisher diagonal
+    (mean squared gradient of the loss) on general data, θ* the parameters before fine-tuning."""
+
+    def __init__(self, model, batches, loss_fn, lam: float):
+        self.lam = lam
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.anchor = {n: p.detach().clone() for n, p in params.items()}
+        self.fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+        was_training = model.training
+        model.eval()
+        n_batches = 0
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            for n, p in params.items():
+                if p.grad is not None:
+                    self.fisher[n] += p.grad.detach() ** 2
+            n_batches += 1
+        model.zero_grad(set_to_none=True)
+        for n in self.fisher:
+            self.fisher[n] /= max(n_batches, 1)
+        if was_training:
+            model.train()
+
+    def penalty(self, model) -> torch.Tensor:
+        total = None
+        for n, p in model.named_parameters():
+            key = n if n in self.fisher else n.replace("module.", "", 1)
+            if key in self.fisher:
+                term = (self.fisher[key] * (p - self.anchor[key]) ** 2).sum()
+                total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return 0.5 * self.lam * total

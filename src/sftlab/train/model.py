@@ -1,0 +1,70 @@
+"""The model for a run: base weights (4-bit for QLoRA), new token rows, and the PEFT method."""
+
+from __future__ import annotations
+
+from sftlab.config import Config
+from sftlab.errors import SftlabError
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def build_model(cfg: Config, tok, added_tokens: list[str]):
+    """Returns (model ready for Trainer, loss_fn(model, batch) used for the EWC Fisher)."""
+    import torch
+
+    from sftlab.models import load_model
+
+    kwargs = {}
+    if cfg.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise SftlabError("qlora needs bitsandbytes", hint="pip install bitsandbytes, or use --set method=lora")
+        compute = _dtype(cfg.precision) if cfg.precision in ("bf16", "fp16") else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    # Mixed precision keeps fp32 master weights: load fp32 and let autocast run bf16 compute.
+    dtype = "fp32" if cfg.method == "full" or cfg.precision == "fp32" else cfg.precision
+    model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, tokenizer=tok, **kwargs)
+    new_ids = [tok.convert_tokens_to_ids(t) for t in added_tokens]
+    if new_ids and model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok), mean_resizing=True)
+    model.config.use_cache = False
+
+    if cfg.method in ("lora", "qlora", "prefix"):
+        import peft
+
+        if cfg.method == "qlora":
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        if cfg.method == "prefix":
+            pcfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix_tokens)
+        else:
+            targets = "all-linear" if cfg.lora_target_modules == "all-linear" else \
+                [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+            extra = {"trainable_token_indices": {"embed_tokens": new_ids}} if new_ids else {}
+            pcfg = peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                   lora_dropout=cfg.lora_dropout, target_modules=targets, **extra)
+        try:
+            model = peft.get_peft_model(model, pcfg)
+        except ValueError as exc:
+            raise SftlabError(f"cannot apply {cfg.method}: {exc}", hint="check lora_target_modules")
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+
+    def loss_fn(m, batch):
+        from sftlab.train.losses import sft_loss
+        from sftlab.train.trainer import hidden_states_instead_of_logits
+
+        with hidden_states_instead_of_logits(m) as head:
+            out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            return sft_loss(out.logits, head, batch["labels"])
+
+    return model, loss_fn
