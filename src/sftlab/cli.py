@@ -177,6 +177,182 @@ def _cmd_train(args) -> int:
     return 0
 
 
+@_command("export", "export a run: the adapter or merged weights + tokenizer + the exact training chat template (+ GGUF)")
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (holds config.yaml and model/)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights (default: the adapter alone)")
+    p.add_argument("--gguf", action="store_true", help="also write a llama.cpp GGUF file with the chat template (needs --merge for LoRA)")
+    p.add_argument("--gguf-dtype", default="f16", choices=("f16", "f32"), help="GGUF weight type (default f16)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype of the export (default fp32)")
+    p.add_argument("--device", default="cpu", help="device used to merge and check (default cpu)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip loading the export back to compare logits")
+    p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from sftlab.export import export_run, format_export
+
+    res = export_run(args.run, args.out, merge=args.merge, gguf=args.gguf, gguf_dtype=args.gguf_dtype,
+                     force=args.force, dtype=args.dtype, device=args.device, verify=args.verify)
+    if args.json:
+        _print_json(res.to_dict())
+    else:
+        print(format_export(res))
+    return 0
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_OR_RUN", help="run folder, export folder, local HF folder, .gguf file or hub id")
+    p.add_argument("--system", dest="system_prompt", help="system prompt")
+    p.add_argument("--template", help="chat template (default: the run's training template, or the tokenizer's own)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+
+
+@_command("chat", "chat with a run or model in the terminal (streaming, multi-turn, /reset, /exit)")
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    _add_generation_flags(p)
+    p.set_defaults(func=_cmd_chat)
+
+
+def _cmd_chat(args) -> int:
+    from sftlab.chat import ChatSession, load_chat_model, run_chat
+
+    model, tok, tpl = load_chat_model(args.model, template=args.template, device=args.device)
+    session = ChatSession(model, tok, tpl, system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p)
+    return run_chat(session, name=args.model)
+
+
+@_command("generate", "generate replies for --prompt texts or a --data file, as JSONL")
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _add_generation_flags(p)
+    p.add_argument("--prompt", action="append", help="a user message to reply to (repeatable)")
+    p.add_argument("--data", help="data file: each conversation's last assistant reply is generated (kept as 'reference')")
+    p.add_argument("--format", help="data format (default: detected)")
+    p.add_argument("--out", metavar="FILE.jsonl", help="write rows here (default: print them as JSONL)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--json", action="store_true", help="with --out: print the summary as JSON")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from sftlab.chat import generate_jsonl
+
+    res = generate_jsonl(args.model, prompts=args.prompt, data=args.data, out=args.out, fmt=args.format,
+                         system_prompt=args.system_prompt, template=args.template, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                         device=args.device)
+    if not args.out:
+        for row in res.rows:
+            print(json.dumps(row, ensure_ascii=False))
+    elif args.json:
+        _print_json(res.summary())
+    else:
+        s = res.summary()
+        print(f"wrote {s['n']} replies to {args.out} in {s['seconds']} s ({s['cut_at_max_new_tokens']} cut at --max-new-tokens)")
+    return 0
+
+
+@_command("eval", "evaluate a run or model: loss, perplexity, generation metrics, task score; --compare for before/after")
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder, or a model (local folder, .gguf, hub id, smollm2-135m-instruct)")
+    p.add_argument("--data", required=True, help="eval data file (same formats as training data)")
+    p.add_argument("--compare", dest="compare_to", metavar="BASE",
+                   help="also score BASE on the same data and print both with the difference; 'base' = the run's base model")
+    p.add_argument("--general", help="general data for the forgetting check (default: the run's replay_data)")
+    p.add_argument("--format", dest="fmt", help="eval data format (default: detected)")
+    p.add_argument("--template", help="chat template (default: the run's training template, or the tokenizer's own)")
+    p.add_argument("--scorer", help="task scorer: exact, contains, regex, regex:PATTERN, json_valid, json_fields (default: chosen from the references)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128, help="longest reply in tokens (default 128)")
+    p.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    p.add_argument("--top-p", dest="top_p", type=float, default=1.0, help="nucleus sampling mass (with --do-sample)")
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="examples per forward/generate batch")
+    p.add_argument("--max-seq-length", dest="max_seq_length", type=int, help="longest eval example in tokens (default: the run's)")
+    p.add_argument("--samples", type=int, default=5, help="sample generations kept in the result (default 5)")
+    p.add_argument("--forgetting-threshold", dest="threshold", type=float, default=0.10,
+                   help="relative rise of general-data loss flagged as forgetting (default 0.10)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--save", action="store_true", help="store the result in the run's summary.json (shown by `sftlab report`)")
+    p.add_argument("--out", metavar="FILE.json", help="also write the full result to this file")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from sftlab.eval import GenerationSettings, attach_to_run, format_eval, run_eval
+    from sftlab.io import atomic_write_text
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.save:
+        from sftlab.train.artifacts import read_summary
+
+        read_summary(args.target)  # --save needs a finished run: fail before evaluating
+    out = run_eval(args.target, args.data, compare_to=args.compare_to, general=args.general, fmt=args.fmt,
+                   template=args.template, scorer=args.scorer, settings=settings, batch_size=args.batch_size,
+                   max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(out, indent=2, default=str))
+    if args.save:
+        attach_to_run(args.target, out)
+    if args.json:
+        _print_json(out)
+    else:
+        print(format_eval(out))
+        for path in filter(None, (args.out, args.save and f"{args.target}/summary.json")):
+            print(f"wrote {path}")
+    return 0
+
+
+@_command("diagnose", "read a run folder and report problems with evidence and concrete config fixes")
+def _add_diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run folder (the output_dir of `sftlab train`)")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.set_defaults(func=_cmd_diagnose)
+
+
+def _cmd_diagnose(args) -> int:
+    """Exit 0 when no problem is found, 1 with warnings, 2 with errors."""
+    from sftlab.diagnose import diagnose
+
+    diag = diagnose(args.run)
+    if args.json:
+        _print_json(diag.to_dict())
+    else:
+        print(diag.format_text())
+    return diag.exit_code
+
+
+@_command("report", "write one self-contained HTML page about a run: curves, data, before/after, diagnosis")
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="run folder (the output_dir of `sftlab train`)")
+    p.add_argument("--out", metavar="FILE.html", help="where to write the page (default: RUN/report.html)")
+    p.add_argument("--no-doctor", dest="doctor", action="store_false", help="skip running the data doctor on the training data")
+    p.add_argument("--json", action="store_true", help="print the path, plots and number of findings as JSON")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from sftlab.report import write_report
+
+    info = write_report(args.run, args.out, doctor=args.doctor)
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"wrote {info['path']} ({len(info['plots'])} plots, {info['findings']} findings)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

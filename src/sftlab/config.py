@@ -40,6 +40,7 @@ class Config:
     masking: str = _f("all_assistant", "which tokens are trained", ("all_assistant", "last_assistant", "all"))
     truncation: str = _f("cut_turns", "what to do with examples longer than max_seq_length", ("cut_turns", "drop", "truncate"))
     packing: bool = _f(False, "pack several examples per row (no attention across them)")
+    group_by_length: bool = _f(True, "without packing: batch examples of similar length together (little padding)")
     trust_remote_code: bool = _f(False, "allow model/tokenizer code from the model folder to run")
 
     # --- method -----------------------------------------------------------------------------

@@ -19,11 +19,17 @@ def _count_params(model_cfg) -> int:
     return shape_from_config(model_cfg, "model").params
 
 
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _example_key(ex) -> tuple:
     return tuple(ex.input_ids)
 
 
-def train(cfg: Config, *, check_only: bool = False, quiet: bool = False) -> dict:
+def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbacks: list | None = None) -> dict:
     """Run one fine-tune as configured; returns the summary written to the run folder."""
     import torch
     from transformers import TrainingArguments, set_seed
@@ -76,7 +82,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False) -> dict
     else:
         train_ds = train_examples
         collator = PadCollator(tok.pad_token_id)
-        lengths = [len(e.input_ids) for e in train_examples]
+        lengths = [len(e.input_ids) for e in train_examples] if rc.group_by_length else None
 
     run = Path(rc.output_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -107,8 +113,10 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False) -> dict
         greater_is_better=False, report_to=list(rc.report_to) or "none", seed=rc.seed, data_seed=rc.seed,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=quiet,
         dataloader_pin_memory=torch.cuda.is_available(),
-        gradient_checkpointing=bool(rc.gradient_checkpointing),
-        gradient_checkpointing_kwargs={"use_reentrant": False}, save_only_model=False,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and _world_size() > 1 else None,
+        activation_checkpointing=bool(rc.gradient_checkpointing),
+        activation_checkpointing_kwargs={"use_reentrant": False}, save_only_model=False,
         average_tokens_across_devices=True, ddp_find_unused_parameters=False,
     )
     if rc.optimizer == "adam":
@@ -138,6 +146,8 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False) -> dict
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(logger)
     trainer.add_callback(stopper)
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
     if has_eval and rc.early_stopping_patience > 0:
         trainer.add_callback(EarlyStoppingCallback(rc.early_stopping_patience, rc.early_stopping_min_delta))
 

@@ -1,0 +1,335 @@
+"""The data doctor: every check on a small file that triggers it, a clean file, the CLI and its JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sftlab.cli import main
+from sftlab.data.doctor import CHECKS, run_doctor
+from sftlab.data.templates import BUILTIN
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level tokenizer without merges: one token per UTF-8 byte, one per special token.
+
+    That makes token counts computable by hand. ChatML template, as the shared tiny model has.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    t.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = BUILTIN["chatml"][0]
+    return tokenizer
+
+
+def chat(user: str, reply: str, system: str | None = None) -> dict:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return {"messages": msgs + [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+
+CLEAN = [chat("What is the capital of France?", "Paris."),
+         chat("Name a primary colour.", "Red is one.", system="Be brief."),
+         chat("How many legs does a spider have?", "Eight legs.")]
+
+
+def write(tmp_path, rows, name="data.jsonl") -> str:
+    """One line per row: dicts as JSON, str and bytes as they are."""
+    path = tmp_path / name
+    lines = [r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode() for r in rows]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+def only(result, check):
+    return [f for f in result.findings if f.check == check]
+
+
+def the_one(result, check):
+    found = only(result, check)
+    assert len(found) == 1, result.format_text()
+    assert found[0].severity == CHECKS[check][0]
+    return found[0]
+
+
+# --- clean ---------------------------------------------------------------------------------------------
+def test_clean_file_has_no_findings(tmp_path, tok):
+    path = write(tmp_path, CLEAN)
+    for kwargs in ({}, {"tokenizer": tok}):
+        result = run_doctor(path, **kwargs)
+        assert result.findings == [] and result.exit_code == 0, result.format_text()
+    assert "verdict: clean (exit 0)" in result.format_text()
+
+
+def test_clean_file_with_clean_eval(tmp_path, tok):
+    train = write(tmp_path, CLEAN)
+    evl = write(tmp_path, [chat("Which planet is largest?", "Jupiter.")], "eval.jsonl")
+    result = run_doctor(train, eval_data=evl, tokenizer=tok)
+    assert result.findings == [] and result.exit_code == 0
+    assert result.stats["eval"]["exact_overlap"] == result.stats["eval"]["near_overlap"] == 0
+
+
+# --- structure -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, check", [
+    ("not json at all", "parse"),
+    ('["a", "list"]', "parse"),
+    ({"messages": "hello"}, "fields"),
+    ({"foo": 1}, "fields"),
+    ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}, "role_order"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "role_order"),  # no reply at all
+    (chat("hi", "   "), "empty_reply"),
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "encoding"),  # latin-1 byte
+])
+def test_structural_errors_name_their_line(tmp_path, bad, check):
+    path = write(tmp_path, [CLEAN[0], CLEAN[1], bad, CLEAN[2]])
+    result = run_doctor(path)
+    f = the_one(result, check)
+    assert (f.severity, f.line, f.file) == ("error", 3, path)
+    assert len(result.findings) == 1 and result.exit_code == 2
+
+
+def test_invalid_utf8_in_csv_names_the_line(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"prompt,completion\nhi,there\nbad,caf\xe9\n")
+    f = the_one(run_doctor(str(path)), "encoding")
+    assert f.line == 3
+
+
+def test_json_array_points_at_the_line_where_the_item_starts(tmp_path):
+    path = tmp_path / "data.json"
+    items = [CLEAN[0], {"messages": [{"role": "assistant", "content": "x"}]}]
+    path.write_text("[\n" + ",\n".join(json.dumps(i) for i in items) + "\n]\n")
+    assert the_one(run_doctor(str(path)), "role_order").line == 3
+
+
+def test_majority_format_wins_over_an_odd_first_line(tmp_path):
+    path = write(tmp_path, [{"instruction": "x", "output": "y"}] + CLEAN)
+    result = run_doctor(path)
+    assert result.stats["format"] == "messages"
+    assert the_one(result, "fields").line == 1
+
+
+# --- encoding and tokens in text ----------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["CafÃ© au lait", "it\u00e2\u20ac\u2122s here", "broken \ufffd char"])
+def test_mojibake_is_a_warning(tmp_path, text):
+    path = write(tmp_path, [CLEAN[0], chat("Say it.", text)])
+    result = run_doctor(path)
+    f = the_one(result, "mojibake")
+    assert f.line == 2 and "message 2 (assistant)" in f.message
+    assert result.exit_code == 1
+
+
+def test_real_accents_are_not_mojibake(tmp_path):
+    path = write(tmp_path, [chat("Où est le café ?", "São Paulo, Zürich, naïve, ½ — “quoted” ¿qué?")])
+    assert run_doctor(path).findings == []
+
+
+def test_control_characters_are_a_warning(tmp_path):
+    path = write(tmp_path, [chat("tab\tand\nnewline\r\n are fine", "bell \x07 is not"), CLEAN[0]])
+    f = the_one(run_doctor(path), "control_chars")
+    assert f.line == 1 and "U+0007" in f.message
+
+
+@pytest.mark.parametrize("marker", ["<|im_start|>", "<|eot_id|>", "[INST]", "</s>", "### Instruction:"])
+def test_template_markers_in_text_are_a_warning(tmp_path, marker):
+    path = write(tmp_path, [CLEAN[0], CLEAN[1], chat(f"Look: {marker} here", "Ok.")])
+    f = the_one(run_doctor(path), "template_markers")
+    assert f.line == 3 and marker in f.message
+
+
+def test_the_tokenizers_special_tokens_in_text_are_an_error(tmp_path, tok):
+    path = write(tmp_path, [CLEAN[0], chat("Hi", "Done<|im_end|> and [INST]")])
+    result = run_doctor(path, tokenizer=tok)
+    f = the_one(result, "special_tokens")
+    assert f.line == 2 and "<|im_end|>" in f.message
+    assert the_one(result, "template_markers").line == 2  # [INST] is no token of this tokenizer
+    assert result.exit_code == 2
+    # Without a tokenizer the same text is only a warning.
+    result = run_doctor(path)
+    assert not only(result, "special_tokens") and the_one(result, "template_markers").line == 2
+
+
+# --- lengths and trained tokens --------------------------------------------------------------------------------
+def chatml_tokens(user: str, reply: str) -> tuple[int, int, int]:
+    """(prompt, trained, total) tokens of one ChatML turn under the byte tokenizer, by hand."""
+    prompt = 1 + len("user\n") + len(user) + 1 + len("\n") + 1 + len("assistant\n")  # specials count 1
+    trained = len(reply) + 1  # the reply and its <|im_end|>
+    return prompt, trained, prompt + trained + len("\n")
+
+
+def test_too_long_counts_and_lost_trained_share(tmp_path, tok):
+    rows = [("hi", "x" * 30), ("hello", "short"), ("what", "y" * 40)]
+    path = write(tmp_path, [chat(u, a) for u, a in rows])
+    limit = 40
+    result = run_doctor(path, tokenizer=tok, max_seq_length=limit)
+    counts = [chatml_tokens(u, a) for u, a in rows]
+    long_rows = [i for i, (_, _, total) in enumerate(counts) if total > limit]
+    assert long_rows == [0, 2]
+    # Trained tokens sit at positions prompt .. prompt + trained - 1; those at >= limit are lost.
+    lost = [p + t - max(p, limit) for p, t, total in counts if total > limit]
+    found = only(result, "too_long")
+    assert [f.line for f in found] == [1, 3] and all(f.severity == "warning" for f in found)
+    assert f"loses {lost[0]} of its {counts[0][1]} trained tokens" in found[0].message
+    total_trained = sum(t for _, t, _ in counts)
+    assert result.stats["max_seq_length"] == {
+        "limit": limit, "too_long": 2, "too_long_share": round(2 / 3, 4),
+        "lost_trained_tokens": sum(lost), "lost_trained_share": round(sum(lost) / total_trained, 4)}
+    assert result.stats["trained_tokens"] == {
+        "total": total_trained, "mean": round(total_trained / 3, 2), "min": min(t for _, t, _ in counts),
+        "max": max(t for _, t, _ in counts), "share": round(total_trained / sum(c[2] for c in counts), 4)}
+    length = result.stats["length"]
+    totals = [c[2] for c in counts]
+    assert (length["unit"], length["min"], length["max"]) == ("tokens", min(totals), max(totals))
+    assert sum(h["count"] for h in length["histogram"]) == 3
+    assert result.exit_code == 1
+
+
+def test_reply_entirely_past_the_limit_has_no_trained_token(tmp_path, tok):
+    path = write(tmp_path, [CLEAN[0], chat("p" * 80, "ok")])
+    assert chatml_tokens(CLEAN[0]["messages"][0]["content"], "Paris.")[2] <= 64 < chatml_tokens("p" * 80, "ok")[0]
+    result = run_doctor(path, tokenizer=tok, max_seq_length=64)
+    f = the_one(result, "no_trained")
+    assert f.line == 2 and f.severity == "error"
+    assert the_one(result, "too_long").line == 2
+    assert result.exit_code == 2
+
+
+def test_template_that_cannot_place_replies_is_an_error(tmp_path, tok):
+    tpl = tmp_path / "upper.jinja"
+    tpl.write_text("{% for m in messages %}{{ m.role }}: {{ m.content | upper }}\n{% endfor %}")
+    path = write(tmp_path, [chat("hi", "there")])
+    f = the_one(run_doctor(path, tokenizer=tok, template=str(tpl)), "template")
+    assert f.line == 1 and "verbatim" in f.message
+
+
+def test_builtin_template_tokens_are_added_on_a_copy(tmp_path, tok):
+    n = len(tok)
+    result = run_doctor(write(tmp_path, CLEAN), tokenizer=tok, template="llama3")
+    assert "<|eot_id|>" in result.stats["added_tokens"] and len(tok) == n
+    assert result.findings == []
+
+
+def test_lengths_without_a_model_are_characters(tmp_path):
+    result = run_doctor(write(tmp_path, [chat("ab", "cde"), chat("x", "y")]))
+    length = result.stats["length"]
+    assert (length["unit"], length["min"], length["max"]) == ("characters", 2, 5)
+    assert result.stats["trained_tokens"] is None and "characters" in result.format_text()
+
+
+# --- duplicates -----------------------------------------------------------------------------------------------
+def test_exact_duplicate_names_both_lines(tmp_path):
+    path = write(tmp_path, [CLEAN[0], CLEAN[1], CLEAN[0]])
+    result = run_doctor(path)
+    f = the_one(result, "duplicate")
+    assert f.line == 3 and f"{path}:1" in f.message
+    assert result.stats["duplicates"] == {"exact": 1, "near": 0} and result.exit_code == 1
+
+
+def test_near_duplicate_by_case_and_punctuation(tmp_path):
+    rows = [chat("Hello, World! How are you?", "Fine, thanks."), CLEAN[0],
+            chat("hello world how are you", "fine thanks!")]
+    f = the_one(run_doctor(write(tmp_path, rows)), "near_duplicate")
+    assert f.line == 3 and ":1" in f.message
+
+
+def test_different_sentences_are_not_near_duplicates(tmp_path):
+    rows = [chat("The cat sat on the mat.", "Yes it did."), chat("The dog ran in the park.", "Yes it did.")]
+    assert run_doctor(write(tmp_path, rows)).findings == []
+
+
+def test_near_duplicate_by_shingles(tmp_path):
+    words = [f"word{i}" for i in range(200)]
+    changed = list(words)
+    changed[100] = "different"
+    rows = [chat("Summarise.", " ".join(words)), CLEAN[0], chat("Summarise.", " ".join(changed))]
+    f = the_one(run_doctor(write(tmp_path, rows)), "near_duplicate")
+    assert f.line == 3 and "Jaccard" in f.message
+
+
+# --- train/eval overlap ------------------------------------------------------------------------------------------
+def test_eval_overlap_exact_prompt_and_near(tmp_path):
+    train = write(tmp_path, CLEAN)
+    evl = write(tmp_path, [
+        chat("Which planet is largest?", "Jupiter."),  # 1: clean
+        CLEAN[2],  # 2: identical to train line 3
+        chat("What is the capital of France?", "It is Paris."),  # 3: same prompt as train line 1
+        chat("how many legs does a SPIDER have", "Eight legs!"),  # 4: near train line 3
+    ], "eval.jsonl")
+    result = run_doctor(train, eval_data=evl)
+    exact = only(result, "eval_overlap")
+    assert [(f.file, f.line, f.severity) for f in exact] == [(evl, 2, "error"), (evl, 3, "error")]
+    assert f"{train}:3" in exact[0].message and "identical" in exact[0].message
+    assert f"{train}:1" in exact[1].message and "same prompt" in exact[1].message
+    near = the_one(result, "eval_near_overlap")
+    assert (near.file, near.line) == (evl, 4) and f"{train}:3" in near.message
+    assert result.stats["eval"]["exact_overlap"] == 2 and result.stats["eval"]["near_overlap"] == 1
+    assert result.exit_code == 2
+
+
+def test_eval_file_gets_the_line_checks_too(tmp_path):
+    train = write(tmp_path, CLEAN)
+    evl = write(tmp_path, [chat("Other question?", "Answer."), "{broken"], "eval.jsonl")
+    f = the_one(run_doctor(train, eval_data=evl), "parse")
+    assert (f.file, f.line) == (evl, 2)
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+def run_cli(capsys, *args):
+    code = main(["doctor", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    assert run_cli(capsys, write(tmp_path, CLEAN, "clean.jsonl"))[0] == 0
+    assert run_cli(capsys, write(tmp_path, CLEAN + [CLEAN[0]], "warn.jsonl"))[0] == 1
+    code, out, _ = run_cli(capsys, write(tmp_path, CLEAN + ["{oops"], "err.jsonl"))
+    assert code == 2 and "parse (1)" in out and "err.jsonl:4" in out
+
+
+def test_cli_json_shape(tmp_path, capsys):
+    path = write(tmp_path, [CLEAN[0], "nope", CLEAN[0]])
+    code, out, _ = run_cli(capsys, path, "--json")
+    data = json.loads(out)
+    assert code == 2 and set(data) >= {"findings", "stats"}
+    assert [(f["check"], f["severity"], f["line"]) for f in data["findings"]] == [("parse", "error", 2),
+                                                                                ("duplicate", "warning", 3)]
+    assert all(set(f) == {"check", "severity", "file", "line", "message"} for f in data["findings"])
+    assert data["findings"][0]["file"] == path
+    stats = data["stats"]
+    assert stats["records"] == 3 and stats["examples"] == 2 and stats["format"] == "messages"
+    assert stats["length"]["unit"] == "characters" and stats["length"]["histogram"]
+    assert stats["checks"] == {"parse": 1, "duplicate": 1}
+
+
+def test_cli_with_model_folder(tmp_path, capsys, tok):
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "model"
+    tok.save_pretrained(model_dir)
+    LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2).save_pretrained(model_dir)
+    path = write(tmp_path, [chat("hi", "x" * 50), CLEAN[0]])
+    code, out, _ = run_cli(capsys, path, "--model", str(model_dir), "--max-seq-length", "64", "--json")
+    data = json.loads(out)
+    assert code == 1 and [(f["check"], f["line"]) for f in data["findings"]] == [("too_long", 1)]
+    assert data["stats"]["length"]["unit"] == "tokens" and data["stats"]["trained_tokens"]["total"] > 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["missing.jsonl"], "not found"),
+    (["DATA", "--format", "nonsense"], "unknown format"),
+    (["DATA", "--template", "nonsense"], "unknown template"),
+])
+def test_cli_user_mistakes_are_one_line_exit_2(tmp_path, capsys, args, words):
+    data = write(tmp_path, CLEAN)
+    args = [data if a == "DATA" else str(tmp_path / a) if a.endswith(".jsonl") else a for a in args]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and out == ""

@@ -1,0 +1,208 @@
+"""train(cfg) on a tiny model: methods, invariants, resume, signals, divergence, forgetting tools."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from sftlab.cli import main
+from sftlab.config import load_config
+from sftlab.train import artifacts as A
+from sftlab.train.run import train
+
+pytestmark = pytest.mark.xdist_group("train")
+
+
+def _data(path: Path, n: int, offset: int = 0) -> str:
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(offset, offset + n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _cfg(tmp_path, tiny_model_dir, **kw):
+    base = dict(model=str(tiny_model_dir), data=_data(tmp_path / "train.jsonl", 16), output_dir=str(tmp_path / "run"),
+                method="full", epochs=1, batch_size=4, gradient_accumulation=1, learning_rate=1e-3,
+                logging_steps=1, save_steps=100, eval_steps=100, warmup_ratio=0.0, gradient_checkpointing=False,
+                lr_scheduler="constant", max_seq_length=128)
+    base.update(kw)
+    return load_config(None, base)
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / A.MODEL_DIR / "model.safetensors"))
+
+
+def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir):
+    common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0)
+    a = train(_cfg(tmp_path / "a", tiny_model_dir, batch_size=8, gradient_accumulation=1, **common), quiet=True)
+    b = train(_cfg(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4, **common), quiet=True)
+    la = [r["loss"] for r in A.read_metrics(tmp_path / "a" / "run") if r["split"] == "train"]
+    lb = [r["loss"] for r in A.read_metrics(tmp_path / "b" / "run") if r["split"] == "train"]
+    assert len(la) == 2 and la == pytest.approx(lb, abs=1e-5)
+    wa, wb = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert a["trained_tokens"] == b["trained_tokens"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prefix", "qlora"])
+def test_each_method_trains_and_saves(tmp_path, tiny_model_dir, method):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    cfg = _cfg(tmp_path, tiny_model_dir, method=method, max_steps=3, learning_rate=1e-2, precision="fp32")
+    summary = train(cfg, quiet=True)
+    run = tmp_path / "run"
+    assert summary["stopped"] == "completed" and summary["steps"] == 3
+    files = {p.name for p in (run / A.MODEL_DIR).iterdir()}
+    if method == "full":
+        assert "model.safetensors" in files
+    else:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)  # no pickles shipped
+    tok_cfg = json.loads((run / A.MODEL_DIR / "tokenizer_config.json").read_text())
+    template = tok_cfg.get("chat_template") or (run / A.MODEL_DIR / "chat_template.jinja").read_text()
+    assert "<|im_start|>" in template
+    losses = [r["loss"] for r in A.read_metrics(run) if r["split"] == "train"]
+    assert len(losses) == 3 and all(l == l for l in losses)
+    saved = yaml_load(run / A.CONFIG)
+    assert saved["method"] == method and saved["learning_rate"] == 1e-2
+
+
+def yaml_load(p):
+    import yaml
+
+    return yaml.safe_load(Path(p).read_text())
+
+
+def test_lora_run_reloads_with_the_same_logits(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, method="lora", max_steps=2, learning_rate=5e-2)
+    train(cfg, quiet=True)
+    model, tok, _ = A.load_run_model(tmp_path / "run")
+    ids = tok("<|im_start|>user\nhi<|im_end|>\n", return_tensors="pt")["input_ids"]
+    from sftlab.models import load_model
+
+    base = load_model(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, base(ids).logits, atol=1e-4)  # the adapter is applied
+
+
+def test_loss_variants_and_weights_run(tmp_path, tiny_model_dir):
+    p = tmp_path / "w.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}", "weight": 0.5 + i % 2}) + "\n" for i in range(8)))
+    s = train(_cfg(tmp_path, tiny_model_dir, data=str(p), loss="sequence", label_smoothing=0.1, max_steps=2), quiet=True)
+    assert s["stopped"] == "completed"
+
+
+def test_replay_mixing_count_and_ewc(tmp_path, tiny_model_dir):
+    from sftlab.train.continual import replay_count
+
+    assert replay_count(100, 0.2) == 25 and replay_count(30, 0.5) == 30 and replay_count(10, 0.0) == 0
+    general = _data(tmp_path / "general.jsonl", 6, offset=100)
+    s = train(_cfg(tmp_path, tiny_model_dir, replay_data=general, replay_ratio=0.2, ewc_lambda=10.0, ewc_samples=4,
+                   max_steps=2), quiet=True)
+    assert s["replay_examples"] == 4 and s["examples"] == 16
+
+
+def test_ewc_penalty_pulls_towards_the_anchor():
+    from sftlab.train.continual import EWC
+
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+
+    def loss_fn(m, batch):
+        return (m(batch) ** 2).mean()
+
+    ewc = EWC(model, [x], loss_fn, lam=2.0)
+    assert float(ewc.penalty(model)) == 0.0
+    with torch.no_grad():
+        model.weight += 1.0
+    pen = ewc.penalty(model)
+    expected = 0.5 * 2.0 * (ewc.fisher["weight"] * 1.0).sum()
+    assert torch.allclose(pen, expected) and float(pen) > 0
+
+
+class _SignalAt(TrainerCallback):
+    def __init__(self, step, sig):
+        self.step, self.sig = step, sig
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.step - 1:  # arrives while step `self.step` runs
+            os.kill(os.getpid(), self.sig)
+
+
+def test_sigterm_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path, tiny_model_dir):
+    kw = dict(max_steps=4, save_steps=100, learning_rate=1e-2, optimizer="adamw", lr_scheduler="cosine", warmup_ratio=0.25)
+    ref = train(_cfg(tmp_path / "ref", tiny_model_dir, **kw), quiet=True)
+    ref_losses = [r["loss"] for r in A.read_metrics(tmp_path / "ref" / "run") if r["split"] == "train"]
+    cfg = _cfg(tmp_path / "cut", tiny_model_dir, **kw)
+    s = train(cfg, quiet=True, callbacks=[_SignalAt(2, signal.SIGTERM)])
+    assert s["stopped"] == "interrupted" and s["steps"] == 2
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "run" / A.CHECKPOINTS).iterdir())
+    assert ckpts == ["checkpoint-2"]  # complete, and no staging folder left behind
+    s2 = train(load_config(None, {**cfg.to_dict(), "resume": True}), quiet=True)
+    assert s2["stopped"] == "completed" and s2["steps"] == 4
+    losses = [r["loss"] for r in A.read_metrics(tmp_path / "cut" / "run") if r["split"] == "train"]
+    assert losses == pytest.approx(ref_losses, abs=1e-5)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_nan_loss_stops_with_a_diagnosis(tmp_path, tiny_model_dir, capsys):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    code = main(["train", "--model", str(tiny_model_dir), "--data", cfg.data, "--output-dir", str(tmp_path / "run"),
+                 "--method", "full", "--set", "optimizer=sgd", "--set", "learning_rate=1e12", "--set", "max_grad_norm=0",
+                 "--set", "max_steps=6", "--set", "batch_size=4", "--set", "gradient_accumulation=1", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged" in err and "lower the learning rate" in err
+    summary = A.read_summary(tmp_path / "run")
+    assert summary["stopped"] == "diverged" and summary["divergence"]["step"] >= 1
+
+
+def test_check_flags_bad_configuration(tmp_path, tiny_model_dir, capsys):
+    data = _data(tmp_path / "d.jsonl", 16)
+    code = main(["train", "--model", str(tiny_model_dir), "--data", data, "--eval-data", data, "--check",
+                 "--set", "learning_rate=1.0", "--set", "weight_decay=0.5", "--set", "gradient_accumulation=64"])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "learning rate 1 is outside the usual range" in out
+    assert "weight decay 0.5 is high" in out
+    assert "eval data is identical to the training data" in out
+    assert "global batch 256 is implausible" in out
+
+
+def test_unknown_config_key_is_one_line(tmp_path, tiny_model_dir, capsys):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("model: x\nlearning_rat: 0.1\n")
+    assert main(["train", str(cfgfile)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'learning_rat'" in err and "did you mean 'learning_rate'" in err and err.count("\n") == 1
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
+    """DDP over 2 CPU processes (gloo) gives the same loss curve as 1 process with the same global batch."""
+    data = _data(tmp_path / "d.jsonl", 16)
+    common = ["--model", str(tiny_model_dir), "--data", data, "--method", "full", "--set", "max_steps=3",
+              "--set", "logging_steps=1", "--set", "group_by_length=false", "--set", "learning_rate=1e-2",
+              "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0", "--set", "gradient_checkpointing=false",
+              "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", *common, "--output-dir", str(tmp_path / "one"),
+                          "--set", "batch_size=4", "--set", "gradient_accumulation=2"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "sftlab.cli", "train", *common, "--output-dir", str(tmp_path / "two"),
+                          "--set", "batch_size=2", "--set", "gradient_accumulation=2"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    l1 = [r["loss"] for r in A.read_metrics(tmp_path / "one") if r["split"] == "train"]
+    l2 = [r["loss"] for r in A.read_metrics(tmp_path / "two") if r["split"] == "train"]
+    assert len(l1) == 3 and l1 == pytest.approx(l2, abs=1e-4)
