@@ -1,0 +1,510 @@
+"""Export a finished run so it can be shipped: weights + tokenizer + the exact training chat template.
+
+``export_run(run, out)`` writes one of:
+
+- ``adapter``: the LoRA/prefix adapter alone (adapter_config.json points at the base model);
+- ``merged``: the base model with the LoRA adapter merged into its weights (``merge=True``);
+- ``full``: a full fine-tune, as is.
+
+Every export holds safetensors weights, the tokenizer with the chat template used in training
+written into tokenizer_config.json, and a generation_config.json whose ``eos_token_id`` lists the
+end-of-turn token, so plain ``transformers`` (and ``peft`` for an adapter) reproduce the run with no
+sftlab import. Before the folder appears, it is loaded back that way and its logits are compared with
+the run's. ``gguf=True`` also writes a llama.cpp-compatible GGUF (:func:`write_gguf`) carrying the
+same template.
+
+:func:`check_template_consistency` is the check that the prompt a user sends at inference (rendered
+with the generation prompt) is exactly the start of what the model saw in training.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftlab.data.templates import BUILTIN, ChatTemplate, resolve_template
+from sftlab.data.types import Conversation, Message
+from sftlab.errors import SftlabError
+
+GGUF_DTYPES = ("f16", "f32")
+EXPORT_INFO = "sftlab_export.json"
+
+# Conversations used when no data is given: with and without a system prompt, one and several turns.
+SAMPLE_CONVERSATIONS: list[list[Message]] = [
+    [Message("user", "What is the capital of France?"), Message("assistant", "Paris.")],
+    [Message("system", "You are a concise assistant."), Message("user", "Say hello."),
+     Message("assistant", "Hello!"), Message("user", "And in German?"), Message("assistant", "Hallo!")],
+    [Message("user", "Count to two."), Message("assistant", "1, 2"), Message("user", "Now to three."),
+     Message("assistant", "1, 2, 3"), Message("user", "Thanks."), Message("assistant", "You are welcome.")],
+]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_run` wrote, and what it checked."""
+
+    out: Path
+    kind: str  # "adapter" | "merged" | "full"
+    method: str  # the run's method (lora, qlora, prefix, full)
+    base_model: str  # where the base weights come from (the resolved path or hub id)
+    template: str  # the template's name in the run config ("tokenizer" for the model's own)
+    end_of_turn: str  # the token that ends a reply (first of stop_token_ids)
+    stop_token_ids: list[int]
+    files: list[str] = field(default_factory=list)
+    gguf: Path | None = None
+    max_logit_diff: float | None = None  # export loaded back with plain transformers vs the run
+    template_problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["out"] = str(self.out)
+        d["gguf"] = str(self.gguf) if self.gguf else None
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Templates and stop tokens
+
+
+def run_template(cfg, tokenizer) -> ChatTemplate:
+    """The chat template a run was trained with.
+
+    The run's saved tokenizer holds it (the run folder contract); a config that names a built-in
+    with the same source also gives its known end-of-turn string. Runs saved without a template fall
+    back to resolving ``cfg.template``.
+    """
+    saved = tokenizer.chat_template
+    if isinstance(saved, dict):
+        saved = saved.get("default") or next(iter(saved.values()), None)
+    name = cfg.template or "tokenizer"
+    if not saved:
+        return resolve_template(cfg.template, tokenizer)
+    if name in BUILTIN and BUILTIN[name][0] == saved:
+        return resolve_template(name, tokenizer)
+    probe = resolve_template("tokenizer", tokenizer)  # carries the tokenizer's special tokens
+    return ChatTemplate(Path(name).name, saved, None, probe.special)
+
+
+def _excerpt(text: str, pos: int) -> str:
+    return text[max(0, pos - 20): pos + 25]
+
+
+def _as_messages(conv) -> tuple[list[Message], str]:
+    if isinstance(conv, Conversation):
+        return list(conv.messages), conv.where()
+    msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in conv]
+    return msgs, ""
+
+
+def check_template_consistency(template: ChatTemplate | str,
+                               conversations: list[Conversation] | list[list[Message]] | None = None) -> list[str]:
+    """Problems found when comparing training and inference renderings; empty if they agree.
+
+    For each assistant turn of each conversation (default: :data:`SAMPLE_CONVERSATIONS`), the
+    inference prompt (the messages before it, rendered with ``add_generation_prompt=True``) must be
+    a prefix of the training text (the whole conversation rendered), and the reply must follow it
+    verbatim. Each problem names the conversation, the turn, the first differing character and a
+    short excerpt of both texts. ``template`` is a ChatTemplate or a jinja source string.
+    """
+    if isinstance(template, str):
+        template = ChatTemplate("template", template)
+    sample = conversations is None
+    problems: list[str] = []
+    for k, conv in enumerate(SAMPLE_CONVERSATIONS if sample else conversations, start=1):
+        if isinstance(conv, Conversation) and conv.is_text:
+            continue
+        msgs, where = _as_messages(conv)
+        label = where or f"{'sample ' if sample else ''}conversation {k}"
+        try:
+            full = template.render(msgs)
+        except SftlabError as exc:
+            if not (sample and any(m.role == "system" for m in msgs)):  # a template may refuse system turns
+                problems.append(f"{label}: {exc}")
+            continue
+        turn = 0
+        for i, m in enumerate(msgs):
+            if m.role != "assistant":
+                continue
+            turn += 1
+            prompt = template.render(msgs[:i], add_generation_prompt=True)
+            if not full.startswith(prompt):
+                pos = next((j for j, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+                problems.append(
+                    f"{label}, assistant turn {turn}: the inference prompt is not a prefix of the training text; "
+                    f"they differ at character {pos}: inference {_excerpt(prompt, pos)!r} vs training {_excerpt(full, pos)!r}")
+                continue
+            rest = full[len(prompt):]
+            if not (rest.startswith(m.content) or rest.startswith(m.content.strip())):
+                problems.append(
+                    f"{label}, assistant turn {turn}: the reply does not follow the inference prompt verbatim "
+                    f"(character {len(prompt)}): training has {rest[:40]!r}, the reply is {m.content[:40]!r}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# The export
+
+
+def _adapter_type(mdir: Path) -> str | None:
+    p = mdir / "adapter_config.json"
+    if not p.exists():
+        return None
+    try:
+        return str(json.loads(p.read_text(encoding="utf-8")).get("peft_type", "LORA")).upper()
+    except json.JSONDecodeError:
+        raise SftlabError(f"{p}: damaged adapter config (not JSON)")
+
+
+def _check_request(run_dir: Path, out: Path, *, merge: bool, gguf: bool, gguf_dtype: str, force: bool) -> tuple[str, str]:
+    """Fail fast on user mistakes, before any model is loaded. Returns (kind, peft_type)."""
+    from sftlab.train.artifacts import MODEL_DIR, read_run_config
+
+    if not run_dir.is_dir():
+        raise SftlabError(f"run folder '{run_dir}' not found")
+    cfg = read_run_config(run_dir)
+    mdir = run_dir / MODEL_DIR
+    if not mdir.is_dir():
+        raise SftlabError(f"{run_dir}: no {MODEL_DIR}/ folder in this run, so nothing to export",
+                          hint="the run did not finish saving a model; train it again or pick another run")
+    peft_type = _adapter_type(mdir)
+    if peft_type is None and not (mdir / "config.json").exists():
+        raise SftlabError(f"{mdir}: holds neither an adapter (adapter_config.json) nor a model (config.json)")
+    if gguf_dtype not in GGUF_DTYPES:
+        raise SftlabError(f"unknown GGUF dtype '{gguf_dtype}'", hint=f"use one of: {', '.join(GGUF_DTYPES)}")
+    res_out, res_run = out.resolve(), run_dir.resolve()
+    res_model = res_run / MODEL_DIR
+    if res_out == res_run or res_out in res_run.parents or res_out == res_model or res_model in res_out.parents:
+        raise SftlabError(f"output folder '{out}' would replace the run or its model", hint="export to another folder")
+    if out.exists() and not out.is_dir():
+        raise SftlabError(f"output path '{out}' is a file, not a folder", hint="choose another --out")
+    if out.exists() and not force:
+        raise SftlabError(f"output folder '{out}' already exists", hint="pass --force to replace it, or choose another --out")
+    if peft_type is None:
+        if merge:
+            raise SftlabError(f"{run_dir}: nothing to merge: this run trained the full model (method {cfg.method})",
+                              hint="export without --merge")
+        return "full", ""
+    if peft_type != "LORA":
+        if merge:
+            raise SftlabError(f"{run_dir}: nothing to merge: a {peft_type.lower()} adapter adds virtual tokens, not weight deltas",
+                              hint="export without --merge to ship the adapter alone")
+        if gguf:
+            raise SftlabError(f"{run_dir}: a {peft_type.lower()} adapter can not be written as GGUF (llama.cpp has no prefix tuning)",
+                              hint="export without --gguf")
+        return "adapter", peft_type
+    if gguf and not merge:
+        raise SftlabError("--gguf needs full weights, and a LoRA adapter alone has none", hint="add --merge")
+    return ("merged" if merge else "adapter"), peft_type
+
+
+def _check_run_data(cfg, template: ChatTemplate, n: int = 32) -> list[str]:
+    """The consistency check on the run's own training conversations, when the data is still there."""
+    from sftlab.data.formats import load_conversations
+
+    if not cfg.data or not Path(cfg.data).exists():
+        return []
+    try:
+        convs = load_conversations(cfg.data, cfg.format, system_prompt=cfg.system_prompt)[:n]
+    except SftlabError:
+        return []  # the data changed since training; the sample check still ran
+    return check_template_consistency(template, convs)
+
+
+def _probe_ids(template: ChatTemplate, tokenizer):
+    import torch
+
+    text = template.render(SAMPLE_CONVERSATIONS[1])
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def _logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+def _write_adapter(mdir: Path, tmp: Path, base_path: str) -> None:
+    """Copy the adapter as safetensors, pointing its config at a base model plain peft can open."""
+    cfg = json.loads((mdir / "adapter_config.json").read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base_path
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    if (mdir / "adapter_model.safetensors").exists():
+        shutil.copy2(mdir / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+    elif (mdir / "adapter_model.bin").exists():
+        import torch
+        from safetensors.torch import save_file
+
+        state = torch.load(mdir / "adapter_model.bin", map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+    else:
+        raise SftlabError(f"{mdir}: adapter_config.json but no adapter weights (adapter_model.safetensors)")
+
+
+def _load_back(tmp: Path, kind: str, base_path: str, n_tokens: int, dtype):
+    """Load the export the way a user would: plain transformers (+ peft for an adapter)."""
+    from transformers import AutoModelForCausalLM
+
+    if kind != "adapter":
+        return AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype).eval()
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    if base.get_input_embeddings().weight.shape[0] != n_tokens:
+        base.resize_token_embeddings(n_tokens)
+    return PeftModel.from_pretrained(base, str(tmp)).eval()
+
+
+def _readme(res: ExportResult) -> str:
+    if res.kind == "adapter":
+        load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n"
+                f"base = AutoModelForCausalLM.from_pretrained({res.base_model!r})\n"
+                "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')\n")
+    else:
+        load = "from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')\n"
+    return (f"# sftlab export ({res.kind}, method {res.method})\n\nBase model: {res.base_model}\n"
+            f"Chat template: {res.template} (in tokenizer_config.json); end of turn: {res.end_of_turn}\n\n"
+            "```python\n" + load + "tok = AutoTokenizer.from_pretrained('THIS_FOLDER')\n"
+            "text = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, tokenize=False)\n"
+            "ids = tok(text, add_special_tokens=False, return_tensors='pt').input_ids\n"
+            "out = model.generate(ids, max_new_tokens=64)  # stops at the end-of-turn token (generation_config.json)\n"
+            "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n"
+            + (f"\nllama.cpp: `llama-cli -m {res.gguf.name} -cnv` (the template is in the file)\n" if res.gguf else ""))
+
+
+_TORCH_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                 "fp16": "float16", "float16": "float16"}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name not in _TORCH_DTYPES:
+        raise SftlabError(f"unknown dtype '{name}'", hint="use fp32, bf16 or fp16")
+    return getattr(torch, _TORCH_DTYPES[name])
+
+
+def _generation_config(model, tokenizer, stops: list[int]):
+    """The model's own generation config (sampling defaults kept) with the run's stop and pad tokens."""
+    from transformers import GenerationConfig
+
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    gen = GenerationConfig.from_dict(gen.to_dict()) if gen is not None else GenerationConfig()
+    gen.eos_token_id = stops[0] if len(stops) == 1 else list(stops)
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    return gen
+
+
+def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, gguf: bool = False,
+               gguf_dtype: str = "f16", force: bool = False, dtype: str = "fp32", device: str = "cpu",
+               verify: bool = True, atol: float = 1e-3) -> ExportResult:
+    """Export a finished run to ``out`` (see the module docstring); the folder appears only on success.
+
+    ``verify`` loads the export back with plain transformers/peft and requires its logits on a
+    sample conversation to match the run's within ``atol`` (0.05 in bf16/fp16) times the largest
+    absolute logit (at least 1).
+    Raises SftlabError for a run without a model, an existing ``out`` without ``force``, ``merge``
+    of a run with nothing to merge, and ``gguf`` of an adapter that is not merged.
+    """
+    from sftlab.eval.generation import stop_token_ids
+    from sftlab.io import atomic_dir
+    from sftlab.models import resolve_model_path
+    from sftlab.train.artifacts import MODEL_DIR, load_run_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    kind, _ = _check_request(run_dir, out, merge=merge, gguf=gguf, gguf_dtype=gguf_dtype, force=force)
+    torch_dtype = _torch_dtype(dtype)
+    model, tok, cfg = load_run_model(run_dir, device=device, dtype=torch_dtype, merge=False)
+    template = run_template(cfg, tok)
+    stops = stop_token_ids(tok, template)
+    base = cfg.model
+    if kind == "adapter":  # the adapter's config must name a base that plain peft can open
+        base = resolve_model_path(cfg.model)
+        base = str(Path(base).resolve()) if Path(base).exists() else base
+    res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
+                       end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops,
+                       template_problems=check_template_consistency(template) + _check_run_data(cfg, template))
+    ids = _probe_ids(template, tok)
+    reference = _logits(model, ids) if verify else None
+
+    with atomic_dir(out) as tmp:
+        if kind == "adapter":
+            _write_adapter(run_dir / MODEL_DIR, tmp, base)
+        else:
+            if kind == "merged":
+                model = model.merge_and_unload()
+            model.save_pretrained(str(tmp))  # safetensors
+        _generation_config(None if kind == "adapter" else model, tok, stops).save_pretrained(str(tmp))
+        tok.chat_template = template.source
+        tok.save_pretrained(str(tmp), save_jinja_files=False)  # the template goes into tokenizer_config.json
+        if gguf:
+            res.gguf = out / f"model-{gguf_dtype}.gguf"
+            write_gguf(model, tok, template.source, tmp / res.gguf.name, dtype=gguf_dtype, name=out.name,
+                       end_of_turn=res.end_of_turn)
+        del model
+        if verify:
+            back = _load_back(tmp, kind, base, len(tok), torch_dtype)
+            res.max_logit_diff = float((_logits(back, ids) - reference).abs().max())
+            del back
+            # float32 rounding in the merge grows with the logits' size: the tolerance is relative to it.
+            tol = (atol if dtype in ("fp32", "float32") else 0.05) * max(1.0, float(reference.abs().max()))
+            if not res.max_logit_diff <= tol:
+                raise SftlabError(f"export check failed: the exported model's logits differ from the run's by "
+                                  f"{res.max_logit_diff:.3g} (more than {tol:.3g}); nothing was written")
+        (tmp / "README.md").write_text(_readme(res), encoding="utf-8")
+        res.files = sorted([p.name for p in tmp.iterdir()] + [EXPORT_INFO])
+        info = {**res.to_dict(), "run": str(run_dir.resolve()), "chat_template": template.source}
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF. Written by hand (with gguf-py's writer and tensor-name map) because transformers only reads
+# GGUF; this is what llama.cpp's convert_hf_to_gguf.py does for a Llama with a byte-level BPE vocab.
+
+
+def _permute_qk(w, n_head: int):
+    """llama.cpp's LlamaModel.permute: HF's rotate-half layout of q/k rows -> GGML's interleaved one."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_pre(tok_json: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer (regex split) of a byte-level BPE tokenizer."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    types = [p.get("type") for p in parts]
+    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"
+    return "default"
+
+
+def _gguf_vocab(writer, tokenizer, n_vocab: int, end_of_turn: str | None) -> None:
+    import gguf
+
+    tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE" or (tok_json.get("decoder") or {}).get("type") != "ByteLevel":
+        raise SftlabError("GGUF export supports byte-level BPE tokenizers (GPT-2 style) only; this one is "
+                          f"{model.get('type')}", hint="export with --merge and convert with llama.cpp's convert_hf_to_gguf.py")
+    if len(tokenizer) > n_vocab:
+        raise SftlabError(f"the tokenizer has {len(tokenizer)} tokens but the model only {n_vocab} embedding rows")
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in reverse:  # embedding rows with no token (padded vocab), as llama.cpp names them
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(added[i].content)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_gguf_pre(tok_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    ids = tokenizer("a")["input_ids"]
+    for key, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                     ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{key}_token_id")(tid)
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
+    if eot is not None and eot != tokenizer.eos_token_id:
+        writer.add_eot_token_id(eot)
+    writer.add_add_bos_token(bool(ids) and ids[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(bool(ids) and ids[-1] == tokenizer.eos_token_id and len(ids) > 1)
+
+
+def write_gguf(model, tokenizer, chat_template: str, path: str | Path, *, dtype: str = "f16",
+               name: str | None = None, end_of_turn: str | None = None) -> Path:
+    """Write a Llama model (full weights) as a llama.cpp GGUF file carrying ``chat_template``.
+
+    Tensors get llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output unless tied);
+    q/k rows are permuted as llama.cpp expects. 2-D weights in ``dtype`` (f16/f32), norms in f32.
+    """
+    import gguf
+    import numpy as np
+    import torch
+
+    cfg = model.config
+    if cfg.model_type != "llama":
+        raise SftlabError(f"GGUF export supports Llama-architecture models only, not '{cfg.model_type}'",
+                          hint="export with --merge and convert with llama.cpp's convert_hf_to_gguf.py")
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise SftlabError(f"GGUF export does not support rope type '{rope_type}' yet",
+                          hint="export with --merge and convert with llama.cpp's convert_hf_to_gguf.py")
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name or "sftlab-export")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0)))
+    if rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    _gguf_vocab(writer, tokenizer, n_vocab, end_of_turn)
+    writer.add_chat_template(chat_template)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    for key, t in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue
+        new = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise SftlabError(f"GGUF export: no llama.cpp name for tensor '{key}'")
+        data = t.detach().to(torch.float32).cpu().numpy()
+        if key.endswith("q_proj.weight"):
+            data = _permute_qk(data, n_head)
+        elif key.endswith("k_proj.weight"):
+            data = _permute_qk(data, n_kv)
+        data = data.astype(np.float16 if dtype == "f16" and data.ndim > 1 else np.float32)
+        writer.add_tensor(new, np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def format_export(res: ExportResult, limit: int = 5) -> str:
+    """The human-readable report of an export, for the CLI."""
+    what = {"adapter": "the adapter alone", "merged": "base model with the adapter merged", "full": "full model"}[res.kind]
+    lines = [f"exported {res.method} run -> {res.out} ({what})",
+             f"  chat template: {res.template} (in tokenizer_config.json); replies end at {res.end_of_turn} "
+             f"(generation_config eos_token_id {res.stop_token_ids})"]
+    if res.kind == "adapter":
+        lines.append(f"  base model: {res.base_model}")
+    if res.max_logit_diff is not None:
+        lines.append(f"  check: loaded back with plain transformers{' + peft' if res.kind == 'adapter' else ''}, "
+                     f"max |logit diff| vs the run {res.max_logit_diff:.2g}")
+    if res.gguf:
+        lines.append(f"  gguf: {res.gguf} (with the chat template)")
+    if res.template_problems:
+        lines.append(f"  warning: the template renders training and inference text differently ({len(res.template_problems)} places):")
+        lines += [f"    {p}" for p in res.template_problems[:limit]]
+    else:
+        lines.append("  template check: inference prompts match the training text")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""`sftlab chat` (driven through a pseudo-terminal) and `sftlab generate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sftlab
+from sftlab.chat import ChatSession, load_chat_model
+from sftlab.cli import main
+from sftlab.config import Config
+from sftlab.data.templates import BUILTIN
+from sftlab.data.types import Conversation, Message
+from sftlab.eval.generation import GenerationSettings, generate_replies
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA run folder as training leaves it (config.yaml + model/ with adapter and tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tmp_path_factory.mktemp("chat_run")
+    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(run / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = BUILTIN["chatml"][0]
+    torch.manual_seed(2)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(run / "model")
+    tok.save_pretrained(run / "model")
+    return run
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    return load_chat_model(str(run), device="cpu")
+
+
+def _expected(loaded, messages: list[Message]) -> str:
+    model, tok, tpl = loaded
+    conv = Conversation(messages + [Message("assistant", "")])
+    return generate_replies(model, tok, tpl, [conv], GenerationSettings(max_new_tokens=MAX_NEW))[0]
+
+
+def test_session_streams_and_keeps_history(loaded):
+    model, tok, tpl = loaded
+    session = ChatSession(model, tok, tpl, system_prompt="Be brief.", max_new_tokens=MAX_NEW)
+    pieces: list[str] = []
+    reply = session.send("hello", on_text=pieces.append)
+    assert "".join(pieces) == reply
+    # Greedy streaming gives what batched generation gives for the same conversation.
+    assert reply == _expected(loaded, [Message("system", "Be brief."), Message("user", "hello")])
+    second = session.send("and again")
+    assert [m.role for m in session.history] == ["system", "user", "assistant", "user", "assistant"]
+    assert session.history[2].content == reply and session.history[4].content == second
+    assert session.prompt("x").endswith("<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n")
+    session.reset()
+    assert session.history == [Message("system", "Be brief.")]
+
+
+class _Terminal:
+    """The parent's side of a pseudo-terminal: ``expect`` reads until a marker, keeping what follows."""
+
+    def __init__(self, fd: int):
+        import codecs
+
+        self.fd, self.pending, self.seen = fd, "", ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two reads
+
+    def expect(self, marker: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while marker not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {marker!r}; got {self.seen!r}")
+            if not select.select([self.fd], [], [], left)[0]:
+                continue
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"the chat ended before {marker!r}; got {self.seen!r}")
+            text = self.decoder.decode(chunk)
+            self.pending += text
+            self.seen += text
+        upto, self.pending = self.pending.split(marker, 1)
+        return upto
+
+    def send(self, line: str) -> None:
+        os.write(self.fd, (line + "\n").encode())
+
+
+def test_chat_through_a_pseudo_terminal(run, loaded):
+    master, slave = pty.openpty()
+    env = dict(os.environ, TERM="dumb", PYTHONPATH=os.pathsep.join(
+        [str(Path(sftlab.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "chat", str(run), "--device", "cpu",
+                             "--max-new-tokens", str(MAX_NEW), "--system", "Be brief."],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    term = _Terminal(master)
+    try:
+        banner = term.expect("you> ")
+        assert "template chatml" in banner and "replies end at <|im_end|>" in banner and "system: Be brief." in banner
+        term.send("hello")
+        term.expect("assistant> ")
+        streamed = term.expect("you> ").replace("\r\n", "\n")
+        assert streamed == _expected(loaded, [Message("system", "Be brief."), Message("user", "hello")]) + "\n"
+        term.send("/reset")
+        term.expect("(history cleared)")
+        term.expect("you> ")
+        term.send("/exit")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_chat_with_an_exported_adapter(run, loaded, tmp_path):
+    from sftlab.export import export_run
+
+    out = export_run(run, tmp_path / "exp", verify=False).out
+    model, tok, tpl = load_chat_model(str(out), device="cpu")
+    session = ChatSession(model, tok, tpl, max_new_tokens=MAX_NEW)
+    assert session.send("hello") == _expected(loaded, [Message("user", "hello")])
+
+
+def test_generate_cli(run, loaded, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"},
+                                             {"role": "assistant", "content": "hi there"}]}) + "\n")
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", str(run), "--data", str(data), "--out", str(out), "--max-new-tokens", str(MAX_NEW),
+                 "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1
+    row = json.loads(out.read_text())
+    assert row["prompt"] == [{"role": "user", "content": "hello"}] and row["reference"] == "hi there"
+    assert row["reply"] == _expected(loaded, [Message("user", "hello")])
+
+    assert main(["generate", str(run), "--prompt", "hello", "--prompt", "two", "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"][-1]["content"] for r in rows] == ["hello", "two"]
+
+
+def test_bad_input_is_one_line(run, tmp_path, capsys):
+    assert main(["generate", str(run)]) == 2
+    assert "give either --prompt" in capsys.readouterr().err
+    broken = tmp_path / "broken_run"
+    broken.mkdir()
+    (broken / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["chat", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sftlab chat: error:") and "no model/" in err and "\n" not in err

@@ -1,0 +1,231 @@
+"""`sftlab export`: adapter / merged / GGUF round trips, the template check, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sftlab.cli import main
+from sftlab.config import Config
+from sftlab.data.templates import BUILTIN, ChatTemplate
+from sftlab.data.types import Conversation, Message
+from sftlab.errors import SftlabError
+from sftlab.export import check_template_consistency, export_run, write_gguf
+
+CHATML = BUILTIN["chatml"][0]
+MSGS = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."},
+        {"role": "user", "content": "And 3 + 3?"}]
+
+
+def make_lora_run(run: Path, tiny_model_dir: Path) -> Path:
+    """A run folder as training leaves it: config.yaml + model/ (LoRA adapter + tokenizer with the template)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(run / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = CHATML
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(run / "model")
+    tok.save_pretrained(run / "model")
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir) -> Path:
+    return make_lora_run(tmp_path_factory.mktemp("lora_run"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def exports(lora_run, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("exports")
+    adapter = export_run(lora_run, root / "adapter")
+    merged = export_run(lora_run, root / "merged", merge=True, gguf=True, gguf_dtype="f32")
+    return {"adapter": adapter, "merged": merged}
+
+
+def _run_logits(run: Path) -> tuple[list[int], torch.Tensor]:
+    from sftlab.train.artifacts import load_run_model
+
+    model, tok, _ = load_run_model(run, device="cpu", dtype="fp32")
+    text = ChatTemplate("chatml", CHATML).render([Message(**m) for m in MSGS], add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return ids, model(input_ids=torch.tensor([ids])).logits[0]
+
+
+# Runs in a fresh interpreter: plain transformers + peft, and it fails if sftlab gets imported.
+_PLAIN_LOAD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, merged_dir, out = sys.argv[1:4]
+    msgs = json.loads(sys.argv[4])
+    res = {}
+    for kind, d in (("adapter", adapter_dir), ("merged", merged_dir)):
+        tok = AutoTokenizer.from_pretrained(d)
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        if kind == "adapter":
+            base = json.load(open(d + "/adapter_config.json"))["base_model_name_or_path"]
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), d)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(d)
+        with torch.no_grad():
+            logits = model(ids).logits[0].tolist()
+        eos = json.load(open(d + "/generation_config.json"))["eos_token_id"]
+        res[kind] = {"text": text, "ids": ids[0].tolist(), "logits": logits, "eos": eos}
+    assert not [m for m in sys.modules if m == "sftlab" or m.startswith("sftlab.")]
+    json.dump(res, open(out, "w"))
+""")
+
+
+def test_export_loads_back_with_plain_transformers_and_peft(exports, lora_run, tmp_path):
+    out = tmp_path / "plain.json"
+    subprocess.run([sys.executable, "-c", _PLAIN_LOAD, str(exports["adapter"].out), str(exports["merged"].out),
+                    str(out), json.dumps(MSGS)], check=True, timeout=300)
+    got = json.loads(out.read_text())
+    ids, ref = _run_logits(lora_run)
+    expected_text = ChatTemplate("chatml", CHATML).render([Message(**m) for m in MSGS], add_generation_prompt=True)
+    for kind in ("adapter", "merged"):
+        assert got[kind]["text"] == expected_text  # the exact training template travels with the export
+        assert got[kind]["ids"] == ids
+        assert 2 in np.atleast_1d(got[kind]["eos"])  # <|im_end|> stops generation
+        np.testing.assert_allclose(np.array(got[kind]["logits"]), ref.numpy(), atol=1e-4)
+    for res in exports.values():
+        assert res.max_logit_diff is not None and res.max_logit_diff < 1e-4
+        assert res.end_of_turn == "<|im_end|>" and res.template_problems == []
+    cfg = json.loads((exports["merged"].out / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == CHATML  # written into the tokenizer's config
+    assert (exports["merged"].out / "model.safetensors").exists()
+    assert (exports["adapter"].out / "adapter_model.safetensors").exists()
+    assert not (exports["adapter"].out / "model.safetensors").exists()
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_gguf_carries_template_and_tensors(exports):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = exports["merged"]
+    reader = GGUFReader(str(res.gguf))
+    assert reader.fields["tokenizer.chat_template"].contents() == CHATML
+    assert reader.fields["general.architecture"].contents() == "llama"
+    tok = AutoTokenizer.from_pretrained(res.out)
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] and len(tokens) == len(tok)
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
+
+    merged = AutoModelForCausalLM.from_pretrained(res.out)
+    cfg, sd = merged.config, merged.state_dict()
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    expected = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    for i in range(cfg.num_hidden_layers):
+        for gg, hf in (("attn_norm", "input_layernorm"), ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                       ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                       ("ffn_norm", "post_attention_layernorm"), ("ffn_gate", "mlp.gate_proj"),
+                       ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            expected[f"blk.{i}.{gg}.weight"] = f"model.layers.{i}.{hf}.weight"
+    assert set(tensors) == set(expected)  # tied embeddings: no output.weight
+    for gg, hf in expected.items():
+        data = tensors[gg]
+        if ".attn_q." in gg:
+            data = _unpermute(data, cfg.num_attention_heads)
+        elif ".attn_k." in gg:
+            data = _unpermute(data, cfg.num_key_value_heads)
+        np.testing.assert_array_equal(data, sd[hf].numpy(), err_msg=gg)
+
+    # transformers reads GGUF too (undoing llama.cpp's q/k permutation): same logits as the merged export.
+    back = AutoModelForCausalLM.from_pretrained(res.out, gguf_file=res.gguf.name)
+    ids = torch.tensor([tok("hello world", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_write_gguf_f16(tiny_model_dir, tmp_path):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_gguf(model, tok, CHATML, tmp_path / "m.gguf", dtype="f16")
+    types = {t.name: t.tensor_type for t in GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == GGMLQuantizationType.F16
+    assert types["output_norm.weight"] == GGMLQuantizationType.F32
+
+
+def test_export_cli_json_and_force(lora_run, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["export", str(lora_run), "--out", str(out), "--no-verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "adapter" and report["stop_token_ids"] == [2] and "sftlab_export.json" in report["files"]
+    assert main(["export", str(lora_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sftlab export: error:") and "already exists" in err and "--force" in err and "\n" not in err
+    assert main(["export", str(lora_run), "--out", str(out), "--force", "--no-verify"]) == 0
+    assert "exported lora run" in capsys.readouterr().out
+
+
+def test_export_refuses_bad_input(lora_run, tiny_model_dir, tmp_path):
+    empty = tmp_path / "no_model"
+    empty.mkdir()
+    Config(model=str(tiny_model_dir), method="lora").save(empty / "config.yaml")
+    with pytest.raises(SftlabError, match="no model/ folder"):
+        export_run(empty, tmp_path / "o1")
+
+    full = tmp_path / "full_run"
+    shutil.copytree(tiny_model_dir, full / "model")
+    Config(model=str(tiny_model_dir), method="full").save(full / "config.yaml")
+    with pytest.raises(SftlabError, match="nothing to merge"):
+        export_run(full, tmp_path / "o2", merge=True)
+
+    prefix = tmp_path / "prefix_run"
+    (prefix / "model").mkdir(parents=True)
+    Config(model=str(tiny_model_dir), method="prefix").save(prefix / "config.yaml")
+    (prefix / "model" / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(SftlabError, match="nothing to merge"):
+        export_run(prefix, tmp_path / "o3", merge=True)
+    with pytest.raises(SftlabError, match="GGUF"):
+        export_run(prefix, tmp_path / "o3", gguf=True)
+
+    with pytest.raises(SftlabError, match="add --merge"):
+        export_run(lora_run, tmp_path / "o4", gguf=True)
+    with pytest.raises(SftlabError, match="would replace the run"):
+        export_run(lora_run, lora_run / "model", force=True)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+
+
+def test_template_consistency():
+    for name in ("chatml", "llama3", "mistral", "alpaca", "vicuna"):
+        tpl = ChatTemplate(name, BUILTIN[name][0], special={"bos_token": "<s>", "eos_token": "</s>"})
+        assert check_template_consistency(tpl) == [], name
+    assert check_template_consistency(CHATML) == []  # a jinja string works too
+
+    # Training renders the assistant header with a space the generation prompt lacks.
+    bad = CHATML.replace("<|im_start|>{{ m.role }}", "<|im_start|>{{ m.role }}{% if m.role == 'assistant' %} {% endif %}")
+    conv = Conversation([Message("user", "hi"), Message("assistant", "hello")], source="data.jsonl", line=3)
+    problems = check_template_consistency(bad, [conv])
+    assert len(problems) == 1
+    assert problems[0].startswith("data.jsonl:3, assistant turn 1:") and "differ at character 51" in problems[0]
+    # the excerpts: 20 characters before the difference and 25 from it, of both texts
+    assert "inference '|im_start|>assistant\\n' vs training '|im_start|>assistant \\nhello<|im_end|>\\n'" in problems[0]
+
+    # Prefix holds but the reply does not follow it verbatim (an extra newline is trained before it).
+    shifted = CHATML.replace("{{ m.content }}", "{% if m.role == 'assistant' %}{{ '\\n' }}{% endif %}{{ m.content }}")
+    problems = check_template_consistency(shifted, [[Message("user", "hi"), Message("assistant", "hello")]])
+    assert len(problems) == 1 and "does not follow the inference prompt verbatim" in problems[0]
