@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m sftlab.demo
 
-test: $(STAMP)
+# The report test renders the HTML page in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the report rendering test will be skipped"
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 test-fast: $(STAMP)

@@ -1,0 +1,1 @@
+"""Data: files -> Conversation -> (input_ids, labels); templates, packing, collators, doctor."""

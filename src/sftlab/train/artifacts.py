@@ -82,7 +82,7 @@ def load_run_model(run_dir: str | Path, *, device=None, dtype=None, merge: bool 
         from peft import PeftModel
 
         base = load_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-        if base.get_input_embeddings().weight.shape[0] != len(tok):
+        if base.get_input_embeddings().weight.shape[0] < len(tok):  # tokens added in training
             base.resize_token_embeddings(len(tok))
         model = PeftModel.from_pretrained(base, mdir)
         if merge:
