@@ -279,6 +279,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="examples per forward/generate batch")
     p.add_argument("--max-seq-length", dest="max_seq_length", type=int, help="longest eval example in tokens (default: the run's)")
     p.add_argument("--samples", type=int, default=5, help="sample generations kept in the result (default 5)")
+    p.add_argument("--limit", type=int, help="use only the first N examples of the eval and general data")
     p.add_argument("--forgetting-threshold", dest="threshold", type=float, default=0.10,
                    help="relative rise of general-data loss flagged as forgetting (default 0.10)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -300,7 +301,8 @@ def _cmd_eval(args) -> int:
         read_summary(args.target)  # --save needs a finished run: fail before evaluating
     out = run_eval(args.target, args.data, compare_to=args.compare_to, general=args.general, fmt=args.fmt,
                    template=args.template, scorer=args.scorer, settings=settings, batch_size=args.batch_size,
-                   max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device)
+                   max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device,
+                   limit=args.limit)
     if args.out:
         atomic_write_text(args.out, json.dumps(out, indent=2, default=str))
     if args.save:

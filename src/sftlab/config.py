@@ -78,6 +78,7 @@ class Config:
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------
     eval_steps: int = _f(500, "evaluate every N optimizer steps")
+    eval_generate: int = _f(0, "at each evaluation also generate replies for this many eval examples and log gen_* metrics (0: loss only)")
     save_steps: int = _f(500, "checkpoint every N optimizer steps")
     save_total_limit: int = _f(3, "checkpoints kept")
     early_stopping_patience: int = _f(3, "evaluations without improvement before stopping (0 disables)")

@@ -15,14 +15,53 @@ Per-example weights multiply each token's (or sequence's) loss.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
 
+class _PassThrough(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def _causal_lm(model):
+    """The *ForCausalLM module inside DDP/FSDP/PEFT wrappers (the one that owns lm_head)."""
+    m = model
+    while True:
+        if hasattr(m, "module") and isinstance(m.module, nn.Module):  # DDP
+            m = m.module
+        elif hasattr(m, "get_base_model") and m is not getattr(m, "base_model", None):
+            m = m.get_base_model()
+        else:
+            return m
+
+
+@contextmanager
+def hidden_states_instead_of_logits(model):
+    """Swap the output head for a pass-through; yield the real head to project trained positions."""
+    lm = _causal_lm(model)
+    name = "lm_head"
+    head = getattr(lm, name, None)
+    if not isinstance(head, nn.Module):  # no separate output head: the model's output is the logits
+        yield nn.Identity()
+        return
+    setattr(lm, name, _PassThrough())
+    try:
+        yield head
+    finally:
+        setattr(lm, name, head)
+
+
 def _chunk_ce(head, h: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    w = getattr(head, "weight", None)
+    if w is not None and w.dtype != h.dtype and w.dtype.is_floating_point and not torch.is_autocast_enabled(h.device.type):
+        h = h.to(w.dtype)  # e.g. bf16 base weights with fp32 hidden states outside autocast
     logits = head(h).float()
     return F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
 

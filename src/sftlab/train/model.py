@@ -60,8 +60,7 @@ def build_model(cfg: Config, tok, added_tokens: list[str]):
             model.enable_input_require_grads()
 
     def loss_fn(m, batch):
-        from sftlab.train.losses import sft_loss
-        from sftlab.train.trainer import hidden_states_instead_of_logits
+        from sftlab.train.losses import hidden_states_instead_of_logits, sft_loss
 
         with hidden_states_instead_of_logits(m) as head:
             out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)

@@ -136,8 +136,11 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         ewc = EWC(model, batches, ewc_loss_fn, rc.ewc_lambda)
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=evald.examples if evald else None,
-                         data_collator=collator, eval_collator=PadCollator(tok.pad_token_id), processing_class=tok,
-                         loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc, group_lengths=lengths)
+                         data_collator=collator, processing_class=tok,
+                         loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc, group_lengths=lengths,
+                         general_examples=general.examples if general else None,
+                         gen_template=data.template, gen_conversations=evald.conversations if evald else None,
+                         gen_limit=rc.eval_generate)
     logger = MetricsLogger(run / A.METRICS, weakref.ref(trainer), quiet=quiet)
     stopper = SignalCheckpoint()
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

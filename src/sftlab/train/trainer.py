@@ -13,18 +13,15 @@
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 
 import torch
-from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftlab.train.losses import IGNORE, count_sequences, sft_loss
+from sftlab.train.losses import IGNORE, count_sequences, hidden_states_instead_of_logits, sft_loss
 
 
 class Divergence(RuntimeError):
@@ -33,46 +30,18 @@ class Divergence(RuntimeError):
         super().__init__(f"loss became {loss} at step {step}")
 
 
-class _PassThrough(nn.Module):
-    def forward(self, x):
-        return x
-
-
-def _causal_lm(model):
-    """The *ForCausalLM module inside DDP/FSDP/PEFT wrappers (the one that owns lm_head)."""
-    m = model
-    while True:
-        if hasattr(m, "module") and isinstance(m.module, nn.Module):  # DDP
-            m = m.module
-        elif hasattr(m, "get_base_model") and m is not getattr(m, "base_model", None):
-            m = m.get_base_model()
-        else:
-            return m
-
-
-@contextmanager
-def hidden_states_instead_of_logits(model):
-    """Swap the output head for a pass-through; yield the real head to project trained positions."""
-    lm = _causal_lm(model)
-    name = "lm_head"
-    head = getattr(lm, name, None)
-    if head is None:
-        raise RuntimeError(f"{type(lm).__name__} has no lm_head; cannot compute the chunked loss")
-    setattr(lm, name, _PassThrough())
-    try:
-        yield head
-    finally:
-        setattr(lm, name, head)
-
-
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
 class SFTTrainer(Trainer):
     def __init__(self, *args, loss_mode: str = "token", label_smoothing: float = 0.0, ewc=None,
-                 group_lengths: list[int] | None = None, eval_collator=None, **kwargs):
+                 group_lengths: list[int] | None = None, general_examples=None, gen_template=None,
+                 gen_conversations=None, gen_limit: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.eval_collator = eval_collator or self.data_collator
+        self.general_examples = general_examples  # loss on general data at each eval: forgetting
+        self.gen_template = gen_template if gen_limit else None
+        self.gen_conversations = gen_conversations if gen_limit else None
+        self.gen_limit = gen_limit
         self.group_lengths = group_lengths
         self.loss_mode = loss_mode
         self.label_smoothing = label_smoothing
@@ -115,10 +84,11 @@ class SFTTrainer(Trainer):
         with hidden_states_instead_of_logits(model) as head:
             out = model(**fwd, use_cache=False)
             hidden = out.logits if hasattr(out, "logits") else out[0]
-            loss = sft_loss(hidden, head, labels, num_items=num_items_in_batch, mode=self.loss_mode,
-                            label_smoothing=self.label_smoothing, loss_weights=weights,
-                            position_ids=inputs.get("position_ids"),
-                            num_sequences=self._num_sequences if num_items_in_batch is not None else None)
+            with self.accelerator.autocast():  # accelerate autocasts only inside forward; the head runs here
+                loss = sft_loss(hidden, head, labels, num_items=num_items_in_batch, mode=self.loss_mode,
+                                label_smoothing=self.label_smoothing, loss_weights=weights,
+                                position_ids=inputs.get("position_ids"),
+                                num_sequences=self._num_sequences if num_items_in_batch is not None else None)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP averages gradients over processes; the loss was divided by the global count.
             loss = loss * self.accelerator.num_processes
@@ -139,29 +109,17 @@ class SFTTrainer(Trainer):
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        from torch.utils.data import DataLoader
+        """One eval row: token-weighted loss and perplexity (no label smoothing), the loss on general
+        data when given (forgetting), and generation metrics when asked; feeds early stopping."""
+        from sftlab.eval.run import training_eval
 
-        dataloader = DataLoader(eval_dataset if eval_dataset is not None else self.eval_dataset,
-                                batch_size=self.args.per_device_eval_batch_size, collate_fn=self.eval_collator)
-        model = self.model
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for batch in dataloader:
-                batch = self._prepare_inputs(batch)
-                n = int((batch["labels"][:, 1:] != IGNORE).sum())
-                if n == 0:
-                    continue
-                loss = self.compute_loss(model, batch, num_items_in_batch=None)  # mean over this batch
-                total += float(loss) * n
-                count += n
-        if was_training:
-            model.train()
-        mean = total / max(count, 1)
-        metrics = {f"{metric_key_prefix}_loss": mean,
-                   f"{metric_key_prefix}_perplexity": math.exp(min(mean, 50.0)),
-                   f"{metric_key_prefix}_tokens": count}
+        row = training_eval(self.model, self.processing_class,
+                            eval_dataset if eval_dataset is not None else self.eval_dataset,
+                            batch_size=self.args.per_device_eval_batch_size, general_examples=self.general_examples,
+                            template=self.gen_template, conversations=self.gen_conversations,
+                            max_generate=self.gen_limit)
+        metrics = {k if k.startswith(("gen_", "general_")) or k.startswith(metric_key_prefix) else
+                   f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in row.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -1,0 +1,145 @@
+"""Before/after comparison of two eval results, and the forgetting check on general data.
+
+An eval result is the dict :func:`sftlab.eval.evaluate` returns; its ``metrics`` mapping holds the
+numbers compared here. Forgetting is the relative rise of the loss on general (non-task) data:
+``(after - before) / before``; above the threshold it is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+
+# (key in result["metrics"], label, which direction is better)
+METRICS: list[tuple[str, str, str]] = [
+    ("loss", "loss", "lower"),
+    ("perplexity", "perplexity", "lower"),
+    ("task_score", "task score", "higher"),
+    ("format_adherence", "format adherence", "higher"),
+    ("nonempty_rate", "non-empty rate", "higher"),
+    ("finished_rate", "finished rate", "higher"),
+    ("repetition_rate", "repetition rate", "lower"),
+    ("mean_reply_tokens", "mean reply tokens", "neither"),
+    ("general_loss", "general loss", "lower"),
+]
+
+DEFAULT_FORGETTING_THRESHOLD = 0.10
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def forgetting(before_loss: float | None, after_loss: float | None,
+               threshold: float = DEFAULT_FORGETTING_THRESHOLD) -> dict | None:
+    """The general-data loss before and after, its change, and whether the rise exceeds ``threshold``.
+
+    ``threshold`` is relative (0.10 = a 10% rise). None when either loss is missing. A non-finite
+    after-loss is always flagged.
+    """
+    if before_loss is None or after_loss is None:
+        return None
+    delta = after_loss - before_loss
+    relative = delta / before_loss if _finite(before_loss) and before_loss > 0 else float("inf")
+    flagged = (not _finite(after_loss)) or relative > threshold
+    return {"before": before_loss, "after": after_loss, "delta": delta, "relative": relative,
+            "threshold": threshold, "flagged": bool(flagged)}
+
+
+def compare(before: dict, after: dict, *, threshold: float = DEFAULT_FORGETTING_THRESHOLD,
+            before_name: str = "base", after_name: str = "fine-tuned") -> dict:
+    """Side-by-side table of two eval results on the same data, with differences and forgetting."""
+    bm, am = before.get("metrics", {}), after.get("metrics", {})
+    rows = []
+    for key, label, better in METRICS:
+        b, a = bm.get(key), am.get(key)
+        if b is None and a is None:
+            continue
+        delta = a - b if _finite(a) and _finite(b) else None
+        improved = None
+        if delta is not None and better != "neither" and delta != 0:
+            improved = (delta < 0) if better == "lower" else (delta > 0)
+        rows.append({"metric": key, "label": label, "before": b, "after": a, "delta": delta,
+                     "better": better, "improved": improved})
+    samples = []
+    for sb, sa in zip(before.get("samples", []), after.get("samples", [])):
+        samples.append({"where": sa.get("where"), "prompt": sa.get("prompt"), "reference": sa.get("reference"),
+                        "before": sb.get("reply"), "after": sa.get("reply"),
+                        "before_score": sb.get("score"), "after_score": sa.get("score")})
+    return {"before_name": before_name, "after_name": after_name, "before": before, "after": after,
+            "table": rows, "samples": samples,
+            "forgetting": forgetting(bm.get("general_loss"), am.get("general_loss"), threshold)}
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.4g}" if abs(x) >= 1000 else f"{x:.3f}"
+    return str(x)
+
+
+def format_forgetting(f: dict | None) -> str | None:
+    if f is None:
+        return None
+    change = f"{f['relative']:+.1%}" if _finite(f["relative"]) else "n/a"
+    verdict = (f"FORGETTING: above the {f['threshold']:.0%} threshold" if f["flagged"]
+               else f"within the {f['threshold']:.0%} threshold")
+    return f"forgetting: general-data loss {_fmt(f['before'])} -> {_fmt(f['after'])} ({change}), {verdict}"
+
+
+def format_comparison(cmp: dict) -> str:
+    """The comparison as a plain-text table."""
+    b_name, a_name = cmp["before_name"], cmp["after_name"]
+    width = max([len(r["label"]) for r in cmp["table"]] + [6])
+    lines = [f"{'metric':<{width}}  {b_name:>12}  {a_name:>12}  {'change':>10}"]
+    for r in cmp["table"]:
+        mark = {True: "  better", False: "  worse", None: ""}[r["improved"]]
+        delta = "-" if r["delta"] is None else f"{r['delta']:+.3f}"
+        lines.append(f"{r['label']:<{width}}  {_fmt(r['before']):>12}  {_fmt(r['after']):>12}  {delta:>10}{mark}")
+    line = format_forgetting(cmp.get("forgetting"))
+    if line:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_result(result: dict) -> str:
+    """One eval result as plain text: a metric per line."""
+    lines = []
+    mt = result.get("metrics", {})
+    for key, label, _ in METRICS:
+        if key in mt:
+            extra = f" ({result['scorer']})" if key == "task_score" and result.get("scorer") else ""
+            extra = f" ({result['format_check']})" if key == "format_adherence" and result.get("format_check") else extra
+            lines.append(f"{label + extra:<32} {_fmt(mt[key])}")
+    if "tokens" in mt:
+        lines.append(f"{'scored tokens':<32} {mt['tokens']}")
+    return "\n".join(lines)
+
+
+def format_eval(out: dict, samples: int = 3) -> str:
+    """What ``sftlab eval`` prints: header, the metrics (or the before/after table), a few samples."""
+    head = f"eval {out['target']} on {out['data']}"
+    if out["kind"] == "single":
+        res = out["result"]
+        body = format_result(res)
+        pairs = [(s.get("prompt"), s.get("reference"), None, s.get("reply")) for s in res.get("samples", [])]
+    else:
+        head += f" (base: {out['base']})"
+        body = format_comparison(out)
+        pairs = [(s["prompt"], s["reference"], s["before"], s["after"]) for s in out.get("samples", [])]
+    lines = [head, body]
+    for prompt, ref, before, after in pairs[:samples]:
+        lines.append("")
+        lines.append(f"prompt:    {_short(prompt)}")
+        lines.append(f"reference: {_short(ref)}")
+        if before is not None:
+            lines.append(f"before:    {_short(before)}")
+        lines.append(f"{'after:' if before is not None else 'reply:':<11}{_short(after)}")
+    return "\n".join(lines)
+
+
+def _short(text, width: int = 100) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -1,0 +1,183 @@
+"""Batched generation from conversations: left padding, greedy by default, stops at end-of-turn.
+
+Each conversation's prompt is its messages before the last assistant reply, rendered with the chat
+template and the generation prompt, exactly as at inference. Generation stops at the template's
+end-of-turn token(s) and the tokenizer's EOS; the returned reply is the decoded text before the
+stop token. Used by `sftlab eval`, the training-time eval, and `sftlab generate` / `chat`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from sftlab.data.templates import ChatTemplate
+from sftlab.data.types import Conversation, Message
+from sftlab.errors import SftlabError
+
+_PROBE = "\x00sftlab-reply\x00"
+
+
+@dataclass
+class GenerationSettings:
+    """How replies are generated. The default is greedy decoding: deterministic, no randomness."""
+
+    max_new_tokens: int = 128  # longest reply in tokens
+    do_sample: bool = False  # False: greedy (temperature and top_p are then unused)
+    temperature: float = 1.0  # sampling temperature (> 0), only with do_sample
+    top_p: float = 1.0  # nucleus sampling mass in (0, 1], only with do_sample
+    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens (1.0: off)
+    seed: int = 0  # random seed for sampling; the caller's RNG state is left untouched
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "must be at least 1"),
+            ("temperature", self.temperature > 0 and math.isfinite(self.temperature), "must be > 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty), "must be > 0"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise SftlabError(f"generation setting '{key}': {getattr(self, key)!r} {why}")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "GenerationSettings":
+        """Settings from a mapping (e.g. a config section); unknown keys are one clear error."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SftlabError(f"unknown generation setting '{unknown[0]}'", hint=f"use: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """One generated reply. ``finished``: it ended at a stop token (not cut at max_new_tokens)."""
+
+    text: str
+    finished: bool
+    n_tokens: int  # generated tokens before the stop token
+    token_ids: list[int] = field(default_factory=list)  # those tokens
+
+
+def prompt_messages(conv: Conversation) -> list[Message]:
+    """The messages before the conversation's last assistant reply (the whole chat if it has none)."""
+    last = max((i for i, msg in enumerate(conv.messages) if msg.role == "assistant"), default=None)
+    return list(conv.messages if last is None else conv.messages[:last])
+
+
+def reference_reply(conv: Conversation) -> str | None:
+    """The conversation's last assistant reply: what the model should have said."""
+    replies = conv.replies()
+    return replies[-1] if replies else None
+
+
+def render_prompt(template: ChatTemplate, conv: Conversation) -> str:
+    """The prompt text for one conversation: template + generation prompt, as at inference."""
+    if conv.is_text:
+        raise SftlabError(f"{conv.where()}: plain-text examples have no prompt to generate from",
+                          hint="use chat data (messages, sharegpt, alpaca, prompt_completion) to evaluate generation")
+    return template.render(prompt_messages(conv), add_generation_prompt=True)
+
+
+def stop_token_ids(tokenizer, template: ChatTemplate | None) -> list[int]:
+    """Token ids that end a reply: the template's end-of-turn token and the tokenizer's EOS.
+
+    For a template with no known end-of-turn string (the tokenizer's own), it is read from the
+    rendered text: the special token that comes right after a reply.
+    """
+    ids: list[int] = []
+    eot = template.eot if template is not None else None
+    if eot is None and template is not None:
+        text = template.render([Message("user", "hi"), Message("assistant", _PROBE)])
+        after = text.split(_PROBE, 1)[1] if _PROBE in text else ""
+        specials = sorted({s for s in tokenizer.all_special_tokens if s} | set(tokenizer.get_added_vocab()),
+                          key=len, reverse=True)
+        eot = next((s for s in specials if after.startswith(s)), None)
+    if eot:
+        eot_ids = tokenizer.encode(eot, add_special_tokens=False)
+        if len(eot_ids) == 1:
+            ids.append(eot_ids[0])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise SftlabError("cannot tell when a reply ends: the template has no end-of-turn token and the tokenizer no EOS",
+                          hint="use a template with an end-of-turn token, e.g. --template chatml")
+    return ids
+
+
+def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id: int):
+    from transformers import GenerationConfig
+
+    kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                  eos_token_id=list(stop_ids), pad_token_id=pad_id, num_beams=1)
+    if settings.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = settings.repetition_penalty
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    return GenerationConfig(**kwargs)
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None,
+                   batch_size: int = 8, stop_ids: Sequence[int] | None = None) -> list[Generation]:
+    """Generate one reply per rendered prompt string, in the order given.
+
+    Prompts are tokenized without extra special tokens (the template writes them) and left-padded
+    in batches of ``batch_size``. ``stop_ids``: default the tokenizer's EOS. The model is put in eval
+    mode for the call and its previous mode restored; with sampling, the global RNG is not disturbed.
+    """
+    settings = settings or GenerationSettings()
+    if batch_size < 1:
+        raise SftlabError(f"batch size {batch_size} must be at least 1")
+    stops = list(stop_ids) if stop_ids else [tokenizer.eos_token_id]
+    stop_set = set(stops)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    dev = next(model.parameters()).device
+    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    # Similar lengths share a batch (less padding); results go back to the caller's order.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    out: list[Generation | None] = [None] * len(encoded)
+    config = _generation_config(settings, stops, pad_id)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(settings.seed)
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+                att = torch.zeros((len(idx), width), dtype=torch.long)
+                for r, i in enumerate(idx):  # left padding: the prompt ends where generation starts
+                    n = len(encoded[i])
+                    ids[r, width - n:] = torch.tensor(encoded[i], dtype=torch.long)
+                    att[r, width - n:] = 1
+                gen = model.generate(input_ids=ids.to(dev), attention_mask=att.to(dev), generation_config=config)
+                for r, i in enumerate(idx):
+                    new = gen[r, width:].tolist()
+                    cut = next((k for k, t in enumerate(new) if t in stop_set), None)
+                    kept = new if cut is None else new[:cut]
+                    out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), cut is not None, len(kept), kept)
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def generate(model, tokenizer, template: ChatTemplate, conversations: Sequence[Conversation],
+             settings: GenerationSettings | None = None, batch_size: int = 8) -> list[Generation]:
+    """Generate the last assistant reply of each conversation; see :func:`generate_texts`."""
+    prompts = [render_prompt(template, c) for c in conversations]
+    return generate_texts(model, tokenizer, prompts, settings, batch_size, stop_token_ids(tokenizer, template))
+
+
+def generate_replies(model, tokenizer, template: ChatTemplate, conversations: Sequence[Conversation],
+                     settings: GenerationSettings | None = None, batch_size: int = 8) -> list[str]:
+    """The decoded replies (without the stop token), one per conversation, in order."""
+    return [g.text for g in generate(model, tokenizer, template, conversations, settings, batch_size)]

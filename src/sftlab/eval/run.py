@@ -1,0 +1,281 @@
+"""The whole evaluation: loss, generation metrics, task score, format adherence, forgetting.
+
+Three entry points, from small to large:
+
+- :func:`generation_metrics` generates replies and scores them (numbers only; the trainer logs them
+  with a ``gen_`` prefix);
+- :func:`training_eval` is the hook the trainer calls every ``eval_steps``: one metrics row;
+- :func:`evaluate` scores one loaded model on conversations; :func:`run_eval` is ``sftlab eval``:
+  it loads a run folder or a model, evaluates, and compares against a base when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from sftlab.data.masking import Example, Labeler
+from sftlab.data.templates import ChatTemplate, resolve_template
+from sftlab.data.types import Conversation
+from sftlab.errors import SftlabError
+from sftlab.eval import metrics as m
+from sftlab.eval.compare import DEFAULT_FORGETTING_THRESHOLD, compare
+from sftlab.eval.generation import (Generation, GenerationSettings, generate, prompt_messages, reference_reply,
+                                    render_prompt)
+from sftlab.eval.loss import evaluate_loss
+from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
+
+
+def score_generations(generations: Sequence[Generation], references: Sequence[str], *,
+                      scorer: str | None = None) -> tuple[dict, list[dict]]:
+    """(summary, per-example rows) for generated replies against reference replies.
+
+    Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate, finished_rate,
+    repetition_rate (mean per reply of the repeated share of token n-grams, n=4: "seq-rep-4"; word
+    3-grams for a generation without token ids), distinct_2 (over words), task_score (mean of the
+    scorer), format_adherence (share passing the data set's format check).
+    """
+    name = choose_scorer(references, scorer)
+    score = get_scorer(name)
+    check = format_check_name(references)
+    rows = []
+    for g, ref in zip(generations, references):
+        rows.append({"reply": g.text, "reference": ref, "score": score(g.text, ref),
+                     "format_ok": format_ok(check, g.text, g.finished), "finished": g.finished,
+                     "tokens": g.n_tokens,
+                     "repetition": m.repetition_rate(g.token_ids, 4) if g.token_ids else m.repetition_rate(g.text, 3)})
+    texts = [g.text for g in generations]
+    summary = {
+        "n": len(rows),
+        "mean_reply_tokens": m.mean([g.n_tokens for g in generations]),
+        "mean_reply_words": m.mean([len(m.words(t)) for t in texts]),
+        "nonempty_rate": m.mean([float(m.is_nonempty(t)) for t in texts]),
+        "finished_rate": m.mean([float(g.finished) for g in generations]),
+        "repetition_rate": m.mean([r["repetition"] for r in rows]),
+        "distinct_2": m.distinct_n(texts, 2),
+        "task_score": m.mean([r["score"] for r in rows]),
+        "format_adherence": m.mean([float(r["format_ok"]) for r in rows]),
+    }
+    return summary, rows
+
+
+def _chat(conversations: Sequence[Conversation]) -> list[Conversation]:
+    return [c for c in conversations if not c.is_text and reference_reply(c) is not None]
+
+
+def generation_metrics(model, tokenizer, template: ChatTemplate, conversations: Sequence[Conversation],
+                       settings: GenerationSettings | None = None, batch_size: int = 8,
+                       scorer: str | None = None) -> dict[str, float]:
+    """Generate the last reply of each chat conversation and score it; see :func:`score_generations`.
+
+    Plain-text examples are skipped. Returns numbers only, e.g. ``{"nonempty_rate": 1.0,
+    "repetition_rate": 0.02, "format_adherence": 0.9, "task_score": 0.75, ...}``.
+    """
+    chats = _chat(conversations)
+    if not chats:
+        raise SftlabError("no chat examples to generate replies for", hint="generation metrics need chat data")
+    gens = generate(model, tokenizer, template, chats, settings, batch_size)
+    summary, _ = score_generations(gens, [reference_reply(c) for c in chats], scorer=scorer)
+    return summary
+
+
+def encode_examples(tokenizer, template: ChatTemplate | None, conversations: Sequence[Conversation], *,
+                    max_seq_length: int | None = 2048, truncation: str = "cut_turns",
+                    masking: str = "all_assistant") -> tuple[list[Example], dict]:
+    """Tokenize eval conversations with the training labeler; (examples, preparation report dict)."""
+    labeler = Labeler(tokenizer, template, masking=masking, max_seq_length=max_seq_length, truncation=truncation)
+    examples, report = labeler.encode(list(conversations))
+    return examples, report.to_dict()
+
+
+def training_eval(model, tokenizer, examples: Sequence[Example | dict], *, batch_size: int = 8,
+                  general_examples: Sequence[Example | dict] | None = None,
+                  template: ChatTemplate | None = None, conversations: Sequence[Conversation] | None = None,
+                  settings: GenerationSettings | None = None, scorer: str | None = None,
+                  max_generate: int | None = 32) -> dict[str, float]:
+    """One eval row for metrics.jsonl, as the trainer logs it every ``eval_steps``.
+
+    Always ``eval_loss``, ``eval_perplexity`` (and ``eval_tokens``); ``general_loss`` when
+    ``general_examples`` are given; the ``gen_*`` generation metrics when ``template`` and
+    ``conversations`` are given (the first ``max_generate`` chat conversations, to bound the cost).
+    """
+    res = evaluate_loss(model, tokenizer, examples, batch_size)
+    row = {"eval_loss": res["loss"], "eval_perplexity": res["perplexity"], "eval_tokens": res["tokens"]}
+    if general_examples:
+        row["general_loss"] = evaluate_loss(model, tokenizer, general_examples, batch_size)["loss"]
+    if template is not None and conversations:
+        chats = _chat(conversations)[:max_generate] if max_generate else _chat(conversations)
+        if chats:
+            gen = generation_metrics(model, tokenizer, template, chats, settings, batch_size, scorer)
+            row.update({f"gen_{k}": v for k, v in gen.items() if k != "n"})
+    return row
+
+
+_PREP_KEYS = ("n_input", "n_kept", "n_dropped_too_long", "n_truncated", "n_turns_cut")
+
+
+def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Sequence[Conversation], *,
+             settings: GenerationSettings | None = None, batch_size: int = 8, scorer: str | None = None,
+             max_seq_length: int | None = 2048, truncation: str = "cut_turns",
+             general: Sequence[Conversation] | None = None, samples: int = 5, generation: bool = True) -> dict:
+    """Evaluate one loaded model on conversations. JSON-serialisable result:
+
+    ``metrics`` (loss, perplexity, tokens, general_loss, and the generation summary), ``scorer``,
+    ``format_check``, ``prepare`` (what tokenization kept/dropped), ``samples`` (the first
+    ``samples`` prompts with reference, reply and score), ``settings`` (the generation settings).
+    """
+    settings = settings or GenerationSettings()
+    examples, prep = encode_examples(tokenizer, template, conversations, max_seq_length=max_seq_length,
+                                     truncation=truncation)
+    if not examples:
+        raise SftlabError(f"no eval example is left after tokenization ({prep['n_dropped_too_long']} too long, "
+                          f"{prep['n_dropped_no_trained']} with no reply)", hint="raise max_seq_length")
+    loss = evaluate_loss(model, tokenizer, examples, batch_size)
+    result: dict = {"n_examples": len(conversations), "metrics": dict(loss),
+                    "prepare": {k: prep[k] for k in _PREP_KEYS},
+                    "settings": settings.to_dict(), "template": template.name if template else None,
+                    "scorer": None, "format_check": None, "samples": []}
+    if general:
+        g_examples, _ = encode_examples(tokenizer, template, general, max_seq_length=max_seq_length, truncation=truncation)
+        if g_examples:
+            result["metrics"]["general_loss"] = evaluate_loss(model, tokenizer, g_examples, batch_size)["loss"]
+    chats = _chat(conversations)
+    if generation and chats and template is not None:
+        gens = generate(model, tokenizer, template, chats, settings, batch_size)
+        refs = [reference_reply(c) for c in chats]
+        summary, rows = score_generations(gens, refs, scorer=scorer)
+        result["metrics"].update({k: v for k, v in summary.items() if k != "n"})
+        result["metrics"]["n_generated"] = summary["n"]
+        result["scorer"] = choose_scorer(refs, scorer)
+        result["format_check"] = format_check_name(refs)
+        for c, row in list(zip(chats, rows))[:samples]:
+            result["samples"].append({"where": c.where(), "prompt": prompt_messages(c)[-1].content,
+                                      "prompt_text": render_prompt(template, c), **row})
+    return result
+
+
+# --- sftlab eval -------------------------------------------------------------------------------
+
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError, TypeError)
+
+
+def _load_guard(what: str, fn):
+    """Run a loader quietly (no per-load progress bars); a failure is one SftlabError line."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # import-time notes about optional CPU kernels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return fn()
+    except SftlabError:
+        raise
+    except _LOAD_ERRORS + (SafetensorError,) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SftlabError(f"{what} does not load: {type(exc).__name__}: {first[:300]}",
+                          hint="check that the folder holds a complete model or adapter")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _template_for(name: str | None, tokenizer) -> ChatTemplate | None:
+    if getattr(tokenizer, "chat_template", None) is None and name in (None, "", "auto", "tokenizer"):
+        return None
+    return resolve_template(name, tokenizer)
+
+
+def load_target(spec: str, *, template: str | None = None, device=None, share_tokenizer=None):
+    """(model, tokenizer, template, run config or None) for a run folder or a model name/path.
+
+    A run folder loads its trained model and the template it was trained with. ``share_tokenizer``
+    (a tokenizer) loads a plain model with that tokenizer instead of its own, so a base model and
+    its fine-tune are scored on exactly the same tokens.
+    """
+    from sftlab.models import load_model, load_tokenizer
+    from sftlab.train.artifacts import is_run_dir, load_run_model
+
+    p = Path(spec)
+    if p.is_dir() and (p / "config.yaml").exists():
+        if not is_run_dir(p):
+            raise SftlabError(f"{spec}: run folder has no model/ folder", hint="the run did not save a model")
+        model, tok, cfg = _load_guard(f"run '{spec}'", lambda: load_run_model(p, device=device))
+        from sftlab.data.templates import BUILTIN
+        name = template or (cfg.template if cfg.template in BUILTIN else None)
+        return model, tok, _template_for(name, tok), cfg
+    tok = share_tokenizer if share_tokenizer is not None else _load_guard(f"model '{spec}'", lambda: load_tokenizer(spec))
+    model = _load_guard(f"model '{spec}'", lambda: load_model(spec, device=device, tokenizer=tok))
+    model.eval()
+    return model, tok, _template_for(template, tok), None
+
+
+def _load_data(path: str, fmt: str | None, what: str) -> list[Conversation]:
+    from sftlab.data.formats import load_conversations
+
+    convs = load_conversations(path, fmt)
+    if not convs:
+        raise SftlabError(f"{what} '{path}' holds no examples")
+    return convs
+
+
+def run_eval(target: str, data: str, *, compare_to: str | None = None, general: str | None = None,
+             fmt: str | None = None, template: str | None = None, scorer: str | None = None,
+             settings: GenerationSettings | None = None, batch_size: int = 8, max_seq_length: int | None = None,
+             samples: int = 5, threshold: float = DEFAULT_FORGETTING_THRESHOLD, device=None,
+             limit: int | None = None) -> dict:
+    """``sftlab eval``: evaluate a run folder or model on ``data``; with ``compare_to`` also the base.
+
+    ``compare_to``: a model name/path or run folder, or ``"base"`` for a run's own base model (loaded
+    with the run's tokenizer and template). ``general``: general data for the forgetting check
+    (default: a run's ``replay_data``). ``limit``: use only the first N examples of each data file. Returns ``{"kind": "single", "result": ...}`` or
+    ``{"kind": "compare", ...}`` (see :func:`sftlab.eval.compare.compare`).
+    """
+    if scorer:
+        choose_scorer([], scorer)  # a bad --scorer fails before any model loads
+    if limit is not None and limit < 1:
+        raise SftlabError(f"--limit {limit} must be at least 1")
+    convs = _load_data(data, fmt, "eval data")[:limit]
+    model, tok, tpl, cfg = load_target(target, template=template, device=device)
+    general = general or (cfg.replay_data if cfg is not None else None)
+    general_convs = _load_data(general, None, "general data")[:limit] if general else None
+    max_len = max_seq_length or (cfg.max_seq_length if cfg is not None else 2048)
+    trunc = cfg.truncation if cfg is not None else "cut_turns"
+    kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc,
+              general=general_convs, samples=samples)
+    after = evaluate(model, tok, tpl, convs, **kw)
+    info = {"target": str(target), "data": str(data), "general": general}
+    if not compare_to:
+        return {"kind": "single", **info, "result": after}
+    del model
+    if compare_to == "base":
+        if cfg is None:
+            raise SftlabError("--compare base needs a run folder to know the base model", hint="pass --compare MODEL")
+        base_spec, shared = cfg.model, tok
+    else:
+        base_spec, shared = compare_to, None
+    base_model, base_tok, base_tpl, _ = load_target(base_spec, template=template, device=device,
+                                                    share_tokenizer=shared)
+    if compare_to == "base":
+        base_tpl = tpl  # the base is scored with the run's tokenizer and training template
+    kw["scorer"] = after["scorer"] or scorer  # score both with the same scorer
+    before = evaluate(base_model, base_tok, base_tpl, convs, **kw)
+    return {"kind": "compare", **info, "base": str(base_spec),
+            **compare(before, after, threshold=threshold)}
+
+
+def attach_to_run(run_dir: str | Path, result: dict) -> Path:
+    """Store an eval result in the run's summary.json under ``eval`` (atomically); returns the file."""
+    from sftlab.io import atomic_write_text
+    from sftlab.train.artifacts import SUMMARY, read_summary
+
+    summary = read_summary(run_dir)
+    summary["eval"] = result
+    path = Path(run_dir) / SUMMARY
+    atomic_write_text(path, json.dumps(summary, indent=2, default=str))
+    return path

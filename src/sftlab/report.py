@@ -1,0 +1,271 @@
+"""`sftlab report RUN`: one self-contained HTML page about a run, viewable with no network.
+
+Plots (matplotlib, Agg backend) are embedded as base64 PNG ``<img>`` tags; styles are inline; the one
+script only checks that every plot image decoded and writes "plots rendered: N/N" into the page
+(what the browser test looks for). Sections: summary, curves (train/eval loss, learning rate,
+gradient norm, tokens per second, memory, generation metrics), data (preparation report and the data
+doctor's summary), before/after table and sample generations, and the diagnosis.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
+from sftlab.errors import SftlabError
+
+REPORT = "report.html"
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.better{color:#1a7f37}.worse{color:#cf222e}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:1em}
+.plots figure{margin:0}.plots img{width:100%;height:auto;border:1px solid #eee}
+pre{background:#f6f8fa;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-word}
+.finding{border-left:4px solid #999;padding:.3em .8em;margin:.8em 0;background:#fafafa}
+.finding.error{border-color:#cf222e}.finding.warning{border-color:#d4a72c}.finding.info{border-color:#0969da}
+.muted{color:#666}td.text{white-space:pre-wrap;word-break:break-word;max-width:22em}
+"""
+
+_CHECK_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('img.plot'), ok = 0;
+  imgs.forEach(function (i) { if (i.complete && i.naturalWidth > 0 && i.naturalHeight > 0) ok++; });
+  var el = document.getElementById('plot-check');
+  el.textContent = 'plots rendered: ' + ok + '/' + imgs.length;
+  el.setAttribute('data-ok', String(ok === imgs.length && imgs.length > 0));
+});
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.4g}" if abs(x) >= 1000 or (x != 0 and abs(x) < 0.001) else f"{x:.4f}".rstrip("0").rstrip(".")
+    return str(x)
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        v, s = r.get(key), r.get("step")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(s, (int, float)) and math.isfinite(v):
+            xs.append(s)
+            ys.append(v)
+    return xs, ys
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def make_plots(run: RunData) -> list[tuple[str, str]]:
+    """(title, base64 PNG) for every curve the run logged; curves it did not log are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    specs = [
+        ("Loss", [(run.train, "loss", "train loss", "-"), (run.evals, "eval_loss", "eval loss", "o-"),
+                  (run.evals, "general_loss", "general-data loss", "s--")], False),
+        ("Learning rate", [(run.train, "learning_rate", "learning rate", "-")], False),
+        ("Gradient norm", [(run.train, "grad_norm", "grad norm (before clipping)", "-")], True),
+        ("Throughput (tokens/s)", [(run.train, "tokens_per_second", "all tokens", "-"),
+                                   (run.train, "trained_tokens_per_second", "trained tokens", "-")], False),
+        ("Memory (MB)", [(run.train, "memory_mb", "peak memory", "-")], False),
+    ]
+    gen_keys = sorted({k for r in run.evals for k in r if k.startswith("gen_") and k.endswith(("_rate", "_adherence", "_score"))})
+    if gen_keys:
+        specs.append(("Generation metrics", [(run.evals, k, k.removeprefix("gen_"), "o-") for k in gen_keys], False))
+    out = []
+    for title, lines, logy in specs:
+        data = [(label, style, *_series(rows, key)) for rows, key, label, style in lines]
+        data = [d for d in data if d[2]]
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        try:
+            for label, style, xs, ys in data:
+                ax.plot(xs, ys, style, label=label, markersize=4)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            lo, hi = min(min(d[3]) for d in data), max(max(d[3]) for d in data)
+            if logy and lo > 0 and hi / lo > 20:  # a spike would flatten everything else
+                ax.set_yscale("log")
+            if len(data) > 1 or title == "Loss":
+                ax.legend()
+            out.append((title, _png(fig)))
+        finally:
+            plt.close(fig)
+    return out
+
+
+def _table(rows: list[tuple], head: tuple | None = None) -> str:
+    out = ["<table>"]
+    if head:
+        out.append("<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>")
+    for r in rows:
+        cells = []
+        for c in r:
+            if isinstance(c, tuple):  # (text, css class)
+                cells.append(f'<td class="{_e(c[1])}">{_e(c[0])}</td>')
+            else:
+                cls = ' class="num"' if isinstance(c, (int, float)) and not isinstance(c, bool) else ""
+                cells.append(f"<td{cls}>{_e(_fmt(c))}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _summary_section(run: RunData) -> str:
+    s = run.summary or {}
+    cfg = run.config
+    keys = ["method", "base_model", "template", "steps", "train_tokens", "trained_tokens", "time_s",
+            "tokens_per_second", "peak_memory_mb", "final_train_loss", "final_eval_loss", "best_eval_loss", "stopped"]
+    rows = [(k, s.get(k)) for k in keys if k in s]
+    if not s:
+        rows = [("method", cfg.method), ("base_model", cfg.model), ("template", cfg.template)]
+    div = s.get("divergence")
+    if div:
+        rows.append(("divergence", f"step {div.get('step')}, loss {div.get('loss')}" if isinstance(div, dict) else div))
+    for k in ("data", "eval_data", "learning_rate", "epochs", "batch_size", "gradient_accumulation", "max_seq_length"):
+        rows.append((f"config: {k}", getattr(cfg, k, None)))
+    note = "" if run.summary else '<p class="muted">No summary.json: the run did not finish.</p>'
+    return "<h2>Summary</h2>" + note + _table(rows)
+
+
+def _data_section(run: RunData, doctor: bool) -> str:
+    out = ["<h2>Data</h2>"]
+    prep = (run.summary or {}).get("prepare")
+    if isinstance(prep, dict):
+        keys = ("n_input", "n_kept", "n_dropped_too_long", "n_dropped_no_trained", "n_truncated", "n_turns_cut",
+                "n_tokens", "n_trained_tokens", "eos_appended")
+        out.append("<h3>Preparation</h3>" + _table([(k, prep[k]) for k in keys if k in prep]))
+        dropped = prep.get("dropped") or []
+        if dropped:
+            items = "".join(f"<li>{_e(d.get('where'))}: {_e(d.get('why'))}</li>" for d in dropped[:10] if isinstance(d, dict))
+            more = f"<li>... and {len(dropped) - 10} more</li>" if len(dropped) > 10 else ""
+            out.append(f"<ul>{items}{more}</ul>")
+    s = run.summary or {}
+    if "pad_equals_eos" in s or "eos_trained" in s:
+        out.append(_table([("pad token == EOS", s.get("pad_equals_eos")), ("EOS / end-of-turn trained", s.get("eos_trained"))]))
+    out.append("<h3>Data doctor</h3>" + _doctor_text(run, doctor))
+    return "".join(out)
+
+
+def _doctor_text(run: RunData, doctor: bool) -> str:
+    data = getattr(run.config, "data", None)
+    if not doctor:
+        return '<p class="muted">Not run.</p>'
+    if not data or not Path(data).exists():
+        return f'<p class="muted">Training data {_e(data)} not found from here; run <code>sftlab doctor DATA</code>.</p>'
+    from sftlab.data.doctor import run_doctor
+
+    eval_data = getattr(run.config, "eval_data", None)
+    try:
+        res = run_doctor(data, eval_data=eval_data if eval_data and Path(eval_data).exists() else None,
+                         fmt=getattr(run.config, "format", None))
+    except SftlabError as exc:
+        return f"<p>The data doctor could not read the data: {_e(exc)}</p>"
+    return f"<pre>{_e(res.format_text(limit=5))}</pre>"
+
+
+def _eval_section(run: RunData) -> str:
+    ev = (run.summary or {}).get("eval")
+    out = ["<h2>Before and after</h2>"]
+    if not isinstance(ev, dict):
+        out.append('<p class="muted">No before/after evaluation stored with this run; run '
+                   "<code>sftlab eval RUN --data EVAL --compare base --save</code>.</p>")
+        return "".join(out)
+    if ev.get("kind") == "compare":
+        rows = []
+        for r in ev.get("table", []):
+            cls = {True: "better", False: "worse"}.get(r.get("improved"), "")
+            delta = "-" if r.get("delta") is None else f"{r['delta']:+.4f}"
+            rows.append((r.get("label"), r.get("before"), r.get("after"), (delta, cls)))
+        out.append(f"<p>Eval data: {_e(ev.get('data'))}; scorer: {_e((ev.get('after') or {}).get('scorer'))}; "
+                   f"format check: {_e((ev.get('after') or {}).get('format_check'))}</p>")
+        out.append(_table(rows, ("metric", ev.get("before_name", "base"), ev.get("after_name", "fine-tuned"), "change")))
+        f = ev.get("forgetting")
+        if isinstance(f, dict):
+            verdict = "forgetting flagged" if f.get("flagged") else "within threshold"
+            rel, th = f.get("relative"), f.get("threshold")
+            change = f"{rel:+.1%}, " if isinstance(rel, float) and math.isfinite(rel) else ""
+            limit = f"{th:.0%}" if isinstance(th, (int, float)) else "?"
+            out.append(f"<p>Forgetting: general-data loss {_e(_fmt(f.get('before')))} &rarr; {_e(_fmt(f.get('after')))} "
+                       f"({_e(change)}{_e(verdict)}, threshold {_e(limit)})</p>")
+        samples = [(s.get("prompt"), s.get("reference"), s.get("before"), s.get("after")) for s in ev.get("samples", [])]
+        head = ("prompt", "reference", ev.get("before_name", "base"), ev.get("after_name", "fine-tuned"))
+    else:
+        res = ev.get("result", ev)
+        out.append(_table([(k, v) for k, v in (res.get("metrics") or {}).items()], ("metric", "value")))
+        samples = [(s.get("prompt"), s.get("reference"), s.get("reply")) for s in res.get("samples", [])]
+        head = ("prompt", "reference", "reply")
+    if samples:
+        out.append("<h3>Sample generations</h3>")
+        out.append(_table([tuple(("" if c is None else str(c), "text") for c in row) for row in samples], head))
+    return "".join(out)
+
+
+def _diagnosis_section(diag: Diagnosis) -> str:
+    out = ["<h2>Diagnosis</h2>"]
+    if not diag.findings:
+        out.append("<p>No problems found.</p>")
+    for f in diag.findings:
+        ev = "".join(f"<li>{_e(x)}</li>" for x in f.evidence)
+        fx = "".join(f"<li><code>{_e(x)}</code></li>" for x in f.fixes)
+        out.append(f'<div class="finding {_e(f.severity)}"><b>[{_e(f.severity)}] {_e(f.rule)}</b>: {_e(f.title)}'
+                   f"<br>Evidence:<ul>{ev}</ul>Fix:<ul>{fx}</ul></div>")
+    skipped = [f"{r}: {s.removeprefix('skipped: ')}" for r, s in diag.checked.items() if s.startswith("skipped")]
+    if skipped:
+        out.append('<p class="muted">Not checked: ' + _e("; ".join(skipped)) + "</p>")
+    return "".join(out)
+
+
+def render_report(run: RunData, diag: Diagnosis, plots: list[tuple[str, str]], *, doctor: bool = True) -> str:
+    """The report page as one HTML string."""
+    figs = "".join(f'<figure><img class="plot" alt="{_e(t)}" src="data:image/png;base64,{b}"></figure>' for t, b in plots)
+    curves = (f'<div class="plots">{figs}</div>' if plots else '<p class="muted">No metrics were logged.</p>')
+    title = f"sftlab report: {run.run_dir.name}"
+    return (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(title)}</h1><p class=\"muted\">{_e(run.run_dir)}</p>"
+        f"{_summary_section(run)}<h2>Training curves</h2>{curves}"
+        f'<p id="plot-check" class="muted" data-ok="unknown">plots rendered: unknown (needs JavaScript)</p>'
+        f"{_data_section(run, doctor)}{_eval_section(run)}{_diagnosis_section(diag)}"
+        f"<script>{_CHECK_SCRIPT}</script></body></html>"
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, doctor: bool = True) -> dict:
+    """Write the report (default ``RUN/report.html``) atomically; returns {"path", "plots", "findings"}."""
+    from sftlab.io import atomic_write_text
+
+    run = load_run(run_dir)
+    diag = diagnose_run(run)
+    plots = make_plots(run)
+    path = Path(out) if out else Path(run_dir) / REPORT
+    atomic_write_text(path, render_report(run, diag, plots, doctor=doctor))
+    return {"path": str(path), "plots": [t for t, _ in plots], "findings": len(diag.findings)}
+

@@ -1,0 +1,325 @@
+"""`sftlab diagnose`: every rule on a run folder that shows the symptom and on one that does not."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sftlab.cli import main
+from sftlab.config import Config
+from sftlab.diagnose import RULES, diagnose
+
+
+def healthy_rows(steps: int = 100) -> tuple[list[dict], list[dict]]:
+    """A run where everything goes right: train and eval loss fall together, nothing blows up."""
+    train = []
+    for s in range(10, steps + 1, 10):
+        train.append({"split": "train", "step": s, "epoch": s / steps * 3, "loss": 3.0 - 1.8 * s / steps,
+                      "learning_rate": 2e-4 * (1 - s / steps) + 1e-6, "grad_norm": 1.0 + 0.1 * (s % 20 == 0),
+                      "tokens_per_second": 1500.0 + s, "trained_tokens_per_second": 500.0, "memory_mb": 900.0 + s / 10})
+    evals = []
+    for k, s in enumerate(range(20, steps + 1, 20)):
+        evals.append({"split": "eval", "step": s, "epoch": s / steps * 3, "eval_loss": 2.6 - 0.25 * k,
+                      "eval_perplexity": math.exp(2.6 - 0.25 * k), "general_loss": 2.0 + 0.01 * k,
+                      "gen_nonempty_rate": 1.0, "gen_repetition_rate": 0.02, "gen_format_adherence": 0.9 + 0.02 * k})
+    return train, evals
+
+
+HEALTHY_SUMMARY = {
+    "method": "lora", "base_model": "tiny", "template": "chatml", "steps": 100, "train_tokens": 50000,
+    "trained_tokens": 20000, "time_s": 60.0, "tokens_per_second": 1500.0, "peak_memory_mb": 1000.0,
+    "final_train_loss": 1.2, "final_eval_loss": 1.6, "best_eval_loss": 1.6, "stopped": "completed", "divergence": None,
+    "prepare": {"n_input": 100, "n_kept": 100, "n_dropped_too_long": 0, "n_dropped_no_trained": 0, "n_truncated": 0,
+                "n_turns_cut": 0, "eos_appended": False, "dropped": []},
+    "pad_equals_eos": False, "eos_trained": True,
+}
+
+
+def make_run(path: Path, *, train=None, evals=None, summary=None, tokenizer_from: Path | None = None,
+             **cfg) -> Path:
+    """A run folder with synthetic metrics and summary (no weights: diagnose never loads them)."""
+    h_train, h_evals = healthy_rows()
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"model": "tiny", "template": "chatml", "data": "train.jsonl", "learning_rate": 2e-4, **cfg}
+    Config(output_dir=str(path), **cfg).save(path / "config.yaml")
+    rows = (h_train if train is None else train) + (h_evals if evals is None else evals)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not False:
+        (path / "summary.json").write_text(json.dumps(copy.deepcopy(HEALTHY_SUMMARY) if summary is None else summary))
+    (path / "model").mkdir(exist_ok=True)
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path / "model")
+    return path
+
+
+def rules_found(run: Path) -> dict:
+    return {f.rule: f for f in diagnose(run).findings}
+
+
+def test_healthy_run_has_no_findings(tmp_path, tiny_model_dir):
+    run = make_run(tmp_path / "run", tokenizer_from=tiny_model_dir)
+    d = diagnose(run)
+    assert d.findings == []
+    assert d.checked == {name: "ok" for name in RULES}
+    assert d.exit_code == 0
+    assert "no problems found" in d.format_text()
+
+
+# --- overfitting ---------------------------------------------------------------------------------
+
+def _overfit_rows():
+    train, _ = healthy_rows(200)
+    for r in train:  # train loss keeps falling to 0.4
+        r["loss"] = 3.0 - 2.6 * r["step"] / 200
+    evals = [{"split": "eval", "step": s, "eval_loss": v} for s, v in
+             [(40, 2.0), (80, 1.5), (120, 1.4), (160, 1.6), (200, 1.9)]]
+    return train, evals
+
+
+def test_overfitting_found(tmp_path):
+    train, evals = _overfit_rows()
+    summary = {**HEALTHY_SUMMARY, "steps": 200}
+    f = rules_found(make_run(tmp_path / "run", train=train, evals=evals, summary=summary, epochs=3))["overfitting"]
+    text = " ".join(f.evidence)
+    assert "1.400 at step 120 (best)" in text and "1.900 at step 200" in text
+    assert f.data["gap"] == pytest.approx(1.9 - (0.4 + 0.53 + 0.66) / 3, abs=1e-6)
+    assert "epochs: 3 -> 2 (eval loss was lowest at step 120 of 200)" in f.fixes
+    assert any(x.startswith("lora_dropout: 0.05 -> 0.1") for x in f.fixes)
+    assert any(x.startswith("weight_decay:") for x in f.fixes)
+
+
+def test_overfitting_not_found_when_train_loss_rises_too(tmp_path):
+    train, evals = _overfit_rows()
+    for r in train:
+        r["loss"] = 1.0 + r["step"] / 200  # both rise: not overfitting
+    assert "overfitting" not in rules_found(make_run(tmp_path / "run", train=train, evals=evals))
+
+
+def test_overfitting_not_found_with_small_gap(tmp_path):
+    train, evals = _overfit_rows()
+    for r in train:
+        r["loss"] = 2.0 - 0.5 * r["step"] / 200  # ends at 1.5; eval 1.9 -> gap 0.25, not above
+    for e in evals:
+        e["eval_loss"] -= 0.2
+    assert "overfitting" not in rules_found(make_run(tmp_path / "run", train=train, evals=evals))
+
+
+def test_overfitting_skipped_with_too_few_evals(tmp_path):
+    _, evals = _overfit_rows()
+    d = diagnose(make_run(tmp_path / "run", evals=evals[:2]))
+    assert d.checked["overfitting"].startswith("skipped")
+
+
+# --- forgetting ----------------------------------------------------------------------------------
+
+def test_forgetting_found_from_eval_rows(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["general_loss"] = 2.5  # 2.0 -> 2.5: +25%
+    f = rules_found(make_run(tmp_path / "run", evals=evals))["forgetting"]
+    assert "2.000 (step 20) -> 2.500 (step 100), +25.0%" in f.evidence[0]
+    assert "replay_ratio: 0 -> 0.2" in f.fixes and "learning_rate: 0.0002 -> 0.0001" in f.fixes
+    assert any(x.startswith("replay_data:") for x in f.fixes) and any(x.startswith("ewc_lambda: 0 -> 1") for x in f.fixes)
+
+
+def test_forgetting_found_from_before_after_eval(tmp_path):
+    _, evals = healthy_rows()
+    for e in evals:
+        del e["general_loss"]
+    summary = {**HEALTHY_SUMMARY, "eval": {"kind": "compare", "before": {"metrics": {"general_loss": 1.0}},
+                                           "after": {"metrics": {"general_loss": 1.3}}}}
+    f = rules_found(make_run(tmp_path / "run", evals=evals, summary=summary))["forgetting"]
+    assert "(base model)" in f.evidence[0] and "+30.0%" in f.evidence[0]
+
+
+def test_forgetting_not_found_below_threshold(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["general_loss"] = 2.15  # +7.5%
+    assert "forgetting" not in rules_found(make_run(tmp_path / "run", evals=evals))
+
+
+# --- format, repetition --------------------------------------------------------------------------
+
+def test_format_found(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["gen_format_adherence"] = 0.4
+    f = rules_found(make_run(tmp_path / "run", evals=evals, masking="all"))["format"]
+    assert "40%" in f.evidence[0] and "step 100" in f.evidence[0]
+    assert any("masking: all -> all_assistant" in x for x in f.fixes)
+    assert "epochs: 3 -> 4 (eval loss was still falling at the end)" in f.fixes
+
+
+def test_format_does_not_advise_more_epochs_when_overfitting(tmp_path):
+    train, evals = _overfit_rows()
+    evals[-1]["gen_format_adherence"] = 0.4
+    found = rules_found(make_run(tmp_path / "run", train=train, evals=evals))
+    assert "overfitting" in found and not any(x.startswith("epochs: 3 -> 4") for x in found["format"].fixes)
+
+
+def test_format_uses_final_eval_and_not_found_when_good(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["gen_format_adherence"] = 0.4  # the final before/after eval wins over the training rows
+    summary = {**HEALTHY_SUMMARY, "eval": {"kind": "compare", "before": {"metrics": {"format_adherence": 0.1}},
+                                           "after": {"metrics": {"format_adherence": 0.95}}}}
+    assert "format" not in rules_found(make_run(tmp_path / "run", evals=evals, summary=summary))
+
+
+def test_repetition_found(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["gen_repetition_rate"] = 0.6
+    evals[-1]["gen_finished_rate"] = 0.3
+    f = rules_found(make_run(tmp_path / "run", evals=evals))["repetition"]
+    assert "60%" in f.evidence[0] and "30%" in f.evidence[1]
+    assert any("repetition-penalty" in x for x in f.fixes) and any("temperature" in x for x in f.fixes)
+
+
+def test_repetition_not_found_at_threshold(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["gen_repetition_rate"] = 0.2
+    assert "repetition" not in rules_found(make_run(tmp_path / "run", evals=evals))
+
+
+# --- divergence ----------------------------------------------------------------------------------
+
+def _nan_loss(train, summary):
+    train[5]["loss"] = float("nan")
+    return "train loss is nan at step 60"
+
+
+def _exploding_loss(train, summary):
+    train[7]["loss"] = 9.0  # first is 2.82: 3.2x
+    return "train loss 9.000 at step 80, 3.2x its first value"
+
+
+def _exploding_grad(train, summary):
+    train[4]["grad_norm"] = 50.0
+    return "gradient norm 50.000 at step 50"
+
+
+def _stopped_diverged(train, summary):
+    summary.update(stopped="diverged", divergence={"step": 70, "loss": 25.0})
+    return "training stopped as diverged at step 70 (loss 25.0)"
+
+
+@pytest.mark.parametrize("symptom", [_nan_loss, _exploding_loss, _exploding_grad, _stopped_diverged])
+def test_divergence_found(tmp_path, symptom):
+    train, _ = healthy_rows()
+    summary = copy.deepcopy(HEALTHY_SUMMARY)
+    expected = symptom(train, summary)
+    f = rules_found(make_run(tmp_path / "run", train=train, summary=summary, precision="fp16"))["divergence"]
+    assert f.severity == "error"
+    assert any(expected in e for e in f.evidence), f.evidence
+    assert "learning_rate: 0.0002 -> 2e-05" in f.fixes
+    assert any("precision: fp16 -> bf16" in x for x in f.fixes)
+    assert any("sftlab doctor train.jsonl" in x for x in f.fixes)
+
+
+def test_divergence_not_found_for_normal_noise(tmp_path):
+    train, _ = healthy_rows()
+    train[4]["grad_norm"] = 5.0  # 5x the median: noisy but not exploding
+    train[3]["loss"] = 3.5  # a bump above the first value, below 2x
+    assert "divergence" not in rules_found(make_run(tmp_path / "run", train=train))
+
+
+# --- EOS / pad -----------------------------------------------------------------------------------
+
+def test_pad_equals_eos_with_eos_masked(tmp_path):
+    summary = {**HEALTHY_SUMMARY, "pad_equals_eos": True, "eos_trained": False}
+    f = rules_found(make_run(tmp_path / "run", summary=summary))["eos"]
+    assert f.severity == "error" and "pad token == EOS" in f.title
+    assert any("pad token other than EOS" in x for x in f.fixes)
+
+
+def test_eos_not_trained_without_pad_eos(tmp_path):
+    summary = {**HEALTHY_SUMMARY, "pad_equals_eos": False, "eos_trained": False}
+    f = rules_found(make_run(tmp_path / "run", summary=summary))["eos"]
+    assert f.severity == "warning"
+
+
+def test_pad_equals_eos_but_eos_trained_is_fine(tmp_path):
+    summary = {**HEALTHY_SUMMARY, "pad_equals_eos": True, "eos_trained": True}
+    assert "eos" not in rules_found(make_run(tmp_path / "run", summary=summary))
+
+
+# --- truncation ----------------------------------------------------------------------------------
+
+def test_truncation_found(tmp_path):
+    prep = {**HEALTHY_SUMMARY["prepare"], "n_kept": 90, "n_dropped_too_long": 10,
+            "dropped": [{"where": "train.jsonl:7", "why": "3000 tokens > max_seq_length 512"}]}
+    f = rules_found(make_run(tmp_path / "run", summary={**HEALTHY_SUMMARY, "prepare": prep},
+                             max_seq_length=512, truncation="drop"))["truncation"]
+    assert f.severity == "warning"
+    assert "10 of 100 examples (10.0%) dropped as longer than max_seq_length 512" in f.evidence
+    assert "e.g. train.jsonl:7: 3000 tokens > max_seq_length 512" in f.evidence
+    assert "max_seq_length: 512 -> 1024" in f.fixes and any("truncation: drop -> cut_turns" in x for x in f.fixes)
+
+
+def test_truncation_small_share_is_info(tmp_path):
+    prep = {**HEALTHY_SUMMARY["prepare"], "n_input": 1000, "n_truncated": 2}
+    f = rules_found(make_run(tmp_path / "run", summary={**HEALTHY_SUMMARY, "prepare": prep}))["truncation"]
+    assert f.severity == "info"
+
+
+# --- template mismatch ---------------------------------------------------------------------------
+
+def test_template_mismatch_found(tmp_path, tiny_model_dir):
+    # trained with alpaca, but the tokenizer saved for inference carries ChatML
+    summary = {**HEALTHY_SUMMARY, "template": "alpaca"}
+    f = rules_found(make_run(tmp_path / "run", summary=summary, template="alpaca",
+                             tokenizer_from=tiny_model_dir))["template_mismatch"]
+    assert f.severity == "error" and "renders differently" in f.evidence[0]
+
+
+def test_template_mismatch_between_training_and_eval(tmp_path):
+    summary = {**HEALTHY_SUMMARY, "eval": {"kind": "compare", "before": {"metrics": {}},
+                                           "after": {"metrics": {}, "template": "llama3"}}}
+    f = rules_found(make_run(tmp_path / "run", summary=summary))["template_mismatch"]
+    assert "trained with template 'chatml', evaluated with 'llama3'" in f.evidence
+
+
+def test_same_template_is_fine(tmp_path, tiny_model_dir):
+    # the built-in chatml and the tokenizer's ChatML template are written differently but render the same
+    assert "template_mismatch" not in rules_found(make_run(tmp_path / "run", tokenizer_from=tiny_model_dir))
+
+
+# --- CLI and bad input ---------------------------------------------------------------------------
+
+def test_cli_json_and_exit_codes(tmp_path, capsys):
+    summary = {**HEALTHY_SUMMARY, "pad_equals_eos": True, "eos_trained": False}
+    run = make_run(tmp_path / "bad", summary=summary)
+    assert main(["diagnose", str(run), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert [f["rule"] for f in out["findings"]] == ["eos"] and out["exit_code"] == 2
+    _, evals = healthy_rows()
+    evals[-1]["gen_repetition_rate"] = float("nan")  # a non-finite number still prints as valid output
+    evals[-2]["gen_repetition_rate"] = 0.5
+    run = make_run(tmp_path / "warn", evals=evals)
+    assert main(["diagnose", str(run)]) == 1
+    text = capsys.readouterr().out
+    assert "[warning] repetition" in text and "evidence:" in text and "fix:" in text
+
+
+def test_interrupted_run_without_summary(tmp_path):
+    d = diagnose(make_run(tmp_path / "run", summary=False))
+    assert d.checked["eos"].startswith("skipped") and d.findings == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n{broken\n'), "metrics.jsonl:2: damaged"),
+    (lambda run: (run / "metrics.jsonl").unlink(), "no metrics.jsonl"),
+    (lambda run: (run / "summary.json").write_text("{not json"), "damaged summary"),
+    (lambda run: (run / "config.yaml").unlink(), "no config.yaml"),
+    (lambda run: (run / "config.yaml").write_text("learning_rate: fast\n"), "learning_rate"),
+    (lambda run: __import__("shutil").rmtree(run), "not found"),
+])
+def test_bad_run_folder_is_one_line(tmp_path, capsys, damage, message):
+    run = make_run(tmp_path / "run")
+    damage(run)
+    assert main(["diagnose", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sftlab diagnose: error:") and message in err[0], err

@@ -1,0 +1,173 @@
+"""`sftlab eval` end to end on a tiny LoRA run folder: single, before/after, --save, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftlab.cli import main
+from sftlab.config import Config
+
+EVAL_ROWS = [
+    {"messages": [{"role": "user", "content": "Extract as JSON: Maria Lopez, 34, Berlin"},
+                  {"role": "assistant", "content": '{"name": "Maria Lopez", "age": 34, "city": "Berlin"}'}]},
+    {"messages": [{"role": "user", "content": "Extract as JSON: 3 lamps on 2024-05-03"},
+                  {"role": "assistant", "content": '{"item": "lamp", "quantity": 3, "date": "2024-05-03"}'}]},
+    {"messages": [{"role": "system", "content": "Reply with JSON only."}, {"role": "user", "content": "Extract: Paris"},
+                  {"role": "assistant", "content": '{"city": "Paris"}'}]},
+]
+GENERAL_ROWS = [
+    {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "The capital of France is Paris."}]},
+    {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello world"}]},
+]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_lora_run(run: Path, model_dir: Path, *, template: str | None = "chatml", perturb: bool = True,
+                  summary: dict | None = None) -> Path:
+    """A run folder per the contract: config.yaml, a LoRA adapter + tokenizer in model/, summary.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run.mkdir(parents=True)
+    Config(model=str(model_dir), template=template, method="lora", max_seq_length=256,
+           output_dir=str(run)).save(run / "config.yaml")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    if perturb:  # a fresh adapter is a no-op (B = 0); make the fine-tune differ from the base
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+    peft_model.save_pretrained(run / "model")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run / "model")
+    (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "loss": 3.0}) + "\n")
+    (run / "summary.json").write_text(json.dumps(summary or {"method": "lora", "template": template, "steps": 1}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_lora_run(tmp_path_factory.mktemp("evalrun") / "run", tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("evaldata")
+    return write_jsonl(d / "eval.jsonl", EVAL_ROWS), write_jsonl(d / "general.jsonl", GENERAL_ROWS)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what set-up printed
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_error_line(err: str, text: str) -> bool:
+    """stderr is exactly one 'sftlab eval: error: ...' line naming ``text``, no traceback."""
+    lines = err.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("sftlab eval: error:") and text in lines[0]
+
+
+def test_eval_run_json(lora_run, data_files, capsys):
+    code, out, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--max-new-tokens", 6, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["kind"] == "single"
+    r = res["result"]
+    assert r["scorer"] == "json_fields" and r["format_check"] == "json_object" and r["template"] == "chatml"
+    mt = r["metrics"]
+    assert mt["tokens"] > 0 and mt["loss"] > 0 and mt["perplexity"] > 1
+    for key in ("nonempty_rate", "repetition_rate", "task_score", "format_adherence", "mean_reply_tokens"):
+        assert 0 <= mt[key] <= (6 if key == "mean_reply_tokens" else 1)
+    assert r["n_examples"] == 3 and len(r["samples"]) == 3
+    assert r["samples"][0]["prompt"] == "Extract as JSON: Maria Lopez, 34, Berlin"
+    assert r["settings"]["max_new_tokens"] == 6 and r["settings"]["do_sample"] is False
+
+
+def test_eval_is_deterministic(lora_run, data_files, capsys):
+    outs = []
+    for _ in range(2):
+        code, out, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--max-new-tokens", 5, "--json")
+        assert code == 0, err
+        outs.append(json.loads(out)["result"])
+    assert outs[0]["samples"] == outs[1]["samples"] and outs[0]["metrics"] == outs[1]["metrics"]
+
+
+def test_compare_base_with_forgetting_and_save(lora_run, data_files, tmp_path, capsys):
+    out_file = tmp_path / "res.json"
+    code, out, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--compare", "base",
+                             "--general", data_files[1], "--max-new-tokens", 4, "--save", "--out", out_file)
+    assert code == 0, err
+    assert "base" in out and "fine-tuned" in out and "general loss" in out and "forgetting:" in out
+    res = json.loads(out_file.read_text())
+    assert res["kind"] == "compare"
+    rows = {r["metric"]: r for r in res["table"]}
+    assert rows["loss"]["delta"] == pytest.approx(rows["loss"]["after"] - rows["loss"]["before"])
+    assert rows["loss"]["before"] != rows["loss"]["after"]  # the adapter changes the model
+    assert res["forgetting"]["before"] == rows["general_loss"]["before"]
+    assert res["before"]["scorer"] == res["after"]["scorer"] == "json_fields"
+    assert len(res["samples"]) == 3 and {"before", "after", "reference"} <= set(res["samples"][0])
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert summary["eval"]["kind"] == "compare" and summary["method"] == "lora"
+
+
+def test_eval_plain_model_with_template(tiny_model_dir, data_files, capsys):
+    code, out, err = run_cli(capsys, "eval", tiny_model_dir, "--data", data_files[0], "--template", "chatml",
+                             "--max-new-tokens", 3, "--scorer", "contains", "--limit", 2, "--json")
+    assert code == 0, err
+    res = json.loads(out)["result"]
+    assert res["scorer"] == "contains" and res["n_examples"] == 2 and res["template"] == "chatml"
+    assert res["metrics"]["n_generated"] == 2
+
+
+def test_bad_inputs(lora_run, data_files, tiny_model_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", tmp_path / "nope", "--data", data_files[0])
+    assert code == 2 and one_error_line(err, "not found"), err
+
+    bad_fmt = tmp_path / "eval.txt"
+    bad_fmt.write_text("just text\n")
+    code, _, err = run_cli(capsys, "eval", lora_run, "--data", bad_fmt)
+    assert code == 2 and one_error_line(err, "unsupported file type"), err
+
+    wrong_fields = write_jsonl(tmp_path / "wrong.jsonl", [{"question": "q", "answer": "a"}])
+    code, _, err = run_cli(capsys, "eval", lora_run, "--data", wrong_fields)
+    assert code == 2 and one_error_line(err, "cannot tell the data format"), err
+
+    code, _, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--scorer", "bleu")
+    assert code == 2 and one_error_line(err, "unknown scorer"), err
+
+    code, _, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--temperature", "0")
+    assert code == 2 and one_error_line(err, "temperature"), err
+
+    code, _, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--limit", "0")
+    assert code == 2 and one_error_line(err, "--limit"), err
+
+
+def test_model_that_does_not_load(tiny_model_dir, data_files, tmp_path, capsys):
+    import shutil
+
+    run = make_lora_run(tmp_path / "broken", tiny_model_dir, perturb=False)
+    (run / "model" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run_cli(capsys, "eval", run, "--data", data_files[0])
+    assert code == 2 and one_error_line(err, "does not load"), err
+
+    broken_model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken_model)
+    (broken_model / "config.json").write_text("{ damaged")
+    code, _, err = run_cli(capsys, "eval", broken_model, "--data", data_files[0])
+    assert code == 2 and one_error_line(err, "config.json"), err
+
+    (run / "summary.json").unlink()
+    code, _, err = run_cli(capsys, "eval", run, "--data", data_files[0], "--save")
+    assert code == 2 and one_error_line(err, "summary.json"), err

@@ -1,0 +1,200 @@
+"""Every reply metric, task scorer and the before/after comparison against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sftlab.errors import SftlabError
+from sftlab.eval import metrics as m
+from sftlab.eval.compare import compare, format_comparison, forgetting
+from sftlab.eval.generation import Generation
+from sftlab.eval.run import score_generations
+from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
+
+
+def test_nonempty_and_words():
+    assert m.is_nonempty("x")
+    assert not m.is_nonempty("  \n\t")
+    assert not m.is_nonempty("")
+    assert m.words(" a  b\nc ") == ["a", "b", "c"]
+
+
+def test_ngrams():
+    assert m.ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
+    assert m.ngrams(["a"], 2) == []
+    with pytest.raises(ValueError):
+        m.ngrams(["a"], 0)
+
+
+def test_repetition_rate_hand_computed():
+    # bigrams of "a b c a b c": ab bc ca ab bc -> 5 total, 3 distinct -> 1 - 3/5
+    assert m.repetition_rate("a b c a b c", n=2) == pytest.approx(0.4)
+    # trigrams of "x x x x x": 3 total, 1 distinct -> 2/3
+    assert m.repetition_rate("x x x x x", n=3) == pytest.approx(2 / 3)
+    assert m.repetition_rate("one two three four", n=3) == 0.0
+    assert m.repetition_rate("too short", n=3) == 0.0
+    assert m.repetition_rate("", n=3) == 0.0
+    # token ids (seq-rep-4): 4-grams 1234 2341 3412 4123 1234 -> 5 total, 4 distinct -> 0.2
+    assert m.repetition_rate([1, 2, 3, 4, 1, 2, 3, 4], n=4) == pytest.approx(0.2)
+    assert m.repetition_rate([7, 7, 7], n=4) == 0.0
+
+
+def test_distinct_n_hand_computed():
+    # bigrams: (a b) (b a) | (a b) -> 3 total, 2 distinct
+    assert m.distinct_n(["a b a", "a b"], 2) == pytest.approx(2 / 3)
+    assert m.distinct_n(["x"], 2) == 0.0
+
+
+def test_mean():
+    assert m.mean([1, 2, 6]) == 3.0
+    assert m.mean([]) == 0.0
+
+
+def test_exact_match():
+    assert m.exact_match("  Paris \n", "Paris")
+    assert m.exact_match("the  big\ncat", "the big cat")
+    assert not m.exact_match("paris", "Paris")
+    assert m.exact_match("paris", "Paris", ignore_case=True)
+    assert not m.exact_match("Paris.", "Paris")
+
+
+def test_contains():
+    assert m.contains("The capital is PARIS.", "paris")
+    assert not m.contains("The capital is Lyon.", "paris")
+    assert not m.contains("anything", "   ")
+    assert not m.contains("PARIS", "paris", ignore_case=False)
+
+
+def test_regex_match():
+    assert m.regex_match("answer: 42", r"\d+")
+    assert not m.regex_match("answer: forty-two", r"\d+")
+    assert not m.regex_match("x 42", r"^\d+$")
+
+
+def test_valid_json_and_object():
+    assert m.valid_json('{"a": 1}')
+    assert m.valid_json("  [1, 2]\n")
+    assert m.valid_json("3")
+    assert not m.valid_json('{"a": 1} trailing')
+    assert not m.valid_json("")
+    assert m.is_json_object(' {"a": 1} ')
+    assert not m.is_json_object("[1]")
+    assert not m.is_json_object('{"a": 1}{"b": 2}')
+
+
+def test_json_fields_hand_computed():
+    ref = '{"name": "Maria Lopez", "age": 34, "city": "Berlin"}'
+    assert m.json_fields('{"name": "Maria Lopez", "age": 34, "city": "Berlin"}', ref) == (3, 3)
+    assert m.json_fields('{"name": "Maria  Lopez ", "age": 34.0, "city": "Paris", "x": 1}', ref) == (2, 3)
+    assert m.json_fields('{"name": "Maria Lopez"}', ref) == (1, 3)
+    assert m.json_fields("not json", ref) == (0, 3)
+    assert m.json_fields("[1, 2]", ref) == (0, 3)
+    assert m.json_fields_score('{"age": 34}', ref) == pytest.approx(1 / 3)
+    # booleans equal only booleans (True == 1 in Python, not in JSON)
+    assert m.json_fields('{"ok": 1}', '{"ok": true}') == (0, 1)
+    assert m.json_fields('{"ok": true}', '{"ok": true}') == (1, 1)
+    assert m.json_fields_score("{}", "{}") == 1.0
+    with pytest.raises(ValueError):
+        m.json_fields("{}", "plain text")
+
+
+def test_scorers_by_name():
+    assert get_scorer("exact")(" a ", "a") == 1.0
+    assert get_scorer("contains")("it is Paris", "paris") == 1.0
+    assert get_scorer("regex")("order 123", r"order \d+") == 1.0
+    assert get_scorer("regex:^\\{")("{x", "ignored") == 1.0
+    assert get_scorer("regex:^\\{")("x{", "ignored") == 0.0
+    assert get_scorer("json_valid")("[1]", "whatever") == 1.0
+    assert get_scorer("json_fields")('{"a": 1, "b": 3}', '{"a": 1, "b": 2}') == 0.5
+    with pytest.raises(SftlabError, match="unknown scorer"):
+        get_scorer("bleu")
+    with pytest.raises(SftlabError, match="not a valid regular expression"):
+        get_scorer("regex:(")
+    with pytest.raises(SftlabError, match="JSON-object reference"):
+        get_scorer("json_fields")("{}", "plain")
+
+
+def test_choose_scorer_and_format_check():
+    objs = ['{"a": 1}', ' {"b": "x"} ']
+    assert choose_scorer(objs) == "json_fields"
+    assert format_check_name(objs) == "json_object"
+    assert choose_scorer(["[1]", '{"a": 1}']) == "exact"
+    assert format_check_name(["[1]", '{"a": 1}']) == "json"
+    assert choose_scorer(["Paris", '{"a": 1}']) == "exact"
+    assert format_check_name(["Paris"]) == "finished"
+    assert choose_scorer(objs, "contains") == "contains"
+    with pytest.raises(SftlabError):
+        choose_scorer(objs, "nope")
+
+
+def test_format_ok():
+    assert format_ok("json_object", '{"a": 1}', finished=False)
+    assert not format_ok("json_object", "[1]", finished=True)
+    assert format_ok("json", "[1]", finished=True)
+    assert format_ok("finished", "hi", finished=True)
+    assert not format_ok("finished", "hi", finished=False)
+    assert not format_ok("finished", " ", finished=True)
+
+
+def test_score_generations_hand_computed():
+    gens = [Generation('{"a": 1, "b": 2}', True, 9), Generation('{"a": 1}', True, 5),
+            Generation("oops oops oops oops", False, 12), Generation("", True, 0)]
+    refs = ['{"a": 1, "b": 2}'] * 4
+    summary, rows = score_generations(gens, refs)
+    assert summary["n"] == 4
+    assert summary["task_score"] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert summary["format_adherence"] == pytest.approx(2 / 4)
+    assert summary["nonempty_rate"] == pytest.approx(3 / 4)
+    assert summary["finished_rate"] == pytest.approx(3 / 4)
+    assert summary["mean_reply_tokens"] == pytest.approx((9 + 5 + 12 + 0) / 4)
+    assert summary["mean_reply_words"] == pytest.approx((4 + 2 + 4 + 0) / 4)
+    # "oops oops oops oops": trigrams 2 total, 1 distinct -> 0.5; the others have no repeats
+    assert summary["repetition_rate"] == pytest.approx(0.5 / 4)
+    assert [r["score"] for r in rows] == [1.0, 0.5, 0.0, 0.0]
+    # with token ids the repetition is over token 4-grams: 9 x the same id -> 6 grams, 1 distinct
+    summary, _ = score_generations([Generation("ParParPar", False, 9, [5] * 9)], ['{"a": 1}'])
+    assert summary["repetition_rate"] == pytest.approx(5 / 6)
+
+
+def test_forgetting():
+    f = forgetting(2.0, 2.3, threshold=0.1)
+    assert f["delta"] == pytest.approx(0.3) and f["relative"] == pytest.approx(0.15) and f["flagged"]
+    assert not forgetting(2.0, 2.1, threshold=0.1)["flagged"]
+    assert not forgetting(2.0, 1.5)["flagged"]
+    assert forgetting(2.0, float("nan"))["flagged"]
+    assert forgetting(None, 2.0) is None
+
+
+def test_compare_table():
+    before = {"metrics": {"loss": 2.0, "task_score": 0.2, "general_loss": 1.0, "mean_reply_tokens": 30.0},
+              "samples": [{"prompt": "p", "reference": "r", "reply": "b", "score": 0.0}]}
+    after = {"metrics": {"loss": 1.5, "task_score": 0.1, "general_loss": 1.2, "mean_reply_tokens": 20.0},
+             "samples": [{"prompt": "p", "reference": "r", "reply": "a", "score": 1.0, "where": "f:1"}]}
+    cmp = compare(before, after, threshold=0.1)
+    rows = {r["metric"]: r for r in cmp["table"]}
+    assert rows["loss"]["delta"] == pytest.approx(-0.5) and rows["loss"]["improved"] is True
+    assert rows["task_score"]["delta"] == pytest.approx(-0.1) and rows["task_score"]["improved"] is False
+    assert rows["mean_reply_tokens"]["improved"] is None
+    assert "perplexity" not in rows
+    assert cmp["forgetting"]["flagged"] and cmp["forgetting"]["relative"] == pytest.approx(0.2)
+    assert cmp["samples"] == [{"where": "f:1", "prompt": "p", "reference": "r", "before": "b", "after": "a",
+                               "before_score": 0.0, "after_score": 1.0}]
+    text = format_comparison(cmp)
+    assert "loss" in text and "-0.500" in text and "FORGETTING" in text
+    assert not math.isnan(rows["general_loss"]["delta"])
+
+
+def test_format_eval_single():
+    from sftlab.eval.compare import format_eval
+
+    out = {"kind": "single", "target": "run", "data": "eval.jsonl",
+           "result": {"metrics": {"loss": 1.25, "perplexity": math.exp(1.25), "tokens": 40, "task_score": 0.5,
+                                  "format_adherence": 1.0},
+                      "scorer": "json_fields", "format_check": "json_object",
+                      "samples": [{"prompt": "p", "reference": "r", "reply": "x " * 80}]}}
+    text = format_eval(out)
+    assert "eval run on eval.jsonl" in text and "task score (json_fields)" in text
+    assert "format adherence (json_object)" in text and "scored tokens                    40" in text
+    assert "1.250" in text and "reply:     x x" in text and text.rstrip().endswith("...")

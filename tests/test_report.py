@@ -1,0 +1,118 @@
+"""`sftlab report`: one self-contained HTML page whose plots really render in a browser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sftlab.cli import main
+from sftlab.eval.compare import compare
+from test_diagnose import HEALTHY_SUMMARY, healthy_rows, make_run
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
+
+
+def _eval_result():
+    before = {"metrics": {"loss": 2.5, "task_score": 0.1, "format_adherence": 0.2, "general_loss": 2.0},
+              "scorer": "json_fields", "format_check": "json_object",
+              "samples": [{"prompt": "Extract: <Maria>, 34", "reference": '{"name": "Maria"}', "reply": "Maria is 34"}]}
+    after = {"metrics": {"loss": 0.8, "task_score": 0.9, "format_adherence": 1.0, "general_loss": 2.1},
+             "scorer": "json_fields", "format_check": "json_object",
+             "samples": [{"prompt": "Extract: <Maria>, 34", "reference": '{"name": "Maria"}', "reply": '{"name": "Maria"}'}]}
+    return {"kind": "compare", "target": "run", "data": "eval.jsonl", "base": "tiny", **compare(before, after)}
+
+
+def _run(tmp_path: Path, **kw) -> Path:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                                     {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                            for i in range(5)) + json.dumps({"messages": [{"role": "user", "content": "q0"},
+                                                                          {"role": "assistant", "content": "a0"}]}) + "\n")
+    summary = {**HEALTHY_SUMMARY, "eval": _eval_result(), **kw.pop("summary_extra", {})}
+    return make_run(tmp_path / "run", summary=summary, data=str(data), **kw)
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    raw = base64.b64decode(b64)
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", raw[16:24])
+
+
+def test_report_is_self_contained_with_every_section(tmp_path, capsys):
+    run = _run(tmp_path)
+    assert main(["report", str(run), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["path"] == str(run / "report.html")
+    assert info["plots"] == ["Loss", "Learning rate", "Gradient norm", "Throughput (tokens/s)", "Memory (MB)",
+                             "Generation metrics"]
+    page = (run / "report.html").read_text()
+    # self-contained: no external resources of any kind
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+    assert "<link" not in page and "@import" not in page
+    images = re.findall(r'<img class="plot" alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert [t for t, _ in images] == info["plots"]
+    for _, b64 in images:
+        w, h = _png_size(b64)
+        assert w > 100 and h > 100
+    for section in ("Summary", "Training curves", "Data", "Data doctor", "Before and after", "Sample generations",
+                    "Diagnosis"):
+        assert f">{section}<" in page
+    assert "json_fields" in page and "task score" in page and "better" in page
+    assert "&lt;Maria&gt;" in page and "<Maria>" not in page  # text is escaped
+    assert "duplicate" in page.lower()  # the doctor's summary of train.jsonl (one exact duplicate)
+    assert "No problems found" in page
+
+
+def test_report_shows_the_diagnosis_and_custom_out(tmp_path, capsys):
+    train, evals = healthy_rows()
+    train[3]["loss"] = float("nan")  # non-finite points are left out of the plots, and diagnosed
+    out = tmp_path / "elsewhere" / "r.html"
+    run = _run(tmp_path, train=train, evals=evals)
+    assert main(["report", str(run), "--out", str(out), "--no-doctor"]) == 0
+    assert "1 findings" in capsys.readouterr().out
+    page = out.read_text()
+    assert "[error] divergence" in page and "train loss is nan at step 40" in page
+    assert 'class="finding error"' in page
+
+
+def test_report_of_interrupted_run_without_summary(tmp_path, capsys):
+    run = make_run(tmp_path / "run", summary=False)
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "the run did not finish" in page and "No before/after evaluation" in page
+
+
+def test_report_bad_run_folder(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    (run / "metrics.jsonl").write_text("{oops\n")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl:1: damaged metrics line" in err[0]
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium) for the browser check")
+def test_plots_render_in_headless_chromium(tmp_path):
+    run = _run(tmp_path)
+    assert main(["report", str(run), "--no-doctor"]) == 0
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+           (run / "report.html").as_uri()]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    # The page's own script counts images with naturalWidth > 0 after load and writes the result.
+    m = re.search(r'id="plot-check"[^>]*data-ok="(\w+)"[^>]*>plots rendered: (\d+)/(\d+)<', dom)
+    assert m, dom[-2000:]
+    assert m.group(1) == "true" and m.group(2) == m.group(3) == "6"
