@@ -333,3 +333,21 @@ def test_cli_user_mistakes_are_one_line_exit_2(tmp_path, capsys, args, words):
     args = [data if a == "DATA" else str(tmp_path / a) if a.endswith(".jsonl") else a for a in args]
     code, out, err = run_cli(capsys, *args)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_template_consistency_flags_a_generation_prompt_that_differs(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from sftlab.data.doctor import run_doctor
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    res = run_doctor(str(data), tokenizer=tok, template=str(bad))
+    found = [f for f in res.findings if f.check == "template_consistency"]
+    assert len(found) == 1 and found[0].line == 1
+    clean = run_doctor(str(data), tokenizer=tok)
+    assert not [f for f in clean.findings if f.check == "template_consistency"]

@@ -24,7 +24,7 @@ def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit:
     from sftlab.data.prepare import prepare, render_example
     from sftlab.demo_data import demo_path
     from sftlab.diagnose import diagnose
-    from sftlab.eval import attach_to_run, format_comparison, run_eval
+    from sftlab.eval import GenerationSettings, attach_to_run, format_comparison, run_eval
     from sftlab.models import load_tokenizer
     from sftlab.report import write_report
     from sftlab.train.run import train
@@ -52,7 +52,9 @@ def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit:
           f"peak memory {summary['peak_memory_mb']:.0f} MB, final eval loss {summary['final_eval_loss']:.4f}")
 
     _step("4. before and after on the held-out split (sftlab eval --compare base)")
-    result = run_eval(out_dir, eval_data, compare_to="base", general=general, limit=limit)
+    # Demo replies are compact JSON of at most ~45 tokens: 64 new tokens bound a base model that rambles.
+    result = run_eval(out_dir, eval_data, compare_to="base", general=general, limit=limit,
+                      settings=GenerationSettings(max_new_tokens=64), batch_size=16)
     print(format_comparison(result))
     attach_to_run(out_dir, result)
 
@@ -67,7 +69,9 @@ def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit:
 
 
 def main() -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sftlab.cli import quiet_libraries
+
+    quiet_libraries()
     max_steps = int(os.environ["SFTLAB_DEMO_STEPS"]) if os.environ.get("SFTLAB_DEMO_STEPS") else None
     try:
         return run_demo(max_steps=max_steps)

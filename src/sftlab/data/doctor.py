@@ -47,6 +47,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "duplicate": ("warning", "exact duplicates"),
     "near_duplicate": ("warning", "near duplicates"),
     "eval_near_overlap": ("warning", "eval examples or prompts nearly identical to training data"),
+    "template_consistency": ("warning", "training text and inference prompt disagree"),
 }
 NEAR_JACCARD = 0.9  # word 3-shingle Jaccard at or above which two texts are near duplicates
 
@@ -180,6 +181,7 @@ def run_doctor(data: str | Path, *, eval_data: str | Path | None = None, fmt: st
     if tok is not None:
         stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings))
         stats["added_tokens"] = added
+        _consistency(train.convs, tpl, res.findings)
     else:
         chars = [len(c.text) if c.is_text else sum(len(m.content) for m in c.messages) for c in train.convs]
         stats["length"] = _length_stats(chars, "characters")
@@ -192,6 +194,18 @@ def run_doctor(data: str | Path, *, eval_data: str | Path | None = None, fmt: st
     stats["checks"] = dict(Counter(f.check for f in res.findings))
     res.stats = stats
     return res
+
+
+def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample: int = 32) -> None:
+    """The inference prompt (generation prompt) must be a prefix of the training text at every reply."""
+    if tpl is None:
+        return
+    from sftlab.export import check_template_consistency
+
+    chats = [c for c in convs if not c.is_text][:sample]
+    for c, problem in zip(chats, (check_template_consistency(tpl, [c]) for c in chats)):
+        if problem:
+            _add(findings, "template_consistency", c.source, c.line, problem[0])
 
 
 def _n(k: int, word: str) -> str:

@@ -106,7 +106,9 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         out.append(Finding("error", f"batch {cfg.batch_size} x {seq_len} tokens needs about {need / 2**30:.1f} GiB, "
                            f"{mem_gb:.1f} GiB available", "lower batch_size and raise gradient_accumulation, "
                            "or --set gradient_checkpointing=true"))
-    world = 1
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world
     steps_per_epoch = max(1, -(-n_examples // global_batch))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else int(steps_per_epoch * float(cfg.epochs))

@@ -181,15 +181,20 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     if stopped in ("completed", "early_stopping") and trainer.args.should_save:
         _save_final(trainer, tok, data.template, run / A.MODEL_DIR)
 
+    tokens, trained = trainer.tokens_seen, trainer.trained_tokens_seen
+    if _world_size() > 1 and torch.distributed.is_initialized():  # count every process's tokens
+        t = torch.tensor([tokens, trained], device=trainer.args.device)
+        torch.distributed.all_reduce(t)
+        tokens, trained = int(t[0]), int(t[1])
     train_rows = [r for r in logger.rows if r.get("split") == "train" and r.get("loss") is not None]
     eval_rows = [r for r in logger.rows if r.get("split") == "eval"]
     summary = {
         "method": rc.method, "base_model": rc.model, "template": data.template.name if data.template else None,
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
         "examples": len(data.examples), "replay_examples": n_replay,
-        "train_tokens": trainer.tokens_seen, "trained_tokens": trainer.trained_tokens_seen,
-        "time_s": round(elapsed, 2), "tokens_per_second": trainer.tokens_seen / max(elapsed, 1e-9),
-        "trained_tokens_per_second": trainer.trained_tokens_seen / max(elapsed, 1e-9),
+        "train_tokens": tokens, "trained_tokens": trained,
+        "time_s": round(elapsed, 2), "tokens_per_second": tokens / max(elapsed, 1e-9),
+        "trained_tokens_per_second": trained / max(elapsed, 1e-9),
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "final_train_loss": train_rows[-1]["loss"] if train_rows else (result.training_loss if result else None),
         "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
