@@ -65,6 +65,8 @@ class Config:
     gradient_checkpointing: bool | str = _f("auto", "recompute activations in backward: true, false, or 'auto' (only when it would not fit)")
     precision: str = _f("auto", "bf16 where the hardware has it, else fp32", ("auto", "bf16", "fp16", "fp32"))
     seed: int = _f(42, "random seed")
+    deepspeed: str | None = _f(None, "DeepSpeed config file, passed through to transformers/accelerate")
+    fsdp: str | None = _f(None, "FSDP options passed through to transformers, e.g. 'full_shard auto_wrap'")
 
     # --- loss -------------------------------------------------------------------------------
     loss: str = _f("token", "loss normalisation: 'token' (mean over trained tokens of the step) or 'sequence' (mean per sequence)", ("token", "sequence"))

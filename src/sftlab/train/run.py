@@ -118,6 +118,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         activation_checkpointing=bool(rc.gradient_checkpointing),
         activation_checkpointing_kwargs={"use_reentrant": False}, save_only_model=False,
         average_tokens_across_devices=True, ddp_find_unused_parameters=False,
+        deepspeed=rc.deepspeed, fsdp=rc.fsdp or "",
     )
     if rc.optimizer == "adam":
         args.weight_decay = 0.0
