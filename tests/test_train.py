@@ -32,7 +32,7 @@ def _cfg(tmp_path, tiny_model_dir, **kw):
     base = dict(model=str(tiny_model_dir), data=_data(tmp_path / "train.jsonl", 16), output_dir=str(tmp_path / "run"),
                 method="full", epochs=1, batch_size=4, gradient_accumulation=1, learning_rate=1e-3,
                 logging_steps=1, save_steps=100, eval_steps=100, warmup_ratio=0.0, gradient_checkpointing=False,
-                lr_scheduler="constant", max_seq_length=128)
+                lr_scheduler="constant", max_seq_length=128, precision="fp32")
     base.update(kw)
     return load_config(None, base)
 
@@ -159,7 +159,8 @@ def test_nan_loss_stops_with_a_diagnosis(tmp_path, tiny_model_dir, capsys):
     cfg = _cfg(tmp_path, tiny_model_dir)
     code = main(["train", "--model", str(tiny_model_dir), "--data", cfg.data, "--output-dir", str(tmp_path / "run"),
                  "--method", "full", "--set", "optimizer=sgd", "--set", "learning_rate=1e12", "--set", "max_grad_norm=0",
-                 "--set", "max_steps=6", "--set", "batch_size=4", "--set", "gradient_accumulation=1", "--json"])
+                 "--set", "max_steps=6", "--set", "batch_size=4", "--set", "gradient_accumulation=1",
+                 "--set", "precision=fp32", "--json"])
     err = capsys.readouterr().err
     assert code == 2 and "training diverged" in err and "lower the learning rate" in err
     summary = A.read_summary(tmp_path / "run")
@@ -192,7 +193,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
     common = ["--model", str(tiny_model_dir), "--data", data, "--method", "full", "--set", "max_steps=3",
               "--set", "logging_steps=1", "--set", "group_by_length=false", "--set", "learning_rate=1e-2",
               "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0", "--set", "gradient_checkpointing=false",
-              "--json"]
+              "--set", "precision=fp32", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = subprocess.run([sys.executable, "-m", "sftlab.cli", "train", *common, "--output-dir", str(tmp_path / "one"),
                           "--set", "batch_size=4", "--set", "gradient_accumulation=2"],
@@ -226,3 +227,16 @@ def test_auto_values_follow_model_and_data_size(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(checks, "device_memory_gb", lambda: ("cpu", 0.001))  # would not fit: checkpoint
     tight = checks.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
     assert tight.gradient_checkpointing is True
+
+
+def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
+    """Where the CPU computes bf16 natively, `precision: auto` picks bf16 autocast; it must train."""
+    from sftlab.train.checks import fast_bf16
+
+    s = train(_cfg(tmp_path, tiny_model_dir, method="lora", precision="bf16", max_steps=2, learning_rate=1e-2), quiet=True)
+    rows = [r for r in A.read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert s["stopped"] == "completed" and all(r["loss"] == r["loss"] for r in rows)
+    saved = yaml_load(tmp_path / "run" / A.CONFIG)
+    assert saved["precision"] == "bf16"
+    auto = train(_cfg(tmp_path / "auto", tiny_model_dir, precision="auto", max_steps=1), check_only=True, quiet=True)
+    assert auto["resolved"]["precision"] == ("bf16" if fast_bf16("cpu") else "fp32")

@@ -63,7 +63,7 @@ class Config:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     optimizer: str = _f("adamw", "optimizer", ("adamw", "adam", "sgd", "adamw8bit"))
     gradient_checkpointing: bool | str = _f("auto", "recompute activations in backward: true, false, or 'auto' (only when it would not fit)")
-    precision: str = _f("auto", "bf16 where the hardware has it, else fp32", ("auto", "bf16", "fp16", "fp32"))
+    precision: str = _f("auto", "bf16 mixed precision where the hardware computes bf16 natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32", ("auto", "bf16", "fp16", "fp32"))
     seed: int = _f(42, "random seed")
     deepspeed: str | None = _f(None, "DeepSpeed config file, passed through to transformers/accelerate")
     fsdp: str | None = _f(None, "FSDP options passed through to transformers, e.g. 'full_shard auto_wrap'")
