@@ -1,0 +1,182 @@
+"""Where a training setup fits, and a configuration that fits a memory budget.
+
+Builds on :mod:`sftlab.plan.memory`: checks the estimate against common GPUs and this machine, finds the
+largest batch or sequence length under a budget, and recommends batch, accumulation, checkpointing,
+method and learning rate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from sftlab.plan.memory import GB, MemoryEstimate, TrainSetup, estimate_memory, max_batch, max_seq_len
+from sftlab.plan.shapes import ModelShape
+
+# Usable memory of common training GPUs, in GB as sold (1e9 bytes): RTX 3090/4090/A10 (24),
+# A100-40GB (40), A6000/L40S (48), A100/H100-80GB (80), H200 (141).
+COMMON_GPUS_GB = (24, 40, 48, 80, 141)
+
+
+@dataclass
+class Machine:
+    """This machine's memory for training: its first GPU if CUDA is there, else free RAM."""
+
+    device: str
+    name: str
+    capacity_bytes: int
+
+
+def this_machine() -> Machine:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return Machine("cuda", f"this machine's {props.name}", int(props.total_memory))
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    try:
+        import psutil
+
+        avail = int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return Machine("cpu", "this machine's free RAM (CPU training, fp32)", avail)
+
+
+def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -> dict[str, dict]:
+    """Fit on each common GPU (estimated for CUDA) and on this machine (estimated for its device)."""
+    gpu_setup = setup if setup.device == "cuda" else replace(setup, device="cuda", precision="auto")
+    gpu_need = estimate_memory(shape, gpu_setup).total_bytes
+    out = {f"{gb} GB GPU": {"fits": gpu_need <= gb * GB, "needed_bytes": gpu_need, "capacity_bytes": int(gb * GB)}
+           for gb in COMMON_GPUS_GB}
+    m = machine or this_machine()
+    if m.device == "cpu" and setup.method == "qlora":
+        out["this machine"] = {"fits": False, "needed_bytes": None, "capacity_bytes": m.capacity_bytes,
+                               "note": "QLoRA needs a CUDA GPU"}
+    else:
+        local = setup if setup.device == m.device else replace(setup, device=m.device, precision="auto")
+        need = estimate_memory(shape, local).total_bytes
+        out["this machine"] = {"fits": need <= m.capacity_bytes, "needed_bytes": need,
+                               "capacity_bytes": m.capacity_bytes, "note": m.name}
+    return out
+
+
+def learning_rate(shape: ModelShape, method: str) -> float:
+    """A starting peak learning rate by method and model size (common SFT practice)."""
+    billions = shape.params / 1e9
+    if method == "full":
+        return 5e-5 if billions < 1 else 2e-5 if billions < 10 else 1e-5
+    if method == "prefix":
+        return 5e-3
+    return 2e-4 if billions < 10 else 1e-4 if billions < 40 else 5e-5
+
+
+@dataclass
+class Recommended:
+    """A configuration that fits ``budget_bytes`` with 10% to spare; ``fits`` is false when nothing tried does."""
+
+    fits: bool
+    method: str
+    batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    learning_rate: float
+    seq_len: int
+    budget_bytes: int
+    estimated_bytes: int | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cheaper_methods(method: str, device: str) -> list[str]:
+    order = {"full": ["full", "lora", "qlora"], "lora": ["lora", "qlora"], "qlora": ["qlora"], "prefix": ["prefix"]}[method]
+    return [m for m in order if not (m == "qlora" and device == "cpu")]
+
+
+HEADROOM = 0.9  # a recommendation leaves 10% of the budget for estimate error and fragmentation
+
+
+def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, headroom: float = HEADROOM) -> Recommended:
+    """Keep the effective batch ``setup.batch * setup.grad_accum``; change as little as needed to fit
+    ``headroom * budget_bytes``.
+
+    Tries, in order: the setup as given; a smaller micro-batch with more accumulation; the same with
+    gradient checkpointing; then cheaper methods (full -> LoRA -> QLoRA).
+    """
+    full_budget, budget_bytes = budget_bytes, budget_bytes * headroom
+    effective = setup.batch * setup.grad_accum
+    for method in _cheaper_methods(setup.method, setup.device):
+        for ckpt in ([True] if setup.gradient_checkpointing else [False, True]):
+            base = replace(setup, method=method, gradient_checkpointing=ckpt, batch=effective, grad_accum=1)
+            if estimate_memory(shape, base).total_bytes <= budget_bytes:
+                micro, accum = effective, 1
+            else:  # accumulation keeps the gradients alive through the next micro-batch's forward
+                micro = max_batch(shape, replace(base, grad_accum=2), budget_bytes, limit=effective - 1) if effective > 1 else 0
+                if micro < 1:
+                    continue
+                accum = -(-effective // micro)
+            final = replace(base, batch=micro, grad_accum=accum)
+            notes = []
+            if method != setup.method:
+                notes.append(f"{setup.method} does not fit {full_budget / GB:.0f} GB at {setup.seq_len} tokens; {method} does")
+            if ckpt and not setup.gradient_checkpointing:
+                notes.append("gradient checkpointing on: activations are recomputed in backward (about 30% slower)")
+            if accum > 1:
+                notes.append(f"micro-batch {micro} x accumulation {accum} keeps the effective batch of {effective}"
+                             + ("" if micro * accum == effective else f" (rounded up to {micro * accum})"))
+            return Recommended(True, method, micro, accum, ckpt, learning_rate(shape, method), setup.seq_len,
+                               int(full_budget), estimate_memory(shape, final).total_bytes, notes)
+    notes = []
+    last = _cheaper_methods(setup.method, setup.device)[-1]
+    longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
+                          budget_bytes, limit=setup.seq_len)
+    notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
+                 f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
+                 + "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state")
+    return Recommended(False, last, 1, effective, True, learning_rate(shape, last), setup.seq_len, int(full_budget),
+                       None, notes)
+
+
+@dataclass
+class Plan:
+    """Everything `sftlab plan` reports."""
+
+    model: dict
+    estimate: MemoryEstimate
+    fits: dict
+    recommended: Recommended
+    budget: dict
+
+    def to_dict(self) -> dict:
+        e = self.estimate
+        return {"total_bytes": e.total_bytes, "breakdown": e.breakdown, "fits": self.fits,
+                "recommended": self.recommended.to_dict(), "peak_phase": e.peak_phase, "phases": e.phases,
+                "params": e.params, "trainable_params": e.trainable_params,
+                "activation_bytes_per_layer": e.activation_bytes_per_layer, "setup": e.setup,
+                "model": self.model, "budget": self.budget}
+
+
+def make_plan(shape: ModelShape, setup: TrainSetup, budget_gb: float | None = None,
+              machine: Machine | None = None) -> Plan:
+    """Estimate, fits, the largest batch and length under the budget, and a recommended configuration.
+
+    The budget is ``budget_gb`` if given, else this machine's memory when the setup is for its device,
+    else 80 GB (one A100/H100).
+    """
+    m = machine or this_machine()
+    est = estimate_memory(shape, setup)
+    if budget_gb is not None:
+        budget, source = budget_gb * GB, f"--budget-gb {budget_gb:g}"
+    elif setup.device == m.device:
+        budget, source = float(m.capacity_bytes), m.name
+    else:
+        budget, source = 80 * GB, "default 80 GB GPU (set --budget-gb)"
+    budget_info = {"bytes": int(budget), "source": source,
+                   "max_batch": max_batch(shape, replace(setup, grad_accum=1), budget),
+                   "max_seq_len": max_seq_len(shape, replace(setup, grad_accum=1), budget)}
+    return Plan(model=shape.to_dict(), estimate=est, fits=fits(shape, setup, m),
+                recommended=recommend_config(shape, setup, budget), budget=budget_info)

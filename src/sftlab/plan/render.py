@@ -1,0 +1,89 @@
+"""Plain-text reports for `sftlab recommend` and `sftlab plan`."""
+
+from __future__ import annotations
+
+from sftlab.plan.fit import Plan
+from sftlab.plan.recommend import Recommendation
+
+_PART_NAMES = {
+    "weights": "weights",
+    "gradients": "gradients",
+    "gradients (output head)": "gradients (output head, in backward)",
+    "optimizer": "optimizer state",
+    "adapter_weights": "adapter weights",
+    "adapter_gradients": "adapter gradients",
+    "adapter_optimizer": "adapter optimizer state",
+    "activations": "activations",
+    "logits": "logits (one loss chunk, with gradients)",
+    "embedding gradient (transient)": "embedding gradient (transient)",
+    "optimizer temporaries": "optimizer temporaries (in the step)",
+    "overhead": "framework overhead",
+    "cuda_context": "CUDA context",
+}
+
+
+def gb(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def render_recommendation(rec: Recommendation) -> str:
+    lines = [f"recommended approach: {rec.approach}", "why:"]
+    lines += [f"  - {r}" for r in rec.reasons]
+    if rec.caveats:
+        lines.append("watch out:")
+        lines += [f"  - {c}" for c in rec.caveats]
+    uc = rec.use_case
+    lines.append(f"(use case: {uc['complexity']} task, {uc['examples']} examples, strict format "
+                 f"{'yes' if uc['strict_format'] else 'no'}, domain-specific {'yes' if uc['domain_specific'] else 'no'}, "
+                 f"latency sensitivity {uc['latency']}, compute {uc['compute']}, knowledge updates {uc['knowledge_updates']}; "
+                 f"rule {rec.rule})")
+    return "\n".join(lines)
+
+
+def render_plan(plan: Plan) -> str:
+    e, s, m = plan.estimate, plan.estimate.setup, plan.model
+    lines = [
+        f"model: {m['name']}: {m['params'] / 1e6:,.0f}M parameters, {m['n_layers']} layers, hidden {m['hidden']}, "
+        f"{m['n_heads']} heads ({m['n_kv_heads']} key-value), intermediate {m['intermediate']}, vocabulary {m['vocab']}"
+        f"{', tied embeddings' if m['tied_embeddings'] else ''}",
+        f"setup: {s['method']}, batch {s['batch']} x {s['seq_len']} tokens"
+        f"{' x accumulation ' + str(s['grad_accum']) if s['grad_accum'] > 1 else ''}, {s['precision']} on {s['device']}, "
+        f"{s['optimizer']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+        + (f", LoRA r={s['lora_r']} dropout {s['lora_dropout']}" if s["method"] in ("lora", "qlora") else "")
+        + f"; {e.trainable_params:,} trainable parameters",
+        "",
+        f"peak memory: {gb(e.total_bytes)} (at the {e.peak_phase})",
+    ]
+    width = max(len(_PART_NAMES.get(k, k)) for k in e.breakdown)
+    for k, v in e.breakdown.items():
+        lines.append(f"  {_PART_NAMES.get(k, k):<{width}}  {gb(v):>10}")
+    others = {k: v for k, v in e.phases.items() if k != e.peak_phase}
+    if others:
+        lines.append("  other moments: " + ", ".join(f"{k} {gb(v)}" for k, v in others.items()))
+    if s["device"] == "cpu":
+        lines.append("  (live memory: resident memory follows it when freed memory goes back to the OS, see "
+                     "sftlab.plan.release_freed_memory; glibc's defaults measured up to 1.9x)")
+    per = e.activation_bytes_per_layer
+    lines.append(f"  activations per layer: {gb(per['no_checkpointing'])} without checkpointing, "
+                 f"{gb(per['checkpointing'])} with")
+    lines.append("")
+    lines.append("fits:")
+    for name, f in plan.fits.items():
+        mark = "yes" if f["fits"] else "no "
+        extra = f" ({f['note']})" if f.get("note") else ""
+        lines.append(f"  {mark}  {name}: needs {gb(f['needed_bytes'])} of {gb(f['capacity_bytes'])}{extra}")
+    b = plan.budget
+    lines.append("")
+    lines.append(f"budget {gb(b['bytes'])} ({b['source']}): largest batch at {s['seq_len']} tokens: {b['max_batch'] or 'none'}; "
+                 f"longest sequence at batch {s['batch']}: {b['max_seq_len'] or 'none'}")
+    r = plan.recommended
+    if r.fits:
+        lines.append(f"recommended: {r.method}, batch {r.batch} x accumulation {r.grad_accum}, checkpointing "
+                     f"{'on' if r.gradient_checkpointing else 'off'}, learning rate {r.learning_rate:g} "
+                     f"-> {gb(r.estimated_bytes)} (leaves 10% of the budget spare)")
+    else:
+        lines.append("recommended: nothing tried fits this budget")
+    lines += [f"  - {n}" for n in r.notes]
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Model shapes for the memory estimator: from a real config, a known name, or a parameter count.
+
+A :class:`ModelShape` is the handful of numbers that decide training memory for a decoder-only
+Llama-style model (layers, widths, heads, vocabulary, tied embeddings). It is read from the model's
+config without loading any weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from sftlab.errors import SftlabError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Shape of a Llama-style decoder. Widths are in elements; ``head_dim`` defaults to hidden / heads."""
+
+    name: str
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    head_dim: int = 0
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden // max(self.n_heads, 1))
+
+    @property
+    def q_width(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder block."""
+        h, q, kv, i = self.hidden, self.q_width, self.kv_width, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus the output head when it is not tied."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def params(self) -> int:
+        norms = self.n_layers * 2 * self.hidden + self.hidden
+        return self.n_layers * self.layer_linear_params + norms + self.embedding_params
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "params": self.params}
+
+
+# Typical shapes of common sizes (published configs). Used for known names and for --params.
+_KNOWN: dict[str, ModelShape] = {s.name: s for s in (
+    ModelShape("smollm2-135m-instruct", 30, 576, 9, 3, 1536, 49152, True),
+    ModelShape("smollm2-360m", 32, 960, 15, 5, 2560, 49152, True),
+    ModelShape("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, True),
+    ModelShape("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 32000, False),
+    ModelShape("smollm2-1.7b", 24, 2048, 32, 32, 8192, 49152, True),
+    ModelShape("llama-3.2-3b", 28, 3072, 24, 8, 8192, 128256, True),
+    ModelShape("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, False),
+    ModelShape("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, False),
+    ModelShape("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, False),
+    ModelShape("codellama-34b", 48, 8192, 64, 8, 22016, 32000, False),
+    ModelShape("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, False),
+)}
+_ALIASES = {"smollm2-135m": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruct",
+            "default": "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct",
+            "llama-7b": "llama-2-7b", "llama-13b": "llama-2-13b", "llama-70b": "llama-2-70b",
+            "meta-llama/llama-2-7b-hf": "llama-2-7b", "meta-llama/meta-llama-3-8b": "llama-3-8b"}
+
+
+def known_shapes() -> dict[str, ModelShape]:
+    """The built-in table of typical shapes, by name."""
+    return dict(_KNOWN)
+
+
+def parse_param_count(text: str | float | int) -> int:
+    """``"7B"``, ``"135M"``, ``"1.5b"``, ``"7e9"`` or a number -> parameter count."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text).lower())
+        if not m:
+            raise SftlabError(f"--params {text!r} is not a parameter count", hint="write it like 135M, 1.5B or 7B")
+        value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2)]
+    if not (1e6 <= value <= 1e13):
+        raise SftlabError(f"--params {text!r} is out of range", hint="give a count between 1M and 10T, like 7B")
+    return int(value)
+
+
+def shape_from_params(n_params: int | str) -> ModelShape:
+    """A typical Llama-style shape with about ``n_params`` parameters.
+
+    Takes the published shape nearest in size and changes its number of layers so the count matches.
+    """
+    n = parse_param_count(n_params)
+    ref = min(_KNOWN.values(), key=lambda s: abs(math.log(s.params / n)))
+    if abs(math.log(ref.params / n)) < math.log(1.15):  # "7B" means Llama-2-7B's 6.7B, not a 33-layer variant
+        return replace(ref, name=f"~{_human_count(n)} (typical shape: {ref.name})")
+    per_layer = ref.layer_linear_params + 2 * ref.hidden
+    layers = max(1, round((n - ref.embedding_params - ref.hidden) / per_layer))
+    label = f"~{_human_count(n)} (typical shape: {ref.name}" + ("" if layers == ref.n_layers else f", {layers} layers") + ")"
+    return replace(ref, name=label, n_layers=layers)
+
+
+def shape_from_config(config, name: str = "model") -> ModelShape:
+    """A transformers ``PretrainedConfig`` (or a plain dict of its fields) -> :class:`ModelShape`."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    text = get("text_config")  # multimodal wrappers keep the language model's config inside
+    if text is not None:
+        return shape_from_config(text, name)
+    try:
+        hidden = int(get("hidden_size") or get("n_embd") or get("d_model"))
+        layers = int(get("num_hidden_layers") or get("n_layer") or get("num_layers"))
+        heads = int(get("num_attention_heads") or get("n_head"))
+        vocab = int(get("vocab_size"))
+    except (TypeError, ValueError):
+        raise SftlabError(f"{name}: the config lacks hidden_size, num_hidden_layers, num_attention_heads or vocab_size",
+                          hint="pass a decoder-only language model, or use --params") from None
+    kv = int(get("num_key_value_heads") or heads)
+    inter = int(get("intermediate_size") or get("n_inner") or 4 * hidden)
+    head_dim = int(get("head_dim") or hidden // heads)
+    tied = bool(get("tie_word_embeddings", True))
+    return ModelShape(name, layers, hidden, heads, kv, inter, vocab, tied, head_dim)
+
+
+def load_shape(model: str) -> ModelShape:
+    """Shape of ``model``: a local HF folder, a .gguf file, the embedded default, a name from the table
+    of typical shapes (``llama-2-7b``, ...), or a hub id already cached. Reads the config, never weights.
+    """
+    key = _ALIASES.get(model.strip().lower(), model.strip().lower())
+    on_disk = Path(model).expanduser().exists()
+    if key in _KNOWN and key != DEFAULT_MODEL and not on_disk:
+        return _KNOWN[key]
+    try:  # sftlab.models knows every way a model can be given (folder, .gguf, the default, hub id)
+        from sftlab.models import model_config
+    except ImportError:
+        model_config = None
+    if model_config is not None:
+        try:
+            return shape_from_config(model_config(DEFAULT_MODEL if key == DEFAULT_MODEL and not on_disk else model), model)
+        except SftlabError:
+            if key == DEFAULT_MODEL and not on_disk:
+                return _KNOWN[DEFAULT_MODEL]  # the embedded default's published shape
+            raise
+    if key in _KNOWN and not on_disk:
+        return _KNOWN[key]
+    if Path(model).suffix == ".gguf":
+        raise SftlabError(f"{model}: reading .gguf configs needs sftlab.models", hint="pass --params instead")
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SftlabError(f"cannot read the config of model {model!r}: {first}",
+                          hint="pass a local model folder with config.json, a known name, or --params 7B") from None
+    return shape_from_config(config, name=model)
+
+
+def _human_count(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))

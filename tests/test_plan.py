@@ -1,0 +1,340 @@
+"""sftlab recommend / plan: every decision rule, every part of the memory estimate, the CLI.
+
+Fast: no model weights are loaded; shapes come from the built-in table or are written out here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from sftlab.cli import main
+from sftlab.errors import SftlabError
+from sftlab.plan import (
+    ALL_LINEAR,
+    Machine,
+    ModelShape,
+    TrainSetup,
+    UseCase,
+    estimate_memory,
+    layer_activation_bytes,
+    load_shape,
+    load_use_case,
+    lora_param_count,
+    make_plan,
+    max_batch,
+    max_seq_len,
+    parse_param_count,
+    recommend,
+    recommend_config,
+    shape_from_config,
+    shape_from_params,
+    static_bytes_per_param,
+    static_parts,
+)
+from sftlab.plan.fit import fits
+
+GB = 1e9
+SMOL = ModelShape("smollm2-135m-instruct", 30, 576, 9, 3, 1536, 49152, True)
+CPU_MACHINE = Machine("cpu", "test machine", 16 * 10**9)
+
+
+def seven_b():
+    return shape_from_params("7B")
+
+
+# --- recommend: one test per rule ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("complexity, approach", [("simple", "prompt engineering"), ("moderate", "few-shot"),
+                                                  ("complex", "few-shot")])
+def test_rule1_under_50_examples_prompting_or_few_shot(complexity, approach):
+    rec = recommend(UseCase(complexity=complexity, examples=49, strict_format=True, compute="high"))
+    assert rec.approach == approach and rec.rule == 1
+    assert any("49" in r for r in rec.reasons)
+
+
+def test_rule2_knowledge_heavy_fast_changing_without_strict_format_is_rag():
+    for updates in ("daily", "weekly"):
+        rec = recommend(UseCase(examples=5000, domain_specific=True, knowledge_updates=updates, compute="high",
+                                complexity="complex"))
+        assert rec.approach == "RAG" and rec.rule == 2
+    # monthly knowledge, or a strict format, or a general task: not RAG
+    assert recommend(UseCase(examples=5000, domain_specific=True, knowledge_updates="monthly")).approach != "RAG"
+    assert recommend(UseCase(examples=5000, domain_specific=True, strict_format=True, knowledge_updates="daily")).approach != "RAG"
+    assert recommend(UseCase(examples=5000, domain_specific=False, knowledge_updates="daily")).approach != "RAG"
+
+
+def test_rule3_low_compute_with_100_examples_is_peft():
+    rec = recommend(UseCase(examples=100, compute="low", strict_format=True, complexity="complex"))
+    assert rec.approach == "PEFT" and rec.rule == 3
+    # 99 examples with low compute falls through to the default rule, still PEFT but for another reason
+    assert recommend(UseCase(examples=99, compute="low")).rule == 6
+
+
+def test_rule4_strict_format_with_500_examples_is_full_sft():
+    rec = recommend(UseCase(examples=500, strict_format=True, compute="medium"))
+    assert rec.approach == "full SFT" and rec.rule == 4
+    assert recommend(UseCase(examples=499, strict_format=True, compute="medium")).approach == "PEFT"
+
+
+def test_rule5_complex_with_high_compute_is_full_sft():
+    rec = recommend(UseCase(examples=200, complexity="complex", compute="high"))
+    assert rec.approach == "full SFT" and rec.rule == 5
+    assert recommend(UseCase(examples=200, complexity="complex", compute="medium")).approach == "PEFT"
+
+
+def test_rule6_otherwise_peft():
+    rec = recommend(UseCase(examples=300, complexity="moderate", compute="medium"))
+    assert rec.approach == "PEFT" and rec.rule == 6
+    assert rec.reasons
+
+
+def test_latency_adds_caveats_not_a_different_answer():
+    slow = recommend(UseCase(examples=1000, domain_specific=True, knowledge_updates="daily", latency="high"))
+    assert slow.approach == "RAG" and any("latency" in c for c in slow.caveats)
+
+
+def test_use_case_from_yaml_with_flag_overrides(tmp_path):
+    f = tmp_path / "uc.yaml"
+    f.write_text("complexity: complex\nexamples: 800\nstrict-format: yes\ncompute: low\n")
+    assert load_use_case(f).compute == "low"
+    uc = load_use_case(f, {"compute": "high", "examples": None})
+    assert uc == UseCase(complexity="complex", examples=800, strict_format=True, compute="high")
+
+
+def test_use_case_errors_are_one_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("complexity: simple\nbudget: 3\n")
+    with pytest.raises(SftlabError, match="unknown use-case key 'budget'"):
+        load_use_case(f)
+    with pytest.raises(SftlabError, match="unknown compute"):
+        UseCase(compute="huge")
+    with pytest.raises(SftlabError, match="examples"):
+        load_use_case(None, {"examples": "many"})
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+def test_default_shape_parameter_count_is_smollm2_135m():
+    assert SMOL.params == 134_515_008  # the published SmolLM2-135M count
+
+
+def test_shape_from_config_reads_the_fields_that_matter():
+    cfg = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
+    assert shape_from_config(cfg, "smollm2-135m-instruct") == SMOL
+
+
+def test_load_shape_reads_a_local_config_without_weights(tmp_path):
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+           "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    shape = load_shape(str(tmp_path))  # the folder holds no weights at all
+    assert replace(shape, name=SMOL.name) == SMOL
+
+
+def test_params_parsing_and_typical_shapes():
+    assert parse_param_count("7B") == 7_000_000_000
+    assert parse_param_count("135m") == 135_000_000
+    assert parse_param_count("1.5B") == 1_500_000_000
+    assert abs(seven_b().params / 6.74e9 - 1) < 0.01  # Llama-2-7B's shape
+    five = shape_from_params("5B")
+    assert abs(five.params / 5e9 - 1) < 0.05
+    for bad in ("garbage", "7X", "", "0.1"):
+        with pytest.raises(SftlabError):
+            parse_param_count(bad)
+
+
+# --- the estimator's parts ---------------------------------------------------------------------
+
+
+def test_weights_bytes_are_params_times_bytes():
+    fp32 = static_parts(SMOL, TrainSetup(method="full", device="cpu", precision="fp32"))
+    assert fp32["weights"] == SMOL.params * 4
+    bf16 = static_parts(SMOL, TrainSetup(method="lora", device="cuda", precision="bf16"))
+    assert bf16["weights"] == SMOL.params * 2
+
+
+def test_mixed_precision_adam_is_16_bytes_per_param_before_activations():
+    s7 = seven_b()
+    for precision in ("bf16", "fp16"):
+        setup = TrainSetup(method="full", precision=precision, optimizer="adamw", device="cuda")
+        assert static_bytes_per_param(s7, setup) == 16.0
+        parts = static_parts(s7, setup)
+        assert parts["weights"] == 2 * s7.params and parts["gradients"] == 2 * s7.params
+        assert parts["optimizer"] == 12 * s7.params  # fp32 master weights + two fp32 moments
+    assert static_bytes_per_param(s7, TrainSetup(method="full", precision="fp32", device="cpu")) == 16.0
+    assert static_bytes_per_param(s7, TrainSetup(method="full", precision="bf16", optimizer="sgd")) == 8.0
+
+
+def test_lora_parameter_count_by_hand():
+    # SmolLM2-135M, r=16, all linear layers: r * (in + out) per linear, 30 layers.
+    # q: 576+576, k: 576+192, v: 576+192, o: 576+576, gate: 576+1536, up: 576+1536, down: 1536+576
+    per_layer = 16 * (1152 + 768 + 768 + 1152 + 2112 + 2112 + 2112)
+    assert per_layer == 162_816
+    assert lora_param_count(SMOL, 16, ALL_LINEAR) == 30 * per_layer == 4_884_480  # what peft reports
+    assert lora_param_count(SMOL, 8, ("q_proj", "v_proj")) == 30 * 8 * (1152 + 768)
+
+
+def test_full_activation_count_matches_the_saved_tensors_of_a_llama_layer():
+    # fp32 full fine-tune, per token per layer: 8 hidden-sized, 2 key/value-sized and 4 intermediate-sized
+    # tensors, plus a log-sum-exp per head and two rsqrt values (checked with saved_tensors_hooks).
+    setup = TrainSetup(method="full", device="cpu", precision="fp32", batch=1, seq_len=1)
+    expected = 4 * (8 * 576 + 2 * 192 + 4 * 1536) + 4 * 9 + 2 * 4
+    assert layer_activation_bytes(SMOL, setup) == expected
+
+
+def test_lora_dropout_makes_activations_larger_than_full():
+    # LoRA keeps each dropout's mask and output: more saved per layer than a full fine-tune
+    # (the reason a LoRA run without checkpointing can peak above a full fine-tune).
+    full = layer_activation_bytes(SMOL, TrainSetup(method="full", device="cpu"))
+    lora = layer_activation_bytes(SMOL, TrainSetup(method="lora", device="cpu", lora_dropout=0.05))
+    lora0 = layer_activation_bytes(SMOL, TrainSetup(method="lora", device="cpu", lora_dropout=0.0))
+    assert lora > 1.4 * full and lora0 < full
+
+
+def test_checkpointing_reduces_activations():
+    for method in ("full", "lora", "qlora"):
+        base = TrainSetup(method=method, batch=8, seq_len=1024, device="cuda")
+        off = estimate_memory(seven_b(), base)
+        on = estimate_memory(seven_b(), replace(base, gradient_checkpointing=True))
+        assert on.activation_bytes_per_layer["checkpointing"] < off.activation_bytes_per_layer["no_checkpointing"] / 10
+        assert on.total_bytes < off.total_bytes
+
+
+def test_activations_and_logits_scale_with_tokens():
+    small = estimate_memory(SMOL, TrainSetup(method="lora", batch=1, seq_len=256, device="cpu"))
+    big = estimate_memory(SMOL, TrainSetup(method="lora", batch=4, seq_len=256, device="cpu"))
+    assert big.breakdown["activations"] > 3.9 * small.breakdown["activations"]
+    assert big.breakdown["logits"] > small.breakdown["logits"]
+    # the loss works on chunks: beyond the chunk size the logits part stops growing
+    huge = estimate_memory(SMOL, TrainSetup(method="lora", batch=64, seq_len=256, device="cpu"))
+    assert huge.breakdown["logits"] == 12 * 2048 * SMOL.vocab
+
+
+def test_prompt_masking_shrinks_the_loss_chunk():
+    setup = TrainSetup(method="lora", batch=2, seq_len=512, device="cpu")
+    half = estimate_memory(SMOL, replace(setup, trained_fraction=0.5)).breakdown["logits"]
+    assert half == 12 * 511 * SMOL.vocab  # ceil(2 * 511 * 0.5) rows
+    assert estimate_memory(SMOL, setup).breakdown["logits"] == 2 * half
+
+
+def test_breakdown_sums_to_total_and_peak_is_the_largest_phase():
+    for setup in (TrainSetup(method="full", batch=1, seq_len=128, device="cpu"),
+                  TrainSetup(method="lora", batch=8, seq_len=512, device="cpu"),
+                  TrainSetup(method="qlora", batch=2, seq_len=2048, device="cuda", gradient_checkpointing=True),
+                  TrainSetup(method="prefix", batch=2, seq_len=512, device="cuda")):
+        e = estimate_memory(SMOL, setup)
+        assert sum(e.breakdown.values()) == e.total_bytes == max(e.phases.values())
+
+
+def test_gradient_accumulation_keeps_gradients_alive():
+    one = estimate_memory(SMOL, TrainSetup(method="full", batch=8, seq_len=512, device="cpu"))
+    acc = estimate_memory(SMOL, TrainSetup(method="full", batch=8, seq_len=512, device="cpu", grad_accum=4))
+    assert acc.total_bytes > one.total_bytes and "gradients" in acc.breakdown
+
+
+def test_7b_full_fine_tune_does_not_fit_one_80gb_gpu():
+    e = estimate_memory(seven_b(), TrainSetup(method="full", batch=1, seq_len=512, device="cuda", precision="bf16"))
+    assert e.total_bytes > 80 * GB
+    assert not fits(seven_b(), TrainSetup(method="full", batch=1, seq_len=512), CPU_MACHINE)["80 GB GPU"]["fits"]
+
+
+def test_7b_qlora_fits_a_24gb_gpu_at_modest_length():
+    setup = TrainSetup(method="qlora", batch=1, seq_len=512, device="cuda")
+    e = estimate_memory(seven_b(), setup)
+    assert e.total_bytes < 24 * GB
+    assert fits(seven_b(), setup, CPU_MACHINE)["24 GB GPU"]["fits"]
+    assert 3 * GB < e.breakdown["weights"] < 5 * GB  # 4-bit base weights, embeddings in bf16
+
+
+def test_budget_search_returns_the_largest_batch_that_fits():
+    setup = TrainSetup(method="lora", seq_len=512, device="cuda")
+    budget = 24 * GB
+    b = max_batch(seven_b(), setup, budget)
+    assert b >= 1
+    assert estimate_memory(seven_b(), replace(setup, batch=b)).total_bytes <= budget
+    assert estimate_memory(seven_b(), replace(setup, batch=b + 1)).total_bytes > budget
+    n = max_seq_len(seven_b(), replace(setup, batch=1), budget)
+    assert estimate_memory(seven_b(), replace(setup, batch=1, seq_len=n)).total_bytes <= budget
+    assert estimate_memory(seven_b(), replace(setup, batch=1, seq_len=n + 1)).total_bytes > budget
+    assert max_batch(seven_b(), TrainSetup(method="full", seq_len=512), 24 * GB) == 0
+
+
+def test_recommended_config_fits_the_budget_and_keeps_the_effective_batch():
+    setup = TrainSetup(method="full", batch=16, seq_len=1024, device="cuda")
+    rec = recommend_config(seven_b(), setup, 24 * GB)
+    assert rec.fits and rec.method in ("lora", "qlora")  # a 7B full fine-tune cannot fit 24 GB
+    assert rec.batch * rec.grad_accum >= 16 and rec.estimated_bytes <= 24 * GB
+    assert any("full does not fit" in n for n in rec.notes)
+    small = recommend_config(SMOL, TrainSetup(method="full", batch=4, seq_len=512, device="cuda"), 24 * GB)
+    assert (small.method, small.batch, small.grad_accum, small.gradient_checkpointing) == ("full", 4, 1, False)
+    assert small.learning_rate == 5e-5
+    nothing = recommend_config(shape_from_params("70B"), TrainSetup(method="full", seq_len=4096), 24 * GB)
+    assert not nothing.fits and nothing.notes
+
+
+def test_make_plan_budget_defaults_and_json_shape():
+    plan = make_plan(SMOL, TrainSetup(method="lora", batch=2, seq_len=256, device="cpu"), machine=CPU_MACHINE)
+    d = plan.to_dict()
+    assert d["budget"]["bytes"] == CPU_MACHINE.capacity_bytes
+    assert set(d["fits"]) == {"24 GB GPU", "40 GB GPU", "48 GB GPU", "80 GB GPU", "141 GB GPU", "this machine"}
+    json.dumps(d)
+
+
+def test_setup_validation():
+    with pytest.raises(SftlabError, match="unknown method 'dpo'"):
+        TrainSetup(method="dpo")
+    with pytest.raises(SftlabError, match="batch"):
+        TrainSetup(batch=0)
+    with pytest.raises(SftlabError, match="QLoRA needs a CUDA GPU"):
+        TrainSetup(method="qlora", device="cpu")
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_plan_json_for_7b_qlora(capsys):
+    assert main(["plan", "--params", "7B", "--method", "qlora", "--batch", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {"total_bytes", "breakdown", "fits", "recommended"} <= set(d)
+    assert d["total_bytes"] == sum(d["breakdown"].values())
+    assert d["fits"]["24 GB GPU"]["fits"] is True
+    assert d["recommended"]["method"] == "qlora"
+
+
+def test_cli_plan_text_with_budget(capsys):
+    assert main(["plan", "--params", "135M", "--method", "full", "--budget-gb", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "peak memory" in out and "largest batch" in out and "recommended:" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--params", "7B", "--method", "dpo"], "unknown method"),
+    (["plan", "--params", "garbage"], "--params 'garbage'"),
+    (["recommend", "--examples", "10", "--compute", "huge"], "unknown compute"),
+])
+def test_cli_bad_input_is_exit_2_with_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_recommend_json(capsys):
+    assert main(["recommend", "--examples", "1000", "--strict-format", "--compute", "high", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["approach"] == "full SFT" and d["reasons"]
+
+
+def test_allocator_setting_applies_in_a_fresh_process():
+    # In a subprocess: the setting lasts for the life of the process that makes it.
+    code = "from sftlab.plan import release_freed_memory as r; print(r(), r())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])
