@@ -85,7 +85,7 @@ def run_train(model_dir: str, data: str, *, method: str, batch: int, seq: int, c
 
     from sftlab.config import load_config
     from sftlab.models import model_config
-    from sftlab.plan.memory import TrainSetup, estimate_memory
+    from sftlab.plan.memory import CUDA_OVERHEAD_BYTES, TrainSetup, estimate_memory
     from sftlab.plan.shapes import shape_from_config
     from sftlab.train.run import train
 
@@ -103,12 +103,16 @@ def run_train(model_dir: str, data: str, *, method: str, batch: int, seq: int, c
     peak = torch.cuda.max_memory_allocated() - base
     rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("split") == "train"]
-    est = estimate_memory(shape_from_config(model_config(model_dir), "smollm2"),
-                          TrainSetup(method=method, batch=batch, seq_len=seq, gradient_checkpointing=ckpt,
-                                     device="cuda", precision="bf16")).total_bytes
+    summ = json.loads(Path(out, "summary.json").read_text())
+    frac = max(1e-3, min(1.0, summ["trained_tokens"] / max(summ["train_tokens"], 1)))
+    e = estimate_memory(shape_from_config(model_config(model_dir), "smollm2"),
+                        TrainSetup(method=method, batch=batch, seq_len=seq, gradient_checkpointing=ckpt,
+                                   device="cuda", precision="bf16", trained_fraction=frac))
+    # max_memory_allocated counts tensors only: leave out the CUDA context and allocator overhead.
+    est = e.total_bytes - e.breakdown.get("cuda_context", 0) - (CUDA_OVERHEAD_BYTES if "overhead" in e.breakdown else 0)
     return {"method": method, "batch": batch, "seq": seq, "ckpt": ckpt, "steps": s["steps"],
             "tok_s_last": rows[-1]["tokens_per_second"] if rows else None, "wall_s": round(wall, 1),
-            "peak_mib": round(peak / 2**20), "estimate_mib": round(est / 2**20),
+            "peak_mib": round(peak / 2**20), "estimate_mib": round(est / 2**20), "trained_fraction": round(frac, 3),
             "est_err_pct": round(100 * (est - peak) / peak, 1), "final_loss": rows[-1]["loss"] if rows else None}
 
 
