@@ -102,3 +102,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
+
+
+def make_lora_run(run: Path, tiny_model_dir: Path, seed: int = 1) -> Path:
+    """A run folder as training leaves it: config.yaml + model/ (LoRA adapter that changes the logits,
+    and the tokenizer carrying the ChatML template used in training)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlab.config import Config
+    from sftlab.data.templates import BUILTIN
+
+    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(run / "config.yaml")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = BUILTIN["chatml"][0]
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(run / "model")
+    tok.save_pretrained(run / "model")
+    return run

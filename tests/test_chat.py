@@ -12,13 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import make_lora_run
 
 import sftlab
 from sftlab.chat import ChatSession, load_chat_model
 from sftlab.cli import main
-from sftlab.config import Config
-from sftlab.data.templates import BUILTIN
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import GenerationSettings, generate_replies
 
@@ -28,19 +26,7 @@ MAX_NEW = 8
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir) -> Path:
     """A LoRA run folder as training leaves it (config.yaml + model/ with adapter and tokenizer)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    run = tmp_path_factory.mktemp("chat_run")
-    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(run / "config.yaml")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = BUILTIN["chatml"][0]
-    torch.manual_seed(2)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    model.save_pretrained(run / "model")
-    tok.save_pretrained(run / "model")
-    return run
+    return make_lora_run(tmp_path_factory.mktemp("chat_run"), tiny_model_dir, seed=2)
 
 
 @pytest.fixture(scope="module")

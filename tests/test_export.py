@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_lora_run
 import torch
 
 from sftlab.cli import main
@@ -23,22 +24,6 @@ from sftlab.export import check_template_consistency, export_run, write_gguf
 CHATML = BUILTIN["chatml"][0]
 MSGS = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."},
         {"role": "user", "content": "And 3 + 3?"}]
-
-
-def make_lora_run(run: Path, tiny_model_dir: Path) -> Path:
-    """A run folder as training leaves it: config.yaml + model/ (LoRA adapter + tokenizer with the template)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(run / "config.yaml")
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = CHATML
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    model.save_pretrained(run / "model")
-    tok.save_pretrained(run / "model")
-    return run
 
 
 @pytest.fixture(scope="module")

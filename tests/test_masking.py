@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import IGNORE, Labeler, trained_text
-from sftlab.data.templates import BUILTIN, ChatTemplate, resolve_template, template_names
+from sftlab.data.templates import ChatTemplate, resolve_template, template_names
 from sftlab.data.types import Conversation, Message
 from sftlab.errors import SftlabError
 
@@ -196,7 +196,7 @@ def test_unknown_template_and_masking_are_clear_errors(tok):
 
 def test_sentencepiece_style_tokenizer_pieces_get_no_extra_space():
     """Tokenizers that prepend '▁' to every encode call must not add it to each reply piece."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))

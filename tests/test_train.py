@@ -141,7 +141,7 @@ class _SignalAt(TrainerCallback):
 
 def test_sigterm_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path, tiny_model_dir):
     kw = dict(max_steps=4, save_steps=100, learning_rate=1e-2, optimizer="adamw", lr_scheduler="cosine", warmup_ratio=0.25)
-    ref = train(_cfg(tmp_path / "ref", tiny_model_dir, **kw), quiet=True)
+    train(_cfg(tmp_path / "ref", tiny_model_dir, **kw), quiet=True)
     ref_losses = [r["loss"] for r in A.read_metrics(tmp_path / "ref" / "run") if r["split"] == "train"]
     cfg = _cfg(tmp_path / "cut", tiny_model_dir, **kw)
     s = train(cfg, quiet=True, callbacks=[_SignalAt(2, signal.SIGTERM)])
