@@ -42,7 +42,7 @@ class Example:
 
     @property
     def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE)
 
 
 @dataclass
@@ -178,6 +178,11 @@ class Labeler:
     def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is not None:
+            # The Rust tokenizer directly: transformers' per-encoding dict conversion cost as much
+            # as the tokenization itself (measured on 5,000 demo examples).
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     def _encode_pieces(self, texts: list[str], first: list[bool]) -> list[list[int]]:
