@@ -46,12 +46,12 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
 
 
-def _config_from_args(args):
+def _config_from_args(args, extra_keys: tuple[str, ...] = ()):
+    """The config file, then each flag given, then --set: later wins."""
     from sftlab.config import load_config, parse_set
 
-    overrides = {k: getattr(args, k) for k in ("model", "data", "format", "template", "system_prompt",
-                                               "max_seq_length", "masking", "truncation")
-                 if getattr(args, k, None) is not None}
+    keys = ("model", "data", "format", "template", "system_prompt", "max_seq_length", "masking", "truncation")
+    overrides = {k: getattr(args, k) for k in keys + extra_keys if getattr(args, k, None) is not None}
     overrides.update(parse_set(args.set))
     return load_config(args.config, overrides)
 
@@ -154,12 +154,7 @@ def _cmd_train(args) -> int:
         return 0
     from sftlab.train.run import train
 
-    cfg = _config_from_args(args)
-    extra = {k: getattr(args, k) for k in ("eval_data", "method", "output_dir", "resume") if getattr(args, k) is not None}
-    if extra:
-        from sftlab.config import load_config, parse_set
-
-        cfg = load_config(args.config, {**{k: v for k, v in cfg.to_dict().items()}, **extra, **parse_set(args.set)})
+    cfg = _config_from_args(args, ("eval_data", "method", "output_dir", "resume"))
     summary = train(cfg, check_only=args.check, quiet=args.json)
     if args.json:
         _print_json(summary)

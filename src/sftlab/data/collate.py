@@ -24,6 +24,17 @@ def _pad_to(n: int, multiple: int | None) -> int:
     return n if not multiple else ((n + multiple - 1) // multiple) * multiple
 
 
+def _padded(rows, L: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids padded with ``pad_id`` and labels with -100 (by position), plus the real-token count."""
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    for r, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[r, :n] = torch.tensor(row.input_ids)
+        labels[r, :n] = torch.tensor(row.labels)
+    return {"input_ids": ids, "labels": labels, "n_real": torch.tensor(sum(len(x.input_ids) for x in rows))}
+
+
 class PadCollator:
     def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
         self.pad_id = pad_id
@@ -31,19 +42,13 @@ class PadCollator:
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         L = _pad_to(max(len(e.input_ids) for e in batch), self.multiple)
-        B = len(batch)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        labels = torch.full((B, L), IGNORE, dtype=torch.long)
-        att = torch.zeros((B, L), dtype=torch.long)
-        weights = torch.zeros((B, L), dtype=torch.float32)
+        out = _padded(batch, L, self.pad_id)
+        att = torch.zeros((len(batch), L), dtype=torch.long)
+        weights = torch.zeros((len(batch), L), dtype=torch.float32)
         for r, e in enumerate(batch):
-            n = len(e.input_ids)
-            ids[r, :n] = torch.tensor(e.input_ids)
-            labels[r, :n] = torch.tensor(e.labels)
-            att[r, :n] = 1
-            weights[r, :n] = e.weight
-        out = {"input_ids": ids, "labels": labels, "attention_mask": att,
-               "n_real": torch.tensor(sum(len(e.input_ids) for e in batch))}
+            att[r, :len(e.input_ids)] = 1
+            weights[r, :len(e.input_ids)] = e.weight
+        out["attention_mask"] = att
         if any(e.weight != 1.0 for e in batch):
             out["loss_weights"] = weights
         return out
@@ -89,22 +94,16 @@ class PackedCollator:
                             [n for r in batch for n in r.seq_lens], [w for r in batch for w in r.weights],
                             [i for r in batch for i in r.indices])]
         L = _pad_to(max(len(r.input_ids) for r in batch), self.multiple if self.mode == "mask" else None)
-        B = len(batch)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        labels = torch.full((B, L), IGNORE, dtype=torch.long)
-        pos = torch.zeros((B, L), dtype=torch.long)
-        weights = torch.zeros((B, L), dtype=torch.float32)
+        out = _padded(batch, L, self.pad_id)
+        pos = torch.zeros((len(batch), L), dtype=torch.long)
+        weights = torch.zeros((len(batch), L), dtype=torch.float32)
         for r, row in enumerate(batch):
-            n = len(row.input_ids)
-            ids[r, :n] = torch.tensor(row.input_ids)
-            labels[r, :n] = torch.tensor(row.labels)
             p = 0
             for k, m in enumerate(row.seq_lens):
                 pos[r, p:p + m] = torch.arange(m)
                 weights[r, p:p + m] = row.weights[k]
                 p += m
-        out = {"input_ids": ids, "labels": labels, "position_ids": pos,
-               "n_real": torch.tensor(sum(len(r.input_ids) for r in batch))}
+        out["position_ids"] = pos
         if self.mode == "mask":
             out["attention_mask"] = block_causal_mask([r.seq_lens for r in batch], L, self.mask_dtype)
         if any(w != 1.0 for r in batch for w in r.weights):
