@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sftlab.config import Config
 from sftlab.data.formats import load_conversations
-from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport
+from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport, paused_gc
 from sftlab.data.templates import ChatTemplate, missing_tokens, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.errors import SftlabError
@@ -53,7 +53,8 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | None = None) -> Prepared
         from sftlab.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    convs = load_conversations(path, cfg.format, system_prompt=cfg.system_prompt)
+    with paused_gc():
+        convs = load_conversations(path, cfg.format, system_prompt=cfg.system_prompt)
     template, added = (None, [])
     if any(not c.is_text for c in convs):
         template, added = setup_template(cfg, tokenizer)

@@ -36,9 +36,9 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
         "<|eot_id|>",
     ),
     "mistral": (
-        "{{ bos_token }}{% set sys = messages[0].content if messages[0].role == 'system' else '' %}"
-        "{% for m in messages if m.role != 'system' %}"
-        "{% if m.role == 'user' %}[INST] {% if loop.first and sys %}{{ sys }}" + _NL + _NL + "{% endif %}{{ m.content }} [/INST]"
+        "{{ bos_token }}{% for m in messages if m.role != 'system' %}"
+        "{% if m.role == 'user' %}[INST] {% if loop.first and messages[0].role == 'system' %}{{ messages[0].content }}"
+        + _NL + _NL + "{% endif %}{{ m.content }} [/INST]"
         "{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}",
         None,  # eos_token
     ),
