@@ -44,6 +44,7 @@ Run inside .venv-bench (see setup_peer.sh):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -229,13 +230,14 @@ def worker(name: str, opts: dict, result_path: Path) -> None:
         torch.set_num_threads(int(opts["threads"]))
     import datasets
 
-    import peft  # noqa: F401
-    import sftlab.train.run  # noqa: F401
+    # imported before the baseline RSS is taken, like the training process does
+    importlib.import_module("peft")
+    importlib.import_module("sftlab.train.run")
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     if name.startswith("trl"):
-        import trl  # noqa: F401
+        importlib.import_module("trl")
     meter = _Meter()
     meter.install()
     out_dir = Path(tempfile.mkdtemp(prefix=f"bench-train-{name.replace(' ', '-')}-"))

@@ -13,8 +13,8 @@ carry): shapes, speed and memory are the real ones; loss values are not meaningf
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -148,7 +148,7 @@ def main() -> int:
             r = {"method": method, "batch": b, "seq": s, "ckpt": ck, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps({"train": r}), flush=True)
     try:
-        import bitsandbytes  # noqa: F401
+        importlib.import_module("bitsandbytes")  # QLoRA needs it: report its absence as this run's error
 
         r = run_train(model_dir, str(demo_path("train")), method="qlora", batch=8, seq=512, ckpt=True, steps=steps)
     except Exception as exc:

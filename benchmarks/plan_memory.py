@@ -18,6 +18,7 @@ context and allocator slack.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -32,7 +33,7 @@ DEFAULT_GRID = [(m, ck, b, s) for m in ("full", "lora") for ck in (False, True) 
 
 def _import_sftlab():
     try:
-        import sftlab  # noqa: F401
+        importlib.import_module("sftlab")
     except ImportError:  # running from a checkout without `pip install -e .`
         sys.path.insert(0, str(ROOT / "src"))
 
@@ -85,8 +86,8 @@ def child(spec: dict) -> dict:
     allocator = "glibc default"
     if not spec.get("glibc_default") and release_freed_memory():
         allocator = "mmap threshold 64 KiB"
-    import transformers  # noqa: F401  (imported before the baseline, like the training process)
-    import peft  # noqa: F401
+    importlib.import_module("transformers")  # imported before the baseline, like the training process
+    importlib.import_module("peft")
 
     from sftlab.train.losses import hidden_states_instead_of_logits, sft_loss
 

@@ -294,8 +294,89 @@ def test_setup_validation():
         TrainSetup(method="dpo")
     with pytest.raises(SftlabError, match="batch"):
         TrainSetup(batch=0)
-    with pytest.raises(SftlabError, match="QLoRA needs a CUDA GPU"):
+
+
+# --- QLoRA on CPU: allowed where bitsandbytes trains it (sftlab.qlora, one rule) -------------------
+
+
+@pytest.fixture
+def bnb_version(monkeypatch):
+    """Pretend the installed bitsandbytes is the given version (None: not installed)."""
+    import sftlab.qlora
+
+    def set_version(version):
+        monkeypatch.setattr(sftlab.qlora, "bitsandbytes_version", lambda: version)
+
+    return set_version
+
+
+def test_qlora_on_cpu_gets_a_4bit_estimate(bnb_version):
+    bnb_version("0.50.2")
+    setup = TrainSetup(method="qlora", batch=2, seq_len=512, device="cpu")
+    e = estimate_memory(SMOL, setup)
+    assert sum(e.breakdown.values()) == e.total_bytes == max(e.phases.values())
+    # NF4 linears (~0.5 byte/param plus the double-quantised constants), the rest in the fp32 compute dtype.
+    linear = SMOL.n_layers * SMOL.layer_linear_params
+    nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)
+    assert e.breakdown["weights"] == int(linear * nf4 + (SMOL.params - linear) * 4)
+    assert 0.5 * linear < linear * nf4 < 0.52 * linear
+    lora = estimate_memory(SMOL, replace(setup, method="lora"))
+    assert e.breakdown["weights"] < lora.breakdown["weights"] / 3
+    s7 = seven_b()
+    q7 = estimate_memory(s7, TrainSetup(method="qlora", batch=1, seq_len=512, device="cpu"))
+    assert 3 * GB < q7.breakdown["weights"] < 5 * GB  # a 7B base in 4 bits, embeddings in fp32
+    assert q7.total_bytes < estimate_memory(s7, TrainSetup(method="lora", batch=1, seq_len=512, device="cpu")).total_bytes / 2
+    f = fits(SMOL, setup, CPU_MACHINE)["this machine"]
+    assert f["needed_bytes"] == e.total_bytes and f["fits"]
+
+
+def test_qlora_is_a_cpu_fallback_only_with_bitsandbytes(bnb_version):
+    setup = TrainSetup(method="full", batch=1, seq_len=512, device="cpu")
+    bnb_version("0.50.2")  # a 7B LoRA on CPU keeps a ~27 GB fp32 base: only QLoRA fits 20 GB
+    rec = recommend_config(seven_b(), setup, 20 * GB)
+    assert rec.fits and rec.method == "qlora" and rec.estimated_bytes <= 20 * GB
+    assert "nothing fits 4 GB at 512 tokens, even qlora" in recommend_config(seven_b(), setup, 4 * GB).notes[-1]
+    bnb_version(None)
+    rec = recommend_config(seven_b(), setup, 20 * GB)
+    assert not rec.fits and rec.method == "lora"
+
+
+@pytest.mark.parametrize("version, found", [(None, "not installed"), ("0.49.1", "found 0.49.1")])
+def test_qlora_on_cpu_without_bitsandbytes_is_one_clear_error(bnb_version, capsys, version, found):
+    bnb_version(version)
+    with pytest.raises(SftlabError, match="QLoRA on CPU needs bitsandbytes >=0.50") as exc:
         TrainSetup(method="qlora", device="cpu")
+    assert found in str(exc.value) and "pip install" in str(exc.value) and "--method lora" in str(exc.value)
+    assert main(["plan", "--params", "7B", "--method", "qlora", "--device", "cpu", "--batch", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bitsandbytes" in err and "pip install" in err
+    # a plan for CUDA does not need bitsandbytes here; this CPU machine says why it cannot run it
+    f = fits(SMOL, TrainSetup(method="qlora", device="cuda"), CPU_MACHINE)
+    assert f["24 GB GPU"]["fits"] and f["this machine"]["needed_bytes"] is None
+    assert "pip install" in f["this machine"]["note"]
+
+
+def test_bitsandbytes_rule_matches_the_installed_version():
+    from sftlab.qlora import bitsandbytes_version, qlora_unavailable
+
+    try:
+        import bitsandbytes
+    except Exception:
+        assert bitsandbytes_version() is None and "not installed" in qlora_unavailable("cpu")
+        return
+    assert bitsandbytes_version() == bitsandbytes.__version__
+    from packaging.version import Version
+
+    assert (qlora_unavailable("cpu") is None) == (Version(bitsandbytes.__version__) >= Version("0.50"))
+    assert qlora_unavailable("cuda") is None
+
+
+def test_cli_plan_json_for_qlora_on_cpu(bnb_version, capsys):
+    bnb_version("0.50.2")
+    assert main(["plan", "--params", "7B", "--method", "qlora", "--device", "cpu", "--batch", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["setup"]["method"] == "qlora" and d["setup"]["device"] == "cpu"
+    assert d["total_bytes"] == sum(d["breakdown"].values()) and 3 * GB < d["breakdown"]["weights"] < 5 * GB
 
 
 # --- CLI -----------------------------------------------------------------------------------------

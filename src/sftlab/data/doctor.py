@@ -13,88 +13,32 @@ code is 2 with any error, 1 with only warnings, 0 when clean.
 from __future__ import annotations
 
 import copy
-import json
 import re
-import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from sftlab.data.doctor_checks import (
+    _GENERIC_MARKER,
+    CHECKS,
+    NEAR_JACCARD,
+    TEMPLATE_MARKERS,
+    Finding,
+    _add,
+    _body,
+    _duplicates,
+    _eval_overlap,
+    _length_stats,
+    _MinHash,
+    _n,
+    _text_checks,
+    _token_checks,
+)
 from sftlab.data.formats import format_of_row, resolve_format, to_conversations
 from sftlab.data.load import read_records
-from sftlab.data.masking import IGNORE, Labeler
 from sftlab.data.templates import BUILTIN, missing_tokens, resolve_template, template_names
 from sftlab.data.types import Conversation
 from sftlab.errors import SftlabError
-
-# check name -> (severity, heading). The report lists checks in this order.
-CHECKS: dict[str, tuple[str, str]] = {
-    "encoding": ("error", "invalid UTF-8"),
-    "parse": ("error", "lines that do not parse"),
-    "fields": ("error", "missing or wrong fields for the format"),
-    "role_order": ("error", "wrong role order (or no reply at the end)"),
-    "empty_reply": ("error", "empty replies"),
-    "template": ("error", "the chat template cannot place the replies"),
-    "special_tokens": ("error", "the tokenizer's special tokens inside message text"),
-    "no_trained": ("error", "examples with no trained token"),
-    "eval_overlap": ("error", "eval examples or prompts also in the training data"),
-    "mojibake": ("warning", "mojibake (text decoded with the wrong encoding)"),
-    "control_chars": ("warning", "control characters"),
-    "template_markers": ("warning", "chat-template markers inside message text"),
-    "too_long": ("warning", "examples longer than max_seq_length"),
-    "duplicate": ("warning", "exact duplicates"),
-    "near_duplicate": ("warning", "near duplicates"),
-    "eval_near_overlap": ("warning", "eval examples or prompts nearly identical to training data"),
-    "template_consistency": ("warning", "training text and inference prompt disagree"),
-}
-NEAR_JACCARD = 0.9  # word 3-shingle Jaccard at or above which two texts are near duplicates
-
-# Markers of common chat templates; inside message text they confuse the model about turn borders.
-TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|begin_of_text|>", "<|start_header_id|>",
-                    "<|end_header_id|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>",
-                    "<start_of_turn>", "<end_of_turn>", "[INST]", "[/INST]", "<s>", "</s>",
-                    "### Instruction:", "### Response:")
-_GENERIC_MARKER = r"<\|[A-Za-z0-9_]+\|>"
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def _mojibake_regex() -> tuple[re.Pattern, dict[str, int]]:
-    """UTF-8 bytes misread as cp1252/latin-1 show up as a lead char (Ã, â, ...) plus continuation chars.
-
-    Matches the byte shape of one UTF-8 sequence; the caller confirms the bytes decode as UTF-8.
-    """
-    to_byte: dict[str, int] = {}
-    for b in range(0x80, 0x100):
-        to_byte[chr(b)] = b  # latin-1
-        try:
-            to_byte[bytes([b]).decode("cp1252")] = b
-        except UnicodeDecodeError:
-            pass
-
-    def cls(lo: int, hi: int) -> str:
-        return "[" + "".join(re.escape(c) for c, b in to_byte.items() if lo <= b <= hi) + "]"
-
-    cont = cls(0x80, 0xBF)
-    pat = f"(?:{cls(0xC2, 0xDF)}{cont}|{cls(0xE0, 0xEF)}{cont}{{2}}|{cls(0xF0, 0xF4)}{cont}{{3}})+"
-    return re.compile(pat), to_byte
-
-
-_MOJIBAKE, _MOJI_BYTE = _mojibake_regex()
-_PUNCT = {c: None for c in range(0x3000) if unicodedata.category(chr(c)).startswith("P")}
-
-
-@dataclass
-class Finding:
-    check: str  # a key of CHECKS
-    severity: str  # "error" | "warning" | "info"
-    file: str
-    line: int  # 1-based line (or row) of the file
-    message: str
-
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
 
 
 @dataclass
@@ -208,14 +152,6 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
             _add(findings, "template_consistency", c.source, c.line, problem[0])
 
 
-def _n(k: int, word: str) -> str:
-    return f"{k} {word}{'' if k == 1 else 's'}"
-
-
-def _add(findings: list[Finding], check: str, file: str, line: int, message: str) -> None:
-    findings.append(Finding(check, CHECKS[check][0], file, line, message))
-
-
 # --- reading ------------------------------------------------------------------------------------
 def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
     """Read and convert one file; unreadable or unconvertible records become findings."""
@@ -287,275 +223,7 @@ def _special_tokens(tok) -> set[str]:
     return {s for s in [*tok.all_special_tokens, *added] if s}
 
 
-# --- per-example text checks ----------------------------------------------------------------------
-def _text_checks(conv: Conversation, marker_re: re.Pattern, specials: set[str], findings: list[Finding]) -> None:
-    """Encoding damage and template/special tokens; one finding per example and check."""
-    hits: dict[str, list[str]] = defaultdict(list)
-    pieces = [("text", conv.text)] if conv.is_text else [
-        (f"message {i} ({m.role})", m.content) for i, m in enumerate(conv.messages, start=1)]
-    for label, text in pieces:
-        moji = [] if text.isascii() else [m for m in _MOJIBAKE.finditer(text) if _fixable(m.group())]
-        if moji:
-            bad = moji[0].group()
-            hits["mojibake"].append(f"{label}: {bad!r} (probably {_fixable(bad)!r}; UTF-8 read as cp1252/latin-1)")
-            text = _MOJIBAKE.sub("", text)
-        if "\ufffd" in text:
-            hits["mojibake"].append(f"{label}: U+FFFD replacement characters (text was decoded with errors replaced)")
-        ctrl = _CONTROL.search(text)
-        if ctrl:
-            hits["control_chars"].append(f"{label}: control character U+{ord(ctrl.group()):04X} "
-                                         f"at index {ctrl.start()}")
-        found = sorted(set(marker_re.findall(text)))
-        real = [t for t in found if t in specials]
-        if real:
-            hits["special_tokens"].append(f"{label}: {', '.join(real)} (tokenized as control tokens; remove or escape)")
-        if len(real) < len(found):
-            hits["template_markers"].append(f"{label}: {', '.join(t for t in found if t not in specials)}")
-    for check, msgs in hits.items():
-        more = f" (and {_n(len(msgs) - 1, 'more message')})" if len(msgs) > 1 else ""
-        _add(findings, check, conv.source, conv.line, msgs[0] + more)
-
-
-def _fixable(s: str) -> str | None:
-    try:
-        return bytes(_MOJI_BYTE[c] for c in s).decode("utf-8")
-    except (UnicodeDecodeError, KeyError):
-        return None
-
-
-# --- duplicates and overlap -------------------------------------------------------------------------
-def _norm(text: str) -> str:
-    """Lowercase, strip punctuation, collapse whitespace."""
-    return " ".join(text.lower().translate(_PUNCT).split())
-
-
-def _exact_key(c: Conversation) -> str:
-    return json.dumps(["text", c.text] if c.is_text else [[m.role, m.content] for m in c.messages])
-
-
-def _body(c: Conversation) -> str:
-    # System prompts are left out: a long shared system prompt would make unrelated examples "near".
-    return c.text if c.is_text else "\n".join(m.content for m in c.messages if m.role != "system")
-
-
-def _prompt(c: Conversation) -> str | None:
-    return None if c.is_text else "\n".join(m.content for m in c.messages if m.role == "user")
-
-
-class _MinHash:
-    """MinHash signatures of word 3-shingles with LSH buckets: near-duplicate search in about O(n).
-
-    Written by hand because no installed dependency does it; 16 bands x 6 rows find a pair with
-    Jaccard 0.9 with probability > 0.99999, and every candidate is confirmed by its exact Jaccard.
-    """
-
-    BANDS, ROWS, MAX_CANDIDATES = 16, 6, 64
-
-    def __init__(self):
-        rng = np.random.default_rng(0)
-        n = self.BANDS * self.ROWS
-        self.a = rng.integers(1, 2**63, size=n, dtype=np.uint64) | np.uint64(1)
-        self.b = rng.integers(0, 2**63, size=n, dtype=np.uint64)
-        self.mix = rng.integers(1, 2**63, size=self.ROWS, dtype=np.uint64) | np.uint64(1)
-        self.vocab: defaultdict[str, int] = defaultdict()
-        self.vocab.default_factory = self.vocab.__len__  # a new word gets the next id
-
-    def shingles(self, text: str) -> np.ndarray:
-        """Sorted unique 64-bit hashes of the normalised text's word 3-grams (one for shorter texts)."""
-        words = _norm(text).split()
-        ids = np.fromiter(map(self.vocab.__getitem__, words), dtype=np.uint64, count=len(words))
-        if not ids.size:
-            return ids
-        if ids.size < 3:  # pad short texts with a value no word id takes
-            ids = np.concatenate([ids, np.full(3 - ids.size, 2**63, dtype=np.uint64)])
-        k1, k2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
-        return np.unique(ids[:-2] * k1 + ids[1:-1] * k2 + ids[2:])
-
-    def index(self, texts: list[str]) -> _NearIndex:
-        """Shingles and LSH band keys of ``texts``; nothing is added to the buckets yet."""
-        sets = [self.shingles(t) for t in texts]
-        sig = np.full((len(sets), self.a.size), np.iinfo(np.uint64).max, dtype=np.uint64)
-        idx = [i for i, s in enumerate(sets) if s.size]
-        start = 0
-        while start < len(idx):  # chunks keep the (shingles, hashes) matrix small
-            stop, total = start, 0
-            while stop < len(idx) and (total == 0 or total + sets[idx[stop]].size <= 100_000):
-                total += sets[idx[stop]].size
-                stop += 1
-            chunk = idx[start:stop]
-            cat = np.concatenate([sets[i] for i in chunk])
-            offsets = np.cumsum([0] + [sets[i].size for i in chunk[:-1]])
-            h = (cat[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
-            sig[chunk] = np.minimum.reduceat(h, offsets, axis=0)
-            start = stop
-        keys = (sig.reshape(len(sets), self.BANDS, self.ROWS) * self.mix).sum(axis=2, dtype=np.uint64)
-        return _NearIndex(sets, keys.tolist(), self.BANDS, self.MAX_CANDIDATES)
-
-
-class _NearIndex:
-    def __init__(self, sets: list[np.ndarray], keys: list[list[int]], bands: int, max_candidates: int):
-        self.sets, self.keys, self.max_candidates = sets, keys, max_candidates
-        self.buckets: list[dict[int, list[int]]] = [defaultdict(list) for _ in range(bands)]
-        self.added: set[int] = set()
-
-    def add(self, i: int) -> None:
-        if self.sets[i].size and i not in self.added:
-            self.added.add(i)
-            for bucket, k in zip(self.buckets, self.keys[i]):
-                bucket[k].append(i)
-
-    def find(self, shingles: np.ndarray, keys: list[int]) -> tuple[int, float] | None:
-        """An added item with Jaccard >= NEAR_JACCARD to ``shingles``, and that Jaccard, or None.
-
-        Candidates sharing the most LSH bands are confirmed first (ties: the earliest item).
-        """
-        if not shingles.size:
-            return None
-        shared = Counter(j for bucket, k in zip(self.buckets, keys) for j in bucket.get(k, ()))
-        for j, _ in sorted(shared.items(), key=lambda jn: (-jn[1], jn[0]))[: self.max_candidates]:
-            other = self.sets[j]
-            if min(other.size, shingles.size) < NEAR_JACCARD * max(other.size, shingles.size):
-                continue
-            inter = np.intersect1d(other, shingles, assume_unique=True).size
-            jac = inter / (other.size + shingles.size - inter)
-            if jac >= NEAR_JACCARD:
-                return j, jac
-        return None
-
-
-def _duplicates(convs: list[Conversation], index: _NearIndex, findings: list[Finding]) -> dict:
-    """Exact copies, then equal normalised text, then MinHash near duplicates; each names the first line."""
-    first_exact: dict[str, int] = {}
-    first_norm: dict[str, int] = {}
-    n_exact = n_near = 0
-    for i, c in enumerate(convs):
-        ek, nk = _exact_key(c), _norm(_body(c))
-        if ek in first_exact:
-            n_exact += 1
-            _add(findings, "duplicate", c.source, c.line, f"exact duplicate of {convs[first_exact[ek]].where()}")
-            continue
-        first_exact[ek] = i
-        if nk and nk in first_norm:
-            n_near += 1
-            _add(findings, "near_duplicate", c.source, c.line,
-                 f"same text as {convs[first_norm[nk]].where()} after normalising case, whitespace and punctuation")
-            continue
-        first_norm.setdefault(nk, i)
-        hit = index.find(index.sets[i], index.keys[i])
-        if hit:
-            n_near += 1
-            _add(findings, "near_duplicate", c.source, c.line,
-                 f"near duplicate of {convs[hit[0]].where()} (word 3-shingle Jaccard {hit[1]:.2f})")
-            continue
-        index.add(i)
-    return {"exact": n_exact, "near": n_near}
-
-
-def _eval_overlap(train: list[Conversation], evl: list[Conversation], mh: _MinHash, bodies: _NearIndex,
-                  findings: list[Finding]) -> dict:
-    """Eval examples whose example or prompt (user turns) is in the training data, exactly or nearly."""
-    exact = {_exact_key(c): c for c in reversed(train)}
-    prompts = {p: c for c in reversed(train) if (p := _prompt(c))}
-    norms = {n: c for c in reversed(train) for t in (_body(c), _prompt(c)) if t and (n := _norm(t))}
-    n_exact, rest = 0, []
-    for c in evl:
-        prompt = _prompt(c)
-        if (t := exact.get(_exact_key(c))) or (prompt and (t := prompts.get(prompt))):
-            n_exact += 1
-            what = "identical to" if _exact_key(t) == _exact_key(c) else "same prompt as"
-            _add(findings, "eval_overlap", c.source, c.line, f"{what} training example {t.where()}")
-            continue
-        near = next((norms[n] for t in (_body(c), prompt) if t and (n := _norm(t)) in norms), None)
-        if near is not None:
-            _add(findings, "eval_near_overlap", c.source, c.line, f"nearly identical to training example "
-                 f"{near.where()} (same text after normalising case, whitespace and punctuation)")
-        else:
-            rest.append(c)
-    n_near = len(evl) - n_exact - len(rest)
-    if rest:  # MinHash only for what is left
-        for i in range(len(train)):
-            bodies.add(i)  # _duplicates added only the first of each near-duplicate group
-        train_prompts = mh.index([_prompt(c) or "" for c in train])
-        for i in range(len(train)):
-            train_prompts.add(i)
-        queries = [(bodies, mh.index([_body(c) for c in rest]), "example"),
-                   (train_prompts, mh.index([_prompt(c) or "" for c in rest]), "prompt")]
-        for k, c in enumerate(rest):
-            for index, q, what in queries:
-                hit = index.find(q.sets[k], q.keys[k])
-                if hit:
-                    n_near += 1
-                    _add(findings, "eval_near_overlap", c.source, c.line, f"nearly identical to training example "
-                         f"{train[hit[0]].where()} ({what} word 3-shingle Jaccard {hit[1]:.2f})")
-                    break
-    return {"exact_overlap": n_exact, "near_overlap": n_near}
-
-
-# --- token checks and statistics ---------------------------------------------------------------------
-def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, findings: list[Finding]) -> dict:
-    """Tokenize as training does (all assistant replies trained); lengths, trained tokens, the limit."""
-    labeler = Labeler(tok, tpl)
-    segs, kept = [], []
-    for c in convs:
-        try:
-            segs.append(labeler.segments(c))
-            kept.append(c)
-        except SftlabError as exc:
-            msg = str(exc).removeprefix(f"{c.where()}: ")
-            _add(findings, "template", c.source, c.line, msg)
-    encoded = labeler.encode_segments(segs)
-    lengths, trained = [], []
-    n_long = lost_total = 0
-    for c, (ids, labels) in zip(kept, encoded):
-        n_tr = len(labels) - labels.count(IGNORE)
-        lengths.append(len(ids))
-        trained.append(n_tr)
-        if n_tr == 0:
-            _add(findings, "no_trained", c.source, c.line, "no token of this example is trained")
-            continue
-        if max_len is not None and len(ids) > max_len:
-            lost = len(labels) - max_len - labels[max_len:].count(IGNORE)
-            n_long += 1
-            lost_total += lost
-            _add(findings, "too_long", c.source, c.line,
-                 f"{len(ids)} tokens > max_seq_length {max_len}; cut there it loses {lost} of its {n_tr} "
-                 f"trained tokens ({lost / n_tr:.0%})")
-            if lost == n_tr:
-                _add(findings, "no_trained", c.source, c.line,
-                     f"all {n_tr} trained tokens lie past max_seq_length {max_len}; cut there it trains on nothing")
-    total, total_tr = sum(lengths), sum(trained)
-    out = {"length": _length_stats(lengths, "tokens"), "trained_tokens": None, "max_seq_length": None}
-    if trained:
-        out["trained_tokens"] = {"total": total_tr, "mean": round(total_tr / len(trained), 2), "min": min(trained),
-                                 "max": max(trained), "share": round(total_tr / total, 4) if total else 0.0}
-    if max_len is not None:
-        out["max_seq_length"] = {"limit": max_len, "too_long": n_long,
-                                 "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
-                                 "lost_trained_tokens": lost_total,
-                                 "lost_trained_share": round(lost_total / total_tr, 4) if total_tr else 0.0}
-    return out
-
-
-def _length_stats(values: list[int], unit: str) -> dict | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return {"unit": unit, "min": v[0], "max": v[-1], "mean": round(sum(v) / len(v), 2), "median": v[len(v) // 2],
-            "p95": v[min(len(v) - 1, int(0.95 * len(v)))], "histogram": _histogram(v)}
-
-
-def _histogram(values: list[int], bins: int = 10) -> list[dict]:
-    lo, hi = values[0], values[-1]
-    width = 1
-    while width * bins < hi - lo + 1:  # 1, 2, 5, 10, 20, 50, ...
-        width = width * 5 // 2 if str(width)[0] == "2" else width * 2
-    start = lo // width * width
-    counts = [0] * ((hi - start) // width + 1)
-    for x in values:
-        counts[(x - start) // width] += 1
-    return [{"lo": start + i * width, "hi": start + (i + 1) * width - 1, "count": n} for i, n in enumerate(counts)]
-
-
+# --- the report ---------------------------------------------------------------------------------
 def _histogram_lines(hist: list[dict], width: int = 40) -> list[str]:
     top = max(h["count"] for h in hist) or 1
     w = len(str(hist[-1]["hi"]))
@@ -587,3 +255,7 @@ def _stats_lines(s: dict) -> list[str]:
     if s.get("note"):
         out.append(f"note: {s['note']}")
     return out
+
+
+# The checks live in sftlab.data.doctor_checks; their public names stay importable from here.
+__all__ = ["CHECKS", "NEAR_JACCARD", "TEMPLATE_MARKERS", "DoctorResult", "Finding", "run_doctor"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, replace
 
+from sftlab import qlora
 from sftlab.plan.memory import GB, MemoryEstimate, TrainSetup, estimate_memory, max_batch, max_seq_len
 from sftlab.plan.shapes import ModelShape
 
@@ -52,9 +53,10 @@ def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -
     out = {f"{gb} GB GPU": {"fits": gpu_need <= gb * GB, "needed_bytes": gpu_need, "capacity_bytes": int(gb * GB)}
            for gb in COMMON_GPUS_GB}
     m = machine or this_machine()
-    if m.device == "cpu" and setup.method == "qlora":
+    unavailable = qlora.qlora_unavailable("cpu") if m.device == "cpu" and setup.method == "qlora" else None
+    if unavailable:
         out["this machine"] = {"fits": False, "needed_bytes": None, "capacity_bytes": m.capacity_bytes,
-                               "note": "QLoRA needs a CUDA GPU"}
+                               "note": unavailable}
     else:
         local = setup if setup.device == m.device else replace(setup, device=m.device, precision="auto")
         need = estimate_memory(shape, local).total_bytes
@@ -94,7 +96,8 @@ class Recommended:
 
 def _cheaper_methods(method: str, device: str) -> list[str]:
     order = {"full": ["full", "lora", "qlora"], "lora": ["lora", "qlora"], "qlora": ["qlora"], "prefix": ["prefix"]}[method]
-    return [m for m in order if not (m == "qlora" and device == "cpu")]
+    # QLoRA is a fallback on CPU only where bitsandbytes can train it there (sftlab.qlora).
+    return [m for m in order if m == method or m != "qlora" or device != "cpu" or not qlora.qlora_unavailable("cpu")]
 
 
 HEADROOM = 0.9  # a recommendation leaves 10% of the budget for estimate error and fragmentation

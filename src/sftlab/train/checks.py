@@ -72,7 +72,7 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
     from sftlab.plan.shapes import shape_from_config
 
     shape = shape_from_config(model_cfg, cfg.model)
-    setup = TrainSetup(method=cfg.method if not (cfg.method == "qlora" and device == "cpu") else "lora",
+    setup = TrainSetup(method=cfg.method,
                        batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",

@@ -20,11 +20,11 @@ def build_model(cfg: Config, tok, added_tokens: list[str]):
 
     kwargs = {}
     if cfg.method == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError:
-            raise SftlabError("qlora needs bitsandbytes", hint="pip install bitsandbytes, or use --set method=lora")
+        from transformers import BitsAndBytesConfig
+
+        from sftlab.qlora import require_qlora
+
+        require_qlora("cuda" if torch.cuda.is_available() else "cpu")
         compute = _dtype(cfg.precision) if cfg.precision in ("bf16", "fp16") else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
