@@ -90,7 +90,7 @@ def test_overfitting_found(tmp_path):
     assert "1.400 at step 120 (best)" in text and "1.900 at step 200" in text
     assert f.data["gap"] == pytest.approx(1.9 - (0.4 + 0.53 + 0.66) / 3, abs=1e-6)
     assert "epochs: 3 -> 2 (eval loss was lowest at step 120 of 200)" in f.fixes
-    assert any(x.startswith("lora_dropout: 0.05 -> 0.1") for x in f.fixes)
+    assert any(x.startswith("lora_dropout: 0 -> 0.1") for x in f.fixes)
     assert any(x.startswith("weight_decay:") for x in f.fixes)
 
 

@@ -146,6 +146,26 @@ def _add_train(p):
     p.set_defaults(func=_cmd_train)
 
 
+def _close_process_group(wait: bool) -> None:
+    """Under torchrun/accelerate: wait for every process, then close the process group before exit.
+
+    Left open, gloo's threads are torn down by the interpreter's exit and a process can abort
+    ("terminate called without an active exception"), failing the launch after a finished run.
+    """
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def _cmd_train(args) -> int:
     from sftlab.config import config_help
 
@@ -155,7 +175,12 @@ def _cmd_train(args) -> int:
     from sftlab.train.run import train
 
     cfg = _config_from_args(args, ("eval_data", "method", "output_dir", "resume"))
-    summary = train(cfg, check_only=args.check, quiet=args.json)
+    try:
+        summary = train(cfg, check_only=args.check, quiet=args.json)
+    except BaseException:
+        _close_process_group(wait=False)  # no barrier: the other processes may never reach it
+        raise
+    _close_process_group(wait=True)
     if args.json:
         _print_json(summary)
         return 0
@@ -391,10 +416,11 @@ def _add_plan(p):
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
                    help="recompute activations in backward")
     p.add_argument("--lora-r", dest="lora_r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    p.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
     p.add_argument("--trained-fraction", dest="trained_fraction", type=float, default=1.0,
                    help="share of tokens with a trained label (default 1.0; prompt masking lowers it)")
     p.add_argument("--device", default="cuda", help="where training runs: cuda (default) or cpu")
+    p.add_argument("--attention", default="auto", help="auto (default: as sftlab train picks it), sdpa, eager or flash_attention_2")
     p.add_argument("--budget-gb", dest="budget_gb", type=float, help="memory budget for the largest batch/length and the recommendation")
     p.add_argument("--json", action="store_true", help="print total_bytes, breakdown, fits and recommended as JSON")
     p.set_defaults(func=_cmd_plan)
@@ -409,7 +435,7 @@ def _cmd_plan(args) -> int:
     setup = TrainSetup(method=args.method, batch=args.batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
                        precision=args.precision, optimizer=args.optimizer, device=args.device,
                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
-                       trained_fraction=args.trained_fraction)
+                       trained_fraction=args.trained_fraction, attention=args.attention)
     plan = make_plan(shape, setup, budget_gb=args.budget_gb)
     if args.json:
         _print_json(plan.to_dict())

@@ -41,13 +41,15 @@ class Config:
     truncation: str = _f("cut_turns", "what to do with examples longer than max_seq_length", ("cut_turns", "drop", "truncate"))
     packing: bool = _f(False, "pack several examples per row (no attention across them)")
     group_by_length: bool = _f(True, "without packing: batch examples of similar length together (little padding)")
+    attn_implementation: str = _f("auto", "attention kernel: auto (per micro-batch on CPU: eager for short batches, where it is faster; else sdpa), sdpa, eager, flash_attention_2",
+                                  ("auto", "sdpa", "eager", "flash_attention_2"))
     trust_remote_code: bool = _f(False, "allow model/tokenizer code from the model folder to run")
 
     # --- method -----------------------------------------------------------------------------
     method: str = _f("lora", "what is trained", ("full", "lora", "qlora", "prefix"))
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.05, "dropout on the LoRA input")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input (peft's default 0; each adapted linear pays a mask and a copy for it)")
     lora_target_modules: str = _f("all-linear", "modules LoRA adapts: 'all-linear' or a comma-separated list")
     prefix_tokens: int = _f(20, "number of virtual tokens for prefix tuning")
 

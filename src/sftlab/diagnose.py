@@ -222,7 +222,7 @@ def rule_overfitting(run: RunData, th: Thresholds) -> Finding | None:
     if _cfg(run, "early_stopping_patience", 0) in (0, None) or _cfg(run, "early_stopping_patience", 0) > 3:
         fixes.append(f"early_stopping_patience: {_cfg(run, 'early_stopping_patience')} -> 2")
     if _cfg(run, "method") in ("lora", "qlora"):
-        d = _cfg(run, "lora_dropout", 0.05)
+        d = _cfg(run, "lora_dropout", 0.0)
         fixes.append(f"lora_dropout: {d:g} -> {max(0.1, d * 2):g}")
     wd = _cfg(run, "weight_decay", 0.0)
     fixes.append(f"weight_decay: {wd:g} -> {max(0.1, wd * 2):g}")

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from sftlab import qlora
 from sftlab.errors import SftlabError
 from sftlab.plan.shapes import ModelShape
+from sftlab.train.attention import eager_extra_bytes, pick_attention
 
 METHODS = ("full", "lora", "qlora", "prefix")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit")
@@ -69,11 +70,12 @@ class TrainSetup:
     grad_accum: int = 1
     device: str = "cuda"
     lora_r: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_LINEAR
     prefix_tokens: int = 20
     loss_chunk: int = 2048  # rows projected to the vocabulary at a time (sftlab.train.losses)
     trained_fraction: float = 1.0  # share of positions with a trained label (prompt masking lowers it)
+    attention: str = "sdpa"  # sdpa, eager, flash_attention_2, or auto (sftlab.train.attention decides)
 
     def __post_init__(self):
         validate_setup(self)
@@ -110,6 +112,10 @@ def validate_setup(s: TrainSetup) -> None:
             raise SftlabError(f"{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if not 0.0 < s.trained_fraction <= 1.0:
         raise SftlabError(f"trained fraction must be in (0, 1], got {s.trained_fraction}")
+    from sftlab.train.attention import CHOICES as ATTENTION
+
+    if s.attention not in ATTENTION:
+        raise SftlabError(f"unknown attention {s.attention!r}", hint=f"use one of: {', '.join(ATTENTION)}")
     if not 0.0 <= s.lora_dropout < 1.0:
         raise SftlabError(f"lora dropout must be in [0, 1), got {s.lora_dropout}")
     bad = [t for t in s.lora_targets if t not in ALL_LINEAR]
@@ -238,6 +244,12 @@ def static_parts(shape: ModelShape, s: TrainSetup) -> dict[str, int]:
 # --- activations ------------------------------------------------------------------------------
 
 
+def attention_kernel(shape: ModelShape, s: TrainSetup) -> str:
+    """The kernel training will run for this setting (``auto`` decides as the trainer does)."""
+    return pick_attention(s.attention, device=s.device, batch=s.batch, seq_len=s.seq_len, n_heads=shape.n_heads,
+                          n_layers=shape.n_layers, compute_bytes=2 if s.mixed else 4)
+
+
 def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     """Bytes one decoder layer saves for backward per token, without checkpointing.
 
@@ -256,6 +268,8 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     b = _bytes(shape, s)
     h, q, kv, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
     total = 2 * h * 4 + 2 * 4 + shape.n_heads * 4          # norm inputs, rsqrt, log-sum-exp
+    if attention_kernel(shape, s) == "eager":               # the [heads, L] softmax row of every token
+        total += eager_extra_bytes(1, s.seq_len, shape.n_heads, 1, b.compute) // s.seq_len
     total += (2 * q + 2 * kv) * b.compute                   # q, k, v, attention output
     total += 3 * i * b.compute                              # gate, silu(gate), up
     width = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_prod": i}

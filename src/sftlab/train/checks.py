@@ -76,7 +76,9 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
                        batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
-                       optimizer=cfg.optimizer if cfg.optimizer != "adamw8bit" or device == "cuda" else "adamw")
+                       optimizer=cfg.optimizer if cfg.optimizer != "adamw8bit" or device == "cuda" else "adamw",
+                       lora_dropout=cfg.lora_dropout,
+                       attention="sdpa" if cfg.packing and cfg.attn_implementation == "auto" else cfg.attn_implementation)
     return estimate_memory(shape, setup).total_bytes
 
 

@@ -33,7 +33,9 @@ def build_model(cfg: Config, tok, added_tokens: list[str]):
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     # Mixed precision keeps fp32 master weights: load fp32 and let autocast run bf16 compute.
     dtype = "fp32" if cfg.method == "full" or cfg.precision == "fp32" else cfg.precision
-    model = load_model(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, tokenizer=tok, **kwargs)
+    attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation  # auto loads SDPA; see attention.py
+    model = load_model(cfg.model, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
+                       tokenizer=tok, **kwargs)
     new_ids = [tok.convert_tokens_to_ids(t) for t in added_tokens]
     if new_ids and model.get_input_embeddings().weight.shape[0] < len(tok):
         model.resize_token_embeddings(len(tok), mean_resizing=True)

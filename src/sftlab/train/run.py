@@ -135,7 +135,12 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         batches = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
         ewc = EWC(model, batches, ewc_loss_fn, rc.ewc_lambda)
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=evald.examples if evald else None,
+    switch = None
+    if rc.attn_implementation == "auto" and not rc.packing:
+        from sftlab.train.attention import AttentionSwitch
+
+        switch = AttentionSwitch(model, compute_bytes=2 if rc.precision in ("bf16", "fp16") else 4)
+    trainer = SFTTrainer(model=model, attention_switch=switch, args=args, train_dataset=train_ds, eval_dataset=evald.examples if evald else None,
                          data_collator=collator, processing_class=tok,
                          loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc, group_lengths=lengths,
                          general_examples=general.examples if general else None,
@@ -202,6 +207,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         "stopped": stopped, "divergence": divergence, "prepare": data.report.to_dict(),
         "pad_equals_eos": tok.pad_token_id == tok.eos_token_id, "eos_trained": True,
         "gradient_checkpointing": bool(rc.gradient_checkpointing), "packing": rc.packing,
+        "attention_batches": dict(switch.counts) if switch is not None and switch.counts else None,
         "findings": [str(f) for f in findings],
     }
     if trainer.args.should_save:

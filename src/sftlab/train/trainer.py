@@ -8,6 +8,8 @@
 - ``evaluate``: token-weighted eval loss (not a mean of batch means) and perplexity.
 - ``_save_checkpoint``: writes into a staging folder and renames, so a crash never leaves half a
   checkpoint.
+- ``compute_loss`` also picks the attention kernel per micro-batch under ``attn_implementation: auto``
+  (``attention.py``).
 - ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage.
 """
 
@@ -36,8 +38,9 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 class SFTTrainer(Trainer):
     def __init__(self, *args, loss_mode: str = "token", label_smoothing: float = 0.0, ewc=None,
                  group_lengths: list[int] | None = None, general_examples=None, gen_template=None,
-                 gen_conversations=None, gen_limit: int = 0, **kwargs):
+                 gen_conversations=None, gen_limit: int = 0, attention_switch=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.attention_switch = attention_switch  # per-batch kernel choice (attn_implementation: auto)
         self.general_examples = general_examples  # loss on general data at each eval: forgetting
         self.gen_template = gen_template if gen_limit else None
         self.gen_conversations = gen_conversations if gen_limit else None
@@ -81,6 +84,8 @@ class SFTTrainer(Trainer):
         labels = inputs["labels"]
         weights = inputs.get("loss_weights")
         fwd = {k: inputs[k] for k in _MODEL_KEYS if k in inputs}
+        if self.attention_switch is not None:
+            self.attention_switch.before(inputs["input_ids"])
         with hidden_states_instead_of_logits(model) as head:
             out = model(**fwd, use_cache=False)
             hidden = out.logits if hasattr(out, "logits") else out[0]
