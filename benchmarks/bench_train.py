@@ -7,17 +7,17 @@ Issue targets:
 
 Configurations (each run in a fresh subprocess, so peak memory is its own):
 - ``sftlab default``: ``sftlab.train.run.train(Config(...))`` with sftlab's defaults (LoRA r=16
-  alpha=32 dropout=0.05 on all linear layers, response-only loss, gradient_checkpointing=auto,
-  precision=auto, length-grouped batches) except the shared settings below.
+  alpha=32 dropout=0 on all linear layers, response-only loss, gradient_checkpointing=auto,
+  precision=auto, attn_implementation=auto, length-grouped batches) except the shared settings below.
 - ``sftlab gc``: the same plus ``gradient_checkpointing=true``.
 - ``trl default``: ``trl.SFTTrainer`` with ``SFTConfig`` defaults except the shared settings, and
   ``peft.LoraConfig(r, lora_alpha, lora_dropout, target_modules="all-linear")`` with the values of
-  sftlab's defaults (r=16, alpha=32, dropout=0.05 today) -- the adapter made identical to sftlab's so
-  neither loss nor speed is tilted by it. ``--trl-peft-defaults`` gives TRL peft's own defaults
-  instead (alpha=8, dropout=0: no dropout is ~20% less work per step on this CPU). TRL 1.16's defaults already turn gradient
-  checkpointing on (``SFTConfig.gradient_checkpointing=True``) and bf16 autocast on, so this one
-  run is the peer of both comparisons. On a CPU-only machine ``SFTConfig()`` refuses its own bf16
-  default unless ``use_cpu=True`` is given (transformers' check): that is set, nothing else.
+  sftlab's defaults (r=16, alpha=32, dropout=0) -- the adapter made identical to sftlab's so neither
+  loss nor speed is tilted by it. ``--trl-peft-defaults`` gives TRL peft's own defaults instead
+  (alpha=8, dropout=0). TRL 1.16's defaults already turn gradient checkpointing on
+  (``SFTConfig.gradient_checkpointing=True``) and bf16 autocast on, so this one run is the peer of
+  both comparisons. On a CPU-only machine ``SFTConfig()`` refuses its own bf16 default unless
+  ``use_cpu=True`` is given (transformers' check): that is set, nothing else.
 
 Shared settings: the default model, ``src/sftlab/demo_data/train.jsonl``, learning rate, seed,
 per-device batch x gradient accumulation (global batch), optimizer steps, logging every step.
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per worker (0: torch's default, one per core); 1 is steadier on a busy machine")
     ap.add_argument("--trl-peft-defaults", action="store_true",
-                    help="TRL's LoRA with peft's defaults (alpha 8, dropout 0) instead of sftlab's (alpha 32, dropout 0.05)")
+                    help="TRL's LoRA with peft's defaults (alpha 8, dropout 0) instead of sftlab's (alpha 32, dropout 0)")
     ap.add_argument("--eval-examples", type=int, default=60, help="held-out examples for the shared eval loss")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS + EXTRA)}")
     ap.add_argument("--quick", action="store_true", help="4 steps, 1 repetition, 16 eval examples (debugging)")
