@@ -116,6 +116,30 @@ def run_train(model_dir: str, data: str, *, method: str, batch: int, seq: int, c
             "est_err_pct": round(100 * (est - peak) / peak, 1), "final_loss": rows[-1]["loss"] if rows else None}
 
 
+def run_defaults(model_dir: str, data: str, steps: int) -> dict:
+    """sftlab's default configuration (no packing, length-grouped batches, attn_implementation auto,
+    precision auto, lora_dropout 0), as `sftlab train` runs it on a GPU: must stay on SDPA/bf16."""
+    import torch
+
+    from sftlab.config import load_config
+    from sftlab.train.run import train
+
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = tempfile.mkdtemp()
+    cfg = load_config(None, dict(model=model_dir, data=data, max_steps=steps, output_dir=out, save_steps=10_000,
+                                 logging_steps=max(1, steps // 2), learning_rate=1e-4))
+    t0 = time.perf_counter()
+    s = train(cfg, quiet=True)
+    resolved = Path(out, "config.yaml").read_text()
+    return {"run": "defaults", "steps": s["steps"], "wall_s": round(time.perf_counter() - t0, 1),
+            "tok_s": round(s["tokens_per_second"]), "peak_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20),
+            "attention_batches": s.get("attention_batches"), "final_loss": s["final_train_loss"],
+            "resolved": {k: v for k, v in (line.split(": ", 1) for line in resolved.splitlines() if ": " in line)
+                         if k in ("precision", "gradient_checkpointing", "attn_implementation", "lora_dropout", "batch_size")}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-config", required=True)
@@ -147,6 +171,11 @@ def main() -> int:
         except Exception as exc:  # report and go on: one failure must not hide the others
             r = {"method": method, "batch": b, "seq": s, "ckpt": ck, "error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps({"train": r}), flush=True)
+    try:
+        r = run_defaults(model_dir, str(demo_path("train")), steps)
+    except Exception as exc:
+        r = {"run": "defaults", "error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps({"train": r}), flush=True)
     try:
         importlib.import_module("bitsandbytes")  # QLoRA needs it: report its absence as this run's error
 

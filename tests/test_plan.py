@@ -419,3 +419,43 @@ def test_allocator_setting_applies_in_a_fresh_process():
     code = "from sftlab.plan import release_freed_memory as r; print(r(), r())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])
+
+
+@pytest.mark.parametrize("precision, dropout", [("bf16", 0.0), ("bf16", 0.1), ("fp32", 0.0), ("fp32", 0.1)])
+def test_lora_activation_count_matches_saved_tensors(tiny_model_dir, precision, dropout):
+    """Per token and layer, what sftlab's LoRA model really keeps for backward (CPU, autocast or not)."""
+    import torch
+
+    from sftlab.config import Config
+    from sftlab.models import load_tokenizer, model_config
+    from sftlab.plan.memory import layer_activation_bytes
+    from sftlab.plan.shapes import shape_from_config
+    from sftlab.train.model import build_model
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = Config(model=str(tiny_model_dir), precision=precision, lora_dropout=dropout, attn_implementation="sdpa",
+                 gradient_checkpointing=False)
+    model, loss_fn = build_model(cfg, tok, [])
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layer = model.base_model.model.model.layers[1]
+    B, L = 4, 256
+    ids = torch.randint(3, len(tok), (B, L))
+    saved, inside = {}, [False]
+
+    def pack(t):
+        st = t.untyped_storage()
+        if inside[0] and st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        loss_fn(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    measured = sum(saved.values()) / (B * L)
+    shape = shape_from_config(model_config(str(tiny_model_dir)), "tiny")
+    est = layer_activation_bytes(shape, TrainSetup(method="lora", batch=B, seq_len=L, device="cpu",
+                                                   precision=precision, lora_dropout=dropout))
+    assert est == pytest.approx(measured, rel=0.05)
