@@ -13,12 +13,12 @@ from test_masking import _conversations
 # templates that skip empty messages or test the type of content).
 INSPECTING = {
     "in": "{% if '</think>' in m.content %}{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}",
-    "trim": "{{ m.content | trim }}",
+    "trim-then-look": "{% if (m.content | trim).startswith('x') %}X{% endif %}{{ m.content | trim }}",
+    "rstrip-chars": "{{ m.content.rstrip('.') }}",
     "truth": "{% if m.content %}{{ m.content }}{% endif %}",
     "length": "{{ m.content }}{% if m.content | length > 40 %} (long){% endif %}",
     "equals": "{% if m.content == 'x' %}X{% else %}{{ m.content }}{% endif %}",
     "replace": "{{ m.content | replace('\\n', ' ') }}",
-    "strip-method": "{{ m.content.strip() }}",
     "tojson": "{{ m.content | tojson }}",
 }
 
@@ -31,6 +31,22 @@ OPAQUE = {
     "set": "{% set c = m['content'] %}{{ c }}",
     "format": "{{ '%s' % m.content }}",
 }
+
+# Stripping white space is allowed: the skeleton then serves only contents with none to strip.
+STRIPPING = {
+    "trim": "{{ m.content | trim }}",
+    "strip-method": "{{ m.content.strip() }}",
+}
+
+# Shaped like Llama 3.1's template: the system message trimmed and moved, every turn trimmed.
+LLAMA31_LIKE = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = \"\" %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- 'Today Date: 26 Jul 2024\\n\\n' }}{{- system_message }}"
+    "{{- '<|eot_id|>' }}{%- for message in messages %}{%- if not (message.role == 'tool' or 'tool_calls' in message) %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 
 
 def _tpl(body: str) -> ChatTemplate:
@@ -66,7 +82,7 @@ def test_skeleton_labels_equal_exact_labels(tok, template, masking):
     assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
     # ... and the skeletons were really used: learnt for every role sequence, never rejected.
     assert not fast._skeletons.failed
-    assert fast._skeletons.cache and all(v is not None for v in fast._skeletons.cache.values())
+    assert fast._skeletons.cache and all(v is not None and not v[1] for v in fast._skeletons.cache.values())
 
 
 def test_renders_once_per_role_sequence_not_per_conversation(tok, monkeypatch):
@@ -100,6 +116,21 @@ def test_template_that_inspects_content_is_labelled_exactly(tok, name):
     assert list(fast._skeletons.cache.values()) == [None]  # the probe saw the inspection
 
 
+@pytest.mark.parametrize("name", sorted(STRIPPING) + ["llama31-like"])
+def test_template_that_strips_content_uses_the_skeleton_where_nothing_is_stripped(tok, name):
+    tpl = ChatTemplate("l", LLAMA31_LIKE, "<|eot_id|>", {"bos_token": "<|im_start|>"}) if name == "llama31-like" \
+        else _tpl(STRIPPING[name])
+    convs = _convs()  # some contents have white space at their edges: those take the exact method
+    fast = Labeler(tok, tpl)
+    got = fast.encode(convs)[0]
+    want = _exact(tok, tpl, convs)
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
+    learnt = [v for v in fast._skeletons.cache.values()]
+    assert learnt and all(v is not None and v[1] for v in learnt) and not fast._skeletons.failed
+    n_clean = sum(all(m.content == m.content.strip() for m in c.messages) for c in convs)
+    assert 0 < n_clean < len(convs)
+
+
 @pytest.mark.parametrize("name", sorted(OPAQUE))
 def test_template_that_copies_content_uses_the_skeleton(tok, name):
     tpl = _tpl(OPAQUE[name])
@@ -108,7 +139,7 @@ def test_template_that_copies_content_uses_the_skeleton(tok, name):
     got = fast.encode(convs)[0]
     want = _exact(tok, tpl, convs)
     assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
-    assert None not in fast._skeletons.cache.values() and not fast._skeletons.failed
+    assert all(v is not None and not v[1] for v in fast._skeletons.cache.values()) and not fast._skeletons.failed
 
 
 def test_a_sampled_difference_relabels_everything_exactly(tok, monkeypatch):

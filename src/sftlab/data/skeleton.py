@@ -11,10 +11,12 @@ Exactness is guarded three ways, and any doubt falls back to the exact method:
 
 1. The skeleton is learnt by rendering stand-in contents that record every way the template could
    inspect them (comparison, length, truth value, ``in``, indexing, iteration, any string method or
-   filter). A template that inspects content (``| trim``, ``'<think>' in content``,
-   ``{% if message.content %}``) is never handled here. Control flow that does not depend on content
-   is the same for every conversation with the same roles, so one probe render sees every inspection
-   a real render would make.
+   filter). A template that inspects content (``'<think>' in content``, ``{% if message.content %}``)
+   is never handled here. Control flow that does not depend on content is the same for every
+   conversation with the same roles, so one probe render sees every inspection a real render would
+   make. One inspection is allowed, because Llama 3's templates make it: stripping white space
+   (``| trim``). Its result is again a recording stand-in, and the skeleton then serves only
+   conversations whose contents have no white space to strip, where stripping changes nothing.
 2. The labels of the skeleton are found by the exact method itself, run on unique sentinel contents,
    and the skeleton is rejected if a sentinel does not come back verbatim (escaped, split, dropped).
 3. The first conversation of each role sequence and a regular sample of the rest (1 in
@@ -42,13 +44,23 @@ _OPAQUE = {
 }
 
 
-def _probe_class(touched: list[str]) -> type:
-    """A str subclass whose instances record (in ``touched``) every inspection of their content."""
+_STRIPS = ("strip", "lstrip", "rstrip")
+
+
+def _probe_class(touched: list[str], stripped: list[str]) -> type:
+    """A str subclass whose instances record (in ``touched``) every inspection of their content.
+
+    Stripping white space (no argument) is recorded in ``stripped`` instead and returns a probe again,
+    so that whatever the template does with the stripped value is recorded too.
+    """
 
     def wrap(name: str):
         base = getattr(str, name)
 
         def method(self, *args, **kwargs):
+            if name in _STRIPS and not kwargs and all(a is None for a in args):
+                stripped.append(name)
+                return probe(base(self))
             touched.append(name)
             return base(self, *args, **kwargs)
 
@@ -58,7 +70,8 @@ def _probe_class(touched: list[str]) -> type:
     namespace = {name: wrap(name) for name in dir(str)
                  if name not in _OPAQUE and callable(getattr(str, name))}
     namespace["__str__"] = lambda self: self  # str(content), as in `{{ content }}`, stays a probe
-    return type("ContentProbe", (str,), namespace)
+    probe = type("ContentProbe", (str,), namespace)
+    return probe
 
 
 class Skeletons:
@@ -67,34 +80,40 @@ class Skeletons:
     def __init__(self, template, exact_segments: Callable[[Conversation], list[tuple[str, bool]]]):
         self.template = template
         self.exact = exact_segments
-        self.cache: dict[tuple[str, ...], list[tuple[str, bool]] | None] = {}
+        # role sequence -> (segments as format strings, valid only for stripped contents) or None
+        self.cache: dict[tuple[str, ...], tuple[list[tuple[str, bool]], bool] | None] = {}
         self.failed = False  # a verification found a difference: label everything exactly
         self.n_seen = 0
+        self.verified: set[tuple[str, ...]] = set()  # role sequences whose first skeleton use was checked
 
     def segments(self, conv: Conversation) -> list[tuple[str, bool]]:
         if self.failed:
             return self.exact(conv)
         msgs = conv.messages
         key = tuple(m.role for m in msgs)
-        first = key not in self.cache
-        if first:
+        if key not in self.cache:
             self.cache[key] = self._learn(key)
-        skeleton = self.cache[key]
+        learnt = self.cache[key]
         contents = [m.content for m in msgs]
-        if skeleton is None or any(_MARK in c or _END in c for c in contents):
+        if learnt is None or any(_MARK in c or _END in c for c in contents):
+            return self.exact(conv)
+        skeleton, needs_stripped = learnt
+        if needs_stripped and any(c != c.strip() for c in contents):
             return self.exact(conv)
         segs = [(fmt.format(*contents), trained) for fmt, trained in skeleton]
         self.n_seen += 1
-        if first or self.n_seen % VERIFY_EVERY == 0:
+        if key not in self.verified or self.n_seen % VERIFY_EVERY == 0:
+            self.verified.add(key)
             exact = self.exact(conv)
             if exact != segs:
                 self.failed = True
                 return exact
         return segs
 
-    def _learn(self, roles: tuple[str, ...]) -> list[tuple[str, bool]] | None:
+    def _learn(self, roles: tuple[str, ...]) -> tuple[list[tuple[str, bool]], bool] | None:
         touched: list[str] = []
-        probe = _probe_class(touched)
+        stripped: list[str] = []
+        probe = _probe_class(touched, stripped)
         probes = [Message(r, probe(f"{_MARK}{k}{_END}")) for k, r in enumerate(roles)]
         try:
             self.template.render(probes)
@@ -118,4 +137,4 @@ class Skeletons:
             fmt = _SENTINEL.sub(lambda m: "{" + m.group(1) + "}",
                                 text.replace("{", "{{").replace("}", "}}"))
             out.append((fmt, trained))
-        return out
+        return out, bool(stripped)
