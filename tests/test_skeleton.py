@@ -9,17 +9,27 @@ from sftlab.data.templates import ChatTemplate, resolve_template, template_names
 from sftlab.data.types import Conversation, Message
 from test_masking import _conversations
 
-# Content-inspecting constructs seen in real chat templates (Qwen3's think stripping, Gemma's trim,
-# templates that skip empty messages or test the type of content).
+# Content-inspecting constructs that need the exact method for every conversation.
 INSPECTING = {
-    "in": "{% if '</think>' in m.content %}{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}",
-    "trim-then-look": "{% if (m.content | trim).startswith('x') %}X{% endif %}{{ m.content | trim }}",
-    "rstrip-chars": "{{ m.content.rstrip('.') }}",
     "truth": "{% if m.content %}{{ m.content }}{% endif %}",
     "length": "{{ m.content }}{% if m.content | length > 40 %} (long){% endif %}",
-    "equals": "{% if m.content == 'x' %}X{% else %}{{ m.content }}{% endif %}",
     "replace": "{{ m.content | replace('\\n', ' ') }}",
+    "rstrip-chars": "{{ m.content.rstrip('.') }}",
+    "split": "{{ m.content.split(' ')[0] }}{{ m.content }}",
     "tojson": "{{ m.content | tojson }}",
+}
+
+# Stripping and yes/no questions are allowed: the skeleton serves the contents that answer them as
+# the probe did (nothing to strip, no 'URGENT', not equal to 'x', ...), the exact method the others.
+QUESTIONS = {
+    "trim": "{{ m.content | trim }}",
+    "strip-method": "{{ m.content.strip() }}",
+    "in": "{% if 'URGENT' in m.content %}(!) {% endif %}{{ m.content }}",
+    "equals": "{% if m.content == 'x' %}[x] {% endif %}{{ m.content }}",
+    "startswith": "{% if m.content.startswith('hello') %}(hi) {% endif %}{{ m.content }}",
+    "trim-then-look": "{% if (m.content | trim).endswith('end') %}(end) {% endif %}{{ m.content | trim }}",
+    "qwen3-like": "{% if m.role == 'assistant' and '</think>' in m.content %}{{ m.content.split('</think>')[-1] }}"
+                  "{% else %}{{ m.content }}{% endif %}",
 }
 
 # Constructs that only copy content into the output: the skeleton is used, with the same labels.
@@ -30,12 +40,6 @@ OPAQUE = {
     "string": "{{ m.content | string }}",
     "set": "{% set c = m['content'] %}{{ c }}",
     "format": "{{ '%s' % m.content }}",
-}
-
-# Stripping white space is allowed: the skeleton then serves only contents with none to strip.
-STRIPPING = {
-    "trim": "{{ m.content | trim }}",
-    "strip-method": "{{ m.content.strip() }}",
 }
 
 # Shaped like Llama 3.1's template: the system message trimmed and moved, every turn trimmed.
@@ -116,19 +120,21 @@ def test_template_that_inspects_content_is_labelled_exactly(tok, name):
     assert list(fast._skeletons.cache.values()) == [None]  # the probe saw the inspection
 
 
-@pytest.mark.parametrize("name", sorted(STRIPPING) + ["llama31-like"])
-def test_template_that_strips_content_uses_the_skeleton_where_nothing_is_stripped(tok, name):
+@pytest.mark.parametrize("name", sorted(QUESTIONS) + ["llama31-like"])
+def test_template_that_asks_about_content_uses_the_skeleton_where_the_answers_match(tok, name):
     tpl = ChatTemplate("l", LLAMA31_LIKE, "<|eot_id|>", {"bos_token": "<|im_start|>"}) if name == "llama31-like" \
-        else _tpl(STRIPPING[name])
-    convs = _convs()  # some contents have white space at their edges: those take the exact method
+        else _tpl(QUESTIONS[name])
+    convs = _convs() + [Conversation([Message("user", u), Message("assistant", a)]) for u, a in
+                        [("x", "URGENT: hello"), ("hello there", "x"), ("the end", "URGENT the end")]]
     fast = Labeler(tok, tpl)
     got = fast.encode(convs)[0]
     want = _exact(tok, tpl, convs)
     assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
     learnt = [v for v in fast._skeletons.cache.values()]
     assert learnt and all(v is not None and v[1] for v in learnt) and not fast._skeletons.failed
-    n_clean = sum(all(m.content == m.content.strip() for m in c.messages) for c in convs)
-    assert 0 < n_clean < len(convs)
+    served = sum(skeleton._same_answers(fast._skeletons.cache[tuple(m.role for m in c.messages)][1],
+                                         [m.content for m in c.messages]) for c in convs)
+    assert 0 < served and (served < len(convs) or name == "qwen3-like")  # both paths were taken
 
 
 @pytest.mark.parametrize("name", sorted(OPAQUE))

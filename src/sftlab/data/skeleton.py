@@ -14,9 +14,12 @@ Exactness is guarded three ways, and any doubt falls back to the exact method:
    filter). A template that inspects content (``'<think>' in content``, ``{% if message.content %}``)
    is never handled here. Control flow that does not depend on content is the same for every
    conversation with the same roles, so one probe render sees every inspection a real render would
-   make. One inspection is allowed, because Llama 3's templates make it: stripping white space
-   (``| trim``). Its result is again a recording stand-in, and the skeleton then serves only
-   conversations whose contents have no white space to strip, where stripping changes nothing.
+   make. Two kinds of inspection are allowed, because common templates make them (Llama 3 trims every
+   message, Qwen3 asks ``'</think>' in content``): stripping white space, and yes/no questions with
+   string arguments (``in``, ``startswith``, ``endswith``, ``==``). They are recorded with the probe's
+   answers (a stripped probe is again a recording probe), and the skeleton serves only conversations
+   whose contents give the same answers (no white space to strip, no ``</think>``), for which the
+   template's control flow and output are the same as for the probe.
 2. The labels of the skeleton are found by the exact method itself, run on unique sentinel contents,
    and the skeleton is rejected if a sentinel does not come back verbatim (escaped, split, dropped).
 3. The first conversation of each role sequence and a regular sample of the rest (1 in
@@ -45,13 +48,24 @@ _OPAQUE = {
 
 
 _STRIPS = ("strip", "lstrip", "rstrip")
+# Yes/no questions about the content that can be asked again of a real content: the skeleton serves a
+# conversation only if every question the template asked gets the same answer from its contents.
+_QUESTIONS = ("__contains__", "startswith", "endswith", "__eq__", "__ne__")
 
 
-def _probe_class(touched: list[str], stripped: list[str]) -> type:
-    """A str subclass whose instances record (in ``touched``) every inspection of their content.
+def _replayable(args: tuple) -> bool:
+    return all(isinstance(a, str) or (isinstance(a, tuple) and all(isinstance(x, str) for x in a)) for a in args)
 
-    Stripping white space (no argument) is recorded in ``stripped`` instead and returns a probe again,
-    so that whatever the template does with the stripped value is recorded too.
+
+def _probe_class(questions: list[tuple], touched: list[str]) -> type:
+    """A str subclass standing in for message ``k``'s content; records how the template looks at it.
+
+    - Stripping white space (no argument) is recorded as the question "is there none to strip?"
+      and returns a probe again, so that what the template does with the stripped value is seen too.
+    - A yes/no question with string arguments (``'</think>' in content``, ``startswith``, ``==``) is
+      recorded with its answer, in ``questions`` as (k, method, args, answer).
+    - Anything else (length, truth value, indexing, iteration, other methods) goes to ``touched``:
+      no skeleton for that template and role sequence.
     """
 
     def wrap(name: str):
@@ -59,19 +73,38 @@ def _probe_class(touched: list[str], stripped: list[str]) -> type:
 
         def method(self, *args, **kwargs):
             if name in _STRIPS and not kwargs and all(a is None for a in args):
-                stripped.append(name)
-                return probe(base(self))
-            touched.append(name)
-            return base(self, *args, **kwargs)
+                questions.append((self.k, "strip", (), True))
+                return probe(base(self), self.k)
+            result = base(self, *args, **kwargs)
+            if name in _QUESTIONS and not kwargs and _replayable(args) and isinstance(result, bool):
+                questions.append((self.k, name, args, result))
+            else:
+                touched.append(name)
+            return result
 
         method.__name__ = name
         return method
 
+    def new(cls, text: str, k: int):
+        obj = str.__new__(cls, text)
+        obj.k = k
+        return obj
+
     namespace = {name: wrap(name) for name in dir(str)
                  if name not in _OPAQUE and callable(getattr(str, name))}
+    namespace["__new__"] = new
     namespace["__str__"] = lambda self: self  # str(content), as in `{{ content }}`, stays a probe
     probe = type("ContentProbe", (str,), namespace)
     return probe
+
+
+def _same_answers(questions: tuple, contents: list[str]) -> bool:
+    for k, name, args, answer in questions:
+        c = contents[k]
+        got = (c == c.strip()) if name == "strip" else getattr(str, name)(c, *args)
+        if got != answer:
+            return False
+    return True
 
 
 class Skeletons:
@@ -80,8 +113,8 @@ class Skeletons:
     def __init__(self, template, exact_segments: Callable[[Conversation], list[tuple[str, bool]]]):
         self.template = template
         self.exact = exact_segments
-        # role sequence -> (segments as format strings, valid only for stripped contents) or None
-        self.cache: dict[tuple[str, ...], tuple[list[tuple[str, bool]], bool] | None] = {}
+        # role sequence -> (segments as format strings, the content questions they assume) or None
+        self.cache: dict[tuple[str, ...], tuple[list[tuple[str, bool]], tuple] | None] = {}
         self.failed = False  # a verification found a difference: label everything exactly
         self.n_seen = 0
         self.verified: set[tuple[str, ...]] = set()  # role sequences whose first skeleton use was checked
@@ -97,8 +130,8 @@ class Skeletons:
         contents = [m.content for m in msgs]
         if learnt is None or any(_MARK in c or _END in c for c in contents):
             return self.exact(conv)
-        skeleton, needs_stripped = learnt
-        if needs_stripped and any(c != c.strip() for c in contents):
+        skeleton, questions = learnt
+        if questions and not _same_answers(questions, contents):
             return self.exact(conv)
         segs = [(fmt.format(*contents), trained) for fmt, trained in skeleton]
         self.n_seen += 1
@@ -110,11 +143,11 @@ class Skeletons:
                 return exact
         return segs
 
-    def _learn(self, roles: tuple[str, ...]) -> tuple[list[tuple[str, bool]], bool] | None:
+    def _learn(self, roles: tuple[str, ...]) -> tuple[list[tuple[str, bool]], tuple] | None:
+        questions: list[tuple] = []
         touched: list[str] = []
-        stripped: list[str] = []
-        probe = _probe_class(touched, stripped)
-        probes = [Message(r, probe(f"{_MARK}{k}{_END}")) for k, r in enumerate(roles)]
+        probe = _probe_class(questions, touched)
+        probes = [Message(r, probe(f"{_MARK}{k}{_END}", k)) for k, r in enumerate(roles)]
         try:
             self.template.render(probes)
             for i, m in enumerate(probes):
@@ -137,4 +170,4 @@ class Skeletons:
             fmt = _SENTINEL.sub(lambda m: "{" + m.group(1) + "}",
                                 text.replace("{", "{{").replace("}", "}}"))
             out.append((fmt, trained))
-        return out, bool(stripped)
+        return out, tuple(dict.fromkeys(questions))  # each question once, in order
