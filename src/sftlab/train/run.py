@@ -140,8 +140,8 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         from sftlab.train.attention import AttentionSwitch
 
         switch = AttentionSwitch(model, compute_bytes=2 if rc.precision in ("bf16", "fp16") else 4)
-    trainer = SFTTrainer(model=model, attention_switch=switch, args=args, train_dataset=train_ds, eval_dataset=evald.examples if evald else None,
-                         data_collator=collator, processing_class=tok,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=evald.examples if evald else None,
+                         data_collator=collator, processing_class=tok, attention_switch=switch,
                          loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc, group_lengths=lengths,
                          general_examples=general.examples if general else None,
                          gen_template=data.template, gen_conversations=evald.conversations if evald else None,
