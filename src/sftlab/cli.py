@@ -126,11 +126,7 @@ def _cmd_doctor(args) -> int:
         tokenizer = load_tokenizer(args.model)
     result = run_doctor(args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
                         template=args.template, max_seq_length=args.max_seq_length)
-    if args.json:
-        _print_json(result.to_dict())
-    else:
-        print(result.format_text())
-    return result.exit_code
+    return _report_findings(result, args.json)
 
 
 @_command("train", "fine-tune: full, lora, qlora or prefix; writes a run folder")
@@ -164,6 +160,15 @@ def _close_process_group(wait: bool) -> None:
                 dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def _report_findings(result, as_json: bool) -> int:
+    """Print a doctor/diagnose result (text or JSON); its exit code: 0 clean, 1 warnings, 2 errors."""
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        print(result.format_text())
+    return result.exit_code
 
 
 def _cmd_train(args) -> int:
@@ -347,12 +352,7 @@ def _cmd_diagnose(args) -> int:
     """Exit 0 when no problem is found, 1 with warnings, 2 with errors."""
     from sftlab.diagnose import diagnose
 
-    diag = diagnose(args.run)
-    if args.json:
-        _print_json(diag.to_dict())
-    else:
-        print(diag.format_text())
-    return diag.exit_code
+    return _report_findings(diagnose(args.run), args.json)
 
 
 @_command("report", "write one self-contained HTML page about a run: curves, data, before/after, diagnosis")

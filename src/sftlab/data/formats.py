@@ -87,16 +87,23 @@ def from_messages(row: dict) -> Conversation:
     msgs = row.get("messages")
     if not isinstance(msgs, list):
         raise FormatError("'messages' must be a list of {role, content} objects")
-    out = []
-    for i, m in enumerate(msgs, start=1):
-        if not isinstance(m, dict) or "role" not in m:
-            raise FormatError(f"message {i} must be an object with 'role' and 'content'")
-        role = _OPENAI_ROLES.get(str(m["role"]).lower())
-        if role is None:
-            raise FormatError(f"message {i} has unknown role '{m['role']}' (use system, user or assistant)", "role_order")
-        out.append(Message(role, _text(m.get("content"), f"message {i} content")))
+    out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user or assistant")
     validate_roles(out)
     return Conversation(out, weight=_weight(row))
+
+
+def _turns(items: list, noun: str, role_key: str, text_key: str, roles: dict, allowed: str) -> list[Message]:
+    """One Message per {role_key, text_key} object, roles mapped through ``roles``; clear errors by position."""
+    out = []
+    for i, m in enumerate(items, start=1):
+        if not isinstance(m, dict) or role_key not in m:
+            raise FormatError(f"{noun} {i} must be an object with '{role_key}' and '{text_key}'")
+        role = roles.get(str(m[role_key]).lower())
+        if role is None:
+            what = "role" if role_key == "role" else "speaker"
+            raise FormatError(f"{noun} {i} has unknown {what} '{m[role_key]}' (use {allowed})", "role_order")
+        out.append(Message(role, _text(m.get(text_key), f"{noun} {i} {text_key}")))
+    return out
 
 
 def from_sharegpt(row: dict) -> Conversation:
@@ -106,13 +113,7 @@ def from_sharegpt(row: dict) -> Conversation:
     out = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         out.append(Message("system", row["system"]))
-    for i, t in enumerate(turns, start=1):
-        if not isinstance(t, dict) or "from" not in t:
-            raise FormatError(f"turn {i} must be an object with 'from' and 'value'")
-        role = _SHAREGPT_ROLES.get(str(t["from"]).lower())
-        if role is None:
-            raise FormatError(f"turn {i} has unknown speaker '{t['from']}' (use human, gpt or system)", "role_order")
-        out.append(Message(role, _text(t.get("value"), f"turn {i} value")))
+    out += _turns(turns, "turn", "from", "value", _SHAREGPT_ROLES, "human, gpt or system")
     validate_roles(out)
     return Conversation(out, weight=_weight(row))
 
