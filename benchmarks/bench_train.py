@@ -321,8 +321,8 @@ def main(argv=None) -> int:
     opts = {"steps": a.steps, "batch": a.batch, "accum": a.accum, "lr": a.lr, "seed": a.seed,
             "eval_examples": a.eval_examples, "threads": a.threads,
             "trl_peft_defaults": a.trl_peft_defaults}
-    import trl
     import transformers
+    import trl
 
     load = os.getloadavg()
     print(f"# bench_train  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")

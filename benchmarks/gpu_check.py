@@ -66,7 +66,7 @@ def check_chunked_loss(device: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from sftlab.train.losses import sft_loss
+    from sftlab.core.loss import sft_loss
 
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(4, 256, 576, generator=g).to(device, torch.bfloat16).requires_grad_()

@@ -89,8 +89,7 @@ def child(spec: dict) -> dict:
     importlib.import_module("transformers")  # imported before the baseline, like the training process
     importlib.import_module("peft")
 
-    from sftlab.train.losses import hidden_states_instead_of_logits, sft_loss
-
+    from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
     from sftlab.models import resolve_model_path
 
     resolve_model_path(MODEL)  # a first use converts the GGUF; that is not part of a training run

@@ -39,7 +39,14 @@ _CORPUS = [
 
 def build_tiny_tokenizer(vocab_size: int = 384):
     """A byte-level BPE fast tokenizer (decode(encode(x)) == x for any text), trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())

@@ -2,12 +2,18 @@
 
 import pytest
 import torch
+from test_train import _cfg
 
+from sftlab import rundir as A
+from sftlab.core.attention import (
+    EAGER_MAX_BYTES,
+    EAGER_MAX_LEN,
+    AttentionSwitch,
+    eager_extra_bytes,
+    pick_attention,
+)
 from sftlab.plan.memory import TrainSetup, estimate_memory
 from sftlab.plan.shapes import load_shape
-from sftlab.train import artifacts as A
-from sftlab.train.attention import EAGER_MAX_BYTES, EAGER_MAX_LEN, AttentionSwitch, eager_extra_bytes, pick_attention
-from test_train import _cfg
 
 pytestmark = pytest.mark.xdist_group("train")
 SMOL = dict(n_heads=9, n_layers=30, compute_bytes=2)

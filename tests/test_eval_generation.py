@@ -5,11 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.templates import resolve_template
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
-from sftlab.eval.generation import (GenerationSettings, generate, generate_replies, generate_texts, prompt_messages,
-                                    reference_reply, render_prompt, stop_token_ids)
+from sftlab.eval.generation import (
+    GenerationSettings,
+    generate,
+    generate_replies,
+    generate_texts,
+    prompt_messages,
+    reference_reply,
+    render_prompt,
+    stop_token_ids,
+)
 
 
 @pytest.fixture(scope="module")

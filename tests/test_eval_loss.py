@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.masking import IGNORE, Example
-from sftlab.errors import SftlabError
 from sftlab.eval.loss import evaluate_loss, perplexity
 
 # Next-token probabilities by previous token: a bigram "model" whose loss is easy to compute by hand.

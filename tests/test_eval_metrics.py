@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 from sftlab.eval import metrics as m
-from sftlab.eval.compare import compare, format_comparison, forgetting
+from sftlab.eval.compare import compare, forgetting, format_comparison
 from sftlab.eval.generation import Generation
 from sftlab.eval.run import score_generations
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_lora_run
 import torch
+from conftest import make_lora_run
 
 from sftlab.cli import main
 from sftlab.config import Config
+from sftlab.core.errors import SftlabError
+from sftlab.data.consistency import check_template_consistency
 from sftlab.data.templates import BUILTIN, ChatTemplate
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
-from sftlab.export import check_template_consistency, export_run, write_gguf
+from sftlab.export import export_run, write_gguf
 
 CHATML = BUILTIN["chatml"][0]
 MSGS = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."},
@@ -40,7 +41,7 @@ def exports(lora_run, tmp_path_factory) -> dict:
 
 
 def _run_logits(run: Path) -> tuple[list[int], torch.Tensor]:
-    from sftlab.train.artifacts import load_run_model
+    from sftlab.rundir import load_run_model
 
     model, tok, _ = load_run_model(run, device="cpu", dtype="fp32")
     text = ChatTemplate("chatml", CHATML).render([Message(**m) for m in MSGS], add_generation_prompt=True)

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.formats import load_conversations, resolve_format
 from sftlab.data.load import read_records
-from sftlab.errors import SftlabError
 
 ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 

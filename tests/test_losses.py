@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftlab.train.losses import IGNORE, count_sequences, sft_loss
+from sftlab.core.loss import IGNORE, count_sequences, sft_loss
 
 
 def _setup(seed=0, B=3, S=9, H=8, V=17):

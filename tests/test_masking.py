@@ -6,11 +6,11 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import IGNORE, Labeler, trained_text
 from sftlab.data.templates import ChatTemplate, resolve_template, template_names
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sftlab import models
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 
 @pytest.fixture

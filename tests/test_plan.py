@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from sftlab.cli import main
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 from sftlab.plan import (
     ALL_LINEAR,
     Machine,

@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_diagnose import HEALTHY_SUMMARY, healthy_rows, make_run
 
 from sftlab.cli import main
 from sftlab.eval.compare import compare
-from test_diagnose import HEALTHY_SUMMARY, healthy_rows, make_run
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
 

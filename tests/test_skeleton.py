@@ -1,13 +1,13 @@
 """One render per role sequence gives exactly the labels of the per-conversation method, or is not used."""
 
 import pytest
+from test_masking import _conversations
 from transformers import AutoTokenizer
 
 from sftlab.data import skeleton
 from sftlab.data.masking import Labeler
 from sftlab.data.templates import ChatTemplate, resolve_template, template_names
 from sftlab.data.types import Conversation, Message
-from test_masking import _conversations
 
 # Content-inspecting constructs that need the exact method for every conversation.
 INSPECTING = {

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from sftlab import rundir as A
 from sftlab.cli import main
 from sftlab.config import load_config
-from sftlab.train import artifacts as A
 from sftlab.train.run import train
 
 pytestmark = pytest.mark.xdist_group("train")

@@ -1,7 +1,6 @@
 """sftlab: supervised fine-tuning with exact labels, data checks and honest reports.
 
 The public API (imported lazily, so `import sftlab` stays fast):
-
     load_config, Config            typed run configuration (YAML + overrides)
     load_conversations             any data file / format -> Conversation list
     resolve_template, Labeler      chat templates and exact response-only labels
@@ -10,6 +9,7 @@ The public API (imported lazily, so `import sftlab` stays fast):
     train                          one fine-tune -> run folder
     run_eval, diagnose, write_report, export_run
 """
+import importlib
 
 __version__ = "0.1.0"
 
@@ -22,7 +22,7 @@ _API = {
     "train": "sftlab.train.run", "run_eval": "sftlab.eval.run", "diagnose": "sftlab.diagnose",
     "write_report": "sftlab.report", "export_run": "sftlab.export",
     "load_model": "sftlab.models", "load_tokenizer": "sftlab.models",
-    "SftlabError": "sftlab.errors",
+    "SftlabError": "sftlab.core.errors",
 }
 
 __all__ = sorted(_API)
@@ -30,7 +30,5 @@ __all__ = sorted(_API)
 
 def __getattr__(name: str):
     if name in _API:
-        import importlib
-
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'sftlab' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Both take a run folder (its trained model and the exact template it was trained with), an export
 folder (merged, full, or an adapter alone), or any model :func:`sftlab.models.load_model` opens.
 Prompts are rendered with the chat template and its generation prompt, exactly as in training
-(see :func:`sftlab.export.check_template_consistency`), and a reply ends at the end-of-turn token.
+(see :func:`sftlab.data.consistency.check_template_consistency`), and a reply ends at the end-of-turn token.
 """
 
 from __future__ import annotations
@@ -20,9 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from sftlab.core.errors import SftlabError
+from sftlab.core.io import write_jsonl
+from sftlab.data.formats import load_conversations
 from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
+from sftlab.eval.generation import (
+    GenerationSettings,
+    generate,
+    prompt_messages,
+    reference_reply,
+    stop_token_ids,
+)
+from sftlab.eval.run import load_target
+from sftlab.models import load_model
 
 HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a reply"
 
@@ -30,7 +41,9 @@ HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a repl
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """No progress bars or deprecation chatter from transformers/peft while loading for a terminal UI."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import (
+        logging as hf_logging,  # deferred: heavy library, imported on first use
+    )
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -49,10 +62,10 @@ def _quiet() -> Iterator[None]:
 
 def _load_adapter_export(folder: Path, template: str | None, device):
     """An exported adapter: its base model (named in adapter_config.json) + the adapter + its tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from sftlab.models import load_model
+    from peft import PeftModel  # deferred: heavy library, imported on first use
+    from transformers import (
+        AutoTokenizer,  # deferred: heavy library, imported on first use
+    )
 
     try:
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
@@ -66,7 +79,6 @@ def _load_adapter_export(folder: Path, template: str | None, device):
 
 def load_chat_model(model_or_run: str, *, template: str | None = None, device=None) -> tuple:
     """(model, tokenizer, ChatTemplate) for a run folder, an export folder or a model name/path."""
-    from sftlab.eval.run import load_target
 
     p = Path(model_or_run)
     with _quiet():
@@ -102,8 +114,6 @@ class ChatSession:
     history: list[Message] = field(default_factory=list)
 
     def __post_init__(self):
-        from sftlab.eval.generation import stop_token_ids
-
         if self.max_new_tokens < 1:
             raise SftlabError(f"--max-new-tokens {self.max_new_tokens} must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -125,8 +135,11 @@ class ChatSession:
         The turn is added to the history only when the reply finishes; Ctrl-C (KeyboardInterrupt)
         stops generation and leaves the history unchanged.
         """
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+        import torch  # deferred: heavy library, imported on first use
+        from transformers import (  # deferred: heavy library, imported on first use
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
 
         tok = self.tokenizer
         ids = tok(self.prompt(user_text), add_special_tokens=False, return_tensors="pt")
@@ -210,7 +223,6 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
             write(" [stopped]")
         write("\n")
 
-
 # --------------------------------------------------------------------------------------------
 # Batch generation
 
@@ -229,8 +241,6 @@ class GenerateResult:
 
 def _conversations(prompts: list[str] | None, data: str | None, fmt: str | None,
                    system_prompt: str | None) -> list[Conversation]:
-    from sftlab.data.formats import load_conversations
-
     if bool(prompts) == bool(data):
         raise SftlabError("give either --prompt (one or more) or --data FILE", hint="not both, not neither")
     if data:
@@ -251,8 +261,6 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     A data conversation's prompt is its messages before its last assistant reply, which is kept as
     ``reference``. Greedy unless ``temperature`` > 0. Rows come back in input order.
     """
-    from sftlab.eval.generation import GenerationSettings, generate, prompt_messages, reference_reply
-    from sftlab.io import write_jsonl
 
     convs = _conversations(prompts, data, fmt, system_prompt)
     if temperature < 0:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
-
 
 # --- commands -------------------------------------------------------------------------------
 # Each command: _add_X(parser) declares flags; _cmd_X(args) -> exit code.
@@ -48,7 +49,10 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args, extra_keys: tuple[str, ...] = ()):
     """The config file, then each flag given, then --set: later wins."""
-    from sftlab.config import load_config, parse_set
+    from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        load_config,
+        parse_set,
+    )
 
     keys = ("model", "data", "format", "template", "system_prompt", "max_seq_length", "masking", "truncation")
     overrides = {k: getattr(args, k) for k in keys + extra_keys if getattr(args, k, None) is not None}
@@ -67,8 +71,15 @@ def _add_prepare(p):
 
 
 def _cmd_prepare(args) -> int:
-    from sftlab.data.prepare import dump_rows, prepare, render_example, save_dataset
-    from sftlab.io import write_jsonl
+    from sftlab.core.io import (
+        write_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        dump_rows,
+        prepare,
+        render_example,
+        save_dataset,
+    )
 
     cfg = _config_from_args(args)
     prepared = prepare(cfg)
@@ -117,11 +128,15 @@ def _add_doctor(p: argparse.ArgumentParser) -> None:
 
 def _cmd_doctor(args) -> int:
     """Exit 0 when clean, 1 with only warnings, 2 with errors in the data."""
-    from sftlab.data.doctor import run_doctor
+    from sftlab.data.doctor import (
+        run_doctor,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     tokenizer = None
     if args.model:
-        from sftlab.models import load_tokenizer
+        from sftlab.models import (
+            load_tokenizer,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        )
 
         tokenizer = load_tokenizer(args.model)
     result = run_doctor(args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
@@ -148,11 +163,10 @@ def _close_process_group(wait: bool) -> None:
     Left open, gloo's threads are torn down by the interpreter's exit and a process can abort
     ("terminate called without an active exception"), failing the launch after a finished run.
     """
-    import sys
 
     if "torch" not in sys.modules:
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: heavy library, imported on first use
 
     if dist.is_available() and dist.is_initialized():
         try:
@@ -172,12 +186,16 @@ def _report_findings(result, as_json: bool) -> int:
 
 
 def _cmd_train(args) -> int:
-    from sftlab.config import config_help
+    from sftlab.config import (
+        config_help,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     if args.help_config:
         print(config_help())
         return 0
-    from sftlab.train.run import train
+    from sftlab.train.run import (
+        train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     cfg = _config_from_args(args, ("eval_data", "method", "output_dir", "resume"))
     try:
@@ -218,7 +236,10 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export(args) -> int:
-    from sftlab.export import export_run, format_export
+    from sftlab.export import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        export_run,
+        format_export,
+    )
 
     res = export_run(args.run, args.out, merge=args.merge, gguf=args.gguf, gguf_dtype=args.gguf_dtype,
                      force=args.force, dtype=args.dtype, device=args.device, verify=args.verify)
@@ -246,7 +267,11 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_chat(args) -> int:
-    from sftlab.chat import ChatSession, load_chat_model, run_chat
+    from sftlab.chat import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        ChatSession,
+        load_chat_model,
+        run_chat,
+    )
 
     model, tok, tpl = load_chat_model(args.model, template=args.template, device=args.device)
     session = ChatSession(model, tok, tpl, system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
@@ -268,7 +293,9 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from sftlab.chat import generate_jsonl
+    from sftlab.chat import (
+        generate_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     res = generate_jsonl(args.model, prompts=args.prompt, data=args.data, out=args.out, fmt=args.format,
                          system_prompt=args.system_prompt, template=args.template, max_new_tokens=args.max_new_tokens,
@@ -315,13 +342,22 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from sftlab.eval import GenerationSettings, attach_to_run, format_eval, run_eval
-    from sftlab.io import atomic_write_text
+    from sftlab.core.io import (
+        atomic_write_text,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.eval import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        GenerationSettings,
+        attach_to_run,
+        format_eval,
+        run_eval,
+    )
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.save:
-        from sftlab.train.artifacts import read_summary
+        from sftlab.rundir import (
+            read_summary,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        )
 
         read_summary(args.target)  # --save needs a finished run: fail before evaluating
     out = run_eval(args.target, args.data, compare_to=args.compare_to, general=args.general, fmt=args.fmt,
@@ -350,7 +386,9 @@ def _add_diagnose(p: argparse.ArgumentParser) -> None:
 
 def _cmd_diagnose(args) -> int:
     """Exit 0 when no problem is found, 1 with warnings, 2 with errors."""
-    from sftlab.diagnose import diagnose
+    from sftlab.diagnose import (
+        diagnose,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     return _report_findings(diagnose(args.run), args.json)
 
@@ -365,7 +403,9 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_report(args) -> int:
-    from sftlab.report import write_report
+    from sftlab.report import (
+        write_report,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     info = write_report(args.run, args.out, doctor=args.doctor)
     if args.json:
@@ -392,7 +432,11 @@ def _add_recommend(p):
 
 
 def _cmd_recommend(args) -> int:
-    from sftlab.plan import load_use_case, recommend, render_recommendation
+    from sftlab.plan import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        load_use_case,
+        recommend,
+        render_recommendation,
+    )
 
     keys = ("complexity", "examples", "strict_format", "domain_specific", "latency", "compute", "knowledge_updates")
     rec = recommend(load_use_case(args.use_case, {k: getattr(args, k) for k in keys}))
@@ -427,7 +471,13 @@ def _add_plan(p):
 
 
 def _cmd_plan(args) -> int:
-    from sftlab.plan import TrainSetup, load_shape, make_plan, render_plan, shape_from_params
+    from sftlab.plan import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        TrainSetup,
+        load_shape,
+        make_plan,
+        render_plan,
+        shape_from_params,
+    )
 
     if args.model and args.params:
         raise SftlabError("give --model or --params, not both")
@@ -455,13 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def quiet_libraries() -> None:
     """Keep library chatter (load bars, optional-kernel notices) out of what sftlab prints."""
-    import logging
-    import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of the libraries
     try:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import (
+            logging as hf_logging,  # deferred: heavy library, imported on first use
+        )
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
@@ -482,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftlab {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
-
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

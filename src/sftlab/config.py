@@ -8,6 +8,7 @@ training code and the resolved config is saved with every run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
+from sftlab.core.io import atomic_write_text
 
 
 def _f(default, help_text: str, choices: tuple | None = None):
@@ -97,10 +99,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        from sftlab.io import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
@@ -219,8 +218,6 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     raw.update({k: v for k, v in (overrides or {}).items()})
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        import difflib
-
         close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
         hint = f"did you mean '{close[0]}'?" if close else "run `sftlab train --help-config` for the list"
         raise SftlabError(f"unknown config key '{unknown[0]}'", hint=hint)

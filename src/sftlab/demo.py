@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 
 def _step(title: str) -> None:
@@ -19,15 +19,37 @@ def _step(title: str) -> None:
 
 
 def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit: int | None = None) -> int:
-    from sftlab.config import load_config
-    from sftlab.data.doctor import run_doctor
-    from sftlab.data.prepare import prepare, render_example
-    from sftlab.demo_data import demo_path
-    from sftlab.diagnose import diagnose
-    from sftlab.eval import GenerationSettings, attach_to_run, format_comparison, run_eval
-    from sftlab.models import load_tokenizer
-    from sftlab.report import write_report
-    from sftlab.train.run import train
+    from sftlab.config import (
+        load_config,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.data.doctor import (
+        run_doctor,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        prepare,
+        render_example,
+    )
+    from sftlab.demo_data import (
+        demo_path,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.diagnose import (
+        diagnose,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.eval import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        GenerationSettings,
+        attach_to_run,
+        format_comparison,
+        run_eval,
+    )
+    from sftlab.models import (
+        load_tokenizer,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.report import (
+        write_report,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.train.run import (
+        train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     t0 = time.perf_counter()
     train_data, eval_data, general = (str(demo_path(s)) for s in ("train", "eval", "general"))
@@ -69,7 +91,9 @@ def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit:
 
 
 def main() -> int:
-    from sftlab.cli import quiet_libraries
+    from sftlab.cli import (
+        quiet_libraries,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     quiet_libraries()
     max_steps = int(os.environ["SFTLAB_DEMO_STEPS"]) if os.environ.get("SFTLAB_DEMO_STEPS") else None
@@ -78,7 +102,6 @@ def main() -> int:
     except SftlabError as exc:
         print(f"sftlab demo: error: {exc}", file=sys.stderr)
         return exc.exit_code
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,6 @@
 Reads only the run folder (config.yaml, metrics.jsonl, summary.json, the tokenizer files in model/);
 never loads weights. Each rule is one small function ``(RunData, Thresholds) -> Finding | None`` and
 reports the numbers and steps it saw. Rules:
-
     overfitting        eval loss rising over the last evaluations while train loss falls, gap too wide
     forgetting         general-data loss up by more than the threshold
     format             low format adherence of generated replies
@@ -23,7 +22,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
+from sftlab.data.templates import BUILTIN, ChatTemplate
+from sftlab.data.types import Message
+from sftlab.eval.compare import forgetting
+from sftlab.rundir import (
+    METRICS,
+    PREPARE_REPORT,
+    SUMMARY,
+    read_metrics,
+    read_run_config,
+    read_summary,
+)
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -130,7 +140,6 @@ def _g(x: float) -> str:
 
 def load_run(run_dir: str | Path) -> RunData:
     """Read and check the run folder; missing or damaged files are one-line SftlabErrors."""
-    from sftlab.train.artifacts import METRICS, SUMMARY, read_metrics, read_run_config, read_summary
 
     p = Path(run_dir)
     if not p.is_dir():
@@ -154,7 +163,6 @@ def load_run(run_dir: str | Path) -> RunData:
     train = sorted((r for r in rows if split(r) == "train"), key=step)
     evals = sorted((r for r in rows if split(r) == "eval"), key=step)
     return RunData(p, cfg, train, evals, summary)
-
 
 # --- the evals before/after written by `sftlab eval --save` / make demo ----------------------------
 
@@ -189,7 +197,6 @@ def _lr(run: RunData) -> str:
     if isinstance(lr, (int, float)):
         return f"learning_rate: {lr:g} -> {lr / 2:g}"
     return "learning_rate: halve it"
-
 
 # --- rules ---------------------------------------------------------------------------------------
 
@@ -235,8 +242,6 @@ def rule_overfitting(run: RunData, th: Thresholds) -> Finding | None:
 
 
 def rule_forgetting(run: RunData, th: Thresholds) -> Finding | None:
-    from sftlab.eval.compare import forgetting
-
     b, a = _eval_result(run.summary, "before"), _eval_result(run.summary, "after")
     if b and a and _num(b.get("general_loss")) is not None and _num(a.get("general_loss")) is not None:
         f, where = forgetting(_num(b["general_loss"]), _num(a["general_loss"]), th.forgetting_rise), ("base model", "fine-tuned")
@@ -370,8 +375,6 @@ def rule_eos(run: RunData, th: Thresholds) -> Finding | None:
 
 
 def rule_truncation(run: RunData, th: Thresholds) -> Finding | None:
-    from sftlab.train.artifacts import PREPARE_REPORT
-
     prep = (run.summary or {}).get("prepare")
     if not isinstance(prep, dict):
         p = run.run_dir / PREPARE_REPORT
@@ -429,7 +432,6 @@ def _saved_template(model_dir: Path) -> tuple[str | None, dict]:
         special[k] = v.get("content", "") if isinstance(v, dict) else (v or "")
     return src, special
 
-
 _PROBES = [
     [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Name?")],
     [("user", "Say x"), ("assistant", "x")],
@@ -438,8 +440,6 @@ _PROBES = [
 
 def _renders(src: str, special: dict) -> list[str]:
     """The template's output on a few probe chats; a probe it refuses shows as its error."""
-    from sftlab.data.templates import ChatTemplate
-    from sftlab.data.types import Message
 
     try:
         t = ChatTemplate("probe", src, None, special)
@@ -456,8 +456,6 @@ def _renders(src: str, special: dict) -> list[str]:
 
 
 def rule_template_mismatch(run: RunData, th: Thresholds) -> Finding | None:
-    from sftlab.data.templates import BUILTIN
-
     name = _cfg(run, "template")
     evidence = []
     ev = (run.summary or {}).get("eval")
@@ -484,7 +482,6 @@ def rule_template_mismatch(run: RunData, th: Thresholds) -> Finding | None:
                    evidence, [f"template: {name or trained} (use the training template at inference: load the tokenizer from "
                               f"{mdir}, or `sftlab eval --template {name or trained}`)",
                               "re-save the tokenizer with the training template (sftlab export writes it)"])
-
 
 RULES: dict[str, Callable[[RunData, Thresholds], Finding | None]] = {
     "divergence": rule_divergence,

@@ -13,8 +13,6 @@ sftlab import. Before the folder appears, it is loaded back that way and its log
 the run's. ``gguf=True`` also writes a llama.cpp-compatible GGUF (:func:`write_gguf`, from
 :mod:`sftlab.export_gguf`) carrying the same template.
 
-:func:`check_template_consistency` is the check that the prompt a user sends at inference (rendered
-with the generation prompt) is exactly the start of what the model saw in training.
 """
 
 from __future__ import annotations
@@ -24,21 +22,17 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sftlab.core.errors import SftlabError
+from sftlab.core.io import atomic_dir
+from sftlab.data.consistency import SAMPLE_CONVERSATIONS, check_template_consistency
+from sftlab.data.formats import load_conversations
 from sftlab.data.templates import BUILTIN, ChatTemplate, resolve_template
-from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
+from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
+from sftlab.models import resolve_model_path
+from sftlab.rundir import MODEL_DIR, load_run_model, read_run_config
 
 EXPORT_INFO = "sftlab_export.json"
-
-# Conversations used when no data is given: with and without a system prompt, one and several turns.
-SAMPLE_CONVERSATIONS: list[list[Message]] = [
-    [Message("user", "What is the capital of France?"), Message("assistant", "Paris.")],
-    [Message("system", "You are a concise assistant."), Message("user", "Say hello."),
-     Message("assistant", "Hello!"), Message("user", "And in German?"), Message("assistant", "Hallo!")],
-    [Message("user", "Count to two."), Message("assistant", "1, 2"), Message("user", "Now to three."),
-     Message("assistant", "1, 2, 3"), Message("user", "Thanks."), Message("assistant", "You are welcome.")],
-]
 
 
 @dataclass
@@ -63,7 +57,6 @@ class ExportResult:
         d["gguf"] = str(self.gguf) if self.gguf else None
         return d
 
-
 # --------------------------------------------------------------------------------------------
 # Templates and stop tokens
 
@@ -86,63 +79,6 @@ def run_template(cfg, tokenizer) -> ChatTemplate:
     probe = resolve_template("tokenizer", tokenizer)  # carries the tokenizer's special tokens
     return ChatTemplate(Path(name).name, saved, None, probe.special)
 
-
-def _excerpt(text: str, pos: int) -> str:
-    return text[max(0, pos - 20): pos + 25]
-
-
-def _as_messages(conv) -> tuple[list[Message], str]:
-    if isinstance(conv, Conversation):
-        return list(conv.messages), conv.where()
-    msgs = [m if isinstance(m, Message) else Message(m["role"], m["content"]) for m in conv]
-    return msgs, ""
-
-
-def check_template_consistency(template: ChatTemplate | str,
-                               conversations: list[Conversation] | list[list[Message]] | None = None) -> list[str]:
-    """Problems found when comparing training and inference renderings; empty if they agree.
-
-    For each assistant turn of each conversation (default: :data:`SAMPLE_CONVERSATIONS`), the
-    inference prompt (the messages before it, rendered with ``add_generation_prompt=True``) must be
-    a prefix of the training text (the whole conversation rendered), and the reply must follow it
-    verbatim. Each problem names the conversation, the turn, the first differing character and a
-    short excerpt of both texts. ``template`` is a ChatTemplate or a jinja source string.
-    """
-    if isinstance(template, str):
-        template = ChatTemplate("template", template)
-    sample = conversations is None
-    problems: list[str] = []
-    for k, conv in enumerate(SAMPLE_CONVERSATIONS if sample else conversations, start=1):
-        if isinstance(conv, Conversation) and conv.is_text:
-            continue
-        msgs, where = _as_messages(conv)
-        label = where or f"{'sample ' if sample else ''}conversation {k}"
-        try:
-            full = template.render(msgs)
-        except SftlabError as exc:
-            if not (sample and any(m.role == "system" for m in msgs)):  # a template may refuse system turns
-                problems.append(f"{label}: {exc}")
-            continue
-        turn = 0
-        for i, m in enumerate(msgs):
-            if m.role != "assistant":
-                continue
-            turn += 1
-            prompt = template.render(msgs[:i], add_generation_prompt=True)
-            if not full.startswith(prompt):
-                pos = next((j for j, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
-                problems.append(
-                    f"{label}, assistant turn {turn}: the inference prompt is not a prefix of the training text; "
-                    f"they differ at character {pos}: inference {_excerpt(prompt, pos)!r} vs training {_excerpt(full, pos)!r}")
-                continue
-            rest = full[len(prompt):]
-            if not (rest.startswith(m.content) or rest.startswith(m.content.strip())):
-                problems.append(
-                    f"{label}, assistant turn {turn}: the reply does not follow the inference prompt verbatim "
-                    f"(character {len(prompt)}): training has {rest[:40]!r}, the reply is {m.content[:40]!r}")
-    return problems
-
-
 # --------------------------------------------------------------------------------------------
 # The export
 
@@ -159,7 +95,6 @@ def _adapter_type(mdir: Path) -> str | None:
 
 def _check_request(run_dir: Path, out: Path, *, merge: bool, gguf: bool, gguf_dtype: str, force: bool) -> tuple[str, str]:
     """Fail fast on user mistakes, before any model is loaded. Returns (kind, peft_type)."""
-    from sftlab.train.artifacts import MODEL_DIR, read_run_config
 
     if not run_dir.is_dir():
         raise SftlabError(f"run folder '{run_dir}' not found")
@@ -201,7 +136,6 @@ def _check_request(run_dir: Path, out: Path, *, merge: bool, gguf: bool, gguf_dt
 
 def _check_run_data(cfg, template: ChatTemplate, n: int = 32) -> list[str]:
     """The consistency check on the run's own training conversations, when the data is still there."""
-    from sftlab.data.formats import load_conversations
 
     if not cfg.data or not Path(cfg.data).exists():
         return []
@@ -213,14 +147,14 @@ def _check_run_data(cfg, template: ChatTemplate, n: int = 32) -> list[str]:
 
 
 def _probe_ids(template: ChatTemplate, tokenizer):
-    import torch
+    import torch  # deferred: heavy library, imported on first use
 
     text = template.render(SAMPLE_CONVERSATIONS[1])
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
 def _logits(model, ids):
-    import torch
+    import torch  # deferred: heavy library, imported on first use
 
     with torch.no_grad():
         return model(input_ids=ids.to(model.device)).logits.float().cpu()
@@ -234,8 +168,10 @@ def _write_adapter(mdir: Path, tmp: Path, base_path: str) -> None:
     if (mdir / "adapter_model.safetensors").exists():
         shutil.copy2(mdir / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
     elif (mdir / "adapter_model.bin").exists():
-        import torch
-        from safetensors.torch import save_file
+        import torch  # deferred: heavy library, imported on first use
+        from safetensors.torch import (
+            save_file,  # deferred: heavy library, imported on first use
+        )
 
         state = torch.load(mdir / "adapter_model.bin", map_location="cpu", weights_only=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
@@ -245,11 +181,13 @@ def _write_adapter(mdir: Path, tmp: Path, base_path: str) -> None:
 
 def _load_back(tmp: Path, kind: str, base_path: str, n_tokens: int, dtype):
     """Load the export the way a user would: plain transformers (+ peft for an adapter)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,  # deferred: heavy library, imported on first use
+    )
 
     if kind != "adapter":
         return AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype).eval()
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: heavy library, imported on first use
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if base.get_input_embeddings().weight.shape[0] != n_tokens:
@@ -273,13 +211,12 @@ def _readme(res: ExportResult) -> str:
             "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n"
             + (f"\nllama.cpp: `llama-cli -m {res.gguf.name} -cnv` (the template is in the file)\n" if res.gguf else ""))
 
-
 _TORCH_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                  "fp16": "float16", "float16": "float16"}
 
 
 def _torch_dtype(name: str):
-    import torch
+    import torch  # deferred: heavy library, imported on first use
 
     if name not in _TORCH_DTYPES:
         raise SftlabError(f"unknown dtype '{name}'", hint="use fp32, bf16 or fp16")
@@ -288,7 +225,9 @@ def _torch_dtype(name: str):
 
 def _generation_config(model, tokenizer, stops: list[int]):
     """The model's own generation config (sampling defaults kept) with the run's stop and pad tokens."""
-    from transformers import GenerationConfig
+    from transformers import (
+        GenerationConfig,  # deferred: heavy library, imported on first use
+    )
 
     gen = getattr(model, "generation_config", None) if model is not None else None
     gen = GenerationConfig.from_dict(gen.to_dict()) if gen is not None else GenerationConfig()
@@ -309,10 +248,6 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
     Raises SftlabError for a run without a model, an existing ``out`` without ``force``, ``merge``
     of a run with nothing to merge, and ``gguf`` of an adapter that is not merged.
     """
-    from sftlab.eval.generation import stop_token_ids
-    from sftlab.io import atomic_dir
-    from sftlab.models import resolve_model_path
-    from sftlab.train.artifacts import MODEL_DIR, load_run_model
 
     run_dir, out = Path(run_dir), Path(out)
     kind, _ = _check_request(run_dir, out, merge=merge, gguf=gguf, gguf_dtype=gguf_dtype, force=force)

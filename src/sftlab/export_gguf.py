@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 GGUF_DTYPES = ("f16", "f32")
 
@@ -33,7 +33,7 @@ def _gguf_pre(tok_json: dict) -> str:
 
 
 def _gguf_vocab(writer, tokenizer, n_vocab: int, end_of_turn: str | None) -> None:
-    import gguf
+    import gguf  # deferred: heavy library, imported on first use
 
     tok_json = json.loads(tokenizer.backend_tokenizer.to_str())
     model = tok_json.get("model") or {}
@@ -80,9 +80,9 @@ def write_gguf(model, tokenizer, chat_template: str, path: str | Path, *, dtype:
     Tensors get llama.cpp's names (token_embd, blk.N.attn_q, ..., output_norm, output unless tied);
     q/k rows are permuted as llama.cpp expects. 2-D weights in ``dtype`` (f16/f32), norms in f32.
     """
-    import gguf
-    import numpy as np
-    import torch
+    import gguf  # deferred: heavy library, imported on first use
+    import numpy as np  # deferred: heavy library, imported on first use
+    import torch  # deferred: heavy library, imported on first use
 
     cfg = model.config
     if cfg.model_type != "llama":

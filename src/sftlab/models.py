@@ -28,10 +28,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     Padding side is left as the tokenizer says (right for training; set ``padding_side="left"`` to
     generate in batches).
     """
-    from transformers import AutoTokenizer
+    from transformers import (
+        AutoTokenizer,  # deferred: heavy library, imported on first use
+    )
 
     path = resolve_model_path(name_or_path)
     with _load_errors(name_or_path):
@@ -117,8 +120,10 @@ def load_model(
     Extra keyword arguments (e.g. ``quantization_config``, ``device_map``) go to ``from_pretrained``;
     with ``device_map`` (set to ``{"": device}`` for a quantization_config) the model is not moved after.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # deferred: heavy library, imported on first use
+    from transformers import (
+        AutoModelForCausalLM,  # deferred: heavy library, imported on first use
+    )
 
     dev = _pick_device(device)
     torch_dtype = _pick_dtype(dtype, dev)
@@ -144,7 +149,9 @@ def load_model(
 
 def model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
     """The model's ``PretrainedConfig``, read without loading (or converting) any weights."""
-    from transformers import AutoConfig
+    from transformers import (
+        AutoConfig,  # deferred: heavy library, imported on first use
+    )
 
     kind, target = _locate(name_or_path)
     if kind == "gguf":
@@ -157,7 +164,6 @@ def model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
             return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     with _load_errors(name_or_path):
         return AutoConfig.from_pretrained(str(target), trust_remote_code=trust_remote_code)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Resolving names
@@ -216,7 +222,6 @@ def _load_errors(name: str) -> Iterator[None]:
                 "(--trust-remote-code) only if you trust its source"
             ) from e
         raise
-
 
 # ---------------------------------------------------------------------------------------------------
 # GGUF -> safetensors, once
@@ -296,8 +301,13 @@ def _gguf_errors(gguf: Path) -> Iterator[None]:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """De-quantize ``gguf`` and write config, fp32 safetensors, tokenizer and generation config to ``out``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    import torch  # deferred: heavy library, imported on first use
+    from transformers import (  # deferred: heavy library, imported on first use
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+    )
 
     folder, fname = str(gguf.parent), gguf.name
     with _gguf_errors(gguf):
@@ -339,7 +349,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def _gguf_fields(gguf: Path, keys: tuple[str, ...]) -> dict[str, Any]:
     """A few scalar metadata fields of a GGUF file (memory-mapped, no tensors read)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # deferred: heavy library, imported on first use
 
     reader = GGUFReader(str(gguf))
     found: dict[str, Any] = {}
@@ -359,7 +369,9 @@ def _fix_gguf_tokenizer(tok: Any, pre: str | None) -> None:
     vocabulary holds no multi-digit tokens, so ids come out the same either way; restoring the split
     keeps the tokenizer identical to the original for any merges we have not checked.
     """
-    from tokenizers import pre_tokenizers
+    from tokenizers import (
+        pre_tokenizers,  # deferred: heavy library, imported on first use
+    )
 
     for key in ("is_local", "local_files_only", "vocab_file"):  # paths of this machine, not worth saving
         tok.init_kwargs.pop(key, None)
@@ -374,13 +386,10 @@ def _fix_gguf_tokenizer(tok: Any, pre: str | None) -> None:
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
         return "unknown"
-
 
 # ---------------------------------------------------------------------------------------------------
 # Pad token and stop tokens
@@ -430,13 +439,12 @@ def _match_tokenizer(model: Any, tok: Any) -> None:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tok.pad_token_id
 
-
 # ---------------------------------------------------------------------------------------------------
 # Device, dtype, attention
 
 
 def _pick_device(device: Any) -> str:
-    import torch
+    import torch  # deferred: heavy library, imported on first use
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -451,7 +459,7 @@ def _pick_device(device: Any) -> str:
 
 
 def _pick_dtype(dtype: Any, device: str) -> Any:
-    import torch
+    import torch  # deferred: heavy library, imported on first use
 
     if dtype is None or dtype == "auto":
         if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -466,7 +474,7 @@ def _pick_dtype(dtype: Any, device: str) -> Any:
 
 
 def _pick_attn(attn: str | None, device: str, dtype: Any) -> str:
-    import torch
+    import torch  # deferred: heavy library, imported on first use
 
     if attn is None:
         return "sdpa"

@@ -8,8 +8,11 @@ oldest release we have seen train a QLoRA step on CPU, so it is the floor there.
 from __future__ import annotations
 
 import functools
+import logging
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 MIN_BITSANDBYTES_CPU = "0.50"
 
@@ -17,7 +20,6 @@ MIN_BITSANDBYTES_CPU = "0.50"
 @functools.lru_cache(maxsize=None)
 def bitsandbytes_version() -> str | None:
     """The version of bitsandbytes if it imports, else None. Imported once, without its optional-kernel notices."""
-    import logging
 
     log = logging.getLogger("bitsandbytes")
     level = log.level
@@ -30,8 +32,6 @@ def bitsandbytes_version() -> str | None:
         log.setLevel(level)
     version = getattr(bitsandbytes, "__version__", None)
     if not version:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
-
         try:
             version = dist_version("bitsandbytes")
         except PackageNotFoundError:  # pragma: no cover - imported from a source tree
@@ -76,6 +76,5 @@ def require_qlora(device: str) -> None:
     reason = qlora_unavailable(device)
     if reason:
         raise SftlabError(reason)
-
 
 __all__ = ["MIN_BITSANDBYTES_CPU", "bitsandbytes_version", "qlora_unavailable", "require_qlora"]

@@ -15,8 +15,10 @@ import io
 import math
 from pathlib import Path
 
+from sftlab.core.errors import SftlabError
+from sftlab.core.io import atomic_write_text
+from sftlab.data.doctor import run_doctor
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
-from sftlab.errors import SftlabError
 
 REPORT = "report.html"
 
@@ -79,10 +81,10 @@ def _png(fig) -> str:
 
 def make_plots(run: RunData) -> list[tuple[str, str]]:
     """(title, base64 PNG) for every curve the run logged; curves it did not log are left out."""
-    import matplotlib
+    import matplotlib  # deferred: heavy library, imported on first use
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: heavy library, imported on first use
 
     specs = [
         ("Loss", [(run.train, "loss", "train loss", "-"), (run.evals, "eval_loss", "eval loss", "o-"),
@@ -179,7 +181,6 @@ def _doctor_text(run: RunData, doctor: bool) -> str:
         return '<p class="muted">Not run.</p>'
     if not data or not Path(data).exists():
         return f'<p class="muted">Training data {_e(data)} not found from here; run <code>sftlab doctor DATA</code>.</p>'
-    from sftlab.data.doctor import run_doctor
 
     eval_data = getattr(run.config, "eval_data", None)
     try:
@@ -260,7 +261,6 @@ def render_report(run: RunData, diag: Diagnosis, plots: list[tuple[str, str]], *
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, doctor: bool = True) -> dict:
     """Write the report (default ``RUN/report.html``) atomically; returns {"path", "plots", "findings"}."""
-    from sftlab.io import atomic_write_text
 
     run = load_run(run_dir)
     diag = diagnose_run(run)
@@ -268,4 +268,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, doctor: 
     path = Path(out) if out else Path(run_dir) / REPORT
     atomic_write_text(path, render_report(run, diag, plots, doctor=doctor))
     return {"path": str(path), "plots": [t for t, _ in plots], "findings": len(diag.findings)}
-

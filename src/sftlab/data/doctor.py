@@ -18,6 +18,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sftlab.core.errors import SftlabError
+from sftlab.data.consistency import check_template_consistency
 from sftlab.data.doctor_checks import (
     _GENERIC_MARKER,
     CHECKS,
@@ -36,9 +38,13 @@ from sftlab.data.doctor_checks import (
 )
 from sftlab.data.formats import format_of_row, resolve_format, to_conversations
 from sftlab.data.load import read_records
-from sftlab.data.templates import BUILTIN, missing_tokens, resolve_template, template_names
+from sftlab.data.templates import (
+    BUILTIN,
+    missing_tokens,
+    resolve_template,
+    template_names,
+)
 from sftlab.data.types import Conversation
-from sftlab.errors import SftlabError
 
 
 @dataclass
@@ -144,13 +150,11 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
     """The inference prompt (generation prompt) must be a prefix of the training text at every reply."""
     if tpl is None:
         return
-    from sftlab.export import check_template_consistency
 
     chats = [c for c in convs if not c.is_text][:sample]
     for c, problem in zip(chats, (check_template_consistency(tpl, [c]) for c in chats)):
         if problem:
             _add(findings, "template_consistency", c.source, c.line, problem[0])
-
 
 # --- reading ------------------------------------------------------------------------------------
 def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
@@ -222,7 +226,6 @@ def _special_tokens(tok) -> set[str]:
     added = [str(t) for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
     return {s for s in [*tok.all_special_tokens, *added] if s}
 
-
 # --- the report ---------------------------------------------------------------------------------
 def _histogram_lines(hist: list[dict], width: int = 40) -> list[str]:
     top = max(h["count"] for h in hist) or 1
@@ -255,7 +258,6 @@ def _stats_lines(s: dict) -> list[str]:
     if s.get("note"):
         out.append(f"note: {s['note']}")
     return out
-
 
 # The checks live in sftlab.data.doctor_checks; their public names stay importable from here.
 __all__ = ["CHECKS", "NEAR_JACCARD", "TEMPLATE_MARKERS", "DoctorResult", "Finding", "run_doctor"]

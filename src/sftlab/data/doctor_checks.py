@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.masking import IGNORE, Labeler
 from sftlab.data.types import Conversation
-from sftlab.errors import SftlabError
 
 # check name -> (severity, heading). The report lists checks in this order.
 CHECKS: dict[str, tuple[str, str]] = {

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sftlab.data.load import Record
+from sftlab.core.errors import SftlabError
+from sftlab.data.load import Record, read_records
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
 
 
 class FormatError(ValueError):
@@ -20,7 +20,6 @@ class FormatError(ValueError):
     def __init__(self, message: str, check: str = "fields"):
         self.check = check
         super().__init__(message)
-
 
 _SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -151,7 +150,6 @@ def from_text(row: dict) -> Conversation:
         raise FormatError("'text' is empty", "empty_reply")
     return Conversation(text=text, weight=_weight(row))
 
-
 CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
     "messages": from_messages,
     "sharegpt": from_sharegpt,
@@ -225,7 +223,6 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
 
 def load_conversations(path: str, fmt: str | None = None, *, system_prompt: str | None = None) -> list[Conversation]:
     """Read a data file (any supported type and format) into conversations; bad lines raise SftlabError."""
-    from sftlab.data.load import read_records
 
     convs, _ = to_conversations(read_records(path, strict=True), fmt, system_prompt=system_prompt, strict=True)
     return convs

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -164,7 +164,7 @@ def _read_csv(p: Path) -> list[Record]:
 
 
 def _read_parquet(p: Path) -> list[Record]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: heavy library, imported on first use
 
     try:
         rows = pq.read_table(p).to_pylist()
@@ -175,7 +175,7 @@ def _read_parquet(p: Path) -> list[Record]:
 
 def _read_dataset_dir(p: Path) -> list[Record]:
     """A folder from Dataset.save_to_disk, or a folder of data files (the first split found)."""
-    import datasets
+    import datasets  # deferred: heavy library, imported on first use
 
     if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
         try:

@@ -26,12 +26,12 @@ import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from sftlab.core.errors import SftlabError
+from sftlab.core.loss import IGNORE
 from sftlab.data.skeleton import Skeletons
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
 
-IGNORE = -100
 MASKING = ("all_assistant", "last_assistant", "all")
 TRUNCATION = ("cut_turns", "drop", "truncate")
 

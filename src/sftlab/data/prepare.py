@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlab.config import Config
+from sftlab.core.errors import SftlabError
+from sftlab.core.io import atomic_dir
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport, paused_gc
 from sftlab.data.templates import ChatTemplate, missing_tokens, resolve_template
 from sftlab.data.types import Conversation
-from sftlab.errors import SftlabError
+from sftlab.models import load_tokenizer
 
 
 @dataclass
@@ -50,8 +52,6 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | None = None) -> Prepared
     if not path:
         raise SftlabError("no training data given", hint="pass --data FILE or set `data:` in the config")
     if tokenizer is None:
-        from sftlab.models import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with paused_gc():
         convs = load_conversations(path, cfg.format, system_prompt=cfg.system_prompt)
@@ -73,9 +73,7 @@ def dump_rows(prepared: Prepared):
 
 def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
     """Write the tokenized examples as an Arrow dataset plus the preparation report, atomically."""
-    import datasets
-
-    from sftlab.io import atomic_dir
+    import datasets  # deferred: heavy library, imported on first use
 
     ds = datasets.Dataset.from_dict({
         "input_ids": [e.input_ids for e in prepared.examples],

@@ -32,8 +32,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
 
 VERIFY_EVERY = 50
 _MARK, _END = "\ue000", "\ue001"  # Unicode private-use characters around each sentinel

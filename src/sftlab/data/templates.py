@@ -7,6 +7,7 @@ written into an exported tokenizer and reproduced at inference by plain transfor
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -16,8 +17,8 @@ from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.types import Message
-from sftlab.errors import SftlabError
 
 _NL = "{{ '\\n' }}"
 
@@ -148,7 +149,6 @@ def resolve_template(name: str | None, tokenizer) -> ChatTemplate:
 
 def missing_tokens(template: ChatTemplate, tokenizer) -> list[str]:
     """Special tokens a built-in template writes that the tokenizer does not know as single tokens."""
-    import re
 
     wanted = set(re.findall(r"<\|[a-z_]+\|>", template.source))
     vocab = tokenizer.get_vocab()

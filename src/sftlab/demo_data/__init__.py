@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 SPLITS = ("train", "eval", "general")
 

@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from sftlab.io import write_jsonl
+from sftlab.core.io import write_jsonl
 
 SEED = 20240503
 N_TRAIN, N_EVAL = 300, 60

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from sftlab.core.errors import SftlabError
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
-from sftlab.errors import SftlabError
 
 _PROBE = "\x00sftlab-reply\x00"
 
@@ -114,7 +114,9 @@ def stop_token_ids(tokenizer, template: ChatTemplate | None) -> list[int]:
 
 
 def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id: int):
-    from transformers import GenerationConfig
+    from transformers import (
+        GenerationConfig,  # deferred: heavy library, imported on first use
+    )
 
     kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                   eos_token_id=list(stop_ids), pad_token_id=pad_id, num_beams=1)

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from sftlab.core.errors import SftlabError
+from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
 from sftlab.data.collate import PadCollator
 from sftlab.data.masking import IGNORE, Example
-from sftlab.errors import SftlabError
-from sftlab.train.losses import hidden_states_instead_of_logits, sft_loss
 
 
 def perplexity(loss: float) -> float:

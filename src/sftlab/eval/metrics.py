@@ -12,7 +12,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-
 # --- length, emptiness, repetition --------------------------------------------------------------
 
 def words(text: str) -> list[str]:

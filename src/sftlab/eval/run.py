@@ -17,16 +17,26 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from sftlab.core.errors import SftlabError
+from sftlab.core.io import atomic_write_text
+from sftlab.data.formats import load_conversations
 from sftlab.data.masking import Example, Labeler
-from sftlab.data.templates import ChatTemplate, resolve_template
+from sftlab.data.templates import BUILTIN, ChatTemplate, resolve_template
 from sftlab.data.types import Conversation
-from sftlab.errors import SftlabError
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import DEFAULT_FORGETTING_THRESHOLD, compare
-from sftlab.eval.generation import (Generation, GenerationSettings, generate, prompt_messages, reference_reply,
-                                    render_prompt)
+from sftlab.eval.generation import (
+    Generation,
+    GenerationSettings,
+    generate,
+    prompt_messages,
+    reference_reply,
+    render_prompt,
+)
 from sftlab.eval.loss import evaluate_loss
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
+from sftlab.models import load_model, load_tokenizer
+from sftlab.rundir import SUMMARY, is_run_dir, load_run_model, read_summary
 
 
 def score_generations(generations: Sequence[Generation], references: Sequence[str], *,
@@ -113,7 +123,6 @@ def training_eval(model, tokenizer, examples: Sequence[Example | dict], *, batch
             row.update({f"gen_{k}": v for k, v in gen.items() if k != "n"})
     return row
 
-
 _PREP_KEYS = ("n_input", "n_kept", "n_dropped_too_long", "n_truncated", "n_turns_cut")
 
 
@@ -122,7 +131,6 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
              max_seq_length: int | None = 2048, truncation: str = "cut_turns",
              general: Sequence[Conversation] | None = None, samples: int = 5, generation: bool = True) -> dict:
     """Evaluate one loaded model on conversations. JSON-serialisable result:
-
     ``metrics`` (loss, perplexity, tokens, general_loss, and the generation summary), ``scorer``,
     ``format_check``, ``prepare`` (what tokenization kept/dropped), ``samples`` (the first
     ``samples`` prompts with reference, reply and score), ``settings`` (the generation settings).
@@ -156,7 +164,6 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
                                       "prompt_text": render_prompt(template, c), **row})
     return result
 
-
 # --- sftlab eval -------------------------------------------------------------------------------
 
 _LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError, TypeError)
@@ -164,8 +171,12 @@ _LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeErr
 
 def _load_guard(what: str, fn):
     """Run a loader quietly (no per-load progress bars); a failure is one SftlabError line."""
-    from safetensors import SafetensorError
-    from transformers.utils import logging as hf_logging
+    from safetensors import (
+        SafetensorError,  # deferred: heavy library, imported on first use
+    )
+    from transformers.utils import (
+        logging as hf_logging,  # deferred: heavy library, imported on first use
+    )
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -198,15 +209,12 @@ def load_target(spec: str, *, template: str | None = None, device=None, share_to
     (a tokenizer) loads a plain model with that tokenizer instead of its own, so a base model and
     its fine-tune are scored on exactly the same tokens.
     """
-    from sftlab.models import load_model, load_tokenizer
-    from sftlab.train.artifacts import is_run_dir, load_run_model
 
     p = Path(spec)
     if p.is_dir() and (p / "config.yaml").exists():
         if not is_run_dir(p):
             raise SftlabError(f"{spec}: run folder has no model/ folder", hint="the run did not save a model")
         model, tok, cfg = _load_guard(f"run '{spec}'", lambda: load_run_model(p, device=device))
-        from sftlab.data.templates import BUILTIN
         name = template or (cfg.template if cfg.template in BUILTIN else None)
         return model, tok, _template_for(name, tok), cfg
     tok = share_tokenizer if share_tokenizer is not None else _load_guard(f"model '{spec}'", lambda: load_tokenizer(spec))
@@ -216,8 +224,6 @@ def load_target(spec: str, *, template: str | None = None, device=None, share_to
 
 
 def _load_data(path: str, fmt: str | None, what: str) -> list[Conversation]:
-    from sftlab.data.formats import load_conversations
-
     convs = load_conversations(path, fmt)
     if not convs:
         raise SftlabError(f"{what} '{path}' holds no examples")
@@ -271,8 +277,6 @@ def run_eval(target: str, data: str, *, compare_to: str | None = None, general: 
 
 def attach_to_run(run_dir: str | Path, result: dict) -> Path:
     """Store an eval result in the run's summary.json under ``eval`` (atomically); returns the file."""
-    from sftlab.io import atomic_write_text
-    from sftlab.train.artifacts import SUMMARY, read_summary
 
     summary = read_summary(run_dir)
     summary["eval"] = result

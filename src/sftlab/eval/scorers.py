@@ -1,7 +1,6 @@
 """Task scorers and format checks, chosen per data set.
 
 A scorer turns (reply, reference reply) into a score in [0, 1]. Names:
-
     exact          reply equals the reference (whitespace-normalised)
     contains       the reference occurs in the reply (case-insensitive)
     regex          the reference reply is a regular expression the reply must match (re.search)
@@ -20,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 from sftlab.eval import metrics as m
 
 Scorer = Callable[[str, str], float]

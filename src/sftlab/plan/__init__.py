@@ -9,7 +9,17 @@
 """
 
 from sftlab.plan.allocator import release_freed_memory
-from sftlab.plan.fit import COMMON_GPUS_GB, Machine, Plan, Recommended, fits, learning_rate, make_plan, recommend_config, this_machine
+from sftlab.plan.fit import (
+    COMMON_GPUS_GB,
+    Machine,
+    Plan,
+    Recommended,
+    fits,
+    learning_rate,
+    make_plan,
+    recommend_config,
+    this_machine,
+)
 from sftlab.plan.memory import (
     ALL_LINEAR,
     METHODS,
@@ -27,7 +37,14 @@ from sftlab.plan.memory import (
 )
 from sftlab.plan.recommend import Recommendation, UseCase, load_use_case, recommend
 from sftlab.plan.render import render_plan, render_recommendation
-from sftlab.plan.shapes import ModelShape, known_shapes, load_shape, parse_param_count, shape_from_config, shape_from_params
+from sftlab.plan.shapes import (
+    ModelShape,
+    known_shapes,
+    load_shape,
+    parse_param_count,
+    shape_from_config,
+    shape_from_params,
+)
 
 __all__ = [
     "ALL_LINEAR", "COMMON_GPUS_GB", "METHODS", "Machine", "MemoryEstimate", "ModelShape", "Plan", "Recommendation",

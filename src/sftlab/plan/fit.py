@@ -11,7 +11,14 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
-from sftlab.plan.memory import GB, MemoryEstimate, TrainSetup, estimate_memory, max_batch, max_seq_len
+from sftlab.plan.memory import (
+    GB,
+    MemoryEstimate,
+    TrainSetup,
+    estimate_memory,
+    max_batch,
+    max_seq_len,
+)
 from sftlab.plan.shapes import ModelShape
 
 # Usable memory of common training GPUs, in GB as sold (1e9 bytes): RTX 3090/4090/A10 (24),

@@ -2,7 +2,7 @@
 
 Pure functions on a :class:`~sftlab.plan.shapes.ModelShape` and a :class:`TrainSetup`. What is counted
 is what the training code really holds (transformers Trainer + peft, SDPA attention, torch AdamW,
-non-reentrant gradient checkpointing, the chunked cross-entropy of ``sftlab.train.losses``):
+non-reentrant gradient checkpointing, the chunked cross-entropy of ``sftlab.core.loss``):
 
 * weights, gradients and optimizer state. Under bf16/fp16 mixed precision the model is kept in fp32 and
   run under autocast, which is the published accounting of 16 bytes per parameter for Adam: a 2-byte
@@ -36,9 +36,10 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
-from sftlab.errors import SftlabError
+from sftlab.core.attention import CHOICES as ATTENTION
+from sftlab.core.attention import eager_extra_bytes, pick_attention
+from sftlab.core.errors import SftlabError
 from sftlab.plan.shapes import ModelShape
-from sftlab.train.attention import eager_extra_bytes, pick_attention
 
 METHODS = ("full", "lora", "qlora", "prefix")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit")
@@ -73,9 +74,9 @@ class TrainSetup:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_LINEAR
     prefix_tokens: int = 20
-    loss_chunk: int = 2048  # rows projected to the vocabulary at a time (sftlab.train.losses)
+    loss_chunk: int = 2048  # rows projected to the vocabulary at a time (sftlab.core.loss)
     trained_fraction: float = 1.0  # share of positions with a trained label (prompt masking lowers it)
-    attention: str = "sdpa"  # sdpa, eager, flash_attention_2, or auto (sftlab.train.attention decides)
+    attention: str = "sdpa"  # sdpa, eager, flash_attention_2, or auto (sftlab.core.attention decides)
 
     def __post_init__(self):
         validate_setup(self)
@@ -112,7 +113,6 @@ def validate_setup(s: TrainSetup) -> None:
             raise SftlabError(f"{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if not 0.0 < s.trained_fraction <= 1.0:
         raise SftlabError(f"trained fraction must be in (0, 1], got {s.trained_fraction}")
-    from sftlab.train.attention import CHOICES as ATTENTION
 
     if s.attention not in ATTENTION:
         raise SftlabError(f"unknown attention {s.attention!r}", hint=f"use one of: {', '.join(ATTENTION)}")
@@ -143,7 +143,6 @@ class MemoryEstimate:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
 # --- dtype sizes ------------------------------------------------------------------------------
 
 
@@ -164,7 +163,6 @@ def _bytes(shape: ModelShape, s: TrainSetup) -> _Bytes:
     # CPU dropout multiplies by a float noise tensor; CUDA's fused dropout keeps a bool mask.
     mb = 1 if s.device == "cuda" else cb
     return _Bytes(cb, rb, wb, mb)
-
 
 # --- parameters and static memory -------------------------------------------------------------
 
@@ -240,7 +238,6 @@ def static_parts(shape: ModelShape, s: TrainSetup) -> dict[str, int]:
     parts["adapter_optimizer"] = int(n * (opt - (4.0 if s.mixed else 0.0)))
     return parts
 
-
 # --- activations ------------------------------------------------------------------------------
 
 
@@ -255,7 +252,6 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
 
     Counted from the Llama block (RMSNorm -> q/k/v -> RoPE -> SDPA -> o -> residual -> RMSNorm ->
     gate/up -> SiLU * up -> down -> residual), checked with ``torch.autograd.graph.saved_tensors_hooks``:
-
     * every method: both norm inputs (fp32, the norm upcasts), the rotated q and k, v and the attention
       output (SDPA keeps them and a log-sum-exp per head), gate, SiLU(gate) and up;
     * full fine-tuning adds what the weight gradients need: both normalised tensors (norm weights) and
@@ -338,13 +334,12 @@ def loss_rows(s: TrainSetup) -> int:
 def logits_bytes(shape: ModelShape, s: TrainSetup) -> int:
     """The loss's peak: one chunk of logits, recomputed in backward, in fp32.
 
-    The training loss (``sftlab.train.losses``) never holds all ``[tokens, vocab]`` logits: the head is
+    The training loss (``sftlab.core.loss``) never holds all ``[tokens, vocab]`` logits: the head is
     applied to ``loss_chunk`` rows at a time under checkpointing. Backward of a chunk holds its
     recomputed fp32 log-probabilities, their gradient and the logits' gradient: 12 bytes per element
     (the forward holds less: logits, their fp32 copy and the log-probabilities).
     """
     return 12 * loss_rows(s) * shape.vocab
-
 
 # --- the estimate -----------------------------------------------------------------------------
 
@@ -444,7 +439,6 @@ def max_batch(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit: 
 def max_seq_len(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit: int = 1 << 20) -> int:
     """Largest sequence length that fits ``budget_bytes`` at ``setup.batch``; 0 when none does."""
     return _largest(lambda n: estimate_memory(shape, replace(setup, seq_len=n)).total_bytes <= budget_bytes, limit)
-
 
 __all__ = ["ALL_LINEAR", "METHODS", "OPTIMIZERS", "PRECISIONS", "DEVICES", "GB", "TrainSetup", "MemoryEstimate",
            "estimate_memory", "layer_activation_bytes", "logits_bytes", "lora_param_count", "prefix_param_count",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
 
 APPROACHES = ("prompt engineering", "few-shot", "RAG", "PEFT", "full SFT")
 COMPLEXITY = ("simple", "moderate", "complex")

@@ -12,7 +12,8 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
+from sftlab.models import model_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -150,30 +151,13 @@ def load_shape(model: str) -> ModelShape:
     on_disk = Path(model).expanduser().exists()
     if key in _KNOWN and key != DEFAULT_MODEL and not on_disk:
         return _KNOWN[key]
-    try:  # sftlab.models knows every way a model can be given (folder, .gguf, the default, hub id)
-        from sftlab.models import model_config
-    except ImportError:
-        model_config = None
-    if model_config is not None:
-        try:
-            return shape_from_config(model_config(DEFAULT_MODEL if key == DEFAULT_MODEL and not on_disk else model), model)
-        except SftlabError:
-            if key == DEFAULT_MODEL and not on_disk:
-                return _KNOWN[DEFAULT_MODEL]  # the embedded default's published shape
-            raise
-    if key in _KNOWN and not on_disk:
-        return _KNOWN[key]
-    if Path(model).suffix == ".gguf":
-        raise SftlabError(f"{model}: reading .gguf configs needs sftlab.models", hint="pass --params instead")
+    # sftlab.models knows every way a model can be given (folder, .gguf, the default, hub id)
     try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SftlabError(f"cannot read the config of model {model!r}: {first}",
-                          hint="pass a local model folder with config.json, a known name, or --params 7B") from None
-    return shape_from_config(config, name=model)
+        return shape_from_config(model_config(DEFAULT_MODEL if key == DEFAULT_MODEL and not on_disk else model), model)
+    except SftlabError:
+        if key == DEFAULT_MODEL and not on_disk:
+            return _KNOWN[DEFAULT_MODEL]  # the embedded default's published shape
+        raise
 
 
 def _human_count(n: float) -> str:

@@ -10,16 +10,7 @@ import time
 
 from transformers import TrainerCallback
 
-
-def peak_memory_mb() -> float:
-    """Peak memory of this process: CUDA max allocated on GPU, else peak resident set size."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+from sftlab.core.hardware import peak_memory_mb
 
 
 class MetricsLogger(TrainerCallback):
@@ -37,7 +28,7 @@ class MetricsLogger(TrainerCallback):
         self._last = (time.perf_counter(), t.tokens_seen, t.trained_tokens_seen)
         self._bar = None
         if not self.quiet and args.should_save:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # deferred: heavy library, imported on first use
 
             self._bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
 

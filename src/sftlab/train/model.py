@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 from sftlab.config import Config
-from sftlab.errors import SftlabError
+from sftlab.core.errors import SftlabError
+from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
+from sftlab.models import load_model
+from sftlab.qlora import require_qlora
 
 
 def _dtype(precision: str):
-    import torch
+    import torch  # deferred: heavy library, imported on first use
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def build_model(cfg: Config, tok, added_tokens: list[str]):
     """Returns (model ready for Trainer, loss_fn(model, batch) used for the EWC Fisher)."""
-    import torch
-
-    from sftlab.models import load_model
+    import torch  # deferred: heavy library, imported on first use
 
     kwargs = {}
     if cfg.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        from sftlab.qlora import require_qlora
+        from transformers import (
+            BitsAndBytesConfig,  # deferred: heavy library, imported on first use
+        )
 
         require_qlora("cuda" if torch.cuda.is_available() else "cpu")
         compute = _dtype(cfg.precision) if cfg.precision in ("bf16", "fp16") else torch.float32
@@ -42,7 +43,7 @@ def build_model(cfg: Config, tok, added_tokens: list[str]):
     model.config.use_cache = False
 
     if cfg.method in ("lora", "qlora", "prefix"):
-        import peft
+        import peft  # deferred: heavy library, imported on first use
 
         if cfg.method == "qlora":
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
@@ -62,8 +63,6 @@ def build_model(cfg: Config, tok, added_tokens: list[str]):
             model.enable_input_require_grads()
 
     def loss_fn(m, batch):
-        from sftlab.train.losses import hidden_states_instead_of_logits, sft_loss
-
         with hidden_states_instead_of_logits(m) as head:
             out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             return sft_loss(out.logits, head, batch["labels"])

@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import weakref
 from pathlib import Path
 
+from sftlab import rundir as A
 from sftlab.config import Config
-from sftlab.errors import SftlabError
-from sftlab.train import artifacts as A
+from sftlab.core.attention import AttentionSwitch
+from sftlab.core.errors import SftlabError
+from sftlab.core.hardware import peak_memory_mb
+from sftlab.core.io import atomic_dir, atomic_write_text
+from sftlab.data.collate import PackedCollator, PadCollator
+from sftlab.data.packing import pack
+from sftlab.data.prepare import prepare
+from sftlab.models import load_tokenizer, model_config
+from sftlab.plan.shapes import shape_from_config
+from sftlab.train.callbacks import MetricsLogger, SignalCheckpoint
+from sftlab.train.checks import checklist, resolve_auto
+from sftlab.train.continual import EWC, mix_replay
+from sftlab.train.model import build_model
+from sftlab.train.trainer import Divergence, SFTTrainer
 
 
 def _count_params(model_cfg) -> int:
-    from sftlab.plan.shapes import shape_from_config
-
     return shape_from_config(model_cfg, "model").params
 
 
 def _world_size() -> int:
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -30,13 +40,11 @@ def _example_key(ex) -> tuple:
 
 def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbacks: list | None = None) -> dict:
     """Run one fine-tune as configured; returns the summary written to the run folder."""
-    import torch
-    from transformers import TrainingArguments, set_seed
-
-    from sftlab.data.prepare import prepare
-    from sftlab.models import load_tokenizer, model_config
-    from sftlab.train.checks import checklist, resolve_auto
-    from sftlab.train.continual import mix_replay
+    import torch  # deferred: heavy library, imported on first use
+    from transformers import (  # deferred: heavy library, imported on first use
+        TrainingArguments,
+        set_seed,
+    )
 
     set_seed(cfg.seed)
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -61,13 +69,8 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     if check_only:
         return {"findings": [f.__dict__ for f in findings], "resolved": rc.to_dict()}
 
-    from sftlab.train.model import build_model
-
     model, ewc_loss_fn = build_model(rc, tok, data.added_tokens)
     train_examples, n_replay = mix_replay(data.examples, general.examples if general else [], rc.replay_ratio, rc.seed)
-
-    from sftlab.data.collate import PackedCollator, PadCollator
-    from sftlab.data.packing import pack
 
     attn = getattr(model.config, "_attn_implementation", "sdpa")
     if rc.packing:
@@ -88,7 +91,9 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     ckpt_dir = run / A.CHECKPOINTS
     resume_from = None
     if rc.resume:
-        from transformers.trainer_utils import get_last_checkpoint
+        from transformers.trainer_utils import (
+            get_last_checkpoint,  # deferred: heavy library, imported on first use
+        )
 
         resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
         if resume_from is None:
@@ -121,15 +126,12 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     )
     if rc.optimizer == "adam":
         args.weight_decay = 0.0
-    from transformers import EarlyStoppingCallback
-
-    from sftlab.train.callbacks import MetricsLogger, SignalCheckpoint, peak_memory_mb
-    from sftlab.train.trainer import Divergence, SFTTrainer
+    from transformers import (
+        EarlyStoppingCallback,  # deferred: heavy library, imported on first use
+    )
 
     ewc = None
     if rc.ewc_lambda > 0:
-        from sftlab.train.continual import EWC
-
         sample = general.examples[: rc.ewc_samples]
         batches = [PadCollator(tok.pad_token_id)(sample[i:i + 4]) for i in range(0, len(sample), 4)]
         batches = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
@@ -137,8 +139,6 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
 
     switch = None
     if rc.attn_implementation == "auto" and not rc.packing:
-        from sftlab.train.attention import AttentionSwitch
-
         switch = AttentionSwitch(model, compute_bytes=2 if rc.precision in ("bf16", "fp16") else 4)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=evald.examples if evald else None,
                          data_collator=collator, processing_class=tok, attention_switch=switch,
@@ -148,7 +148,10 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
                          gen_limit=rc.eval_generate)
     logger = MetricsLogger(run / A.METRICS, weakref.ref(trainer), quiet=quiet)
     stopper = SignalCheckpoint()
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_callback import (  # deferred: heavy library, imported on first use
+        PrinterCallback,
+        ProgressCallback,
+    )
 
     trainer.remove_callback(ProgressCallback)  # our logger draws the bar with loss, lr and tokens/s
     trainer.remove_callback(PrinterCallback)
@@ -211,8 +214,6 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         "findings": [str(f) for f in findings],
     }
     if trainer.args.should_save:
-        from sftlab.io import atomic_write_text
-
         atomic_write_text(run / A.SUMMARY, json.dumps(summary, indent=2, default=str))
     if stopped == "diverged":
         raise SftlabError(f"training diverged: loss became {divergence['loss']} at step {divergence['step']}",
@@ -222,7 +223,6 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
 
 def _save_final(trainer, tok, template, out: Path) -> None:
     """The adapter or model, and the tokenizer carrying the exact chat template used in training."""
-    from sftlab.io import atomic_dir
 
     with atomic_dir(out) as tmp:
         trainer.save_model(str(tmp))

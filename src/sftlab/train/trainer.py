@@ -23,14 +23,19 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
-from sftlab.train.losses import IGNORE, count_sequences, hidden_states_instead_of_logits, sft_loss
+from sftlab.core.loss import (
+    IGNORE,
+    count_sequences,
+    hidden_states_instead_of_logits,
+    sft_loss,
+)
+from sftlab.eval.run import training_eval
 
 
 class Divergence(RuntimeError):
     def __init__(self, step: int, loss: float):
         self.step, self.loss = step, loss
         super().__init__(f"loss became {loss} at step {step}")
-
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
@@ -61,7 +66,9 @@ class SFTTrainer(Trainer):
         """Length-grouped batches (little padding waste) when not packing; Trainer's default otherwise."""
         if self.group_lengths is None:
             return super()._get_train_sampler(train_dataset)
-        from transformers.trainer_pt_utils import LengthGroupedSampler
+        from transformers.trainer_pt_utils import (
+            LengthGroupedSampler,  # deferred: heavy library, imported on first use
+        )
 
         g = torch.Generator()
         g.manual_seed(self.args.seed)
@@ -116,7 +123,6 @@ class SFTTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """One eval row: token-weighted loss and perplexity (no label smoothing), the loss on general
         data when given (forgetting), and generation metrics when asked; feeds early stopping."""
-        from sftlab.eval.run import training_eval
 
         row = training_eval(self.model, self.processing_class,
                             eval_dataset if eval_dataset is not None else self.eval_dataset,

@@ -41,7 +41,7 @@ class AttentionSwitch:
     """Sets the attention kernel of a (possibly peft-wrapped) model before each micro-batch."""
 
     def __init__(self, model, compute_bytes: int):
-        import torch
+        import torch  # deferred: heavy library, imported on first use
 
         self.configs = []
         for module in model.modules():

@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sftlab.errors import SftlabError
+from sftlab.config import load_config
+from sftlab.core.errors import SftlabError
+from sftlab.models import load_model
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -58,8 +60,6 @@ def read_summary(run_dir: str | Path) -> dict:
 
 
 def read_run_config(run_dir: str | Path):
-    from sftlab.config import load_config
-
     p = Path(run_dir) / CONFIG
     if not p.exists():
         raise SftlabError(f"{run_dir}: no {CONFIG} in this run folder", hint="is this a sftlab run folder?")
@@ -68,9 +68,9 @@ def read_run_config(run_dir: str | Path):
 
 def load_run_model(run_dir: str | Path, *, device=None, dtype=None, merge: bool = False):
     """(model, tokenizer, config) of a finished run: the base model with the adapter, or the full model."""
-    from transformers import AutoTokenizer
-
-    from sftlab.models import load_model
+    from transformers import (
+        AutoTokenizer,  # deferred: heavy library, imported on first use
+    )
 
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -79,7 +79,7 @@ def load_run_model(run_dir: str | Path, *, device=None, dtype=None, merge: bool 
         raise SftlabError(f"{run_dir}: no {MODEL_DIR}/ folder in this run", hint="the run did not save a model")
     tok = AutoTokenizer.from_pretrained(mdir, trust_remote_code=cfg.trust_remote_code)
     if (mdir / "adapter_config.json").exists():
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: heavy library, imported on first use
 
         base = load_model(cfg.model, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
         if base.get_input_embeddings().weight.shape[0] < len(tok):  # tokens added in training
