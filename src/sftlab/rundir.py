@@ -13,7 +13,9 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlab.config import load_config
@@ -26,6 +28,52 @@ SUMMARY = "summary.json"
 PREPARE_REPORT = "prepare_report.json"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Summary:
+    """summary.json: what a finished (or stopped) run did. Written by train, read by eval, diagnose,
+    report and the CLI. ``eval`` is added by ``sftlab eval`` (its before/after result)."""
+
+    method: str
+    base_model: str
+    template: str | None  # the template's name ("tokenizer" for the model's own)
+    steps: int
+    epochs: float | None
+    examples: int
+    replay_examples: int
+    train_tokens: int  # tokens the model read (every process)
+    trained_tokens: int  # tokens with a label (every process)
+    time_s: float
+    tokens_per_second: float
+    trained_tokens_per_second: float
+    peak_memory_mb: float
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    best_eval_loss: float | None
+    stopped: str  # completed | early_stopping | interrupted | diverged
+    divergence: dict | None  # {"step", "loss"} when it diverged
+    prepare: dict  # the PrepareReport of the training data
+    pad_equals_eos: bool
+    eos_trained: bool | None  # every end-of-turn token of a trained turn is trained (None: no end-of-turn token known)
+    gradient_checkpointing: bool
+    packing: bool
+    attention_batches: dict | None  # micro-batches per kernel under attn_implementation=auto
+    findings: list[str] = field(default_factory=list)  # the pre-flight checklist's lines
+    precision: str | None = None  # the precision the run used (auto resolved)
+    eval: dict | None = None  # written by `sftlab eval` into a run folder
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if d["eval"] is None:
+            del d["eval"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Summary":
+        """Known keys become fields (missing optional ones take their defaults); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def is_run_dir(path: str | Path) -> bool:
