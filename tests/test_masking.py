@@ -215,3 +215,65 @@ def test_sentencepiece_style_tokenizer_pieces_get_no_extra_space():
     pieces = tok.convert_ids_to_tokens(trained)
     assert not pieces[0].startswith("▁"), pieces  # the reply follows "[/INST]" directly, as rendered
     assert pieces[-1] == "</s>"
+
+
+# Cohere2-style: a reply ends with two tokens, and generation stops at the second (the tokenizer's EOS).
+COHERE_LIKE = (
+    "{% for m in messages %}<|START_OF_TURN_TOKEN|>{{ m.role }}: "
+    "{% if m.role == 'assistant' %}{{ m.content }}<|END_RESPONSE|>{% else %}{{ m.content }}{% endif %}"
+    "<|END_OF_TURN_TOKEN|>{% endfor %}"
+    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|>assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def cohere_tok(tiny_model_dir):
+    t = AutoTokenizer.from_pretrained(tiny_model_dir)
+    t.add_special_tokens({"additional_special_tokens": ["<|START_OF_TURN_TOKEN|>", "<|END_RESPONSE|>",
+                                                        "<|END_OF_TURN_TOKEN|>"]})
+    t.eos_token = "<|END_OF_TURN_TOKEN|>"
+    return t
+
+
+@pytest.mark.parametrize("masking", ["all_assistant", "last_assistant", "all"])
+@pytest.mark.parametrize("skeletons", [True, False])
+def test_eos_trained_on_chatml(tok, masking, skeletons):
+    convs = _conversations(seed=3, n=60)
+    _, report = Labeler(tok, resolve_template("chatml", tok), masking=masking, skeletons=skeletons).encode(convs)
+    replies = sum(len(c.replies()) for c in convs)
+    trained_replies = replies if masking != "last_assistant" else len(convs)
+    assert report.eos_trained is True
+    # under masking=all the user turns' <|im_end|> follow trained text too
+    assert report.n_reply_ends == report.n_reply_ends_trained >= trained_replies
+    assert "end-of-turn token untrained" not in report.summary()
+
+
+@pytest.mark.parametrize("skeletons", [True, False])
+def test_eos_not_trained_when_the_reply_ends_with_an_untrained_eos(cohere_tok, skeletons):
+    """The labels train `reply<|END_RESPONSE|>`; the EOS after it is left untrained: reported, not assumed."""
+    tpl = ChatTemplate("tokenizer", COHERE_LIKE, None, {})
+    convs = _conversations(seed=4, n=60)
+    lab = Labeler(cohere_tok, tpl, skeletons=skeletons)
+    examples, report = lab.encode(convs)
+    assert trained_text(cohere_tok, examples[0])[-1].endswith("<|END_RESPONSE|>")
+    replies = sum(len(c.replies()) for c in convs)
+    # each reply: <|END_RESPONSE|> trained, then <|END_OF_TURN_TOKEN|> (the EOS) untrained
+    assert (report.n_reply_ends, report.n_reply_ends_trained) == (2 * replies, replies)
+    assert report.eos_trained is False
+    assert f"end-of-turn token untrained after {replies} of {2 * replies} trained replies" in report.summary()
+    _, all_report = Labeler(cohere_tok, tpl, masking="all", skeletons=skeletons).encode(convs)
+    assert all_report.eos_trained is True
+
+
+def test_eos_trained_is_none_without_any_end_token(tok):
+    class NoEos:
+        """The tiny tokenizer with neither an EOS nor a template end-of-turn token."""
+
+        def __getattr__(self, name):
+            return None if name == "eos_token" else getattr(tok, name)
+
+        def __call__(self, *a, **k):
+            return tok(*a, **k)
+
+    (_, report) = Labeler(NoEos(), None).encode([Conversation(text="plain text")])
+    assert report.eos_trained is None and report.n_reply_ends == 0

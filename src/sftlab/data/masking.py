@@ -80,6 +80,9 @@ class PrepareReport:
     n_tokens: int = 0
     n_trained_tokens: int = 0
     eos_appended: bool = False  # the template writes no end-of-turn token; EOS is appended and trained
+    n_reply_ends: int = 0  # end-of-turn/EOS tokens right after trained text (a trained reply's end)
+    n_reply_ends_trained: int = 0  # ... of which the token itself is trained
+    eos_trained: bool | None = None  # every trained reply's end-of-turn token is trained (None: none known)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
 
     def summary(self) -> str:
@@ -93,6 +96,9 @@ class PrepareReport:
             parts.append(f"{self.n_dropped_too_long} dropped as too long")
         if self.n_dropped_no_trained:
             parts.append(f"{self.n_dropped_no_trained} dropped with no trained token")
+        if self.eos_trained is False:
+            parts.append(f"end-of-turn token untrained after {self.n_reply_ends - self.n_reply_ends_trained}"
+                         f" of {self.n_reply_ends} trained replies")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -124,6 +130,7 @@ class Labeler:
         self._anchor = "\n"
         self._anchor_ids = self._encode_plain([self._anchor])[0] if self._prepends else []
         self.eos_appended = False
+        self.end_ids = self._end_of_turn_ids()
         # One render per role sequence where the template treats content as opaque (see skeleton).
         self._skeletons = Skeletons(template, self._segments_exact) if skeletons and template else None
 
@@ -211,6 +218,30 @@ class Labeler:
                 return s
         return None
 
+    # -- end of turn ------------------------------------------------------------------------
+    def _end_of_turn_ids(self) -> list[int]:
+        """Ids of the tokens a reply ends with: the template's end-of-turn token and the tokenizer's EOS
+        (each only when it is one token)."""
+        vocab = self.tok.get_vocab()
+        ids: list[int] = []
+        for s in (self._reply_end(), self.eos):
+            if s and s in vocab and vocab[s] not in ids:
+                ids.append(vocab[s])
+        return ids
+
+    def _reply_end(self) -> str | None:
+        """The template's end-of-turn string: the known one, else the special token that a probe
+        render writes right after a reply (as the labels find it)."""
+        if self.template is None or self.template.eot:
+            return self.template.eot if self.template else None
+        probe = "\ue002reply\ue002"
+        try:
+            text = self.template.render([Message("user", "hi"), Message("assistant", probe)])
+        except SftlabError:
+            return None
+        at = text.find(probe)
+        return self._eot_at(text, at + len(probe)) if at >= 0 else None
+
     # -- tokenization -----------------------------------------------------------------------
     def _detect_prepend(self) -> bool:
         """SentencePiece-style tokenizers prepend '▁' to every encode call; pieces must not get it."""
@@ -286,8 +317,13 @@ class Labeler:
             examples.append(ex)
             report.n_tokens += len(ids)
             report.n_trained_tokens += ex.n_trained
+            ends, ends_trained = reply_ends(ids, labels, self.end_ids)
+            report.n_reply_ends += ends
+            report.n_reply_ends_trained += ends_trained
         report.n_kept = len(examples)
         report.eos_appended = self.eos_appended
+        if self.end_ids:
+            report.eos_trained = 0 < report.n_reply_ends == report.n_reply_ends_trained
         return examples, report
 
     def _fit(self, conv: Conversation, ids: list[int], labels: list[int], report: PrepareReport):
@@ -308,6 +344,26 @@ class Labeler:
         # truncate (and plain text under cut_turns): keep the first max_seq_length tokens.
         report.n_truncated += 1
         return ids[: self.max_len], labels[: self.max_len]
+
+
+def reply_ends(ids: list[int], labels: list[int], end_ids: list[int]) -> tuple[int, int]:
+    """(end-of-turn tokens right after a trained token, how many of those are trained themselves).
+
+    An end-of-turn token that follows trained text closes a trained reply: the model must learn to
+    emit it there, or it never learns to stop. Counted on the labels, so any labelling path agrees.
+    """
+    n = n_trained = 0
+    for tid in end_ids:
+        p = 0
+        while True:
+            try:
+                p = ids.index(tid, p + 1)  # C-speed scan: end tokens are sparse
+            except ValueError:
+                break
+            if labels[p - 1] != IGNORE:
+                n += 1
+                n_trained += labels[p] != IGNORE
+    return n, n_trained
 
 
 def trained_text(tokenizer, ex: Example) -> list[str]:
