@@ -4,7 +4,7 @@ Each setting (method x checkpointing x batch x length) runs in a fresh subproces
 resident memory (RSS) after imports and before the model loads, loads the model, then runs a few full
 optimizer steps the way the training code does (transformers model, peft LoRA r=16 on all linear layers
 with dropout 0.05, SDPA attention, torch AdamW with clipping, non-reentrant gradient checkpointing, and the training
-loss itself: SFTTrainer's hidden-states-instead-of-logits forward and ``sft_loss``'s chunked, recomputed
+loss itself: SftlabTrainer's hidden-states-instead-of-logits forward and ``sft_loss``'s chunked, recomputed
 cross-entropy). The allocator is set as in :mod:`sftlab.plan.allocator` (``--glibc-default`` leaves
 glibc's dynamic mmap threshold, which keeps freed activations resident; see RESULTS.md). Measured = peak RSS (the kernel's high-water mark, VmHWM) minus the RSS
 before the model loaded. On a CUDA machine (``--device cuda``) it measures
@@ -120,7 +120,7 @@ def child(spec: dict) -> dict:
     for _ in range(steps):
         t0 = time.perf_counter()
         ids = torch.randint(0, vocab, (batch, seq), device=device)
-        # As SFTTrainer.compute_loss: the model returns hidden states, the loss projects chunks of them.
+        # As SftlabTrainer.compute_loss: the model returns hidden states, the loss projects chunks of them.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             with hidden_states_instead_of_logits(model) as head:
                 hidden = model(input_ids=ids, use_cache=False).logits

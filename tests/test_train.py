@@ -75,6 +75,9 @@ def test_each_method_trains_and_saves(tmp_path, tiny_model_dir, method):
     assert len(losses) == 3 and all(l == l for l in losses)
     saved = yaml_load(run / A.CONFIG)
     assert saved["method"] == method and saved["learning_rate"] == 1e-2
+    assert A.read_summary(run) == json.loads(json.dumps(summary))
+    assert summary["eos_trained"] is True and summary["precision"] == "fp32"
+    assert summary["prepare"]["n_reply_ends"] == summary["prepare"]["n_reply_ends_trained"] == 16
 
 
 def yaml_load(p):
@@ -168,15 +171,30 @@ def test_nan_loss_stops_with_a_diagnosis(tmp_path, tiny_model_dir, capsys):
 
 
 def test_check_flags_bad_configuration(tmp_path, tiny_model_dir, capsys):
+    """check_only returns the findings as data and prints nothing (the CLI decides how to show them)."""
     data = _data(tmp_path / "d.jsonl", 16)
+    cfg = _cfg(tmp_path, tiny_model_dir, data=data, eval_data=data, learning_rate=1.0, weight_decay=0.5,
+               gradient_accumulation=64)
+    result = train(cfg, check_only=True)
+    assert capsys.readouterr().out == ""
+    findings = result["findings"]
+    assert set(findings[0]) == {"rule", "severity", "message", "where", "evidence", "fixes", "data"}
+    messages = " | ".join(f["message"] for f in findings)
+    assert "learning rate 1 is outside the usual range" in messages
+    assert "weight decay 0.5 is high" in messages
+    assert "eval data is identical to the training data" in messages
+    assert "global batch 256 is implausible" in messages
+    assert result["resolved"]["learning_rate"] == 1.0 and json.loads(json.dumps(result)) == result
     code = main(["train", "--model", str(tiny_model_dir), "--data", data, "--eval-data", data, "--check",
                  "--set", "learning_rate=1.0", "--set", "weight_decay=0.5", "--set", "gradient_accumulation=64"])
-    out = capsys.readouterr().out
-    assert code == 2
-    assert "learning rate 1 is outside the usual range" in out
-    assert "weight decay 0.5 is high" in out
-    assert "eval data is identical to the training data" in out
-    assert "global batch 256 is implausible" in out
+    assert code == 2  # an error among the findings
+
+
+def test_normal_run_prints_the_checklist_unless_quiet(tmp_path, tiny_model_dir, capsys):
+    train(_cfg(tmp_path / "loud", tiny_model_dir, max_steps=1, learning_rate=1.0))
+    assert "check warning: learning rate 1 is outside the usual range" in capsys.readouterr().out
+    train(_cfg(tmp_path / "quiet", tiny_model_dir, max_steps=1, learning_rate=1.0), quiet=True)
+    assert "check" not in capsys.readouterr().out
 
 
 def test_unknown_config_key_is_one_line(tmp_path, tiny_model_dir, capsys):
@@ -254,3 +272,22 @@ def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
     assert saved["precision"] == "bf16"
     auto = train(_cfg(tmp_path / "auto", tiny_model_dir, precision="auto", max_steps=1), check_only=True, quiet=True)
     assert auto["resolved"]["precision"] == ("bf16" if fast_bf16("cpu") else "fp32")
+
+
+def test_summary_reports_an_untrained_end_of_turn_token(tmp_path):
+    """A Cohere2-style template ends replies with `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>` and the labels
+    train only the first; the EOS (the second) is never trained, and summary.json says so."""
+    from conftest import build_tiny_model, build_tiny_tokenizer
+    from test_masking import COHERE_LIKE
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|START_OF_TURN_TOKEN|>", "<|END_RESPONSE|>",
+                                                         "<|END_OF_TURN_TOKEN|>"]})
+    tok.eos_token = "<|END_OF_TURN_TOKEN|>"
+    tok.chat_template = COHERE_LIKE
+    model_dir = tmp_path / "cohere_like"
+    build_tiny_model(len(tok)).save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    summary = train(_cfg(tmp_path, model_dir, max_steps=1), quiet=True)
+    assert summary["eos_trained"] is False and summary["prepare"]["eos_trained"] is False
+    assert A.read_summary(tmp_path / "run")["eos_trained"] is False

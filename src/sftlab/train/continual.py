@@ -6,6 +6,7 @@ import random
 
 import torch
 
+from sftlab.data.collate import PadCollator
 from sftlab.data.masking import Example
 
 
@@ -66,3 +67,12 @@ class EWC:
         if total is None:
             return torch.zeros(())
         return 0.5 * self.lam * total
+
+
+def ewc_from_examples(model, examples: list[Example], loss_fn, lam: float, pad_id: int, batch_size: int = 4) -> EWC:
+    """EWC anchored at the model's current weights, its Fisher measured on ``examples`` in padded
+    batches of ``batch_size`` on the model's device."""
+    collate = PadCollator(pad_id)
+    batches = [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]
+    batches = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
+    return EWC(model, batches, loss_fn, lam)

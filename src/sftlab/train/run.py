@@ -1,4 +1,9 @@
-"""train(cfg): tokenizer -> data -> model (+PEFT) -> Trainer -> run folder. Fits on one screen."""
+"""train(cfg): one fine-tune as a sequence of named steps, each a function below, in order:
+
+data (tokenizer, prepared train/eval/replay data) -> resolve and check (``auto`` values, pre-flight
+checklist) -> model (+PEFT) -> batches -> run folder -> training arguments -> trainer (collator,
+callbacks, EWC, attention switch) -> fit (train, final evaluation, save) -> summary.
+"""
 
 from __future__ import annotations
 
@@ -6,101 +11,190 @@ import json
 import os
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab import rundir as A
 from sftlab.config import Config
 from sftlab.core.attention import AttentionSwitch
 from sftlab.core.errors import SftlabError
+from sftlab.core.findings import Finding
 from sftlab.core.hardware import peak_memory_mb
 from sftlab.core.io import atomic_dir, atomic_write_text
 from sftlab.data.collate import PackedCollator, PadCollator
 from sftlab.data.packing import pack
-from sftlab.data.prepare import prepare
+from sftlab.data.prepare import Prepared, prepare
+from sftlab.eval.run import training_eval
 from sftlab.models import load_tokenizer, model_config
 from sftlab.plan.shapes import shape_from_config
+from sftlab.rundir import Summary
 from sftlab.train.callbacks import MetricsLogger, SignalCheckpoint
 from sftlab.train.checks import checklist, resolve_auto
-from sftlab.train.continual import EWC, mix_replay
+from sftlab.train.continual import ewc_from_examples, mix_replay
 from sftlab.train.model import build_model
-from sftlab.train.trainer import Divergence, SFTTrainer
+from sftlab.train.trainer import Divergence, SftlabTrainer
+
+_OPTIMIZERS = {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}
+_FINISHED = ("completed", "early_stopping")  # stops after which the model is evaluated and saved
 
 
-def _count_params(model_cfg) -> int:
-    return shape_from_config(model_cfg, "model").params
+@dataclass
+class RunData:
+    """The tokenizer and the prepared data: training, eval (optional), general replay data (optional)."""
+
+    tok: object
+    train: Prepared
+    eval: Prepared | None
+    general: Prepared | None
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+@dataclass
+class Batches:
+    """What the Trainer iterates: the dataset (examples, or packed rows), its collator, and the
+    example lengths for length-grouped sampling (None: Trainer's default sampler)."""
+
+    dataset: list
+    collator: object
+    lengths: list[int] | None
 
 
-def _example_key(ex) -> tuple:
-    return tuple(ex.input_ids)
+@dataclass
+class Harness:
+    """The Trainer and what runs beside it."""
+
+    trainer: SftlabTrainer
+    logger: MetricsLogger  # metrics.jsonl; its rows feed the summary
+    stopper: SignalCheckpoint  # Ctrl-C / SIGTERM: checkpoint and stop
+    switch: AttentionSwitch | None  # per-batch kernel under attn_implementation=auto
+
+
+@dataclass
+class Fitted:
+    """What fitting did."""
+
+    stopped: str  # completed | early_stopping | interrupted | diverged
+    divergence: dict | None  # {"step", "loss"} when diverged
+    result: object  # Trainer's TrainOutput; None when diverged
+    elapsed: float  # seconds in Trainer.train
+    final_eval: dict | None  # the eval row at the last step
 
 
 def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbacks: list | None = None) -> dict:
-    """Run one fine-tune as configured; returns the summary written to the run folder."""
-    import torch  # deferred: heavy library, imported on first use
-    from transformers import (  # deferred: heavy library, imported on first use
-        TrainingArguments,
-        set_seed,
-    )
+    """Run one fine-tune as configured; returns the summary written to the run folder.
+
+    ``check_only``: print nothing, train nothing; return ``{"findings": [Finding dicts], "resolved":
+    the config with every auto value resolved}``.
+    """
+    from transformers import set_seed  # deferred: heavy library, imported on first use
 
     set_seed(cfg.seed)
+    data = load_data(cfg)
+    rc, findings = resolve_and_check(cfg, data)
+    if check_only:
+        return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict()}
+    if not quiet:
+        print_checks(findings)
+    model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens)
+    general = data.general.examples if data.general else []
+    train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
+    batches = training_batches(rc, train_examples, data.tok, model)
+    run = Path(rc.output_dir)
+    resume_from = start_run_folder(rc, run)
+    args = training_arguments(rc, run / A.CHECKPOINTS, has_eval=data.eval is not None, quiet=quiet)
+    trainer, switch = build_trainer(rc, data, model, ewc_loss_fn, args, batches)
+    logger, stopper = attach_callbacks(trainer, rc, run, quiet=quiet, extra=callbacks or [])
+    h = Harness(trainer, logger, stopper, switch)
+    fitted = fit(h, rc, data, run, resume_from)
+    summary = summarize(rc, data, h, fitted, n_replay=n_replay, findings=findings).to_dict()
+    if h.trainer.args.should_save:
+        atomic_write_text(run / A.SUMMARY, json.dumps(summary, indent=2, default=str))
+    if fitted.stopped == "diverged":
+        div = fitted.divergence
+        raise SftlabError(f"training diverged: loss became {div['loss']} at step {div['step']}",
+                          hint=f"lower the learning rate (now {float(rc.learning_rate):g}) "
+                               "and check the data with `sftlab doctor`")
+    return summary
+
+
+# -- data, resolve and check ---------------------------------------------------------------------
+def load_data(cfg: Config) -> RunData:
+    """The tokenizer and every data set of the run, tokenized and labelled."""
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = prepare(cfg, tok)
     evald = prepare(cfg, tok, data=cfg.eval_data) if cfg.eval_data else None
     general = prepare(cfg, tok, data=cfg.replay_data) if cfg.replay_data else None
     if (cfg.replay_ratio > 0 or cfg.ewc_lambda > 0) and general is None:
         raise SftlabError("replay_ratio and ewc_lambda need general data", hint="--set replay_data=FILE")
+    return RunData(tok, data, evald, general)
 
+
+def _example_keys(prepared: Prepared | None) -> set[tuple]:
+    return {tuple(e.input_ids) for e in prepared.examples} if prepared else set()
+
+
+def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]]:
+    """The config with every ``auto`` resolved for this model, data and machine; the checklist's findings."""
+    examples = data.train.examples
     mcfg = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    n_params = _count_params(mcfg)
-    seq_len = min(cfg.max_seq_length, max(len(e.input_ids) for e in data.examples)) if not cfg.packing else cfg.max_seq_length
-    rc = resolve_auto(cfg, n_params=n_params, n_examples=len(data.examples), model_cfg=mcfg, seq_len=seq_len)
-    findings = checklist(rc, n_params=n_params, n_examples=len(data.examples), seq_len=seq_len, model_cfg=mcfg,
-                         train_keys={_example_key(e) for e in data.examples},
-                         eval_keys={_example_key(e) for e in evald.examples} if evald else set(), report=data.report)
-    if not quiet or check_only:
-        for f in findings:
-            print(f"check {f}")
-        if not findings:
-            print("check: configuration looks sound")
-    if check_only:
-        return {"findings": [f.__dict__ for f in findings], "resolved": rc.to_dict()}
+    n_params = shape_from_config(mcfg, "model").params
+    seq_len = cfg.max_seq_length if cfg.packing else min(cfg.max_seq_length, max(len(e.input_ids) for e in examples))
+    rc = resolve_auto(cfg, n_params=n_params, n_examples=len(examples), model_cfg=mcfg, seq_len=seq_len)
+    findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
+                         train_keys=_example_keys(data.train), eval_keys=_example_keys(data.eval),
+                         report=data.train.report)
+    return rc, findings
 
-    model, ewc_loss_fn = build_model(rc, tok, data.added_tokens)
-    train_examples, n_replay = mix_replay(data.examples, general.examples if general else [], rc.replay_ratio, rc.seed)
 
+def print_checks(findings: list[Finding]) -> None:
+    for f in findings:
+        print(f"check {f}")
+    if not findings:
+        print("check: configuration looks sound")
+
+
+# -- batches, run folder, training arguments -----------------------------------------------------
+def training_batches(rc: Config, examples: list, tok, model) -> Batches:
+    """Packed rows with a packed collator (``packing``), or the examples padded per batch."""
+    if not rc.packing:
+        lengths = [len(e.input_ids) for e in examples] if rc.group_by_length else None
+        return Batches(examples, PadCollator(tok.pad_token_id), lengths)
+    if rc.method == "prefix":
+        raise SftlabError("packing does not work with prefix tuning", hint="--set packing=false")
     attn = getattr(model.config, "_attn_implementation", "sdpa")
-    if rc.packing:
-        if rc.method == "prefix":
-            raise SftlabError("packing does not work with prefix tuning", hint="--set packing=false")
-        train_ds = pack(train_examples, rc.max_seq_length)
-        mode = "flash" if "flash" in str(attn) else "mask"
-        collator = PackedCollator(tok.pad_token_id, mode=mode,
-                                  mask_dtype=None if attn == "sdpa" else model.dtype)
-        lengths = None
-    else:
-        train_ds = train_examples
-        collator = PadCollator(tok.pad_token_id)
-        lengths = [len(e.input_ids) for e in train_examples] if rc.group_by_length else None
+    collator = PackedCollator(tok.pad_token_id, mode="flash" if "flash" in str(attn) else "mask",
+                              mask_dtype=None if attn == "sdpa" else model.dtype)
+    return Batches(pack(examples, rc.max_seq_length), collator, None)
 
-    run = Path(rc.output_dir)
+
+def start_run_folder(rc: Config, run: Path) -> str | None:
+    """Create the run folder; returns the checkpoint to resume from (``resume``), else None."""
     run.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = run / A.CHECKPOINTS
-    resume_from = None
-    if rc.resume:
-        from transformers.trainer_utils import (
-            get_last_checkpoint,  # deferred: heavy library, imported on first use
-        )
+    if not rc.resume:
+        (run / A.METRICS).unlink(missing_ok=True)  # a fresh run in an old folder starts a fresh log
+        return None
+    from transformers.trainer_utils import (
+        get_last_checkpoint,  # deferred: heavy library, imported on first use
+    )
 
-        resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
-        if resume_from is None:
-            raise SftlabError(f"{run}: no checkpoint to resume from", hint="start without resume=true")
-    elif (run / A.METRICS).exists():
-        (run / A.METRICS).unlink()  # a fresh run in an old folder starts a fresh log
-    has_eval = evald is not None
+    ckpt_dir = run / A.CHECKPOINTS
+    resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+    if resume_from is None:
+        raise SftlabError(f"{run}: no checkpoint to resume from", hint="start without resume=true")
+    return resume_from
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: bool):
+    """transformers.TrainingArguments for the resolved config; checkpoints fall on eval steps."""
+    import torch  # deferred: heavy library, imported on first use
+    from transformers import (
+        TrainingArguments,  # deferred: heavy library, imported on first use
+    )
+
+    cuda = torch.cuda.is_available()
     eval_steps = min(rc.eval_steps, rc.save_steps) if has_eval else rc.eval_steps
     save_steps = rc.save_steps if not has_eval else max(eval_steps, (rc.save_steps // eval_steps) * eval_steps)
     args = TrainingArguments(
@@ -108,17 +202,15 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         per_device_train_batch_size=int(rc.batch_size), per_device_eval_batch_size=int(rc.batch_size),
         gradient_accumulation_steps=int(rc.gradient_accumulation), learning_rate=float(rc.learning_rate),
         weight_decay=rc.weight_decay, warmup_steps=rc.warmup_ratio, lr_scheduler_type=rc.lr_scheduler,
-        max_grad_norm=rc.max_grad_norm,
-        optim={"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}[rc.optimizer],
+        max_grad_norm=rc.max_grad_norm, optim=_OPTIMIZERS[rc.optimizer],
         bf16=rc.precision == "bf16", fp16=rc.precision == "fp16",
         logging_steps=rc.logging_steps, eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps,
         save_strategy="steps", save_steps=save_steps, save_total_limit=rc.save_total_limit,
         load_best_model_at_end=rc.load_best_model_at_end and has_eval, metric_for_best_model="eval_loss",
         greater_is_better=False, report_to=list(rc.report_to) or "none", seed=rc.seed, data_seed=rc.seed,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=quiet,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if not torch.cuda.is_available() and _world_size() > 1 else None,
+        dataloader_pin_memory=cuda, use_cpu=not cuda,
+        ddp_backend="gloo" if not cuda and _world_size() > 1 else None,
         activation_checkpointing=bool(rc.gradient_checkpointing),
         activation_checkpointing_kwargs={"use_reentrant": False}, save_only_model=False,
         average_tokens_across_devices=True, ddp_find_unused_parameters=False,
@@ -126,99 +218,88 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     )
     if rc.optimizer == "adam":
         args.weight_decay = 0.0
-    from transformers import (
-        EarlyStoppingCallback,  # deferred: heavy library, imported on first use
-    )
+    return args
 
+
+# -- trainer -------------------------------------------------------------------------------------
+def build_trainer(rc: Config, data: RunData, model, ewc_loss_fn, args,
+                  batches: Batches) -> tuple[SftlabTrainer, AttentionSwitch | None]:
+    """The Trainer with sftlab's loss, EWC, attention switch and evaluation (``training_eval``)."""
     ewc = None
     if rc.ewc_lambda > 0:
-        sample = general.examples[: rc.ewc_samples]
-        batches = [PadCollator(tok.pad_token_id)(sample[i:i + 4]) for i in range(0, len(sample), 4)]
-        batches = [{k: v.to(model.device) for k, v in b.items()} for b in batches]
-        ewc = EWC(model, batches, ewc_loss_fn, rc.ewc_lambda)
-
+        ewc = ewc_from_examples(model, data.general.examples[: rc.ewc_samples], ewc_loss_fn, rc.ewc_lambda,
+                                data.tok.pad_token_id)
     switch = None
     if rc.attn_implementation == "auto" and not rc.packing:
         switch = AttentionSwitch(model, compute_bytes=2 if rc.precision in ("bf16", "fp16") else 4)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=evald.examples if evald else None,
-                         data_collator=collator, processing_class=tok, attention_switch=switch,
-                         loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc, group_lengths=lengths,
-                         general_examples=general.examples if general else None,
-                         gen_template=data.template, gen_conversations=evald.conversations if evald else None,
-                         gen_limit=rc.eval_generate)
-    logger = MetricsLogger(run / A.METRICS, weakref.ref(trainer), quiet=quiet)
-    stopper = SignalCheckpoint()
+    evald = data.eval
+    trainer = SftlabTrainer(model=model, args=args, train_dataset=batches.dataset,
+                            eval_dataset=evald.examples if evald else None, data_collator=batches.collator,
+                            processing_class=data.tok, evaluate_fn=training_eval, attention_switch=switch,
+                            loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc,
+                            group_lengths=batches.lengths,
+                            general_examples=data.general.examples if data.general else None,
+                            gen_template=data.train.template, gen_conversations=evald.conversations if evald else None,
+                            gen_limit=rc.eval_generate)
+    return trainer, switch
+
+
+def attach_callbacks(trainer: SftlabTrainer, rc: Config, run: Path, *, quiet: bool,
+                     extra: list) -> tuple[MetricsLogger, SignalCheckpoint]:
+    """Our metrics logger (it draws the progress bar) replaces Trainer's printers; then the signal
+    checkpoint, the caller's callbacks and early stopping."""
+    from transformers import (
+        EarlyStoppingCallback,  # deferred: heavy library, imported on first use
+    )
     from transformers.trainer_callback import (  # deferred: heavy library, imported on first use
         PrinterCallback,
         ProgressCallback,
     )
 
+    logger = MetricsLogger(run / A.METRICS, weakref.ref(trainer), quiet=quiet)
+    stopper = SignalCheckpoint()
     trainer.remove_callback(ProgressCallback)  # our logger draws the bar with loss, lr and tokens/s
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(logger)
-    trainer.add_callback(stopper)
-    for cb in callbacks or []:
+    for cb in (logger, stopper, *extra):
         trainer.add_callback(cb)
-    if has_eval and rc.early_stopping_patience > 0:
+    if trainer.eval_dataset is not None and rc.early_stopping_patience > 0:
         trainer.add_callback(EarlyStoppingCallback(rc.early_stopping_patience, rc.early_stopping_min_delta))
+    return logger, stopper
 
+
+# -- fit -----------------------------------------------------------------------------------------
+def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | None) -> Fitted:
+    """Write the resolved config and prepare report, train, evaluate at the end, save the model."""
     rc.save(run / A.CONFIG)
-    (run / A.PREPARE_REPORT).write_text(json.dumps(data.report.to_dict(), indent=2))
+    (run / A.PREPARE_REPORT).write_text(json.dumps(data.train.report.to_dict(), indent=2))
+    trainer = h.trainer
     t0 = time.perf_counter()
-    stopped, divergence = "completed", None
-    stopper.install()
+    stopped, divergence, result = "completed", None, None
+    h.stopper.install()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except Divergence as exc:
-        stopped, divergence, result = "diverged", {"step": exc.step, "loss": exc.loss}, None
+        stopped, divergence = "diverged", {"step": exc.step, "loss": exc.loss}
     finally:
-        stopper.uninstall()
+        h.stopper.uninstall()
     elapsed = time.perf_counter() - t0
-    if stopper.requested:
+    if h.stopper.requested:
         stopped = "interrupted"
     elif stopped == "completed" and trainer.state.max_steps and trainer.state.global_step < trainer.state.max_steps:
         stopped = "early_stopping"
+    final_eval = final_evaluation(h) if data.eval is not None and stopped in _FINISHED else None
+    if stopped in _FINISHED and trainer.args.should_save:
+        _save_final(trainer, data.tok, data.train.template, run / A.MODEL_DIR)
+    return Fitted(stopped, divergence, result, elapsed, final_eval)
 
-    final_eval = None
-    if has_eval and stopped in ("completed", "early_stopping"):
-        last = [r for r in logger.rows if r.get("split") == "eval"]
-        if last and last[-1]["step"] == trainer.state.global_step and not args.load_best_model_at_end:
-            final_eval = {k: v for k, v in last[-1].items() if k.startswith("eval_")}
-        else:
-            final_eval = trainer.evaluate()
-    if stopped in ("completed", "early_stopping") and trainer.args.should_save:
-        _save_final(trainer, tok, data.template, run / A.MODEL_DIR)
 
-    tokens, trained = trainer.tokens_seen, trainer.trained_tokens_seen
-    if _world_size() > 1 and torch.distributed.is_initialized():  # count every process's tokens
-        t = torch.tensor([tokens, trained], device=trainer.args.device)
-        torch.distributed.all_reduce(t)
-        tokens, trained = int(t[0]), int(t[1])
-    train_rows = [r for r in logger.rows if r.get("split") == "train" and r.get("loss") is not None]
-    eval_rows = [r for r in logger.rows if r.get("split") == "eval"]
-    summary = {
-        "method": rc.method, "base_model": rc.model, "template": data.template.name if data.template else None,
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "examples": len(data.examples), "replay_examples": n_replay,
-        "train_tokens": tokens, "trained_tokens": trained,
-        "time_s": round(elapsed, 2), "tokens_per_second": tokens / max(elapsed, 1e-9),
-        "trained_tokens_per_second": trained / max(elapsed, 1e-9),
-        "peak_memory_mb": round(peak_memory_mb(), 1),
-        "final_train_loss": train_rows[-1]["loss"] if train_rows else (result.training_loss if result else None),
-        "final_eval_loss": final_eval["eval_loss"] if final_eval else None,
-        "best_eval_loss": min((r["eval_loss"] for r in eval_rows if r.get("eval_loss") is not None), default=None),
-        "stopped": stopped, "divergence": divergence, "prepare": data.report.to_dict(),
-        "pad_equals_eos": tok.pad_token_id == tok.eos_token_id, "eos_trained": True,
-        "gradient_checkpointing": bool(rc.gradient_checkpointing), "packing": rc.packing,
-        "attention_batches": dict(switch.counts) if switch is not None and switch.counts else None,
-        "findings": [str(f) for f in findings],
-    }
-    if trainer.args.should_save:
-        atomic_write_text(run / A.SUMMARY, json.dumps(summary, indent=2, default=str))
-    if stopped == "diverged":
-        raise SftlabError(f"training diverged: loss became {divergence['loss']} at step {divergence['step']}",
-                          hint=f"lower the learning rate (now {float(rc.learning_rate):g}) and check the data with `sftlab doctor`")
-    return summary
+def final_evaluation(h: Harness) -> dict:
+    """The eval row of the last step: the logged one when it is there (and the weights are the last
+    step's), else a fresh evaluation."""
+    last = [r for r in h.logger.rows if r.get("split") == "eval"]
+    if last and last[-1]["step"] == h.trainer.state.global_step and not h.trainer.args.load_best_model_at_end:
+        return {k: v for k, v in last[-1].items() if k.startswith("eval_")}
+    return h.trainer.evaluate()
 
 
 def _save_final(trainer, tok, template, out: Path) -> None:
@@ -230,3 +311,43 @@ def _save_final(trainer, tok, template, out: Path) -> None:
         if template is not None:
             tok.chat_template = template.source
         tok.save_pretrained(str(tmp))
+
+
+# -- summary -------------------------------------------------------------------------------------
+def _tokens_seen(trainer) -> tuple[int, int]:
+    """(tokens read, tokens trained) by every process."""
+    import torch  # deferred: heavy library, imported on first use
+
+    tokens, trained = trainer.tokens_seen, trainer.trained_tokens_seen
+    if _world_size() > 1 and torch.distributed.is_initialized():  # count every process's tokens
+        t = torch.tensor([tokens, trained], device=trainer.args.device)
+        torch.distributed.all_reduce(t)
+        tokens, trained = int(t[0]), int(t[1])
+    return tokens, trained
+
+
+def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay: int,
+              findings: list[Finding]) -> Summary:
+    """summary.json: what the run did, from the trainer's state, the logged rows and the data report."""
+    trainer, tok, report = h.trainer, data.tok, data.train.report
+    tokens, trained = _tokens_seen(trainer)
+    elapsed, final_eval = fitted.elapsed, fitted.final_eval
+    train_rows = [r for r in h.logger.rows if r.get("split") == "train" and r.get("loss") is not None]
+    eval_losses = [r["eval_loss"] for r in h.logger.rows if r.get("split") == "eval" and r.get("eval_loss") is not None]
+    return Summary(
+        method=rc.method, base_model=rc.model, template=data.train.template.name if data.train.template else None,
+        steps=trainer.state.global_step, epochs=trainer.state.epoch,
+        examples=len(data.train.examples), replay_examples=n_replay,
+        train_tokens=tokens, trained_tokens=trained,
+        time_s=round(elapsed, 2), tokens_per_second=tokens / max(elapsed, 1e-9),
+        trained_tokens_per_second=trained / max(elapsed, 1e-9),
+        peak_memory_mb=round(peak_memory_mb(), 1),
+        final_train_loss=train_rows[-1]["loss"] if train_rows else (fitted.result.training_loss if fitted.result else None),
+        final_eval_loss=final_eval["eval_loss"] if final_eval else None,
+        best_eval_loss=min(eval_losses, default=None),
+        stopped=fitted.stopped, divergence=fitted.divergence, prepare=report.to_dict(),
+        pad_equals_eos=tok.pad_token_id == tok.eos_token_id, eos_trained=report.eos_trained,
+        gradient_checkpointing=bool(rc.gradient_checkpointing), packing=rc.packing,
+        attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
+        findings=[str(f) for f in findings], precision=rc.precision,
+    )

@@ -5,7 +5,8 @@
   chunk by chunk. The loss is normalised by the trained tokens of the whole optimizer step, counted
   across accumulation steps and processes (Trainer's ``num_items_in_batch``).
 - ``_get_num_items_in_batch``: also counts sequences, for the length-normalised loss.
-- ``evaluate``: token-weighted eval loss (not a mean of batch means) and perplexity.
+- ``evaluate``: the evaluation function passed in (``evaluate_fn``, the eval layer's ``training_eval``:
+  token-weighted eval loss, not a mean of batch means, and perplexity).
 - ``_save_checkpoint``: writes into a staging folder and renames, so a crash never leaves half a
   checkpoint.
 - ``compute_loss`` also picks the attention kernel per micro-batch under ``attn_implementation: auto``
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from typing import Callable
 
 import torch
 from transformers import Trainer
@@ -29,7 +31,6 @@ from sftlab.core.loss import (
     hidden_states_instead_of_logits,
     sft_loss,
 )
-from sftlab.eval.run import training_eval
 
 
 class Divergence(RuntimeError):
@@ -39,12 +40,20 @@ class Divergence(RuntimeError):
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
+# (model, tokenizer, examples, *, batch_size, general_examples, template, conversations, max_generate)
+# -> one metrics row {"eval_loss", "eval_perplexity", "general_...", "gen_..."}.
+EvaluateFn = Callable[..., dict]
 
-class SFTTrainer(Trainer):
-    def __init__(self, *args, loss_mode: str = "token", label_smoothing: float = 0.0, ewc=None,
-                 group_lengths: list[int] | None = None, general_examples=None, gen_template=None,
-                 gen_conversations=None, gen_limit: int = 0, attention_switch=None, **kwargs):
+
+class SftlabTrainer(Trainer):
+    """``transformers.Trainer`` with sftlab's loss, counting, evaluation and checkpoints (module docstring)."""
+
+    def __init__(self, *args, evaluate_fn: EvaluateFn | None = None, loss_mode: str = "token",
+                 label_smoothing: float = 0.0, ewc=None, group_lengths: list[int] | None = None,
+                 general_examples=None, gen_template=None, gen_conversations=None, gen_limit: int = 0,
+                 attention_switch=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.evaluate_fn = evaluate_fn  # passed in: training sits above evaluation, not beside it
         self.attention_switch = attention_switch  # per-batch kernel choice (attn_implementation: auto)
         self.general_examples = general_examples  # loss on general data at each eval: forgetting
         self.gen_template = gen_template if gen_limit else None
@@ -124,11 +133,13 @@ class SFTTrainer(Trainer):
         """One eval row: token-weighted loss and perplexity (no label smoothing), the loss on general
         data when given (forgetting), and generation metrics when asked; feeds early stopping."""
 
-        row = training_eval(self.model, self.processing_class,
-                            eval_dataset if eval_dataset is not None else self.eval_dataset,
-                            batch_size=self.args.per_device_eval_batch_size, general_examples=self.general_examples,
-                            template=self.gen_template, conversations=self.gen_conversations,
-                            max_generate=self.gen_limit)
+        if self.evaluate_fn is None:
+            raise RuntimeError("SftlabTrainer was built without evaluate_fn: it cannot evaluate")
+        row = self.evaluate_fn(self.model, self.processing_class,
+                               eval_dataset if eval_dataset is not None else self.eval_dataset,
+                               batch_size=self.args.per_device_eval_batch_size,
+                               general_examples=self.general_examples, template=self.gen_template,
+                               conversations=self.gen_conversations, max_generate=self.gen_limit)
         metrics = {k if k.startswith(("gen_", "general_")) or k.startswith(metric_key_prefix) else
                    f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in row.items()}
         self.log(metrics)
