@@ -120,13 +120,15 @@ def make_lora_run(run: Path, tiny_model_dir: Path, seed: int = 1) -> Path:
 
     from sftlab.config import Config
     from sftlab.data.templates import BUILTIN
+    from sftlab.rundir import RunDir
 
-    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(run / "config.yaml")
+    rd = RunDir(run)
+    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(rd.config_path)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = BUILTIN["chatml"][0]
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    model.save_pretrained(run / "model")
-    tok.save_pretrained(run / "model")
+    model.save_pretrained(rd.model_dir)
+    tok.save_pretrained(rd.model_dir)
     return run

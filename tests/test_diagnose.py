@@ -12,6 +12,7 @@ import pytest
 from sftlab.cli import main
 from sftlab.config import Config
 from sftlab.diagnose import RULES, diagnose
+from sftlab.rundir import RunDir, Summary
 
 
 def healthy_rows(steps: int = 100) -> tuple[list[dict], list[dict]]:
@@ -231,7 +232,7 @@ def test_divergence_not_found_for_normal_noise(tmp_path):
 def test_pad_equals_eos_with_eos_masked(tmp_path):
     summary = {**HEALTHY_SUMMARY, "pad_equals_eos": True, "eos_trained": False}
     f = rules_found(make_run(tmp_path / "run", summary=summary))["eos"]
-    assert f.severity == "error" and "pad token == EOS" in f.title
+    assert f.severity == "error" and "pad token == EOS" in f.message
     assert any("pad token other than EOS" in x for x in f.fixes)
 
 
@@ -239,6 +240,32 @@ def test_eos_not_trained_without_pad_eos(tmp_path):
     summary = {**HEALTHY_SUMMARY, "pad_equals_eos": False, "eos_trained": False}
     f = rules_found(make_run(tmp_path / "run", summary=summary))["eos"]
     assert f.severity == "warning"
+
+
+def _train_summary(**kw) -> Summary:
+    """A summary as training writes it: every field, through rundir.Summary."""
+    fields = {**HEALTHY_SUMMARY, "epochs": 3.0, "examples": 100, "replay_examples": 0,
+              "trained_tokens_per_second": 500.0, "gradient_checkpointing": False, "packing": False,
+              "attention_batches": None, **kw}
+    return Summary(**fields)
+
+
+@pytest.mark.parametrize("pad_equals_eos, severity", [(True, "error"), (False, "warning")])
+def test_eos_rule_fires_on_a_summary_written_by_train(tmp_path, pad_equals_eos, severity):
+    run = make_run(tmp_path / "run", summary=False)
+    RunDir(run).write_summary(_train_summary(pad_equals_eos=pad_equals_eos, eos_trained=False))
+    d = diagnose(run)
+    assert d.checked["eos"] == "found" and [(f.rule, f.severity) for f in d.findings] == [("eos", severity)]
+    assert d.exit_code == (2 if severity == "error" else 1)
+    assert "eos_trained = false" in " ".join(d.findings[0].evidence)
+
+
+def test_eos_rule_quiet_when_trained_and_skipped_when_unknown(tmp_path):
+    run = make_run(tmp_path / "run", summary=False)
+    RunDir(run).write_summary(_train_summary(pad_equals_eos=True, eos_trained=True))
+    assert diagnose(run).checked["eos"] == "ok"
+    RunDir(run).write_summary(_train_summary(eos_trained=None))  # no end-of-turn token known
+    assert diagnose(run).checked["eos"].startswith("skipped")
 
 
 def test_pad_equals_eos_but_eos_trained_is_fine(tmp_path):
@@ -301,7 +328,7 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     run = make_run(tmp_path / "warn", evals=evals)
     assert main(["diagnose", str(run)]) == 1
     text = capsys.readouterr().out
-    assert "[warning] repetition" in text and "evidence:" in text and "fix:" in text
+    assert "[warning] repetition" in text and "seen:" in text and "fix:" in text
 
 
 def test_interrupted_run_without_summary(tmp_path):

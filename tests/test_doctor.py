@@ -49,7 +49,7 @@ def write(tmp_path, rows, name="data.jsonl") -> str:
 
 
 def only(result, check):
-    return [f for f in result.findings if f.check == check]
+    return [f for f in result.findings if f.rule == check]
 
 
 def the_one(result, check):
@@ -91,7 +91,7 @@ def test_structural_errors_name_their_line(tmp_path, bad, check):
     path = write(tmp_path, [CLEAN[0], CLEAN[1], bad, CLEAN[2]])
     result = run_doctor(path)
     f = the_one(result, check)
-    assert (f.severity, f.line, f.file) == ("error", 3, path)
+    assert (f.severity, f.data["line"], f.data["file"]) == ("error", 3, path)
     assert len(result.findings) == 1 and result.exit_code == 2
 
 
@@ -99,21 +99,21 @@ def test_invalid_utf8_in_csv_names_the_line(tmp_path):
     path = tmp_path / "data.csv"
     path.write_bytes(b"prompt,completion\nhi,there\nbad,caf\xe9\n")
     f = the_one(run_doctor(str(path)), "encoding")
-    assert f.line == 3
+    assert f.data["line"] == 3
 
 
 def test_json_array_points_at_the_line_where_the_item_starts(tmp_path):
     path = tmp_path / "data.json"
     items = [CLEAN[0], {"messages": [{"role": "assistant", "content": "x"}]}]
     path.write_text("[\n" + ",\n".join(json.dumps(i) for i in items) + "\n]\n")
-    assert the_one(run_doctor(str(path)), "role_order").line == 3
+    assert the_one(run_doctor(str(path)), "role_order").data["line"] == 3
 
 
 def test_majority_format_wins_over_an_odd_first_line(tmp_path):
     path = write(tmp_path, [{"instruction": "x", "output": "y"}] + CLEAN)
     result = run_doctor(path)
     assert result.stats["format"] == "messages"
-    assert the_one(result, "fields").line == 1
+    assert the_one(result, "fields").data["line"] == 1
 
 
 # --- encoding and tokens in text ----------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_mojibake_is_a_warning(tmp_path, text):
     path = write(tmp_path, [CLEAN[0], chat("Say it.", text)])
     result = run_doctor(path)
     f = the_one(result, "mojibake")
-    assert f.line == 2 and "message 2 (assistant)" in f.message
+    assert f.data["line"] == 2 and "message 2 (assistant)" in f.message
     assert result.exit_code == 1
 
 
@@ -134,26 +134,26 @@ def test_real_accents_are_not_mojibake(tmp_path):
 def test_control_characters_are_a_warning(tmp_path):
     path = write(tmp_path, [chat("tab\tand\nnewline\r\n are fine", "bell \x07 is not"), CLEAN[0]])
     f = the_one(run_doctor(path), "control_chars")
-    assert f.line == 1 and "U+0007" in f.message
+    assert f.data["line"] == 1 and "U+0007" in f.message
 
 
 @pytest.mark.parametrize("marker", ["<|im_start|>", "<|eot_id|>", "[INST]", "</s>", "### Instruction:"])
 def test_template_markers_in_text_are_a_warning(tmp_path, marker):
     path = write(tmp_path, [CLEAN[0], CLEAN[1], chat(f"Look: {marker} here", "Ok.")])
     f = the_one(run_doctor(path), "template_markers")
-    assert f.line == 3 and marker in f.message
+    assert f.data["line"] == 3 and marker in f.message
 
 
 def test_the_tokenizers_special_tokens_in_text_are_an_error(tmp_path, tok):
     path = write(tmp_path, [CLEAN[0], chat("Hi", "Done<|im_end|> and [INST]")])
     result = run_doctor(path, tokenizer=tok)
     f = the_one(result, "special_tokens")
-    assert f.line == 2 and "<|im_end|>" in f.message
-    assert the_one(result, "template_markers").line == 2  # [INST] is no token of this tokenizer
+    assert f.data["line"] == 2 and "<|im_end|>" in f.message
+    assert the_one(result, "template_markers").data["line"] == 2  # [INST] is no token of this tokenizer
     assert result.exit_code == 2
     # Without a tokenizer the same text is only a warning.
     result = run_doctor(path)
-    assert not only(result, "special_tokens") and the_one(result, "template_markers").line == 2
+    assert not only(result, "special_tokens") and the_one(result, "template_markers").data["line"] == 2
 
 
 # --- lengths and trained tokens --------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_too_long_counts_and_lost_trained_share(tmp_path, tok):
     # Trained tokens sit at positions prompt .. prompt + trained - 1; those at >= limit are lost.
     lost = [p + t - max(p, limit) for p, t, total in counts if total > limit]
     found = only(result, "too_long")
-    assert [f.line for f in found] == [1, 3] and all(f.severity == "warning" for f in found)
+    assert [f.data["line"] for f in found] == [1, 3] and all(f.severity == "warning" for f in found)
     assert f"loses {lost[0]} of its {counts[0][1]} trained tokens" in found[0].message
     total_trained = sum(t for _, t, _ in counts)
     assert result.stats["max_seq_length"] == {
@@ -196,8 +196,8 @@ def test_reply_entirely_past_the_limit_has_no_trained_token(tmp_path, tok):
     assert chatml_tokens(CLEAN[0]["messages"][0]["content"], "Paris.")[2] <= 64 < chatml_tokens("p" * 80, "ok")[0]
     result = run_doctor(path, tokenizer=tok, max_seq_length=64)
     f = the_one(result, "no_trained")
-    assert f.line == 2 and f.severity == "error"
-    assert the_one(result, "too_long").line == 2
+    assert f.data["line"] == 2 and f.severity == "error"
+    assert the_one(result, "too_long").data["line"] == 2
     assert result.exit_code == 2
 
 
@@ -206,7 +206,7 @@ def test_template_that_cannot_place_replies_is_an_error(tmp_path, tok):
     tpl.write_text("{% for m in messages %}{{ m.role }}: {{ m.content | upper }}\n{% endfor %}")
     path = write(tmp_path, [chat("hi", "there")])
     f = the_one(run_doctor(path, tokenizer=tok, template=str(tpl)), "template")
-    assert f.line == 1 and "verbatim" in f.message
+    assert f.data["line"] == 1 and "verbatim" in f.message
 
 
 def test_builtin_template_tokens_are_added_on_a_copy(tmp_path, tok):
@@ -228,7 +228,7 @@ def test_exact_duplicate_names_both_lines(tmp_path):
     path = write(tmp_path, [CLEAN[0], CLEAN[1], CLEAN[0]])
     result = run_doctor(path)
     f = the_one(result, "duplicate")
-    assert f.line == 3 and f"{path}:1" in f.message
+    assert f.data["line"] == 3 and f"{path}:1" in f.message
     assert result.stats["duplicates"] == {"exact": 1, "near": 0} and result.exit_code == 1
 
 
@@ -236,7 +236,7 @@ def test_near_duplicate_by_case_and_punctuation(tmp_path):
     rows = [chat("Hello, World! How are you?", "Fine, thanks."), CLEAN[0],
             chat("hello world how are you", "fine thanks!")]
     f = the_one(run_doctor(write(tmp_path, rows)), "near_duplicate")
-    assert f.line == 3 and ":1" in f.message
+    assert f.data["line"] == 3 and ":1" in f.message
 
 
 def test_different_sentences_are_not_near_duplicates(tmp_path):
@@ -250,7 +250,7 @@ def test_near_duplicate_by_shingles(tmp_path):
     changed[100] = "different"
     rows = [chat("Summarise.", " ".join(words)), CLEAN[0], chat("Summarise.", " ".join(changed))]
     f = the_one(run_doctor(write(tmp_path, rows)), "near_duplicate")
-    assert f.line == 3 and "Jaccard" in f.message
+    assert f.data["line"] == 3 and "Jaccard" in f.message
 
 
 # --- train/eval overlap ------------------------------------------------------------------------------------------
@@ -264,11 +264,11 @@ def test_eval_overlap_exact_prompt_and_near(tmp_path):
     ], "eval.jsonl")
     result = run_doctor(train, eval_data=evl)
     exact = only(result, "eval_overlap")
-    assert [(f.file, f.line, f.severity) for f in exact] == [(evl, 2, "error"), (evl, 3, "error")]
+    assert [(f.data["file"], f.data["line"], f.severity) for f in exact] == [(evl, 2, "error"), (evl, 3, "error")]
     assert f"{train}:3" in exact[0].message and "identical" in exact[0].message
     assert f"{train}:1" in exact[1].message and "same prompt" in exact[1].message
     near = the_one(result, "eval_near_overlap")
-    assert (near.file, near.line) == (evl, 4) and f"{train}:3" in near.message
+    assert (near.data["file"], near.data["line"]) == (evl, 4) and f"{train}:3" in near.message
     assert result.stats["eval"]["exact_overlap"] == 2 and result.stats["eval"]["near_overlap"] == 1
     assert result.exit_code == 2
 
@@ -277,7 +277,7 @@ def test_eval_file_gets_the_line_checks_too(tmp_path):
     train = write(tmp_path, CLEAN)
     evl = write(tmp_path, [chat("Other question?", "Answer."), "{broken"], "eval.jsonl")
     f = the_one(run_doctor(train, eval_data=evl), "parse")
-    assert (f.file, f.line) == (evl, 2)
+    assert (f.data["file"], f.data["line"]) == (evl, 2)
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -299,10 +299,10 @@ def test_cli_json_shape(tmp_path, capsys):
     code, out, _ = run_cli(capsys, path, "--json")
     data = json.loads(out)
     assert code == 2 and set(data) >= {"findings", "stats"}
-    assert [(f["check"], f["severity"], f["line"]) for f in data["findings"]] == [("parse", "error", 2),
-                                                                                ("duplicate", "warning", 3)]
-    assert all(set(f) == {"check", "severity", "file", "line", "message"} for f in data["findings"])
-    assert data["findings"][0]["file"] == path
+    assert [(f["rule"], f["severity"], f["data"]["line"]) for f in data["findings"]] == [("parse", "error", 2),
+                                                                                       ("duplicate", "warning", 3)]
+    assert all(set(f) == {"rule", "severity", "message", "where", "evidence", "fixes", "data"} for f in data["findings"])
+    assert data["findings"][0]["where"] == f"{path}:2" and data["findings"][0]["data"]["file"] == path
     stats = data["stats"]
     assert stats["records"] == 3 and stats["examples"] == 2 and stats["format"] == "messages"
     assert stats["length"]["unit"] == "characters" and stats["length"]["histogram"]
@@ -319,7 +319,7 @@ def test_cli_with_model_folder(tmp_path, capsys, tok):
     path = write(tmp_path, [chat("hi", "x" * 50), CLEAN[0]])
     code, out, _ = run_cli(capsys, path, "--model", str(model_dir), "--max-seq-length", "64", "--json")
     data = json.loads(out)
-    assert code == 1 and [(f["check"], f["line"]) for f in data["findings"]] == [("too_long", 1)]
+    assert code == 1 and [(f["rule"], f["data"]["line"]) for f in data["findings"]] == [("too_long", 1)]
     assert data["stats"]["length"]["unit"] == "tokens" and data["stats"]["trained_tokens"]["total"] > 0
 
 
@@ -347,7 +347,7 @@ def test_template_consistency_flags_a_generation_prompt_that_differs(tmp_path, t
     data = tmp_path / "d.jsonl"
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     res = run_doctor(str(data), tokenizer=tok, template=str(bad))
-    found = [f for f in res.findings if f.check == "template_consistency"]
-    assert len(found) == 1 and found[0].line == 1
+    found = [f for f in res.findings if f.rule == "template_consistency"]
+    assert len(found) == 1 and found[0].data["line"] == 1
     clean = run_doctor(str(data), tokenizer=tok)
-    assert not [f for f in clean.findings if f.check == "template_consistency"]
+    assert not [f for f in clean.findings if f.rule == "template_consistency"]

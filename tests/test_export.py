@@ -21,6 +21,7 @@ from sftlab.data.consistency import check_template_consistency
 from sftlab.data.templates import BUILTIN, ChatTemplate
 from sftlab.data.types import Conversation, Message
 from sftlab.export import export_run, write_gguf
+from sftlab.rundir import RunDir
 
 CHATML = BUILTIN["chatml"][0]
 MSGS = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "2 + 2 = 4."},
@@ -41,9 +42,7 @@ def exports(lora_run, tmp_path_factory) -> dict:
 
 
 def _run_logits(run: Path) -> tuple[list[int], torch.Tensor]:
-    from sftlab.rundir import load_run_model
-
-    model, tok, _ = load_run_model(run, device="cpu", dtype="fp32")
+    model, tok, _ = RunDir(run).load_model(device="cpu", dtype="fp32")
     text = ChatTemplate("chatml", CHATML).render([Message(**m) for m in MSGS], add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():

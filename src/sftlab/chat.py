@@ -34,6 +34,7 @@ from sftlab.eval.generation import (
 )
 from sftlab.eval.run import load_target
 from sftlab.models import load_model
+from sftlab.rundir import RunDir
 
 HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a reply"
 
@@ -82,7 +83,7 @@ def load_chat_model(model_or_run: str, *, template: str | None = None, device=No
 
     p = Path(model_or_run)
     with _quiet():
-        if p.is_dir() and (p / "adapter_config.json").exists() and not (p / "config.yaml").exists():
+        if p.is_dir() and (p / "adapter_config.json").exists() and not RunDir(p).config_path.exists():
             return _load_adapter_export(p, template, device)
         model, tok, tpl, _ = load_target(model_or_run, template=template, device=device)
     if tpl is None:

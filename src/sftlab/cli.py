@@ -356,10 +356,10 @@ def _cmd_eval(args) -> int:
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.save:
         from sftlab.rundir import (
-            read_summary,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+            RunDir,  # deferred: the command pulls in torch; `sftlab --help` stays fast
         )
 
-        read_summary(args.target)  # --save needs a finished run: fail before evaluating
+        RunDir(args.target).summary()  # --save needs a finished run: fail before evaluating
     out = run_eval(args.target, args.data, compare_to=args.compare_to, general=args.general, fmt=args.fmt,
                    template=args.template, scorer=args.scorer, settings=settings, batch_size=args.batch_size,
                    max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device,

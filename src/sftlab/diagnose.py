@@ -1,66 +1,29 @@
 """Diagnose a finished (or stopped) run: symptom -> evidence -> cause -> a concrete config change.
 
 Reads only the run folder (config.yaml, metrics.jsonl, summary.json, the tokenizer files in model/);
-never loads weights. Each rule is one small function ``(RunData, Thresholds) -> Finding | None`` and
-reports the numbers and steps it saw. Rules:
+never loads weights. Each rule (in :mod:`sftlab.diagnose_rules`) is one small function
+``(RunData, Thresholds) -> Finding | None`` and reports the numbers and steps it saw. Rules:
     overfitting        eval loss rising over the last evaluations while train loss falls, gap too wide
     forgetting         general-data loss up by more than the threshold
     format             low format adherence of generated replies
     repetition         high n-gram repetition in generated replies
     divergence         NaN/inf, or exploding loss or gradient norm
-    eos                the end-of-turn/EOS token was never trained (worst: pad == EOS, EOS masked)
+    eos                the end-of-turn/EOS token of trained replies is not trained (worst: pad == EOS)
     truncation         examples dropped or cut because they were longer than max_seq_length
     template_mismatch  the template saved for inference differs from the one used in training
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
 
-from sftlab.core.errors import SftlabError
-from sftlab.data.templates import BUILTIN, ChatTemplate
-from sftlab.data.types import Message
-from sftlab.eval.compare import forgetting
-from sftlab.rundir import (
-    METRICS,
-    PREPARE_REPORT,
-    SUMMARY,
-    read_metrics,
-    read_run_config,
-    read_summary,
-)
+from sftlab.core.findings import SEVERITIES, Finding, exit_code, format_findings
+from sftlab.diagnose_rules import RULES, RunData, Skip, Thresholds
+from sftlab.rundir import RunDir
 
-SEVERITIES = ("error", "warning", "info")
-
-
-@dataclass
-class Thresholds:
-    """When a symptom counts as a problem. Losses are in nats per token."""
-
-    overfit_gap: float = 0.25  # eval loss minus recent train loss
-    overfit_min_rise: float = 0.01  # eval loss above its best by at least this
-    min_evals: int = 3  # evaluations needed before judging overfitting
-    forgetting_rise: float = 0.10  # relative rise of general-data loss (0.10 = 10%)
-    format_min: float = 0.80  # format adherence below this is a problem
-    repetition_max: float = 0.20  # mean n-gram repetition rate above this is a problem
-    loss_explode: float = 2.0  # train loss above this multiple of its first value
-    grad_explode: float = 10.0  # gradient norm above this multiple of the run's median
-    truncation_warn: float = 0.05  # share of examples dropped/truncated that is a warning (any is info)
-
-
-@dataclass
-class Finding:
-    rule: str
-    severity: str  # error | warning | info
-    title: str
-    evidence: list[str]  # what was seen: numbers and steps
-    fixes: list[str]  # concrete changes, "key: old -> new" where it is a config key
-    data: dict = field(default_factory=dict)
+__all__ = ["RULES", "Diagnosis", "RunData", "Thresholds", "diagnose", "diagnose_run", "load_run"]
 
 
 @dataclass
@@ -71,40 +34,22 @@ class Diagnosis:
 
     @property
     def exit_code(self) -> int:
-        sev = {f.severity for f in self.findings}
-        return 2 if "error" in sev else 1 if "warning" in sev else 0
+        return exit_code(self.findings)
 
     def to_dict(self) -> dict:
-        return _json_safe({"run_dir": self.run_dir, "findings": [asdict(f) for f in self.findings],
+        return _json_safe({"run_dir": self.run_dir, "findings": [f.to_dict() for f in self.findings],
                            "checked": self.checked, "exit_code": self.exit_code})
 
+    def skipped(self) -> list[str]:
+        """``rule (why)`` for each rule that could not judge this run."""
+        return [f"{r} ({s.removeprefix('skipped: ')})" for r, s in self.checked.items() if s.startswith("skipped")]
+
     def format_text(self) -> str:
-        out = [f"diagnosis of {self.run_dir}"]
-        if not self.findings:
-            out.append("no problems found")
-        for f in self.findings:
-            out.append(f"\n[{f.severity}] {f.rule}: {f.title}")
-            out += [f"  evidence: {e}" for e in f.evidence]
-            out += [f"  fix:      {x}" for x in f.fixes]
-        skipped = [f"{r} ({s.removeprefix('skipped: ')})" for r, s in self.checked.items() if s.startswith("skipped")]
-        if skipped:
-            out.append("\nnot checked: " + "; ".join(skipped))
+        out = [f"diagnosis of {self.run_dir}", ""]
+        out.append(format_findings(self.findings) if self.findings else "no problems found")
+        if self.skipped():
+            out.append("\nnot checked: " + "; ".join(self.skipped()))
         return "\n".join(out)
-
-
-@dataclass
-class RunData:
-    """What the rules read, parsed once."""
-
-    run_dir: Path
-    config: object  # sftlab.config.Config
-    train: list[dict]  # train rows sorted by step
-    evals: list[dict]  # eval rows sorted by step
-    summary: dict | None
-
-
-class Skip(Exception):
-    """A rule that cannot judge this run (not enough data); the message says why."""
 
 
 def _json_safe(obj):
@@ -117,382 +62,12 @@ def _json_safe(obj):
     return obj
 
 
-def _num(x) -> float | None:
-    """A float for numbers (NaN/inf kept, including the strings 'nan'/'inf'), None otherwise."""
-    if isinstance(x, bool) or x is None:
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, str) and x.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
-        return float(x)
-    return None
-
-
-def _finite(x) -> bool:
-    v = _num(x)
-    return v is not None and math.isfinite(v)
-
-
-def _g(x: float) -> str:
-    return f"{x:.3g}" if isinstance(x, float) and math.isfinite(x) and abs(x) < 0.01 else (
-        f"{x:.3f}" if isinstance(x, float) and math.isfinite(x) else str(x))
-
-
 def load_run(run_dir: str | Path) -> RunData:
     """Read and check the run folder; missing or damaged files are one-line SftlabErrors."""
-
-    p = Path(run_dir)
-    if not p.is_dir():
-        raise SftlabError(f"run folder '{run_dir}' not found", hint="pass the output_dir of a training run")
-    cfg = read_run_config(p)
-    rows = read_metrics(p)
-    for i, r in enumerate(rows, start=1):
-        if not isinstance(r, dict):
-            raise SftlabError(f"{p / METRICS}: row {i} is not a JSON object")
-    summary = read_summary(p) if (p / SUMMARY).exists() else None
-    if summary is not None and not isinstance(summary, dict):
-        raise SftlabError(f"{p / SUMMARY}: expected a JSON object")
-
-    def split(r: dict) -> str | None:
-        return r.get("split") or ("eval" if "eval_loss" in r else "train" if "loss" in r else None)
-
-    def step(r: dict) -> float:
-        s = _num(r.get("step"))
-        return s if s is not None else 0.0
-
-    train = sorted((r for r in rows if split(r) == "train"), key=step)
-    evals = sorted((r for r in rows if split(r) == "eval"), key=step)
-    return RunData(p, cfg, train, evals, summary)
-
-# --- the evals before/after written by `sftlab eval --save` / make demo ----------------------------
-
-def _eval_result(summary: dict | None, which: str) -> dict | None:
-    """The 'after' (or 'before') metrics of summary['eval'], whichever shape it has."""
-    ev = (summary or {}).get("eval")
-    if not isinstance(ev, dict):
-        return None
-    if ev.get("kind") == "single":
-        return ev.get("result", {}).get("metrics") if which == "after" else None
-    part = ev.get(which)
-    return part.get("metrics") if isinstance(part, dict) else None
-
-
-def _latest_gen(run: RunData, key: str) -> tuple[float, str] | None:
-    """(value, where) of a generation metric: the final eval result, else the last eval row with it."""
-    after = _eval_result(run.summary, "after")
-    if after and _finite(after.get(key)):
-        return float(after[key]), "the final eval"
-    for r in reversed(run.evals):
-        if _finite(r.get(f"gen_{key}")):
-            return float(r[f"gen_{key}"]), f"the eval at step {r.get('step')}"
-    return None
-
-
-def _cfg(run: RunData, key: str, default=None):
-    return getattr(run.config, key, default)
-
-
-def _lr(run: RunData) -> str:
-    lr = _cfg(run, "learning_rate")
-    if isinstance(lr, (int, float)):
-        return f"learning_rate: {lr:g} -> {lr / 2:g}"
-    return "learning_rate: halve it"
-
-# --- rules ---------------------------------------------------------------------------------------
-
-def rule_overfitting(run: RunData, th: Thresholds) -> Finding | None:
-    ev = [(r.get("step"), float(r["eval_loss"])) for r in run.evals if _finite(r.get("eval_loss"))]
-    if len(ev) < th.min_evals:
-        raise Skip(f"{len(ev)} evaluations, need {th.min_evals}")
-    tr = [(r.get("step"), float(r["loss"])) for r in run.train if _finite(r.get("loss"))]
-    if len(tr) < 2:
-        raise Skip("fewer than 2 train-loss rows")
-    best_i = min(range(len(ev)), key=lambda i: ev[i][1])
-    best_step, best = ev[best_i]
-    last_step, last = ev[-1]
-    rising = best_i < len(ev) - 1 and last > best + th.overfit_min_rise and last >= ev[-2][1]
-    before = [l for s, l in tr if (s or 0) <= (best_step or 0)][-3:] or [tr[0][1]]
-    recent = [l for _, l in tr[-3:]]
-    tr_best, tr_last = sum(before) / len(before), sum(recent) / len(recent)
-    falling = tr_last < tr_best
-    gap = last - tr_last
-    if not (rising and falling and gap > th.overfit_gap):
-        return None
-    fixes = []
-    epochs, steps = _cfg(run, "epochs"), (run.summary or {}).get("steps") or (tr[-1][0] or 0)
-    if isinstance(epochs, (int, float)) and steps and best_step:
-        better = max(0.5, math.ceil(epochs * best_step / steps * 2) / 2)
-        if better < epochs:
-            fixes.append(f"epochs: {epochs:g} -> {better:g} (eval loss was lowest at step {best_step} of {steps})")
-    if not _cfg(run, "load_best_model_at_end", True):
-        fixes.append("load_best_model_at_end: false -> true")
-    if _cfg(run, "early_stopping_patience", 0) in (0, None) or _cfg(run, "early_stopping_patience", 0) > 3:
-        fixes.append(f"early_stopping_patience: {_cfg(run, 'early_stopping_patience')} -> 2")
-    if _cfg(run, "method") in ("lora", "qlora"):
-        d = _cfg(run, "lora_dropout", 0.0)
-        fixes.append(f"lora_dropout: {d:g} -> {max(0.1, d * 2):g}")
-    wd = _cfg(run, "weight_decay", 0.0)
-    fixes.append(f"weight_decay: {wd:g} -> {max(0.1, wd * 2):g}")
-    fixes.append("more (or more varied) training data")
-    return Finding("overfitting", "warning", "eval loss rises while train loss falls", [
-        f"eval loss {_g(best)} at step {best_step} (best) -> {_g(last)} at step {last_step}",
-        f"train loss {_g(tr_best)} around step {best_step} -> {_g(tr_last)} at the end",
-        f"gap eval - train = {_g(gap)} > {th.overfit_gap:g}",
-    ], fixes, {"best_step": best_step, "best_eval_loss": best, "last_eval_loss": last, "gap": gap})
-
-
-def rule_forgetting(run: RunData, th: Thresholds) -> Finding | None:
-    b, a = _eval_result(run.summary, "before"), _eval_result(run.summary, "after")
-    if b and a and _num(b.get("general_loss")) is not None and _num(a.get("general_loss")) is not None:
-        f, where = forgetting(_num(b["general_loss"]), _num(a["general_loss"]), th.forgetting_rise), ("base model", "fine-tuned")
-    else:
-        rows = [r for r in run.evals if _num(r.get("general_loss")) is not None]
-        if len(rows) < 2:
-            raise Skip("no general-data loss before and after (set replay_data or run `sftlab eval --general`)")
-        f = forgetting(_num(rows[0]["general_loss"]), _num(rows[-1]["general_loss"]), th.forgetting_rise)
-        where = (f"step {rows[0].get('step')}", f"step {rows[-1].get('step')}")
-    if not f["flagged"]:
-        return None
-    rel = f"{f['relative']:+.1%}" if math.isfinite(f["relative"]) else "non-finite"
-    fixes = []
-    ratio = _cfg(run, "replay_ratio", 0.0) or 0.0
-    if not _cfg(run, "replay_data"):
-        fixes.append("replay_data: <a file of general chat data, like what the base model was tuned on>")
-    fixes.append(f"replay_ratio: {ratio:g} -> {min(0.9, round(ratio + 0.2, 2)):g}")
-    fixes.append(_lr(run))
-    ewc = _cfg(run, "ewc_lambda", 0.0) or 0.0
-    fixes.append(f"ewc_lambda: {ewc:g} -> {ewc * 10 if ewc else 1.0:g} (EWC; needs replay_data for the Fisher estimate)")
-    if _cfg(run, "method") == "full":
-        fixes.append("method: full -> lora (fewer weights move)")
-    return Finding("forgetting", "warning", "the loss on general data went up: the model forgot some of what it knew", [
-        f"general-data loss {_g(f['before'])} ({where[0]}) -> {_g(f['after'])} ({where[1]}), {rel}, "
-        f"threshold {th.forgetting_rise:.0%}",
-    ], fixes, f)
-
-
-def rule_format(run: RunData, th: Thresholds) -> Finding | None:
-    got = _latest_gen(run, "format_adherence")
-    if got is None:
-        raise Skip("no format-adherence measurement (run `sftlab eval`, or eval with generation during training)")
-    value, where = got
-    if value >= th.format_min:
-        return None
-    evidence = [f"format adherence {value:.0%} in {where} (below {th.format_min:.0%})"]
-    b = _eval_result(run.summary, "before")
-    if b and _finite(b.get("format_adherence")):
-        evidence.append(f"the base model had {float(b['format_adherence']):.0%}")
-    fixes = ["more training examples that show the exact output format (aim for 100+ consistent ones)"]
-    if _cfg(run, "masking") == "all":
-        fixes.append("masking: all -> all_assistant (response-only loss: train on the replies only)")
-    if not _cfg(run, "system_prompt"):
-        fixes.append("system_prompt: <one line stating the output format>")
-    epochs = _cfg(run, "epochs")
-    losses = [float(r["eval_loss"]) for r in run.evals if _finite(r.get("eval_loss"))]
-    if isinstance(epochs, (int, float)) and losses and losses[-1] <= min(losses):  # still improving: train longer
-        fixes.append(f"epochs: {epochs:g} -> {epochs + 1:g} (eval loss was still falling at the end)")
-    return Finding("format", "warning", "replies often do not follow the expected format", evidence, fixes,
-                   {"format_adherence": value})
-
-
-def rule_repetition(run: RunData, th: Thresholds) -> Finding | None:
-    got = _latest_gen(run, "repetition_rate")
-    if got is None:
-        raise Skip("no repetition measurement (run `sftlab eval`, or eval with generation during training)")
-    value, where = got
-    if value <= th.repetition_max:
-        return None
-    evidence = [f"n-gram repetition rate {value:.0%} in {where} (above {th.repetition_max:.0%})"]
-    fin = _latest_gen(run, "finished_rate")
-    if fin is not None and fin[0] < 0.9:
-        evidence.append(f"only {fin[0]:.0%} of replies ended at the end-of-turn token (the rest ran to max_new_tokens)")
-    fixes = ["generation: --repetition-penalty 1.0 -> 1.2",
-             "generation: sample with a lower temperature, --do-sample --temperature 0.7 (greedy decoding loops easily)"]
-    if (run.summary or {}).get("eos_trained") is False:
-        fixes.append("train the end-of-turn/EOS token (see the eos finding): a model that never learned to stop repeats")
-    return Finding("repetition", "warning", "generated replies repeat themselves", evidence, fixes, {"repetition_rate": value})
-
-
-def rule_divergence(run: RunData, th: Thresholds) -> Finding | None:
-    s = run.summary or {}
-    evidence: list[str] = []
-    div = s.get("divergence")
-    if s.get("stopped") == "diverged" or div:
-        at = f" at step {div.get('step')} (loss {div.get('loss')})" if isinstance(div, dict) else ""
-        evidence.append(f"training stopped as diverged{at}")
-    for key, label in (("loss", "train loss"), ("grad_norm", "gradient norm")):
-        bad = next((r for r in run.train if _num(r.get(key)) is not None and not math.isfinite(_num(r[key]))), None)
-        if bad is not None:
-            evidence.append(f"{label} is {bad[key]} at step {bad.get('step')}")
-    bad_eval = next((r for r in run.evals if _num(r.get("eval_loss")) is not None and not math.isfinite(_num(r["eval_loss"]))), None)
-    if bad_eval is not None:
-        evidence.append(f"eval loss is {bad_eval['eval_loss']} at step {bad_eval.get('step')}")
-    losses = [(r.get("step"), float(r["loss"])) for r in run.train if _finite(r.get("loss"))]
-    if len(losses) >= 3 and losses[0][1] > 0:
-        peak = max(losses[1:], key=lambda x: x[1])
-        if peak[1] > th.loss_explode * losses[0][1]:
-            evidence.append(f"train loss {_g(peak[1])} at step {peak[0]}, {peak[1] / losses[0][1]:.1f}x its first value "
-                            f"{_g(losses[0][1])} (limit {th.loss_explode:g}x)")
-    grads = [(r.get("step"), float(r["grad_norm"])) for r in run.train if _finite(r.get("grad_norm"))]
-    if len(grads) >= 3:
-        med = median(g for _, g in grads)
-        peak = max(grads, key=lambda x: x[1])
-        if med > 0 and peak[1] > th.grad_explode * med:
-            evidence.append(f"gradient norm {_g(peak[1])} at step {peak[0]}, {peak[1] / med:.0f}x the median {_g(med)} "
-                            f"(limit {th.grad_explode:g}x)")
-    if not evidence:
-        return None
-    lr = _cfg(run, "learning_rate")
-    fixes = [f"learning_rate: {lr:g} -> {lr / 10:g}" if isinstance(lr, (int, float)) else "learning_rate: lower it 10x"]
-    wr = _cfg(run, "warmup_ratio", 0.0) or 0.0
-    if wr < 0.1:
-        fixes.append(f"warmup_ratio: {wr:g} -> 0.1")
-    if not _cfg(run, "max_grad_norm"):
-        fixes.append(f"max_grad_norm: {_cfg(run, 'max_grad_norm')} -> 1.0")
-    if _cfg(run, "precision") == "fp16":
-        fixes.append("precision: fp16 -> bf16 (fp16 overflows; bf16 has fp32's range)")
-    data = _cfg(run, "data")
-    fixes.append(f"check the data for broken or extreme examples: sftlab doctor {data or 'DATA'}")
-    return Finding("divergence", "error", "training diverged: the loss or gradients blew up", evidence, fixes)
-
-
-def rule_eos(run: RunData, th: Thresholds) -> Finding | None:
-    s = run.summary
-    if s is None or "eos_trained" not in s:
-        raise Skip("summary.json has no eos_trained")
-    if s.get("eos_trained") is not False:
-        return None
-    if s.get("pad_equals_eos"):
-        return Finding("eos", "error", "pad token == EOS and the EOS label is masked: the model never learns to stop", [
-            "summary: pad_equals_eos = true, eos_trained = false",
-            "a collator that masks labels by token id (label == pad_id) masks every EOS too",
-        ], ["tokenizer: use a pad token other than EOS (sftlab's loader picks <|endoftext|> or adds <pad>); "
-            "do not set pad_token = eos_token",
-            "mask padding by position (attention_mask == 0), never by token id"], {"pad_equals_eos": True})
-    return Finding("eos", "warning", "the end-of-turn/EOS token was never trained: the model may not stop", [
-        "summary: eos_trained = false (no trained label is the end-of-turn or EOS token)"],
-        ["masking: keep all_assistant or last_assistant so each reply's end-of-turn token is trained",
-         "template: use one that ends replies with an end-of-turn token (e.g. chatml), or let sftlab append EOS"])
-
-
-def rule_truncation(run: RunData, th: Thresholds) -> Finding | None:
-    prep = (run.summary or {}).get("prepare")
-    if not isinstance(prep, dict):
-        p = run.run_dir / PREPARE_REPORT
-        if not p.exists():
-            raise Skip("no preparation report")
-        try:
-            prep = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise SftlabError(f"{p}: damaged preparation report (not JSON)")
-    n_in = prep.get("n_input") or 0
-    dropped, cut = prep.get("n_dropped_too_long", 0) or 0, prep.get("n_truncated", 0) or 0
-    turns = prep.get("n_turns_cut", 0) or 0
-    hit = dropped + cut + turns
-    if not n_in or not hit:
-        return None
-    share = hit / n_in
-    max_len = _cfg(run, "max_seq_length")
-    evidence = []
-    if dropped:
-        evidence.append(f"{dropped} of {n_in} examples ({dropped / n_in:.1%}) dropped as longer than max_seq_length {max_len}")
-    if cut:
-        evidence.append(f"{cut} of {n_in} examples ({cut / n_in:.1%}) truncated at max_seq_length {max_len}")
-    if turns:
-        evidence.append(f"{turns} of {n_in} examples ({turns / n_in:.1%}) lost earlier turns to fit")
-    for d in (prep.get("dropped") or [])[:3]:
-        if isinstance(d, dict):
-            evidence.append(f"e.g. {d.get('where')}: {d.get('why')}")
-    fixes = [f"max_seq_length: {max_len} -> {max_len * 2}" if isinstance(max_len, int) else "raise max_seq_length"]
-    if _cfg(run, "truncation") != "cut_turns":
-        fixes.append(f"truncation: {_cfg(run, 'truncation')} -> cut_turns (keep the last turns instead)")
-    fixes.append("or shorten/split the longest examples (`sftlab doctor DATA --model MODEL` lists them)")
-    sev = "warning" if share >= th.truncation_warn else "info"
-    return Finding("truncation", sev, "examples were dropped or cut because they were too long", evidence, fixes,
-                   {"share": share, "dropped": dropped, "truncated": cut, "turns_cut": turns})
-
-
-def _saved_template(model_dir: Path) -> tuple[str | None, dict]:
-    """(chat template source, special token strings) from the tokenizer files in model/."""
-    cfg_p = model_dir / "tokenizer_config.json"
-    tcfg = {}
-    if cfg_p.exists():
-        try:
-            tcfg = json.loads(cfg_p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            raise SftlabError(f"{cfg_p}: damaged tokenizer config (not JSON)")
-    src = None
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.exists():
-        src = jinja.read_text(encoding="utf-8")
-    elif isinstance(tcfg.get("chat_template"), str):
-        src = tcfg["chat_template"]
-    special = {}
-    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        v = tcfg.get(k)
-        special[k] = v.get("content", "") if isinstance(v, dict) else (v or "")
-    return src, special
-
-_PROBES = [
-    [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Name?")],
-    [("user", "Say x"), ("assistant", "x")],
-]
-
-
-def _renders(src: str, special: dict) -> list[str]:
-    """The template's output on a few probe chats; a probe it refuses shows as its error."""
-
-    try:
-        t = ChatTemplate("probe", src, None, special)
-    except SftlabError as exc:
-        return [f"error: {exc}"]
-    out = []
-    for probe in _PROBES:
-        for gen in (False, True):
-            try:
-                out.append(t.render([Message(r, c) for r, c in probe], add_generation_prompt=gen))
-            except SftlabError as exc:
-                out.append(f"error: {str(exc).split(':', 1)[-1]}")
-    return out
-
-
-def rule_template_mismatch(run: RunData, th: Thresholds) -> Finding | None:
-    name = _cfg(run, "template")
-    evidence = []
-    ev = (run.summary or {}).get("eval")
-    used = None
-    if isinstance(ev, dict):
-        used = (ev.get("after") or ev.get("result") or {}).get("template")
-    trained = (run.summary or {}).get("template") or name
-    if used and trained and used not in ("tokenizer", trained):
-        evidence.append(f"trained with template '{trained}', evaluated with '{used}'")
-    mdir = run.run_dir / "model"
-    if name is not None and mdir.is_dir():
-        src_train = BUILTIN[name][0] if name in BUILTIN else (Path(name).read_text(encoding="utf-8") if Path(name).is_file() else None)
-        saved, special = _saved_template(mdir)
-        if saved is None and (mdir / "tokenizer_config.json").exists():
-            evidence.append("the tokenizer saved in model/ has no chat template: inference falls back to the base model's")
-        elif saved is not None and src_train is not None:
-            if _renders(src_train, special) != _renders(saved, special):
-                evidence.append(f"the chat template saved in model/ renders differently from the training template '{name}'")
-    elif name is None and not evidence:
-        raise Skip("trained with the tokenizer's own template, which is the one saved with the model")
-    if not evidence:
-        return None
-    return Finding("template_mismatch", "error", "the chat template at inference differs from the one used in training",
-                   evidence, [f"template: {name or trained} (use the training template at inference: load the tokenizer from "
-                              f"{mdir}, or `sftlab eval --template {name or trained}`)",
-                              "re-save the tokenizer with the training template (sftlab export writes it)"])
-
-RULES: dict[str, Callable[[RunData, Thresholds], Finding | None]] = {
-    "divergence": rule_divergence,
-    "overfitting": rule_overfitting,
-    "forgetting": rule_forgetting,
-    "format": rule_format,
-    "repetition": rule_repetition,
-    "eos": rule_eos,
-    "truncation": rule_truncation,
-    "template_mismatch": rule_template_mismatch,
-}
+    d = RunDir(run_dir).require()
+    cfg = d.config()
+    train, evals = d.curves()
+    return RunData(d, cfg, train, evals, d.summary() if d.has_summary() else None)
 
 
 def diagnose(run_dir: str | Path, thresholds: Thresholds | None = None) -> Diagnosis:

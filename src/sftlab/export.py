@@ -26,11 +26,11 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.consistency import SAMPLE_CONVERSATIONS, check_template_consistency
 from sftlab.data.formats import load_conversations
-from sftlab.data.templates import BUILTIN, ChatTemplate, resolve_template
+from sftlab.data.templates import ChatTemplate
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
 from sftlab.models import resolve_model_path
-from sftlab.rundir import MODEL_DIR, load_run_model, read_run_config
+from sftlab.rundir import MODEL_DIR, RunDir
 
 EXPORT_INFO = "sftlab_export.json"
 
@@ -58,28 +58,6 @@ class ExportResult:
         return d
 
 # --------------------------------------------------------------------------------------------
-# Templates and stop tokens
-
-
-def run_template(cfg, tokenizer) -> ChatTemplate:
-    """The chat template a run was trained with.
-
-    The run's saved tokenizer holds it (the run folder contract); a config that names a built-in
-    with the same source also gives its known end-of-turn string. Runs saved without a template fall
-    back to resolving ``cfg.template``.
-    """
-    saved = tokenizer.chat_template
-    if isinstance(saved, dict):
-        saved = saved.get("default") or next(iter(saved.values()), None)
-    name = cfg.template or "tokenizer"
-    if not saved:
-        return resolve_template(cfg.template, tokenizer)
-    if name in BUILTIN and BUILTIN[name][0] == saved:
-        return resolve_template(name, tokenizer)
-    probe = resolve_template("tokenizer", tokenizer)  # carries the tokenizer's special tokens
-    return ChatTemplate(Path(name).name, saved, None, probe.special)
-
-# --------------------------------------------------------------------------------------------
 # The export
 
 
@@ -98,7 +76,7 @@ def _check_request(run_dir: Path, out: Path, *, merge: bool, gguf: bool, gguf_dt
 
     if not run_dir.is_dir():
         raise SftlabError(f"run folder '{run_dir}' not found")
-    cfg = read_run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     mdir = run_dir / MODEL_DIR
     if not mdir.is_dir():
         raise SftlabError(f"{run_dir}: no {MODEL_DIR}/ folder in this run, so nothing to export",
@@ -252,8 +230,12 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
     run_dir, out = Path(run_dir), Path(out)
     kind, _ = _check_request(run_dir, out, merge=merge, gguf=gguf, gguf_dtype=gguf_dtype, force=force)
     torch_dtype = _torch_dtype(dtype)
-    model, tok, cfg = load_run_model(run_dir, device=device, dtype=torch_dtype, merge=False)
-    template = run_template(cfg, tok)
+    run = RunDir(run_dir)
+    model, tok, cfg = run.load_model(device=device, dtype=torch_dtype, merge=False)
+    template = run.template(tok)
+    if template is None:
+        raise SftlabError(f"{run_dir}: the run has no chat template to export",
+                          hint="train with a template (e.g. --set template=chatml)")
     stops = stop_token_ids(tok, template)
     base = cfg.model
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open

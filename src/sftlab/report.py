@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
+from sftlab.core.findings import format_findings
 from sftlab.core.io import atomic_write_text
 from sftlab.data.doctor import run_doctor
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
@@ -33,6 +34,7 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f6f8fa;padding:.6em;overflow-x:auto;white-space:pre-wrap;word-break:break-word}
 .finding{border-left:4px solid #999;padding:.3em .8em;margin:.8em 0;background:#fafafa}
 .finding.error{border-color:#cf222e}.finding.warning{border-color:#d4a72c}.finding.info{border-color:#0969da}
+.finding pre{background:none;margin:0;padding:0}
 .muted{color:#666}td.text{white-space:pre-wrap;word-break:break-word;max-width:22em}
 """
 
@@ -140,14 +142,15 @@ def _table(rows: list[tuple], head: tuple | None = None) -> str:
 
 
 def _summary_section(run: RunData) -> str:
-    s = run.summary or {}
+    s = run.summary
     cfg = run.config
     keys = ["method", "base_model", "template", "steps", "train_tokens", "trained_tokens", "time_s",
             "tokens_per_second", "peak_memory_mb", "final_train_loss", "final_eval_loss", "best_eval_loss", "stopped"]
-    rows = [(k, s.get(k)) for k in keys if k in s]
-    if not s:
+    if s is None:
         rows = [("method", cfg.method), ("base_model", cfg.model), ("template", cfg.template)]
-    div = s.get("divergence")
+    else:
+        rows = [(k, getattr(s, k)) for k in keys]
+    div = s.divergence if s else None
     if div:
         rows.append(("divergence", f"step {div.get('step')}, loss {div.get('loss')}" if isinstance(div, dict) else div))
     for k in ("data", "eval_data", "learning_rate", "epochs", "batch_size", "gradient_accumulation", "max_seq_length"):
@@ -158,8 +161,9 @@ def _summary_section(run: RunData) -> str:
 
 def _data_section(run: RunData, doctor: bool) -> str:
     out = ["<h2>Data</h2>"]
-    prep = (run.summary or {}).get("prepare")
-    if isinstance(prep, dict):
+    s = run.summary
+    prep = s.prepare if s else None
+    if isinstance(prep, dict) and prep:
         keys = ("n_input", "n_kept", "n_dropped_too_long", "n_dropped_no_trained", "n_truncated", "n_turns_cut",
                 "n_tokens", "n_trained_tokens", "eos_appended")
         out.append("<h3>Preparation</h3>" + _table([(k, prep[k]) for k in keys if k in prep]))
@@ -168,9 +172,8 @@ def _data_section(run: RunData, doctor: bool) -> str:
             items = "".join(f"<li>{_e(d.get('where'))}: {_e(d.get('why'))}</li>" for d in dropped[:10] if isinstance(d, dict))
             more = f"<li>... and {len(dropped) - 10} more</li>" if len(dropped) > 10 else ""
             out.append(f"<ul>{items}{more}</ul>")
-    s = run.summary or {}
-    if "pad_equals_eos" in s or "eos_trained" in s:
-        out.append(_table([("pad token == EOS", s.get("pad_equals_eos")), ("EOS / end-of-turn trained", s.get("eos_trained"))]))
+    if s is not None and (s.pad_equals_eos is not None or s.eos_trained is not None):
+        out.append(_table([("pad token == EOS", s.pad_equals_eos), ("EOS / end-of-turn trained", s.eos_trained)]))
     out.append("<h3>Data doctor</h3>" + _doctor_text(run, doctor))
     return "".join(out)
 
@@ -192,7 +195,7 @@ def _doctor_text(run: RunData, doctor: bool) -> str:
 
 
 def _eval_section(run: RunData) -> str:
-    ev = (run.summary or {}).get("eval")
+    ev = run.summary.eval if run.summary else None
     out = ["<h2>Before and after</h2>"]
     if not isinstance(ev, dict):
         out.append('<p class="muted">No before/after evaluation stored with this run; run '
@@ -232,14 +235,10 @@ def _diagnosis_section(diag: Diagnosis) -> str:
     out = ["<h2>Diagnosis</h2>"]
     if not diag.findings:
         out.append("<p>No problems found.</p>")
-    for f in diag.findings:
-        ev = "".join(f"<li>{_e(x)}</li>" for x in f.evidence)
-        fx = "".join(f"<li><code>{_e(x)}</code></li>" for x in f.fixes)
-        out.append(f'<div class="finding {_e(f.severity)}"><b>[{_e(f.severity)}] {_e(f.rule)}</b>: {_e(f.title)}'
-                   f"<br>Evidence:<ul>{ev}</ul>Fix:<ul>{fx}</ul></div>")
-    skipped = [f"{r}: {s.removeprefix('skipped: ')}" for r, s in diag.checked.items() if s.startswith("skipped")]
-    if skipped:
-        out.append('<p class="muted">Not checked: ' + _e("; ".join(skipped)) + "</p>")
+    for f in diag.findings:  # the CLI's text for each finding, in a box coloured by severity
+        out.append(f'<div class="finding {_e(f.severity)}"><pre>{_e(format_findings([f]))}</pre></div>')
+    if diag.skipped():
+        out.append('<p class="muted">Not checked: ' + _e("; ".join(diag.skipped())) + "</p>")
     return "".join(out)
 
 

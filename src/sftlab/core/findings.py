@@ -42,17 +42,40 @@ class Finding:
         return self.line()
 
 
-def format_findings(findings: list[Finding], *, detail: bool = True) -> str:
-    """Findings errors first; with ``detail`` each one's evidence and fixes on indented lines."""
+def _details(f: Finding, indent: str) -> list[str]:
+    return [f"{indent}seen: {e}" for e in f.evidence] + [f"{indent}fix:  {x}" for x in f.fixes]
+
+
+def format_findings(findings: list[Finding], *, detail: bool = True, limit: int | None = None,
+                    headings: dict[str, str] | None = None) -> str:
+    """Findings errors first; with ``detail`` each one's evidence and fixes on indented lines.
+
+    Without ``detail``: one :meth:`Finding.line` each. With it, a rule found once is one heading line
+    ``[severity] rule: where: message``; a rule found several times (or one named in ``headings``,
+    rule -> what it checks) is a heading ``[severity] rule (count): heading`` over one
+    ``where: message`` line per finding, at most ``limit`` of them.
+    """
+    ordered = sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
+    if not detail:
+        return "\n".join(f.line() for f in ordered)
+    groups: dict[tuple[str, str], list[Finding]] = {}
+    for f in ordered:
+        groups.setdefault((f.severity, f.rule), []).append(f)
     out = []
-    for f in sorted(findings, key=lambda f: SEVERITIES.index(f.severity)):
-        if not detail:
-            out.append(f.line())
+    for (severity, rule), group in groups.items():
+        heading = (headings or {}).get(rule)
+        if heading is None and len(group) == 1:
+            f = group[0]
+            where = f" {f.where}:" if f.where else ""
+            out.append(f"[{severity}] {rule}:{where} {f.message}")
+            out += _details(f, "    ")
             continue
-        where = f" {f.where}:" if f.where else ""
-        out.append(f"[{f.severity}] {f.rule}:{where} {f.message}")
-        out += [f"    seen: {e}" for e in f.evidence]
-        out += [f"    fix:  {x}" for x in f.fixes]
+        out.append(f"[{severity}] {rule} ({len(group)}): {heading or group[0].message}")
+        for f in group[:limit]:
+            out.append(f"    {f.where + ': ' if f.where else ''}{f.message}")
+            out += _details(f, "        ")
+        if limit is not None and len(group) > limit:
+            out.append(f"    ... and {len(group) - limit} more (--json lists all)")
     return "\n".join(out)
 
 
@@ -60,3 +83,8 @@ def worst(findings: list[Finding]) -> str | None:
     """The most severe severity present (``None`` for no findings)."""
     present = {f.severity for f in findings}
     return next((s for s in SEVERITIES if s in present), None)
+
+
+def exit_code(findings: list[Finding]) -> int:
+    """The CLI's exit code for findings: 2 with any error, 1 with only warnings, 0 otherwise."""
+    return {"error": 2, "warning": 1}.get(worst(findings), 0)

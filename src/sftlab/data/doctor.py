@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import copy
 import re
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
+from sftlab.core.findings import Finding, exit_code, format_findings
 from sftlab.data.consistency import check_template_consistency
 from sftlab.data.doctor_checks import (
     _GENERIC_MARKER,
     CHECKS,
     NEAR_JACCARD,
     TEMPLATE_MARKERS,
-    Finding,
     _add,
     _body,
     _duplicates,
@@ -54,11 +54,10 @@ class DoctorResult:
 
     @property
     def exit_code(self) -> int:
-        sev = {f.severity for f in self.findings}
-        return 2 if "error" in sev else 1 if "warning" in sev else 0
+        return exit_code(self.findings)
 
     def to_dict(self) -> dict:
-        return {"findings": [asdict(f) for f in self.findings], "stats": self.stats, "exit_code": self.exit_code}
+        return {"findings": [f.to_dict() for f in self.findings], "stats": self.stats, "exit_code": self.exit_code}
 
     def format_text(self, limit: int = 20) -> str:
         """The human report: findings grouped by check with counts (``limit`` lines each), stats, histogram."""
@@ -67,18 +66,10 @@ class DoctorResult:
         if s.get("eval"):
             e = s["eval"]
             out.append(f"eval: {e['data']} ({e['format']} format; {e['examples']} of {e['records']} records usable)")
-        by: dict[str, list[Finding]] = defaultdict(list)
-        for f in self.findings:
-            by[f.check].append(f)
-        for sev in ("error", "warning", "info"):
-            checks = [c for c in CHECKS if CHECKS[c][0] == sev and c in by]
-            if checks:
-                out.append(f"\n{sev}s ({sum(len(by[c]) for c in checks)})")
-            for c in checks:
-                out.append(f"  {c} ({len(by[c])}): {CHECKS[c][1]}")
-                out += [f"    {f.where()}: {f.message}" for f in by[c][:limit]]
-                if len(by[c]) > limit:
-                    out.append(f"    ... and {len(by[c]) - limit} more (--json lists all)")
+        if self.findings:
+            order = {c: i for i, c in enumerate(CHECKS)}
+            by_check = sorted(self.findings, key=lambda f: order[f.rule])
+            out.append("\n" + format_findings(by_check, limit=limit, headings={c: h for c, (_, h) in CHECKS.items()}))
         out.append("\nstats")
         out += [f"  {line}" for line in _stats_lines(s)]
         length = s.get("length")
@@ -138,10 +129,10 @@ def run_doctor(data: str | Path, *, eval_data: str | Path | None = None, fmt: st
         stats["trained_tokens"] = stats["max_seq_length"] = None
         stats["note"] = "lengths are characters of message text; pass a model for token lengths and trained tokens"
     order = {c: i for i, c in enumerate(CHECKS)}
-    in_eval = (lambda f: Path(evl.path) in (Path(f.file), *Path(f.file).parents)) if evl else (lambda f: False)
-    res.findings.sort(key=lambda f: (in_eval(f), f.file, f.line, order[f.check]))
+    in_eval = (lambda f: Path(evl.path) in (Path(f.data["file"]), *Path(f.data["file"]).parents)) if evl else (lambda f: False)
+    res.findings.sort(key=lambda f: (in_eval(f), f.data["file"], f.data["line"], order[f.rule]))
     stats["findings"] = dict(Counter(f.severity for f in res.findings))
-    stats["checks"] = dict(Counter(f.check for f in res.findings))
+    stats["checks"] = dict(Counter(f.rule for f in res.findings))
     res.stats = stats
     return res
 

@@ -1,7 +1,7 @@
 """The data doctor's checks: the check registry, per-example text checks, duplicates and train/eval
 overlap (MinHash), token checks and length statistics.
 
-Each check appends :class:`Finding` objects to a list; :func:`sftlab.data.doctor.run_doctor` reads
+Each check appends :class:`sftlab.core.findings.Finding` objects (rule = the check's name) to a list; :func:`sftlab.data.doctor.run_doctor` reads
 the files, runs the checks and reports.
 """
 
@@ -11,11 +11,11 @@ import json
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 
 import numpy as np
 
 from sftlab.core.errors import SftlabError
+from sftlab.core.findings import Finding
 from sftlab.data.masking import IGNORE, Labeler
 from sftlab.data.types import Conversation
 
@@ -75,24 +75,13 @@ _MOJIBAKE, _MOJI_BYTE = _mojibake_regex()
 _PUNCT = {c: None for c in range(0x3000) if unicodedata.category(chr(c)).startswith("P")}
 
 
-@dataclass
-class Finding:
-    check: str  # a key of CHECKS
-    severity: str  # "error" | "warning" | "info"
-    file: str
-    line: int  # 1-based line (or row) of the file
-    message: str
-
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
-
-
 def _n(k: int, word: str) -> str:
     return f"{k} {word}{'' if k == 1 else 's'}"
 
 
 def _add(findings: list[Finding], check: str, file: str, line: int, message: str) -> None:
-    findings.append(Finding(check, CHECKS[check][0], file, line, message))
+    """A finding of ``check`` at ``file:line`` (1-based); file and line stay in ``data`` for sorting."""
+    findings.append(Finding(check, CHECKS[check][0], message, where=f"{file}:{line}", data={"file": file, "line": line}))
 
 
 # --- per-example text checks ----------------------------------------------------------------------

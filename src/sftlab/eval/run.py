@@ -11,17 +11,15 @@ Three entry points, from small to large:
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
-from sftlab.core.io import atomic_write_text
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import Example, Labeler
-from sftlab.data.templates import BUILTIN, ChatTemplate, resolve_template
+from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import DEFAULT_FORGETTING_THRESHOLD, compare
@@ -36,7 +34,7 @@ from sftlab.eval.generation import (
 from sftlab.eval.loss import evaluate_loss
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
 from sftlab.models import load_model, load_tokenizer
-from sftlab.rundir import SUMMARY, is_run_dir, load_run_model, read_summary
+from sftlab.rundir import RunDir
 
 
 def score_generations(generations: Sequence[Generation], references: Sequence[str], *,
@@ -210,13 +208,12 @@ def load_target(spec: str, *, template: str | None = None, device=None, share_to
     its fine-tune are scored on exactly the same tokens.
     """
 
-    p = Path(spec)
-    if p.is_dir() and (p / "config.yaml").exists():
-        if not is_run_dir(p):
+    run = RunDir(spec)
+    if run.config_path.is_file():
+        if not run.is_run():
             raise SftlabError(f"{spec}: run folder has no model/ folder", hint="the run did not save a model")
-        model, tok, cfg = _load_guard(f"run '{spec}'", lambda: load_run_model(p, device=device))
-        name = template or (cfg.template if cfg.template in BUILTIN else None)
-        return model, tok, _template_for(name, tok), cfg
+        model, tok, cfg = _load_guard(f"run '{spec}'", lambda: run.load_model(device=device))
+        return model, tok, run.template(tok, template), cfg
     tok = share_tokenizer if share_tokenizer is not None else _load_guard(f"model '{spec}'", lambda: load_tokenizer(spec))
     model = _load_guard(f"model '{spec}'", lambda: load_model(spec, device=device, tokenizer=tok))
     model.eval()
@@ -278,8 +275,7 @@ def run_eval(target: str, data: str, *, compare_to: str | None = None, general: 
 def attach_to_run(run_dir: str | Path, result: dict) -> Path:
     """Store an eval result in the run's summary.json under ``eval`` (atomically); returns the file."""
 
-    summary = read_summary(run_dir)
-    summary["eval"] = result
-    path = Path(run_dir) / SUMMARY
-    atomic_write_text(path, json.dumps(summary, indent=2, default=str))
-    return path
+    run = RunDir(run_dir)
+    summary = run.summary()
+    summary.eval = result
+    return run.write_summary(summary)
