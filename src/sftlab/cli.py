@@ -243,7 +243,10 @@ def _cmd_train(args) -> int:
     )
 
     if args.help_config:
-        _print_json(config_schema()) if args.json else print(config_help())
+        if args.json:
+            _print_json(config_schema())
+        else:
+            print(config_help())
         return 0
     from sftlab.train.run import (
         train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
