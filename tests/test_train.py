@@ -243,9 +243,10 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
 
 def test_auto_values_follow_model_and_data_size(monkeypatch, tiny_model_dir):
     from sftlab.models import model_config
+    from sftlab.plan import auto
     from sftlab.train import checks
 
-    assert checks.lr_for_size(1e9, "full") == 1e-4 and checks.lr_for_size(7e9, "full") == 2e-5
+    assert checks.lr_for_size(1e9, "full") == 2e-5 and checks.lr_for_size(7e9, "full") == 2e-5
     assert checks.lr_for_size(13e9, "full") == 1e-5 and checks.lr_for_size(70e9, "full") == 5e-6
     assert [checks.epochs_for_data(n) for n in (999, 9999, 10000)] == [5, 3, 1]
     assert checks.batch_for_memory(80) == (4, 4) and checks.batch_for_memory(40) == (2, 8)
@@ -253,10 +254,10 @@ def test_auto_values_follow_model_and_data_size(monkeypatch, tiny_model_dir):
     cfg = load_config(None, {"model": str(tiny_model_dir), "learning_rate": "auto", "epochs": "auto",
                              "gradient_checkpointing": "auto", "batch_size": 4})
     mcfg = model_config(str(tiny_model_dir))
-    monkeypatch.setattr(checks, "device_memory_gb", lambda: ("cpu", 64.0))
+    monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cpu", 64.0))
     roomy = checks.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
-    assert roomy.learning_rate == 1e-4 and roomy.epochs == 5 and roomy.gradient_checkpointing is False
-    monkeypatch.setattr(checks, "device_memory_gb", lambda: ("cpu", 0.001))  # would not fit: checkpoint
+    assert roomy.learning_rate == 2e-4 and roomy.epochs == 5 and roomy.gradient_checkpointing is False
+    monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cpu", 0.001))  # would not fit: checkpoint
     tight = checks.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
     assert tight.gradient_checkpointing is True
 

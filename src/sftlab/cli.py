@@ -3,21 +3,44 @@
 No logic lives here. Each command has an ``_add_<cmd>`` function that declares its flags and a
 ``_cmd_<cmd>`` function that calls the library and prints. User mistakes arrive as SftlabError and
 are printed as one line on stderr with a non-zero exit; nothing else is caught.
+
+Flags that set a config key are declared by :func:`_config_flag` from the Config field (help, type,
+allowed values), so they cannot drift from the config. With ``--json`` stdout is exactly one JSON
+document: whatever else the command or a library prints goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+import typing
 import warnings
 
+from sftlab.config import FIELDS, field_choices, field_default, field_types
 from sftlab.core.errors import SftlabError
+from sftlab.core.findings import Finding
+
+_json_stdout = None  # the real stdout while a --json command runs; everything else is sent to stderr
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    print(json.dumps(obj, indent=2, default=str), file=_json_stdout or sys.stdout)
+
+
+def _run(args) -> int:
+    """Run the command; under --json only :func:`_print_json` reaches stdout, other prints go to stderr."""
+    global _json_stdout
+    if not getattr(args, "json", False):
+        return args.func(args)
+    _json_stdout = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.func(args)
+    finally:
+        _json_stdout = None
 
 # --- commands -------------------------------------------------------------------------------
 # Each command: _add_X(parser) declares flags; _cmd_X(args) -> exit code.
@@ -33,29 +56,47 @@ def _command(name: str, help_text: str):
     return deco
 
 
+def _config_flag(p: argparse.ArgumentParser, key: str, flag: str | None = None, *, dest: str | None = None,
+                 default=None, help_text: str | None = None) -> None:
+    """Add ``--key`` (or ``flag``) for config key ``key``: help, type and allowed values from the Config field.
+
+    ``default`` None (the usual) leaves the key to the config file and the Config default; commands that
+    read no config (doctor, plan) pass the value they use. Values are checked by the config (or the
+    command), so a bad one is the same one-line error as in a config file.
+    """
+    kinds = [t for t in field_types(key) if t is not type(None)]
+    fixed = field_choices(key)
+    text = (help_text or FIELDS[key].metadata["help"]).replace("%", "%%")
+    shown = default if default is not None else field_default(key)
+    if shown not in (None, [], "") and shown is not False:
+        text += f" (default {shown})"
+    kw: dict = {"dest": dest or key, "default": default, "help": text}
+    if kinds == [bool]:
+        kw["action"] = "store_true"
+    elif len(kinds) == 1 and kinds[0] in (int, float):
+        kw["type"] = kinds[0]
+    if fixed and all(typing.get_origin(t) is typing.Literal for t in kinds):
+        kw["metavar"] = "{" + ",".join(fixed) + "}"
+    p.add_argument(flag or "--" + key.replace("_", "-"), **kw)
+    p.set_defaults(config_keys=(*(p.get_default("config_keys") or ()), kw["dest"]))
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by commands that read a config: each overrides the config key of the same name."""
     p.add_argument("config", nargs="?", help="YAML config file (flags and --set override it)")
-    p.add_argument("--model", help="model: 'smollm2-135m-instruct' (default), a local HF folder, a .gguf file or a hub id")
-    p.add_argument("--data", help="training data file or local dataset folder")
-    p.add_argument("--format", help="data format: auto, messages, sharegpt, alpaca, prompt_completion, text")
-    p.add_argument("--template", help="chat template: the tokenizer's own by default; alpaca, vicuna, chatml, llama3, mistral, or a .jinja file")
-    p.add_argument("--system-prompt", dest="system_prompt", help="system prompt for conversations that have none")
-    p.add_argument("--max-seq-length", dest="max_seq_length", type=int, help="longest example in tokens")
-    p.add_argument("--masking", help="all_assistant (default), last_assistant or all")
-    p.add_argument("--truncation", help="cut_turns (default), drop or truncate")
+    for key in ("model", "data", "format", "template", "system_prompt", "max_seq_length", "masking", "truncation"):
+        _config_flag(p, key)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
 
 
-def _config_from_args(args, extra_keys: tuple[str, ...] = ()):
-    """The config file, then each flag given, then --set: later wins."""
+def _config_from_args(args):
+    """The config file, then each config flag given, then --set: later wins."""
     from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         load_config,
         parse_set,
     )
 
-    keys = ("model", "data", "format", "template", "system_prompt", "max_seq_length", "masking", "truncation")
-    overrides = {k: getattr(args, k) for k in keys + extra_keys if getattr(args, k, None) is not None}
+    overrides = {k: getattr(args, k) for k in args.config_keys if getattr(args, k, None) is not None}
     overrides.update(parse_set(args.set))
     return load_config(args.config, overrides)
 
@@ -119,8 +160,9 @@ def _add_doctor(p: argparse.ArgumentParser) -> None:
                    help="tokenizer to count tokens with (local folder, hub id or smollm2-135m-instruct); "
                         "enables the length, no-trained-token and trained-token checks")
     p.add_argument("--template", default=None, help="chat template: a built-in name, 'tokenizer' or a .jinja file")
-    p.add_argument("--format", dest="fmt", default=None, help="data format (default: detected)")
-    p.add_argument("--max-seq-length", type=int, default=2048, help="token limit checked with --model (default 2048)")
+    _config_flag(p, "format", dest="fmt")
+    _config_flag(p, "max_seq_length", default=field_default("max_seq_length"),
+                 help_text="token limit checked with --model")
     p.add_argument("--eval", dest="eval_data", default=None, help="eval data file to check for overlap with DATA")
     p.add_argument("--json", action="store_true", help="print findings and stats as JSON")
     p.set_defaults(func=_cmd_doctor)
@@ -147,13 +189,12 @@ def _cmd_doctor(args) -> int:
 @_command("train", "fine-tune: full, lora, qlora or prefix; writes a run folder")
 def _add_train(p):
     _add_data_flags(p)
-    p.add_argument("--eval-data", dest="eval_data", help="evaluation data")
-    p.add_argument("--method", help="full, lora (default), qlora or prefix")
-    p.add_argument("--output-dir", dest="output_dir", help="run folder (default runs/sft)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in the run folder")
+    for key in ("eval_data", "method", "output_dir", "resume"):
+        _config_flag(p, key)
     p.add_argument("--check", action="store_true", help="only run the configuration checklist and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary (with --check: findings and resolved "
+                                                       "config; with --help-config: every key) as JSON")
     p.set_defaults(func=_cmd_train)
 
 
@@ -185,21 +226,39 @@ def _report_findings(result, as_json: bool) -> int:
     return result.exit_code
 
 
+def _print_checks(findings: list) -> int:
+    """Print the configuration checklist of `train --check`; exit code 2 when a finding is an error."""
+    found = [f if isinstance(f, Finding) else Finding(**f) for f in findings]
+    for f in found:
+        print(f"check {f}")
+    if not found:
+        print("check: configuration looks sound")
+    return 2 if any(f.severity == "error" for f in found) else 0
+
+
 def _cmd_train(args) -> int:
-    from sftlab.config import (
-        config_help,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        config_help,
+        config_schema,
     )
 
     if args.help_config:
-        print(config_help())
+        if args.json:
+            _print_json(config_schema())
+        else:
+            print(config_help())
         return 0
     from sftlab.train.run import (
         train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
-    cfg = _config_from_args(args, ("eval_data", "method", "output_dir", "resume"))
+    cfg = _config_from_args(args)
     try:
-        summary = train(cfg, check_only=args.check, quiet=args.json)
+        if args.check:  # the checklist is printed here; anything the library prints goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = train(cfg, check_only=True, quiet=True)
+        else:
+            summary = train(cfg, quiet=args.json)
     except BaseException:
         _close_process_group(wait=False)  # no barrier: the other processes may never reach it
         raise
@@ -208,7 +267,7 @@ def _cmd_train(args) -> int:
         _print_json(summary)
         return 0
     if args.check:
-        return 2 if any(f["severity"] == "error" for f in summary["findings"]) else 0
+        return _print_checks(summary["findings"])
     stopped = summary["stopped"]
     print(f"run folder: {cfg.output_dir}  ({stopped}; {summary['steps']} steps, {summary['time_s']:.0f}s, "
           f"{summary['tokens_per_second']:.0f} tok/s, peak {summary['peak_memory_mb']:.0f} MB)")
@@ -284,11 +343,12 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     _add_generation_flags(p)
     p.add_argument("--prompt", action="append", help="a user message to reply to (repeatable)")
     p.add_argument("--data", help="data file: each conversation's last assistant reply is generated (kept as 'reference')")
-    p.add_argument("--format", help="data format (default: detected)")
+    _config_flag(p, "format")
     p.add_argument("--out", metavar="FILE.jsonl", help="write rows here (default: print them as JSONL)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--json", action="store_true", help="with --out: print the summary as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON (without --out: one document with the rows under 'rows')")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -301,11 +361,11 @@ def _cmd_generate(args) -> int:
                          system_prompt=args.system_prompt, template=args.template, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          device=args.device)
-    if not args.out:
+    if args.json:
+        _print_json(res.summary() if args.out else {**res.summary(), "rows": res.rows})
+    elif not args.out:
         for row in res.rows:
             print(json.dumps(row, ensure_ascii=False))
-    elif args.json:
-        _print_json(res.summary())
     else:
         s = res.summary()
         print(f"wrote {s['n']} replies to {args.out} in {s['seconds']} s ({s['cut_at_max_new_tokens']} cut at --max-new-tokens)")
@@ -319,7 +379,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", dest="compare_to", metavar="BASE",
                    help="also score BASE on the same data and print both with the difference; 'base' = the run's base model")
     p.add_argument("--general", help="general data for the forgetting check (default: the run's replay_data)")
-    p.add_argument("--format", dest="fmt", help="eval data format (default: detected)")
+    _config_flag(p, "format", dest="fmt")
     p.add_argument("--template", help="chat template (default: the run's training template, or the tokenizer's own)")
     p.add_argument("--scorer", help="task scorer: exact, contains, regex, regex:PATTERN, json_valid, json_fields (default: chosen from the references)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128, help="longest reply in tokens (default 128)")
@@ -451,20 +511,21 @@ def _cmd_recommend(args) -> int:
 def _add_plan(p):
     p.add_argument("--model", help="model name, local HF folder or .gguf (config only, no weights); default: the embedded default")
     p.add_argument("--params", help="plan for a typical model of this size instead, e.g. 7B or 135M")
-    p.add_argument("--method", default="lora", help="full, lora (default), qlora or prefix")
+    _config_flag(p, "method", default=field_default("method"))
     p.add_argument("--batch", type=int, default=4, help="micro-batch size (default 4)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="tokens per row (default 512)")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    p.add_argument("--precision", default="auto", help="auto (bf16 mixed on cuda, fp32 on cpu), bf16, fp16 or fp32")
-    p.add_argument("--optimizer", default="adamw", help="adamw (default), adam, sgd or adamw8bit")
+    _config_flag(p, "precision", default="auto", help_text="auto: bf16 mixed on cuda, fp32 on cpu")
+    _config_flag(p, "optimizer", default=field_default("optimizer"))
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
                    help="recompute activations in backward")
-    p.add_argument("--lora-r", dest="lora_r", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    _config_flag(p, "lora_r", default=field_default("lora_r"))
+    _config_flag(p, "lora_dropout", default=field_default("lora_dropout"))
     p.add_argument("--trained-fraction", dest="trained_fraction", type=float, default=1.0,
                    help="share of tokens with a trained label (default 1.0; prompt masking lowers it)")
     p.add_argument("--device", default="cuda", help="where training runs: cuda (default) or cpu")
-    p.add_argument("--attention", default="auto", help="auto (default: as sftlab train picks it), sdpa, eager or flash_attention_2")
+    _config_flag(p, "attn_implementation", "--attention", dest="attention", default="auto",
+                 help_text="attention kernel; auto picks it as sftlab train does")
     p.add_argument("--budget-gb", dest="budget_gb", type=float, help="memory budget for the largest batch/length and the recommendation")
     p.add_argument("--json", action="store_true", help="print total_bytes, breakdown, fits and recommended as JSON")
     p.set_defaults(func=_cmd_plan)
@@ -524,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
-        code = args.func(args)
+        code = _run(args)
     except SftlabError as exc:
         print(f"sftlab {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,8 +1,11 @@
 """Typed run configuration: one YAML file plus ``--set key=value`` overrides, validated at load.
 
-Every field has a type, a default and help text. Unknown keys and bad values are one clear error
-naming the key. ``auto`` values (learning rate, epochs, batch, checkpointing) are resolved by the
-training code and the resolved config is saved with every run.
+Every field has a type, a default and help text. The allowed values of a field are its type: a
+``Literal`` alias defined here (:data:`Method`, :data:`Masking`, ...) is the one definition other
+modules, ``--help-config`` and the CLI flags read them from (:func:`choices`). Unknown keys and bad
+values are one clear error naming the key. ``auto`` values (learning rate, epochs, batch,
+checkpointing, precision) are resolved by :func:`sftlab.plan.auto.resolve_auto` and the resolved
+config is saved with every run.
 """
 
 from __future__ import annotations
@@ -13,17 +16,32 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_write_text
 
+# --- allowed values: one definition each ------------------------------------------------------
+Auto = Literal["auto"]
+Method = Literal["full", "lora", "qlora", "prefix"]
+Masking = Literal["all_assistant", "last_assistant", "all"]
+Truncation = Literal["cut_turns", "drop", "truncate"]
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Optimizer = Literal["adamw", "adam", "sgd", "adamw8bit"]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+Loss = Literal["token", "sequence"]
 
-def _f(default, help_text: str, choices: tuple | None = None):
+
+def choices(alias) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` alias, e.g. ``choices(Method) == ("full", "lora", ...)``."""
+    return typing.get_args(alias)
+
+
+def _f(default, help_text: str):
     meta = {"help": help_text}
-    if choices:
-        meta["choices"] = choices
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -39,16 +57,15 @@ class Config:
     template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, llama3, mistral, or a .jinja file")
     system_prompt: str | None = _f(None, "system prompt added to conversations that have none")
     max_seq_length: int = _f(2048, "longest example in tokens")
-    masking: str = _f("all_assistant", "which tokens are trained", ("all_assistant", "last_assistant", "all"))
-    truncation: str = _f("cut_turns", "what to do with examples longer than max_seq_length", ("cut_turns", "drop", "truncate"))
+    masking: Masking = _f("all_assistant", "which tokens are trained")
+    truncation: Truncation = _f("cut_turns", "what to do with examples longer than max_seq_length")
     packing: bool = _f(False, "pack several examples per row (no attention across them)")
     group_by_length: bool = _f(True, "without packing: batch examples of similar length together (little padding)")
-    attn_implementation: str = _f("auto", "attention kernel: auto (per micro-batch on CPU: eager for short batches, where it is faster; else sdpa), sdpa, eager, flash_attention_2",
-                                  ("auto", "sdpa", "eager", "flash_attention_2"))
+    attn_implementation: Attention = _f("auto", "attention kernel: auto (per micro-batch on CPU: eager for short batches, where it is faster; else sdpa), sdpa, eager, flash_attention_2")
     trust_remote_code: bool = _f(False, "allow model/tokenizer code from the model folder to run")
 
     # --- method -----------------------------------------------------------------------------
-    method: str = _f("lora", "what is trained", ("full", "lora", "qlora", "prefix"))
+    method: Method = _f("lora", "what is trained")
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input (peft's default 0; each adapted linear pays a mask and a copy for it)")
@@ -56,24 +73,24 @@ class Config:
     prefix_tokens: int = _f(20, "number of virtual tokens for prefix tuning")
 
     # --- optimisation -----------------------------------------------------------------------
-    epochs: float | str = _f(3, "number of epochs, or 'auto' by data size")
+    epochs: float | Auto = _f(3, "number of epochs, or 'auto' by data size")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
-    batch_size: int | str = _f(4, "per-device batch size, or 'auto' by GPU memory")
-    gradient_accumulation: int | str = _f(4, "micro-batches per optimizer step, or 'auto'")
-    learning_rate: float | str = _f(2e-5, "peak learning rate, or 'auto' by model size")
+    batch_size: int | Auto = _f(4, "per-device batch size, or 'auto' by GPU memory")
+    gradient_accumulation: int | Auto = _f(4, "micro-batches per optimizer step, or 'auto'")
+    learning_rate: float | Auto = _f(2e-5, "peak learning rate, or 'auto' by model size")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_ratio: float = _f(0.1, "share of steps spent warming up")
-    lr_scheduler: str = _f("cosine", "learning-rate schedule", ("cosine", "linear", "constant", "constant_with_warmup"))
+    lr_scheduler: Scheduler = _f("cosine", "learning-rate schedule")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    optimizer: str = _f("adamw", "optimizer", ("adamw", "adam", "sgd", "adamw8bit"))
-    gradient_checkpointing: bool | str = _f("auto", "recompute activations in backward: true, false, or 'auto' (only when it would not fit)")
-    precision: str = _f("auto", "bf16 mixed precision where the hardware computes bf16 natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32", ("auto", "bf16", "fp16", "fp32"))
+    optimizer: Optimizer = _f("adamw", "optimizer")
+    gradient_checkpointing: bool | Auto = _f("auto", "recompute activations in backward: true, false, or 'auto' (only when it would not fit)")
+    precision: Precision = _f("auto", "auto: bf16 mixed precision where the hardware computes bf16 natively (CUDA, or a CPU with AVX512-BF16/AMX), else fp32")
     seed: int = _f(42, "random seed")
     deepspeed: str | None = _f(None, "DeepSpeed config file, passed through to transformers/accelerate")
     fsdp: str | None = _f(None, "FSDP options passed through to transformers, e.g. 'full_shard auto_wrap'")
 
     # --- loss -------------------------------------------------------------------------------
-    loss: str = _f("token", "loss normalisation: 'token' (mean over trained tokens of the step) or 'sequence' (mean per sequence)", ("token", "sequence"))
+    loss: Loss = _f("token", "loss normalisation: 'token' (mean over trained tokens of the step) or 'sequence' (mean per sequence)")
     label_smoothing: float = _f(0.0, "label smoothing factor")
 
     # --- forgetting -------------------------------------------------------------------------
@@ -102,66 +119,100 @@ class Config:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)  # field name -> its annotation, evaluated
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
-def _coerce(name: str, raw, annotation):
-    """Convert ``raw`` (from YAML or a --set string) to the field's declared type."""
-    hint = typing.get_type_hints(Config)[name]
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
-    if raw is None and type(None) in args:
+def field_types(name: str) -> tuple:
+    """The alternatives a field accepts: ``learning_rate`` -> ``(float, Literal['auto'])``."""
+    hint = _HINTS[name]
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return typing.get_args(hint) if union else (hint,)
+
+
+def _is_literal(t) -> bool:
+    return typing.get_origin(t) is Literal
+
+
+def field_choices(name: str) -> tuple:
+    """The fixed values a field allows (its ``Literal`` parts): ``method`` -> ``("full", "lora", ...)``."""
+    return tuple(v for t in field_types(name) if _is_literal(t) for v in typing.get_args(t))
+
+
+def field_default(name: str):
+    f = FIELDS[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _type_name(name: str) -> str:
+    """Readable type of a field for --help-config: ``float | 'auto'``, ``str | None``, ``one of: a, b``."""
+    kinds = field_types(name)
+    if all(_is_literal(t) for t in kinds):
+        return "one of: " + ", ".join(field_choices(name))
+    parts = [" | ".join(map(repr, typing.get_args(t))) if _is_literal(t) else "None" if t is type(None) else t.__name__
+             for t in kinds]
+    return " | ".join(parts)
+
+
+def _as(t, raw):
+    """``raw`` (from YAML or a --set string) as type ``t``; ValueError when it is not one."""
+    if _is_literal(t):
+        if isinstance(raw, str) and raw in typing.get_args(t):
+            return raw
+        raise ValueError
+    if isinstance(raw, bool) and t in (int, float):
+        raise ValueError  # YAML's true/false are not numbers
+    if t is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError
+    if t is int:
+        if isinstance(raw, float) and not raw.is_integer():
+            raise ValueError
+        return int(raw)
+    if t is float:
+        return float(raw)
+    if t is str:
+        if isinstance(raw, (dict, list)):
+            raise ValueError
+        return str(raw)
+    if t is list:
+        if isinstance(raw, list):
+            return raw
+        if isinstance(raw, str):
+            return [s.strip() for s in raw.split(",") if s.strip()]
+    raise ValueError
+
+
+def _expected(kinds: tuple) -> str:
+    """What a field wants, for the error message: 'is not one of a, b', 'must be a number or 'auto''."""
+    fixed = [v for t in kinds if _is_literal(t) for v in typing.get_args(t)]
+    plain = [t for t in kinds if not _is_literal(t) and t is not type(None)]
+    if not plain:
+        return f"is not one of {', '.join(fixed)}"
+    if fixed:
+        words = {bool: "true, false", int: "a number", float: "a number"}
+        return "must be " + " or ".join(dict.fromkeys([words.get(t, t.__name__) for t in plain] + list(map(repr, fixed))))
+    return f"is not a valid {' or '.join(t.__name__ for t in plain)}"
+
+
+def _coerce(name: str, raw):
+    """Convert ``raw`` to the field's declared type; a value outside it is one error naming the key."""
+    kinds = field_types(name)
+    if type(None) in kinds and (raw is None or (isinstance(raw, str) and raw.lower() in ("null", "none", "~"))):
         return None
-    if isinstance(raw, str) and raw.lower() in ("null", "none", "~") and type(None) in args:
-        return None
-    errors = []
-    for t in args:
-        if t is type(None):
-            continue
+    for t in kinds:
         try:
-            if t is bool:
-                if isinstance(raw, bool):
-                    return raw
-                if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                    return raw.lower() in ("true", "yes", "1", "on")
-                raise ValueError
-            if t is int:
-                if isinstance(raw, bool):
-                    raise ValueError
-                if isinstance(raw, float):
-                    if raw.is_integer():
-                        return int(raw)
-                    raise ValueError
-                return int(raw)
-            if t is float:
-                if isinstance(raw, bool):
-                    raise ValueError
-                return float(raw)
-            if t is str:
-                if isinstance(raw, (dict, list)):
-                    raise ValueError
-                return str(raw)
-            if t is list:
-                if isinstance(raw, list):
-                    return raw
-                if isinstance(raw, str):
-                    return [s.strip() for s in raw.split(",") if s.strip()]
-                raise ValueError
+            return _as(t, raw)
         except (ValueError, TypeError):
-            errors.append(t.__name__)
-    raise SftlabError(f"config key '{name}': {raw!r} is not a valid {' or '.join(errors) or 'value'}")
+            continue
+    raise SftlabError(f"config key '{name}': {raw!r} {_expected(kinds)}")
 
 
 def _validate(cfg: Config) -> None:
-    for name, f in FIELDS.items():
-        choices = f.metadata.get("choices")
-        val = getattr(cfg, name)
-        if choices and val not in choices:
-            raise SftlabError(f"config key '{name}': {val!r} is not one of {', '.join(map(str, choices))}")
-    for name in ("learning_rate", "epochs", "batch_size", "gradient_accumulation"):
-        val = getattr(cfg, name)
-        if isinstance(val, str) and val != "auto":
-            raise SftlabError(f"config key '{name}': {val!r} must be a number or 'auto'")
-    if isinstance(cfg.gradient_checkpointing, str) and cfg.gradient_checkpointing != "auto":
-        raise SftlabError(f"config key 'gradient_checkpointing': {cfg.gradient_checkpointing!r} must be true, false or 'auto'")
+    """Range checks the types cannot express."""
     checks = [
         ("max_seq_length", cfg.max_seq_length >= 8, "must be at least 8"),
         ("lora_r", cfg.lora_r >= 1, "must be at least 1"),
@@ -221,17 +272,23 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
         hint = f"did you mean '{close[0]}'?" if close else "run `sftlab train --help-config` for the list"
         raise SftlabError(f"unknown config key '{unknown[0]}'", hint=hint)
-    values = {k: _coerce(k, v, FIELDS[k].type) for k, v in raw.items()}
+    values = {k: _coerce(k, v) for k, v in raw.items()}
     cfg = Config(**values)
     _validate(cfg)
     return cfg
 
 
+def config_schema() -> dict[str, dict]:
+    """Every config key: its type, default, help text and allowed values (``--help-config --json``)."""
+    return {name: {"type": _type_name(name), "default": field_default(name), "help": f.metadata["help"],
+                   "choices": list(field_choices(name))} for name, f in FIELDS.items()}
+
+
 def config_help() -> str:
+    """``--help-config``: one line per key, with its allowed values where they are fixed."""
     lines = []
-    for name, f in FIELDS.items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        choices = f.metadata.get("choices")
-        extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
-        lines.append(f"  {name:<26} {f.metadata['help']}{extra} (default: {default!r})")
+    for name, info in config_schema().items():
+        only_fixed = all(_is_literal(t) for t in field_types(name))
+        extra = f" [{' | '.join(info['choices'])}]" if only_fixed else ""
+        lines.append(f"  {name:<26} {info['help']}{extra} (default: {info['default']!r})")
     return "\n".join(lines)

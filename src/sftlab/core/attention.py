@@ -16,7 +16,6 @@ from __future__ import annotations
 
 EAGER_MAX_LEN = 256
 EAGER_MAX_BYTES = 512 * 2**20
-CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def eager_extra_bytes(batch: int, seq_len: int, n_heads: int, n_layers: int, compute_bytes: int) -> int:

@@ -26,14 +26,15 @@ import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from sftlab.config import Masking, Truncation, choices
 from sftlab.core.errors import SftlabError
 from sftlab.core.loss import IGNORE
 from sftlab.data.skeleton import Skeletons
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 
-MASKING = ("all_assistant", "last_assistant", "all")
-TRUNCATION = ("cut_turns", "drop", "truncate")
+MASKING = choices(Masking)
+TRUNCATION = choices(Truncation)
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 Builds on :mod:`sftlab.plan.memory`: checks the estimate against common GPUs and this machine, finds the
 largest batch or sequence length under a budget, and recommends batch, accumulation, checkpointing,
-method and learning rate.
+method and learning rate (:func:`sftlab.plan.auto.lr_for_size`, the table training uses).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
+from sftlab.plan.auto import lr_for_size
 from sftlab.plan.memory import (
     GB,
     MemoryEstimate,
@@ -72,16 +73,6 @@ def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -
     return out
 
 
-def learning_rate(shape: ModelShape, method: str) -> float:
-    """A starting peak learning rate by method and model size (common SFT practice)."""
-    billions = shape.params / 1e9
-    if method == "full":
-        return 5e-5 if billions < 1 else 2e-5 if billions < 10 else 1e-5
-    if method == "prefix":
-        return 5e-3
-    return 2e-4 if billions < 10 else 1e-4 if billions < 40 else 5e-5
-
-
 @dataclass
 class Recommended:
     """A configuration that fits ``budget_bytes`` with 10% to spare; ``fits`` is false when nothing tried does."""
@@ -138,7 +129,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
             if accum > 1:
                 notes.append(f"micro-batch {micro} x accumulation {accum} keeps the effective batch of {effective}"
                              + ("" if micro * accum == effective else f" (rounded up to {micro * accum})"))
-            return Recommended(True, method, micro, accum, ckpt, learning_rate(shape, method), setup.seq_len,
+            return Recommended(True, method, micro, accum, ckpt, lr_for_size(shape.params, method), setup.seq_len,
                                int(full_budget), estimate_memory(shape, final).total_bytes, notes)
     notes = []
     last = _cheaper_methods(setup.method, setup.device)[-1]
@@ -147,7 +138,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
                  + "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state")
-    return Recommended(False, last, 1, effective, True, learning_rate(shape, last), setup.seq_len, int(full_budget),
+    return Recommended(False, last, 1, effective, True, lr_for_size(shape.params, last), setup.seq_len, int(full_budget),
                        None, notes)
 
 

@@ -36,14 +36,15 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
-from sftlab.core.attention import CHOICES as ATTENTION
+from sftlab.config import Attention, Method, Optimizer, Precision, choices
 from sftlab.core.attention import eager_extra_bytes, pick_attention
 from sftlab.core.errors import SftlabError
 from sftlab.plan.shapes import ModelShape
 
-METHODS = ("full", "lora", "qlora", "prefix")
-OPTIMIZERS = ("adamw", "adam", "sgd", "adamw8bit")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METHODS = choices(Method)
+OPTIMIZERS = choices(Optimizer)
+PRECISIONS = choices(Precision)
+ATTENTION = choices(Attention)
 DEVICES = ("cuda", "cpu")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

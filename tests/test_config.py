@@ -1,0 +1,96 @@
+"""config.py is the one definition of allowed values, and plan/auto.py the one place `auto` is resolved."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import sftlab
+from sftlab import config as C
+from sftlab.cli import build_parser, main
+from sftlab.config import (
+    Masking,
+    Method,
+    Truncation,
+    choices,
+    config_help,
+    config_schema,
+    load_config,
+)
+from sftlab.core.errors import SftlabError
+from sftlab.data import masking
+from sftlab.plan import TrainSetup, auto, recommend_config, shape_from_params
+from sftlab.plan import memory as M
+
+ALIASES = {name: getattr(C, name) for name in ("Method", "Masking", "Truncation", "Attention", "Precision",
+                                                "Optimizer", "Scheduler", "Loss")}
+
+
+def test_other_modules_read_the_allowed_values_from_config():
+    assert M.METHODS == choices(Method) == C.field_choices("method")
+    assert (masking.MASKING, masking.TRUNCATION) == (choices(Masking), choices(Truncation))
+    assert M.ATTENTION == C.field_choices("attn_implementation") and M.OPTIMIZERS == C.field_choices("optimizer")
+
+
+def test_no_module_repeats_a_list_of_allowed_values():
+    """A tuple/list/set literal holding all of an alias's values, outside config.py, is a second copy."""
+    sets = {name: set(choices(alias)) for name, alias in ALIASES.items()}
+    copies = []
+    for path in Path(sftlab.__file__).parent.rglob("*.py"):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(isinstance(e, ast.Constant) for e in node.elts):
+                values = {e.value for e in node.elts}
+                copies += [f"{path.name}:{node.lineno} {name}" for name, s in sets.items() if len(s) > 1 and s <= values]
+    assert not copies
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("masking", "some", "config key 'masking': 'some' is not one of all_assistant, last_assistant, all"),
+    ("method", "dpo", "config key 'method': 'dpo' is not one of full, lora, qlora, prefix"),
+    ("learning_rate", "fast", "config key 'learning_rate': 'fast' must be a number or 'auto'"),
+    ("batch_size", 2.5, "config key 'batch_size': 2.5 must be a number or 'auto'"),
+    ("gradient_checkpointing", "maybe", "config key 'gradient_checkpointing': 'maybe' must be true, false or 'auto'"),
+    ("max_seq_length", "long", "config key 'max_seq_length': 'long' is not a valid int"),
+])
+def test_a_value_outside_the_type_is_one_error_naming_the_key(key, value, message):
+    with pytest.raises(SftlabError) as exc:
+        load_config(None, {key: value})
+    assert str(exc.value) == message
+
+
+def test_values_are_coerced_to_the_declared_type():
+    cfg = load_config(None, {"learning_rate": "auto", "epochs": "2", "gradient_checkpointing": "yes",
+                             "batch_size": 8.0, "data": "null", "report_to": "tensorboard, wandb"})
+    assert (cfg.learning_rate, cfg.epochs, cfg.gradient_checkpointing, cfg.batch_size) == ("auto", 2.0, True, 8)
+    assert cfg.data is None and cfg.report_to == ["tensorboard", "wandb"]
+
+
+def test_help_config_lists_allowed_values_from_the_types():
+    assert "[full | lora | qlora | prefix] (default: 'lora')" in config_help()
+    schema = config_schema()
+    assert schema["masking"]["choices"] == list(choices(Masking))
+    assert schema["learning_rate"]["type"] == "float | 'auto'" and schema["learning_rate"]["default"] == 2e-5
+
+
+def test_cli_flags_come_from_the_config_fields(capsys):
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    flags = {a.dest: a for a in sub["train"]._actions}
+    assert flags["method"].metavar == "{full,lora,qlora,prefix}" and flags["max_seq_length"].type is int
+    assert flags["masking"].help.startswith(C.FIELDS["masking"].metadata["help"])
+    assert main(["prepare", "--data", "x.jsonl", "--masking", "some"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'masking': 'some' is not one of" in err and err.count("\n") == 1
+
+
+def test_one_learning_rate_table_by_method_and_size():
+    assert [auto.lr_for_size(n, "full") for n in (135e6, 7e9, 13e9, 70e9)] == [5e-5, 2e-5, 1e-5, 5e-6]
+    assert [auto.lr_for_size(n, "lora") for n in (135e6, 7e9, 33e9, 70e9)] == [2e-4, 2e-4, 1e-4, 5e-5]
+    assert auto.lr_for_size(7e9, "qlora") == auto.lr_for_size(7e9, "lora") and auto.lr_for_size(7e9, "prefix") == 5e-3
+    shape = shape_from_params("7B")
+    for method in ("full", "lora"):  # `sftlab plan` recommends the rate `train` resolves
+        rec = recommend_config(shape, TrainSetup(method=method, batch=1, seq_len=256, device="cuda"), 1e15)
+        assert rec.learning_rate == auto.lr_for_size(shape.params, method)
