@@ -25,7 +25,7 @@ def bitsandbytes_version() -> str | None:
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
+        import bitsandbytes  # deferred: heavy optional library (the qlora extra)
     except Exception:  # not installed, or an install that fails to load its native library
         return None
     finally:
@@ -41,7 +41,7 @@ def bitsandbytes_version() -> str | None:
 
 def _at_least(version: str, minimum: str) -> bool:
     try:
-        from packaging.version import Version
+        from packaging.version import Version  # deferred: only QLoRA checks need it
 
         return Version(version) >= Version(minimum)
     except Exception:  # packaging missing or an unparsable version: compare the leading numbers

@@ -7,7 +7,15 @@ import resource
 from pathlib import Path
 
 
+def device_name() -> str:
+    """The GPU's name on CUDA, else "cpu"."""
+    import torch  # deferred: heavy library, imported on first use
+
+    return torch.cuda.get_device_properties(0).name if torch.cuda.is_available() else "cpu"
+
+
 def device_memory_gb() -> tuple[str, float]:
+    """("cuda", the GPU's total GiB) on a GPU, else ("cpu", the RAM available now in GiB)."""
     import torch  # deferred: heavy library, imported on first use
 
     if torch.cuda.is_available():
@@ -16,9 +24,9 @@ def device_memory_gb() -> tuple[str, float]:
         import psutil  # deferred: heavy library, imported on first use
 
         return "cpu", psutil.virtual_memory().available / 2**30
-    except ImportError:  # pragma: no cover
-
+    except ImportError:  # pragma: no cover - psutil is a dependency
         return "cpu", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
 
 def fast_bf16(device: str) -> bool:
     """bf16 mixed precision where the hardware computes bf16 natively: CUDA with bf16, or a CPU with

@@ -7,10 +7,10 @@ method and learning rate (:func:`sftlab.plan.auto.lr_for_size`, the table traini
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
+from sftlab.core.hardware import device_memory_gb, device_name
 from sftlab.plan.auto import lr_for_size
 from sftlab.plan.memory import (
     GB,
@@ -37,21 +37,10 @@ class Machine:
 
 
 def this_machine() -> Machine:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return Machine("cuda", f"this machine's {props.name}", int(props.total_memory))
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    try:
-        import psutil
-
-        avail = int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return Machine("cpu", "this machine's free RAM (CPU training, fp32)", avail)
+    device, gb = device_memory_gb()
+    if device == "cuda":
+        return Machine("cuda", f"this machine's {device_name()}", int(gb * 2**30))
+    return Machine("cpu", "this machine's free RAM (CPU training, fp32)", int(gb * 2**30))
 
 
 def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -> dict[str, dict]:

@@ -1,0 +1,62 @@
+"""The `sftlab` command: parse arguments, call one library function per command, print.
+
+No logic lives here. Commands live in one module per group (data, train, evaluate, ship, planning), shared helpers in
+``base``. Each command has an ``_add_<cmd>`` function that declares its flags and a
+``_cmd_<cmd>`` function that calls the library and prints. User mistakes arrive as SftlabError and
+are printed as one line on stderr with a non-zero exit; nothing else is caught.
+
+Flags that set a config key are declared by :func:`_config_flag` from the Config field (help, type,
+allowed values), so they cannot drift from the config. With ``--json`` stdout is exactly one JSON
+document: whatever else the command or a library prints goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from sftlab.cli import data, evaluate, planning, ship, train  # noqa: F401 - each registers its commands
+from sftlab.cli.base import COMMANDS, _run
+from sftlab.core.errors import SftlabError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_fn(p)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (load bars, optional-kernel notices) out of what sftlab prints."""
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices of the libraries
+    try:
+        from transformers.utils import (
+            logging as hf_logging,  # deferred: heavy library, imported on first use
+        )
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        code = _run(args)
+    except SftlabError as exc:
+        print(f"sftlab {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"sftlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

@@ -1,0 +1,7 @@
+"""`python -m sftlab.cli`."""
+
+import sys
+
+from sftlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""`sftlab train`: one fine-tune (or its pre-flight check) from a config and flags."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from sftlab.cli.base import (
+    _add_data_flags,
+    _command,
+    _config_flag,
+    _config_from_args,
+    _print_checks,
+    _print_json,
+)
+
+
+@_command("train", "fine-tune: full, lora, qlora or prefix; writes a run folder")
+def _add_train(p):
+    _add_data_flags(p)
+    for key in ("eval_data", "method", "output_dir", "resume"):
+        _config_flag(p, key)
+    p.add_argument("--check", action="store_true", help="only run the configuration checklist and exit")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("--json", action="store_true", help="print the summary (with --check: findings and resolved "
+                                                       "config; with --help-config: every key) as JSON")
+    p.set_defaults(func=_cmd_train)
+
+
+def _close_process_group(wait: bool) -> None:
+    """Under torchrun/accelerate: wait for every process, then close the process group before exit.
+
+    Left open, gloo's threads are torn down by the interpreter's exit and a process can abort
+    ("terminate called without an active exception"), failing the launch after a finished run.
+    """
+
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist  # deferred: heavy library, imported on first use
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def _cmd_train(args) -> int:
+    from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        config_help,
+        config_schema,
+    )
+
+    if args.help_config:
+        if args.json:
+            _print_json(config_schema())
+        else:
+            print(config_help())
+        return 0
+    from sftlab.train.run import (
+        train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+
+    cfg = _config_from_args(args)
+    try:
+        if args.check:  # the checklist is printed here; anything the library prints goes to stderr
+            with contextlib.redirect_stdout(sys.stderr):
+                summary = train(cfg, check_only=True, quiet=True)
+        else:
+            summary = train(cfg, quiet=args.json)
+    except BaseException:
+        _close_process_group(wait=False)  # no barrier: the other processes may never reach it
+        raise
+    _close_process_group(wait=True)
+    if args.json:
+        _print_json(summary)
+        return 0
+    if args.check:
+        return _print_checks(summary["findings"])
+    stopped = summary["stopped"]
+    print(f"run folder: {cfg.output_dir}  ({stopped}; {summary['steps']} steps, {summary['time_s']:.0f}s, "
+          f"{summary['tokens_per_second']:.0f} tok/s, peak {summary['peak_memory_mb']:.0f} MB)")
+    if summary.get("final_eval_loss") is not None:
+        print(f"final train loss {summary['final_train_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
+    if stopped == "interrupted":
+        print(f"interrupted: a checkpoint was saved; continue with: sftlab train ... --output-dir {cfg.output_dir} --resume")
+        return 130
+    return 0
