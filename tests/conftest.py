@@ -8,9 +8,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # set before transformers is imported anywhe
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+from sftlab.config import Config, load_config  # noqa: E402
+from sftlab.data.types import Conversation, Message  # noqa: E402
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -111,19 +118,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def make_lora_run(run: Path, tiny_model_dir: Path, seed: int = 1) -> Path:
-    """A run folder as training leaves it: config.yaml + model/ (LoRA adapter that changes the logits,
-    and the tokenizer carrying the ChatML template used in training)."""
+def make_lora_run(run: Path, tiny_model_dir: Path, seed: int = 1, *, summary: dict | None = None) -> Path:
+    """A run folder as training leaves it: config.yaml + model/ (a LoRA adapter that changes the logits,
+    and the tokenizer carrying the ChatML template used in training), a one-row metrics.jsonl and a
+    summary.json (``summary`` or a minimal one)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftlab.config import Config
     from sftlab.data.templates import BUILTIN
     from sftlab.rundir import RunDir
 
     rd = RunDir(run)
-    Config(model=str(tiny_model_dir), method="lora", template="chatml").save(rd.config_path)
+    run.mkdir(parents=True, exist_ok=True)
+    Config(model=str(tiny_model_dir), method="lora", template="chatml", max_seq_length=256,
+           output_dir=str(run)).save(rd.config_path)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     tok.chat_template = BUILTIN["chatml"][0]
     torch.manual_seed(seed)
@@ -131,4 +140,101 @@ def make_lora_run(run: Path, tiny_model_dir: Path, seed: int = 1) -> Path:
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     model.save_pretrained(rd.model_dir)
     tok.save_pretrained(rd.model_dir)
+    rd.metrics_path.write_text(json.dumps({"split": "train", "step": 1, "loss": 3.0}) + "\n")
+    rd.summary_path.write_text(json.dumps(summary or {"method": "lora", "template": "chatml", "steps": 1}))
     return run
+
+
+# --- shared builders: data, configs, run folders ---------------------------------------------
+
+
+def random_text(rng: random.Random) -> str:
+    pieces = ["hello", "World", " ", "  ", "\n", "\n\n", "ünïcödé", "日本語", "🙂", "{\"a\": 1}", "x", "42", ".",
+              "tab\there", "Paris", "###", "USER:", "the end"]
+    s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+    return s if s.strip() else s + "ok"
+
+
+def random_conversations(seed: int = 0, n: int = 25):
+    """Chat conversations of random hard text (unicode, blank lines, look-alike markers), 1-3 turns."""
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n):
+        msgs = []
+        if rng.random() < 0.4:
+            msgs.append(Message("system", random_text(rng)))
+        for _ in range(rng.randint(1, 3)):
+            msgs += [Message("user", random_text(rng)), Message("assistant", random_text(rng))]
+        convs.append(Conversation(msgs))
+    return convs
+
+
+COHERE_LIKE = (
+    "{% for m in messages %}<|START_OF_TURN_TOKEN|>{{ m.role }}: "
+    "{% if m.role == 'assistant' %}{{ m.content }}<|END_RESPONSE|>{% else %}{{ m.content }}{% endif %}"
+    "<|END_OF_TURN_TOKEN|>{% endfor %}"
+    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|>assistant: {% endif %}"
+)
+
+
+def chat_data(path: Path, n: int, offset: int = 0) -> str:
+    """``n`` one-turn arithmetic chats (messages format) written to ``path``; returns the path."""
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(offset, offset + n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def train_config(tmp_path, tiny_model_dir, **kw):
+    """A full fine-tune of the tiny model on 16 arithmetic chats, fp32, one epoch; ``kw`` overrides keys."""
+    base = dict(model=str(tiny_model_dir), data=chat_data(tmp_path / "train.jsonl", 16), output_dir=str(tmp_path / "run"),
+                method="full", epochs=1, batch_size=4, gradient_accumulation=1, learning_rate=1e-3,
+                logging_steps=1, save_steps=100, eval_steps=100, warmup_ratio=0.0, gradient_checkpointing=False,
+                lr_scheduler="constant", max_seq_length=128, precision="fp32")
+    base.update(kw)
+    return load_config(None, base)
+
+
+def healthy_rows(steps: int = 100) -> tuple[list[dict], list[dict]]:
+    """A run where everything goes right: train and eval loss fall together, nothing blows up."""
+    train = []
+    for s in range(10, steps + 1, 10):
+        train.append({"split": "train", "step": s, "epoch": s / steps * 3, "loss": 3.0 - 1.8 * s / steps,
+                      "learning_rate": 2e-4 * (1 - s / steps) + 1e-6, "grad_norm": 1.0 + 0.1 * (s % 20 == 0),
+                      "tokens_per_second": 1500.0 + s, "trained_tokens_per_second": 500.0, "memory_mb": 900.0 + s / 10})
+    evals = []
+    for k, s in enumerate(range(20, steps + 1, 20)):
+        evals.append({"split": "eval", "step": s, "epoch": s / steps * 3, "eval_loss": 2.6 - 0.25 * k,
+                      "eval_perplexity": math.exp(2.6 - 0.25 * k), "general_loss": 2.0 + 0.01 * k,
+                      "gen_nonempty_rate": 1.0, "gen_repetition_rate": 0.02, "gen_format_adherence": 0.9 + 0.02 * k})
+    return train, evals
+
+
+HEALTHY_SUMMARY = {
+    "method": "lora", "base_model": "tiny", "template": "chatml", "steps": 100, "train_tokens": 50000,
+    "trained_tokens": 20000, "time_s": 60.0, "tokens_per_second": 1500.0, "peak_memory_mb": 1000.0,
+    "final_train_loss": 1.2, "final_eval_loss": 1.6, "best_eval_loss": 1.6, "stopped": "completed", "divergence": None,
+    "prepare": {"n_input": 100, "n_kept": 100, "n_dropped_too_long": 0, "n_dropped_no_trained": 0, "n_truncated": 0,
+                "n_turns_cut": 0, "eos_appended": False, "dropped": []},
+    "pad_equals_eos": False, "eos_trained": True,
+}
+
+
+def make_run(path: Path, *, train=None, evals=None, summary=None, tokenizer_from: Path | None = None,
+             **cfg) -> Path:
+    """A run folder with synthetic metrics and summary (no weights: diagnose never loads them)."""
+    h_train, h_evals = healthy_rows()
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"model": "tiny", "template": "chatml", "data": "train.jsonl", "learning_rate": 2e-4, **cfg}
+    Config(output_dir=str(path), **cfg).save(path / "config.yaml")
+    rows = (h_train if train is None else train) + (h_evals if evals is None else evals)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary is not False:
+        (path / "summary.json").write_text(json.dumps(copy.deepcopy(HEALTHY_SUMMARY) if summary is None else summary))
+    (path / "model").mkdir(exist_ok=True)
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path / "model")
+    return path

@@ -4,59 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
+from conftest import HEALTHY_SUMMARY, healthy_rows, make_run
 
 from sftlab.cli import main
-from sftlab.config import Config
 from sftlab.diagnose import RULES, diagnose
 from sftlab.rundir import RunDir, Summary
-
-
-def healthy_rows(steps: int = 100) -> tuple[list[dict], list[dict]]:
-    """A run where everything goes right: train and eval loss fall together, nothing blows up."""
-    train = []
-    for s in range(10, steps + 1, 10):
-        train.append({"split": "train", "step": s, "epoch": s / steps * 3, "loss": 3.0 - 1.8 * s / steps,
-                      "learning_rate": 2e-4 * (1 - s / steps) + 1e-6, "grad_norm": 1.0 + 0.1 * (s % 20 == 0),
-                      "tokens_per_second": 1500.0 + s, "trained_tokens_per_second": 500.0, "memory_mb": 900.0 + s / 10})
-    evals = []
-    for k, s in enumerate(range(20, steps + 1, 20)):
-        evals.append({"split": "eval", "step": s, "epoch": s / steps * 3, "eval_loss": 2.6 - 0.25 * k,
-                      "eval_perplexity": math.exp(2.6 - 0.25 * k), "general_loss": 2.0 + 0.01 * k,
-                      "gen_nonempty_rate": 1.0, "gen_repetition_rate": 0.02, "gen_format_adherence": 0.9 + 0.02 * k})
-    return train, evals
-
-
-HEALTHY_SUMMARY = {
-    "method": "lora", "base_model": "tiny", "template": "chatml", "steps": 100, "train_tokens": 50000,
-    "trained_tokens": 20000, "time_s": 60.0, "tokens_per_second": 1500.0, "peak_memory_mb": 1000.0,
-    "final_train_loss": 1.2, "final_eval_loss": 1.6, "best_eval_loss": 1.6, "stopped": "completed", "divergence": None,
-    "prepare": {"n_input": 100, "n_kept": 100, "n_dropped_too_long": 0, "n_dropped_no_trained": 0, "n_truncated": 0,
-                "n_turns_cut": 0, "eos_appended": False, "dropped": []},
-    "pad_equals_eos": False, "eos_trained": True,
-}
-
-
-def make_run(path: Path, *, train=None, evals=None, summary=None, tokenizer_from: Path | None = None,
-             **cfg) -> Path:
-    """A run folder with synthetic metrics and summary (no weights: diagnose never loads them)."""
-    h_train, h_evals = healthy_rows()
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = {"model": "tiny", "template": "chatml", "data": "train.jsonl", "learning_rate": 2e-4, **cfg}
-    Config(output_dir=str(path), **cfg).save(path / "config.yaml")
-    rows = (h_train if train is None else train) + (h_evals if evals is None else evals)
-    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if summary is not False:
-        (path / "summary.json").write_text(json.dumps(copy.deepcopy(HEALTHY_SUMMARY) if summary is None else summary))
-    (path / "model").mkdir(exist_ok=True)
-    if tokenizer_from is not None:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path / "model")
-    return path
 
 
 def rules_found(run: Path) -> dict:

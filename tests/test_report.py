@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_diagnose import HEALTHY_SUMMARY, healthy_rows, make_run
+from conftest import HEALTHY_SUMMARY, healthy_rows, make_run
 
 from sftlab.cli import main
 from sftlab.eval.compare import compare

@@ -1,7 +1,7 @@
 """One render per role sequence gives exactly the labels of the per-conversation method, or is not used."""
 
 import pytest
-from test_masking import _conversations
+from conftest import random_conversations
 from transformers import AutoTokenizer
 
 from sftlab.data import skeleton
@@ -64,7 +64,7 @@ def tok(tiny_model_dir):
 
 
 def _convs():
-    convs = _conversations(seed=3, n=120)
+    convs = random_conversations(seed=3, n=120)
     # Braces (the skeleton is a format string), whitespace-only edges, the sentinel characters.
     convs.append(Conversation([Message("user", "{0} {} {{x}}"), Message("assistant", " }{ ")]))
     convs.append(Conversation([Message("user", "a\ue000b"), Message("assistant", "c\ue0011\ue001")]))

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_lora_run
 
 from sftlab.cli import main
-from sftlab.config import Config
 
 EVAL_ROWS = [
     {"messages": [{"role": "user", "content": "Extract as JSON: Maria Lopez, 34, Berlin"},
@@ -28,31 +28,6 @@ GENERAL_ROWS = [
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def make_lora_run(run: Path, model_dir: Path, *, template: str | None = "chatml", perturb: bool = True,
-                  summary: dict | None = None) -> Path:
-    """A run folder per the contract: config.yaml, a LoRA adapter + tokenizer in model/, summary.json."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    run.mkdir(parents=True)
-    Config(model=str(model_dir), template=template, method="lora", max_seq_length=256,
-           output_dir=str(run)).save(run / "config.yaml")
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    if perturb:  # a fresh adapter is a no-op (B = 0); make the fine-tune differ from the base
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.5)
-    peft_model.save_pretrained(run / "model")
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(run / "model")
-    (run / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 1, "loss": 3.0}) + "\n")
-    (run / "summary.json").write_text(json.dumps(summary or {"method": "lora", "template": template, "steps": 1}))
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +132,7 @@ def test_bad_inputs(lora_run, data_files, tiny_model_dir, tmp_path, capsys):
 def test_model_that_does_not_load(tiny_model_dir, data_files, tmp_path, capsys):
     import shutil
 
-    run = make_lora_run(tmp_path / "broken", tiny_model_dir, perturb=False)
+    run = make_lora_run(tmp_path / "broken", tiny_model_dir)
     (run / "model" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     code, _, err = run_cli(capsys, "eval", run, "--data", data_files[0])
     assert code == 2 and one_error_line(err, "does not load"), err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import chat_data, train_config
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -20,31 +21,14 @@ from sftlab.train.run import train
 pytestmark = pytest.mark.xdist_group("train")
 
 
-def _data(path: Path, n: int, offset: int = 0) -> str:
-    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(offset, offset + n)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def _cfg(tmp_path, tiny_model_dir, **kw):
-    base = dict(model=str(tiny_model_dir), data=_data(tmp_path / "train.jsonl", 16), output_dir=str(tmp_path / "run"),
-                method="full", epochs=1, batch_size=4, gradient_accumulation=1, learning_rate=1e-3,
-                logging_steps=1, save_steps=100, eval_steps=100, warmup_ratio=0.0, gradient_checkpointing=False,
-                lr_scheduler="constant", max_seq_length=128, precision="fp32")
-    base.update(kw)
-    return load_config(None, base)
-
-
 def _weights(run: Path) -> dict:
     return load_file(str(run / A.MODEL_DIR / "model.safetensors"))
 
 
 def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir):
     common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0)
-    a = train(_cfg(tmp_path / "a", tiny_model_dir, batch_size=8, gradient_accumulation=1, **common), quiet=True)
-    b = train(_cfg(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4, **common), quiet=True)
+    a = train(train_config(tmp_path / "a", tiny_model_dir, batch_size=8, gradient_accumulation=1, **common), quiet=True)
+    b = train(train_config(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4, **common), quiet=True)
     la = [r["loss"] for r in A.read_metrics(tmp_path / "a" / "run") if r["split"] == "train"]
     lb = [r["loss"] for r in A.read_metrics(tmp_path / "b" / "run") if r["split"] == "train"]
     assert len(la) == 2 and la == pytest.approx(lb, abs=1e-5)
@@ -58,7 +42,7 @@ def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir):
 def test_each_method_trains_and_saves(tmp_path, tiny_model_dir, method):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    cfg = _cfg(tmp_path, tiny_model_dir, method=method, max_steps=3, learning_rate=1e-2, precision="fp32")
+    cfg = train_config(tmp_path, tiny_model_dir, method=method, max_steps=3, learning_rate=1e-2, precision="fp32")
     summary = train(cfg, quiet=True)
     run = tmp_path / "run"
     assert summary["stopped"] == "completed" and summary["steps"] == 3
@@ -87,7 +71,7 @@ def yaml_load(p):
 
 
 def test_lora_run_reloads_with_the_same_logits(tmp_path, tiny_model_dir):
-    cfg = _cfg(tmp_path, tiny_model_dir, method="lora", max_steps=2, learning_rate=5e-2)
+    cfg = train_config(tmp_path, tiny_model_dir, method="lora", max_steps=2, learning_rate=5e-2)
     train(cfg, quiet=True)
     model, tok, _ = A.load_run_model(tmp_path / "run")
     ids = tok("<|im_start|>user\nhi<|im_end|>\n", return_tensors="pt")["input_ids"]
@@ -101,7 +85,7 @@ def test_lora_run_reloads_with_the_same_logits(tmp_path, tiny_model_dir):
 def test_loss_variants_and_weights_run(tmp_path, tiny_model_dir):
     p = tmp_path / "w.jsonl"
     p.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}", "weight": 0.5 + i % 2}) + "\n" for i in range(8)))
-    s = train(_cfg(tmp_path, tiny_model_dir, data=str(p), loss="sequence", label_smoothing=0.1, max_steps=2), quiet=True)
+    s = train(train_config(tmp_path, tiny_model_dir, data=str(p), loss="sequence", label_smoothing=0.1, max_steps=2), quiet=True)
     assert s["stopped"] == "completed"
 
 
@@ -109,8 +93,8 @@ def test_replay_mixing_count_and_ewc(tmp_path, tiny_model_dir):
     from sftlab.train.continual import replay_count
 
     assert replay_count(100, 0.2) == 25 and replay_count(30, 0.5) == 30 and replay_count(10, 0.0) == 0
-    general = _data(tmp_path / "general.jsonl", 6, offset=100)
-    s = train(_cfg(tmp_path, tiny_model_dir, replay_data=general, replay_ratio=0.2, ewc_lambda=10.0, ewc_samples=4,
+    general = chat_data(tmp_path / "general.jsonl", 6, offset=100)
+    s = train(train_config(tmp_path, tiny_model_dir, replay_data=general, replay_ratio=0.2, ewc_lambda=10.0, ewc_samples=4,
                    max_steps=2), quiet=True)
     assert s["replay_examples"] == 4 and s["examples"] == 16
 
@@ -144,9 +128,9 @@ class _SignalAt(TrainerCallback):
 
 def test_sigterm_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path, tiny_model_dir):
     kw = dict(max_steps=4, save_steps=100, learning_rate=1e-2, optimizer="adamw", lr_scheduler="cosine", warmup_ratio=0.25)
-    train(_cfg(tmp_path / "ref", tiny_model_dir, **kw), quiet=True)
+    train(train_config(tmp_path / "ref", tiny_model_dir, **kw), quiet=True)
     ref_losses = [r["loss"] for r in A.read_metrics(tmp_path / "ref" / "run") if r["split"] == "train"]
-    cfg = _cfg(tmp_path / "cut", tiny_model_dir, **kw)
+    cfg = train_config(tmp_path / "cut", tiny_model_dir, **kw)
     s = train(cfg, quiet=True, callbacks=[_SignalAt(2, signal.SIGTERM)])
     assert s["stopped"] == "interrupted" and s["steps"] == 2
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "run" / A.CHECKPOINTS).iterdir())
@@ -159,7 +143,7 @@ def test_sigterm_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path, 
 
 
 def test_nan_loss_stops_with_a_diagnosis(tmp_path, tiny_model_dir, capsys):
-    cfg = _cfg(tmp_path, tiny_model_dir)
+    cfg = train_config(tmp_path, tiny_model_dir)
     code = main(["train", "--model", str(tiny_model_dir), "--data", cfg.data, "--output-dir", str(tmp_path / "run"),
                  "--method", "full", "--set", "optimizer=sgd", "--set", "learning_rate=1e12", "--set", "max_grad_norm=0",
                  "--set", "max_steps=6", "--set", "batch_size=4", "--set", "gradient_accumulation=1",
@@ -172,8 +156,8 @@ def test_nan_loss_stops_with_a_diagnosis(tmp_path, tiny_model_dir, capsys):
 
 def test_check_flags_bad_configuration(tmp_path, tiny_model_dir, capsys):
     """check_only returns the findings as data and prints nothing (the CLI decides how to show them)."""
-    data = _data(tmp_path / "d.jsonl", 16)
-    cfg = _cfg(tmp_path, tiny_model_dir, data=data, eval_data=data, learning_rate=1.0, weight_decay=0.5,
+    data = chat_data(tmp_path / "d.jsonl", 16)
+    cfg = train_config(tmp_path, tiny_model_dir, data=data, eval_data=data, learning_rate=1.0, weight_decay=0.5,
                gradient_accumulation=64)
     result = train(cfg, check_only=True)
     assert capsys.readouterr().out == ""
@@ -191,9 +175,9 @@ def test_check_flags_bad_configuration(tmp_path, tiny_model_dir, capsys):
 
 
 def test_normal_run_prints_the_checklist_unless_quiet(tmp_path, tiny_model_dir, capsys):
-    train(_cfg(tmp_path / "loud", tiny_model_dir, max_steps=1, learning_rate=1.0))
+    train(train_config(tmp_path / "loud", tiny_model_dir, max_steps=1, learning_rate=1.0))
     assert "check warning: learning rate 1 is outside the usual range" in capsys.readouterr().out
-    train(_cfg(tmp_path / "quiet", tiny_model_dir, max_steps=1, learning_rate=1.0), quiet=True)
+    train(train_config(tmp_path / "quiet", tiny_model_dir, max_steps=1, learning_rate=1.0), quiet=True)
     assert "check" not in capsys.readouterr().out
 
 
@@ -221,7 +205,7 @@ def _worker_errors(stderr: str) -> str:
 
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
     """DDP over 2 CPU processes (gloo) gives the same loss curve as 1 process with the same global batch."""
-    data = _data(tmp_path / "d.jsonl", 16)
+    data = chat_data(tmp_path / "d.jsonl", 16)
     common = ["--model", str(tiny_model_dir), "--data", data, "--method", "full", "--set", "max_steps=3",
               "--set", "logging_steps=1", "--set", "group_by_length=false", "--set", "learning_rate=1e-2",
               "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0", "--set", "gradient_checkpointing=false",
@@ -266,20 +250,19 @@ def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
     """Where the CPU computes bf16 natively, `precision: auto` picks bf16 autocast; it must train."""
     from sftlab.train.checks import fast_bf16
 
-    s = train(_cfg(tmp_path, tiny_model_dir, method="lora", precision="bf16", max_steps=2, learning_rate=1e-2), quiet=True)
+    s = train(train_config(tmp_path, tiny_model_dir, method="lora", precision="bf16", max_steps=2, learning_rate=1e-2), quiet=True)
     rows = [r for r in A.read_metrics(tmp_path / "run") if r["split"] == "train"]
     assert s["stopped"] == "completed" and all(r["loss"] == r["loss"] for r in rows)
     saved = yaml_load(tmp_path / "run" / A.CONFIG)
     assert saved["precision"] == "bf16"
-    auto = train(_cfg(tmp_path / "auto", tiny_model_dir, precision="auto", max_steps=1), check_only=True, quiet=True)
+    auto = train(train_config(tmp_path / "auto", tiny_model_dir, precision="auto", max_steps=1), check_only=True, quiet=True)
     assert auto["resolved"]["precision"] == ("bf16" if fast_bf16("cpu") else "fp32")
 
 
 def test_summary_reports_an_untrained_end_of_turn_token(tmp_path):
     """A Cohere2-style template ends replies with `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>` and the labels
     train only the first; the EOS (the second) is never trained, and summary.json says so."""
-    from conftest import build_tiny_model, build_tiny_tokenizer
-    from test_masking import COHERE_LIKE
+    from conftest import COHERE_LIKE, build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|START_OF_TURN_TOKEN|>", "<|END_RESPONSE|>",
@@ -289,6 +272,6 @@ def test_summary_reports_an_untrained_end_of_turn_token(tmp_path):
     model_dir = tmp_path / "cohere_like"
     build_tiny_model(len(tok)).save_pretrained(str(model_dir))
     tok.save_pretrained(str(model_dir))
-    summary = train(_cfg(tmp_path, model_dir, max_steps=1), quiet=True)
+    summary = train(train_config(tmp_path, model_dir, max_steps=1), quiet=True)
     assert summary["eos_trained"] is False and summary["prepare"]["eos_trained"] is False
     assert A.read_summary(tmp_path / "run")["eos_trained"] is False

@@ -1,9 +1,9 @@
 """Exact response-only labels: decoding the trained tokens gives back exactly the replies."""
 
 import json
-import random
 
 import pytest
+from conftest import COHERE_LIKE, random_conversations
 from transformers import AutoTokenizer
 
 from sftlab.core.errors import SftlabError
@@ -16,26 +16,6 @@ from sftlab.data.types import Conversation, Message
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def _random_text(rng: random.Random) -> str:
-    pieces = ["hello", "World", " ", "  ", "\n", "\n\n", "ünïcödé", "日本語", "🙂", "{\"a\": 1}", "x", "42", ".",
-              "tab\there", "Paris", "###", "USER:", "the end"]
-    s = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
-    return s if s.strip() else s + "ok"
-
-
-def _conversations(seed: int = 0, n: int = 25):
-    rng = random.Random(seed)
-    convs = []
-    for _ in range(n):
-        msgs = []
-        if rng.random() < 0.4:
-            msgs.append(Message("system", _random_text(rng)))
-        for _ in range(rng.randint(1, 3)):
-            msgs += [Message("user", _random_text(rng)), Message("assistant", _random_text(rng))]
-        convs.append(Conversation(msgs))
-    return convs
 
 
 def _records_in_format(fmt: str, conv: Conversation) -> dict:
@@ -61,7 +41,7 @@ def _records_in_format(fmt: str, conv: Conversation) -> dict:
 @pytest.mark.parametrize("fmt", ["messages", "sharegpt", "alpaca", "prompt_completion"])
 @pytest.mark.parametrize("template", ["tokenizer"] + template_names())
 def test_decoded_trained_tokens_are_exactly_the_replies(tmp_path, tok, fmt, template):
-    convs = _conversations(seed=hash((fmt, template)) % 1000)
+    convs = random_conversations(seed=hash((fmt, template)) % 1000)
     if fmt in ("alpaca", "prompt_completion"):  # single-turn formats
         convs = [Conversation([m for m in c.messages if m.role != "system"][:2]) for c in convs]
     path = tmp_path / "data.jsonl"
@@ -81,7 +61,7 @@ def test_decoded_trained_tokens_are_exactly_the_replies(tmp_path, tok, fmt, temp
 def test_prompt_tokens_match_inference_rendering(tok):
     """The tokens before a reply are exactly what inference sees: the prompt with the generation prompt."""
     tpl = resolve_template("chatml", tok)
-    conv = _conversations(seed=3, n=1)[0]
+    conv = random_conversations(seed=3, n=1)[0]
     (ex,), _ = Labeler(tok, tpl).encode([conv])
     first = ex.labels.index(next(x for x in ex.labels if x != IGNORE))
     i = next(k for k, m in enumerate(conv.messages) if m.role == "assistant")
@@ -218,14 +198,6 @@ def test_sentencepiece_style_tokenizer_pieces_get_no_extra_space():
 
 
 # Cohere2-style: a reply ends with two tokens, and generation stops at the second (the tokenizer's EOS).
-COHERE_LIKE = (
-    "{% for m in messages %}<|START_OF_TURN_TOKEN|>{{ m.role }}: "
-    "{% if m.role == 'assistant' %}{{ m.content }}<|END_RESPONSE|>{% else %}{{ m.content }}{% endif %}"
-    "<|END_OF_TURN_TOKEN|>{% endfor %}"
-    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|>assistant: {% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def cohere_tok(tiny_model_dir):
     t = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -238,7 +210,7 @@ def cohere_tok(tiny_model_dir):
 @pytest.mark.parametrize("masking", ["all_assistant", "last_assistant", "all"])
 @pytest.mark.parametrize("skeletons", [True, False])
 def test_eos_trained_on_chatml(tok, masking, skeletons):
-    convs = _conversations(seed=3, n=60)
+    convs = random_conversations(seed=3, n=60)
     _, report = Labeler(tok, resolve_template("chatml", tok), masking=masking, skeletons=skeletons).encode(convs)
     replies = sum(len(c.replies()) for c in convs)
     trained_replies = replies if masking != "last_assistant" else len(convs)
@@ -252,7 +224,7 @@ def test_eos_trained_on_chatml(tok, masking, skeletons):
 def test_eos_not_trained_when_the_reply_ends_with_an_untrained_eos(cohere_tok, skeletons):
     """The labels train `reply<|END_RESPONSE|>`; the EOS after it is left untrained: reported, not assumed."""
     tpl = ChatTemplate("tokenizer", COHERE_LIKE, None, {})
-    convs = _conversations(seed=4, n=60)
+    convs = random_conversations(seed=4, n=60)
     lab = Labeler(cohere_tok, tpl, skeletons=skeletons)
     examples, report = lab.encode(convs)
     assert trained_text(cohere_tok, examples[0])[-1].endswith("<|END_RESPONSE|>")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import _cfg
+from conftest import train_config
 
 from sftlab import rundir as A
 from sftlab.core.attention import (
@@ -91,6 +91,6 @@ def test_training_under_auto_matches_sdpa(tmp_path, tiny_model_dir):
 def train_run(path, tiny_model_dir, **kw):
     from sftlab.train.run import train
 
-    summary = train(_cfg(path, tiny_model_dir, **kw), quiet=True)
+    summary = train(train_config(path, tiny_model_dir, **kw), quiet=True)
     losses = [r["loss"] for r in A.read_metrics(path / "run") if r["split"] == "train"]
     return {"summary": summary, "losses": losses}
