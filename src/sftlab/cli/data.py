@@ -18,9 +18,10 @@ from sftlab.config import field_default
 @_command("prepare", "tokenize conversations into training examples with exact response-only labels")
 def _add_prepare(p):
     _add_data_flags(p)
+    _config_flag(p, "reasoning")
     p.add_argument("--out", help="write the tokenized dataset (Arrow) and report to this folder")
     p.add_argument("--dump", metavar="FILE.jsonl", help="write one JSON object per example: input_ids, labels (-100 = masked)")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with trained tokens highlighted")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with trained tokens highlighted (reasoning marked within them)")
     p.add_argument("--json", action="store_true", help="print the preparation report as JSON")
     p.set_defaults(func=_cmd_prepare)
 
@@ -52,6 +53,7 @@ def _cmd_prepare(args) -> int:
     r = prepared.report
     tpl = prepared.template.name if prepared.template else "none (plain text)"
     print(f"prepared {cfg.data}: {r.summary()}; template: {tpl}")
+    print(r.rule())
     if prepared.added_tokens:
         print(f"note: added special tokens the template needs: {', '.join(prepared.added_tokens)} (embeddings are resized in training)")
     if r.eos_appended:

@@ -237,7 +237,7 @@ class Labeler:
             if start < len(prompt):
                 self._note(NOTE_GEN_PROMPT)
             end, has_end = self._turn_end(rendered, start)
-            self._check_turn(conv, msgs[i], rendered[start:end], n + 1)
+            self._check_turn(conv, msgs[i], rendered[start:end], n + 1, whole)
             turns.append((rendered, start, end, has_end))
         for m in msgs:
             if m.role == "tool" and m.content.strip() and m.content.strip() not in full:
@@ -246,7 +246,7 @@ class Labeler:
         last = self.masking == "last_assistant"
         if whole:
             spans = self._spans_in_full(conv, full, prompts, turns)
-        elif all(full.startswith(r) for r, _, _, _ in turns):
+        elif all(full.startswith(r[:e]) for r, _, e, _ in turns):
             spans = [(s, e, h) for _, s, e, h in turns]
         else:
             self._note(SPLIT_HISTORY)
@@ -314,18 +314,33 @@ class Labeler:
         return spans
 
     def _turn_end(self, rendered: str, start: int) -> tuple[int, bool]:
-        """(end of the trained span, whether it ends in a special token): through the turn's last run of
-        special tokens, white space after it untrained; without one, the text with white space trimmed."""
-        body = rendered[start:].rstrip()
-        stripped = body
-        while True:
-            tok = next((s for s in self._specials if stripped.endswith(s)), None)
+        """(end of the trained span, whether it ends in a special token).
+
+        The turn's end-of-turn tokens are the first unbroken run of special tokens in the text's tail
+        of special tokens and white space: Cohere2's ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`` is one
+        run; Phi-3's ``<|end|>\n<|endoftext|>`` ends the turn at ``<|end|>`` (the EOS after it closes
+        the document, not the turn). Without such a tail the span is the text, white space trimmed.
+        """
+        body = rendered[start:]
+        text = body.rstrip()
+        while True:  # strip the tail of special tokens and white space from the end
+            tok = next((s for s in self._specials if text.endswith(s)), None)
             if tok is None:
                 break
-            stripped = stripped[: -len(tok)]
-        return start + len(body), stripped != body
+            text = text[: -len(tok)].rstrip()
+        tail = body[len(text):]
+        if not tail.strip():
+            return start + len(body.rstrip()), False
+        p = len(text) + len(tail) - len(tail.lstrip())
+        while (tok := self._special_at(body, p)) is not None:
+            p += len(tok)
+        return start + p, True
 
-    def _check_turn(self, conv: Conversation, m: Message, trained: str, nth: int) -> None:
+    def _check_turn(self, conv: Conversation, m: Message, trained: str, nth: int, whole: bool) -> None:
+        if m.reasoning and m.reasoning.strip() not in trained and not whole:
+            raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' drops the reasoning of assistant "
+                              f"turn {nth} even where it is the turn the model produces",
+                              hint="set reasoning: drop to train answers without it, or use a template that renders it")
         content = m.content.strip()
         if content and content not in trained:
             raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",

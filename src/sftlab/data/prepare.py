@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,21 +98,31 @@ def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
             (tmp / "chat_template.jinja").write_text(prepared.template.source)
 
 
+# Reasoning as templates render it: <think>...</think>, or GPT-OSS's analysis channel.
+_REASONING_SPAN = re.compile(r"<think>.*?</think>|<\|channel\|>analysis<\|message\|>.*?<\|end\|>", re.S)
+
+
 def render_example(tokenizer, ex: Example, color: bool | None = None) -> str:
-    """The example's text with trained tokens highlighted (green on a terminal, «…» otherwise)."""
+    """The example's text with trained tokens highlighted (green on a terminal, «…» otherwise) and
+    the reasoning span within them marked (yellow on a terminal, ‹…› otherwise)."""
     if color is None:
         color = sys.stdout.isatty()
     on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("«", "»")
+    r_on, r_off = ("\x1b[43;30m", "\x1b[42;30m") if color else ("‹", "›")
+
+    def mark(text: str) -> str:
+        return _REASONING_SPAN.sub(lambda m: f"{r_on}{m.group(0)}{r_off}", text)
+
     out, run, trained = [], [], None
     for tid, lab in zip(ex.input_ids, ex.labels):
         t = lab != IGNORE
         if trained is not None and t != trained:
             text = tokenizer.decode(run)
-            out.append(f"{on}{text}{off}" if trained else text)
+            out.append(f"{on}{mark(text)}{off}" if trained else text)
             run = []
         run.append(tid)
         trained = t
     if run:
         text = tokenizer.decode(run)
-        out.append(f"{on}{text}{off}" if trained else text)
+        out.append(f"{on}{mark(text)}{off}" if trained else text)
     return "".join(out)
