@@ -273,7 +273,10 @@ def test_turn_ending_at_the_next_role_token_and_generation_prompt_rule_are_repor
     finally:
         del TEMPLATES["deepseek-r1"]
     # The prompt opens <think>\n, which the rendered turn does not: trained from where they differ.
-    assert NOTE_GEN_PROMPT in report.rule_notes
+    assert NOTE_GEN_PROMPT in report.rule_notes and report.n_split == 1
+    for ex in exs:  # each turn in its inference context: the prompt that opens <think>
+        context = tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE])
+        assert context.endswith("<｜Assistant｜><think>\n")
     assert [r for ex in exs for r in runs(tok, ex)] == ["Hello!<｜end▁of▁sentence｜>", "Paris.<｜end▁of▁sentence｜>"]
 
 
@@ -311,3 +314,148 @@ def test_qwen3_dump_has_one_example_per_turn_with_its_reasoning(tmp_path, tiny_m
     # The second example's context is the inference prompt: turn 1 without its reasoning.
     context = t.decode([i for i, lab in zip(rows[1]["input_ids"], rows[1]["labels"]) if lab == IGNORE])
     assert "Two plus three" not in context and context.endswith("And times 4?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# --- tool calling ------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _call(name, args, cid):
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
+
+
+OPENAI_TOOL_ROW = {"tools": [WEATHER, TIME], "messages": [
+    {"role": "system", "content": "You help with weather."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [_call("get_weather", '{"city": "Paris"}', "call00001")]},
+    {"role": "tool", "tool_call_id": "call00001", "name": "get_weather", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."},
+    {"role": "user", "content": "And the time?"},
+    {"role": "assistant", "content": "", "tool_calls": [_call("get_time", {}, "call00002")]},
+    {"role": "ipython", "tool_call_id": "call00002", "content": "14:05 CET"},
+    {"role": "assistant", "content": "It is five past two."}]}
+SHAREGPT_TOOL_ROW = {"tools": json.dumps([WEATHER["function"], TIME["function"]]), "conversations": [
+    {"from": "human", "value": "Weather in Paris?"},
+    {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+    {"from": "observation", "value": '{"temp": 21}'},
+    {"from": "gpt", "value": "It is 21 degrees in Paris."}]}
+# Mistral needs 9-character call ids, and rendered tool results carry them.
+DIALECTS = {"openai-hermes": (OPENAI_TOOL_ROW, HERMES), "sharegpt-hermes": (SHAREGPT_TOOL_ROW, HERMES),
+            "openai-llama3.1-ipython": (OPENAI_TOOL_ROW, LLAMA31), "openai-mistral": (OPENAI_TOOL_ROW, MISTRAL_TOOLS),
+            "openai-qwen3": (OPENAI_TOOL_ROW, QWEN3)}
+
+
+def _load(tmp_path, row):
+    from sftlab.data.formats import load_conversations
+
+    p = tmp_path / "tools.jsonl"
+    p.write_text(json.dumps(row) + "\n")
+    return load_conversations(str(p))
+
+
+def _per_turn_truth(t: ChatTemplate, conv: Conversation, eos: str) -> list[str]:
+    """For each assistant message: render(messages[:i+1]) minus render(messages[:i], generation prompt),
+    up to its first end-of-turn token (the tokens listed here), or plus EOS where it writes none."""
+    msgs, out = conv.messages, []
+    for i, m in enumerate(msgs):
+        if m.role != "assistant":
+            continue
+        prompt, upto = t.render(msgs[:i], True, tools=conv.tools), t.render(msgs[:i + 1], tools=conv.tools)
+        if not upto.startswith(prompt):  # Mistral: the system prompt sits in the last user message only
+            assert prompt.endswith("[/INST]") and prompt.count("[/INST]") == upto[:upto.rfind("[/INST]") + 7].count("[/INST]")
+            prompt = upto[:upto.rfind("[/INST]") + 7]
+        rest = upto[len(prompt):]
+        cut = min((rest.find(e) + len(e) for e in ("<|im_end|>", "<|eot_id|>", eos) if e in rest), default=None)
+        out.append(rest[:cut] if cut is not None else rest.rstrip() + eos)
+    return out
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+@pytest.mark.parametrize("skeletons", [True, False])
+def test_tool_turns_train_exactly_the_per_turn_render_difference(tok, tmp_path, dialect, skeletons):
+    row, source = DIALECTS[dialect]
+    (conv,) = _load(tmp_path, row)
+    t = ChatTemplate(dialect, source, None, {"bos_token": tok.bos_token, "eos_token": tok.eos_token})
+    examples, report = Labeler(tok, t, skeletons=skeletons).encode([conv])
+    got = [r for ex in examples for r in runs(tok, ex)]
+    want = _per_turn_truth(t, conv, tok.eos_token)
+    assert got == want
+    # every tool call is in a trained span; no tool result, schema, system or user text is
+    assert any('"get_weather"' in g for g in got)
+    for ex in examples:
+        untrained = tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE])
+        trained = "".join(runs(tok, ex))
+        for m in conv.messages:
+            if m.role != "assistant":
+                assert m.content not in trained
+        assert "temp" not in trained and "Weather in a city" not in trained
+        assert "temp" in untrained or "temp" not in tok.decode(ex.input_ids)
+    if dialect == "openai-mistral":  # tools and system move to the last user message: one example per turn,
+        assert report.n_split == 1 and len(examples) == len(want)  # each in its inference context
+        # (the system prompt rides in the last message when that is the user's; missing from a full render)
+        assert "You help with weather." in tok.decode(examples[0].input_ids)
+
+
+def test_template_that_ignores_tool_calls_is_refused(tok, tmp_path):
+    (conv,) = _load(tmp_path, OPENAI_TOOL_ROW)
+    t = ChatTemplate("t", QWEN3_INSTRUCT_2507, None, {})
+    with pytest.raises(Exception, match=r"tools.jsonl:1: the chat template 't' does not render the tool calls .*chatml-tools"):
+        Labeler(tok, t).encode([conv])
+
+
+def _reasoning_and_tool_data(tmp_path):
+    rows = [OPENAI_TOOL_ROW,
+            {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "<think>add</think>5"},
+                          {"role": "user", "content": "times 4?"}, {"role": "assistant", "content": "20",
+                                                                     "reasoning_content": "multiply"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 3
+    p = tmp_path / "mixed.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from sftlab.data.formats import load_conversations
+
+    return load_conversations(str(p))
+
+
+@pytest.mark.parametrize("name", ["qwen3", "hermes", "gpt-oss"])
+def test_skeleton_packing_and_last_assistant_agree_with_the_exact_method(tok, tmp_path, name):
+    from sftlab.data.packing import pack
+
+    convs = _reasoning_and_tool_data(tmp_path)
+    if name == "gpt-oss":
+        convs = [c for c in convs if not c.tools]
+    t = tpl(name, tok)
+    for masking in ("all_assistant", "last_assistant"):
+        exact, rep_exact = Labeler(tok, t, masking=masking, skeletons=False).encode(convs)
+        fast, rep_fast = Labeler(tok, t, masking=masking).encode(convs)
+        assert [(e.input_ids, e.labels, e.index) for e in fast] == [(e.input_ids, e.labels, e.index) for e in exact]
+        assert (rep_fast.n_split, rep_fast.n_single) == (rep_exact.n_split, rep_exact.n_single)
+        # packed rows carry the same labels (first label of each example masked by the packer)
+        for row in pack(exact, 4096):
+            pos = 0
+            for k, n in zip(row.indices, row.seq_lens):
+                ex = next(e for e in exact if e.index == k and e.input_ids == row.input_ids[pos:pos + n])
+                assert row.labels[pos + 1:pos + n] == ex.labels[1:]
+                pos += n
+    # last_assistant trains exactly the last turn of what all_assistant trains
+    every, _ = Labeler(tok, t).encode(convs)
+    last, _ = Labeler(tok, t, masking="last_assistant").encode(convs)
+    for k in range(len(convs)):
+        assert [runs(tok, e) for e in last if e.index == k][-1][-1] == [r for e in every if e.index == k for r in runs(tok, e)][-1]
+
+
+@pytest.mark.parametrize("mode", ["per_turn", "keep", "last", "drop"])
+def test_reasoning_modes(tok, tmp_path, mode):
+    (conv,) = _load(tmp_path, {"messages": [
+        {"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "<think>add</think>5"},
+        {"role": "user", "content": "times 4?"}, {"role": "assistant", "content": "20", "reasoning_content": "multiply"}]})
+    kwargs = {"enable_thinking": False} if mode == "drop" else {}
+    exs, report = Labeler(tok, tpl("qwen3", tok, **kwargs), reasoning=mode).encode([conv])
+    got = [runs(tok, e) for e in exs]
+    if mode == "per_turn":
+        assert got == [["<think>\nadd\n</think>\n\n5<|im_end|>"], ["<think>\nmultiply\n</think>\n\n20<|im_end|>"]]
+    elif mode in ("keep", "last"):  # one example, as the full render shows the turns (Qwen3 keeps the last's reasoning)
+        assert got == [["5<|im_end|>", "<think>\nmultiply\n</think>\n\n20<|im_end|>"]] and report.n_single == 1
+    else:
+        assert got == [["5<|im_end|>"], ["20<|im_end|>"]]

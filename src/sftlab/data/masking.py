@@ -30,6 +30,7 @@ message content (``skeleton``): the same labels, checked against the exact metho
 from __future__ import annotations
 
 import gc
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -46,7 +47,8 @@ REASONING = choices(Reasoning)
 
 # Why a conversation was split into one example per turn / how turns were cut (for the report).
 SPLIT_HISTORY = "the template renders earlier turns differently from how the model produced them"
-NOTE_GEN_PROMPT = "the generation prompt is not a prefix of the rendered turn: trained from where they differ"
+NOTE_GEN_PROMPT = ("the inference prompt is not a prefix of the rendered turn: one example per turn, the turn "
+                   "trained from where the prompt's end is found in it")
 NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
 
 
@@ -233,29 +235,32 @@ class Labeler:
         turns = []  # (rendered through this turn, trained start, trained end, end token found)
         for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
             rendered = full if i == len(msgs) - 1 else self.template.render(msgs[:i + 1], tools=tools)
-            start = len(prompt) if rendered.startswith(prompt) else _common(prompt, rendered)
-            if start < len(prompt):
+            start, exact = _align(prompt, rendered)
+            if not exact:
                 self._note(NOTE_GEN_PROMPT)
             end, has_end = self._turn_end(rendered, start)
             self._check_turn(conv, msgs[i], rendered[start:end], n + 1, whole)
-            turns.append((rendered, start, end, has_end))
+            turns.append((rendered, start, end, has_end, exact))
         for m in msgs:
-            if m.role == "tool" and m.content.strip() and m.content.strip() not in full:
+            # a template may JSON-encode a result (Mistral's `content | tojson`): look for either form
+            if m.role == "tool" and m.content.strip() and m.content.strip() not in full and \
+                    json.dumps(m.content.strip(), ensure_ascii=False)[1:-1] not in full:
                 raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render tool results",
                                   hint="use a template with a tool role, e.g. --template chatml-tools")
         last = self.masking == "last_assistant"
         if whole:
             spans = self._spans_in_full(conv, full, prompts, turns)
-        elif all(full.startswith(r[:e]) for r, _, e, _ in turns):
-            spans = [(s, e, h) for _, s, e, h in turns]
+        elif all(exact and full.startswith(r[:e]) for r, _, e, _, exact in turns):
+            spans = [(s, e, h) for _, s, e, h, _ in turns]
         else:
             self._note(SPLIT_HISTORY)
             out = ConvLabels()
-            for n, (rendered, start, end, has_end) in enumerate(turns):
+            for n, ((rendered, start, end, has_end, _), prompt) in enumerate(zip(turns, prompts)):
                 if last and n < len(turns) - 1:
                     continue
+                # the context is the inference prompt itself (the rendered prefix where they agree)
                 reply = rendered[start:end] + ("" if has_end else self._eos_or_fail(conv))
-                out.append([(rendered[:start], False), (reply, True)] if start else [(reply, True)])
+                out.append([(prompt, False), (reply, True)] if prompt else [(reply, True)])
             out.split, out.notes = True, tuple(self._notes)
             return out
         segs = self._cut(conv, full, spans, last)
@@ -289,8 +294,8 @@ class Labeler:
         """Each turn's trained span within the full render (``reasoning: keep|last``, ``masking: all``)."""
         spans = []
         cursor = 0
-        starts = [max(_common(p, full), 0) for p in prompts] + [len(full)]
-        for n, (rendered, start, end, has_end) in enumerate(turns):
+        starts = [_align(p, full)[0] for p in prompts] + [len(full)]
+        for n, (rendered, start, end, has_end, _) in enumerate(turns):
             begin = max(cursor, min(starts[n], start))
             if full[:end] == rendered[:end] and end >= begin:
                 spans.append((begin, end, has_end))
@@ -570,3 +575,17 @@ def _common(a: str, b: str) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def _align(prompt: str, rendered: str) -> tuple[int, bool]:
+    """Where the turn starts in ``rendered`` (the conversation through the turn), and whether the
+    inference ``prompt`` is exactly its prefix. Otherwise (Mistral v3 moves the system prompt into the
+    last user message; DeepSeek-R1's prompt opens ``<think>``) the turn starts after the longest tail
+    of the prompt that ``rendered`` continues with from where the two first differ."""
+    if rendered.startswith(prompt):
+        return len(prompt), True
+    c = _common(prompt, rendered)
+    for k in range(c, len(prompt)):
+        if rendered.startswith(prompt[k:], c):
+            return c + len(prompt) - k, False
+    return c, False
