@@ -55,7 +55,7 @@ class Config:
     data: str | None = _f(None, "training data file (jsonl/json/csv/parquet) or local HF dataset folder")
     eval_data: str | None = _f(None, "evaluation data, same formats as data")
     format: str = _f("auto", "data format: auto, messages (openai), sharegpt, alpaca, prompt_completion or text")
-    template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, llama3, mistral, or a .jinja file")
+    template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, chatml-tools (renders tools), llama3, mistral, or a .jinja file")
     system_prompt: str | None = _f(None, "system prompt added to conversations that have none")
     max_seq_length: int = _f(2048, "longest example in tokens")
     masking: Masking = _f("all_assistant", "which tokens are trained")

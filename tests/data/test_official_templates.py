@@ -15,8 +15,9 @@ from transformers import AutoTokenizer
 
 from sftlab.cli import main
 from sftlab.core.loss import IGNORE
-from sftlab.data.masking import NOTE_GEN_PROMPT, NOTE_NEXT_ROLE, SPLIT_HISTORY, Labeler
+from sftlab.data.masking import Labeler
 from sftlab.data.templates import ChatTemplate
+from sftlab.data.turns import NOTE_GEN_PROMPT, NOTE_NEXT_ROLE, SPLIT_HISTORY
 from sftlab.data.types import Conversation, Message
 
 # Qwen3 (Qwen/Qwen3-8B tokenizer_config.json): reasoning only after the last user query, an empty
