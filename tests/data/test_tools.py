@@ -92,7 +92,7 @@ MALFORMED = {
     "calls-on-user": ({"messages": [{"role": "user", "content": "q", "tool_calls": [_call({})]},
                                     {"role": "assistant", "content": "a"}]},
                       r"message 1 is a user message with 'tool_calls'.*\(move the calls to the assistant message"),
-    "tools-bad-json": ({**GOOD, "tools": "[{not json"}, r"'tools' is a string but not valid JSON .*\(give 'tools' as a list"),
+    "tools-bad-json": ({**GOOD, "tools": "[{not json"}, r"'tools' \(a string\) is not valid JSON .*\(give 'tools' as a list"),
     "tool-without-name": ({**GOOD, "tools": [{"description": "x"}]}, r"tool 1 in 'tools' has no function name"),
     "sharegpt-call-not-json": ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(x)"},
                                                   {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]},
