@@ -49,7 +49,7 @@ class TurnRule:
         assistant_idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
         prompts = [self.template.render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
         whole = self.masking == "all" or self.reasoning in ("keep", "last")
-        turns = []  # (rendered through this turn, trained start, trained end, end token found)
+        turns = []  # (rendered through this turn, trained start and end, end token found, prompt is its prefix)
         for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
             rendered = full if i == len(msgs) - 1 else self.template.render(msgs[:i + 1], tools=tools)
             start, exact = _align(prompt, rendered)
@@ -70,7 +70,8 @@ class TurnRule:
         elif all(exact and full.startswith(r[:e]) for r, _, e, _, exact in turns):
             spans = [(s, e, h) for _, s, e, h, _ in turns]
         else:
-            self._note(SPLIT_HISTORY)
+            if not all(full.startswith(r[:e]) for r, _, e, _, _ in turns):
+                self._note(SPLIT_HISTORY)
             out = ConvLabels()
             for n, ((rendered, start, end, has_end, _), prompt) in enumerate(zip(turns, prompts)):
                 if last and n < len(turns) - 1:
