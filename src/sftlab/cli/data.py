@@ -13,6 +13,7 @@ from sftlab.cli.base import (
     _report_findings,
 )
 from sftlab.config import field_default
+from sftlab.core.io import write_jsonl
 
 
 @_command("prepare", "tokenize conversations into training examples with exact response-only labels")
@@ -26,9 +27,6 @@ def _add_prepare(p):
 
 
 def _cmd_prepare(args) -> int:
-    from sftlab.core.io import (
-        write_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
-    )
     from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         dump_rows,
         prepare,

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from sftlab.cli.base import _command, _config_flag, _print_json, _report_findings
+from sftlab.core.io import atomic_write_text
 
 
 @_command("eval", "evaluate a run or model: loss, perplexity, generation metrics, task score; --compare for before/after")
@@ -38,9 +39,6 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from sftlab.core.io import (
-        atomic_write_text,  # deferred: the command pulls in torch; `sftlab --help` stays fast
-    )
     from sftlab.eval import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         GenerationSettings,
         attach_to_run,
