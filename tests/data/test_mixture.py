@@ -147,3 +147,26 @@ def test_doctor_reports_each_source(three, tmp_path):
     assert len(parse) == 1 and parse[0].data["file"] == str(bad) and parse[0].data["line"] == 31
     text = res.format_text()
     assert "per source" in text and "b (alpaca): 50 of 50 records usable" in text
+
+
+def test_eval_reports_each_source(tiny_model_dir, tmp_path, capsys):
+    from conftest import make_lora_run
+
+    from sftlab.eval.generation import GenerationSettings
+    from sftlab.eval.run import run_eval
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    a, b = chat_data(tmp_path / "ea.jsonl", 4), chat_data(tmp_path / "eb.jsonl", 3, offset=500)
+    short = GenerationSettings(max_new_tokens=4)
+    both = run_eval(str(run), [a, b], settings=short, samples=1)["result"]
+    assert set(both["sources"]) == {"ea", "eb"}
+    for path, name, n in ((a, "ea", 4), (b, "eb", 3)):
+        alone = run_eval(str(run), path, settings=short, samples=1)["result"]
+        assert "sources" not in alone  # one eval file: the result is as it always was
+        mine = both["sources"][name]
+        assert mine["n_examples"] == n and mine["tokens"] == alone["metrics"]["tokens"]
+        assert mine["loss"] == pytest.approx(alone["metrics"]["loss"], rel=1e-5)
+        assert mine["task_score"] == pytest.approx(alone["metrics"]["task_score"])
+    assert main(["eval", str(run), "--data", a, "--data", b, "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "per source:" in out and "  ea: 4 examples, loss" in out and "  eb: 3 examples, loss" in out
