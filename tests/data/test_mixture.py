@@ -170,3 +170,29 @@ def test_eval_reports_each_source(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", str(run), "--data", a, "--data", b, "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "per source:" in out and "  ea: 4 examples, loss" in out and "  eb: 3 examples, loss" in out
+
+
+@pytest.mark.xdist_group("train")
+def test_a_training_run_saves_the_resolved_mixture_and_reports_each_source(tmp_path, tiny_model_dir):
+    from conftest import train_config
+
+    from sftlab import rundir as A
+    from sftlab.report import write_report
+    from sftlab.train.run import train
+
+    a, b = chat_data(tmp_path / "a.jsonl", 12), chat_data(tmp_path / "b.jsonl", 4, offset=300)
+    cfg = train_config(tmp_path, tiny_model_dir, data=[{"path": a, "weight": 0.5}, {"path": b, "weight": 0.5}],
+                       max_steps=2, template="chatml")
+    summary = train(cfg, quiet=True)
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / A.CONFIG).read_text())["data"]
+    assert saved == [{"path": a, "format": "messages", "count": 8, "name": "a"},
+                     {"path": b, "format": "messages", "count": 8, "name": "b"}]
+    assert summary["examples"] == 16
+    rows = {r["name"]: r for r in summary["prepare"]["sources"]}
+    assert (rows["a"]["drawn"], rows["b"]["drawn"]) == (8, 8) and rows["b"]["size"] == 4
+    assert rows["a"]["trained_tokens"] + rows["b"]["trained_tokens"] == summary["prepare"]["n_trained_tokens"]
+    # the saved config is a valid config that draws the same mix
+    assert load_config(run / A.CONFIG).data == saved
+    page = (run / "report.html").read_text() if write_report(run, doctor=True) else ""
+    assert "<h3>Sources</h3>" in page and "50.0%" in page and "per source:" in page
