@@ -19,6 +19,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.findings import format_findings
 from sftlab.core.io import atomic_write_text
 from sftlab.data.doctor import run_doctor
+from sftlab.data.mixture import source_paths
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
 
 REPORT = "report.html"
@@ -167,6 +168,13 @@ def _data_section(run: RunData, doctor: bool) -> str:
         keys = ("n_input", "n_kept", "n_dropped_too_long", "n_dropped_no_trained", "n_truncated", "n_turns_cut",
                 "n_tokens", "n_trained_tokens", "eos_appended")
         out.append("<h3>Preparation</h3>" + _table([(k, prep[k]) for k in keys if k in prep]))
+        sources = prep.get("sources") or []
+        if sources:  # a mixture: what each source gave the mix
+            out.append("<h3>Sources</h3>" + _table(
+                [(r.get("name"), r.get("path"), r.get("format"), r.get("weight"), r.get("size"), r.get("drawn"),
+                  f"{r.get('share', 0):.1%}", r.get("examples"), r.get("tokens"), r.get("trained_tokens"))
+                 for r in sources if isinstance(r, dict)],
+                ("source", "path", "format", "weight", "size", "drawn", "share", "kept", "tokens", "trained tokens")))
         dropped = prep.get("dropped") or []
         if dropped:
             items = "".join(f"<li>{_e(d.get('where'))}: {_e(d.get('why'))}</li>" for d in dropped[:10] if isinstance(d, dict))
@@ -182,13 +190,13 @@ def _doctor_text(run: RunData, doctor: bool) -> str:
     data = getattr(run.config, "data", None)
     if not doctor:
         return '<p class="muted">Not run.</p>'
-    if not data or not Path(data).exists():
+    if not data or not all(Path(p).exists() for p in source_paths(data)):
         return f'<p class="muted">Training data {_e(data)} not found from here; run <code>sftlab doctor DATA</code>.</p>'
 
     eval_data = getattr(run.config, "eval_data", None)
+    eval_ok = eval_data and all(Path(p).exists() for p in source_paths(eval_data))
     try:
-        res = run_doctor(data, eval_data=eval_data if eval_data and Path(eval_data).exists() else None,
-                         fmt=getattr(run.config, "format", None))
+        res = run_doctor(data, eval_data=eval_data if eval_ok else None, fmt=getattr(run.config, "format", None))
     except SftlabError as exc:
         return f"<p>The data doctor could not read the data: {_e(exc)}</p>"
     return f"<pre>{_e(res.format_text(limit=5))}</pre>"

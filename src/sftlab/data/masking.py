@@ -85,6 +85,7 @@ class PrepareReport:
     n_reply_ends_trained: int = 0  # ... of which the token itself is trained
     eos_trained: bool | None = None  # every trained reply's end-of-turn token is trained (None: none known)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    sources: list[dict] = field(default_factory=list)  # per source of a mixture (sftlab.data.mixture.Mixture.stats)
 
     def summary(self) -> str:
         parts = [f"{self.n_kept}/{self.n_input} examples kept", f"{self.n_tokens} tokens",
