@@ -28,7 +28,7 @@ from sftlab.eval.run import training_eval
 from sftlab.models import load_tokenizer, model_config
 from sftlab.plan.shapes import shape_from_config
 from sftlab.rundir import Summary
-from sftlab.train.callbacks import MetricsLogger, SignalCheckpoint
+from sftlab.train.callbacks import MetricsLogger, SignalCheckpoint, keep_memory_near_live_tensors
 from sftlab.train.checks import checklist, resolve_auto
 from sftlab.train.continual import ewc_from_examples, mix_replay
 from sftlab.train.model import build_model
@@ -94,6 +94,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict()}
     if not quiet:
         print_checks(findings)
+    keep_memory_near_live_tensors()  # before the model's tensors exist
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens)
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
