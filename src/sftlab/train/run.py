@@ -28,7 +28,11 @@ from sftlab.eval.run import training_eval
 from sftlab.models import load_tokenizer, model_config
 from sftlab.plan.shapes import shape_from_config
 from sftlab.rundir import Summary
-from sftlab.train.callbacks import MetricsLogger, SignalCheckpoint, keep_memory_near_live_tensors
+from sftlab.train.callbacks import (
+    MetricsLogger,
+    SignalCheckpoint,
+    keep_memory_near_live_tensors,
+)
 from sftlab.train.checks import checklist, resolve_auto
 from sftlab.train.continual import ewc_from_examples, mix_replay
 from sftlab.train.model import build_model
