@@ -21,6 +21,7 @@ from sftlab.core.io import atomic_write_text
 from sftlab.data.doctor import run_doctor
 from sftlab.data.mixture import source_paths
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
+from sftlab.report_plots import before_after_figure, length_histogram_figure
 
 REPORT = "report.html"
 
@@ -83,7 +84,8 @@ def _png(fig) -> str:
 
 
 def make_plots(run: RunData) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for every curve the run logged; curves it did not log are left out."""
+    """(title, base64 PNG) for every curve the run logged, then the length histogram and the before/after
+    bars where the run folder has their data; what it lacks is left out."""
     import matplotlib  # deferred: heavy library, imported on first use
 
     matplotlib.use("Agg", force=True)
@@ -122,6 +124,14 @@ def make_plots(run: RunData) -> list[tuple[str, str]]:
             out.append((title, _png(fig)))
         finally:
             plt.close(fig)
+    s = run.summary
+    for made in (length_histogram_figure(plt, s.prepare if s else None, getattr(run.config, "max_seq_length", None)),
+                 before_after_figure(plt, s.eval if s else None)):
+        if made:
+            try:
+                out.append((made[0], _png(made[1])))
+            finally:
+                plt.close(made[1])
     return out
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from transformers import TrainerCallback
 
 from sftlab.core.hardware import peak_memory_mb
+from sftlab.plan.allocator import release_freed_memory
 
 
 class MetricsLogger(TrainerCallback):
@@ -148,3 +149,17 @@ class SignalCheckpoint(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def keep_memory_near_live_tensors() -> bool:
+    """On CPU, have freed tensor memory go back to the OS at once, so the process peaks where its live
+    tensors do and `sftlab plan`'s estimate holds (see :mod:`sftlab.plan.allocator`). Called once before
+    the model loads. ``SFTLAB_MALLOC=glibc`` keeps glibc's defaults (faster steps, more resident memory:
+    benchmarks/RESULTS.md). Returns whether the allocator was changed."""
+    import os
+
+    import torch  # deferred: heavy library, imported on first use
+
+    if torch.cuda.is_available() or os.environ.get("SFTLAB_MALLOC", "").lower() == "glibc":
+        return False
+    return release_freed_memory()

@@ -31,6 +31,7 @@ from sftlab.rundir import Summary
 from sftlab.train.callbacks import (
     MetricsLogger,
     SignalCheckpoint,
+    keep_memory_near_live_tensors,
     put_first,
     route_tensorboard,
     tracker_env,
@@ -100,6 +101,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict()}
     if not quiet:
         print_checks(findings)
+    keep_memory_near_live_tensors()  # before the model's tensors exist
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens)
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
