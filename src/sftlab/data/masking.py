@@ -98,6 +98,9 @@ class PrepareReport:
     n_single: int = 0  # chats kept as one example (history renders unchanged, or reasoning keep/last)
     n_split: int = 0  # chats split into one example per assistant turn
     rule_notes: dict[str, int] = field(default_factory=dict)  # why split / how turns end -> conversations
+    sources: list[dict] = field(default_factory=list)  # per source of a mixture (sftlab.data.mixture.Mixture.stats)
+    # kept examples' lengths in tokens: {"bin_width": w, "counts": [n of length in [i*w, (i+1)*w)]}
+    length_histogram: dict = field(default_factory=dict)
 
     def rule(self) -> str:
         """Which label rule was applied, and why (one line, for `prepare`)."""
@@ -132,6 +135,17 @@ class PrepareReport:
         d = dict(self.__dict__)
         d["dropped"] = [{"where": w, "why": y} for w, y in self.dropped]
         return d
+
+
+def length_histogram(lengths: list[int], bins: int = 32) -> dict:
+    """Counts of ``lengths`` in ``bins`` equal bins from 0; the width is a whole number of tokens."""
+    if not lengths:
+        return {}
+    width = max(1, -(-(max(lengths) + 1) // bins))
+    counts = [0] * (max(lengths) // width + 1)
+    for n in lengths:
+        counts[n // width] += 1
+    return {"bin_width": width, "counts": counts}
 
 
 class Labeler(TurnRule):
@@ -332,6 +346,7 @@ class Labeler(TurnRule):
             report.n_reply_ends += ends
             report.n_reply_ends_trained += ends_trained
         report.n_kept = len(examples)
+        report.length_histogram = length_histogram([len(e.input_ids) for e in examples])
         report.eos_appended = self.eos_appended
         if self.end_ids:
             report.eos_trained = 0 < report.n_reply_ends == report.n_reply_ends_trained
