@@ -54,7 +54,7 @@ def atomic_open(path: str | Path, mode: str = "w"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        if exc.errno not in USER_ERRNOS:
+        if exc.errno not in USER_ERRNOS | {errno.ENOENT}:  # ENOENT here: a folder no file can be made in
             raise
         raise write_error(path, exc, path.exists()) from None
     try:
@@ -80,7 +80,7 @@ def atomic_dir(path: str | Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
-        if exc.errno not in USER_ERRNOS:
+        if exc.errno not in USER_ERRNOS | {errno.ENOENT}:  # ENOENT here: a folder no file can be made in
             raise
         raise write_error(path, exc, path.exists()) from None
     try:
