@@ -42,6 +42,8 @@ def env(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "unknown.yaml").write_text("modle: x\n")
     (tmp_path / "datadir").mkdir()
+    (tmp_path / "lorarun").mkdir()
+    (tmp_path / "lorarun" / "config.yaml").write_text("method: lora\n")
     return e
 
 
@@ -68,6 +70,8 @@ CASES = [
      "no complete checkpoint", ["fresh"]),
     ("train-resume-without-checkpoint", lambda e: _train(e, "--output-dir", "fresh", "--resume"), 2,
      "no complete checkpoint", ["fresh"]),
+    ("check-resume-other-method", lambda e: _train(e, "--output-dir", "lorarun", "--resume", "--method", "full",
+                                                     "--check"), 2, "trained with method lora", []),
     ("check-max-steps-0", lambda e: _train(e, "--output-dir", "r", "--set", "max_steps=0", "--check"), 2,
      "max_steps 0 trains nothing", ["r"]),
     ("train-max-steps-0", lambda e: _train(e, "--output-dir", "r", "--set", "max_steps=0"), 2,

@@ -12,6 +12,8 @@ import re
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from sftlab import rundir as A
 from sftlab.config import Config
 from sftlab.core.findings import Finding
@@ -125,6 +127,15 @@ def _writable(folder: Path) -> str | None:
     return None
 
 
+def _saved_method(run: Path) -> str | None:
+    """The method of the run already in ``run`` (its config.yaml), None when there is none to read."""
+    try:
+        saved = yaml.safe_load((run / A.CONFIG).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved.get("method") if isinstance(saved, dict) else None
+
+
 def run_folder_findings(cfg: Config) -> list[Finding]:
     """Errors the run would meet before its first step: an output_dir that is (or sits under) a file
     or is not writable, ``resume`` with no complete checkpoint, ``max_steps`` 0."""
@@ -141,6 +152,9 @@ def run_folder_findings(cfg: Config) -> list[Finding]:
     elif cfg.resume and last_good_checkpoint(run / A.CHECKPOINTS) is None:
         out.append(_finding("resume", "error", f"resume: {run / A.CHECKPOINTS} holds no complete checkpoint",
                             "start without --resume (or point --output-dir at the interrupted run)"))
+    elif cfg.resume and (was := _saved_method(run)) not in (None, cfg.method):
+        out.append(_finding("resume", "error", f"resume: the run in {run} trained with method {was}, not {cfg.method}",
+                            f"--method {was} to continue it, or a new --output-dir"))
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         out.append(_finding("max_steps", "error", f"max_steps {cfg.max_steps} trains nothing",
                             "--set max_steps=-1 to run every epoch, or a positive step count"))

@@ -199,10 +199,12 @@ def start_run_folder(rc: Config, run: Path) -> str | None:
 
 
 def drop_incomplete_checkpoints(ckpt_dir: Path, *, after: Path | None) -> list[Path]:
-    """Remove checkpoint folders a kill or a full disk cut off mid-save (newer than ``after``), so
-    neither Trainer nor a later resume takes one for the last checkpoint. Returns what was removed."""
+    """Remove what a kill or a full disk left of a save: the trainer's staging folders, and any checkpoint
+    folder without its trainer state newer than ``after``, so a resume never takes one for the last
+    checkpoint. Returns what was removed."""
     last = int(after.name.split("-")[-1]) if after is not None else -1
     cut = [p for step, p, ok in checkpoints(ckpt_dir) if not ok and step > last]
+    cut += sorted(ckpt_dir.glob(".staging-checkpoint-*")) if ckpt_dir.is_dir() else []
     for p in cut:
         print(f"removing {p}: an incomplete checkpoint (the save was cut off)", file=sys.stderr, flush=True)
         shutil.rmtree(p, ignore_errors=True)
