@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import chat_data
 
 from sftlab import models
 from sftlab.cli import main
-from conftest import chat_data
 
 TRAIN = ["--set", "precision=fp32", "--set", "batch_size=4", "--set", "gradient_accumulation=1"]
 

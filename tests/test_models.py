@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sftlab import models
+from sftlab.core import hub
 from sftlab.core.errors import SftlabError
 
 

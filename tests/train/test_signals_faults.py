@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import chat_data, train_config
 
 from sftlab.core.errors import SftlabError
 from sftlab.train import run as run_mod
 from sftlab.train.checks import checkpoint_complete, last_good_checkpoint
 from sftlab.train.run import train
 from sftlab.train.trainer import SftlabTrainer
-from conftest import chat_data, train_config
 
 TESTS = Path(__file__).resolve().parents[1]
 SRC = TESTS.parent / "src"

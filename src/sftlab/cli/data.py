@@ -89,7 +89,6 @@ def _cmd_doctor(args) -> int:
     from sftlab.data.doctor import (
         run_doctor,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
-
     from sftlab.models import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         DEFAULT_MODEL,
         load_tokenizer,

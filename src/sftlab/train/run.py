@@ -22,7 +22,13 @@ from sftlab.core.attention import AttentionSwitch
 from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding
 from sftlab.core.hardware import peak_memory_mb
-from sftlab.core.io import USER_ERRNOS, atomic_dir, atomic_write_text, describe_os_error, write_error
+from sftlab.core.io import (
+    USER_ERRNOS,
+    atomic_dir,
+    atomic_write_text,
+    describe_os_error,
+    write_error,
+)
 from sftlab.data.collate import PackedCollator, PadCollator
 from sftlab.data.packing import pack
 from sftlab.data.prepare import Prepared, prepare
