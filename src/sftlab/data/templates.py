@@ -183,7 +183,7 @@ def bounded_render(compiled, name: str, **context) -> str:
     parts, size = [], 0
     try:
         for chunk in compiled.generate(**context):
-            size += len(chunk)
+            size += str.__len__(chunk)  # not len(): a chunk may be a str subclass that watches its methods
             if size > MAX_RENDER_CHARS:
                 raise RenderLimit(f"rendered more than {MAX_RENDER_CHARS:,} characters")
             _check_deadline()
