@@ -42,7 +42,8 @@ def env(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "unknown.yaml").write_text("modle: x\n")
     (tmp_path / "datadir").mkdir()
-    (tmp_path / "lorarun").mkdir()
+    (tmp_path / "lorarun" / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # a LoRA run's checkpoint
+    (tmp_path / "lorarun" / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (tmp_path / "lorarun" / "config.yaml").write_text("method: lora\n")
     return e
 
