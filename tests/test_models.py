@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sftlab import models
+from sftlab.core import hub
 from sftlab.core.errors import SftlabError
 
 
@@ -57,8 +58,11 @@ def test_folder_without_config_json_is_rejected(tmp_path):
         models.resolve_model_path(str(tmp_path))
 
 
-def test_hub_id_passes_through_and_fails_cleanly_offline():
+def test_hub_id_passes_through_and_fails_cleanly_offline(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hub, "hub_unreachable", lambda endpoint: None)  # as if the hub were reachable
     assert models.resolve_model_path("some-org/some-model") == "some-org/some-model"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SftlabError, match="model 'some-org/some-model' could not be loaded") as e:
         models.load_tokenizer("some-org/some-model")  # HF_HUB_OFFLINE=1 (conftest)
     assert "\n" not in str(e.value)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from sftlab.core.errors import SftlabError
+from sftlab.core.hub import hub_cached, hub_offline
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
 # Existing tokens that make a good pad, best first; a new "<pad>" is added only if none exists.
 _PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]", "<|endoftext|>", "<|end_of_text|>")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 _DTYPES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -63,13 +65,13 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sftlab"
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, *, tokenizer_only: bool = False) -> str:
     """Turn a model name or path into something ``from_pretrained`` opens (see the module docstring).
 
     A ``.gguf`` file (or the default model) is converted on first use, which takes ~20 s; later calls
     return the cached folder at once. Raises :class:`SftlabError` for a path that does not exist.
     """
-    kind, target = _locate(name_or_path)
+    kind, target = _locate(name_or_path, tokenizer_only=tokenizer_only)
     if kind == "gguf":
         return str(_convert_gguf_cached(Path(target)))
     return str(target)
@@ -88,7 +90,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
         AutoTokenizer,  # deferred: heavy library, imported on first use
     )
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, tokenizer_only=True)  # a folder with only a tokenizer will do
     with _load_errors(name_or_path):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not getattr(tok, "is_fast", False):
@@ -169,14 +171,17 @@ def model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
 # Resolving names
 
 
-def _locate(name_or_path: str) -> tuple[str, str]:
-    """("gguf", file) | ("dir", folder) | ("hub", id) for what the user typed; raises for bad paths."""
+def _locate(name_or_path: str, *, tokenizer_only: bool = False) -> tuple[str, str]:
+    """("gguf", file) | ("dir", folder) | ("hub", id) for what the user typed; raises for bad paths.
+    ``tokenizer_only``: a folder with just a tokenizer will do. An unreachable hub: the cached copy, or fail now."""
     name = str(name_or_path).strip()
     if name.lower() == DEFAULT_MODEL:
         return "gguf", str(_default_gguf())
     p = Path(name).expanduser()
     if p.is_dir():
         if (p / "config.json").is_file():
+            return "dir", str(p)
+        if tokenizer_only and any((p / f).is_file() for f in _TOKENIZER_FILES):
             return "dir", str(p)
         ggufs = sorted(x.name for x in p.glob("*.gguf"))
         hint = f"; pass the .gguf file itself, e.g. {p / ggufs[0]}" if ggufs else f"; {_NOT_FOUND_FIX}"
@@ -189,6 +194,13 @@ def _locate(name_or_path: str) -> tuple[str, str]:
     looks_like_path = not _HUB_ID.fullmatch(name) or ("/" in name and Path(name.split("/")[0]).is_dir())
     if name.lower().endswith(".gguf") or looks_like_path:
         raise SftlabError(f"model '{name}' not found: no such file or folder; {_NOT_FOUND_FIX}")
+    offline = hub_offline()
+    if offline:
+        cached = hub_cached(name, "tokenizer_config.json" if tokenizer_only else "config.json")
+        if cached is None:
+            raise SftlabError(f"model '{name}' could not be loaded: a hub id, but the hub is not reachable ({offline}) "
+                              "and it is not in the local hub cache", hint="`hf download` it or give a local folder")
+        return "dir", cached
     return "hub", name
 
 

@@ -70,6 +70,7 @@ class Summary:
     findings: list[str] = field(default_factory=list)  # the pre-flight checklist's lines
     precision: str | None = None  # the precision the run used (auto resolved)
     eval: dict | None = None  # written by `sftlab eval` into a run folder
+    signal: str | None = None  # SIGINT or SIGTERM when a signal stopped the run (stopped == "interrupted")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -305,7 +305,9 @@ def test_cli_json_shape(tmp_path, capsys):
     assert data["findings"][0]["where"] == f"{path}:2" and data["findings"][0]["data"]["file"] == path
     stats = data["stats"]
     assert stats["records"] == 3 and stats["examples"] == 2 and stats["format"] == "messages"
-    assert stats["length"]["unit"] == "characters" and stats["length"]["histogram"]
+    # no --model: lengths are tokens by the default model's tokenizer, and the stats say so
+    assert stats["length"]["unit"] == "tokens" and stats["length"]["histogram"]
+    assert "smollm2-135m-instruct tokenizer" in stats["note"] and stats["max_seq_length"]["limit"] == 2048
     assert stats["checks"] == {"parse": 1, "duplicate": 1}
 
 

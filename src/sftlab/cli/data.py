@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from sftlab.cli.base import (
     _add_data_flags,
@@ -13,6 +14,7 @@ from sftlab.cli.base import (
     _report_findings,
 )
 from sftlab.config import field_default
+from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
 
 
@@ -80,7 +82,7 @@ def _add_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None, help="chat template: a built-in name, 'tokenizer' or a .jinja file")
     _config_flag(p, "format", dest="fmt")
     _config_flag(p, "max_seq_length", default=field_default("max_seq_length"),
-                 help_text="token limit checked with --model")
+                 help_text="token limit checked (without --model: by the default model's tokenizer)")
     p.add_argument("--eval", dest="eval_data", default=None, help="eval data file to check for overlap with DATA")
     p.add_argument("--json", action="store_true", help="print findings and stats as JSON")
     p.set_defaults(func=_cmd_doctor)
@@ -91,14 +93,21 @@ def _cmd_doctor(args) -> int:
     from sftlab.data.doctor import (
         run_doctor,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
+    from sftlab.models import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        DEFAULT_MODEL,
+        load_tokenizer,
+    )
 
-    tokenizer = None
+    tokenizer = length_tok = None
     if args.model:
-        from sftlab.models import (
-            load_tokenizer,  # deferred: the command pulls in torch; `sftlab --help` stays fast
-        )
-
         tokenizer = load_tokenizer(args.model)
+    else:  # lengths still mean tokens: measured with the default model's tokenizer (the report says so)
+        try:
+            length_tok = load_tokenizer(DEFAULT_MODEL)
+        except SftlabError as exc:
+            print(f"note: no --model and the default tokenizer is unavailable ({exc}); lengths are characters",
+                  file=sys.stderr)
     result = run_doctor(args.data[0] if len(args.data) == 1 else args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
-                        template=args.template, max_seq_length=args.max_seq_length)
+                        template=args.template, max_seq_length=args.max_seq_length,
+                        length_tokenizer=length_tok, length_tokenizer_name=DEFAULT_MODEL)
     return _report_findings(result, args.json)

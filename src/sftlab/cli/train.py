@@ -58,6 +58,9 @@ def _cmd_train(args) -> int:
         else:
             print(config_help())
         return 0
+    from sftlab.train.callbacks import (
+        exit_code_for,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
     from sftlab.train.run import (
         train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
@@ -73,9 +76,12 @@ def _cmd_train(args) -> int:
         _close_process_group(wait=False)  # no barrier: the other processes may never reach it
         raise
     _close_process_group(wait=True)
+    if args.json and args.check:
+        _print_json(summary)
+        return 2 if any(f["severity"] == "error" for f in summary["findings"]) else 0
     if args.json:
         _print_json(summary)
-        return 0
+        return exit_code_for(summary.get("signal")) if summary.get("stopped") == "interrupted" else 0
     if args.check:
         return _print_checks(summary["findings"])
     stopped = summary["stopped"]
@@ -84,6 +90,7 @@ def _cmd_train(args) -> int:
     if summary.get("final_eval_loss") is not None:
         print(f"final train loss {summary['final_train_loss']:.4f}, eval loss {summary['final_eval_loss']:.4f}")
     if stopped == "interrupted":
-        print(f"interrupted: a checkpoint was saved; continue with: sftlab train ... --output-dir {cfg.output_dir} --resume")
-        return 130
+        by = f" by {summary['signal']}" if summary.get("signal") else ""
+        print(f"interrupted{by}: a checkpoint was saved; continue with: sftlab train ... --output-dir {cfg.output_dir} --resume")
+        return exit_code_for(summary.get("signal"))
     return 0

@@ -1,7 +1,12 @@
-"""Atomic file writes: write to a temporary path next to the target, then rename."""
+"""Atomic file writes: write to a temporary path next to the target, then rename.
+
+A write that fails (a full disk, a read-only or missing folder, a file where a folder should be)
+leaves the previous file or folder as it was and raises one :class:`SftlabError` line naming the path.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -9,8 +14,31 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from sftlab.core.errors import SftlabError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+# errno values a user fixes (free space, permissions, the path): one line, not a traceback.
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A few words for an OSError: "the disk is full", "Permission denied", ..."""
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only"}.get(exc.errno, exc.strerror or str(exc))
+
+
+def write_error(path: Path, exc: OSError, kept: bool) -> SftlabError:
+    """The one-line error for an OSError while writing ``path`` (``kept``: a previous version survives)."""
+    what = describe_os_error(exc)
+    fix = {errno.ENOSPC: "free some space and run again", errno.EDQUOT: "free some space and run again",
+           errno.ENOTDIR: "a parent of it is a file: choose another path",
+           errno.EEXIST: "a file is in the way: choose another path"}.get(exc.errno, "choose a writable path")
+    keep = "; the previous version is kept" if kept else "; nothing was written"
+    return SftlabError(f"cannot write {path}: {what}{keep}", hint=fix)
 
 
 def _publish_mode(path: Path, directory: bool = False) -> None:
@@ -22,13 +50,23 @@ def _publish_mode(path: Path, directory: bool = False) -> None:
 def atomic_open(path: str | Path, mode: str = "w"):
     """Open a temporary sibling of ``path``; it replaces ``path`` only if the block finishes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS | {errno.ENOENT}:  # ENOENT here: a folder no file can be made in
+            raise
+        raise write_error(path, exc, path.exists()) from None
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
         _publish_mode(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno not in USER_ERRNOS:
+            raise
+        raise write_error(path, exc, path.exists()) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -38,17 +76,41 @@ def atomic_open(path: str | Path, mode: str = "w"):
 def atomic_dir(path: str | Path):
     """Yield a temporary folder beside ``path``; it is renamed to ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS | {errno.ENOENT}:  # ENOENT here: a folder no file can be made in
+            raise
+        raise write_error(path, exc, path.exists()) from None
     try:
         yield tmp
         _publish_mode(tmp, directory=True)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _swap_in(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in USER_ERRNOS:
+            raise
+        raise write_error(path, exc, path.exists()) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and put back if that fails."""
+    aside = None
+    if path.exists():
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, aside)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, path)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

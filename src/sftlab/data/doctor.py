@@ -96,12 +96,16 @@ class _File:
 
 
 def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None = None, fmt: str | None = None,
-               tokenizer=None, template: str | None = None, max_seq_length: int | None = 2048) -> DoctorResult:
+               tokenizer=None, template: str | None = None, max_seq_length: int | None = 2048,
+               length_tokenizer=None, length_tokenizer_name: str = "") -> DoctorResult:
     """Check ``data`` (and its overlap with ``eval_data``); token checks need ``tokenizer``.
 
     ``data`` may be a list of sources (paths or ``{path, format, weight | count, name}``, as in the
     config): every file is checked, duplicates are found across them, and ``stats["sources"]`` has
     one row per source (records, usable examples, format; with a tokenizer, tokens and trained tokens).
+    Without ``tokenizer``, ``length_tokenizer`` (the CLI passes the default model's, named
+    ``length_tokenizer_name``) measures each example's message text in tokens, no template applied,
+    so ``max_seq_length`` is still checked; without either, lengths are characters and unchecked.
 
     ``template`` is a built-in name, "tokenizer" or a .jinja file (default: the tokenizer's own).
     Raises SftlabError for a missing file, unknown format, unknown template; problems in the data
@@ -134,6 +138,8 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings))
         stats["added_tokens"] = added
         _consistency(train.convs, tpl, res.findings)
+    elif length_tokenizer is not None:
+        stats.update(_text_lengths(train.convs, length_tokenizer, length_tokenizer_name, max_seq_length, res.findings))
     else:
         chars = [len(c.text) if c.is_text else sum(len(m.content) for m in c.messages) for c in train.convs]
         stats["length"] = _length_stats(chars, "characters")
@@ -147,6 +153,27 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     stats["checks"] = dict(Counter(f.rule for f in res.findings))
     res.stats = stats
     return res
+
+
+def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None, findings: list[Finding]) -> dict:
+    """Token lengths of the message text (no template: a lower bound of the training length) by ``tok``;
+    examples over ``max_len`` are flagged "too_long"."""
+    lengths = []
+    for c in convs:
+        text = c.text if c.is_text else "\n".join(m.content for m in c.messages)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        lengths.append(n)
+        if max_len is not None and n > max_len:
+            _add(findings, "too_long", c.source, c.line,
+                 f"{n} tokens of message text (by the {name or 'default'} tokenizer, before the chat template) "
+                 f"> max_seq_length {max_len}")
+    n_long = sum(n > max_len for n in lengths) if max_len is not None else 0
+    return {"length": _length_stats(lengths, "tokens"), "trained_tokens": None,
+            "max_seq_length": None if max_len is None else {
+                "limit": max_len, "too_long": n_long, "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
+                "lost_trained_tokens": None, "lost_trained_share": None},
+            "note": f"lengths are tokens of message text by the {name or 'default'} tokenizer, without a chat template; "
+                    "pass --model for your model's exact lengths and trained tokens"}
 
 
 def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample: int = 32) -> None:
@@ -289,8 +316,9 @@ def _stats_lines(s: dict) -> list[str]:
                    f"min {t['min']}, max {t['max']}")
     if s.get("max_seq_length"):
         m = s["max_seq_length"]
-        out.append(f"over max_seq_length {m['limit']}: {m['too_long']} examples ({m['too_long_share']:.1%}); "
-                   f"cut there they lose {m['lost_trained_tokens']} trained tokens ({m['lost_trained_share']:.1%})")
+        lost = (f"; cut there they lose {m['lost_trained_tokens']} trained tokens ({m['lost_trained_share']:.1%})"
+                if m.get("lost_trained_tokens") is not None else "")
+        out.append(f"over max_seq_length {m['limit']}: {m['too_long']} examples ({m['too_long_share']:.1%}){lost}")
     if s.get("added_tokens"):
         out.append(f"template tokens the tokenizer lacks (training adds them): {', '.join(s['added_tokens'])}")
     d = s["duplicates"]

@@ -7,8 +7,11 @@ written into an exported tokenizer and reproduced at inference by plain transfor
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 from sftlab.core.errors import SftlabError
 from sftlab.data.types import Message
@@ -104,14 +107,108 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+# Limits on one render: user templates run in the sandbox, which blocks attribute escapes but not
+# resource exhaustion (`'a' * 10**9`, nested loops). No chat template needs more than these.
+MAX_RENDER_CHARS = 32_000_000  # characters of rendered text (and of any one string or list built)
+MAX_RENDER_SECONDS = 10.0  # wall-clock seconds per render
+_deadline = threading.local()  # the deadline of the render in progress on this thread
+
+
+class RenderLimit(Exception):
+    """A render passed :data:`MAX_RENDER_CHARS` or :data:`MAX_RENDER_SECONDS`."""
+
+
+def _check_deadline() -> None:
+    end = getattr(_deadline, "at", None)
+    if end is not None and time.monotonic() > end:
+        raise RenderLimit(f"took longer than {MAX_RENDER_SECONDS:g} s")
+
+
+def _check_size(value, what: str = "a value"):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_RENDER_CHARS:
+        raise RenderLimit(f"{what} {value} is over the limit of {MAX_RENDER_CHARS:,}")
+    return value
+
+
+class _BoundedRange:
+    """jinja's sandboxed range (at most 100,000 items) that checks the render's deadline as it is
+    iterated: nested loops that print nothing would otherwise run unchecked."""
+
+    def __init__(self, *args):
+        self._r = safe_range(*args)
+
+    def __len__(self):
+        return len(self._r)
+
+    def __getitem__(self, i):
+        return self._r[i]
+
+    def __contains__(self, x):
+        return x in self._r
+
+    def __iter__(self):
+        for i, x in enumerate(self._r):
+            if i % 1024 == 0:
+                _check_deadline()
+            yield x
+
+    def __reversed__(self):
+        return iter(_BoundedRange.__new_from(self._r[::-1]))
+
+    @staticmethod
+    def __new_from(r: range) -> "_BoundedRange":
+        out = _BoundedRange.__new__(_BoundedRange)
+        out._r = r
+        return out
+
+
+def _bounded_filter(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for a in (*args, *kwargs.values()):
+            _check_size(a, "a filter argument")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox with bounded repetition (`*`, `**`, `%`) and bounded integer arguments to calls."""
+
+    intercepted_binops = frozenset(["*", "**", "%"])
+
+    def call_binop(self, context, operator, left, right):
+        _check_deadline()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    _check_size(len(seq) * n, "a repeated string or list of length")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(right) > 64 and abs(left) > 1:
+                raise RenderLimit(f"{left} ** {right} is too large")
+        elif operator == "%" and isinstance(left, str):
+            for width in re.findall(r"%[-#0 +]*(\d+)|%[-#0 +]*\d*\.(\d+)", left):
+                _check_size(int(width[0] or width[1]), "a format width")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+        _check_deadline()
+        for a in (*args, *kwargs.values()):
+            _check_size(a, "a call argument")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
 @lru_cache(maxsize=1)
 def _env() -> ImmutableSandboxedEnvironment:
     # The same environment transformers uses for chat templates: sandboxed, immutable, with
-    # loop controls and `raise_exception`; user templates cannot touch Python objects.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    # loop controls and `raise_exception`; user templates cannot touch Python objects. On top of it,
+    # bounded: see _BoundedSandbox, _BoundedRange and bounded_render.
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _BoundedRange
     env.filters["tojson"] = _tojson  # transformers' tojson: keys in their given order, non-ASCII kept
+    env.filters = {k: _bounded_filter(f) for k, f in env.filters.items()}
     return env
 
 
@@ -119,6 +216,32 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
     if isinstance(x, str) and type(x) is not str:
         x = "".join(iter(x))  # read it through its methods, so a skeleton's content probe sees it escaped
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def bounded_render(compiled, name: str, **context) -> str:
+    """Render ``compiled`` (a template of :func:`_env`) within :data:`MAX_RENDER_CHARS` characters and
+    :data:`MAX_RENDER_SECONDS`; any failure is one SftlabError naming template ``name``."""
+    _deadline.at = time.monotonic() + MAX_RENDER_SECONDS
+    parts, size = [], 0
+    try:
+        for chunk in compiled.generate(**context):
+            size += str.__len__(chunk)  # not len(): a chunk may be a str subclass that watches its methods
+            if size > MAX_RENDER_CHARS:
+                raise RenderLimit(f"rendered more than {MAX_RENDER_CHARS:,} characters")
+            _check_deadline()
+            parts.append(chunk)
+    except RenderLimit as exc:
+        raise SftlabError(f"chat template '{name}' stopped: it {exc}" if str(exc).startswith(("took", "rendered"))
+                          else f"chat template '{name}' stopped: {exc}",
+                          hint="a chat template should only lay out the messages; fix the template") from None
+    except TemplateError as exc:
+        raise SftlabError(f"chat template '{name}' failed to render: {exc}") from None
+    except (OverflowError, MemoryError, RecursionError) as exc:
+        raise SftlabError(f"chat template '{name}' failed to render: {type(exc).__name__}: {exc}",
+                          hint="a chat template should only lay out the messages; fix the template") from None
+    finally:
+        _deadline.at = None
+    return "".join(parts)
 
 
 @dataclass
@@ -157,10 +280,8 @@ class ChatTemplate:
         ctx = {"tools": tools or None, "documents": None}
         ctx.update(self.kwargs or {})
         ctx.update(self.special or {})
-        try:
-            return self._compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **ctx)
-        except TemplateError as exc:
-            raise SftlabError(f"chat template '{self.name}' failed to render: {exc}")
+        return bounded_render(self._compiled, self.name, messages=msgs, add_generation_prompt=add_generation_prompt,
+                              **ctx)
 
     @property
     def renders_reasoning(self) -> bool:

@@ -83,9 +83,16 @@ def _fmt(x) -> str:
 def format_forgetting(f: dict | None) -> str | None:
     if f is None:
         return None
-    change = f"{f['relative']:+.1%}" if _finite(f["relative"]) else "n/a"
-    verdict = (f"FORGETTING: above the {f['threshold']:.0%} threshold" if f["flagged"]
-               else f"within the {f['threshold']:.0%} threshold")
+    rel = f["relative"]
+    change = f"{rel:+.1%}" if _finite(rel) else "n/a"
+    if f["flagged"]:
+        verdict = f"FORGETTING: a rise above the {f['threshold']:.0%} threshold"
+    elif _finite(rel) and rel < 0:
+        verdict = "improved: no forgetting"
+    elif _finite(rel) and rel == 0:
+        verdict = "unchanged: no forgetting"
+    else:
+        verdict = f"a rise within the {f['threshold']:.0%} threshold"
     return f"forgetting: general-data loss {_fmt(f['before'])} -> {_fmt(f['after'])} ({change}), {verdict}"
 
 

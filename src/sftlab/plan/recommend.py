@@ -39,6 +39,7 @@ class UseCase:
     latency: str = "medium"
     compute: str = "medium"
     knowledge_updates: str = "never"
+    assumed: tuple[str, ...] = field(default=(), compare=False)  # keys not given, left at their defaults
 
     def __post_init__(self):
         for name, allowed in (("complexity", COMPLEXITY), ("latency", LEVELS), ("compute", LEVELS),
@@ -60,6 +61,7 @@ class Recommendation:
     reasons: list[str]
     caveats: list[str] = field(default_factory=list)
     use_case: dict = field(default_factory=dict)
+    assumed: list[str] = field(default_factory=list)  # "key value" for each use-case key not given
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +102,13 @@ def recommend(uc: UseCase) -> Recommendation:
             f"{n} examples are enough to fine-tune, and no stronger case for full SFT or RAG applies",
             "an adapter (LoRA) gets most of the gain at a fraction of the memory and keeps the base model intact"])
     rec.caveats = _caveats(uc, rec.approach)
-    rec.use_case = asdict(uc)
+    rec.use_case = {k: v for k, v in asdict(uc).items() if k != "assumed"}
+    rec.assumed = [f"{k.replace('_', '-')} {_word(getattr(uc, k))}" for k in uc.assumed]
     return rec
+
+
+def _word(v) -> str:
+    return ("yes" if v else "no") if isinstance(v, bool) else str(v)
 
 
 def _caveats(uc: UseCase, approach: str) -> list[str]:
@@ -119,7 +126,7 @@ def _caveats(uc: UseCase, approach: str) -> list[str]:
     return out
 
 
-_KEYS = {f.name: f for f in fields(UseCase)}
+_KEYS = {f.name: f for f in fields(UseCase) if f.name != "assumed"}
 
 
 def load_use_case(path: str | Path | None = None, overrides: dict | None = None) -> UseCase:
@@ -146,6 +153,10 @@ def load_use_case(path: str | Path | None = None, overrides: dict | None = None)
     if unknown:
         src = f"{path}: " if path else ""
         raise SftlabError(f"{src}unknown use-case key {unknown[0]!r}", hint=f"known keys: {', '.join(_KEYS)}")
+    if values.get("examples") is None:  # the one input every rule reads: never assume it
+        src = f"{path} has no 'examples' key" if path else "how many labelled examples you have is not given"
+        raise SftlabError(f"recommend: {src}", hint="--examples N (or 'examples: N' in USE_CASE.yaml); "
+                          "other keys default and are listed as assumptions")
     if isinstance(values.get("examples"), str):
         try:
             values["examples"] = int(values["examples"].replace("_", "").replace(",", ""))
@@ -158,4 +169,4 @@ def load_use_case(path: str | Path | None = None, overrides: dict | None = None)
     for name in ("complexity", "latency", "compute", "knowledge_updates"):
         if isinstance(values.get(name), str):
             values[name] = values[name].strip().lower()
-    return UseCase(**values)
+    return UseCase(**values, assumed=tuple(k for k in _KEYS if k not in values))

@@ -39,6 +39,8 @@ def render_recommendation(rec: Recommendation) -> str:
                  f"{'yes' if uc['strict_format'] else 'no'}, domain-specific {'yes' if uc['domain_specific'] else 'no'}, "
                  f"latency sensitivity {uc['latency']}, compute {uc['compute']}, knowledge updates {uc['knowledge_updates']}; "
                  f"rule {rec.rule})")
+    if rec.assumed:
+        lines.append(f"assumed, as not given: {', '.join(rec.assumed)} (give them as flags or in USE_CASE.yaml)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,10 @@
-"""Callbacks: metrics.jsonl, signal-safe checkpoints, progress line; the trackers' run name and project."""
+"""Callbacks: metrics.jsonl, signal-safe checkpoints, progress line, what the end of a run is doing, and
+the trackers' run name and project.
+
+Signals: SIGINT (Ctrl-C) or SIGTERM (a job scheduler) finishes the current step, saves a checkpoint and
+stops; the command then exits 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process those
+signals ended. A second signal stops at once.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,20 @@ class MetricsLogger(TrainerCallback):
         self.quiet = quiet
         self._last = (time.perf_counter(), 0, 0)
         self.rows: list[dict] = []
+        self.final = False  # set before the final evaluation: its line says "final", not "step N"
+        self._said: set[str] = set()  # status lines printed (each once)
+        self._eval_steps: set[int] = set()  # steps whose eval line was printed
+
+    def say(self, line: str) -> None:
+        """Print a status line once (above the progress bar when one is drawn); nothing when quiet."""
+        if self.quiet or line in self._said:
+            return
+        self._said.add(line)
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.write(line)
+        else:
+            print(line, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         t = self.trainer_ref()
@@ -36,8 +56,15 @@ class MetricsLogger(TrainerCallback):
             self._bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._bar is not None:
-            self._bar.update(state.global_step - self._bar.n)
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.update(state.global_step - bar.n)
+        last = state.global_step >= state.max_steps or control.should_training_stop
+        if last and args.should_save:  # after the bar's last tick: say what the wait is for
+            if control.should_evaluate:
+                self.say(f"step {state.global_step}: evaluating")
+            if control.should_save:
+                self.say(f"step {state.global_step}: saving checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._bar is not None:
@@ -47,6 +74,10 @@ class MetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not args.should_save or not logs:
             return
+        if "train_runtime" in logs and args.load_best_model_at_end and state.best_model_checkpoint:
+            # Trainer logs its run totals just before it loads the best checkpoint back
+            best = f" (eval_loss {state.best_metric:.4f})" if state.best_metric is not None else ""
+            self.say(f"restoring the best checkpoint {state.best_model_checkpoint.rsplit('/', 1)[-1]}{best}")
         t = self.trainer_ref()
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if "eval_loss" in logs:
@@ -75,13 +106,10 @@ class MetricsLogger(TrainerCallback):
         if bar is not None and row["split"] == "train":
             bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{row['learning_rate']:.2e}",
                             tok_s=f"{row['tokens_per_second']:.0f}", refresh=True)
-        elif not self.quiet and row["split"] == "eval":
-            line = (f"step {row['step']:>5}  eval_loss {logs['eval_loss']:.4f}  "
-                    f"ppl {logs.get('eval_perplexity', float('nan')):.2f}")
-            if bar is not None:
-                bar.write(line)
-            else:
-                print(line, flush=True)
+        elif row["split"] == "eval" and (self.final or row["step"] not in self._eval_steps):
+            self._eval_steps.add(row["step"])
+            head = "final" if self.final else f"step {row['step']:>5}"
+            self.say(f"{head}  eval_loss {logs['eval_loss']:.4f}  ppl {logs.get('eval_perplexity', float('nan')):.2f}")
 
 
 _TRACKED = ("tokens_per_second", "trained_tokens_per_second")  # our train-row scalars the trackers also get
@@ -138,11 +166,12 @@ class SignalCheckpoint(TrainerCallback):
         self._old = {}
 
     def _handle(self, signum, frame):
-        if self.requested is not None:  # a second Ctrl-C: stop now
+        if self.requested is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested} received: saving a checkpoint after this step (press Ctrl-C again to abort)",
-              file=sys.stderr, flush=True)
+        again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
+        print(f"\n{self.requested} received: saving a checkpoint after this step, then stopping "
+              f"(exit {exit_code_for(self.requested)}; {again} to stop at once)", file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested is not None:
@@ -163,3 +192,10 @@ def keep_memory_near_live_tensors() -> bool:
     if torch.cuda.is_available() or os.environ.get("SFTLAB_MALLOC", "").lower() == "glibc":
         return False
     return release_freed_memory()
+
+
+def exit_code_for(signal_name: str | None) -> int:
+    """The exit code of a run a signal stopped: 128 + the signal's number (130 SIGINT, 143 SIGTERM)."""
+    if not signal_name:
+        return 130
+    return 128 + int(getattr(signal, signal_name, signal.SIGINT))

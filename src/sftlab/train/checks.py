@@ -5,8 +5,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import tempfile
+from pathlib import Path
 
+import yaml
+
+from sftlab import rundir as A
 from sftlab.config import Config
 from sftlab.core.findings import Finding
 from sftlab.core.hardware import device_memory_gb, fast_bf16
@@ -44,7 +52,8 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world
     steps_per_epoch = max(1, -(-n_examples // global_batch))
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else int(steps_per_epoch * float(cfg.epochs))
+    # as Trainer counts them: a started epoch is a step
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * float(cfg.epochs))
     if global_batch > max(8, n_examples // 4):
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {n_examples} examples "
                            f"({steps_per_epoch} optimizer steps per epoch)",
@@ -53,6 +62,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
     if total_steps <= 2 or warmup >= total_steps:
         out.append(_finding("warmup", "warning", f"warmup ({warmup} steps) is as long as the run ({total_steps} steps)",
                            "lower warmup_ratio or train longer"))
+    out += step_findings(total_steps)
     if cfg.weight_decay > 0.1:
         out.append(_finding("weight_decay", "warning", f"weight decay {cfg.weight_decay:g} is high for fine-tuning", "--set weight_decay=0.01"))
     if eval_keys:
@@ -71,5 +81,92 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
     return out
 
 
+# -- what the run hits before its first step: the run folder, resume, the step count ----------------
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off mid-save."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) of every checkpoint-N folder, by step."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
+    return [(step, p, checkpoint_complete(p)) for step, p in sorted(found)]
+
+
+def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a kill during a save leaves a newer, incomplete one)."""
+    good = [p for _, p, ok in checkpoints(ckpt_dir) if ok]
+    return good[-1] if good else None
+
+
+def _nearest_existing(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if p.exists():
+            return p
+    return Path("/")
+
+
+def _writable(folder: Path) -> str | None:
+    """None if a file can be created in ``folder``, else why not (a probe file, removed at once:
+    os.access says yes to root on a read-only file system)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sftlab-probe-", dir=folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _saved_method(run: Path) -> str | None:
+    """The method of the run already in ``run`` (its config.yaml), None when there is none to read."""
+    try:
+        saved = yaml.safe_load((run / A.CONFIG).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return saved.get("method") if isinstance(saved, dict) else None
+
+
+def run_folder_findings(cfg: Config) -> list[Finding]:
+    """Errors the run would meet before its first step: an output_dir that is (or sits under) a file
+    or is not writable, ``resume`` with no complete checkpoint, ``max_steps`` 0."""
+    out: list[Finding] = []
+    run = Path(cfg.output_dir).expanduser()
+    where = _nearest_existing(run.absolute())
+    if where.exists() and not where.is_dir():
+        what = "is a file" if where == run.absolute() else f"is under {where}, which is a file"
+        out.append(_finding("output_dir", "error", f"output_dir {cfg.output_dir} {what}",
+                            "--output-dir a folder (new or existing)"))
+    elif (why := _writable(where)) is not None:
+        out.append(_finding("output_dir", "error", f"output_dir {cfg.output_dir} cannot be written in {where}: {why}",
+                            "--output-dir a folder you can write"))
+    elif cfg.resume and last_good_checkpoint(run / A.CHECKPOINTS) is None:
+        out.append(_finding("resume", "error", f"resume: {run / A.CHECKPOINTS} holds no complete checkpoint",
+                            "start without --resume (or point --output-dir at the interrupted run)"))
+    elif cfg.resume and (was := _saved_method(run)) not in (None, cfg.method):
+        out.append(_finding("resume", "error", f"resume: the run in {run} trained with method {was}, not {cfg.method}",
+                            f"--method {was} to continue it, or a new --output-dir"))
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        out.append(_finding("max_steps", "error", f"max_steps {cfg.max_steps} trains nothing",
+                            "--set max_steps=-1 to run every epoch, or a positive step count"))
+    return out
+
+
+def step_findings(total_steps: int) -> list[Finding]:
+    """An error when the run would take no optimizer step."""
+    if total_steps > 0:
+        return []
+    return [_finding("steps", "error", "the run has 0 optimizer steps", "raise epochs or max_steps, or add data")]
+
+
 __all__ = ["batch_for_memory", "checklist", "device_memory_gb", "epochs_for_data", "estimated_bytes", "fast_bf16",
-           "lr_for_size", "resolve_auto"]
+           "last_good_checkpoint", "lr_for_size", "resolve_auto", "run_folder_findings"]

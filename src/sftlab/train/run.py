@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -20,7 +22,13 @@ from sftlab.core.attention import AttentionSwitch
 from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding
 from sftlab.core.hardware import peak_memory_mb
-from sftlab.core.io import atomic_dir, atomic_write_text
+from sftlab.core.io import (
+    USER_ERRNOS,
+    atomic_dir,
+    atomic_write_text,
+    describe_os_error,
+    write_error,
+)
 from sftlab.data.collate import PackedCollator, PadCollator
 from sftlab.data.packing import pack
 from sftlab.data.prepare import Prepared, prepare
@@ -36,13 +44,20 @@ from sftlab.train.callbacks import (
     route_tensorboard,
     tracker_env,
 )
-from sftlab.train.checks import checklist, resolve_auto
+from sftlab.train.checks import (
+    checklist,
+    checkpoints,
+    last_good_checkpoint,
+    resolve_auto,
+    run_folder_findings,
+)
 from sftlab.train.continual import ewc_from_examples, mix_replay
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
 
 _OPTIMIZERS = {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}
 _FINISHED = ("completed", "early_stopping")  # stops after which the model is evaluated and saved
+_FATAL = ("steps",)  # checklist errors the run cannot start with (the run-folder ones are checked first)
 
 
 @dataclass
@@ -95,12 +110,18 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     from transformers import set_seed  # deferred: heavy library, imported on first use
 
     set_seed(cfg.seed)
+    blockers = run_folder_findings(cfg)  # cheap, and fatal: before any loading
+    if blockers and not check_only:
+        raise SftlabError(blockers[0].message, hint=blockers[0].fixes[0])
     data = load_data(cfg)
     rc, findings = resolve_and_check(cfg, data)
+    findings = blockers + findings
     if check_only:
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict()}
     if not quiet:
         print_checks(findings)
+    if errors := [f for f in findings if f.rule in _FATAL and f.severity == "error"]:
+        raise SftlabError(errors[0].message, hint=errors[0].fixes[0])
     keep_memory_near_live_tensors()  # before the model's tensors exist
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens)
     general = data.general.examples if data.general else []
@@ -179,19 +200,32 @@ def training_batches(rc: Config, examples: list, tok, model) -> Batches:
 
 def start_run_folder(rc: Config, run: Path) -> str | None:
     """Create the run folder; returns the checkpoint to resume from (``resume``), else None."""
-    run.mkdir(parents=True, exist_ok=True)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(run, exc, kept=False) from None
     if not rc.resume:
         (run / A.METRICS).unlink(missing_ok=True)  # a fresh run in an old folder starts a fresh log
         return None
-    from transformers.trainer_utils import (
-        get_last_checkpoint,  # deferred: heavy library, imported on first use
-    )
-
     ckpt_dir = run / A.CHECKPOINTS
-    resume_from = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
+    resume_from = last_good_checkpoint(ckpt_dir)
     if resume_from is None:
-        raise SftlabError(f"{run}: no checkpoint to resume from", hint="start without resume=true")
-    return resume_from
+        raise SftlabError(f"{run}: no complete checkpoint to resume from", hint="start without resume=true")
+    drop_incomplete_checkpoints(ckpt_dir, after=resume_from)
+    return str(resume_from)
+
+
+def drop_incomplete_checkpoints(ckpt_dir: Path, *, after: Path | None) -> list[Path]:
+    """Remove what a kill or a full disk left of a save: the trainer's staging folders, and any checkpoint
+    folder without its trainer state newer than ``after``, so a resume never takes one for the last
+    checkpoint. Returns what was removed."""
+    last = int(after.name.split("-")[-1]) if after is not None else -1
+    cut = [p for step, p, ok in checkpoints(ckpt_dir) if not ok and step > last]
+    cut += sorted(ckpt_dir.glob(".staging-checkpoint-*")) if ckpt_dir.is_dir() else []
+    for p in cut:
+        print(f"removing {p}: an incomplete checkpoint (the save was cut off)", file=sys.stderr, flush=True)
+        shutil.rmtree(p, ignore_errors=True)
+    return cut
 
 
 def _world_size() -> int:
@@ -285,7 +319,7 @@ def attach_callbacks(trainer: SftlabTrainer, rc: Config, run: Path, *, quiet: bo
 def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | None) -> Fitted:
     """Write the resolved config and prepare report, train, evaluate at the end, save the model."""
     rc.save(run / A.CONFIG)
-    (run / A.PREPARE_REPORT).write_text(json.dumps(data.train.report.to_dict(), indent=2))
+    atomic_write_text(run / A.PREPARE_REPORT, json.dumps(data.train.report.to_dict(), indent=2))
     trainer = h.trainer
     t0 = time.perf_counter()
     stopped, divergence, result = "completed", None, None
@@ -295,6 +329,8 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
             result = trainer.train(resume_from_checkpoint=resume_from)
     except Divergence as exc:
         stopped, divergence = "diverged", {"step": exc.step, "loss": exc.loss}
+    except OSError as exc:
+        raise _save_failed(run / A.CHECKPOINTS, exc) from None
     finally:
         h.stopper.uninstall()
     elapsed = time.perf_counter() - t0
@@ -304,6 +340,7 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
         stopped = "early_stopping"
     final_eval = final_evaluation(h) if data.eval is not None and stopped in _FINISHED else None
     if stopped in _FINISHED and trainer.args.should_save:
+        h.logger.say(f"saving the model to {run / A.MODEL_DIR}")
         _save_final(trainer, data.tok, data.train.template, run / A.MODEL_DIR)
     return Fitted(stopped, divergence, result, elapsed, final_eval)
 
@@ -314,7 +351,24 @@ def final_evaluation(h: Harness) -> dict:
     last = [r for r in h.logger.rows if r.get("split") == "eval"]
     if last and last[-1]["step"] == h.trainer.state.global_step and not h.trainer.args.load_best_model_at_end:
         return {k: v for k, v in last[-1].items() if k.startswith("eval_")}
+    h.logger.say(f"final evaluation on {len(h.trainer.eval_dataset)} eval examples")
+    h.logger.final = True  # its eval line reads "final", not a second "step N" line
     return h.trainer.evaluate()
+
+
+def _save_failed(ckpt_dir: Path, exc: OSError) -> SftlabError:
+    """A write failed during training (a checkpoint save, the metrics log): drop the cut-off checkpoint,
+    keep the last good one, and say so in one line. Errors no user can fix are re-raised as they are."""
+    if exc.errno not in USER_ERRNOS:
+        raise exc
+    good = last_good_checkpoint(ckpt_dir)
+    drop_incomplete_checkpoints(ckpt_dir, after=good)
+    what = describe_os_error(exc)
+    if good is None:
+        return SftlabError(f"training stopped: cannot write in {ckpt_dir.parent}: {what}; no checkpoint was kept",
+                           hint="free some space and run again")
+    return SftlabError(f"training stopped: cannot write in {ckpt_dir.parent}: {what}; the last good checkpoint "
+                       f"{good.name} is kept", hint="free some space, then continue with --resume")
 
 
 def _save_final(trainer, tok, template, out: Path) -> None:
@@ -364,5 +418,5 @@ def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay
         pad_equals_eos=tok.pad_token_id == tok.eos_token_id, eos_trained=report.eos_trained,
         gradient_checkpointing=bool(rc.gradient_checkpointing), packing=rc.packing,
         attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
-        findings=[str(f) for f in findings], precision=rc.precision,
+        findings=[str(f) for f in findings], precision=rc.precision, signal=h.stopper.requested,
     )
