@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import DefaultFlowCallback
 
 from sftlab.core.hardware import peak_memory_mb
 from sftlab.plan.allocator import release_freed_memory
@@ -115,9 +116,12 @@ class MetricsLogger(TrainerCallback):
 _TRACKED = ("tokens_per_second", "trained_tokens_per_second")  # our train-row scalars the trackers also get
 
 
-def put_first(trainer, callback) -> None:
-    """Add ``callback`` ahead of every other, so its ``on_log`` changes reach the trackers' callbacks."""
-    trainer.callback_handler.callbacks.insert(0, callback)
+def put_before_trackers(trainer, callback) -> None:
+    """Add ``callback`` ahead of the trackers' callbacks, so its ``on_log`` changes reach them; but after
+    Trainer's flow callback, so ``control`` already says whether this step evaluates and saves."""
+    cbs = trainer.callback_handler.callbacks
+    flow = next((i for i, cb in enumerate(cbs) if isinstance(cb, DefaultFlowCallback)), -1)
+    cbs.insert(flow + 1, callback)
 
 
 def route_tensorboard(trainer, log_dir) -> None:

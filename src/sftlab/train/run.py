@@ -40,7 +40,7 @@ from sftlab.train.callbacks import (
     MetricsLogger,
     SignalCheckpoint,
     keep_memory_near_live_tensors,
-    put_first,
+    put_before_trackers,
     route_tensorboard,
     tracker_env,
 )
@@ -306,7 +306,7 @@ def attach_callbacks(trainer: SftlabTrainer, rc: Config, run: Path, *, quiet: bo
     stopper = SignalCheckpoint()
     trainer.remove_callback(ProgressCallback)  # our logger draws the bar with loss, lr and tokens/s
     trainer.remove_callback(PrinterCallback)
-    put_first(trainer, logger)  # its throughput numbers reach the trackers' callbacks
+    put_before_trackers(trainer, logger)  # its throughput numbers reach the trackers' callbacks
     route_tensorboard(trainer, run / "tensorboard")
     for cb in (stopper, *extra):
         trainer.add_callback(cb)
