@@ -6,6 +6,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 
 from transformers import TrainerCallback
@@ -87,6 +88,8 @@ class SignalCheckpoint(TrainerCallback):
         self._old = {}
 
     def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python allows handlers in the main thread only; Ray Train runs train() in another
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
 
