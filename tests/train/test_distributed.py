@@ -155,3 +155,14 @@ def test_sharding_on_cpu_is_refused_not_silently_ddp(tmp_path, tiny_model_dir, k
     with pytest.raises(SftlabError, match=f"{key} needs CUDA GPUs"):
         train(train_config(tmp_path, tiny_model_dir, max_steps=1, **{key: value}), quiet=True)
     assert not (tmp_path / "run" / A.MODEL_DIR).exists()
+
+
+def test_ray_flags_without_ray_say_how_to_install(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    from sftlab.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
+    code = main(["train", "--model", str(tiny_model_dir), "--data", chat_data(tmp_path / "d.jsonl", 4),
+                 "--output-dir", str(tmp_path / "run"), "--ray-workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--ray-workers needs Ray Train" in err and "pip install 'sftlab[ray]'" in err
+    assert not (tmp_path / "run").exists()
