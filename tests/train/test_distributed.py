@@ -6,6 +6,7 @@ each loss curve must match the 1-process curve within 1e-4 (gloo all-reduce sums
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,27 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
+def _start(cmd: list[str], env: dict, **kw) -> subprocess.Popen:
+    """A launcher in its own process group, so that _stop ends it with every worker it started."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True, **kw)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _launch(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one launch to the end (at most TIMEOUT seconds); its process group is killed on any failure."""
+    proc = _start(cmd, env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        _stop(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _train_args(model: Path, data: str, out: Path, per_process_batch: int, steps: int = STEPS) -> list[str]:
     """`sftlab train` flags: global batch = per_process_batch x processes x 2 accumulation steps."""
     return ["train", "--model", str(model), "--data", data, "--method", "full", "--output-dir", str(out),
@@ -64,8 +86,7 @@ def data(tmp_path_factory) -> str:
 def one_process(tmp_path_factory, tiny_model_dir, data) -> list[float]:
     """The reference: 1 process, batch 4 x accumulation 2."""
     out = tmp_path_factory.mktemp("one") / "run"
-    one = subprocess.run([sys.executable, "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 4)],
-                         env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    one = _launch([sys.executable, "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 4)])
     assert one.returncode == 0, one.stderr[-2000:]
     losses = _losses(out)
     assert len(losses) == STEPS
@@ -74,10 +95,8 @@ def one_process(tmp_path_factory, tiny_model_dir, data) -> list[float]:
 
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir, data, one_process):
     """DDP over 2 CPU processes (gloo) gives the same loss curve as 1 process with the same global batch."""
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "sftlab.cli",
-                          *_train_args(tiny_model_dir, data, tmp_path / "two", 2)],
-                         env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    two = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   f"--master_port={_free_port()}", "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, tmp_path / "two", 2)])
     assert two.returncode == 0, _worker_errors(two.stderr)
     assert _losses(tmp_path / "two") == pytest.approx(one_process, abs=TOL)
 
@@ -95,13 +114,11 @@ def _two_nodes(args: list[str], logs: Path) -> None:
         for node in range(2):
             err = open(logs / f"node{node}.err", "w+")
             errs.append(err)
-            procs.append(subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=err))
+            procs.append(_start(cmd, _env(), stdout=subprocess.DEVNULL, stderr=err))
         codes = [p.wait(timeout=TIMEOUT) for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            _stop(p)
         for err in errs:
             err.close()
     text = "\n".join(f"--- node {i} ---\n" + (logs / f"node{i}.err").read_text() for i in range(2))
@@ -134,9 +151,10 @@ def test_ray_two_workers_match_one_process(tmp_path, tiny_model_dir, data, one_p
     import json
 
     out = tmp_path / "run"
-    env = {**_env(), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    ray = subprocess.run([sys.executable, "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 2),
-                          "--ray-workers", "2"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    # no usage report, no auth token written under ~/.ray: a throwaway local instance
+    env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    ray = _launch([sys.executable, "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 2), "--ray-workers", "2"],
+                  env)
     assert ray.returncode == 0, _worker_errors(ray.stderr)
     summary = json.loads(ray.stdout)
     assert summary["steps"] == STEPS and summary["ray"]["workers"] == 2
