@@ -1,5 +1,5 @@
 """More than one process: DDP on one machine (torchrun), two "nodes" on localhost (torchrun's c10d
-rendezvous), resume across nodes, Ray Train workers, and FSDP/DeepSpeed refused on CPU.
+rendezvous), resume across nodes, Ray Train workers, FSDP2 settings, and FSDP/DeepSpeed refused on CPU.
 
 Every launch runs the same 4-step full fine-tune of the tiny model with the same global batch (8), so
 each loss curve must match the 1-process curve within 1e-4 (gloo all-reduce sums in another order).
@@ -184,3 +184,40 @@ def test_ray_flags_without_ray_say_how_to_install(monkeypatch, tmp_path, tiny_mo
     err = capsys.readouterr().err
     assert code == 2 and "--ray-workers needs Ray Train" in err and "pip install 'sftlab[ray]'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_options_become_accelerate_fsdp2_settings(tmp_path, tiny_model_dir):
+    """`fsdp` words map to FSDP2 plugin settings that transformers and accelerate accept (built, not run:
+    FSDP itself needs GPUs); FSDP's own activation checkpointing replaces Trainer's; bad words are refused."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    from sftlab.train.run import _sharding_arguments
+
+    rc = train_config(tmp_path, tiny_model_dir, fsdp="shard_grad_op offload auto_wrap", gradient_checkpointing=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, **_sharding_arguments(rc, cuda=True))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False and plugin["cpu_offload"] is True
+    assert plugin["activation_checkpointing"] is True and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert FullyShardedDataParallelPlugin(**plugin).fsdp_version == 2
+    full = _sharding_arguments(train_config(tmp_path, tiny_model_dir, fsdp="full_shard"), cuda=True)
+    assert full["fsdp_config"]["reshard_after_forward"] is True and full["fsdp_config"]["cpu_offload"] is False
+    for bad in ("hybrid_shard", "full_shard shard_grad_op"):
+        with pytest.raises(SftlabError, match="FSDP2 takes 'full_shard' or 'shard_grad_op'"):
+            _sharding_arguments(train_config(tmp_path, tiny_model_dir, fsdp=bad), cuda=True)
+
+
+def test_only_global_rank_zero_clears_the_log(tmp_path, tiny_model_dir, monkeypatch):
+    """On node 2 LOCAL_RANK is 0 too: a fresh run's log is cleared by global rank 0 alone."""
+    from sftlab.train.run import start_run_folder
+
+    rc = train_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / A.METRICS).write_text('{"step": 1}\n')
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "1")
+    assert start_run_folder(rc, run) is None and (run / A.METRICS).exists()
+    monkeypatch.setenv("RANK", "0")
+    start_run_folder(rc, run)
+    assert not (run / A.METRICS).exists()

@@ -199,16 +199,16 @@ def _sharding_arguments(rc: Config, cuda: bool) -> dict:
     'offload', 'auto_wrap') and ``deepspeed``; FSDP's own activation checkpointing replaces Trainer's."""
     if not rc.fsdp and not rc.deepspeed:
         return {}
+    opts = set((rc.fsdp or "").split())
+    unknown = opts - {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
+    if unknown or {"full_shard", "shard_grad_op"} <= opts:
+        raise SftlabError(f"fsdp={rc.fsdp!r}: FSDP2 takes 'full_shard' or 'shard_grad_op', plus 'offload', 'auto_wrap'",
+                          hint="e.g. --set fsdp='full_shard auto_wrap'")
     if not cuda:  # accelerate turns FSDP/DeepSpeed on only for GPUs: on CPU the run would silently be DDP
         raise SftlabError(f"{'fsdp' if rc.fsdp else 'deepspeed'} needs CUDA GPUs (accelerate ignores it on CPU)",
                           hint="unset it to train with DDP on CPU")
     if rc.deepspeed:
         return {"deepspeed": rc.deepspeed}
-    opts = set(rc.fsdp.split())
-    unknown = opts - {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
-    if unknown or {"full_shard", "shard_grad_op"} <= opts:
-        raise SftlabError(f"fsdp={rc.fsdp!r}: FSDP2 takes 'full_shard' or 'shard_grad_op', plus 'offload', 'auto_wrap'",
-                          hint="e.g. --set fsdp='full_shard auto_wrap'")
     return {"fsdp": True,
             "fsdp_config": {"version": 2, "reshard_after_forward": "shard_grad_op" not in opts,
                             "cpu_offload": "offload" in opts, "state_dict_type": "FULL_STATE_DICT",
