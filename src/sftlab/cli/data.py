@@ -13,6 +13,7 @@ from sftlab.cli.base import (
     _report_findings,
 )
 from sftlab.config import field_default
+from sftlab.core.io import write_jsonl
 
 
 @_command("prepare", "tokenize conversations into training examples with exact response-only labels")
@@ -26,14 +27,12 @@ def _add_prepare(p):
 
 
 def _cmd_prepare(args) -> int:
-    from sftlab.core.io import (
-        write_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
-    )
     from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         dump_rows,
         prepare,
         render_example,
         save_dataset,
+        source_lines,
     )
 
     cfg = _config_from_args(args)
@@ -52,6 +51,8 @@ def _cmd_prepare(args) -> int:
     r = prepared.report
     tpl = prepared.template.name if prepared.template else "none (plain text)"
     print(f"prepared {cfg.data}: {r.summary()}; template: {tpl}")
+    if r.sources:
+        print("per source:\n" + "\n".join(source_lines(r)))
     if prepared.added_tokens:
         print(f"note: added special tokens the template needs: {', '.join(prepared.added_tokens)} (embeddings are resized in training)")
     if r.eos_appended:
@@ -69,7 +70,8 @@ def _cmd_prepare(args) -> int:
 
 @_command("doctor", "check a data file: parsing, roles, encoding, special tokens, lengths, duplicates, eval overlap")
 def _add_doctor(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="data file (.jsonl/.json/.csv/.parquet) or local dataset folder")
+    p.add_argument("data", nargs="+", help="data file (.jsonl/.json/.csv/.parquet) or local dataset folder; "
+                                           "several: each is checked and reported as one source of a mixture")
     p.add_argument("--model", default=None,
                    help="tokenizer to count tokens with (local folder, hub id or smollm2-135m-instruct); "
                         "enables the length, no-trained-token and trained-token checks")
@@ -95,6 +97,6 @@ def _cmd_doctor(args) -> int:
         )
 
         tokenizer = load_tokenizer(args.model)
-    result = run_doctor(args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
+    result = run_doctor(args.data[0] if len(args.data) == 1 else args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
                         template=args.template, max_seq_length=args.max_seq_length)
     return _report_findings(result, args.json)

@@ -85,6 +85,9 @@ class PrepareReport:
     n_reply_ends_trained: int = 0  # ... of which the token itself is trained
     eos_trained: bool | None = None  # every trained reply's end-of-turn token is trained (None: none known)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    sources: list[dict] = field(default_factory=list)  # per source of a mixture (sftlab.data.mixture.Mixture.stats)
+    # kept examples' lengths in tokens: {"bin_width": w, "counts": [n of length in [i*w, (i+1)*w)]}
+    length_histogram: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"{self.n_kept}/{self.n_input} examples kept", f"{self.n_tokens} tokens",
@@ -106,6 +109,17 @@ class PrepareReport:
         d = dict(self.__dict__)
         d["dropped"] = [{"where": w, "why": y} for w, y in self.dropped]
         return d
+
+
+def length_histogram(lengths: list[int], bins: int = 32) -> dict:
+    """Counts of ``lengths`` in ``bins`` equal bins from 0; the width is a whole number of tokens."""
+    if not lengths:
+        return {}
+    width = max(1, -(-(max(lengths) + 1) // bins))
+    counts = [0] * (max(lengths) // width + 1)
+    for n in lengths:
+        counts[n // width] += 1
+    return {"bin_width": width, "counts": counts}
 
 
 class Labeler:
@@ -322,6 +336,7 @@ class Labeler:
             report.n_reply_ends += ends
             report.n_reply_ends_trained += ends_trained
         report.n_kept = len(examples)
+        report.length_histogram = length_histogram([len(e.input_ids) for e in examples])
         report.eos_appended = self.eos_appended
         if self.end_ids:
             report.eos_trained = 0 < report.n_reply_ends == report.n_reply_ends_trained
