@@ -2,12 +2,14 @@
 
 Checks on CUDA: packed == unpacked loss with the block mask (SDPA), chunked loss == full cross entropy
 in bf16, bf16 mixed-precision training (full and LoRA, checkpointing on/off) with tokens/s and
-torch.cuda.max_memory_allocated against the `sftlab plan` estimate, and a QLoRA (bitsandbytes NF4) run.
+torch.cuda.max_memory_allocated against the `sftlab plan` estimate, a QLoRA (bitsandbytes NF4) run, and
+FSDP2 / DeepSpeed ZeRO-2 / ZeRO-3 (examples/deepspeed/*.json) with LoRA and full fine-tuning under
+torchrun over every GPU, each loss curve against plain DDP's (``--sharding-only`` runs just those).
 
 The model has SmolLM2-135M's exact config and tokenizer with random weights (the GGUF is too large to
 carry): shapes, speed and memory are the real ones; loss values are not meaningful.
 
-    PYTHONPATH=src python3 benchmarks/gpu_check.py --model-config DIR [--quick]
+    PYTHONPATH=src python3 benchmarks/gpu_check.py --model-config DIR [--quick] [--sharding-only]
 """
 
 from __future__ import annotations
@@ -140,11 +142,100 @@ def run_defaults(model_dir: str, data: str, steps: int) -> dict:
                          if k in ("precision", "gradient_checkpointing", "attn_implementation", "lora_dropout", "batch_size")}}
 
 
+_EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SHARDING = {"ddp": {}, "fsdp2": {"fsdp": "full_shard auto_wrap"},
+            "zero2": {"deepspeed": str(_EXAMPLES / "deepspeed" / "zero2.json")},
+            "zero3": {"deepspeed": str(_EXAMPLES / "deepspeed" / "zero3.json")}}
+
+
+def sharded_child(model_dir: str, data: str, kind: str, method: str, steps: int, out: str) -> int:
+    """One process of a torchrun launch: train with ``kind`` sharding and record, from global rank 0,
+    what the Trainer really ran (FSDP2 parameters are DTensors; DeepSpeed's engine wraps the model)."""
+    import os
+
+    from transformers import TrainerCallback
+
+    from sftlab.config import load_config
+    from sftlab.train.run import train
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if not seen:
+                p = next(model.parameters())
+                seen.update(param_type=type(p).__name__, placements=str(getattr(p, "placements", None)))
+
+    cfg = load_config(None, dict(model=model_dir, data=data, method=method, max_steps=steps, logging_steps=1,
+                                 batch_size=4, gradient_accumulation=1, learning_rate=1e-4, warmup_ratio=0.0,
+                                 lr_scheduler="constant", group_by_length=False, precision="bf16",
+                                 gradient_checkpointing=True, save_steps=10_000, output_dir=out, **SHARDING[kind]))
+    s = train(cfg, quiet=True, callbacks=[Probe()])
+    if int(os.environ.get("RANK", "0")) == 0:
+        rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+        Path(out, "check.json").write_text(json.dumps({
+            **seen, "steps": s["steps"], "losses": [r["loss"] for r in rows if r.get("split") == "train"],
+            "model_saved": sorted(p.name for p in Path(out, "model").iterdir()), "world": os.environ.get("WORLD_SIZE")}))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def run_sharded(model_dir: str, data: str, kind: str, method: str, steps: int) -> dict:
+    """torchrun over every GPU of the machine: FSDP2 or DeepSpeed ZeRO-2/3 (or plain DDP, the reference)."""
+    import importlib.util
+    import socket
+    import subprocess
+
+    import torch
+
+    if kind.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        return {"kind": kind, "method": method, "error": "deepspeed is not installed"}
+    out = tempfile.mkdtemp()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={max(1, torch.cuda.device_count())}",
+           f"--master-port={port}", __file__, "--sharded-child", kind, method, str(steps), out,
+           "--model-config", model_dir, "--data", data]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = {"kind": kind, "method": method, "wall_s": round(time.perf_counter() - t0, 1)}
+    if proc.returncode != 0:
+        return {**r, "error": "\n".join(ln for ln in proc.stderr.splitlines() if "rror" in ln)[-2000:]}
+    return {**r, **json.loads(Path(out, "check.json").read_text())}
+
+
+def check_sharding(model_dir: str, data: str, steps: int) -> None:
+    """FSDP2 and ZeRO-2/3 with LoRA and full fine-tuning; each loss curve against DDP's (same batch)."""
+    for method in ("lora", "full"):
+        ref = None
+        for kind in SHARDING:
+            try:
+                r = run_sharded(model_dir, data, kind, method, steps)
+            except Exception as exc:  # report and go on: one failure must not hide the others
+                r = {"kind": kind, "method": method, "error": f"{type(exc).__name__}: {exc}"}
+            if kind == "ddp":
+                ref = r.get("losses")
+            elif ref and r.get("losses"):
+                r["max_abs_loss_diff_vs_ddp"] = max(abs(a - b) for a, b in zip(ref, r["losses"]))
+            print(json.dumps({"sharding": r}), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-config", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sharding-only", action="store_true", help="only the FSDP2/DeepSpeed runs")
+    ap.add_argument("--sharded-child", nargs=4, metavar=("KIND", "METHOD", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.sharded_child:  # one torchrun process of run_sharded; --model-config is the built model here
+        kind, method, steps, out = args.sharded_child
+        return sharded_child(args.model_config, args.data, kind, method, int(steps), out)
     import torch
     import transformers
 
@@ -158,9 +249,12 @@ def main() -> int:
     from sftlab.demo_data import demo_path
 
     model_dir = build_model(args.model_config, tempfile.mkdtemp())
+    steps = 6 if args.quick else 12
+    if args.sharding_only:
+        check_sharding(model_dir, str(demo_path("train")), steps)
+        return 0
     print(json.dumps({"packing": check_packing(model_dir, dev)}), flush=True)
     print(json.dumps({"chunked_loss_bf16": check_chunked_loss(dev)}), flush=True)
-    steps = 6 if args.quick else 12
     settings = [("lora", 8, 512, False), ("lora", 8, 512, True), ("full", 8, 512, False), ("full", 8, 512, True),
                 ("lora", 16, 1024, False), ("full", 16, 1024, True)]
     if args.quick:
@@ -183,6 +277,7 @@ def main() -> int:
     except Exception as exc:
         r = {"method": "qlora", "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps({"train": r}), flush=True)
+    check_sharding(model_dir, str(demo_path("train")), steps)
     return 0
 
 

@@ -21,6 +21,9 @@ def _add_train(p):
     for key in ("eval_data", "method", "output_dir", "resume"):
         _config_flag(p, key)
     p.add_argument("--check", action="store_true", help="only run the configuration checklist and exit")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="run on N Ray Train workers (pip install 'sftlab[ray]'); a local Ray unless --ray-address")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to run on, e.g. ray://head:10001")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("--json", action="store_true", help="print the summary (with --check: findings and resolved "
                                                        "config; with --help-config: every key) as JSON")
@@ -70,6 +73,13 @@ def _cmd_train(args) -> int:
         if args.check:  # the checklist is printed here; anything the library prints goes to stderr
             with contextlib.redirect_stdout(sys.stderr):
                 summary = train(cfg, check_only=True, quiet=True)
+        elif args.ray_workers or args.ray_address:
+            from sftlab.train.ray import (
+                train_on_ray,  # deferred: the optional Ray extra
+            )
+
+            with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+                summary = train_on_ray(cfg, workers=args.ray_workers or 1, address=args.ray_address, quiet=args.json)
         else:
             summary = train(cfg, quiet=args.json)
     except BaseException:

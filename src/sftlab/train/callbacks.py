@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -161,6 +162,8 @@ class SignalCheckpoint(TrainerCallback):
         self._old = {}
 
     def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python allows handlers in the main thread only; Ray Train runs train() in another
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._handle)
 

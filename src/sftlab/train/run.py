@@ -205,7 +205,8 @@ def start_run_folder(rc: Config, run: Path) -> str | None:
     except OSError as exc:
         raise write_error(run, exc, kept=False) from None
     if not rc.resume:
-        (run / A.METRICS).unlink(missing_ok=True)  # a fresh run in an old folder starts a fresh log
+        if _is_global_main():  # another node's process may already be writing into a shared folder
+            (run / A.METRICS).unlink(missing_ok=True)  # a fresh run in an old folder starts a fresh log
         return None
     ckpt_dir = run / A.CHECKPOINTS
     resume_from = last_good_checkpoint(ckpt_dir)
@@ -232,6 +233,33 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _is_global_main() -> bool:
+    """Global rank 0 (torchrun, accelerate and Ray Train set RANK): the one process that writes the run
+    folder. Not LOCAL_RANK: on N nodes there are N processes with local rank 0."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _sharding_arguments(rc: Config, cuda: bool) -> dict:
+    """TrainingArguments for ``fsdp`` (accelerate's FSDP2: 'full_shard' or 'shard_grad_op', plus
+    'offload', 'auto_wrap') and ``deepspeed``; FSDP's own activation checkpointing replaces Trainer's."""
+    if not rc.fsdp and not rc.deepspeed:
+        return {}
+    opts = set((rc.fsdp or "").split())
+    unknown = opts - {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
+    if unknown or {"full_shard", "shard_grad_op"} <= opts:
+        raise SftlabError(f"fsdp={rc.fsdp!r}: FSDP2 takes 'full_shard' or 'shard_grad_op', plus 'offload', 'auto_wrap'",
+                          hint="e.g. --set fsdp='full_shard auto_wrap'")
+    if not cuda:  # accelerate turns FSDP/DeepSpeed on only for GPUs: on CPU the run would silently be DDP
+        raise SftlabError(f"{'fsdp' if rc.fsdp else 'deepspeed'} needs CUDA GPUs (accelerate ignores it on CPU)",
+                          hint="unset it to train with DDP on CPU")
+    if rc.deepspeed:
+        return {"deepspeed": rc.deepspeed}
+    return {"fsdp": True,
+            "fsdp_config": {"version": 2, "reshard_after_forward": "shard_grad_op" not in opts,
+                            "cpu_offload": "offload" in opts, "state_dict_type": "FULL_STATE_DICT",
+                            "activation_checkpointing": bool(rc.gradient_checkpointing)}}
+
+
 def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: bool):
     """transformers.TrainingArguments for the resolved config; checkpoints fall on eval steps."""
     import torch  # deferred: heavy library, imported on first use
@@ -256,11 +284,11 @@ def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: boo
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=quiet,
         dataloader_pin_memory=cuda, use_cpu=not cuda,
         ddp_backend="gloo" if not cuda and _world_size() > 1 else None,
-        activation_checkpointing=bool(rc.gradient_checkpointing),
+        activation_checkpointing=bool(rc.gradient_checkpointing) and not rc.fsdp,  # FSDP: its own, below
         activation_checkpointing_kwargs={"use_reentrant": False}, save_only_model=False,
         average_tokens_across_devices=True, ddp_find_unused_parameters=False,
-        deepspeed=rc.deepspeed, fsdp=rc.fsdp or "",
         run_name=rc.run_name or Path(rc.output_dir).resolve().name, **({"project": rc.project} if rc.project else {}),
+        **_sharding_arguments(rc, cuda),
     )
     if rc.optimizer == "adam":
         args.weight_decay = 0.0
@@ -318,8 +346,9 @@ def attach_callbacks(trainer: SftlabTrainer, rc: Config, run: Path, *, quiet: bo
 # -- fit -----------------------------------------------------------------------------------------
 def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | None) -> Fitted:
     """Write the resolved config and prepare report, train, evaluate at the end, save the model."""
-    rc.save(run / A.CONFIG)
-    atomic_write_text(run / A.PREPARE_REPORT, json.dumps(data.train.report.to_dict(), indent=2))
+    if _is_global_main():
+        rc.save(run / A.CONFIG)
+        atomic_write_text(run / A.PREPARE_REPORT, json.dumps(data.train.report.to_dict(), indent=2))
     trainer = h.trainer
     t0 = time.perf_counter()
     stopped, divergence, result = "completed", None, None
@@ -339,8 +368,9 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     elif stopped == "completed" and trainer.state.max_steps and trainer.state.global_step < trainer.state.max_steps:
         stopped = "early_stopping"
     final_eval = final_evaluation(h) if data.eval is not None and stopped in _FINISHED else None
-    if stopped in _FINISHED and trainer.args.should_save:
-        h.logger.say(f"saving the model to {run / A.MODEL_DIR}")
+    if stopped in _FINISHED:
+        if trainer.args.should_save:
+            h.logger.say(f"saving the model to {run / A.MODEL_DIR}")
         _save_final(trainer, data.tok, data.train.template, run / A.MODEL_DIR)
     return Fitted(stopped, divergence, result, elapsed, final_eval)
 
@@ -372,8 +402,14 @@ def _save_failed(ckpt_dir: Path, exc: OSError) -> SftlabError:
 
 
 def _save_final(trainer, tok, template, out: Path) -> None:
-    """The adapter or model, and the tokenizer carrying the exact chat template used in training."""
+    """The adapter or model, and the tokenizer carrying the exact chat template used in training.
 
+    Written by the main process only; under FSDP/DeepSpeed every process joins the gather of the
+    sharded weights (Trainer.save_model writes on the main process alone)."""
+    if not trainer.args.should_save:
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            trainer.save_model(str(out))
+        return
     with atomic_dir(out) as tmp:
         trainer.save_model(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one

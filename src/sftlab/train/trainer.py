@@ -152,7 +152,9 @@ class SftlabTrainer(Trainer):
         name = f"checkpoint-{self.state.global_step}"
         final = os.path.join(run_dir, name)
         staging = os.path.join(run_dir, f".staging-{name}")
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:  # one process empties it, and nobody writes into it before that
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         original = self.args.output_dir
         try:
             # Save under the staging folder (Trainer derives the checkpoint path from output_dir).
@@ -160,6 +162,7 @@ class SftlabTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = original
+        self.accelerator.wait_for_everyone()  # every process's part (its RNG state) is in before the rename
         if self.state.best_global_step:
             best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
             if os.path.exists(best) or self.state.best_global_step == self.state.global_step:

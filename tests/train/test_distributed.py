@@ -1,0 +1,223 @@
+"""More than one process: DDP on one machine (torchrun), two "nodes" on localhost (torchrun's c10d
+rendezvous), resume across nodes, Ray Train workers, FSDP2 settings, and FSDP/DeepSpeed refused on CPU.
+
+Every launch runs the same 4-step full fine-tune of the tiny model with the same global batch (8), so
+each loss curve must match the 1-process curve within 1e-4 (gloo all-reduce sums in another order).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import chat_data, train_config
+
+from sftlab import rundir as A
+from sftlab.core.errors import SftlabError
+from sftlab.train.run import train
+
+pytestmark = pytest.mark.xdist_group("distributed")
+
+TOL = 1e-4
+STEPS = 4
+TIMEOUT = 300  # seconds for one launch; a hung rendezvous fails the test instead of the suite
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker_errors(stderr: str) -> str:
+    """The workers' own error lines (the launcher's traceback that ends stderr says only 'failed')."""
+    lines = [ln for ln in stderr.splitlines() if ("rror" in ln or "sftlab" in ln) and "elastic" not in ln]
+    return "\n".join(lines[:40]) + "\n--- stderr head ---\n" + stderr[:3000]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _start(cmd: list[str], env: dict, **kw) -> subprocess.Popen:
+    """A launcher in its own process group, so that _stop ends it with every worker it started."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True, **kw)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _launch(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run one launch to the end (at most TIMEOUT seconds); its process group is killed on any failure."""
+    proc = _start(cmd, env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        _stop(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _train_args(model: Path, data: str, out: Path, per_process_batch: int, steps: int = STEPS) -> list[str]:
+    """`sftlab train` flags: global batch = per_process_batch x processes x 2 accumulation steps."""
+    return ["train", "--model", str(model), "--data", data, "--method", "full", "--output-dir", str(out),
+            "--set", f"max_steps={steps}", "--set", "logging_steps=1", "--set", "group_by_length=false",
+            "--set", "learning_rate=1e-2", "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0",
+            "--set", "gradient_checkpointing=false", "--set", "precision=fp32", "--set", "save_steps=2",
+            "--set", f"batch_size={per_process_batch}", "--set", "gradient_accumulation=2", "--json"]
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in A.read_metrics(run) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return chat_data(tmp_path_factory.mktemp("dist") / "d.jsonl", 16)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dir, data) -> list[float]:
+    """The reference: 1 process, batch 4 x accumulation 2."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    one = _launch([sys.executable, "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 4)])
+    assert one.returncode == 0, one.stderr[-2000:]
+    losses = _losses(out)
+    assert len(losses) == STEPS
+    return losses
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir, data, one_process):
+    """DDP over 2 CPU processes (gloo) gives the same loss curve as 1 process with the same global batch."""
+    two = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   f"--master_port={_free_port()}", "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, tmp_path / "two", 2)])
+    assert two.returncode == 0, _worker_errors(two.stderr)
+    assert _losses(tmp_path / "two") == pytest.approx(one_process, abs=TOL)
+
+
+def _two_nodes(args: list[str], logs: Path) -> None:
+    """Start two torchrun "nodes" of 1 process each on localhost, joined by a c10d rendezvous (the same
+    command twice with a shared --rdzv-id, as on two machines); wait for both, kill both on any failure."""
+    port, rdzv_id = _free_port(), uuid.uuid4().hex[:8]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}",
+           "--local-addr=127.0.0.1", "-m", "sftlab.cli", *args]
+    logs.mkdir(parents=True, exist_ok=True)
+    procs, errs = [], []
+    try:
+        for node in range(2):
+            err = open(logs / f"node{node}.err", "w+")
+            errs.append(err)
+            procs.append(_start(cmd, _env(), stdout=subprocess.DEVNULL, stderr=err))
+        codes = [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            _stop(p)
+        for err in errs:
+            err.close()
+    text = "\n".join(f"--- node {i} ---\n" + (logs / f"node{i}.err").read_text() for i in range(2))
+    assert codes == [0, 0], _worker_errors(text)
+
+
+def test_two_nodes_match_one_process_and_resume_across_nodes(tmp_path, tiny_model_dir, data, one_process):
+    """2 nodes x 1 process (each with LOCAL_RANK 0) train to step 2 and stop; 2 nodes resume from
+    checkpoint-2 to step 4. Only global rank 0 writes: one metrics row per step, the checkpoint holds
+    both processes' RNG states, and the 4-step curve is the 1-process curve."""
+    out = tmp_path / "run"
+    _two_nodes(_train_args(tiny_model_dir, data, out, 2, steps=2), tmp_path / "first")
+    assert sorted(p.name for p in (out / A.CHECKPOINTS).iterdir()) == ["checkpoint-2"]
+    ckpt = out / A.CHECKPOINTS / "checkpoint-2"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert _losses(out) == pytest.approx(one_process[:2], abs=TOL)
+    _two_nodes([*_train_args(tiny_model_dir, data, out, 2), "--resume"], tmp_path / "second")
+    rows = [r for r in A.read_metrics(out) if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # written once (rank 0), not once per node
+    assert [r["loss"] for r in rows] == pytest.approx(one_process, abs=TOL)
+    assert A.read_summary(out)["steps"] == STEPS and (out / A.MODEL_DIR / "model.safetensors").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging or temp folder left
+
+
+@pytest.mark.slow
+def test_ray_two_workers_match_one_process(tmp_path, tiny_model_dir, data, one_process):
+    """`sftlab train --ray-workers 2` on a local Ray instance: the same curve, the summary and the model
+    folder come back through Ray (metrics reports and the final checkpoint)."""
+    pytest.importorskip("ray.train.torch", reason="Ray Train is not installed (pip install 'sftlab[ray]')")
+    import json
+
+    out = tmp_path / "run"
+    # no usage report, no auth token written under ~/.ray: a throwaway local instance
+    env = {**_env(), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    ray = _launch([sys.executable, "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 2), "--ray-workers", "2"],
+                  env)
+    assert ray.returncode == 0, _worker_errors(ray.stderr)
+    summary = json.loads(ray.stdout)
+    assert summary["steps"] == STEPS and summary["ray"]["workers"] == 2
+    assert _losses(out) == pytest.approx(one_process, abs=TOL)
+    ckpt = Path(summary["ray"]["checkpoint"])
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("key,value", [("fsdp", "full_shard auto_wrap"), ("deepspeed", "examples/deepspeed/zero2.json")])
+def test_sharding_on_cpu_is_refused_not_silently_ddp(tmp_path, tiny_model_dir, key, value):
+    """accelerate turns FSDP/DeepSpeed on for GPUs only: on CPU the run would quietly be plain DDP."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: FSDP/DeepSpeed are checked by benchmarks/gpu_check.py")
+    with pytest.raises(SftlabError, match=f"{key} needs CUDA GPUs"):
+        train(train_config(tmp_path, tiny_model_dir, max_steps=1, **{key: value}), quiet=True)
+    assert not (tmp_path / "run" / A.MODEL_DIR).exists()
+
+
+def test_ray_flags_without_ray_say_how_to_install(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    from sftlab.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when not installed
+    code = main(["train", "--model", str(tiny_model_dir), "--data", chat_data(tmp_path / "d.jsonl", 4),
+                 "--output-dir", str(tmp_path / "run"), "--ray-workers", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--ray-workers needs Ray Train" in err and "pip install 'sftlab[ray]'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_options_become_accelerate_fsdp2_settings(tmp_path, tiny_model_dir):
+    """`fsdp` words map to FSDP2 plugin settings that transformers and accelerate accept (built, not run:
+    FSDP itself needs GPUs); FSDP's own activation checkpointing replaces Trainer's; bad words are refused."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    from sftlab.train.run import _sharding_arguments
+
+    rc = train_config(tmp_path, tiny_model_dir, fsdp="shard_grad_op offload auto_wrap", gradient_checkpointing=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, **_sharding_arguments(rc, cuda=True))
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False and plugin["cpu_offload"] is True
+    assert plugin["activation_checkpointing"] is True and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert FullyShardedDataParallelPlugin(**plugin).fsdp_version == 2
+    full = _sharding_arguments(train_config(tmp_path, tiny_model_dir, fsdp="full_shard"), cuda=True)
+    assert full["fsdp_config"]["reshard_after_forward"] is True and full["fsdp_config"]["cpu_offload"] is False
+    for bad in ("hybrid_shard", "full_shard shard_grad_op"):
+        with pytest.raises(SftlabError, match="FSDP2 takes 'full_shard' or 'shard_grad_op'"):
+            _sharding_arguments(train_config(tmp_path, tiny_model_dir, fsdp=bad), cuda=True)
+
+
+def test_only_global_rank_zero_clears_the_log(tmp_path, tiny_model_dir, monkeypatch):
+    """On node 2 LOCAL_RANK is 0 too: a fresh run's log is cleared by global rank 0 alone."""
+    from sftlab.train.run import start_run_folder
+
+    rc = train_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / A.METRICS).write_text('{"step": 1}\n')
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "1")
+    assert start_run_folder(rc, run) is None and (run / A.METRICS).exists()
+    monkeypatch.setenv("RANK", "0")
+    start_run_folder(rc, run)
+    assert not (run / A.METRICS).exists()
