@@ -7,6 +7,7 @@ written into an exported tokenizer and reproduced at inference by plain transfor
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,6 +70,10 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=1)
 def _env() -> ImmutableSandboxedEnvironment:
     # The same environment transformers uses for chat templates: sandboxed, immutable, with
@@ -76,6 +81,7 @@ def _env() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson  # as transformers defines it: no HTML escaping, so exports render alike
     return env
 
 
@@ -98,11 +104,12 @@ class ChatTemplate:
         except TemplateError as exc:
             raise SftlabError(f"chat template '{self.name}' does not compile: {exc}")
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
-        msgs = [{"role": m.role, "content": m.content} for m in messages]
+    def render(self, messages: list[Message], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        msgs = [m.to_template() for m in messages]
+        extra = {"tools": tools} if tools else {}
         try:
             return self._compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                         **(self.special or {}))
+                                         **extra, **(self.special or {}))
         except TemplateError as exc:
             raise SftlabError(f"chat template '{self.name}' failed to render: {exc}")
 
