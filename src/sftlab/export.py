@@ -272,7 +272,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
         raise SftlabError(f"{run_dir}: the run has no chat template to export",
                           hint="train with a template (e.g. --set template=chatml)")
     stops = stop_token_ids(tok, template)
-    kwargs = dict(getattr(cfg, "chat_template_kwargs", None) or {})
+    kwargs = dict(getattr(cfg, "chat_template_kwargs", None) or getattr(template, "kwargs", None) or {})
     source = template_with_defaults(template.source, kwargs)
     base = cfg.model
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open

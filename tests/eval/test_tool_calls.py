@@ -10,7 +10,12 @@ from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import Generation, reference_reply, render_prompt
 from sftlab.eval.run import score_generations, tool_refs
-from sftlab.eval.tool_calls import check_tool_calls, expected_calls, parse_tool_calls, same_calls
+from sftlab.eval.tool_calls import (
+    check_tool_calls,
+    expected_calls,
+    parse_tool_calls,
+    same_calls,
+)
 
 PARIS = {"name": "get_weather", "arguments": {"city": "Paris"}}
 

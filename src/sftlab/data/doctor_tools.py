@@ -21,7 +21,7 @@ from sftlab.data.types import Conversation, Message
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_TAG = re.compile(r"</?think>")
-TOOL_TEMPLATE_FIX = "train with a template that renders tools: --set template=TOOL_TEMPLATE"
+TOOL_TEMPLATE_FIX = "train with a template that renders tools: --set template=chatml-tools (or the model's own tool template)"
 _FIXES = {
     "tool_arguments": "write the call's arguments as a JSON object, e.g. {\"city\": \"Paris\"}",
     "tool_unknown_function": "add the function's schema to the record's \"tools\" list, or fix the name",

@@ -20,7 +20,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftlab.data.doctor_tools import argument_problems, call_parts, function_schemas, parse_arguments
+from sftlab.data.doctor_tools import (
+    argument_problems,
+    call_parts,
+    function_schemas,
+    parse_arguments,
+)
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(</tool_call>|$)", re.S)
 _MISTRAL = "[TOOL_CALLS]"
