@@ -34,7 +34,7 @@ from sftlab.eval.generation import (
     stop_token_ids,
 )
 from sftlab.eval.run import load_target
-from sftlab.eval.tool_calls import parse_tool_calls
+from sftlab.eval.tool_calls import check_tool_calls, parse_tool_calls
 from sftlab.models import load_model
 from sftlab.rundir import RunDir
 
@@ -321,6 +321,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
 @dataclass
 class GenerateResult:
     rows: list[dict]  # one per prompt: index, source, prompt (messages), reply, finished, n_tokens, reference
+    # (+ tool_calls: {valid, why, calls} for a conversation that offers tools)
     out: str | None
     seconds: float
 
@@ -361,10 +362,13 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     model, tok, tpl = load_chat_model(model_or_run, template=template, device=device)
     started = time.perf_counter()
     gens = generate(model, tok, tpl, convs, settings, batch_size=batch_size)
-    rows = [{"index": i, "source": c.where(),
-             "prompt": [{"role": m.role, "content": m.content} for m in prompt_messages(c)],
+    rows = [{"index": i, "source": c.where(), "prompt": [m.to_template() for m in prompt_messages(c)],
              "reply": g.text, "finished": g.finished, "n_tokens": g.n_tokens, "reference": reference_reply(c)}
             for i, (c, g) in enumerate(zip(convs, gens))]
+    for row, c, g in zip(rows, convs, gens):
+        if c.tools:  # the reply's calls, parsed and checked against the conversation's tools
+            tc = check_tool_calls(g.raw or g.text, c.tools)
+            row["tool_calls"] = {"valid": tc.valid, "why": tc.why, "calls": tc.calls}
     if out:
         write_jsonl(out, rows)
     return GenerateResult(rows, out, time.perf_counter() - started)
