@@ -28,6 +28,7 @@ Auto = Literal["auto"]
 Method = Literal["full", "lora", "qlora", "prefix"]
 Masking = Literal["all_assistant", "last_assistant", "all"]
 Truncation = Literal["cut_turns", "drop", "truncate"]
+Reasoning = Literal["per_turn", "keep", "last", "drop"]
 Attention = Literal["auto", "sdpa", "eager", "flash_attention_2"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adam", "sgd", "adamw8bit"]
@@ -59,6 +60,13 @@ class Config:
     max_seq_length: int = _f(2048, "longest example in tokens")
     masking: Masking = _f("all_assistant", "which tokens are trained")
     truncation: Truncation = _f("cut_turns", "what to do with examples longer than max_seq_length")
+    reasoning: Reasoning = _f("per_turn", "reasoning (<think>) turns: per_turn trains each assistant turn with its reasoning "
+                              "exactly as the model produces it at inference (one example per turn where the template "
+                              "drops earlier turns' reasoning, as Qwen3 does; one example otherwise); keep: one example "
+                              "per chat, reasoning kept in every turn (templates that keep it); last: one example, "
+                              "reasoning only in the last turn; drop: no reasoning trained, rendered as enable_thinking=False")
+    chat_template_kwargs: dict = _f({}, "extra variables for the chat template, e.g. {enable_thinking: false}; "
+                                        "used alike in training, eval, chat and export")
     packing: bool = _f(False, "pack several examples per row (no attention across them)")
     group_by_length: bool = _f(True, "without packing: batch examples of similar length together (little padding)")
     attn_implementation: Attention = _f("auto", "attention kernel: auto (per micro-batch on CPU: eager for short batches, where it is faster; else sdpa), sdpa, eager, flash_attention_2")
@@ -178,6 +186,10 @@ def _as(t, raw):
         if isinstance(raw, (dict, list)):
             raise ValueError
         return str(raw)
+    if t is dict:
+        if isinstance(raw, dict):
+            return raw
+        raise ValueError
     if t is list:
         if isinstance(raw, list):
             return raw

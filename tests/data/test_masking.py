@@ -221,20 +221,20 @@ def test_eos_trained_on_chatml(tok, masking, skeletons):
 
 
 @pytest.mark.parametrize("skeletons", [True, False])
-def test_eos_not_trained_when_the_reply_ends_with_an_untrained_eos(cohere_tok, skeletons):
-    """The labels train `reply<|END_RESPONSE|>`; the EOS after it is left untrained: reported, not assumed."""
+def test_cohere_turn_trains_both_end_tokens(cohere_tok, skeletons):
+    """The turn ends `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>` at inference: both are trained (the label
+    rule trains through the turn's last end-of-turn token), and the report says every end is trained."""
     tpl = ChatTemplate("tokenizer", COHERE_LIKE, None, {})
     convs = random_conversations(seed=4, n=60)
     lab = Labeler(cohere_tok, tpl, skeletons=skeletons)
     examples, report = lab.encode(convs)
-    assert trained_text(cohere_tok, examples[0])[-1].endswith("<|END_RESPONSE|>")
+    for ex, conv in zip(examples, convs):
+        runs = trained_text(cohere_tok, ex)
+        assert len(runs) == len(conv.replies())
+        assert all(r.endswith("<|END_RESPONSE|><|END_OF_TURN_TOKEN|>") for r in runs)
     replies = sum(len(c.replies()) for c in convs)
-    # each reply: <|END_RESPONSE|> trained, then <|END_OF_TURN_TOKEN|> (the EOS) untrained
-    assert (report.n_reply_ends, report.n_reply_ends_trained) == (2 * replies, replies)
-    assert report.eos_trained is False
-    assert f"end-of-turn token untrained after {replies} of {2 * replies} trained replies" in report.summary()
-    _, all_report = Labeler(cohere_tok, tpl, masking="all", skeletons=skeletons).encode(convs)
-    assert all_report.eos_trained is True
+    assert (report.n_reply_ends, report.n_reply_ends_trained) == (2 * replies, 2 * replies)
+    assert report.eos_trained is True and "end-of-turn token untrained" not in report.summary()
 
 
 def test_eos_trained_is_none_without_any_end_token(tok):

@@ -14,7 +14,6 @@ INSPECTING = {
     "truth": "{% if m.content %}{{ m.content }}{% endif %}",
     "length": "{{ m.content }}{% if m.content | length > 40 %} (long){% endif %}",
     "replace": "{{ m.content | replace('\\n', ' ') }}",
-    "rstrip-chars": "{{ m.content.rstrip('.') }}",
     "split": "{{ m.content.split(' ')[0] }}{{ m.content }}",
     "tojson": "{{ m.content | tojson }}",
 }
@@ -24,6 +23,7 @@ INSPECTING = {
 QUESTIONS = {
     "trim": "{{ m.content | trim }}",
     "strip-method": "{{ m.content.strip() }}",
+    "rstrip-chars": "{% if m.role == 'user' %}{{ m.content.rstrip('e') }}{% else %}{{ m.content }}{% endif %}",
     "in": "{% if 'URGENT' in m.content %}(!) {% endif %}{{ m.content }}",
     "equals": "{% if m.content == 'x' %}[x] {% endif %}{{ m.content }}",
     "startswith": "{% if m.content.startswith('hello') %}(hi) {% endif %}{{ m.content }}",
@@ -132,8 +132,8 @@ def test_template_that_asks_about_content_uses_the_skeleton_where_the_answers_ma
     assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
     learnt = [v for v in fast._skeletons.cache.values()]
     assert learnt and all(v is not None and v[1] for v in learnt) and not fast._skeletons.failed
-    served = sum(skeleton._same_answers(fast._skeletons.cache[tuple(m.role for m in c.messages)][1],
-                                         [m.content for m in c.messages]) for c in convs)
+    served = sum(skeleton._same_answers(fast._skeletons.cache[skeleton.key_of(c)][1],
+                                         skeleton._fields(c)) for c in convs)
     assert 0 < served and (served < len(convs) or name == "qwen3-like")  # both paths were taken
 
 

@@ -7,6 +7,7 @@ format from the fields of the first readable record; ``--format`` overrides it.
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from sftlab.core.errors import SftlabError
@@ -17,8 +18,9 @@ from sftlab.data.types import Conversation, Message
 class FormatError(ValueError):
     """A record that does not fit its format. ``check`` names the failed check for the doctor."""
 
-    def __init__(self, message: str, check: str = "fields"):
+    def __init__(self, message: str, check: str = "fields", fix: str | None = None):
         self.check = check
+        self.fix = fix  # how to fix the record, when more specific than "fix the line"
         super().__init__(message)
 
 _SHAREGPT_ROLES = {
@@ -26,8 +28,12 @@ _SHAREGPT_ROLES = {
     "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
     "bing": "assistant", "model": "assistant",
     "system": "system",
+    "observation": "tool", "tool": "tool", "function_call": "assistant",
 }
-_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                 "tool": "tool", "function": "tool", "ipython": "tool"}
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 def _text(value, what: str) -> str:
@@ -57,7 +63,8 @@ def _weight(row: dict) -> float:
 
 
 def validate_roles(messages: list[Message]) -> None:
-    """System (optional, first) then user/assistant alternating, starting with user, ending with assistant."""
+    """System (optional, first), then user; each user turn answered by the assistant, whose tool calls
+    (if any) are each followed by tool results and then the assistant again; ends with the assistant."""
     if not messages:
         raise FormatError("conversation has no messages", "fields")
     body = messages[1:] if messages[0].role == "system" else messages
@@ -67,28 +74,158 @@ def validate_roles(messages: list[Message]) -> None:
     if not body:
         raise FormatError("conversation has only a system message", "role_order")
     offset = len(messages) - len(body)
+    prev = None
     for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m.role != expected:
-            raise FormatError(
-                f"message {i + 1 + offset} has role '{m.role}' where '{expected}' was expected "
-                "(roles must alternate user/assistant, starting with user)",
-                "role_order",
-            )
+        if prev is None or prev.role == "assistant" and not prev.tool_calls:
+            expected = ("user",)
+        elif prev.role == "user":
+            expected = ("assistant",)
+        elif prev.role == "assistant":  # it made tool calls: their results come next
+            expected = ("tool",)
+        else:  # a tool result: more results, or the assistant goes on
+            expected = ("tool", "assistant")
+        if m.role not in expected:
+            if m.role == "tool":
+                why = "a tool result must follow an assistant message with tool_calls (or another tool result)"
+            else:
+                why = "roles must alternate user/assistant, starting with user; tool results follow tool calls"
+            raise FormatError(f"message {i + 1 + offset} has role '{m.role}' where '{' or '.join(expected)}' "
+                              f"was expected ({why})", "role_order")
+        prev = m
     if body[-1].role != "assistant":
-        raise FormatError("conversation ends with a user message; the last message must be the assistant's reply", "role_order")
+        raise FormatError(f"conversation ends with a {body[-1].role} message; the last message must be the assistant's reply",
+                          "role_order")
     for i, m in enumerate(messages, start=1):
-        if m.role == "assistant" and not m.content.strip():
+        if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
             raise FormatError(f"message {i} (assistant) is empty", "empty_reply")
+
+
+def _arguments(value, where: str) -> dict:
+    """A tool call's arguments as a dict: an object, a JSON-object string, or nothing (no arguments)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{where} 'arguments' is not valid JSON ({exc.msg} at column {exc.colno})", "tool_calls",
+                              "write the arguments as a JSON object, e.g. {\"city\": \"Paris\"}")
+        if isinstance(parsed, dict):
+            return parsed
+        value = parsed
+    raise FormatError(f"{where} 'arguments' must be an object or a JSON-object string, got {type(value).__name__}",
+                      "tool_calls", "write the arguments as a JSON object, e.g. {\"city\": \"Paris\"}")
+
+
+def _tool_call(call, where: str) -> dict:
+    """One call in OpenAI shape ``{"id"?, "type": "function", "function": {"name", "arguments": dict}}``;
+    also accepts the flat ``{"name", "arguments"}`` shape (sharegpt function_call, many datasets)."""
+    if not isinstance(call, dict):
+        raise FormatError(f"{where} must be an object, got {type(call).__name__}", "tool_calls",
+                          'write each call as {"type": "function", "function": {"name": ..., "arguments": {...}}}')
+    fn = call.get("function", call)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+        raise FormatError(f"{where} has no function name", "tool_calls",
+                          'give each call {"function": {"name": "...", "arguments": {...}}}')
+    args = fn.get("arguments", fn.get("parameters"))
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": _arguments(args, where)}}
+    if call.get("id") is not None:
+        out["id"] = str(call["id"])
+    return out
+
+
+def _tool_calls(value, where: str) -> tuple[dict, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise FormatError(f"{where} 'tool_calls' must be a list of calls, got {type(value).__name__}", "tool_calls",
+                          "wrap the call in a list: \"tool_calls\": [{...}]")
+    return tuple(_tool_call(c, f"{where} tool call {k}") for k, c in enumerate(value, start=1)) or None
+
+
+def _tools(row: dict) -> list[dict] | None:
+    """The record's tool schemas (a list, or a JSON string of one), each as {"type": "function", "function": {...}}."""
+    tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"'tools' is a string but not valid JSON ({exc.msg})", "tools",
+                              "give 'tools' as a list of function schemas (or a JSON string of one)")
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise FormatError("'tools' must be a list of function schemas", "tools",
+                          'give \'tools\' as [{"type": "function", "function": {"name": ..., "parameters": {...}}}]')
+    out = []
+    for k, t in enumerate(tools, start=1):
+        fn = t.get("function", t)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise FormatError(f"tool {k} in 'tools' has no function name", "tools",
+                              'give each tool {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+        out.append(t if "function" in t else {"type": "function", "function": t})
+    return out
+
+
+def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
+    """(answer, reasoning) from content that may open with ``<think>...</think>``; reasoning None if absent.
+
+    Reasoning is stripped of the newlines around it and the answer of those before it (as the
+    reasoning templates render them back: ``<think>\n{reasoning}\n</think>\n\n{answer}``).
+    """
+    body = content.lstrip()
+    if body.startswith(_THINK_OPEN):
+        close = body.find(_THINK_CLOSE)
+        if close < 0:
+            raise FormatError(f"{where} opens <think> but never closes it", "reasoning",
+                              "add </think> after the reasoning, or move it to a 'reasoning_content' field")
+        return body[close + len(_THINK_CLOSE):].lstrip("\n"), body[len(_THINK_OPEN):close].strip("\n")
+    return content, None
+
+
+def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
+    where = f"{noun} {i}"
+    if role == "assistant":
+        calls = _tool_calls(m.get("tool_calls"), where)
+        if calls is None and isinstance(m.get("function_call"), dict):  # OpenAI's legacy single call
+            calls = (_tool_call(m["function_call"], f"{where} function_call"),)
+        raw = m.get(text_key)
+        content = "" if raw is None and calls else _text(raw, f"{where} {text_key}")
+        given = [k for k in _REASONING_KEYS if isinstance(m.get(k), str)]
+        content, reasoning = split_reasoning(content, where)
+        if given:
+            if reasoning is not None:
+                raise FormatError(f"{where} has reasoning both in '{given[0]}' and inline <think>", "reasoning",
+                                  "keep the reasoning in one place: the field or the <think> block")
+            reasoning = m[given[0]]
+        return Message("assistant", content, tool_calls=calls, reasoning=reasoning)
+    if "tool_calls" in m and m["tool_calls"]:
+        raise FormatError(f"{where} is a {role} message with 'tool_calls'; only assistant messages make calls",
+                          "tool_calls", "move the calls to the assistant message")
+    content = m.get(text_key)
+    if role == "tool":
+        if isinstance(content, (dict, list)):  # a structured result: the template sees its JSON
+            content = json.dumps(content, ensure_ascii=False)
+        return Message("tool", _text(content, f"{where} {text_key}"), tool_call_id=_opt_str(m.get("tool_call_id")),
+                       name=_opt_str(m.get("name")))
+    return Message(role, _text(content, f"{where} {text_key}"))
+
+
+def _opt_str(v) -> str | None:
+    return None if v is None else str(v)
 
 
 def from_messages(row: dict) -> Conversation:
     msgs = row.get("messages")
     if not isinstance(msgs, list):
         raise FormatError("'messages' must be a list of {role, content} objects")
-    out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user or assistant")
+    out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user, assistant or tool")
     validate_roles(out)
-    return Conversation(out, weight=_weight(row))
+    return Conversation(out, weight=_weight(row), tools=_tools(row))
 
 
 def _turns(items: list, noun: str, role_key: str, text_key: str, roles: dict, allowed: str) -> list[Message]:
@@ -101,8 +238,24 @@ def _turns(items: list, noun: str, role_key: str, text_key: str, roles: dict, al
         if role is None:
             what = "role" if role_key == "role" else "speaker"
             raise FormatError(f"{noun} {i} has unknown {what} '{m[role_key]}' (use {allowed})", "role_order")
-        out.append(Message(role, _text(m.get(text_key), f"{noun} {i} {text_key}")))
+        if role_key == "from" and str(m[role_key]).lower() == "function_call":
+            out.append(_function_call_turn(m.get(text_key), i))
+        else:
+            out.append(_message(m, i, noun, role, text_key))
     return out
+
+
+def _function_call_turn(value, i: int) -> Message:
+    """sharegpt's ``function_call`` turn: its value is a JSON call ``{"name", "arguments"}`` or a list of them."""
+    where = f"turn {i}"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{where} (function_call) is not valid JSON ({exc.msg})", "tool_calls",
+                              'write the value as {"name": "...", "arguments": {...}}')
+    calls = value if isinstance(value, list) else [value]
+    return Message("assistant", "", tool_calls=tuple(_tool_call(c, f"{where} (function_call)") for c in calls))
 
 
 def from_sharegpt(row: dict) -> Conversation:
@@ -112,9 +265,9 @@ def from_sharegpt(row: dict) -> Conversation:
     out = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         out.append(Message("system", row["system"]))
-    out += _turns(turns, "turn", "from", "value", _SHAREGPT_ROLES, "human, gpt or system")
+    out += _turns(turns, "turn", "from", "value", _SHAREGPT_ROLES, "human, gpt, system, function_call or observation")
     validate_roles(out)
-    return Conversation(out, weight=_weight(row))
+    return Conversation(out, weight=_weight(row), tools=_tools(row))
 
 
 def from_alpaca(row: dict) -> Conversation:
@@ -138,7 +291,7 @@ def from_prompt_completion(row: dict) -> Conversation:
         # TRL's conversational prompt/completion: both are message lists.
         if not isinstance(prompt, list) or not isinstance(completion, list):
             raise FormatError("'prompt' and 'completion' must both be strings or both message lists")
-        return from_messages({"messages": prompt + completion, "weight": row.get("weight")})
+        return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools")})
     msgs = [Message("user", _text(prompt, "'prompt'")), Message("assistant", _text(completion, "'completion'"))]
     validate_roles(msgs)
     return Conversation(msgs, weight=_weight(row))
@@ -217,7 +370,8 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
     if strict and failures:
         r, exc = failures[0]
         more = f" (and {len(failures) - 1} more; run `sftlab doctor` to list them)" if len(failures) > 1 else ""
-        raise SftlabError(f"{r.where()}: {exc}{more}", hint=f"this file is read as '{key}' format; fix the line or pass --format")
+        raise SftlabError(f"{r.where()}: {exc}{more}",
+                          hint=exc.fix or f"this file is read as '{key}' format; fix the line or pass --format")
     return convs, failures
 
 

@@ -1,14 +1,21 @@
 """Conversation -> (input_ids, labels) with exactly the assistant replies trained.
 
-How labels are found, for any template and without ``{% generation %}`` tags:
+The label rule, one definition for every template and without ``{% generation %}`` tags: each
+assistant turn ``i`` is trained exactly as the model produces it at inference under the template's
+defaults (and ``chat_template_kwargs``): the text that follows ``render(messages[:i], generation
+prompt)`` within ``render(messages[:i+1])``, up to and including the turn's last end-of-turn
+token(s) (``<|im_end|>``; Cohere2's ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``; GPT-OSS's channel header
+and ``<|return|>``; Qwen3's empty ``<think>\n\n</think>\n\n`` block).
 
-1. Render the whole conversation, and for each assistant turn the prefix up to it with the
-   generation prompt. The reply must appear verbatim right where that prefix ends (a template that
-   trims content is matched on the trimmed text).
-2. The end-of-turn token is the template's known one (built-ins) or the special token that the
-   rendered text has right after the reply (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...). A
-   template that writes nothing after a reply gets the tokenizer's EOS appended and trained, so
-   the model always learns to stop.
+1. Where the template renders history unchanged (each ``render(messages[:i+1])`` is a prefix of the
+   full render) the conversation is one example with every turn trained in place. Otherwise (Qwen3
+   drops earlier reasoning, GPT-OSS ends history turns with ``<|end|>``) it becomes one example per
+   assistant turn, each trained once in exactly its inference context. ``reasoning: keep|last`` and
+   ``masking: all`` ask for one example from the full render instead.
+2. A turn whose render ends in no special token ends at the next role's token when the full render
+   has one there (trained); otherwise the tokenizer's EOS is appended and trained, so the model
+   always learns to stop. The reply text must be in the trained span (a clear error otherwise), and
+   so must every tool call's function name (a template that ignores ``tool_calls`` is refused).
 3. The text is cut into alternating untrained/trained segments and each segment is tokenized on
    its own, in one batched call. A token therefore never straddles a reply boundary, the prompt
    part is tokenized exactly as at inference (where it is rendered with the generation prompt),
@@ -24,9 +31,9 @@ from __future__ import annotations
 
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from sftlab.config import Masking, Truncation, choices
+from sftlab.config import Masking, Reasoning, Truncation, choices
 from sftlab.core.errors import SftlabError
 from sftlab.core.loss import IGNORE
 from sftlab.data.skeleton import Skeletons
@@ -35,6 +42,12 @@ from sftlab.data.types import Conversation, Message
 
 MASKING = choices(Masking)
 TRUNCATION = choices(Truncation)
+REASONING = choices(Reasoning)
+
+# Why a conversation was split into one example per turn / how turns were cut (for the report).
+SPLIT_HISTORY = "the template renders earlier turns differently from how the model produced them"
+NOTE_GEN_PROMPT = "the generation prompt is not a prefix of the rendered turn: trained from where they differ"
+NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
 
 
 @contextmanager
@@ -85,9 +98,25 @@ class PrepareReport:
     n_reply_ends_trained: int = 0  # ... of which the token itself is trained
     eos_trained: bool | None = None  # every trained reply's end-of-turn token is trained (None: none known)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    n_single: int = 0  # chats kept as one example (history renders unchanged, or reasoning keep/last)
+    n_split: int = 0  # chats split into one example per assistant turn
+    rule_notes: dict[str, int] = field(default_factory=dict)  # why split / how turns end -> conversations
+
+    def rule(self) -> str:
+        """Which label rule was applied, and why (one line, for `prepare`)."""
+        if not self.n_single and not self.n_split:
+            return "labels: plain text, every token trained"
+        parts = []
+        if self.n_single:
+            parts.append(f"{self.n_single} chats one example each (history renders as produced)")
+        if self.n_split:
+            parts.append(f"{self.n_split} chats one example per assistant turn")
+        notes = "; ".join(f"{why} ({n})" for why, n in self.rule_notes.items())
+        return "labels: each turn trained as the model produces it: " + ", ".join(parts) + (f"; {notes}" if notes else "")
 
     def summary(self) -> str:
-        parts = [f"{self.n_kept}/{self.n_input} examples kept", f"{self.n_tokens} tokens",
+        parts = [f"{self.n_kept}/{self.n_input} examples kept" if self.n_split == 0
+                 else f"{self.n_kept} examples kept from {self.n_input} inputs", f"{self.n_tokens} tokens",
                  f"{self.n_trained_tokens} trained"]
         if self.n_turns_cut:
             parts.append(f"{self.n_turns_cut} had earlier turns cut to fit")
@@ -108,11 +137,24 @@ class PrepareReport:
         return d
 
 
+class ConvLabels(list):
+    """A conversation's examples (each a list of (text, trained) pieces), with how they were cut:
+    ``split`` (one example per assistant turn) and ``notes`` (the report's reasons)."""
+
+    def __init__(self, examples=(), split: bool = False, notes: tuple[str, ...] = ()):
+        super().__init__(examples)
+        self.split = split
+        self.notes = notes
+
+
 class Labeler:
     """Turns conversations into examples with exact labels for one tokenizer and template."""
 
     def __init__(self, tokenizer, template: ChatTemplate | None, *, masking: str = "all_assistant",
-                 max_seq_length: int | None = None, truncation: str = "cut_turns", skeletons: bool = True):
+                 max_seq_length: int | None = None, truncation: str = "cut_turns", skeletons: bool = True,
+                 reasoning: str = "per_turn"):
+        if reasoning not in REASONING:
+            raise SftlabError(f"unknown reasoning '{reasoning}'", hint=f"use one of: {', '.join(REASONING)}")
         if masking not in MASKING:
             raise SftlabError(f"unknown masking '{masking}'", hint=f"use one of: {', '.join(MASKING)}")
         if truncation not in TRUNCATION:
@@ -122,65 +164,120 @@ class Labeler:
         self.tok = tokenizer
         self.template = template
         self.masking = masking
+        self.reasoning = reasoning
         self.max_len = max_seq_length
         self.truncation = truncation
         self.eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        if template is not None and template.eot:
+            specials.add(template.eot)
         self._specials = sorted((s for s in specials if s), key=len, reverse=True)
+        self._notes: list[str] = []  # how the conversation being labelled was cut (see ConvLabels)
         self._prepends = self._detect_prepend()
         self._anchor = "\n"
         self._anchor_ids = self._encode_plain([self._anchor])[0] if self._prepends else []
         self.eos_appended = False
         self.end_ids = self._end_of_turn_ids()
         # One render per role sequence where the template treats content as opaque (see skeleton).
-        self._skeletons = Skeletons(template, self._segments_exact) if skeletons and template else None
+        self._skeletons = Skeletons(template, self._examples_exact) if skeletons and template else None
 
     # -- segments ---------------------------------------------------------------------------
-    def segments(self, conv: Conversation) -> list[tuple[str, bool]]:
-        """The example's text as (text, trained) pieces, in order."""
+    def examples(self, conv: Conversation) -> list[list[tuple[str, bool]]]:
+        """The conversation's examples (one, or one per assistant turn), each as (text, trained) pieces."""
         if conv.is_text:
-            return [(conv.text + (self.eos or ""), self.masking != "none")]
+            return [[(conv.text + (self.eos or ""), self.masking != "none")]]
         if self.template is None:
             raise SftlabError("chat data needs a chat template", hint="pass --template")
+        conv = self._with_reasoning(conv)
         if self._skeletons is not None:
             return self._skeletons.segments(conv)
-        return self._segments_exact(conv)
+        return self._examples_exact(conv)
+
+    def segments(self, conv: Conversation) -> list[tuple[str, bool]]:
+        """The pieces of the conversation's last (longest-context) example."""
+        return self.examples(conv)[-1]
 
     @property
     def skeletons_failed(self) -> bool:
         """A sampled exact check differed from a skeleton; segments made before it must be redone."""
         return self._skeletons is not None and self._skeletons.failed
 
-    def segments_many(self, convs: list[Conversation]) -> list[list[tuple[str, bool]]]:
-        segs = [self.segments(c) for c in convs]
+    def examples_many(self, convs: list[Conversation]) -> list[ConvLabels]:
+        exs = [self.examples(c) for c in convs]
         if self.skeletons_failed:
             # A sampled conversation differed from its skeleton: label every one exactly.
-            segs = [self.segments(c) for c in convs]
-        return segs
+            exs = [self.examples(c) for c in convs]
+        return exs
 
-    def _segments_exact(self, conv: Conversation) -> list[tuple[str, bool]]:
-        """Render the conversation and each reply's prompt prefix; cut the text at the replies."""
-        msgs = conv.messages
-        full = self.template.render(msgs)
+    def _with_reasoning(self, conv: Conversation) -> Conversation:
+        """Apply ``reasoning: drop`` (no reasoning anywhere) or ``last`` (only the last assistant turn's)."""
+        if self.reasoning not in ("drop", "last") or all(m.reasoning is None for m in conv.messages):
+            return conv
+        last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
+        msgs = [m if m.reasoning is None or (self.reasoning == "last" and i == last) else replace(m, reasoning=None)
+                for i, m in enumerate(conv.messages)]
+        return replace(conv, messages=msgs)
+
+    def _note(self, why: str) -> None:
+        if why not in self._notes:
+            self._notes.append(why)
+
+    def _examples_exact(self, conv: Conversation) -> ConvLabels:
+        """The label rule (module docstring), by rendering each turn's inference prompt and the turn."""
+        self._notes = []
+        msgs, tools = conv.messages, conv.tools
+        full = self.template.render(msgs, tools=tools)
+        assistant_idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+        prompts = [self.template.render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
+        whole = self.masking == "all" or self.reasoning in ("keep", "last")
+        turns = []  # (rendered through this turn, trained start, trained end, end token found)
+        for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
+            rendered = full if i == len(msgs) - 1 else self.template.render(msgs[:i + 1], tools=tools)
+            start = len(prompt) if rendered.startswith(prompt) else _common(prompt, rendered)
+            if start < len(prompt):
+                self._note(NOTE_GEN_PROMPT)
+            end, has_end = self._turn_end(rendered, start)
+            self._check_turn(conv, msgs[i], rendered[start:end], n + 1)
+            turns.append((rendered, start, end, has_end))
+        for m in msgs:
+            if m.role == "tool" and m.content.strip() and m.content.strip() not in full:
+                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render tool results",
+                                  hint="use a template with a tool role, e.g. --template chatml-tools")
+        last = self.masking == "last_assistant"
+        if whole:
+            spans = self._spans_in_full(conv, full, prompts, turns)
+        elif all(full.startswith(r) for r, _, _, _ in turns):
+            spans = [(s, e, h) for _, s, e, h in turns]
+        else:
+            self._note(SPLIT_HISTORY)
+            out = ConvLabels()
+            for n, (rendered, start, end, has_end) in enumerate(turns):
+                if last and n < len(turns) - 1:
+                    continue
+                reply = rendered[start:end] + ("" if has_end else self._eos_or_fail(conv))
+                out.append([(rendered[:start], False), (reply, True)] if start else [(reply, True)])
+            out.split, out.notes = True, tuple(self._notes)
+            return out
+        segs = self._cut(conv, full, spans, last)
+        return ConvLabels([segs], split=False, notes=tuple(self._notes))
+
+    def _cut(self, conv, full: str, spans, last: bool) -> list[tuple[str, bool]]:
+        """One example: ``full`` cut at the trained spans (start, end, end token found)."""
         segs: list[tuple[str, bool]] = []
         cursor = 0
-        assistant_idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
-        for n, i in enumerate(assistant_idx):
-            start, end = self._locate_reply(conv, full, i, cursor, n + 1)
-            eot = self._eot_at(full, end)
-            if eot is None:
-                if not self.eos:
-                    raise SftlabError(f"{conv.where()}: the template writes no end-of-turn token and the tokenizer has no EOS",
-                                      hint="use a template with an end-of-turn token, e.g. --template chatml")
-                self.eos_appended = True
-                reply = full[start:end] + self.eos
-            else:
-                reply = full[start:end + len(eot)]
-                end += len(eot)
+        for n, (start, end, has_end) in enumerate(spans):
+            reply = full[start:end]
+            if not has_end:
+                nxt = self._special_at(full, end)
+                if nxt is not None:  # the turn ends at the next role's token (GLM-style)
+                    self._note(NOTE_NEXT_ROLE)
+                    end += len(nxt)
+                    reply += nxt
+                else:
+                    reply += self._eos_or_fail(conv)
             if cursor < start:
                 segs.append((full[cursor:start], False))
-            train = self.masking == "all" or self.masking == "all_assistant" or n == len(assistant_idx) - 1
-            segs.append((reply, train))
+            segs.append((reply, self.masking == "all" or not last or n == len(spans) - 1))
             cursor = end
         if cursor < len(full):
             segs.append((full[cursor:], False))
@@ -188,27 +285,68 @@ class Labeler:
             segs = [(t, True) for t, _ in segs]
         return segs
 
-    def _locate_reply(self, conv: Conversation, full: str, i: int, cursor: int, nth: int) -> tuple[int, int]:
-        content = conv.messages[i].content
-        prefix = self.template.render(conv.messages[:i], add_generation_prompt=True)
-        candidates = [content, content.strip()] if content.strip() != content else [content]
-        if full.startswith(prefix) and len(prefix) >= cursor:
-            for c in candidates:
-                if full.startswith(c, len(prefix)):
-                    return len(prefix), len(prefix) + len(c)
-        # The template renders the turn differently from its generation prompt: search after the
-        # common prefix (never before the previous reply's end).
-        common = 0
-        for a, b in zip(prefix, full):
-            if a != b:
+    def _spans_in_full(self, conv, full: str, prompts: list[str], turns) -> list[tuple[int, int, bool]]:
+        """Each turn's trained span within the full render (``reasoning: keep|last``, ``masking: all``)."""
+        spans = []
+        cursor = 0
+        starts = [max(_common(p, full), 0) for p in prompts] + [len(full)]
+        for n, (rendered, start, end, has_end) in enumerate(turns):
+            begin = max(cursor, min(starts[n], start))
+            if full[:end] == rendered[:end] and end >= begin:
+                spans.append((begin, end, has_end))
+                cursor = end
+                continue
+            # History renders this turn differently: train it as the full render shows it, up to the
+            # first special token after its text (and before the next turn starts).
+            limit = max(starts[n + 1], begin)
+            content = conv.messages[[i for i, m in enumerate(conv.messages) if m.role == "assistant"][n]].content.strip()
+            at = full.find(content, begin, limit) if content else -1
+            pos = at + len(content) if at >= 0 else begin
+            stop = None
+            while pos < limit and stop is None:
+                stop = self._special_at(full, pos)
+                pos += 1 if stop is None else 0
+            if stop is None:
+                raise SftlabError(f"{conv.where()}: cannot find where assistant turn {n + 1} ends in the full render",
+                                  hint="use reasoning: per_turn (one example per turn)")
+            spans.append((begin, pos + len(stop), True))
+            cursor = pos + len(stop)
+        return spans
+
+    def _turn_end(self, rendered: str, start: int) -> tuple[int, bool]:
+        """(end of the trained span, whether it ends in a special token): through the turn's last run of
+        special tokens, white space after it untrained; without one, the text with white space trimmed."""
+        body = rendered[start:].rstrip()
+        stripped = body
+        while True:
+            tok = next((s for s in self._specials if stripped.endswith(s)), None)
+            if tok is None:
                 break
-            common += 1
-        for c in candidates:
-            pos = full.find(c, max(cursor, min(common, len(prefix))))
-            if pos >= 0:
-                return pos, pos + len(c)
-        raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",
-                          hint="use a template that keeps message content as is, e.g. --template chatml")
+            stripped = stripped[: -len(tok)]
+        return start + len(body), stripped != body
+
+    def _check_turn(self, conv: Conversation, m: Message, trained: str, nth: int) -> None:
+        content = m.content.strip()
+        if content and content not in trained:
+            raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",
+                              hint="use a template that keeps message content as is, e.g. --template chatml")
+        for call in m.tool_calls or ():
+            if call["function"]["name"] not in trained:
+                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render the tool calls "
+                                  f"of assistant turn {nth}", hint="use a template that renders tools, e.g. --template chatml-tools")
+
+    def _eos_or_fail(self, conv: Conversation) -> str:
+        if not self.eos:
+            raise SftlabError(f"{conv.where()}: the template writes no end-of-turn token and the tokenizer has no EOS",
+                              hint="use a template with an end-of-turn token, e.g. --template chatml")
+        self.eos_appended = True
+        return self.eos
+
+    def _special_at(self, full: str, pos: int) -> str | None:
+        for s in self._specials:
+            if full.startswith(s, pos):
+                return s
+        return None
 
     def _eot_at(self, full: str, end: int) -> str | None:
         tpl_eot = self.template.eot if self.template else None
@@ -294,14 +432,29 @@ class Labeler:
         """Tokenize and label all conversations; apply the length policy; report what happened."""
         report = PrepareReport(n_input=len(convs))
         with paused_gc():
-            encoded = self.encode_segments(self.segments_many(convs))
-            return self._apply_length_policy(convs, encoded, report, strict_empty)
+            labels = self.examples_many(convs)
+            owners = []  # (conversation index, messages the example covers)
+            for idx, (conv, ex) in enumerate(zip(convs, labels)):
+                if conv.is_text:
+                    owners.append((idx, 0))
+                    continue
+                report.n_split += ex.split
+                report.n_single += not ex.split
+                for why in ex.notes:
+                    report.rule_notes[why] = report.rule_notes.get(why, 0) + 1
+                ends = [i + 1 for i, m in enumerate(conv.messages) if m.role == "assistant"]
+                ends = ends[len(ends) - len(ex):] if ex.split else [len(conv.messages)]
+                owners += [(idx, n) for n in ends]
+            encoded = self.encode_segments([segs for ex in labels for segs in ex])
+            return self._apply_length_policy(convs, owners, encoded, report, strict_empty)
 
-    def _apply_length_policy(self, convs, encoded, report: PrepareReport, strict_empty: bool):
+    def _apply_length_policy(self, convs, owners, encoded, report: PrepareReport, strict_empty: bool):
         examples: list[Example] = []
-        for idx, (conv, (ids, labels)) in enumerate(zip(convs, encoded)):
+        for (idx, upto), (ids, labels) in zip(owners, encoded):
+            conv = convs[idx]
             if self.max_len is not None and len(ids) > self.max_len:
-                fitted = self._fit(conv, ids, labels, report)
+                part = conv if conv.is_text or upto == len(conv.messages) else replace(conv, messages=conv.messages[:upto])
+                fitted = self._fit(part, ids, labels, report)
                 if fitted is None:
                     report.n_dropped_too_long += 1
                     report.dropped.append((conv.where(), f"{len(ids)} tokens > max_seq_length {self.max_len}"))
@@ -334,9 +487,13 @@ class Labeler:
         if self.truncation == "cut_turns" and not conv.is_text:
             msgs = list(conv.messages)
             sys_n = 1 if msgs[0].role == "system" else 0
-            while len(msgs) - sys_n > 2:
-                msgs = msgs[:sys_n] + msgs[sys_n + 2:]
-                shorter = Conversation(msgs, weight=conv.weight, source=conv.source, line=conv.line)
+            while True:
+                # Drop the first exchange: up to the next user message (tool calls and results included).
+                nxt = next((j for j in range(sys_n + 1, len(msgs)) if msgs[j].role == "user"), None)
+                if nxt is None:
+                    break
+                msgs = msgs[:sys_n] + msgs[nxt:]
+                shorter = replace(conv, messages=msgs)
                 (new_ids, new_labels), = self.encode_segments([self.segments(shorter)])
                 if len(new_ids) <= self.max_len:
                     report.n_turns_cut += 1
@@ -383,3 +540,18 @@ def trained_text(tokenizer, ex: Example) -> list[str]:
 
 def reply_messages(conv: Conversation) -> list[Message]:
     return [m for m in conv.messages if m.role == "assistant"]
+
+
+def _common(a: str, b: str) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on prefix equality: C-speed slices instead of a Python loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

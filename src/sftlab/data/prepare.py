@@ -32,7 +32,7 @@ def setup_template(cfg: Config, tokenizer) -> tuple[ChatTemplate, list[str]]:
 
     Added tokens get new embedding rows: the training code resizes the model (and trains them).
     """
-    template = resolve_template(cfg.template, tokenizer)
+    template = resolve_template(cfg.template, tokenizer, template_kwargs(cfg))
     added: list[str] = []
     if template.name != "tokenizer":
         added = missing_tokens(template, tokenizer)
@@ -41,9 +41,18 @@ def setup_template(cfg: Config, tokenizer) -> tuple[ChatTemplate, list[str]]:
     return template, added
 
 
+def template_kwargs(cfg: Config) -> dict:
+    """The chat template's extra variables: ``chat_template_kwargs``, plus ``enable_thinking=False``
+    under ``reasoning: drop`` (unless set there)."""
+    kwargs = dict(cfg.chat_template_kwargs or {})
+    if cfg.reasoning == "drop":
+        kwargs.setdefault("enable_thinking", False)
+    return kwargs
+
+
 def labeler_for(cfg: Config, tokenizer, template: ChatTemplate | None) -> Labeler:
     return Labeler(tokenizer, template, masking=cfg.masking, max_seq_length=cfg.max_seq_length,
-                   truncation=cfg.truncation)
+                   truncation=cfg.truncation, reasoning=cfg.reasoning)
 
 
 def prepare(cfg: Config, tokenizer=None, *, data: str | None = None) -> Prepared:

@@ -35,6 +35,26 @@ from typing import Callable
 from sftlab.core.errors import SftlabError
 from sftlab.data.types import Conversation, Message
 
+
+def _fields(conv: Conversation) -> list[str]:
+    """The strings a skeleton pastes in, in order: each message's content, then its reasoning if any."""
+    out = []
+    for m in conv.messages:
+        out.append(m.content)
+        if m.reasoning is not None:
+            out.append(m.reasoning)
+    return out
+
+
+def key_of(conv: Conversation) -> tuple:
+    """What a skeleton is learnt for: each message's role and whether it has reasoning."""
+    return tuple((m.role, m.reasoning is not None) for m in conv.messages)
+
+
+def _plain(conv: Conversation) -> bool:
+    """Only roles, contents and reasoning: no tools, tool calls or results (those are labelled exactly)."""
+    return not conv.tools and all(m.role != "tool" and not m.tool_calls for m in conv.messages)
+
 VERIFY_EVERY = 50
 _MARK, _END = "\ue000", "\ue001"  # Unicode private-use characters around each sentinel
 _SENTINEL = re.compile(_MARK + r"(\d+)" + _END)
@@ -72,9 +92,10 @@ def _probe_class(questions: list[tuple], touched: list[str]) -> type:
         base = getattr(str, name)
 
         def method(self, *args, **kwargs):
-            if name in _STRIPS and not kwargs and all(a is None for a in args):
-                questions.append((self.k, "strip", (), True))
-                return probe(base(self), self.k)
+            if name in _STRIPS and not kwargs and _replayable(tuple(a for a in args if a is not None)):
+                # "is there nothing to strip?" (the probe has none), asked again of real contents
+                questions.append((self.k, name, tuple(a for a in args if a is not None), True))
+                return probe(base(self, *args), self.k)
             result = base(self, *args, **kwargs)
             if name in _QUESTIONS and not kwargs and _replayable(args) and isinstance(result, bool):
                 questions.append((self.k, name, args, result))
@@ -101,7 +122,7 @@ def _probe_class(questions: list[tuple], touched: list[str]) -> type:
 def _same_answers(questions: tuple, contents: list[str]) -> bool:
     for k, name, args, answer in questions:
         c = contents[k]
-        got = (c == c.strip()) if name == "strip" else getattr(str, name)(c, *args)
+        got = (c == getattr(str, name)(c, *args)) if name in _STRIPS else getattr(str, name)(c, *args)
         if got != answer:
             return False
     return True
@@ -110,64 +131,79 @@ def _same_answers(questions: tuple, contents: list[str]) -> bool:
 class Skeletons:
     """Per role sequence: each label segment as a format string over the message contents."""
 
-    def __init__(self, template, exact_segments: Callable[[Conversation], list[tuple[str, bool]]]):
+    def __init__(self, template, exact_examples: Callable[[Conversation], list]):
         self.template = template
-        self.exact = exact_segments
-        # role sequence -> (segments as format strings, the content questions they assume) or None
-        self.cache: dict[tuple[str, ...], tuple[list[tuple[str, bool]], tuple] | None] = {}
+        self.exact = exact_examples  # Conversation -> ConvLabels (a list of examples' segments)
+        # (role, has reasoning) sequence -> (labels with format strings, the content questions they
+        # assume) or None
+        self.cache: dict[tuple, tuple[list, tuple] | None] = {}
         self.failed = False  # a verification found a difference: label everything exactly
         self.n_seen = 0
         self.verified: set[tuple[str, ...]] = set()  # role sequences whose first skeleton use was checked
 
-    def segments(self, conv: Conversation) -> list[tuple[str, bool]]:
-        if self.failed:
+    def segments(self, conv: Conversation) -> list:
+        """The conversation's labels (as the exact method gives them: a ConvLabels)."""
+        if self.failed or not _plain(conv):
             return self.exact(conv)
         msgs = conv.messages
-        key = tuple(m.role for m in msgs)
+        key = key_of(conv)
+        if any(r for _, r in key) and not self.template.renders_reasoning:
+            return self.exact(conv)  # reasoning goes inline into the content: not a plain paste
         if key not in self.cache:
             self.cache[key] = self._learn(key)
         learnt = self.cache[key]
-        contents = [m.content for m in msgs]
+        contents = _fields(conv)
         if learnt is None or any(_MARK in c or _END in c for c in contents):
             return self.exact(conv)
         skeleton, questions = learnt
         if questions and not _same_answers(questions, contents):
             return self.exact(conv)
-        segs = [(fmt.format(*contents), trained) for fmt, trained in skeleton]
+        segs = skeleton.__class__([[(fmt.format(*contents), trained) for fmt, trained in ex] for ex in skeleton],
+                                  split=skeleton.split, notes=skeleton.notes)
         self.n_seen += 1
         if key not in self.verified or self.n_seen % VERIFY_EVERY == 0:
             self.verified.add(key)
             exact = self.exact(conv)
-            if exact != segs:
+            if exact != segs or exact.split != segs.split:
                 self.failed = True
                 return exact
         return segs
 
-    def _learn(self, roles: tuple[str, ...]) -> tuple[list[tuple[str, bool]], tuple] | None:
+    def _learn(self, key: tuple) -> tuple[list, tuple] | None:
         questions: list[tuple] = []
         touched: list[str] = []
         probe = _probe_class(questions, touched)
-        probes = [Message(r, probe(f"{_MARK}{k}{_END}", k)) for k, r in enumerate(roles)]
+        probes, plain, k = [], [], 0
+        for role, has_reasoning in key:
+            r = k + 1 if has_reasoning else None
+            probes.append(Message(role, probe(f"{_MARK}{k}{_END}", k),
+                                  reasoning=None if r is None else probe(f"{_MARK}{r}{_END}", r)))
+            plain.append(Message(role, f"{_MARK}{k}{_END}", reasoning=None if r is None else f"{_MARK}{r}{_END}"))
+            k += 2 if has_reasoning else 1
         try:
             self.template.render(probes)
             for i, m in enumerate(probes):
                 if m.role == "assistant":
                     self.template.render(probes[:i], add_generation_prompt=True)
+                    if i + 1 < len(probes):  # the last turn's own render is the full one
+                        self.template.render(probes[:i + 1])
         except SftlabError:
             return None  # the exact method reports it, naming the conversation
         if touched:
             return None
-        plain = Conversation([Message(r, f"{_MARK}{k}{_END}") for k, r in enumerate(roles)])
         try:
-            segs = self.exact(plain)
+            labels = self.exact(Conversation(plain))
         except SftlabError:
             return None
         out = []
-        for text, trained in segs:
-            rest = _SENTINEL.sub("", text)
-            if _MARK in rest or _END in rest:
-                return None
-            fmt = _SENTINEL.sub(lambda m: "{" + m.group(1) + "}",
-                                text.replace("{", "{{").replace("}", "}}"))
-            out.append((fmt, trained))
-        return out, tuple(dict.fromkeys(questions))  # each question once, in order
+        for ex in labels:
+            fmts = []
+            for text, trained in ex:
+                rest = _SENTINEL.sub("", text)
+                if _MARK in rest or _END in rest:
+                    return None
+                fmt = _SENTINEL.sub(lambda m: "{" + m.group(1) + "}",
+                                    text.replace("{", "{{").replace("}", "}}"))
+                fmts.append((fmt, trained))
+            out.append(fmts)
+        return labels.__class__(out, split=labels.split, notes=labels.notes), tuple(dict.fromkeys(questions))

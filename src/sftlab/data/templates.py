@@ -63,15 +63,45 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
         None,
     ),
 }
+# Hermes/Qwen2.5-style tools on ChatML, for models whose own template does not render tools: the
+# schemas go into the system turn inside <tools>, each call is a <tool_call>{json}</tool_call> line in
+# the assistant turn, and results come back in a user turn as <tool_response> blocks (consecutive
+# results share one turn, as Qwen2.5 renders them). Reasoning is written as <think>...</think>.
+_TOOLS_SYSTEM = (
+    "{% if tools %}<|im_start|>system" + _NL +
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}" + _NL + _NL + "{% endif %}"
+    "# Tools" + _NL + _NL + "You may call one or more functions to assist with the user query." + _NL + _NL +
+    "You are provided with function signatures within <tools></tools> XML tags:" + _NL + "<tools>"
+    "{% for t in tools %}" + _NL + "{{ t | tojson }}{% endfor %}" + _NL + "</tools>" + _NL + _NL +
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:" + _NL + "<tool_call>" + _NL + '{"name": <function-name>, "arguments": <args-json-object>}' + _NL +
+    "</tool_call><|im_end|>" + _NL +
+    "{% elif messages[0].role == 'system' %}<|im_start|>system" + _NL + "{{ messages[0].content }}<|im_end|>" + _NL +
+    "{% endif %}"
+)
+BUILTIN["chatml-tools"] = (
+    _TOOLS_SYSTEM +
+    "{% for m in messages %}{% if m.role == 'user' %}<|im_start|>user" + _NL + "{{ m.content }}<|im_end|>" + _NL +
+    "{% elif m.role == 'assistant' %}<|im_start|>assistant" + _NL +
+    "{% if m.reasoning_content %}<think>" + _NL + "{{ m.reasoning_content }}" + _NL + "</think>" + _NL + _NL + "{% endif %}"
+    "{{ m.content }}{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "{% if (loop.first and m.content) or not loop.first %}" + _NL + "{% endif %}<tool_call>" + _NL +
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}' + _NL + "</tool_call>"
+    "{% endfor %}{% endif %}<|im_end|>" + _NL +
+    "{% elif m.role == 'tool' %}{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}" +
+    _NL + "<tool_response>" + _NL + "{{ m.content }}" + _NL + "</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>" + _NL + "{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant" + _NL + "{% endif %}",
+    "<|im_end|>",
+)
 BUILTIN["sharegpt"] = BUILTIN["vicuna"]
+# Built-ins that render tool calls and results (the others have no tool role).
+TOOL_TEMPLATES = {"chatml-tools"}
 
 
 def _raise(message: str):
     raise TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=1)
@@ -81,8 +111,14 @@ def _env() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = _tojson  # as transformers defines it: no HTML escaping, so exports render alike
+    env.filters["tojson"] = _tojson  # transformers' tojson: keys in their given order, non-ASCII kept
     return env
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    if isinstance(x, str) and type(x) is not str:
+        x = "".join(iter(x))  # read it through its methods, so a skeleton's content probe sees it escaped
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @dataclass
@@ -97,21 +133,57 @@ class ChatTemplate:
     source: str
     eot: str | None = None
     special: dict[str, str] | None = None  # bos_token, eos_token, ... passed to the template
+    kwargs: dict | None = None  # chat_template_kwargs (e.g. enable_thinking), passed to every render
 
     def __post_init__(self):
         try:
             self._compiled = _env().from_string(self.source)
         except TemplateError as exc:
             raise SftlabError(f"chat template '{self.name}' does not compile: {exc}")
+        self._renders_reasoning: bool | None = None
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
-        msgs = [m.to_template() for m in messages]
-        extra = {"tools": tools} if tools else {}
+    def render(self, messages: list[Message], add_generation_prompt: bool = False, *,
+               tools: list[dict] | None = None) -> str:
+        """The text of ``messages`` (HF message dicts via ``Message.to_template``), with ``tools`` offered.
+
+        Reasoning goes to the template as ``reasoning_content`` (and ``thinking``, GPT-OSS's name);
+        a template that renders neither gets it inline, ``<think>\n{reasoning}\n</think>\n\n`` before
+        the answer, as reasoning models write it.
+        """
+        inline = any(m.reasoning is not None for m in messages) and not self.renders_reasoning
+        msgs = [_for_template(m, inline) for m in messages]
+        ctx = dict(self.kwargs or {})
+        ctx.update(self.special or {})
+        if tools:
+            ctx["tools"] = tools
         try:
-            return self._compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                         **extra, **(self.special or {}))
+            return self._compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **ctx)
         except TemplateError as exc:
             raise SftlabError(f"chat template '{self.name}' failed to render: {exc}")
+
+    @property
+    def renders_reasoning(self) -> bool:
+        """Does the template write a message's ``reasoning_content``/``thinking`` (probed once)?"""
+        if self._renders_reasoning is None:
+            self._renders_reasoning = True  # while probing, pass reasoning as fields
+            probe = "\ue003reasoning\ue003"
+            try:
+                text = self.render([Message("user", "hi"), Message("assistant", "ok", reasoning=probe)])
+                self._renders_reasoning = probe in text
+            except SftlabError:
+                self._renders_reasoning = False
+        return self._renders_reasoning
+
+
+def _for_template(m: Message, inline_reasoning: bool) -> dict:
+    d = m.to_template()
+    if m.reasoning is not None:
+        if inline_reasoning:
+            d.pop("reasoning_content", None)
+            d["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{m.content}"
+        else:
+            d["thinking"] = m.reasoning
+    return d
 
 
 def _special_map(tokenizer) -> dict[str, str]:
@@ -126,8 +198,17 @@ def template_names() -> list[str]:
     return sorted(BUILTIN)
 
 
-def resolve_template(name: str | None, tokenizer) -> ChatTemplate:
-    """``None``/"auto"/"tokenizer": the tokenizer's own template; a built-in name; or a .jinja file."""
+def resolve_template(name: str | None, tokenizer, kwargs: dict | None = None) -> ChatTemplate:
+    """``None``/"auto"/"tokenizer": the tokenizer's own template; a built-in name; or a .jinja file.
+
+    ``kwargs`` (config ``chat_template_kwargs``, e.g. ``{"enable_thinking": False}``) go to every render.
+    """
+    tpl = _resolve(name, tokenizer)
+    tpl.kwargs = dict(kwargs) if kwargs else None
+    return tpl
+
+
+def _resolve(name: str | None, tokenizer) -> ChatTemplate:
     special = _special_map(tokenizer)
     if name in (None, "", "auto", "tokenizer", "model"):
         src = getattr(tokenizer, "chat_template", None)
