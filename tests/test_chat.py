@@ -238,3 +238,18 @@ def test_bad_tools_file_is_one_line_before_the_model_loads(run, tmp_path, capsys
     assert main(["chat", str(run), "--tools", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+def test_generate_checks_the_replys_tool_calls(run, tmp_path, capsys):
+    from tool_data import TOOLS
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}]}) + "\n")
+    assert main(["generate", str(run), "--data", str(data), "--max-new-tokens", "2", "--device", "cpu", "--template",
+                 "chatml-tools"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["reference"] == '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": []}

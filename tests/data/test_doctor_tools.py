@@ -130,3 +130,29 @@ def test_template_that_renders_tools_and_calls_passes():
     assert found == []
     text = hermes.render(weather_conv().messages, tools=TOOLS)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>' in text
+
+
+def test_doctor_on_a_file_names_lines_and_exits_2(tmp_path, capsys):
+    import json
+
+    from sftlab.cli import main
+    from sftlab.data.doctor import run_doctor
+
+    def rec(call_args, *, answered=True):
+        msgs = [{"role": "user", "content": f"weather? {call_args}"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+                                                                    "function": {"name": "get_weather", "arguments": call_args}}]}]
+        if answered:
+            msgs += [{"role": "tool", "tool_call_id": "c1", "content": "21"}, {"role": "assistant", "content": "21 degrees."}]
+        return {"messages": msgs, "tools": TOOLS}
+
+    rows = [rec({"city": "Paris"}), rec({"town": "Oslo"}), rec('{"city": "Rome"}'),
+            {"messages": [{"role": "user", "content": "<think>x</think> hi"}, {"role": "assistant", "content": "a"}]}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run_doctor(path)
+    assert [(f.rule, f.where) for f in res.findings] == [("tool_schema", f"{path}:2"), ("reasoning_in_user", f"{path}:4")]
+    assert res.stats["tools"]["tool_calls"] == 3 and res.stats["tools"]["examples_with_tools"] == 3
+    assert main(["doctor", str(path)]) == 1  # warnings only
+    out = capsys.readouterr().out
+    assert "unknown argument 'town'" in out and "tools: 3 examples offer tools; 3 calls, 3 tool results" in out

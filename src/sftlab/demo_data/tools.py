@@ -24,22 +24,22 @@ from sftlab.core.io import write_jsonl
 
 SEED = 20241130
 N_TRAIN, N_EVAL = 200, 40
-SYSTEM = "You are a helpful assistant with access to functions. Call one when it helps."
+SYSTEM = "You can call functions."
 
 TOOLS = [
     {"type": "function", "function": {
-        "name": "get_weather", "description": "Get the current weather in a city.",
+        "name": "get_weather", "description": "Weather in a city",
         "parameters": {"type": "object", "properties": {
-            "city": {"type": "string", "description": "City name"},
+            "city": {"type": "string"},
             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
     {"type": "function", "function": {
-        "name": "convert_currency", "description": "Convert an amount of money between currencies.",
+        "name": "convert_currency", "description": "Convert money (ISO codes)",
         "parameters": {"type": "object", "properties": {
-            "amount": {"type": "number"}, "from_currency": {"type": "string", "description": "ISO code, e.g. EUR"},
-            "to_currency": {"type": "string", "description": "ISO code, e.g. USD"}},
+            "amount": {"type": "number"}, "from_currency": {"type": "string"},
+            "to_currency": {"type": "string"}},
             "required": ["amount", "from_currency", "to_currency"]}}},
     {"type": "function", "function": {
-        "name": "set_timer", "description": "Start a countdown timer.",
+        "name": "set_timer", "description": "Start a timer",
         "parameters": {"type": "object", "properties": {
             "minutes": {"type": "integer"}, "label": {"type": "string"}}, "required": ["minutes"]}}},
 ]
@@ -102,7 +102,8 @@ def _timer(rng: random.Random, held_out: bool) -> tuple[str, dict, str, str]:
 def _record(rng: random.Random, held_out: bool, k: int) -> dict:
     msgs = [{"role": "system", "content": SYSTEM}]
     if not held_out and k % 8 == 7:
-        ask, answer = rng.choice(NO_TOOL)
+        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        ask, answer = rng.choice(NO_TOOL + [(f"What is {a} times {b}?", f"{a} times {b} is {a * b}.")] * 6)
         return {"messages": msgs + [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}],
                 "tools": TOOLS}
     kind = k % 3
@@ -122,19 +123,20 @@ def _record(rng: random.Random, held_out: bool, k: int) -> dict:
 
 
 def build(seed: int = SEED, n_train: int = N_TRAIN, n_eval: int = N_EVAL) -> tuple[list[dict], list[dict]]:
-    """(train records, held-out records); no held-out request equals a training request."""
+    """(train records, held-out records); no request appears twice."""
     rng = random.Random(seed)
-    train = [_record(rng, False, k) for k in range(n_train)]
-    seen = {r["messages"][1]["content"] for r in train}
-    evl: list[dict] = []
-    k = 0
-    while len(evl) < n_eval:
-        rec = _record(rng, True, k)
-        k += 1
-        if rec["messages"][1]["content"] not in seen:
-            seen.add(rec["messages"][1]["content"])
-            evl.append(rec)
-    return train, evl
+    seen: set[str] = set()
+
+    def unique(held_out: bool, n: int) -> list[dict]:  # no request twice, in a split or across them
+        out: list[dict] = []
+        while len(out) < n:
+            rec = _record(rng, held_out, len(out))
+            if rec["messages"][1]["content"] not in seen:
+                seen.add(rec["messages"][1]["content"])
+                out.append(rec)
+        return out
+
+    return unique(False, n_train), unique(True, n_eval)
 
 
 def write(out: str | Path) -> tuple[Path, Path]:
