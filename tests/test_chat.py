@@ -253,3 +253,16 @@ def test_generate_checks_the_replys_tool_calls(run, tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["reference"] == '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
     assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": []}
+
+
+def test_a_call_that_does_not_parse_is_kept_as_text_and_said(loaded, monkeypatch):
+    import io
+
+    session = _tool_session(loaded)
+    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": "Par'
+    monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (on_text and on_text(broken), (broken, broken))[1])
+    lines = iter(["weather?", "/exit"])
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: next(lines), out=out) == 0
+    assert "(not run as a tool call: a <tool_call> block is never closed)" in out.getvalue()
+    assert session.history[-1] == Message("assistant", broken) and session.pending_calls == []

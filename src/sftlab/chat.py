@@ -127,6 +127,7 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation; the system prompt stays."""
+        self.call_error: str | None = None  # why the last reply's tool call did not parse (kept as text)
         self.history = [Message("system", self.system_prompt)] if self.system_prompt else []
 
     def prompt(self, user_text: str | None) -> str:
@@ -157,11 +158,13 @@ class ChatSession:
         """
         reply, raw = self._generate(self.prompt(user_text), on_text)
         calls = _parse_calls(raw) if self.tools else []
+        parsed = parse_tool_calls(raw) if self.tools else None
+        self.call_error = parsed.error if parsed is not None and not calls else None
         turn = [Message("user", user_text)] if user_text is not None else []
         if calls:
             n = sum(len(m.tool_calls or ()) for m in self.history)
             tool_calls = tuple({"id": f"call_{n + k + 1}", "type": "function", "function": c} for k, c in enumerate(calls))
-            self.history += turn + [Message("assistant", parse_tool_calls(raw).content, tool_calls=tool_calls)]
+            self.history += turn + [Message("assistant", parsed.content, tool_calls=tool_calls)]
         else:
             self.history += turn + [Message("assistant", reply)]
         return reply
@@ -299,6 +302,8 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
         write("assistant> ")
         try:
             session.send(text, on_text=write)
+            if session.call_error:
+                write(f"\n(not run as a tool call: {session.call_error})")
             while session.pending_calls:  # the user plays the tools, then the model continues
                 write("\n")
                 for call in session.pending_calls:
