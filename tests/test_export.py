@@ -267,3 +267,29 @@ def test_export_renders_a_tool_conversation_exactly_as_training(tmp_path, tiny_m
         assert ours == theirs and "<tool_call>" in ours and "<tools>" in ours
         prompt = exported.apply_chat_template(msgs[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True)
         assert prompt == train_tpl.render(conv.messages[:1], add_generation_prompt=True, tools=TOOLS)
+
+
+def test_export_and_eval_use_the_runs_template_options(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from sftlab.eval.run import load_target
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    rd = RunDir(run)
+    cfg = rd.config()
+    cfg.template, cfg.chat_template_kwargs = None, {"enable_thinking": False}
+    cfg.save(rd.config_path)
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    tok.chat_template = THINKING
+    tok.save_pretrained(rd.model_dir)
+    res = export_run(run, tmp_path / "out", verify=False)
+    assert res.chat_template_kwargs == {"enable_thinking": False}
+    exported = AutoTokenizer.from_pretrained(str(res.out))
+    _, _, tpl, _ = load_target(str(run), device="cpu")
+    msgs = [Message("user", "hi")]
+    train_text = ChatTemplate("t", THINKING, kwargs={"enable_thinking": False}).render(msgs, add_generation_prompt=True)
+    assert train_text.endswith("<think>\n\n</think>\n\n")
+    assert tpl.render(msgs, add_generation_prompt=True) == train_text  # eval renders as training did
+    assert exported.apply_chat_template([m.to_template() for m in msgs], add_generation_prompt=True,
+                                        tokenize=False) == train_text
+    assert '"enable_thinking": false' in (res.out / "README.md").read_text()

@@ -26,6 +26,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.consistency import SAMPLE_CONVERSATIONS, check_template_consistency
 from sftlab.data.formats import load_conversations
+from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
@@ -272,7 +273,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
         raise SftlabError(f"{run_dir}: the run has no chat template to export",
                           hint="train with a template (e.g. --set template=chatml)")
     stops = stop_token_ids(tok, template)
-    kwargs = dict(getattr(cfg, "chat_template_kwargs", None) or getattr(template, "kwargs", None) or {})
+    kwargs = template_kwargs(cfg)  # exactly the options training rendered with
     source = template_with_defaults(template.source, kwargs)
     base = cfg.model
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open

@@ -20,6 +20,7 @@ from pathlib import Path
 from sftlab.core.errors import SftlabError
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import Example, Labeler
+from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.eval import metrics as m
@@ -253,7 +254,10 @@ def load_target(spec: str, *, template: str | None = None, device=None, share_to
         if not run.is_run():
             raise SftlabError(f"{spec}: run folder has no model/ folder", hint="the run did not save a model")
         model, tok, cfg = _load_guard(f"run '{spec}'", lambda: run.load_model(device=device))
-        return model, tok, run.template(tok, template), cfg
+        tpl = run.template(tok, template)
+        if tpl is not None and not tpl.kwargs:  # the template options of training (e.g. enable_thinking)
+            tpl.kwargs = template_kwargs(cfg) or None
+        return model, tok, tpl, cfg
     tok = share_tokenizer if share_tokenizer is not None else _load_guard(f"model '{spec}'", lambda: load_tokenizer(spec))
     model = _load_guard(f"model '{spec}'", lambda: load_model(spec, device=device, tokenizer=tok))
     model.eval()
