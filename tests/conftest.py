@@ -118,31 +118,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def make_lora_run(run: Path, tiny_model_dir: Path, seed: int = 1, *, summary: dict | None = None) -> Path:
-    """A run folder as training leaves it: config.yaml + model/ (a LoRA adapter that changes the logits,
-    and the tokenizer carrying the ChatML template used in training), a one-row metrics.jsonl and a
-    summary.json (``summary`` or a minimal one)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sftlab.data.templates import BUILTIN
-    from sftlab.rundir import RunDir
-
-    rd = RunDir(run)
-    run.mkdir(parents=True, exist_ok=True)
-    Config(model=str(tiny_model_dir), method="lora", template="chatml", max_seq_length=256,
-           output_dir=str(run)).save(rd.config_path)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = BUILTIN["chatml"][0]
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    model.save_pretrained(rd.model_dir)
-    tok.save_pretrained(rd.model_dir)
-    rd.metrics_path.write_text(json.dumps({"split": "train", "step": 1, "loss": 3.0}) + "\n")
-    rd.summary_path.write_text(json.dumps(summary or {"method": "lora", "template": "chatml", "steps": 1}))
-    return run
 
 
 # --- shared builders: data, configs, run folders ---------------------------------------------
@@ -222,19 +197,50 @@ HEALTHY_SUMMARY = {
 
 
 def make_run(path: Path, *, train=None, evals=None, summary=None, tokenizer_from: Path | None = None,
-             **cfg) -> Path:
-    """A run folder with synthetic metrics and summary (no weights: diagnose never loads them)."""
+             lora_from: Path | None = None, seed: int = 1, **cfg) -> Path:
+    """The one run-folder factory: a folder as `sftlab train` leaves it.
+
+    Always config.yaml, metrics.jsonl (``train``/``evals`` rows, default a healthy run), summary.json
+    (``summary``, default a healthy one; ``False``: none) and model/. ``tokenizer_from`` saves that
+    tokenizer into model/ (diagnose needs no weights). ``lora_from`` (a model folder) makes it a real
+    LoRA run of that base: an adapter that changes the logits (seeded) and the tokenizer carrying the
+    ChatML template used in training.
+    """
     h_train, h_evals = healthy_rows()
     path.mkdir(parents=True, exist_ok=True)
-    cfg = {"model": "tiny", "template": "chatml", "data": "train.jsonl", "learning_rate": 2e-4, **cfg}
-    Config(output_dir=str(path), **cfg).save(path / "config.yaml")
+    base = {"model": str(lora_from) if lora_from else "tiny", "template": "chatml", "data": "train.jsonl",
+            "learning_rate": 2e-4, "method": "lora", "max_seq_length": 256}
+    Config(output_dir=str(path), **{**base, **cfg}).save(path / "config.yaml")
     rows = (h_train if train is None else train) + (h_evals if evals is None else evals)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary is not False:
         (path / "summary.json").write_text(json.dumps(copy.deepcopy(HEALTHY_SUMMARY) if summary is None else summary))
     (path / "model").mkdir(exist_ok=True)
-    if tokenizer_from is not None:
+    if lora_from is not None:
+        _save_lora(path / "model", lora_from, seed)
+    elif tokenizer_from is not None:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path / "model")
     return path
+
+
+def _save_lora(out: Path, base_dir: Path, seed: int) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftlab.data.templates import BUILTIN
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.chat_template = BUILTIN["chatml"][0]
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def make_lora_run(run: Path, tiny_model_dir: Path, seed: int = 1, **kw) -> Path:
+    """:func:`make_run` of a real LoRA run of ``tiny_model_dir``."""
+    return make_run(run, lora_from=tiny_model_dir, seed=seed, **kw)

@@ -14,6 +14,7 @@ import pytest
 from conftest import HEALTHY_SUMMARY, healthy_rows, make_run
 
 from sftlab.cli import main
+from sftlab.data.masking import length_histogram
 from sftlab.eval.compare import compare
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
@@ -35,8 +36,13 @@ def _run(tmp_path: Path, **kw) -> Path:
                                                      {"role": "assistant", "content": f"a{i}"}]}) + "\n"
                             for i in range(5)) + json.dumps({"messages": [{"role": "user", "content": "q0"},
                                                                           {"role": "assistant", "content": "a0"}]}) + "\n")
-    summary = {**HEALTHY_SUMMARY, "eval": _eval_result(), **kw.pop("summary_extra", {})}
+    prepare = {**HEALTHY_SUMMARY["prepare"], "length_histogram": length_histogram([40, 90, 95, 300, 510, 512])}
+    summary = {**HEALTHY_SUMMARY, "eval": _eval_result(), "prepare": prepare, **kw.pop("summary_extra", {})}
     return make_run(tmp_path / "run", summary=summary, data=str(data), **kw)
+
+
+PLOTS = ["Loss", "Learning rate", "Gradient norm", "Throughput (tokens/s)", "Memory (MB)", "Generation metrics",
+         "Example lengths (tokens)", "Before and after"]
 
 
 def _png_size(b64: str) -> tuple[int, int]:
@@ -50,8 +56,7 @@ def test_report_is_self_contained_with_every_section(tmp_path, capsys):
     assert main(["report", str(run), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["path"] == str(run / "report.html")
-    assert info["plots"] == ["Loss", "Learning rate", "Gradient norm", "Throughput (tokens/s)", "Memory (MB)",
-                             "Generation metrics"]
+    assert info["plots"] == PLOTS
     page = (run / "report.html").read_text()
     # self-contained: no external resources of any kind
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
@@ -68,6 +73,21 @@ def test_report_is_self_contained_with_every_section(tmp_path, capsys):
     assert "&lt;Maria&gt;" in page and "<Maria>" not in page  # text is escaped
     assert "duplicate" in page.lower()  # the doctor's summary of train.jsonl (one exact duplicate)
     assert "No problems found" in page
+
+
+def test_length_histogram_bins_every_length():
+    h = length_histogram([0, 1, 31, 32, 100], bins=4)
+    assert h == {"bin_width": 26, "counts": [2, 2, 0, 1]}  # 0..100 in bins of 26: [0,26) [26,52) [52,78) [78,104)
+    assert sum(length_histogram(list(range(1, 2049)))["counts"]) == 2048
+    assert length_histogram([]) == {}
+
+
+def test_plots_left_out_without_their_data(tmp_path, capsys):
+    ev = {**_eval_result(), "table": [{"metric": "loss", "label": "loss", "before": None, "after": 0.8}]}
+    run = make_run(tmp_path / "run", summary={**HEALTHY_SUMMARY, "eval": ev})  # no length histogram either
+    assert main(["report", str(run), "--json", "--no-doctor"]) == 0
+    plots = json.loads(capsys.readouterr().out)["plots"]
+    assert "Example lengths (tokens)" not in plots and "Before and after" not in plots and "Loss" in plots
 
 
 def test_report_shows_the_diagnosis_and_custom_out(tmp_path, capsys):
@@ -105,6 +125,7 @@ def test_plots_render_in_headless_chromium(tmp_path):
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+           "--enable-logging=stderr", "--v=0",  # the page's console messages go to stderr as CONSOLE lines
            (run / "report.html").as_uri()]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -115,4 +136,8 @@ def test_plots_render_in_headless_chromium(tmp_path):
     # The page's own script counts images with naturalWidth > 0 after load and writes the result.
     m = re.search(r'id="plot-check"[^>]*data-ok="(\w+)"[^>]*>plots rendered: (\d+)/(\d+)<', dom)
     assert m, dom[-2000:]
-    assert m.group(1) == "true" and m.group(2) == m.group(3) == "6"
+    assert m.group(1) == "true" and m.group(2) == m.group(3) == str(len(PLOTS))
+    titles = re.findall(r'<img class="plot" alt="([^"]+)"', dom)
+    assert titles == PLOTS
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console  # no error (nor any other message) from the page's script

@@ -52,10 +52,10 @@ def _f(default, help_text: str):
 class Config:
     # --- model and data -------------------------------------------------------------------
     model: str = _f("smollm2-135m-instruct", "base model: the embedded default name, a local HF folder, a .gguf file or a hub id")
-    data: str | None = _f(None, "training data file (jsonl/json/csv/parquet) or local HF dataset folder")
-    eval_data: str | None = _f(None, "evaluation data, same formats as data")
+    data: str | list | None = _f(None, "training data file (jsonl/json/csv/parquet) or local HF dataset folder; or a list of sources, each a path or {path, format, weight | count, name} (see README: Several datasets)")
+    eval_data: str | list | None = _f(None, "evaluation data, same formats as data (a list: results per source)")
     format: str = _f("auto", "data format: auto, messages (openai), sharegpt, alpaca, prompt_completion or text")
-    template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, llama3, mistral, or a .jinja file")
+    template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, chatml-tools (renders tools), llama3, mistral, or a .jinja file")
     system_prompt: str | None = _f(None, "system prompt added to conversations that have none")
     max_seq_length: int = _f(2048, "longest example in tokens")
     masking: Masking = _f("all_assistant", "which tokens are trained")
@@ -116,7 +116,9 @@ class Config:
     early_stopping_min_delta: float = _f(0.01, "smallest eval-loss improvement that counts")
     load_best_model_at_end: bool = _f(True, "restore the checkpoint with the lowest eval loss at the end")
     logging_steps: int = _f(10, "log every N optimizer steps")
-    report_to: list = _f([], "extra loggers: tensorboard, wandb, mlflow")
+    report_to: list = _f([], "extra loggers: tensorboard, trackio, wandb, mlflow (tensorboard writes to RUN/tensorboard)")
+    run_name: str | None = _f(None, "run name shown by the trackers (default: the run folder's name)")
+    project: str | None = _f(None, "tracker project: wandb's WANDB_PROJECT, mlflow's experiment, trackio's project")
     output_dir: str = _f("runs/sft", "run folder")
     resume: bool = _f(False, "resume from the last checkpoint in output_dir")
 

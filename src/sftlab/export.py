@@ -26,6 +26,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.consistency import SAMPLE_CONVERSATIONS, check_template_consistency
 from sftlab.data.formats import load_conversations
+from sftlab.data.mixture import source_paths
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
 from sftlab.eval.generation import stop_token_ids
@@ -117,10 +118,11 @@ def _check_request(run_dir: Path, out: Path, *, merge: bool, gguf: bool, gguf_dt
 def _check_run_data(cfg, template: ChatTemplate, n: int = 32) -> list[str]:
     """The consistency check on the run's own training conversations, when the data is still there."""
 
-    if not cfg.data or not Path(cfg.data).exists():
+    paths = source_paths(cfg.data)  # a mixture: its first source is sample enough
+    if not paths or not Path(paths[0]).exists():
         return []
     try:
-        convs = load_conversations(cfg.data, cfg.format, system_prompt=cfg.system_prompt)[:n]
+        convs = load_conversations(paths[0], cfg.format, system_prompt=cfg.system_prompt)[:n]
     except SftlabError:
         return []  # the data changed since training; the sample check still ran
     return check_template_consistency(template, convs)

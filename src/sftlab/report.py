@@ -19,7 +19,9 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.findings import format_findings
 from sftlab.core.io import atomic_write_text
 from sftlab.data.doctor import run_doctor
+from sftlab.data.mixture import source_paths
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
+from sftlab.report_plots import before_after_figure, length_histogram_figure
 
 REPORT = "report.html"
 
@@ -82,7 +84,8 @@ def _png(fig) -> str:
 
 
 def make_plots(run: RunData) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for every curve the run logged; curves it did not log are left out."""
+    """(title, base64 PNG) for every curve the run logged, then the length histogram and the before/after
+    bars where the run folder has their data; what it lacks is left out."""
     import matplotlib  # deferred: heavy library, imported on first use
 
     matplotlib.use("Agg", force=True)
@@ -121,6 +124,14 @@ def make_plots(run: RunData) -> list[tuple[str, str]]:
             out.append((title, _png(fig)))
         finally:
             plt.close(fig)
+    s = run.summary
+    for made in (length_histogram_figure(plt, s.prepare if s else None, getattr(run.config, "max_seq_length", None)),
+                 before_after_figure(plt, s.eval if s else None)):
+        if made:
+            try:
+                out.append((made[0], _png(made[1])))
+            finally:
+                plt.close(made[1])
     return out
 
 
@@ -167,6 +178,13 @@ def _data_section(run: RunData, doctor: bool) -> str:
         keys = ("n_input", "n_kept", "n_dropped_too_long", "n_dropped_no_trained", "n_truncated", "n_turns_cut",
                 "n_tokens", "n_trained_tokens", "eos_appended")
         out.append("<h3>Preparation</h3>" + _table([(k, prep[k]) for k in keys if k in prep]))
+        sources = prep.get("sources") or []
+        if sources:  # a mixture: what each source gave the mix
+            out.append("<h3>Sources</h3>" + _table(
+                [(r.get("name"), r.get("path"), r.get("format"), r.get("weight"), r.get("size"), r.get("drawn"),
+                  f"{r.get('share', 0):.1%}", r.get("examples"), r.get("tokens"), r.get("trained_tokens"))
+                 for r in sources if isinstance(r, dict)],
+                ("source", "path", "format", "weight", "size", "drawn", "share", "kept", "tokens", "trained tokens")))
         dropped = prep.get("dropped") or []
         if dropped:
             items = "".join(f"<li>{_e(d.get('where'))}: {_e(d.get('why'))}</li>" for d in dropped[:10] if isinstance(d, dict))
@@ -182,13 +200,13 @@ def _doctor_text(run: RunData, doctor: bool) -> str:
     data = getattr(run.config, "data", None)
     if not doctor:
         return '<p class="muted">Not run.</p>'
-    if not data or not Path(data).exists():
+    if not data or not all(Path(p).exists() for p in source_paths(data)):
         return f'<p class="muted">Training data {_e(data)} not found from here; run <code>sftlab doctor DATA</code>.</p>'
 
     eval_data = getattr(run.config, "eval_data", None)
+    eval_ok = eval_data and all(Path(p).exists() for p in source_paths(eval_data))
     try:
-        res = run_doctor(data, eval_data=eval_data if eval_data and Path(eval_data).exists() else None,
-                         fmt=getattr(run.config, "format", None))
+        res = run_doctor(data, eval_data=eval_data if eval_ok else None, fmt=getattr(run.config, "format", None))
     except SftlabError as exc:
         return f"<p>The data doctor could not read the data: {_e(exc)}</p>"
     return f"<pre>{_e(res.format_text(limit=5))}</pre>"

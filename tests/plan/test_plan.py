@@ -6,6 +6,7 @@ Fast: no model weights are loaded; shapes come from the built-in table or are wr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -459,3 +460,39 @@ def test_lora_activation_count_matches_saved_tensors(tiny_model_dir, precision, 
     est = layer_activation_bytes(shape, TrainSetup(method="lora", batch=B, seq_len=L, device="cpu",
                                                    precision=precision, lora_dropout=dropout))
     assert est == pytest.approx(measured, rel=0.05)
+
+
+def test_cpu_plan_counts_the_process_baseline():
+    from sftlab.plan.memory import CPU_LIBRARY_BYTES, process_baseline_bytes
+
+    cpu = TrainSetup(method="lora", batch=2, seq_len=256, device="cpu")
+    est = estimate_memory(SMOL, cpu)
+    base = process_baseline_bytes(SMOL, cpu)
+    assert est.breakdown["process baseline"] == base > CPU_LIBRARY_BYTES  # in every moment, so in the peak's parts
+    assert all(v >= base for v in est.phases.values())
+    assert process_baseline_bytes(replace(SMOL, vocab=4 * SMOL.vocab), cpu) > base  # a bigger tokenizer
+    gpu = estimate_memory(SMOL, replace(cpu, device="cuda"))
+    assert "process baseline" not in gpu.breakdown and process_baseline_bytes(SMOL, replace(cpu, device="cuda")) == 0
+
+
+def test_library_baseline_matches_a_fresh_process():
+    # What `sftlab train` has imported before its model loads, measured in a fresh interpreter.
+    from sftlab.plan.memory import CPU_LIBRARY_BYTES
+
+    code = ("import os, torch, sftlab.cli, sftlab.train.run, peft; from transformers import Trainer; "
+            "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    rss = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    assert 0.75 * CPU_LIBRARY_BYTES < rss < 1.25 * CPU_LIBRARY_BYTES, rss
+
+
+def test_train_sets_the_allocator_unless_told_not_to():
+    code = "from sftlab.train.callbacks import keep_memory_near_live_tensors as k; print(k())"
+    env = dict(os.environ)
+    env.pop("SFTLAB_MALLOC", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out[-1] == ("True" if sys.platform.startswith("linux") else "False")
+    env["SFTLAB_MALLOC"] = "glibc"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert out[-1] == "False"

@@ -259,9 +259,9 @@ def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
     assert auto["resolved"]["precision"] == ("bf16" if fast_bf16("cpu") else "fp32")
 
 
-def test_summary_reports_an_untrained_end_of_turn_token(tmp_path):
-    """A Cohere2-style template ends replies with `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>` and the labels
-    train only the first; the EOS (the second) is never trained, and summary.json says so."""
+def test_summary_reports_the_end_of_turn_tokens_trained(tmp_path):
+    """A Cohere2-style template ends replies with `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`: the label rule
+    trains both (the model emits both at inference), and summary.json says every reply end is trained."""
     from conftest import COHERE_LIKE, build_tiny_model, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
@@ -273,5 +273,7 @@ def test_summary_reports_an_untrained_end_of_turn_token(tmp_path):
     build_tiny_model(len(tok)).save_pretrained(str(model_dir))
     tok.save_pretrained(str(model_dir))
     summary = train(train_config(tmp_path, model_dir, max_steps=1), quiet=True)
-    assert summary["eos_trained"] is False and summary["prepare"]["eos_trained"] is False
-    assert A.read_summary(tmp_path / "run")["eos_trained"] is False
+    assert summary["eos_trained"] is True and summary["prepare"]["eos_trained"] is True
+    prep = summary["prepare"]
+    assert prep["n_reply_ends"] == prep["n_reply_ends_trained"] > 0
+    assert A.read_summary(tmp_path / "run")["eos_trained"] is True

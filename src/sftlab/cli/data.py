@@ -13,27 +13,27 @@ from sftlab.cli.base import (
     _report_findings,
 )
 from sftlab.config import field_default
+from sftlab.core.io import write_jsonl
 
 
 @_command("prepare", "tokenize conversations into training examples with exact response-only labels")
 def _add_prepare(p):
     _add_data_flags(p)
+    _config_flag(p, "reasoning")
     p.add_argument("--out", help="write the tokenized dataset (Arrow) and report to this folder")
     p.add_argument("--dump", metavar="FILE.jsonl", help="write one JSON object per example: input_ids, labels (-100 = masked)")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with trained tokens highlighted")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N examples with trained tokens highlighted (reasoning marked within them)")
     p.add_argument("--json", action="store_true", help="print the preparation report as JSON")
     p.set_defaults(func=_cmd_prepare)
 
 
 def _cmd_prepare(args) -> int:
-    from sftlab.core.io import (
-        write_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
-    )
     from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         dump_rows,
         prepare,
         render_example,
         save_dataset,
+        source_lines,
     )
 
     cfg = _config_from_args(args)
@@ -52,6 +52,9 @@ def _cmd_prepare(args) -> int:
     r = prepared.report
     tpl = prepared.template.name if prepared.template else "none (plain text)"
     print(f"prepared {cfg.data}: {r.summary()}; template: {tpl}")
+    if r.sources:
+        print("per source:\n" + "\n".join(source_lines(r)))
+    print(r.rule())
     if prepared.added_tokens:
         print(f"note: added special tokens the template needs: {', '.join(prepared.added_tokens)} (embeddings are resized in training)")
     if r.eos_appended:
@@ -69,7 +72,8 @@ def _cmd_prepare(args) -> int:
 
 @_command("doctor", "check a data file: parsing, roles, encoding, special tokens, lengths, duplicates, eval overlap")
 def _add_doctor(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data", help="data file (.jsonl/.json/.csv/.parquet) or local dataset folder")
+    p.add_argument("data", nargs="+", help="data file (.jsonl/.json/.csv/.parquet) or local dataset folder; "
+                                           "several: each is checked and reported as one source of a mixture")
     p.add_argument("--model", default=None,
                    help="tokenizer to count tokens with (local folder, hub id or smollm2-135m-instruct); "
                         "enables the length, no-trained-token and trained-token checks")
@@ -95,6 +99,6 @@ def _cmd_doctor(args) -> int:
         )
 
         tokenizer = load_tokenizer(args.model)
-    result = run_doctor(args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
+    result = run_doctor(args.data[0] if len(args.data) == 1 else args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
                         template=args.template, max_seq_length=args.max_seq_length)
     return _report_findings(result, args.json)

@@ -6,12 +6,14 @@ import argparse
 import json
 
 from sftlab.cli.base import _command, _config_flag, _print_json, _report_findings
+from sftlab.core.io import atomic_write_text
 
 
 @_command("eval", "evaluate a run or model: loss, perplexity, generation metrics, task score; --compare for before/after")
 def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder, or a model (local folder, .gguf, hub id, smollm2-135m-instruct)")
-    p.add_argument("--data", required=True, help="eval data file (same formats as training data)")
+    p.add_argument("--data", required=True, action="append",
+                   help="eval data file (same formats as training data); repeat it for results per source")
     p.add_argument("--compare", dest="compare_to", metavar="BASE",
                    help="also score BASE on the same data and print both with the difference; 'base' = the run's base model")
     p.add_argument("--general", help="general data for the forgetting check (default: the run's replay_data)")
@@ -38,9 +40,6 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from sftlab.core.io import (
-        atomic_write_text,  # deferred: the command pulls in torch; `sftlab --help` stays fast
-    )
     from sftlab.eval import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         GenerationSettings,
         attach_to_run,
@@ -56,7 +55,12 @@ def _cmd_eval(args) -> int:
         )
 
         RunDir(args.target).summary()  # --save needs a finished run: fail before evaluating
-    out = run_eval(args.target, args.data, compare_to=args.compare_to, general=args.general, fmt=args.fmt,
+    from sftlab.eval.run import (
+        format_sources,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+
+    data = args.data[0] if len(args.data) == 1 else args.data
+    out = run_eval(args.target, data, compare_to=args.compare_to, general=args.general, fmt=args.fmt,
                    template=args.template, scorer=args.scorer, settings=settings, batch_size=args.batch_size,
                    max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device,
                    limit=args.limit)
@@ -68,6 +72,8 @@ def _cmd_eval(args) -> int:
         _print_json(out)
     else:
         print(format_eval(out))
+        if format_sources(out):
+            print(format_sources(out))
         for path in filter(None, (args.out, args.save and f"{args.target}/summary.json")):
             print(f"wrote {path}")
     return 0

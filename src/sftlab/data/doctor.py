@@ -39,6 +39,8 @@ from sftlab.data.doctor_checks import (
 from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
 from sftlab.data.formats import format_of_row, resolve_format, to_conversations
 from sftlab.data.load import read_records
+from sftlab.data.masking import Labeler
+from sftlab.data.mixture import Source, is_mixture, parse_sources
 from sftlab.data.templates import (
     BUILTIN,
     missing_tokens,
@@ -64,6 +66,9 @@ class DoctorResult:
         """The human report: findings grouped by check with counts (``limit`` lines each), stats, histogram."""
         s, out = self.stats, []
         out.append(f"data: {s['data']} ({s['format']} format; {s['examples']} of {s['records']} records usable)")
+        if s.get("sources"):
+            out.append("per source:")
+            out += [f"  {line}" for line in _source_lines(s["sources"])]
         if s.get("eval"):
             e = s["eval"]
             out.append(f"eval: {e['data']} ({e['format']} format; {e['examples']} of {e['records']} records usable)")
@@ -91,9 +96,13 @@ class _File:
     convs: list[Conversation]
 
 
-def run_doctor(data: str | Path, *, eval_data: str | Path | None = None, fmt: str | None = None, tokenizer=None,
-               template: str | None = None, max_seq_length: int | None = 2048) -> DoctorResult:
+def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None = None, fmt: str | None = None,
+               tokenizer=None, template: str | None = None, max_seq_length: int | None = 2048) -> DoctorResult:
     """Check ``data`` (and its overlap with ``eval_data``); token checks need ``tokenizer``.
+
+    ``data`` may be a list of sources (paths or ``{path, format, weight | count, name}``, as in the
+    config): every file is checked, duplicates are found across them, and ``stats["sources"]`` has
+    one row per source (records, usable examples, format; with a tokenizer, tokens and trained tokens).
 
     ``template`` is a built-in name, "tokenizer" or a .jinja file (default: the tokenizer's own).
     Raises SftlabError for a missing file, unknown format, unknown template; problems in the data
@@ -104,8 +113,8 @@ def run_doctor(data: str | Path, *, eval_data: str | Path | None = None, fmt: st
     if template and tokenizer is None:
         _check_template_name(template)
     res = DoctorResult()
-    train = _load(data, fmt, res.findings)
-    evl = _load(eval_data, fmt, res.findings) if eval_data else None
+    train, parts = _load_sources(data, fmt, res.findings, "data")
+    evl, eparts = _load_sources(eval_data, fmt, res.findings, "eval_data") if eval_data else (None, [])
     tok, tpl, added = _setup_tokenizer(tokenizer, template, train.convs + (evl.convs if evl else []))
     specials = _special_tokens(tok) if tok is not None else set()
     markers = sorted(set(TEMPLATE_MARKERS) | specials, key=len, reverse=True)
@@ -125,6 +134,8 @@ def run_doctor(data: str | Path, *, eval_data: str | Path | None = None, fmt: st
     if evl:
         stats["eval"] = {"data": evl.path, "format": evl.fmt, "records": evl.records, "examples": len(evl.convs),
                          **_eval_overlap(train.convs, evl.convs, mh, bodies, res.findings)}
+    if parts:
+        stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length) for src, f in parts]
     if tok is not None:
         stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings))
         stats["added_tokens"] = added
@@ -136,7 +147,8 @@ def run_doctor(data: str | Path, *, eval_data: str | Path | None = None, fmt: st
         stats["trained_tokens"] = stats["max_seq_length"] = None
         stats["note"] = "lengths are characters of message text; pass a model for token lengths and trained tokens"
     order = {c: i for i, c in enumerate(CHECKS)}
-    in_eval = (lambda f: Path(evl.path) in (Path(f.data["file"]), *Path(f.data["file"]).parents)) if evl else (lambda f: False)
+    eval_paths = {Path(f.path) for _, f in eparts} or ({Path(evl.path)} if evl else set())
+    in_eval = lambda f: bool(eval_paths & {Path(f.data["file"]), *Path(f.data["file"]).parents})  # noqa: E731
     res.findings.sort(key=lambda f: (in_eval(f), f.data["file"], f.data["line"], order[f.rule]))
     stats["findings"] = dict(Counter(f.severity for f in res.findings))
     stats["checks"] = dict(Counter(f.rule for f in res.findings))
@@ -195,6 +207,46 @@ def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
             msg = f"{exc} (read as '{key}' format)" if check == "fields" else str(exc)
             _add(findings, check, rec.source, rec.line, msg)
     return _File(str(p), key, len(records), convs)
+
+
+def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str) -> tuple[_File, list]:
+    """One file as :func:`_load`; a list of sources read each with its own format and joined:
+    (all of them as one _File, [(Source, its _File)] per source; [] for one file)."""
+    if not is_mixture(spec):
+        return _load(spec, fmt, findings), []
+    parts = [(src, _load(src.path, src.format or fmt, findings)) for src in parse_sources(spec, key)]
+    files = [f for _, f in parts]
+    joined = _File(", ".join(f.path for f in files), "/".join(dict.fromkeys(f.fmt for f in files)),
+                   sum(f.records for f in files), [c for f in files for c in f.convs])
+    return joined, parts
+
+
+def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None) -> dict:
+    """One row of the per-source table; tokens and trained tokens (as training labels them) need ``tok``."""
+    row = {"name": src.name, "path": src.path, "format": f.fmt, "weight": src.weight, "count": src.count,
+           "records": f.records, "examples": len(f.convs), "tokens": None, "trained_tokens": None, "too_long": None}
+    if tok is None or not f.convs:
+        return row
+    try:  # the whole-data token checks already turned any problem into findings: only the sums here
+        examples, rep = Labeler(tok, tpl).encode(f.convs)
+    except SftlabError:
+        return row
+    row.update(tokens=rep.n_tokens, trained_tokens=rep.n_trained_tokens,
+               too_long=sum(len(e.input_ids) > max_len for e in examples) if max_len else None)
+    return row
+
+
+def _source_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        share = f", weight {r['weight']:g}" if r.get("weight") else f", count {r['count']}" if r.get("count") else ""
+        line = f"{r['name']} ({r['format']}): {r['examples']} of {r['records']} records usable{share}"
+        if r.get("tokens") is not None:
+            line += f"; {r['tokens']} tokens, {r['trained_tokens']} trained"
+            if r.get("too_long"):
+                line += f", {r['too_long']} over max_seq_length"
+        out.append(line)
+    return out
 
 
 def _bad_utf8_lines(p: Path) -> list[tuple[int, str]]:

@@ -100,6 +100,17 @@ def validate_roles(messages: list[Message]) -> None:
             raise FormatError(f"message {i} (assistant) is empty", "empty_reply")
 
 
+def _parse_json(text: str, what: str, check: str, fix: str):
+    """``text`` parsed as JSON; a FormatError naming ``what`` and the fix when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{what} is not valid JSON ({exc.msg} at column {exc.colno})", check, fix)
+
+
+_ARGS_FIX = "write the arguments as a JSON object, e.g. {\"city\": \"Paris\"}"
+
+
 def _arguments(value, where: str) -> dict:
     """A tool call's arguments as a dict: an object, a JSON-object string, or nothing (no arguments)."""
     if value is None or value == "":
@@ -107,16 +118,11 @@ def _arguments(value, where: str) -> dict:
     if isinstance(value, dict):
         return value
     if isinstance(value, str):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{where} 'arguments' is not valid JSON ({exc.msg} at column {exc.colno})", "tool_calls",
-                              "write the arguments as a JSON object, e.g. {\"city\": \"Paris\"}")
-        if isinstance(parsed, dict):
-            return parsed
-        value = parsed
+        value = _parse_json(value, f"{where} 'arguments'", "tool_calls", _ARGS_FIX)
+        if isinstance(value, dict):
+            return value
     raise FormatError(f"{where} 'arguments' must be an object or a JSON-object string, got {type(value).__name__}",
-                      "tool_calls", "write the arguments as a JSON object, e.g. {\"city\": \"Paris\"}")
+                      "tool_calls", _ARGS_FIX)
 
 
 def _tool_call(call, where: str) -> dict:
@@ -151,11 +157,8 @@ def _tools(row: dict) -> list[dict] | None:
     if tools is None or tools == "" or tools == []:
         return None
     if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"'tools' is a string but not valid JSON ({exc.msg})", "tools",
-                              "give 'tools' as a list of function schemas (or a JSON string of one)")
+        tools = _parse_json(tools, "'tools' (a string)", "tools",
+                            "give 'tools' as a list of function schemas (or a JSON string of one)")
     if isinstance(tools, dict):
         tools = [tools]
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -249,11 +252,8 @@ def _function_call_turn(value, i: int) -> Message:
     """sharegpt's ``function_call`` turn: its value is a JSON call ``{"name", "arguments"}`` or a list of them."""
     where = f"turn {i}"
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{where} (function_call) is not valid JSON ({exc.msg})", "tool_calls",
-                              'write the value as {"name": "...", "arguments": {...}}')
+        value = _parse_json(value, f"{where} (function_call)", "tool_calls",
+                            'write the value as {"name": "...", "arguments": {...}}')
     calls = value if isinstance(value, list) else [value]
     return Message("assistant", "", tool_calls=tuple(_tool_call(c, f"{where} (function_call)") for c in calls))
 

@@ -38,16 +38,13 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.loss import IGNORE
 from sftlab.data.skeleton import Skeletons
 from sftlab.data.templates import ChatTemplate
+from sftlab.data.turns import ConvLabels, TurnRule
 from sftlab.data.types import Conversation, Message
 
 MASKING = choices(Masking)
 TRUNCATION = choices(Truncation)
 REASONING = choices(Reasoning)
 
-# Why a conversation was split into one example per turn / how turns were cut (for the report).
-SPLIT_HISTORY = "the template renders earlier turns differently from how the model produced them"
-NOTE_GEN_PROMPT = "the generation prompt is not a prefix of the rendered turn: trained from where they differ"
-NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
 
 
 @contextmanager
@@ -101,6 +98,9 @@ class PrepareReport:
     n_single: int = 0  # chats kept as one example (history renders unchanged, or reasoning keep/last)
     n_split: int = 0  # chats split into one example per assistant turn
     rule_notes: dict[str, int] = field(default_factory=dict)  # why split / how turns end -> conversations
+    sources: list[dict] = field(default_factory=list)  # per source of a mixture (sftlab.data.mixture.Mixture.stats)
+    # kept examples' lengths in tokens: {"bin_width": w, "counts": [n of length in [i*w, (i+1)*w)]}
+    length_histogram: dict = field(default_factory=dict)
 
     def rule(self) -> str:
         """Which label rule was applied, and why (one line, for `prepare`)."""
@@ -137,17 +137,18 @@ class PrepareReport:
         return d
 
 
-class ConvLabels(list):
-    """A conversation's examples (each a list of (text, trained) pieces), with how they were cut:
-    ``split`` (one example per assistant turn) and ``notes`` (the report's reasons)."""
+def length_histogram(lengths: list[int], bins: int = 32) -> dict:
+    """Counts of ``lengths`` in ``bins`` equal bins from 0; the width is a whole number of tokens."""
+    if not lengths:
+        return {}
+    width = max(1, -(-(max(lengths) + 1) // bins))
+    counts = [0] * (max(lengths) // width + 1)
+    for n in lengths:
+        counts[n // width] += 1
+    return {"bin_width": width, "counts": counts}
 
-    def __init__(self, examples=(), split: bool = False, notes: tuple[str, ...] = ()):
-        super().__init__(examples)
-        self.split = split
-        self.notes = notes
 
-
-class Labeler:
+class Labeler(TurnRule):
     """Turns conversations into examples with exact labels for one tokenizer and template."""
 
     def __init__(self, tokenizer, template: ChatTemplate | None, *, masking: str = "all_assistant",
@@ -217,136 +218,6 @@ class Labeler:
         msgs = [m if m.reasoning is None or (self.reasoning == "last" and i == last) else replace(m, reasoning=None)
                 for i, m in enumerate(conv.messages)]
         return replace(conv, messages=msgs)
-
-    def _note(self, why: str) -> None:
-        if why not in self._notes:
-            self._notes.append(why)
-
-    def _examples_exact(self, conv: Conversation) -> ConvLabels:
-        """The label rule (module docstring), by rendering each turn's inference prompt and the turn."""
-        self._notes = []
-        msgs, tools = conv.messages, conv.tools
-        full = self.template.render(msgs, tools=tools)
-        assistant_idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
-        prompts = [self.template.render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
-        whole = self.masking == "all" or self.reasoning in ("keep", "last")
-        turns = []  # (rendered through this turn, trained start, trained end, end token found)
-        for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
-            rendered = full if i == len(msgs) - 1 else self.template.render(msgs[:i + 1], tools=tools)
-            start = len(prompt) if rendered.startswith(prompt) else _common(prompt, rendered)
-            if start < len(prompt):
-                self._note(NOTE_GEN_PROMPT)
-            end, has_end = self._turn_end(rendered, start)
-            self._check_turn(conv, msgs[i], rendered[start:end], n + 1)
-            turns.append((rendered, start, end, has_end))
-        for m in msgs:
-            if m.role == "tool" and m.content.strip() and m.content.strip() not in full:
-                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render tool results",
-                                  hint="use a template with a tool role, e.g. --template chatml-tools")
-        last = self.masking == "last_assistant"
-        if whole:
-            spans = self._spans_in_full(conv, full, prompts, turns)
-        elif all(full.startswith(r) for r, _, _, _ in turns):
-            spans = [(s, e, h) for _, s, e, h in turns]
-        else:
-            self._note(SPLIT_HISTORY)
-            out = ConvLabels()
-            for n, (rendered, start, end, has_end) in enumerate(turns):
-                if last and n < len(turns) - 1:
-                    continue
-                reply = rendered[start:end] + ("" if has_end else self._eos_or_fail(conv))
-                out.append([(rendered[:start], False), (reply, True)] if start else [(reply, True)])
-            out.split, out.notes = True, tuple(self._notes)
-            return out
-        segs = self._cut(conv, full, spans, last)
-        return ConvLabels([segs], split=False, notes=tuple(self._notes))
-
-    def _cut(self, conv, full: str, spans, last: bool) -> list[tuple[str, bool]]:
-        """One example: ``full`` cut at the trained spans (start, end, end token found)."""
-        segs: list[tuple[str, bool]] = []
-        cursor = 0
-        for n, (start, end, has_end) in enumerate(spans):
-            reply = full[start:end]
-            if not has_end:
-                nxt = self._special_at(full, end)
-                if nxt is not None:  # the turn ends at the next role's token (GLM-style)
-                    self._note(NOTE_NEXT_ROLE)
-                    end += len(nxt)
-                    reply += nxt
-                else:
-                    reply += self._eos_or_fail(conv)
-            if cursor < start:
-                segs.append((full[cursor:start], False))
-            segs.append((reply, self.masking == "all" or not last or n == len(spans) - 1))
-            cursor = end
-        if cursor < len(full):
-            segs.append((full[cursor:], False))
-        if self.masking == "all":
-            segs = [(t, True) for t, _ in segs]
-        return segs
-
-    def _spans_in_full(self, conv, full: str, prompts: list[str], turns) -> list[tuple[int, int, bool]]:
-        """Each turn's trained span within the full render (``reasoning: keep|last``, ``masking: all``)."""
-        spans = []
-        cursor = 0
-        starts = [max(_common(p, full), 0) for p in prompts] + [len(full)]
-        for n, (rendered, start, end, has_end) in enumerate(turns):
-            begin = max(cursor, min(starts[n], start))
-            if full[:end] == rendered[:end] and end >= begin:
-                spans.append((begin, end, has_end))
-                cursor = end
-                continue
-            # History renders this turn differently: train it as the full render shows it, up to the
-            # first special token after its text (and before the next turn starts).
-            limit = max(starts[n + 1], begin)
-            content = conv.messages[[i for i, m in enumerate(conv.messages) if m.role == "assistant"][n]].content.strip()
-            at = full.find(content, begin, limit) if content else -1
-            pos = at + len(content) if at >= 0 else begin
-            stop = None
-            while pos < limit and stop is None:
-                stop = self._special_at(full, pos)
-                pos += 1 if stop is None else 0
-            if stop is None:
-                raise SftlabError(f"{conv.where()}: cannot find where assistant turn {n + 1} ends in the full render",
-                                  hint="use reasoning: per_turn (one example per turn)")
-            spans.append((begin, pos + len(stop), True))
-            cursor = pos + len(stop)
-        return spans
-
-    def _turn_end(self, rendered: str, start: int) -> tuple[int, bool]:
-        """(end of the trained span, whether it ends in a special token): through the turn's last run of
-        special tokens, white space after it untrained; without one, the text with white space trimmed."""
-        body = rendered[start:].rstrip()
-        stripped = body
-        while True:
-            tok = next((s for s in self._specials if stripped.endswith(s)), None)
-            if tok is None:
-                break
-            stripped = stripped[: -len(tok)]
-        return start + len(body), stripped != body
-
-    def _check_turn(self, conv: Conversation, m: Message, trained: str, nth: int) -> None:
-        content = m.content.strip()
-        if content and content not in trained:
-            raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",
-                              hint="use a template that keeps message content as is, e.g. --template chatml")
-        for call in m.tool_calls or ():
-            if call["function"]["name"] not in trained:
-                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render the tool calls "
-                                  f"of assistant turn {nth}", hint="use a template that renders tools, e.g. --template chatml-tools")
-
-    def _eos_or_fail(self, conv: Conversation) -> str:
-        if not self.eos:
-            raise SftlabError(f"{conv.where()}: the template writes no end-of-turn token and the tokenizer has no EOS",
-                              hint="use a template with an end-of-turn token, e.g. --template chatml")
-        self.eos_appended = True
-        return self.eos
-
-    def _special_at(self, full: str, pos: int) -> str | None:
-        for s in self._specials:
-            if full.startswith(s, pos):
-                return s
-        return None
 
     def _eot_at(self, full: str, end: int) -> str | None:
         tpl_eot = self.template.eot if self.template else None
@@ -475,6 +346,7 @@ class Labeler:
             report.n_reply_ends += ends
             report.n_reply_ends_trained += ends_trained
         report.n_kept = len(examples)
+        report.length_histogram = length_histogram([len(e.input_ids) for e in examples])
         report.eos_appended = self.eos_appended
         if self.end_ids:
             report.eos_trained = 0 < report.n_reply_ends == report.n_reply_ends_trained
@@ -541,17 +413,3 @@ def trained_text(tokenizer, ex: Example) -> list[str]:
 def reply_messages(conv: Conversation) -> list[Message]:
     return [m for m in conv.messages if m.role == "assistant"]
 
-
-def _common(a: str, b: str) -> int:
-    """Length of the longest common prefix of ``a`` and ``b``."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search on prefix equality: C-speed slices instead of a Python loop
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport, paused_gc
+from sftlab.data.mixture import Mixture, is_mixture, load_mixture
 from sftlab.data.templates import ChatTemplate, missing_tokens, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.models import load_tokenizer
@@ -25,6 +27,7 @@ class Prepared:
     tokenizer: object
     conversations: list[Conversation]
     added_tokens: list[str] = field(default_factory=list)  # special tokens the template needed
+    mixture: Mixture | None = None  # ``data`` was a list of sources: the drawn mix
 
 
 def setup_template(cfg: Config, tokenizer) -> tuple[ChatTemplate, list[str]]:
@@ -55,23 +58,39 @@ def labeler_for(cfg: Config, tokenizer, template: ChatTemplate | None) -> Labele
                    truncation=cfg.truncation, reasoning=cfg.reasoning)
 
 
-def prepare(cfg: Config, tokenizer=None, *, data: str | None = None) -> Prepared:
-    """Tokenize and label ``data`` (default ``cfg.data``) for ``cfg.model``'s tokenizer."""
+def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key: str = "data") -> Prepared:
+    """Tokenize and label ``data`` (default ``cfg.data``) for ``cfg.model``'s tokenizer.
+
+    A list of sources is drawn into one mix first (:func:`sftlab.data.mixture.load_mixture`); the
+    report then holds per-source stats. ``key`` names the config key in error messages.
+    """
     path = data or cfg.data
     if not path:
         raise SftlabError("no training data given", hint="pass --data FILE or set `data:` in the config")
+    mix = None
+    if is_mixture(path):  # a bad source fails before any model is loaded
+        with paused_gc():
+            mix = load_mixture(path, cfg.format, system_prompt=cfg.system_prompt, seed=cfg.seed, key=key)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with paused_gc():
-        convs = load_conversations(path, cfg.format, system_prompt=cfg.system_prompt)
+        convs = mix.conversations if mix else load_conversations(path, cfg.format, system_prompt=cfg.system_prompt)
     template, added = (None, [])
     if any(not c.is_text for c in convs):
         template, added = setup_template(cfg, tokenizer)
     examples, report = labeler_for(cfg, tokenizer, template).encode(convs)
+    if mix is not None:
+        report.sources = mix.stats(examples)
     if not examples:
         raise SftlabError(f"{path}: no example is left to train on ({report.summary()})",
                           hint="raise max_seq_length or check the masking strategy")
-    return Prepared(examples, report, template, tokenizer, convs, added)
+    return Prepared(examples, report, template, tokenizer, convs, added, mix)
+
+
+def source_lines(report: PrepareReport) -> list[str]:
+    """One line per source of a mixture: drawn (of size, share), kept, tokens, trained tokens."""
+    return [f"  {s['name']}: {s['drawn']} drawn of {s['size']} ({s['share']:.1%} of the mix), {s['examples']} kept, "
+            f"{s['tokens']} tokens, {s['trained_tokens']} trained" for s in report.sources]
 
 
 def dump_rows(prepared: Prepared):
@@ -97,21 +116,31 @@ def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
             (tmp / "chat_template.jinja").write_text(prepared.template.source)
 
 
+# Reasoning as templates render it: <think>...</think>, or GPT-OSS's analysis channel.
+_REASONING_SPAN = re.compile(r"<think>.*?</think>|<\|channel\|>analysis<\|message\|>.*?<\|end\|>", re.S)
+
+
 def render_example(tokenizer, ex: Example, color: bool | None = None) -> str:
-    """The example's text with trained tokens highlighted (green on a terminal, «…» otherwise)."""
+    """The example's text with trained tokens highlighted (green on a terminal, «…» otherwise) and
+    the reasoning span within them marked (yellow on a terminal, ‹…› otherwise)."""
     if color is None:
         color = sys.stdout.isatty()
     on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("«", "»")
+    r_on, r_off = ("\x1b[43;30m", "\x1b[42;30m") if color else ("‹", "›")
+
+    def mark(text: str) -> str:
+        return _REASONING_SPAN.sub(lambda m: f"{r_on}{m.group(0)}{r_off}", text)
+
     out, run, trained = [], [], None
     for tid, lab in zip(ex.input_ids, ex.labels):
         t = lab != IGNORE
         if trained is not None and t != trained:
             text = tokenizer.decode(run)
-            out.append(f"{on}{text}{off}" if trained else text)
+            out.append(f"{on}{mark(text)}{off}" if trained else text)
             run = []
         run.append(tid)
         trained = t
     if run:
         text = tokenizer.decode(run)
-        out.append(f"{on}{text}{off}" if trained else text)
+        out.append(f"{on}{mark(text)}{off}" if trained else text)
     return "".join(out)

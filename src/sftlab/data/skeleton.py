@@ -145,7 +145,6 @@ class Skeletons:
         """The conversation's labels (as the exact method gives them: a ConvLabels)."""
         if self.failed or not _plain(conv):
             return self.exact(conv)
-        msgs = conv.messages
         key = key_of(conv)
         if any(r for _, r in key) and not self.template.renders_reasoning:
             return self.exact(conv)  # reasoning goes inline into the content: not a plain paste

@@ -152,10 +152,11 @@ class ChatTemplate:
         """
         inline = any(m.reasoning is not None for m in messages) and not self.renders_reasoning
         msgs = [_for_template(m, inline) for m in messages]
-        ctx = dict(self.kwargs or {})
+        # As transformers' apply_chat_template: `tools` and `documents` always defined (None when
+        # absent), so `{% if tools is not none %}` (Llama 3.1) reads the same.
+        ctx = {"tools": tools or None, "documents": None}
+        ctx.update(self.kwargs or {})
         ctx.update(self.special or {})
-        if tools:
-            ctx["tools"] = tools
         try:
             return self._compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **ctx)
         except TemplateError as exc:

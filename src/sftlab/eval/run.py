@@ -20,6 +20,7 @@ from pathlib import Path
 from sftlab.core.errors import SftlabError
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import Example, Labeler
+from sftlab.data.mixture import is_mixture, parse_sources, read_source
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation
@@ -166,11 +167,15 @@ _PREP_KEYS = ("n_input", "n_kept", "n_dropped_too_long", "n_truncated", "n_turns
 def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Sequence[Conversation], *,
              settings: GenerationSettings | None = None, batch_size: int = 8, scorer: str | None = None,
              max_seq_length: int | None = 2048, truncation: str = "cut_turns",
-             general: Sequence[Conversation] | None = None, samples: int = 5, generation: bool = True) -> dict:
+             general: Sequence[Conversation] | None = None, samples: int = 5, generation: bool = True,
+             sources: Sequence[str] | None = None) -> dict:
     """Evaluate one loaded model on conversations. JSON-serialisable result:
     ``metrics`` (loss, perplexity, tokens, general_loss, and the generation summary), ``scorer``,
     ``format_check``, ``prepare`` (what tokenization kept/dropped), ``samples`` (the first
     ``samples`` prompts with reference, reply and score), ``settings`` (the generation settings).
+    ``sources``: the source name of each conversation (several eval sources); the result then has
+    ``sources``: {name: {n_examples, loss, perplexity, tokens, and with generation task_score,
+    format_adherence, finished_rate, n_generated}}.
     """
     settings = settings or GenerationSettings()
     examples, prep = encode_examples(tokenizer, template, conversations, max_seq_length=max_seq_length,
@@ -188,6 +193,7 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
         if g_examples:
             result["metrics"]["general_loss"] = evaluate_loss(model, tokenizer, g_examples, batch_size)["loss"]
     chats = _chat(conversations)
+    rows: list[dict] = []
     if generation and chats and template is not None:
         gens = generate(model, tokenizer, template, chats, settings, batch_size)
         refs, trefs = [reference_reply(c) for c in chats], tool_refs(chats)
@@ -201,7 +207,29 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
         for c, row in list(zip(chats, rows))[:samples]:
             result["samples"].append({"where": c.where(), "prompt": prompt_messages(c)[-1].content,
                                       "prompt_text": render_prompt(template, c), **row})
+    if sources is not None:
+        result["sources"] = _per_source(model, tokenizer, conversations, sources, examples, rows, batch_size)
     return result
+
+
+def _per_source(model, tokenizer, conversations, sources: Sequence[str], examples: list[Example],
+                rows: list[dict], batch_size: int) -> dict[str, dict]:
+    """Loss per source (its own examples) and, when replies were generated, the generation scores per source."""
+    out: dict[str, dict] = {name: {"n_examples": 0} for name in dict.fromkeys(sources)}
+    for name in sources:
+        out[name]["n_examples"] += 1
+    for name in out:
+        mine = [e for e in examples if sources[e.index] == name]
+        if mine:
+            out[name].update(evaluate_loss(model, tokenizer, mine, batch_size))
+    chat_sources = [sources[i] for i, c in enumerate(conversations) if not c.is_text and reference_reply(c) is not None]
+    for name in out:
+        mine = [r for r, src in zip(rows, chat_sources) if src == name]
+        if mine:
+            out[name].update(n_generated=len(mine), task_score=m.mean([r["score"] for r in mine]),
+                             format_adherence=m.mean([float(r["format_ok"]) for r in mine]),
+                             finished_rate=m.mean([float(r["finished"]) for r in mine]))
+    return out
 
 # --- sftlab eval -------------------------------------------------------------------------------
 
@@ -271,7 +299,21 @@ def _load_data(path: str, fmt: str | None, what: str) -> list[Conversation]:
     return convs
 
 
-def run_eval(target: str, data: str, *, compare_to: str | None = None, general: str | None = None,
+def _load_eval_sources(data, fmt: str | None, limit: int | None) -> tuple[list[Conversation], list[str] | None]:
+    """(conversations, source name of each or None): one file as before; a list of sources each read
+    whole (weights and counts are for training mixes) and cut to ``limit``."""
+    if not is_mixture(data):
+        return _load_data(data, fmt, "eval data")[:limit], None
+    convs: list[Conversation] = []
+    names: list[str] = []
+    for src in parse_sources(data, "eval_data"):
+        part = read_source(src, fmt)[0][:limit]
+        convs += part
+        names += [src.name] * len(part)
+    return convs, names
+
+
+def run_eval(target: str, data: str | list, *, compare_to: str | None = None, general: str | None = None,
              fmt: str | None = None, template: str | None = None, scorer: str | None = None,
              settings: GenerationSettings | None = None, batch_size: int = 8, max_seq_length: int | None = None,
              samples: int = 5, threshold: float = DEFAULT_FORGETTING_THRESHOLD, device=None,
@@ -287,16 +329,17 @@ def run_eval(target: str, data: str, *, compare_to: str | None = None, general: 
         choose_scorer([], scorer)  # a bad --scorer fails before any model loads
     if limit is not None and limit < 1:
         raise SftlabError(f"--limit {limit} must be at least 1")
-    convs = _load_data(data, fmt, "eval data")[:limit]
+    convs, names = _load_eval_sources(data, fmt, limit)
     model, tok, tpl, cfg = load_target(target, template=template, device=device)
     general = general or (cfg.replay_data if cfg is not None else None)
     general_convs = _load_data(general, None, "general data")[:limit] if general else None
     max_len = max_seq_length or (cfg.max_seq_length if cfg is not None else 2048)
     trunc = cfg.truncation if cfg is not None else "cut_turns"
     kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc,
-              general=general_convs, samples=samples)
+              general=general_convs, samples=samples, sources=names)
     after = evaluate(model, tok, tpl, convs, **kw)
-    info = {"target": str(target), "data": str(data), "general": general}
+    info = {"target": str(target), "data": str(data) if names is None else ", ".join(dict.fromkeys(names)),
+            "general": general}
     if not compare_to:
         return {"kind": "single", **info, "result": after}
     del model
@@ -323,3 +366,18 @@ def attach_to_run(run_dir: str | Path, result: dict) -> Path:
     summary = run.summary()
     summary.eval = result
     return run.write_summary(summary)
+
+
+def format_sources(out: dict) -> str:
+    """The per-source lines ``sftlab eval`` prints after the totals ("" for one eval file)."""
+    res = out.get("result") or out.get("after") or {}
+    before = (out.get("before") or {}).get("sources") or {}
+    lines = []
+    for name, r in (res.get("sources") or {}).items():
+        line = f"  {name}: {r['n_examples']} examples"
+        if "loss" in r:
+            line += f", loss {r['loss']:.4f}" + (f" (before {before[name]['loss']:.4f})" if "loss" in before.get(name, {}) else "")
+        if "task_score" in r:
+            line += f", task_score {r['task_score']:.3f}, format_adherence {r['format_adherence']:.3f}"
+        lines.append(line)
+    return "per source:\n" + "\n".join(lines) if lines else ""

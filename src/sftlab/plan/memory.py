@@ -25,9 +25,13 @@ chunk of logits alive), the backward through one recomputed layer (checkpointing
 Assumes batches without padding inside the attention (equal lengths or packing): with a padding mask
 SDPA may fall back to a kernel that stores the ``seq x seq`` attention matrix per head.
 
-On CPU the estimate is of live memory. Resident memory follows it when freed blocks go back to the OS
-(:func:`sftlab.plan.allocator.release_freed_memory`); with glibc's default malloc settings the
-process keeps freed activations resident and measured up to about twice as much (benchmarks/RESULTS.md).
+On CPU the estimate is of the `sftlab train` process's peak resident memory: the live tensors plus the
+process's baseline (libraries, tokenizer, data: :func:`process_baseline_bytes`). Resident memory follows
+the live tensors because training sends freed blocks back to the OS
+(:func:`sftlab.plan.allocator.release_freed_memory`, called by `train`); with glibc's default malloc
+settings (``SFTLAB_MALLOC=glibc``) the process keeps freed activations resident and measured up to
+about twice as much (benchmarks/RESULTS.md). On CUDA it is reserved memory: live tensors plus the CUDA
+context and a fixed allocator slack.
 """
 
 from __future__ import annotations
@@ -53,6 +57,13 @@ GB = 1e9
 # on top of the live tensors by benchmarks/plan_memory.py (with the allocator set as in
 # sftlab.plan.allocator). On CUDA: the context, and cuBLAS workspaces plus caching-allocator slack.
 CPU_OVERHEAD_BYTES = 80_000_000
+# On CPU the plan is of the whole `sftlab train` process's resident memory, so it counts what the process
+# holds before the model loads, measured once (RSS after each import, SmolLM2's tokenizer, 2-core Xeon,
+# torch 2.13 CPU, transformers 5): the interpreter with torch 290 MB, transformers, peft, datasets and
+# sftlab 313 MB more; the tokenizer and the prepared data about 1.15 KB per vocabulary entry (57 MB at 49k).
+# On a GPU none of this is device memory.
+CPU_LIBRARY_BYTES = 603_000_000
+CPU_TOKENIZER_BYTES_PER_VOCAB = 1_150
 CUDA_CONTEXT_BYTES = 500_000_000
 CUDA_OVERHEAD_BYTES = 200_000_000
 # bitsandbytes NF4 with double quantisation: 4 bits + an 8-bit absmax per 64 + an fp32 per 256 blocks.
@@ -308,6 +319,13 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     return total
 
 
+def process_baseline_bytes(shape: ModelShape, s: TrainSetup) -> int:
+    """Resident memory of `sftlab train` before the model loads: libraries, tokenizer, data (CPU only)."""
+    if s.device != "cpu":
+        return 0
+    return CPU_LIBRARY_BYTES + CPU_TOKENIZER_BYTES_PER_VOCAB * shape.vocab
+
+
 def _backward_transient_bytes(shape: ModelShape, s: TrainSetup) -> int:
     """Gradient buffers in flight while back-propagating through one layer, per token."""
     b = _bytes(shape, s)
@@ -346,7 +364,9 @@ def logits_bytes(shape: ModelShape, s: TrainSetup) -> int:
 
 
 def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
-    """Peak memory one training step adds on top of the process before the model is loaded."""
+    """Peak memory of a training run: on CPU the `sftlab train` process's resident memory (its baseline
+    included, with the allocator as training sets it); on CUDA the device memory (the CUDA context and
+    the caching allocator's slack included, i.e. reserved memory as ``nvidia-smi`` shows it)."""
     s = setup
     b = _bytes(shape, s)
     static = static_parts(shape, s)
@@ -354,7 +374,8 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     per_layer = layer_activation_bytes(shape, s)
     ckpt_per_layer = shape.hidden * b.residual                 # the layer input, kept by the checkpoint
     transient = _backward_transient_bytes(shape, s) * n_tok
-    overhead = {"overhead": CPU_OVERHEAD_BYTES} if s.device == "cpu" else {
+    overhead = {"process baseline": process_baseline_bytes(shape, s),
+                "overhead": CPU_OVERHEAD_BYTES} if s.device == "cpu" else {
         "cuda_context": CUDA_CONTEXT_BYTES, "overhead": CUDA_OVERHEAD_BYTES}
     if s.method == "qlora":  # one layer's weight dequantised to the compute dtype at a time
         overhead["overhead"] += 2 * max(a * c for a, c in shape.linear_shapes().values()) * b.compute
@@ -442,5 +463,5 @@ def max_seq_len(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit
     return _largest(lambda n: estimate_memory(shape, replace(setup, seq_len=n)).total_bytes <= budget_bytes, limit)
 
 __all__ = ["ALL_LINEAR", "METHODS", "OPTIMIZERS", "PRECISIONS", "DEVICES", "GB", "TrainSetup", "MemoryEstimate",
-           "estimate_memory", "layer_activation_bytes", "logits_bytes", "lora_param_count", "prefix_param_count",
+           "estimate_memory", "layer_activation_bytes", "logits_bytes", "process_baseline_bytes", "lora_param_count", "prefix_param_count",
            "trainable_params", "static_parts", "static_bytes_per_param", "max_batch", "max_seq_len"]

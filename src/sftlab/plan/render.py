@@ -63,8 +63,8 @@ def render_plan(plan: Plan) -> str:
     if others:
         lines.append("  other moments: " + ", ".join(f"{k} {gb(v)}" for k, v in others.items()))
     if s["device"] == "cpu":
-        lines.append("  (live memory: resident memory follows it when freed memory goes back to the OS, see "
-                     "sftlab.plan.release_freed_memory; glibc's defaults measured up to 1.9x)")
+        lines.append("  (peak resident memory of `sftlab train`, its baseline included; train returns freed memory "
+                     "to the OS; with SFTLAB_MALLOC=glibc it measured up to 1.9x the live tensors)")
     per = e.activation_bytes_per_layer
     lines.append(f"  activations per layer: {gb(per['no_checkpointing'])} without checkpointing, "
                  f"{gb(per['checkpointing'])} with")

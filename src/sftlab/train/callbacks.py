@@ -1,16 +1,19 @@
-"""Callbacks: metrics.jsonl, signal-safe checkpoints, progress line."""
+"""Callbacks: metrics.jsonl, signal-safe checkpoints, progress line; the trackers' run name and project."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 from transformers import TrainerCallback
 
 from sftlab.core.hardware import peak_memory_mb
+from sftlab.plan.allocator import release_freed_memory
 
 
 class MetricsLogger(TrainerCallback):
@@ -60,6 +63,8 @@ class MetricsLogger(TrainerCallback):
                         "tokens": t.tokens_seen, "trained_tokens": t.trained_tokens_seen,
                         "memory_mb": round(peak_memory_mb(), 1)})
             self._last = (now, t.tokens_seen, t.trained_tokens_seen)
+            # The same dict goes on to the trackers' callbacks (tensorboard, wandb, ...): give them throughput too.
+            logs.update({k: row[k] for k in _TRACKED})
         else:
             return
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -77,6 +82,43 @@ class MetricsLogger(TrainerCallback):
                 bar.write(line)
             else:
                 print(line, flush=True)
+
+
+_TRACKED = ("tokens_per_second", "trained_tokens_per_second")  # our train-row scalars the trackers also get
+
+
+def put_first(trainer, callback) -> None:
+    """Add ``callback`` ahead of every other, so its ``on_log`` changes reach the trackers' callbacks."""
+    trainer.callback_handler.callbacks.insert(0, callback)
+
+
+def route_tensorboard(trainer, log_dir) -> None:
+    """transformers' TensorBoardCallback writes to ``log_dir`` (RUN/tensorboard) instead of a dated folder
+    under the checkpoints; ``TENSORBOARD_LOGGING_DIR`` set by the user still wins."""
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", None) is None:
+            cb.logging_dir = str(log_dir)
+
+
+@contextmanager
+def tracker_env(project: str | None):
+    """While training: ``WANDB_PROJECT`` and ``MLFLOW_EXPERIMENT_NAME`` = ``project`` (restored after).
+
+    Those two integrations read the project only from the environment; trackio takes
+    ``TrainingArguments.project``. No project: the environment is left as it is.
+    """
+    keys = ("WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME")
+    old = {k: os.environ.get(k) for k in keys}
+    if project:
+        os.environ.update(dict.fromkeys(keys, project))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class SignalCheckpoint(TrainerCallback):
@@ -107,3 +149,17 @@ class SignalCheckpoint(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def keep_memory_near_live_tensors() -> bool:
+    """On CPU, have freed tensor memory go back to the OS at once, so the process peaks where its live
+    tensors do and `sftlab plan`'s estimate holds (see :mod:`sftlab.plan.allocator`). Called once before
+    the model loads. ``SFTLAB_MALLOC=glibc`` keeps glibc's defaults (faster steps, more resident memory:
+    benchmarks/RESULTS.md). Returns whether the allocator was changed."""
+    import os
+
+    import torch  # deferred: heavy library, imported on first use
+
+    if torch.cuda.is_available() or os.environ.get("SFTLAB_MALLOC", "").lower() == "glibc":
+        return False
+    return release_freed_memory()

@@ -28,7 +28,14 @@ from sftlab.eval.run import training_eval
 from sftlab.models import load_tokenizer, model_config
 from sftlab.plan.shapes import shape_from_config
 from sftlab.rundir import Summary
-from sftlab.train.callbacks import MetricsLogger, SignalCheckpoint
+from sftlab.train.callbacks import (
+    MetricsLogger,
+    SignalCheckpoint,
+    keep_memory_near_live_tensors,
+    put_first,
+    route_tensorboard,
+    tracker_env,
+)
 from sftlab.train.checks import checklist, resolve_auto
 from sftlab.train.continual import ewc_from_examples, mix_replay
 from sftlab.train.model import build_model
@@ -94,6 +101,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict()}
     if not quiet:
         print_checks(findings)
+    keep_memory_near_live_tensors()  # before the model's tensors exist
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens)
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
@@ -121,7 +129,7 @@ def load_data(cfg: Config) -> RunData:
     """The tokenizer and every data set of the run, tokenized and labelled."""
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = prepare(cfg, tok)
-    evald = prepare(cfg, tok, data=cfg.eval_data) if cfg.eval_data else None
+    evald = prepare(cfg, tok, data=cfg.eval_data, key="eval_data") if cfg.eval_data else None
     general = prepare(cfg, tok, data=cfg.replay_data) if cfg.replay_data else None
     if (cfg.replay_ratio > 0 or cfg.ewc_lambda > 0) and general is None:
         raise SftlabError("replay_ratio and ewc_lambda need general data", hint="--set replay_data=FILE")
@@ -142,6 +150,9 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
                          train_keys=_example_keys(data.train), eval_keys=_example_keys(data.eval),
                          report=data.train.report)
+    for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # the drawn mixture, as counts
+        if prepared is not None and prepared.mixture is not None:
+            setattr(rc, key, prepared.mixture.resolved())
     return rc, findings
 
 
@@ -215,6 +226,7 @@ def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: boo
         activation_checkpointing_kwargs={"use_reentrant": False}, save_only_model=False,
         average_tokens_across_devices=True, ddp_find_unused_parameters=False,
         deepspeed=rc.deepspeed, fsdp=rc.fsdp or "",
+        run_name=rc.run_name or Path(rc.output_dir).resolve().name, **({"project": rc.project} if rc.project else {}),
     )
     if rc.optimizer == "adam":
         args.weight_decay = 0.0
@@ -260,7 +272,9 @@ def attach_callbacks(trainer: SftlabTrainer, rc: Config, run: Path, *, quiet: bo
     stopper = SignalCheckpoint()
     trainer.remove_callback(ProgressCallback)  # our logger draws the bar with loss, lr and tokens/s
     trainer.remove_callback(PrinterCallback)
-    for cb in (logger, stopper, *extra):
+    put_first(trainer, logger)  # its throughput numbers reach the trackers' callbacks
+    route_tensorboard(trainer, run / "tensorboard")
+    for cb in (stopper, *extra):
         trainer.add_callback(cb)
     if trainer.eval_dataset is not None and rc.early_stopping_patience > 0:
         trainer.add_callback(EarlyStoppingCallback(rc.early_stopping_patience, rc.early_stopping_min_delta))
@@ -277,7 +291,8 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     stopped, divergence, result = "completed", None, None
     h.stopper.install()
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        with tracker_env(rc.project):
+            result = trainer.train(resume_from_checkpoint=resume_from)
     except Divergence as exc:
         stopped, divergence = "diverged", {"step": exc.step, "loss": exc.loss}
     finally:

@@ -1,0 +1,216 @@
+"""The label rule: which text of each assistant turn is trained, and in which example.
+
+Each assistant turn ``i`` is trained exactly as the model produces it at inference: the text that
+follows ``render(messages[:i], generation prompt)`` within ``render(messages[:i+1])``, through the
+turn's end-of-turn token(s). A conversation is one example where history renders unchanged, else one
+example per assistant turn in its exact inference prompt (see ``masking`` for the whole picture).
+:class:`TurnRule` is mixed into ``masking.Labeler``, whose attributes it uses (``template``,
+``masking``, ``reasoning``, ``eos``, ``_specials``, ``eos_appended``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from sftlab.core.errors import SftlabError
+from sftlab.data.types import Conversation, Message
+
+# Why a conversation was split into one example per turn / how turns were cut (for the report).
+SPLIT_HISTORY = "the template renders earlier turns differently from how the model produced them"
+NOTE_GEN_PROMPT = ("the inference prompt is not a prefix of the rendered turn: one example per turn, the turn "
+                   "trained from where the prompt's end is found in it")
+NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
+
+
+class ConvLabels(list):
+    """A conversation's examples (each a list of (text, trained) pieces), with how they were cut:
+    ``split`` (one example per assistant turn) and ``notes`` (the report's reasons)."""
+
+    def __init__(self, examples=(), split: bool = False, notes: tuple[str, ...] = ()):
+        super().__init__(examples)
+        self.split = split
+        self.notes = notes
+
+
+class TurnRule:
+    """The exact label rule, by rendering each turn's inference prompt and the turn itself."""
+
+    _notes: list[str]
+
+    def _note(self, why: str) -> None:
+        if why not in self._notes:
+            self._notes.append(why)
+
+    def _examples_exact(self, conv: Conversation) -> ConvLabels:
+        """The label rule (module docstring), by rendering each turn's inference prompt and the turn."""
+        self._notes = []
+        msgs, tools = conv.messages, conv.tools
+        full = self.template.render(msgs, tools=tools)
+        assistant_idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+        prompts = [self.template.render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
+        whole = self.masking == "all" or self.reasoning in ("keep", "last")
+        turns = []  # (rendered through this turn, trained start and end, end token found, prompt is its prefix)
+        for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
+            rendered = full if i == len(msgs) - 1 else self.template.render(msgs[:i + 1], tools=tools)
+            start, exact = _align(prompt, rendered)
+            if not exact:
+                self._note(NOTE_GEN_PROMPT)
+            end, has_end = self._turn_end(rendered, start)
+            self._check_turn(conv, msgs[i], rendered[start:end], n + 1, whole)
+            turns.append((rendered, start, end, has_end, exact))
+        for m in msgs:
+            # a template may JSON-encode a result (Mistral's `content | tojson`): look for either form
+            if m.role == "tool" and m.content.strip() and m.content.strip() not in full and \
+                    json.dumps(m.content.strip(), ensure_ascii=False)[1:-1] not in full:
+                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render tool results",
+                                  hint="use a template with a tool role, e.g. --template chatml-tools")
+        last = self.masking == "last_assistant"
+        if whole:
+            spans = self._spans_in_full(conv, full, prompts, turns)
+        elif all(exact and full.startswith(r[:e]) for r, _, e, _, exact in turns):
+            spans = [(s, e, h) for _, s, e, h, _ in turns]
+        else:
+            if not all(full.startswith(r[:e]) for r, _, e, _, _ in turns):
+                self._note(SPLIT_HISTORY)
+            out = ConvLabels()
+            for n, ((rendered, start, end, has_end, _), prompt) in enumerate(zip(turns, prompts)):
+                if last and n < len(turns) - 1:
+                    continue
+                # the context is the inference prompt itself (the rendered prefix where they agree)
+                reply = rendered[start:end] + ("" if has_end else self._eos_or_fail(conv))
+                out.append([(prompt, False), (reply, True)] if prompt else [(reply, True)])
+            out.split, out.notes = True, tuple(self._notes)
+            return out
+        segs = self._cut(conv, full, spans, last)
+        return ConvLabels([segs], split=False, notes=tuple(self._notes))
+
+    def _cut(self, conv, full: str, spans, last: bool) -> list[tuple[str, bool]]:
+        """One example: ``full`` cut at the trained spans (start, end, end token found)."""
+        segs: list[tuple[str, bool]] = []
+        cursor = 0
+        for n, (start, end, has_end) in enumerate(spans):
+            reply = full[start:end]
+            if not has_end:
+                nxt = self._special_at(full, end)
+                if nxt is not None:  # the turn ends at the next role's token (GLM-style)
+                    self._note(NOTE_NEXT_ROLE)
+                    end += len(nxt)
+                    reply += nxt
+                else:
+                    reply += self._eos_or_fail(conv)
+            if cursor < start:
+                segs.append((full[cursor:start], False))
+            segs.append((reply, self.masking == "all" or not last or n == len(spans) - 1))
+            cursor = end
+        if cursor < len(full):
+            segs.append((full[cursor:], False))
+        if self.masking == "all":
+            segs = [(t, True) for t, _ in segs]
+        return segs
+
+    def _spans_in_full(self, conv, full: str, prompts: list[str], turns) -> list[tuple[int, int, bool]]:
+        """Each turn's trained span within the full render (``reasoning: keep|last``, ``masking: all``)."""
+        spans = []
+        cursor = 0
+        starts = [_align(p, full)[0] for p in prompts] + [len(full)]
+        for n, (rendered, start, end, has_end, _) in enumerate(turns):
+            begin = max(cursor, min(starts[n], start))
+            if full[:end] == rendered[:end] and end >= begin:
+                spans.append((begin, end, has_end))
+                cursor = end
+                continue
+            # History renders this turn differently: train it as the full render shows it, up to the
+            # first special token after its text (and before the next turn starts).
+            limit = max(starts[n + 1], begin)
+            content = conv.messages[[i for i, m in enumerate(conv.messages) if m.role == "assistant"][n]].content.strip()
+            at = full.find(content, begin, limit) if content else -1
+            pos = at + len(content) if at >= 0 else begin
+            stop = None
+            while pos < limit and stop is None:
+                stop = self._special_at(full, pos)
+                pos += 1 if stop is None else 0
+            if stop is None:
+                raise SftlabError(f"{conv.where()}: cannot find where assistant turn {n + 1} ends in the full render",
+                                  hint="use reasoning: per_turn (one example per turn)")
+            spans.append((begin, pos + len(stop), True))
+            cursor = pos + len(stop)
+        return spans
+
+    def _turn_end(self, rendered: str, start: int) -> tuple[int, bool]:
+        """(end of the trained span, whether it ends in a special token).
+
+        The turn's end-of-turn tokens are the first unbroken run of special tokens in the text's tail
+        of special tokens and white space: Cohere2's ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`` is one
+        run; Phi-3's ``<|end|>\n<|endoftext|>`` ends the turn at ``<|end|>`` (the EOS after it closes
+        the document, not the turn). Without such a tail the span is the text, white space trimmed.
+        """
+        body = rendered[start:]
+        text = body.rstrip()
+        while True:  # strip the tail of special tokens and white space from the end
+            tok = next((s for s in self._specials if text.endswith(s)), None)
+            if tok is None:
+                break
+            text = text[: -len(tok)].rstrip()
+        tail = body[len(text):]
+        if not tail.strip():
+            return start + len(body.rstrip()), False
+        p = len(text) + len(tail) - len(tail.lstrip())
+        while (tok := self._special_at(body, p)) is not None:
+            p += len(tok)
+        return start + p, True
+
+    def _check_turn(self, conv: Conversation, m: Message, trained: str, nth: int, whole: bool) -> None:
+        if m.reasoning and m.reasoning.strip() not in trained and not whole:
+            raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' drops the reasoning of assistant "
+                              f"turn {nth} even where it is the turn the model produces",
+                              hint="set reasoning: drop to train answers without it, or use a template that renders it")
+        content = m.content.strip()
+        if content and content not in trained:
+            raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",
+                              hint="use a template that keeps message content as is, e.g. --template chatml")
+        for call in m.tool_calls or ():
+            if call["function"]["name"] not in trained:
+                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render the tool calls "
+                                  f"of assistant turn {nth}", hint="use a template that renders tools, e.g. --template chatml-tools")
+
+    def _eos_or_fail(self, conv: Conversation) -> str:
+        if not self.eos:
+            raise SftlabError(f"{conv.where()}: the template writes no end-of-turn token and the tokenizer has no EOS",
+                              hint="use a template with an end-of-turn token, e.g. --template chatml")
+        self.eos_appended = True
+        return self.eos
+
+    def _special_at(self, full: str, pos: int) -> str | None:
+        for s in self._specials:
+            if full.startswith(s, pos):
+                return s
+        return None
+
+
+def _common(a: str, b: str) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on prefix equality: C-speed slices instead of a Python loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _align(prompt: str, rendered: str) -> tuple[int, bool]:
+    """Where the turn starts in ``rendered`` (the conversation through the turn), and whether the
+    inference ``prompt`` is exactly its prefix. Otherwise (Mistral v3 moves the system prompt into the
+    last user message; DeepSeek-R1's prompt opens ``<think>``) the turn starts after the longest tail
+    of the prompt that ``rendered`` continues with from where the two first differ."""
+    if rendered.startswith(prompt):
+        return len(prompt), True
+    c = _common(prompt, rendered)
+    for k in range(c, len(prompt)):
+        if rendered.startswith(prompt[k:], c):
+            return c + len(prompt) - k, False
+    return c, False

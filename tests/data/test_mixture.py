@@ -1,0 +1,198 @@
+"""Dataset mixtures: shares by weight or count, seeded draws, clear errors, per-source stats everywhere."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import yaml
+from conftest import build_tiny_tokenizer, chat_data
+
+from sftlab.cli import main
+from sftlab.config import load_config
+from sftlab.core.errors import SftlabError
+from sftlab.data.doctor import run_doctor
+from sftlab.data.mixture import draw, load_mixture, parse_sources, resolve_counts
+from sftlab.data.prepare import prepare
+
+
+def _alpaca(path, n):
+    path.write_text("".join(json.dumps({"instruction": f"say {i}", "input": "", "output": f"{i}!"}) + "\n"
+                            for i in range(n)))
+    return str(path)
+
+
+@pytest.fixture
+def three(tmp_path):
+    """Three sources of different sizes (100, 50, 30) and formats (messages, alpaca, messages)."""
+    return [{"path": chat_data(tmp_path / "a.jsonl", 100), "weight": 0.5},
+            {"path": _alpaca(tmp_path / "b.jsonl", 50), "weight": 0.3, "format": "alpaca"},
+            {"path": chat_data(tmp_path / "c.jsonl", 30, offset=1000), "weight": 0.2}]
+
+
+def _shares(mix) -> dict[str, float]:
+    n = Counter(mix.source_of)
+    return {s.name: n[i] / len(mix.conversations) for i, s in enumerate(mix.sources)}
+
+
+def test_weights_give_each_source_its_share_of_an_epoch(three):
+    mix = load_mixture(three, seed=7)
+    assert len(mix.conversations) == 180  # an epoch of a weighted mix: all sources' sizes together
+    shares = _shares(mix)
+    for s, want in zip(("a", "b", "c"), (0.5, 0.3, 0.2)):
+        assert abs(shares[s] - want) <= 0.02, (s, shares[s])
+    assert mix.counts == [90, 54, 36] and mix.sizes == [100, 50, 30]
+    # each conversation really comes from the source it is attributed to
+    for conv, i in zip(mix.conversations, mix.source_of):
+        assert conv.source == mix.sources[i].path
+    # a subsampled source repeats nothing; an upsampled one repeats every example as evenly as possible
+    lines = {i: Counter(c.line for c, j in zip(mix.conversations, mix.source_of) if j == i) for i in range(3)}
+    assert max(lines[0].values()) == 1 and len(lines[0]) == 90
+    assert set(lines[1].values()) <= {1, 2} and len(lines[1]) == 50
+    assert set(lines[2].values()) == {1, 2} and sum(lines[2].values()) == 36
+    assert mix.formats == ["messages", "alpaca", "messages"]
+
+
+def test_the_draw_is_deterministic_under_the_seed_and_changes_with_it(three):
+    a, b, c = load_mixture(three, seed=1), load_mixture(three, seed=1), load_mixture(three, seed=2)
+    assert [x.where() for x in a.conversations] == [x.where() for x in b.conversations]
+    assert [x.where() for x in a.conversations] != [x.where() for x in c.conversations]
+    assert a.counts == c.counts
+    # the resolved counts (what the run's config stores) redraw the very same mix
+    again = load_mixture(a.resolved(), seed=1)
+    assert [x.where() for x in again.conversations] == [x.where() for x in a.conversations]
+
+
+def test_counts_and_plain_lists(three, tmp_path):
+    counted = [{**{k: v for k, v in s.items() if k != "weight"}, "count": n} for s, n in zip(three, (10, 120, 5))]
+    mix = load_mixture(counted, seed=0)
+    assert mix.counts == [10, 120, 5] and Counter(mix.source_of) == {0: 10, 1: 120, 2: 5}
+    plain = load_mixture([three[0]["path"], three[2]["path"]])  # no weight or count: concatenation, in order
+    assert [c.line for c in plain.conversations] == list(range(1, 101)) + list(range(1, 31))
+    assert plain.source_of == [0] * 100 + [1] * 30
+
+
+def test_largest_remainder_counts_add_up_exactly():
+    src = parse_sources([{"path": __file__, "weight": w} for w in (1, 1, 1)])
+    assert resolve_counts(src, [10, 0, 0]) == [4, 3, 3]
+    picks = Counter(draw(3, 7, random.Random(0)))  # 7 of 3: each twice, one of them a third time
+    assert sorted(picks.values()) == [2, 2, 3]
+    assert sorted(draw(5, 3, random.Random(0))) == sorted(set(draw(5, 3, random.Random(0))))  # no repeats
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"path": "missing.jsonl", "weight": 1}], "source 1 (missing.jsonl): file not found"),
+    ([{"path": "A", "weight": 0.5}, {"path": "B", "weight": 0}], "source 2 (B): weight must be > 0, got 0"),
+    ([{"path": "A", "weight": -1}], "source 1 (A): weight must be > 0"),
+    ([{"path": "A", "weight": 0.5}, {"path": "B", "count": 3}], "source 2 (B): has a count while source 1 has a weight"),
+    ([{"path": "A", "weight": 0.5}, {"path": "B"}], "source 2 (B): has no weight or count while source 1 has a weight"),
+    ([{"path": "A", "weight": 0.5, "count": 3}], "source 1 (A): has both weight and count"),
+    ([{"path": "A", "count": 2.5}], "source 1 (A): count must be a whole number"),
+    ([{"path": "A", "weight": 1, "ratio": 2}], "source 1: unknown key 'ratio'"),
+    ([{"weight": 1}], "source 1: 'path' is missing"),
+    ([], "the list of sources is empty"),
+])
+def test_a_bad_source_is_one_clear_error_naming_it(tmp_path, bad, message, capsys):
+    a, b = chat_data(tmp_path / "A.jsonl", 3), chat_data(tmp_path / "B.jsonl", 3)
+    spec = [{k: {"A": a, "B": b}.get(v, v) if k == "path" else v for k, v in s.items()} for s in bad]
+    message = message.replace("(A)", f"({a})").replace("(B)", f"({b})")
+    with pytest.raises(SftlabError) as exc:
+        load_mixture(spec)
+    assert str(exc.value).startswith("config key 'data'") and message in str(exc.value)
+    # the same through the CLI: one line on stderr, no traceback
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": spec, "model": "unused"}))
+    if spec:
+        assert main(["prepare", str(cfg)]) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and message.split("(")[0] in err
+
+
+def test_single_source_configs_are_unchanged(tmp_path):
+    path = chat_data(tmp_path / "one.jsonl", 12)
+    tok = build_tiny_tokenizer()
+    cfg = load_config(None, {"data": path, "template": "chatml", "max_seq_length": 128})
+    one = prepare(cfg, tok)
+    assert one.mixture is None and one.report.sources == []
+    assert [c.where() for c in one.conversations] == [f"{path}:{i}" for i in range(1, 13)]
+
+
+def test_prepare_reports_each_source(three):
+    tok = build_tiny_tokenizer()
+    cfg = load_config(None, {"data": three, "template": "chatml", "max_seq_length": 128, "seed": 3})
+    p = prepare(cfg, tok)
+    rows = {r["name"]: r for r in p.report.sources}
+    assert [rows[n]["drawn"] for n in "abc"] == [90, 54, 36]
+    assert sum(r["examples"] for r in rows.values()) == len(p.examples) == p.report.n_kept
+    assert sum(r["tokens"] for r in rows.values()) == p.report.n_tokens
+    assert sum(r["trained_tokens"] for r in rows.values()) == p.report.n_trained_tokens
+    for name, r in rows.items():  # each source's own token counts, from its own examples
+        mine = [e for e in p.examples if p.mixture.source_of[e.index] == "abc".index(name)]
+        assert r["tokens"] == sum(len(e.input_ids) for e in mine) > 0
+        assert r["trained_tokens"] == sum(e.n_trained for e in mine) > 0
+    assert p.report.to_dict()["sources"] == p.report.sources
+
+
+def test_doctor_reports_each_source(three, tmp_path):
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(bad.read_text() + "{not json\n")
+    res = run_doctor(three, tokenizer=build_tiny_tokenizer(), template="chatml")
+    rows = {r["name"]: r for r in res.stats["sources"]}
+    assert [rows[n]["records"] for n in "abc"] == [100, 50, 31]
+    assert [rows[n]["examples"] for n in "abc"] == [100, 50, 30]
+    assert rows["b"]["format"] == "alpaca" and rows["a"]["weight"] == 0.5
+    assert all(rows[n]["trained_tokens"] > 0 and rows[n]["tokens"] > rows[n]["trained_tokens"] for n in "abc")
+    assert res.stats["examples"] == 180
+    parse = [f for f in res.findings if f.rule == "parse"]
+    assert len(parse) == 1 and parse[0].data["file"] == str(bad) and parse[0].data["line"] == 31
+    text = res.format_text()
+    assert "per source" in text and "b (alpaca): 50 of 50 records usable" in text
+
+
+def test_eval_reports_each_source(tiny_model_dir, tmp_path, capsys):
+    from conftest import make_lora_run
+
+    from sftlab.eval.generation import GenerationSettings
+    from sftlab.eval.run import run_eval
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    a, b = chat_data(tmp_path / "ea.jsonl", 4), chat_data(tmp_path / "eb.jsonl", 3, offset=500)
+    short = GenerationSettings(max_new_tokens=4)
+    both = run_eval(str(run), [a, b], settings=short, samples=1)["result"]
+    assert set(both["sources"]) == {"ea", "eb"}
+    for path, name, n in ((a, "ea", 4), (b, "eb", 3)):
+        alone = run_eval(str(run), path, settings=short, samples=1)["result"]
+        assert "sources" not in alone  # one eval file: the result is as it always was
+        mine = both["sources"][name]
+        assert mine["n_examples"] == n and mine["tokens"] == alone["metrics"]["tokens"]
+        assert mine["loss"] == pytest.approx(alone["metrics"]["loss"], rel=1e-5)
+        assert mine["task_score"] == pytest.approx(alone["metrics"]["task_score"])
+    assert main(["eval", str(run), "--data", a, "--data", b, "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "per source:" in out and "  ea: 4 examples, loss" in out and "  eb: 3 examples, loss" in out
+
+
+@pytest.mark.xdist_group("train")
+def test_a_training_run_saves_the_resolved_mixture_and_reports_each_source(tmp_path, tiny_model_dir):
+    from conftest import train_config
+
+    from sftlab import rundir as A
+    from sftlab.report import write_report
+    from sftlab.train.run import train
+
+    a, b = chat_data(tmp_path / "a.jsonl", 12), chat_data(tmp_path / "b.jsonl", 4, offset=300)
+    cfg = train_config(tmp_path, tiny_model_dir, data=[{"path": a, "weight": 0.5}, {"path": b, "weight": 0.5}],
+                       max_steps=2, template="chatml")
+    summary = train(cfg, quiet=True)
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / A.CONFIG).read_text())["data"]
+    assert saved == [{"path": a, "format": "messages", "count": 8, "name": "a"},
+                     {"path": b, "format": "messages", "count": 8, "name": "b"}]
+    assert summary["examples"] == 16
+    rows = {r["name"]: r for r in summary["prepare"]["sources"]}
+    assert (rows["a"]["drawn"], rows["b"]["drawn"]) == (8, 8) and rows["b"]["size"] == 4
+    assert rows["a"]["trained_tokens"] + rows["b"]["trained_tokens"] == summary["prepare"]["n_trained_tokens"]
+    # the saved config is a valid config that draws the same mix
+    assert load_config(run / A.CONFIG).data == saved
+    page = (run / "report.html").read_text() if write_report(run, doctor=True) else ""
+    assert "<h3>Sources</h3>" in page and "50.0%" in page and "per source:" in page

@@ -1,0 +1,150 @@
+"""Tool-calling and reasoning data: loading every dialect into Message, one clear line per malformed
+record, the built-in chatml-tools template, and `prepare --show` marking the reasoning span."""
+
+import json
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from sftlab.cli import main
+from sftlab.data.formats import load_conversations
+from sftlab.data.masking import Labeler
+from sftlab.data.prepare import render_example
+from sftlab.data.templates import resolve_template
+from sftlab.data.types import Message
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _call(args, name="get_weather"):
+    return {"id": "c1", "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _tool_chat(calls, result="sunny", **assistant):
+    return {"tools": [{"type": "function", "function": WEATHER}], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": calls, **assistant},
+        {"role": "tool", "tool_call_id": "c1", "content": result},
+        {"role": "assistant", "content": "Sunny."}]}
+
+
+def test_openai_tool_calls_load_with_arguments_as_dicts(tmp_path):
+    rows = [_tool_chat([_call('{"city": "Paris"}')]), _tool_chat([_call({"city": "Paris"})])]
+    for conv in load_conversations(_jsonl(tmp_path / "d.jsonl", rows)):
+        assert [m.role for m in conv.messages] == ["user", "assistant", "tool", "assistant"]
+        call = conv.messages[1].tool_calls[0]
+        assert call == {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        assert conv.messages[1].content == "" and conv.messages[2].tool_call_id == "c1"
+        assert conv.tools == [{"type": "function", "function": WEATHER}]
+        assert conv.messages[1].to_template()["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+
+
+def test_sharegpt_function_calling_dialect(tmp_path):
+    row = {"tools": json.dumps([WEATHER]), "conversations": [
+        {"from": "human", "value": "Weather?"},
+        {"from": "function_call", "value": json.dumps([{"name": "get_weather", "arguments": {"city": "Oslo"}},
+                                                       {"name": "get_weather", "arguments": '{"city": "Rome"}'}])},
+        {"from": "observation", "value": "cold"}, {"from": "observation", "value": "warm"},
+        {"from": "gpt", "value": "Cold in Oslo, warm in Rome."}]}
+    (conv,) = load_conversations(_jsonl(tmp_path / "s.jsonl", [row]))
+    assert [m.role for m in conv.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [c["function"]["arguments"] for c in conv.messages[1].tool_calls] == [{"city": "Oslo"}, {"city": "Rome"}]
+    assert conv.tools == [{"type": "function", "function": WEATHER}]
+
+
+@pytest.mark.parametrize("assistant,reasoning,content", [
+    ({"content": "<think>\nstep one\n</think>\n\nanswer"}, "step one", "answer"),
+    ({"content": "answer", "reasoning_content": "why"}, "why", "answer"),
+    ({"content": "answer", "reasoning": "why"}, "why", "answer"),
+    ({"content": "no reasoning here"}, None, "no reasoning here"),
+])
+def test_reasoning_inline_or_as_a_field_is_normalised(tmp_path, assistant, reasoning, content):
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", **assistant}]}
+    (conv,) = load_conversations(_jsonl(tmp_path / "r.jsonl", [row]))
+    assert (conv.messages[1].reasoning, conv.messages[1].content) == (reasoning, content)
+
+
+# (bad record, what the one error line must say: the problem and the fix)
+MALFORMED = {
+    "tool_calls-not-a-list": ({**_tool_chat([])} | {"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": _call({})},
+        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "ok"}]},
+        r"message 2 'tool_calls' must be a list of calls, got dict \(wrap the call in a list"),
+    "call-without-name": (_tool_chat([{"type": "function", "function": {"arguments": {}}}]),
+                          r"message 2 tool call 1 has no function name \(give each call"),
+    "arguments-not-json": (_tool_chat([_call('{"city": Paris}')]),
+                           r"message 2 tool call 1 'arguments' is not valid JSON .*\(write the arguments as a JSON object"),
+    "arguments-not-an-object": (_tool_chat([_call("[1, 2]")]),
+                                r"'arguments' must be an object or a JSON-object string, got list \(write the arguments"),
+    "result-without-call": ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
+                                          {"role": "assistant", "content": "a"}]},
+                            r"message 2 has role 'tool' where 'assistant' was expected \(a tool result must follow an assistant "
+                            r"message with tool_calls"),
+    "ends-with-result": ({"messages": _tool_chat([_call({})])["messages"][:3]},
+                         r"conversation ends with a tool message; the last message must be the assistant's reply"),
+    "calls-on-user": ({"messages": [{"role": "user", "content": "q", "tool_calls": [_call({})]},
+                                    {"role": "assistant", "content": "a"}]},
+                      r"message 1 is a user message with 'tool_calls'.*\(move the calls to the assistant message"),
+    "tools-bad-json": ({**GOOD, "tools": "[{not json"}, r"'tools' \(a string\) is not valid JSON .*\(give 'tools' as a list"),
+    "tool-without-name": ({**GOOD, "tools": [{"description": "x"}]}, r"tool 1 in 'tools' has no function name"),
+    "sharegpt-call-not-json": ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(x)"},
+                                                  {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]},
+                               r"turn 2 \(function_call\) is not valid JSON .*\(write the value as"),
+    "unclosed-think": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hmm, 42"}]},
+                       r"message 2 opens <think> but never closes it \(add </think> after the reasoning"),
+    "reasoning-twice": ({"messages": [{"role": "user", "content": "q"},
+                                      {"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "a"}]},
+                        r"message 2 has reasoning both in 'reasoning_content' and inline <think> \(keep the reasoning in one place"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_tool_and_reasoning_records_are_one_line_with_the_fix(tmp_path, tiny_model_dir, capsys, name):
+    bad, message = MALFORMED[name]
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]} \
+        if "conversations" in bad else GOOD
+    data = _jsonl(tmp_path / "d.jsonl", [good, bad])
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert re.search(r"d\.jsonl:2: .*" + message, err), err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_template_without_tool_support_is_refused_and_chatml_tools_renders_them(tmp_path, tiny_model_dir, capsys):
+    data = _jsonl(tmp_path / "t.jsonl", [GOOD, _tool_chat([_call({"city": "Paris"})])])
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", data, "--template", "chatml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "t.jsonl:2: the chat template 'chatml' does not render the tool calls of assistant turn 1" in err
+    assert "--template chatml-tools" in err
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", data, "--template", "chatml-tools", "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '«<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>»' in out
+    assert "<tool_response>\nsunny\n</tool_response>" in out and "«sunny" not in out
+    assert "labels: each turn trained as the model produces it: 2 chats one example each" in out
+
+
+def test_show_marks_the_reasoning_span(tiny_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]}]
+    (conv,) = load_conversations(_jsonl(tmp_path / "d.jsonl", rows))
+    (ex,), _ = Labeler(tok, resolve_template("chatml-tools", tok)).encode([conv])
+    assert render_example(tok, ex, color=False).endswith("assistant\n«‹<think>\nadd\n</think>›\n\n4<|im_end|>»\n")
+    colored = render_example(tok, ex, color=True)
+    assert "\x1b[43;30m<think>\nadd\n</think>\x1b[42;30m" in colored
+
+
+def test_template_without_reasoning_gets_it_inline(tiny_model_dir):
+    """SmolLM2-style ChatML knows no reasoning_content: the reasoning goes back into the content."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tpl = resolve_template("chatml", tok)
+    text = tpl.render([Message("user", "q"), Message("assistant", "4", reasoning="add")])
+    assert text.endswith("<|im_start|>assistant\n<think>\nadd\n</think>\n\n4<|im_end|>\n")
+    assert not tpl.renders_reasoning and resolve_template("chatml-tools", tok).renders_reasoning
