@@ -15,7 +15,7 @@ import pytest
 from conftest import make_lora_run
 
 import sftlab
-from sftlab.chat import ChatSession, load_chat_model
+from sftlab.chat import ChatSession, load_chat_model, run_chat
 from sftlab.cli import main
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import GenerationSettings, generate_replies
@@ -153,3 +153,116 @@ def test_bad_input_is_one_line(run, tmp_path, capsys):
     assert main(["chat", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sftlab chat: error:") and "no model/" in err and "\n" not in err
+
+
+# --- tools ------------------------------------------------------------------------------------
+
+
+def _tool_session(loaded, **kw):
+    from tool_data import HERMES, TOOLS
+
+    from sftlab.data.templates import ChatTemplate
+
+    model, tok, _ = loaded
+    return ChatSession(model, tok, ChatTemplate("hermes", HERMES, "<|im_end|>", {}), max_new_tokens=MAX_NEW,
+                       tools=TOOLS, **kw)
+
+
+def test_tools_reach_the_prompt_and_the_real_generation_path(loaded):
+    session = _tool_session(loaded)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in session.prompt("hi")
+    reply, raw = session._generate(session.prompt("hi"), None)
+    assert reply == raw  # the tiny ChatML vocabulary has no special token a reply could hold
+    session.send("hi")
+    assert session.pending_calls == [] and session.history[-1] == Message("assistant", session.history[-1].content)
+
+
+def test_a_tool_call_is_shown_answered_by_the_user_and_continued(loaded, monkeypatch):
+    """The model's reply is scripted (a random tiny model never emits a call); everything else is real."""
+    import io
+
+    session = _tool_session(loaded)
+    scripted = iter(['Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+                     "It is 21 degrees in Paris."])
+    prompts: list[str] = []
+
+    def fake_generate(prompt, on_text):
+        prompts.append(prompt)
+        text = next(scripted)
+        if on_text:
+            on_text(text)
+        return text, text
+
+    monkeypatch.setattr(session, "_generate", fake_generate)
+    lines = iter(["weather in Paris?", '{"temp": 21}', "/exit"])
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: (out.write(prompt), next(lines))[1], out=out) == 0
+    shown = out.getvalue()
+    assert "tools: get_weather, set_timer" in shown
+    assert 'tool call: get_weather\n{\n  "city": "Paris"\n}\ntool result (get_weather)> assistant> It is 21' in shown
+    call = session.history[1].tool_calls[0]
+    assert session.history[1].content == "Checking." and call["function"] == {"name": "get_weather",
+                                                                                "arguments": {"city": "Paris"}}
+    assert session.history[2] == Message("tool", '{"temp": 21}', tool_call_id=call["id"], name="get_weather")
+    # The continuation is rendered from the real history: the call, then the result, then the generation prompt.
+    assert prompts[1].endswith('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+                               '<|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response>'
+                               '<|im_end|>\n<|im_start|>assistant\n')
+    assert [m.role for m in session.history] == ["user", "assistant", "tool", "assistant"]
+    assert session.pending_calls == []
+
+
+def test_chat_cli_tools_flag(run, tmp_path, capsys, monkeypatch):
+    import io
+
+    from tool_data import TOOLS
+
+    good = tmp_path / "tools.json"
+    good.write_text(json.dumps({"tools": TOOLS}))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert main(["chat", str(run), "--tools", str(good), "--device", "cpu", "--max-new-tokens", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "tools: get_weather, set_timer" in shown
+    assert "warning: template chatml ignores tools" in shown  # the run trained with plain ChatML
+
+
+@pytest.mark.parametrize("content,words", [
+    ('[{"type": "function",\n "function": {"name": "f",}}]', "tools.json:2: not valid JSON"),
+    ('{"name": "f"}', "expected a JSON list of function schemas"),
+    ('[{"type": "function", "function": {"description": "no name"}}]', "tool 1 has no function name"),
+    ('[{"name": "f", "parameters": "city"}]', 'tool 1 (f): "parameters" is not a JSON object'),
+])
+def test_bad_tools_file_is_one_line_before_the_model_loads(run, tmp_path, capsys, content, words):
+    bad = tmp_path / "tools.json"
+    bad.write_text(content)
+    assert main(["chat", str(run), "--tools", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+
+
+def test_generate_checks_the_replys_tool_calls(run, tmp_path, capsys):
+    from tool_data import TOOLS
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text(json.dumps({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}]}) + "\n")
+    assert main(["generate", str(run), "--data", str(data), "--max-new-tokens", "2", "--device", "cpu", "--template",
+                 "chatml-tools"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["reference"] == '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": []}
+
+
+def test_a_call_that_does_not_parse_is_kept_as_text_and_said(loaded, monkeypatch):
+    import io
+
+    session = _tool_session(loaded)
+    broken = '<tool_call>{"name": "get_weather", "arguments": {"city": "Par'
+    monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (on_text and on_text(broken), (broken, broken))[1])
+    lines = iter(["weather?", "/exit"])
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: next(lines), out=out) == 0
+    assert "(not run as a tool call: a <tool_call> block is never closed)" in out.getvalue()
+    assert session.history[-1] == Message("assistant", broken) and session.pending_calls == []

@@ -214,3 +214,82 @@ def test_template_consistency():
     shifted = CHATML.replace("{{ m.content }}", "{% if m.role == 'assistant' %}{{ '\\n' }}{% endif %}{{ m.content }}")
     problems = check_template_consistency(shifted, [[Message("user", "hi"), Message("assistant", "hello")]])
     assert len(problems) == 1 and "does not follow the inference prompt verbatim" in problems[0]
+
+
+# --- tools and template options ------------------------------------------------------------------
+
+THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n"
+            "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_template_options_become_the_exports_defaults():
+    from conftest import build_tiny_tokenizer
+
+    from sftlab.export import template_with_defaults
+
+    tok = build_tiny_tokenizer()
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def render(src, **kw):
+        tok.chat_template = src
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **kw)
+
+    baked = template_with_defaults(THINKING, {"enable_thinking": False, "names": ["a", "b"], "note": None})
+    assert render(baked) == render(THINKING, enable_thinking=False) != render(THINKING)
+    assert render(baked).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert render(baked, enable_thinking=True) == render(THINKING, enable_thinking=True)  # still overridable
+    assert template_with_defaults(THINKING, {}) == THINKING
+    with pytest.raises(SftlabError, match="can not be a template option"):
+        template_with_defaults(THINKING, {"messages": 1})
+
+
+def test_export_renders_a_tool_conversation_exactly_as_training(tmp_path, tiny_model_dir):
+    """A run trained with a tool template: plain transformers renders tools, calls and results as sftlab did."""
+    from tool_data import HERMES, TOOLS, weather_conv
+    from transformers import AutoTokenizer
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    rd = RunDir(run)
+    cfg = rd.config()
+    cfg.template = None  # the tokenizer's own: the Hermes template saved with it
+    cfg.save(rd.config_path)
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    tok.chat_template = HERMES
+    tok.save_pretrained(rd.model_dir)
+    res = export_run(run, tmp_path / "out", verify=False)
+    exported = AutoTokenizer.from_pretrained(str(res.out))
+    train_tpl = RunDir(run).template(tok)
+    for conv in (weather_conv(city="Zürich <it's> & \"co\""), weather_conv(answered=False)):
+        msgs = [m.to_template() for m in conv.messages]
+        ours = train_tpl.render(conv.messages, tools=TOOLS)
+        theirs = exported.apply_chat_template(msgs, tools=TOOLS, tokenize=False)
+        assert ours == theirs and "<tool_call>" in ours and "<tools>" in ours
+        prompt = exported.apply_chat_template(msgs[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+        assert prompt == train_tpl.render(conv.messages[:1], add_generation_prompt=True, tools=TOOLS)
+
+
+def test_export_and_eval_use_the_runs_template_options(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from sftlab.eval.run import load_target
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    rd = RunDir(run)
+    cfg = rd.config()
+    cfg.template, cfg.chat_template_kwargs = None, {"enable_thinking": False}
+    cfg.save(rd.config_path)
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    tok.chat_template = THINKING
+    tok.save_pretrained(rd.model_dir)
+    res = export_run(run, tmp_path / "out", verify=False)
+    assert res.chat_template_kwargs == {"enable_thinking": False}
+    exported = AutoTokenizer.from_pretrained(str(res.out))
+    _, _, tpl, _ = load_target(str(run), device="cpu")
+    msgs = [Message("user", "hi")]
+    train_text = ChatTemplate("t", THINKING, kwargs={"enable_thinking": False}).render(msgs, add_generation_prompt=True)
+    assert train_text.endswith("<think>\n\n</think>\n\n")
+    assert tpl.render(msgs, add_generation_prompt=True) == train_text  # eval renders as training did
+    assert exported.apply_chat_template([m.to_template() for m in msgs], add_generation_prompt=True,
+                                        tokenize=False) == train_text
+    assert '"enable_thinking": false' in (res.out / "README.md").read_text()

@@ -22,6 +22,7 @@ from typing import TextIO
 
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
+from sftlab.data.doctor_tools import function_schemas, parse_arguments
 from sftlab.data.formats import load_conversations
 from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation, Message
@@ -33,6 +34,7 @@ from sftlab.eval.generation import (
     stop_token_ids,
 )
 from sftlab.eval.run import load_target
+from sftlab.eval.tool_calls import check_tool_calls, parse_tool_calls
 from sftlab.models import load_model
 from sftlab.rundir import RunDir
 
@@ -113,6 +115,7 @@ class ChatSession:
     temperature: float = 0.0  # 0: greedy; > 0: sampling at this temperature
     top_p: float = 1.0
     history: list[Message] = field(default_factory=list)
+    tools: list[dict] | None = None  # function schemas offered to the model (rendered as the template's `tools`)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -124,18 +127,50 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation; the system prompt stays."""
+        self.call_error: str | None = None  # why the last reply's tool call did not parse (kept as text)
         self.history = [Message("system", self.system_prompt)] if self.system_prompt else []
 
-    def prompt(self, user_text: str) -> str:
-        """The text the model sees for the next reply: the history, the user turn, the generation prompt."""
-        return self.template.render(self.history + [Message("user", user_text)], add_generation_prompt=True)
+    def prompt(self, user_text: str | None) -> str:
+        """The text the model sees for the next reply: the history, the user turn (None: the model
+        continues after tool results), the generation prompt; the tools when the session has them."""
+        turn = [Message("user", user_text)] if user_text is not None else []
+        return self.template.render(self.history + turn, add_generation_prompt=True, tools=self.tools)
 
-    def send(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
+    @property
+    def pending_calls(self) -> list[dict]:
+        """The calls of the last reply that no tool result answers yet (OpenAI shape, arguments a dict)."""
+        last = next((i for i in range(len(self.history) - 1, -1, -1) if self.history[i].role == "assistant"), None)
+        if last is None or not self.history[last].tool_calls:
+            return []
+        answered = {m.tool_call_id for m in self.history[last + 1:] if m.role == "tool"}
+        return [c for c in self.history[last].tool_calls if c["id"] not in answered]
+
+    def add_tool_result(self, call: dict, result: str) -> None:
+        """The user's answer to one pending call, as a ``tool`` message."""
+        self.history.append(Message("tool", result, tool_call_id=call["id"], name=call["function"]["name"]))
+
+    def send(self, user_text: str | None, on_text: Callable[[str], None] | None = None) -> str:
         """Generate the reply to ``user_text``, calling ``on_text`` with each decoded piece as it comes.
 
-        The turn is added to the history only when the reply finishes; Ctrl-C (KeyboardInterrupt)
-        stops generation and leaves the history unchanged.
+        ``None`` continues after tool results. The turn is added to the history only when the reply
+        finishes; Ctrl-C (KeyboardInterrupt) stops generation and leaves the history unchanged. With
+        tools, a reply that calls them is kept with its ``tool_calls`` (see :attr:`pending_calls`).
         """
+        reply, raw = self._generate(self.prompt(user_text), on_text)
+        calls = _parse_calls(raw) if self.tools else []
+        parsed = parse_tool_calls(raw) if self.tools else None
+        self.call_error = parsed.error if parsed is not None and not calls else None
+        turn = [Message("user", user_text)] if user_text is not None else []
+        if calls:
+            n = sum(len(m.tool_calls or ()) for m in self.history)
+            tool_calls = tuple({"id": f"call_{n + k + 1}", "type": "function", "function": c} for k, c in enumerate(calls))
+            self.history += turn + [Message("assistant", parsed.content, tool_calls=tool_calls)]
+        else:
+            self.history += turn + [Message("assistant", reply)]
+        return reply
+
+    def _generate(self, prompt: str, on_text: Callable[[str], None] | None) -> tuple[str, str]:
+        """(streamed reply, the same tokens decoded with special tokens kept) for a rendered prompt."""
         import torch  # deferred: heavy library, imported on first use
         from transformers import (  # deferred: heavy library, imported on first use
             StoppingCriteriaList,
@@ -143,7 +178,7 @@ class ChatSession:
         )
 
         tok = self.tokenizer
-        ids = tok(self.prompt(user_text), add_special_tokens=False, return_tensors="pt")
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
         device = next(self.model.parameters()).device
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         stop = _StopFlag()
@@ -154,11 +189,12 @@ class ChatSession:
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else self.stop_ids[0],
                       streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]), **sampling)
         failure: list[BaseException] = []
+        output: list = []
 
         def work():
             try:
                 with torch.no_grad():
-                    self.model.generate(**kwargs)
+                    output.append(self.model.generate(**kwargs))
             except BaseException as exc:  # re-raised in the caller's thread below
                 failure.append(exc)
                 streamer.end()
@@ -178,9 +214,48 @@ class ChatSession:
         thread.join()
         if failure:
             raise failure[0]
-        reply = "".join(pieces)
-        self.history += [Message("user", user_text), Message("assistant", reply)]
-        return reply
+        new = output[0][0, ids["input_ids"].shape[1]:].tolist() if output else []
+        cut = next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))
+        return "".join(pieces), tok.decode(new[:cut], skip_special_tokens=False)
+
+
+def _parse_calls(raw: str) -> list[dict]:
+    """The calls in a reply as ``{"name", "arguments": dict}``; [] for none or a call that does not parse."""
+    parsed = parse_tool_calls(raw)
+    calls = []
+    for c in parsed.calls:
+        args, why = parse_arguments(c["arguments"])
+        if why:
+            return []
+        calls.append({"name": c["name"], "arguments": args})
+    return calls
+
+
+def load_tools(path: str | Path) -> list[dict]:
+    """Function schemas from a JSON file: a list, or an object with a "tools" list (OpenAI shape or bare
+    ``{"name", "parameters"}``). Mistakes are one SftlabError line naming the file (and line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SftlabError(f"tools file '{path}' not found", hint="pass a JSON file with a list of function schemas")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SftlabError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the JSON syntax there")
+    except UnicodeDecodeError:
+        raise SftlabError(f"{path}: not UTF-8 text", hint="re-encode the file as UTF-8")
+    tools = data.get("tools") if isinstance(data, dict) else data
+    if not isinstance(tools, list) or not tools:
+        raise SftlabError(f"{path}: expected a JSON list of function schemas (or {{\"tools\": [...]}})",
+                          hint='e.g. [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]')
+    for i, t in enumerate(tools, start=1):
+        if len(function_schemas([t])) != 1:
+            raise SftlabError(f"{path}: tool {i} has no function name",
+                              hint='write it as {"type": "function", "function": {"name": ..., "parameters": {...}}}')
+        params = t.get("function", t).get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise SftlabError(f"{path}: tool {i} ({function_schemas([t]).popitem()[0]}): \"parameters\" is not a JSON object",
+                              hint="give a JSON schema object, e.g. {\"type\": \"object\", \"properties\": {...}}")
+    return tools
 
 
 def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str], str] = input,
@@ -197,6 +272,13 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
 
     eot = session.tokenizer.convert_ids_to_tokens(session.stop_ids[0])
     write(f"chatting with {name} (template {session.template.name}, replies end at {eot}); {HELP}\n")
+    if session.tools:
+        names = ", ".join(function_schemas(session.tools))
+        write(f"tools: {names} (a tool call is shown with its arguments; type its result at 'tool result>')\n")
+        probe = [Message("user", "hi")]
+        if session.template.render(probe, True, tools=session.tools) == session.template.render(probe, True):
+            write(f"warning: template {session.template.name} ignores tools: the model never sees them "
+                  "(pass --template with a template that renders tools)\n")
     if session.system_prompt:
         write(f"system: {session.system_prompt}\n")
     while True:
@@ -220,8 +302,21 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
         write("assistant> ")
         try:
             session.send(text, on_text=write)
+            if session.call_error:
+                write(f"\n(not run as a tool call: {session.call_error})")
+            while session.pending_calls:  # the user plays the tools, then the model continues
+                write("\n")
+                for call in session.pending_calls:
+                    fn = call["function"]
+                    write(f"tool call: {fn['name']}\n{json.dumps(fn['arguments'], indent=2, ensure_ascii=False)}\n")
+                    session.add_tool_result(call, read(f"tool result ({fn['name']})> ").strip())
+                write("assistant> ")
+                session.send(None, on_text=write)
         except KeyboardInterrupt:
             write(" [stopped]")
+        except EOFError:
+            write("\n")
+            return 0
         write("\n")
 
 # --------------------------------------------------------------------------------------------
@@ -231,6 +326,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
 @dataclass
 class GenerateResult:
     rows: list[dict]  # one per prompt: index, source, prompt (messages), reply, finished, n_tokens, reference
+    # (+ tool_calls: {valid, why, calls} for a conversation that offers tools)
     out: str | None
     seconds: float
 
@@ -271,10 +367,13 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     model, tok, tpl = load_chat_model(model_or_run, template=template, device=device)
     started = time.perf_counter()
     gens = generate(model, tok, tpl, convs, settings, batch_size=batch_size)
-    rows = [{"index": i, "source": c.where(),
-             "prompt": [{"role": m.role, "content": m.content} for m in prompt_messages(c)],
+    rows = [{"index": i, "source": c.where(), "prompt": [m.to_template() for m in prompt_messages(c)],
              "reply": g.text, "finished": g.finished, "n_tokens": g.n_tokens, "reference": reference_reply(c)}
             for i, (c, g) in enumerate(zip(convs, gens))]
+    for row, c, g in zip(rows, convs, gens):
+        if c.tools:  # the reply's calls, parsed and checked against the conversation's tools
+            tc = check_tool_calls(g.raw or g.text, c.tools)
+            row["tool_calls"] = {"valid": tc.valid, "why": tc.why, "calls": tc.calls}
     if out:
         write_jsonl(out, rows)
     return GenerateResult(rows, out, time.perf_counter() - started)

@@ -27,6 +27,7 @@ from sftlab.core.io import atomic_dir
 from sftlab.data.consistency import SAMPLE_CONVERSATIONS, check_template_consistency
 from sftlab.data.formats import load_conversations
 from sftlab.data.mixture import source_paths
+from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
@@ -51,6 +52,7 @@ class ExportResult:
     gguf: Path | None = None
     max_logit_diff: float | None = None  # export loaded back with plain transformers vs the run
     template_problems: list[str] = field(default_factory=list)
+    chat_template_kwargs: dict = field(default_factory=dict)  # template options of training, now the template's defaults
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -184,12 +186,46 @@ def _readme(res: ExportResult) -> str:
         load = "from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')\n"
     return (f"# sftlab export ({res.kind}, method {res.method})\n\nBase model: {res.base_model}\n"
             f"Chat template: {res.template} (in tokenizer_config.json); end of turn: {res.end_of_turn}\n\n"
-            "```python\n" + load + "tok = AutoTokenizer.from_pretrained('THIS_FOLDER')\n"
+            + (f"Template options of training, now the template's defaults: {json.dumps(res.chat_template_kwargs)}"
+               " (pass one to apply_chat_template to override it). Tool schemas go in as `tools=`.\n\n"
+               if res.chat_template_kwargs else "")
+            + "```python\n" + load + "tok = AutoTokenizer.from_pretrained('THIS_FOLDER')\n"
             "text = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, tokenize=False)\n"
             "ids = tok(text, add_special_tokens=False, return_tensors='pt').input_ids\n"
             "out = model.generate(ids, max_new_tokens=64)  # stops at the end-of-turn token (generation_config.json)\n"
             "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))\n```\n"
             + (f"\nllama.cpp: `llama-cli -m {res.gguf.name} -cnv` (the template is in the file)\n" if res.gguf else ""))
+
+def _jinja_literal(v) -> str:
+    """A jinja expression for a JSON-like value (jinja has no `null`, and spells booleans lower-case)."""
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float, str)):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(_jinja_literal, v)) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_jinja_literal(x)}" for k, x in v.items()) + "}"
+    raise SftlabError(f"chat_template_kwargs value {v!r} is not a JSON value", hint="use strings, numbers, booleans, lists")
+
+
+def template_with_defaults(source: str, kwargs: dict | None) -> str:
+    """``source`` with each of ``kwargs`` (e.g. ``enable_thinking: false``) as its default value.
+
+    Training renders with ``chat_template_kwargs``; a plain ``apply_chat_template`` call on the export
+    passes none, so each becomes ``{% if k is not defined %}{% set k = v %}{% endif %}`` in front of the
+    template: the export renders as training did, and a caller may still pass the option explicitly.
+    """
+    head = ""
+    for key, value in (kwargs or {}).items():
+        if not str(key).isidentifier() or key in ("messages", "tools", "add_generation_prompt"):
+            raise SftlabError(f"chat_template_kwargs key {key!r} can not be a template option",
+                              hint="use the option's name as the template reads it, e.g. enable_thinking")
+        head += f"{{%- if {key} is not defined %}}{{%- set {key} = {_jinja_literal(value)} %}}{{%- endif %}}"
+    return head + source
+
 
 _TORCH_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
                  "fp16": "float16", "float16": "float16"}
@@ -239,13 +275,16 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
         raise SftlabError(f"{run_dir}: the run has no chat template to export",
                           hint="train with a template (e.g. --set template=chatml)")
     stops = stop_token_ids(tok, template)
+    kwargs = template_kwargs(cfg)  # exactly the options training rendered with
+    source = template_with_defaults(template.source, kwargs)
     base = cfg.model
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open
         base = resolve_model_path(cfg.model)
         base = str(Path(base).resolve()) if Path(base).exists() else base
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
                        end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops,
-                       template_problems=check_template_consistency(template) + _check_run_data(cfg, template))
+                       template_problems=check_template_consistency(template) + _check_run_data(cfg, template),
+                       chat_template_kwargs=kwargs)
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 
@@ -257,11 +296,11 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                 model = model.merge_and_unload()
             model.save_pretrained(str(tmp))  # safetensors
         _generation_config(None if kind == "adapter" else model, tok, stops).save_pretrained(str(tmp))
-        tok.chat_template = template.source
+        tok.chat_template = source
         tok.save_pretrained(str(tmp), save_jinja_files=False)  # the template goes into tokenizer_config.json
         if gguf:
             res.gguf = out / f"model-{gguf_dtype}.gguf"
-            write_gguf(model, tok, template.source, tmp / res.gguf.name, dtype=gguf_dtype, name=out.name,
+            write_gguf(model, tok, source, tmp / res.gguf.name, dtype=gguf_dtype, name=out.name,
                        end_of_turn=res.end_of_turn)
         del model
         if verify:
@@ -275,7 +314,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                                   f"{res.max_logit_diff:.3g} (more than {tol:.3g}); nothing was written")
         (tmp / "README.md").write_text(_readme(res), encoding="utf-8")
         res.files = sorted([p.name for p in tmp.iterdir()] + [EXPORT_INFO])
-        info = {**res.to_dict(), "run": str(run_dir.resolve()), "chat_template": template.source}
+        info = {**res.to_dict(), "run": str(run_dir.resolve()), "chat_template": source}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return res
 
@@ -286,6 +325,8 @@ def format_export(res: ExportResult, limit: int = 5) -> str:
     lines = [f"exported {res.method} run -> {res.out} ({what})",
              f"  chat template: {res.template} (in tokenizer_config.json); replies end at {res.end_of_turn} "
              f"(generation_config eos_token_id {res.stop_token_ids})"]
+    if res.chat_template_kwargs:
+        lines.append(f"  template options of training, now its defaults: {json.dumps(res.chat_template_kwargs)}")
     if res.kind == "adapter":
         lines.append(f"  base model: {res.base_model}")
     if res.max_logit_diff is not None:

@@ -51,6 +51,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
 @_command("chat", "chat with a run or model in the terminal (streaming, multi-turn, /reset, /exit)")
 def _add_chat(p: argparse.ArgumentParser) -> None:
     _add_generation_flags(p)
+    p.add_argument("--tools", metavar="FILE.json", help="function schemas offered to the model (a JSON list); "
+                   "its tool calls are shown and you type each result")
     p.set_defaults(func=_cmd_chat)
 
 
@@ -58,12 +60,14 @@ def _cmd_chat(args) -> int:
     from sftlab.chat import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         ChatSession,
         load_chat_model,
+        load_tools,
         run_chat,
     )
 
+    tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the model loads
     model, tok, tpl = load_chat_model(args.model, template=args.template, device=args.device)
     session = ChatSession(model, tok, tpl, system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p)
+                          temperature=args.temperature, top_p=args.top_p, tools=tools)
     return run_chat(session, name=args.model)
 
 

@@ -36,6 +36,7 @@ from sftlab.data.doctor_checks import (
     _text_checks,
     _token_checks,
 )
+from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
 from sftlab.data.formats import format_of_row, resolve_format, to_conversations
 from sftlab.data.load import read_records
 from sftlab.data.masking import Labeler
@@ -122,12 +123,17 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     specials = _special_tokens(tok) if tok is not None else set()
     markers = sorted(set(TEMPLATE_MARKERS) | specials, key=len, reverse=True)
     marker_re = re.compile("|".join(map(re.escape, markers)) + "|" + _GENERIC_MARKER)
+    n_turns = n_reasoning = 0
     for conv in train.convs + (evl.convs if evl else []):
         _text_checks(conv, marker_re, specials, res.findings)
+        tool_checks(conv, res.findings)
+        turns, reasoning = reasoning_checks(conv, res.findings)
+        n_turns, n_reasoning = n_turns + turns, n_reasoning + reasoning
     mh = _MinHash()
     bodies = mh.index([_body(c) for c in train.convs])
     stats = {"data": train.path, "format": train.fmt, "records": train.records, "examples": len(train.convs)}
     stats["duplicates"] = _duplicates(train.convs, bodies, res.findings)
+    stats["tools"] = _tool_stats(train.convs + (evl.convs if evl else []), n_turns, n_reasoning)
     stats["eval"] = None
     if evl:
         stats["eval"] = {"data": evl.path, "format": evl.fmt, "records": evl.records, "examples": len(evl.convs),
@@ -138,6 +144,7 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings))
         stats["added_tokens"] = added
         _consistency(train.convs, tpl, res.findings)
+        template_tool_check(train.convs, tpl, res.findings)
     elif length_tokenizer is not None:
         stats.update(_text_lengths(train.convs, length_tokenizer, length_tokenizer_name, max_seq_length, res.findings))
     else:
@@ -174,6 +181,15 @@ def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None
                 "lost_trained_tokens": None, "lost_trained_share": None},
             "note": f"lengths are tokens of message text by the {name or 'default'} tokenizer, without a chat template; "
                     "pass --model for your model's exact lengths and trained tokens"}
+
+
+def _tool_stats(convs: list[Conversation], n_turns: int, n_reasoning: int) -> dict:
+    """How many examples offer tools or call them, and the share of assistant turns with reasoning."""
+    calls = sum(len(m.tool_calls or ()) for c in convs for m in c.messages)
+    return {"examples_with_tools": sum(1 for c in convs if c.tools), "tool_calls": calls,
+            "tool_results": sum(1 for c in convs for m in c.messages if m.role == "tool"),
+            "assistant_turns": n_turns, "turns_with_reasoning": n_reasoning,
+            "reasoning_share": round(n_reasoning / n_turns, 4) if n_turns else 0.0}
 
 
 def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample: int = 32) -> None:
@@ -321,6 +337,11 @@ def _stats_lines(s: dict) -> list[str]:
         out.append(f"over max_seq_length {m['limit']}: {m['too_long']} examples ({m['too_long_share']:.1%}){lost}")
     if s.get("added_tokens"):
         out.append(f"template tokens the tokenizer lacks (training adds them): {', '.join(s['added_tokens'])}")
+    t = s.get("tools")
+    if t and (t["examples_with_tools"] or t["tool_calls"] or t["turns_with_reasoning"]):
+        out.append(f"tools: {t['examples_with_tools']} examples offer tools; {t['tool_calls']} calls, "
+                   f"{t['tool_results']} tool results; reasoning in {t['turns_with_reasoning']} of "
+                   f"{t['assistant_turns']} assistant turns ({t['reasoning_share']:.1%})")
     d = s["duplicates"]
     out.append(f"duplicates: {d['exact']} exact, {d['near']} near")
     if s.get("eval"):

@@ -30,6 +30,11 @@ CHECKS: dict[str, tuple[str, str]] = {
     "special_tokens": ("error", "the tokenizer's special tokens inside message text"),
     "no_trained": ("error", "examples with no trained token"),
     "eval_overlap": ("error", "eval examples or prompts also in the training data"),
+    "tool_arguments": ("error", "tool-call arguments that are not a JSON object"),
+    "tool_unknown_function": ("error", "calls to a function the record's tools do not offer"),
+    "tool_orphan_result": ("error", "tool results with no matching call before them"),
+    "template_tools": ("error", "the chat template ignores tools or tool calls"),
+    "reasoning_unclosed": ("error", "unclosed or stray <think> tags in replies"),
     "mojibake": ("warning", "mojibake (text decoded with the wrong encoding)"),
     "control_chars": ("warning", "control characters"),
     "template_markers": ("warning", "chat-template markers inside message text"),
@@ -38,6 +43,9 @@ CHECKS: dict[str, tuple[str, str]] = {
     "near_duplicate": ("warning", "near duplicates"),
     "eval_near_overlap": ("warning", "eval examples or prompts nearly identical to training data"),
     "template_consistency": ("warning", "training text and inference prompt disagree"),
+    "tool_schema": ("warning", "tool-call arguments that do not match the function's schema"),
+    "tool_unanswered": ("warning", "tool calls never answered by a tool result"),
+    "reasoning_in_user": ("warning", "<think> reasoning inside user or system turns"),
 }
 NEAR_JACCARD = 0.9  # word 3-shingle Jaccard at or above which two texts are near duplicates
 
@@ -127,7 +135,8 @@ def _norm(text: str) -> str:
 
 
 def _exact_key(c: Conversation) -> str:
-    return json.dumps(["text", c.text] if c.is_text else [[m.role, m.content] for m in c.messages])
+    return json.dumps(["text", c.text] if c.is_text else [[m.role, m.content, m.tool_calls, m.reasoning]
+                                                          for m in c.messages], default=str)
 
 
 def _body(c: Conversation) -> str:

@@ -5,6 +5,8 @@
   The assistant reply is exactly the JSON, so answers are checked by exact match or field by field.
 - ``general`` (60): short generic questions (capitals, arithmetic, definitions, conversions, small talk),
   for replay and for checking what fine-tuning made the model forget.
+- ``tools_train`` (200) / ``tools_eval`` (40): tool calling with three functions (written by
+  ``python -m sftlab.demo_data.tools``); the held-out requests end at the call to make.
 
 All are openai-messages JSONL: ``{"messages": [{"role": ..., "content": ...}, ...]}``.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from sftlab.core.errors import SftlabError
 
-SPLITS = ("train", "eval", "general")
+SPLITS = ("train", "eval", "general", "tools_train", "tools_eval")
 
 
 def demo_path(split: str) -> Path:

@@ -15,6 +15,8 @@ METRICS: list[tuple[str, str, str]] = [
     ("perplexity", "perplexity", "lower"),
     ("task_score", "task score", "higher"),
     ("format_adherence", "format adherence", "higher"),
+    ("valid_tool_call_rate", "valid tool call", "higher"),
+    ("tool_call_match_rate", "tool call match", "higher"),
     ("nonempty_rate", "non-empty rate", "higher"),
     ("finished_rate", "finished rate", "higher"),
     ("repetition_rate", "repetition rate", "lower"),

@@ -8,6 +8,7 @@ stop token. Used by `sftlab eval`, the training-time eval, and `sftlab generate`
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -65,6 +66,7 @@ class Generation:
     finished: bool
     n_tokens: int  # generated tokens before the stop token
     token_ids: list[int] = field(default_factory=list)  # those tokens
+    raw: str = ""  # those tokens decoded with special tokens kept (a tool call may be marked by one)
 
 
 def prompt_messages(conv: Conversation) -> list[Message]:
@@ -74,9 +76,23 @@ def prompt_messages(conv: Conversation) -> list[Message]:
 
 
 def reference_reply(conv: Conversation) -> str | None:
-    """The conversation's last assistant reply: what the model should have said."""
-    replies = conv.replies()
-    return replies[-1] if replies else None
+    """The conversation's last assistant reply: what the model should have said.
+
+    A reply that calls tools reads as its calls in JSON (``[{"name", "arguments"}]``) after its text.
+    """
+    last = reference_message(conv)
+    if last is None:
+        return None
+    if not last.tool_calls:
+        return last.content
+    calls = [c.get("function", c) if isinstance(c, dict) else c for c in last.tool_calls]
+    calls = [{"name": c.get("name"), "arguments": c.get("arguments")} if isinstance(c, dict) else c for c in calls]
+    return (last.content + " " if last.content.strip() else "") + json.dumps(calls, ensure_ascii=False)
+
+
+def reference_message(conv: Conversation) -> Message | None:
+    """The conversation's last assistant message (None without one)."""
+    return next((m for m in reversed(conv.messages) if m.role == "assistant"), None)
 
 
 def render_prompt(template: ChatTemplate, conv: Conversation) -> str:
@@ -84,7 +100,7 @@ def render_prompt(template: ChatTemplate, conv: Conversation) -> str:
     if conv.is_text:
         raise SftlabError(f"{conv.where()}: plain-text examples have no prompt to generate from",
                           hint="use chat data (messages, sharegpt, alpaca, prompt_completion) to evaluate generation")
-    return template.render(prompt_messages(conv), add_generation_prompt=True)
+    return template.render(prompt_messages(conv), add_generation_prompt=True, tools=conv.tools)
 
 
 def stop_token_ids(tokenizer, template: ChatTemplate | None) -> list[int]:
@@ -166,7 +182,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
                     new = gen[r, width:].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stop_set), None)
                     kept = new if cut is None else new[:cut]
-                    out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), cut is not None, len(kept), kept)
+                    out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), cut is not None, len(kept), kept,
+                                        tokenizer.decode(kept, skip_special_tokens=False))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

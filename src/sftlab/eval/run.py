@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import Example, Labeler
 from sftlab.data.mixture import is_mixture, parse_sources, read_source
+from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.eval import metrics as m
@@ -29,33 +31,49 @@ from sftlab.eval.generation import (
     GenerationSettings,
     generate,
     prompt_messages,
+    reference_message,
     reference_reply,
     render_prompt,
 )
 from sftlab.eval.loss import evaluate_loss
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
+from sftlab.eval.tool_calls import check_tool_calls, expected_calls, same_calls
 from sftlab.models import load_model, load_tokenizer
 from sftlab.rundir import RunDir
 
 
 def score_generations(generations: Sequence[Generation], references: Sequence[str], *,
-                      scorer: str | None = None) -> tuple[dict, list[dict]]:
+                      scorer: str | None = None, tool_refs: Sequence[ToolRef | None] | None = None) -> tuple[dict, list[dict]]:
     """(summary, per-example rows) for generated replies against reference replies.
 
     Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate, finished_rate,
     repetition_rate (mean per reply of the repeated share of token n-grams, n=4: "seq-rep-4"; word
     3-grams for a generation without token ids), distinct_2 (over words), task_score (mean of the
     scorer), format_adherence (share passing the data set's format check).
+
+    ``tool_refs`` (per example: the tools offered and the calls the reference reply makes, or None):
+    an example whose reference calls tools is scored on its calls instead: ``format_ok`` when the
+    reply's calls are valid (:func:`sftlab.eval.tool_calls.check_tool_calls`), ``score`` 1 when they
+    are the reference's calls. The summary then adds n_tool_calls_expected, valid_tool_call_rate and
+    tool_call_match_rate (over those examples).
     """
-    name = choose_scorer(references, scorer)
+    tool_refs = list(tool_refs) if tool_refs is not None else [None] * len(references)
+    text_refs = [r for r, t in zip(references, tool_refs) if not (t and t.calls)]
+    name = choose_scorer(text_refs, scorer)
     score = get_scorer(name)
-    check = format_check_name(references)
+    check = format_check_name(text_refs)
     rows = []
-    for g, ref in zip(generations, references):
-        rows.append({"reply": g.text, "reference": ref, "score": score(g.text, ref),
-                     "format_ok": format_ok(check, g.text, g.finished), "finished": g.finished,
-                     "tokens": g.n_tokens,
-                     "repetition": m.repetition_rate(g.token_ids, 4) if g.token_ids else m.repetition_rate(g.text, 3)})
+    for g, ref, tref in zip(generations, references, tool_refs):
+        row = {"reply": g.text, "reference": ref, "finished": g.finished, "tokens": g.n_tokens,
+               "repetition": m.repetition_rate(g.token_ids, 4) if g.token_ids else m.repetition_rate(g.text, 3)}
+        if tref and tref.calls:
+            tc = check_tool_calls(g.raw or g.text, tref.tools)
+            match = tc.valid and same_calls(tc.calls, tref.calls)
+            row.update(score=float(match), format_ok=tc.valid, tool_call={"valid": tc.valid, "why": tc.why,
+                                                                           "calls": tc.calls, "match": match})
+        else:
+            row.update(score=score(g.text, ref), format_ok=format_ok(check, g.text, g.finished))
+        rows.append(row)
     texts = [g.text for g in generations]
     summary = {
         "n": len(rows),
@@ -68,7 +86,28 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
         "task_score": m.mean([r["score"] for r in rows]),
         "format_adherence": m.mean([float(r["format_ok"]) for r in rows]),
     }
+    calls = [r["tool_call"] for r in rows if "tool_call" in r]
+    if calls:
+        summary.update(n_tool_calls_expected=len(calls), valid_tool_call_rate=m.mean([float(c["valid"]) for c in calls]),
+                       tool_call_match_rate=m.mean([float(c["match"]) for c in calls]))
     return summary, rows
+
+
+@dataclass(frozen=True)
+class ToolRef:
+    """The tools a conversation offers and the calls its reference reply makes (decoded arguments)."""
+
+    tools: list[dict] | None
+    calls: list[dict]
+
+
+def tool_refs(conversations: Sequence[Conversation]) -> list[ToolRef | None]:
+    """Per conversation: a :class:`ToolRef` when its reference reply calls tools, else None."""
+    out: list[ToolRef | None] = []
+    for c in conversations:
+        last = reference_message(c)
+        out.append(ToolRef(c.tools, expected_calls(last.tool_calls)) if last is not None and last.tool_calls else None)
+    return out
 
 
 def _chat(conversations: Sequence[Conversation]) -> list[Conversation]:
@@ -87,7 +126,7 @@ def generation_metrics(model, tokenizer, template: ChatTemplate, conversations: 
     if not chats:
         raise SftlabError("no chat examples to generate replies for", hint="generation metrics need chat data")
     gens = generate(model, tokenizer, template, chats, settings, batch_size)
-    summary, _ = score_generations(gens, [reference_reply(c) for c in chats], scorer=scorer)
+    summary, _ = score_generations(gens, [reference_reply(c) for c in chats], scorer=scorer, tool_refs=tool_refs(chats))
     return summary
 
 
@@ -157,12 +196,14 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
     rows: list[dict] = []
     if generation and chats and template is not None:
         gens = generate(model, tokenizer, template, chats, settings, batch_size)
-        refs = [reference_reply(c) for c in chats]
-        summary, rows = score_generations(gens, refs, scorer=scorer)
+        refs, trefs = [reference_reply(c) for c in chats], tool_refs(chats)
+        summary, rows = score_generations(gens, refs, scorer=scorer, tool_refs=trefs)
         result["metrics"].update({k: v for k, v in summary.items() if k != "n"})
         result["metrics"]["n_generated"] = summary["n"]
-        result["scorer"] = choose_scorer(refs, scorer)
-        result["format_check"] = format_check_name(refs)
+        text_refs = [r for r, t in zip(refs, trefs) if t is None]
+        result["scorer"] = choose_scorer(text_refs, scorer)
+        result["format_check"] = "+".join(([format_check_name(text_refs)] if text_refs else [])
+                                          + (["tool_call"] if len(text_refs) < len(refs) else []))
         for c, row in list(zip(chats, rows))[:samples]:
             result["samples"].append({"where": c.where(), "prompt": prompt_messages(c)[-1].content,
                                       "prompt_text": render_prompt(template, c), **row})
@@ -241,7 +282,10 @@ def load_target(spec: str, *, template: str | None = None, device=None, share_to
         if not run.is_run():
             raise SftlabError(f"{spec}: run folder has no model/ folder", hint="the run did not save a model")
         model, tok, cfg = _load_guard(f"run '{spec}'", lambda: run.load_model(device=device))
-        return model, tok, run.template(tok, template), cfg
+        tpl = run.template(tok, template)
+        if tpl is not None and not tpl.kwargs:  # the template options of training (e.g. enable_thinking)
+            tpl.kwargs = template_kwargs(cfg) or None
+        return model, tok, tpl, cfg
     tok = share_tokenizer if share_tokenizer is not None else _load_guard(f"model '{spec}'", lambda: load_tokenizer(spec))
     model = _load_guard(f"model '{spec}'", lambda: load_model(spec, device=device, tokenizer=tok))
     model.eval()

@@ -1,0 +1,158 @@
+"""The doctor's tool-calling and reasoning checks, and the JSON-schema subset they share with eval."""
+
+from __future__ import annotations
+
+import pytest
+from tool_data import HERMES, TOOLS, WEATHER, call, tool_conv, weather_conv
+
+from sftlab.data.doctor_checks import CHECKS
+from sftlab.data.doctor_tools import (
+    argument_problems,
+    function_schemas,
+    parse_arguments,
+    reasoning_checks,
+    template_tool_check,
+    tool_checks,
+    type_ok,
+)
+from sftlab.data.templates import BUILTIN, ChatTemplate
+from sftlab.data.types import Conversation, Message
+
+SCHEMA = WEATHER["function"]["parameters"]
+
+
+def findings_of(conv):
+    out = []
+    tool_checks(conv, out)
+    reasoning_checks(conv, out)
+    return out
+
+
+def test_function_schemas_take_both_shapes():
+    bare = {"name": "f", "parameters": {"type": "object"}}
+    assert function_schemas([WEATHER, bare, {"type": "function"}]) == {"get_weather": SCHEMA, "f": {"type": "object"}}
+    assert function_schemas(None) == {}
+
+
+@pytest.mark.parametrize("value,schema,ok", [
+    ("x", {"type": "string"}, True), (3, {"type": "string"}, False), (3, {"type": "integer"}, True),
+    (3.0, {"type": "integer"}, True), (3.5, {"type": "integer"}, False), (3, {"type": "number"}, True),
+    (True, {"type": "number"}, False), (True, {"type": "boolean"}, True), ([1], {"type": "array"}, True),
+    ({}, {"type": "object"}, True), (None, {"type": ["string", "null"]}, True), ("c", {"enum": ["a", "b"]}, False),
+    ("a", {"type": "string", "enum": ["a"]}, True), ("x", {}, True), ("x", {"type": "custom"}, True),
+])
+def test_type_ok(value, schema, ok):
+    assert type_ok(value, schema) is ok
+
+
+def test_argument_problems_name_unknown_missing_and_wrong_types():
+    assert argument_problems({"city": "Paris", "unit": "celsius"}, SCHEMA) == []
+    probs = argument_problems({"town": "Paris", "unit": "kelvin"}, SCHEMA)
+    assert probs[0].startswith("unknown argument 'town'") and "city, unit" in probs[0]
+    assert probs[1] == "missing required argument 'city'"
+    assert "'unit' is \"kelvin\"" in probs[2] and "one of ['celsius', 'fahrenheit']" in probs[2]
+    assert argument_problems({"anything": 1}, {}) == []  # no properties listed: names are free
+
+
+def test_parse_arguments():
+    assert parse_arguments('{"a": 1}') == ({"a": 1}, None)
+    assert parse_arguments(None) == ({}, None)
+    assert parse_arguments("{'a': 1}")[1].startswith("arguments are not valid JSON")
+    assert parse_arguments("[1]") == (None, "arguments are a JSON array, not an object")
+
+
+def test_a_clean_tool_conversation_has_no_findings():
+    assert findings_of(weather_conv()) == []
+    assert findings_of(weather_conv(answered=False)) == []  # ending at the call: the training target is the call
+    two = tool_conv(Message("user", "both"),
+                    Message("assistant", "", tool_calls=(call("get_weather", {"city": "Oslo"}, "a"),
+                                                         call("set_timer", '{"minutes": 5}', "b"))),
+                    Message("tool", "t2", tool_call_id="b"), Message("tool", "t1", tool_call_id="a"),
+                    Message("assistant", "done"))
+    assert findings_of(two) == []
+
+
+@pytest.mark.parametrize("conv,rule,words", [
+    (weather_conv('{"city": "Paris",}'), "tool_arguments", "message 2 (assistant): call 'get_weather': arguments are not valid JSON"),
+    (weather_conv("[1, 2]"), "tool_arguments", "arguments are a JSON array, not an object"),
+    (tool_conv(Message("user", "u"), Message("assistant", "", tool_calls=(call("get_news", {}),))),
+     "tool_unknown_function", "call 'get_news': not one of the record's tools (get_weather, set_timer)"),
+    (Conversation([Message("user", "u"), Message("assistant", "", tool_calls=(call("get_weather", {"city": "x"}),))]),
+     "tool_unknown_function", "the record offers no tools"),
+    (weather_conv({"town": "Paris"}), "tool_schema", "unknown argument 'town'"),
+    (weather_conv({"unit": "celsius"}), "tool_schema", "missing required argument 'city'"),
+    (tool_conv(Message("user", "u"), Message("tool", "42"), Message("assistant", "a")),
+     "tool_orphan_result", "message 2 (tool): a tool result, but no assistant tool call comes before it"),
+    (tool_conv(Message("user", "u"), Message("assistant", "", tool_calls=(call("get_weather", {"city": "x"}),)),
+               Message("tool", "42", tool_call_id="call_9"), Message("assistant", "a")),
+     "tool_orphan_result+tool_unanswered", "tool_call_id 'call_9' matches no open call"),
+    (tool_conv(Message("user", "u"), Message("assistant", "", tool_calls=(call("get_weather", {"city": "x"}),)),
+               Message("user", "never mind"), Message("assistant", "ok")),
+     "tool_unanswered", "message 2 (assistant): call 'get_weather' gets no tool result before the user turn at message 3"),
+    (tool_conv(Message("user", "u"), Message("assistant", "<think>hmm"), Message("user", "u2"), Message("assistant", "b")),
+     "reasoning_unclosed", "message 2 (assistant): a <think> is never closed"),
+    (tool_conv(Message("user", "u"), Message("assistant", "done</think> ok")),
+     "reasoning_unclosed", "a </think> with no <think> before it"),
+    (tool_conv(Message("user", "<think>plan</think> hi"), Message("assistant", "a")),
+     "reasoning_in_user", "message 1 (user): holds </think>/<think> tags"),
+])
+def test_each_problem_is_one_finding_with_file_line_and_a_fix(conv, rule, words):
+    found = findings_of(conv)
+    assert [f.rule for f in found] == rule.split("+")  # a wrong id also leaves the call unanswered
+    f, rule = found[0], found[0].rule
+    assert f.where == "data.jsonl:1" or (f.where == "<memory>" and rule == "tool_unknown_function")
+    assert words in f.message, f.message
+    assert f.severity == CHECKS[rule][0] and f.fixes and f.fixes[0]
+
+
+def test_reasoning_share_counts_inline_and_separate_reasoning():
+    conv = tool_conv(Message("user", "a"), Message("assistant", "<think>x</think>y"), Message("user", "b"),
+                     Message("assistant", "z", reasoning="because"), Message("user", "c"), Message("assistant", "w"))
+    assert reasoning_checks(conv, []) == (3, 2)
+
+
+def test_template_that_ignores_tools_and_calls_is_named():
+    chatml = ChatTemplate("chatml", BUILTIN["chatml"][0], "<|im_end|>", {})
+    convs = [Conversation([Message("user", "plain"), Message("assistant", "a")], source="d.jsonl", line=1),
+             weather_conv(line=2)]
+    found = []
+    template_tool_check(convs, chatml, found)
+    assert [(f.rule, f.where) for f in found] == [("template_tools", "data.jsonl:2")] * 2
+    assert "ignores the record's tools" in found[0].message
+    assert "ignores tool_calls: message 2's call renders without 'get_weather'" in found[1].message
+    assert "--set template=" in found[0].fixes[0]
+
+
+def test_template_that_renders_tools_and_calls_passes():
+    hermes = ChatTemplate("hermes", HERMES, "<|im_end|>", {})
+    found = []
+    template_tool_check([weather_conv(city="Zürich <it's>")], hermes, found)
+    assert found == []
+    text = hermes.render(weather_conv().messages, tools=TOOLS)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>' in text
+
+
+def test_doctor_on_a_file_names_lines_and_exits_2(tmp_path, capsys):
+    import json
+
+    from sftlab.cli import main
+    from sftlab.data.doctor import run_doctor
+
+    def rec(call_args, *, answered=True):
+        msgs = [{"role": "user", "content": f"weather? {call_args}"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+                                                                    "function": {"name": "get_weather", "arguments": call_args}}]}]
+        if answered:
+            msgs += [{"role": "tool", "tool_call_id": "c1", "content": "21"}, {"role": "assistant", "content": "21 degrees."}]
+        return {"messages": msgs, "tools": TOOLS}
+
+    rows = [rec({"city": "Paris"}), rec({"town": "Oslo"}), rec('{"city": "Rome"}'),
+            {"messages": [{"role": "user", "content": "<think>x</think> hi"}, {"role": "assistant", "content": "a"}]}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run_doctor(path)
+    assert [(f.rule, f.where) for f in res.findings] == [("tool_schema", f"{path}:2"), ("reasoning_in_user", f"{path}:4")]
+    assert res.stats["tools"]["tool_calls"] == 3 and res.stats["tools"]["examples_with_tools"] == 3
+    assert main(["doctor", str(path)]) == 1  # warnings only
+    out = capsys.readouterr().out
+    assert "unknown argument 'town'" in out and "tools: 3 examples offer tools; 3 calls, 3 tool results" in out

@@ -1,0 +1,145 @@
+"""Parsing generated tool calls in the three dialects, checking them against schemas, and the
+valid-tool-call metric in the generation summary."""
+
+from __future__ import annotations
+
+import pytest
+from tool_data import HERMES, TOOLS, call, weather_conv
+
+from sftlab.data.templates import ChatTemplate
+from sftlab.data.types import Conversation, Message
+from sftlab.eval.generation import Generation, reference_reply, render_prompt
+from sftlab.eval.run import score_generations, tool_refs
+from sftlab.eval.tool_calls import (
+    check_tool_calls,
+    expected_calls,
+    parse_tool_calls,
+    same_calls,
+)
+
+PARIS = {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+@pytest.mark.parametrize("text,dialect,calls,content", [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "hermes", [PARIS], ""),
+    ('Let me check.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+     '<tool_call>{"name": "set_timer", "arguments": {"minutes": 5}}</tool_call>', "hermes",
+     [PARIS, {"name": "set_timer", "arguments": {"minutes": 5}}], "Let me check."),
+    ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "mistral", [PARIS], ""),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "mistral", [PARIS], ""),
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', "json", [PARIS], ""),
+    ('  {"name": "get_weather", "parameters": {"city": "Paris"}}\n', "json", [PARIS], ""),
+    ('[{"name": "get_weather", "arguments": {"city": "Paris"}}]', "json", [PARIS], ""),
+    ('{"type": "function", "function": {"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}}', "json",
+     [{"name": "get_weather", "arguments": '{"city": "Paris"}'}], ""),
+])
+def test_parse_each_dialect(text, dialect, calls, content):
+    p = parse_tool_calls(text)
+    assert (p.dialect, p.calls, p.error, p.content) == (dialect, calls, None, content)
+
+
+@pytest.mark.parametrize("text,error", [
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Par', "a <tool_call> block is never closed"),
+    ("<tool_call>{name: get_weather}</tool_call>", "a <tool_call> block is not JSON"),
+    ('<tool_call>{"arguments": {}}</tool_call>', 'a call lacks a "name"'),
+    ('<tool_call>{"name": "f"} trailing</tool_call>', "text after the JSON"),
+    ("[TOOL_CALLS]get_weather[ARGS]{oops", "the [TOOL_CALLS] arguments are not JSON"),
+    ("[TOOL_CALLS] hello", "followed by neither"),
+])
+def test_broken_calls_say_why(text, error):
+    p = parse_tool_calls(text)
+    assert p.calls == [] and p.error and error in p.error
+
+
+@pytest.mark.parametrize("text", ["It is sunny in Paris.", '{"answer": 42}', '{"name": "Alice", "age": 3}', "[1, 2]", "", "{not json"])
+def test_plain_text_and_other_json_are_no_call(text):
+    p = parse_tool_calls(text)
+    assert (p.calls, p.dialect, p.error) == ([], None, None)
+
+
+@pytest.mark.parametrize("text,valid,why", [
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>', True, None),
+    ('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>', True, None),
+    ("It is sunny.", False, "no tool call in the reply"),
+    ('<tool_call>{"name": "get_news", "arguments": {}}</tool_call>', False, "not one of the tools (get_weather, set_timer)"),
+    ('<tool_call>{"name": "get_weather", "arguments": {"town": "Oslo"}}</tool_call>', False, "unknown argument 'town'"),
+    ('<tool_call>{"name": "set_timer", "arguments": {"minutes": "five"}}</tool_call>', False,
+     "argument 'minutes' is \"five\" but the schema wants integer"),
+    ('<tool_call>{"name": "set_timer", "arguments": "{bad"}</tool_call>', False, "arguments are not valid JSON"),
+    ('<tool_call>{"name": "set_timer", "arguments": {"minutes": 1}}</tool_call><tool_call>{"name": "x"}</tool_call>',
+     False, "call 'x': not one of the tools"),
+])
+def test_check_against_the_schemas(text, valid, why):
+    res = check_tool_calls(text, TOOLS)
+    assert res.valid is valid
+    assert (why is None and res.why is None) or (why in res.why)
+
+
+def test_no_tools_offered_means_no_valid_call():
+    assert not check_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": "x"}}</tool_call>', None).valid
+
+
+def test_same_calls_compares_json_values_in_any_order():
+    a = [{"name": "f", "arguments": {"n": 34}}, {"name": "g", "arguments": {}}]
+    assert same_calls(a, [{"name": "g", "arguments": {}}, {"name": "f", "arguments": {"n": 34.0}}])
+    assert not same_calls(a, [{"name": "f", "arguments": {"n": 35}}, {"name": "g", "arguments": {}}])
+    assert not same_calls([{"name": "f", "arguments": {"b": True}}], [{"name": "f", "arguments": {"b": 1}}])
+    assert not same_calls(a, a[:1])
+
+
+def test_reference_of_a_call_turn_and_the_prompt_with_tools():
+    conv = weather_conv(answered=False)
+    assert reference_reply(conv) == '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]'
+    assert expected_calls(conv.messages[-1].tool_calls) == [{"name": "get_weather",
+                                                             "arguments": {"city": "Paris", "unit": "celsius"}}]
+    prompt = render_prompt(ChatTemplate("hermes", HERMES, "<|im_end|>", {}), conv)
+    assert '"name": "set_timer"' in prompt and prompt.endswith("<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+                                                                  "<|im_start|>assistant\n")
+
+
+def test_valid_tool_call_rate_in_the_summary():
+    convs = [weather_conv(answered=False, city=c) for c in ("Paris", "Oslo", "Rome")]
+    convs.append(Conversation([Message("user", "hi"), Message("assistant", "hello")]))
+    replies = ['<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}</tool_call>',
+               '<tool_call>{"name": "get_weather", "arguments": {"city": "Bergen"}}</tool_call>',  # valid, wrong city
+               "I can not check the weather.",
+               "hello"]
+    gens = [Generation(r, True, 3, [1, 2, 3]) for r in replies]
+    summary, rows = score_generations(gens, [reference_reply(c) for c in convs], tool_refs=tool_refs(convs))
+    assert summary["n_tool_calls_expected"] == 3
+    assert summary["valid_tool_call_rate"] == pytest.approx(2 / 3)
+    assert summary["tool_call_match_rate"] == pytest.approx(1 / 3)
+    assert [r["score"] for r in rows] == [1.0, 0.0, 0.0, 1.0]  # the plain reply is scored by `exact`
+    assert rows[2]["tool_call"]["why"] == "no tool call in the reply"
+    assert summary["format_adherence"] == pytest.approx(3 / 4)
+
+
+def test_the_raw_text_is_parsed_when_the_call_marker_is_a_special_token():
+    conv = weather_conv(answered=False)
+    body = '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]'
+    gen = Generation(body, True, 3, [1], raw="[TOOL_CALLS]" + body)
+    summary, _ = score_generations([gen], [reference_reply(conv)], tool_refs=tool_refs([conv]))
+    assert summary["valid_tool_call_rate"] == 1.0 and summary["tool_call_match_rate"] == 1.0
+
+
+def test_no_tool_metrics_without_call_references():
+    conv = Conversation([Message("user", "hi"), Message("assistant", "hello")], tools=TOOLS)
+    summary, _ = score_generations([Generation("hello", True, 1)], ["hello"], tool_refs=tool_refs([conv]))
+    assert "valid_tool_call_rate" not in summary and summary["task_score"] == 1.0
+    assert call("f", {})["function"] == {"name": "f", "arguments": {}}
+
+
+def test_evaluate_renders_tools_and_reports_the_rate(tiny_model_dir):
+    from sftlab.eval.generation import GenerationSettings
+    from sftlab.eval.run import evaluate
+    from sftlab.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), device="cpu", tokenizer=tok)
+    tpl = ChatTemplate("hermes", HERMES, "<|im_end|>", {"eos_token": tok.eos_token})
+    convs = [weather_conv(answered=False, city=c) for c in ("Paris", "Oslo")]
+    res = evaluate(model, tok, tpl, convs, settings=GenerationSettings(max_new_tokens=4), max_seq_length=512)
+    mt = res["metrics"]
+    assert mt["n_tool_calls_expected"] == 2 and 0.0 <= mt["valid_tool_call_rate"] <= mt["format_adherence"] <= 1.0
+    assert res["format_check"] == "tool_call"
+    assert "<tools>" in res["samples"][0]["prompt_text"] and res["samples"][0]["tool_call"]["valid"] is False
