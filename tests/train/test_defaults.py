@@ -118,3 +118,15 @@ def test_defaults_learn_the_demo_task_in_ten_lora_steps(tmp_path):
                       settings=GenerationSettings(max_new_tokens=48), batch_size=24)["result"]
     assert result["scorer"] == "exact" and result["metrics"]["n_generated"] == 24
     assert result["metrics"]["task_score"] >= 0.9, result["samples"]
+
+
+def test_train_check_prints_the_precision_choice_with_the_probe(tmp_path, tiny_model_dir, capsys):
+    from conftest import chat_data
+
+    from sftlab.cli import main
+
+    data = chat_data(tmp_path / "train.jsonl", 8)
+    rc = main(["train", "--model", str(tiny_model_dir), "--data", data, "--output-dir", str(tmp_path / "run"),
+               "--check", "--set", "precision=auto", "--set", "max_seq_length=128"])
+    out = capsys.readouterr().out
+    assert rc in (0, 2) and "precision: auto -> " in out and "fp32 " in out and " ms" in out
