@@ -11,7 +11,7 @@ from sftlab.config import Config, load_config
 from sftlab.core.errors import SftlabError
 from sftlab.plan.auto import REFERENCE_BATCH, auto_learning_rate, lr_for_size
 from sftlab.train import kernels
-from sftlab.train.kernels import KernelChoice, Trial, choose
+from sftlab.train.kernels import Trial, choose
 
 
 def test_learning_rate_defaults_to_the_auto_table():
