@@ -79,6 +79,6 @@ def test_a_real_probe_runs_here_and_returns_figures(monkeypatch, tmp_path):
     assert again.cached and precision == ("bf16" if again.bf16_ms <= 0.95 * again.fp32_ms else "fp32")
 
 
-@pytest.mark.parametrize("hidden,inter,rows", [(576, 1536, 68), (2048, 8192, 64), (64, 128, 512)])
+@pytest.mark.parametrize("hidden,inter,rows", [(576, 1536, 68), (2048, 8192, 16), (64, 128, 512)])
 def test_probe_rows_keep_the_probe_small(hidden, inter, rows):
     assert hardware.probe_rows(hidden, inter) == rows

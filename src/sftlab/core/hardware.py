@@ -122,10 +122,10 @@ def _probe_key(hidden: int, intermediate: int, tokens: int) -> str:
 
 
 def probe_rows(hidden: int, intermediate: int) -> int:
-    """Rows of the probe's input: about :data:`PROBE_FLOPS` per repetition, 64..512 (a micro-batch of
+    """Rows of the probe's input: about :data:`PROBE_FLOPS` per repetition, 16..512 (a micro-batch of
     short rows; fewer rows would measure call overhead, not the matmul units)."""
     flops_per_row = 6 * (hidden * hidden + hidden * intermediate)  # forward 2, backward 4 per multiply-add
-    return int(min(512, max(64, PROBE_FLOPS / flops_per_row)))
+    return int(min(512, max(16, PROBE_FLOPS / flops_per_row)))
 
 
 def _time_ms(fn, reps: int) -> float:
@@ -162,7 +162,7 @@ def _probe_step(hidden: int, intermediate: int, tokens: int, dtype):
 def measure_precision(hidden: int, intermediate: int, *, reps: int = PROBE_REPS) -> PrecisionProbe:
     """Time fp32 and bf16 forward+backward of the model's two linear shapes on this CPU (no cache).
 
-    Rows are chosen so one repetition is about :data:`PROBE_FLOPS` (64..512 rows); fp32 and bf16
+    Rows are chosen so one repetition is about :data:`PROBE_FLOPS` (16..512 rows); fp32 and bf16
     alternate three times on one thread, each time the fastest of ``reps`` after a warm-up (CPU time; see :func:`_time_ms`).
     """
     import torch  # deferred: heavy library, imported on first use
