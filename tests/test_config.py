@@ -73,7 +73,7 @@ def test_help_config_lists_allowed_values_from_the_types():
     assert "[full | lora | qlora | prefix] (default: 'lora')" in config_help()
     schema = config_schema()
     assert schema["masking"]["choices"] == list(choices(Masking))
-    assert schema["learning_rate"]["type"] == "float | 'auto'" and schema["learning_rate"]["default"] == 2e-5
+    assert schema["learning_rate"]["type"] == "float | 'auto'" and schema["learning_rate"]["default"] == "auto"
 
 
 def test_cli_flags_come_from_the_config_fields(capsys):
@@ -87,10 +87,10 @@ def test_cli_flags_come_from_the_config_fields(capsys):
 
 
 def test_one_learning_rate_table_by_method_and_size():
-    assert [auto.lr_for_size(n, "full") for n in (135e6, 7e9, 13e9, 70e9)] == [5e-5, 2e-5, 1e-5, 5e-6]
-    assert [auto.lr_for_size(n, "lora") for n in (135e6, 7e9, 33e9, 70e9)] == [2e-4, 2e-4, 1e-4, 5e-5]
+    assert [auto.lr_for_size(n, "full") for n in (135e6, 0.7e9, 7e9, 13e9, 70e9)] == [1e-4, 5e-5, 2e-5, 1e-5, 5e-6]
+    assert [auto.lr_for_size(n, "lora") for n in (135e6, 0.7e9, 7e9, 33e9, 70e9)] == [2e-3, 5e-4, 2e-4, 1e-4, 5e-5]
     assert auto.lr_for_size(7e9, "qlora") == auto.lr_for_size(7e9, "lora") and auto.lr_for_size(7e9, "prefix") == 5e-3
     shape = shape_from_params("7B")
     for method in ("full", "lora"):  # `sftlab plan` recommends the rate `train` resolves
         rec = recommend_config(shape, TrainSetup(method=method, batch=1, seq_len=256, device="cuda"), 1e15)
-        assert rec.learning_rate == auto.lr_for_size(shape.params, method)
+        assert rec.learning_rate == auto.auto_learning_rate(shape.params, method, global_batch=1)

@@ -69,6 +69,8 @@ class Summary:
     attention_batches: dict | None  # micro-batches per kernel under attn_implementation=auto
     findings: list[str] = field(default_factory=list)  # the pre-flight checklist's lines
     precision: str | None = None  # the precision the run used (auto resolved)
+    precision_probe: dict | None = None  # precision auto on a CPU: the probe's figures (fp32_ms, bf16_ms, ...)
+    kernels: list | None = None  # the optional GPU kernels: [{"name", "enabled", "reason", "trial"}]
     eval: dict | None = None  # written by `sftlab eval` into a run folder
     signal: str | None = None  # SIGINT or SIGTERM when a signal stopped the run (stopped == "interrupted")
 

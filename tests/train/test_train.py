@@ -202,15 +202,15 @@ def test_auto_values_follow_model_and_data_size(monkeypatch, tiny_model_dir):
     mcfg = model_config(str(tiny_model_dir))
     monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cpu", 64.0))
     roomy = checks.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
-    assert roomy.learning_rate == 2e-4 and roomy.epochs == 5 and roomy.gradient_checkpointing is False
+    # LoRA under 0.5B: 2e-3 at a global batch of 8; this config's 4 x 4 = 16 takes sqrt(2) more
+    assert roomy.learning_rate == 2.83e-3 and roomy.epochs == 5 and roomy.gradient_checkpointing is False
     monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cpu", 0.001))  # would not fit: checkpoint
     tight = checks.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
     assert tight.gradient_checkpointing is True
 
 
 def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
-    """Where the CPU computes bf16 natively, `precision: auto` picks bf16 autocast; it must train."""
-    from sftlab.train.checks import fast_bf16
+    """bf16 autocast trains on this CPU; `precision: auto` picks what the probe measured faster."""
 
     s = train(train_config(tmp_path, tiny_model_dir, method="lora", precision="bf16", max_steps=2, learning_rate=1e-2), quiet=True)
     rows = [r for r in A.read_metrics(tmp_path / "run") if r["split"] == "train"]
@@ -218,7 +218,8 @@ def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
     saved = yaml_load(tmp_path / "run" / A.CONFIG)
     assert saved["precision"] == "bf16"
     auto = train(train_config(tmp_path / "auto", tiny_model_dir, precision="auto", max_steps=1), check_only=True, quiet=True)
-    assert auto["resolved"]["precision"] == ("bf16" if fast_bf16("cpu") else "fp32")
+    probe = auto["precision_probe"]
+    assert auto["resolved"]["precision"] == ("bf16" if probe["bf16_ms"] <= 0.95 * probe["fp32_ms"] else "fp32")
 
 
 def test_summary_reports_the_end_of_turn_tokens_trained(tmp_path):

@@ -49,7 +49,7 @@ def _add_plan(p):
     p.add_argument("--batch", type=int, default=4, help="micro-batch size (default 4)")
     p.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="tokens per row (default 512)")
     p.add_argument("--grad-accum", dest="grad_accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    _config_flag(p, "precision", default="auto", help_text="auto: bf16 mixed on cuda, fp32 on cpu")
+    _config_flag(p, "precision", default="auto", help_text="auto: bf16 on cuda; on cpu, what a short probe measures faster here (as sftlab train)")
     _config_flag(p, "optimizer", default=field_default("optimizer"))
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
                    help="recompute activations in backward")
@@ -76,14 +76,24 @@ def _cmd_plan(args) -> int:
 
     if args.model and args.params:
         raise SftlabError("give --model or --params, not both")
+    from sftlab.plan.auto import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        describe_precision,
+        resolve_precision,
+    )
+
     shape = shape_from_params(args.params) if args.params else load_shape(args.model or "smollm2-135m-instruct")
+    precision, probe = args.precision, None
+    if precision == "auto":  # the rule `sftlab train` uses: bf16 on a GPU, measured on this CPU
+        precision, probe = resolve_precision(args.device, shape.hidden, shape.intermediate)
     setup = TrainSetup(method=args.method, batch=args.batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                       precision=args.precision, optimizer=args.optimizer, device=args.device,
+                       precision=precision, optimizer=args.optimizer, device=args.device,
                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
                        trained_fraction=args.trained_fraction, attention=args.attention)
     plan = make_plan(shape, setup, budget_gb=args.budget_gb)
     if args.json:
-        _print_json(plan.to_dict())
+        _print_json({**plan.to_dict(), "precision_probe": probe.to_dict() if probe else None})
     else:
+        if probe is not None:
+            print(describe_precision(precision, probe.to_dict()))
         print(render_plan(plan))
     return 0

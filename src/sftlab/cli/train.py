@@ -93,6 +93,11 @@ def _cmd_train(args) -> int:
         _print_json(summary)
         return exit_code_for(summary.get("signal")) if summary.get("stopped") == "interrupted" else 0
     if args.check:
+        from sftlab.plan.auto import (
+            describe_precision,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        )
+
+        print(describe_precision(summary["resolved"]["precision"], summary.get("precision_probe")))
         return _print_checks(summary["findings"])
     stopped = summary["stopped"]
     print(f"run folder: {cfg.output_dir}  ({stopped}; {summary['steps']} steps, {summary['time_s']:.0f}s, "

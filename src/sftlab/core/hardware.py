@@ -1,10 +1,18 @@
-"""Facts about the machine a run is on: device, its memory, peak memory of this process, fast bf16."""
+"""Facts about the machine a run is on: device, its memory, peak memory of this process, fast bf16,
+and a measured answer to "is bf16 faster than fp32 here?" (:func:`probe_precision`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 import resource
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sftlab.core.io import atomic_write_text
 
 
 def device_name() -> str:
@@ -49,3 +57,159 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# -- precision probe -----------------------------------------------------------------------------
+PROBE_FLOPS = 5e8  # per repetition and precision: ~5-10 ms on one core, so the probe stays under a second
+PROBE_REPS = 3
+
+
+@dataclass
+class PrecisionProbe:
+    """What one bf16-vs-fp32 measurement found. Times in milliseconds per forward+backward of the
+    probe (two linear layers of the model's shapes, ``tokens`` rows); ``cached``: read from the cache."""
+
+    fp32_ms: float
+    bf16_ms: float
+    hidden: int
+    intermediate: int
+    tokens: int
+    threads: int
+    cpu: str
+    torch: str
+    cached: bool = False
+
+    @property
+    def bf16_speedup(self) -> float:
+        """fp32 time / bf16 time: above 1, bf16 is faster."""
+        return self.fp32_ms / max(self.bf16_ms, 1e-9)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bf16_speedup": round(self.bf16_speedup, 3)}
+
+
+def _cpuinfo(field_name: str) -> str | None:
+    """The first ``field_name`` line of ``/proc/cpuinfo`` (its value), or None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field_name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> str:
+    return _cpuinfo("flags") or ""
+
+
+def _probe_cache_path() -> Path:
+    base = os.environ.get("SFTLAB_CACHE") or Path.home() / ".cache" / "sftlab"
+    return Path(base) / "precision-probe.json"
+
+
+def _probe_key(hidden: int, intermediate: int, tokens: int) -> str:
+    """Same CPU, same instruction sets, same torch, same shapes: the same answer."""
+    import torch  # deferred: heavy library, imported on first use
+
+    flags = hashlib.sha1(_cpu_flags().encode()).hexdigest()[:12]
+    return f"{cpu_model()}|{flags}|torch {torch.__version__}|{hidden}x{intermediate}x{tokens}"
+
+
+def probe_rows(hidden: int, intermediate: int) -> int:
+    """Rows of the probe's input: about :data:`PROBE_FLOPS` per repetition, 16..512 (a micro-batch of
+    short rows; fewer rows would measure call overhead, not the matmul units)."""
+    flops_per_row = 6 * (hidden * hidden + hidden * intermediate)  # forward 2, backward 4 per multiply-add
+    return int(min(512, max(16, PROBE_FLOPS / flops_per_row)))
+
+
+def _time_ms(fn, reps: int) -> float:
+    """The fastest of ``reps`` calls after one warm-up call, in ms of this process's CPU time (all its
+    threads): other processes on a shared machine slow the wall clock, not the work, and the
+    fastest repetition is the one least disturbed by the cache and the scheduler."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        times.append((time.process_time() - t0) * 1e3)
+    return min(times)
+
+
+def _probe_step(hidden: int, intermediate: int, tokens: int, dtype):
+    """One forward+backward through hidden->hidden and hidden->intermediate linears, weights and
+    input in ``dtype`` (what a bf16 LoRA run holds: the base weights in bf16; fp32 for fp32)."""
+    import torch  # deferred: heavy library, imported on first use
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype).requires_grad_(True)
+    w1 = (torch.randn(hidden, hidden, generator=g) / hidden**0.5).to(dtype).requires_grad_(True)
+    w2 = (torch.randn(intermediate, hidden, generator=g) / hidden**0.5).to(dtype).requires_grad_(True)
+
+    def step():
+        y = torch.nn.functional.linear(torch.nn.functional.linear(x, w1), w2)
+        y.float().square().mean().backward()
+        x.grad = w1.grad = w2.grad = None
+
+    return step
+
+
+def measure_precision(hidden: int, intermediate: int, *, reps: int = PROBE_REPS) -> PrecisionProbe:
+    """Time fp32 and bf16 forward+backward of the model's two linear shapes on this CPU (no cache).
+
+    Rows are chosen so one repetition is about :data:`PROBE_FLOPS` (16..512 rows); fp32 and bf16
+    alternate three times on one thread, each time the fastest of ``reps`` after a warm-up (CPU time; see :func:`_time_ms`).
+    """
+    import torch  # deferred: heavy library, imported on first use
+
+    tokens = probe_rows(hidden, intermediate)
+    steps = {name: _probe_step(hidden, intermediate, tokens, dt)
+             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    threads = torch.get_num_threads()
+    # One thread: the fp32/bf16 ratio is a property of the core's matmul units, and on a busy machine
+    # a descheduled worker thread makes the others spin at the barrier, which CPU time would count.
+    torch.set_num_threads(1)
+    try:
+        for _ in range(3):  # alternate, so a burst of load elsewhere hits both
+            for name, step in steps.items():
+                times[name].append(_time_ms(step, reps))
+    finally:
+        torch.set_num_threads(threads)
+    return PrecisionProbe(fp32_ms=round(min(times["fp32"]), 3), bf16_ms=round(min(times["bf16"]), 3),
+                          hidden=hidden, intermediate=intermediate, tokens=tokens,
+                          threads=1, cpu=cpu_model(), torch=torch.__version__)
+
+
+def probe_precision(hidden: int, intermediate: int, *, use_cache: bool = True) -> PrecisionProbe:
+    """:func:`measure_precision`, cached per machine in ``~/.cache/sftlab/precision-probe.json``
+    (``$SFTLAB_CACHE``), keyed by CPU model and flags, torch version and shapes."""
+    tokens = probe_rows(hidden, intermediate)
+    key = _probe_key(hidden, intermediate, tokens)
+    path = _probe_cache_path()
+    cache: dict = {}
+    if use_cache:
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if isinstance(cache, dict) and isinstance(cache.get(key), dict):
+            try:
+                return PrecisionProbe(**{**cache[key], "cached": True})
+            except TypeError:
+                pass  # an entry of another version: measure again
+    probe = measure_precision(hidden, intermediate)
+    if use_cache:
+        cache = cache if isinstance(cache, dict) else {}
+        cache[key] = {k: v for k, v in asdict(probe).items() if k != "cached"}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(cache, indent=1))
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return probe

@@ -1,10 +1,13 @@
 """Every `auto` of the config, resolved in one place for `sftlab train`, `sftlab plan` and `sftlab recommend`.
 
-- learning rate: :func:`lr_for_size`, one table by method and model size;
+- learning rate: :func:`lr_for_size`, one table by method and model size, scaled for the LoRA scale
+  alpha/r and the global batch by :func:`auto_learning_rate`;
 - epochs: :func:`epochs_for_data`, by number of training examples;
 - batch and accumulation: :func:`batch_for_memory`, by GPU memory;
 - gradient checkpointing: on only when the memory estimate (:mod:`sftlab.plan.memory`) would not fit;
-- precision: bf16 where the hardware computes it natively (:func:`sftlab.core.hardware.fast_bf16`), else fp32.
+- precision: :func:`choose_precision`: bf16 on a GPU that supports it; on a CPU, bf16 only where a
+  short probe of the model's own matmul shapes (:func:`sftlab.core.hardware.probe_precision`) measures
+  it faster than fp32.
 
 :func:`resolve_auto` applies them all to a :class:`~sftlab.config.Config`.
 """
@@ -14,25 +17,51 @@ from __future__ import annotations
 import dataclasses
 
 from sftlab.config import Config
-from sftlab.core.hardware import device_memory_gb, fast_bf16
+from sftlab.core.hardware import PrecisionProbe, device_memory_gb, probe_precision
 from sftlab.plan.memory import TrainSetup, estimate_memory
 from sftlab.plan.shapes import shape_from_config
 
 
 def lr_for_size(n_params: float, method: str) -> float:
-    """A starting peak learning rate for ``method`` on a model of ``n_params`` parameters.
+    """A starting peak learning rate for ``method`` on a model of ``n_params`` parameters, at the
+    reference global batch (:data:`REFERENCE_BATCH`) and LoRA scale (:data:`REFERENCE_LORA_SCALE`).
 
-    Full fine-tuning: 5e-5 under 1B, 2e-5 under 10B (Alpaca's 7B), 1e-5 under 40B (Vicuna/Alpaca 13B),
-    5e-6 above (70B recipes). LoRA and QLoRA train a small adapter from zero and take about ten times
-    more: 2e-4 under 10B, 1e-4 under 40B (the QLoRA paper: 2e-4 for 7B/13B, 1e-4 for 33B/65B), 5e-5 above.
-    Prefix tuning learns a few virtual tokens and takes more still: 5e-3 at every size.
+    Full fine-tuning: 1e-4 under 0.5B, 5e-5 under 1B, 2e-5 under 10B (Alpaca's 7B), 1e-5 under 40B
+    (Vicuna/Alpaca 13B), 5e-6 above (70B recipes). LoRA and QLoRA train a small adapter from zero and
+    take about ten times more ("LoRA Without Regret", Thinking Machines 2025: the best LoRA rate is
+    ~10x full fine-tuning's; more for short runs): 2e-3 under 0.5B (measured here: 10 LoRA steps on the
+    demo task, exact match 29% at 1e-3, 62% at 2e-3, 54% at 3e-3), 5e-4 under 1B, 2e-4 under 10B, 1e-4 under 40B (the
+    QLoRA paper: 2e-4 for 7B/13B, 1e-4 for 33B/65B), 5e-5 above. Prefix tuning learns a few virtual
+    tokens and takes more still: 5e-3 at every size (Li & Liang 2021 used 5e-5..8e-5 on full models'
+    prefix MLPs; peft's examples 1e-2..3e-2 without one).
     """
     b = n_params / 1e9
     if method == "full":
-        return 5e-5 if b < 1 else 2e-5 if b < 10 else 1e-5 if b < 40 else 5e-6
+        return 1e-4 if b < 0.5 else 5e-5 if b < 1 else 2e-5 if b < 10 else 1e-5 if b < 40 else 5e-6
     if method == "prefix":
         return 5e-3
-    return 2e-4 if b < 10 else 1e-4 if b < 40 else 5e-5
+    return 2e-3 if b < 0.5 else 5e-4 if b < 1 else 2e-4 if b < 10 else 1e-4 if b < 40 else 5e-5
+
+
+REFERENCE_BATCH = 8  # the global batch the table is for (sequences per optimizer step)
+REFERENCE_LORA_SCALE = 2.0  # alpha / r of the table's runs (peft's r=16 with alpha=32, sftlab's default)
+
+
+def auto_learning_rate(n_params: float, method: str, *, global_batch: int, lora_r: int = 16,
+                       lora_alpha: int = 32) -> float:
+    """The table's rate (:func:`lr_for_size`) for this run's global batch and LoRA scale.
+
+    - batch: square-root scaling from :data:`REFERENCE_BATCH` (Adam's noise-scale rule, Malladi et al.
+      2022), the factor clamped to 0.5..2;
+    - LoRA/QLoRA: the adapter's update is scaled by alpha/r, so the rate is divided by
+      (alpha/r) / :data:`REFERENCE_LORA_SCALE` (at fixed alpha/r, the best rate barely moves with the rank:
+      LoRA Without Regret), the factor clamped to 0.25..4.
+    """
+    lr = lr_for_size(n_params, method)
+    lr *= min(2.0, max(0.5, (max(1, global_batch) / REFERENCE_BATCH) ** 0.5))
+    if method in ("lora", "qlora"):
+        lr *= min(4.0, max(0.25, REFERENCE_LORA_SCALE / (lora_alpha / max(1, lora_r))))
+    return float(f"{lr:.3g}")
 
 
 def epochs_for_data(n_examples: int) -> int:
@@ -62,12 +91,52 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
     return estimate_memory(shape, setup).total_bytes
 
 
-def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_len: int) -> Config:
-    """A copy of ``cfg`` with every `auto` replaced by the value that will be used on this machine."""
+def choose_precision(device: str, probe: PrecisionProbe | None, *, cuda_bf16: bool = True) -> str:
+    """The rule of `precision: auto`. On CUDA: bf16 where the GPU supports it, else fp32. On a CPU: bf16
+    only where the probe measured it at least 5% faster than fp32 (it rounds: a tie goes to fp32)."""
+    if device == "cuda":
+        return "bf16" if cuda_bf16 else "fp32"
+    return "bf16" if probe is not None and probe.bf16_ms <= 0.95 * probe.fp32_ms else "fp32"
+
+
+def resolve_precision(device: str, hidden: int, intermediate: int) -> tuple[str, PrecisionProbe | None]:
+    """(precision, the probe) for `precision: auto` on ``device`` for a model of these shapes; no probe
+    on CUDA (planning for a GPU this machine lacks assumes one with bf16, as every current training GPU has)."""
+    if device == "cuda":
+        import torch  # deferred: heavy library, imported on first use
+
+        cuda_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+        return choose_precision(device, None, cuda_bf16=cuda_bf16), None
+    probe = probe_precision(hidden, intermediate)
+    return choose_precision(device, probe), probe
+
+
+def describe_precision(precision: str, probe: dict | None) -> str:
+    """One line: the precision `auto` chose and the probe's figures (``probe``: :meth:`PrecisionProbe.to_dict`)."""
+    if not probe:
+        return f"precision: {precision}"
+    return (f"precision: auto -> {precision} (probe on {probe['cpu']}, {probe['threads']} threads: "
+            f"{probe['hidden']}x{probe['hidden']} and {probe['hidden']}x{probe['intermediate']} linears, "
+            f"{probe['tokens']} rows, forward+backward: fp32 {probe['fp32_ms']:.2f} ms, bf16 {probe['bf16_ms']:.2f} ms "
+            f"CPU time, bf16 {probe['bf16_speedup']:.2f}x{'; cached' if probe.get('cached') else ''})")
+
+
+def _model_widths(model_cfg) -> tuple[int, int]:
+    """(hidden, intermediate) of a transformers config; GPT-2 style configs name them differently."""
+    hidden = getattr(model_cfg, "hidden_size", None) or getattr(model_cfg, "n_embd", None) or 768
+    inter = getattr(model_cfg, "intermediate_size", None) or getattr(model_cfg, "n_inner", None) or 4 * hidden
+    return int(hidden), int(inter)
+
+
+def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_len: int,
+                 notes: dict | None = None) -> Config:
+    """A copy of ``cfg`` with every `auto` replaced by the value that will be used on this machine.
+
+    ``notes``, when given, receives what the choices were based on: ``precision_probe`` (the probe's
+    figures, :meth:`PrecisionProbe.to_dict`) when `precision: auto` ran one.
+    """
     device, mem_gb = device_memory_gb()
     out = dataclasses.replace(cfg)
-    if out.learning_rate == "auto":
-        out.learning_rate = lr_for_size(n_params, cfg.method)
     if out.epochs == "auto":
         out.epochs = epochs_for_data(n_examples)
     if out.batch_size == "auto" or out.gradient_accumulation == "auto":
@@ -76,8 +145,14 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
             out.batch_size = b
         if out.gradient_accumulation == "auto":
             out.gradient_accumulation = ga
+    if out.learning_rate == "auto":  # after the batch: the rate follows the global batch
+        out.learning_rate = auto_learning_rate(
+            n_params, cfg.method, global_batch=int(out.batch_size) * int(out.gradient_accumulation),
+            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     if out.precision == "auto":
-        out.precision = "bf16" if fast_bf16(device) else "fp32"
+        out.precision, probe = resolve_precision(device, *_model_widths(model_cfg))
+        if probe is not None and notes is not None:
+            notes["precision_probe"] = probe.to_dict()
     if out.gradient_checkpointing == "auto":
         need = estimated_bytes(out, model_cfg, batch=int(out.batch_size), seq_len=seq_len, checkpointing=False,
                                device=device)
@@ -85,4 +160,5 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
     return out
 
 
-__all__ = ["batch_for_memory", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto"]
+__all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "batch_for_memory", "choose_precision",
+           "describe_precision", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto", "resolve_precision"]

@@ -2,7 +2,7 @@
 
 Builds on :mod:`sftlab.plan.memory`: checks the estimate against common GPUs and this machine, finds the
 largest batch or sequence length under a budget, and recommends batch, accumulation, checkpointing,
-method and learning rate (:func:`sftlab.plan.auto.lr_for_size`, the table training uses).
+method and learning rate (:func:`sftlab.plan.auto.auto_learning_rate`, the table training uses).
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
+from sftlab.config import field_default
 from sftlab.core.hardware import device_memory_gb, device_name
-from sftlab.plan.auto import lr_for_size
+from sftlab.plan.auto import auto_learning_rate
 from sftlab.plan.memory import (
     GB,
     MemoryEstimate,
@@ -87,6 +88,12 @@ def _cheaper_methods(method: str, device: str) -> list[str]:
     return [m for m in order if m == method or m != "qlora" or device != "cpu" or not qlora.qlora_unavailable("cpu")]
 
 
+def _lr(shape: ModelShape, method: str, setup: TrainSetup, effective: int) -> float:
+    """The learning rate `learning_rate: auto` gives this method, model and global batch (default lora_alpha)."""
+    return auto_learning_rate(shape.params, method, global_batch=effective, lora_r=setup.lora_r,
+                              lora_alpha=field_default("lora_alpha"))
+
+
 HEADROOM = 0.9  # a recommendation leaves 10% of the budget for estimate error and fragmentation
 
 
@@ -118,7 +125,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
             if accum > 1:
                 notes.append(f"micro-batch {micro} x accumulation {accum} keeps the effective batch of {effective}"
                              + ("" if micro * accum == effective else f" (rounded up to {micro * accum})"))
-            return Recommended(True, method, micro, accum, ckpt, lr_for_size(shape.params, method), setup.seq_len,
+            return Recommended(True, method, micro, accum, ckpt, _lr(shape, method, setup, effective), setup.seq_len,
                                int(full_budget), estimate_memory(shape, final).total_bytes, notes)
     notes = []
     last = _cheaper_methods(setup.method, setup.device)[-1]
@@ -127,7 +134,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
                  + "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state")
-    return Recommended(False, last, 1, effective, True, lr_for_size(shape.params, last), setup.seq_len, int(full_budget),
+    return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
                        None, notes)
 
 

@@ -7,6 +7,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
 from sftlab.models import load_model
 from sftlab.qlora import require_qlora
+from sftlab.train.kernels import apply_kernels, flash_attention_available
 
 
 def _dtype(precision: str):
@@ -15,8 +16,19 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def build_model(cfg: Config, tok, added_tokens: list[str]):
-    """Returns (model ready for Trainer, loss_fn(model, batch) used for the EWC Fisher)."""
+def _attention(cfg: Config) -> str | None:
+    """The attention kernel to load: FlashAttention-2 (varlen, no mask) for packed rows on a GPU where
+    it is installed under ``auto``; else SDPA (None: transformers' default; see core/attention.py)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return "flash_attention_2" if cfg.packing and flash_attention_available() else None
+
+
+def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | None = None):
+    """Returns (model ready for Trainer, loss_fn(model, batch) used for the EWC Fisher).
+
+    ``kernels_out``, when given, receives the :class:`~sftlab.train.kernels.KernelChoice` of each
+    optional kernel (liger_kernels, compile_blocks)."""
     import torch  # deferred: heavy library, imported on first use
 
     kwargs = {}
@@ -34,13 +46,15 @@ def build_model(cfg: Config, tok, added_tokens: list[str]):
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     # Mixed precision keeps fp32 master weights: load fp32 and let autocast run bf16 compute.
     dtype = "fp32" if cfg.method == "full" or cfg.precision == "fp32" else cfg.precision
-    attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation  # auto loads SDPA; see attention.py
-    model = load_model(cfg.model, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code,
+    model = load_model(cfg.model, dtype=dtype, attn_implementation=_attention(cfg), trust_remote_code=cfg.trust_remote_code,
                        tokenizer=tok, **kwargs)
     new_ids = [tok.convert_tokens_to_ids(t) for t in added_tokens]
     if new_ids and model.get_input_embeddings().weight.shape[0] < len(tok):
         model.resize_token_embeddings(len(tok), mean_resizing=True)
     model.config.use_cache = False
+    choices = apply_kernels(cfg, model)  # before PEFT: the patched modules are the base model's
+    if kernels_out is not None:
+        kernels_out.extend(choices)
 
     if cfg.method in ("lora", "qlora", "prefix"):
         import peft  # deferred: heavy library, imported on first use

@@ -34,6 +34,7 @@ from sftlab.data.packing import pack
 from sftlab.data.prepare import Prepared, prepare
 from sftlab.eval.run import training_eval
 from sftlab.models import load_tokenizer, model_config
+from sftlab.plan.auto import describe_precision
 from sftlab.plan.shapes import shape_from_config
 from sftlab.rundir import Summary
 from sftlab.train.callbacks import (
@@ -88,6 +89,7 @@ class Harness:
     logger: MetricsLogger  # metrics.jsonl; its rows feed the summary
     stopper: SignalCheckpoint  # Ctrl-C / SIGTERM: checkpoint and stop
     switch: AttentionSwitch | None  # per-batch kernel under attn_implementation=auto
+    notes: dict  # what the auto choices rest on: precision_probe, kernels
 
 
 @dataclass
@@ -114,16 +116,19 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     if blockers and not check_only:
         raise SftlabError(blockers[0].message, hint=blockers[0].fixes[0])
     data = load_data(cfg)
-    rc, findings = resolve_and_check(cfg, data)
+    rc, findings, notes = resolve_and_check(cfg, data)
     findings = blockers + findings
     if check_only:
-        return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict()}
+        return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(),
+                "precision_probe": notes.get("precision_probe")}
     if not quiet:
         print_checks(findings)
     if errors := [f for f in findings if f.rule in _FATAL and f.severity == "error"]:
         raise SftlabError(errors[0].message, hint=errors[0].fixes[0])
     keep_memory_near_live_tensors()  # before the model's tensors exist
-    model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens)
+    kernels: list = []
+    model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels)
+    notes["kernels"] = [k.to_dict() for k in kernels]
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
     batches = training_batches(rc, train_examples, data.tok, model)
@@ -132,7 +137,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     args = training_arguments(rc, run / A.CHECKPOINTS, has_eval=data.eval is not None, quiet=quiet)
     trainer, switch = build_trainer(rc, data, model, ewc_loss_fn, args, batches)
     logger, stopper = attach_callbacks(trainer, rc, run, quiet=quiet, extra=callbacks or [])
-    h = Harness(trainer, logger, stopper, switch)
+    h = Harness(trainer, logger, stopper, switch, notes)
     fitted = fit(h, rc, data, run, resume_from)
     summary = summarize(rc, data, h, fitted, n_replay=n_replay, findings=findings).to_dict()
     if h.trainer.args.should_save:
@@ -161,20 +166,22 @@ def _example_keys(prepared: Prepared | None) -> set[tuple]:
     return {tuple(e.input_ids) for e in prepared.examples} if prepared else set()
 
 
-def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]]:
-    """The config with every ``auto`` resolved for this model, data and machine; the checklist's findings."""
+def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding], dict]:
+    """The config with every ``auto`` resolved for this model, data and machine; the checklist's
+    findings; notes on what the choices rest on (``precision_probe``: see :func:`resolve_auto`)."""
     examples = data.train.examples
     mcfg = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     n_params = shape_from_config(mcfg, "model").params
     seq_len = cfg.max_seq_length if cfg.packing else min(cfg.max_seq_length, max(len(e.input_ids) for e in examples))
-    rc = resolve_auto(cfg, n_params=n_params, n_examples=len(examples), model_cfg=mcfg, seq_len=seq_len)
+    notes: dict = {}
+    rc = resolve_auto(cfg, n_params=n_params, n_examples=len(examples), model_cfg=mcfg, seq_len=seq_len, notes=notes)
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
                          train_keys=_example_keys(data.train), eval_keys=_example_keys(data.eval),
                          report=data.train.report)
     for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # the drawn mixture, as counts
         if prepared is not None and prepared.mixture is not None:
             setattr(rc, key, prepared.mixture.resolved())
-    return rc, findings
+    return rc, findings, notes
 
 
 def print_checks(findings: list[Finding]) -> None:
@@ -348,6 +355,10 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     """Write the resolved config and prepare report, train, evaluate at the end, save the model."""
     if _is_global_main():
         rc.save(run / A.CONFIG)
+        probe = h.notes.get("precision_probe")
+        if probe:  # a comment: the file stays a config that loads as it is
+            atomic_write_text(run / A.CONFIG,
+                              (run / A.CONFIG).read_text() + "# " + describe_precision(rc.precision, probe) + "\n")
         atomic_write_text(run / A.PREPARE_REPORT, json.dumps(data.train.report.to_dict(), indent=2))
     trainer = h.trainer
     t0 = time.perf_counter()
@@ -455,4 +466,5 @@ def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay
         gradient_checkpointing=bool(rc.gradient_checkpointing), packing=rc.packing,
         attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
         findings=[str(f) for f in findings], precision=rc.precision, signal=h.stopper.requested,
+        precision_probe=h.notes.get("precision_probe"), kernels=h.notes.get("kernels"),
     )
