@@ -16,6 +16,7 @@ from conftest import HEALTHY_SUMMARY, healthy_rows, make_run
 from sftlab.cli import main
 from sftlab.data.masking import length_histogram
 from sftlab.eval.compare import compare
+from sftlab.report import write_report
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None)
 
@@ -141,3 +142,16 @@ def test_plots_render_in_headless_chromium(tmp_path):
     assert titles == PLOTS
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console  # no error (nor any other message) from the page's script
+
+
+def test_forgetting_line_reads_right_both_ways(tmp_path):
+    """A rise within the threshold says so; an improvement is not called 'within the threshold'."""
+    (tmp_path / "rise").mkdir()
+    (tmp_path / "better").mkdir()
+    html = write_report(str(_run(tmp_path / "rise")))["path"]
+    text = Path(html).read_text()
+    assert "a rise within the 10% threshold" in text and "+5.0%" in text
+    improved = _eval_result()
+    improved["forgetting"] = {**improved["forgetting"], "after": 1.8, "relative": -0.1, "flagged": False}
+    text = Path(write_report(str(_run(tmp_path / "better", summary_extra={"eval": improved})))["path"]).read_text()
+    assert "improved: no forgetting" in text and "within" not in text.split("improved: no forgetting")[0][-200:]

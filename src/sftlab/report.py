@@ -21,6 +21,7 @@ from sftlab.core.io import atomic_write_text
 from sftlab.data.doctor import run_doctor
 from sftlab.data.mixture import source_paths
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
+from sftlab.eval.compare import format_forgetting
 from sftlab.report_plots import before_after_figure, length_histogram_figure
 
 REPORT = "report.html"
@@ -229,13 +230,9 @@ def _eval_section(run: RunData) -> str:
                    f"format check: {_e((ev.get('after') or {}).get('format_check'))}</p>")
         out.append(_table(rows, ("metric", ev.get("before_name", "base"), ev.get("after_name", "fine-tuned"), "change")))
         f = ev.get("forgetting")
-        if isinstance(f, dict):
-            verdict = "forgetting flagged" if f.get("flagged") else "within threshold"
-            rel, th = f.get("relative"), f.get("threshold")
-            change = f"{rel:+.1%}, " if isinstance(rel, float) and math.isfinite(rel) else ""
-            limit = f"{th:.0%}" if isinstance(th, (int, float)) else "?"
-            out.append(f"<p>Forgetting: general-data loss {_e(_fmt(f.get('before')))} &rarr; {_e(_fmt(f.get('after')))} "
-                       f"({_e(change)}{_e(verdict)}, threshold {_e(limit)})</p>")
+        if isinstance(f, dict) and {"relative", "flagged", "threshold", "before", "after"} <= set(f):
+            line = format_forgetting(f)  # the same words as `sftlab eval`
+            out.append(f"<p>{_e(line[:1].upper() + line[1:])}</p>")
         samples = [(s.get("prompt"), s.get("reference"), s.get("before"), s.get("after")) for s in ev.get("samples", [])]
         head = ("prompt", "reference", ev.get("before_name", "base"), ev.get("after_name", "fine-tuned"))
     else:
