@@ -174,7 +174,20 @@ GLM4 = r"""[gMASK]<sop>{%- for message in messages %}{%- if message.role == 'sys
 {{ message.content }}{%- elif message.role == 'assistant' %}<|assistant|>
 {{ message.content }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"""
 
-SPECIALS = ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|START_OF_TURN_TOKEN|>",
+# NVIDIA Nemotron Nano 2 shape: <SPECIAL_1x> role markers, <SPECIAL_12> ends a turn, and history turns
+# lose their thinking (only the last assistant turn keeps its <think>...</think>).
+NEMOTRON = r"""{%- for message in messages -%}{%- if message.role == 'system' -%}<SPECIAL_10>System
+{{ message.content }}
+{% elif message.role == 'user' -%}<SPECIAL_11>User
+{{ message.content }}
+{% elif message.role == 'assistant' -%}{%- set content = message.content -%}
+{%- if '</think>' in content and not loop.last -%}{%- set content = content.split('</think>')[-1].lstrip() -%}{%- endif -%}
+<SPECIAL_11>Assistant
+{{ content }}<SPECIAL_12>
+{% endif -%}{%- endfor -%}{%- if add_generation_prompt -%}<SPECIAL_11>Assistant
+{% endif -%}"""
+
+SPECIALS = ["<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>", "<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>", "<|START_OF_TURN_TOKEN|>",
             "<|END_OF_TURN_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|START_RESPONSE|>",
             "<|END_RESPONSE|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
@@ -188,7 +201,7 @@ TEMPLATES = {
     "qwen3-instruct-2507": (QWEN3_INSTRUCT_2507, "single"), "gpt-oss": (GPT_OSS, "split"),
     "cohere2": (COHERE2, "single"), "llama3.1": (LLAMA31, "single"), "hermes": (HERMES, "single"),
     "gemma": (GEMMA, "single"), "phi3": (PHI3, "single"), "deepseek-v3": (DEEPSEEK_V3, "single"),
-    "glm4": (GLM4, "single"),
+    "glm4": (GLM4, "single"), "nemotron": (NEMOTRON, "single"),
 }
 
 
@@ -460,3 +473,17 @@ def test_reasoning_modes(tok, tmp_path, mode):
         assert got == [["5<|im_end|>", "<think>\nmultiply\n</think>\n\n20<|im_end|>"]] and report.n_single == 1
     else:
         assert got == [["5<|im_end|>"], ["20<|im_end|>"]]
+
+
+def test_nemotron_drops_history_thinking_so_each_turn_is_its_own_example(tok):
+    """Nemotron Nano 2 keeps <think> only in the last turn: with reasoning, one example per turn, each
+    training its own thinking and answer through <SPECIAL_12>, in the context the model sees."""
+    chat = Conversation([Message("user", "Hi there"), Message("assistant", "Hello!", reasoning="greet back"),
+                         Message("user", "Capital of France?"), Message("assistant", "Paris.", reasoning="easy")])
+    examples, report = Labeler(tok, tpl("nemotron", tok)).encode([chat])
+    assert (report.n_split, report.n_single, len(examples)) == (1, 0, 2)
+    first, second = (runs(tok, ex) for ex in examples)
+    assert first == ["<think>\ngreet back\n</think>\n\nHello!<SPECIAL_12>"]
+    assert second == ["<think>\neasy\n</think>\n\nParis.<SPECIAL_12>"]
+    context = tok.decode([t for t, lab in zip(examples[1].input_ids, examples[1].labels) if lab == IGNORE])
+    assert "greet back" not in context and "Hello!" in context  # history as rendered at inference: no thinking
