@@ -10,8 +10,9 @@ training and saving. It is compared with `sftlab plan --json`'s ``total_bytes`` 
 which includes the process baseline. On CUDA (``--device cuda``) it polls ``nvidia-smi`` for the
 child's memory (the caching allocator's reserved memory plus the CUDA context), the GPU counterpart.
 
-``SFTLAB_MALLOC=glibc`` in the environment measures `train` with glibc's default malloc settings
-(``--glibc-default``), which keep freed activations resident (see sftlab.plan.allocator).
+It measures `train` with ``SFTLAB_MALLOC=lean`` (freed memory goes back to the OS, what the plan models);
+``--glibc-default`` measures `train`'s default, glibc's malloc settings, which keep freed activations
+resident (see sftlab.plan.allocator).
 
     python benchmarks/plan_memory.py                       # the default grid on CPU
     python benchmarks/plan_memory.py --setting lora:ckpt:2x512 --json out.json
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per setting (the peak needs >= 2)")
     ap.add_argument("--setting", action="append", default=[], metavar="METHOD:CKPT:BxS",
                     help="run only these settings, e.g. lora:ckpt:4x256 or full:nockpt:2x512")
-    ap.add_argument("--glibc-default", action="store_true", help="train with glibc's default malloc (SFTLAB_MALLOC=glibc)")
+    ap.add_argument("--glibc-default", action="store_true", help="measure train's default malloc (glibc's) instead of SFTLAB_MALLOC=lean")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON (after each setting)")
     ap.add_argument("--from-json", metavar="FILE", nargs="+", help="re-estimate rows measured earlier (written by --json); measure nothing")
     args = ap.parse_args(argv)
@@ -138,8 +139,7 @@ def main(argv=None) -> int:
         worst = max(abs(r["error_pct"]) for r in rows)
         print(f"\nworst error {worst:.1f}% over {len(rows)} settings (re-estimated from {', '.join(args.from_json)})")
         return 0 if worst <= 15.0 else 1
-    if args.glibc_default:
-        os.environ["SFTLAB_MALLOC"] = "glibc"
+    os.environ["SFTLAB_MALLOC"] = "glibc" if args.glibc_default else "lean"
     grid = DEFAULT_GRID
     if args.setting:
         grid = []

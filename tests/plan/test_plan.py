@@ -487,12 +487,12 @@ def test_library_baseline_matches_a_fresh_process():
     assert 0.75 * CPU_LIBRARY_BYTES < rss < 1.25 * CPU_LIBRARY_BYTES, rss
 
 
-def test_train_sets_the_allocator_unless_told_not_to():
+def test_train_sets_the_lean_allocator_only_when_asked():
     code = "from sftlab.train.callbacks import keep_memory_near_live_tensors as k; print(k())"
     env = dict(os.environ)
     env.pop("SFTLAB_MALLOC", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
-    assert out[-1] == ("True" if sys.platform.startswith("linux") else "False")
-    env["SFTLAB_MALLOC"] = "glibc"
+    assert out[-1] == "False"  # by default glibc's faster malloc stays
+    env["SFTLAB_MALLOC"] = "lean"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
-    assert out[-1] == "False"
+    assert out[-1] == ("True" if sys.platform.startswith("linux") else "False")

@@ -27,10 +27,10 @@ SDPA may fall back to a kernel that stores the ``seq x seq`` attention matrix pe
 
 On CPU the estimate is of the `sftlab train` process's peak resident memory: the live tensors plus the
 process's baseline (libraries, tokenizer, data: :func:`process_baseline_bytes`). Resident memory follows
-the live tensors because training sends freed blocks back to the OS
-(:func:`sftlab.plan.allocator.release_freed_memory`, called by `train`); with glibc's default malloc
-settings (``SFTLAB_MALLOC=glibc``) the process keeps freed activations resident and measured up to
-about twice as much (benchmarks/RESULTS.md). On CUDA it is reserved memory: live tensors plus the CUDA
+the live tensors when training sends freed blocks back to the OS (``SFTLAB_MALLOC=lean``:
+:func:`sftlab.plan.allocator.release_freed_memory`); with glibc's default malloc settings, which `train`
+keeps by default because they are about 1.8x faster here, the process keeps freed activations resident
+and measured up to about twice the live tensors (benchmarks/RESULTS.md). On CUDA it is reserved memory: live tensors plus the CUDA
 context and a fixed allocator slack.
 """
 

@@ -65,8 +65,9 @@ def render_plan(plan: Plan) -> str:
     if others:
         lines.append("  other moments: " + ", ".join(f"{k} {gb(v)}" for k, v in others.items()))
     if s["device"] == "cpu":
-        lines.append("  (peak resident memory of `sftlab train`, its baseline included; train returns freed memory "
-                     "to the OS; with SFTLAB_MALLOC=glibc it measured up to 1.9x the live tensors)")
+        lines.append("  (peak resident memory of `sftlab train` with SFTLAB_MALLOC=lean, which returns freed memory "
+                     "to the OS, its baseline included; by default train keeps glibc's faster malloc and can peak "
+                     "higher: measured up to 1.9x the live tensors)")
     per = e.activation_bytes_per_layer
     lines.append(f"  activations per layer: {gb(per['no_checkpointing'])} without checkpointing, "
                  f"{gb(per['checkpointing'])} with")
