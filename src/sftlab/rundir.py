@@ -261,16 +261,3 @@ class RunDir:
             raise SftlabError(f"{mdir}: holds neither an adapter nor a model")
         model.eval()
         return model, tok, cfg
-
-
-# Kept for tests/test_train.py and tests/test_attention.py (not this part's files): drop once they use RunDir.
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    return RunDir(run_dir).metrics()
-
-
-def read_summary(run_dir: str | Path) -> dict:
-    return RunDir(run_dir).summary().to_dict()
-
-
-def load_run_model(run_dir: str | Path, *, device=None, dtype=None, merge: bool = False):
-    return RunDir(run_dir).load_model(device=device, dtype=dtype, merge=merge)

@@ -4,7 +4,6 @@ import pytest
 import torch
 from conftest import train_config
 
-from sftlab import rundir as A
 from sftlab.core.attention import (
     EAGER_MAX_BYTES,
     EAGER_MAX_LEN,
@@ -14,6 +13,7 @@ from sftlab.core.attention import (
 )
 from sftlab.plan.memory import TrainSetup, estimate_memory
 from sftlab.plan.shapes import load_shape
+from sftlab.rundir import RunDir
 
 pytestmark = pytest.mark.xdist_group("train")
 SMOL = dict(n_heads=9, n_layers=30, compute_bytes=2)
@@ -92,5 +92,5 @@ def train_run(path, tiny_model_dir, **kw):
     from sftlab.train.run import train
 
     summary = train(train_config(path, tiny_model_dir, **kw), quiet=True)
-    losses = [r["loss"] for r in A.read_metrics(path / "run") if r["split"] == "train"]
+    losses = [r["loss"] for r in RunDir(path / "run").metrics() if r["split"] == "train"]
     return {"summary": summary, "losses": losses}

@@ -18,6 +18,7 @@ from conftest import chat_data, train_config
 
 from sftlab import rundir as A
 from sftlab.core.errors import SftlabError
+from sftlab.rundir import RunDir
 from sftlab.train.run import train
 
 pytestmark = pytest.mark.xdist_group("distributed")
@@ -74,7 +75,7 @@ def _train_args(model: Path, data: str, out: Path, per_process_batch: int, steps
 
 
 def _losses(run: Path) -> list[float]:
-    return [r["loss"] for r in A.read_metrics(run) if r["split"] == "train"]
+    return [r["loss"] for r in RunDir(run).metrics() if r["split"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +137,10 @@ def test_two_nodes_match_one_process_and_resume_across_nodes(tmp_path, tiny_mode
     assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
     assert _losses(out) == pytest.approx(one_process[:2], abs=TOL)
     _two_nodes([*_train_args(tiny_model_dir, data, out, 2), "--resume"], tmp_path / "second")
-    rows = [r for r in A.read_metrics(out) if r["split"] == "train"]
+    rows = [r for r in RunDir(out).metrics() if r["split"] == "train"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # written once (rank 0), not once per node
     assert [r["loss"] for r in rows] == pytest.approx(one_process, abs=TOL)
-    assert A.read_summary(out)["steps"] == STEPS and (out / A.MODEL_DIR / "model.safetensors").exists()
+    assert RunDir(out).summary().steps == STEPS and (out / A.MODEL_DIR / "model.safetensors").exists()
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging or temp folder left
 
 

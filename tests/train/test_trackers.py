@@ -10,7 +10,7 @@ import os
 import pytest
 from conftest import chat_data, train_config
 
-from sftlab import rundir as A
+from sftlab.rundir import RunDir
 from sftlab.train.run import train
 
 pytestmark = pytest.mark.xdist_group("train")
@@ -40,7 +40,7 @@ def test_tensorboard_events_match_metrics_jsonl(tmp_path, tiny_model_dir):
     def scalars(tag):
         return {e.step: e.value for e in acc.Scalars(tag)}
 
-    rows = A.read_metrics(run)
+    rows = RunDir(run).metrics()
     train_rows = [r for r in rows if r["split"] == "train"]
     eval_rows = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and [r["step"] for r in eval_rows] == [2, 4]

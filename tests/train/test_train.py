@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from sftlab import rundir as A
 from sftlab.cli import main
 from sftlab.config import load_config
+from sftlab.rundir import RunDir
 from sftlab.train.run import train
 
 pytestmark = pytest.mark.xdist_group("train")
@@ -27,8 +28,8 @@ def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir):
     common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0)
     a = train(train_config(tmp_path / "a", tiny_model_dir, batch_size=8, gradient_accumulation=1, **common), quiet=True)
     b = train(train_config(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4, **common), quiet=True)
-    la = [r["loss"] for r in A.read_metrics(tmp_path / "a" / "run") if r["split"] == "train"]
-    lb = [r["loss"] for r in A.read_metrics(tmp_path / "b" / "run") if r["split"] == "train"]
+    la = [r["loss"] for r in RunDir(tmp_path / "a" / "run").metrics() if r["split"] == "train"]
+    lb = [r["loss"] for r in RunDir(tmp_path / "b" / "run").metrics() if r["split"] == "train"]
     assert len(la) == 2 and la == pytest.approx(lb, abs=1e-5)
     wa, wb = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
     for k in wa:
@@ -53,11 +54,11 @@ def test_each_method_trains_and_saves(tmp_path, tiny_model_dir, method):
     tok_cfg = json.loads((run / A.MODEL_DIR / "tokenizer_config.json").read_text())
     template = tok_cfg.get("chat_template") or (run / A.MODEL_DIR / "chat_template.jinja").read_text()
     assert "<|im_start|>" in template
-    losses = [r["loss"] for r in A.read_metrics(run) if r["split"] == "train"]
+    losses = [r["loss"] for r in RunDir(run).metrics() if r["split"] == "train"]
     assert len(losses) == 3 and all(l == l for l in losses)
     saved = yaml_load(run / A.CONFIG)
     assert saved["method"] == method and saved["learning_rate"] == 1e-2
-    assert A.read_summary(run) == json.loads(json.dumps(summary))
+    assert RunDir(run).summary().to_dict() == json.loads(json.dumps(summary))
     assert summary["eos_trained"] is True and summary["precision"] == "fp32"
     assert summary["prepare"]["n_reply_ends"] == summary["prepare"]["n_reply_ends_trained"] == 16
 
@@ -71,7 +72,7 @@ def yaml_load(p):
 def test_lora_run_reloads_with_the_same_logits(tmp_path, tiny_model_dir):
     cfg = train_config(tmp_path, tiny_model_dir, method="lora", max_steps=2, learning_rate=5e-2)
     train(cfg, quiet=True)
-    model, tok, _ = A.load_run_model(tmp_path / "run")
+    model, tok, _ = RunDir(tmp_path / "run").load_model()
     ids = tok("<|im_start|>user\nhi<|im_end|>\n", return_tensors="pt")["input_ids"]
     from sftlab.models import load_model
 
@@ -127,7 +128,7 @@ class _SignalAt(TrainerCallback):
 def test_sigterm_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path, tiny_model_dir):
     kw = dict(max_steps=4, save_steps=100, learning_rate=1e-2, optimizer="adamw", lr_scheduler="cosine", warmup_ratio=0.25)
     train(train_config(tmp_path / "ref", tiny_model_dir, **kw), quiet=True)
-    ref_losses = [r["loss"] for r in A.read_metrics(tmp_path / "ref" / "run") if r["split"] == "train"]
+    ref_losses = [r["loss"] for r in RunDir(tmp_path / "ref" / "run").metrics() if r["split"] == "train"]
     cfg = train_config(tmp_path / "cut", tiny_model_dir, **kw)
     s = train(cfg, quiet=True, callbacks=[_SignalAt(2, signal.SIGTERM)])
     assert s["stopped"] == "interrupted" and s["steps"] == 2
@@ -135,7 +136,7 @@ def test_sigterm_saves_checkpoint_and_resume_continues_the_same_curve(tmp_path, 
     assert ckpts == ["checkpoint-2"]  # complete, and no staging folder left behind
     s2 = train(load_config(None, {**cfg.to_dict(), "resume": True}), quiet=True)
     assert s2["stopped"] == "completed" and s2["steps"] == 4
-    losses = [r["loss"] for r in A.read_metrics(tmp_path / "cut" / "run") if r["split"] == "train"]
+    losses = [r["loss"] for r in RunDir(tmp_path / "cut" / "run").metrics() if r["split"] == "train"]
     assert losses == pytest.approx(ref_losses, abs=1e-5)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
 
@@ -148,7 +149,7 @@ def test_nan_loss_stops_with_a_diagnosis(tmp_path, tiny_model_dir, capsys):
                  "--set", "precision=fp32", "--json"])
     err = capsys.readouterr().err
     assert code == 2 and "training diverged" in err and "lower the learning rate" in err
-    summary = A.read_summary(tmp_path / "run")
+    summary = RunDir(tmp_path / "run").summary().to_dict()
     assert summary["stopped"] == "diverged" and summary["divergence"]["step"] >= 1
 
 
@@ -190,22 +191,21 @@ def test_unknown_config_key_is_one_line(tmp_path, tiny_model_dir, capsys):
 def test_auto_values_follow_model_and_data_size(monkeypatch, tiny_model_dir):
     from sftlab.models import model_config
     from sftlab.plan import auto
-    from sftlab.train import checks
 
-    assert checks.lr_for_size(1e9, "full") == 2e-5 and checks.lr_for_size(7e9, "full") == 2e-5
-    assert checks.lr_for_size(13e9, "full") == 1e-5 and checks.lr_for_size(70e9, "full") == 5e-6
-    assert [checks.epochs_for_data(n) for n in (999, 9999, 10000)] == [5, 3, 1]
-    assert checks.batch_for_memory(80) == (4, 4) and checks.batch_for_memory(40) == (2, 8)
-    assert checks.batch_for_memory(24) == (1, 16) and checks.batch_for_memory(None) == (1, 16)
+    assert auto.lr_for_size(1e9, "full") == 2e-5 and auto.lr_for_size(7e9, "full") == 2e-5
+    assert auto.lr_for_size(13e9, "full") == 1e-5 and auto.lr_for_size(70e9, "full") == 5e-6
+    assert [auto.epochs_for_data(n) for n in (999, 9999, 10000)] == [5, 3, 1]
+    assert auto.batch_for_memory(80) == (4, 4) and auto.batch_for_memory(40) == (2, 8)
+    assert auto.batch_for_memory(24) == (1, 16) and auto.batch_for_memory(None) == (1, 16)
     cfg = load_config(None, {"model": str(tiny_model_dir), "learning_rate": "auto", "epochs": "auto",
                              "gradient_checkpointing": "auto", "batch_size": 4})
     mcfg = model_config(str(tiny_model_dir))
     monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cpu", 64.0))
-    roomy = checks.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
+    roomy = auto.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
     # LoRA under 0.5B: 2e-3 at a global batch of 8; this config's 4 x 4 = 16 takes sqrt(2) more
     assert roomy.learning_rate == 2.83e-3 and roomy.epochs == 5 and roomy.gradient_checkpointing is False
     monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cpu", 0.001))  # would not fit: checkpoint
-    tight = checks.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
+    tight = auto.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
     assert tight.gradient_checkpointing is True
 
 
@@ -213,7 +213,7 @@ def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
     """bf16 autocast trains on this CPU; `precision: auto` picks what the probe measured faster."""
 
     s = train(train_config(tmp_path, tiny_model_dir, method="lora", precision="bf16", max_steps=2, learning_rate=1e-2), quiet=True)
-    rows = [r for r in A.read_metrics(tmp_path / "run") if r["split"] == "train"]
+    rows = [r for r in RunDir(tmp_path / "run").metrics() if r["split"] == "train"]
     assert s["stopped"] == "completed" and all(r["loss"] == r["loss"] for r in rows)
     saved = yaml_load(tmp_path / "run" / A.CONFIG)
     assert saved["precision"] == "bf16"
@@ -239,4 +239,4 @@ def test_summary_reports_the_end_of_turn_tokens_trained(tmp_path):
     assert summary["eos_trained"] is True and summary["prepare"]["eos_trained"] is True
     prep = summary["prepare"]
     assert prep["n_reply_ends"] == prep["n_reply_ends_trained"] > 0
-    assert A.read_summary(tmp_path / "run")["eos_trained"] is True
+    assert RunDir(tmp_path / "run").summary().eos_trained is True

@@ -1,4 +1,4 @@
-"""Facts about the machine a run is on: device, its memory, peak memory of this process, fast bf16,
+"""Facts about the machine a run is on: device, its memory, peak memory of this process,
 and a measured answer to "is bf16 faster than fp32 here?" (:func:`probe_precision`)."""
 
 from __future__ import annotations
@@ -35,19 +35,6 @@ def device_memory_gb() -> tuple[str, float]:
     except ImportError:  # pragma: no cover - psutil is a dependency
         return "cpu", os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
-
-def fast_bf16(device: str) -> bool:
-    """bf16 mixed precision where the hardware computes bf16 natively: CUDA with bf16, or a CPU with
-    AVX512-BF16/AMX (measured here: bf16 matmuls 3-5x and a LoRA step 1.8x faster than fp32)."""
-    import torch  # deferred: heavy library, imported on first use
-
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA max allocated on GPU, else peak resident set size."""

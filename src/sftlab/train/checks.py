@@ -17,13 +17,10 @@ import yaml
 from sftlab import rundir as A
 from sftlab.config import Config
 from sftlab.core.findings import Finding
-from sftlab.core.hardware import device_memory_gb, fast_bf16
+from sftlab.core.hardware import device_memory_gb
 from sftlab.plan.auto import (
-    batch_for_memory,
-    epochs_for_data,
     estimated_bytes,
     lr_for_size,
-    resolve_auto,
 )
 
 
@@ -167,6 +164,3 @@ def step_findings(total_steps: int) -> list[Finding]:
         return []
     return [_finding("steps", "error", "the run has 0 optimizer steps", "raise epochs or max_steps, or add data")]
 
-
-__all__ = ["batch_for_memory", "checklist", "device_memory_gb", "epochs_for_data", "estimated_bytes", "fast_bf16",
-           "last_good_checkpoint", "lr_for_size", "resolve_auto", "run_folder_findings"]

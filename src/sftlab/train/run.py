@@ -34,7 +34,7 @@ from sftlab.data.packing import pack
 from sftlab.data.prepare import Prepared, prepare
 from sftlab.eval.run import training_eval
 from sftlab.models import load_tokenizer, model_config
-from sftlab.plan.auto import describe_precision
+from sftlab.plan.auto import describe_precision, resolve_auto
 from sftlab.plan.shapes import shape_from_config
 from sftlab.rundir import Summary
 from sftlab.train.callbacks import (
@@ -49,7 +49,6 @@ from sftlab.train.checks import (
     checklist,
     checkpoints,
     last_good_checkpoint,
-    resolve_auto,
     run_folder_findings,
 )
 from sftlab.train.continual import ewc_from_examples, mix_replay
