@@ -156,3 +156,37 @@ def test_doctor_on_a_file_names_lines_and_exits_2(tmp_path, capsys):
     assert main(["doctor", str(path)]) == 1  # warnings only
     out = capsys.readouterr().out
     assert "unknown argument 'town'" in out and "tools: 3 examples offer tools; 3 calls, 3 tool results" in out
+
+
+def test_records_the_loader_rejects_are_errors_under_the_tool_and_reasoning_rule_names(tmp_path):
+    """A record that cannot be read (bad JSON arguments, a call with no name, an unclosed <think>, a result
+    with no call, a call the user answers instead of a tool) is named by the rule that says what is
+    wrong, as an error with file:line and the loader's fix, not under the generic 'fields' rule."""
+    import json
+
+    from sftlab.data.doctor import run_doctor
+
+    def asst_call(fn):
+        return {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": fn}]}
+
+    user = {"role": "user", "content": "weather?"}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "21"}
+    done = {"role": "assistant", "content": "21 degrees."}
+    rows = [
+        {"messages": [user, asst_call({"name": "get_weather", "arguments": "{city: Paris}"}), result, done], "tools": TOOLS},
+        {"messages": [user, asst_call({"arguments": {"city": "Paris"}}), result, done], "tools": TOOLS},
+        {"messages": [user, {"role": "assistant", "content": "<think>hmm, the answer is 4"}]},
+        {"messages": [user, result, done], "tools": TOOLS},
+        {"messages": [user, asst_call({"name": "get_weather", "arguments": {"city": "Paris"}}),
+                      {"role": "user", "content": "well?"}, done], "tools": TOOLS},
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run_doctor(path)
+    got = [(f.rule, f.severity, f.where) for f in res.findings]
+    assert got == [("tool_arguments", "error", f"{path}:1"), ("tool_arguments", "error", f"{path}:2"),
+                   ("reasoning_unclosed", "error", f"{path}:3"), ("tool_orphan_result", "error", f"{path}:4"),
+                   ("tool_unanswered", "error", f"{path}:5")]
+    first = res.findings[0]
+    assert "not valid JSON" in first.message and first.fixes and "JSON object" in first.fixes[0]
+    assert "</think>" in res.findings[2].fixes[0]

@@ -230,9 +230,10 @@ def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
             err = rec.error or "unreadable"
             _add(findings, "encoding" if err.startswith("invalid UTF-8") else "parse", rec.source, rec.line, err)
         else:
+            # The record cannot be read at all: an error, under the check that names what is wrong.
             check = exc.check if exc.check in CHECKS else "fields"
             msg = f"{exc} (read as '{key}' format)" if check == "fields" else str(exc)
-            _add(findings, check, rec.source, rec.line, msg)
+            _add(findings, check, rec.source, rec.line, msg, severity="error", fix=exc.fix)
     return _File(str(p), key, len(records), convs)
 
 

@@ -87,9 +87,12 @@ def _n(k: int, word: str) -> str:
     return f"{k} {word}{'' if k == 1 else 's'}"
 
 
-def _add(findings: list[Finding], check: str, file: str, line: int, message: str) -> None:
-    """A finding of ``check`` at ``file:line`` (1-based); file and line stay in ``data`` for sorting."""
-    findings.append(Finding(check, CHECKS[check][0], message, where=f"{file}:{line}", data={"file": file, "line": line}))
+def _add(findings: list[Finding], check: str, file: str, line: int, message: str, *, severity: str | None = None,
+         fix: str | None = None) -> None:
+    """A finding of ``check`` at ``file:line`` (1-based); file and line stay in ``data`` for sorting.
+    ``severity`` overrides the check's own (a record the loader rejects is an error whatever the check)."""
+    findings.append(Finding(check, severity or CHECKS[check][0], message, where=f"{file}:{line}",
+                            fixes=[fix] if fix else [], data={"file": file, "line": line}))
 
 
 # --- per-example text checks ----------------------------------------------------------------------

@@ -85,12 +85,16 @@ def validate_roles(messages: list[Message]) -> None:
         else:  # a tool result: more results, or the assistant goes on
             expected = ("tool", "assistant")
         if m.role not in expected:
+            check = "role_order"
             if m.role == "tool":
-                why = "a tool result must follow an assistant message with tool_calls (or another tool result)"
+                why, check = "a tool result must follow an assistant message with tool_calls (or another tool result)", \
+                    "tool_orphan_result"
+            elif expected == ("tool",):
+                why, check = "the calls of the message before get no tool result", "tool_unanswered"
             else:
                 why = "roles must alternate user/assistant, starting with user; tool results follow tool calls"
             raise FormatError(f"message {i + 1 + offset} has role '{m.role}' where '{' or '.join(expected)}' "
-                              f"was expected ({why})", "role_order")
+                              f"was expected ({why})", check)
         prev = m
     if body[-1].role != "assistant":
         raise FormatError(f"conversation ends with a {body[-1].role} message; the last message must be the assistant's reply",
@@ -118,11 +122,11 @@ def _arguments(value, where: str) -> dict:
     if isinstance(value, dict):
         return value
     if isinstance(value, str):
-        value = _parse_json(value, f"{where} 'arguments'", "tool_calls", _ARGS_FIX)
+        value = _parse_json(value, f"{where} 'arguments'", "tool_arguments", _ARGS_FIX)
         if isinstance(value, dict):
             return value
     raise FormatError(f"{where} 'arguments' must be an object or a JSON-object string, got {type(value).__name__}",
-                      "tool_calls", _ARGS_FIX)
+                      "tool_arguments", _ARGS_FIX)
 
 
 def _tool_call(call, where: str) -> dict:
@@ -133,7 +137,7 @@ def _tool_call(call, where: str) -> dict:
                           'write each call as {"type": "function", "function": {"name": ..., "arguments": {...}}}')
     fn = call.get("function", call)
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
-        raise FormatError(f"{where} has no function name", "tool_calls",
+        raise FormatError(f"{where} has no function name", "tool_arguments",
                           'give each call {"function": {"name": "...", "arguments": {...}}}')
     args = fn.get("arguments", fn.get("parameters"))
     out = {"type": "function", "function": {"name": fn["name"], "arguments": _arguments(args, where)}}
@@ -184,7 +188,7 @@ def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
     if body.startswith(_THINK_OPEN):
         close = body.find(_THINK_CLOSE)
         if close < 0:
-            raise FormatError(f"{where} opens <think> but never closes it", "reasoning",
+            raise FormatError(f"{where} opens <think> but never closes it", "reasoning_unclosed",
                               "add </think> after the reasoning, or move it to a 'reasoning_content' field")
         return body[close + len(_THINK_CLOSE):].lstrip("\n"), body[len(_THINK_OPEN):close].strip("\n")
     return content, None
