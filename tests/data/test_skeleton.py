@@ -11,7 +11,6 @@ from sftlab.data.types import Conversation, Message
 
 # Content-inspecting constructs that need the exact method for every conversation.
 INSPECTING = {
-    "truth": "{% if m.content %}{{ m.content }}{% endif %}",
     "length": "{{ m.content }}{% if m.content | length > 40 %} (long){% endif %}",
     "replace": "{{ m.content | replace('\\n', ' ') }}",
     "split": "{{ m.content.split(' ')[0] }}{{ m.content }}",
@@ -26,6 +25,7 @@ QUESTIONS = {
     "rstrip-chars": "{% if m.role == 'user' %}{{ m.content.rstrip('e') }}{% else %}{{ m.content }}{% endif %}",
     "in": "{% if 'URGENT' in m.content %}(!) {% endif %}{{ m.content }}",
     "equals": "{% if m.content == 'x' %}[x] {% endif %}{{ m.content }}",
+    "truth": "{% if m.content %}{{ m.content }}{% else %}(none){% endif %}",
     "startswith": "{% if m.content.startswith('hello') %}(hi) {% endif %}{{ m.content }}",
     "trim-then-look": "{% if (m.content | trim).endswith('end') %}(end) {% endif %}{{ m.content | trim }}",
     "qwen3-like": "{% if m.role == 'assistant' and '</think>' in m.content %}{{ m.content.split('</think>')[-1] }}"
@@ -134,7 +134,8 @@ def test_template_that_asks_about_content_uses_the_skeleton_where_the_answers_ma
     assert learnt and all(v is not None and v[1] for v in learnt) and not fast._skeletons.failed
     served = sum(skeleton._same_answers(fast._skeletons.cache[skeleton.key_of(c)][1],
                                          skeleton._fields(c)) for c in convs)
-    assert 0 < served and (served < len(convs) or name == "qwen3-like")  # both paths were taken
+    # both paths were taken (empty contents are part of the shape: a truth question is always answered)
+    assert 0 < served and (served < len(convs) or name in ("qwen3-like", "truth"))
 
 
 @pytest.mark.parametrize("name", sorted(OPAQUE))
@@ -169,3 +170,100 @@ def test_template_errors_still_name_the_conversation(tok):
     conv = Conversation([Message("system", "s"), Message("user", "q"), Message("assistant", "a")], source="d.jsonl", line=4)
     with pytest.raises(Exception, match="no system role"):
         Labeler(tok, tpl).encode([conv])
+
+
+def _tool_convs(n: int = 60, seed: int = 5, reply_with_call: str | None = None) -> list[Conversation]:
+    """Tool-calling chats of a few shapes, with contents and string arguments that JSON must escape
+    (quotes, backslashes, new lines, braces, non-ASCII) and a number argument (part of the shape)."""
+    import random
+
+    from tool_data import TOOLS, call
+
+    rng = random.Random(seed)
+    words = ['Paris', 'say "hi"', "back\\slash", "two\nlines", "{braces}", "Zürich 東京", "tab\there", "O'Hare"]
+    out = []
+    for i in range(n):
+        city, other = rng.choice(words), rng.choice(words)
+        msgs = [Message("user", f"Weather in {city}? ({i})"),
+                Message("assistant", rng.choice(["", "Let me check."]) if reply_with_call is None else reply_with_call,
+                        tool_calls=(call("get_weather", {"city": city, "unit": "celsius"}, id=f"call{i % 7:05d}"),)),
+                Message("tool", f'{{"temp": {i}, "note": "{other}"}}', tool_call_id=f"call{i % 7:05d}", name="get_weather"),
+                Message("assistant", f"It is {i} degrees in {city}.")]
+        if i % 3 == 0:
+            msgs += [Message("user", f"Timer for {other}?"),
+                     Message("assistant", "", tool_calls=(call("set_timer", {"minutes": 5, "label": other}, id=None),)),
+                     Message("tool", "started"), Message("assistant", f'Timer "{other}" started.')]
+        out.append(Conversation(msgs, tools=TOOLS, source="tools.jsonl", line=i + 1))
+    return out
+
+
+def _official(name: str):
+    import test_official_templates as off
+
+    return {"qwen3": off.QWEN3, "llama3.1": off.LLAMA31, "mistral": off.MISTRAL_TOOLS}[name], off.SPECIALS
+
+
+@pytest.mark.parametrize("name", ["hermes-test", "chatml-tools", "qwen3", "llama3.1", "mistral"])
+def test_skeleton_serves_tool_conversations_with_the_exact_labels(tok, name):
+    """Tool calls, tool results and schemas go through the skeleton too: call ids and string arguments
+    are pasted in (JSON-escaped where the template writes them with tojson), other argument values and
+    the tools offered are part of the shape. Labels equal the exact method's; where the template
+    inspects a field (Mistral checks the call id's length) the exact method labels everything."""
+    from tool_data import HERMES
+
+    t = tok
+    if name == "hermes-test":
+        tpl = ChatTemplate("hermes", HERMES, "<|im_end|>")
+    elif name == "chatml-tools":
+        tpl = resolve_template("chatml-tools", tok)
+    else:
+        source, specials = _official(name)
+        t = AutoTokenizer.from_pretrained(tok.name_or_path)
+        t.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
+        tpl = ChatTemplate(name, source, None, {"bos_token": t.bos_token, "eos_token": t.eos_token})
+    convs = _tool_convs(reply_with_call="" if name in ("llama3.1", "mistral") else None)
+    if name == "mistral":  # its template wants 9-character call ids
+        convs = [Conversation([Message(m.role, m.content, tool_calls=tuple({**c, "id": "abcdefghi"} for c in m.tool_calls)
+                                       if m.tool_calls else None, tool_call_id="abcdefghi" if m.role == "tool" else None)
+                               for m in c.messages], tools=c.tools) for c in convs]
+    for masking in ("all_assistant", "last_assistant"):
+        fast = Labeler(t, tpl, masking=masking)
+        got = fast.encode(convs)[0]
+        want = _exact(t, tpl, convs, masking=masking)
+        assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
+        assert not fast._skeletons.failed
+        if name == "mistral":
+            assert all(v is None for v in fast._skeletons.cache.values())
+        else:
+            # a handful of shapes (which call, whether it has an id), each learnt once and then served
+            assert 0 < len(fast._skeletons.cache) <= 4 and all(v is not None for v in fast._skeletons.cache.values())
+            assert fast._skeletons.n_seen == len(convs)
+            if name in ("hermes-test", "chatml-tools", "qwen3"):  # arguments written with tojson: pasted escaped
+                assert any(v[2] for v in fast._skeletons.cache.values())
+
+
+def test_a_template_that_json_encodes_content_is_served_with_the_content_escaped(tok):
+    tpl = _tpl("{% if m.role == 'user' %}{{ m.content | tojson }}{% else %}{{ m.content }}{% endif %}")
+    convs = [Conversation([Message("user", u), Message("assistant", "ok")])
+             for u in ['plain', 'say "hi"', "a\\b", "new\nline", "tab\t", "Zürich {0}"]]
+    fast = Labeler(tok, tpl)
+    got = fast.encode(convs)[0]
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in _exact(tok, tpl, convs)]
+    (learnt,) = fast._skeletons.cache.values()
+    assert learnt is not None and learnt[2] and fast._skeletons.n_seen == len(convs) and not fast._skeletons.failed
+    assert '"say \\"hi\\""' in tok.decode(got[1].input_ids)
+
+
+def test_learning_stops_where_shapes_do_not_repeat(tok, monkeypatch):
+    """Each learnt shape costs about three exact labellings: where nearly every conversation has a shape
+    of its own (a number argument that differs each time), learning stops after the allowance."""
+    from tool_data import HERMES, TOOLS, call
+
+    monkeypatch.setattr(skeleton, "LEARN_FREE", 4)
+    tpl = ChatTemplate("hermes", HERMES, "<|im_end|>")
+    convs = [Conversation([Message("user", "timer"), Message("assistant", "", tool_calls=(call("set_timer", {"minutes": i}),)),
+                           Message("tool", "ok"), Message("assistant", "done")], tools=TOOLS) for i in range(40)]
+    fast = Labeler(tok, tpl)
+    got = fast.encode(convs)[0]
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in _exact(tok, tpl, convs)]
+    assert len(fast._skeletons.cache) == 4

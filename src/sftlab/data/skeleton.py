@@ -1,34 +1,47 @@
-"""One template render per role pattern, instead of one (or more) per conversation.
+"""One template render per conversation shape, instead of one (or more) per conversation.
 
 Rendering a sandboxed jinja template is the slowest step of labelling: the exact method in
 ``masking`` renders each conversation once in full and once more per assistant reply (the prefix
 with the generation prompt). But most templates treat message content as opaque: they write it out
 and never look at it. For such a template the rendered text, and so every label boundary, is a fixed
-function of the *role sequence*, with each message's content pasted in. This module learns that
-function once per role sequence ("skeleton") and then labels each conversation with string formatting.
+function of the conversation's *shape* with each field pasted in. This module learns that function
+once per shape ("skeleton") and then labels each conversation with string formatting.
+
+The shape (:func:`key_of`) is each message's role, whether it has reasoning, its tool calls (function
+name, argument names, whether the call has an id) and whether a tool result names its call and
+function; the tools offered; and which fields are empty. The fields pasted in are the contents,
+reasoning, call ids, string argument values and a result's call id and name. Argument values that are
+not strings (numbers, lists) are part of the shape. A field the template writes through ``tojson``
+(tool-call arguments, Llama 3.1's tool results) is pasted JSON-escaped there: each stand-in holds a
+quote, and where it comes back escaped the field is escaped.
 
 Exactness is guarded three ways, and any doubt falls back to the exact method:
 
-1. The skeleton is learnt by rendering stand-in contents that record every way the template could
+1. The skeleton is learnt by rendering stand-in fields that record every way the template could
    inspect them (comparison, length, truth value, ``in``, indexing, iteration, any string method or
-   filter). A template that inspects content (``'<think>' in content``, ``{% if message.content %}``)
-   is never handled here. Control flow that does not depend on content is the same for every
-   conversation with the same roles, so one probe render sees every inspection a real render would
-   make. Two kinds of inspection are allowed, because common templates make them (Llama 3 trims every
-   message, Qwen3 asks ``'</think>' in content``): stripping white space, and yes/no questions with
-   string arguments (``in``, ``startswith``, ``endswith``, ``==``). They are recorded with the probe's
-   answers (a stripped probe is again a recording probe), and the skeleton serves only conversations
-   whose contents give the same answers (no white space to strip, no ``</think>``), for which the
-   template's control flow and output are the same as for the probe.
-2. The labels of the skeleton are found by the exact method itself, run on unique sentinel contents,
-   and the skeleton is rejected if a sentinel does not come back verbatim (escaped, split, dropped).
-3. The first conversation of each role sequence and a regular sample of the rest (1 in
-   ``VERIFY_EVERY``) are also labelled by the exact method and compared; a single difference
-   disables the skeletons for the whole template and every conversation is labelled exactly.
+   filter). A template that inspects a field (``content | length``, ``content.split(...)``) is never
+   handled here. Control flow that does not depend on the fields is the same for every conversation
+   of the shape, so one probe render sees every inspection a real render would make. Some inspection
+   is allowed, because common templates make it (Llama 3 trims every message, Qwen3 asks
+   ``'</think>' in content``, tool templates ask ``{% if content %}``): stripping white space, and
+   yes/no questions (``in``, ``startswith``, ``endswith``, ``==`` with string arguments, the truth
+   value). They are recorded with the probe's answers (a stripped probe is again a recording probe),
+   and the skeleton serves only conversations whose fields give the same answers (no white space to
+   strip, no ``</think>``), for which the template's control flow and output are the same as for the probe.
+2. The labels of the skeleton are found by the exact method itself, run on unique sentinel fields,
+   and the skeleton is rejected if a sentinel does not come back verbatim or JSON-escaped (HTML-escaped,
+   ASCII-escaped, split, dropped in part).
+3. The first conversation of each shape and a regular sample of the rest (1 in ``VERIFY_EVERY``) are
+   also labelled by the exact method and compared; a single difference disables the skeletons for the
+   whole template and every conversation is labelled exactly.
+
+Learning costs about three exact labellings, so where shapes hardly repeat (a number argument that
+differs in every call) learning stops after ``LEARN_FREE`` shapes.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Callable
 
@@ -36,28 +49,78 @@ from sftlab.core.errors import SftlabError
 from sftlab.data.types import Conversation, Message
 
 
+def _call_sig(call: dict) -> tuple:
+    """A tool call's shape: whether it has an id, the function's name, and each argument's name with
+    None for a string value (pasted in like content) or the value's JSON (anything else: part of the key)."""
+    fn = call["function"]
+    args = fn.get("arguments") or {}
+    return ("id" in call, fn["name"], tuple((k, None if isinstance(v, str) else json.dumps(v)) for k, v in args.items()))
+
+
 def _fields(conv: Conversation) -> list[str]:
-    """The strings a skeleton pastes in, in order: each message's content, then its reasoning if any."""
+    """The strings a skeleton pastes in, in order, per message: content, reasoning, each call's id and
+    string arguments, the tool result's call id and name (each where present)."""
     out = []
     for m in conv.messages:
         out.append(m.content)
         if m.reasoning is not None:
             out.append(m.reasoning)
+        for call in m.tool_calls or ():
+            if "id" in call:
+                out.append(call["id"])
+            out += [v for v in (call["function"].get("arguments") or {}).values() if isinstance(v, str)]
+        out += [x for x in (m.tool_call_id, m.name) if x is not None]
     return out
 
 
 def key_of(conv: Conversation) -> tuple:
-    """What a skeleton is learnt for: each message's role and whether it has reasoning."""
-    return tuple((m.role, m.reasoning is not None) for m in conv.messages)
+    """What a skeleton is learnt for: each message's role, whether it has reasoning, its tool calls'
+    shapes (:func:`_call_sig`) and whether it names a call id and function; and the tools offered."""
+    msgs = tuple((m.role, m.reasoning is not None, tuple(_call_sig(c) for c in m.tool_calls or ()),
+                  m.tool_call_id is not None, m.name is not None) for m in conv.messages)
+    empty = tuple(k for k, f in enumerate(_fields(conv)) if f == "")
+    return msgs, (json.dumps(conv.tools) if conv.tools else None), empty
 
 
-def _plain(conv: Conversation) -> bool:
-    """Only roles, contents and reasoning: no tools, tool calls or results (those are labelled exactly)."""
-    return not conv.tools and all(m.role != "tool" and not m.tool_calls for m in conv.messages)
+def _stand_ins(key: tuple, make) -> tuple[list[Message], list[dict] | None]:
+    """Messages of the shape ``key`` with ``make(k)`` in the place of field ``k`` (the order of ``_fields``)."""
+    shapes, tools, empty = key
+    k = 0
+
+    def nxt():  # an empty field stays empty: templates ask whether there is content (`{% if content %}`)
+        nonlocal k
+        k += 1
+        return "" if k - 1 in empty else make(k - 1)
+
+    msgs = []
+    for role, has_reasoning, calls, has_call_id, has_name in shapes:
+        content = nxt()
+        reasoning = nxt() if has_reasoning else None
+        made = []
+        for has_id, name, args in calls:
+            call_id = nxt() if has_id else None
+            arguments = {a: nxt() if value is None else json.loads(value) for a, value in args}
+            made.append({"type": "function", "function": {"name": name, "arguments": arguments},
+                         **({"id": call_id} if has_id else {})})
+        call_id = nxt() if has_call_id else None
+        name = nxt() if has_name else None
+        msgs.append(Message(role, content, tool_calls=tuple(made) or None, reasoning=reasoning,
+                            tool_call_id=call_id, name=name))
+    return msgs, (json.loads(tools) if tools else None)
+
 
 VERIFY_EVERY = 50
+LEARN_FREE = 64  # shapes learnt before the learning budget applies (see Skeletons.segments)
 _MARK, _END = "\ue000", "\ue001"  # Unicode private-use characters around each sentinel
-_SENTINEL = re.compile(_MARK + r"(\d+)" + _END)
+# A sentinel holds a quote, so that a template that JSON-encodes a field (``tojson``) shows it: the
+# quote comes back escaped (``\"``) and the field is pasted JSON-escaped there, verbatim elsewhere.
+_SENTINEL = re.compile(_MARK + r'(\d+)(\\?)"' + _END)
+_ESCAPED = re.compile(_MARK + r'\d+\\"' + _END)
+
+
+def _sentinel(k: int) -> str:
+    return f'{_MARK}{k}"{_END}'
+
 
 # str methods that do not read the characters of the content, or only copy it into the output.
 _OPAQUE = {
@@ -113,6 +176,11 @@ def _probe_class(questions: list[tuple], touched: list[str]) -> type:
 
     namespace = {name: wrap(name) for name in dir(str)
                  if name not in _OPAQUE and callable(getattr(str, name))}
+    def truth(self):  # `{% if content %}`: "is there any?", asked again of real contents
+        questions.append((self.k, "__bool__", (), True))
+        return True
+
+    namespace["__bool__"] = truth
     namespace["__new__"] = new
     namespace["__str__"] = lambda self: self  # str(content), as in `{{ content }}`, stays a probe
     probe = type("ContentProbe", (str,), namespace)
@@ -122,44 +190,55 @@ def _probe_class(questions: list[tuple], touched: list[str]) -> type:
 def _same_answers(questions: tuple, contents: list[str]) -> bool:
     for k, name, args, answer in questions:
         c = contents[k]
-        got = (c == getattr(str, name)(c, *args)) if name in _STRIPS else getattr(str, name)(c, *args)
+        if name == "__bool__":
+            got = bool(c)
+        else:
+            got = (c == getattr(str, name)(c, *args)) if name in _STRIPS else getattr(str, name)(c, *args)
         if got != answer:
             return False
     return True
 
 
 class Skeletons:
-    """Per role sequence: each label segment as a format string over the message contents."""
+    """Per conversation shape (:func:`key_of`): each label segment as a format string over the fields."""
 
     def __init__(self, template, exact_examples: Callable[[Conversation], list]):
         self.template = template
         self.exact = exact_examples  # Conversation -> ConvLabels (a list of examples' segments)
-        # (role, has reasoning) sequence -> (labels with format strings, the content questions they
-        # assume) or None
-        self.cache: dict[tuple, tuple[list, tuple] | None] = {}
+        # shape -> (labels with format strings, the content questions they assume, whether a format pastes
+        # a field JSON-escaped) or None
+        self.cache: dict[tuple, tuple[list, tuple, bool] | None] = {}
         self.failed = False  # a verification found a difference: label everything exactly
         self.n_seen = 0
-        self.verified: set[tuple[str, ...]] = set()  # role sequences whose first skeleton use was checked
+        self.n_reused = 0  # conversations served by a skeleton learnt for an earlier one (the learning budget)
+        self.verified: set[tuple] = set()  # shapes whose first skeleton use was checked
 
     def segments(self, conv: Conversation) -> list:
         """The conversation's labels (as the exact method gives them: a ConvLabels)."""
-        if self.failed or not _plain(conv):
+        if self.failed:
             return self.exact(conv)
         key = key_of(conv)
-        if any(r for _, r in key) and not self.template.renders_reasoning:
+        if any(shape[1] for shape in key[0]) and not self.template.renders_reasoning:
             return self.exact(conv)  # reasoning goes inline into the content: not a plain paste
         if key not in self.cache:
+            # Learning costs about three exact labellings: stop where shapes hardly repeat (every tool
+            # call with its own numbers, say), after a first allowance.
+            if len(self.cache) >= LEARN_FREE and self.n_reused < len(self.cache):
+                return self.exact(conv)
             self.cache[key] = self._learn(key)
         learnt = self.cache[key]
         contents = _fields(conv)
         if learnt is None or any(_MARK in c or _END in c for c in contents):
             return self.exact(conv)
-        skeleton, questions = learnt
+        skeleton, questions, escaped = learnt
         if questions and not _same_answers(questions, contents):
             return self.exact(conv)
+        if escaped:  # field k JSON-escaped is field n + k
+            contents = contents + [json.dumps(c, ensure_ascii=False)[1:-1] for c in contents]
         segs = skeleton.__class__([[(fmt.format(*contents), trained) for fmt, trained in ex] for ex in skeleton],
                                   split=skeleton.split, notes=skeleton.notes)
         self.n_seen += 1
+        self.n_reused += key in self.verified
         if key not in self.verified or self.n_seen % VERIFY_EVERY == 0:
             self.verified.add(key)
             exact = self.exact(conv)
@@ -168,41 +247,38 @@ class Skeletons:
                 return exact
         return segs
 
-    def _learn(self, key: tuple) -> tuple[list, tuple] | None:
+    def _learn(self, key: tuple) -> tuple[list, tuple, bool] | None:
         questions: list[tuple] = []
         touched: list[str] = []
         probe = _probe_class(questions, touched)
-        probes, plain, k = [], [], 0
-        for role, has_reasoning in key:
-            r = k + 1 if has_reasoning else None
-            probes.append(Message(role, probe(f"{_MARK}{k}{_END}", k),
-                                  reasoning=None if r is None else probe(f"{_MARK}{r}{_END}", r)))
-            plain.append(Message(role, f"{_MARK}{k}{_END}", reasoning=None if r is None else f"{_MARK}{r}{_END}"))
-            k += 2 if has_reasoning else 1
+        probes, tools = _stand_ins(key, lambda k: probe(_sentinel(k), k))
+        plain, _ = _stand_ins(key, _sentinel)
+        n = len(_fields(Conversation(plain)))
         try:
-            self.template.render(probes)
+            self.template.render(probes, tools=tools)
             for i, m in enumerate(probes):
                 if m.role == "assistant":
-                    self.template.render(probes[:i], add_generation_prompt=True)
+                    self.template.render(probes[:i], add_generation_prompt=True, tools=tools)
                     if i + 1 < len(probes):  # the last turn's own render is the full one
-                        self.template.render(probes[:i + 1])
+                        self.template.render(probes[:i + 1], tools=tools)
         except SftlabError:
             return None  # the exact method reports it, naming the conversation
         if touched:
             return None
         try:
-            labels = self.exact(Conversation(plain))
+            labels = self.exact(Conversation(plain, tools=tools))
         except SftlabError:
             return None
-        out = []
+        out, escaped = [], False
         for ex in labels:
             fmts = []
             for text, trained in ex:
                 rest = _SENTINEL.sub("", text)
-                if _MARK in rest or _END in rest:
-                    return None
-                fmt = _SENTINEL.sub(lambda m: "{" + m.group(1) + "}",
+                if _MARK in rest or _END in rest or "\\ue000" in rest or "\\ue001" in rest:
+                    return None  # a sentinel came back cut, or escaped in a way the skeleton does not paste
+                escaped = escaped or bool(_ESCAPED.search(text))
+                fmt = _SENTINEL.sub(lambda m: "{" + str(int(m.group(1)) + (n if m.group(2) else 0)) + "}",
                                     text.replace("{", "{{").replace("}", "}}"))
                 fmts.append((fmt, trained))
             out.append(fmts)
-        return labels.__class__(out, split=labels.split, notes=labels.notes), tuple(dict.fromkeys(questions))
+        return labels.__class__(out, split=labels.split, notes=labels.notes), tuple(dict.fromkeys(questions)), escaped

@@ -207,14 +207,15 @@ def _env() -> ImmutableSandboxedEnvironment:
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["range"] = _BoundedRange
+    # A string is iterable; answered without iterating it, so a skeleton's content probe (which records
+    # iteration as reading the content) is not "read" by Llama 3.1's `content is iterable`.
+    env.tests["iterable"] = lambda x, _iterable=env.tests["iterable"]: isinstance(x, str) or _iterable(x)
     env.filters["tojson"] = _tojson  # transformers' tojson: keys in their given order, non-ASCII kept
     env.filters = {k: _bounded_filter(f) for k, f in env.filters.items()}
     return env
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    if isinstance(x, str) and type(x) is not str:
-        x = "".join(iter(x))  # read it through its methods, so a skeleton's content probe sees it escaped
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
