@@ -330,6 +330,57 @@ def test_qwen3_dump_has_one_example_per_turn_with_its_reasoning(tmp_path, tiny_m
     assert "Two plus three" not in context and context.endswith("And times 4?<|im_end|>\n<|im_start|>assistant\n")
 
 
+def _long_reasoning_chat(turns: int) -> Conversation:
+    msgs = [Message("system", "You are careful. " * 20)]
+    for i in range(turns):
+        msgs += [Message("user", f"Question {i}: what is {i} + {i}? " * 5),
+                 Message("assistant", f"The answer is {2 * i}.", reasoning=f"Adding {i} to itself gives {2 * i}. " * 8)]
+    return Conversation(msgs)
+
+
+def test_per_turn_examples_share_their_tokenized_history(tok, monkeypatch):
+    """A chat split into one example per turn repeats its history in every example. The prompts are
+    tokenized in chunks cut after special tokens, each distinct chunk once: the same ids as tokenizing
+    each prompt whole, for a fraction of the characters."""
+    from sftlab.data import masking
+
+    monkeypatch.setattr(masking, "CHUNK_CHECK_FIRST", 1)  # count the chunking, not its sampled checks
+    t = tpl("qwen3", tok)
+    convs = [_long_reasoning_chat(8), _long_reasoning_chat(5)]
+    seen = []
+    real = Labeler._encode_plain
+    monkeypatch.setattr(Labeler, "_encode_plain", lambda self, texts: seen.append(sum(map(len, texts))) or real(self, texts))
+    shared = Labeler(tok, t, skeletons=False)
+    got, report = shared.encode(convs)
+    chars_shared = sum(seen)
+    seen.clear()
+    whole = Labeler(tok, t, skeletons=False)
+    whole._share_prefix = False
+    want, _ = whole.encode(convs)
+    chars_whole = sum(seen)
+    assert report.n_split == 2 and len(got) == 13
+    assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in want]
+    assert shared._share_prefix  # the sampled comparisons with whole prompts agreed
+    assert chars_shared < chars_whole / 2  # most of what is left is the replies, each tokenized once anyway
+
+
+def test_a_tokenizer_that_merges_across_a_special_token_gets_whole_prompts(tiny_model_dir):
+    """If a special token eats the white space after it (rstrip), a chunk cut after it tokenizes
+    differently from the whole prompt: the sampled comparison sees it and every prompt is tokenized whole."""
+    from tokenizers import AddedToken
+
+    t = AutoTokenizer.from_pretrained(tiny_model_dir)
+    t.add_special_tokens({"additional_special_tokens": SPECIALS + [AddedToken("<|im_end|>", rstrip=True, special=True)]},
+                         replace_extra_special_tokens=False)
+    q = ChatTemplate("qwen3", QWEN3, None, {"bos_token": t.bos_token, "eos_token": t.eos_token})
+    lab = Labeler(t, q, skeletons=False)
+    got, _ = lab.encode([_long_reasoning_chat(3)])
+    assert not lab._share_prefix
+    for ex in got:  # each prompt is tokenized as at inference: whole
+        n = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)
+        assert ex.input_ids[:n] == t(t.decode(ex.input_ids[:n]), add_special_tokens=False)["input_ids"]
+
+
 # --- tool calling ------------------------------------------------------------------------------
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}

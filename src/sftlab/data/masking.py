@@ -20,6 +20,9 @@ and ``<|return|>``; Qwen3's empty ``<think>\n\n</think>\n\n`` block).
    its own, in one batched call. A token therefore never straddles a reply boundary, the prompt
    part is tokenized exactly as at inference (where it is rendered with the generation prompt),
    and decoding the trained tokens gives back exactly the replies plus their end-of-turn tokens.
+   The per-turn examples of one chat repeat its history: their prompts are cut after each special
+   token (where tokenizers split anyway) and each distinct chunk is tokenized once; a sample is
+   compared with whole-prompt tokenization and any difference turns the sharing off.
 
 Labels are set by position, never by token id, so pad == EOS can not mask the EOS.
 
@@ -30,6 +33,7 @@ message content (``skeleton``): the same labels, checked against the exact metho
 from __future__ import annotations
 
 import gc
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -44,6 +48,8 @@ from sftlab.data.types import Conversation, Message
 MASKING = choices(Masking)
 TRUNCATION = choices(Truncation)
 REASONING = choices(Reasoning)
+# Chunked prompt tokenization is compared with the whole prompt's on the first few and 1 in this many.
+CHUNK_CHECK_FIRST, CHUNK_CHECK_EVERY = 8, 50
 
 
 
@@ -179,6 +185,9 @@ class Labeler(TurnRule):
         self._anchor_ids = self._encode_plain([self._anchor])[0] if self._prepends else []
         self.eos_appended = False
         self.end_ids = self._end_of_turn_ids()
+        # Per-turn examples share their history: their prompts are tokenized in chunks, each once.
+        self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
+        self._share_prefix, self._chunk_checks = True, 0
         # One render per role sequence where the template treats content as opaque (see skeleton).
         self._skeletons = Skeletons(template, self._examples_exact) if skeletons and template else None
 
@@ -282,10 +291,26 @@ class Labeler(TurnRule):
                 out[j] = ids[k:] if ids[:k] == self._anchor_ids else self._encode_plain([texts[j]])[0]
         return out
 
-    def encode_segments(self, all_segs: list[list[tuple[str, bool]]]) -> list[tuple[list[int], list[int]]]:
-        flat = [t for segs in all_segs for t, _ in segs]
-        first = [k == 0 for segs in all_segs for k in range(len(segs))]
-        ids_flat = self._encode_pieces(flat, first)
+    def encode_segments(self, all_segs: list[list[tuple[str, bool]]],
+                        shared: list[bool] | None = None) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels of each example's (text, trained) pieces, one batched tokenizer call.
+
+        ``shared[k]``: example ``k`` is one of several per-turn examples of a conversation, whose
+        prompts repeat the same history. Their prompt pieces are cut after each special token into
+        chunks, and each distinct chunk is tokenized once (see :meth:`_chunked`).
+        """
+        pieces: list[list[tuple[str, bool]]] = []  # per piece: its chunks as (text, first piece of the example)
+        for k, segs in enumerate(all_segs):
+            share = bool(shared and shared[k]) and self._share_prefix
+            for j, (text, trained) in enumerate(segs):
+                chunks = self._chunks(text) if share and not trained else [text]
+                pieces.append([(c, j == 0 and n == 0) for n, c in enumerate(chunks)])
+        unique = list(dict.fromkeys(c for chunks in pieces for c in chunks))
+        ids_of = dict(zip(unique, self._encode_pieces([t for t, _ in unique], [f for _, f in unique])))
+        ids_flat = [[i for c in chunks for i in ids_of[c]] for chunks in pieces]
+        if self._share_prefix and not self._chunks_agree(pieces, ids_flat):
+            self._share_prefix = False  # this tokenizer merges across a special token: tokenize pieces whole
+            return self.encode_segments(all_segs)
         out, pos = [], 0
         for segs in all_segs:
             ids: list[int] = []
@@ -297,6 +322,21 @@ class Labeler(TurnRule):
                 labels.extend(piece if trained else [IGNORE] * len(piece))
             out.append((ids, labels))
         return out
+
+    def _chunks(self, text: str) -> list[str]:
+        """``text`` cut after each special token (tokenizers split special tokens out before anything else)."""
+        cuts = [m.end() for m in self._special_re.finditer(text)] if self._special_re else []
+        bounds = [0] + [c for c in cuts if 0 < c < len(text)] + [len(text)]
+        return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a] or [text]
+
+    def _chunks_agree(self, pieces: list[list[tuple[str, bool]]], ids_flat: list[list[int]]) -> bool:
+        """Chunked tokenization equals whole-piece tokenization: checked on the first ``CHUNK_CHECK_FIRST``
+        chunked pieces and 1 in ``CHUNK_CHECK_EVERY`` after them."""
+        chunked = [k for k, chunks in enumerate(pieces) if len(chunks) > 1]
+        sample = [k for n, k in enumerate(chunked) if self._chunk_checks + n < CHUNK_CHECK_FIRST or n % CHUNK_CHECK_EVERY == 0]
+        self._chunk_checks += len(sample)
+        whole = self._encode_pieces(["".join(t for t, _ in pieces[k]) for k in sample], [pieces[k][0][1] for k in sample])
+        return all(ids_flat[k] == w for k, w in zip(sample, whole))
 
     # -- the public entry -------------------------------------------------------------------
     def encode(self, convs: list[Conversation], *, strict_empty: bool = False) -> tuple[list[Example], PrepareReport]:
@@ -316,7 +356,8 @@ class Labeler(TurnRule):
                 ends = [i + 1 for i, m in enumerate(conv.messages) if m.role == "assistant"]
                 ends = ends[len(ends) - len(ex):] if ex.split else [len(conv.messages)]
                 owners += [(idx, n) for n in ends]
-            encoded = self.encode_segments([segs for ex in labels for segs in ex])
+            encoded = self.encode_segments([segs for ex in labels for segs in ex],
+                                           [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in labels for _ in ex])
             return self._apply_length_policy(convs, owners, encoded, report, strict_empty)
 
     def _apply_length_policy(self, convs, owners, encoded, report: PrepareReport, strict_empty: bool):
