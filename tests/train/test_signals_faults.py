@@ -82,6 +82,33 @@ def _argv(tmp_path, model, *extra):
             "--set", "save_steps=2", "--method", "full", *extra]
 
 
+# Sends SIG to itself while the model loads (before any training step), then runs `sftlab ARGV`.
+_CHILD_AT_LOAD = textwrap.dedent("""
+    import os, signal, sys
+    from sftlab.train import model as tm
+    real = tm.load_model
+    def load_and_stop(*a, **k):
+        os.kill(os.getpid(), getattr(signal, os.environ["SIG"]))
+        return real(*a, **k)
+    tm.load_model = load_and_stop
+    from sftlab.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("sig,code,words", [("SIGTERM", 143, "stopped by SIGTERM"), ("SIGINT", 130, "interrupted (SIGINT)")])
+def test_a_signal_before_training_starts_is_one_line_and_the_signal_code(sig, code, words, tmp_path, tiny_model_dir):
+    """While the model loads there is nothing to checkpoint: one line naming the signal, 143 or 130, no
+    traceback, and no run folder left behind."""
+    e = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "SIG": sig}
+    proc = subprocess.run([sys.executable, "-c", _CHILD_AT_LOAD, *_argv(tmp_path, tiny_model_dir, "--set", "max_steps=2")],
+                          env=e, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"sftlab train: {words}"
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_a_checkpoint_and_exits_with_the_signal_code(sig, code, tmp_path, tiny_model_dir):
     proc = _spawn(tmp_path, _argv(tmp_path, tiny_model_dir, "--set", "max_steps=200"))
@@ -200,12 +227,38 @@ def test_end_of_run_says_what_it_is_doing_each_line_once(tmp_path, tiny_model_di
     run_mod.train(cfg)
     out = capsys.readouterr().out.replace("\r", "\n")
     lines = [ln.strip() for ln in out.splitlines() if ln.strip() and not ln.startswith("train:")]
+    restored = next(ln for ln in lines if ln.startswith("restoring the best checkpoint"))
+    restored_last = restored.split()[4] == "checkpoint-4"
+    # the best checkpoint is the last step's: its logged evaluation is the final one, not repeated
+    final = () if restored_last else ("final evaluation on 4 eval examples", "final  eval_loss")
     for wanted in ("step 4: evaluating", "step 4: saving checkpoint-4", "restoring the best checkpoint checkpoint-",
-                   "final evaluation on 4 eval examples", "final  eval_loss", "saving the model to"):
+                   *final, "saving the model to"):
         hits = [ln for ln in lines if ln.startswith(wanted)]
         assert len(hits) == 1, (wanted, lines)
+    assert restored_last or any(ln.startswith("final evaluation") for ln in lines)
+    assert not restored_last or not any(ln.startswith("final") for ln in lines)
     step_lines = [ln for ln in lines if ln.startswith("step") and "eval_loss" in ln]
     assert len(step_lines) == len(set(step_lines)) == 2  # steps 2 and 4, each once
     order = [next(i for i, ln in enumerate(lines) if ln.startswith(w)) for w in
-             ("restoring the best", "final evaluation", "saving the model")]
+             ("restoring the best", *final[:1], "saving the model")]
     assert order == sorted(order)
+
+
+@pytest.mark.parametrize("best,logged_at,evaluates", [
+    (None, 4, False),  # no best-model restore, the last step was evaluated: reuse it
+    ("checkpoint-4", 4, False),  # the best is the last step: same weights, reuse
+    ("checkpoint-2", 4, True),  # an earlier checkpoint was restored: evaluate it
+    (None, 2, True),  # the last step was not evaluated
+])
+def test_final_evaluation_reuses_the_logged_one_only_for_the_same_weights(best, logged_at, evaluates):
+    from types import SimpleNamespace
+
+    calls = []
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(global_step=4, best_model_checkpoint=None if best is None else f"/r/checkpoints/{best}"),
+        args=SimpleNamespace(load_best_model_at_end=best is not None), eval_dataset=[1, 2],
+        evaluate=lambda: calls.append(1) or {"eval_loss": 9.0})
+    logger = SimpleNamespace(rows=[{"split": "eval", "step": logged_at, "eval_loss": 1.5}], say=lambda m: None, final=False)
+    got = run_mod.final_evaluation(SimpleNamespace(trainer=trainer, logger=logger))
+    assert (calls == [1]) is evaluates
+    assert got == ({"eval_loss": 9.0} if evaluates else {"eval_loss": 1.5})

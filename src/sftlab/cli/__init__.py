@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 
 from sftlab.cli import data, evaluate, planning, ship, train  # noqa: F401 - each registers its commands
@@ -47,16 +49,34 @@ def quiet_libraries() -> None:
         pass
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which checkpoints instead): stop where we are, like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries()
+    # A job scheduler's SIGTERM while loading or preparing: one line and 143, not a silent kill. The
+    # training loop installs its own handler (checkpoint, then stop) and restores this one after.
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
     try:
         code = _run(args)
     except SftlabError as exc:
         print(f"sftlab {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"sftlab {args.command}: interrupted", file=sys.stderr)
+        print(f"sftlab {args.command}: interrupted (SIGINT)", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"sftlab {args.command}: stopped by SIGTERM", file=sys.stderr)
+        return 143
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
     return int(code or 0)

@@ -386,10 +386,13 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
 
 
 def final_evaluation(h: Harness) -> dict:
-    """The eval row of the last step: the logged one when it is there (and the weights are the last
-    step's), else a fresh evaluation."""
+    """The eval row of the weights the run ends with: the logged one when it was taken of them (the last
+    step's, unless the best checkpoint was restored from an earlier step), else a fresh evaluation."""
     last = [r for r in h.logger.rows if r.get("split") == "eval"]
-    if last and last[-1]["step"] == h.trainer.state.global_step and not h.trainer.args.load_best_model_at_end:
+    state = h.trainer.state
+    best = state.best_model_checkpoint if h.trainer.args.load_best_model_at_end else None
+    same_weights = best is None or Path(best).name == f"checkpoint-{state.global_step}"
+    if last and last[-1]["step"] == state.global_step and same_weights:
         return {k: v for k, v in last[-1].items() if k.startswith("eval_")}
     h.logger.say(f"final evaluation on {len(h.trainer.eval_dataset)} eval examples")
     h.logger.final = True  # its eval line reads "final", not a second "step N" line
