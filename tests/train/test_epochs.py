@@ -160,3 +160,14 @@ def test_packing_draws_once_per_run_and_says_so(tmp_path, tiny_model_dir):
     assert len(note) == 1 and note[0]["severity"] == "info" and "drawn once for the run" in note[0]["message"]
     plain = train(_cfg(tmp_path, tiny_model_dir, data), check_only=True)["findings"]
     assert not [f for f in plain if f["rule"] == "mixture"]
+
+
+def test_replay_examples_join_every_drawn_epoch(tmp_path, tiny_model_dir, seen):
+    data, general = _mixture(tmp_path), chat_data(tmp_path / "general.jsonl", 6, offset=900)
+    s = train(_cfg(tmp_path, tiny_model_dir, data, replay_data=general, replay_ratio=0.2), quiet=True, callbacks=[seen])
+    assert s["replay_examples"] == 4 and s["steps"] == 10  # 16 drawn + 4 replay per epoch, batch 4, 2 epochs
+    replayed = [sorted(w for w in epoch if w.startswith(general)) for epoch in seen.epochs]
+    assert len(replayed) == 2 and len(replayed[0]) == 4 and replayed[0] == replayed[1]  # the same 4, every epoch
+    assert [len(epoch) for epoch in seen.epochs] == [20, 20]
+    drawn = [{w for w in epoch if w.startswith(data[0]["path"])} for epoch in seen.epochs]
+    assert [len(d) for d in drawn] == [8, 8] and drawn[0] != drawn[1]

@@ -164,8 +164,8 @@ def load_data(cfg: Config) -> RunData:
     return RunData(tok, data, evald, general)
 
 
-def _example_keys(prepared: Prepared | None) -> set[tuple]:
-    return {tuple(e.input_ids) for e in prepared.usable} if prepared else set()
+def _example_keys(examples: list | None) -> set[tuple]:
+    return {tuple(e.input_ids) for e in examples} if examples else set()
 
 
 def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding], dict]:
@@ -179,7 +179,8 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
     notes: dict = {}
     rc = resolve_auto(cfg, n_params=n_params, n_examples=len(examples), model_cfg=mcfg, seq_len=seq_len, notes=notes)
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
-                         train_keys=_example_keys(data.train), eval_keys=_example_keys(data.eval),
+                         train_keys=_example_keys(data.train.usable),  # any epoch may draw any of them
+                         eval_keys=_example_keys(data.eval.examples if data.eval else None),
                          report=data.train.report)
     for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # a mixture, as counts
         if prepared is not None and prepared.mixture is not None:
