@@ -100,6 +100,7 @@ def test_counts_and_plain_lists(three, tmp_path):
     assert whole.draw is None and whole.pool is None and len(whole.examples) == 130
     assert whole.mixture.resolved() == [{"path": q, "format": "messages", "name": n} for q, n in zip(plain, "ac")]
     assert [(r["drawn"], r["examples"], r["redrawn"]) for r in whole.report.sources] == [(100, 100, False), (30, 30, False)]
+    assert source_lines(whole.report)[1].startswith("  c: 30 examples per epoch (23.1%), all its usable examples (30 ")
 
 
 def test_a_source_with_nothing_left_after_tokenization_is_one_clear_error(tmp_path):
@@ -170,7 +171,8 @@ def test_prepare_reports_each_source_for_one_epoch(three):
         assert r["trained_tokens"] == sum(e.n_trained for e in mine) > 0
     assert p.report.to_dict()["sources"] == p.report.sources
     lines = source_lines(p.report)
-    assert lines[0].startswith("  a: 90 examples per epoch (50.0%), drawn afresh each epoch from 100 usable of 100")
+    assert lines[0].startswith("  a: 90 examples per epoch (50.0%), drawn afresh each epoch from its 100 usable "
+                               "examples (100 conversations); first epoch: ")
 
 
 def test_doctor_reports_each_source(three, tmp_path):

@@ -106,11 +106,12 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key:
 
 
 def source_lines(report: PrepareReport) -> list[str]:
-    """One line per source of a mixture, of one epoch: examples (share), drawn of usable (of size), tokens."""
+    """One line per source of a mixture, of one epoch: examples (share), what they are drawn from, tokens."""
     return [f"  {s['name']}: {s['examples']} examples per epoch ({s['share']:.1%}), "
-            f"{'drawn afresh each epoch from' if s.get('redrawn') else 'all of'} "
-            f"{s.get('usable', '?')} usable of {s['size']} conversations; "
-            f"{s['tokens']} tokens, {s['trained_tokens']} trained (first epoch)" for s in report.sources]
+            + (f"drawn afresh each epoch from its {s['usable']} usable examples ({s['size']} conversations); "
+               f"first epoch: {s['tokens']} tokens, {s['trained_tokens']} trained" if s.get("redrawn") else
+               f"all its usable examples ({s['size']} conversations); {s['tokens']} tokens, {s['trained_tokens']} trained")
+            for s in report.sources]
 
 
 def dump_rows(prepared: Prepared):
