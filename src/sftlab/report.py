@@ -180,12 +180,14 @@ def _data_section(run: RunData, doctor: bool) -> str:
                 "n_tokens", "n_trained_tokens", "eos_appended")
         out.append("<h3>Preparation</h3>" + _table([(k, prep[k]) for k in keys if k in prep]))
         sources = prep.get("sources") or []
-        if sources:  # a mixture: what each source gave the mix
-            out.append("<h3>Sources</h3>" + _table(
-                [(r.get("name"), r.get("path"), r.get("format"), r.get("weight"), r.get("size"), r.get("drawn"),
-                  f"{r.get('share', 0):.1%}", r.get("examples"), r.get("tokens"), r.get("trained_tokens"))
+        if sources:  # a mixture: what each source gives one epoch (tokens: the first epoch's)
+            out.append("<h3>Sources (one epoch)</h3>" + _table(
+                [(r.get("name"), r.get("path"), r.get("format"), r.get("weight"), r.get("size"), r.get("usable"),
+                  r.get("examples"), f"{r.get('share', 0):.1%}", r.get("redrawn"), r.get("tokens"),
+                  r.get("trained_tokens"))
                  for r in sources if isinstance(r, dict)],
-                ("source", "path", "format", "weight", "size", "drawn", "share", "kept", "tokens", "trained tokens")))
+                ("source", "path", "format", "weight", "conversations", "usable", "per epoch", "share",
+                 "drawn afresh each epoch", "tokens", "trained tokens")))
         dropped = prep.get("dropped") or []
         if dropped:
             items = "".join(f"<li>{_e(d.get('where'))}: {_e(d.get('why'))}</li>" for d in dropped[:10] if isinstance(d, dict))

@@ -1,4 +1,4 @@
-"""Dataset mixtures: shares by weight or count, seeded draws, clear errors, per-source stats everywhere."""
+"""Dataset mixtures: shares by weight or count, a seeded draw per epoch, clear errors, per-source stats everywhere."""
 
 import json
 import random
@@ -13,7 +13,7 @@ from sftlab.config import load_config
 from sftlab.core.errors import SftlabError
 from sftlab.data.doctor import run_doctor
 from sftlab.data.mixture import draw, load_mixture, parse_sources, resolve_counts
-from sftlab.data.prepare import prepare
+from sftlab.data.prepare import prepare, source_lines
 
 
 def _alpaca(path, n):
@@ -30,46 +30,87 @@ def three(tmp_path):
             {"path": chat_data(tmp_path / "c.jsonl", 30, offset=1000), "weight": 0.2}]
 
 
-def _shares(mix) -> dict[str, float]:
-    n = Counter(mix.source_of)
-    return {s.name: n[i] / len(mix.conversations) for i, s in enumerate(mix.sources)}
+def _prepared(spec, seed=7, **kw):
+    cfg = load_config(None, {"data": spec, "template": "chatml", "max_seq_length": 128, "seed": seed, **kw})
+    return prepare(cfg, build_tiny_tokenizer())
 
 
-def test_weights_give_each_source_its_share_of_an_epoch(three):
-    mix = load_mixture(three, seed=7)
-    assert len(mix.conversations) == 180  # an epoch of a weighted mix: all sources' sizes together
-    shares = _shares(mix)
-    for s, want in zip(("a", "b", "c"), (0.5, 0.3, 0.2)):
-        assert abs(shares[s] - want) <= 0.02, (s, shares[s])
-    assert mix.counts == [90, 54, 36] and mix.sizes == [100, 50, 30]
-    # each conversation really comes from the source it is attributed to
-    for conv, i in zip(mix.conversations, mix.source_of):
-        assert conv.source == mix.sources[i].path
-    # a subsampled source repeats nothing; an upsampled one repeats every example as evenly as possible
-    lines = {i: Counter(c.line for c, j in zip(mix.conversations, mix.source_of) if j == i) for i in range(3)}
-    assert max(lines[0].values()) == 1 and len(lines[0]) == 90
-    assert set(lines[1].values()) <= {1, 2} and len(lines[1]) == 50
-    assert set(lines[2].values()) == {1, 2} and sum(lines[2].values()) == 36
-    assert mix.formats == ["messages", "alpaca", "messages"]
+def _epoch(p, e: int) -> list[tuple[int, str]]:
+    """(source index, file:line) of each example epoch ``e`` trains on."""
+    return [(p.mixture.source_of[p.pool[j].index], p.pool[j].where) for j in p.draw.indices(e)]
 
 
-def test_the_draw_is_deterministic_under_the_seed_and_changes_with_it(three):
-    a, b, c = load_mixture(three, seed=1), load_mixture(three, seed=1), load_mixture(three, seed=2)
-    assert [x.where() for x in a.conversations] == [x.where() for x in b.conversations]
-    assert [x.where() for x in a.conversations] != [x.where() for x in c.conversations]
-    assert a.counts == c.counts
-    # the resolved counts (what the run's config stores) redraw the very same mix
-    again = load_mixture(a.resolved(), seed=1)
-    assert [x.where() for x in again.conversations] == [x.where() for x in a.conversations]
+def test_weights_give_each_source_its_share_of_every_epoch(three):
+    p = _prepared(three)
+    assert p.mixture.counts == [90, 54, 36] and p.mixture.sizes == [100, 50, 30]
+    assert len(p.pool) == 180 and p.report.n_input == 180  # every source tokenized once, whole
+    for e in range(3):
+        epoch = _epoch(p, e)
+        assert len(epoch) == 180  # an epoch of a weighted mix: all sources' sizes together
+        n = Counter(i for i, _ in epoch)
+        for i, want in enumerate((0.5, 0.3, 0.2)):
+            assert abs(n[i] / len(epoch) - want) <= 0.02, (e, i, n)
+        # each example really comes from the source it is attributed to
+        assert all(where.startswith(three[i]["path"] + ":") for i, where in epoch)
+        # a subsampled source repeats nothing; an upsampled one repeats every example as evenly as possible
+        lines = {i: Counter(w for j, w in epoch if j == i) for i in range(3)}
+        assert max(lines[0].values()) == 1 and len(lines[0]) == 90
+        assert set(lines[1].values()) <= {1, 2} and len(lines[1]) == 50
+        assert set(lines[2].values()) == {1, 2} and sum(lines[2].values()) == 36
+    assert p.mixture.formats == ["messages", "alpaca", "messages"]
+    # the prepared examples are the first epoch; its conversations are those of the epoch, each once
+    assert [e.where for e in p.examples] == [w for _, w in _epoch(p, 0)]
+    assert sorted(c.where() for c in p.conversations) == sorted({w for _, w in _epoch(p, 0)})
+
+
+def test_each_epoch_draws_another_subsample_of_an_oversized_source(three):
+    p = _prepared(three)
+    big = [{w for i, w in _epoch(p, e) if i == 0} for e in range(3)]
+    assert [len(b) for b in big] == [90, 90, 90]  # the right count, without repetition, every epoch
+    assert big[0] != big[1] and big[1] != big[2] and big[0] != big[2]
+    assert len(big[0] | big[1] | big[2]) > 90  # over epochs, more of the source is seen
+    small = [Counter(w for i, w in _epoch(p, e) if i == 2) for e in range(2)]  # 36 of 30: the 6 repeats move
+    assert sum(small[0].values()) == sum(small[1].values()) == 36 and small[0] != small[1]
+
+
+def test_the_draws_are_deterministic_under_the_seed_and_change_with_it(three):
+    a, b, c = _prepared(three, seed=1), _prepared(three, seed=1), _prepared(three, seed=2)
+    for e in range(3):
+        assert _epoch(a, e) == _epoch(b, e)
+        assert _epoch(a, e) != _epoch(c, e)
+    assert a.mixture.counts == c.mixture.counts
+    # the resolved counts (what the run's config stores) draw the very same epochs
+    saved = a.mixture.resolved()
+    assert [s["count"] for s in saved] == [90, 54, 36]
+    again = _prepared(saved, seed=1)
+    assert [_epoch(again, e) for e in range(3)] == [_epoch(a, e) for e in range(3)]
 
 
 def test_counts_and_plain_lists(three, tmp_path):
     counted = [{**{k: v for k, v in s.items() if k != "weight"}, "count": n} for s, n in zip(three, (10, 120, 5))]
-    mix = load_mixture(counted, seed=0)
-    assert mix.counts == [10, 120, 5] and Counter(mix.source_of) == {0: 10, 1: 120, 2: 5}
-    plain = load_mixture([three[0]["path"], three[2]["path"]])  # no weight or count: concatenation, in order
-    assert [c.line for c in plain.conversations] == list(range(1, 101)) + list(range(1, 31))
-    assert plain.source_of == [0] * 100 + [1] * 30
+    p = _prepared(counted, seed=0)
+    assert p.mixture.counts == [10, 120, 5]
+    for e in range(2):
+        assert Counter(i for i, _ in _epoch(p, e)) == {0: 10, 1: 120, 2: 5}
+    plain = [three[0]["path"], three[2]["path"]]  # no weight or count: concatenation, in order, every epoch
+    mix = load_mixture(plain)
+    assert [c.line for c in mix.conversations] == list(range(1, 101)) + list(range(1, 31))
+    assert mix.source_of == [0] * 100 + [1] * 30
+    whole = _prepared(plain)
+    assert whole.draw is None and whole.pool is None and len(whole.examples) == 130
+    assert whole.mixture.resolved() == [{"path": q, "format": "messages", "name": n} for q, n in zip(plain, "ac")]
+    assert [(r["drawn"], r["examples"], r["redrawn"]) for r in whole.report.sources] == [(100, 100, False), (30, 30, False)]
+    assert source_lines(whole.report)[1].startswith("  c: 30 examples per epoch (23.1%), all its usable examples (30 ")
+
+
+def test_a_source_with_nothing_left_after_tokenization_is_one_clear_error(tmp_path):
+    short = chat_data(tmp_path / "short.jsonl", 5)
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "x " * 200},
+                                                     {"role": "assistant", "content": "y"}]}) + "\n" for _ in range(3)))
+    spec = [{"path": short, "weight": 1}, {"path": str(long), "weight": 1}]
+    with pytest.raises(SftlabError, match=r"source 'long' \(.*long.jsonl\): none of its 3 conversations is left"):
+        _prepared(spec, max_seq_length=64, truncation="drop")
 
 
 def test_largest_remainder_counts_add_up_exactly():
@@ -117,20 +158,21 @@ def test_single_source_configs_are_unchanged(tmp_path):
     assert [c.where() for c in one.conversations] == [f"{path}:{i}" for i in range(1, 13)]
 
 
-def test_prepare_reports_each_source(three):
-    tok = build_tiny_tokenizer()
-    cfg = load_config(None, {"data": three, "template": "chatml", "max_seq_length": 128, "seed": 3})
-    p = prepare(cfg, tok)
+def test_prepare_reports_each_source_for_one_epoch(three):
+    p = _prepared(three, seed=3)
     rows = {r["name"]: r for r in p.report.sources}
-    assert [rows[n]["drawn"] for n in "abc"] == [90, 54, 36]
-    assert sum(r["examples"] for r in rows.values()) == len(p.examples) == p.report.n_kept
-    assert sum(r["tokens"] for r in rows.values()) == p.report.n_tokens
-    assert sum(r["trained_tokens"] for r in rows.values()) == p.report.n_trained_tokens
-    for name, r in rows.items():  # each source's own token counts, from its own examples
+    assert [rows[n]["drawn"] for n in "abc"] == [rows[n]["examples"] for n in "abc"] == [90, 54, 36]
+    assert [rows[n]["usable"] for n in "abc"] == [100, 50, 30] and all(r["redrawn"] for r in rows.values())
+    assert sum(r["usable"] for r in rows.values()) == len(p.pool) == p.report.n_kept  # tokenized once, whole
+    assert sum(r["examples"] for r in rows.values()) == len(p.examples) == 180  # one epoch
+    for name, r in rows.items():  # each source's own token counts, from its examples in the first epoch
         mine = [e for e in p.examples if p.mixture.source_of[e.index] == "abc".index(name)]
         assert r["tokens"] == sum(len(e.input_ids) for e in mine) > 0
         assert r["trained_tokens"] == sum(e.n_trained for e in mine) > 0
     assert p.report.to_dict()["sources"] == p.report.sources
+    lines = source_lines(p.report)
+    assert lines[0].startswith("  a: 90 examples per epoch (50.0%), drawn afresh each epoch from its 100 usable "
+                               "examples (100 conversations); first epoch: ")
 
 
 def test_doctor_reports_each_source(three, tmp_path):
@@ -188,11 +230,11 @@ def test_a_training_run_saves_the_resolved_mixture_and_reports_each_source(tmp_p
     saved = yaml.safe_load((run / A.CONFIG).read_text())["data"]
     assert saved == [{"path": a, "format": "messages", "count": 8, "name": "a"},
                      {"path": b, "format": "messages", "count": 8, "name": "b"}]
-    assert summary["examples"] == 16
+    assert summary["examples"] == 16  # one epoch
     rows = {r["name"]: r for r in summary["prepare"]["sources"]}
     assert (rows["a"]["drawn"], rows["b"]["drawn"]) == (8, 8) and rows["b"]["size"] == 4
-    assert rows["a"]["trained_tokens"] + rows["b"]["trained_tokens"] == summary["prepare"]["n_trained_tokens"]
+    assert (rows["a"]["usable"], rows["b"]["usable"]) == (12, 4) and summary["prepare"]["n_kept"] == 16
     # the saved config is a valid config that draws the same mix
     assert load_config(run / A.CONFIG).data == saved
     page = (run / "report.html").read_text() if write_report(run, doctor=True) else ""
-    assert "<h3>Sources</h3>" in page and "50.0%" in page and "per source:" in page
+    assert "<h3>Sources (one epoch)</h3>" in page and "50.0%" in page and "per source:" in page

@@ -222,3 +222,27 @@ def test_only_global_rank_zero_clears_the_log(tmp_path, tiny_model_dir, monkeypa
     monkeypatch.setenv("RANK", "0")
     start_run_folder(rc, run)
     assert not (run / A.METRICS).exists()
+
+
+def test_a_mixture_drawn_per_epoch_on_two_processes_resumes_mid_epoch(tmp_path, tiny_model_dir, data):
+    """A 0.5/0.5 mixture of 12 + 4 examples: 16 per epoch, 2 steps of 8, so 4 steps are 2 epochs, each
+    a fresh draw. 2 processes stop at step 3 (inside epoch 2) and resume to step 4: every step trains
+    the 1-process run's examples (its curve within 1e-4), so each process took its shard of the right
+    epoch's draw, also where resuming on several processes hides the sampler from accelerate's set_epoch."""
+    big, small = chat_data(tmp_path / "big.jsonl", 12), chat_data(tmp_path / "small.jsonl", 4, offset=300)
+    mix = ["--set", f"data=[{{path: '{big}', weight: 0.5}}, {{path: '{small}', weight: 0.5}}]"]
+    cli = [sys.executable, "-m", "sftlab.cli"]
+    one = _launch([*cli, *_train_args(tiny_model_dir, data, tmp_path / "one", 4), *mix])
+    assert one.returncode == 0, one.stderr[-2000:]
+    ref = _losses(tmp_path / "one")
+    assert len(ref) == STEPS
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    out = tmp_path / "two"
+    cut = _launch([*torchrun, f"--master_port={_free_port()}", *cli[1:],
+                   *_train_args(tiny_model_dir, data, out, 2, steps=3), *mix, "--set", "save_steps=1"])
+    assert cut.returncode == 0, _worker_errors(cut.stderr)
+    assert (out / A.CHECKPOINTS / "checkpoint-3").is_dir()
+    resumed = _launch([*torchrun, f"--master_port={_free_port()}", *cli[1:],
+                       *_train_args(tiny_model_dir, data, out, 2), *mix, "--resume"])
+    assert resumed.returncode == 0, _worker_errors(resumed.stderr)
+    assert _losses(out) == pytest.approx(ref, abs=TOL)

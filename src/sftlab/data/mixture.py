@@ -1,27 +1,34 @@
-"""Several data sets in one run: a list of sources -> one seeded mix of conversations.
+"""Several data sets in one run: a list of sources, tokenized once, each epoch a fresh seeded draw.
 
 ``data`` (and ``eval_data``) may be a list instead of one path. Each entry is a path, or a mapping::
 
     data:
-      - {path: chat.jsonl, weight: 0.5}                  # share of the mix
+      - {path: chat.jsonl, weight: 0.5}                  # share of each epoch
       - {path: instruct.jsonl, weight: 0.3, format: alpaca}
       - {path: general.jsonl, weight: 0.2, name: replay}  # replay is simply one more weighted source
 
 What one epoch of a mixture is:
 
-- weights: the epoch has as many examples as all sources hold together (the sum of their sizes);
-  source *i* gets ``weight_i / sum(weights)`` of it (rounded by largest remainder, so the counts add
-  up exactly). A source with fewer examples than its share is repeated (every example as often as
-  the next, the remainder drawn at random); one with more is subsampled without repetition.
-- counts: source *i* gives exactly ``count_i`` examples (repeated or subsampled the same way); the
-  epoch is their sum.
-- neither: every example of every source once, in order (the same as concatenating the files).
+- weights: the epoch has as many examples as all sources hold together (the sum of their sizes, in
+  conversations); source *i* gets ``weight_i / sum(weights)`` of it (rounded by largest remainder, so
+  the counts add up exactly).
+- counts: source *i* gives exactly ``count_i`` examples; the epoch is their sum.
+- neither: every example of every source once (the same as concatenating the files).
 
 Weights and counts do not mix: either every source has a weight, or every source a count, or none
-has either. The draw is seeded (``seed``): the same config gives the same mix; it is drawn once per
-run and each epoch is one pass over it (the Trainer reshuffles the order every epoch). The resolved
-counts are saved in the run's config (:meth:`Mixture.resolved`), so the saved config redraws the
-very same mix.
+has either.
+
+Every source is read and tokenized once (:func:`load_mixture` returns all of their conversations;
+``prepare`` labels them). With weights or counts, :class:`EpochDraw` then picks each epoch's examples
+afresh: per source its count from that source's usable examples (those left after tokenization:
+too-long or untrained ones are dropped, a chat split per turn gives several), a source with fewer
+repeated evenly (every example as often as the next, the remainder drawn at random), one with more
+subsampled without repetition. The draw of epoch *e* is seeded by (``seed``, *e*): epoch 2 sees another
+subsample of a large source than epoch 1, and the same config gives the same sequence of epochs on
+every process and after a resume. The resolved counts are saved in the run's config
+(:meth:`Mixture.resolved`), so the saved config draws the very same epochs. Training with ``packing``
+packs the first epoch's draw once and passes over those rows every epoch (``train/run.py`` says so
+when it starts). An eval mixture is the first epoch's draw, fixed.
 """
 
 from __future__ import annotations
@@ -124,7 +131,8 @@ def parse_sources(spec, key: str = "data") -> list[Source]:
 
 
 def resolve_counts(sources: list[Source], sizes: list[int]) -> list[int]:
-    """Examples drawn from each source in one epoch (see the module docstring); ``sizes``: examples per source."""
+    """Examples drawn from each source in one epoch (see the module docstring); ``sizes``: conversations
+    per source."""
     if all(s.count is not None for s in sources):
         return [int(s.count) for s in sources]
     if not all(s.weight is not None for s in sources):
@@ -147,36 +155,85 @@ def draw(n: int, k: int, rng: random.Random) -> list[int]:
     return picked
 
 
+@dataclass(frozen=True)
+class EpochDraw:
+    """Which examples each epoch of a weighted (or counted) mixture trains on.
+
+    ``pools[i]``: the indices of source *i*'s usable examples (into the list they were tokenized as);
+    each epoch takes ``counts[i]`` of them with :func:`draw`, from a generator seeded by (``seed``,
+    epoch, *i*), so the sequence of epochs depends on the seed alone: the same on every process, and
+    after a resume.
+    """
+
+    pools: tuple[tuple[int, ...], ...]
+    counts: tuple[int, ...]
+    seed: int
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def indices(self, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s examples (0 is the first), as indices into the tokenized list, shuffled."""
+        out: list[int] = []
+        for i, (pool, k) in enumerate(zip(self.pools, self.counts)):
+            out += [pool[j] for j in draw(len(pool), k, random.Random(f"{self.seed}/{epoch}/{i}"))]
+        random.Random(f"{self.seed}/{epoch}").shuffle(out)
+        return out
+
+
 @dataclass
 class Mixture:
-    """The drawn mix: conversations in training order and, for each, the index of its source."""
+    """Every source's conversations (each once, source after source), the source of each, and the
+    counts one epoch draws (:meth:`epochs`)."""
 
     sources: list[Source]
     formats: list[str]  # the format each source was read as
     sizes: list[int]  # conversations each source holds
-    counts: list[int]  # conversations drawn from each source
+    counts: list[int]  # examples each epoch draws from each source (sizes when not sampled)
     conversations: list[Conversation]
     source_of: list[int]  # source index of each conversation
+    sampled: bool = False  # weights or counts: each epoch is drawn; else every example once
+    seed: int = 0
 
     def resolved(self) -> list[dict]:
-        """The mixture as the run's resolved config stores it: counts, so it redraws the same mix."""
-        return [{"path": s.path, "format": f, "count": c, "name": s.name}
+        """The mixture as the run's resolved config stores it: counts when sampled, so it draws the same
+        epochs; plain sources (every example once) otherwise."""
+        return [{"path": s.path, "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
                 for s, f, c in zip(self.sources, self.formats, self.counts)]
 
-    def stats(self, examples) -> list[dict]:
-        """Per source: size, drawn, share of the mix, examples kept after tokenization, tokens, trained tokens.
+    def epochs(self, examples) -> EpochDraw | None:
+        """The per-epoch draw over the tokenized ``examples`` (each ``index`` points into
+        :attr:`conversations`); None when not sampled (each epoch is every example once)."""
+        if not self.sampled:
+            return None
+        pools: list[list[int]] = [[] for _ in self.sources]
+        for j, ex in enumerate(examples):
+            pools[self.source_of[ex.index]].append(j)
+        for s, pool, k, n in zip(self.sources, pools, self.counts, self.sizes):
+            if k and not pool:
+                raise SftlabError(f"source '{s.name}' ({s.path}): none of its {n} conversations is left to train on "
+                                  "after tokenization", hint="see `sftlab prepare` for why (raise max_seq_length?), "
+                                                              "or leave the source out")
+        return EpochDraw(tuple(map(tuple, pools)), tuple(self.counts), self.seed)
 
-        ``examples``: the tokenized mix (each ``index`` points into :attr:`conversations`).
+    def stats(self, usable, epoch) -> list[dict]:
+        """Per source, of one epoch: size (conversations), usable (its examples after tokenization),
+        drawn (:attr:`counts`), redrawn (each epoch draws afresh), share of the epoch, and the epoch's examples, tokens and trained tokens.
+
+        ``usable``: every tokenized example once; ``epoch``: one epoch's examples (the first draw).
         """
-        total = max(len(self.conversations), 1)
-        rows = [{"name": s.name, "path": s.path, "format": f, "weight": s.weight, "size": n, "drawn": c,
-                 "share": round(c / total, 4), "examples": 0, "tokens": 0, "trained_tokens": 0}
+        rows = [{"name": s.name, "path": s.path, "format": f, "weight": s.weight, "size": n, "usable": 0, "drawn": c,
+                 "redrawn": self.sampled, "share": 0.0, "examples": 0, "tokens": 0, "trained_tokens": 0}
                 for s, f, n, c in zip(self.sources, self.formats, self.sizes, self.counts)]
-        for ex in examples:
+        for ex in usable:
+            rows[self.source_of[ex.index]]["usable"] += 1
+        for ex in epoch:
             row = rows[self.source_of[ex.index]]
             row["examples"] += 1
             row["tokens"] += len(ex.input_ids)
             row["trained_tokens"] += ex.n_trained
+        for row in rows:
+            row["share"] = round(row["examples"] / max(len(epoch), 1), 4)
         return rows
 
 
@@ -192,16 +249,12 @@ def read_source(src: Source, fmt: str | None, *, system_prompt: str | None = Non
 
 def load_mixture(spec, fmt: str | None = None, *, system_prompt: str | None = None, seed: int = 0,
                  key: str = "data") -> Mixture:
-    """Read every source of ``spec`` and draw one epoch of the mix, seeded (see the module docstring)."""
+    """Read every source of ``spec``: all of their conversations, and the counts an epoch draws
+    (the draw itself is :meth:`Mixture.epochs`, over the tokenized examples)."""
     sources = parse_sources(spec, key)
     read = [read_source(s, fmt, system_prompt=system_prompt) for s in sources]
     sizes = [len(convs) for convs, _ in read]
-    counts = resolve_counts(sources, sizes)
     sampled = any(s.weight is not None or s.count is not None for s in sources)
-    pairs: list[tuple[Conversation, int]] = []
-    for i, ((convs, _), k) in enumerate(zip(read, counts)):
-        picks = draw(len(convs), k, random.Random(f"{seed}/{i}")) if sampled else range(len(convs))
-        pairs += [(convs[j], i) for j in picks]
-    if sampled:
-        random.Random(seed).shuffle(pairs)
-    return Mixture(sources, [f for _, f in read], sizes, counts, [c for c, _ in pairs], [i for _, i in pairs])
+    return Mixture(sources, [f for _, f in read], sizes, resolve_counts(sources, sizes),
+                   [c for convs, _ in read for c in convs], [i for i, (convs, _) in enumerate(read) for _ in convs],
+                   sampled, seed)

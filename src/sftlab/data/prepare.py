@@ -13,7 +13,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport, paused_gc
-from sftlab.data.mixture import Mixture, is_mixture, load_mixture
+from sftlab.data.mixture import EpochDraw, Mixture, is_mixture, load_mixture
 from sftlab.data.templates import ChatTemplate, missing_tokens, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.models import load_tokenizer
@@ -21,13 +21,24 @@ from sftlab.models import load_tokenizer
 
 @dataclass
 class Prepared:
+    """Labelled examples. ``examples`` is one epoch: every example once, or a weighted (or counted)
+    mixture's first draw; then ``pool`` holds every usable example once and ``draw`` picks each epoch
+    from it. ``conversations``: those of ``examples`` (each once)."""
+
     examples: list[Example]
     report: PrepareReport
     template: ChatTemplate | None
     tokenizer: object
     conversations: list[Conversation]
     added_tokens: list[str] = field(default_factory=list)  # special tokens the template needed
-    mixture: Mixture | None = None  # ``data`` was a list of sources: the drawn mix
+    mixture: Mixture | None = None  # ``data`` was a list of sources
+    pool: list[Example] | None = None  # a sampled mixture: every usable example of every source once
+    draw: EpochDraw | None = None  # a sampled mixture: each epoch's examples, as indices into ``pool``
+
+    @property
+    def usable(self) -> list[Example]:
+        """Every example once: the pool of a sampled mixture, else ``examples``."""
+        return self.examples if self.pool is None else self.pool
 
 
 def setup_template(cfg: Config, tokenizer) -> tuple[ChatTemplate, list[str]]:
@@ -61,8 +72,10 @@ def labeler_for(cfg: Config, tokenizer, template: ChatTemplate | None) -> Labele
 def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key: str = "data") -> Prepared:
     """Tokenize and label ``data`` (default ``cfg.data``) for ``cfg.model``'s tokenizer.
 
-    A list of sources is drawn into one mix first (:func:`sftlab.data.mixture.load_mixture`); the
-    report then holds per-source stats. ``key`` names the config key in error messages.
+    A list of sources is read whole (:func:`sftlab.data.mixture.load_mixture`) and tokenized once;
+    with weights or counts, ``examples`` is the first epoch's draw (``draw`` gives every epoch). The
+    report describes the tokenization of every source, and per source one epoch. ``key`` names the
+    config key in error messages.
     """
     path = data or cfg.data
     if not path:
@@ -79,18 +92,26 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key:
     if any(not c.is_text for c in convs):
         template, added = setup_template(cfg, tokenizer)
     examples, report = labeler_for(cfg, tokenizer, template).encode(convs)
-    if mix is not None:
-        report.sources = mix.stats(examples)
     if not examples:
         raise SftlabError(f"{path}: no example is left to train on ({report.summary()})",
                           hint="raise max_seq_length or check the masking strategy")
-    return Prepared(examples, report, template, tokenizer, convs, added, mix)
+    pool = draw = None
+    if mix is not None:
+        draw = mix.epochs(examples)
+        if draw is not None:
+            pool, examples = examples, [examples[j] for j in draw.indices(0)]
+            convs = [mix.conversations[i] for i in dict.fromkeys(e.index for e in examples)]
+        report.sources = mix.stats(pool if pool is not None else examples, examples)
+    return Prepared(examples, report, template, tokenizer, convs, added, mix, pool, draw)
 
 
 def source_lines(report: PrepareReport) -> list[str]:
-    """One line per source of a mixture: drawn (of size, share), kept, tokens, trained tokens."""
-    return [f"  {s['name']}: {s['drawn']} drawn of {s['size']} ({s['share']:.1%} of the mix), {s['examples']} kept, "
-            f"{s['tokens']} tokens, {s['trained_tokens']} trained" for s in report.sources]
+    """One line per source of a mixture, of one epoch: examples (share), what they are drawn from, tokens."""
+    return [f"  {s['name']}: {s['examples']} examples per epoch ({s['share']:.1%}), "
+            + (f"drawn afresh each epoch from its {s['usable']} usable examples ({s['size']} conversations); "
+               f"first epoch: {s['tokens']} tokens, {s['trained_tokens']} trained" if s.get("redrawn") else
+               f"all its usable examples ({s['size']} conversations); {s['tokens']} tokens, {s['trained_tokens']} trained")
+            for s in report.sources]
 
 
 def dump_rows(prepared: Prepared):

@@ -52,6 +52,7 @@ from sftlab.train.checks import (
     run_folder_findings,
 )
 from sftlab.train.continual import ewc_from_examples, mix_replay
+from sftlab.train.epochs import drawn_epochs
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
 
@@ -72,12 +73,14 @@ class RunData:
 
 @dataclass
 class Batches:
-    """What the Trainer iterates: the dataset (examples, or packed rows), its collator, and the
-    example lengths for length-grouped sampling (None: Trainer's default sampler)."""
+    """What the Trainer iterates: the dataset (examples, or packed rows), its collator, the example
+    lengths for length-grouped sampling, and the sampler of a mixture drawn afresh each epoch (both
+    None: Trainer's default sampler)."""
 
     dataset: list
     collator: object
     lengths: list[int] | None
+    sampler: object = None
 
 
 @dataclass
@@ -130,7 +133,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     notes["kernels"] = [k.to_dict() for k in kernels]
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
-    batches = training_batches(rc, train_examples, data.tok, model)
+    batches = training_batches(rc, train_examples, data.tok, model, data.train)
     run = Path(rc.output_dir)
     resume_from = start_run_folder(rc, run)
     args = training_arguments(rc, run / A.CHECKPOINTS, has_eval=data.eval is not None, quiet=quiet)
@@ -161,25 +164,31 @@ def load_data(cfg: Config) -> RunData:
     return RunData(tok, data, evald, general)
 
 
-def _example_keys(prepared: Prepared | None) -> set[tuple]:
-    return {tuple(e.input_ids) for e in prepared.examples} if prepared else set()
+def _example_keys(examples: list | None) -> set[tuple]:
+    return {tuple(e.input_ids) for e in examples} if examples else set()
 
 
 def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding], dict]:
     """The config with every ``auto`` resolved for this model, data and machine; the checklist's
     findings; notes on what the choices rest on (``precision_probe``: see :func:`resolve_auto`)."""
-    examples = data.train.examples
+    examples = data.train.examples  # one epoch (a mixture's epochs draw from data.train.usable)
     mcfg = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     n_params = shape_from_config(mcfg, "model").params
-    seq_len = cfg.max_seq_length if cfg.packing else min(cfg.max_seq_length, max(len(e.input_ids) for e in examples))
+    longest = max(len(e.input_ids) for e in data.train.usable)
+    seq_len = cfg.max_seq_length if cfg.packing else min(cfg.max_seq_length, longest)
     notes: dict = {}
     rc = resolve_auto(cfg, n_params=n_params, n_examples=len(examples), model_cfg=mcfg, seq_len=seq_len, notes=notes)
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
-                         train_keys=_example_keys(data.train), eval_keys=_example_keys(data.eval),
+                         train_keys=_example_keys(data.train.usable),  # any epoch may draw any of them
+                         eval_keys=_example_keys(data.eval.examples if data.eval else None),
                          report=data.train.report)
-    for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # the drawn mixture, as counts
+    for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # a mixture, as counts
         if prepared is not None and prepared.mixture is not None:
             setattr(rc, key, prepared.mixture.resolved())
+    if rc.packing and data.train.draw is not None:
+        findings.append(Finding("mixture", "info", "packing: the mixture is drawn once for the run (its first epoch, "
+                                "packed); every epoch trains on those rows", where="data",
+                                fixes=["--set packing=false to draw every epoch afresh"]))
     return rc, findings, notes
 
 
@@ -191,8 +200,18 @@ def print_checks(findings: list[Finding]) -> None:
 
 
 # -- batches, run folder, training arguments -----------------------------------------------------
-def training_batches(rc: Config, examples: list, tok, model) -> Batches:
-    """Packed rows with a packed collator (``packing``), or the examples padded per batch."""
+def training_batches(rc: Config, examples: list, tok, model, prepared: Prepared | None = None) -> Batches:
+    """Packed rows with a packed collator (``packing``), or the examples padded per batch.
+
+    ``examples``: one epoch (``prepared.examples``), then any replay examples. When ``prepared`` is a
+    weighted (or counted) mixture, each epoch without packing is a fresh draw from its pool
+    (``train/epochs.py``); packing packs ``examples`` once and every epoch passes over those rows.
+    """
+    if not rc.packing and prepared is not None and prepared.draw is not None:
+        group = int(rc.batch_size) * int(rc.gradient_accumulation) if rc.group_by_length else None
+        replay = examples[len(prepared.examples):]
+        dataset = drawn_epochs(prepared.pool, prepared.draw, replay, seed=rc.seed, group_size=group)
+        return Batches(dataset, PadCollator(tok.pad_token_id), None, dataset.sampler)
     if not rc.packing:
         lengths = [len(e.input_ids) for e in examples] if rc.group_by_length else None
         return Batches(examples, PadCollator(tok.pad_token_id), lengths)
@@ -317,7 +336,7 @@ def build_trainer(rc: Config, data: RunData, model, ewc_loss_fn, args,
                             eval_dataset=evald.examples if evald else None, data_collator=batches.collator,
                             processing_class=data.tok, evaluate_fn=training_eval, attention_switch=switch,
                             loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc,
-                            group_lengths=batches.lengths,
+                            group_lengths=batches.lengths, train_sampler=batches.sampler,
                             general_examples=data.general.examples if data.general else None,
                             gen_template=data.train.template, gen_conversations=evald.conversations if evald else None,
                             gen_limit=rc.eval_generate)

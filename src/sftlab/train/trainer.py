@@ -12,6 +12,8 @@
 - ``compute_loss`` also picks the attention kernel per micro-batch under ``attn_implementation: auto``
   (``attention.py``).
 - ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage.
+- ``_get_train_sampler``: a mixture's per-epoch draw (``train_sampler``, ``train/epochs.py``), else
+  length-grouped batches; ``num_examples`` counts the drawn epoch.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class SftlabTrainer(Trainer):
     def __init__(self, *args, evaluate_fn: EvaluateFn | None = None, loss_mode: str = "token",
                  label_smoothing: float = 0.0, ewc=None, group_lengths: list[int] | None = None,
                  general_examples=None, gen_template=None, gen_conversations=None, gen_limit: int = 0,
-                 attention_switch=None, **kwargs):
+                 attention_switch=None, train_sampler=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler  # a mixture drawn afresh each epoch (train/epochs.py)
         self.evaluate_fn = evaluate_fn  # passed in: training sits above evaluation, not beside it
         self.attention_switch = attention_switch  # per-batch kernel choice (attn_implementation: auto)
         self.general_examples = general_examples  # loss on general data at each eval: forgetting
@@ -72,7 +75,10 @@ class SftlabTrainer(Trainer):
         self._t0 = None
 
     def _get_train_sampler(self, train_dataset=None):
-        """Length-grouped batches (little padding waste) when not packing; Trainer's default otherwise."""
+        """The mixture's per-epoch draw when given; else length-grouped batches (little padding waste)
+        when not packing; Trainer's default otherwise."""
+        if self.train_sampler is not None:
+            return self.train_sampler
         if self.group_lengths is None:
             return super()._get_train_sampler(train_dataset)
         from transformers.trainer_pt_utils import (
@@ -83,6 +89,12 @@ class SftlabTrainer(Trainer):
         g.manual_seed(self.args.seed)
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
                                     lengths=self.group_lengths, generator=g)
+
+    def num_examples(self, dataloader) -> int:
+        """Examples per epoch: a drawn mixture's epoch, not its whole pool."""
+        if self.train_sampler is not None and dataloader.dataset is self.train_dataset:
+            return len(self.train_sampler)
+        return super().num_examples(dataloader)
 
     # -- counting ----------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples, device):
