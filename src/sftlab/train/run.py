@@ -247,7 +247,8 @@ def _is_global_main() -> bool:
 
 def _sharding_arguments(rc: Config, cuda: bool) -> dict:
     """TrainingArguments for ``fsdp`` (accelerate's FSDP2: 'full_shard' or 'shard_grad_op', plus
-    'offload', 'auto_wrap') and ``deepspeed``; FSDP's own activation checkpointing replaces Trainer's."""
+    'offload', 'auto_wrap') and ``deepspeed``; FSDP's own activation checkpointing replaces Trainer's.
+    On CPU processes (gloo) FSDP2 runs too (SftlabTrainer turns it on where accelerate would not)."""
     if not rc.fsdp and not rc.deepspeed:
         return {}
     opts = set((rc.fsdp or "").split())
@@ -255,11 +256,17 @@ def _sharding_arguments(rc: Config, cuda: bool) -> dict:
     if unknown or {"full_shard", "shard_grad_op"} <= opts:
         raise SftlabError(f"fsdp={rc.fsdp!r}: FSDP2 takes 'full_shard' or 'shard_grad_op', plus 'offload', 'auto_wrap'",
                           hint="e.g. --set fsdp='full_shard auto_wrap'")
-    if not cuda:  # accelerate turns FSDP/DeepSpeed on only for GPUs: on CPU the run would silently be DDP
-        raise SftlabError(f"{'fsdp' if rc.fsdp else 'deepspeed'} needs CUDA GPUs (accelerate ignores it on CPU)",
-                          hint="unset it to train with DDP on CPU")
     if rc.deepspeed:
+        if not cuda:  # accelerate turns DeepSpeed on only for GPUs: on CPU the run would silently be DDP
+            raise SftlabError("deepspeed needs CUDA GPUs (accelerate ignores it on CPU)",
+                              hint="unset it to train with DDP on CPU, or shard with fsdp under torchrun")
         return {"deepspeed": rc.deepspeed}
+    if not cuda and "LOCAL_RANK" not in os.environ and _world_size() <= 1:
+        raise SftlabError("fsdp on CPU shards the model over processes, and this run is one process",
+                          hint="launch it with torchrun --nproc-per-node 2 -m sftlab.cli train ...")
+    if not cuda and "offload" in opts:  # FSDP2 pins offloaded shards in page-locked memory: a GPU call
+        raise SftlabError("fsdp 'offload' needs a GPU (FSDP2 pins the offloaded shards; on CPU they are in CPU memory "
+                          "already)", hint=f"--set fsdp='{' '.join(sorted(opts - {'offload'})) or 'full_shard'}'")
     return {"fsdp": True,
             "fsdp_config": {"version": 2, "reshard_after_forward": "shard_grad_op" not in opts,
                             "cpu_offload": "offload" in opts, "state_dict_type": "FULL_STATE_DICT",
@@ -441,6 +448,15 @@ def _tokens_seen(trainer) -> tuple[int, int]:
     return tokens, trained
 
 
+def _distributed(trainer) -> dict | None:
+    """What really ran over several processes: FSDP2 when the parameters are DTensors (sharded)."""
+    if _world_size() <= 1:
+        return None
+    sharded = any(type(p).__name__ == "DTensor" for p in trainer.model.parameters())
+    kind = "deepspeed" if trainer.is_deepspeed_enabled else "fsdp2" if sharded else "ddp"
+    return {"processes": _world_size(), "sharding": kind}
+
+
 def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay: int,
               findings: list[Finding]) -> Summary:
     """summary.json: what the run did, from the trainer's state, the logged rows and the data report."""
@@ -466,4 +482,5 @@ def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay
         attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
         findings=[str(f) for f in findings], precision=rc.precision, signal=h.stopper.requested,
         precision_probe=h.notes.get("precision_probe"), kernels=h.notes.get("kernels"),
+        distributed=_distributed(trainer),
     )
