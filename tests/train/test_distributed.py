@@ -173,12 +173,20 @@ def test_ray_two_workers_match_one_process(tmp_path, tiny_model_dir, data, one_p
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("method,words", [("full", "full_shard"), ("lora", "shard_grad_op auto_wrap")])
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("method,words", [
+    ("full", "full_shard"),
+    pytest.param("lora", "shard_grad_op auto_wrap", marks=pytest.mark.slow),  # + its own reference: 22-52 s
+    pytest.param("full", "accelerate", marks=pytest.mark.slow),  # examples/fsdp/fsdp2.yaml, no `fsdp` key
+])
 def test_fsdp_over_two_cpu_processes_matches_one_process(tmp_path, tiny_model_dir, data, one_process_run,
                                                          method, words):
-    """FSDP2 on 2 CPU processes (gloo, torchrun): the parameters really are sharded (DTensors, recorded in
-    the summary), the loss curve is the 1-process curve, and rank 0 saves the gathered model or adapter
-    with the 1-process save's tensors (a tied weight once), which loads back to the same logits."""
+    """FSDP2 on 2 CPU processes (gloo; torchrun with `fsdp`, or `accelerate launch` with the example FSDP2
+    config): the parameters really are sharded (DTensors, recorded in the summary), the loss curve is the
+    1-process curve, and rank 0 saves the gathered model or adapter with the 1-process save's tensors (a
+    tied weight once), which loads back to the same logits."""
     import torch
     from safetensors.torch import load_file
 
@@ -186,8 +194,15 @@ def test_fsdp_over_two_cpu_processes_matches_one_process(tmp_path, tiny_model_di
         pytest.skip("a GPU is present: FSDP on GPUs is checked by benchmarks/gpu_check.py")
     ref = one_process_run if method == "full" else _one_process_run(tmp_path / "one", tiny_model_dir, data, method)
     out = tmp_path / "fsdp"
-    run = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                   "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 2, method=method), "--set", f"fsdp={words}"])
+    args = _train_args(tiny_model_dir, data, out, 2, method=method)
+    if words == "accelerate":
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(_EXAMPLES / "fsdp" / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                    "--main_process_port", str(_free_port())]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+        args += ["--set", f"fsdp={words}"]
+    run = _launch([*launcher, "-m", "sftlab.cli", *args])
     assert run.returncode == 0, _worker_errors(run.stderr)
     assert _losses(out) == pytest.approx(_losses(ref), abs=TOL)
     assert RunDir(out).summary().distributed == {"processes": 2, "sharding": "fsdp2"}

@@ -55,16 +55,24 @@ def fsdp_on_cpu(accelerator, plugin_args: dict) -> None:
     the FSDP plugin is dropped (state.py), so the run would quietly be DDP. torch's FSDP2 (``fully_shard``)
     itself works on CPU with gloo, and accelerate's FSDP2 code paths (prepare, full state dict) are
     device-neutral, so this sets what ``AcceleratorState`` sets on a GPU: the FSDP type (in PartialState
-    too: every ``AcceleratorState()`` re-reads it from there), the plugin and its mixed precision."""
+    too: every ``AcceleratorState()`` re-reads it from there), the plugin and its mixed precision.
+    ``plugin_args`` empty: the plugin reads ``accelerate launch``'s FSDP_* variables (a config file)."""
     import accelerate  # deferred: heavy library, imported on first use
     from accelerate.state import PartialState  # deferred: heavy library
     from accelerate.utils import (  # deferred: heavy library
         DistributedType,
         FullyShardedDataParallelPlugin,
     )
+    from torch.distributed.fsdp import CPUOffloadPolicy  # deferred: heavy library
 
     state = accelerator.state
     plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if plugin.fsdp_version != 2:
+        raise SftlabError(f"fsdp version {plugin.fsdp_version} on CPU: only FSDP2 runs on CPU processes",
+                          hint="fsdp_version: 2 in the accelerate config")
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # fully_shard pins the offloaded shards: a GPU call
+        raise SftlabError("fsdp offload needs a GPU (FSDP2 pins the offloaded shards; on CPU they are in CPU "
+                          "memory already)", hint="fsdp_offload_params: false in the accelerate config")
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
@@ -103,9 +111,14 @@ class SftlabTrainer(Trainer):
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         cpu_processes = self.accelerator.state.distributed_type == "MULTI_CPU"  # torchrun on CPUs (gloo)
-        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled and cpu_processes:
-            fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+        # `fsdp` in the config, or `accelerate launch` with an FSDP config file (it sets ACCELERATE_USE_FSDP)
+        asked = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if asked and cpu_processes and not self.is_fsdp_enabled:
+            fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args or {})
             self.is_fsdp_enabled = True
+            if self.args.activation_checkpointing and self.accelerator.state.fsdp_plugin.activation_checkpointing:
+                raise SftlabError("FSDP's activation checkpointing and gradient_checkpointing are both on",
+                                  hint="fsdp_activation_checkpointing: false in the accelerate config")
 
     def _get_train_sampler(self, train_dataset=None):
         """Length-grouped batches (little padding waste) when not packing; Trainer's default otherwise."""
