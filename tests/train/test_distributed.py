@@ -1,7 +1,8 @@
 """More than one process: DDP on one machine (torchrun), two "nodes" on localhost (torchrun's c10d
-rendezvous), resume across nodes, Ray Train workers, FSDP2 settings, and FSDP/DeepSpeed refused on CPU.
+rendezvous), resume across nodes, Ray Train workers, FSDP2 over 2 CPU processes (gloo) for full
+fine-tuning and LoRA, FSDP2 settings, and what is refused on CPU (DeepSpeed, FSDP in one process, offload).
 
-Every launch runs the same 4-step full fine-tune of the tiny model with the same global batch (8), so
+Every launch runs the same 4-step fine-tune of the tiny model with the same global batch (8), so
 each loss curve must match the 1-process curve within 1e-4 (gloo all-reduce sums in another order).
 """
 
@@ -65,9 +66,10 @@ def _launch(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def _train_args(model: Path, data: str, out: Path, per_process_batch: int, steps: int = STEPS) -> list[str]:
+def _train_args(model: Path, data: str, out: Path, per_process_batch: int, steps: int = STEPS,
+                method: str = "full") -> list[str]:
     """`sftlab train` flags: global batch = per_process_batch x processes x 2 accumulation steps."""
-    return ["train", "--model", str(model), "--data", data, "--method", "full", "--output-dir", str(out),
+    return ["train", "--model", str(model), "--data", data, "--method", method, "--output-dir", str(out),
             "--set", f"max_steps={steps}", "--set", "logging_steps=1", "--set", "group_by_length=false",
             "--set", "learning_rate=1e-2", "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0",
             "--set", "gradient_checkpointing=false", "--set", "precision=fp32", "--set", "save_steps=2",
@@ -83,15 +85,22 @@ def data(tmp_path_factory) -> str:
     return chat_data(tmp_path_factory.mktemp("dist") / "d.jsonl", 16)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tiny_model_dir, data) -> list[float]:
+def _one_process_run(out: Path, model: Path, data: str, method: str = "full") -> Path:
     """The reference: 1 process, batch 4 x accumulation 2."""
-    out = tmp_path_factory.mktemp("one") / "run"
-    one = _launch([sys.executable, "-m", "sftlab.cli", *_train_args(tiny_model_dir, data, out, 4)])
+    one = _launch([sys.executable, "-m", "sftlab.cli", *_train_args(model, data, out, 4, method=method)])
     assert one.returncode == 0, one.stderr[-2000:]
-    losses = _losses(out)
-    assert len(losses) == STEPS
-    return losses
+    assert len(_losses(out)) == STEPS
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_model_dir, data) -> Path:
+    return _one_process_run(tmp_path_factory.mktemp("one") / "run", tiny_model_dir, data)
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_run) -> list[float]:
+    return _losses(one_process_run)
 
 
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir, data, one_process):
@@ -164,16 +173,75 @@ def test_ray_two_workers_match_one_process(tmp_path, tiny_model_dir, data, one_p
     assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("key,value", [("fsdp", "full_shard auto_wrap"), ("deepspeed", "examples/deepspeed/zero2.json")])
-def test_sharding_on_cpu_is_refused_not_silently_ddp(tmp_path, tiny_model_dir, key, value):
-    """accelerate turns FSDP/DeepSpeed on for GPUs only: on CPU the run would quietly be plain DDP."""
+_EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("method,words", [
+    ("full", "full_shard"),
+    pytest.param("lora", "shard_grad_op auto_wrap", marks=pytest.mark.slow),  # + its own reference: 22-52 s
+    pytest.param("full", "accelerate", marks=pytest.mark.slow),  # examples/fsdp/fsdp2.yaml, no `fsdp` key
+])
+def test_fsdp_over_two_cpu_processes_matches_one_process(tmp_path, tiny_model_dir, data, one_process_run,
+                                                         method, words):
+    """FSDP2 on 2 CPU processes (gloo; torchrun with `fsdp`, or `accelerate launch` with the example FSDP2
+    config): the parameters really are sharded (DTensors, recorded in the summary), the loss curve is the
+    1-process curve, and rank 0 saves the gathered model or adapter with the 1-process save's tensors (a
+    tied weight once), which loads back to the same logits."""
+    import torch
+    from safetensors.torch import load_file
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: FSDP on GPUs is checked by benchmarks/gpu_check.py")
+    ref = one_process_run if method == "full" else _one_process_run(tmp_path / "one", tiny_model_dir, data, method)
+    out = tmp_path / "fsdp"
+    args = _train_args(tiny_model_dir, data, out, 2, method=method)
+    if words == "accelerate":
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(_EXAMPLES / "fsdp" / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+                    "--main_process_port", str(_free_port())]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+        args += ["--set", f"fsdp={words}"]
+    run = _launch([*launcher, "-m", "sftlab.cli", *args])
+    assert run.returncode == 0, _worker_errors(run.stderr)
+    assert _losses(out) == pytest.approx(_losses(ref), abs=TOL)
+    assert RunDir(out).summary().distributed == {"processes": 2, "sharding": "fsdp2"}
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    want, got = load_file(ref / A.MODEL_DIR / name), load_file(out / A.MODEL_DIR / name)
+    assert sorted(got) == sorted(want)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-3
+    ids = torch.tensor([[1, 5, 9, 13, 2, 1, 7]])
+    with torch.no_grad():
+        logits = [RunDir(r).load_model()[0](input_ids=ids).logits for r in (ref, out)]
+    assert torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("key,value,error", [
+    ("deepspeed", "examples/deepspeed/zero2.json", "deepspeed needs CUDA GPUs"),
+    ("fsdp", "full_shard auto_wrap", "fsdp on CPU shards the model over processes, and this run is one process"),
+])
+def test_sharding_on_cpu_is_refused_not_silently_ddp(tmp_path, tiny_model_dir, key, value, error):
+    """accelerate turns DeepSpeed on for GPUs only (on CPU the run would quietly be plain DDP); FSDP on
+    CPU needs processes to shard over."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: FSDP/DeepSpeed are checked by benchmarks/gpu_check.py")
-    with pytest.raises(SftlabError, match=f"{key} needs CUDA GPUs"):
+    with pytest.raises(SftlabError, match=error):
         train(train_config(tmp_path, tiny_model_dir, max_steps=1, **{key: value}), quiet=True)
     assert not (tmp_path / "run" / A.MODEL_DIR).exists()
+
+
+def test_fsdp_offload_on_cpu_is_refused(tmp_path, tiny_model_dir, monkeypatch):
+    """FSDP2's CPU offload pins memory, which needs a GPU: refused in one line, with the words to use."""
+    from sftlab.train.distributed import sharding_arguments as _sharding_arguments
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as under torchrun
+    rc = train_config(tmp_path, tiny_model_dir, fsdp="full_shard offload auto_wrap")
+    with pytest.raises(SftlabError, match="fsdp 'offload' needs a GPU") as err:
+        _sharding_arguments(rc, cuda=False)
+    assert "--set fsdp='auto_wrap full_shard'" in str(err.value.hint)
+    assert _sharding_arguments(train_config(tmp_path, tiny_model_dir, fsdp="full_shard"), cuda=False)["fsdp"] is True
 
 
 def test_ray_flags_without_ray_say_how_to_install(monkeypatch, tmp_path, tiny_model_dir, capsys):
@@ -188,12 +256,12 @@ def test_ray_flags_without_ray_say_how_to_install(monkeypatch, tmp_path, tiny_mo
 
 
 def test_fsdp_options_become_accelerate_fsdp2_settings(tmp_path, tiny_model_dir):
-    """`fsdp` words map to FSDP2 plugin settings that transformers and accelerate accept (built, not run:
-    FSDP itself needs GPUs); FSDP's own activation checkpointing replaces Trainer's; bad words are refused."""
+    """`fsdp` words map to FSDP2 plugin settings that transformers and accelerate accept (built, not run);
+    FSDP's own activation checkpointing replaces Trainer's; bad words are refused."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import TrainingArguments
 
-    from sftlab.train.run import _sharding_arguments
+    from sftlab.train.distributed import sharding_arguments as _sharding_arguments
 
     rc = train_config(tmp_path, tiny_model_dir, fsdp="shard_grad_op offload auto_wrap", gradient_checkpointing=True)
     args = TrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, **_sharding_arguments(rc, cuda=True))

@@ -8,7 +8,6 @@ callbacks, EWC, attention switch) -> fit (train, final evaluation, save) -> summ
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -52,6 +51,12 @@ from sftlab.train.checks import (
     run_folder_findings,
 )
 from sftlab.train.continual import ewc_from_examples, mix_replay
+from sftlab.train.distributed import (
+    distributed_summary,
+    is_global_main,
+    sharding_arguments,
+    world_size,
+)
 from sftlab.train.epochs import drawn_epochs
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
@@ -230,7 +235,7 @@ def start_run_folder(rc: Config, run: Path) -> str | None:
     except OSError as exc:
         raise write_error(run, exc, kept=False) from None
     if not rc.resume:
-        if _is_global_main():  # another node's process may already be writing into a shared folder
+        if is_global_main():  # another node's process may already be writing into a shared folder
             (run / A.METRICS).unlink(missing_ok=True)  # a fresh run in an old folder starts a fresh log
         return None
     ckpt_dir = run / A.CHECKPOINTS
@@ -252,37 +257,6 @@ def drop_incomplete_checkpoints(ckpt_dir: Path, *, after: Path | None) -> list[P
         print(f"removing {p}: an incomplete checkpoint (the save was cut off)", file=sys.stderr, flush=True)
         shutil.rmtree(p, ignore_errors=True)
     return cut
-
-
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_global_main() -> bool:
-    """Global rank 0 (torchrun, accelerate and Ray Train set RANK): the one process that writes the run
-    folder. Not LOCAL_RANK: on N nodes there are N processes with local rank 0."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _sharding_arguments(rc: Config, cuda: bool) -> dict:
-    """TrainingArguments for ``fsdp`` (accelerate's FSDP2: 'full_shard' or 'shard_grad_op', plus
-    'offload', 'auto_wrap') and ``deepspeed``; FSDP's own activation checkpointing replaces Trainer's."""
-    if not rc.fsdp and not rc.deepspeed:
-        return {}
-    opts = set((rc.fsdp or "").split())
-    unknown = opts - {"full_shard", "shard_grad_op", "offload", "auto_wrap"}
-    if unknown or {"full_shard", "shard_grad_op"} <= opts:
-        raise SftlabError(f"fsdp={rc.fsdp!r}: FSDP2 takes 'full_shard' or 'shard_grad_op', plus 'offload', 'auto_wrap'",
-                          hint="e.g. --set fsdp='full_shard auto_wrap'")
-    if not cuda:  # accelerate turns FSDP/DeepSpeed on only for GPUs: on CPU the run would silently be DDP
-        raise SftlabError(f"{'fsdp' if rc.fsdp else 'deepspeed'} needs CUDA GPUs (accelerate ignores it on CPU)",
-                          hint="unset it to train with DDP on CPU")
-    if rc.deepspeed:
-        return {"deepspeed": rc.deepspeed}
-    return {"fsdp": True,
-            "fsdp_config": {"version": 2, "reshard_after_forward": "shard_grad_op" not in opts,
-                            "cpu_offload": "offload" in opts, "state_dict_type": "FULL_STATE_DICT",
-                            "activation_checkpointing": bool(rc.gradient_checkpointing)}}
 
 
 def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: bool):
@@ -308,12 +282,12 @@ def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: boo
         greater_is_better=False, report_to=list(rc.report_to) or "none", seed=rc.seed, data_seed=rc.seed,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=quiet,
         dataloader_pin_memory=cuda, use_cpu=not cuda,
-        ddp_backend="gloo" if not cuda and _world_size() > 1 else None,
+        ddp_backend="gloo" if not cuda and world_size() > 1 else None,
         activation_checkpointing=bool(rc.gradient_checkpointing) and not rc.fsdp,  # FSDP: its own, below
         activation_checkpointing_kwargs={"use_reentrant": False}, save_only_model=False,
         average_tokens_across_devices=True, ddp_find_unused_parameters=False,
         run_name=rc.run_name or Path(rc.output_dir).resolve().name, **({"project": rc.project} if rc.project else {}),
-        **_sharding_arguments(rc, cuda),
+        **sharding_arguments(rc, cuda),
     )
     if rc.optimizer == "adam":
         args.weight_decay = 0.0
@@ -371,7 +345,7 @@ def attach_callbacks(trainer: SftlabTrainer, rc: Config, run: Path, *, quiet: bo
 # -- fit -----------------------------------------------------------------------------------------
 def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | None) -> Fitted:
     """Write the resolved config and prepare report, train, evaluate at the end, save the model."""
-    if _is_global_main():
+    if is_global_main():
         rc.save(run / A.CONFIG)
         probe = h.notes.get("precision_probe")
         if probe:  # a comment: the file stays a config that loads as it is
@@ -456,7 +430,7 @@ def _tokens_seen(trainer) -> tuple[int, int]:
     import torch  # deferred: heavy library, imported on first use
 
     tokens, trained = trainer.tokens_seen, trainer.trained_tokens_seen
-    if _world_size() > 1 and torch.distributed.is_initialized():  # count every process's tokens
+    if world_size() > 1 and torch.distributed.is_initialized():  # count every process's tokens
         t = torch.tensor([tokens, trained], device=trainer.args.device)
         torch.distributed.all_reduce(t)
         tokens, trained = int(t[0]), int(t[1])
@@ -488,4 +462,5 @@ def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay
         attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
         findings=[str(f) for f in findings], precision=rc.precision, signal=h.stopper.requested,
         precision_probe=h.notes.get("precision_probe"), kernels=h.notes.get("kernels"),
+        distributed=distributed_summary(trainer),
     )

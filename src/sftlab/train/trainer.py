@@ -14,6 +14,8 @@
 - ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage.
 - ``_get_train_sampler``: a mixture's per-epoch draw (``train_sampler``, ``train/epochs.py``), else
   length-grouped batches; ``num_examples`` counts the drawn epoch.
+- ``create_accelerator_and_postprocess``: FSDP2 on CPU processes (gloo), which accelerate leaves out
+  (``fsdp_on_cpu``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
+from sftlab.core.errors import SftlabError
 from sftlab.core.loss import (
     IGNORE,
     count_sequences,
@@ -45,6 +48,40 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 # (model, tokenizer, examples, *, batch_size, general_examples, template, conversations, max_generate)
 # -> one metrics row {"eval_loss", "eval_perplexity", "general_...", "gen_..."}.
 EvaluateFn = Callable[..., dict]
+
+
+def fsdp_on_cpu(accelerator, plugin_args: dict) -> None:
+    """Turn FSDP2 on for CPU processes (gloo), as accelerate does for GPUs.
+
+    accelerate 1.15 chooses FSDP only for accelerator devices: a CPU run under torchrun is MULTI_CPU and
+    the FSDP plugin is dropped (state.py), so the run would quietly be DDP. torch's FSDP2 (``fully_shard``)
+    itself works on CPU with gloo, and accelerate's FSDP2 code paths (prepare, full state dict) are
+    device-neutral, so this sets what ``AcceleratorState`` sets on a GPU: the FSDP type (in PartialState
+    too: every ``AcceleratorState()`` re-reads it from there), the plugin and its mixed precision.
+    ``plugin_args`` empty: the plugin reads ``accelerate launch``'s FSDP_* variables (a config file)."""
+    import accelerate  # deferred: heavy library, imported on first use
+    from accelerate.state import PartialState  # deferred: heavy library
+    from accelerate.utils import (  # deferred: heavy library
+        DistributedType,
+        FullyShardedDataParallelPlugin,
+    )
+    from torch.distributed.fsdp import CPUOffloadPolicy  # deferred: heavy library
+
+    state = accelerator.state
+    plugin = FullyShardedDataParallelPlugin(**plugin_args)
+    if plugin.fsdp_version != 2:
+        raise SftlabError(f"fsdp version {plugin.fsdp_version} on CPU: only FSDP2 runs on CPU processes",
+                          hint="fsdp_version: 2 in the accelerate config")
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):  # fully_shard pins the offloaded shards: a GPU call
+        raise SftlabError("fsdp offload needs a GPU (FSDP2 pins the offloaded shards; on CPU they are in CPU "
+                          "memory already)", hint="fsdp_offload_params: false in the accelerate config")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if not accelerator.is_fsdp2:  # another accelerate keeps its state elsewhere: fail, never run as DDP
+        raise SftlabError(f"fsdp on CPU: accelerate {accelerate.__version__} did not take FSDP2 for CPU processes "
+                          "(sftlab does this for accelerate 1.15)", hint="unset fsdp to train with DDP")
 
 
 class SftlabTrainer(Trainer):
@@ -73,6 +110,18 @@ class SftlabTrainer(Trainer):
         self.tokens_seen = 0  # real (non-padding) tokens
         self.trained_tokens_seen = 0
         self._t0 = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        cpu_processes = self.accelerator.state.distributed_type == "MULTI_CPU"  # torchrun on CPUs (gloo)
+        # `fsdp` in the config, or `accelerate launch` with an FSDP config file (it sets ACCELERATE_USE_FSDP)
+        asked = self.args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if asked and cpu_processes and not self.is_fsdp_enabled:
+            fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args or {})
+            self.is_fsdp_enabled = True
+            if self.args.activation_checkpointing and self.accelerator.state.fsdp_plugin.activation_checkpointing:
+                raise SftlabError("FSDP's activation checkpointing and gradient_checkpointing are both on",
+                                  hint="fsdp_activation_checkpointing: false in the accelerate config")
 
     def _get_train_sampler(self, train_dataset=None):
         """The mixture's per-epoch draw when given; else length-grouped batches (little padding waste)
@@ -159,6 +208,14 @@ class SftlabTrainer(Trainer):
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        """A state dict gathered from FSDP shards holds each tied weight twice (its own copy, so
+        save_pretrained cannot see the sharing): keep the one a 1-process save keeps."""
+        if state_dict is not None and self.is_fsdp_enabled:
+            tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+            state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
+        super()._save(output_dir, state_dict)
+
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
