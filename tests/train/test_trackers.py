@@ -83,6 +83,7 @@ def test_mlflow_local_run_gets_name_experiment_and_metrics(tmp_path, tiny_model_
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3.x: the local file store is opt-in
     _tiny_run(tmp_path, tiny_model_dir, report_to=["mlflow"], run_name="mix-1", project="sftlab-exp")
     exp = mlflow.get_experiment_by_name("sftlab-exp")
     assert exp is not None
