@@ -10,9 +10,9 @@ training and saving. It is compared with `sftlab plan --json`'s ``total_bytes`` 
 which includes the process baseline. On CUDA (``--device cuda``) it polls ``nvidia-smi`` for the
 child's memory (the caching allocator's reserved memory plus the CUDA context), the GPU counterpart.
 
-It measures `train` with ``SFTLAB_MALLOC=lean`` (freed memory goes back to the OS, what the plan models);
-``--glibc-default`` measures `train`'s default, glibc's malloc settings, which keep freed activations
-resident (see sftlab.plan.allocator).
+It measures `train` with ``SFTLAB_MALLOC=lean`` (freed memory goes back to the OS); ``--glibc-default``
+measures `train`'s default, glibc's malloc settings, which keep freed temporaries resident. The plan is
+made with the same setting, so it counts that retention only for the latter (sftlab.plan.heap).
 
     python benchmarks/plan_memory.py                       # the default grid on CPU
     python benchmarks/plan_memory.py --setting lora:ckpt:2x512 --json out.json
@@ -91,17 +91,19 @@ def measure(device: str, method: str, ckpt: bool, batch: int, seq: int, steps: i
             "train_loss": summary.get("final_train_loss")}
 
 
-def estimate(device: str, method: str, ckpt: bool, batch: int, seq: int) -> dict:
-    """`sftlab plan --json` for the same setting, as a user would run it."""
+def estimate(device: str, method: str, ckpt: bool, batch: int, seq: int, malloc: str) -> dict:
+    """`sftlab plan --json` for the same setting, as a user would run it in the environment `train` ran in
+    (``malloc``: "lean" for SFTLAB_MALLOC=lean, "glibc" for train's default)."""
     cmd = [sys.executable, "-m", "sftlab.cli", "plan", "--model", MODEL, "--method", method, "--batch", str(batch),
            "--seq-len", str(seq), "--device", device, "--attention", "sdpa", "--json",
            "--precision", "fp32" if device == "cpu" else "auto"] + (["--gradient-checkpointing"] if ckpt else [])
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**_env(), "SFTLAB_MALLOC": malloc}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed: {proc.stderr[-2000:]}")
     plan = json.loads(proc.stdout)
     return {"estimate_bytes": plan["total_bytes"], "peak_phase": plan["peak_phase"],
-            "baseline_bytes": plan["breakdown"].get("process baseline", 0)}
+            "baseline_bytes": plan["breakdown"].get("process baseline", 0),
+            "malloc_retention_bytes": plan["breakdown"].get("malloc retention", 0)}
 
 
 def _header(device: str) -> str:
@@ -117,7 +119,8 @@ def _row_line(r: dict) -> str:
 
 
 def _finish(row: dict) -> dict:
-    row.update(estimate(row["device"], row["method"], row["checkpointing"], row["batch"], row["seq_len"]))
+    malloc = "glibc" if row.get("malloc") == "glibc" else "lean"  # rows before 2026-11-30 say "sftlab" for lean
+    row.update(estimate(row["device"], row["method"], row["checkpointing"], row["batch"], row["seq_len"], malloc))
     row["error_pct"] = 100.0 * (row["estimate_bytes"] - row["measured_bytes"]) / row["measured_bytes"]
     return row
 
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     import platform
 
     print(f"# {MODEL}, device {args.device}, {args.steps} optimizer steps per setting, python "
-          f"{platform.python_version()}, malloc {'glibc default' if args.glibc_default else 'as sftlab train sets it'}")
+          f"{platform.python_version()}, malloc {'glibc default' if args.glibc_default else 'SFTLAB_MALLOC=lean'}")
     print(_header(args.device), flush=True)
     rows, t0 = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
         write_data(data)
         for i, (method, ckpt, batch, seq) in enumerate(grid):
             row = {"device": args.device, "method": method, "checkpointing": ckpt, "batch": batch, "seq_len": seq,
-                   "malloc": "glibc" if args.glibc_default else "sftlab",
+                   "malloc": "glibc" if args.glibc_default else "lean",
                    **measure(args.device, method, ckpt, batch, seq, args.steps, data, Path(tmp) / f"run{i}")}
             rows.append(_finish(row))
             print(_row_line(row), flush=True)
