@@ -10,9 +10,9 @@ training and saving. It is compared with `sftlab plan --json`'s ``total_bytes`` 
 which includes the process baseline. On CUDA (``--device cuda``) it polls ``nvidia-smi`` for the
 child's memory (the caching allocator's reserved memory plus the CUDA context), the GPU counterpart.
 
-It measures `train` with ``SFTLAB_MALLOC=lean`` (freed memory goes back to the OS, what the plan models);
-``--glibc-default`` measures `train`'s default, glibc's malloc settings, which keep freed activations
-resident (see sftlab.plan.allocator).
+It measures `train` with ``SFTLAB_MALLOC=lean`` (freed memory goes back to the OS); ``--glibc-default``
+measures `train`'s default, glibc's malloc settings, which keep freed temporaries resident. The plan is
+made with the same setting, so it counts that retention only for the latter (sftlab.plan.heap).
 
     python benchmarks/plan_memory.py                       # the default grid on CPU
     python benchmarks/plan_memory.py --setting lora:ckpt:2x512 --json out.json
@@ -61,13 +61,14 @@ def _gpu_mib(pid: int) -> int:
     return sum(int(m) for p, m in (line.split(",") for line in out.strip().splitlines() if "," in line) if int(p) == pid)
 
 
-def measure(device: str, method: str, ckpt: bool, batch: int, seq: int, steps: int, data: Path, out: Path) -> dict:
+def measure(device: str, method: str, ckpt: bool, batch: int, seq: int, steps: int, data: Path, out: Path,
+            precision: str) -> dict:
     """Run `sftlab train` once; its peak memory in bytes and its seconds per step."""
     cmd = [sys.executable, "-m", "sftlab.cli", "train", "--data", str(data), "--method", method,
            "--max-seq-length", str(seq), "--truncation", "truncate", "--masking", "all", "--output-dir", str(out),
            "--set", f"batch_size={batch}", "--set", "gradient_accumulation=1", "--set", f"max_steps={steps}",
            "--set", f"gradient_checkpointing={'true' if ckpt else 'false'}", "--set", "attn_implementation=sdpa",
-           "--set", "precision=fp32" if device == "cpu" else "precision=auto", "--set", "logging_steps=1",
+           "--set", f"precision={precision}", "--set", "logging_steps=1",
            "--set", "save_steps=100000", "--set", "group_by_length=false"]
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,17 +92,19 @@ def measure(device: str, method: str, ckpt: bool, batch: int, seq: int, steps: i
             "train_loss": summary.get("final_train_loss")}
 
 
-def estimate(device: str, method: str, ckpt: bool, batch: int, seq: int) -> dict:
-    """`sftlab plan --json` for the same setting, as a user would run it."""
+def estimate(device: str, method: str, ckpt: bool, batch: int, seq: int, malloc: str, precision: str) -> dict:
+    """`sftlab plan --json` for the same setting, as a user would run it in the environment `train` ran in
+    (``malloc``: "lean" for SFTLAB_MALLOC=lean, "glibc" for train's default)."""
     cmd = [sys.executable, "-m", "sftlab.cli", "plan", "--model", MODEL, "--method", method, "--batch", str(batch),
            "--seq-len", str(seq), "--device", device, "--attention", "sdpa", "--json",
-           "--precision", "fp32" if device == "cpu" else "auto"] + (["--gradient-checkpointing"] if ckpt else [])
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+           "--precision", precision] + (["--gradient-checkpointing"] if ckpt else [])
+    proc = subprocess.run(cmd, env={**_env(), "SFTLAB_MALLOC": malloc}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"`{' '.join(cmd)}` failed: {proc.stderr[-2000:]}")
     plan = json.loads(proc.stdout)
     return {"estimate_bytes": plan["total_bytes"], "peak_phase": plan["peak_phase"],
-            "baseline_bytes": plan["breakdown"].get("process baseline", 0)}
+            "baseline_bytes": plan["breakdown"].get("process baseline", 0),
+            "malloc_retention_bytes": plan["breakdown"].get("malloc retention", 0)}
 
 
 def _header(device: str) -> str:
@@ -117,7 +120,10 @@ def _row_line(r: dict) -> str:
 
 
 def _finish(row: dict) -> dict:
-    row.update(estimate(row["device"], row["method"], row["checkpointing"], row["batch"], row["seq_len"]))
+    malloc = "glibc" if row.get("malloc") == "glibc" else "lean"  # rows before 2026-11-30 say "sftlab" for lean
+    precision = row.get("precision") or ("fp32" if row["device"] == "cpu" else "auto")  # older rows: the default
+    row.update(estimate(row["device"], row["method"], row["checkpointing"], row["batch"], row["seq_len"], malloc,
+                        precision))
     row["error_pct"] = 100.0 * (row["estimate_bytes"] - row["measured_bytes"]) / row["measured_bytes"]
     return row
 
@@ -129,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--setting", action="append", default=[], metavar="METHOD:CKPT:BxS",
                     help="run only these settings, e.g. lora:ckpt:4x256 or full:nockpt:2x512")
     ap.add_argument("--glibc-default", action="store_true", help="measure train's default malloc (glibc's) instead of SFTLAB_MALLOC=lean")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+                    help="training precision (default: fp32 on cpu, auto on cuda); the plan is made with the same")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON (after each setting)")
     ap.add_argument("--from-json", metavar="FILE", nargs="+", help="re-estimate rows measured earlier (written by --json); measure nothing")
     args = ap.parse_args(argv)
@@ -140,6 +148,7 @@ def main(argv=None) -> int:
         print(f"\nworst error {worst:.1f}% over {len(rows)} settings (re-estimated from {', '.join(args.from_json)})")
         return 0 if worst <= 15.0 else 1
     os.environ["SFTLAB_MALLOC"] = "glibc" if args.glibc_default else "lean"
+    precision = args.precision or ("fp32" if args.device == "cpu" else "auto")
     grid = DEFAULT_GRID
     if args.setting:
         grid = []
@@ -150,7 +159,7 @@ def main(argv=None) -> int:
     import platform
 
     print(f"# {MODEL}, device {args.device}, {args.steps} optimizer steps per setting, python "
-          f"{platform.python_version()}, malloc {'glibc default' if args.glibc_default else 'as sftlab train sets it'}")
+          f"{platform.python_version()}, malloc {'glibc default' if args.glibc_default else 'SFTLAB_MALLOC=lean'}")
     print(_header(args.device), flush=True)
     rows, t0 = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,8 +167,8 @@ def main(argv=None) -> int:
         write_data(data)
         for i, (method, ckpt, batch, seq) in enumerate(grid):
             row = {"device": args.device, "method": method, "checkpointing": ckpt, "batch": batch, "seq_len": seq,
-                   "malloc": "glibc" if args.glibc_default else "sftlab",
-                   **measure(args.device, method, ckpt, batch, seq, args.steps, data, Path(tmp) / f"run{i}")}
+                   "malloc": "glibc" if args.glibc_default else "lean", "precision": precision,
+                   **measure(args.device, method, ckpt, batch, seq, args.steps, data, Path(tmp) / f"run{i}", precision)}
             rows.append(_finish(row))
             print(_row_line(row), flush=True)
             if args.json:

@@ -26,12 +26,11 @@ Assumes batches without padding inside the attention (equal lengths or packing):
 SDPA may fall back to a kernel that stores the ``seq x seq`` attention matrix per head.
 
 On CPU the estimate is of the `sftlab train` process's peak resident memory: the live tensors plus the
-process's baseline (libraries, tokenizer, data: :func:`process_baseline_bytes`). Resident memory follows
-the live tensors when training sends freed blocks back to the OS (``SFTLAB_MALLOC=lean``:
-:func:`sftlab.plan.allocator.release_freed_memory`); with glibc's default malloc settings, which `train`
-keeps by default because they are about 1.8x faster here, the process keeps freed activations resident
-and measured up to about twice the live tensors (benchmarks/RESULTS.md). On CUDA it is reserved memory: live tensors plus the CUDA
-context and a fixed allocator slack.
+process's baseline (libraries, tokenizer, data: :func:`process_baseline_bytes`) plus, with glibc's default
+malloc (``setup.malloc == "glibc"``, what `train` runs by default), the freed temporaries glibc keeps
+resident (:func:`sftlab.plan.heap.heap_retained_bytes`, in every moment: the heap does not shrink). With
+``SFTLAB_MALLOC=lean`` resident memory follows the live tensors and that part is 0. On CUDA it is
+reserved memory: live tensors plus the CUDA context and a fixed allocator slack.
 """
 
 from __future__ import annotations
@@ -39,18 +38,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from sftlab import qlora
-from sftlab.config import Attention, Method, Optimizer, Precision, choices
-from sftlab.core.attention import eager_extra_bytes, pick_attention
-from sftlab.core.errors import SftlabError
+from sftlab.core.attention import eager_extra_bytes
+from sftlab.plan.heap import heap_retained_bytes
+from sftlab.plan.setup import (
+    ALL_LINEAR,
+    DEVICES,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    TrainSetup,
+    attention_kernel,
+    dtype_bytes,
+)
 from sftlab.plan.shapes import ModelShape
-
-METHODS = choices(Method)
-OPTIMIZERS = choices(Optimizer)
-PRECISIONS = choices(Precision)
-ATTENTION = choices(Attention)
-DEVICES = ("cuda", "cpu")
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 GB = 1e9
 # On CPU: kernel-library code paged in on first use, thread pools and small-block allocator slack, seen
@@ -70,75 +70,6 @@ CUDA_OVERHEAD_BYTES = 200_000_000
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
-@dataclass(frozen=True)
-class TrainSetup:
-    """One training configuration. ``batch`` is the micro-batch, ``seq_len`` tokens per row."""
-
-    method: str = "full"
-    batch: int = 1
-    seq_len: int = 512
-    precision: str = "auto"  # auto: bf16 mixed precision on cuda, fp32 on cpu
-    optimizer: str = "adamw"
-    gradient_checkpointing: bool = False
-    grad_accum: int = 1
-    device: str = "cuda"
-    lora_r: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ALL_LINEAR
-    prefix_tokens: int = 20
-    loss_chunk: int = 2048  # rows projected to the vocabulary at a time (sftlab.core.loss)
-    trained_fraction: float = 1.0  # share of positions with a trained label (prompt masking lowers it)
-    attention: str = "sdpa"  # sdpa, eager, flash_attention_2, or auto (sftlab.core.attention decides)
-
-    def __post_init__(self):
-        validate_setup(self)
-
-    @property
-    def resolved_precision(self) -> str:
-        if self.precision != "auto":
-            return self.precision
-        return "bf16" if self.device == "cuda" else "fp32"
-
-    @property
-    def mixed(self) -> bool:
-        return self.resolved_precision in ("bf16", "fp16")
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        d["precision"] = self.resolved_precision
-        return d
-
-
-def validate_setup(s: TrainSetup) -> None:
-    """Raise :class:`SftlabError` naming the first bad field of ``s``."""
-    for name, value, allowed in (("method", s.method, METHODS), ("optimizer", s.optimizer, OPTIMIZERS),
-                                 ("precision", s.precision, PRECISIONS), ("device", s.device, DEVICES)):
-        if value not in allowed:
-            raise SftlabError(f"unknown {name} {value!r}", hint=f"use one of: {', '.join(allowed)}")
-    for name in ("batch", "seq_len", "grad_accum", "lora_r", "prefix_tokens", "loss_chunk"):
-        if int(getattr(s, name)) < 1:
-            raise SftlabError(f"{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    if not 0.0 < s.trained_fraction <= 1.0:
-        raise SftlabError(f"trained fraction must be in (0, 1], got {s.trained_fraction}")
-
-    if s.attention not in ATTENTION:
-        raise SftlabError(f"unknown attention {s.attention!r}", hint=f"use one of: {', '.join(ATTENTION)}")
-    if not 0.0 <= s.lora_dropout < 1.0:
-        raise SftlabError(f"lora dropout must be in [0, 1), got {s.lora_dropout}")
-    bad = [t for t in s.lora_targets if t not in ALL_LINEAR]
-    if bad or not s.lora_targets:
-        raise SftlabError(f"unknown LoRA target {bad[0] if bad else '(none)'!r}", hint=f"use some of: {', '.join(ALL_LINEAR)}")
-    if s.method == "qlora" and s.device == "cpu":
-        # bitsandbytes trains NF4 on CPU too, from the version sftlab.qlora names (the one rule). A plan
-        # for CUDA is often made away from the GPU, so it does not ask for bitsandbytes here.
-        qlora.require_qlora("cpu")
-
-
 @dataclass
 class MemoryEstimate:
     """Peak training memory. ``breakdown`` holds the parts alive at the peak and sums to ``total_bytes``."""
@@ -154,27 +85,6 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-# --- dtype sizes ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Bytes:
-    compute: int   # matmul outputs, logits
-    residual: int  # the residual stream and norm outputs
-    weight: int    # frozen or trained base weights as stored
-    mask: int      # a dropout mask element
-
-
-def _bytes(shape: ModelShape, s: TrainSetup) -> _Bytes:
-    cb = 2 if s.mixed else 4
-    # Full fine-tuning under autocast keeps fp32 weights, so the residual stream stays fp32; the
-    # frozen-base methods load the base in the compute dtype, so everything is in that dtype.
-    rb = 4 if (not s.mixed or s.method == "full") else cb
-    wb = 4 if not s.mixed else 2
-    # CPU dropout multiplies by a float noise tensor; CUDA's fused dropout keeps a bool mask.
-    mb = 1 if s.device == "cuda" else cb
-    return _Bytes(cb, rb, wb, mb)
 
 # --- parameters and static memory -------------------------------------------------------------
 
@@ -229,7 +139,7 @@ def _optimizer_temp_bytes(shape: ModelShape, s: TrainSetup) -> int:
 
 def static_parts(shape: ModelShape, s: TrainSetup) -> dict[str, int]:
     """Weights, gradients and optimizer state of the model and of the adapters, in bytes."""
-    b = _bytes(shape, s)
+    b = dtype_bytes(shape, s)
     opt = _optimizer_bytes_per_param(s)
     parts: dict[str, int] = {}
     if s.method == "full":
@@ -253,12 +163,6 @@ def static_parts(shape: ModelShape, s: TrainSetup) -> dict[str, int]:
 # --- activations ------------------------------------------------------------------------------
 
 
-def attention_kernel(shape: ModelShape, s: TrainSetup) -> str:
-    """The kernel training will run for this setting (``auto`` decides as the trainer does)."""
-    return pick_attention(s.attention, device=s.device, batch=s.batch, seq_len=s.seq_len, n_heads=shape.n_heads,
-                          n_layers=shape.n_layers, compute_bytes=2 if s.mixed else 4)
-
-
 def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     """Bytes one decoder layer saves for backward per token, without checkpointing.
 
@@ -273,7 +177,7 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     * QLoRA's 4-bit matmul also keeps its input; prefix tuning keeps keys and values repeated to every
       head over the prefix too (it passes an attention mask, which rules out grouped-query SDPA).
     """
-    b = _bytes(shape, s)
+    b = dtype_bytes(shape, s)
     h, q, kv, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
     total = 2 * h * 4 + 2 * 4 + shape.n_heads * 4          # norm inputs, rsqrt, log-sum-exp
     if attention_kernel(shape, s) == "eager":               # the [heads, L] softmax row of every token
@@ -328,13 +232,13 @@ def process_baseline_bytes(shape: ModelShape, s: TrainSetup) -> int:
 
 def _backward_transient_bytes(shape: ModelShape, s: TrainSetup) -> int:
     """Gradient buffers in flight while back-propagating through one layer, per token."""
-    b = _bytes(shape, s)
+    b = dtype_bytes(shape, s)
     return (3 * shape.intermediate + 2 * shape.hidden) * b.compute
 
 
 def _head_bytes(shape: ModelShape, s: TrainSetup) -> int:
     """Per token: the final norm's saved input (fp32) and the gathered hidden state the loss keeps."""
-    b = _bytes(shape, s)
+    b = dtype_bytes(shape, s)
     normed = shape.hidden * b.residual if s.method == "full" else 0
     mask = (s.seq_len + s.prefix_tokens) * 4 if s.method == "prefix" else 0  # the float attention mask
     return shape.hidden * 4 + shape.hidden * b.residual + normed + mask
@@ -368,14 +272,14 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     included, with the allocator as training sets it); on CUDA the device memory (the CUDA context and
     the caching allocator's slack included, i.e. reserved memory as ``nvidia-smi`` shows it)."""
     s = setup
-    b = _bytes(shape, s)
+    b = dtype_bytes(shape, s)
     static = static_parts(shape, s)
     n_tok = s.tokens
     per_layer = layer_activation_bytes(shape, s)
     ckpt_per_layer = shape.hidden * b.residual                 # the layer input, kept by the checkpoint
     transient = _backward_transient_bytes(shape, s) * n_tok
-    overhead = {"process baseline": process_baseline_bytes(shape, s),
-                "overhead": CPU_OVERHEAD_BYTES} if s.device == "cpu" else {
+    overhead = {"process baseline": process_baseline_bytes(shape, s), "overhead": CPU_OVERHEAD_BYTES,
+                "malloc retention": heap_retained_bytes(shape, s)} if s.device == "cpu" else {
         "cuda_context": CUDA_CONTEXT_BYTES, "overhead": CUDA_OVERHEAD_BYTES}
     if s.method == "qlora":  # one layer's weight dequantised to the compute dtype at a time
         overhead["overhead"] += 2 * max(a * c for a, c in shape.linear_shapes().values()) * b.compute

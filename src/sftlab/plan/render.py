@@ -18,6 +18,7 @@ _PART_NAMES = {
     "embedding gradient (transient)": "embedding gradient (transient)",
     "optimizer temporaries": "optimizer temporaries (in the step)",
     "overhead": "framework overhead",
+    "malloc retention": "freed temporaries glibc's malloc keeps",
     "cuda_context": "CUDA context",
 }
 
@@ -65,9 +66,11 @@ def render_plan(plan: Plan) -> str:
     if others:
         lines.append("  other moments: " + ", ".join(f"{k} {gb(v)}" for k, v in others.items()))
     if s["device"] == "cpu":
-        lines.append("  (peak resident memory of `sftlab train` with SFTLAB_MALLOC=lean, which returns freed memory "
-                     "to the OS, its baseline included; by default train keeps glibc's faster malloc and can peak "
-                     "higher: measured up to 1.9x the live tensors)")
+        lines.append("  (peak resident memory of the `sftlab train` process, its baseline included, "
+                     + {"glibc": "with glibc's default malloc as train runs it; SFTLAB_MALLOC=lean returns freed "
+                                 "memory to the OS instead: slower steps, no retention)",
+                        "lean": "with SFTLAB_MALLOC=lean, which returns freed memory to the OS)",
+                        "other": "live tensors only: this C library's malloc is not modelled)"}[s["malloc"]])
     per = e.activation_bytes_per_layer
     lines.append(f"  activations per layer: {gb(per['no_checkpointing'])} without checkpointing, "
                  f"{gb(per['checkpointing'])} with")

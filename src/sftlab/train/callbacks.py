@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from sftlab.core.hardware import peak_memory_mb
-from sftlab.plan.allocator import release_freed_memory
+from sftlab.plan.allocator import release_freed_memory, train_malloc
 
 
 class MetricsLogger(TrainerCallback):
@@ -189,15 +189,13 @@ class SignalCheckpoint(TrainerCallback):
 
 def keep_memory_near_live_tensors() -> bool:
     """With ``SFTLAB_MALLOC=lean``, on CPU, have freed tensor memory go back to the OS at once, so the
-    process peaks where its live tensors do and `sftlab plan`'s estimate holds (see
-    :mod:`sftlab.plan.allocator`). Called once before the model loads. Off by default: measured here it
-    made LoRA steps 1.8x slower for 14% less peak memory (benchmarks/RESULTS.md), and speed wins.
-    Returns whether the allocator was changed."""
-    import os
-
+    process peaks where its live tensors do (see :mod:`sftlab.plan.allocator`). Called once before the
+    model loads. Off by default: measured here it made LoRA steps 1.8x slower for 14% less peak memory
+    (benchmarks/RESULTS.md), and speed wins; `sftlab plan` counts what glibc's default keeps
+    (:mod:`sftlab.plan.heap`). Returns whether the allocator was changed."""
     import torch  # deferred: heavy library, imported on first use
 
-    if torch.cuda.is_available() or os.environ.get("SFTLAB_MALLOC", "").lower() != "lean":
+    if torch.cuda.is_available() or train_malloc() != "lean":  # the rule `sftlab plan` reads too
         return False
     return release_freed_memory()
 
