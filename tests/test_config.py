@@ -22,7 +22,7 @@ from sftlab.config import (
 from sftlab.core.errors import SftlabError
 from sftlab.data import masking
 from sftlab.plan import TrainSetup, auto, recommend_config, shape_from_params
-from sftlab.plan import memory as M
+from sftlab.plan import setup as M
 
 ALIASES = {name: getattr(C, name) for name in ("Method", "Masking", "Truncation", "Attention", "Precision",
                                                 "Optimizer", "Scheduler", "Loss")}
