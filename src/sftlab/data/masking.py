@@ -26,8 +26,9 @@ and ``<|return|>``; Qwen3's empty ``<think>\n\n</think>\n\n`` block).
 
 Labels are set by position, never by token id, so pad == EOS can not mask the EOS.
 
-Step 1 is done once per role sequence, not per conversation, when the template never inspects
-message content (``skeleton``): the same labels, checked against the exact method on a sample.
+Step 1 is done once per conversation shape (roles, tool calls, tools), not per conversation, when the
+template never inspects message content (``skeleton``): the same labels, checked against the exact
+method on a sample.
 """
 
 from __future__ import annotations

@@ -73,12 +73,13 @@ def _fields(conv: Conversation) -> list[str]:
     return out
 
 
-def key_of(conv: Conversation) -> tuple:
+def key_of(conv: Conversation, fields: list[str] | None = None) -> tuple:
     """What a skeleton is learnt for: each message's role, whether it has reasoning, its tool calls'
-    shapes (:func:`_call_sig`) and whether it names a call id and function; and the tools offered."""
+    shapes (:func:`_call_sig`) and whether it names a call id and function; the tools offered; and which
+    of its ``fields`` (:func:`_fields`, computed when not given) are empty."""
     msgs = tuple((m.role, m.reasoning is not None, tuple(_call_sig(c) for c in m.tool_calls or ()),
                   m.tool_call_id is not None, m.name is not None) for m in conv.messages)
-    empty = tuple(k for k, f in enumerate(_fields(conv)) if f == "")
+    empty = tuple(k for k, f in enumerate(_fields(conv) if fields is None else fields) if f == "")
     return msgs, (json.dumps(conv.tools) if conv.tools else None), empty
 
 
@@ -217,7 +218,8 @@ class Skeletons:
         """The conversation's labels (as the exact method gives them: a ConvLabels)."""
         if self.failed:
             return self.exact(conv)
-        key = key_of(conv)
+        contents = _fields(conv)
+        key = key_of(conv, contents)
         if any(shape[1] for shape in key[0]) and not self.template.renders_reasoning:
             return self.exact(conv)  # reasoning goes inline into the content: not a plain paste
         if key not in self.cache:
@@ -227,7 +229,6 @@ class Skeletons:
                 return self.exact(conv)
             self.cache[key] = self._learn(key)
         learnt = self.cache[key]
-        contents = _fields(conv)
         if learnt is None or any(_MARK in c or _END in c for c in contents):
             return self.exact(conv)
         skeleton, questions, escaped = learnt
