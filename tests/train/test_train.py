@@ -222,6 +222,42 @@ def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
     assert auto["resolved"]["precision"] == ("bf16" if probe["bf16_ms"] <= 0.95 * probe["fp32_ms"] else "fp32")
 
 
+def test_lora_under_autocast_skips_peft_input_casts_with_the_same_loss_and_grads(tiny_model_dir):
+    """Under autocast the adapters take their input as it is (no fp32 round trip): the same loss and
+    gradients as peft's casting path, fewer copies; outside autocast peft's cast still runs."""
+    from sftlab.config import Config
+    from sftlab.models import load_tokenizer
+    from sftlab.train.model import build_model
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model, loss_fn = build_model(Config(model=str(tiny_model_dir), precision="bf16"), tok, [])
+    flags = [m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert len(flags) == 14 and all(bool(f) for f in flags)  # 2 layers x 7 linears; outside autocast: cast
+    for m in model.modules():  # the adapters start at zero: give B weights so the adapter path counts
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+    ids = torch.randint(3, len(tok), (2, 24))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def run(skip: bool):
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = flags[0] if skip else True
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not flags[0]  # under autocast: no cast
+            loss = loss_fn(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss), grads
+
+    skipped, cast = run(True), run(False)
+    assert skipped[0] == cast[0] and skipped[1].keys() == cast[1].keys() and len(skipped[1]) == 28
+    assert all(torch.equal(skipped[1][n], cast[1][n]) for n in cast[1])
+    with torch.no_grad():  # bf16 base, fp32 adapters, no autocast: peft's own cast keeps the dtypes apart
+        assert model(input_ids=ids).logits.shape == (2, 24, len(tok))
+
+
 def test_summary_reports_the_end_of_turn_tokens_trained(tmp_path):
     """A Cohere2-style template ends replies with `<|END_RESPONSE|><|END_OF_TURN_TOKEN|>`: the label rule
     trains both (the model emits both at inference), and summary.json says every reply end is trained."""

@@ -41,11 +41,11 @@ def layer_wide_temporary_bytes(shape: ModelShape, s: TrainSetup, *, grad: bool =
     From the Llama MLP, ``down(act(gate(x)) * up(x))``, as peft wraps its linears (LoRA, QLoRA):
     * a LoRA-wrapped ``gate_proj`` or ``up_proj`` makes three: the base output, ``B``'s output and its
       scaling (the sum with the base output is the linear's output);
-    * a LoRA-wrapped ``down_proj`` casts its input to the fp32 adapter dtype under autocast (a copy),
-      and dropout adds its output (with grad only under autocast, as ``A`` keeps it in fp32) and,
-      without grad, its noise;
+    * a LoRA-wrapped ``down_proj`` with dropout adds, without grad, dropout's noise and output (with
+      grad ``A`` keeps the output); sftlab's trainer skips peft's cast of the input to the fp32 adapter
+      dtype under autocast (train/model.py), so there is no fp32 copy;
     * the product ``act(gate) * up`` is a temporary unless a linear keeps it for backward (full
-      fine-tuning does; LoRA's ``A`` does only in fp32 without dropout);
+      fine-tuning does; LoRA's ``A`` does without dropout);
     * without grad the outputs of ``gate``, ``act`` and ``up`` are temporaries too.
     Checked op by op (a TorchDispatchMode over one layer) on SmolLM2 and a tiny Llama.
     """
@@ -53,14 +53,12 @@ def layer_wide_temporary_bytes(shape: ModelShape, s: TrainSetup, *, grad: bool =
     c, i = b.compute, shape.intermediate
     adapted = set(s.lora_targets) if s.method in ("lora", "qlora") else set()
     dropout = bool(adapted) and s.lora_dropout > 0
-    copy = i * 4 if s.mixed and "down_proj" in adapted else 0  # down's input cast to fp32
     if grad:
-        kept = s.method == "full" or ("down_proj" in adapted and not s.mixed and not dropout)
+        kept = s.method == "full" or ("down_proj" in adapted and not dropout)
         product = 0 if kept else i * c
-        dropped = i * 4 if s.mixed and dropout and "down_proj" in adapted else 0
-        return 3 * i * c * len(adapted & {"gate_proj", "up_proj"}) + product + copy + dropped
-    noise_and_output = 2 * i * 4 if dropout and "down_proj" in adapted else 0
-    down = i * c + copy + noise_and_output                      # the product, then down's own
+        return 3 * i * c * len(adapted & {"gate_proj", "up_proj"}) + product
+    noise_and_output = 2 * i * c if dropout and "down_proj" in adapted else 0
+    down = i * c + noise_and_output                             # the product, then down's own
     mlp = 3 * i * c                                             # act(gate), up and their product
     if "up_proj" in adapted:                                    # gate's output while up's adapter runs
         mlp = max(mlp, i * c + 3 * i * c)

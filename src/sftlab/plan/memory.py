@@ -173,7 +173,7 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     * full fine-tuning adds what the weight gradients need: both normalised tensors (norm weights) and
       the inputs of the q/k/v, gate/up and down linears (under autocast, one bf16 copy per linear);
     * LoRA adds, per targeted linear, the rank-r output of A and either its input (shared by q/k/v and
-      by gate/up; under autocast a copy per linear) or, with dropout, the dropout output and its mask;
+      by gate/up) or, with dropout, the dropout output and its mask;
     * QLoRA's 4-bit matmul also keeps its input; prefix tuning keeps keys and values repeated to every
       head over the prefix too (it passes an attention mask, which rules out grouped-query SDPA).
     """
@@ -199,19 +199,15 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
     if s.method == "qlora":
         kept |= {"attn_in", "mlp_in", "mlp_prod"}           # bitsandbytes' matmul keeps its input
         total += 2 * h * b.residual + i * b.compute
-    # Under autocast, LoRA (not QLoRA, measured on the GPU to need no such term) casts each linear's input
-    # to the fp32 adapter weights and autocast casts it back for the matmul: every adapted linear then keeps
-    # its own compute-dtype copy, and CPU dropout's noise tensor is fp32 (its input's dtype).
-    per_linear_copy = s.mixed and s.method == "lora"
-    mask = 4 if per_linear_copy and s.device == "cpu" else b.mask
+    # peft would cast each linear's input to the fp32 adapter weights and autocast cast it back, leaving
+    # every adapted linear its own copy; sftlab's trainer skips that cast under autocast
+    # (train/model.py, CastUnlessAutocast), so q/k/v and gate/up share their input.
     if s.method in ("lora", "qlora"):
         for site in s.lora_targets:
             g = site_input[site]
             total += s.lora_r * b.compute                   # A's output, kept by B
             if s.lora_dropout > 0:                          # mask and dropped input, per linear
-                total += width[g] * (mask + (b.compute if per_linear_copy else dtype[g]))
-            elif per_linear_copy:
-                total += width[g] * b.compute
+                total += width[g] * (b.mask + dtype[g])
             elif g not in kept:
                 total += width[g] * dtype[g]
                 kept.add(g)

