@@ -224,7 +224,8 @@ def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
 
 def test_lora_under_autocast_skips_peft_input_casts_with_the_same_loss_and_grads(tiny_model_dir):
     """Under autocast the adapters take their input as it is (no fp32 round trip): the same loss and
-    gradients as peft's casting path, fewer copies; outside autocast peft's cast still runs."""
+    gradients as peft's casting path; outside autocast peft's cast still runs. (What the skipped casts
+    save is measured in tests/plan: test_lora_activation_count_matches_saved_tensors.)"""
     from sftlab.config import Config
     from sftlab.models import load_tokenizer
     from sftlab.train.model import build_model
