@@ -1,0 +1,82 @@
+"""Per-micro-step wall time of sftlab's default LoRA training with and without peft's input casts under
+autocast (sftlab skips them: `sftlab.train.model.CastUnlessAutocast`), alternating the two in fresh
+processes, medians printed. Not a peer comparison (bench_train.py is): it isolates one change.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/step_ab.py --steps 12 --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def worker(mode: str, steps: int, out: str) -> None:
+    import transformers
+
+    import sftlab.train.run as run
+    from sftlab.config import Config
+    from sftlab.demo_data import demo_path
+
+    build = run.build_model
+
+    def build_model(*args, **kwargs):
+        model, loss_fn = build(*args, **kwargs)
+        if mode == "cast":  # peft's own behaviour: cast every adapter input to fp32
+            for m in model.modules():
+                if hasattr(m, "cast_input_dtype_enabled"):
+                    m.cast_input_dtype_enabled = True
+        return model, loss_fn
+
+    run.build_model = build_model
+    times: list[float] = []
+    step = transformers.Trainer.training_step
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    transformers.Trainer.training_step = timed
+    cfg = Config(data=str(demo_path("train")), output_dir=out, max_steps=steps, batch_size=4,
+                 gradient_accumulation=2, learning_rate=2e-4, seed=42, logging_steps=1,
+                 save_steps=100000, eval_steps=100000)
+    s = run.train(cfg, quiet=True)
+    print(json.dumps({"mode": mode, "precision": s.get("precision"), "loss": s["final_train_loss"],
+                      "median_s": statistics.median(times[4:])}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--worker", choices=("skip", "cast"))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.steps, a.out)
+    import tempfile
+
+    rows: dict[str, list[dict]] = {"cast": [], "skip": []}
+    for rep in range(a.reps):
+        for mode in ("cast", "skip"):
+            with tempfile.TemporaryDirectory() as d:
+                cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(a.steps), "--out", f"{d}/run"]
+                line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(line)
+            rows[mode].append(r)
+            print(f"rep {rep + 1} {mode}: median micro-step {r['median_s']:.3f} s, precision {r['precision']}, "
+                  f"final train loss {r['loss']:.6f}", flush=True)
+    med = {m: statistics.median(r["median_s"] for r in rs) for m, rs in rows.items()}
+    print(f"medians: cast {med['cast']:.3f} s, skip {med['skip']:.3f} s per micro-step -> "
+          f"skipping is {med['cast'] / med['skip']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
