@@ -277,3 +277,48 @@ def test_summary_reports_the_end_of_turn_tokens_trained(tmp_path):
     prep = summary["prepare"]
     assert prep["n_reply_ends"] == prep["n_reply_ends_trained"] > 0
     assert RunDir(tmp_path / "run").summary().eos_trained is True
+
+
+def test_trainer_skips_its_per_micro_step_walks_but_not_a_module_left_in_eval(monkeypatch, tmp_path, tiny_model_dir):
+    """Trainer calls model.train() and counts the parameters on every micro-step; sftlab skips the
+    first while every module is training (a module set to eval still gets the real call) and counts
+    the parameters once, with the same FLOP total."""
+    from transformers import PreTrainedModel
+
+    from sftlab.train.trainer import SftlabTrainer
+
+    calls = {"train": 0, "count": 0}
+    real_train, real_count = PreTrainedModel.train, PreTrainedModel.num_parameters
+    monkeypatch.setattr(PreTrainedModel, "train", lambda self, mode=True: calls.__setitem__("train", calls["train"] + 1) or real_train(self, mode))
+    monkeypatch.setattr(PreTrainedModel, "num_parameters", lambda self, *a, **k: calls.__setitem__("count", calls["count"] + 1) or real_count(self, *a, **k))
+    tokens, modes = [], []
+    step = SftlabTrainer.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        tokens.append(inputs["input_ids"].numel())
+        return step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(SftlabTrainer, "training_step", training_step)
+
+    class EvalOneLayer(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            layer = model.model.layers[0]
+            if state.global_step == 2:
+                layer.eval()  # as a callback might; the next micro-step must train it again
+            if not getattr(layer, "_hooked", False):
+                layer.register_forward_hook(lambda m, *a: modes.append(m.training))
+                layer._hooked = True
+
+        def on_train_end(self, args, state, control, **kw):
+            calls["flos"] = state.total_flos
+
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=4, batch_size=2, gradient_accumulation=2)
+    calls_before = dict(calls)
+    train(cfg, quiet=True, callbacks=[EvalOneLayer()])
+    assert len(tokens) == 8 and modes[:8] == [True] * 8  # the layer trained in every micro-step
+    # Trainer alone: one root call per micro-step (8) plus the nested LlamaModel's (8 more).
+    assert calls["train"] - calls_before["train"] <= 2 + 2 + 2  # set-up, the step-2 layer fix, the end
+    from sftlab.models import load_model
+
+    n = load_model(str(tiny_model_dir)).num_parameters(exclude_embeddings=True)
+    assert calls["flos"] == 6 * sum(tokens) * n

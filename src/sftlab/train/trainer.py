@@ -11,7 +11,11 @@
   checkpoint.
 - ``compute_loss`` also picks the attention kernel per micro-batch under ``attn_implementation: auto``
   (``attention.py``).
-- ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage.
+- ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage;
+  Trainer's ``model.train()`` on every micro-step is skipped when every module is in training mode
+  already (it walks ~2,500 modules: 16 ms a micro-step on the default model, 2 CPU cores).
+- ``floating_point_ops``: Trainer's estimate (6 x tokens x non-embedding parameters) with the parameter
+  count taken once, not walked over every parameter on each micro-step (another 15 ms).
 - ``_get_train_sampler``: a mixture's per-epoch draw (``train_sampler``, ``train/epochs.py``), else
   length-grouped batches; ``num_examples`` counts the drawn epoch.
 - ``create_accelerator_and_postprocess``: FSDP2 on CPU processes (gloo), which accelerate leaves out
@@ -110,6 +114,8 @@ class SftlabTrainer(Trainer):
         self.tokens_seen = 0  # real (non-padding) tokens
         self.trained_tokens_seen = 0
         self._t0 = None
+        self._flop_params: int | None = None
+        self._all_modules: list | None = None
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -184,10 +190,30 @@ class SftlabTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._all_modules is None or self._all_modules[0] is not model:
+            self._all_modules = list(model.modules())
+        # Trainer calls model.train() here each micro-step; when every module is training already it
+        # changes nothing (a module set to eval on purpose still gets the real call).
+        skip = all(m.training for m in self._all_modules)
+        if skip:
+            real = type(model).train
+            model.train = lambda mode=True: model if mode else real(model, mode)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if skip:
+                del model.train
         if not torch.isfinite(loss).all():
             raise Divergence(self.state.global_step + 1, float(loss))
         return loss
+
+    def floating_point_ops(self, inputs) -> int:
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._flop_params is None:  # the parameters do not change during training
+            self._flop_params = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._flop_params
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):

@@ -1,0 +1,95 @@
+"""A/B of one change to sftlab's training loop: Trainer.train wall time of the default LoRA run (the
+time bench_train.py divides by), each variant in a fresh process, alternating, medians printed. Not a
+peer comparison (bench_train.py is): it isolates one change. Variants are patches applied in the
+worker; ``now`` is the code as it is.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/train_ab.py --variants before_overhead,now --steps 30 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _before_overhead() -> None:
+    """Trainer's own per-micro-step walks: model.train() every micro-step, parameters counted each time."""
+    from transformers import Trainer
+
+    from sftlab.train.trainer import SftlabTrainer
+
+    SftlabTrainer.floating_point_ops = Trainer.floating_point_ops
+    step = SftlabTrainer.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        type(model).train(model)
+        return step(self, model, inputs, num_items_in_batch)
+
+    SftlabTrainer.training_step = training_step
+
+
+VARIANTS = {"now": lambda: None, "before_overhead": _before_overhead}
+
+
+def worker(variant: str, steps: int, out: str) -> None:
+    import transformers
+
+    import sftlab.train.run as run
+    from sftlab.config import Config
+    from sftlab.demo_data import demo_path
+
+    VARIANTS[variant]()
+    took: dict[str, float] = {}
+    train = transformers.Trainer.train
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return train(self, *args, **kwargs)
+        finally:
+            took["train_s"] = time.perf_counter() - t0
+
+    transformers.Trainer.train = timed
+    cfg = Config(data=str(demo_path("train")), output_dir=out, max_steps=steps, batch_size=4,
+                 gradient_accumulation=2, learning_rate=2e-4, seed=42, logging_steps=1,
+                 save_steps=100000, eval_steps=100000)
+    s = run.train(cfg, quiet=True)
+    print(json.dumps({"variant": variant, "precision": s.get("precision"), "loss": s["final_train_loss"],
+                      "train_s": took["train_s"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="before_overhead,now")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--worker", choices=sorted(VARIANTS))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.steps, a.out)
+    import tempfile
+
+    names = a.variants.split(",")
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(a.reps):
+        for name in names:
+            with tempfile.TemporaryDirectory() as d:
+                cmd = [sys.executable, __file__, "--worker", name, "--steps", str(a.steps), "--out", f"{d}/run"]
+                line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(line)
+            rows[name].append(r)
+            print(f"rep {rep + 1} {name}: train {r['train_s']:.1f} s, precision {r['precision']}, "
+                  f"final train loss {r['loss']:.6f}", flush=True)
+    med = {n: statistics.median(r["train_s"] for r in rs) for n, rs in rows.items()}
+    first = names[0]
+    print("medians: " + ", ".join(f"{n} {m:.1f} s" for n, m in med.items()) + " -> " +
+          ", ".join(f"{n} {med[first] / med[n]:.3f}x of {first}" for n in names[1:]))
+
+
+if __name__ == "__main__":
+    main()
