@@ -42,6 +42,28 @@ def test_token_loss_and_grad_match_full_logits(smoothing, chunk):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk,budget,head_calls", [
+    (1000, 2**20, 1),  # one small chunk: kept, the head runs once
+    (1000, 8, 2),  # one chunk over the byte budget: recomputed in backward
+    (2, 2**20, 2 * 7),  # several chunks (13 trained positions, 2 rows each): every chunk recomputed
+])
+def test_small_single_chunks_are_kept_others_recomputed(monkeypatch, chunk, budget, head_calls):
+    import sftlab.core.loss as loss
+
+    monkeypatch.setattr(loss, "NO_RECOMPUTE_BYTES", budget)
+    hidden, head, labels = _setup()
+    calls = []
+    head.register_forward_hook(lambda *a: calls.append(1))
+    ours = sft_loss(hidden, head, labels, chunk_size=chunk)
+    g_ours = torch.autograd.grad(ours, [hidden, head.weight])
+    assert len(calls) == head_calls
+    ce, mask = _full_ce(hidden, head, labels)
+    assert int(mask.sum()) == 13
+    g_ref = torch.autograd.grad(ce[mask].mean(), [hidden, head.weight])
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_token_loss_divides_by_the_steps_token_count():
     hidden, head, labels = _setup()
     ce, mask = _full_ce(hidden, head, labels)
