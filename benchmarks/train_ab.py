@@ -32,7 +32,14 @@ def _before_overhead() -> None:
     SftlabTrainer.training_step = training_step
 
 
-VARIANTS = {"now": lambda: None, "before_overhead": _before_overhead}
+def _peft_forward() -> None:
+    """peft's own LoRA forward instead of sftlab's fused function (train/lora_fast.py)."""
+    import sftlab.train.lora_fast as lora_fast
+
+    lora_fast.use_fused_lora = lambda model: 0
+
+
+VARIANTS = {"now": lambda: None, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
 
 
 def worker(variant: str, steps: int, out: str) -> None:

@@ -121,26 +121,30 @@ def test_wide_temporaries_match_what_a_layer_creates_and_frees(tiny_model_dir, m
 
 
 def test_smollm2_counts_by_hand():
-    # fp32, intermediate 1536 (6144 bytes a token): LoRA on every linear keeps six of them per layer with
-    # grad (base output, B's output, its scaling, at gate and at up); without grad four at once; full
-    # fine-tuning keeps every intermediate tensor for backward, and without grad holds three at once.
+    # fp32, intermediate 1536 (6144 bytes a token). LoRA without dropout runs the fused linear, which adds
+    # into its base output: with grad nothing (down keeps the MLP product); without grad three at once
+    # (act(gate), up and their product).
     lora = TrainSetup(method="lora", device="cpu", precision="fp32")
-    assert layer_wide_temporary_bytes(SMOL, lora, grad=True) == 6 * 6144
-    assert layer_wide_temporary_bytes(SMOL, lora, grad=False) == 4 * 6144
-    # dropout: A keeps its dropped input, not the MLP product, which becomes one more
-    assert layer_wide_temporary_bytes(SMOL, replace(lora, lora_dropout=0.1), grad=True) == 7 * 6144
+    assert layer_wide_temporary_bytes(SMOL, lora, grad=True) == 0
+    assert layer_wide_temporary_bytes(SMOL, lora, grad=False) == 3 * 6144
+    # dropout, peft's forward: six with grad (base output, B's output, its scaling, at gate and at up),
+    # and A keeps its dropped input, not the MLP product, which becomes one more; without grad four at
+    # once (gate's output while up's adapter runs)
+    peft = replace(lora, lora_dropout=0.1)
+    assert layer_wide_temporary_bytes(SMOL, peft, grad=True) == 7 * 6144
+    assert layer_wide_temporary_bytes(SMOL, peft, grad=False) == 4 * 6144
     full = replace(lora, method="full")
     assert layer_wide_temporary_bytes(SMOL, full, grad=True) == 0
     assert layer_wide_temporary_bytes(SMOL, full, grad=False) == 3 * 6144
-    # only gate/up wrapped: the product stays a temporary (nothing keeps it)
+    # only q/v wrapped: the product stays a temporary (nothing keeps it)
     qv = replace(lora, lora_targets=("q_proj", "v_proj"))
     assert layer_wide_temporary_bytes(SMOL, qv, grad=True) == 6144
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_retention_is_added_to_every_moment_on_cpu_with_glibc_only(ckpt):
-    glibc = TrainSetup(method="lora", batch=2, seq_len=512, device="cpu", precision="fp32",
-                       gradient_checkpointing=ckpt, malloc="glibc")
+    glibc = TrainSetup(method="lora", batch=2, seq_len=512, device="cpu", precision="fp32",  # peft's forward
+                       gradient_checkpointing=ckpt, malloc="glibc", lora_dropout=0.1)
     kept = SMOL.n_layers * glibc.tokens * layer_wide_temporary_bytes(SMOL, glibc, grad=not ckpt)
     assert heap_retained_bytes(SMOL, glibc) == kept > 0
     with_it, lean = estimate_memory(SMOL, glibc), estimate_memory(SMOL, replace(glibc, malloc="lean"))
@@ -158,7 +162,7 @@ def test_plan_and_train_check_read_the_malloc_train_runs_with(monkeypatch, tiny_
     from sftlab.models import model_config
     from sftlab.plan.auto import estimated_bytes
 
-    cfg = Config(model=str(tiny_model_dir), method="lora", precision="fp32")
+    cfg = Config(model=str(tiny_model_dir), method="lora", precision="fp32", lora_dropout=0.1)  # peft's forward
     mcfg = model_config(str(tiny_model_dir))
     need = {}
     for value in ("lean", ""):

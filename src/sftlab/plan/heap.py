@@ -6,9 +6,10 @@ glibc (2.36 here) never gives a freed tensor's block to a later tensor of the sa
 bytes more than the block), nor, mostly, merges it with the freed block beside it (the alignment
 remainders between them wait in its cache). The widest per-token tensors of a layer are the MLP's
 intermediate-width ones, so a freed intermediate-width block only ever takes narrower tensors, and each
-intermediate-width temporary (a tensor the layer's forward creates and frees before it ends: LoRA's base
-output, adapter output and its scaling at ``gate_proj`` and ``up_proj``, ...) takes fresh heap. glibc
-returns heap to the OS only from its top, above which the saved activations sit, so it stays resident:
+intermediate-width temporary (a tensor the layer's forward creates and frees before it ends: with peft's
+LoRA forward the base output, adapter output and its scaling at ``gate_proj`` and ``up_proj``, ...) takes
+fresh heap. glibc returns heap to the OS only from its top, above which the saved activations sit, so it
+stays resident:
 
 * with grad (no checkpointing), the narrower tensors that fill those blocks are the next layers' saved
   activations, which stay until backward: every intermediate-width temporary of every layer stays in the
@@ -38,32 +39,36 @@ def layer_wide_temporary_bytes(shape: ModelShape, s: TrainSetup, *, grad: bool =
     """Per token, a decoder layer's forward temporaries of intermediate width: with ``grad`` all of them
     summed, without (a checkpointed forward) the most alive at once.
 
-    From the Llama MLP, ``down(act(gate(x)) * up(x))``, as peft wraps its linears (LoRA, QLoRA):
-    * a LoRA-wrapped ``gate_proj`` or ``up_proj`` makes three: the base output, ``B``'s output and its
-      scaling (the sum with the base output is the linear's output);
-    * a LoRA-wrapped ``down_proj`` with dropout adds, without grad, dropout's noise and output (with
-      grad ``A`` keeps the output); sftlab's trainer skips peft's cast of the input to the fp32 adapter
-      dtype under autocast (train/model.py), so there is no fp32 copy;
+    From the Llama MLP, ``down(act(gate(x)) * up(x))``, as sftlab runs its linears:
+    * LoRA without dropout runs sftlab's fused linear (train/lora_fast.py), which adds the adapter's
+      product into the base output in place: no temporary of its own. Its input (the product
+      ``act(gate) * up`` at ``down_proj``) is kept for backward;
+    * with dropout, peft's forward: a wrapped ``gate_proj`` or ``up_proj`` makes three, the base output,
+      ``B``'s output and its scaling (the sum with the base output is the linear's output), and a wrapped
+      ``down_proj`` adds, without grad, dropout's noise and output (with grad ``A`` keeps the output);
+      sftlab's trainer skips peft's cast of the input to the fp32 adapter dtype under autocast
+      (train/model.py), so there is no fp32 copy;
     * the product ``act(gate) * up`` is a temporary unless a linear keeps it for backward (full
-      fine-tuning does; LoRA's ``A`` does without dropout);
+      fine-tuning does; LoRA's ``A`` or the fused linear does without dropout);
     * without grad the outputs of ``gate``, ``act`` and ``up`` are temporaries too.
-    Checked op by op (a TorchDispatchMode over one layer) on SmolLM2 and a tiny Llama.
+    (FSDP runs peft's forward: not modelled here.) Checked op by op (a TorchDispatchMode over one layer)
+    on SmolLM2 and a tiny Llama.
     """
     b = dtype_bytes(shape, s)
     c, i = b.compute, shape.intermediate
     adapted = set(s.lora_targets) if s.method in ("lora", "qlora") else set()
     dropout = bool(adapted) and s.lora_dropout > 0
+    peft_path = bool(adapted) and (s.method == "qlora" or dropout)  # else the fused linear, or no adapter
+    gate_up = len(adapted & {"gate_proj", "up_proj"}) if peft_path else 0
     if grad:
         kept = s.method == "full" or ("down_proj" in adapted and not dropout)
         product = 0 if kept else i * c
-        return 3 * i * c * len(adapted & {"gate_proj", "up_proj"}) + product
+        return 3 * i * c * gate_up + product
     noise_and_output = 2 * i * c if dropout and "down_proj" in adapted else 0
     down = i * c + noise_and_output                             # the product, then down's own
     mlp = 3 * i * c                                             # act(gate), up and their product
-    if "up_proj" in adapted:                                    # gate's output while up's adapter runs
+    if peft_path and "up_proj" in adapted:                      # gate's output while up's adapter runs
         mlp = max(mlp, i * c + 3 * i * c)
-    if "gate_proj" in adapted:
-        mlp = max(mlp, 3 * i * c)
     return max(mlp, down)
 
 

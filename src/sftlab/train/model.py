@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from sftlab.config import Config
 from sftlab.core.errors import SftlabError
 from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
 from sftlab.models import load_model
 from sftlab.qlora import require_qlora
 from sftlab.train.kernels import apply_kernels, flash_attention_available
+from sftlab.train.lora_fast import use_fused_lora
 
 
 def _dtype(precision: str):
@@ -41,6 +44,21 @@ def skip_adapter_input_casts(model) -> int:
     for m in layers:
         m.cast_input_dtype_enabled = CastUnlessAutocast()
     return len(layers)
+
+
+def _sharded(cfg: Config) -> bool:
+    """FSDP from the config or from `accelerate launch` (it gathers and frees parameters per layer)."""
+    return bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def _speed_up_adapters(cfg: Config, model) -> None:
+    """Input gradients for checkpointing; no double input casts; LoRA linears as one fused function."""
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if cfg.method in ("lora", "qlora"):
+        skip_adapter_input_casts(model)
+    if cfg.method == "lora" and not _sharded(cfg):
+        use_fused_lora(model)
 
 
 def _attention(cfg: Config) -> str | None:
@@ -100,10 +118,7 @@ def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | N
             model = peft.get_peft_model(model, pcfg)
         except ValueError as exc:
             raise SftlabError(f"cannot apply {cfg.method}: {exc}", hint="check lora_target_modules")
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-        if cfg.method in ("lora", "qlora"):
-            skip_adapter_input_casts(model)
+        _speed_up_adapters(cfg, model)
 
     def loss_fn(m, batch):
         with hidden_states_instead_of_logits(m) as head:
