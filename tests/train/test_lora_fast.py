@@ -99,3 +99,15 @@ def test_fused_lora_leaves_other_cases_to_peft(tiny_model_dir):
     _step(dropout, d_loss, batch, "fp32")
     assert len(d_calls) == 14  # dropout: peft's path
     assert use_fused_lora(model) == 0  # already fused: nothing left to swap
+
+
+def test_sharded_runs_keep_peft_forward(monkeypatch, tiny_model_dir):
+    """FSDP and DeepSpeed gather a module's parameters around its own call, which the fused path skips."""
+    for env, kw in (({}, {"fsdp": "full_shard"}), ({"ACCELERATE_USE_DEEPSPEED": "true"}, {}),
+                    ({"ACCELERATE_USE_FSDP": "true"}, {})):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        _, _, layers, _, LoraLinear = _model(tiny_model_dir, "fp32", **kw)
+        assert len(layers) == 14 and all(type(m) is LoraLinear for m in layers), (env, kw)
+        for k in env:
+            monkeypatch.delenv(k)

@@ -8,11 +8,12 @@ adapter's product is accumulated into the base output by the matmul itself (``ad
 backward, and the scale is applied to the rank-wide tensors only. What backward keeps is what peft's
 layers keep: the input and the rank-wide ``x A^T``.
 
-It runs where it computes exactly what peft's forward would: one active vanilla LoRA adapter (no DoRA or
-other variant, no dropout), not merged nor disabled, a plain bias-free ``nn.Linear`` base whose weight is
-frozen, the input in the dtype the matmuls run in (autocast's; without autocast, base and adapter weights
-all in the input's dtype), no sharded (FSDP) parameters. Everything else takes peft's own forward. With
-or without gradients: a checkpointed layer's forward and evaluation under autocast run it too.
+It runs where it computes what peft's forward would (up to bf16 rounding: the adapter's product is
+rounded once, not three times): one active vanilla LoRA adapter (no DoRA or other variant, no dropout),
+not merged nor disabled, a plain bias-free ``nn.Linear`` base whose weight is frozen, the input in the
+dtype the matmuls run in (autocast's; without autocast, base and adapter weights all in the input's
+dtype), no sharded (FSDP, DeepSpeed) parameters. Everything else takes peft's own forward. With or
+without gradients: a checkpointed layer's forward and evaluation under autocast run it too.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ _CLASSES: dict[type, type] = {}
 
 def use_fused_lora(model) -> int:
     """Gives every peft ``lora.Linear`` of ``model`` the fused forward (a subclass with only ``forward``
-    changed, so copies, merging and saving see peft's layer); returns how many. Not for FSDP-sharded
-    models (their parameters are gathered and freed around each layer's forward)."""
+    changed, so copies, merging and saving see peft's layer); returns how many. Not for FSDP or DeepSpeed
+    (they gather and free parameters around each module's own call; this reads the base weight)."""
     from peft.tuners.lora.layer import Linear as LoraLinear  # deferred: heavy library
 
     if LoraLinear not in _CLASSES:

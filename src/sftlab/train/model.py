@@ -47,8 +47,10 @@ def skip_adapter_input_casts(model) -> int:
 
 
 def _sharded(cfg: Config) -> bool:
-    """FSDP from the config or from `accelerate launch` (it gathers and frees parameters per layer)."""
-    return bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    """FSDP or DeepSpeed, from the config or from `accelerate launch`: they gather and free parameters
+    around each module's own call, which the fused LoRA linear bypasses by reading the base weight."""
+    launched = any(os.environ.get(v, "").lower() == "true" for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return bool(cfg.fsdp) or bool(cfg.deepspeed) or launched
 
 
 def _speed_up_adapters(cfg: Config, model) -> None:
