@@ -39,7 +39,17 @@ def _peft_forward() -> None:
     lora_fast.use_fused_lora = lambda model: 0
 
 
-VARIANTS = {"now": lambda: None, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
+def _keep_heap() -> None:
+    """glibc never trims its heap (freed pages stay mapped) and maps blocks of 32 MB and more only."""
+    import ctypes
+
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    assert mallopt(-1, 2**31 - 1) == 1  # M_TRIM_THRESHOLD
+    assert mallopt(-3, 32 * 2**20) == 1  # M_MMAP_THRESHOLD (setting one fixes both)
+
+
+VARIANTS = {"now": lambda: None, "keep_heap": _keep_heap, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
 
 
 def worker(variant: str, steps: int, out: str) -> None:
@@ -54,11 +64,15 @@ def worker(variant: str, steps: int, out: str) -> None:
     train = transformers.Trainer.train
 
     def timed(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        import resource
+
+        t0, f0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         try:
             return train(self, *args, **kwargs)
         finally:
             took["train_s"] = time.perf_counter() - t0
+            took["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+            took["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     transformers.Trainer.train = timed
     cfg = Config(data=str(demo_path("train")), output_dir=out, max_steps=steps, batch_size=4,
@@ -66,7 +80,7 @@ def worker(variant: str, steps: int, out: str) -> None:
                  save_steps=100000, eval_steps=100000)
     s = run.train(cfg, quiet=True)
     print(json.dumps({"variant": variant, "precision": s.get("precision"), "loss": s["final_train_loss"],
-                      "train_s": took["train_s"]}))
+                      "train_s": took["train_s"], "page_faults": took["page_faults"], "max_rss_mb": took["max_rss_mb"]}))
 
 
 def main() -> None:
@@ -91,7 +105,8 @@ def main() -> None:
             r = json.loads(line)
             rows[name].append(r)
             print(f"rep {rep + 1} {name}: train {r['train_s']:.1f} s, precision {r['precision']}, "
-                  f"final train loss {r['loss']:.6f}", flush=True)
+                  f"final train loss {r['loss']:.6f}, minor page faults {r['page_faults']}, max RSS {r['max_rss_mb']:.0f} MB",
+                  flush=True)
     med = {n: statistics.median(r["train_s"] for r in rs) for n, rs in rows.items()}
     first = names[0]
     print("medians: " + ", ".join(f"{n} {m:.1f} s" for n, m in med.items()) + " -> " +

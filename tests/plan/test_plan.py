@@ -487,12 +487,23 @@ def test_library_baseline_matches_a_fresh_process():
     assert 0.75 * CPU_LIBRARY_BYTES < rss < 1.25 * CPU_LIBRARY_BYTES, rss
 
 
-def test_train_sets_the_lean_allocator_only_when_asked():
-    code = "from sftlab.train.callbacks import keep_memory_near_live_tensors as k; print(k())"
+def test_train_keeps_freed_pages_by_default_and_returns_them_when_lean():
+    """By default glibc keeps the pages of freed blocks (no trim, no per-block mmap); lean returns them."""
+    code = ("import os\nfrom sftlab.train.callbacks import set_train_malloc\nprint(repr(set_train_malloc()))\n"
+            "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+            "before = rss()\nblocks = [bytearray(1 << 20) for _ in range(200)]\nheld = rss()\ndel blocks\n"
+            "print(held - before > 150 << 20, rss() - before > 150 << 20)")
+    from sftlab.plan.allocator import glibc_version
+
+    if not sys.platform.startswith("linux") or glibc_version() is None:
+        pytest.skip("glibc's malloc")
     env = dict(os.environ)
     env.pop("SFTLAB_MALLOC", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
-    assert out[-1] == "False"  # by default glibc's faster malloc stays
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split("\n")
+    assert out[-3:-1] == ["'keep'", "True True"]  # 200 MB allocated, still resident after the free
     env["SFTLAB_MALLOC"] = "lean"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split()
-    assert out[-1] == ("True" if sys.platform.startswith("linux") else "False")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.split("\n")
+    assert out[-3:-1] == ["'lean'", "True False"]  # unmapped at once
+    plain = code.replace("from sftlab.train.callbacks import set_train_malloc", "set_train_malloc = lambda: 'glibc default'")
+    out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True, env=env).stdout.split("\n")
+    assert out[-3:-1] == ["'glibc default'", "True False"]  # glibc's own settings give the pages back

@@ -39,9 +39,9 @@ from sftlab.rundir import Summary
 from sftlab.train.callbacks import (
     MetricsLogger,
     SignalCheckpoint,
-    keep_memory_near_live_tensors,
     put_before_trackers,
     route_tensorboard,
+    set_train_malloc,
     tracker_env,
 )
 from sftlab.train.checks import (
@@ -134,7 +134,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         print_checks(findings)
     if errors := [f for f in findings if f.rule in _FATAL and f.severity == "error"]:
         raise SftlabError(errors[0].message, hint=errors[0].fixes[0])
-    keep_memory_near_live_tensors()  # before the model's tensors exist
+    set_train_malloc()  # before the model's tensors exist
     kernels: list = []
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels)
     notes["kernels"] = [k.to_dict() for k in kernels]
