@@ -39,17 +39,15 @@ def _peft_forward() -> None:
     lora_fast.use_fused_lora = lambda model: 0
 
 
-def _keep_heap() -> None:
-    """glibc never trims its heap (freed pages stay mapped) and maps blocks of 32 MB and more only."""
-    import ctypes
+def _glibc_default() -> None:
+    """glibc's own malloc settings (trims its heap, self-raising mmap threshold), as before sftlab
+    kept freed pages (plan/allocator.py: keep_freed_pages)."""
+    import sftlab.train.run as run
 
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    assert mallopt(-1, 2**31 - 1) == 1  # M_TRIM_THRESHOLD
-    assert mallopt(-3, 32 * 2**20) == 1  # M_MMAP_THRESHOLD (setting one fixes both)
+    run.set_train_malloc = lambda: ""
 
 
-VARIANTS = {"now": lambda: None, "keep_heap": _keep_heap, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
+VARIANTS = {"now": lambda: None, "glibc_default": _glibc_default, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
 
 
 def worker(variant: str, steps: int, out: str) -> None:
