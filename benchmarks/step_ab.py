@@ -10,17 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 
 def worker(mode: str, steps: int, out: str) -> None:
     import transformers
+    from train_ab import demo_config  # this folder: the same default run
 
     import sftlab.train.run as run
-    from sftlab.config import Config
-    from sftlab.demo_data import demo_path
 
     build = run.build_model
 
@@ -49,10 +46,7 @@ def worker(mode: str, steps: int, out: str) -> None:
             times.append(time.perf_counter() - t0)
 
     transformers.Trainer.training_step = timed
-    cfg = Config(data=str(demo_path("train")), output_dir=out, max_steps=steps, batch_size=4,
-                 gradient_accumulation=2, learning_rate=2e-4, seed=42, logging_steps=1,
-                 save_steps=100000, eval_steps=100000)
-    s = run.train(cfg, quiet=True)
+    s = run.train(demo_config(out, steps), quiet=True)
     print(json.dumps({"mode": mode, "precision": s.get("precision"), "loss": s["final_train_loss"],
                       "median_s": statistics.median(times[4:])}))
 
@@ -66,18 +60,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.steps, a.out)
-    import tempfile
+    from train_ab import alternate  # this folder
 
-    rows: dict[str, list[dict]] = {"cast": [], "skip": []}
-    for rep in range(a.reps):
-        for mode in ("cast", "skip"):
-            with tempfile.TemporaryDirectory() as d:
-                cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(a.steps), "--out", f"{d}/run"]
-                line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            r = json.loads(line)
-            rows[mode].append(r)
-            print(f"rep {rep + 1} {mode}: median micro-step {r['median_s']:.3f} s, precision {r['precision']}, "
-                  f"final train loss {r['loss']:.6f}", flush=True)
+    rows = alternate(__file__, ["cast", "skip"], a.steps, a.reps, lambda rep, mode, r: print(
+        f"rep {rep + 1} {mode}: median micro-step {r['median_s']:.3f} s, precision {r['precision']}, "
+        f"final train loss {r['loss']:.6f}", flush=True))
     med = {m: statistics.median(r["median_s"] for r in rs) for m, rs in rows.items()}
     print(f"medians: cast {med['cast']:.3f} s, skip {med['skip']:.3f} s per micro-step -> "
           f"skipping is {med['cast'] / med['skip']:.2f}x")

@@ -50,12 +50,20 @@ def _glibc_default() -> None:
 VARIANTS = {"now": lambda: None, "glibc_default": _glibc_default, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
 
 
+def demo_config(out: str, steps: int):
+    """The default LoRA run these A/Bs time: the demo data, 4 x 2 per step, no saving or eval on the way."""
+    from sftlab.config import Config
+    from sftlab.demo_data import demo_path
+
+    return Config(data=str(demo_path("train")), output_dir=out, max_steps=steps, batch_size=4,
+                  gradient_accumulation=2, learning_rate=2e-4, seed=42, logging_steps=1,
+                  save_steps=100000, eval_steps=100000)
+
+
 def worker(variant: str, steps: int, out: str) -> None:
     import transformers
 
     import sftlab.train.run as run
-    from sftlab.config import Config
-    from sftlab.demo_data import demo_path
 
     VARIANTS[variant]()
     took: dict[str, float] = {}
@@ -73,12 +81,25 @@ def worker(variant: str, steps: int, out: str) -> None:
             took["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     transformers.Trainer.train = timed
-    cfg = Config(data=str(demo_path("train")), output_dir=out, max_steps=steps, batch_size=4,
-                 gradient_accumulation=2, learning_rate=2e-4, seed=42, logging_steps=1,
-                 save_steps=100000, eval_steps=100000)
-    s = run.train(cfg, quiet=True)
+    s = run.train(demo_config(out, steps), quiet=True)
     print(json.dumps({"variant": variant, "precision": s.get("precision"), "loss": s["final_train_loss"],
                       "train_s": took["train_s"], "page_faults": took["page_faults"], "max_rss_mb": took["max_rss_mb"]}))
+
+
+def alternate(script: str, names: list[str], steps: int, reps: int, report) -> dict[str, list[dict]]:
+    """Runs ``script --worker NAME`` for each name in turn, ``reps`` times, each in a fresh process and
+    run folder; ``report(rep, name, row)`` after each; returns every worker's JSON row by name."""
+    import tempfile
+
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    for rep in range(reps):
+        for name in names:
+            with tempfile.TemporaryDirectory() as d:
+                cmd = [sys.executable, script, "--worker", name, "--steps", str(steps), "--out", f"{d}/run"]
+                line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows[name].append(json.loads(line))
+            report(rep, name, rows[name][-1])
+    return rows
 
 
 def main() -> None:
@@ -91,20 +112,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.steps, a.out)
-    import tempfile
-
     names = a.variants.split(",")
-    rows: dict[str, list[dict]] = {n: [] for n in names}
-    for rep in range(a.reps):
-        for name in names:
-            with tempfile.TemporaryDirectory() as d:
-                cmd = [sys.executable, __file__, "--worker", name, "--steps", str(a.steps), "--out", f"{d}/run"]
-                line = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            r = json.loads(line)
-            rows[name].append(r)
-            print(f"rep {rep + 1} {name}: train {r['train_s']:.1f} s, precision {r['precision']}, "
-                  f"final train loss {r['loss']:.6f}, minor page faults {r['page_faults']}, max RSS {r['max_rss_mb']:.0f} MB",
-                  flush=True)
+    rows = alternate(__file__, names, a.steps, a.reps, lambda rep, name, r: print(
+        f"rep {rep + 1} {name}: train {r['train_s']:.1f} s, precision {r['precision']}, final train loss "
+        f"{r['loss']:.6f}, minor page faults {r['page_faults']}, max RSS {r['max_rss_mb']:.0f} MB", flush=True))
     med = {n: statistics.median(r["train_s"] for r in rs) for n, rs in rows.items()}
     first = names[0]
     print("medians: " + ", ".join(f"{n} {m:.1f} s" for n, m in med.items()) + " -> " +
