@@ -67,7 +67,7 @@ def render_plan(plan: Plan) -> str:
         lines.append("  other moments: " + ", ".join(f"{k} {gb(v)}" for k, v in others.items()))
     if s["device"] == "cpu":
         lines.append("  (peak resident memory of the `sftlab train` process, its baseline included, "
-                     + {"glibc": "with glibc's default malloc as train runs it; SFTLAB_MALLOC=lean returns freed "
+                     + {"glibc": "with glibc's malloc as train runs it, keeping freed pages; SFTLAB_MALLOC=lean returns freed "
                                  "memory to the OS instead: slower steps, no retention)",
                         "lean": "with SFTLAB_MALLOC=lean, which returns freed memory to the OS)",
                         "other": "live tensors only: this C library's malloc is not modelled)"}[s["malloc"]])
