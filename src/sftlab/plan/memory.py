@@ -15,7 +15,7 @@ non-reentrant gradient checkpointing, the chunked cross-entropy of ``sftlab.core
   input is kept, plus one layer recomputed during backward.
 * the loss: the training loss never holds all ``[tokens, vocab]`` logits; it projects ``loss_chunk``
   rows at a time and recomputes them in backward (see :func:`logits_bytes`).
-* optimizer temporaries in the step, and framework overhead (on CUDA also the CUDA context).
+* framework overhead (on CUDA also the CUDA context).
 
 The peak is the largest of the moments of a step: the backward of the loss (all activations and one
 chunk of logits alive), the backward through one recomputed layer (checkpointing), the end of backward
@@ -114,14 +114,6 @@ def _optimizer_bytes_per_param(s: TrainSetup) -> float:
     if s.resolved_precision == "bf16" or s.resolved_precision == "fp16":
         state += 4.0  # the fp32 master copy the optimizer updates
     return state
-
-
-def _optimizer_temp_bytes(shape: ModelShape, s: TrainSetup) -> int:
-    """Temporaries of one optimizer step: none. AdamW runs torch's fused kernel (the Trainer's
-    ``adamw_torch_fused``), which updates every tensor in place on CPU and CUDA alike (measured with the
-    profiler: the per-tensor loop allocated sqrt and quotient copies of each tensor, the fused step
-    nothing); SGD and 8-bit AdamW update in place too. Kept as a part so the step's peak stays named."""
-    return 0
 
 
 def static_parts(shape: ModelShape, s: TrainSetup) -> dict[str, int]:
@@ -307,7 +299,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         # with tied embeddings it is then added to the head's gradient through one more temporary.
         candidates["end of backward"] = {**static, **overhead, "embedding gradient (transient)":
                                          shape.vocab * shape.hidden * 4 * (2 if shape.tied_embeddings else 1)}
-    candidates["optimizer step"] = {**static, **overhead, "optimizer temporaries": _optimizer_temp_bytes(shape, s)}
+    # The optimizer step allocates nothing more: AdamW is torch's fused kernel (in place, on CPU and CUDA;
+    # the per-tensor loop made sqrt and quotient copies of each tensor), SGD and 8-bit AdamW are in place.
+    candidates["optimizer step"] = {**static, **overhead}
 
     phases = {name: sum(parts.values()) for name, parts in candidates.items()}
     peak = max(phases, key=phases.get)

@@ -16,7 +16,6 @@ _PART_NAMES = {
     "activations": "activations",
     "logits": "logits (one loss chunk, with gradients)",
     "embedding gradient (transient)": "embedding gradient (transient)",
-    "optimizer temporaries": "optimizer temporaries (in the step)",
     "overhead": "framework overhead",
     "malloc retention": "freed temporaries glibc's malloc keeps",
     "cuda_context": "CUDA context",
