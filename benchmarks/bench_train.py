@@ -63,7 +63,10 @@ MODEL = "smollm2-135m-instruct"
 CONFIGS = ("sftlab default", "trl default", "sftlab gc")
 # Not run by default (--configs): sftlab with precision=bf16 forced. Where the probe of `precision: auto`
 # measures bf16 faster (AMX), sftlab's default already resolves to bf16, and these equal the defaults.
-EXTRA = ("sftlab bf16", "sftlab bf16 gc")
+EXTRA = ("sftlab bf16", "sftlab bf16 gc", "sftlab fp32", "trl fp32")
+# "sftlab fp32" vs "trl fp32" (TRL with bf16=False, nothing else changed) stands in, on a CPU where bf16 is fast,
+# for a CPU where it is slow: there `auto` resolves to fp32, and TRL's default bf16 autocast runs slower than
+# its own fp32 would, so the ratio measured this way is a lower bound of the ratio on such a machine.
 LAST_N = 5
 
 
@@ -142,7 +145,7 @@ def _run_sftlab(opts: dict, out_dir: Path, gc: bool, precision: str = "auto") ->
     return out_dir / "model"
 
 
-def _run_trl(opts: dict, out_dir: Path) -> Path:
+def _run_trl(opts: dict, out_dir: Path, bf16: bool | None = None) -> Path:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,7 +160,8 @@ def _run_trl(opts: dict, out_dir: Path) -> Path:
     args = SFTConfig(output_dir=str(out_dir / "trl"), max_steps=opts["steps"],
                      per_device_train_batch_size=opts["batch"], gradient_accumulation_steps=opts["accum"],
                      learning_rate=opts["lr"], seed=opts["seed"], logging_steps=1, save_steps=100000,
-                     report_to="none", disable_tqdm=True, use_cpu=True)
+                     report_to="none", disable_tqdm=True, use_cpu=True,
+                     **({} if bf16 is None else {"bf16": bf16}))
     if opts.get("trl_peft_defaults"):  # peft's own defaults: lora_alpha=8, lora_dropout=0.0
         lora = LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM")
     else:  # the same adapter as sftlab's defaults, so the loss comparison is not tilted by the adapter
@@ -252,9 +256,10 @@ def worker(name: str, opts: dict, result_path: Path) -> None:
         return
     rss0 = _rss_mb()
     if name.startswith("sftlab"):
-        adapter = _run_sftlab(opts, out_dir, gc=name.endswith("gc"), precision="bf16" if "bf16" in name else "auto")
+        precision = "bf16" if "bf16" in name else "fp32" if "fp32" in name else "auto"
+        adapter = _run_sftlab(opts, out_dir, gc=name.endswith("gc"), precision=precision)
     else:
-        adapter = _run_trl(opts, out_dir)
+        adapter = _run_trl(opts, out_dir, bf16=False if "fp32" in name else None)
     peak = _peak_rss_mb() - rss0
     res.update(real_tokens=meter.real, trained_tokens=meter.trained, padded_tokens=meter.padded,
                micro_batches=meter.micro_batches, train_s=meter.train_s, train_cpu_s=meter.train_cpu_s, peak_mb=peak,
@@ -384,6 +389,10 @@ def main(argv=None) -> int:
               f"{o['trained_tps'] / t['trained_tps']:.2f}x, peak memory {o['peak_mb']:.0f} vs {t['peak_mb']:.0f} MB "
               f"({o['peak_mb'] / t['peak_mb']:.2f}x), eval loss {o['eval_loss']:.4f} vs {t['eval_loss']:.4f} "
               f"-> target (faster at no more peak memory): {'MET' if ok else 'MISSED'}")
+    if "sftlab fp32" in summary and "trl fp32" in summary:
+        o, t = summary["sftlab fp32"], summary["trl fp32"]
+        print(f"sftlab fp32 vs trl fp32 (a CPU where bf16 is slow; lower bound): real tok/s {o['real_tps'] / t['real_tps']:.2f}x, "
+              f"peak memory {o['peak_mb'] / t['peak_mb']:.2f}x, eval loss {o['eval_loss']:.4f} vs {t['eval_loss']:.4f}")
     for name in EXTRA:
         if name in summary and "trl default" in summary:
             o, t = summary[name], summary["trl default"]
