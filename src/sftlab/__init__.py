@@ -7,6 +7,7 @@ The public API (imported lazily, so `import sftlab` stays fast):
     prepare                        config -> labelled examples
     run_doctor                     the data-quality checklist
     train                          one fine-tune -> run folder
+    find_lr                        a learning-rate range test of a run's config (`train --find-lr`)
     run_eval, diagnose, write_report, export_run
 """
 import importlib
@@ -19,7 +20,7 @@ _API = {
     "load_conversations": "sftlab.data.formats",
     "resolve_template": "sftlab.data.templates", "Labeler": "sftlab.data.masking",
     "prepare": "sftlab.data.prepare", "run_doctor": "sftlab.data.doctor",
-    "train": "sftlab.train.run", "run_eval": "sftlab.eval.run", "diagnose": "sftlab.diagnose",
+    "train": "sftlab.train.run", "find_lr": "sftlab.train.find_lr", "run_eval": "sftlab.eval.run", "diagnose": "sftlab.diagnose",
     "write_report": "sftlab.report", "export_run": "sftlab.export",
     "load_model": "sftlab.models", "load_tokenizer": "sftlab.models",
     "SftlabError": "sftlab.core.errors",

@@ -73,6 +73,7 @@ class Summary:
     kernels: list | None = None  # the optional GPU kernels: [{"name", "enabled", "reason", "trial"}]
     eval: dict | None = None  # written by `sftlab eval` into a run folder
     signal: str | None = None  # SIGINT or SIGTERM when a signal stopped the run (stopped == "interrupted")
+    lr_sweep: dict | None = None  # `train --find-lr`: the range test (lrs, losses, smoothed, choice, reason)
     distributed: dict | None = None  # several processes: {"processes", "sharding": "ddp" | "fsdp2" | "deepspeed"}
 
     def to_dict(self) -> dict:

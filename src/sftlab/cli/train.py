@@ -13,6 +13,7 @@ from sftlab.cli.base import (
     _print_checks,
     _print_json,
 )
+from sftlab.core.errors import SftlabError
 
 
 @_command("train", "fine-tune: full, lora, qlora or prefix; writes a run folder")
@@ -21,6 +22,9 @@ def _add_train(p):
     for key in ("eval_data", "method", "output_dir", "resume"):
         _config_flag(p, key)
     p.add_argument("--check", action="store_true", help="only run the configuration checklist and exit")
+    p.add_argument("--find-lr", type=int, nargs="?", const=40, default=None, metavar="STEPS",
+                   help="first a learning-rate range test (default 40 steps, the rate rising from 1/100 to 100x "
+                        "learning_rate auto's), print its curve and train at its choice; with --check: only the test")
     p.add_argument("--ray-workers", type=int, default=None, metavar="N",
                    help="run on N Ray Train workers (pip install 'sftlab[ray]'); a local Ray unless --ray-address")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to run on, e.g. ray://head:10001")
@@ -49,6 +53,29 @@ def _close_process_group(wait: bool) -> None:
             dist.destroy_process_group()
 
 
+def _check_and_find_lr(cfg, steps: int) -> int:
+    """`train --check --find-lr`: the checklist, then the range test's curve and choice; nothing trained."""
+    from sftlab.plan.auto import (
+        describe_precision,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.train.find_lr import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        describe_sweep,
+        find_lr,
+    )
+    from sftlab.train.run import (
+        train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+
+    with contextlib.redirect_stdout(sys.stderr):
+        checked = train(cfg, check_only=True, quiet=True)
+    print(describe_precision(checked["resolved"]["precision"], checked.get("precision_probe")))
+    rc = _print_checks(checked["findings"])
+    if rc:
+        return rc
+    print(describe_sweep(find_lr(cfg, steps=steps)))
+    return 0
+
+
 def _cmd_train(args) -> int:
     from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         config_help,
@@ -69,8 +96,20 @@ def _cmd_train(args) -> int:
     )
 
     cfg = _config_from_args(args)
+    if args.find_lr is not None and (args.ray_workers or args.ray_address or args.json):
+        raise SftlabError("--find-lr runs in this process and prints its curve: not with --ray-workers, "
+                          "--ray-address or --json", hint="run `sftlab train --find-lr --check` first, then "
+                          "train with --set learning_rate=<its choice>")
     try:
-        if args.check:  # the checklist is printed here; anything the library prints goes to stderr
+        if args.check and args.find_lr is not None:
+            return _check_and_find_lr(cfg, args.find_lr)
+        if args.find_lr is not None:
+            from sftlab.train.find_lr import (
+                train_with_found_lr,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+            )
+
+            summary = train_with_found_lr(cfg, steps=args.find_lr)
+        elif args.check:  # the checklist is printed here; anything the library prints goes to stderr
             with contextlib.redirect_stdout(sys.stderr):
                 summary = train(cfg, check_only=True, quiet=True)
         elif args.ray_workers or args.ray_address:

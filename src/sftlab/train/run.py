@@ -112,8 +112,12 @@ class Fitted:
     final_eval: dict | None  # the eval row at the last step
 
 
-def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbacks: list | None = None) -> dict:
+def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbacks: list | None = None,
+          notes: dict | None = None) -> dict:
     """Run one fine-tune as configured; returns the summary written to the run folder.
+
+    ``notes``: what the caller decided before the run, kept in the summary (``lr_sweep``: the
+    learning-rate range test of ``train/find_lr.py``).
 
     ``check_only``: print nothing, train nothing; return ``{"findings": [Finding dicts], "resolved":
     the config with every auto value resolved}``.
@@ -125,7 +129,8 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     if blockers and not check_only:
         raise SftlabError(blockers[0].message, hint=blockers[0].fixes[0])
     data = load_data(cfg)
-    rc, findings, notes = resolve_and_check(cfg, data)
+    rc, findings, resolved_notes = resolve_and_check(cfg, data)
+    notes = {**resolved_notes, **(notes or {})}
     findings = blockers + findings
     if check_only:
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(),
@@ -349,10 +354,11 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     """Write the resolved config and prepare report, train, evaluate at the end, save the model."""
     if is_global_main():
         rc.save(run / A.CONFIG)
-        probe = h.notes.get("precision_probe")
-        if probe:  # a comment: the file stays a config that loads as it is
-            atomic_write_text(run / A.CONFIG,
-                              (run / A.CONFIG).read_text() + "# " + describe_precision(rc.precision, probe) + "\n")
+        comments = [describe_precision(rc.precision, h.notes["precision_probe"])] if h.notes.get("precision_probe") else []
+        if sweep := h.notes.get("lr_sweep"):
+            comments.append(f"learning_rate from the range test (--find-lr): {sweep['reason']}")
+        if comments:  # comments: the file stays a config that loads as it is
+            atomic_write_text(run / A.CONFIG, (run / A.CONFIG).read_text() + "".join(f"# {c}\n" for c in comments))
         atomic_write_text(run / A.PREPARE_REPORT, json.dumps(data.train.report.to_dict(), indent=2))
     trainer = h.trainer
     t0 = time.perf_counter()
@@ -463,6 +469,6 @@ def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay
         gradient_checkpointing=bool(rc.gradient_checkpointing), packing=rc.packing,
         attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
         findings=[str(f) for f in findings], precision=rc.precision, signal=h.stopper.requested,
-        precision_probe=h.notes.get("precision_probe"), kernels=h.notes.get("kernels"),
+        precision_probe=h.notes.get("precision_probe"), kernels=h.notes.get("kernels"), lr_sweep=h.notes.get("lr_sweep"),
         distributed=distributed_summary(trainer),
     )
