@@ -91,6 +91,20 @@ def test_plots_left_out_without_their_data(tmp_path, capsys):
     assert "Example lengths (tokens)" not in plots and "Before and after" not in plots and "Loss" in plots
 
 
+def test_report_plots_the_learning_rate_sweep_of_find_lr(tmp_path, capsys):
+    lrs = [1e-5 * 1.5 ** i for i in range(12)]
+    losses = [2.0 - 0.1 * i for i in range(10)] + [3.0, float("nan")]  # the last step blew up: left out
+    sweep = {"lrs": lrs, "losses": losses, "smoothed": losses, "choice": lrs[8] / 3, "reason": "r",
+             "stopped": "diverged", "table_lr": 1e-4}
+    run = _run(tmp_path, summary_extra={"lr_sweep": sweep})
+    assert main(["report", str(run), "--json", "--no-doctor"]) == 0
+    plots = json.loads(capsys.readouterr().out)["plots"]
+    assert plots == PLOTS + ["Learning-rate sweep (--find-lr)"]
+    page = (run / "report.html").read_text()
+    b64 = re.search(r'alt="Learning-rate sweep \(--find-lr\)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert b64 and _png_size(b64.group(1))[0] > 100
+
+
 def test_report_shows_the_diagnosis_and_custom_out(tmp_path, capsys):
     train, evals = healthy_rows()
     train[3]["loss"] = float("nan")  # non-finite points are left out of the plots, and diagnosed

@@ -3,7 +3,7 @@
 Plots (matplotlib, Agg backend) are embedded as base64 PNG ``<img>`` tags; styles are inline; the one
 script only checks that every plot image decoded and writes "plots rendered: N/N" into the page
 (what the browser test looks for). Sections: summary, curves (train/eval loss, learning rate,
-gradient norm, tokens per second, memory, generation metrics), data (preparation report and the data
+gradient norm, tokens per second, memory, generation metrics; the learning-rate sweep of `train --find-lr`), data (preparation report and the data
 doctor's summary), before/after table and sample generations, and the diagnosis.
 """
 
@@ -22,7 +22,11 @@ from sftlab.data.doctor import run_doctor
 from sftlab.data.mixture import source_paths
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
 from sftlab.eval.compare import format_forgetting
-from sftlab.report_plots import before_after_figure, length_histogram_figure
+from sftlab.report_plots import (
+    before_after_figure,
+    length_histogram_figure,
+    lr_sweep_figure,
+)
 
 REPORT = "report.html"
 
@@ -127,7 +131,7 @@ def make_plots(run: RunData) -> list[tuple[str, str]]:
             plt.close(fig)
     s = run.summary
     for made in (length_histogram_figure(plt, s.prepare if s else None, getattr(run.config, "max_seq_length", None)),
-                 before_after_figure(plt, s.eval if s else None)):
+                 before_after_figure(plt, s.eval if s else None), lr_sweep_figure(plt, s.lr_sweep if s else None)):
         if made:
             try:
                 out.append((made[0], _png(made[1])))

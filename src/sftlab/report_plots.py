@@ -1,4 +1,5 @@
-"""Report plots that are not curves over steps: the length histogram and the before/after bars.
+"""Report plots that are not curves over steps: the length histogram, the before/after bars and the
+learning-rate sweep of `train --find-lr`.
 
 Each builder takes plain dicts from the run folder (the prepare report, the stored comparison) and a
 matplotlib ``pyplot`` module, and returns ``(title, figure)`` or None when the run has no such data;
@@ -56,3 +57,28 @@ def before_after_figure(plt, ev: dict | None):
     fig.suptitle("Before and after")
     fig.tight_layout()
     return "Before and after", fig
+
+
+def lr_sweep_figure(plt, sweep: dict | None):
+    """The range test of `train --find-lr` (``summary["lr_sweep"]``): loss against the rate (log scale),
+    raw and smoothed, a line at the rate the run trained at."""
+    if not isinstance(sweep, dict):
+        return None
+    lrs, losses, smoothed = sweep.get("lrs"), sweep.get("losses"), sweep.get("smoothed")
+    if not (isinstance(lrs, list) and isinstance(losses, list) and isinstance(smoothed, list)) or len(lrs) < 2:
+        return None
+    pts = [(x, y, z) for x, y, z in zip(lrs, losses, smoothed) if _num(x) and x > 0 and _num(y) and _num(z)]
+    if len(pts) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", color="#9aa4b1", label="loss of each step")
+    ax.plot([p[0] for p in pts], [p[2] for p in pts], "-", color="#4c72b0", label="smoothed")
+    if _num(sweep.get("choice")):
+        ax.axvline(sweep["choice"], color="#1a7f37", linestyle="--", label=f"chosen {sweep['choice']:.3g}")
+    ax.set_xscale("log")
+    ax.set_title("Learning-rate sweep (--find-lr)")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return "Learning-rate sweep (--find-lr)", fig

@@ -164,6 +164,8 @@ def test_check_flags_bad_configuration(tmp_path, tiny_model_dir, capsys):
     assert set(findings[0]) == {"rule", "severity", "message", "where", "evidence", "fixes", "data"}
     messages = " | ".join(f["message"] for f in findings)
     assert "learning rate 1 is outside the usual range" in messages
+    lr_fixes = next(f["fixes"] for f in findings if f["rule"] == "learning_rate")
+    assert lr_fixes[0].startswith("--set learning_rate=") and "--find-lr" in lr_fixes[1]
     assert "weight decay 0.5 is high" in messages
     assert "eval data is identical to the training data" in messages
     assert "global batch 256 is implausible" in messages

@@ -36,8 +36,9 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
     ref = lr_for_size(n_params, cfg.method)
     lo, hi = ref / 10, ref * 10  # the table is per method: an order of magnitude either way is unusual
     if not lo <= lr <= hi:
-        out.append(_finding("learning_rate", "warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} for a "
-                           f"{n_params / 1e9:.2g}B model ({cfg.method})", f"--set learning_rate={ref:g}"))
+        out.append(Finding("learning_rate", "warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} "
+                           f"for a {n_params / 1e9:.2g}B model ({cfg.method})",
+                           fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
     device, mem_gb = device_memory_gb()
     need = estimated_bytes(cfg, model_cfg, batch=int(cfg.batch_size), seq_len=seq_len,
                            checkpointing=bool(cfg.gradient_checkpointing), device=device)
