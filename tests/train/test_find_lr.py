@@ -79,6 +79,33 @@ def test_find_lr_sweeps_the_real_run_geometrically_and_keeps_nothing(tmp_path, t
     assert text.startswith(f"learning-rate sweep: {n} steps") and f"learning_rate: {sweep.choice:.3g}" in text
 
 
+def test_the_sweeps_model_is_freed_before_training_starts(tmp_path, tiny_model_dir, monkeypatch):
+    import gc
+    import weakref
+
+    built = []
+    real = F.build_model
+
+    def build_model(*a, **k):
+        model, ewc = real(*a, **k)
+        built.append(weakref.ref(model))
+        return model, ewc
+
+    monkeypatch.setattr(F, "build_model", build_model)
+    F.find_lr(train_config(tmp_path, tiny_model_dir, method="lora"), steps=6)
+    gc.collect()
+    assert len(built) == 1 and built[0]() is None  # training's model would otherwise sit beside it
+
+
+def test_cli_find_lr_with_resume_is_one_clear_error(tmp_path, tiny_model_dir, capsys):
+    cfg = train_config(tmp_path, tiny_model_dir)
+    rc = main(["train", "--model", cfg.model, "--data", cfg.data, "--output-dir", str(tmp_path / "run"),
+               "--find-lr", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "continues at its own learning rate" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_cli_check_find_lr_prints_the_curve_and_trains_nothing(tmp_path, tiny_model_dir, capsys):
     cfg = train_config(tmp_path, tiny_model_dir, method="lora")
     rc = main(["train", "--model", cfg.model, "--data", cfg.data, "--output-dir", str(tmp_path / "run"),
@@ -105,4 +132,4 @@ def test_cli_find_lr_with_json_is_one_clear_error(tmp_path, tiny_model_dir, caps
     cfg = train_config(tmp_path, tiny_model_dir)
     rc = main(["train", "--model", cfg.model, "--data", cfg.data, "--find-lr", "--json"])
     err = capsys.readouterr().err
-    assert rc != 0 and "--find-lr" in err and "Traceback" not in err
+    assert rc == 2 and "--find-lr runs in this process" in err and "Traceback" not in err

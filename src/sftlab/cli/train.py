@@ -100,6 +100,9 @@ def _cmd_train(args) -> int:
         raise SftlabError("--find-lr runs in this process and prints its curve: not with --ray-workers, "
                           "--ray-address or --json", hint="run `sftlab train --find-lr --check` first, then "
                           "train with --set learning_rate=<its choice>")
+    if args.find_lr is not None and cfg.resume:
+        raise SftlabError("--find-lr with --resume: a resumed run continues at its own learning rate",
+                          hint="drop --find-lr to resume, or start a new run folder")
     try:
         if args.check and args.find_lr is not None:
             return _check_and_find_lr(cfg, args.find_lr)
