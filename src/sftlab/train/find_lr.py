@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from sftlab.config import Config
 from sftlab.core.errors import SftlabError
 from sftlab.train.callbacks import set_train_malloc
+from sftlab.train.distributed import is_global_main
 from sftlab.train.model import build_model
 from sftlab.train.run import (
     _FATAL,
@@ -205,7 +206,7 @@ def train_with_found_lr(cfg: Config, *, steps: int = STEPS, quiet: bool = False,
     """:func:`find_lr`, then ``train`` at the chosen rate; the sweep is printed (unless ``quiet``) and
     saved in the run's summary (``lr_sweep``) and, as a comment, in its config.yaml."""
     sweep = find_lr(cfg, steps=steps)
-    if not quiet:
+    if not quiet and is_global_main():  # under torchrun every process ran the sweep; one prints it
         print(describe_sweep(sweep))
     return train(dataclasses.replace(cfg, learning_rate=sweep.choice), quiet=quiet, callbacks=callbacks,
                  notes={"lr_sweep": sweep.to_dict()})
