@@ -30,10 +30,10 @@ from sftlab.train.callbacks import set_train_malloc
 from sftlab.train.distributed import is_global_main
 from sftlab.train.model import build_model
 from sftlab.train.run import (
-    _FATAL,
     RunData,
     build_trainer,
     load_data,
+    raise_on_fatal,
     resolve_and_check,
     train,
     training_arguments,
@@ -191,8 +191,7 @@ def find_lr(cfg: Config, *, steps: int = STEPS) -> LrSweep:
     set_seed(cfg.seed)
     data = load_data(cfg)
     rc, findings, _ = resolve_and_check(dataclasses.replace(cfg, learning_rate="auto"), data)
-    if errors := [f for f in findings if f.rule in _FATAL and f.severity == "error"]:
-        raise SftlabError(errors[0].message, hint=errors[0].fixes[0])
+    raise_on_fatal(findings)
     table = float(rc.learning_rate)
     low, high = table * LOW, table * HIGH
     set_train_malloc()

@@ -137,8 +137,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
                 "precision_probe": notes.get("precision_probe")}
     if not quiet:
         print_checks(findings)
-    if errors := [f for f in findings if f.rule in _FATAL and f.severity == "error"]:
-        raise SftlabError(errors[0].message, hint=errors[0].fixes[0])
+    raise_on_fatal(findings)
     set_train_malloc()  # before the model's tensors exist
     kernels: list = []
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels)
@@ -202,6 +201,12 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
                                 "packed); every epoch trains on those rows", where="data",
                                 fixes=["--set packing=false to draw every epoch afresh"]))
     return rc, findings, notes
+
+
+def raise_on_fatal(findings: list[Finding]) -> None:
+    """The first checklist error the run cannot start with, as one clear error."""
+    if errors := [f for f in findings if f.rule in _FATAL and f.severity == "error"]:
+        raise SftlabError(errors[0].message, hint=errors[0].fixes[0])
 
 
 def print_checks(findings: list[Finding]) -> None:
