@@ -52,6 +52,16 @@ def test_too_few_finite_steps_is_one_clear_error():
         F.suggest(_geometric(5), [1.0, 0.9, 0.8, float("nan"), float("nan")])
 
 
+def test_a_sweep_too_short_to_choose_from_is_refused_before_any_loading(tmp_path, tiny_model_dir, capsys):
+    cfg = train_config(tmp_path, tiny_model_dir, method="lora")
+    with pytest.raises(SftlabError, match="a sweep needs at least 6 steps"):
+        F.find_lr(cfg, steps=3)
+    rc = main(["train", "--model", cfg.model, "--data", cfg.data, "--output-dir", str(tmp_path / "run"), "--find-lr", "3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a sweep needs at least 6 steps" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_sweep_stops_once_the_smoothed_loss_blows_up():
     losses, lrs = [], []
     cb = F._stop_callback(None, losses, lrs, factor=4.0)
