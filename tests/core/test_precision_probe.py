@@ -82,3 +82,39 @@ def test_a_real_probe_runs_here_and_returns_figures(monkeypatch, tmp_path):
 @pytest.mark.parametrize("hidden,inter,rows", [(576, 1536, 68), (2048, 8192, 16), (64, 128, 512)])
 def test_probe_rows_keep_the_probe_small(hidden, inter, rows):
     assert hardware.probe_rows(hidden, inter) == rows
+
+
+def test_the_onednn_isa_cap_is_part_of_the_cache_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("SFTLAB_CACHE", str(tmp_path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    calls = []
+    monkeypatch.setattr(hardware, "measure_precision", lambda h, i, **kw: calls.append(1) or _probe(10.0, 4.0))
+    assert not probe_precision(64, 128).cached
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")  # AMX off on the same CPU: measure again
+    assert not probe_precision(64, 128).cached and len(calls) == 2
+    assert probe_precision(64, 128).cached and len(calls) == 2
+    keys = list(json.loads((tmp_path / "precision-probe.json").read_text()))
+    assert sum("isa AVX512_CORE_BF16" in k for k in keys) == 1 and len(keys) == 2
+
+
+@pytest.mark.skipif(not {"amx_bf16", "avx512_bf16"} <= set(hardware._cpu_flags().split()),
+                    reason="needs a CPU with AMX and AVX512-BF16, to compare it with its AMX turned off")
+def test_a_real_probe_picks_fp32_when_amx_is_turned_off(tmp_path):
+    """The reporter's CPU class (AVX512-BF16, no AMX), made from this one by capping oneDNN's ISA: bf16
+    matmuls run at about 0.6x fp32 there, and the real probe must see that and choose fp32."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from sftlab.plan.auto import resolve_precision\n"
+            "p, probe = resolve_precision('cpu', 576, 1536)\n"
+            "print(p, round(probe.bf16_speedup, 2))\n")
+    out = {}
+    for isa in ("", "AVX512_CORE_BF16"):
+        env = {**os.environ, "SFTLAB_CACHE": str(tmp_path), "ONEDNN_MAX_CPU_ISA": isa}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out[isa] = res.stdout.split()
+    assert out["AVX512_CORE_BF16"][0] == "fp32" and float(out["AVX512_CORE_BF16"][1]) < 0.95, out
+    assert out[""][0] == "bf16" and float(out[""][1]) > float(out["AVX512_CORE_BF16"][1]), out

@@ -101,11 +101,15 @@ def _probe_cache_path() -> Path:
 
 
 def _probe_key(hidden: int, intermediate: int, tokens: int) -> str:
-    """Same CPU, same instruction sets, same torch, same shapes: the same answer."""
+    """Same CPU, same instruction sets, same torch, same shapes: the same answer. oneDNN's ISA cap
+    (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX512_CORE_BF16`` turns AMX off) changes the bf16 speed on the
+    same CPU, so it is part of the key."""
     import torch  # deferred: heavy library, imported on first use
 
     flags = hashlib.sha1(_cpu_flags().encode()).hexdigest()[:12]
-    return f"{cpu_model()}|{flags}|torch {torch.__version__}|{hidden}x{intermediate}x{tokens}"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    isa_part = f"|isa {isa.upper()}" if isa else ""
+    return f"{cpu_model()}|{flags}{isa_part}|torch {torch.__version__}|{hidden}x{intermediate}x{tokens}"
 
 
 def probe_rows(hidden: int, intermediate: int) -> int:
