@@ -1,8 +1,10 @@
 """Training throughput: sftlab's train(cfg) vs TRL's SFTTrainer, same model, data, LoRA, batch and steps.
 
 Issue targets:
-1. sftlab's default configuration reaches at least 2x the real (non-padding) tokens per second of
-   TRL's default configuration, at the same or lower final loss;
+1. sftlab's default configuration reaches at least 3x (issue #11; 2x before it) the real (non-padding)
+   tokens per second of TRL's default configuration, at the same or lower held-out loss, whatever the
+   CPU's bf16 speed (run it again with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`` on a CPU with AMX: AMX
+   off, bf16 matmuls at about 0.6x fp32, as on an AVX512-BF16 CPU without AMX);
 2. with gradient checkpointing on in both, sftlab is faster than TRL at no more peak memory.
 
 Configurations (each run in a fresh subprocess, so peak memory is its own):
@@ -335,7 +337,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     print(f"# bench_train  {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     print(f"# {platform.node()} | {os.cpu_count()} CPU cores | load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} | "
-          f"transformers {transformers.__version__}, trl {trl.__version__}")
+          f"transformers {transformers.__version__}, trl {trl.__version__}"
+          + (f" | ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}" if os.environ.get("ONEDNN_MAX_CPU_ISA") else ""))
     print(f"# model {MODEL}; data {TRAIN.relative_to(ROOT)}; {a.steps} steps x global batch {a.batch * a.accum} "
           f"({a.batch} x {a.accum} accumulation); lr {a.lr:g}; seed {a.seed}; {a.reps} alternating repetitions; "
           f"torch threads per worker: {a.threads or 'default (' + str(os.cpu_count()) + ')'}")
@@ -375,11 +378,11 @@ def main(argv=None) -> int:
     if "sftlab default" in summary and "trl default" in summary:
         o, t = summary["sftlab default"], summary["trl default"]
         r_real = o["real_tps"] / t["real_tps"]
-        ok = r_real >= 2 and o["eval_loss"] <= t["eval_loss"]
+        ok = r_real >= 3 and o["eval_loss"] <= t["eval_loss"]
         verdicts.append(ok)
         print(f"sftlab default vs trl default: real tok/s {r_real:.2f}x, trained tok/s {o['trained_tps'] / t['trained_tps']:.2f}x, "
               f"peak memory {o['peak_mb'] / t['peak_mb']:.2f}x, eval loss {o['eval_loss']:.4f} vs {t['eval_loss']:.4f} "
-              f"-> target (>= 2x real tok/s at same or lower loss): {'MET' if ok else 'MISSED'}")
+              f"-> target (>= 3x real tok/s at same or lower loss): {'MET' if ok else 'MISSED'}")
     if "sftlab gc" in summary and "trl default" in summary:
         o, t = summary["sftlab gc"], summary["trl default"]
         r_real = o["real_tps"] / t["real_tps"]
