@@ -7,7 +7,7 @@ tokenizer is a word-level one with the same vocabulary size and a ChatML templat
 
 Grid: method (LoRA r16 alpha32 all-linear, full fine-tuning) x rows (unpacked, packed) x side:
 - ``sftlab``: ``sftlab.train.run.train`` with its defaults (precision, checkpointing, attention and
-  the liger_kernels / compile_blocks keys all ``auto``) and the shared settings;
+  the liger_kernels / fused_loss / compile_blocks keys all ``auto``) and the shared settings;
 - ``trl``: ``trl.SFTTrainer`` with ``SFTConfig`` defaults and the shared settings (TRL 1.x: gradient
   checkpointing on, bf16, the model loaded as saved: bf16);
 - ``trl+liger``: the same with ``use_liger_kernel=True``.

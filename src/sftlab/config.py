@@ -94,6 +94,7 @@ class Config:
     gradient_checkpointing: bool | Auto = _f("auto", "recompute activations in backward: true, false, or 'auto' (only when it would not fit)")
     precision: Precision = _f("auto", "auto: bf16 on a GPU that supports it; on a CPU, bf16 only where a short probe of the model's matmul shapes measures it faster than fp32 (cached per machine), else fp32")
     liger_kernels: bool | Auto = _f("auto", "liger-kernel's RMSNorm/SwiGLU/RoPE kernels (pip install 'sftlab[gpu]'): auto uses them on a GPU where a trial on the model's shapes measures them faster with matching output; off on a CPU")
+    fused_loss: bool | Auto = _f("auto", "liger-kernel's fused linear cross entropy in place of sftlab's chunked loss (pip install 'sftlab[gpu]'): auto uses it on a GPU where a trial on the model's output head measures it faster with matching losses and gradients; off on a CPU")
     compile_blocks: bool | Auto = _f("auto", "torch.compile each decoder block: auto compiles on a GPU where a trial measures it faster with matching output; off on a CPU")
     seed: int = _f(42, "random seed")
     deepspeed: str | None = _f(None, "DeepSpeed config file, passed through to transformers/accelerate")

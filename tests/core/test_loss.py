@@ -120,3 +120,42 @@ def test_micro_batches_normalised_by_the_step_count_equal_the_full_batch():
     naive = sum(sft_loss(hidden[i:i + 2], head, labels[i:i + 2]) for i in (0, 2)) / 2
     assert torch.allclose(ours, full, atol=1e-6)
     assert not torch.allclose(naive, full, atol=1e-3)
+
+
+class _SpyFused:
+    """A fused linear cross entropy written plainly (what liger computes), counting its calls."""
+
+    def __init__(self, scale=1.0):
+        self.calls, self.scale = 0, scale
+
+    def __call__(self, h, weight, bias, target, label_smoothing):
+        self.calls += 1
+        logits = F.linear(h, weight, bias).float()
+        return self.scale * F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_a_fused_cross_entropy_takes_the_chunks_place_with_the_same_loss_and_gradients(mode):
+    hidden, head, labels = _setup(B=4)
+    weights = torch.tensor([1.0, 2.0, 0.5, 1.0])[:, None].expand(labels.shape)
+    spy = _SpyFused()
+    kw = dict(mode=mode, label_smoothing=0.1, loss_weights=weights, chunk_size=2)
+    ours = sft_loss(hidden, head, labels, **kw)
+    fused = sft_loss(hidden, head, labels, fused=spy, **kw)
+    assert spy.calls == 1
+    assert torch.allclose(ours, fused, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, [hidden, head.weight]), torch.autograd.grad(fused, [hidden, head.weight])):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_fused_cross_entropy_is_not_used_where_the_head_is_not_a_plain_linear():
+    class Adapted(torch.nn.Linear):  # e.g. a LoRA-wrapped or quantized head: not x @ W.T + b
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    hidden, head, labels = _setup()
+    adapted = Adapted(head.in_features, head.out_features, bias=False)
+    adapted.weight = head.weight
+    spy = _SpyFused()
+    assert torch.allclose(sft_loss(hidden, adapted, labels, fused=spy), sft_loss(hidden, adapted, labels))
+    assert spy.calls == 0

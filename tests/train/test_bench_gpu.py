@@ -42,4 +42,5 @@ def test_dry_run_measures_every_side_it_can(tmp_path, monkeypatch):
         else:
             assert r["skipped"].startswith("skipped: "), r
     sftlab = [r for r in results if r["side"] == "sftlab"]
-    assert all(r["resolved"]["kernels"] == {"liger_kernels": False, "compile_blocks": False} for r in sftlab)
+    assert all(r["resolved"]["kernels"] == {"liger_kernels": False, "fused_loss": False, "compile_blocks": False}
+               for r in sftlab)

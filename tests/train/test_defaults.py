@@ -1,6 +1,7 @@
 """Defaults that learn and the optional GPU kernels: the learning-rate table and its scaling, the
-kernel selection rule with faked trials, kernels as no-ops on a CPU, and (slow) 10 LoRA steps with
-every default left alone reaching 90% exact match on the demo's held-out extraction task."""
+kernel selection rule with faked trials, kernels as no-ops on a CPU, the fused loss's trial and wiring
+(liger replaced by the plain computation), and (slow) 10 LoRA steps with every default left alone on the
+demo's held-out extraction task: learning (45%+) and #11's 90% (a strict xfail)."""
 
 from __future__ import annotations
 
@@ -66,14 +67,97 @@ def test_kernels_are_no_ops_on_a_cpu(tmp_path, tiny_model_dir):
     cfg = train_config(tmp_path, tiny_model_dir)
     assert cfg.liger_kernels == "auto" and cfg.compile_blocks == "auto"
     choices = kernels.apply_kernels(cfg, model)
-    assert [(c.name, c.enabled) for c in choices] == [("liger_kernels", False), ("compile_blocks", False)]
+    assert [(c.name, c.enabled) for c in choices] == [("liger_kernels", False), ("fused_loss", False),
+                                                      ("compile_blocks", False)]
     assert all("CUDA" in c.reason for c in choices)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(hasattr(layer, "_compiled_call_impl") and layer._compiled_call_impl for layer in model.model.layers)
-    off = kernels.apply_kernels(train_config(tmp_path, tiny_model_dir, liger_kernels=False, compile_blocks=False), model)
-    assert [c.reason for c in off] == ["off in the config"] * 2
-    with pytest.raises(SftlabError, match="liger_kernels.*CUDA"):
-        kernels.apply_kernels(train_config(tmp_path, tiny_model_dir, liger_kernels=True), model)
+    off = kernels.apply_kernels(train_config(tmp_path, tiny_model_dir, liger_kernels=False, fused_loss=False,
+                                             compile_blocks=False), model)
+    assert [c.reason for c in off] == ["off in the config"] * 3
+    for key in ("liger_kernels", "fused_loss"):
+        with pytest.raises(SftlabError, match=f"{key}.*CUDA"):
+            kernels.apply_kernels(train_config(tmp_path, tiny_model_dir, **{key: True}), model)
+
+
+class _PlainFused:
+    """What liger's fused linear cross entropy computes, written plainly; ``scale`` != 1 makes it wrong."""
+
+    def __init__(self, scale=1.0):
+        self.calls, self.scale = 0, scale
+
+    def __call__(self, h, weight, bias, target, label_smoothing):
+        import torch.nn.functional as F
+
+        self.calls += 1
+        logits = F.linear(h, weight, bias).float()
+        return self.scale * F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_the_fused_loss_trial_compares_losses_and_gradients(train_head):
+    import torch
+
+    head = torch.nn.Linear(16, 40, bias=False)
+    timer = iter([3.0, 2.0] * 3)  # reference, then candidate
+    good = kernels.loss_trial(head, "fp32", train_head=train_head, fused=_PlainFused(), tokens=50, device="cpu",
+                              timer=lambda fn: (fn(), next(timer))[1])
+    assert good.max_rel_diff < 1e-5 and (good.reference_ms, good.candidate_ms) == (3.0, 2.0)
+    assert choose("fused_loss", good).enabled
+    wrong = kernels.loss_trial(head, "fp32", train_head=train_head, fused=_PlainFused(scale=1.1), tokens=50,
+                               device="cpu", timer=lambda fn: (fn(), next(timer))[1])
+    assert wrong.max_rel_diff > 0.05 and not choose("fused_loss", wrong).enabled
+    one_scale = kernels.loss_trial(head, "fp32", train_head=train_head, fused=_one_scale_backward, tokens=50,
+                                   device="cpu", timer=lambda fn: (fn(), next(timer))[1])
+    assert one_scale.max_rel_diff > 0.05  # right losses, wrong gradients: caught too
+    assert head.weight.grad is None  # the trial works on a copy
+
+
+def _one_scale_backward(h, weight, bias, target, label_smoothing):
+    """Right per-token losses, but backward scales every token by the first token's upstream gradient
+    (liger-kernel before 0.8.2 with reduction='none')."""
+    import torch
+    import torch.nn.functional as F
+
+    class OneScale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w):
+            with torch.enable_grad():
+                hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+                losses = F.cross_entropy(F.linear(hh, ww), target, reduction="none")
+                gh, gw = torch.autograd.grad(losses.sum(), [hh, ww])
+            ctx.save_for_backward(gh, gw)
+            return losses.detach()
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            gh, gw = ctx.saved_tensors
+            return gh * grad_out[0], gw * grad_out[0]
+
+    return OneScale.apply(h, weight)
+
+
+def test_a_chosen_fused_loss_trains_exactly_as_the_chunked_loss(monkeypatch, tmp_path, tiny_model_dir):
+    """fused_loss forced on through the decision (as a GPU trial would turn it on), liger replaced by the
+    plain computation: the trainer routes every micro-batch's loss through it, and the losses match."""
+    import json
+
+    from sftlab.train.run import train
+
+    spy = _PlainFused()
+    monkeypatch.setattr(kernels, "_why_not_fused", lambda model: None)
+    monkeypatch.setattr(kernels, "loss_trial", lambda *a, **k: Trial(2.0, 1.0, 0.0))
+    monkeypatch.setattr(kernels, "liger_fused_ce", spy)
+    runs = {}
+    for name, setting in (("fused", "auto"), ("chunked", False)):
+        (tmp_path / name).mkdir()
+        s = train(train_config(tmp_path / name, tiny_model_dir, fused_loss=setting, max_steps=3, logging_steps=1,
+                               precision="fp32"), quiet=True)
+        assert [k["enabled"] for k in s["kernels"] if k["name"] == "fused_loss"] == [name == "fused"]
+        rows = [json.loads(x) for x in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss"] for r in rows if "loss" in r]
+    assert spy.calls >= 3 and len(runs["fused"]) == 3
+    assert runs["fused"] == pytest.approx(runs["chunked"], rel=1e-5)
 
 
 def test_packed_rows_use_flash_attention_only_where_it_runs(monkeypatch, tmp_path, tiny_model_dir):
@@ -95,31 +179,47 @@ def test_summary_records_precision_probe_and_kernels(tmp_path, tiny_model_dir):
     probe = s["precision_probe"]
     assert probe["fp32_ms"] > 0 and probe["bf16_ms"] > 0 and probe["hidden"] == 64
     assert s["precision"] == ("bf16" if probe["bf16_ms"] <= 0.95 * probe["fp32_ms"] else "fp32")
-    assert [k["name"] for k in s["kernels"]] == ["liger_kernels", "compile_blocks"]
+    assert [k["name"] for k in s["kernels"]] == ["liger_kernels", "fused_loss", "compile_blocks"]
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "auto -> " + s["precision"] in saved and load_config(tmp_path / "run" / "config.yaml").precision == s["precision"]
     check = train(train_config(tmp_path, tiny_model_dir, precision="auto"), check_only=True, quiet=True)
     assert check["precision_probe"]["fp32_ms"] == probe["fp32_ms"]  # the cached probe
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue #11 not done: the defaults reach 62% exact match here, not 90% "
-                                       "(benchmarks/RESULTS.md); strict, so it fails loudly once the defaults do")
-def test_defaults_learn_the_demo_task_in_ten_lora_steps(tmp_path):
+@pytest.fixture(scope="module")
+def ten_default_steps(tmp_path_factory):
     """Every default left alone except the step count and the batch of 4 x 2: 10 LoRA steps on the
     demo's training split, then exact match on 24 held-out examples (generation, the eval module's scorer)."""
     from sftlab.demo_data import demo_path
     from sftlab.eval import GenerationSettings, run_eval
     from sftlab.train.run import train
 
-    cfg = load_config(None, {"data": str(demo_path("train")), "output_dir": str(tmp_path / "run"),
+    out = tmp_path_factory.mktemp("ten") / "run"
+    cfg = load_config(None, {"data": str(demo_path("train")), "output_dir": str(out),
                              "max_steps": 10, "batch_size": 4, "gradient_accumulation": 2})
     summary = train(cfg, quiet=True)
-    assert summary["method"] == "lora" and summary["steps"] == 10
-    result = run_eval(str(tmp_path / "run"), str(demo_path("eval")), scorer="exact", limit=24,
+    result = run_eval(str(out), str(demo_path("eval")), scorer="exact", limit=24,
                       settings=GenerationSettings(max_new_tokens=48), batch_size=24)["result"]
+    return summary, result, load_config(out / "config.yaml").learning_rate
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ten_default_steps")
+def test_defaults_learn_the_demo_task_in_ten_lora_steps(ten_default_steps):
+    """The defaults learn: 45% or more (15/24 measured). The rates the defaults used before issue #11
+    (2e-5, and `plan`'s 2e-4) reach 0/24 in the same 10 steps (benchmarks/RESULTS.md)."""
+    summary, result, learning_rate = ten_default_steps
+    assert summary["method"] == "lora" and summary["steps"] == 10 and learning_rate >= 1e-3  # auto's table
     assert result["scorer"] == "exact" and result["metrics"]["n_generated"] == 24
-    assert result["metrics"]["task_score"] >= 0.9, result["samples"]
+    assert result["metrics"]["task_score"] >= 0.45, result["samples"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ten_default_steps")
+@pytest.mark.xfail(strict=True, reason="issue #11 not done: the defaults reach 62% exact match here, not 90% "
+                                       "(benchmarks/RESULTS.md); strict, so it fails loudly once the defaults do")
+def test_defaults_reach_ninety_percent_in_ten_lora_steps(ten_default_steps):
+    assert ten_default_steps[1]["metrics"]["task_score"] >= 0.9
 
 
 def test_train_check_prints_the_precision_choice_with_the_probe(tmp_path, tiny_model_dir, capsys):
@@ -132,3 +232,19 @@ def test_train_check_prints_the_precision_choice_with_the_probe(tmp_path, tiny_m
                "--check", "--set", "precision=auto", "--set", "max_seq_length=128"])
     out = capsys.readouterr().out
     assert rc in (0, 2) and "precision: auto -> " in out and "fp32 " in out and " ms" in out
+
+
+@pytest.mark.parametrize("version,why", [("0.8.1", "older than 0.8.2"), ("0.8.2", None), ("0.10.0", None)])
+def test_fused_loss_needs_a_liger_kernel_with_per_token_gradients(monkeypatch, tiny_model_dir, version, why):
+    import importlib.metadata
+
+    import torch
+
+    from sftlab.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "liger_available", lambda: True)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    got = kernels._why_not_fused(model)
+    assert got is None if why is None else why in got

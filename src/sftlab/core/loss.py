@@ -7,6 +7,10 @@ micro-batch whose trained positions fit one small chunk (log-probabilities of at
 ``NO_RECOMPUTE_BYTES``) keeps them instead: backward needs them first, so the peak is the same, and the
 head's matmul is not run twice (about 2% of a default LoRA micro-step on 2 CPU cores).
 
+A fused linear cross entropy (``fused``: liger-kernel's, chosen by a trial in ``train/kernels.py``)
+can take the chunks' place where the head is a plain ``nn.Linear``: it computes the gradient of the
+projection during the forward pass, so the head's matmul is not recomputed in backward.
+
 Normalisation (``mode``):
 - ``token``: sum of per-token losses / ``num_items`` — the number of trained tokens of the whole
   optimizer step (all accumulation micro-batches and all processes), so batch 8 equals batch 2 with
@@ -19,6 +23,7 @@ Per-example weights multiply each token's (or sequence's) loss.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +75,23 @@ def _chunk_ce(head, h: torch.Tensor, y: torch.Tensor, label_smoothing: float) ->
     return F.cross_entropy(logits, y, reduction="none", label_smoothing=label_smoothing)
 
 
+# (hidden [N, H], weight [V, H], bias [V] | None, targets [N], label_smoothing) -> losses [N] (no reduction)
+FusedCE = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, float], torch.Tensor]
+
+
+def fusable(head) -> bool:
+    """A head a fused linear cross entropy can replace: exactly ``nn.Linear`` (not an adapter-wrapped
+    or quantized layer, whose output is not ``x @ weight.T + bias``)."""
+    return type(head) is nn.Linear
+
+
 def per_token_losses(hidden: torch.Tensor, head, labels: torch.Tensor, *, label_smoothing: float = 0.0,
-                     chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_size: int = 2048, fused: FusedCE | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross entropy of every trained position: (losses [N], mask [B, S-1] of which positions).
 
     ``hidden``: [B, S, H] final hidden states; ``head``: the output projection (hidden -> vocab);
-    ``labels``: [B, S] with -100 where not trained (unshifted).
+    ``labels``: [B, S] with -100 where not trained (unshifted); ``fused``: used instead of the chunks
+    when ``head`` is :func:`fusable`.
     """
     target = labels[:, 1:]
     mask = target != IGNORE
@@ -83,6 +99,11 @@ def per_token_losses(hidden: torch.Tensor, head, labels: torch.Tensor, *, label_
     y = target[mask]
     if h.shape[0] == 0:
         return hidden.sum() * 0.0 + torch.zeros(0, device=hidden.device), mask
+    if fused is not None and fusable(head):
+        w = head.weight
+        if w.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+            h = h.to(w.dtype)
+        return fused(h, w, head.bias, y, label_smoothing).float(), mask
     out = []
     recompute = torch.is_grad_enabled() and h.requires_grad
     vocab = getattr(getattr(head, "weight", None), "shape", (0,))[0]
@@ -115,9 +136,10 @@ def count_sequences(labels: torch.Tensor, position_ids: torch.Tensor | None) -> 
 def sft_loss(hidden: torch.Tensor, head, labels: torch.Tensor, *, num_items: int | torch.Tensor | None = None,
              mode: str = "token", label_smoothing: float = 0.0, loss_weights: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, num_sequences: int | torch.Tensor | None = None,
-             chunk_size: int = 2048) -> torch.Tensor:
+             chunk_size: int = 2048, fused: FusedCE | None = None) -> torch.Tensor:
     """The training loss of one micro-batch, normalised over the whole optimizer step (see module doc)."""
-    ce, mask = per_token_losses(hidden, head, labels, label_smoothing=label_smoothing, chunk_size=chunk_size)
+    ce, mask = per_token_losses(hidden, head, labels, label_smoothing=label_smoothing, chunk_size=chunk_size,
+                                fused=fused)
     w = loss_weights[:, 1:][mask].to(ce.dtype) if loss_weights is not None else None
     if mode == "token":
         total = (ce * w).sum() if w is not None else ce.sum()

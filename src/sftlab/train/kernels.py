@@ -3,6 +3,8 @@ faster and computes the same thing.
 
 - ``liger_kernels``: liger-kernel's Triton RMSNorm, SwiGLU MLP and RoPE patched into the model
   (``pip install sftlab[gpu]``);
+- ``fused_loss``: liger-kernel's fused linear cross entropy in place of the chunked loss of
+  ``core/loss.py`` (the head's gradient is computed in the forward pass: one matmul fewer);
 - ``compile_blocks``: ``torch.compile`` of each decoder block;
 - FlashAttention-2 varlen for packed rows is chosen by ``attn_implementation: auto``
   (:func:`flash_attention_available`): packed rows then carry position ids and no mask.
@@ -17,12 +19,14 @@ been measured on a GPU yet (see benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import time
 from dataclasses import asdict, dataclass
 
 from sftlab.config import Config
 from sftlab.core.errors import SftlabError
+from sftlab.core.loss import IGNORE, fusable, per_token_losses
 
 SPEEDUP = 1.05  # a kernel must be at least 5% faster to be worth a different code path
 TOLERANCE = 2e-2  # largest relative difference of outputs allowed (bf16 rounds at ~4e-3 per op)
@@ -175,6 +179,56 @@ def compile_trial(model, precision: str, tokens: int = 2048) -> Trial:
     return run_trial(ref, torch.compile(Block(layer)), make)
 
 
+def liger_fused_ce(h, weight, bias, target, label_smoothing: float):
+    """liger-kernel's fused linear cross entropy in ``core.loss.FusedCE``'s form: per-token losses."""
+    from liger_kernel.transformers.functional import (  # deferred: optional GPU extra
+        liger_fused_linear_cross_entropy,
+    )
+
+    return liger_fused_linear_cross_entropy(h, weight, target, bias, ignore_index=IGNORE,
+                                            label_smoothing=label_smoothing, reduction="none")
+
+
+def loss_trial(head, precision: str, *, train_head: bool, fused=None, tokens: int = 4096,
+               device: str = "cuda", timer=None) -> Trial:
+    """sftlab's chunked loss against ``fused`` (default: liger's) on a copy of the output head, forward
+    and backward over ``tokens`` trained positions; the difference is the larger of the losses' and the
+    hidden-state gradients' (and the head's, when trained)."""
+    import torch  # deferred: heavy library, imported on first use
+
+    fused = fused or liger_fused_ce
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    lin = copy.deepcopy(head).to(device)
+    lin.requires_grad_(train_head)
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(1, tokens + 1, lin.in_features, device=device, generator=gen).to(lin.weight.dtype)
+    labels = torch.randint(lin.out_features, (1, tokens + 1), device=device, generator=gen)
+    labels[0, 0] = IGNORE
+    # per-token upstream gradients that differ (loss weights, per-sequence means): liger before 0.8.2
+    # scaled the whole gradient by one of them
+    token_weights = torch.rand(tokens, device=device, generator=gen) + 0.5
+
+    def step(f):
+        def go():
+            lin.zero_grad(set_to_none=True)
+            x = hidden.detach().requires_grad_(True)
+            with torch.autocast(device, dtype, enabled=dtype != torch.float32):
+                losses, _ = per_token_losses(x, lin, labels, fused=f)
+            (losses * token_weights).sum().backward()
+            grads = [x.grad] + ([lin.weight.grad] if train_head else [])
+            return losses.detach(), [g.float() for g in grads]
+        return go
+
+    (ref_l, ref_g), (cand_l, cand_g) = step(None)(), step(fused)()
+
+    def rel(a, b):
+        return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-6)).item()
+
+    diff = max([rel(ref_l, cand_l)] + [rel(a, b) for a, b in zip(ref_g, cand_g)])
+    timer = timer or _time_ms
+    return Trial(timer(step(None)), timer(step(fused)), diff)
+
+
 def _decide(key: str, setting, available: str | None, trial_fn) -> KernelChoice:
     """``setting`` is True, False or "auto"; ``available`` is None or why the kernel cannot run here."""
     if setting is False:
@@ -203,6 +257,26 @@ def _why_not_liger(model) -> str | None:
     return None
 
 
+def _why_not_fused(model) -> str | None:
+    import torch  # deferred: heavy library, imported on first use
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (liger-kernel's Triton kernels run on GPUs)"
+    if not liger_available():
+        return "liger-kernel is not installed (pip install 'sftlab[gpu]')"
+    version = importlib.metadata.version("liger-kernel")
+    if tuple(int(p) for p in version.split(".")[:3] if p.isdigit()) < (0, 8, 2):
+        return f"liger-kernel {version} is older than 0.8.2 (per-token gradients of reduction='none')"
+    if not fusable(model.get_output_embeddings()):
+        return "the output head is not a plain linear layer"
+    return None
+
+
+def fused_loss_fn(choices: list[KernelChoice]):
+    """The fused cross entropy for ``core.loss.sft_loss`` when ``fused_loss`` was chosen, else None."""
+    return liger_fused_ce if any(c.name == "fused_loss" and c.enabled for c in choices) else None
+
+
 def _why_not_compile(model) -> str | None:
     import torch  # deferred: heavy library, imported on first use
 
@@ -214,7 +288,7 @@ def _why_not_compile(model) -> str | None:
 
 
 def apply_kernels(cfg: Config, model) -> list[KernelChoice]:
-    """Decide ``liger_kernels`` and ``compile_blocks`` for ``model`` (before PEFT wraps it) and apply
+    """Decide ``liger_kernels``, ``fused_loss`` and ``compile_blocks`` for ``model`` (before PEFT wraps it) and apply
     what is on. Returns the decisions, for the run's summary."""
     out = [_decide("liger_kernels", cfg.liger_kernels, _why_not_liger(model), lambda: liger_trial(model, cfg.precision))]
     if out[0].enabled:
@@ -224,16 +298,18 @@ def apply_kernels(cfg: Config, model) -> list[KernelChoice]:
 
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
+    out.append(_decide("fused_loss", cfg.fused_loss, _why_not_fused(model),
+                       lambda: loss_trial(model.get_output_embeddings(), cfg.precision, train_head=cfg.method == "full")))
     compile_setting = cfg.compile_blocks
     if compile_setting is True and _decoder_layers(model) is not None:
         out.append(KernelChoice("compile_blocks", True, "on in the config"))
     else:
         out.append(_decide("compile_blocks", compile_setting, _why_not_compile(model), lambda: compile_trial(model, cfg.precision)))
-    if out[1].enabled:
+    if out[-1].enabled:
         for layer in _decoder_layers(model):
             layer.compile()  # in place: parameter names (and so checkpoints) stay as they are
     return out
 
 
 __all__ = ["KernelChoice", "SPEEDUP", "TOLERANCE", "Trial", "apply_kernels", "choose", "flash_attention_available",
-           "liger_available", "run_trial"]
+           "fused_loss_fn", "liger_available", "liger_fused_ce", "loss_trial", "run_trial"]

@@ -58,6 +58,7 @@ from sftlab.train.distributed import (
     world_size,
 )
 from sftlab.train.epochs import drawn_epochs
+from sftlab.train.kernels import fused_loss_fn
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
 
@@ -148,7 +149,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     run = Path(rc.output_dir)
     resume_from = start_run_folder(rc, run)
     args = training_arguments(rc, run / A.CHECKPOINTS, has_eval=data.eval is not None, quiet=quiet)
-    trainer, switch = build_trainer(rc, data, model, ewc_loss_fn, args, batches)
+    trainer, switch = build_trainer(rc, data, model, ewc_loss_fn, args, batches, fused_ce=fused_loss_fn(kernels))
     logger, stopper = attach_callbacks(trainer, rc, run, quiet=quiet, extra=callbacks or [])
     h = Harness(trainer, logger, stopper, switch, notes)
     fitted = fit(h, rc, data, run, resume_from)
@@ -307,9 +308,10 @@ def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: boo
 
 
 # -- trainer -------------------------------------------------------------------------------------
-def build_trainer(rc: Config, data: RunData, model, ewc_loss_fn, args,
-                  batches: Batches) -> tuple[SftlabTrainer, AttentionSwitch | None]:
-    """The Trainer with sftlab's loss, EWC, attention switch and evaluation (``training_eval``)."""
+def build_trainer(rc: Config, data: RunData, model, ewc_loss_fn, args, batches: Batches,
+                  fused_ce=None) -> tuple[SftlabTrainer, AttentionSwitch | None]:
+    """The Trainer with sftlab's loss (``fused_ce``: the fused cross entropy chosen by ``fused_loss``),
+    EWC, attention switch and evaluation (``training_eval``)."""
     ewc = None
     if rc.ewc_lambda > 0:
         ewc = ewc_from_examples(model, data.general.examples[: rc.ewc_samples], ewc_loss_fn, rc.ewc_lambda,
@@ -325,7 +327,7 @@ def build_trainer(rc: Config, data: RunData, model, ewc_loss_fn, args,
                             group_lengths=batches.lengths, train_sampler=batches.sampler,
                             general_examples=data.general.examples if data.general else None,
                             gen_template=data.train.template, gen_conversations=evald.conversations if evald else None,
-                            gen_limit=rc.eval_generate)
+                            gen_limit=rc.eval_generate, fused_ce=fused_ce)
     return trainer, switch
 
 

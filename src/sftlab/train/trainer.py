@@ -2,7 +2,7 @@
 
 - ``compute_loss``: the model returns final hidden states instead of logits (the output head is
   swapped for a pass-through during the forward) and ``sft_loss`` projects only trained positions,
-  chunk by chunk. The loss is normalised by the trained tokens of the whole optimizer step, counted
+  chunk by chunk (or by the fused cross entropy ``fused_ce``). The loss is normalised by the trained tokens of the whole optimizer step, counted
   across accumulation steps and processes (Trainer's ``num_items_in_batch``).
 - ``_get_num_items_in_batch``: also counts sequences, for the length-normalised loss.
 - ``evaluate``: the evaluation function passed in (``evaluate_fn``, the eval layer's ``training_eval``:
@@ -94,8 +94,9 @@ class SftlabTrainer(Trainer):
     def __init__(self, *args, evaluate_fn: EvaluateFn | None = None, loss_mode: str = "token",
                  label_smoothing: float = 0.0, ewc=None, group_lengths: list[int] | None = None,
                  general_examples=None, gen_template=None, gen_conversations=None, gen_limit: int = 0,
-                 attention_switch=None, train_sampler=None, **kwargs):
+                 attention_switch=None, train_sampler=None, fused_ce=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.fused_ce = fused_ce  # a fused linear cross entropy (fused_loss), else the chunked loss
         self.train_sampler = train_sampler  # a mixture drawn afresh each epoch (train/epochs.py)
         self.evaluate_fn = evaluate_fn  # passed in: training sits above evaluation, not beside it
         self.attention_switch = attention_switch  # per-batch kernel choice (attn_implementation: auto)
@@ -176,7 +177,8 @@ class SftlabTrainer(Trainer):
                 loss = sft_loss(hidden, head, labels, num_items=num_items_in_batch, mode=self.loss_mode,
                                 label_smoothing=self.label_smoothing, loss_weights=weights,
                                 position_ids=inputs.get("position_ids"),
-                                num_sequences=self._num_sequences if num_items_in_batch is not None else None)
+                                num_sequences=self._num_sequences if num_items_in_batch is not None else None,
+                                fused=self.fused_ce)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP averages gradients over processes; the loss was divided by the global count.
             loss = loss * self.accelerator.num_processes
