@@ -75,6 +75,8 @@ class Summary:
     signal: str | None = None  # SIGINT or SIGTERM when a signal stopped the run (stopped == "interrupted")
     lr_sweep: dict | None = None  # `train --find-lr`: the range test (lrs, losses, smoothed, choice, reason)
     distributed: dict | None = None  # several processes: {"processes", "sharding": "ddp" | "fsdp2" | "deepspeed"}
+    learning_rate: float | None = None  # the peak rate the run used (auto resolved: the table, or --find-lr)
+    global_batch: int | None = None  # examples (packed: rows) per optimizer step, all processes
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -180,6 +180,7 @@ def test_summary_records_precision_probe_and_kernels(tmp_path, tiny_model_dir):
     assert probe["fp32_ms"] > 0 and probe["bf16_ms"] > 0 and probe["hidden"] == 64
     assert s["precision"] == ("bf16" if probe["bf16_ms"] <= 0.95 * probe["fp32_ms"] else "fp32")
     assert [k["name"] for k in s["kernels"]] == ["liger_kernels", "fused_loss", "compile_blocks"]
+    assert s["learning_rate"] == 1e-3 and s["global_batch"] == 4  # train_config: 1e-3, batch 4 x 1
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "auto -> " + s["precision"] in saved and load_config(tmp_path / "run" / "config.yaml").precision == s["precision"]
     check = train(train_config(tmp_path, tiny_model_dir, precision="auto"), check_only=True, quiet=True)
@@ -210,6 +211,7 @@ def test_defaults_learn_the_demo_task_in_ten_lora_steps(ten_default_steps):
     (2e-5, and `plan`'s 2e-4) reach 0/24 in the same 10 steps (benchmarks/RESULTS.md)."""
     summary, result, learning_rate = ten_default_steps
     assert summary["method"] == "lora" and summary["steps"] == 10 and learning_rate >= 1e-3  # auto's table
+    assert summary["learning_rate"] == learning_rate and summary["global_batch"] == 8
     assert result["scorer"] == "exact" and result["metrics"]["n_generated"] == 24
     assert result["metrics"]["task_score"] >= 0.45, result["samples"]
 
@@ -248,3 +250,29 @@ def test_fused_loss_needs_a_liger_kernel_with_per_token_gradients(monkeypatch, t
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
     got = kernels._why_not_fused(model)
     assert got is None if why is None else why in got
+
+
+def test_describe_auto_names_each_auto_key_and_its_grounds():
+    from sftlab.plan.auto import describe_auto
+
+    cfg = Config(learning_rate="auto", precision="auto", epochs="auto", gradient_checkpointing="auto")
+    resolved = Config(learning_rate=2e-3, precision="fp32", epochs=5, gradient_checkpointing=False,
+                      batch_size=4, gradient_accumulation=2)
+    line = describe_auto(cfg, resolved, n_params=135e6, n_examples=200,
+                         probe={"bf16_speedup": 0.61})
+    assert line == ("auto chose: epochs 5 (200 examples), learning_rate 0.002 (the lora table for 135M parameters "
+                    "at a global batch of 8), precision fp32 (bf16 0.61x fp32 on this CPU), "
+                    "gradient_checkpointing false (fits without it)")
+    fixed = Config(learning_rate=1e-4, precision="bf16", epochs=1, gradient_checkpointing=True)
+    assert describe_auto(fixed, fixed, n_params=135e6, n_examples=200) is None
+
+
+def test_train_says_what_auto_chose(tmp_path, tiny_model_dir, capsys):
+    from sftlab.train.run import train
+
+    s = train(train_config(tmp_path, tiny_model_dir, learning_rate="auto", max_steps=1), quiet=False)
+    out = capsys.readouterr().out
+    assert f"auto chose: learning_rate {s['learning_rate']:g} (the full table for " in out
+    assert "precision" not in out.split("auto chose:")[1].splitlines()[0]  # fp32 was set, not auto
+    assert "# auto chose: learning_rate" in (tmp_path / "run" / "config.yaml").read_text()
+    assert "kernels:" not in out  # on a CPU nothing was tried

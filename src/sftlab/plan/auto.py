@@ -121,6 +121,28 @@ def describe_precision(precision: str, probe: dict | None) -> str:
             f"CPU time, bf16 {probe['bf16_speedup']:.2f}x{'; cached' if probe.get('cached') else ''})")
 
 
+def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples: int,
+                  probe: dict | None = None) -> str | None:
+    """One line: what each `auto` key of ``cfg`` became in ``resolved`` and on what grounds; None when
+    nothing was `auto`."""
+    why = {
+        "epochs": f"{n_examples} examples",
+        "learning_rate": f"the {cfg.method} table for {n_params / 1e6:,.0f}M parameters at a global batch of "
+                         f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}",
+        "precision": f"bf16 {probe['bf16_speedup']:.2f}x fp32 on this CPU" if probe else "",
+        "gradient_checkpointing": "the estimate would not fit without it" if resolved.gradient_checkpointing
+                                  else "fits without it",
+    }
+    parts = []
+    for key in ("epochs", "batch_size", "gradient_accumulation", "learning_rate", "precision", "gradient_checkpointing"):
+        if getattr(cfg, key) != "auto":
+            continue
+        value = getattr(resolved, key)
+        shown = f"{value:g}" if isinstance(value, float) else str(value).lower()
+        parts.append(f"{key} {shown}" + (f" ({why[key]})" if why.get(key) else ""))
+    return "auto chose: " + ", ".join(parts) if parts else None
+
+
 def _model_widths(model_cfg) -> tuple[int, int]:
     """(hidden, intermediate) of a transformers config; GPT-2 style configs name them differently."""
     hidden = getattr(model_cfg, "hidden_size", None) or getattr(model_cfg, "n_embd", None) or 768
@@ -161,4 +183,4 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
 
 
 __all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "batch_for_memory", "choose_precision",
-           "describe_precision", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto", "resolve_precision"]
+           "describe_auto", "describe_precision", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto", "resolve_precision"]

@@ -33,7 +33,7 @@ from sftlab.data.packing import pack
 from sftlab.data.prepare import Prepared, prepare
 from sftlab.eval.run import training_eval
 from sftlab.models import load_tokenizer, model_config
-from sftlab.plan.auto import describe_precision, resolve_auto
+from sftlab.plan.auto import describe_auto, describe_precision, resolve_auto
 from sftlab.plan.shapes import shape_from_config
 from sftlab.rundir import Summary
 from sftlab.train.callbacks import (
@@ -137,12 +137,14 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(),
                 "precision_probe": notes.get("precision_probe")}
     if not quiet:
-        print_checks(findings)
+        print_checks(findings, notes.get("auto"))
     raise_on_fatal(findings)
     set_train_malloc()  # before the model's tensors exist
     kernels: list = []
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels)
     notes["kernels"] = [k.to_dict() for k in kernels]
+    if not quiet and any(k.enabled or k.trial for k in kernels):  # a GPU: say what the trials decided
+        print("kernels: " + "; ".join(f"{k.name} {'on' if k.enabled else 'off'} ({k.reason})" for k in kernels))
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
     batches = training_batches(rc, train_examples, data.tok, model, data.train)
@@ -190,6 +192,7 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
     seq_len = cfg.max_seq_length if cfg.packing else min(cfg.max_seq_length, longest)
     notes: dict = {}
     rc = resolve_auto(cfg, n_params=n_params, n_examples=len(examples), model_cfg=mcfg, seq_len=seq_len, notes=notes)
+    notes["auto"] = describe_auto(cfg, rc, n_params=n_params, n_examples=len(examples), probe=notes.get("precision_probe"))
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
                          train_keys=_example_keys(data.train.usable),  # any epoch may draw any of them
                          eval_keys=_example_keys(data.eval.examples if data.eval else None),
@@ -210,7 +213,10 @@ def raise_on_fatal(findings: list[Finding]) -> None:
         raise SftlabError(errors[0].message, hint=errors[0].fixes[0])
 
 
-def print_checks(findings: list[Finding]) -> None:
+def print_checks(findings: list[Finding], chosen: str | None = None) -> None:
+    """The checklist, then what the `auto` keys became (``chosen``: :func:`describe_auto`'s line)."""
+    if chosen:
+        print(chosen)
     for f in findings:
         print(f"check {f}")
     if not findings:
@@ -361,7 +367,9 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     """Write the resolved config and prepare report, train, evaluate at the end, save the model."""
     if is_global_main():
         rc.save(run / A.CONFIG)
-        comments = [describe_precision(rc.precision, h.notes["precision_probe"])] if h.notes.get("precision_probe") else []
+        comments = [h.notes["auto"]] if h.notes.get("auto") else []
+        if h.notes.get("precision_probe"):
+            comments.append(describe_precision(rc.precision, h.notes["precision_probe"]))
         if sweep := h.notes.get("lr_sweep"):
             comments.append(f"learning_rate from the range test (--find-lr): {sweep['reason']}")
         if comments:  # comments: the file stays a config that loads as it is
@@ -477,5 +485,7 @@ def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay
         attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
         findings=[str(f) for f in findings], precision=rc.precision, signal=h.stopper.requested,
         precision_probe=h.notes.get("precision_probe"), kernels=h.notes.get("kernels"), lr_sweep=h.notes.get("lr_sweep"),
-        distributed=distributed_summary(trainer),
+        distributed=distributed_summary(trainer), learning_rate=float(rc.learning_rate),
+        global_batch=trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        * trainer.args.world_size,
     )
