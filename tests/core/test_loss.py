@@ -159,3 +159,12 @@ def test_the_fused_cross_entropy_is_not_used_where_the_head_is_not_a_plain_linea
     spy = _SpyFused()
     assert torch.allclose(sft_loss(hidden, adapted, labels, fused=spy), sft_loss(hidden, adapted, labels))
     assert spy.calls == 0
+    placeholder = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    placeholder.weight = torch.nn.Parameter(torch.empty(0))  # ZeRO-3: gathered only inside forward
+
+    def gathered_forward(x):
+        return F.linear(x, head.weight)
+
+    placeholder.forward = gathered_forward
+    assert torch.allclose(sft_loss(hidden, placeholder, labels, fused=spy), sft_loss(hidden, head, labels))
+    assert spy.calls == 0

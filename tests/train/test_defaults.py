@@ -145,7 +145,7 @@ def test_a_chosen_fused_loss_trains_exactly_as_the_chunked_loss(monkeypatch, tmp
     from sftlab.train.run import train
 
     spy = _PlainFused()
-    monkeypatch.setattr(kernels, "_why_not_fused", lambda model: None)
+    monkeypatch.setattr(kernels, "_why_not_fused", lambda cfg, model: None)
     monkeypatch.setattr(kernels, "loss_trial", lambda *a, **k: Trial(2.0, 1.0, 0.0))
     monkeypatch.setattr(kernels, "liger_fused_ce", spy)
     runs = {}
@@ -248,8 +248,10 @@ def test_fused_loss_needs_a_liger_kernel_with_per_token_gradients(monkeypatch, t
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernels, "liger_available", lambda: True)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
-    got = kernels._why_not_fused(model)
+    got = kernels._why_not_fused(Config(), model)
     assert got is None if why is None else why in got
+    for sharded in ({"fsdp": "full_shard auto_wrap"}, {"deepspeed": "examples/deepspeed/zero3.json"}):
+        assert "sharded" in kernels._why_not_fused(Config(**sharded), model)
 
 
 def test_describe_auto_names_each_auto_key_and_its_grounds():

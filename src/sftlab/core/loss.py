@@ -81,8 +81,12 @@ FusedCE = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Ten
 
 def fusable(head) -> bool:
     """A head a fused linear cross entropy can replace: exactly ``nn.Linear`` (not an adapter-wrapped
-    or quantized layer, whose output is not ``x @ weight.T + bias``)."""
-    return type(head) is nn.Linear
+    or quantized layer, whose output is not ``x @ weight.T + bias``) holding its whole weight as a plain
+    tensor (not a DeepSpeed ZeRO-3 placeholder or an FSDP shard, gathered only inside the head's forward)."""
+    if type(head) is not nn.Linear:
+        return False
+    w = head.weight
+    return tuple(w.shape) == (head.out_features, head.in_features) and type(w) in (nn.Parameter, torch.Tensor)
 
 
 def per_token_losses(hidden: torch.Tensor, head, labels: torch.Tensor, *, label_smoothing: float = 0.0,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import importlib.util
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -257,13 +258,15 @@ def _why_not_liger(model) -> str | None:
     return None
 
 
-def _why_not_fused(model) -> str | None:
+def _why_not_fused(cfg: Config, model) -> str | None:
     import torch  # deferred: heavy library, imported on first use
 
     if not torch.cuda.is_available():
         return "no CUDA device (liger-kernel's Triton kernels run on GPUs)"
     if not liger_available():
         return "liger-kernel is not installed (pip install 'sftlab[gpu]')"
+    if cfg.deepspeed or cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "sharded parameters (fsdp, deepspeed): the head's weight is whole only inside its own forward"
     version = importlib.metadata.version("liger-kernel")
     if tuple(int(p) for p in version.split(".")[:3] if p.isdigit()) < (0, 8, 2):
         return f"liger-kernel {version} is older than 0.8.2 (per-token gradients of reduction='none')"
@@ -298,7 +301,7 @@ def apply_kernels(cfg: Config, model) -> list[KernelChoice]:
 
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
-    out.append(_decide("fused_loss", cfg.fused_loss, _why_not_fused(model),
+    out.append(_decide("fused_loss", cfg.fused_loss, _why_not_fused(cfg, model),
                        lambda: loss_trial(model.get_output_embeddings(), cfg.precision, train_head=cfg.method == "full")))
     compile_setting = cfg.compile_blocks
     if compile_setting is True and _decoder_layers(model) is not None:
