@@ -30,6 +30,10 @@ Prints one row per run and the ratios sftlab / trl and sftlab / trl+liger.
     python benchmarks/bench_gpu.py                    # the full grid on the GPU (~6-8 minutes on an H200)
     python benchmarks/bench_gpu.py --configs lora-unpacked --sides sftlab,trl
     python benchmarks/bench_gpu.py --dry-run          # a tiny shape on the CPU: checks the logic only
+
+On a lent machine (no package index there): ``bash benchmarks/gpu_wheels.sh`` here fetches the wheels it
+lacks into ``.whl/`` (about 17 MB), and its header has the one device command that installs them and
+runs this script.
 """
 
 from __future__ import annotations
