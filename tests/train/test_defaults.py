@@ -278,3 +278,40 @@ def test_train_says_what_auto_chose(tmp_path, tiny_model_dir, capsys):
     assert "precision" not in out.split("auto chose:")[1].splitlines()[0]  # fp32 was set, not auto
     assert "# auto chose: learning_rate" in (tmp_path / "run" / "config.yaml").read_text()
     assert "kernels:" not in out  # on a CPU nothing was tried
+
+
+_REAL_LIGER = '''
+import torch
+from sftlab.core.loss import IGNORE, sft_loss
+from sftlab.train import kernels
+torch.manual_seed(0)
+hidden, head = torch.randn(3, 9, 16, requires_grad=True), torch.nn.Linear(16, 40, bias=False)
+labels = torch.randint(40, (3, 9))
+labels[0, :4] = IGNORE
+weights = torch.tensor([1.0, 2.0, 0.5])[:, None].expand(3, 9)
+for mode in ("token", "sequence"):
+    kw = dict(mode=mode, loss_weights=weights, label_smoothing=0.1)
+    a = sft_loss(hidden, head, labels, **kw)
+    b = sft_loss(hidden, head, labels, fused=kernels.liger_fused_ce, **kw)
+    ga, gb = (torch.autograd.grad(x, [hidden, head.weight]) for x in (a, b))
+    assert abs(float(a - b)) < 1e-5 and all(torch.allclose(x, y, atol=1e-5) for x, y in zip(ga, gb)), mode
+trial = kernels.loss_trial(head, "fp32", train_head=True, tokens=50, device="cpu", timer=lambda fn: (fn(), 1.0)[1])
+assert trial.max_rel_diff < 1e-4, trial
+print("ok")
+'''
+
+
+def test_real_liger_fused_loss_matches_the_chunked_loss_in_the_triton_interpreter():
+    """liger-kernel's own Triton code, run by Triton's CPU interpreter (TRITON_INTERPRET=1): the loss and
+    gradients of every mode equal the chunked loss's. Needs liger-kernel and triton installed (not by
+    `make test`: triton is about 1 GB); checks sftlab's call into liger, not its speed."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
+        pytest.skip("liger-kernel and triton are not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _REAL_LIGER], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
