@@ -234,6 +234,7 @@ def test_train_check_prints_the_precision_choice_with_the_probe(tmp_path, tiny_m
                "--check", "--set", "precision=auto", "--set", "max_seq_length=128"])
     out = capsys.readouterr().out
     assert rc in (0, 2) and "precision: auto -> " in out and "fp32 " in out and " ms" in out
+    assert "auto chose: epochs 3" not in out and "auto chose: learning_rate " in out  # epochs: 3 by default
 
 
 @pytest.mark.parametrize("version,why", [("0.8.1", "older than 0.8.2"), ("0.8.2", None), ("0.10.0", None)])

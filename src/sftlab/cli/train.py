@@ -68,6 +68,8 @@ def _check_and_find_lr(cfg, steps: int) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):
         checked = train(cfg, check_only=True, quiet=True)
+    if checked.get("auto"):
+        print(checked["auto"])
     print(describe_precision(checked["resolved"]["precision"], checked.get("precision_probe")))
     rc = _print_checks(checked["findings"])
     if rc:
@@ -139,6 +141,8 @@ def _cmd_train(args) -> int:
             describe_precision,  # deferred: the command pulls in torch; `sftlab --help` stays fast
         )
 
+        if summary.get("auto"):
+            print(summary["auto"])
         print(describe_precision(summary["resolved"]["precision"], summary.get("precision_probe")))
         return _print_checks(summary["findings"])
     stopped = summary["stopped"]

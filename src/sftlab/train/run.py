@@ -121,7 +121,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     learning-rate range test of ``train/find_lr.py``).
 
     ``check_only``: print nothing, train nothing; return ``{"findings": [Finding dicts], "resolved":
-    the config with every auto value resolved}``.
+    the config with every auto value resolved, "precision_probe", "auto": the line saying what auto chose}``.
     """
     from transformers import set_seed  # deferred: heavy library, imported on first use
 
@@ -135,7 +135,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     findings = blockers + findings
     if check_only:
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(),
-                "precision_probe": notes.get("precision_probe")}
+                "precision_probe": notes.get("precision_probe"), "auto": notes.get("auto")}
     if not quiet:
         print_checks(findings, notes.get("auto"))
     raise_on_fatal(findings)
