@@ -77,6 +77,7 @@ class Summary:
     distributed: dict | None = None  # several processes: {"processes", "sharding": "ddp" | "fsdp2" | "deepspeed"}
     learning_rate: float | None = None  # the peak rate the run used (auto resolved: the table, or --find-lr)
     global_batch: int | None = None  # examples (packed: rows) per optimizer step, all processes
+    merge: dict | None = None  # merge_micro_batches: enabled, reason, the micro-batch run, the trial's ms
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -73,7 +73,8 @@ def _train_args(model: Path, data: str, out: Path, per_process_batch: int, steps
             "--set", f"max_steps={steps}", "--set", "logging_steps=1", "--set", "group_by_length=false",
             "--set", "learning_rate=1e-2", "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0",
             "--set", "gradient_checkpointing=false", "--set", "precision=fp32", "--set", "save_steps=2",
-            "--set", f"batch_size={per_process_batch}", "--set", "gradient_accumulation=2", "--json"]
+            "--set", f"batch_size={per_process_batch}", "--set", "gradient_accumulation=2",
+            "--set", "merge_micro_batches=false", "--json"]
 
 
 def _losses(run: Path) -> list[float]:

@@ -27,7 +27,8 @@ def _weights(run: Path) -> dict:
 def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir):
     common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0)
     a = train(train_config(tmp_path / "a", tiny_model_dir, batch_size=8, gradient_accumulation=1, **common), quiet=True)
-    b = train(train_config(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4, **common), quiet=True)
+    b = train(train_config(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4,
+                           merge_micro_batches=False, **common), quiet=True)  # really 4 micro-batches
     la = [r["loss"] for r in RunDir(tmp_path / "a" / "run").metrics() if r["split"] == "train"]
     lb = [r["loss"] for r in RunDir(tmp_path / "b" / "run").metrics() if r["split"] == "train"]
     assert len(la) == 2 and la == pytest.approx(lb, abs=1e-5)
@@ -319,7 +320,8 @@ def test_trainer_skips_its_per_micro_step_walks_but_not_a_module_left_in_eval(mo
         def on_train_end(self, args, state, control, **kw):
             calls["flos"] = state.total_flos
 
-    cfg = train_config(tmp_path, tiny_model_dir, max_steps=4, batch_size=2, gradient_accumulation=2)
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=4, batch_size=2, gradient_accumulation=2,
+                       merge_micro_batches=False)
     calls_before = dict(calls)
     train(cfg, quiet=True, callbacks=[EvalOneLayer()])
     assert len(tokens) == 8 and modes[:8] == [True] * 8  # the layer trained in every micro-step

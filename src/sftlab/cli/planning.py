@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from sftlab.cli.base import _command, _config_flag, _print_json
 from sftlab.config import field_default
@@ -61,6 +62,9 @@ def _add_plan(p):
     _config_flag(p, "attn_implementation", "--attention", dest="attention", default="auto",
                  help_text="attention kernel; auto picks it as sftlab train does")
     p.add_argument("--budget-gb", dest="budget_gb", type=float, help="memory budget for the largest batch/length and the recommendation")
+    _config_flag(p, "merge_micro_batches", default="auto",
+                 help_text="as sftlab train: true plans the step as one micro-batch of batch x grad-accum; auto (on a "
+                           "CPU, decided by a trial at train time) also shows that micro-batch's estimate")
     p.add_argument("--json", action="store_true", help="print total_bytes, breakdown, fits and recommended as JSON")
     p.set_defaults(func=_cmd_plan)
 
@@ -80,6 +84,9 @@ def _cmd_plan(args) -> int:
         describe_precision,
         resolve_precision,
     )
+    from sftlab.plan.render import (
+        gb,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     shape = shape_from_params(args.params) if args.params else load_shape(args.model or "smollm2-135m-instruct")
     precision, probe = args.precision, None
@@ -89,11 +96,25 @@ def _cmd_plan(args) -> int:
                        precision=precision, optimizer=args.optimizer, device=args.device,
                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
                        trained_fraction=args.trained_fraction, attention=args.attention)
+    merge = str(args.merge_micro_batches).lower()
+    if merge not in ("auto", "true", "false"):
+        raise SftlabError(f"--merge-micro-batches {args.merge_micro_batches}: not auto, true or false")
+    if merge == "true" and args.grad_accum > 1:  # what train runs: one micro-batch per step
+        setup = dataclasses.replace(setup, batch=args.batch * args.grad_accum, grad_accum=1)
     plan = make_plan(shape, setup, budget_gb=args.budget_gb)
+    merged = None
+    if merge == "auto" and args.device == "cpu" and args.grad_accum > 1:
+        merged = make_plan(shape, dataclasses.replace(setup, batch=args.batch * args.grad_accum, grad_accum=1),
+                           budget_gb=args.budget_gb).estimate.total_bytes
     if args.json:
-        _print_json({**plan.to_dict(), "precision_probe": probe.to_dict() if probe else None})
+        _print_json({**plan.to_dict(), "precision_probe": probe.to_dict() if probe else None,
+                     "merged_total_bytes": merged})
     else:
         if probe is not None:
             print(describe_precision(precision, probe.to_dict()))
         print(render_plan(plan))
+        if merged is not None:
+            print(f"merge_micro_batches auto: where a trial at train time measures one micro-batch of "
+                  f"{args.batch * args.grad_accum} faster than {args.grad_accum} of {args.batch} (and it fits), train "
+                  f"runs that: {gb(merged)} (--merge-micro-batches false plans {args.batch})")
     return 0

@@ -100,16 +100,21 @@ def _probe_cache_path() -> Path:
     return Path(base) / "precision-probe.json"
 
 
-def _probe_key(hidden: int, intermediate: int, tokens: int) -> str:
-    """Same CPU, same instruction sets, same torch, same shapes: the same answer. oneDNN's ISA cap
-    (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX512_CORE_BF16`` turns AMX off) changes the bf16 speed on the
-    same CPU, so it is part of the key."""
+def machine_key() -> str:
+    """What a CPU speed measurement depends on besides its shapes: the CPU model, its instruction sets,
+    oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``, e.g. ``AVX512_CORE_BF16`` turns AMX off on the same CPU)
+    and the torch version."""
     import torch  # deferred: heavy library, imported on first use
 
     flags = hashlib.sha1(_cpu_flags().encode()).hexdigest()[:12]
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
     isa_part = f"|isa {isa.upper()}" if isa else ""
-    return f"{cpu_model()}|{flags}{isa_part}|torch {torch.__version__}|{hidden}x{intermediate}x{tokens}"
+    return f"{cpu_model()}|{flags}{isa_part}|torch {torch.__version__}"
+
+
+def _probe_key(hidden: int, intermediate: int, tokens: int) -> str:
+    """Same machine (:func:`machine_key`), same shapes: the same answer."""
+    return f"{machine_key()}|{hidden}x{intermediate}x{tokens}"
 
 
 def probe_rows(hidden: int, intermediate: int) -> int:

@@ -59,6 +59,7 @@ from sftlab.train.distributed import (
 )
 from sftlab.train.epochs import drawn_epochs
 from sftlab.train.kernels import fused_loss_fn
+from sftlab.train.merge import speed_choices
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
 
@@ -142,12 +143,10 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     set_train_malloc()  # before the model's tensors exist
     kernels: list = []
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels)
-    notes["kernels"] = [k.to_dict() for k in kernels]
-    if not quiet and any(k.enabled or k.trial for k in kernels):  # a GPU: say what the trials decided
-        print("kernels: " + "; ".join(f"{k.name} {'on' if k.enabled else 'off'} ({k.reason})" for k in kernels))
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
     batches = training_batches(rc, train_examples, data.tok, model, data.train)
+    rc = speed_choices(rc, model, batches, kernels, notes, quiet=quiet)
     run = Path(rc.output_dir)
     resume_from = start_run_folder(rc, run)
     args = training_arguments(rc, run / A.CHECKPOINTS, has_eval=data.eval is not None, quiet=quiet)
@@ -368,6 +367,9 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     if is_global_main():
         rc.save(run / A.CONFIG)
         comments = [h.notes["auto"]] if h.notes.get("auto") else []
+        if (merge := h.notes.get("merge")) and merge["enabled"]:
+            comments.append(f"merge_micro_batches: batch_size and gradient_accumulation above run the step as one "
+                            f"micro-batch ({merge['reason']})")
         if h.notes.get("precision_probe"):
             comments.append(describe_precision(rc.precision, h.notes["precision_probe"]))
         if sweep := h.notes.get("lr_sweep"):
@@ -485,7 +487,7 @@ def summarize(rc: Config, data: RunData, h: Harness, fitted: Fitted, *, n_replay
         attention_batches=dict(h.switch.counts) if h.switch is not None and h.switch.counts else None,
         findings=[str(f) for f in findings], precision=rc.precision, signal=h.stopper.requested,
         precision_probe=h.notes.get("precision_probe"), kernels=h.notes.get("kernels"), lr_sweep=h.notes.get("lr_sweep"),
-        distributed=distributed_summary(trainer), learning_rate=float(rc.learning_rate),
+        distributed=distributed_summary(trainer), learning_rate=float(rc.learning_rate), merge=h.notes.get("merge"),
         global_batch=trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
         * trainer.args.world_size,
     )
