@@ -141,6 +141,9 @@ def _run_sftlab(opts: dict, out_dir: Path, gc: bool, precision: str = "auto") ->
     resolved = yaml.safe_load((out_dir / "config.yaml").read_text())  # every `auto` replaced by its value
     opts["resolved"] = {k: resolved.get(k) for k in ("gradient_checkpointing", "precision", "packing")}
     opts["resolved"]["steps"] = summary.get("steps")
+    if merge := summary.get("merge"):  # merge_micro_batches: the micro-batch that ran, and the trial
+        opts["resolved"]["micro_batch"] = f"{merge['batch_size']} x {merge['gradient_accumulation']}"
+        opts["resolved"]["merge_trial_ms"] = [merge.get("micro_ms"), merge.get("merged_ms"), merge.get("cached")]
     probe = summary.get("precision_probe")  # precision auto on a CPU: the measured fp32 and bf16 times
     if probe:
         opts["resolved"]["probe_ms"] = {"fp32": probe["fp32_ms"], "bf16": probe["bf16_ms"]}
