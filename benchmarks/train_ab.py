@@ -56,7 +56,44 @@ def _one_micro_batch() -> None:
     MICRO[:] = [8, 1]
 
 
-VARIANTS = {"now": lambda: None, "one_micro_batch": _one_micro_batch, "glibc_default": _glibc_default, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
+def _no_merge() -> None:
+    """merge_micro_batches off: the step as configured (2 micro-batches of 4)."""
+    import sftlab.train.merge as merge
+
+    decide = merge.decide_merge
+    merge.decide_merge = lambda rc, *a, **k: decide(__import__("dataclasses").replace(rc, merge_micro_batches=False), *a, **k)
+
+
+def _heap_chunks() -> None:
+    """Loss chunks capped at 24 MiB of fp32 logits each (under glibc's largest mmap threshold, 32 MiB), all
+    kept when the total is small: chunk temporaries come from the heap instead of fresh mmaps."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    import sftlab.core.loss as L
+
+    def per_token_losses(hidden, head, labels, *, label_smoothing=0.0, chunk_size=2048, fused=None):
+        target = labels[:, 1:]
+        mask = target != L.IGNORE
+        h = hidden[:, :-1][mask]
+        y = target[mask]
+        if h.shape[0] == 0:
+            return hidden.sum() * 0.0 + torch.zeros(0, device=hidden.device), mask
+        vocab = head.weight.shape[0]
+        rows = min(chunk_size, max(1, (24 * 2**20) // (vocab * 4)))
+        recompute = torch.is_grad_enabled() and h.requires_grad and h.shape[0] * vocab * 4 > L.NO_RECOMPUTE_BYTES
+        out = []
+        for start in range(0, h.shape[0], rows):
+            hc, yc = h[start:start + rows], y[start:start + rows]
+            out.append(checkpoint(L._chunk_ce, head, hc, yc, label_smoothing, use_reentrant=False) if recompute
+                       else L._chunk_ce(head, hc, yc, label_smoothing))
+        return torch.cat(out), mask
+
+    L.per_token_losses = per_token_losses
+
+
+VARIANTS = {"now": lambda: None, "one_micro_batch": _one_micro_batch, "no_merge": _no_merge,
+            "heap_chunks": _heap_chunks, "glibc_default": _glibc_default, "before_overhead": _before_overhead, "peft_forward": _peft_forward}
 
 
 def demo_config(out: str, steps: int):
