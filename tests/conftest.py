@@ -161,6 +161,21 @@ def chat_data(path: Path, n: int, offset: int = 0) -> str:
     return str(path)
 
 
+class PlainFusedCE:
+    """What a fused linear cross entropy (liger's) computes, written plainly, counting its calls;
+    ``scale`` != 1 makes it wrong on purpose."""
+
+    def __init__(self, scale=1.0):
+        self.calls, self.scale = 0, scale
+
+    def __call__(self, h, weight, bias, target, label_smoothing):
+        import torch.nn.functional as F
+
+        self.calls += 1
+        logits = F.linear(h, weight, bias).float()
+        return self.scale * F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
+
+
 def train_config(tmp_path, tiny_model_dir, **kw):
     """A full fine-tune of the tiny model on 16 arithmetic chats, fp32, one epoch; ``kw`` overrides keys."""
     base = dict(model=str(tiny_model_dir), data=chat_data(tmp_path / "train.jsonl", 16), output_dir=str(tmp_path / "run"),

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PlainFusedCE
 
 from sftlab.core.loss import IGNORE, count_sequences, sft_loss
 
@@ -122,23 +123,11 @@ def test_micro_batches_normalised_by_the_step_count_equal_the_full_batch():
     assert not torch.allclose(naive, full, atol=1e-3)
 
 
-class _SpyFused:
-    """A fused linear cross entropy written plainly (what liger computes), counting its calls."""
-
-    def __init__(self, scale=1.0):
-        self.calls, self.scale = 0, scale
-
-    def __call__(self, h, weight, bias, target, label_smoothing):
-        self.calls += 1
-        logits = F.linear(h, weight, bias).float()
-        return self.scale * F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
-
-
 @pytest.mark.parametrize("mode", ["token", "sequence"])
 def test_a_fused_cross_entropy_takes_the_chunks_place_with_the_same_loss_and_gradients(mode):
     hidden, head, labels = _setup(B=4)
     weights = torch.tensor([1.0, 2.0, 0.5, 1.0])[:, None].expand(labels.shape)
-    spy = _SpyFused()
+    spy = PlainFusedCE()
     kw = dict(mode=mode, label_smoothing=0.1, loss_weights=weights, chunk_size=2)
     ours = sft_loss(hidden, head, labels, **kw)
     fused = sft_loss(hidden, head, labels, fused=spy, **kw)
@@ -156,7 +145,7 @@ def test_the_fused_cross_entropy_is_not_used_where_the_head_is_not_a_plain_linea
     hidden, head, labels = _setup()
     adapted = Adapted(head.in_features, head.out_features, bias=False)
     adapted.weight = head.weight
-    spy = _SpyFused()
+    spy = PlainFusedCE()
     assert torch.allclose(sft_loss(hidden, adapted, labels, fused=spy), sft_loss(hidden, adapted, labels))
     assert spy.calls == 0
     placeholder = torch.nn.Linear(head.in_features, head.out_features, bias=False)

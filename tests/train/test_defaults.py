@@ -6,7 +6,7 @@ demo's held-out extraction task: learning (45%+) and #11's 90% (a strict xfail).
 from __future__ import annotations
 
 import pytest
-from conftest import train_config
+from conftest import PlainFusedCE, train_config
 
 from sftlab.config import Config, load_config
 from sftlab.core.errors import SftlabError
@@ -80,31 +80,17 @@ def test_kernels_are_no_ops_on_a_cpu(tmp_path, tiny_model_dir):
             kernels.apply_kernels(train_config(tmp_path, tiny_model_dir, **{key: True}), model)
 
 
-class _PlainFused:
-    """What liger's fused linear cross entropy computes, written plainly; ``scale`` != 1 makes it wrong."""
-
-    def __init__(self, scale=1.0):
-        self.calls, self.scale = 0, scale
-
-    def __call__(self, h, weight, bias, target, label_smoothing):
-        import torch.nn.functional as F
-
-        self.calls += 1
-        logits = F.linear(h, weight, bias).float()
-        return self.scale * F.cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
-
-
 @pytest.mark.parametrize("train_head", [False, True])
 def test_the_fused_loss_trial_compares_losses_and_gradients(train_head):
     import torch
 
     head = torch.nn.Linear(16, 40, bias=False)
     timer = iter([3.0, 2.0] * 3)  # reference, then candidate
-    good = kernels.loss_trial(head, "fp32", train_head=train_head, fused=_PlainFused(), tokens=50, device="cpu",
+    good = kernels.loss_trial(head, "fp32", train_head=train_head, fused=PlainFusedCE(), tokens=50, device="cpu",
                               timer=lambda fn: (fn(), next(timer))[1])
     assert good.max_rel_diff < 1e-5 and (good.reference_ms, good.candidate_ms) == (3.0, 2.0)
     assert choose("fused_loss", good).enabled
-    wrong = kernels.loss_trial(head, "fp32", train_head=train_head, fused=_PlainFused(scale=1.1), tokens=50,
+    wrong = kernels.loss_trial(head, "fp32", train_head=train_head, fused=PlainFusedCE(scale=1.1), tokens=50,
                                device="cpu", timer=lambda fn: (fn(), next(timer))[1])
     assert wrong.max_rel_diff > 0.05 and not choose("fused_loss", wrong).enabled
     one_scale = kernels.loss_trial(head, "fp32", train_head=train_head, fused=_one_scale_backward, tokens=50,
@@ -144,7 +130,7 @@ def test_a_chosen_fused_loss_trains_exactly_as_the_chunked_loss(monkeypatch, tmp
 
     from sftlab.train.run import train
 
-    spy = _PlainFused()
+    spy = PlainFusedCE()
     monkeypatch.setattr(kernels, "_why_not_fused", lambda cfg, model: None)
     monkeypatch.setattr(kernels, "loss_trial", lambda *a, **k: Trial(2.0, 1.0, 0.0))
     monkeypatch.setattr(kernels, "liger_fused_ce", spy)
