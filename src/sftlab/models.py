@@ -34,6 +34,7 @@ from typing import Any
 
 from sftlab.core.errors import SftlabError
 from sftlab.core.hub import hub_cached, hub_offline
+from sftlab.core.io import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ _DTYPES = {
 
 def cache_dir() -> Path:
     """Where converted models live: ``$SFTLAB_CACHE`` if set, else ``~/.cache/sftlab``."""
-    env = os.environ.get("SFTLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sftlab"
+    return cache_root()
 
 
 def resolve_model_path(name_or_path: str, *, tokenizer_only: bool = False) -> str:

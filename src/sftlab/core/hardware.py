@@ -4,7 +4,6 @@ and a measured answer to "is bf16 faster than fp32 here?" (:func:`probe_precisio
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import resource
@@ -12,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sftlab.core.io import atomic_write_text
+from sftlab.core.io import cached_entry, store_entry
 
 
 def device_name() -> str:
@@ -49,6 +48,7 @@ def peak_memory_mb() -> float:
 # -- precision probe -----------------------------------------------------------------------------
 PROBE_FLOPS = 5e8  # per repetition and precision: ~5-10 ms on one core, so the probe stays under a second
 PROBE_REPS = 3
+PROBE_CACHE = "precision-probe.json"  # in core.io.cache_root()
 
 
 @dataclass
@@ -93,11 +93,6 @@ def cpu_model() -> str:
 
 def _cpu_flags() -> str:
     return _cpuinfo("flags") or ""
-
-
-def _probe_cache_path() -> Path:
-    base = os.environ.get("SFTLAB_CACHE") or Path.home() / ".cache" / "sftlab"
-    return Path(base) / "precision-probe.json"
 
 
 def machine_key() -> str:
@@ -185,27 +180,14 @@ def measure_precision(hidden: int, intermediate: int, *, reps: int = PROBE_REPS)
 def probe_precision(hidden: int, intermediate: int, *, use_cache: bool = True) -> PrecisionProbe:
     """:func:`measure_precision`, cached per machine in ``~/.cache/sftlab/precision-probe.json``
     (``$SFTLAB_CACHE``), keyed by CPU model and flags, torch version and shapes."""
-    tokens = probe_rows(hidden, intermediate)
-    key = _probe_key(hidden, intermediate, tokens)
-    path = _probe_cache_path()
-    cache: dict = {}
-    if use_cache:
+    key = _probe_key(hidden, intermediate, probe_rows(hidden, intermediate))
+    entry = cached_entry(PROBE_CACHE, key) if use_cache else None
+    if entry is not None:
         try:
-            cache = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        if isinstance(cache, dict) and isinstance(cache.get(key), dict):
-            try:
-                return PrecisionProbe(**{**cache[key], "cached": True})
-            except TypeError:
-                pass  # an entry of another version: measure again
+            return PrecisionProbe(**{**entry, "cached": True})
+        except TypeError:
+            pass  # an entry of another version: measure again
     probe = measure_precision(hidden, intermediate)
     if use_cache:
-        cache = cache if isinstance(cache, dict) else {}
-        cache[key] = {k: v for k, v in asdict(probe).items() if k != "cached"}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(cache, indent=1))
-        except OSError:
-            pass  # a read-only home: measure again next time
+        store_entry(PROBE_CACHE, key, {k: v for k, v in asdict(probe).items() if k != "cached"})
     return probe

@@ -125,3 +125,36 @@ def write_jsonl(path: str | Path, rows) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def cache_root() -> Path:
+    """sftlab's per-user cache: ``$SFTLAB_CACHE`` if set, else ``~/.cache/sftlab`` (converted models,
+    cached measurements)."""
+    env = os.environ.get("SFTLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "sftlab"
+
+
+def cached_entry(name: str, key: str) -> dict | None:
+    """Entry ``key`` of the JSON cache file ``name`` in :func:`cache_root`, or None (missing, unreadable)."""
+    try:
+        entry = json.loads((cache_root() / name).read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def store_entry(name: str, key: str, entry: dict) -> None:
+    """Set ``key`` in the JSON cache file ``name`` (atomically); a read-only home is not an error: the
+    measurement is simply taken again next time."""
+    path = cache_root() / name
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    except OSError:
+        pass

@@ -16,17 +16,14 @@ its own: every process must run the same step).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from sftlab.config import Config
 from sftlab.core.attention import AttentionSwitch
 from sftlab.core.hardware import device_memory_gb, machine_key
-from sftlab.core.io import atomic_write_text
+from sftlab.core.io import cached_entry, store_entry
 from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
 from sftlab.plan.auto import estimated_bytes
 from sftlab.train.distributed import world_size
@@ -34,6 +31,7 @@ from sftlab.train.distributed import world_size
 SPEEDUP = 1.05  # merged must be at least 5% faster
 FIT = 0.8  # the merged micro-batch's estimate must fit in this share of the memory budget
 REPS = 2
+CACHE = "merge-trial.json"  # in core.io.cache_root()
 
 
 @dataclass
@@ -51,10 +49,6 @@ class MergeChoice:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _cache_path() -> Path:
-    return Path(os.environ.get("SFTLAB_CACHE") or Path.home() / ".cache" / "sftlab") / "merge-trial.json"
 
 
 def _typical_step(batches, n: int) -> list | None:
@@ -136,29 +130,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _cached(key: str) -> dict | None:
-    try:
-        entry = json.loads(_cache_path().read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return entry if isinstance(entry, dict) and {"micro_ms", "merged_ms"} <= set(entry) else None
-
-
-def _store(key: str, micro_ms: float, merged_ms: float) -> None:
-    path = _cache_path()
-    try:
-        cache = json.loads(path.read_text())
-        cache = cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):
-        cache = {}
-    cache[key] = {"micro_ms": round(micro_ms, 1), "merged_ms": round(merged_ms, 1)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(cache, indent=1))
-    except OSError:
-        pass  # a read-only home: measure again next time
-
-
 def decide_merge(rc: Config, model, batches, *, seq_len: int, world_size: int = 1, measure=measure_merge) -> MergeChoice:
     """Whether ``rc``'s step runs as one micro-batch (see the module docstring). ``seq_len``: the longest
     row the run trains on (for the memory estimate)."""
@@ -185,11 +156,12 @@ def decide_merge(rc: Config, model, batches, *, seq_len: int, world_size: int = 
     key = (f"{machine_key()}|{type(model).__name__}|{shape.hidden_size}x{shape.num_hidden_layers}x{shape.vocab_size}|"
            f"{rc.method} r{rc.lora_r}|{rc.precision}|gc {bool(rc.gradient_checkpointing)}|{rc.attn_implementation}|"
            f"{b}x{ga}|longest {max(len(e.input_ids) for e in examples) // 16 * 16}|threads {_threads()}")
-    entry = _cached(key)
-    if entry is None:
+    entry = cached_entry(CACHE, key)
+    if entry is None or not {"micro_ms", "merged_ms"} <= set(entry):
+        entry = None
         micro_ms, merged_ms = measure(model, examples, batches.collator, micro=b, precision=rc.precision,
                                       attention_auto=rc.attn_implementation == "auto" and not rc.packing)
-        _store(key, micro_ms, merged_ms)
+        store_entry(CACHE, key, {"micro_ms": round(micro_ms, 1), "merged_ms": round(merged_ms, 1)})
     else:
         micro_ms, merged_ms = entry["micro_ms"], entry["merged_ms"]
     ratio = micro_ms / max(merged_ms, 1e-9)
