@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("eval", ("sftlab.eval",)),
     ("train", ("sftlab.train",)),
     ("apps", ("sftlab.diagnose", "sftlab.diagnose_rules", "sftlab.report", "sftlab.report_plots", "sftlab.export", "sftlab.export_gguf", "sftlab.chat")),
-    ("entry", ("sftlab.cli", "sftlab.demo")),
+    ("entry", ("sftlab.cli", "sftlab.demo", "sftlab.__main__")),
 ]
 # Only the entry layer (and the package's lazy public API) import sftlab modules inside functions:
 # `sftlab --help` and `import sftlab` stay fast.

@@ -112,3 +112,21 @@ def test_a_merged_step_trains_as_the_accumulated_one(tmp_path, tiny_model_dir):
     assert len(runs["merged"]) == 2 and runs["merged"] == pytest.approx(runs["accumulated"], abs=1e-5)
     saved = (tmp_path / "merged" / "run" / "config.yaml").read_text()
     assert "batch_size: 8" in saved and "# merge_micro_batches: " in saved
+
+
+def test_check_shows_what_the_merge_will_do_and_a_cached_trial_once_there_is_one(tmp_path, tiny_model_dir):
+    """`train --check` loads no model, so it cannot run the trial: it says one decides at the start, and
+    once a run on this machine has measured the same shapes it gives that trial's decision."""
+    from sftlab.train.run import train
+
+    cfg = _cfg(tmp_path, tiny_model_dir, max_steps=1, precision="fp32")
+    before = train(cfg, check_only=True, quiet=True)["merge"]
+    assert before.startswith("merge_micro_batches: auto: a trial at the start decides (2 micro-batches of 4")
+    s = train(cfg, quiet=True)
+    assert s["merge"]["micro_ms"] is not None and not s["merge"]["cached"]
+    after = train(_cfg(tmp_path, tiny_model_dir, max_steps=1, precision="fp32", output_dir=str(tmp_path / "again")),
+                  check_only=True, quiet=True)["merge"]
+    state = "on" if s["merge"]["enabled"] else "off"
+    assert after == f"merge_micro_batches: {state} (this machine's earlier trial: {s['merge']['reason']})"
+    off = train(_cfg(tmp_path, tiny_model_dir, merge_micro_batches=False), check_only=True, quiet=True)["merge"]
+    assert off == "merge_micro_batches: off (off in the config)"

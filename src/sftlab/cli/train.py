@@ -71,6 +71,8 @@ def _check_and_find_lr(cfg, steps: int) -> int:
     if checked.get("auto"):
         print(checked["auto"])
     print(describe_precision(checked["resolved"]["precision"], checked.get("precision_probe")))
+    if checked.get("merge"):
+        print(checked["merge"])
     rc = _print_checks(checked["findings"])
     if rc:
         return rc
@@ -90,6 +92,9 @@ def _cmd_train(args) -> int:
         else:
             print(config_help())
         return 0
+    cfg = _config_from_args(args)
+    if not cfg.data:  # before torch and transformers load (seconds): the same error prepare() gives
+        raise SftlabError("no training data given", hint="pass --data FILE or set `data:` in the config")
     from sftlab.train.callbacks import (
         exit_code_for,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
@@ -97,7 +102,6 @@ def _cmd_train(args) -> int:
         train,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
-    cfg = _config_from_args(args)
     if args.find_lr is not None and (args.ray_workers or args.ray_address or args.json):
         raise SftlabError("--find-lr runs in this process and prints its curve: not with --ray-workers, "
                           "--ray-address or --json", hint="run `sftlab train --find-lr --check` first, then "
@@ -144,6 +148,8 @@ def _cmd_train(args) -> int:
         if summary.get("auto"):
             print(summary["auto"])
         print(describe_precision(summary["resolved"]["precision"], summary.get("precision_probe")))
+        if summary.get("merge"):
+            print(summary["merge"])
         return _print_checks(summary["findings"])
     stopped = summary["stopped"]
     print(f"run folder: {cfg.output_dir}  ({stopped}; {summary['steps']} steps, {summary['time_s']:.0f}s, "

@@ -24,9 +24,9 @@ from sftlab.config import Config
 from sftlab.core.attention import AttentionSwitch
 from sftlab.core.hardware import device_memory_gb, machine_key
 from sftlab.core.io import cached_entry, store_entry
-from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
 from sftlab.plan.auto import estimated_bytes
 from sftlab.train.distributed import world_size
+from sftlab.train.trainer import forward_loss
 
 SPEEDUP = 1.05  # merged must be at least 5% faster
 FIT = 0.8  # the merged micro-batch's estimate must fit in this share of the memory budget
@@ -51,29 +51,29 @@ class MergeChoice:
         return asdict(self)
 
 
-def _typical_step(batches, n: int) -> list | None:
-    """``n`` examples of about the median length (a length-grouped step), or the first ``n`` rows."""
-    data = batches.dataset
-    if len(data) < n:
+def _typical_indices(lengths: list[int] | None, total: int, n: int) -> list[int] | None:
+    """Indices of ``n`` examples of about the median length (a length-grouped step), or the first ``n``."""
+    if total < n:
         return None
-    if batches.lengths is None:
-        return [data[i] for i in range(n)]
-    order = sorted(range(len(batches.lengths)), key=batches.lengths.__getitem__)
+    if lengths is None:
+        return list(range(n))
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     start = max(0, min(len(order) - n, len(order) // 2 - n // 2))
-    return [data[i] for i in order[start:start + n]]
+    return order[start:start + n]
+
+
+def _typical_step(batches, n: int) -> list | None:
+    idx = _typical_indices(batches.lengths, len(batches.dataset), n)
+    return None if idx is None else [batches.dataset[i] for i in idx]
 
 
 def _fwd_bwd(model, batch, switch, precision: str) -> None:
     import torch  # deferred: heavy library, imported on first use
 
-    if switch is not None:
-        switch.before(batch["input_ids"])
-    fwd = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
-        with hidden_states_instead_of_logits(model) as head:
-            hidden = model(**fwd, use_cache=False).logits
-            loss = sft_loss(hidden, head, batch["labels"])
+        loss, _ = forward_loss(model, batch, switch=switch, loss_weights=batch.get("loss_weights"),
+                               position_ids=batch.get("position_ids"))
     loss.backward()
 
 
@@ -107,11 +107,11 @@ def measure_merge(model, examples: list, collator, *, micro: int, precision: str
     return statistics.median(times["micro"]), statistics.median(times["merged"])
 
 
-def _why_not(rc: Config, model, world_size: int) -> str | None:
+def _why_not(rc: Config, on_gpu: bool, world_size: int) -> str | None:
     """Why ``auto`` cannot merge here (None: it may, after the memory check and the trial)."""
     if world_size > 1:
         return "several processes (each would decide alone; set true or false for all)"
-    if next(model.parameters()).device.type != "cpu" or _cuda_available():
+    if on_gpu:
         return "a GPU (not measured there yet)"
     if rc.deepspeed or rc.fsdp:
         return "sharded training"
@@ -130,9 +130,8 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def decide_merge(rc: Config, model, batches, *, seq_len: int, world_size: int = 1, measure=measure_merge) -> MergeChoice:
-    """Whether ``rc``'s step runs as one micro-batch (see the module docstring). ``seq_len``: the longest
-    row the run trains on (for the memory estimate)."""
+def _before_trial(rc: Config, model_cfg, *, on_gpu: bool, world_size: int, seq_len: int) -> MergeChoice | None:
+    """The decision where the rule settles it without a trial (None: the trial decides)."""
     b, ga = int(rc.batch_size), int(rc.gradient_accumulation)
     as_set = MergeChoice(False, "", b, ga)
     if ga == 1:
@@ -141,36 +140,72 @@ def decide_merge(rc: Config, model, batches, *, seq_len: int, world_size: int = 
         return dataclasses.replace(as_set, reason="off in the config")
     if rc.merge_micro_batches is True:
         return MergeChoice(True, "on in the config", b * ga, 1)
-    if why := _why_not(rc, model, world_size):
+    if why := _why_not(rc, on_gpu, world_size):
         return dataclasses.replace(as_set, reason=why)
-    need = estimated_bytes(rc, model.config, batch=b * ga, seq_len=seq_len,
+    need = estimated_bytes(rc, model_cfg, batch=b * ga, seq_len=seq_len,
                            checkpointing=bool(rc.gradient_checkpointing), device="cpu")
     budget = device_memory_gb()[1] * 2**30
     if need > FIT * budget:
         return dataclasses.replace(as_set, reason=f"a micro-batch of {b * ga} would need {need / 2**30:.1f} GiB "
                                                   f"(over {FIT:.0%} of {budget / 2**30:.1f} GiB)")
-    examples = _typical_step(batches, b * ga)
-    if examples is None:
-        return dataclasses.replace(as_set, reason="fewer examples than one step")
-    shape = model.config
-    key = (f"{machine_key()}|{type(model).__name__}|{shape.hidden_size}x{shape.num_hidden_layers}x{shape.vocab_size}|"
-           f"{rc.method} r{rc.lora_r}|{rc.precision}|gc {bool(rc.gradient_checkpointing)}|{rc.attn_implementation}|"
-           f"{b}x{ga}|longest {max(len(e.input_ids) for e in examples) // 16 * 16}|threads {_threads()}")
-    entry = cached_entry(CACHE, key)
-    if entry is None or not {"micro_ms", "merged_ms"} <= set(entry):
-        entry = None
-        micro_ms, merged_ms = measure(model, examples, batches.collator, micro=b, precision=rc.precision,
-                                      attention_auto=rc.attn_implementation == "auto" and not rc.packing)
-        store_entry(CACHE, key, {"micro_ms": round(micro_ms, 1), "merged_ms": round(merged_ms, 1)})
-    else:
-        micro_ms, merged_ms = entry["micro_ms"], entry["merged_ms"]
+    return None
+
+
+def _cache_key(rc: Config, model_cfg, longest: int) -> str:
+    """Per machine, model shape and step shape (``longest``: the typical step's longest example)."""
+    c = model_cfg
+    return (f"{machine_key()}|{c.model_type}|{c.hidden_size}x{c.num_hidden_layers}x{c.vocab_size}|"
+            f"{rc.method} r{rc.lora_r}|{rc.precision}|gc {bool(rc.gradient_checkpointing)}|{rc.attn_implementation}|"
+            f"{rc.batch_size}x{rc.gradient_accumulation}|longest {longest // 16 * 16}|threads {_threads()}")
+
+
+def _from_trial(rc: Config, micro_ms: float, merged_ms: float, cached: bool) -> MergeChoice:
+    b, ga = int(rc.batch_size), int(rc.gradient_accumulation)
     ratio = micro_ms / max(merged_ms, 1e-9)
-    trial = dict(micro_ms=round(micro_ms, 1), merged_ms=round(merged_ms, 1), cached=entry is not None)
+    trial = dict(micro_ms=round(micro_ms, 1), merged_ms=round(merged_ms, 1), cached=cached)
     if ratio < SPEEDUP:
         return MergeChoice(False, f"one micro-batch of {b * ga} measured {ratio:.2f}x {ga} of {b} (needs {SPEEDUP:g}x)",
                            b, ga, **trial)
     return MergeChoice(True, f"one micro-batch of {b * ga} measured {ratio:.2f}x faster than {ga} of {b}",
                        b * ga, 1, **trial)
+
+
+def decide_merge(rc: Config, model, batches, *, seq_len: int, world_size: int = 1, measure=measure_merge) -> MergeChoice:
+    """Whether ``rc``'s step runs as one micro-batch (see the module docstring). ``seq_len``: the longest
+    row the run trains on (for the memory estimate)."""
+    on_gpu = next(model.parameters()).device.type != "cpu" or _cuda_available()
+    if (settled := _before_trial(rc, model.config, on_gpu=on_gpu, world_size=world_size, seq_len=seq_len)) is not None:
+        return settled
+    b, ga = int(rc.batch_size), int(rc.gradient_accumulation)
+    examples = _typical_step(batches, b * ga)
+    if examples is None:
+        return MergeChoice(False, "fewer examples than one step", b, ga)
+    key = _cache_key(rc, model.config, max(len(e.input_ids) for e in examples))
+    entry = cached_entry(CACHE, key)
+    if entry is not None and {"micro_ms", "merged_ms"} <= set(entry):
+        return _from_trial(rc, entry["micro_ms"], entry["merged_ms"], cached=True)
+    micro_ms, merged_ms = measure(model, examples, batches.collator, micro=b, precision=rc.precision,
+                                  attention_auto=rc.attn_implementation == "auto" and not rc.packing)
+    store_entry(CACHE, key, {"micro_ms": round(micro_ms, 1), "merged_ms": round(merged_ms, 1)})
+    return _from_trial(rc, micro_ms, merged_ms, cached=False)
+
+
+def preview_merge(rc: Config, model_cfg, lengths: list[int] | None, *, seq_len: int) -> str:
+    """What ``merge_micro_batches`` will do, for `train --check` (which loads no model): the rule, or
+    this machine's cached trial for the same shapes, or that a trial at the start decides."""
+    settled = _before_trial(rc, model_cfg, on_gpu=_cuda_available(), world_size=world_size(), seq_len=seq_len)
+    b, ga = int(rc.batch_size), int(rc.gradient_accumulation)
+    idx = _typical_indices(lengths, len(lengths) if lengths is not None else 0, b * ga) if settled is None else None
+    if settled is None and idx is not None:
+        entry = cached_entry(CACHE, _cache_key(rc, model_cfg, max(lengths[i] for i in idx)))
+        if entry is not None and {"micro_ms", "merged_ms"} <= set(entry):
+            settled = _from_trial(rc, entry["micro_ms"], entry["merged_ms"], cached=True)
+    if settled is None:
+        return (f"merge_micro_batches: auto: a trial at the start decides ({ga} micro-batches of {b} "
+                "against one, on this run's model and examples)")
+    if settled.micro_ms is not None:
+        return f"merge_micro_batches: {'on' if settled.enabled else 'off'} (this machine's earlier trial: {settled.reason})"
+    return f"merge_micro_batches: {'on' if settled.enabled else 'off'} ({settled.reason})"
 
 
 def merged_config(rc: Config, choice: MergeChoice) -> Config:
@@ -192,4 +227,4 @@ def speed_choices(rc: Config, model, batches, kernels: list, notes: dict, *, qui
     return merged_config(rc, merge)
 
 
-__all__ = ["MergeChoice", "decide_merge", "measure_merge", "merged_config", "speed_choices"]
+__all__ = ["MergeChoice", "decide_merge", "measure_merge", "merged_config", "preview_merge", "speed_choices"]

@@ -59,7 +59,7 @@ from sftlab.train.distributed import (
 )
 from sftlab.train.epochs import drawn_epochs
 from sftlab.train.kernels import fused_loss_fn
-from sftlab.train.merge import speed_choices
+from sftlab.train.merge import preview_merge, speed_choices
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
 
@@ -122,7 +122,8 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     learning-rate range test of ``train/find_lr.py``).
 
     ``check_only``: print nothing, train nothing; return ``{"findings": [Finding dicts], "resolved":
-    the config with every auto value resolved, "precision_probe", "auto": the line saying what auto chose}``.
+    the config with every auto value resolved, "precision_probe", "auto": the line saying what auto chose,
+    "merge": what ``merge_micro_batches`` will do (``train/merge.py``'s preview)}``.
     """
     from transformers import set_seed  # deferred: heavy library, imported on first use
 
@@ -135,8 +136,11 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     notes = {**resolved_notes, **(notes or {})}
     findings = blockers + findings
     if check_only:
+        lengths = None if rc.packing else [len(e.input_ids) for e in data.train.examples]
+        merge = preview_merge(rc, model_config(cfg.model, trust_remote_code=cfg.trust_remote_code), lengths,
+                              seq_len=max(lengths) if lengths else int(rc.max_seq_length))
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(),
-                "precision_probe": notes.get("precision_probe"), "auto": notes.get("auto")}
+                "precision_probe": notes.get("precision_probe"), "auto": notes.get("auto"), "merge": merge}
     if not quiet:
         print_checks(findings, notes.get("auto"))
     raise_on_fatal(findings)

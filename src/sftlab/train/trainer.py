@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -52,6 +53,22 @@ _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 # (model, tokenizer, examples, *, batch_size, general_examples, template, conversations, max_generate)
 # -> one metrics row {"eval_loss", "eval_perplexity", "general_...", "gen_..."}.
 EvaluateFn = Callable[..., dict]
+
+
+def forward_loss(model, inputs: dict, *, switch=None, autocast=None, **loss_kwargs):
+    """The training forward: the model up to its final hidden states, then ``sft_loss`` on the trained
+    positions (under ``autocast``, a context manager factory: accelerate autocasts only inside the
+    model's forward, and the head runs outside it). ``switch``: the per-batch attention kernel choice.
+    Returns (loss, model output). Used by the trainer and by the merge trial (``train/merge.py``)."""
+    if switch is not None:
+        switch.before(inputs["input_ids"])
+    fwd = {k: inputs[k] for k in _MODEL_KEYS if k in inputs}
+    with hidden_states_instead_of_logits(model) as head:
+        out = model(**fwd, use_cache=False)
+        hidden = out.logits if hasattr(out, "logits") else out[0]
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            loss = sft_loss(hidden, head, inputs["labels"], **loss_kwargs)
+    return loss, out
 
 
 def fsdp_on_cpu(accelerator, plugin_args: dict) -> None:
@@ -166,19 +183,12 @@ class SftlabTrainer(Trainer):
     # -- loss --------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        weights = inputs.get("loss_weights")
-        fwd = {k: inputs[k] for k in _MODEL_KEYS if k in inputs}
-        if self.attention_switch is not None:
-            self.attention_switch.before(inputs["input_ids"])
-        with hidden_states_instead_of_logits(model) as head:
-            out = model(**fwd, use_cache=False)
-            hidden = out.logits if hasattr(out, "logits") else out[0]
-            with self.accelerator.autocast():  # accelerate autocasts only inside forward; the head runs here
-                loss = sft_loss(hidden, head, labels, num_items=num_items_in_batch, mode=self.loss_mode,
-                                label_smoothing=self.label_smoothing, loss_weights=weights,
-                                position_ids=inputs.get("position_ids"),
-                                num_sequences=self._num_sequences if num_items_in_batch is not None else None,
-                                fused=self.fused_ce)
+        loss, out = forward_loss(model, inputs, switch=self.attention_switch, autocast=self.accelerator.autocast,
+                                 num_items=num_items_in_batch, mode=self.loss_mode,
+                                 label_smoothing=self.label_smoothing, loss_weights=inputs.get("loss_weights"),
+                                 position_ids=inputs.get("position_ids"),
+                                 num_sequences=self._num_sequences if num_items_in_batch is not None else None,
+                                 fused=self.fused_ce)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP averages gradients over processes; the loss was divided by the global count.
             loss = loss * self.accelerator.num_processes

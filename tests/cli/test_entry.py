@@ -1,0 +1,28 @@
+"""The command line's entry points: `python -m sftlab`, and errors that need no heavy library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+_NO_DATA = """
+import sys
+from sftlab.cli import main
+code = main(["train", "--output-dir", sys.argv[1]])
+print("torch loaded:", "torch" in sys.modules, "exit:", code)
+"""
+
+
+def test_python_dash_m_sftlab_is_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "sftlab", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: sftlab")
+    assert "train" in out.stdout and "doctor" in out.stdout
+
+
+def test_train_without_data_says_so_before_loading_torch(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _NO_DATA, str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stderr.strip().splitlines() == [
+        "sftlab train: error: no training data given (pass --data FILE or set `data:` in the config)"]
+    assert out.stdout.strip() == "torch loaded: False exit: 2"
+    assert not (tmp_path / "run").exists()
