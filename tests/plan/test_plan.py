@@ -392,6 +392,21 @@ def test_cli_plan_json_for_7b_qlora(capsys):
     assert d["recommended"]["method"] == "qlora"
 
 
+def test_cli_plan_for_cuda_shows_the_estimate_with_liger_too(capsys):
+    """auto kernels wait for a trial on the GPU, so a cuda plan gives both figures; --liger plans with them."""
+    assert main(["plan", "--params", "1.7B", "--method", "full", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["liger_total_bytes"] < plain["total_bytes"] and "logits" in plain["breakdown"]
+    assert main(["plan", "--params", "1.7B", "--method", "full", "--liger", "--json"]) == 0
+    liger = json.loads(capsys.readouterr().out)
+    assert liger["total_bytes"] == plain["liger_total_bytes"] and liger["liger_total_bytes"] is None
+    assert "fused loss" in liger["breakdown"] and liger["fits"]["this machine"]["needed_bytes"] > 0
+    assert main(["plan", "--params", "1.7B", "--method", "full"]) == 0
+    assert "with liger-kernel (pip install 'sftlab[gpu]')" in capsys.readouterr().out
+    assert main(["plan", "--params", "1.7B", "--device", "cpu", "--liger"]) == 2
+    assert "run on CUDA GPUs" in capsys.readouterr().err
+
+
 def test_cli_plan_text_with_budget(capsys):
     assert main(["plan", "--params", "135M", "--method", "full", "--budget-gb", "24"]) == 0
     out = capsys.readouterr().out
@@ -460,6 +475,89 @@ def test_lora_activation_count_matches_saved_tensors(tiny_model_dir, precision, 
     est = layer_activation_bytes(shape, TrainSetup(method="lora", batch=B, seq_len=L, device="cpu",
                                                    precision=precision, lora_dropout=dropout))
     assert est == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize("method, precision", [("full", "bf16"), ("full", "fp32"), ("lora", "bf16"), ("lora", "fp32")])
+def test_liger_activation_count_matches_what_liger_saves(tiny_model_dir, monkeypatch, method, precision):
+    """With liger-kernel's RMSNorm and SwiGLU patched in (as train/kernels.py does on a GPU), per token and
+    layer, what the model keeps for backward. Its Triton kernels are not launched (no GPU here): only what
+    liger's autograd functions save is counted, and that is what the plan models. Needs liger-kernel and
+    triton (not installed by `make test`; run with them on the path)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
+        pytest.skip("liger-kernel and triton are not installed")
+    import torch
+    import triton
+    from liger_kernel.ops import rms_norm, swiglu
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    from sftlab.config import Config
+    from sftlab.models import load_tokenizer, model_config
+    from sftlab.plan.memory import layer_activation_bytes
+    from sftlab.plan.shapes import shape_from_config
+    from sftlab.train.model import build_model
+
+    class NoLaunch:  # kernel[grid](...) does nothing: the outputs liger allocated stay as they are
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    for mod in (rms_norm, swiglu):
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, triton.runtime.jit.JITFunction):
+                monkeypatch.setattr(mod, name, NoLaunch())
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = Config(model=str(tiny_model_dir), method=method, precision=precision, attn_implementation="sdpa",
+                 gradient_checkpointing=False, liger_kernels=False, fused_loss=False)
+    model, loss_fn = build_model(cfg, tok, [])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from transformers.models.llama import modeling_llama
+
+    for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"):  # liger also patches these module-wide
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    # rope stays HF's (liger's keeps what HF's keeps: cos and sin)
+    _apply_liger_kernel_to_instance(model=base, rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layer = base.model.layers[1]
+    assert layer.mlp._get_name() == "LigerSwiGLUMLP"
+    B, L = 4, 256
+    ids = torch.randint(3, len(tok), (B, L))
+    saved, inside = {}, [False]
+
+    def pack(t):
+        st = t.untyped_storage()
+        if inside[0] and st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        loss_fn(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    measured = sum(saved.values()) / (B * L)
+    shape = shape_from_config(model_config(str(tiny_model_dir)), "tiny")
+    setup = TrainSetup(method=method, batch=B, seq_len=L, device="cuda", precision=precision, liger_kernels=True)
+    # the dropout mask's dtype is the one CPU/CUDA difference, and there is no dropout here
+    assert layer_activation_bytes(shape, setup) == pytest.approx(measured, rel=0.05)
+    assert layer_activation_bytes(shape, replace(setup, liger_kernels=False)) > 1.1 * measured
+
+
+def test_fused_loss_is_planned_as_liger_chunks_it():
+    """liger's chunk: next_power_of_2(rows / ceil(vocab / hidden)) rows; its logits and their scaled
+    gradient in the compute dtype, the hidden states' gradient for every trained row, fp32 losses."""
+    from sftlab.plan.memory import fused_loss_bytes, logits_bytes
+
+    s = TrainSetup(method="lora", batch=4, seq_len=512, device="cuda", precision="bf16", fused_loss=True)
+    rows = 4 * 511  # ceil(49152 / 576) = 86 -> 2044 / 86 -> 24 -> a chunk of 32 rows
+    assert fused_loss_bytes(SMOL, s) == 2 * 32 * SMOL.vocab * 2 + rows * SMOL.hidden * 2 + rows * 4
+    assert logits_bytes(SMOL, s) == fused_loss_bytes(SMOL, s) < logits_bytes(SMOL, replace(s, fused_loss=False)) / 100
+    est = estimate_memory(SMOL, s)
+    assert "fused loss" in est.breakdown and "logits" not in est.breakdown
+    with pytest.raises(SftlabError, match="run on CUDA GPUs"):
+        TrainSetup(method="lora", device="cpu", fused_loss=True)
 
 
 def test_cpu_plan_counts_the_process_baseline():

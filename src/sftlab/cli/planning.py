@@ -65,6 +65,9 @@ def _add_plan(p):
     _config_flag(p, "merge_micro_batches", default="auto",
                  help_text="as sftlab train: true plans the step as one micro-batch of batch x grad-accum; auto (on a "
                            "CPU, decided by a trial at train time) also shows that micro-batch's estimate")
+    p.add_argument("--liger", action="store_true",
+                   help="plan with liger-kernel's RMSNorm/SwiGLU/RoPE kernels and fused loss on (cuda; train's "
+                        "liger_kernels and fused_loss set true); without it, a plan for cuda also shows that estimate")
     p.add_argument("--json", action="store_true", help="print total_bytes, breakdown, fits and recommended as JSON")
     p.set_defaults(func=_cmd_plan)
 
@@ -95,7 +98,8 @@ def _cmd_plan(args) -> int:
     setup = TrainSetup(method=args.method, batch=args.batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
                        precision=precision, optimizer=args.optimizer, device=args.device,
                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
-                       trained_fraction=args.trained_fraction, attention=args.attention)
+                       trained_fraction=args.trained_fraction, attention=args.attention,
+                       liger_kernels=args.liger, fused_loss=args.liger)
     merge = str(args.merge_micro_batches).lower()
     if merge not in ("auto", "true", "false"):
         raise SftlabError(f"--merge-micro-batches {args.merge_micro_batches}: not auto, true or false")
@@ -106,9 +110,13 @@ def _cmd_plan(args) -> int:
     if merge == "auto" and args.device == "cpu" and args.grad_accum > 1:
         merged = make_plan(shape, dataclasses.replace(setup, batch=args.batch * args.grad_accum, grad_accum=1),
                            budget_gb=args.budget_gb).estimate.total_bytes
+    liger = None  # auto on a GPU: train's trials decide, so show the estimate both ways
+    if args.device == "cuda" and not args.liger:
+        liger = make_plan(shape, dataclasses.replace(setup, liger_kernels=True, fused_loss=True),
+                          budget_gb=args.budget_gb).estimate.total_bytes
     if args.json:
         _print_json({**plan.to_dict(), "precision_probe": probe.to_dict() if probe else None,
-                     "merged_total_bytes": merged})
+                     "merged_total_bytes": merged, "liger_total_bytes": liger})
     else:
         if probe is not None:
             print(describe_precision(precision, probe.to_dict()))
@@ -117,4 +125,7 @@ def _cmd_plan(args) -> int:
             print(f"merge_micro_batches auto: where a trial at train time measures one micro-batch of "
                   f"{args.batch * args.grad_accum} faster than {args.grad_accum} of {args.batch} (and it fits), train "
                   f"runs that: {gb(merged)} (--merge-micro-batches false plans {args.batch})")
+        if liger is not None:
+            print(f"with liger-kernel (pip install 'sftlab[gpu]'), where train's trials turn its kernels and fused loss "
+                  f"on: {gb(liger)} (--liger plans that; from liger-kernel 0.8.5's saved tensors, not yet measured on a GPU)")
     return 0

@@ -87,7 +87,10 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
                        optimizer=cfg.optimizer if cfg.optimizer != "adamw8bit" or device == "cuda" else "adamw",
                        lora_dropout=cfg.lora_dropout,
-                       attention="sdpa" if cfg.packing and cfg.attn_implementation == "auto" else cfg.attn_implementation)
+                       attention="sdpa" if cfg.packing and cfg.attn_implementation == "auto" else cfg.attn_implementation,
+                       # set true, they run (or the run stops); auto waits for a trial on the GPU: plan without
+                       liger_kernels=cfg.liger_kernels is True and device == "cuda",
+                       fused_loss=cfg.fused_loss is True and device == "cuda")
     return estimate_memory(shape, setup).total_bytes
 
 

@@ -44,6 +44,11 @@ def this_machine() -> Machine:
     return Machine("cpu", "this machine's free RAM (CPU training, fp32)", int(gb * 2**30))
 
 
+def _gpu_kernels(device: str, setup: TrainSetup) -> dict:
+    """liger-kernel's kernels run only on a GPU: a CPU plan of the same setup is without them."""
+    return {} if device == "cuda" else {"liger_kernels": False, "fused_loss": False}
+
+
 def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -> dict[str, dict]:
     """Fit on each common GPU (estimated for CUDA) and on this machine (estimated for its device)."""
     gpu_setup = setup if setup.device == "cuda" else replace(setup, device="cuda", precision="auto")
@@ -56,7 +61,8 @@ def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -
         out["this machine"] = {"fits": False, "needed_bytes": None, "capacity_bytes": m.capacity_bytes,
                                "note": unavailable}
     else:
-        local = setup if setup.device == m.device else replace(setup, device=m.device, precision="auto")
+        local = setup if setup.device == m.device else replace(setup, device=m.device, precision="auto",
+                                                              **_gpu_kernels(m.device, setup))
         need = estimate_memory(shape, local).total_bytes
         out["this machine"] = {"fits": need <= m.capacity_bytes, "needed_bytes": need,
                                "capacity_bytes": m.capacity_bytes, "note": m.name}

@@ -155,20 +155,25 @@ def layer_activation_bytes(shape: ModelShape, s: TrainSetup) -> int:
       by gate/up) or, with dropout, the dropout output and its mask;
     * QLoRA's 4-bit matmul also keeps its input; prefix tuning keeps keys and values repeated to every
       head over the prefix too (it passes an attention mask, which rules out grouped-query SDPA).
+    * ``liger_kernels`` (from liger-kernel 0.8.5's ``save_for_backward`` calls, not yet measured on a GPU):
+      the norms keep their input as it comes and an fp32 rsqrt per row (no fp32 copy, no normalised
+      tensor), the SwiGLU keeps gate and up (SiLU(gate) is recomputed); RoPE keeps what HF's does.
     """
     b = dtype_bytes(shape, s)
     h, q, kv, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
-    total = 2 * h * 4 + 2 * 4 + shape.n_heads * 4          # norm inputs, rsqrt, log-sum-exp
+    # norm inputs (liger's norm keeps them as they come, HF's an fp32 copy), rsqrt, log-sum-exp
+    total = 2 * h * (b.residual if s.liger_kernels else 4) + 2 * 4 + shape.n_heads * 4
     if attention_kernel(shape, s) == "eager":               # the [heads, L] softmax row of every token
         total += eager_extra_bytes(1, s.seq_len, shape.n_heads, 1, b.compute) // s.seq_len
     total += (2 * q + 2 * kv) * b.compute                   # q, k, v, attention output
-    total += 3 * i * b.compute                              # gate, silu(gate), up
+    total += (2 if s.liger_kernels else 3) * i * b.compute  # gate, silu(gate) (not liger's), up
     width = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_prod": i}
     dtype = {"attn_in": b.residual, "attn_out": b.compute, "mlp_in": b.residual, "mlp_prod": b.compute}
     site_input = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
                   "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_prod"}
     if s.method == "full":
-        total += 2 * h * b.residual                         # normalised tensors, for the norm weights
+        if not s.liger_kernels:  # liger's norm gets its weight's gradient from the input and rsqrt
+            total += 2 * h * b.residual                     # normalised tensors, for the norm weights
         if s.mixed:  # autocast casts the fp32 input once per linear, and each linear keeps its copy
             total += (3 * h + 2 * h) * b.compute + i * b.compute
         else:
@@ -214,9 +219,10 @@ def _backward_transient_bytes(shape: ModelShape, s: TrainSetup) -> int:
 def _head_bytes(shape: ModelShape, s: TrainSetup) -> int:
     """Per token: the final norm's saved input (fp32) and the gathered hidden state the loss keeps."""
     b = dtype_bytes(shape, s)
-    normed = shape.hidden * b.residual if s.method == "full" else 0
+    normed = shape.hidden * b.residual if s.method == "full" and not s.liger_kernels else 0
     mask = (s.seq_len + s.prefix_tokens) * 4 if s.method == "prefix" else 0  # the float attention mask
-    return shape.hidden * 4 + shape.hidden * b.residual + normed + mask
+    norm_in = b.residual if s.liger_kernels else 4
+    return shape.hidden * norm_in + shape.hidden * b.residual + normed + mask
 
 
 def _trained_rows(s: TrainSetup) -> int:
@@ -236,8 +242,25 @@ def logits_bytes(shape: ModelShape, s: TrainSetup) -> int:
     applied to ``loss_chunk`` rows at a time under checkpointing. Backward of a chunk holds its
     recomputed fp32 log-probabilities, their gradient and the logits' gradient: 12 bytes per element
     (the forward holds less: logits, their fp32 copy and the log-probabilities).
+
+    With ``fused_loss`` (liger-kernel's fused linear cross entropy, as sftlab calls it: per-token losses,
+    so liger >= 0.8.2 recomputes in backward) see :func:`fused_loss_bytes`.
     """
+    if s.fused_loss:
+        return fused_loss_bytes(shape, s)
     return 12 * loss_rows(s) * shape.vocab
+
+
+def fused_loss_bytes(shape: ModelShape, s: TrainSetup) -> int:
+    """liger's backward: logits of one chunk and their per-token-scaled gradient (compute dtype), the
+    hidden states' gradient for every trained row (the rows' dtype) and the fp32 per-row losses. Its
+    chunk is ``next_power_of_2(rows / ceil(vocab / hidden))`` rows: the logits of a chunk are about the
+    size of the hidden states."""
+    b = dtype_bytes(shape, s)
+    rows = _trained_rows(s)
+    per_chunk = -(-rows // -(-shape.vocab // shape.hidden))
+    chunk = min(rows, 1 << (per_chunk - 1).bit_length())
+    return 2 * chunk * shape.vocab * b.compute + rows * shape.hidden * b.residual + rows * 4
 
 # --- the estimate -----------------------------------------------------------------------------
 
@@ -263,13 +286,14 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
     held = {k: v for k, v in static.items() if k not in grads}
     if s.grad_accum > 1:  # gradients of earlier micro-batches stay alive through the next forward
         held.update(grads)
-    logits = logits_bytes(shape, s)
+    logits = {"fused loss" if s.fused_loss else "logits": logits_bytes(shape, s)}
     head = _head_bytes(shape, s) * n_tok
     head_grad = {}
     if s.method == "full" and s.grad_accum == 1:
         # The output head's weight gradient (fp32) appears in the loss's backward, before any layer's;
         # a second chunk adds its contribution through one more temporary of the same size.
-        chunks = -(-_trained_rows(s) // s.loss_chunk)
+        # liger's fused loss adds every chunk's into one buffer.
+        chunks = 1 if s.fused_loss else -(-_trained_rows(s) // s.loss_chunk)
         head_grad = {"gradients (output head)": shape.vocab * shape.hidden * 4 * (2 if chunks > 1 else 1)}
 
     candidates: dict[str, dict[str, int]] = {}
@@ -280,7 +304,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
             # Under autocast the compute copy of the weights lives only while something saved for
             # backward holds it; with checkpointing nothing does once the forward is over.
             fwd_held["weights"] = 0
-        candidates["loss backward"] = {**fwd_held, "activations": kept + head, "logits": logits, **head_grad, **overhead}
+        candidates["loss backward"] = {**fwd_held, "activations": kept + head, **logits, **head_grad, **overhead}
         # Backward through one recomputed layer: its saved tensors and gradient buffers. The logits are
         # gone by then; the kept layer inputs shrink while the gradients grow, so count the larger.
         recomputed = per_layer * n_tok + transient
@@ -293,7 +317,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
             candidates["backward"] = {**fwd_held, "activations": recomputed + kept, **overhead}
     else:
         candidates["loss backward"] = {**held, "activations": shape.n_layers * per_layer * n_tok + head,
-                                       "logits": logits, **head_grad, **overhead}
+                                       **logits, **head_grad, **overhead}
     if s.method == "full":
         # At the end of backward the input-embedding gradient is built whole ([vocab, hidden], fp32);
         # with tied embeddings it is then added to the head's gradient through one more temporary.
@@ -344,5 +368,5 @@ def max_seq_len(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit
     return _largest(lambda n: estimate_memory(shape, replace(setup, seq_len=n)).total_bytes <= budget_bytes, limit)
 
 __all__ = ["ALL_LINEAR", "METHODS", "OPTIMIZERS", "PRECISIONS", "DEVICES", "GB", "TrainSetup", "MemoryEstimate",
-           "estimate_memory", "layer_activation_bytes", "logits_bytes", "process_baseline_bytes", "lora_param_count", "prefix_param_count",
+           "estimate_memory", "fused_loss_bytes", "layer_activation_bytes", "logits_bytes", "process_baseline_bytes", "lora_param_count", "prefix_param_count",
            "trainable_params", "static_parts", "static_bytes_per_param", "max_batch", "max_seq_len"]

@@ -15,6 +15,7 @@ _PART_NAMES = {
     "adapter_optimizer": "adapter optimizer state",
     "activations": "activations",
     "logits": "logits (one loss chunk, with gradients)",
+    "fused loss": "fused loss (liger's chunk, hidden-state gradient)",
     "embedding gradient (transient)": "embedding gradient (transient)",
     "overhead": "framework overhead",
     "malloc retention": "freed temporaries glibc's malloc keeps",

@@ -45,6 +45,10 @@ class TrainSetup:
     # The C library's malloc `sftlab train` runs with on a CPU: "glibc" (its default), "lean"
     # (SFTLAB_MALLOC=lean) or "other". By default, what `train` would use here (sftlab.plan.allocator).
     malloc: str = field(default_factory=train_malloc)
+    # liger-kernel on a GPU (``liger_kernels``: its RMSNorm, SwiGLU and RoPE; ``fused_loss``: its fused
+    # linear cross entropy): what they keep, as liger-kernel 0.8.5 writes them (train/kernels.py)
+    liger_kernels: bool = False
+    fused_loss: bool = False
 
     def __post_init__(self):
         validate_setup(self)
@@ -91,6 +95,9 @@ def validate_setup(s: TrainSetup) -> None:
     bad = [t for t in s.lora_targets if t not in ALL_LINEAR]
     if bad or not s.lora_targets:
         raise SftlabError(f"unknown LoRA target {bad[0] if bad else '(none)'!r}", hint=f"use some of: {', '.join(ALL_LINEAR)}")
+    if (s.liger_kernels or s.fused_loss) and s.device != "cuda":
+        raise SftlabError("liger-kernel's kernels (liger_kernels, fused_loss) run on CUDA GPUs",
+                          hint="plan them with --device cuda")
     if s.method == "qlora" and s.device == "cpu":
         # bitsandbytes trains NF4 on CPU too, from the version sftlab.qlora names (the one rule). A plan
         # for CUDA is often made away from the GPU, so it does not ask for bitsandbytes here.

@@ -4,7 +4,9 @@ faster and computes the same thing.
 - ``liger_kernels``: liger-kernel's Triton RMSNorm, SwiGLU MLP and RoPE patched into the model
   (``pip install sftlab[gpu]``);
 - ``fused_loss``: liger-kernel's fused linear cross entropy in place of the chunked loss of
-  ``core/loss.py`` (the head's gradient is computed in the forward pass: one matmul fewer);
+  ``core/loss.py`` (its Triton cross entropy over chunks about the size of the hidden states; for the
+  per-token losses sftlab asks for, liger 0.8.2+ recomputes the logits in backward, as the chunked
+  loss does);
 - ``compile_blocks``: ``torch.compile`` of each decoder block;
 - FlashAttention-2 varlen for packed rows is chosen by ``attn_implementation: auto``
   (:func:`flash_attention_available`): packed rows then carry position ids and no mask.
