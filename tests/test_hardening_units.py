@@ -78,6 +78,48 @@ def test_atomic_dir_failure_keeps_the_previous_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_atomic_dir_never_deletes_what_sftlab_did_not_write(tmp_path, monkeypatch):
+    """`prepare --out proj` where proj holds the data, `--out data.jsonl`, `--out .`: refused, nothing lost;
+    an earlier output of sftlab's (even of another kind: adapter then merged) is replaced."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "data.jsonl").write_text("{}\n")
+    (proj / "notes.txt").write_text("mine")
+    with pytest.raises(SftlabError, match=r"proj already holds data.jsonl, notes.txt, which this output would "
+                                          r"delete; nothing was written \(choose a new output folder"):
+        with io.atomic_dir(proj) as tmp:
+            (tmp / "report.json").write_text("{}")
+    assert sorted(p.name for p in proj.iterdir()) == ["data.jsonl", "notes.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["proj"]  # no temp folder left
+    ran = []
+    with pytest.raises(SftlabError, match="data.jsonl is a file: the output is a folder"):
+        with io.atomic_dir(proj / "data.jsonl"):
+            ran.append(1)  # refused before any work
+    assert ran == [] and (proj / "data.jsonl").read_text() == "{}\n"
+    monkeypatch.chdir(proj)
+    with pytest.raises(SftlabError, match="proj already holds data.jsonl, notes.txt"):
+        with io.atomic_dir(".") as tmp:
+            (tmp / "report.json").write_text("{}")
+    assert sorted(p.name for p in proj.iterdir()) == ["data.jsonl", "notes.txt"]
+
+    out = tmp_path / "export"
+    with io.atomic_dir(out) as tmp:
+        (tmp / "adapter_model.safetensors").write_text("a")
+    with io.atomic_dir(out) as tmp:  # what the first output wrote may go
+        (tmp / "model.safetensors").write_text("m")
+    assert sorted(p.name for p in out.iterdir()) == [io.OUTPUT_MARK, "model.safetensors"]
+    (out / "README.md").write_text("the user's own")
+    with pytest.raises(SftlabError, match="already holds README.md"):
+        with io.atomic_dir(out) as tmp:
+            (tmp / "model.safetensors").write_text("m2")
+    assert (out / "model.safetensors").read_text() == "m"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with io.atomic_dir(empty) as tmp:
+        (tmp / "x").write_text("x")
+    assert (empty / "x").read_text() == "x"
+
+
 def test_atomic_write_where_a_file_blocks_the_folder(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(SftlabError, match="cannot write .*f/out.txt"):

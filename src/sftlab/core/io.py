@@ -72,10 +72,24 @@ def atomic_open(path: str | Path, mode: str = "w"):
         raise
 
 
+# In each output folder: the names sftlab wrote there, so a later run may replace them (and only them).
+OUTPUT_MARK = ".sftlab-output"
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary folder beside ``path``; it is renamed to ``path`` only on success."""
+    """Yield a temporary folder beside ``path``; it is renamed to ``path`` only on success.
+
+    An existing ``path`` is replaced only when everything in it is sftlab's: what an earlier output
+    recorded in its :data:`OUTPUT_MARK`, or what the new output holds too. A file at ``path``, or a
+    folder with anything else in it (the input data, the user's notes, ``--out .``), is an error and
+    nothing is written or removed."""
     path = Path(path)
+    if path.name in ("", ".", ".."):  # `--out .`: the folder by its own name, beside it in its parent
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise SftlabError(f"{path} is a file: the output is a folder and would replace it",
+                          hint="choose another output path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -86,6 +100,7 @@ def atomic_dir(path: str | Path):
     try:
         yield tmp
         _publish_mode(tmp, directory=True)
+        _mark_output(tmp, path)
         _swap_in(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,6 +110,22 @@ def atomic_dir(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _mark_output(tmp: Path, path: Path) -> None:
+    """Record what ``tmp`` holds; refuse when the folder it would replace holds anything else."""
+    written = sorted(p.name for p in tmp.iterdir())
+    if path.is_dir():
+        try:
+            earlier = set(json.loads((path / OUTPUT_MARK).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            earlier = set()
+        foreign = sorted({p.name for p in path.iterdir()} - set(written) - earlier - {OUTPUT_MARK})
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise SftlabError(f"{path} already holds {shown}, which this output would delete; nothing was written",
+                              hint="choose a new output folder, or move those files out of it")
+    (tmp / OUTPUT_MARK).write_text(json.dumps(written), encoding="utf-8")
 
 
 def _swap_in(tmp: Path, path: Path) -> None:
