@@ -353,3 +353,32 @@ def test_template_consistency_flags_a_generation_prompt_that_differs(tmp_path, t
     assert len(found) == 1 and found[0].data["line"] == 1
     clean = run_doctor(str(data), tokenizer=tok)
     assert not [f for f in clean.findings if f.rule == "template_consistency"]
+    assert found[0].message.count(str(data)) == 0 and "assistant turn 1" in found[0].message  # where: once, as the finding's
+
+
+def test_template_consistency_judges_with_prepares_rule(tmp_path, tiny_model_dir):
+    """Reasoning (inlined as <think> where the template has no field for it) and a Qwen3-style template
+    (one example per turn, an empty <think> block on the turn it renders last) are clean: prepare
+    trains both as the model produces them. A template that adds a new line before the reply is not."""
+    from test_official_templates import QWEN3, SPECIALS
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS}, replace_extra_special_tokens=False)
+    rows = [{"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "reasoning_content": "two plus two is four"},
+                          {"role": "user", "content": "3+3?"},
+                          {"role": "assistant", "content": "<think>\nthree plus three\n</think>\n\n6"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}]
+    data = write(tmp_path, rows)
+    qwen3 = tmp_path / "qwen3.jinja"
+    qwen3.write_text(QWEN3)
+    for template in (None, "chatml", "chatml-tools", str(qwen3)):
+        res = run_doctor(data, tokenizer=tok, template=template)
+        assert not [f for f in res.findings if f.rule in ("template_consistency", "template")], template
+    shifted = tmp_path / "shifted.jinja"
+    shifted.write_text(QWEN3.replace("message.role + '\\n<think>", "message.role + '\\n\\n<think>"))
+    assert shifted.read_text() != QWEN3
+    found = [f for f in run_doctor(data, tokenizer=tok, template=str(shifted)).findings if f.rule == "template_consistency"]
+    assert len(found) == 2 and all("does not follow the inference prompt verbatim" in f.message for f in found)

@@ -199,8 +199,9 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
 
     chats = [c for c in convs if not c.is_text][:sample]
     for c, problem in zip(chats, (check_template_consistency(tpl, [c]) for c in chats)):
-        if problem:
-            _add(findings, "template_consistency", c.source, c.line, problem[0])
+        if problem:  # the finding names the file and line: not again in its text
+            text = problem[0].removeprefix(f"{c.where()}, ").removeprefix(f"{c.where()}: ")
+            _add(findings, "template_consistency", c.source, c.line, text)
 
 # --- reading ------------------------------------------------------------------------------------
 def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
