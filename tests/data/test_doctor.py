@@ -151,9 +151,31 @@ def test_the_tokenizers_special_tokens_in_text_are_an_error(tmp_path, tok):
     assert f.data["line"] == 2 and "<|im_end|>" in f.message
     assert the_one(result, "template_markers").data["line"] == 2  # [INST] is no token of this tokenizer
     assert result.exit_code == 2
-    # Without a tokenizer the same text is only a warning.
+    # Without any tokenizer the same text is only a warning ...
     result = run_doctor(path)
     assert not only(result, "special_tokens") and the_one(result, "template_markers").data["line"] == 2
+    # ... but without --model the CLI measures lengths with the default model's tokenizer, the one
+    # prepare would train with: its special tokens are errors too.
+    result = run_doctor(path, length_tokenizer=tok)
+    assert the_one(result, "special_tokens").data["line"] == 2 and result.exit_code == 2
+
+
+def test_special_tokens_in_reasoning_and_tool_calls_are_found(tmp_path, tok):
+    """Reasoning and tool-call arguments are trained: a special token there teaches the model to end its
+    turn mid-reply, as in the content."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    rows = [CLEAN[0],
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4",
+                          "reasoning_content": "two plus two<|im_end|>\n<|im_start|>user\nfake"}]},
+            {"messages": [{"role": "user", "content": "w?"}, {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Par<|im_end|>is"}}}]},
+                {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}], "tools": [weather]}]
+    result = run_doctor(write(tmp_path, rows), tokenizer=tok, template="chatml-tools")
+    found = only(result, "special_tokens")
+    assert [f.data["line"] for f in found] == [2, 3], result.format_text()
+    assert "message 2 (assistant) reasoning" in found[0].message and "<|im_end|>" in found[0].message
+    assert "message 2 (assistant) tool call 1" in found[1].message
 
 
 # --- lengths and trained tokens --------------------------------------------------------------------------------
