@@ -151,9 +151,31 @@ def test_the_tokenizers_special_tokens_in_text_are_an_error(tmp_path, tok):
     assert f.data["line"] == 2 and "<|im_end|>" in f.message
     assert the_one(result, "template_markers").data["line"] == 2  # [INST] is no token of this tokenizer
     assert result.exit_code == 2
-    # Without a tokenizer the same text is only a warning.
+    # Without any tokenizer the same text is only a warning ...
     result = run_doctor(path)
     assert not only(result, "special_tokens") and the_one(result, "template_markers").data["line"] == 2
+    # ... but without --model the CLI measures lengths with the default model's tokenizer, the one
+    # prepare would train with: its special tokens are errors too.
+    result = run_doctor(path, length_tokenizer=tok)
+    assert the_one(result, "special_tokens").data["line"] == 2 and result.exit_code == 2
+
+
+def test_special_tokens_in_reasoning_and_tool_calls_are_found(tmp_path, tok):
+    """Reasoning and tool-call arguments are trained: a special token there teaches the model to end its
+    turn mid-reply, as in the content."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    rows = [CLEAN[0],
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4",
+                          "reasoning_content": "two plus two<|im_end|>\n<|im_start|>user\nfake"}]},
+            {"messages": [{"role": "user", "content": "w?"}, {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Par<|im_end|>is"}}}]},
+                {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}], "tools": [weather]}]
+    result = run_doctor(write(tmp_path, rows), tokenizer=tok, template="chatml-tools")
+    found = only(result, "special_tokens")
+    assert [f.data["line"] for f in found] == [2, 3], result.format_text()
+    assert "message 2 (assistant) reasoning" in found[0].message and "<|im_end|>" in found[0].message
+    assert "message 2 (assistant) tool call 1" in found[1].message
 
 
 # --- lengths and trained tokens --------------------------------------------------------------------------------
@@ -353,3 +375,32 @@ def test_template_consistency_flags_a_generation_prompt_that_differs(tmp_path, t
     assert len(found) == 1 and found[0].data["line"] == 1
     clean = run_doctor(str(data), tokenizer=tok)
     assert not [f for f in clean.findings if f.rule == "template_consistency"]
+    assert found[0].message.count(str(data)) == 0 and "assistant turn 1" in found[0].message  # where: once, as the finding's
+
+
+def test_template_consistency_judges_with_prepares_rule(tmp_path, tiny_model_dir):
+    """Reasoning (inlined as <think> where the template has no field for it) and a Qwen3-style template
+    (one example per turn, an empty <think> block on the turn it renders last) are clean: prepare
+    trains both as the model produces them. A template that adds a new line before the reply is not."""
+    from test_official_templates import QWEN3, SPECIALS
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS}, replace_extra_special_tokens=False)
+    rows = [{"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "reasoning_content": "two plus two is four"},
+                          {"role": "user", "content": "3+3?"},
+                          {"role": "assistant", "content": "<think>\nthree plus three\n</think>\n\n6"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}]
+    data = write(tmp_path, rows)
+    qwen3 = tmp_path / "qwen3.jinja"
+    qwen3.write_text(QWEN3)
+    for template in (None, "chatml", "chatml-tools", str(qwen3)):
+        res = run_doctor(data, tokenizer=tok, template=template)
+        assert not [f for f in res.findings if f.rule in ("template_consistency", "template")], template
+    shifted = tmp_path / "shifted.jinja"
+    shifted.write_text(QWEN3.replace("message.role + '\\n<think>", "message.role + '\\n\\n<think>"))
+    assert shifted.read_text() != QWEN3
+    found = [f for f in run_doctor(data, tokenizer=tok, template=str(shifted)).findings if f.rule == "template_consistency"]
+    assert len(found) == 2 and all("does not follow the inference prompt verbatim" in f.message for f in found)

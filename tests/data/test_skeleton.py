@@ -267,3 +267,81 @@ def test_learning_stops_where_shapes_do_not_repeat(tok, monkeypatch):
     got = fast.encode(convs)[0]
     assert [(e.input_ids, e.labels) for e in got] == [(e.input_ids, e.labels) for e in _exact(tok, tpl, convs)]
     assert len(fast._skeletons.cache) == 4
+
+
+
+def _awkward_conversations(seed: int, n: int) -> list[Conversation]:
+    """Random chats whose replies start (or end) with new lines or white space, which may be a tail of
+    the generation prompt (DeepSeek-R1's ends ``<think>\n``): where the exact rule looks at a reply's
+    first characters to find where the turn starts."""
+    import random
+
+    rng = random.Random(seed)
+    heads = ["", "\n", "\n\n", "\n \n", " ", "\t", "assistant\n"]
+    words = ["hello", "Paris", "{0}", "ünï", "42", ".", "x y", "\n", " "]
+    convs = []
+    for _ in range(n):
+        msgs = [Message("system", "".join(rng.choices(words, k=3)))] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            reply = rng.choice(heads) + "".join(rng.choices(words, k=rng.randint(1, 4))) + rng.choice(["", "\n", " "])
+            msgs += [Message("user", "".join(rng.choices(words, k=3))),
+                     Message("assistant", reply if reply.strip() else reply + "ok")]
+        convs.append(Conversation(msgs))
+    return convs
+
+
+def _official_sources() -> dict[str, str]:
+    import test_official_templates as off
+
+    return {**{k: v[0] for k, v in off.TEMPLATES.items()}, "deepseek-r1": off.DEEPSEEK_R1, "mistral-tools": off.MISTRAL_TOOLS}
+
+
+@pytest.mark.parametrize("name", ["builtin:" + n for n in template_names()] + sorted(_official_sources()))
+def test_labels_do_not_depend_on_the_order_of_conversations(tok, name, monkeypatch):
+    """Skeletons on or off, the file in either order: every conversation gets the same ids and labels
+    (the first of a shape is labelled exactly, later ones by its skeleton, which the sampled check must
+    never have to correct: it is switched off here)."""
+    import test_official_templates as off
+
+    monkeypatch.setattr(skeleton, "VERIFY_EVERY", 10**9)
+    t = tok
+    if name.startswith("builtin:"):
+        tpl = resolve_template(name.split(":", 1)[1], tok)
+    else:
+        t = AutoTokenizer.from_pretrained(tok.name_or_path)
+        t.add_special_tokens({"additional_special_tokens": off.SPECIALS}, replace_extra_special_tokens=False)
+        tpl = ChatTemplate(name, _official_sources()[name], None, {"bos_token": t.bos_token, "eos_token": t.eos_token})
+    convs = _awkward_conversations(seed=11, n=60)
+
+    def labels(order: list[int], masking: str, skeletons: bool) -> dict[int, list]:
+        out: dict[int, list] = {}  # conversation -> its examples' (ids, labels)
+        labeler = Labeler(t, tpl, masking=masking, skeletons=skeletons)
+        exs = labeler.encode([convs[k] for k in order])[0]
+        assert not labeler.skeletons_failed
+        for e in exs:
+            out.setdefault(order[e.index], []).append((e.input_ids, e.labels))
+        return out
+
+    forward, backward = list(range(len(convs))), list(range(len(convs)))[::-1]
+    for masking in ("all_assistant", "all"):
+        want = labels(forward, masking, skeletons=False)
+        assert labels(forward, masking, skeletons=True) == want, masking
+        assert labels(backward, masking, skeletons=True) == want, masking
+
+
+def test_deepseek_r1_reply_starting_with_a_new_line_is_trained_the_same_in_either_order(tok):
+    """DeepSeek-R1's prompt ends ``<think>\\n``; a reply starting with a new line continues it. The exact
+    rule trains the reply from the prompt's end; the skeleton learnt from another reply must agree."""
+    import test_official_templates as off
+
+    from sftlab.data.masking import trained_text
+
+    t = AutoTokenizer.from_pretrained(tok.name_or_path)
+    t.add_special_tokens({"additional_special_tokens": off.SPECIALS}, replace_extra_special_tokens=False)
+    tpl = ChatTemplate("deepseek-r1", off.DEEPSEEK_R1, None, {"bos_token": t.bos_token, "eos_token": t.eos_token})
+    a = Conversation([Message("user", "q1"), Message("assistant", "a1")])
+    b = Conversation([Message("user", "q2"), Message("assistant", "\nHello")])
+    for order in ([a, b], [b, a]):
+        exs = Labeler(t, tpl).encode(order)[0]
+        got = {trained_text(t, e)[0] for e in exs}
+        assert got == {"a1<｜end▁of▁sentence｜>", "Hello<｜end▁of▁sentence｜>"}, order

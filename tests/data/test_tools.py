@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from sftlab.cli import main
 from sftlab.data.formats import load_conversations
-from sftlab.data.masking import Labeler
+from sftlab.data.masking import Labeler, trained_text
 from sftlab.data.prepare import render_example
 from sftlab.data.templates import resolve_template
 from sftlab.data.types import Message
@@ -64,6 +64,10 @@ def test_sharegpt_function_calling_dialect(tmp_path):
     ({"content": "answer", "reasoning_content": "why"}, "why", "answer"),
     ({"content": "answer", "reasoning": "why"}, "why", "answer"),
     ({"content": "no reasoning here"}, None, "no reasoning here"),
+    # an empty or blank field (as exports write on every message) is no reasoning, and no clash with inline
+    ({"content": "4", "reasoning_content": ""}, None, "4"),
+    ({"content": "4", "reasoning": " \n", "thinking": ""}, None, "4"),
+    ({"content": "<think>\nadd\n</think>\n\n4", "reasoning_content": ""}, "add", "4"),
 ])
 def test_reasoning_inline_or_as_a_field_is_normalised(tmp_path, assistant, reasoning, content):
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", **assistant}]}
@@ -139,6 +143,16 @@ def test_show_marks_the_reasoning_span(tiny_model_dir, tmp_path):
     assert render_example(tok, ex, color=False).endswith("assistant\n«‹<think>\nadd\n</think>›\n\n4<|im_end|>»\n")
     colored = render_example(tok, ex, color=True)
     assert "\x1b[43;30m<think>\nadd\n</think>\x1b[42;30m" in colored
+
+
+def test_empty_reasoning_field_trains_no_empty_think_block(tiny_model_dir, tmp_path):
+    """A template without reasoning support inlines reasoning as <think>; an empty field must not
+    teach the model to open every reply with an empty <think>\n\n</think>."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": ""}]}
+    convs = load_conversations(_jsonl(tmp_path / "e.jsonl", [row]))
+    (ex,), _ = Labeler(tok, resolve_template("chatml", tok)).encode(convs)
+    assert trained_text(tok, ex) == ["4<|im_end|>"]
 
 
 def test_template_without_reasoning_gets_it_inline(tiny_model_dir):

@@ -120,7 +120,9 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     train, parts = _load_sources(data, fmt, res.findings, "data")
     evl, eparts = _load_sources(eval_data, fmt, res.findings, "eval_data") if eval_data else (None, [])
     tok, tpl, added = _setup_tokenizer(tokenizer, template, train.convs + (evl.convs if evl else []))
-    specials = _special_tokens(tok) if tok is not None else set()
+    # without a model, the default model's tokenizer (which measures lengths) is the one prepare would use
+    special_tok = tok if tok is not None else length_tokenizer
+    specials = _special_tokens(special_tok) if special_tok is not None else set()
     markers = sorted(set(TEMPLATE_MARKERS) | specials, key=len, reverse=True)
     marker_re = re.compile("|".join(map(re.escape, markers)) + "|" + _GENERIC_MARKER)
     n_turns = n_reasoning = 0
@@ -199,8 +201,9 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
 
     chats = [c for c in convs if not c.is_text][:sample]
     for c, problem in zip(chats, (check_template_consistency(tpl, [c]) for c in chats)):
-        if problem:
-            _add(findings, "template_consistency", c.source, c.line, problem[0])
+        if problem:  # the finding names the file and line: not again in its text
+            text = problem[0].removeprefix(f"{c.where()}, ").removeprefix(f"{c.where()}: ")
+            _add(findings, "template_consistency", c.source, c.line, text)
 
 # --- reading ------------------------------------------------------------------------------------
 def _load(path, fmt: str | None, findings: list[Finding]) -> _File:

@@ -99,9 +99,7 @@ def _add(findings: list[Finding], check: str, file: str, line: int, message: str
 def _text_checks(conv: Conversation, marker_re: re.Pattern, specials: set[str], findings: list[Finding]) -> None:
     """Encoding damage and template/special tokens; one finding per example and check."""
     hits: dict[str, list[str]] = defaultdict(list)
-    pieces = [("text", conv.text)] if conv.is_text else [
-        (f"message {i} ({m.role})", m.content) for i, m in enumerate(conv.messages, start=1)]
-    for label, text in pieces:
+    for label, text in _texts(conv):
         moji = [] if text.isascii() else [m for m in _MOJIBAKE.finditer(text) if _fixable(m.group())]
         if moji:
             bad = moji[0].group()
@@ -122,6 +120,39 @@ def _text_checks(conv: Conversation, marker_re: re.Pattern, specials: set[str], 
     for check, msgs in hits.items():
         more = f" (and {_n(len(msgs) - 1, 'more message')})" if len(msgs) > 1 else ""
         _add(findings, check, conv.source, conv.line, msgs[0] + more)
+
+
+def _texts(conv: Conversation) -> list[tuple[str, str]]:
+    """(label, text) of every string a template renders: contents, reasoning (trained, inlined as <think>
+    where the template has no field for it), tool calls' names, ids and string argument values (trained),
+    a tool result's call id and name, and the tools offered."""
+    if conv.is_text:
+        return [("text", conv.text)]
+    out = []
+    for i, m in enumerate(conv.messages, start=1):
+        label = f"message {i} ({m.role})"
+        out.append((label, m.content))
+        if m.reasoning:
+            out.append((f"{label} reasoning", m.reasoning))
+        for j, call in enumerate(m.tool_calls or (), start=1):
+            fn = call["function"]
+            strings = [fn["name"], call.get("id")] + _strings(fn.get("arguments"))
+            out += [(f"{label} tool call {j}", s) for s in strings if isinstance(s, str)]
+        out += [(label, s) for s in (m.tool_call_id, m.name) if s]
+    if conv.tools:
+        out += [("tools", s) for s in _strings(conv.tools)]
+    return out
+
+
+def _strings(value) -> list[str]:
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [str(k), *_strings(v)]]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _fixable(s: str) -> str | None:

@@ -202,7 +202,9 @@ def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
             calls = (_tool_call(m["function_call"], f"{where} function_call"),)
         raw = m.get(text_key)
         content = "" if raw is None and calls else _text(raw, f"{where} {text_key}")
-        given = [k for k in _REASONING_KEYS if isinstance(m.get(k), str)]
+        # an empty field is no reasoning (exports write "reasoning_content": "" on every message): as reasoning
+        # it would train an empty <think> block, and clash with an inline one
+        given = [k for k in _REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()]
         content, reasoning = split_reasoning(content, where)
         if given:
             if reasoning is not None:

@@ -5,7 +5,7 @@ Rendering a sandboxed jinja template is the slowest step of labelling: the exact
 with the generation prompt). But most templates treat message content as opaque: they write it out
 and never look at it. For such a template the rendered text, and so every label boundary, is a fixed
 function of the conversation's *shape* with each field pasted in. This module learns that function
-once per shape ("skeleton") and then labels each conversation with string formatting.
+once per shape ("skeleton") and then renders each conversation with string formatting.
 
 The shape (:func:`key_of`) is each message's role, whether it has reasoning, its tool calls (function
 name, argument names, whether the call has an id) and whether a tool result names its call and
@@ -28,9 +28,14 @@ Exactness is guarded three ways, and any doubt falls back to the exact method:
    value). They are recorded with the probe's answers (a stripped probe is again a recording probe),
    and the skeleton serves only conversations whose fields give the same answers (no white space to
    strip, no ``</think>``), for which the template's control flow and output are the same as for the probe.
-2. The labels of the skeleton are found by the exact method itself, run on unique sentinel fields,
-   and the skeleton is rejected if a sentinel does not come back verbatim or JSON-escaped (HTML-escaped,
-   ASCII-escaped, split, dropped in part).
+2. The skeleton holds the renders, not the labels: each render the exact method asks for (the
+   conversation, each turn's inference prompt, the conversation through each turn) is made once on
+   unique sentinel fields and kept as a format string; it is rejected if a sentinel does not come back
+   verbatim or JSON-escaped (HTML-escaped, ASCII-escaped, split, dropped in part). The labels are then
+   found by the exact method itself on the renders pasted with the real fields, so where the rule
+   looks at the text (DeepSeek-R1's prompt ends ``<think>\n``, and a reply starting with a new line
+   continues it; white space before a missing end-of-turn token) it sees the real text: a
+   conversation's labels never depend on which conversation of its shape came first.
 3. The first conversation of each shape and a regular sample of the rest (1 in ``VERIFY_EVERY``) are
    also labelled by the exact method and compared; a single difference disables the skeletons for the
    whole template and every conversation is labelled exactly.
@@ -201,14 +206,14 @@ def _same_answers(questions: tuple, contents: list[str]) -> bool:
 
 
 class Skeletons:
-    """Per conversation shape (:func:`key_of`): each label segment as a format string over the fields."""
+    """Per conversation shape (:func:`key_of`): each render of the label rule as a format string over the fields."""
 
     def __init__(self, template, exact_examples: Callable[[Conversation], list]):
         self.template = template
         self.exact = exact_examples  # Conversation -> ConvLabels (a list of examples' segments)
-        # shape -> (labels with format strings, the content questions they assume, whether a format pastes
-        # a field JSON-escaped) or None
-        self.cache: dict[tuple, tuple[list, tuple, bool] | None] = {}
+        # shape -> (each render the exact rule asks for, by (messages, generation prompt), as a format string;
+        # the content questions they assume; whether a format pastes a field JSON-escaped) or None
+        self.cache: dict[tuple, tuple[dict, tuple, bool] | None] = {}
         self.failed = False  # a verification found a difference: label everything exactly
         self.n_seen = 0
         self.n_reused = 0  # conversations served by a skeleton learnt for an earlier one (the learning budget)
@@ -231,13 +236,19 @@ class Skeletons:
         learnt = self.cache[key]
         if learnt is None or any(_MARK in c or _END in c for c in contents):
             return self.exact(conv)
-        skeleton, questions, escaped = learnt
+        renders, questions, escaped = learnt
         if questions and not _same_answers(questions, contents):
             return self.exact(conv)
         if escaped:  # field k JSON-escaped is field n + k
             contents = contents + [json.dumps(c, ensure_ascii=False)[1:-1] for c in contents]
-        segs = skeleton.__class__([[(fmt.format(*contents), trained) for fmt, trained in ex] for ex in skeleton],
-                                  split=skeleton.split, notes=skeleton.notes)
+
+        def render(messages, add_generation_prompt=False, tools=None):
+            return renders[len(messages), add_generation_prompt].format(*contents)
+
+        # The exact rule itself, on the renders pasted together: where it looks at the text (where the
+        # inference prompt's end is found in the turn, white space before a missing end-of-turn token)
+        # it sees the real fields, so the labels never depend on which conversation taught the skeleton.
+        segs = self.exact(conv, render)
         self.n_seen += 1
         self.n_reused += key in self.verified
         if key not in self.verified or self.n_seen % VERIFY_EVERY == 0:
@@ -248,7 +259,7 @@ class Skeletons:
                 return exact
         return segs
 
-    def _learn(self, key: tuple) -> tuple[list, tuple, bool] | None:
+    def _learn(self, key: tuple) -> tuple[dict, tuple, bool] | None:
         questions: list[tuple] = []
         touched: list[str] = []
         probe = _probe_class(questions, touched)
@@ -266,20 +277,27 @@ class Skeletons:
             return None  # the exact method reports it, naming the conversation
         if touched:
             return None
+        # The renders the exact rule asks for (the full conversation; per assistant turn its inference
+        # prompt and, but for the last, the conversation through it), each as a format string.
+        calls = [(len(plain), False)]
+        for i, m in enumerate(plain):
+            if m.role == "assistant":
+                calls += [(i, True)] + ([(i + 1, False)] if i + 1 < len(plain) else [])
+        texts = {}
         try:
-            labels = self.exact(Conversation(plain, tools=tools))
+            for upto, gen in calls:
+                texts[upto, gen] = self.template.render(plain[:upto], add_generation_prompt=gen, tools=tools)
+            # the rule's own checks on the stand-ins (a reply not rendered verbatim: the exact method reports it)
+            self.exact(Conversation(plain, tools=tools), lambda msgs, add_generation_prompt=False, tools=None:
+                       texts[len(msgs), add_generation_prompt])
         except SftlabError:
             return None
-        out, escaped = [], False
-        for ex in labels:
-            fmts = []
-            for text, trained in ex:
-                rest = _SENTINEL.sub("", text)
-                if _MARK in rest or _END in rest or "\\ue000" in rest or "\\ue001" in rest:
-                    return None  # a sentinel came back cut, or escaped in a way the skeleton does not paste
-                escaped = escaped or bool(_ESCAPED.search(text))
-                fmt = _SENTINEL.sub(lambda m: "{" + str(int(m.group(1)) + (n if m.group(2) else 0)) + "}",
-                                    text.replace("{", "{{").replace("}", "}}"))
-                fmts.append((fmt, trained))
-            out.append(fmts)
-        return labels.__class__(out, split=labels.split, notes=labels.notes), tuple(dict.fromkeys(questions)), escaped
+        renders, escaped = {}, False
+        for (upto, gen), text in texts.items():
+            rest = _SENTINEL.sub("", text)
+            if _MARK in rest or _END in rest or "\\ue000" in rest or "\\ue001" in rest:
+                return None  # a sentinel came back cut, or escaped in a way the skeleton does not paste
+            escaped = escaped or bool(_ESCAPED.search(text))
+            renders[upto, gen] = _SENTINEL.sub(lambda m: "{" + str(int(m.group(1)) + (n if m.group(2) else 0)) + "}",
+                                               text.replace("{", "{{").replace("}", "}}"))
+        return renders, tuple(dict.fromkeys(questions)), escaped

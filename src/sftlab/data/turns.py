@@ -41,17 +41,22 @@ class TurnRule:
         if why not in self._notes:
             self._notes.append(why)
 
-    def _examples_exact(self, conv: Conversation) -> ConvLabels:
-        """The label rule (module docstring), by rendering each turn's inference prompt and the turn."""
+    def _examples_exact(self, conv: Conversation, render=None) -> ConvLabels:
+        """The label rule (module docstring), by rendering each turn's inference prompt and the turn.
+
+        ``render`` stands in for ``template.render`` (the skeleton's renders, pasted from format strings):
+        every decision below that looks at the text is then made on the real text.
+        """
         self._notes = []
+        render = render or self.template.render
         msgs, tools = conv.messages, conv.tools
-        full = self.template.render(msgs, tools=tools)
+        full = render(msgs, tools=tools)
         assistant_idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
-        prompts = [self.template.render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
+        prompts = [render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
         whole = self.masking == "all" or self.reasoning in ("keep", "last")
         turns = []  # (rendered through this turn, trained start and end, end token found, prompt is its prefix)
         for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
-            rendered = full if i == len(msgs) - 1 else self.template.render(msgs[:i + 1], tools=tools)
+            rendered = full if i == len(msgs) - 1 else render(msgs[:i + 1], tools=tools)
             start, exact = _align(prompt, rendered)
             if not exact:
                 self._note(NOTE_GEN_PROMPT)
