@@ -102,3 +102,16 @@ def test_missing_file_and_unsupported_type(tmp_path):
     (tmp_path / "d.xml").write_text("<x/>")
     with pytest.raises(SftlabError, match="unsupported file type '.xml'"):
         load_conversations(str(tmp_path / "d.xml"))
+
+
+@pytest.mark.parametrize("name,body", [
+    ("d.csv", "instruction,input,output\nhi,,hello\n"),
+    ("d.jsonl", json.dumps({"instruction": "hi", "output": "hello"}) + "\n"),
+    ("d.json", json.dumps([{"instruction": "hi", "output": "hello"}])),
+])
+def test_utf8_bom_at_file_start_is_ignored(tmp_path, name, body):
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # Excel's "CSV UTF-8", Notepad's UTF-8
+    (c,) = load_conversations(str(p))
+    assert [(m.role, m.content) for m in c.messages] == [("user", "hi"), ("assistant", "hello")]
+    assert c.line == (2 if name.endswith(".csv") else 1)

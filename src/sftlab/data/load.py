@@ -16,6 +16,7 @@ from pathlib import Path
 from sftlab.core.errors import SftlabError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -61,6 +62,8 @@ def read_records(path: str | Path, *, strict: bool = True) -> list[Record]:
 def _read_jsonl(p: Path) -> list[Record]:
     out: list[Record] = []
     raw = p.read_bytes()
+    if raw.startswith(_BOM):  # a UTF-8 byte order mark (Excel, Notepad) is no part of the first line
+        raw = raw[len(_BOM):]
     for i, bline in enumerate(raw.split(b"\n"), start=1):
         if not bline.strip():
             continue
@@ -83,7 +86,7 @@ def _read_jsonl(p: Path) -> list[Record]:
 
 def _read_json(p: Path) -> list[Record]:
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # -sig: a leading byte order mark is skipped
     except UnicodeDecodeError as exc:
         raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
     try:
@@ -150,7 +153,7 @@ def _json_item_lines(text: str, n: int) -> list[int]:
 
 def _read_csv(p: Path) -> list[Record]:
     try:
-        with p.open(newline="", encoding="utf-8") as f:
+        with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             out = []
             for row in reader:
