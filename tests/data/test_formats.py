@@ -115,3 +115,13 @@ def test_utf8_bom_at_file_start_is_ignored(tmp_path, name, body):
     (c,) = load_conversations(str(p))
     assert [(m.role, m.content) for m in c.messages] == [("user", "hi"), ("assistant", "hello")]
     assert c.line == (2 if name.endswith(".csv") else 1)
+
+
+def test_csv_cell_over_128_kib_loads(tmp_path):
+    p = tmp_path / "big.csv"
+    with p.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output"])
+        w.writerow(["Summarize", "word " * 30000, "short"])  # 150,000 characters in one cell
+    (c,) = load_conversations(str(p))
+    assert len(c.messages[0].content) > 150_000 and c.messages[1].content == "short"

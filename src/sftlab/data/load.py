@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +153,9 @@ def _json_item_lines(text: str, n: int) -> list[int]:
 
 
 def _read_csv(p: Path) -> list[Record]:
+    # The csv module refuses cells over 128 KiB by default ("field larger than field limit"): long
+    # documents are valid data, and the length policy (max_seq_length) is what deals with them.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the limit is a C long (32 bits on Windows)
     try:
         with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
