@@ -125,3 +125,12 @@ def test_csv_cell_over_128_kib_loads(tmp_path):
         w.writerow(["Summarize", "word " * 30000, "short"])  # 150,000 characters in one cell
     (c,) = load_conversations(str(p))
     assert len(c.messages[0].content) > 150_000 and c.messages[1].content == "short"
+
+
+def test_empty_csv_weight_cell_is_the_default_weight(tmp_path):
+    p = tmp_path / "w.csv"
+    p.write_text("instruction,input,output,weight\nhi,,hello,2\nyo,,sup,\n", encoding="utf-8")
+    assert [c.weight for c in load_conversations(str(p))] == [2.0, 1.0]
+    p.write_text("instruction,input,output,weight\nhi,,hello,x\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"w.csv:2: 'weight' must be a number, got 'x'"):
+        load_conversations(str(p))

@@ -51,7 +51,7 @@ def _text(value, what: str) -> str:
 
 def _weight(row: dict) -> float:
     w = row.get("weight", 1.0)
-    if w is None:
+    if w is None or isinstance(w, str) and not w.strip():  # an empty CSV cell: no weight given
         return 1.0
     try:
         w = float(w)
