@@ -134,3 +134,45 @@ def test_empty_csv_weight_cell_is_the_default_weight(tmp_path):
     p.write_text("instruction,input,output,weight\nhi,,hello,x\n", encoding="utf-8")
     with pytest.raises(SftlabError, match=r"w.csv:2: 'weight' must be a number, got 'x'"):
         load_conversations(str(p))
+
+
+CUT = {"messages": [{"role": "user", "content": "hi \ud83d"}, {"role": "assistant", "content": "hello"}]}  # half an emoji
+
+
+def test_cut_character_is_one_error_naming_the_line(tmp_path):
+    with pytest.raises(SftlabError, match=r"d.jsonl:2: messages\[0\].content holds an unpaired UTF-16 surrogate "
+                                          r"\\ud83d .*remove or complete the cut character"):
+        load_conversations(_jsonl(tmp_path / "d.jsonl", [ROW, CUT]))  # json.dumps writes it as \ud83d
+    j = tmp_path / "d.json"
+    j.write_text("[\n" + ",\n".join(json.dumps(r) for r in [ROW, ROW, CUT]) + "\n]\n")
+    with pytest.raises(SftlabError, match=r"d.json:4: messages\[0\].content holds an unpaired UTF-16 surrogate"):
+        load_conversations(str(j))
+    call = {"type": "function", "function": {"name": "f", "arguments": json.dumps({"city": "Par\ud83d"})}}
+    row = {"messages": [{"role": "user", "content": "w?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}]}
+    with pytest.raises(SftlabError, match=r"t.jsonl:1: message 2 tool call 1 'arguments': city holds an unpaired"):
+        load_conversations(_jsonl(tmp_path / "t.jsonl", [row]))
+
+
+def test_parquet_text_that_is_not_utf8_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # b"\xed\xa0\xbd" is a lone surrogate written as UTF-8 bytes (a cut emoji from a CESU-8 writer)
+    col = lambda vals: pa.array(vals).view(pa.string())  # noqa: E731  (no UTF-8 check on a view)
+    pq.write_table(pa.table({"prompt": col([b"p1", b"hi \xed\xa0\xbd"]), "completion": col([b"c1", b"c2"])}),
+                   tmp_path / "d.parquet")
+    with pytest.raises(SftlabError, match=r"d.parquet:2: invalid UTF-8 in a text column .*cut character"):
+        load_conversations(str(tmp_path / "d.parquet"))
+
+
+def test_deeply_nested_json_is_one_error_naming_the_line(tmp_path):
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(ROW) + "\n" + deep + "\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"d.jsonl:2: line is nested too deeply"):
+        load_conversations(str(p))
+    j = tmp_path / "d.json"
+    j.write_text("[\n" + json.dumps(ROW) + ",\n" + deep + "\n]\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"d.json:3: nested too deeply"):
+        load_conversations(str(j))

@@ -227,8 +227,8 @@ def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
         failures = [(r, None) for r in records]
     for rec, exc in failures:
         if exc is None or exc.check == "parse":
-            err = rec.error or "unreadable"
-            _add(findings, "encoding" if err.startswith("invalid UTF-8") else "parse", rec.source, rec.line, err)
+            _add(findings, rec.check if rec.error else "parse", rec.source, rec.line, rec.error or "unreadable",
+                 fix=rec.fix)
         else:
             # The record cannot be read at all: an error, under the check that names what is wrong.
             check = exc.check if exc.check in CHECKS else "fields"

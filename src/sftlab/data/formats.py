@@ -11,7 +11,7 @@ import json
 from typing import Callable
 
 from sftlab.core.errors import SftlabError
-from sftlab.data.load import Record, read_records
+from sftlab.data.load import SURROGATE_FIX, Record, read_records, unpaired_surrogate
 from sftlab.data.types import Conversation, Message
 
 
@@ -107,9 +107,15 @@ def validate_roles(messages: list[Message]) -> None:
 def _parse_json(text: str, what: str, check: str, fix: str):
     """``text`` parsed as JSON; a FormatError naming ``what`` and the fix when it is not JSON."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FormatError(f"{what} is not valid JSON ({exc.msg} at column {exc.colno})", check, fix)
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply to read", check, fix)
+    problem = unpaired_surrogate(value, text)
+    if problem:  # e.g. a CSV 'tools' cell or a JSON-string 'arguments' with a cut emoji
+        raise FormatError(f"{what}: {problem}", "encoding", SURROGATE_FIX)
+    return value
 
 
 _ARGS_FIX = "write the arguments as a JSON object, e.g. {\"city\": \"Paris\"}"
