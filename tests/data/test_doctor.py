@@ -114,6 +114,13 @@ def test_cut_character_and_deep_nesting_are_findings_not_crashes(tmp_path, tok):
     assert result.stats["examples"] == 2
 
 
+def test_image_part_is_an_error_naming_the_type(tmp_path):
+    image = {"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"}]},
+                          {"role": "assistant", "content": "A dog."}]}
+    f = the_one(run_doctor(write(tmp_path, [CLEAN[0], image])), "non_text")
+    assert f.data["line"] == 2 and "part of type 'image'" in f.message and "text-only data" in f.fixes[0]
+
+
 def test_json_array_points_at_the_line_where_the_item_starts(tmp_path):
     path = tmp_path / "data.json"
     items = [CLEAN[0], {"messages": [{"role": "assistant", "content": "x"}]}]

@@ -176,3 +176,21 @@ def test_deeply_nested_json_is_one_error_naming_the_line(tmp_path):
     j.write_text("[\n" + json.dumps(ROW) + ",\n" + deep + "\n]\n", encoding="utf-8")
     with pytest.raises(SftlabError, match=r"d.json:3: nested too deeply"):
         load_conversations(str(j))
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "http://x/cat.png"}},
+    {"type": "image", "image": "cat.png"},
+    {"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}},
+])
+def test_non_text_content_part_is_one_error(tmp_path, part):
+    # Dropping the part silently left the model trained to answer an empty (or partial) prompt.
+    row = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]},
+                        {"role": "assistant", "content": "A cat."}]}
+    with pytest.raises(SftlabError, match=rf"d.jsonl:2: message 1 content has a part of type '{part['type']}'; "
+                                          r"sftlab trains text models only \(drop this example, or use text-only data"):
+        load_conversations(_jsonl(tmp_path / "d.jsonl", [ROW, row]))
+    text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+                         {"role": "assistant", "content": [{"type": "output_text", "text": "c"}]}]}
+    (c,) = load_conversations(_jsonl(tmp_path / "t.jsonl", [text]))
+    assert [m.content for m in c.messages] == ["ab", "c"]

@@ -34,6 +34,7 @@ _OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "ass
                  "tool": "tool", "function": "tool", "ipython": "tool"}
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_TEXT_PARTS = ("text", "input_text", "output_text")  # content part types holding text (chat and responses APIs)
 
 
 def _text(value, what: str) -> str:
@@ -41,7 +42,11 @@ def _text(value, what: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        parts = [p.get("text") for p in value if p.get("type", "text") == "text"]
+        other = next((p.get("type") for p in value if p.get("type", "text") not in _TEXT_PARTS), None)
+        if other is not None:  # dropping it would leave the text around it to be trained on, e.g. an empty prompt
+            raise FormatError(f"{what} has a part of type {str(other)!r}; sftlab trains text models only", "non_text",
+                              "drop this example, or use text-only data: describe the image or audio in words")
+        parts = [p.get("text") for p in value]
         if all(isinstance(t, str) for t in parts):
             return "".join(parts)
     if value is None:
