@@ -121,6 +121,15 @@ def test_image_part_is_an_error_naming_the_type(tmp_path):
     assert f.data["line"] == 2 and "part of type 'image'" in f.message and "text-only data" in f.fixes[0]
 
 
+def test_folder_says_which_files_were_read(tmp_path):
+    (tmp_path / "ds").mkdir()
+    write(tmp_path, CLEAN, "ds/train.jsonl")
+    write(tmp_path, [chat("held-out question", "held-out answer")], "ds/test.jsonl")
+    result = run_doctor(str(tmp_path / "ds"))
+    assert result.stats["examples"] == 3 and result.stats["files"] == {"read": ["train.jsonl"], "skipped": ["test.jsonl"]}
+    assert "read 1 file: train.jsonl; skipped (not the train split): test.jsonl" in result.format_text()
+
+
 def test_json_array_points_at_the_line_where_the_item_starts(tmp_path):
     path = tmp_path / "data.json"
     items = [CLEAN[0], {"messages": [{"role": "assistant", "content": "x"}]}]

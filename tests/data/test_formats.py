@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,40 @@ def test_non_text_content_part_is_one_error(tmp_path, part):
                          {"role": "assistant", "content": [{"type": "output_text", "text": "c"}]}]}
     (c,) = load_conversations(_jsonl(tmp_path / "t.jsonl", [text]))
     assert [m.content for m in c.messages] == ["ab", "c"]
+
+
+def _chats(path, *words):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _jsonl(path, [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w}]}
+                         for w in words])
+
+
+def test_folder_of_files_reads_the_train_split_like_load_dataset(tmp_path):
+    d = tmp_path / "ds"
+    _chats(d / "train.jsonl", "t1", "t2")
+    _chats(d / "test.jsonl", "held-out")
+    _chats(d / "validation.jsonl", "val")
+    _chats(d / ".ipynb_checkpoints" / "train-checkpoint.jsonl", "copy")  # hidden: never read
+    assert [(Path(c.source).name, c.messages[0].content) for c in load_conversations(str(d))] == \
+        [("train.jsonl", "t1"), ("train.jsonl", "t2")]
+
+    shards = tmp_path / "shards"  # the Hub's layout: data/train-0000N-of-0000M.*
+    _chats(shards / "data" / "train-00000-of-00002.jsonl", "a")
+    _chats(shards / "data" / "train-00001-of-00002.jsonl", "b")
+    _chats(shards / "data" / "test-00000-of-00001.jsonl", "held-out")
+    assert [c.messages[0].content for c in load_conversations(str(shards))] == ["a", "b"]
+
+    plain = tmp_path / "plain"  # no split names: every file is the training data
+    _chats(plain / "part1.jsonl", "p1")
+    _chats(plain / "part2.jsonl", "p2")
+    _chats(plain / "contest.jsonl", "p3")  # 'test' inside a word is no split name
+    assert sorted(c.messages[0].content for c in load_conversations(str(plain))) == ["p1", "p2", "p3"]
+
+
+def test_folder_with_other_splits_but_no_train_is_an_error(tmp_path):
+    d = tmp_path / "ds"
+    _chats(d / "test.jsonl", "x")
+    _chats(d / "dev.jsonl", "y")
+    with pytest.raises(SftlabError, match=r"ds: no training split in this folder of 2 data files.*dev.jsonl is "
+                                          r"validation, test.jsonl is test \(name the training file train.jsonl"):
+        load_conversations(str(d))

@@ -1,9 +1,10 @@
 """Read data files into records: (line, dict) pairs, each remembering where it came from.
 
 JSONL, JSON (a list, or an object holding one list), CSV, Parquet and local Hugging Face datasets
-(a folder written by ``Dataset.save_to_disk`` or a folder of data files) are supported. Every record
-carries the 1-based line of the input file (JSONL, CSV, JSON arrays) or the 1-based row number
-(Parquet, datasets), so every later error and finding can point at it.
+(a folder written by ``Dataset.save_to_disk``, or a folder of data files whose train split is read,
+as ``load_dataset(folder)`` picks it) are supported. Every record carries the 1-based line of the
+input file (JSONL, CSV, JSON arrays) or the 1-based row number (Parquet, datasets), so every later
+error and finding can point at it.
 """
 
 from __future__ import annotations
@@ -254,11 +255,52 @@ def _parquet_row(p: Path, table, i: int) -> Record:
                       fix="re-encode the text as UTF-8; remove or complete any cut character", check="encoding")
 
 
+# Split names in file or folder names, as Hugging Face's load_dataset(folder) reads them: the keyword
+# between separators ("train.jsonl", "data/train-00000-of-00002.parquet", "train/part1.jsonl").
+_SPLITS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+           "test": ("test", "testing", "eval", "evaluation")}
+_SPLIT_RES = {name: re.compile(rf"(?:^|[-._ 0-9/])(?:{'|'.join(words)})(?=[-._ 0-9/])", re.I)
+              for name, words in _SPLITS.items()}
+
+
+def _split_of(rel: str) -> str | None:
+    return next((name for name, rx in _SPLIT_RES.items() if rx.search(rel)), None)
+
+
+def folder_files(p: Path) -> tuple[list[Path], list[Path]]:
+    """(the data files of folder ``p`` that are its training data, the other data files), as Hugging Face's
+    ``load_dataset(folder)`` picks them: hidden files and folders (``.ipynb_checkpoints``, ``.git``)
+    and ``__``-folders are skipped; when file names name splits (train*, test*, valid*/dev*, eval*, or
+    such a subfolder), only the train split is read; when none does, every file is.
+    Several files named as other splits but none as train raise SftlabError."""
+    found = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES and f.is_file()
+                   and not any(part.startswith((".", "__")) for part in f.relative_to(p).parts))
+    if not found:
+        raise SftlabError(f"{p}: no data files (.jsonl/.json/.csv/.parquet) in this folder",
+                          hint="hidden files and folders (.name) are skipped")
+    splits = {f: _split_of(f.relative_to(p).as_posix()) for f in found}
+    if not any(splits.values()) or len(found) == 1:
+        return found, []
+    train = [f for f in found if splits[f] == "train"]
+    if not train:
+        named = ", ".join(f"{f.relative_to(p)} is {splits[f]}" for f in found if splits[f])
+        raise SftlabError(f"{p}: no training split in this folder of {len(found)} data files, and their names "
+                          f"look like other splits: {named}",
+                          hint="name the training file train.jsonl or train-*.jsonl, or pass that file itself to --data")
+    return train, [f for f in found if splits[f] != "train"]
+
+
+def is_saved_dataset(p: Path) -> bool:
+    """``p`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return any((p / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def _read_dataset_dir(p: Path) -> list[Record]:
-    """A folder from Dataset.save_to_disk, or a folder of data files (the first split found)."""
+    """A folder from Dataset.save_to_disk (its train split, else its first), or a folder of data files
+    (its train split by file name, as :func:`folder_files` picks it)."""
     import datasets  # deferred: heavy library, imported on first use
 
-    if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+    if is_saved_dataset(p):
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as exc:
@@ -267,10 +309,7 @@ def _read_dataset_dir(p: Path) -> list[Record]:
             split = "train" if "train" in ds else next(iter(ds))
             ds = ds[split]
         return [Record(str(p), i, row) for i, row in enumerate(ds, start=1)]
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES)
-    if not files:
-        raise SftlabError(f"{p}: no data files (.jsonl/.json/.csv/.parquet) in this folder")
     out: list[Record] = []
-    for f in files:
+    for f in folder_files(p)[0]:
         out.extend(read_records(f, strict=False))
     return out
