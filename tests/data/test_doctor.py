@@ -102,6 +102,34 @@ def test_invalid_utf8_in_csv_names_the_line(tmp_path):
     assert f.data["line"] == 3
 
 
+def test_cut_character_and_deep_nesting_are_findings_not_crashes(tmp_path, tok):
+    # "\ud83d" is half an emoji: valid JSON, but no UTF-8 (and no tokenizer) takes the string.
+    surrogate = '{"messages": [{"role": "user", "content": "hi \\ud83d"}, {"role": "assistant", "content": "yo"}]}'
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    result = run_doctor(write(tmp_path, [CLEAN[0], surrogate, deep, CLEAN[1]]), tokenizer=tok)
+    f = the_one(result, "encoding")
+    assert f.data["line"] == 2 and "messages[0].content holds an unpaired UTF-16 surrogate \\ud83d" in f.message
+    assert "remove or complete the cut character" in f.fixes[0]
+    assert the_one(result, "parse").data["line"] == 3 and "nested too deeply" in only(result, "parse")[0].message
+    assert result.stats["examples"] == 2
+
+
+def test_image_part_is_an_error_naming_the_type(tmp_path):
+    image = {"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"}]},
+                          {"role": "assistant", "content": "A dog."}]}
+    f = the_one(run_doctor(write(tmp_path, [CLEAN[0], image])), "non_text")
+    assert f.data["line"] == 2 and "part of type 'image'" in f.message and "text-only data" in f.fixes[0]
+
+
+def test_folder_says_which_files_were_read(tmp_path):
+    (tmp_path / "ds").mkdir()
+    write(tmp_path, CLEAN, "ds/train.jsonl")
+    write(tmp_path, [chat("held-out question", "held-out answer")], "ds/test.jsonl")
+    result = run_doctor(str(tmp_path / "ds"))
+    assert result.stats["examples"] == 3 and result.stats["files"] == {"read": ["train.jsonl"], "skipped": ["test.jsonl"]}
+    assert "read 1 file: train.jsonl; skipped (not the train split): test.jsonl" in result.format_text()
+
+
 def test_json_array_points_at_the_line_where_the_item_starts(tmp_path):
     path = tmp_path / "data.json"
     items = [CLEAN[0], {"messages": [{"role": "assistant", "content": "x"}]}]

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,132 @@ def test_missing_file_and_unsupported_type(tmp_path):
     (tmp_path / "d.xml").write_text("<x/>")
     with pytest.raises(SftlabError, match="unsupported file type '.xml'"):
         load_conversations(str(tmp_path / "d.xml"))
+
+
+@pytest.mark.parametrize("name,body", [
+    ("d.csv", "instruction,input,output\nhi,,hello\n"),
+    ("d.jsonl", json.dumps({"instruction": "hi", "output": "hello"}) + "\n"),
+    ("d.json", json.dumps([{"instruction": "hi", "output": "hello"}])),
+])
+def test_utf8_bom_at_file_start_is_ignored(tmp_path, name, body):
+    p = tmp_path / name
+    p.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # Excel's "CSV UTF-8", Notepad's UTF-8
+    (c,) = load_conversations(str(p))
+    assert [(m.role, m.content) for m in c.messages] == [("user", "hi"), ("assistant", "hello")]
+    assert c.line == (2 if name.endswith(".csv") else 1)
+
+
+def test_csv_cell_over_128_kib_loads(tmp_path):
+    p = tmp_path / "big.csv"
+    with p.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output"])
+        w.writerow(["Summarize", "word " * 30000, "short"])  # 150,000 characters in one cell
+    (c,) = load_conversations(str(p))
+    assert len(c.messages[0].content) > 150_000 and c.messages[1].content == "short"
+
+
+def test_empty_csv_weight_cell_is_the_default_weight(tmp_path):
+    p = tmp_path / "w.csv"
+    p.write_text("instruction,input,output,weight\nhi,,hello,2\nyo,,sup,\n", encoding="utf-8")
+    assert [c.weight for c in load_conversations(str(p))] == [2.0, 1.0]
+    p.write_text("instruction,input,output,weight\nhi,,hello,x\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"w.csv:2: 'weight' must be a number, got 'x'"):
+        load_conversations(str(p))
+
+
+CUT = {"messages": [{"role": "user", "content": "hi \ud83d"}, {"role": "assistant", "content": "hello"}]}  # half an emoji
+
+
+def test_cut_character_is_one_error_naming_the_line(tmp_path):
+    with pytest.raises(SftlabError, match=r"d.jsonl:2: messages\[0\].content holds an unpaired UTF-16 surrogate "
+                                          r"\\ud83d .*remove or complete the cut character"):
+        load_conversations(_jsonl(tmp_path / "d.jsonl", [ROW, CUT]))  # json.dumps writes it as \ud83d
+    j = tmp_path / "d.json"
+    j.write_text("[\n" + ",\n".join(json.dumps(r) for r in [ROW, ROW, CUT]) + "\n]\n")
+    with pytest.raises(SftlabError, match=r"d.json:4: messages\[0\].content holds an unpaired UTF-16 surrogate"):
+        load_conversations(str(j))
+    call = {"type": "function", "function": {"name": "f", "arguments": json.dumps({"city": "Par\ud83d"})}}
+    row = {"messages": [{"role": "user", "content": "w?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}]}
+    with pytest.raises(SftlabError, match=r"t.jsonl:1: message 2 tool call 1 'arguments': city holds an unpaired"):
+        load_conversations(_jsonl(tmp_path / "t.jsonl", [row]))
+
+
+def test_parquet_text_that_is_not_utf8_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # b"\xed\xa0\xbd" is a lone surrogate written as UTF-8 bytes (a cut emoji from a CESU-8 writer)
+    col = lambda vals: pa.array(vals).view(pa.string())  # noqa: E731  (no UTF-8 check on a view)
+    pq.write_table(pa.table({"prompt": col([b"p1", b"hi \xed\xa0\xbd"]), "completion": col([b"c1", b"c2"])}),
+                   tmp_path / "d.parquet")
+    with pytest.raises(SftlabError, match=r"d.parquet:2: invalid UTF-8 in a text column .*cut character"):
+        load_conversations(str(tmp_path / "d.parquet"))
+
+
+def test_deeply_nested_json_is_one_error_naming_the_line(tmp_path):
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(ROW) + "\n" + deep + "\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"d.jsonl:2: line is nested too deeply"):
+        load_conversations(str(p))
+    j = tmp_path / "d.json"
+    j.write_text("[\n" + json.dumps(ROW) + ",\n" + deep + "\n]\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"d.json:3: nested too deeply"):
+        load_conversations(str(j))
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "http://x/cat.png"}},
+    {"type": "image", "image": "cat.png"},
+    {"type": "input_audio", "input_audio": {"data": "...", "format": "wav"}},
+])
+def test_non_text_content_part_is_one_error(tmp_path, part):
+    # Dropping the part silently left the model trained to answer an empty (or partial) prompt.
+    row = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]},
+                        {"role": "assistant", "content": "A cat."}]}
+    with pytest.raises(SftlabError, match=rf"d.jsonl:2: message 1 content has a part of type '{part['type']}'; "
+                                          r"sftlab trains text models only \(drop this example, or use text-only data"):
+        load_conversations(_jsonl(tmp_path / "d.jsonl", [ROW, row]))
+    text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+                         {"role": "assistant", "content": [{"type": "output_text", "text": "c"}]}]}
+    (c,) = load_conversations(_jsonl(tmp_path / "t.jsonl", [text]))
+    assert [m.content for m in c.messages] == ["ab", "c"]
+
+
+def _chats(path, *words):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _jsonl(path, [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w}]}
+                         for w in words])
+
+
+def test_folder_of_files_reads_the_train_split_like_load_dataset(tmp_path):
+    d = tmp_path / "ds"
+    _chats(d / "train.jsonl", "t1", "t2")
+    _chats(d / "test.jsonl", "held-out")
+    _chats(d / "validation.jsonl", "val")
+    _chats(d / ".ipynb_checkpoints" / "train-checkpoint.jsonl", "copy")  # hidden: never read
+    assert [(Path(c.source).name, c.messages[0].content) for c in load_conversations(str(d))] == \
+        [("train.jsonl", "t1"), ("train.jsonl", "t2")]
+
+    shards = tmp_path / "shards"  # the Hub's layout: data/train-0000N-of-0000M.*
+    _chats(shards / "data" / "train-00000-of-00002.jsonl", "a")
+    _chats(shards / "data" / "train-00001-of-00002.jsonl", "b")
+    _chats(shards / "data" / "test-00000-of-00001.jsonl", "held-out")
+    assert [c.messages[0].content for c in load_conversations(str(shards))] == ["a", "b"]
+
+    plain = tmp_path / "plain"  # no split names: every file is the training data
+    _chats(plain / "part1.jsonl", "p1")
+    _chats(plain / "part2.jsonl", "p2")
+    _chats(plain / "contest.jsonl", "p3")  # 'test' inside a word is no split name
+    assert sorted(c.messages[0].content for c in load_conversations(str(plain))) == ["p1", "p2", "p3"]
+
+
+def test_folder_with_other_splits_but_no_train_is_an_error(tmp_path):
+    d = tmp_path / "ds"
+    _chats(d / "test.jsonl", "x")
+    _chats(d / "dev.jsonl", "y")
+    with pytest.raises(SftlabError, match=r"ds: no training split in this folder of 2 data files.*dev.jsonl is "
+                                          r"validation, test.jsonl is test \(name the training file train.jsonl"):
+        load_conversations(str(d))

@@ -38,7 +38,7 @@ from sftlab.data.doctor_checks import (
 )
 from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
 from sftlab.data.formats import format_of_row, resolve_format, to_conversations
-from sftlab.data.load import read_records
+from sftlab.data.load import folder_files, is_saved_dataset, read_records
 from sftlab.data.masking import Labeler
 from sftlab.data.mixture import Source, is_mixture, parse_sources
 from sftlab.data.templates import (
@@ -66,12 +66,14 @@ class DoctorResult:
         """The human report: findings grouped by check with counts (``limit`` lines each), stats, histogram."""
         s, out = self.stats, []
         out.append(f"data: {s['data']} ({s['format']} format; {s['examples']} of {s['records']} records usable)")
+        out += _files_lines(s.get("files"))
         if s.get("sources"):
             out.append("per source:")
             out += [f"  {line}" for line in _source_lines(s["sources"])]
         if s.get("eval"):
             e = s["eval"]
             out.append(f"eval: {e['data']} ({e['format']} format; {e['examples']} of {e['records']} records usable)")
+            out += _files_lines(e.get("files"))
         if self.findings:
             order = {c: i for i, c in enumerate(CHECKS)}
             by_check = sorted(self.findings, key=lambda f: order[f.rule])
@@ -94,6 +96,7 @@ class _File:
     fmt: str
     records: int
     convs: list[Conversation]
+    files: dict | None = None  # a folder of data files: {"read": [...], "skipped": [...]} (names in it)
 
 
 def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None = None, fmt: str | None = None,
@@ -133,12 +136,14 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         n_turns, n_reasoning = n_turns + turns, n_reasoning + reasoning
     mh = _MinHash()
     bodies = mh.index([_body(c) for c in train.convs])
-    stats = {"data": train.path, "format": train.fmt, "records": train.records, "examples": len(train.convs)}
+    stats = {"data": train.path, "format": train.fmt, "records": train.records, "examples": len(train.convs),
+             "files": train.files}
     stats["duplicates"] = _duplicates(train.convs, bodies, res.findings)
     stats["tools"] = _tool_stats(train.convs + (evl.convs if evl else []), n_turns, n_reasoning)
     stats["eval"] = None
     if evl:
         stats["eval"] = {"data": evl.path, "format": evl.fmt, "records": evl.records, "examples": len(evl.convs),
+                         "files": evl.files,
                          **_eval_overlap(train.convs, evl.convs, mh, bodies, res.findings)}
     if parts:
         stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length) for src, f in parts]
@@ -216,6 +221,11 @@ def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
                 _add(findings, "encoding", str(p), line, msg)
             return _File(str(p), fmt or "unknown", len(bad), [])
     records = read_records(path, strict=False)
+    files = None
+    if p.is_dir() and not is_saved_dataset(p):  # a folder of data files: say which were read
+        read, skipped = folder_files(p)
+        files = {"read": [f.relative_to(p).as_posix() for f in read],
+                 "skipped": [f.relative_to(p).as_posix() for f in skipped]}
     readable = [r for r in records if r.data is not None]
     if fmt and fmt != "auto":
         key = resolve_format(fmt, records)
@@ -230,14 +240,14 @@ def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
         failures = [(r, None) for r in records]
     for rec, exc in failures:
         if exc is None or exc.check == "parse":
-            err = rec.error or "unreadable"
-            _add(findings, "encoding" if err.startswith("invalid UTF-8") else "parse", rec.source, rec.line, err)
+            _add(findings, rec.check if rec.error else "parse", rec.source, rec.line, rec.error or "unreadable",
+                 fix=rec.fix)
         else:
             # The record cannot be read at all: an error, under the check that names what is wrong.
             check = exc.check if exc.check in CHECKS else "fields"
             msg = f"{exc} (read as '{key}' format)" if check == "fields" else str(exc)
             _add(findings, check, rec.source, rec.line, msg, severity="error", fix=exc.fix)
-    return _File(str(p), key, len(records), convs)
+    return _File(str(p), key, len(records), convs, files)
 
 
 def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str) -> tuple[_File, list]:
@@ -265,6 +275,17 @@ def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None) -> dict:
     row.update(tokens=rep.n_tokens, trained_tokens=rep.n_trained_tokens,
                too_long=sum(len(e.input_ids) > max_len for e in examples) if max_len else None)
     return row
+
+
+def _files_lines(files: dict | None, limit: int = 5) -> list[str]:
+    """For a folder of data files: which files were read, and which were skipped as other splits."""
+    if not files:
+        return []
+    names = lambda fs: ", ".join(fs[:limit]) + (f" and {len(fs) - limit} more" if len(fs) > limit else "")  # noqa: E731
+    line = f"  read {len(files['read'])} file{'s' * (len(files['read']) != 1)}: {names(files['read'])}"
+    if files["skipped"]:
+        line += f"; skipped (not the train split): {names(files['skipped'])}"
+    return [line]
 
 
 def _source_lines(rows: list[dict]) -> list[str]:

@@ -21,11 +21,12 @@ from sftlab.data.types import Conversation
 
 # check name -> (severity, heading). The report lists checks in this order.
 CHECKS: dict[str, tuple[str, str]] = {
-    "encoding": ("error", "invalid UTF-8"),
+    "encoding": ("error", "invalid UTF-8 or cut characters (unpaired surrogates)"),
     "parse": ("error", "lines that do not parse"),
     "fields": ("error", "missing or wrong fields for the format"),
     "role_order": ("error", "wrong role order (or no reply at the end)"),
     "empty_reply": ("error", "empty replies"),
+    "non_text": ("error", "image, audio or other non-text content"),
     "template": ("error", "the chat template cannot place the replies"),
     "special_tokens": ("error", "the tokenizer's special tokens inside message text"),
     "no_trained": ("error", "examples with no trained token"),

@@ -11,7 +11,7 @@ import json
 from typing import Callable
 
 from sftlab.core.errors import SftlabError
-from sftlab.data.load import Record, read_records
+from sftlab.data.load import SURROGATE_FIX, Record, read_records, unpaired_surrogate
 from sftlab.data.types import Conversation, Message
 
 
@@ -34,6 +34,7 @@ _OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "ass
                  "tool": "tool", "function": "tool", "ipython": "tool"}
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_TEXT_PARTS = ("text", "input_text", "output_text")  # content part types holding text (chat and responses APIs)
 
 
 def _text(value, what: str) -> str:
@@ -41,7 +42,11 @@ def _text(value, what: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        parts = [p.get("text") for p in value if p.get("type", "text") == "text"]
+        other = next((p.get("type") for p in value if p.get("type", "text") not in _TEXT_PARTS), None)
+        if other is not None:  # dropping it would leave the text around it to be trained on, e.g. an empty prompt
+            raise FormatError(f"{what} has a part of type {str(other)!r}; sftlab trains text models only", "non_text",
+                              "drop this example, or use text-only data: describe the image or audio in words")
+        parts = [p.get("text") for p in value]
         if all(isinstance(t, str) for t in parts):
             return "".join(parts)
     if value is None:
@@ -51,7 +56,7 @@ def _text(value, what: str) -> str:
 
 def _weight(row: dict) -> float:
     w = row.get("weight", 1.0)
-    if w is None:
+    if w is None or isinstance(w, str) and not w.strip():  # an empty CSV cell: no weight given
         return 1.0
     try:
         w = float(w)
@@ -107,9 +112,15 @@ def validate_roles(messages: list[Message]) -> None:
 def _parse_json(text: str, what: str, check: str, fix: str):
     """``text`` parsed as JSON; a FormatError naming ``what`` and the fix when it is not JSON."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FormatError(f"{what} is not valid JSON ({exc.msg} at column {exc.colno})", check, fix)
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply to read", check, fix)
+    problem = unpaired_surrogate(value, text)
+    if problem:  # e.g. a CSV 'tools' cell or a JSON-string 'arguments' with a cut emoji
+        raise FormatError(f"{what}: {problem}", "encoding", SURROGATE_FIX)
+    return value
 
 
 _ARGS_FIX = "write the arguments as a JSON object, e.g. {\"city\": \"Paris\"}"

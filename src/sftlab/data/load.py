@@ -1,21 +1,29 @@
 """Read data files into records: (line, dict) pairs, each remembering where it came from.
 
 JSONL, JSON (a list, or an object holding one list), CSV, Parquet and local Hugging Face datasets
-(a folder written by ``Dataset.save_to_disk`` or a folder of data files) are supported. Every record
-carries the 1-based line of the input file (JSONL, CSV, JSON arrays) or the 1-based row number
-(Parquet, datasets), so every later error and finding can point at it.
+(a folder written by ``Dataset.save_to_disk``, or a folder of data files whose train split is read,
+as ``load_dataset(folder)`` picks it) are supported. Every record carries the 1-based line of the
+input file (JSONL, CSV, JSON arrays) or the 1-based row number (Parquet, datasets), so every later
+error and finding can point at it.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+_BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text spells one: only then is a walk needed
+SURROGATE_FIX = "remove or complete the cut character: \\ud83d\\ude00 is a whole emoji, \\ud83d alone is half of one"
+_DEEP_FIX = "no chat record nests that deep: fix or remove it"
 
 
 @dataclass
@@ -24,6 +32,8 @@ class Record:
     line: int  # 1-based line (or row) in that file
     data: dict | None  # None when the line could not be parsed
     error: str | None = None  # why it could not be parsed
+    fix: str | None = None  # how to fix it, when more specific than "fix or remove that line"
+    check: str = "parse"  # the doctor's check for the error: "parse" or "encoding"
 
     def where(self) -> str:
         return f"{self.source}:{self.line}"
@@ -52,7 +62,8 @@ def read_records(path: str | Path, *, strict: bool = True) -> list[Record]:
     if strict:
         for r in records:
             if r.data is None:
-                raise SftlabError(f"{r.where()}: {r.error}", hint="fix or remove that line; `sftlab doctor` lists every such line")
+                raise SftlabError(f"{r.where()}: {r.error}",
+                                  hint=r.fix or "fix or remove that line; `sftlab doctor` lists every such line")
     if not records:
         raise SftlabError(f"{path}: no examples found", hint="the file is empty")
     return records
@@ -61,35 +72,72 @@ def read_records(path: str | Path, *, strict: bool = True) -> list[Record]:
 def _read_jsonl(p: Path) -> list[Record]:
     out: list[Record] = []
     raw = p.read_bytes()
+    if raw.startswith(_BOM):  # a UTF-8 byte order mark (Excel, Notepad) is no part of the first line
+        raw = raw[len(_BOM):]
     for i, bline in enumerate(raw.split(b"\n"), start=1):
         if not bline.strip():
             continue
         try:
             line = bline.decode("utf-8")
         except UnicodeDecodeError as exc:
-            out.append(Record(str(p), i, None, f"invalid UTF-8 at byte {exc.start} of the line"))
+            out.append(Record(str(p), i, None, f"invalid UTF-8 at byte {exc.start} of the line", check="encoding"))
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             out.append(Record(str(p), i, None, f"line is not valid JSON ({exc.msg} at column {exc.colno})"))
             continue
+        except RecursionError:
+            out.append(Record(str(p), i, None, "line is nested too deeply to read (lists or objects inside "
+                              "each other over a thousand levels)", fix=_DEEP_FIX))
+            continue
         if not isinstance(obj, dict):
             out.append(Record(str(p), i, None, f"expected a JSON object, got {type(obj).__name__}"))
             continue
-        out.append(Record(str(p), i, obj))
+        out.append(_checked(str(p), i, obj, line))
     return out
+
+
+def unpaired_surrogate(obj, text: str | None = None) -> str | None:
+    """Where ``obj`` (parsed JSON) holds a lone UTF-16 surrogate, e.g. ``"\\ud83d"``, half an emoji:
+    "messages[0].content holds ..."; None when it holds none. Such a string cannot be encoded as
+    UTF-8, so no tokenizer takes it. ``text``, the JSON it was parsed from, skips the walk when it
+    spells no surrogate escape."""
+    if text is not None and not _SURROGATE_ESCAPE.search(text):
+        return None
+    stack = [(obj, "")]
+    while stack:  # iterative: a deep (but parseable) record must not hit the recursion limit here
+        v, path = stack.pop()
+        if isinstance(v, dict):
+            for k, x in reversed(v.items()):
+                stack += [(x, f"{path}.{k}" if path else str(k)), (k, f"a key of {path or 'the record'}")]
+        elif isinstance(v, list):
+            stack += [(x, f"{path}[{j}]") for j, x in reversed(list(enumerate(v)))]
+        elif isinstance(v, str) and not v.isascii() and (m := _SURROGATE.search(v)):
+            return f"{path or 'the value'} holds an unpaired UTF-16 surrogate {ascii(m.group())[1:-1]} (half of a cut character)"
+    return None
+
+
+def _checked(source: str, line: int, obj, text: str | None) -> Record:
+    """The record, or an unreadable one when its strings hold a lone surrogate (no tokenizer takes those)."""
+    problem = unpaired_surrogate(obj, text)
+    if problem:
+        return Record(source, line, None, problem, fix=SURROGATE_FIX, check="encoding")
+    return Record(source, line, obj)
 
 
 def _read_json(p: Path) -> list[Record]:
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # -sig: a leading byte order mark is skipped
     except UnicodeDecodeError as exc:
         raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SftlabError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the JSON, or use JSONL")
+    except RecursionError:
+        raise SftlabError(f"{p}:{_deep_line(text)}: nested too deeply to read (lists or objects inside each other "
+                          "over a thousand levels)", hint=_DEEP_FIX)
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -103,7 +151,7 @@ def _read_json(p: Path) -> list[Record]:
     for i, item in enumerate(obj):
         line = starts[i] if i < len(starts) else i + 1
         if isinstance(item, dict):
-            out.append(Record(str(p), line, item))
+            out.append(_checked(str(p), line, item, text))
         else:
             out.append(Record(str(p), line, None, f"expected a JSON object, got {type(item).__name__}"))
     return out
@@ -148,9 +196,31 @@ def _json_item_lines(text: str, n: int) -> list[int]:
     return lines
 
 
+def _deep_line(text: str, limit: int = 500) -> int:
+    """The 1-based line where lists/objects first nest ``limit`` levels deep (outside strings)."""
+    depth, line, in_str, esc = 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        elif in_str:
+            esc, in_str = (False, in_str) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth >= limit:
+                return line
+        elif ch in "]}":
+            depth -= 1
+    return line
+
+
 def _read_csv(p: Path) -> list[Record]:
+    # The csv module refuses cells over 128 KiB by default ("field larger than field limit"): long
+    # documents are valid data, and the length policy (max_seq_length) is what deals with them.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the limit is a C long (32 bits on Windows)
     try:
-        with p.open(newline="", encoding="utf-8") as f:
+        with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             out = []
             for row in reader:
@@ -167,17 +237,70 @@ def _read_parquet(p: Path) -> list[Record]:
     import pyarrow.parquet as pq  # deferred: heavy library, imported on first use
 
     try:
-        rows = pq.read_table(p).to_pylist()
+        table = pq.read_table(p)
     except Exception as exc:  # pyarrow raises many types for a damaged file
         raise SftlabError(f"{p}: cannot read Parquet file ({exc})")
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8: find the rows
+        return [_parquet_row(p, table, i) for i in range(table.num_rows)]
     return [Record(str(p), i, row) for i, row in enumerate(rows, start=1)]
 
 
+def _parquet_row(p: Path, table, i: int) -> Record:
+    try:
+        return Record(str(p), i + 1, table.slice(i, 1).to_pylist()[0])
+    except UnicodeDecodeError as exc:  # e.g. a surrogate written as UTF-8 bytes (CESU-8), a cut character
+        return Record(str(p), i + 1, None, f"invalid UTF-8 in a text column ({exc.reason} at byte {exc.start})",
+                      fix="re-encode the text as UTF-8; remove or complete any cut character", check="encoding")
+
+
+# Split names in file or folder names, as Hugging Face's load_dataset(folder) reads them: the keyword
+# between separators ("train.jsonl", "data/train-00000-of-00002.parquet", "train/part1.jsonl").
+_SPLITS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+           "test": ("test", "testing", "eval", "evaluation")}
+_SPLIT_RES = {name: re.compile(rf"(?:^|[-._ 0-9/])(?:{'|'.join(words)})(?=[-._ 0-9/])", re.I)
+              for name, words in _SPLITS.items()}
+
+
+def _split_of(rel: str) -> str | None:
+    return next((name for name, rx in _SPLIT_RES.items() if rx.search(rel)), None)
+
+
+def folder_files(p: Path) -> tuple[list[Path], list[Path]]:
+    """(the data files of folder ``p`` that are its training data, the other data files), as Hugging Face's
+    ``load_dataset(folder)`` picks them: hidden files and folders (``.ipynb_checkpoints``, ``.git``)
+    and ``__``-folders are skipped; when file names name splits (train*, test*, valid*/dev*, eval*, or
+    such a subfolder), only the train split is read; when none does, every file is.
+    Several files named as other splits but none as train raise SftlabError."""
+    found = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES and f.is_file()
+                   and not any(part.startswith((".", "__")) for part in f.relative_to(p).parts))
+    if not found:
+        raise SftlabError(f"{p}: no data files (.jsonl/.json/.csv/.parquet) in this folder",
+                          hint="hidden files and folders (.name) are skipped")
+    splits = {f: _split_of(f.relative_to(p).as_posix()) for f in found}
+    if not any(splits.values()) or len(found) == 1:
+        return found, []
+    train = [f for f in found if splits[f] == "train"]
+    if not train:
+        named = ", ".join(f"{f.relative_to(p)} is {splits[f]}" for f in found if splits[f])
+        raise SftlabError(f"{p}: no training split in this folder of {len(found)} data files, and their names "
+                          f"look like other splits: {named}",
+                          hint="name the training file train.jsonl or train-*.jsonl, or pass that file itself to --data")
+    return train, [f for f in found if splits[f] != "train"]
+
+
+def is_saved_dataset(p: Path) -> bool:
+    """``p`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return any((p / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def _read_dataset_dir(p: Path) -> list[Record]:
-    """A folder from Dataset.save_to_disk, or a folder of data files (the first split found)."""
+    """A folder from Dataset.save_to_disk (its train split, else its first), or a folder of data files
+    (its train split by file name, as :func:`folder_files` picks it)."""
     import datasets  # deferred: heavy library, imported on first use
 
-    if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+    if is_saved_dataset(p):
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as exc:
@@ -186,10 +309,7 @@ def _read_dataset_dir(p: Path) -> list[Record]:
             split = "train" if "train" in ds else next(iter(ds))
             ds = ds[split]
         return [Record(str(p), i, row) for i, row in enumerate(ds, start=1)]
-    files = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES)
-    if not files:
-        raise SftlabError(f"{p}: no data files (.jsonl/.json/.csv/.parquet) in this folder")
     out: list[Record] = []
-    for f in files:
+    for f in folder_files(p)[0]:
         out.extend(read_records(f, strict=False))
     return out
