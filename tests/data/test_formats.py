@@ -230,5 +230,28 @@ def test_folder_with_other_splits_but_no_train_is_an_error(tmp_path):
     _chats(d / "test.jsonl", "x")
     _chats(d / "dev.jsonl", "y")
     with pytest.raises(SftlabError, match=r"ds: no training split in this folder of 2 data files.*dev.jsonl is "
-                                          r"validation, test.jsonl is test \(name the training file train.jsonl"):
+                                          r"validation, test.jsonl is test \(name the file train.jsonl"):
         load_conversations(str(d))
+
+
+def test_a_folder_given_as_held_out_data_reads_its_validation_else_its_test_split(tmp_path):
+    """--eval-data DIR (and doctor --eval, eval --data): the held-out split, never the training one."""
+    import datasets
+
+    d = tmp_path / "ds"
+    _chats(d / "train.jsonl", "t1")
+    _chats(d / "test.jsonl", "te")
+    assert [c.messages[0].content for c in load_conversations(str(d), split="eval")] == ["te"]
+    _chats(d / "validation.jsonl", "va")
+    assert [c.messages[0].content for c in load_conversations(str(d), split="eval")] == ["va"]
+    only = tmp_path / "only"
+    _chats(only / "train.jsonl", "t1")
+    _chats(only / "other.jsonl", "o")
+    with pytest.raises(SftlabError, match="only: no validation or test split in this folder of 2 data files"):
+        load_conversations(str(only), split="eval")
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": name},
+                                                                          {"role": "assistant", "content": name}]]})
+                          for name in ("train", "test")}).save_to_disk(str(saved))
+    assert [c.messages[0].content for c in load_conversations(str(saved), split="eval")] == ["test"]
+    assert [c.messages[0].content for c in load_conversations(str(saved))] == ["train"]

@@ -211,7 +211,7 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
             _add(findings, "template_consistency", c.source, c.line, text)
 
 # --- reading ------------------------------------------------------------------------------------
-def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
+def _load(path, fmt: str | None, findings: list[Finding], split: str = "train") -> _File:
     """Read and convert one file; unreadable or unconvertible records become findings."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() in (".json", ".csv"):
@@ -220,10 +220,10 @@ def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
             for line, msg in bad:
                 _add(findings, "encoding", str(p), line, msg)
             return _File(str(p), fmt or "unknown", len(bad), [])
-    records = read_records(path, strict=False)
+    records = read_records(path, strict=False, split=split)
     files = None
     if p.is_dir() and not is_saved_dataset(p):  # a folder of data files: say which were read
-        read, skipped = folder_files(p)
+        read, skipped = folder_files(p, split)
         files = {"read": [f.relative_to(p).as_posix() for f in read],
                  "skipped": [f.relative_to(p).as_posix() for f in skipped]}
     readable = [r for r in records if r.data is not None]
@@ -253,9 +253,10 @@ def _load(path, fmt: str | None, findings: list[Finding]) -> _File:
 def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str) -> tuple[_File, list]:
     """One file as :func:`_load`; a list of sources read each with its own format and joined:
     (all of them as one _File, [(Source, its _File)] per source; [] for one file)."""
+    split = "train" if key == "data" else "eval"  # a folder of held-out data: its validation or test split
     if not is_mixture(spec):
-        return _load(spec, fmt, findings), []
-    parts = [(src, _load(src.path, src.format or fmt, findings)) for src in parse_sources(spec, key)]
+        return _load(spec, fmt, findings, split), []
+    parts = [(src, _load(src.path, src.format or fmt, findings, split)) for src in parse_sources(spec, key)]
     files = [f for _, f in parts]
     joined = _File(", ".join(f.path for f in files), "/".join(dict.fromkeys(f.fmt for f in files)),
                    sum(f.records for f in files), [c for f in files for c in f.convs])

@@ -392,8 +392,11 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
     return convs, failures
 
 
-def load_conversations(path: str, fmt: str | None = None, *, system_prompt: str | None = None) -> list[Conversation]:
-    """Read a data file (any supported type and format) into conversations; bad lines raise SftlabError."""
+def load_conversations(path: str, fmt: str | None = None, *, system_prompt: str | None = None,
+                       split: str = "train") -> list[Conversation]:
+    """Read a data file (any supported type and format) into conversations; bad lines raise SftlabError.
+    ``split``: of a folder, "train" or "eval" (held-out data: its validation, else its test split)."""
 
-    convs, _ = to_conversations(read_records(path, strict=True), fmt, system_prompt=system_prompt, strict=True)
+    convs, _ = to_conversations(read_records(path, strict=True, split=split), fmt, system_prompt=system_prompt,
+                                strict=True)
     return convs

@@ -39,8 +39,9 @@ class Record:
         return f"{self.source}:{self.line}"
 
 
-def read_records(path: str | Path, *, strict: bool = True) -> list[Record]:
-    """Read every record of a data file or a local dataset folder.
+def read_records(path: str | Path, *, strict: bool = True, split: str = "train") -> list[Record]:
+    """Read every record of a data file or a local dataset folder (of a folder, its ``split``: "train",
+    or "eval" for held-out data, see :func:`folder_files`).
 
     With ``strict`` a line that does not parse raises SftlabError naming it; without, it is
     returned as a Record with ``data=None`` and ``error`` set (the data doctor reports those).
@@ -49,7 +50,7 @@ def read_records(path: str | Path, *, strict: bool = True) -> list[Record]:
     if not p.exists():
         raise SftlabError(f"data file '{path}' not found", hint="check the path")
     if p.is_dir():
-        records = _read_dataset_dir(p)
+        records = _read_dataset_dir(p, split)
     else:
         suffix = p.suffix.lower()
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
@@ -267,12 +268,12 @@ def _split_of(rel: str) -> str | None:
     return next((name for name, rx in _SPLIT_RES.items() if rx.search(rel)), None)
 
 
-def folder_files(p: Path) -> tuple[list[Path], list[Path]]:
-    """(the data files of folder ``p`` that are its training data, the other data files), as Hugging Face's
+def folder_files(p: Path, split: str = "train") -> tuple[list[Path], list[Path]]:
+    """(the data files of folder ``p`` in ``split``, the other data files), as Hugging Face's
     ``load_dataset(folder)`` picks them: hidden files and folders (``.ipynb_checkpoints``, ``.git``)
     and ``__``-folders are skipped; when file names name splits (train*, test*, valid*/dev*, eval*, or
-    such a subfolder), only the train split is read; when none does, every file is.
-    Several files named as other splits but none as train raise SftlabError."""
+    such a subfolder), only ``split`` is read ("train"; "eval": the validation split, else the test
+    split); when none does, every file is. No file of the split raises SftlabError."""
     found = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUFFIXES and f.is_file()
                    and not any(part.startswith((".", "__")) for part in f.relative_to(p).parts))
     if not found:
@@ -281,13 +282,16 @@ def folder_files(p: Path) -> tuple[list[Path], list[Path]]:
     splits = {f: _split_of(f.relative_to(p).as_posix()) for f in found}
     if not any(splits.values()) or len(found) == 1:
         return found, []
-    train = [f for f in found if splits[f] == "train"]
-    if not train:
+    wanted = ("train",) if split == "train" else ("validation", "test")
+    name = next((w for w in wanted if any(splits[f] == w for f in found)), None)
+    if name is None:
         named = ", ".join(f"{f.relative_to(p)} is {splits[f]}" for f in found if splits[f])
-        raise SftlabError(f"{p}: no training split in this folder of {len(found)} data files, and their names "
+        what = "training" if split == "train" else "validation or test"
+        raise SftlabError(f"{p}: no {what} split in this folder of {len(found)} data files, and their names "
                           f"look like other splits: {named}",
-                          hint="name the training file train.jsonl or train-*.jsonl, or pass that file itself to --data")
-    return train, [f for f in found if splits[f] != "train"]
+                          hint=f"name the file {'train' if split == 'train' else 'validation or test'}.jsonl "
+                               "(or *-NNNNN-of-NNNNN), or pass that file itself")
+    return [f for f in found if splits[f] == name], [f for f in found if splits[f] != name]
 
 
 def is_saved_dataset(p: Path) -> bool:
@@ -295,9 +299,9 @@ def is_saved_dataset(p: Path) -> bool:
     return any((p / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _read_dataset_dir(p: Path) -> list[Record]:
-    """A folder from Dataset.save_to_disk (its train split, else its first), or a folder of data files
-    (its train split by file name, as :func:`folder_files` picks it)."""
+def _read_dataset_dir(p: Path, split: str = "train") -> list[Record]:
+    """A folder from Dataset.save_to_disk, or a folder of data files (by file name, as
+    :func:`folder_files` picks them): its train split ("train"), or validation, else test ("eval")."""
     import datasets  # deferred: heavy library, imported on first use
 
     if is_saved_dataset(p):
@@ -306,10 +310,14 @@ def _read_dataset_dir(p: Path) -> list[Record]:
         except Exception as exc:
             raise SftlabError(f"{p}: cannot load the dataset folder ({exc})")
         if isinstance(ds, datasets.DatasetDict):
-            split = "train" if "train" in ds else next(iter(ds))
-            ds = ds[split]
+            wanted = ("train",) if split == "train" else ("validation", "test")
+            name = next((w for w in wanted if w in ds), None)
+            if name is None and split != "train":
+                raise SftlabError(f"{p}: no validation or test split in this dataset (it has {', '.join(ds)})",
+                                  hint="pass held-out data as its own file or dataset")
+            ds = ds[name or next(iter(ds))]
         return [Record(str(p), i, row) for i, row in enumerate(ds, start=1)]
     out: list[Record] = []
-    for f in folder_files(p)[0]:
+    for f in folder_files(p, split)[0]:
         out.extend(read_records(f, strict=False))
     return out

@@ -237,9 +237,11 @@ class Mixture:
         return rows
 
 
-def read_source(src: Source, fmt: str | None, *, system_prompt: str | None = None) -> tuple[list[Conversation], str]:
-    """One source's conversations and the format they were read as (``src.format``, else ``fmt``)."""
-    records = read_records(src.path, strict=True)
+def read_source(src: Source, fmt: str | None, *, system_prompt: str | None = None,
+                split: str = "train") -> tuple[list[Conversation], str]:
+    """One source's conversations and the format they were read as (``src.format``, else ``fmt``);
+    ``split`` of a folder: "train", or "eval" for held-out data."""
+    records = read_records(src.path, strict=True, split=split)
     key = resolve_format(src.format or fmt, records)
     convs, _ = to_conversations(records, key, system_prompt=system_prompt, strict=True)
     if not convs:
@@ -252,7 +254,8 @@ def load_mixture(spec, fmt: str | None = None, *, system_prompt: str | None = No
     """Read every source of ``spec``: all of their conversations, and the counts an epoch draws
     (the draw itself is :meth:`Mixture.epochs`, over the tokenized examples)."""
     sources = parse_sources(spec, key)
-    read = [read_source(s, fmt, system_prompt=system_prompt) for s in sources]
+    split = "train" if key == "data" else "eval"
+    read = [read_source(s, fmt, system_prompt=system_prompt, split=split) for s in sources]
     sizes = [len(convs) for convs, _ in read]
     sampled = any(s.weight is not None or s.count is not None for s in sources)
     return Mixture(sources, [f for _, f in read], sizes, resolve_counts(sources, sizes),

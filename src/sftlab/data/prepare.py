@@ -87,7 +87,8 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key:
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     with paused_gc():
-        convs = mix.conversations if mix else load_conversations(path, cfg.format, system_prompt=cfg.system_prompt)
+        convs = mix.conversations if mix else load_conversations(
+            path, cfg.format, system_prompt=cfg.system_prompt, split="eval" if key == "eval_data" else "train")
     template, added = (None, [])
     if any(not c.is_text for c in convs):
         template, added = setup_template(cfg, tokenizer)

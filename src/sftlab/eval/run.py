@@ -293,7 +293,7 @@ def load_target(spec: str, *, template: str | None = None, device=None, share_to
 
 
 def _load_data(path: str, fmt: str | None, what: str) -> list[Conversation]:
-    convs = load_conversations(path, fmt)
+    convs = load_conversations(path, fmt, split="eval")
     if not convs:
         raise SftlabError(f"{what} '{path}' holds no examples")
     return convs
@@ -307,7 +307,7 @@ def _load_eval_sources(data, fmt: str | None, limit: int | None) -> tuple[list[C
     convs: list[Conversation] = []
     names: list[str] = []
     for src in parse_sources(data, "eval_data"):
-        part = read_source(src, fmt)[0][:limit]
+        part = read_source(src, fmt, split="eval")[0][:limit]
         convs += part
         names += [src.name] * len(part)
     return convs, names
