@@ -437,26 +437,14 @@ def test_allocator_setting_applies_in_a_fresh_process():
     assert out == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])
 
 
-@pytest.mark.parametrize("precision, dropout", [("bf16", 0.0), ("bf16", 0.1), ("fp32", 0.0), ("fp32", 0.1)])
-def test_lora_activation_count_matches_saved_tensors(tiny_model_dir, precision, dropout):
-    """Per token and layer, what sftlab's LoRA model really keeps for backward (CPU, autocast or not)."""
+def _saved_per_token(model, loss_fn, layer, vocab: int, B: int, L: int, precision: str) -> float:
+    """Bytes ``layer`` saves for backward per token in one training forward of the model (parameters
+    not counted), with torch.autograd.graph.saved_tensors_hooks."""
     import torch
 
-    from sftlab.config import Config
-    from sftlab.models import load_tokenizer, model_config
-    from sftlab.plan.memory import layer_activation_bytes
-    from sftlab.plan.shapes import shape_from_config
-    from sftlab.train.model import build_model
-
-    tok = load_tokenizer(str(tiny_model_dir))
-    cfg = Config(model=str(tiny_model_dir), precision=precision, lora_dropout=dropout, attn_implementation="sdpa",
-                 gradient_checkpointing=False)
-    model, loss_fn = build_model(cfg, tok, [])
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    layer = model.base_model.model.model.layers[1]
-    B, L = 4, 256
-    ids = torch.randint(3, len(tok), (B, L))
+    ids = torch.randint(3, vocab, (B, L))
     saved, inside = {}, [False]
 
     def pack(t):
@@ -470,7 +458,25 @@ def test_lora_activation_count_matches_saved_tensors(tiny_model_dir, precision, 
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
         loss_fn(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    measured = sum(saved.values()) / (B * L)
+    return sum(saved.values()) / (B * L)
+
+
+@pytest.mark.parametrize("precision, dropout", [("bf16", 0.0), ("bf16", 0.1), ("fp32", 0.0), ("fp32", 0.1)])
+def test_lora_activation_count_matches_saved_tensors(tiny_model_dir, precision, dropout):
+    """Per token and layer, what sftlab's LoRA model really keeps for backward (CPU, autocast or not)."""
+
+    from sftlab.config import Config
+    from sftlab.models import load_tokenizer, model_config
+    from sftlab.plan.memory import layer_activation_bytes
+    from sftlab.plan.shapes import shape_from_config
+    from sftlab.train.model import build_model
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    cfg = Config(model=str(tiny_model_dir), precision=precision, lora_dropout=dropout, attn_implementation="sdpa",
+                 gradient_checkpointing=False)
+    model, loss_fn = build_model(cfg, tok, [])
+    B, L = 4, 256
+    measured = _saved_per_token(model, loss_fn, model.base_model.model.model.layers[1], len(tok), B, L, precision)
     shape = shape_from_config(model_config(str(tiny_model_dir)), "tiny")
     est = layer_activation_bytes(shape, TrainSetup(method="lora", batch=B, seq_len=L, device="cpu",
                                                    precision=precision, lora_dropout=dropout))
@@ -487,7 +493,6 @@ def test_liger_activation_count_matches_what_liger_saves(tiny_model_dir, monkeyp
 
     if importlib.util.find_spec("liger_kernel") is None or importlib.util.find_spec("triton") is None:
         pytest.skip("liger-kernel and triton are not installed")
-    import torch
     import triton
     from liger_kernel.ops import rms_norm, swiglu
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -518,26 +523,10 @@ def test_liger_activation_count_matches_what_liger_saves(tiny_model_dir, monkeyp
     # rope stays HF's (liger's keeps what HF's keeps: cos and sin)
     _apply_liger_kernel_to_instance(model=base, rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     layer = base.model.layers[1]
     assert layer.mlp._get_name() == "LigerSwiGLUMLP"
     B, L = 4, 256
-    ids = torch.randint(3, len(tok), (B, L))
-    saved, inside = {}, [False]
-
-    def pack(t):
-        st = t.untyped_storage()
-        if inside[0] and st.data_ptr() not in params:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
-
-    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
-    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        loss_fn(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    measured = sum(saved.values()) / (B * L)
+    measured = _saved_per_token(model, loss_fn, layer, len(tok), B, L, precision)
     shape = shape_from_config(model_config(str(tiny_model_dir)), "tiny")
     setup = TrainSetup(method=method, batch=B, seq_len=L, device="cuda", precision=precision, liger_kernels=True)
     # the dropout mask's dtype is the one CPU/CUDA difference, and there is no dropout here
