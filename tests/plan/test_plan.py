@@ -138,7 +138,8 @@ def test_load_shape_reads_a_local_config_without_weights(tmp_path):
            "tie_word_embeddings": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     shape = load_shape(str(tmp_path))  # the folder holds no weights at all
-    assert replace(shape, name=SMOL.name) == SMOL
+    assert shape.context == 2048  # LlamaConfig's default max_position_embeddings: none in this config
+    assert replace(shape, name=SMOL.name, context=0) == SMOL
 
 
 def test_params_parsing_and_typical_shapes():
@@ -594,3 +595,21 @@ def test_train_keeps_freed_pages_by_default_and_returns_them_when_lean():
     plain = code.replace("from sftlab.train.callbacks import set_train_malloc", "set_train_malloc = lambda: 'glibc default'")
     out = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, check=True, env=env).stdout.split("\n")
     assert out[-3:-1] == ["'glibc default'", "True False"]  # glibc's own settings give the pages back
+
+
+def test_plan_stays_within_the_models_context_and_refuses_an_empty_budget(capsys):
+    """The longest sequence offered is at most the context the model was trained for (a config's
+    max_position_embeddings, or the table's), a longer --seq-len gets a note, and a budget must be > 0."""
+    from sftlab.plan.shapes import load_shape, shape_from_config
+
+    assert load_shape("llama-2-7b").context == 4096
+    assert shape_from_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128,
+                              "max_position_embeddings": 512}).context == 512
+    assert main(["plan", "--params", "135M", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"]["context"] == 8192 and d["budget"]["max_seq_len"] == 8192  # 80 GB would hold far more
+    assert main(["plan", "--params", "7B", "--seq-len", "16384"]) == 0
+    assert "16384 tokens is beyond the model's context of 4096" in capsys.readouterr().out
+    for bad in ("0", "-5"):
+        assert main(["plan", "--budget-gb", bad]) == 2
+        assert "a memory budget must be above 0 GB" in capsys.readouterr().err

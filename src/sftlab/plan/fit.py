@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
 from sftlab.config import field_default
+from sftlab.core.errors import SftlabError
 from sftlab.core.hardware import device_memory_gb, device_name
 from sftlab.plan.auto import auto_learning_rate
 from sftlab.plan.memory import (
@@ -170,6 +171,8 @@ def make_plan(shape: ModelShape, setup: TrainSetup, budget_gb: float | None = No
     The budget is ``budget_gb`` if given, else this machine's memory when the setup is for its device,
     else 80 GB (one A100/H100).
     """
+    if budget_gb is not None and not budget_gb > 0:
+        raise SftlabError(f"--budget-gb {budget_gb:g}: a memory budget must be above 0 GB", hint="e.g. --budget-gb 24")
     m = machine or this_machine()
     est = estimate_memory(shape, setup)
     if budget_gb is not None:
@@ -180,6 +183,8 @@ def make_plan(shape: ModelShape, setup: TrainSetup, budget_gb: float | None = No
         budget, source = 80 * GB, "default 80 GB GPU (set --budget-gb)"
     budget_info = {"bytes": int(budget), "source": source,
                    "max_batch": max_batch(shape, replace(setup, grad_accum=1), budget),
-                   "max_seq_len": max_seq_len(shape, replace(setup, grad_accum=1), budget)}
+                   # no longer than the model's context: beyond it the positions were never trained
+                   "max_seq_len": max_seq_len(shape, replace(setup, grad_accum=1), budget,
+                                              limit=shape.context or 1 << 20)}
     return Plan(model=shape.to_dict(), estimate=est, fits=fits(shape, setup, m),
                 recommended=recommend_config(shape, setup, budget), budget=budget_info)

@@ -82,8 +82,13 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  {mark}  {name}: needs {gb(f['needed_bytes'])} of {gb(f['capacity_bytes'])}{extra}")
     b = plan.budget
     lines.append("")
+    capped = m.get("context") and b["max_seq_len"] == m["context"]
     lines.append(f"budget {gb(b['bytes'])} ({b['source']}): largest batch at {s['seq_len']} tokens: {b['max_batch'] or 'none'}; "
-                 f"longest sequence at batch {s['batch']}: {b['max_seq_len'] or 'none'}")
+                 f"longest sequence at batch {s['batch']}: {b['max_seq_len'] or 'none'}"
+                 + (" (the model's context)" if capped else ""))
+    if m.get("context") and s["seq_len"] > m["context"]:
+        lines.append(f"note: {s['seq_len']} tokens is beyond the model's context of {m['context']} (positions it never "
+                     "trained on); plan with --seq-len at most that")
     r = plan.recommended
     if r.fits:
         lines.append(f"recommended: {r.method}, batch {r.batch} x accumulation {r.grad_accum}, checkpointing "

@@ -31,6 +31,7 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     head_dim: int = 0
+    context: int = 0  # the longest sequence the model was trained for (max_position_embeddings); 0: unknown
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -70,17 +71,17 @@ class ModelShape:
 
 # Typical shapes of common sizes (published configs). Used for known names and for --params.
 _KNOWN: dict[str, ModelShape] = {s.name: s for s in (
-    ModelShape("smollm2-135m-instruct", 30, 576, 9, 3, 1536, 49152, True),
-    ModelShape("smollm2-360m", 32, 960, 15, 5, 2560, 49152, True),
-    ModelShape("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, True),
-    ModelShape("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 32000, False),
-    ModelShape("smollm2-1.7b", 24, 2048, 32, 32, 8192, 49152, True),
-    ModelShape("llama-3.2-3b", 28, 3072, 24, 8, 8192, 128256, True),
-    ModelShape("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, False),
-    ModelShape("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, False),
-    ModelShape("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, False),
-    ModelShape("codellama-34b", 48, 8192, 64, 8, 22016, 32000, False),
-    ModelShape("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, False),
+    ModelShape("smollm2-135m-instruct", 30, 576, 9, 3, 1536, 49152, True, context=8192),
+    ModelShape("smollm2-360m", 32, 960, 15, 5, 2560, 49152, True, context=8192),
+    ModelShape("qwen2.5-0.5b", 24, 896, 14, 2, 4864, 151936, True, context=32768),
+    ModelShape("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 32000, False, context=2048),
+    ModelShape("smollm2-1.7b", 24, 2048, 32, 32, 8192, 49152, True, context=8192),
+    ModelShape("llama-3.2-3b", 28, 3072, 24, 8, 8192, 128256, True, context=131072),
+    ModelShape("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, False, context=4096),
+    ModelShape("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, False, context=8192),
+    ModelShape("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, False, context=4096),
+    ModelShape("codellama-34b", 48, 8192, 64, 8, 22016, 32000, False, context=16384),
+    ModelShape("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, False, context=4096),
 )}
 _ALIASES = {"smollm2-135m": "smollm2-135m-instruct", "smollm2": "smollm2-135m-instruct",
             "default": "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct",
@@ -140,7 +141,8 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     inter = int(get("intermediate_size") or get("n_inner") or 4 * hidden)
     head_dim = int(get("head_dim") or hidden // heads)
     tied = bool(get("tie_word_embeddings", True))
-    return ModelShape(name, layers, hidden, heads, kv, inter, vocab, tied, head_dim)
+    context = int(get("max_position_embeddings") or get("n_positions") or 0)
+    return ModelShape(name, layers, hidden, heads, kv, inter, vocab, tied, head_dim, context)
 
 
 def load_shape(model: str) -> ModelShape:
