@@ -126,6 +126,12 @@ CASES = [
     ("report-missing-run", lambda e: ["report", "nothere"], 2, "nothere", []),
     ("export-missing-run", lambda e: ["export", "nothere", "--out", "exp"], 2, "nothere", ["exp"]),
     ("eval-missing-run", lambda e: ["eval", "nothere", "--data", e["data"]], 2, "nothere", []),
+    # options that would be ignored, or make no sense
+    ("export-gguf-dtype-without-gguf", lambda e: ["export", "nothere", "--out", "exp", "--gguf-dtype", "f32"], 2,
+     "--gguf-dtype f32 without --gguf", ["exp"]),
+    ("eval-negative-forgetting-threshold", lambda e: ["eval", "nothere", "--data", e["data"],
+                                                      "--forgetting-threshold", "-1"], 2, "must be above 0", []),
+    ("plan-zero-budget", lambda e: ["plan", "--budget-gb", "0"], 2, "must be above 0 GB", []),
 ]
 
 

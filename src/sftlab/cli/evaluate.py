@@ -6,6 +6,7 @@ import argparse
 import json
 
 from sftlab.cli.base import _command, _config_flag, _print_json, _report_findings
+from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_write_text
 
 
@@ -47,6 +48,9 @@ def _cmd_eval(args) -> int:
         run_eval,
     )
 
+    if not 0 < args.threshold < 10:
+        raise SftlabError(f"--forgetting-threshold {args.threshold:g}: the general-data loss rise that counts as "
+                          "forgetting must be above 0 (0.10 is a 10% rise)", hint="e.g. --forgetting-threshold 0.1")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.save:

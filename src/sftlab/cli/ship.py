@@ -6,6 +6,7 @@ import argparse
 import json
 
 from sftlab.cli.base import _command, _config_flag, _print_json
+from sftlab.core.errors import SftlabError
 
 
 @_command("export", "export a run: the adapter or merged weights + tokenizer + the exact training chat template (+ GGUF)")
@@ -14,7 +15,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into the base weights (default: the adapter alone)")
     p.add_argument("--gguf", action="store_true", help="also write a llama.cpp GGUF file with the chat template (needs --merge for LoRA)")
-    p.add_argument("--gguf-dtype", default="f16", choices=("f16", "f32"), help="GGUF weight type (default f16)")
+    p.add_argument("--gguf-dtype", default=None, choices=("f16", "f32"), help="GGUF weight type (with --gguf; default f16)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="weights dtype of the export (default fp32)")
     p.add_argument("--device", default="cpu", help="device used to merge and check (default cpu)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
@@ -29,7 +30,10 @@ def _cmd_export(args) -> int:
         format_export,
     )
 
-    res = export_run(args.run, args.out, merge=args.merge, gguf=args.gguf, gguf_dtype=args.gguf_dtype,
+    if args.gguf_dtype is not None and not args.gguf:  # else it would be ignored without a word
+        raise SftlabError(f"--gguf-dtype {args.gguf_dtype} without --gguf: no GGUF file is written",
+                          hint="add --gguf, or drop --gguf-dtype")
+    res = export_run(args.run, args.out, merge=args.merge, gguf=args.gguf, gguf_dtype=args.gguf_dtype or "f16",
                      force=args.force, dtype=args.dtype, device=args.device, verify=args.verify)
     if args.json:
         _print_json(res.to_dict())
