@@ -135,8 +135,9 @@ def _saved_method(run: Path) -> str | None:
 
 
 def run_folder_findings(cfg: Config) -> list[Finding]:
-    """Errors the run would meet before its first step: an output_dir that is (or sits under) a file
-    or is not writable, ``resume`` with no complete checkpoint, ``max_steps`` 0."""
+    """Errors the run would meet before its first step: an output_dir that is (or sits under) a file,
+    is not writable or already holds a run (without ``resume``: a new run would mix its files with the
+    old run's), ``resume`` with no complete checkpoint, ``max_steps`` 0."""
     out: list[Finding] = []
     run = Path(cfg.output_dir).expanduser()
     where = _nearest_existing(run.absolute())
@@ -147,6 +148,10 @@ def run_folder_findings(cfg: Config) -> list[Finding]:
     elif (why := _writable(where)) is not None:
         out.append(_finding("output_dir", "error", f"output_dir {cfg.output_dir} cannot be written in {where}: {why}",
                             "--output-dir a folder you can write"))
+    elif not cfg.resume and (held := A.RunDir(run).run_files()):
+        out.append(Finding("output_dir", "error", f"{cfg.output_dir} holds a run", where="output_dir",
+                           evidence=[f"found: {', '.join(held)}"],
+                           fixes=["pass --resume to continue it, choose another --output-dir, or remove it"]))
     elif cfg.resume and last_good_checkpoint(run / A.CHECKPOINTS) is None:
         out.append(_finding("resume", "error", f"resume: {run / A.CHECKPOINTS} holds no complete checkpoint",
                             "start without --resume (or point --output-dir at the interrupted run)"))

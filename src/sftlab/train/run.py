@@ -256,9 +256,7 @@ def start_run_folder(rc: Config, run: Path) -> str | None:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(run, exc, kept=False) from None
-    if not rc.resume:
-        if is_global_main():  # another node's process may already be writing into a shared folder
-            (run / A.METRICS).unlink(missing_ok=True)  # a fresh run in an old folder starts a fresh log
+    if not rc.resume:  # the folder holds no run (run_folder_findings): nothing old to clear
         return None
     ckpt_dir = run / A.CHECKPOINTS
     resume_from = last_good_checkpoint(ckpt_dir)
