@@ -106,6 +106,32 @@ def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
     return good[-1] if good else None
 
 
+def checkpoint_state(folder: Path) -> dict:
+    """The checkpoint's trainer_state.json ({} when unreadable): global_step, epoch, max_steps (the run's
+    planned total), num_train_epochs."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
+    """An error when the checkpoint to resume from already reached ``cfg``'s end: Trainer would train a
+    step past it (at lr 0) and evaluate twice. ``saved_epochs``: the run's own (resolved) epochs, which
+    ``epochs: auto`` resolves to again."""
+    step, epoch = int(state.get("global_step") or 0), float(state.get("epoch") or 0.0)
+    epochs = saved_epochs if cfg.epochs == "auto" else cfg.epochs
+    if cfg.max_steps > 0 and step >= cfg.max_steps:
+        done, more = f"{step}/{cfg.max_steps} steps", "max_steps"
+    elif cfg.max_steps < 0 and isinstance(epochs, (int, float)) and epoch >= float(epochs) - 1e-6:
+        done, more = f"{epoch:g}/{float(epochs):g} epochs", "epochs"
+    else:
+        return None
+    return _finding("resume", "error", f"run already complete ({done}); raise {more} to train on",
+                    f"--set {more}=<more> --resume, or a new --output-dir")
+
+
 def _nearest_existing(path: Path) -> Path:
     for p in (path, *path.parents):
         if p.exists():
@@ -125,19 +151,19 @@ def _writable(folder: Path) -> str | None:
     return None
 
 
-def _saved_method(run: Path) -> str | None:
-    """The method of the run already in ``run`` (its config.yaml), None when there is none to read."""
+def _saved(run: Path, key: str):
+    """``key`` of the run already in ``run`` (its config.yaml), None when there is none to read."""
     try:
         saved = yaml.safe_load((run / A.CONFIG).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-    return saved.get("method") if isinstance(saved, dict) else None
+    return saved.get(key) if isinstance(saved, dict) else None
 
 
 def run_folder_findings(cfg: Config) -> list[Finding]:
     """Errors the run would meet before its first step: an output_dir that is (or sits under) a file,
     is not writable or already holds a run (without ``resume``: a new run would mix its files with the
-    old run's), ``resume`` with no complete checkpoint, ``max_steps`` 0."""
+    old run's), ``resume`` with no complete checkpoint or of a run already complete, ``max_steps`` 0."""
     out: list[Finding] = []
     run = Path(cfg.output_dir).expanduser()
     where = _nearest_existing(run.absolute())
@@ -155,9 +181,12 @@ def run_folder_findings(cfg: Config) -> list[Finding]:
     elif cfg.resume and last_good_checkpoint(run / A.CHECKPOINTS) is None:
         out.append(_finding("resume", "error", f"resume: {run / A.CHECKPOINTS} holds no complete checkpoint",
                             "start without --resume (or point --output-dir at the interrupted run)"))
-    elif cfg.resume and (was := _saved_method(run)) not in (None, cfg.method):
+    elif cfg.resume and (was := _saved(run, "method")) not in (None, cfg.method):
         out.append(_finding("resume", "error", f"resume: the run in {run} trained with method {was}, not {cfg.method}",
                             f"--method {was} to continue it, or a new --output-dir"))
+    elif cfg.resume and (done := _complete_run(cfg, checkpoint_state(last_good_checkpoint(run / A.CHECKPOINTS)),
+                                               _saved(run, "epochs"))):
+        out.append(done)
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         out.append(_finding("max_steps", "error", f"max_steps {cfg.max_steps} trains nothing",
                             "--set max_steps=-1 to run every epoch, or a positive step count"))
