@@ -1,4 +1,5 @@
-"""Resuming a run that already ended: a complete run trains nothing."""
+"""Resuming a run that already ended: a complete run trains nothing; a run given more steps continues on a
+learning-rate schedule rebuilt for the new total (and says so)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,24 @@ def test_resuming_a_complete_run_trains_nothing_and_writes_nothing(tmp_path, tin
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run already complete" in err and "Traceback" not in err
     assert _files(run) == before
+
+
+def test_resuming_with_more_steps_rebuilds_the_schedule_and_says_so(tmp_path, tiny_model_dir, capsys):
+    """2 steps, then resumed to 4: steps 3 and 4 train at the 4-step schedule's rates (a straight 4-step
+    run's), not step 3 at the 2-step schedule's final rate of 0."""
+    kw = dict(lr_scheduler="linear", learning_rate=1e-2, optimizer="adamw")
+    train(train_config(tmp_path / "ref", tiny_model_dir, max_steps=4, **kw), quiet=True)
+    ref = _lrs(tmp_path / "ref" / "run")
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=2, **kw)
+    train(cfg, quiet=True)
+    assert _lrs(tmp_path / "run")[2] == pytest.approx(ref[1] / 2)  # the 2-step schedule: 1e-2, 5e-3, (0)
+    more = load_config(None, {**cfg.to_dict(), "max_steps": 4, "resume": True})
+    capsys.readouterr()
+    s = train(more)
+    out = capsys.readouterr().out
+    assert s["steps"] == 4 and s["stopped"] == "completed"
+    lrs = _lrs(tmp_path / "run")
+    assert sorted(lrs) == [1, 2, 3, 4]
+    assert lrs[3] == pytest.approx(ref[3]) and lrs[4] == pytest.approx(ref[4]) and lrs[3] > 0
+    assert "the run was planned for 2 steps, now 4: its learning-rate schedule (linear) is rebuilt for 4 steps, " \
+           "from step 3 on" in out

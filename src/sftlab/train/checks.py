@@ -60,7 +60,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
     if total_steps <= 2 or warmup >= total_steps:
         out.append(_finding("warmup", "warning", f"warmup ({warmup} steps) is as long as the run ({total_steps} steps)",
                            "lower warmup_ratio or train longer"))
-    out += step_findings(total_steps)
+    out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     if cfg.weight_decay > 0.1:
         out.append(_finding("weight_decay", "warning", f"weight decay {cfg.weight_decay:g} is high for fine-tuning", "--set weight_decay=0.01"))
     if eval_keys:
@@ -130,6 +130,21 @@ def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
         return None
     return _finding("resume", "error", f"run already complete ({done}); raise {more} to train on",
                     f"--set {more}=<more> --resume, or a new --output-dir")
+
+
+def schedule_findings(cfg: Config, total_steps: int) -> list[Finding]:
+    """``resume`` with another step count than the run was planned for: its learning-rate schedule is
+    rebuilt for the new total (the resumed steps train at the new schedule's rate for their step)."""
+    if not cfg.resume or (ckpt := last_good_checkpoint(Path(cfg.output_dir).expanduser() / A.CHECKPOINTS)) is None:
+        return []
+    state = checkpoint_state(ckpt)
+    planned, step = state.get("max_steps"), int(state.get("global_step") or 0)
+    if not planned or planned == total_steps or step >= total_steps:
+        return []
+    return [_finding("resume", "info", f"resume: the run was planned for {planned} steps, now {total_steps}: its "
+                     f"learning-rate schedule ({cfg.lr_scheduler}) is rebuilt for {total_steps} steps, from step "
+                     f"{step + 1} on", f"keep max_steps/epochs as they were ({planned} steps) to continue the "
+                     "old schedule")]
 
 
 def _nearest_existing(path: Path) -> Path:
