@@ -77,6 +77,24 @@ CASES = [
      "max_steps 0 trains nothing", ["r"]),
     ("train-max-steps-0", lambda e: _train(e, "--output-dir", "r", "--set", "max_steps=0"), 2,
      "max_steps 0 trains nothing", ["r"]),
+    ("train-logging-steps-0", lambda e: _train(e, "--output-dir", "r", "--set", "logging_steps=0"), 2,
+     "config key 'logging_steps': 0 must be at least 1", ["r"]),
+    ("check-logging-steps-negative", lambda e: _train(e, "--output-dir", "r", "--set", "logging_steps=-3", "--check"),
+     2, "config key 'logging_steps': -3 must be at least 1", ["r"]),
+    ("train-report-to-unknown", lambda e: _train(e, "--output-dir", "r", "--set", "report_to=[nosuch]"), 2,
+     "config key 'report_to': 'nosuch' is not one of tensorboard, trackio, wandb, mlflow", ["r"]),
+    ("check-lora-alpha-negative", lambda e: _train(e, "--output-dir", "r", "--set", "lora_alpha=-1", "--check"), 2,
+     "config key 'lora_alpha': -1 must be positive", ["r"]),
+    ("check-lora-alpha-0", lambda e: _train(e, "--output-dir", "r", "--set", "lora_alpha=0", "--check"), 2,
+     "config key 'lora_alpha': 0 must be positive", ["r"]),
+    ("check-packing-prefix", lambda e: _train(e, "--output-dir", "r", "--method", "prefix", "--set", "packing=true",
+                                              "--check"), 2, "packing does not work with prefix tuning", ["r"]),
+    ("train-packing-prefix", lambda e: _train(e, "--output-dir", "r", "--method", "prefix", "--set", "packing=true"),
+     2, "packing does not work with prefix tuning", ["r"]),
+    ("check-lora-target-missing", lambda e: _train(e, "--output-dir", "r", "--set", "lora_target_modules=nosuch_proj",
+                                                   "--check"), 2, "the model has no module nosuch_proj", ["r"]),
+    ("train-lora-target-missing", lambda e: _train(e, "--output-dir", "r", "--set", "lora_target_modules=nosuch_proj"),
+     2, "the model has no module nosuch_proj", ["r"]),
     ("check-json-error-exit", lambda e: _train(e, "--output-dir", "afile", "--check", "--json"), 2, None, []),
     # templates: bounded, one line
     ("template-huge-range", lambda e: _prepare(e, "--template", "range.jinja"), 2, "range.jinja", []),
@@ -209,6 +227,22 @@ def test_the_demo_clears_only_its_own_previous_run(tmp_path, capsys):
     with pytest.raises(SftlabError, match="holds a run that is not the demo's"):
         clear_previous_demo(str(tmp_path / "other"), data)
     assert (tmp_path / "other" / "summary.json").exists()
+
+
+def test_lora_targets_the_model_lacks_are_named_by_the_checklist(env):
+    """None there: an error (peft refuses after loading); some missing: a warning (peft adapts the others)."""
+    from sftlab.config import load_config
+    from sftlab.models import model_config
+    from sftlab.train.checks import method_findings
+
+    mcfg = model_config(env["model"])
+    found = lambda targets: [(f.rule, f.severity, f.message) for f in method_findings(  # noqa: E731
+        load_config(None, {"model": env["model"], "lora_target_modules": targets}), mcfg)]
+    assert found("q_proj,v_proj") == [] and found("all-linear") == []
+    assert found("q_proj,nosuch_proj") == [("lora_target_modules", "warning",
+                                           "lora_target_modules: the model has no module nosuch_proj; LoRA adapts "
+                                           "only the others")]
+    assert [sev for _, sev, _ in found("nosuch_proj")] == ["error"]
 
 
 def test_hub_id_offline_fails_at_once(env, capsys, monkeypatch):

@@ -61,6 +61,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         out.append(_finding("warmup", "warning", f"warmup ({warmup} steps) is as long as the run ({total_steps} steps)",
                            "lower warmup_ratio or train longer"))
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
+    out += method_findings(cfg, model_cfg)
     if cfg.weight_decay > 0.1:
         out.append(_finding("weight_decay", "warning", f"weight decay {cfg.weight_decay:g} is high for fine-tuning", "--set weight_decay=0.01"))
     if eval_keys:
@@ -77,6 +78,41 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
             out.append(_finding("truncation", "warning", f"max_seq_length {cfg.max_seq_length} cuts or drops {lost} of "
                                f"{report.n_input} examples", "raise max_seq_length"))
     return out
+
+
+def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:
+    """Every module of the model ``model_cfg`` describes (name -> class name), built on the meta device
+    (no weights)."""
+    import torch  # deferred: heavy library, imported on first use
+    from transformers import (
+        AutoModelForCausalLM,  # deferred: heavy library, imported on first use
+    )
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=trust_remote_code)
+    return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
+def method_findings(cfg: Config, model_cfg) -> list[Finding]:
+    """What the method refuses once the model is loaded: packing with prefix tuning (its virtual tokens
+    break packed rows), LoRA target modules the model does not have (a warning when only some are
+    missing: peft adapts the others)."""
+    if cfg.method == "prefix" and cfg.packing:
+        return [_finding("packing", "error", "packing does not work with prefix tuning", "--set packing=false")]
+    if cfg.method not in ("lora", "qlora") or cfg.lora_target_modules == "all-linear":
+        return []
+    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+    names = _module_names(model_cfg, cfg.trust_remote_code)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind in ("Linear", "Conv1D")} - {"lm_head"})
+    fix = f"--set lora_target_modules={','.join(leaves) + ' or all-linear' if leaves else 'all-linear'}"
+    if len(missing) == len(targets):
+        return [_finding("lora_target_modules", "error", f"lora_target_modules: the model has no module "
+                         f"{', '.join(missing)}", fix)]
+    return [_finding("lora_target_modules", "warning", f"lora_target_modules: the model has no module "
+                     f"{', '.join(missing)}; LoRA adapts only the others", fix)]
 
 
 # -- what the run hits before its first step: the run folder, resume, the step count ----------------
