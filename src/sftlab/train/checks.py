@@ -56,10 +56,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {n_examples} examples "
                            f"({steps_per_epoch} optimizer steps per epoch)",
                            f"--set gradient_accumulation={max(1, n_examples // (8 * int(cfg.batch_size)))}"))
-    warmup = int(cfg.warmup_ratio * total_steps)
-    if total_steps <= 2 or warmup >= total_steps:
-        out.append(_finding("warmup", "warning", f"warmup ({warmup} steps) is as long as the run ({total_steps} steps)",
-                           "lower warmup_ratio or train longer"))
+    out += warmup_findings(cfg, total_steps)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg)
     if cfg.weight_decay > 0.1:
@@ -91,6 +88,26 @@ def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=trust_remote_code)
     return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
+def warmup_steps(cfg: Config, total_steps: int) -> int:
+    """The warmup's optimizer steps, as transformers counts them: ceil(total x warmup_ratio) (its
+    ``get_warmup_steps`` for a ratio below 1); none under the constant schedule, which has no warmup."""
+    if cfg.lr_scheduler == "constant" or total_steps <= 0:
+        return 0
+    return math.ceil(total_steps * cfg.warmup_ratio)
+
+
+def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:
+    """A warning when the warmup is a quarter of the run or more: its first step trains at lr 0 (the
+    linear warmup starts there), and a warmup as long as the run never reaches the peak rate."""
+    warmup = warmup_steps(cfg, total_steps)
+    if warmup == 0 or warmup * 4 < total_steps or cfg.resume:  # resumed: the warmup ran (and was warned of)
+        return []
+    what = ("lasts the whole run: the learning rate never reaches its peak" if warmup >= total_steps
+            else f"is {warmup / total_steps:.0%} of the run")
+    return [_finding("warmup", "warning", f"warmup ({warmup} of {total_steps} steps) {what}, and step 1 trains at "
+                     "lr 0", "--set warmup_ratio=0 for a run this short, or train longer")]
 
 
 def method_findings(cfg: Config, model_cfg) -> list[Finding]:
