@@ -356,3 +356,19 @@ def test_warmup_is_counted_as_transformers_counts_it(tmp_path, tiny_model_dir):
     whole = warmup_findings(load_config(None, {"warmup_ratio": 0.5}), 1)[0].message
     assert whole == "warmup (1 of 1 steps) lasts the whole run: the learning rate never reaches its peak, and step 1 " \
                     "trains at lr 0"
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_its_last_step(tmp_path, tiny_model_dir):
+    """No eval data and logging_steps 10 > 2 steps: the last step's train row is logged, so metrics.jsonl
+    exists and diagnose and report read the run (they refused it as unfinished)."""
+    from sftlab.diagnose import diagnose
+    from sftlab.report import write_report
+
+    s = train(train_config(tmp_path, tiny_model_dir, max_steps=2, logging_steps=10), quiet=True)
+    rows = RunDir(tmp_path / "run").metrics()
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 2)]
+    assert s["final_train_loss"] == rows[0]["loss"]
+    diagnose(tmp_path / "run")
+    assert Path(write_report(tmp_path / "run", doctor=False)["path"]).exists()
+    train(train_config(tmp_path / "every", tiny_model_dir, max_steps=2, logging_steps=1), quiet=True)
+    assert [r["step"] for r in RunDir(tmp_path / "every" / "run").metrics()] == [1, 2]  # the last one once
