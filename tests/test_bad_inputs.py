@@ -77,6 +77,24 @@ CASES = [
      "max_steps 0 trains nothing", ["r"]),
     ("train-max-steps-0", lambda e: _train(e, "--output-dir", "r", "--set", "max_steps=0"), 2,
      "max_steps 0 trains nothing", ["r"]),
+    ("train-logging-steps-0", lambda e: _train(e, "--output-dir", "r", "--set", "logging_steps=0"), 2,
+     "config key 'logging_steps': 0 must be at least 1", ["r"]),
+    ("check-logging-steps-negative", lambda e: _train(e, "--output-dir", "r", "--set", "logging_steps=-3", "--check"),
+     2, "config key 'logging_steps': -3 must be at least 1", ["r"]),
+    ("train-report-to-unknown", lambda e: _train(e, "--output-dir", "r", "--set", "report_to=[nosuch]"), 2,
+     "config key 'report_to': 'nosuch' is not one of tensorboard, trackio, wandb, mlflow", ["r"]),
+    ("check-lora-alpha-negative", lambda e: _train(e, "--output-dir", "r", "--set", "lora_alpha=-1", "--check"), 2,
+     "config key 'lora_alpha': -1 must be positive", ["r"]),
+    ("check-lora-alpha-0", lambda e: _train(e, "--output-dir", "r", "--set", "lora_alpha=0", "--check"), 2,
+     "config key 'lora_alpha': 0 must be positive", ["r"]),
+    ("check-packing-prefix", lambda e: _train(e, "--output-dir", "r", "--method", "prefix", "--set", "packing=true",
+                                              "--check"), 2, "packing does not work with prefix tuning", ["r"]),
+    ("train-packing-prefix", lambda e: _train(e, "--output-dir", "r", "--method", "prefix", "--set", "packing=true"),
+     2, "packing does not work with prefix tuning", ["r"]),
+    ("check-lora-target-missing", lambda e: _train(e, "--output-dir", "r", "--set", "lora_target_modules=nosuch_proj",
+                                                   "--check"), 2, "the model has no module nosuch_proj", ["r"]),
+    ("train-lora-target-missing", lambda e: _train(e, "--output-dir", "r", "--set", "lora_target_modules=nosuch_proj"),
+     2, "the model has no module nosuch_proj", ["r"]),
     ("check-json-error-exit", lambda e: _train(e, "--output-dir", "afile", "--check", "--json"), 2, None, []),
     # templates: bounded, one line
     ("template-huge-range", lambda e: _prepare(e, "--template", "range.jinja"), 2, "range.jinja", []),
@@ -158,6 +176,79 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(case, env, capsys, tmp_path):
     for rel in absent:
         assert not (tmp_path / rel).exists(), f"{name}: {rel} was written"
     assert took < 60, f"{name} took {took:.0f}s"
+
+
+def _old_run(folder: Path) -> dict[str, bytes]:
+    """A run folder as a finished 6-step run leaves it; returns its files' bytes by path."""
+    (folder / "checkpoints" / "checkpoint-6").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6}')
+    (folder / "model").mkdir()
+    (folder / "model" / "adapter_model.safetensors").write_bytes(b"old weights")
+    (folder / "summary.json").write_text('{"steps": 6, "stopped": "completed"}')
+    (folder / "metrics.jsonl").write_text('{"split": "train", "step": 6, "loss": 1.0}\n')
+    (folder / "config.yaml").write_text("method: lora\nlearning_rate: 0.001\n")
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["check", "train"])
+def test_a_folder_holding_a_run_is_refused_without_resume_before_any_loading(env, capsys, monkeypatch, check):
+    """A new run into an old run's folder would replace its model and summary and mix its checkpoints
+    with the old ones (a later --resume continued the old run): one line, exit 2, the folder untouched."""
+    from sftlab.train import run as run_mod
+
+    before = _old_run(env["tmp"] / "old")
+    if not check:  # the real run refuses before loading anything; --check goes on to list every finding
+        monkeypatch.setattr(run_mod, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before refusing"))
+    assert main(_train(env, "--output-dir", "old", *(["--check"] if check else []))) == 2
+    out, err = capsys.readouterr()
+    lines = [ln for ln in (out + err).splitlines() if "error" in ln]
+    assert len(lines) == 1 and "old holds a run" in lines[0], out + err
+    assert "pass --resume to continue it, choose another --output-dir, or remove it" in lines[0]
+    after = {str(p.relative_to(env["tmp"] / "old")): p.read_bytes()
+             for p in sorted((env["tmp"] / "old").rglob("*")) if p.is_file()}
+    assert after == before
+
+
+def test_an_empty_existing_folder_or_a_config_kept_there_is_no_run(env, capsys):
+    (env["tmp"] / "empty").mkdir()
+    assert main(_train(env, "--output-dir", "empty", "--set", "max_steps=1", "--check")) == 0
+    (env["tmp"] / "mine").mkdir()
+    (env["tmp"] / "mine" / "config.yaml").write_text("max_steps: 1\n")  # the user's own config, kept there
+    assert main(_train(env, "--output-dir", "mine", "--set", "max_steps=1", "--check")) == 0
+    assert "holds a run" not in capsys.readouterr().out
+
+
+def test_the_demo_clears_only_its_own_previous_run(tmp_path, capsys):
+    from sftlab.core.errors import SftlabError
+    from sftlab.demo import clear_previous_demo
+
+    data = chat_data(tmp_path / "demo_train.jsonl", 2)
+    assert clear_previous_demo(str(tmp_path / "none"), data) is False  # nothing there yet
+    _old_run(tmp_path / "demo")
+    (tmp_path / "demo" / "config.yaml").write_text(f"data: {data}\n")
+    assert clear_previous_demo(str(tmp_path / "demo"), data) is True
+    assert not (tmp_path / "demo").exists() and "removing the previous demo run in" in capsys.readouterr().out
+    _old_run(tmp_path / "other")
+    (tmp_path / "other" / "config.yaml").write_text("data: somewhere/else.jsonl\n")
+    with pytest.raises(SftlabError, match="holds a run that is not the demo's"):
+        clear_previous_demo(str(tmp_path / "other"), data)
+    assert (tmp_path / "other" / "summary.json").exists()
+
+
+def test_lora_targets_the_model_lacks_are_named_by_the_checklist(env):
+    """None there: an error (peft refuses after loading); some missing: a warning (peft adapts the others)."""
+    from sftlab.config import load_config
+    from sftlab.models import model_config
+    from sftlab.train.checks import method_findings
+
+    mcfg = model_config(env["model"])
+    found = lambda targets: [(f.rule, f.severity, f.message) for f in method_findings(  # noqa: E731
+        load_config(None, {"model": env["model"], "lora_target_modules": targets}), mcfg)]
+    assert found("q_proj,v_proj") == [] and found("all-linear") == []
+    assert found("q_proj,nosuch_proj") == [("lora_target_modules", "warning",
+                                           "lora_target_modules: the model has no module nosuch_proj; LoRA adapts "
+                                           "only the others")]
+    assert [sev for _, sev, _ in found("nosuch_proj")] == ["error"]
 
 
 def test_hub_id_offline_fails_at_once(env, capsys, monkeypatch):

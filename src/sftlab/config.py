@@ -34,6 +34,7 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adam", "sgd", "adamw8bit"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 Loss = Literal["token", "sequence"]
+Tracker = Literal["tensorboard", "trackio", "wandb", "mlflow"]  # report_to's items
 
 
 def choices(alias) -> tuple[str, ...]:
@@ -241,10 +242,15 @@ def _validate(cfg: Config) -> None:
         ("ewc_lambda", cfg.ewc_lambda >= 0, "must be >= 0"),
         ("eval_steps", cfg.eval_steps >= 1, "must be at least 1"),
         ("save_steps", cfg.save_steps >= 1, "must be at least 1"),
+        ("logging_steps", cfg.logging_steps >= 1, "must be at least 1"),
+        ("lora_alpha", cfg.lora_alpha > 0, "must be positive (the adapter's scale is alpha / r)"),
     ]
     for key, ok, why in checks:
         if not ok:
             raise SftlabError(f"config key '{key}': {getattr(cfg, key)!r} {why}")
+    for item in cfg.report_to:
+        if item not in choices(Tracker):
+            raise SftlabError(f"config key 'report_to': {item!r} is not one of {', '.join(choices(Tracker))}")
     for name in ("learning_rate", "epochs", "batch_size", "gradient_accumulation"):
         val = getattr(cfg, name)
         if not isinstance(val, str) and val <= 0:

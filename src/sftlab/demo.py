@@ -7,6 +7,7 @@ held-out split (task score, format, forgetting) -> diagnose -> write the HTML re
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,28 @@ from sftlab.core.errors import SftlabError
 
 def _step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
+
+
+def clear_previous_demo(out_dir: str, train_data: str) -> bool:
+    """Remove the run an earlier demo left in ``out_dir`` (training refuses a folder holding a run), and
+    say so; True when one was removed. A run there that did not train on the demo data is not the demo's:
+    an SftlabError, nothing removed."""
+    from sftlab.rundir import (
+        RunDir,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+
+    run = RunDir(out_dir)
+    if not run.run_files():
+        return False
+    try:
+        data = run.config().data
+    except SftlabError:
+        data = None
+    if not isinstance(data, str) or Path(data).resolve() != Path(train_data).resolve():
+        raise SftlabError(f"{out_dir} holds a run that is not the demo's", hint="move or remove it, then run the demo again")
+    print(f"removing the previous demo run in {out_dir}", flush=True)
+    shutil.rmtree(out_dir)
+    return True
 
 
 def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit: int | None = None) -> int:
@@ -69,6 +92,7 @@ def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit:
     print(prepared.report.summary())
 
     _step("3. fine-tune with LoRA (sftlab train)")
+    clear_previous_demo(out_dir, train_data)
     summary = train(cfg)
     print(f"{summary['steps']} steps in {summary['time_s']:.0f}s, {summary['tokens_per_second']:.0f} tokens/s, "
           f"peak memory {summary['peak_memory_mb']:.0f} MB, final eval loss {summary['final_eval_loss']:.4f}")

@@ -34,6 +34,8 @@ SUMMARY = "summary.json"
 PREPARE_REPORT = "prepare_report.json"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
+# what training leaves in a run folder (config.yaml alone may be a user's own config kept there)
+RUN_FILES = (METRICS, SUMMARY, PREPARE_REPORT, MODEL_DIR, CHECKPOINTS)
 
 _OWN_TEMPLATE = (None, "", "auto", "tokenizer", "model")  # config values meaning "the tokenizer's own template"
 
@@ -124,6 +126,10 @@ class RunDir:
     def is_run(self) -> bool:
         """A run folder with a saved model: config.yaml and model/."""
         return self.path.is_dir() and self.config_path.exists() and self.model_dir.is_dir()
+
+    def run_files(self) -> list[str]:
+        """What a run (finished, stopped or killed) left here, of :data:`RUN_FILES`; [] for a new folder."""
+        return [name for name in RUN_FILES if (self.path / name).exists()] if self.path.is_dir() else []
 
     def require(self) -> "RunDir":
         """Self, or an SftlabError when the folder does not exist."""

@@ -331,3 +331,44 @@ def test_trainer_skips_its_per_micro_step_walks_but_not_a_module_left_in_eval(mo
 
     n = load_model(str(tiny_model_dir)).num_parameters(exclude_embeddings=True)
     assert calls["flos"] == 6 * sum(tokens) * n
+
+
+def test_warmup_is_counted_as_transformers_counts_it(tmp_path, tiny_model_dir):
+    """ceil(total x warmup_ratio) steps, not int(): the checklist names the warmup the run really has, and
+    the warning says the first step trains at lr 0."""
+    from transformers import TrainingArguments
+
+    from sftlab.train.checks import warmup_findings, warmup_steps
+
+    for ratio, total in ((0.1, 2), (0.1, 30), (0.25, 4), (0.05, 1000), (0.0, 5)):
+        cfg = load_config(None, {"warmup_ratio": ratio, "lr_scheduler": "linear"})
+        args = TrainingArguments(output_dir=str(tmp_path / "a"), warmup_steps=ratio, report_to=[])
+        assert warmup_steps(cfg, total) == args.get_warmup_steps(total), (ratio, total)
+    assert warmup_steps(load_config(None, {"warmup_ratio": 0.1, "lr_scheduler": "constant"}), 2) == 0
+    assert warmup_findings(load_config(None, {"warmup_ratio": 0.0}), 2) == []  # a short run alone is fine
+    assert warmup_findings(load_config(None, {"warmup_ratio": 0.1}), 10) == []  # 1 step of 10
+    assert warmup_findings(load_config(None, {"warmup_ratio": 0.1, "resume": True}), 2) == []  # warned at the start
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=2, warmup_ratio=0.1, lr_scheduler="linear")
+    found = [f["message"] for f in train(cfg, check_only=True)["findings"] if f["rule"] == "warmup"]
+    assert found == ["warmup (1 of 2 steps) is 50% of the run, and step 1 trains at lr 0"]
+    train(cfg, quiet=True)
+    assert [r["learning_rate"] for r in RunDir(tmp_path / "run").metrics() if r["split"] == "train"][0] == 0.0
+    whole = warmup_findings(load_config(None, {"warmup_ratio": 0.5}), 1)[0].message
+    assert whole == "warmup (1 of 1 steps) lasts the whole run: the learning rate never reaches its peak, and step 1 " \
+                    "trains at lr 0"
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_its_last_step(tmp_path, tiny_model_dir):
+    """No eval data and logging_steps 10 > 2 steps: the last step's train row is logged, so metrics.jsonl
+    exists and diagnose and report read the run (they refused it as unfinished)."""
+    from sftlab.diagnose import diagnose
+    from sftlab.report import write_report
+
+    s = train(train_config(tmp_path, tiny_model_dir, max_steps=2, logging_steps=10), quiet=True)
+    rows = RunDir(tmp_path / "run").metrics()
+    assert [(r["split"], r["step"]) for r in rows] == [("train", 2)]
+    assert s["final_train_loss"] == rows[0]["loss"]
+    diagnose(tmp_path / "run")
+    assert Path(write_report(tmp_path / "run", doctor=False)["path"]).exists()
+    train(train_config(tmp_path / "every", tiny_model_dir, max_steps=2, logging_steps=1), quiet=True)
+    assert [r["step"] for r in RunDir(tmp_path / "every" / "run").metrics()] == [1, 2]  # the last one once

@@ -61,6 +61,8 @@ class MetricsLogger(TrainerCallback):
         bar = getattr(self, "_bar", None)
         if bar is not None:
             bar.update(state.global_step - bar.n)
+        if state.global_step >= state.max_steps:  # the last step's train row, whatever logging_steps says:
+            control.should_log = True  # a run shorter than logging_steps would leave no metrics.jsonl
         last = state.global_step >= state.max_steps or control.should_training_stop
         if last and args.should_save:  # after the bar's last tick: say what the wait is for
             if control.should_evaluate:

@@ -56,11 +56,9 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {n_examples} examples "
                            f"({steps_per_epoch} optimizer steps per epoch)",
                            f"--set gradient_accumulation={max(1, n_examples // (8 * int(cfg.batch_size)))}"))
-    warmup = int(cfg.warmup_ratio * total_steps)
-    if total_steps <= 2 or warmup >= total_steps:
-        out.append(_finding("warmup", "warning", f"warmup ({warmup} steps) is as long as the run ({total_steps} steps)",
-                           "lower warmup_ratio or train longer"))
-    out += step_findings(total_steps)
+    out += warmup_findings(cfg, total_steps)
+    out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
+    out += method_findings(cfg, model_cfg)
     if cfg.weight_decay > 0.1:
         out.append(_finding("weight_decay", "warning", f"weight decay {cfg.weight_decay:g} is high for fine-tuning", "--set weight_decay=0.01"))
     if eval_keys:
@@ -77,6 +75,61 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
             out.append(_finding("truncation", "warning", f"max_seq_length {cfg.max_seq_length} cuts or drops {lost} of "
                                f"{report.n_input} examples", "raise max_seq_length"))
     return out
+
+
+def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:
+    """Every module of the model ``model_cfg`` describes (name -> class name), built on the meta device
+    (no weights)."""
+    import torch  # deferred: heavy library, imported on first use
+    from transformers import (
+        AutoModelForCausalLM,  # deferred: heavy library, imported on first use
+    )
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=trust_remote_code)
+    return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
+def warmup_steps(cfg: Config, total_steps: int) -> int:
+    """The warmup's optimizer steps, as transformers counts them: ceil(total x warmup_ratio) (its
+    ``get_warmup_steps`` for a ratio below 1); none under the constant schedule, which has no warmup."""
+    if cfg.lr_scheduler == "constant" or total_steps <= 0:
+        return 0
+    return math.ceil(total_steps * cfg.warmup_ratio)
+
+
+def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:
+    """A warning when the warmup is a quarter of the run or more: its first step trains at lr 0 (the
+    linear warmup starts there), and a warmup as long as the run never reaches the peak rate."""
+    warmup = warmup_steps(cfg, total_steps)
+    if warmup == 0 or warmup * 4 < total_steps or cfg.resume:  # resumed: the warmup ran (and was warned of)
+        return []
+    what = ("lasts the whole run: the learning rate never reaches its peak" if warmup >= total_steps
+            else f"is {warmup / total_steps:.0%} of the run")
+    return [_finding("warmup", "warning", f"warmup ({warmup} of {total_steps} steps) {what}, and step 1 trains at "
+                     "lr 0", "--set warmup_ratio=0 for a run this short, or train longer")]
+
+
+def method_findings(cfg: Config, model_cfg) -> list[Finding]:
+    """What the method refuses once the model is loaded: packing with prefix tuning (its virtual tokens
+    break packed rows), LoRA target modules the model does not have (a warning when only some are
+    missing: peft adapts the others)."""
+    if cfg.method == "prefix" and cfg.packing:
+        return [_finding("packing", "error", "packing does not work with prefix tuning", "--set packing=false")]
+    if cfg.method not in ("lora", "qlora") or cfg.lora_target_modules == "all-linear":
+        return []
+    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+    names = _module_names(model_cfg, cfg.trust_remote_code)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind in ("Linear", "Conv1D")} - {"lm_head"})
+    fix = f"--set lora_target_modules={','.join(leaves) + ' or all-linear' if leaves else 'all-linear'}"
+    if len(missing) == len(targets):
+        return [_finding("lora_target_modules", "error", f"lora_target_modules: the model has no module "
+                         f"{', '.join(missing)}", fix)]
+    return [_finding("lora_target_modules", "warning", f"lora_target_modules: the model has no module "
+                     f"{', '.join(missing)}; LoRA adapts only the others", fix)]
 
 
 # -- what the run hits before its first step: the run folder, resume, the step count ----------------
@@ -106,6 +159,47 @@ def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
     return good[-1] if good else None
 
 
+def checkpoint_state(folder: Path) -> dict:
+    """The checkpoint's trainer_state.json ({} when unreadable): global_step, epoch, max_steps (the run's
+    planned total), num_train_epochs."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
+    """An error when the checkpoint to resume from already reached ``cfg``'s end: Trainer would train a
+    step past it (at lr 0) and evaluate twice. ``saved_epochs``: the run's own (resolved) epochs, which
+    ``epochs: auto`` resolves to again."""
+    step, epoch = int(state.get("global_step") or 0), float(state.get("epoch") or 0.0)
+    epochs = saved_epochs if cfg.epochs == "auto" else cfg.epochs
+    if cfg.max_steps > 0 and step >= cfg.max_steps:
+        done, more = f"{step}/{cfg.max_steps} steps", "max_steps"
+    elif cfg.max_steps < 0 and isinstance(epochs, (int, float)) and epoch >= float(epochs) - 1e-6:
+        done, more = f"{epoch:g}/{float(epochs):g} epochs", "epochs"
+    else:
+        return None
+    return _finding("resume", "error", f"run already complete ({done}); raise {more} to train on",
+                    f"--set {more}=<more> --resume, or a new --output-dir")
+
+
+def schedule_findings(cfg: Config, total_steps: int) -> list[Finding]:
+    """``resume`` with another step count than the run was planned for: its learning-rate schedule is
+    rebuilt for the new total (the resumed steps train at the new schedule's rate for their step)."""
+    if not cfg.resume or (ckpt := last_good_checkpoint(Path(cfg.output_dir).expanduser() / A.CHECKPOINTS)) is None:
+        return []
+    state = checkpoint_state(ckpt)
+    planned, step = state.get("max_steps"), int(state.get("global_step") or 0)
+    if not planned or planned == total_steps or step >= total_steps:
+        return []
+    return [_finding("resume", "info", f"resume: the run was planned for {planned} steps, now {total_steps}: its "
+                     f"learning-rate schedule ({cfg.lr_scheduler}) is rebuilt for {total_steps} steps, from step "
+                     f"{step + 1} on", f"keep max_steps/epochs as they were ({planned} steps) to continue the "
+                     "old schedule")]
+
+
 def _nearest_existing(path: Path) -> Path:
     for p in (path, *path.parents):
         if p.exists():
@@ -125,18 +219,19 @@ def _writable(folder: Path) -> str | None:
     return None
 
 
-def _saved_method(run: Path) -> str | None:
-    """The method of the run already in ``run`` (its config.yaml), None when there is none to read."""
+def _saved(run: Path, key: str):
+    """``key`` of the run already in ``run`` (its config.yaml), None when there is none to read."""
     try:
         saved = yaml.safe_load((run / A.CONFIG).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-    return saved.get("method") if isinstance(saved, dict) else None
+    return saved.get(key) if isinstance(saved, dict) else None
 
 
 def run_folder_findings(cfg: Config) -> list[Finding]:
-    """Errors the run would meet before its first step: an output_dir that is (or sits under) a file
-    or is not writable, ``resume`` with no complete checkpoint, ``max_steps`` 0."""
+    """Errors the run would meet before its first step: an output_dir that is (or sits under) a file,
+    is not writable or already holds a run (without ``resume``: a new run would mix its files with the
+    old run's), ``resume`` with no complete checkpoint or of a run already complete, ``max_steps`` 0."""
     out: list[Finding] = []
     run = Path(cfg.output_dir).expanduser()
     where = _nearest_existing(run.absolute())
@@ -147,12 +242,19 @@ def run_folder_findings(cfg: Config) -> list[Finding]:
     elif (why := _writable(where)) is not None:
         out.append(_finding("output_dir", "error", f"output_dir {cfg.output_dir} cannot be written in {where}: {why}",
                             "--output-dir a folder you can write"))
+    elif not cfg.resume and (held := A.RunDir(run).run_files()):
+        out.append(Finding("output_dir", "error", f"{cfg.output_dir} holds a run", where="output_dir",
+                           evidence=[f"found: {', '.join(held)}"],
+                           fixes=["pass --resume to continue it, choose another --output-dir, or remove it"]))
     elif cfg.resume and last_good_checkpoint(run / A.CHECKPOINTS) is None:
         out.append(_finding("resume", "error", f"resume: {run / A.CHECKPOINTS} holds no complete checkpoint",
                             "start without --resume (or point --output-dir at the interrupted run)"))
-    elif cfg.resume and (was := _saved_method(run)) not in (None, cfg.method):
+    elif cfg.resume and (was := _saved(run, "method")) not in (None, cfg.method):
         out.append(_finding("resume", "error", f"resume: the run in {run} trained with method {was}, not {cfg.method}",
                             f"--method {was} to continue it, or a new --output-dir"))
+    elif cfg.resume and (done := _complete_run(cfg, checkpoint_state(last_good_checkpoint(run / A.CHECKPOINTS)),
+                                               _saved(run, "epochs"))):
+        out.append(done)
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         out.append(_finding("max_steps", "error", f"max_steps {cfg.max_steps} trains nothing",
                             "--set max_steps=-1 to run every epoch, or a positive step count"))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from sftlab.config import Config
 from sftlab.core.errors import SftlabError
 from sftlab.train.callbacks import set_train_malloc
+from sftlab.train.checks import run_folder_findings
 from sftlab.train.distributed import is_global_main
 from sftlab.train.model import build_model
 from sftlab.train.run import (
@@ -204,6 +205,8 @@ def find_lr(cfg: Config, *, steps: int = STEPS) -> LrSweep:
 def train_with_found_lr(cfg: Config, *, steps: int = STEPS, quiet: bool = False, callbacks: list | None = None) -> dict:
     """:func:`find_lr`, then ``train`` at the chosen rate; the sweep is printed (unless ``quiet``) and
     saved in the run's summary (``lr_sweep``) and, as a comment, in its config.yaml."""
+    if blockers := run_folder_findings(cfg):  # before the sweep's minutes, as train() would after them
+        raise SftlabError(blockers[0].message, hint=blockers[0].fixes[0])
     sweep = find_lr(cfg, steps=steps)
     if not quiet and is_global_main():  # under torchrun every process ran the sweep; one prints it
         print(describe_sweep(sweep))

@@ -67,7 +67,8 @@ from sftlab.train.trainer import Divergence, SftlabTrainer
 # 9 ms against the per-tensor loop's 45 ms for the default model's 420 adapter tensors (2 cores).
 _OPTIMIZERS = {"adamw": "adamw_torch_fused", "adam": "adamw_torch_fused", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}
 _FINISHED = ("completed", "early_stopping")  # stops after which the model is evaluated and saved
-_FATAL = ("steps",)  # checklist errors the run cannot start with (the run-folder ones are checked first)
+# checklist errors the run cannot start with (the run-folder ones are checked first)
+_FATAL = ("steps", "packing", "lora_target_modules")
 
 
 @dataclass
@@ -141,9 +142,9 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
                               seq_len=max(lengths) if lengths else int(rc.max_seq_length))
         return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(),
                 "precision_probe": notes.get("precision_probe"), "auto": notes.get("auto"), "merge": merge}
+    raise_on_fatal(findings)  # one error line, not the checklist around it
     if not quiet:
         print_checks(findings, notes.get("auto"))
-    raise_on_fatal(findings)
     set_train_malloc()  # before the model's tensors exist
     kernels: list = []
     model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels)
@@ -256,9 +257,7 @@ def start_run_folder(rc: Config, run: Path) -> str | None:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(run, exc, kept=False) from None
-    if not rc.resume:
-        if is_global_main():  # another node's process may already be writing into a shared folder
-            (run / A.METRICS).unlink(missing_ok=True)  # a fresh run in an old folder starts a fresh log
+    if not rc.resume:  # the folder holds no run (run_folder_findings): nothing old to clear
         return None
     ckpt_dir = run / A.CHECKPOINTS
     resume_from = last_good_checkpoint(ckpt_dir)

@@ -18,6 +18,8 @@
   count taken once, not walked over every parameter on each micro-step (another 15 ms).
 - ``_get_train_sampler``: a mixture's per-epoch draw (``train_sampler``, ``train/epochs.py``), else
   length-grouped batches; ``num_examples`` counts the drawn epoch.
+- ``_load_optimizer_and_scheduler``: a resumed run continues at its (rebuilt) schedule's rate for the
+  step, not the rate the checkpoint's schedule ended at.
 - ``create_accelerator_and_postprocess``: FSDP2 on CPU processes (gloo), which accelerate leaves out
   (``fsdp_on_cpu``).
 """
@@ -103,6 +105,19 @@ def fsdp_on_cpu(accelerator, plugin_args: dict) -> None:
     if not accelerator.is_fsdp2:  # another accelerate keeps its state elsewhere: fail, never run as DDP
         raise SftlabError(f"fsdp on CPU: accelerate {accelerate.__version__} did not take FSDP2 for CPU processes "
                           "(sftlab does this for accelerate 1.15)", hint="unset fsdp to train with DDP")
+
+
+def follow_schedule(optimizer, scheduler) -> None:
+    """Set each parameter group's rate (and the scheduler's last rate, which is logged) to what the
+    scheduler's own rule gives at its current step. Every schedule sftlab offers is a LambdaLR; any other
+    is left as it is."""
+    sched = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper, if any
+    if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        return
+    lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
 
 
 class SftlabTrainer(Trainer):
@@ -246,6 +261,14 @@ class SftlabTrainer(Trainer):
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Resuming: the optimizer's rate for the next step is the one the checkpoint's schedule left it at;
+        take the rebuilt schedule's rate for that step instead (the same value unless the step count
+        changed; else the first resumed step trained at the old schedule's rate, 0 at its end)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            follow_schedule(self.optimizer, self.lr_scheduler)
+
     def _save(self, output_dir=None, state_dict=None):
         """A state dict gathered from FSDP shards holds each tied weight twice (its own copy, so
         save_pretrained cannot see the sharing): keep the one a 1-process save keeps."""

@@ -1,0 +1,71 @@
+"""Resuming a run that already ended: a complete run trains nothing; a run given more steps continues on a
+learning-rate schedule rebuilt for the new total (and says so)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import train_config
+
+from sftlab.cli import main
+from sftlab.config import load_config
+from sftlab.core.errors import SftlabError
+from sftlab.rundir import RunDir
+from sftlab.train.run import train
+
+pytestmark = pytest.mark.xdist_group("train")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _lrs(run: Path) -> dict[int, float]:
+    return {r["step"]: r["learning_rate"] for r in RunDir(run).metrics() if r["split"] == "train"}
+
+
+@pytest.mark.parametrize("by", ["max_steps", "epochs"])
+def test_resuming_a_complete_run_trains_nothing_and_writes_nothing(tmp_path, tiny_model_dir, capsys, by):
+    """Trainer would train one step past the end (at lr 0) and log the final evaluation twice."""
+    kw = dict(max_steps=2) if by == "max_steps" else dict(epochs=1, batch_size=8)  # 16 examples: 2 steps
+    cfg = train_config(tmp_path, tiny_model_dir, **kw)
+    assert train(cfg, quiet=True)["steps"] == 2
+    run = Path(cfg.output_dir)
+    before = _files(run)
+    again = load_config(None, {**cfg.to_dict(), "resume": True})
+    done = "2/2 steps); raise max_steps" if by == "max_steps" else "1/1 epochs); raise epochs"
+    with pytest.raises(SftlabError, match=re.escape(f"run already complete ({done} to train on")):
+        train(again, quiet=True)
+    assert _files(run) == before
+    found = train(again, check_only=True)["findings"]
+    assert [(f["rule"], f["severity"]) for f in found if f["rule"] == "resume"] == [("resume", "error")]
+    argv = ["train", "--model", str(tiny_model_dir), "--data", cfg.data, "--output-dir", str(run), "--resume",
+            "--method", "full", *[a for k, v in kw.items() for a in ("--set", f"{k}={v}")]]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run already complete" in err and "Traceback" not in err
+    assert _files(run) == before
+
+
+def test_resuming_with_more_steps_rebuilds_the_schedule_and_says_so(tmp_path, tiny_model_dir, capsys):
+    """2 steps, then resumed to 4: steps 3 and 4 train at the 4-step schedule's rates (a straight 4-step
+    run's), not step 3 at the 2-step schedule's final rate of 0."""
+    kw = dict(lr_scheduler="linear", learning_rate=1e-2, optimizer="adamw")
+    train(train_config(tmp_path / "ref", tiny_model_dir, max_steps=4, **kw), quiet=True)
+    ref = _lrs(tmp_path / "ref" / "run")
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=2, **kw)
+    train(cfg, quiet=True)
+    assert _lrs(tmp_path / "run")[2] == pytest.approx(ref[1] / 2)  # the 2-step schedule: 1e-2, 5e-3, (0)
+    more = load_config(None, {**cfg.to_dict(), "max_steps": 4, "resume": True})
+    capsys.readouterr()
+    s = train(more)
+    out = capsys.readouterr().out
+    assert s["steps"] == 4 and s["stopped"] == "completed"
+    lrs = _lrs(tmp_path / "run")
+    assert sorted(lrs) == [1, 2, 3, 4]
+    assert lrs[3] == pytest.approx(ref[3]) and lrs[4] == pytest.approx(ref[4]) and lrs[3] > 0
+    assert "the run was planned for 2 steps, now 4: its learning-rate schedule (linear) is rebuilt for 4 steps, " \
+           "from step 3 on" in out
