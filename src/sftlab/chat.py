@@ -80,6 +80,16 @@ def _load_adapter_export(folder: Path, template: str | None, device):
     return model, tok, resolve_template(template, tok)
 
 
+def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -> str | None:
+    """The system prompt to chat/generate with: ``system_prompt`` when given ("" means none), else a run
+    folder's ``system_prompt`` (training put it first in each conversation without a system message).
+    An export carries it as its template's default, so it needs none here."""
+    if system_prompt is not None:
+        return system_prompt or None
+    run = RunDir(model_or_run)
+    return run.config().system_prompt if run.config_path.is_file() else None
+
+
 def load_chat_model(model_or_run: str, *, template: str | None = None, device=None) -> tuple:
     """(model, tokenizer, ChatTemplate) for a run folder, an export folder or a model name/path."""
 
@@ -356,10 +366,11 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     """Generate the next assistant reply for each prompt or data conversation; write JSONL to ``out``.
 
     A data conversation's prompt is its messages before its last assistant reply, which is kept as
-    ``reference``. Greedy unless ``temperature`` > 0. Rows come back in input order.
+    ``reference``. ``system_prompt`` (default: a run's own, see :func:`default_system_prompt`) goes first
+    in each conversation without a system message. Greedy unless ``temperature`` > 0. Rows come back in input order.
     """
 
-    convs = _conversations(prompts, data, fmt, system_prompt)
+    convs = _conversations(prompts, data, fmt, default_system_prompt(model_or_run, system_prompt))
     if temperature < 0:
         raise SftlabError(f"--temperature {temperature} must be >= 0 (0 is greedy)")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=temperature > 0,

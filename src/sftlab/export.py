@@ -25,10 +25,11 @@ from pathlib import Path
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.consistency import SAMPLE_CONVERSATIONS, check_template_consistency
-from sftlab.data.formats import load_conversations
+from sftlab.data.formats import add_system_prompt, load_conversations
 from sftlab.data.mixture import source_paths
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
+from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
 from sftlab.models import resolve_model_path
@@ -53,6 +54,7 @@ class ExportResult:
     max_logit_diff: float | None = None  # export loaded back with plain transformers vs the run
     template_problems: list[str] = field(default_factory=list)
     chat_template_kwargs: dict = field(default_factory=dict)  # template options of training, now the template's defaults
+    system_prompt: str | None = None  # the run's system_prompt, now the template's default system message
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -115,17 +117,59 @@ def _check_request(run_dir: Path, out: Path, *, merge: bool, gguf: bool, gguf_dt
     return ("merged" if merge else "adapter"), peft_type
 
 
-def _check_run_data(cfg, template: ChatTemplate, n: int = 32) -> list[str]:
-    """The consistency check on the run's own training conversations, when the data is still there."""
+def _run_conversations(cfg, n: int = 32) -> list[Conversation]:
+    """The run's first training conversations as the data file has them (no system_prompt added), when
+    the data is still there."""
 
     paths = source_paths(cfg.data)  # a mixture: its first source is sample enough
     if not paths or not Path(paths[0]).exists():
         return []
     try:
-        convs = load_conversations(paths[0], cfg.format, system_prompt=cfg.system_prompt)[:n]
+        return load_conversations(paths[0], cfg.format)[:n]
     except SftlabError:
-        return []  # the data changed since training; the sample check still ran
-    return check_template_consistency(template, convs)
+        return []  # the data changed since training; the sample check still runs
+
+
+def _before_reply(msgs: list[Message]) -> list[Message]:
+    """The messages before the first assistant reply (its inference prompt)."""
+    return msgs[:next((i for i, m in enumerate(msgs) if m.role == "assistant"), len(msgs))]
+
+
+def _check_export_template(trained: ChatTemplate, exported: ChatTemplate, system_prompt: str | None,
+                           convs: list[Conversation]) -> list[str]:
+    """The consistency check of the exported template (sample and run conversations, as a user sends
+    them: without the run's system_prompt), and: does it render a conversation exactly as training
+    did (training template and options, ``system_prompt`` added where there is no system message)?"""
+
+    problems = check_template_consistency(exported) + check_template_consistency(exported, convs)
+    samples = [Conversation(list(m)) for m in SAMPLE_CONVERSATIONS] + list(convs)
+    for k, conv in enumerate(samples, start=1):
+        if conv.is_text:
+            continue
+        label = conv.where() if conv.line else f"sample conversation {k}"
+        sent = list(conv.messages)
+        seen = add_system_prompt([Conversation(list(sent))], system_prompt)[0].messages  # as training saw it
+        try:
+            same = (exported.render(sent, tools=conv.tools) == trained.render(seen, tools=conv.tools)
+                    and exported.render(_before_reply(sent), add_generation_prompt=True, tools=conv.tools)
+                    == trained.render(_before_reply(seen), add_generation_prompt=True, tools=conv.tools))
+        except SftlabError:
+            continue  # a template may refuse a system turn; check_template_consistency reports real failures
+        if not same:
+            problems.append(f"{label}: the exported template renders it differently from training"
+                            + (" (training added the run's system_prompt)" if system_prompt else ""))
+    return problems
+
+
+def template_with_system_prompt(source: str, system_prompt: str | None) -> str:
+    """``source`` that puts ``system_prompt`` first in a conversation without a system message, as
+    training did with the config's ``system_prompt``; a conversation with its own system message is
+    rendered as before."""
+    if not system_prompt:
+        return source
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    return ("{%- if messages and messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}{{%- endif %}}" + source)
 
 
 def _probe_ids(template: ChatTemplate, tokenizer):
@@ -189,6 +233,9 @@ def _readme(res: ExportResult) -> str:
             + (f"Template options of training, now the template's defaults: {json.dumps(res.chat_template_kwargs)}"
                " (pass one to apply_chat_template to override it). Tool schemas go in as `tools=`.\n\n"
                if res.chat_template_kwargs else "")
+            + (f"System prompt of training, now the template's default (used when the conversation has no system "
+               f"message; send your own to override it): {json.dumps(res.system_prompt, ensure_ascii=False)}\n\n"
+               if res.system_prompt else "")
             + "```python\n" + load + "tok = AutoTokenizer.from_pretrained('THIS_FOLDER')\n"
             "text = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, tokenize=False)\n"
             "ids = tok(text, add_special_tokens=False, return_tensors='pt').input_ids\n"
@@ -276,15 +323,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                           hint="train with a template (e.g. --set template=chatml)")
     stops = stop_token_ids(tok, template)
     kwargs = template_kwargs(cfg)  # exactly the options training rendered with
-    source = template_with_defaults(template.source, kwargs)
+    source = template_with_system_prompt(template_with_defaults(template.source, kwargs), cfg.system_prompt)
+    trained = ChatTemplate(template.name, template.source, template.eot, template.special, kwargs or None)
+    exported = ChatTemplate(template.name, source, template.eot, template.special)
     base = cfg.model
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open
         base = resolve_model_path(cfg.model)
         base = str(Path(base).resolve()) if Path(base).exists() else base
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
                        end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops,
-                       template_problems=check_template_consistency(template) + _check_run_data(cfg, template),
-                       chat_template_kwargs=kwargs)
+                       template_problems=_check_export_template(trained, exported, cfg.system_prompt,
+                                                                _run_conversations(cfg)),
+                       chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None)
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 
@@ -327,6 +377,9 @@ def format_export(res: ExportResult, limit: int = 5) -> str:
              f"(generation_config eos_token_id {res.stop_token_ids})"]
     if res.chat_template_kwargs:
         lines.append(f"  template options of training, now its defaults: {json.dumps(res.chat_template_kwargs)}")
+    if res.system_prompt:
+        lines.append(f"  system prompt of training, now the template's default (where a conversation has none): "
+                     f"{json.dumps(res.system_prompt, ensure_ascii=False)}")
     if res.kind == "adapter":
         lines.append(f"  base model: {res.base_model}")
     if res.max_logit_diff is not None:
