@@ -321,7 +321,35 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
 
 def test_interrupted_run_without_summary(tmp_path):
     d = diagnose(make_run(tmp_path / "run", summary=False))
-    assert d.checked["eos"].startswith("skipped") and d.findings == []
+    assert d.checked["eos"].startswith("skipped")
+    assert [(f.rule, f.severity) for f in d.findings] == [("interrupted", "info")] and d.exit_code == 0
+    assert d.findings[0].message == (
+        "the run did not finish (no summary.json); last logged at step 100 of about 100 (3 of 3 epochs)")
+
+
+def test_interrupted_run_says_where_and_how_to_resume(tmp_path):
+    import shutil
+
+    train, evals = healthy_rows(100)
+    summary = {**HEALTHY_SUMMARY, "steps": 2, "epochs": 0.2, "stopped": "interrupted", "signal": "SIGTERM"}
+    run = make_run(tmp_path / "run", train=train[:1], evals=[], summary=summary, max_steps=6)
+    shutil.rmtree(run / "model")  # an interrupted run saves no model
+    for step, complete in ((2, True), (3, False)):  # checkpoint-3: cut off while saving
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    d = diagnose(run)
+    f = {x.rule: x for x in d.findings}["interrupted"]
+    assert f.severity == "warning" and f.message == "the run was interrupted at step 2 of 6" and d.exit_code == 1
+    assert "stopped = interrupted by SIGTERM" in f.evidence[0] and "no model was saved" in f.evidence[1]
+    assert f.evidence[2] == "last complete checkpoint: checkpoints/checkpoint-2"
+    assert f.fixes[0].startswith(f"resume from checkpoint-2: sftlab train CONFIG --output-dir {run} --resume")
+    assert "no problems found" not in d.format_text() and d.checked["template_mismatch"].startswith("skipped: no model/")
+    shutil.rmtree(run / "checkpoints")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("max_steps: 6", "max_steps: -1"))
+    f = {x.rule: x for x in diagnose(run).findings}["interrupted"]
+    assert f.message == "the run was interrupted at step 2 of about 30 (0.2 of 3 epochs)"
+    assert f.fixes[0].startswith(f"train again: sftlab train CONFIG --output-dir {run} (no checkpoint")
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -168,6 +168,41 @@ def _train_longer(run: RunData) -> str | None:
 
 # --- rules ---------------------------------------------------------------------------------------
 
+def _last_checkpoint(run: RunData) -> str | None:
+    """The newest complete checkpoint folder's name (one with its trainer state), or None."""
+    d = run.dir.checkpoints_dir
+    done = [p for p in d.glob("checkpoint-*") if (p / "trainer_state.json").is_file()] if d.is_dir() else []
+    steps = [(int(p.name.split("-")[-1]), p.name) for p in done if p.name.split("-")[-1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def rule_interrupted(run: RunData, th: Thresholds) -> Finding | None:
+    s = run.summary
+    if s is not None and s.stopped != "interrupted":
+        return None
+    steps, max_steps, epochs, done = _steps(run), _cfg(run, "max_steps", -1), _cfg(run, "epochs"), _epochs_trained(run)
+    if isinstance(max_steps, int) and max_steps > 0:
+        of = f" of {max_steps}"
+    elif steps and done and isinstance(epochs, (int, float)):
+        of = f" of about {round(steps * epochs / done)} ({done:.2g} of {epochs:g} epochs)"
+    else:
+        of = ""
+    at = f"at step {steps}{of}" if steps else "before its first logged step"
+    ckpt = _last_checkpoint(run)
+    evidence = [f"summary.json: stopped = interrupted{f' by {s.signal}' if s.signal else ''}" if s else
+                "no summary.json: training is still running, or it was killed before it could write one"]
+    evidence.append("a model was saved in model/" if run.dir.model_dir.is_dir() and any(run.dir.model_dir.iterdir())
+                    else "no model was saved (model/ is missing or empty): eval, export and chat have nothing to load")
+    evidence.append(f"last complete checkpoint: checkpoints/{ckpt}" if ckpt else "no complete checkpoint was saved")
+    resume = (f"resume from {ckpt}: sftlab train CONFIG --output-dir {run.run_dir} --resume "
+              f"(the same config; {run.dir.config_path} holds it resolved)")
+    fixes = [resume] if ckpt else [f"train again: sftlab train CONFIG --output-dir {run.run_dir} "
+                                   "(no checkpoint to resume from; lower save_steps to checkpoint more often)"]
+    sev = "warning" if s is not None else "info"
+    return Finding("interrupted", sev, f"the run was interrupted {at}" if s else f"the run did not finish (no summary.json); last logged {at}",
+                   evidence=evidence, fixes=fixes, data={"steps": steps, "checkpoint": ckpt})
+
+
 def rule_overfitting(run: RunData, th: Thresholds) -> Finding | None:
     ev = [(r.get("step"), float(r["eval_loss"])) for r in run.evals if _finite(r.get("eval_loss"))]
     if len(ev) < th.min_evals:
@@ -423,6 +458,8 @@ def rule_template_mismatch(run: RunData, th: Thresholds) -> Finding | None:
         elif saved is not None and src_train is not None:
             if _renders(src_train, special) != _renders(saved, special):
                 evidence.append(f"the chat template saved in model/ renders differently from the training template '{name}'")
+    elif not mdir.is_dir() and not evidence:
+        raise Skip("no model/ folder: the run saved no model")
     elif name is None and not evidence:
         raise Skip("trained with the tokenizer's own template, which is the one saved with the model")
     if not evidence:
@@ -433,6 +470,7 @@ def rule_template_mismatch(run: RunData, th: Thresholds) -> Finding | None:
                               "re-save the tokenizer with the training template (sftlab export writes it)"])
 
 RULES: dict[str, Callable[[RunData, Thresholds], Finding | None]] = {
+    "interrupted": rule_interrupted,
     "divergence": rule_divergence,
     "overfitting": rule_overfitting,
     "forgetting": rule_forgetting,
