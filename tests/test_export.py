@@ -103,6 +103,18 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def test_exports_are_readable_by_others(exports):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for res in exports.values():
+        paths = [res.out, *res.out.rglob("*")]
+        assert {p.name: os.stat(p).st_mode & 0o777 for p in paths} == {
+            p.name: (0o777 if p.is_dir() else 0o666) & ~umask for p in paths}
+        assert any(p.suffix == ".safetensors" for p in paths)  # safetensors writes these 0600
+
+
 def test_gguf_carries_template_and_tensors(exports):
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
