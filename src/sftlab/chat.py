@@ -64,7 +64,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _load_adapter_export(folder: Path, template: str | None, device):
-    """An exported adapter: its base model (named in adapter_config.json) + the adapter + its tokenizer."""
+    """An exported adapter: its base model (named in adapter_config.json, or the exact base weights
+    sftlab_export.json names when this machine has them) + the adapter + its tokenizer."""
     from peft import PeftModel  # deferred: heavy library, imported on first use
     from transformers import (
         AutoTokenizer,  # deferred: heavy library, imported on first use
@@ -74,6 +75,11 @@ def _load_adapter_export(folder: Path, template: str | None, device):
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (json.JSONDecodeError, KeyError):
         raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
+    try:  # the run's exact base weights (a converted GGUF in this machine's cache), when they are here
+        exact = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8")).get("base_weights")
+    except (OSError, ValueError, AttributeError):
+        exact = None
+    base = exact if isinstance(exact, str) and Path(exact).is_dir() else base
     tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
     model = PeftModel.from_pretrained(load_model(base, device=device, tokenizer=tok), str(folder))
     model.eval()

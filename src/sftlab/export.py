@@ -32,7 +32,7 @@ from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
-from sftlab.models import resolve_model_path
+from sftlab.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, resolve_model_path
 from sftlab.rundir import MODEL_DIR, RunDir
 
 EXPORT_INFO = "sftlab_export.json"
@@ -45,7 +45,7 @@ class ExportResult:
     out: Path
     kind: str  # "adapter" | "merged" | "full"
     method: str  # the run's method (lora, qlora, prefix, full)
-    base_model: str  # where the base weights come from (the resolved path or hub id)
+    base_model: str  # where the base weights come from (the hub id, or a path; adapter_config.json names it)
     template: str  # the template's name in the run config ("tokenizer" for the model's own)
     end_of_turn: str  # the token that ends a reply (first of stop_token_ids)
     stop_token_ids: list[int]
@@ -55,6 +55,8 @@ class ExportResult:
     template_problems: list[str] = field(default_factory=list)
     chat_template_kwargs: dict = field(default_factory=dict)  # template options of training, now the template's defaults
     system_prompt: str | None = None  # the run's system_prompt, now the template's default system message
+    base_weights: str | None = None  # adapter: the exact base weights the run trained on, on this machine
+    base_note: str | None = None  # adapter: where its base comes from when that is not simply base_model
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -186,6 +188,25 @@ def _logits(model, ids):
         return model(input_ids=ids.to(model.device)).logits.float().cpu()
 
 
+def _adapter_base(model: str) -> tuple[str, str, str | None]:
+    """(the base adapter_config.json names, the exact base weights on this machine, a note for the user).
+
+    The default model is a de-quantized copy of a GGUF in this machine's cache; its portable name is
+    the hub model the GGUF was quantized from. A .gguf file's conversion exists only here."""
+    local = resolve_model_path(model)
+    local = str(Path(local).resolve()) if Path(local).exists() else local
+    if model.strip().lower() == DEFAULT_MODEL:
+        return DEFAULT_MODEL_HUB_ID, local, (
+            f"the run trained on sftlab's de-quantized copy of the Q4_1 GGUF of {DEFAULT_MODEL_HUB_ID} (on this machine: "
+            f"{local}); adapter_config.json names the hub model, its unquantized original, so the export loads anywhere "
+            "and the adapter applies, but replies differ slightly from the run's. For the run's exact model load the base "
+            f"from that copy (sftlab makes it: sftlab.models.resolve_model_path('{DEFAULT_MODEL}')), or export with --merge")
+    if Path(model).suffix.lower() == ".gguf":
+        return local, local, (f"the base is sftlab's conversion of {model} in this machine's cache ({local}); elsewhere "
+                              "convert that .gguf again (sftlab.models.resolve_model_path), or export with --merge")
+    return local, local, None
+
+
 def _write_adapter(mdir: Path, tmp: Path, base_path: str) -> None:
     """Copy the adapter as safetensors, pointing its config at a base model plain peft can open."""
     cfg = json.loads((mdir / "adapter_config.json").read_text(encoding="utf-8"))
@@ -225,11 +246,14 @@ def _readme(res: ExportResult) -> str:
     if res.kind == "adapter":
         load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n"
                 f"base = AutoModelForCausalLM.from_pretrained({res.base_model!r})\n"
-                "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')\n")
+                + (f"# the run's exact base weights, on the machine that exported it: {res.base_weights!r}\n"
+                   if res.base_weights else "")
+                + "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')\n")
     else:
         load = "from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')\n"
     return (f"# sftlab export ({res.kind}, method {res.method})\n\nBase model: {res.base_model}\n"
-            f"Chat template: {res.template} (in tokenizer_config.json); end of turn: {res.end_of_turn}\n\n"
+            + (f"\nNote on the base model: {res.base_note}.\n\n" if res.base_note else "")
+            + f"Chat template: {res.template} (in tokenizer_config.json); end of turn: {res.end_of_turn}\n\n"
             + (f"Template options of training, now the template's defaults: {json.dumps(res.chat_template_kwargs)}"
                " (pass one to apply_chat_template to override it). Tool schemas go in as `tools=`.\n\n"
                if res.chat_template_kwargs else "")
@@ -326,15 +350,15 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
     source = template_with_system_prompt(template_with_defaults(template.source, kwargs), cfg.system_prompt)
     trained = ChatTemplate(template.name, template.source, template.eot, template.special, kwargs or None)
     exported = ChatTemplate(template.name, source, template.eot, template.special)
-    base = cfg.model
+    base, weights, note = cfg.model, None, None
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open
-        base = resolve_model_path(cfg.model)
-        base = str(Path(base).resolve()) if Path(base).exists() else base
+        base, weights, note = _adapter_base(cfg.model)
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
                        end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops,
                        template_problems=_check_export_template(trained, exported, cfg.system_prompt,
                                                                 _run_conversations(cfg)),
-                       chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None)
+                       chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None,
+                       base_weights=weights if weights != base else None, base_note=note)
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 
@@ -354,7 +378,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                        end_of_turn=res.end_of_turn)
         del model
         if verify:
-            back = _load_back(tmp, kind, base, len(tok), torch_dtype)
+            back = _load_back(tmp, kind, weights or base, len(tok), torch_dtype)  # the exact base of the run
             res.max_logit_diff = float((_logits(back, ids) - reference).abs().max())
             del back
             # float32 rounding in the merge grows with the logits' size: the tolerance is relative to it.
@@ -381,7 +405,9 @@ def format_export(res: ExportResult, limit: int = 5) -> str:
         lines.append(f"  system prompt of training, now the template's default (where a conversation has none): "
                      f"{json.dumps(res.system_prompt, ensure_ascii=False)}")
     if res.kind == "adapter":
-        lines.append(f"  base model: {res.base_model}")
+        lines.append(f"  base model: {res.base_model} (named in adapter_config.json)")
+        if res.base_note:
+            lines.append(f"  note: {res.base_note}")
     if res.max_logit_diff is not None:
         lines.append(f"  check: loaded back with plain transformers{' + peft' if res.kind == 'adapter' else ''}, "
                      f"max |logit diff| vs the run {res.max_logit_diff:.2g}")

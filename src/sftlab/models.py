@@ -39,6 +39,8 @@ from sftlab.core.io import cache_root, publish_tree
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The hub model the packaged GGUF (Q4_1) was quantized from: the portable name of the default model.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Bump when the conversion below changes, so stale cached folders are not reused.
 _CONVERTER_VERSION = 1
