@@ -50,6 +50,19 @@ def test_overfitting_found(tmp_path):
     assert any(x.startswith("weight_decay:") for x in f.fixes)
 
 
+def test_overfitting_advice_from_what_ended_the_run(tmp_path):
+    train, evals = _overfit_rows()
+    # max_steps ended it in its first epoch: the step count is the knob, not epochs
+    summary = {**HEALTHY_SUMMARY, "steps": 200, "epochs": 0.6}
+    f = rules_found(make_run(tmp_path / "ms", train=train, evals=evals, summary=summary, epochs=3, max_steps=200))["overfitting"]
+    assert "max_steps: 200 -> 120 (eval loss was lowest at step 120 of 200)" in f.fixes
+    assert not any(x.startswith("epochs:") for x in f.fixes)
+    # early stopping ended it after 1.5 epochs: the best step was 0.9 epochs in, not 3 * 120 / 200
+    summary = {**HEALTHY_SUMMARY, "steps": 200, "epochs": 1.5, "stopped": "early_stopping"}
+    f = rules_found(make_run(tmp_path / "es", train=train, evals=evals, summary=summary, epochs=3))["overfitting"]
+    assert "epochs: 3 -> 1 (eval loss was lowest at step 120 of 200)" in f.fixes
+
+
 def test_overfitting_not_found_when_train_loss_rises_too(tmp_path):
     train, evals = _overfit_rows()
     for r in train:
@@ -108,6 +121,26 @@ def test_format_found(tmp_path):
     assert "40%" in f.evidence[0] and "step 100" in f.evidence[0]
     assert any("masking: all -> all_assistant" in x for x in f.fixes)
     assert "epochs: 3 -> 4 (eval loss was still falling at the end)" in f.fixes
+
+
+def test_format_advises_max_steps_for_a_run_cut_by_max_steps(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["gen_format_adherence"] = 0.4
+    cut = {**HEALTHY_SUMMARY, "steps": 6, "epochs": 0.6}  # 0.6 of 3 epochs: raising epochs changes nothing
+    f = rules_found(make_run(tmp_path / "a", evals=evals, summary=cut, epochs=3, max_steps=6))["format"]
+    assert not any(x.startswith("epochs:") for x in f.fixes), f.fixes
+    assert any(x.startswith("max_steps: 6 -> 12 (the run stopped at max_steps after 0.6 of the 3 configured epochs")
+               for x in f.fixes), f.fixes
+    near = {**HEALTHY_SUMMARY, "steps": 100, "epochs": 2.0}  # all 3 epochs are 150 steps: drop max_steps
+    f = rules_found(make_run(tmp_path / "b", evals=evals, summary=near, epochs=3, max_steps=100))["format"]
+    assert any(x.startswith("max_steps: 100 -> -1 (remove it: all 3 epochs are about 150 steps") for x in f.fixes), f.fixes
+    done = {**HEALTHY_SUMMARY, "steps": 100, "epochs": 3.0}  # max_steps set, but every epoch ran
+    f = rules_found(make_run(tmp_path / "c", evals=evals, summary=done, epochs=3, max_steps=100))["format"]
+    assert "epochs: 3 -> 4 (eval loss was still falling at the end)" in f.fixes
+    stopped = {**HEALTHY_SUMMARY, "steps": 100, "epochs": 1.0, "stopped": "early_stopping"}
+    f = rules_found(make_run(tmp_path / "d", evals=evals, summary=stopped, epochs=3))["format"]
+    assert any(x.startswith("early_stopping_patience: 3 -> 5 (early stopping ended the run after 1 of the 3") for x in f.fixes)
+    assert not any(x.startswith("epochs:") for x in f.fixes)
 
 
 def test_format_does_not_advise_more_epochs_when_overfitting(tmp_path):
@@ -288,7 +321,35 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
 
 def test_interrupted_run_without_summary(tmp_path):
     d = diagnose(make_run(tmp_path / "run", summary=False))
-    assert d.checked["eos"].startswith("skipped") and d.findings == []
+    assert d.checked["eos"].startswith("skipped")
+    assert [(f.rule, f.severity) for f in d.findings] == [("interrupted", "info")] and d.exit_code == 0
+    assert d.findings[0].message == (
+        "the run did not finish (no summary.json); last logged at step 100 of about 100 (3 of 3 epochs)")
+
+
+def test_interrupted_run_says_where_and_how_to_resume(tmp_path):
+    import shutil
+
+    train, evals = healthy_rows(100)
+    summary = {**HEALTHY_SUMMARY, "steps": 2, "epochs": 0.2, "stopped": "interrupted", "signal": "SIGTERM"}
+    run = make_run(tmp_path / "run", train=train[:1], evals=[], summary=summary, max_steps=6)
+    shutil.rmtree(run / "model")  # an interrupted run saves no model
+    for step, complete in ((2, True), (3, False)):  # checkpoint-3: cut off while saving
+        (run / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    d = diagnose(run)
+    f = {x.rule: x for x in d.findings}["interrupted"]
+    assert f.severity == "warning" and f.message == "the run was interrupted at step 2 of 6" and d.exit_code == 1
+    assert "stopped = interrupted by SIGTERM" in f.evidence[0] and "no model was saved" in f.evidence[1]
+    assert f.evidence[2] == "last complete checkpoint: checkpoints/checkpoint-2"
+    assert f.fixes[0].startswith(f"resume from checkpoint-2: sftlab train CONFIG --output-dir {run} --resume")
+    assert "no problems found" not in d.format_text() and d.checked["template_mismatch"].startswith("skipped: no model/")
+    shutil.rmtree(run / "checkpoints")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("max_steps: 6", "max_steps: -1"))
+    f = {x.rule: x for x in diagnose(run).findings}["interrupted"]
+    assert f.message == "the run was interrupted at step 2 of about 30 (0.2 of 3 epochs)"
+    assert f.fixes[0].startswith(f"train again: sftlab train CONFIG --output-dir {run} (no checkpoint")
 
 
 @pytest.mark.parametrize("damage, message", [

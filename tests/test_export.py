@@ -103,6 +103,18 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def test_exports_are_readable_by_others(exports):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for res in exports.values():
+        paths = [res.out, *res.out.rglob("*")]
+        assert {p.name: os.stat(p).st_mode & 0o777 for p in paths} == {
+            p.name: (0o777 if p.is_dir() else 0o666) & ~umask for p in paths}
+        assert any(p.suffix == ".safetensors" for p in paths)  # safetensors writes these 0600
+
+
 def test_gguf_carries_template_and_tensors(exports):
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -293,3 +305,34 @@ def test_export_and_eval_use_the_runs_template_options(tmp_path, tiny_model_dir)
     assert exported.apply_chat_template([m.to_template() for m in msgs], add_generation_prompt=True,
                                         tokenize=False) == train_text
     assert '"enable_thinking": false' in (res.out / "README.md").read_text()
+
+
+def test_adapter_export_of_the_default_model_names_its_hub_id(tmp_path, tiny_model_dir, monkeypatch):
+    """Not this machine's cache path: elsewhere that folder does not exist. sftlab here still loads the exact base."""
+    import sftlab.export as ex
+    import sftlab.rundir as rd
+    from sftlab import models
+    from sftlab.chat import load_chat_model
+    from sftlab.export import format_export
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    cfg = RunDir(run).config()
+    cfg.model = models.DEFAULT_MODEL
+    cfg.save(RunDir(run).config_path)
+    # the tiny model stands in for this machine's de-quantized copy of the default model's GGUF
+    here = lambda name: str(tiny_model_dir) if name == models.DEFAULT_MODEL else name  # noqa: E731
+    monkeypatch.setattr(ex, "resolve_model_path", lambda name, **kw: here(name))
+    real = rd.load_model
+    monkeypatch.setattr(rd, "load_model", lambda name, **kw: real(here(name), **kw))
+    res = export_run(run, tmp_path / "exp")  # its check loads the export back on the exact base
+    exact = str(tiny_model_dir.resolve())
+    assert json.loads((res.out / "adapter_config.json").read_text())["base_model_name_or_path"] == models.DEFAULT_MODEL_HUB_ID
+    assert res.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and res.base_weights == exact
+    assert res.max_logit_diff is not None and res.max_logit_diff < 1e-3
+    readme = (res.out / "README.md").read_text()
+    assert f"from_pretrained({models.DEFAULT_MODEL_HUB_ID!r})" in readme and exact in readme and "--merge" in readme
+    assert "note: the run trained on sftlab's de-quantized copy of the Q4_1 GGUF" in format_export(res)
+    model, tok, _ = load_chat_model(str(res.out), device="cpu")  # offline: the hub id would not load here
+    ids, want = _run_logits(run)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)

@@ -150,3 +150,26 @@ def test_forgetting_line_reads_right_in_both_directions(before, after, words):
     assert line.endswith(words), line
     if after < before:
         assert "within" not in line and "-19.6%" in line
+
+
+def test_atomic_dir_publishes_what_libraries_write_private(tmp_path):
+    """safetensors writes its files 0600 and mkdtemp makes 0700 folders: the output gets the umask's modes."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    umask = os.umask(0)
+    os.umask(umask)
+    with io.atomic_dir(tmp_path / "out") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "x.json").write_text("{}")
+        os.chmod(tmp / "sub" / "x.json", 0o600)
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        os.chmod(tmp / "run.sh", 0o700)
+    out = tmp_path / "out"
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(out) == mode(out / "sub") == 0o777 & ~umask
+    assert mode(out / "model.safetensors") == mode(out / "sub" / "x.json") == 0o666 & ~umask
+    assert mode(out / "run.sh") == 0o777 & ~umask  # an execute bit stays

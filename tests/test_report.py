@@ -169,3 +169,12 @@ def test_forgetting_line_reads_right_both_ways(tmp_path):
     improved["forgetting"] = {**improved["forgetting"], "after": 1.8, "relative": -0.1, "flagged": False}
     text = Path(write_report(str(_run(tmp_path / "better", summary_extra={"eval": improved})))["path"]).read_text()
     assert "improved: no forgetting" in text and "within" not in text.split("improved: no forgetting")[0][-200:]
+
+
+def test_report_shows_max_steps_when_it_ends_the_run(tmp_path):
+    _, evals = healthy_rows()
+    evals[-1]["gen_format_adherence"] = 0.4
+    run = make_run(tmp_path / "run", evals=evals, summary={**HEALTHY_SUMMARY, "steps": 6, "epochs": 0.6},
+                   epochs=3, max_steps=6)
+    page = Path(write_report(run, doctor=False)["path"]).read_text()
+    assert "config: max_steps" in page and "max_steps: 6 -&gt; 12" in page and "epochs: 3 -&gt; 4" not in page

@@ -64,7 +64,8 @@ def _quiet() -> Iterator[None]:
 
 
 def _load_adapter_export(folder: Path, template: str | None, device):
-    """An exported adapter: its base model (named in adapter_config.json) + the adapter + its tokenizer."""
+    """An exported adapter: its base model (named in adapter_config.json, or the exact base weights
+    sftlab_export.json names when this machine has them) + the adapter + its tokenizer."""
     from peft import PeftModel  # deferred: heavy library, imported on first use
     from transformers import (
         AutoTokenizer,  # deferred: heavy library, imported on first use
@@ -74,10 +75,25 @@ def _load_adapter_export(folder: Path, template: str | None, device):
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (json.JSONDecodeError, KeyError):
         raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
+    try:  # the run's exact base weights (a converted GGUF in this machine's cache), when they are here
+        exact = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8")).get("base_weights")
+    except (OSError, ValueError, AttributeError):
+        exact = None
+    base = exact if isinstance(exact, str) and Path(exact).is_dir() else base
     tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
     model = PeftModel.from_pretrained(load_model(base, device=device, tokenizer=tok), str(folder))
     model.eval()
     return model, tok, resolve_template(template, tok)
+
+
+def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -> str | None:
+    """The system prompt to chat/generate with: ``system_prompt`` when given ("" means none), else a run
+    folder's ``system_prompt`` (training put it first in each conversation without a system message).
+    An export carries it as its template's default, so it needs none here."""
+    if system_prompt is not None:
+        return system_prompt or None
+    run = RunDir(model_or_run)
+    return run.config().system_prompt if run.config_path.is_file() else None
 
 
 def load_chat_model(model_or_run: str, *, template: str | None = None, device=None) -> tuple:
@@ -356,10 +372,11 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     """Generate the next assistant reply for each prompt or data conversation; write JSONL to ``out``.
 
     A data conversation's prompt is its messages before its last assistant reply, which is kept as
-    ``reference``. Greedy unless ``temperature`` > 0. Rows come back in input order.
+    ``reference``. ``system_prompt`` (default: a run's own, see :func:`default_system_prompt`) goes first
+    in each conversation without a system message. Greedy unless ``temperature`` > 0. Rows come back in input order.
     """
 
-    convs = _conversations(prompts, data, fmt, system_prompt)
+    convs = _conversations(prompts, data, fmt, default_system_prompt(model_or_run, system_prompt))
     if temperature < 0:
         raise SftlabError(f"--temperature {temperature} must be >= 0 (0 is greedy)")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=temperature > 0,

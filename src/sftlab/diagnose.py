@@ -3,6 +3,7 @@
 Reads only the run folder (config.yaml, metrics.jsonl, summary.json, the tokenizer files in model/);
 never loads weights. Each rule (in :mod:`sftlab.diagnose_rules`) is one small function
 ``(RunData, Thresholds) -> Finding | None`` and reports the numbers and steps it saw. Rules:
+    interrupted        the run stopped before its end (or has no summary.json): where, and how to resume
     overfitting        eval loss rising over the last evaluations while train loss falls, gap too wide
     forgetting         general-data loss up by more than the threshold
     format             low format adherence of generated replies

@@ -112,7 +112,96 @@ def _lr(run: RunData) -> str:
         return f"learning_rate: {lr:g} -> {lr / 2:g}"
     return "learning_rate: halve it"
 
+
+def _steps(run: RunData) -> int | None:
+    """Optimizer steps the run took: the summary's, else the last logged step."""
+    if run.summary is not None and isinstance(run.summary.steps, int) and run.summary.steps > 0:
+        return run.summary.steps
+    logged = [r.get("step") for r in run.train + run.evals if isinstance(r.get("step"), int)]
+    return max(logged) if logged else None
+
+
+def _epochs_trained(run: RunData) -> float | None:
+    """Epochs the run actually trained: the summary's, else the last logged ``epoch``."""
+    if run.summary is not None and _finite(run.summary.epochs):
+        return float(run.summary.epochs)
+    done = [float(r["epoch"]) for r in run.train + run.evals if _finite(r.get("epoch"))]
+    return max(done) if done else None
+
+
+def _ended_by(run: RunData) -> str:
+    """What ended the run: "early_stopping", "max_steps" (before the configured epochs were done) or "epochs"."""
+    if run.summary is not None and run.summary.stopped == "early_stopping":
+        return "early_stopping"
+    max_steps, epochs = _cfg(run, "max_steps", -1), _cfg(run, "epochs")
+    if isinstance(max_steps, int) and max_steps > 0:
+        done, steps = _epochs_trained(run), _steps(run)
+        if done is not None and isinstance(epochs, (int, float)):
+            return "max_steps" if done < epochs * 0.99 else "epochs"
+        if steps is not None and steps >= max_steps:
+            return "max_steps"
+    return "epochs"
+
+
+def _of_epochs(run: RunData) -> str:
+    done, epochs = _epochs_trained(run), _cfg(run, "epochs")
+    total = f" of the {epochs:g} configured" if isinstance(epochs, (int, float)) else ""
+    return f"after {done:.2g}{total} epochs" if done is not None else "before the configured epochs were done"
+
+
+def _train_longer(run: RunData) -> str | None:
+    """The config change that trains longer, in terms of what ended the run (eval loss still falling)."""
+    ended, epochs = _ended_by(run), _cfg(run, "epochs")
+    if ended == "max_steps":
+        max_steps, steps, done = _cfg(run, "max_steps"), _steps(run) or _cfg(run, "max_steps"), _epochs_trained(run)
+        why = f"the run stopped at max_steps {_of_epochs(run)}; eval loss was still falling at the end"
+        if done and isinstance(epochs, (int, float)) and steps * epochs / done <= 2 * max_steps:
+            return f"max_steps: {max_steps} -> -1 (remove it: all {epochs:g} epochs are about {round(steps * epochs / done)} steps; {why})"
+        return f"max_steps: {max_steps} -> {2 * max_steps} ({why})"
+    if ended == "early_stopping":
+        p, d = _cfg(run, "early_stopping_patience", 0) or 0, _cfg(run, "early_stopping_min_delta", 0.0) or 0.0
+        return (f"early_stopping_patience: {p} -> {p + 2} (early stopping ended the run {_of_epochs(run)}, yet eval loss "
+                f"was still falling, by less than early_stopping_min_delta {d:g} per evaluation)")
+    if isinstance(epochs, (int, float)):
+        return f"epochs: {epochs:g} -> {epochs + 1:g} (eval loss was still falling at the end)"
+    return None
+
 # --- rules ---------------------------------------------------------------------------------------
+
+def _last_checkpoint(run: RunData) -> str | None:
+    """The newest complete checkpoint folder's name (one with its trainer state), or None."""
+    d = run.dir.checkpoints_dir
+    done = [p for p in d.glob("checkpoint-*") if (p / "trainer_state.json").is_file()] if d.is_dir() else []
+    steps = [(int(p.name.split("-")[-1]), p.name) for p in done if p.name.split("-")[-1].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+def rule_interrupted(run: RunData, th: Thresholds) -> Finding | None:
+    s = run.summary
+    if s is not None and s.stopped != "interrupted":
+        return None
+    steps, max_steps, epochs, done = _steps(run), _cfg(run, "max_steps", -1), _cfg(run, "epochs"), _epochs_trained(run)
+    if isinstance(max_steps, int) and max_steps > 0:
+        of = f" of {max_steps}"
+    elif steps and done and isinstance(epochs, (int, float)):
+        of = f" of about {round(steps * epochs / done)} ({done:.2g} of {epochs:g} epochs)"
+    else:
+        of = ""
+    at = f"at step {steps}{of}" if steps else "before its first logged step"
+    ckpt = _last_checkpoint(run)
+    evidence = [f"summary.json: stopped = interrupted{f' by {s.signal}' if s.signal else ''}" if s else
+                "no summary.json: training is still running, or it was killed before it could write one"]
+    evidence.append("a model was saved in model/" if run.dir.model_dir.is_dir() and any(run.dir.model_dir.iterdir())
+                    else "no model was saved (model/ is missing or empty): eval, export and chat have nothing to load")
+    evidence.append(f"last complete checkpoint: checkpoints/{ckpt}" if ckpt else "no complete checkpoint was saved")
+    resume = (f"resume from {ckpt}: sftlab train CONFIG --output-dir {run.run_dir} --resume "
+              f"(the same config; {run.dir.config_path} holds it resolved)")
+    fixes = [resume] if ckpt else [f"train again: sftlab train CONFIG --output-dir {run.run_dir} "
+                                   "(no checkpoint to resume from; lower save_steps to checkpoint more often)"]
+    sev = "warning" if s is not None else "info"
+    return Finding("interrupted", sev, f"the run was interrupted {at}" if s else f"the run did not finish (no summary.json); last logged {at}",
+                   evidence=evidence, fixes=fixes, data={"steps": steps, "checkpoint": ckpt})
+
 
 def rule_overfitting(run: RunData, th: Thresholds) -> Finding | None:
     ev = [(r.get("step"), float(r["eval_loss"])) for r in run.evals if _finite(r.get("eval_loss"))]
@@ -133,9 +222,14 @@ def rule_overfitting(run: RunData, th: Thresholds) -> Finding | None:
     if not (rising and falling and gap > th.overfit_gap):
         return None
     fixes = []
-    epochs, steps = _cfg(run, "epochs"), (run.summary.steps if run.summary else None) or (tr[-1][0] or 0)
-    if isinstance(epochs, (int, float)) and steps and best_step:
-        better = max(0.5, math.ceil(epochs * best_step / steps * 2) / 2)
+    epochs, steps = _cfg(run, "epochs"), _steps(run) or (tr[-1][0] or 0)
+    done = _epochs_trained(run)
+    if done is None and _ended_by(run) == "epochs":
+        done = epochs  # no record of the epochs trained: a run that was not cut short trained them all
+    if _ended_by(run) == "max_steps" and best_step and steps and best_step < steps:
+        fixes.append(f"max_steps: {_cfg(run, 'max_steps')} -> {best_step} (eval loss was lowest at step {best_step} of {steps})")
+    elif isinstance(epochs, (int, float)) and isinstance(done, (int, float)) and steps and best_step:
+        better = max(0.5, math.ceil(done * best_step / steps * 2) / 2)  # epochs trained by the best step
         if better < epochs:
             fixes.append(f"epochs: {epochs:g} -> {better:g} (eval loss was lowest at step {best_step} of {steps})")
     if not _cfg(run, "load_best_model_at_end", True):
@@ -200,10 +294,10 @@ def rule_format(run: RunData, th: Thresholds) -> Finding | None:
         fixes.append("masking: all -> all_assistant (response-only loss: train on the replies only)")
     if not _cfg(run, "system_prompt"):
         fixes.append("system_prompt: <one line stating the output format>")
-    epochs = _cfg(run, "epochs")
     losses = [float(r["eval_loss"]) for r in run.evals if _finite(r.get("eval_loss"))]
-    if isinstance(epochs, (int, float)) and losses and losses[-1] <= min(losses):  # still improving: train longer
-        fixes.append(f"epochs: {epochs:g} -> {epochs + 1:g} (eval loss was still falling at the end)")
+    longer = _train_longer(run) if losses and losses[-1] <= min(losses) else None  # still improving: train longer
+    if longer:
+        fixes.append(longer)
     return Finding("format", "warning", "replies often do not follow the expected format", evidence=evidence, fixes=fixes,
                    data={"format_adherence": value})
 
@@ -364,6 +458,8 @@ def rule_template_mismatch(run: RunData, th: Thresholds) -> Finding | None:
         elif saved is not None and src_train is not None:
             if _renders(src_train, special) != _renders(saved, special):
                 evidence.append(f"the chat template saved in model/ renders differently from the training template '{name}'")
+    elif not mdir.is_dir() and not evidence:
+        raise Skip("no model/ folder: the run saved no model")
     elif name is None and not evidence:
         raise Skip("trained with the tokenizer's own template, which is the one saved with the model")
     if not evidence:
@@ -374,6 +470,7 @@ def rule_template_mismatch(run: RunData, th: Thresholds) -> Finding | None:
                               "re-save the tokenizer with the training template (sftlab export writes it)"])
 
 RULES: dict[str, Callable[[RunData, Thresholds], Finding | None]] = {
+    "interrupted": rule_interrupted,
     "divergence": rule_divergence,
     "overfitting": rule_overfitting,
     "forgetting": rule_forgetting,

@@ -25,13 +25,14 @@ from pathlib import Path
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.consistency import SAMPLE_CONVERSATIONS, check_template_consistency
-from sftlab.data.formats import load_conversations
+from sftlab.data.formats import add_system_prompt, load_conversations
 from sftlab.data.mixture import source_paths
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
+from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
-from sftlab.models import resolve_model_path
+from sftlab.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, resolve_model_path
 from sftlab.rundir import MODEL_DIR, RunDir
 
 EXPORT_INFO = "sftlab_export.json"
@@ -44,7 +45,7 @@ class ExportResult:
     out: Path
     kind: str  # "adapter" | "merged" | "full"
     method: str  # the run's method (lora, qlora, prefix, full)
-    base_model: str  # where the base weights come from (the resolved path or hub id)
+    base_model: str  # where the base weights come from (the hub id, or a path; adapter_config.json names it)
     template: str  # the template's name in the run config ("tokenizer" for the model's own)
     end_of_turn: str  # the token that ends a reply (first of stop_token_ids)
     stop_token_ids: list[int]
@@ -53,6 +54,9 @@ class ExportResult:
     max_logit_diff: float | None = None  # export loaded back with plain transformers vs the run
     template_problems: list[str] = field(default_factory=list)
     chat_template_kwargs: dict = field(default_factory=dict)  # template options of training, now the template's defaults
+    system_prompt: str | None = None  # the run's system_prompt, now the template's default system message
+    base_weights: str | None = None  # adapter: the exact base weights the run trained on, on this machine
+    base_note: str | None = None  # adapter: where its base comes from when that is not simply base_model
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -115,17 +119,59 @@ def _check_request(run_dir: Path, out: Path, *, merge: bool, gguf: bool, gguf_dt
     return ("merged" if merge else "adapter"), peft_type
 
 
-def _check_run_data(cfg, template: ChatTemplate, n: int = 32) -> list[str]:
-    """The consistency check on the run's own training conversations, when the data is still there."""
+def _run_conversations(cfg, n: int = 32) -> list[Conversation]:
+    """The run's first training conversations as the data file has them (no system_prompt added), when
+    the data is still there."""
 
     paths = source_paths(cfg.data)  # a mixture: its first source is sample enough
     if not paths or not Path(paths[0]).exists():
         return []
     try:
-        convs = load_conversations(paths[0], cfg.format, system_prompt=cfg.system_prompt)[:n]
+        return load_conversations(paths[0], cfg.format)[:n]
     except SftlabError:
-        return []  # the data changed since training; the sample check still ran
-    return check_template_consistency(template, convs)
+        return []  # the data changed since training; the sample check still runs
+
+
+def _before_reply(msgs: list[Message]) -> list[Message]:
+    """The messages before the first assistant reply (its inference prompt)."""
+    return msgs[:next((i for i, m in enumerate(msgs) if m.role == "assistant"), len(msgs))]
+
+
+def _check_export_template(trained: ChatTemplate, exported: ChatTemplate, system_prompt: str | None,
+                           convs: list[Conversation]) -> list[str]:
+    """The consistency check of the exported template (sample and run conversations, as a user sends
+    them: without the run's system_prompt), and: does it render a conversation exactly as training
+    did (training template and options, ``system_prompt`` added where there is no system message)?"""
+
+    problems = check_template_consistency(exported) + check_template_consistency(exported, convs)
+    samples = [Conversation(list(m)) for m in SAMPLE_CONVERSATIONS] + list(convs)
+    for k, conv in enumerate(samples, start=1):
+        if conv.is_text:
+            continue
+        label = conv.where() if conv.line else f"sample conversation {k}"
+        sent = list(conv.messages)
+        seen = add_system_prompt([Conversation(list(sent))], system_prompt)[0].messages  # as training saw it
+        try:
+            same = (exported.render(sent, tools=conv.tools) == trained.render(seen, tools=conv.tools)
+                    and exported.render(_before_reply(sent), add_generation_prompt=True, tools=conv.tools)
+                    == trained.render(_before_reply(seen), add_generation_prompt=True, tools=conv.tools))
+        except SftlabError:
+            continue  # a template may refuse a system turn; check_template_consistency reports real failures
+        if not same:
+            problems.append(f"{label}: the exported template renders it differently from training"
+                            + (" (training added the run's system_prompt)" if system_prompt else ""))
+    return problems
+
+
+def template_with_system_prompt(source: str, system_prompt: str | None) -> str:
+    """``source`` that puts ``system_prompt`` first in a conversation without a system message, as
+    training did with the config's ``system_prompt``; a conversation with its own system message is
+    rendered as before."""
+    if not system_prompt:
+        return source
+    literal = json.dumps(system_prompt, ensure_ascii=False)
+    return ("{%- if messages and messages[0]['role'] != 'system' %}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}{{%- endif %}}" + source)
 
 
 def _probe_ids(template: ChatTemplate, tokenizer):
@@ -140,6 +186,25 @@ def _logits(model, ids):
 
     with torch.no_grad():
         return model(input_ids=ids.to(model.device)).logits.float().cpu()
+
+
+def _adapter_base(model: str) -> tuple[str, str, str | None]:
+    """(the base adapter_config.json names, the exact base weights on this machine, a note for the user).
+
+    The default model is a de-quantized copy of a GGUF in this machine's cache; its portable name is
+    the hub model the GGUF was quantized from. A .gguf file's conversion exists only here."""
+    local = resolve_model_path(model)
+    local = str(Path(local).resolve()) if Path(local).exists() else local
+    if model.strip().lower() == DEFAULT_MODEL:
+        return DEFAULT_MODEL_HUB_ID, local, (
+            f"the run trained on sftlab's de-quantized copy of the Q4_1 GGUF of {DEFAULT_MODEL_HUB_ID} (on this machine: "
+            f"{local}); adapter_config.json names the hub model, its unquantized original, so the export loads anywhere "
+            "and the adapter applies, but replies differ slightly from the run's. For the run's exact model load the base "
+            f"from that copy (sftlab makes it: sftlab.models.resolve_model_path('{DEFAULT_MODEL}')), or export with --merge")
+    if Path(model).suffix.lower() == ".gguf":
+        return local, local, (f"the base is sftlab's conversion of {model} in this machine's cache ({local}); elsewhere "
+                              "convert that .gguf again (sftlab.models.resolve_model_path), or export with --merge")
+    return local, local, None
 
 
 def _write_adapter(mdir: Path, tmp: Path, base_path: str) -> None:
@@ -181,14 +246,20 @@ def _readme(res: ExportResult) -> str:
     if res.kind == "adapter":
         load = ("from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n"
                 f"base = AutoModelForCausalLM.from_pretrained({res.base_model!r})\n"
-                "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')\n")
+                + (f"# the run's exact base weights, on the machine that exported it: {res.base_weights!r}\n"
+                   if res.base_weights else "")
+                + "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')\n")
     else:
         load = "from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')\n"
     return (f"# sftlab export ({res.kind}, method {res.method})\n\nBase model: {res.base_model}\n"
-            f"Chat template: {res.template} (in tokenizer_config.json); end of turn: {res.end_of_turn}\n\n"
+            + (f"\nNote on the base model: {res.base_note}.\n\n" if res.base_note else "")
+            + f"Chat template: {res.template} (in tokenizer_config.json); end of turn: {res.end_of_turn}\n\n"
             + (f"Template options of training, now the template's defaults: {json.dumps(res.chat_template_kwargs)}"
                " (pass one to apply_chat_template to override it). Tool schemas go in as `tools=`.\n\n"
                if res.chat_template_kwargs else "")
+            + (f"System prompt of training, now the template's default (used when the conversation has no system "
+               f"message; send your own to override it): {json.dumps(res.system_prompt, ensure_ascii=False)}\n\n"
+               if res.system_prompt else "")
             + "```python\n" + load + "tok = AutoTokenizer.from_pretrained('THIS_FOLDER')\n"
             "text = tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, tokenize=False)\n"
             "ids = tok(text, add_special_tokens=False, return_tensors='pt').input_ids\n"
@@ -276,15 +347,18 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                           hint="train with a template (e.g. --set template=chatml)")
     stops = stop_token_ids(tok, template)
     kwargs = template_kwargs(cfg)  # exactly the options training rendered with
-    source = template_with_defaults(template.source, kwargs)
-    base = cfg.model
+    source = template_with_system_prompt(template_with_defaults(template.source, kwargs), cfg.system_prompt)
+    trained = ChatTemplate(template.name, template.source, template.eot, template.special, kwargs or None)
+    exported = ChatTemplate(template.name, source, template.eot, template.special)
+    base, weights, note = cfg.model, None, None
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open
-        base = resolve_model_path(cfg.model)
-        base = str(Path(base).resolve()) if Path(base).exists() else base
+        base, weights, note = _adapter_base(cfg.model)
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
                        end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops,
-                       template_problems=check_template_consistency(template) + _check_run_data(cfg, template),
-                       chat_template_kwargs=kwargs)
+                       template_problems=_check_export_template(trained, exported, cfg.system_prompt,
+                                                                _run_conversations(cfg)),
+                       chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None,
+                       base_weights=weights if weights != base else None, base_note=note)
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 
@@ -304,7 +378,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                        end_of_turn=res.end_of_turn)
         del model
         if verify:
-            back = _load_back(tmp, kind, base, len(tok), torch_dtype)
+            back = _load_back(tmp, kind, weights or base, len(tok), torch_dtype)  # the exact base of the run
             res.max_logit_diff = float((_logits(back, ids) - reference).abs().max())
             del back
             # float32 rounding in the merge grows with the logits' size: the tolerance is relative to it.
@@ -327,8 +401,13 @@ def format_export(res: ExportResult, limit: int = 5) -> str:
              f"(generation_config eos_token_id {res.stop_token_ids})"]
     if res.chat_template_kwargs:
         lines.append(f"  template options of training, now its defaults: {json.dumps(res.chat_template_kwargs)}")
+    if res.system_prompt:
+        lines.append(f"  system prompt of training, now the template's default (where a conversation has none): "
+                     f"{json.dumps(res.system_prompt, ensure_ascii=False)}")
     if res.kind == "adapter":
-        lines.append(f"  base model: {res.base_model}")
+        lines.append(f"  base model: {res.base_model} (named in adapter_config.json)")
+        if res.base_note:
+            lines.append(f"  note: {res.base_note}")
     if res.max_logit_diff is not None:
         lines.append(f"  check: loaded back with plain transformers{' + peft' if res.kind == 'adapter' else ''}, "
                      f"max |logit diff| vs the run {res.max_logit_diff:.2g}")

@@ -34,11 +34,13 @@ from typing import Any
 
 from sftlab.core.errors import SftlabError
 from sftlab.core.hub import hub_cached, hub_offline
-from sftlab.core.io import cache_root
+from sftlab.core.io import cache_root, publish_tree
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The hub model the packaged GGUF (Q4_1) was quantized from: the portable name of the default model.
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Bump when the conversion below changes, so stale cached folders are not reused.
 _CONVERTER_VERSION = 1
@@ -282,21 +284,13 @@ def _convert_gguf_cached(gguf: Path) -> Path:
             started = time.perf_counter()
             _convert_gguf(gguf, tmp)
             logger.info("converted in %.1f s", time.perf_counter() - started)
-            _chmod_like_umask(tmp)  # mkdtemp makes it private; a shared cache must stay readable
+            publish_tree(tmp)  # mkdtemp and safetensors make it private; a shared cache must stay readable
             if final.exists():  # a leftover without its marker (e.g. a crashed older version)
                 shutil.rmtree(final)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _chmod_like_umask(folder: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 @contextlib.contextmanager

@@ -171,6 +171,8 @@ def _summary_section(run: RunData) -> str:
         rows.append(("divergence", f"step {div.get('step')}, loss {div.get('loss')}" if isinstance(div, dict) else div))
     for k in ("data", "eval_data", "learning_rate", "epochs", "batch_size", "gradient_accumulation", "max_seq_length"):
         rows.append((f"config: {k}", getattr(cfg, k, None)))
+        if k == "epochs" and isinstance(getattr(cfg, "max_steps", None), int) and cfg.max_steps > 0:
+            rows.append(("config: max_steps", cfg.max_steps))  # it ends the run before the epochs when reached
     note = "" if run.summary else '<p class="muted">No summary.json: the run did not finish.</p>'
     return "<h2>Summary</h2>" + note + _table(rows)
 

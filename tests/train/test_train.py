@@ -64,6 +64,17 @@ def test_each_method_trains_and_saves(tmp_path, tiny_model_dir, method):
     assert summary["prepare"]["n_reply_ends"] == summary["prepare"]["n_reply_ends_trained"] == 16
 
 
+def test_saved_model_and_checkpoints_are_readable_by_others(tmp_path, tiny_model_dir):
+    umask = os.umask(0)
+    os.umask(umask)
+    train(train_config(tmp_path, tiny_model_dir, max_steps=1, save_steps=1), quiet=True)
+    run = tmp_path / "run"
+    paths = [p for p in (run / A.MODEL_DIR, run / A.CHECKPOINTS) for p in (p, *p.rglob("*"))]
+    assert any(p.name == "model.safetensors" for p in paths) and any(p.name.startswith("checkpoint-") for p in paths)
+    assert {str(p): os.stat(p).st_mode & 0o777 for p in paths} == {
+        str(p): (0o777 if p.is_dir() else 0o666) & ~umask for p in paths}
+
+
 def yaml_load(p):
     import yaml
 

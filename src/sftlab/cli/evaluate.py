@@ -20,6 +20,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--general", help="general data for the forgetting check (default: the run's replay_data)")
     _config_flag(p, "format", dest="fmt")
     p.add_argument("--template", help="chat template (default: the run's training template, or the tokenizer's own)")
+    p.add_argument("--system", dest="system_prompt",
+                   help="system prompt for conversations without one (default: the run's system_prompt; '' for none)")
     p.add_argument("--scorer", help="task scorer: exact, contains, regex, regex:PATTERN, json_valid, json_fields (default: chosen from the references)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=128, help="longest reply in tokens (default 128)")
     p.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
@@ -67,7 +69,7 @@ def _cmd_eval(args) -> int:
     out = run_eval(args.target, data, compare_to=args.compare_to, general=args.general, fmt=args.fmt,
                    template=args.template, scorer=args.scorer, settings=settings, batch_size=args.batch_size,
                    max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device,
-                   limit=args.limit)
+                   limit=args.limit, system_prompt=args.system_prompt)
     if args.out:
         atomic_write_text(args.out, json.dumps(out, indent=2, default=str))
     if args.save:

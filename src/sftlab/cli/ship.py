@@ -44,7 +44,8 @@ def _cmd_export(args) -> int:
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_OR_RUN", help="run folder, export folder, local HF folder, .gguf file or hub id")
-    p.add_argument("--system", dest="system_prompt", help="system prompt")
+    p.add_argument("--system", dest="system_prompt",
+                   help="system prompt (default: a run's system_prompt, as in training; '' for none)")
     p.add_argument("--template", help="chat template (default: the run's training template, or the tokenizer's own)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
@@ -63,6 +64,7 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 def _cmd_chat(args) -> int:
     from sftlab.chat import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         ChatSession,
+        default_system_prompt,
         load_chat_model,
         load_tools,
         run_chat,
@@ -70,7 +72,8 @@ def _cmd_chat(args) -> int:
 
     tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the model loads
     model, tok, tpl = load_chat_model(args.model, template=args.template, device=args.device)
-    session = ChatSession(model, tok, tpl, system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
+    session = ChatSession(model, tok, tpl, system_prompt=default_system_prompt(args.model, args.system_prompt),
+                          max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_p=args.top_p, tools=tools)
     return run_chat(session, name=args.model)
 

@@ -42,8 +42,25 @@ def write_error(path: Path, exc: OSError, kept: bool) -> SftlabError:
 
 
 def _publish_mode(path: Path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) paths; give the result the usual permissions."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
+    """mkstemp/mkdtemp create private (0600/0700) paths; give the result the usual permissions
+    (0666 less the umask; 0777 for a folder or an executable)."""
+    mode = os.stat(path).st_mode & 0o777
+    os.chmod(path, (mode | (0o777 if directory or mode & 0o111 else 0o666)) & ~_UMASK)
+
+
+def publish_tree(root: str | Path) -> None:
+    """Give folder ``root`` and everything in it the usual permissions (see :func:`_publish_mode`).
+
+    What a library writes into a folder sftlab then publishes can be private: mkdtemp makes the folder
+    0700, and safetensors writes every ``*.safetensors`` file 0600, so without this an exported or
+    saved model is unreadable to other users and containers. Links are left alone."""
+    root = Path(root)
+    _publish_mode(root, directory=True)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder, name)
+            if not p.is_symlink():
+                _publish_mode(p, directory=name in dirs)
 
 
 @contextmanager
@@ -99,7 +116,7 @@ def atomic_dir(path: str | Path):
         raise write_error(path, exc, path.exists()) from None
     try:
         yield tmp
-        _publish_mode(tmp, directory=True)
+        publish_tree(tmp)
         _mark_output(tmp, path)
         _swap_in(tmp, path)
     except OSError as exc:

@@ -364,6 +364,16 @@ def resolve_format(name: str | None, records: list[Record]) -> str:
     raise SftlabError(f"{records[0].source if records else 'data'}: no readable records to detect the format from")
 
 
+def add_system_prompt(convs: list[Conversation], system_prompt: str | None) -> list[Conversation]:
+    """The ``system_prompt`` rule of training, in place: a chat conversation that does not start with a
+    system message gets ``system_prompt`` as its first message. Returns ``convs``."""
+    if system_prompt:
+        for c in convs:
+            if not c.is_text and c.messages and c.messages[0].role != "system":
+                c.messages.insert(0, Message("system", system_prompt))
+    return convs
+
+
 def to_conversations(records: list[Record], fmt: str | None = None, *, system_prompt: str | None = None,
                      strict: bool = True) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
     """Convert records; returns (conversations, failures). With ``strict`` the first failure raises."""
@@ -381,9 +391,8 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
             failures.append((r, exc))
             continue
         c.source, c.line = r.source, r.line
-        if system_prompt and not c.is_text and c.messages[0].role != "system":
-            c.messages.insert(0, Message("system", system_prompt))
         convs.append(c)
+    add_system_prompt(convs, system_prompt)
     if strict and failures:
         r, exc = failures[0]
         more = f" (and {len(failures) - 1} more; run `sftlab doctor` to list them)" if len(failures) > 1 else ""

@@ -138,6 +138,8 @@ def format_eval(out: dict, samples: int = 3) -> str:
         head += f" (base: {out['base']})"
         body = format_comparison(out)
         pairs = [(s["prompt"], s["reference"], s["before"], s["after"]) for s in out.get("samples", [])]
+    if out.get("system_prompt"):
+        head += f"\nsystem prompt (where a conversation has none, as in training): {_short(out['system_prompt'])}"
     lines = [head, body]
     for prompt, ref, before, after in pairs[:samples]:
         lines.append("")

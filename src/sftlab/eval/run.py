@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
-from sftlab.data.formats import load_conversations
+from sftlab.data.formats import add_system_prompt, load_conversations
 from sftlab.data.masking import Example, Labeler
 from sftlab.data.mixture import is_mixture, parse_sources, read_source
 from sftlab.data.prepare import template_kwargs
@@ -317,8 +317,12 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
              fmt: str | None = None, template: str | None = None, scorer: str | None = None,
              settings: GenerationSettings | None = None, batch_size: int = 8, max_seq_length: int | None = None,
              samples: int = 5, threshold: float = DEFAULT_FORGETTING_THRESHOLD, device=None,
-             limit: int | None = None) -> dict:
+             limit: int | None = None, system_prompt: str | None = None) -> dict:
     """``sftlab eval``: evaluate a run folder or model on ``data``; with ``compare_to`` also the base.
+
+    ``system_prompt`` goes first in each conversation (eval and general data) that has no system
+    message, as training put the config's ``system_prompt`` there; default (None): a run's own
+    ``system_prompt``; "" adds none.
 
     ``compare_to``: a model name/path or run folder, or ``"base"`` for a run's own base model (loaded
     with the run's tokenizer and template). ``general``: general data for the forgetting check
@@ -333,13 +337,17 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
     model, tok, tpl, cfg = load_target(target, template=template, device=device)
     general = general or (cfg.replay_data if cfg is not None else None)
     general_convs = _load_data(general, None, "general data")[:limit] if general else None
+    if system_prompt is None:
+        system_prompt = cfg.system_prompt if cfg is not None else None
+    add_system_prompt(convs, system_prompt)
+    add_system_prompt(general_convs or [], system_prompt)
     max_len = max_seq_length or (cfg.max_seq_length if cfg is not None else 2048)
     trunc = cfg.truncation if cfg is not None else "cut_turns"
     kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc,
               general=general_convs, samples=samples, sources=names)
     after = evaluate(model, tok, tpl, convs, **kw)
     info = {"target": str(target), "data": str(data) if names is None else ", ".join(dict.fromkeys(names)),
-            "general": general}
+            "general": general, "system_prompt": system_prompt or None}
     if not compare_to:
         return {"kind": "single", **info, "result": after}
     del model

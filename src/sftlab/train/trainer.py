@@ -37,6 +37,7 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from sftlab.core.errors import SftlabError
+from sftlab.core.io import publish_tree
 from sftlab.core.loss import (
     IGNORE,
     count_sequences,
@@ -300,6 +301,7 @@ class SftlabTrainer(Trainer):
                 if self.args.should_save:
                     self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
         if self.args.should_save:
+            publish_tree(os.path.join(staging, name))  # safetensors writes its weights 0600
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
