@@ -19,7 +19,9 @@ def rules_found(run: Path) -> dict:
 
 
 def test_healthy_run_has_no_findings(tmp_path, tiny_model_dir):
-    run = make_run(tmp_path / "run", tokenizer_from=tiny_model_dir)
+    summary = {**HEALTHY_SUMMARY, "eval": {"kind": "compare", "before": {"metrics": {"loss": 1.9}},
+                                           "after": {"metrics": {"loss": 1.6}}}}
+    run = make_run(tmp_path / "run", tokenizer_from=tiny_model_dir, summary=summary)
     d = diagnose(run)
     assert d.findings == []
     assert d.checked == {name: "ok" for name in RULES}
@@ -104,6 +106,20 @@ def test_forgetting_found_from_before_after_eval(tmp_path):
                                            "after": {"metrics": {"general_loss": 1.3}}}}
     f = rules_found(make_run(tmp_path / "run", evals=evals, summary=summary))["forgetting"]
     assert "(base model)" in f.evidence[0] and "+30.0%" in f.evidence[0]
+
+
+def test_an_eval_loss_far_above_the_base_models_is_an_error(tmp_path):
+    """The QA prefix run: eval loss 0.97 (base) -> 10.35 (fine-tuned), and diagnose said nothing."""
+    summary = {**HEALTHY_SUMMARY, "method": "prefix", "eval": {"kind": "compare", "before": {"metrics": {"loss": 0.972}},
+                                                               "after": {"metrics": {"loss": 10.348}}}}
+    f = rules_found(make_run(tmp_path / "run", summary=summary, method="prefix"))["worse_than_base"]
+    assert f.severity == "error" and "0.972 (base model) -> 10.348 (fine-tuned)" in f.evidence[0]
+    assert f.fixes[0].startswith("retrain with this sftlab: prefix runs now start")
+    summary["eval"]["after"]["metrics"]["loss"] = 1.2  # +23%: a fine-tune may trade some eval loss; not flagged
+    assert "worse_than_base" not in rules_found(make_run(tmp_path / "run2", summary=summary))
+    no_base = diagnose(make_run(tmp_path / "run3"))
+    assert "worse_than_base" not in {f.rule for f in no_base.findings}
+    assert "--compare base --save" in no_base.checked["worse_than_base"]
 
 
 def test_forgetting_not_found_below_threshold(tmp_path):

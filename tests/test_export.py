@@ -336,3 +336,62 @@ def test_adapter_export_of_the_default_model_names_its_hub_id(tmp_path, tiny_mod
     ids, want = _run_logits(run)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)
+
+
+def _prefix_run(path: Path, tiny_model_dir: Path) -> Path:
+    """A prefix-tuning run folder of the tiny model whose (scaled random) prefix changes its replies."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = CHATML
+    torch.manual_seed(4)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.mul_(30)
+    model.save_pretrained(path / "model")
+    tok.save_pretrained(path / "model")
+    Config(model=str(tiny_model_dir), method="prefix", template="chatml", output_dir=str(path)).save(path / "config.yaml")
+    return path
+
+
+def _greedy(model, ids, n: int) -> list[int]:
+    out = ids
+    with torch.no_grad():
+        for _ in range(n):
+            out = torch.cat([out, model(input_ids=out).logits[:, -1:].argmax(-1)], 1)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_a_prefix_export_generates_with_its_prefix_or_is_refused(tmp_path, tiny_model_dir, capsys):
+    """peft 0.21's generate() with transformers 5 drops the prefix (the model reads the new `cache`
+    argument, peft injects the deprecated `past_key_values`): the export served the base model while
+    its one-forward-pass check passed. Where plain peft generation ignores the prefix, export refuses
+    in one line and writes nothing; where it uses it, the export generates what the prefix model says."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = _prefix_run(tmp_path / "run", tiny_model_dir)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "model")).eval()
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    ids = tok(tok.apply_chat_template(MSGS, add_generation_prompt=True, tokenize=False), add_special_tokens=False,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = plain.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    manual = _greedy(plain, ids, 6)
+    with plain.disable_adapter():
+        assert _greedy(plain, ids, 6) != manual  # the prefix changes the reply
+    if generated.tolist() != manual:  # this peft/transformers pair's generate() ignores the prefix
+        with pytest.raises(SftlabError, match="ignores this prefix adapter") as err:
+            export_run(run, tmp_path / "exp")
+        assert "\n" not in str(err.value) and "sftlab chat" in err.value.hint
+        assert not (tmp_path / "exp").exists()
+        assert main(["export", str(run), "--out", str(tmp_path / "exp")]) != 0
+        assert "ignores this prefix adapter" in capsys.readouterr().err
+    else:
+        out = export_run(run, tmp_path / "exp").out
+        back = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out)).eval()
+        with torch.no_grad():
+            assert back.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6,
+                                 do_sample=False)[0, ids.shape[1]:].tolist() == manual

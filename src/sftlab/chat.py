@@ -29,6 +29,7 @@ from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import (
     GenerationSettings,
     generate,
+    pass_prefix_to_generate,
     prompt_messages,
     reference_reply,
     stop_token_ids,
@@ -206,6 +207,7 @@ class ChatSession:
                       streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]), **sampling)
         failure: list[BaseException] = []
         output: list = []
+        pass_prefix_to_generate(self.model)  # a prefix-tuning adapter's prefix, not the base model alone
 
         def work():
             try:

@@ -6,6 +6,7 @@ never loads weights. Each rule (in :mod:`sftlab.diagnose_rules`) is one small fu
     interrupted        the run stopped before its end (or has no summary.json): where, and how to resume
     overfitting        eval loss rising over the last evaluations while train loss falls, gap too wide
     forgetting         general-data loss up by more than the threshold
+    worse_than_base    eval loss of the fine-tune far above the base model's (`eval --compare base --save`)
     format             low format adherence of generated replies
     repetition         high n-gram repetition in generated replies
     divergence         NaN/inf, or exploding loss or gradient norm

@@ -50,6 +50,7 @@ class Thresholds:
     loss_explode: float = 2.0  # train loss above this multiple of its first value
     grad_explode: float = 10.0  # gradient norm above this multiple of the run's median
     truncation_warn: float = 0.05  # share of examples dropped/truncated that is a warning (any is info)
+    worse_than_base: float = 0.5  # eval loss of the fine-tune above the base model's by this share (0.5 = 50%)
 
 
 class Skip(Exception):
@@ -278,6 +279,26 @@ def rule_forgetting(run: RunData, th: Thresholds) -> Finding | None:
     ], fixes=fixes, data=f)
 
 
+def rule_worse_than_base(run: RunData, th: Thresholds) -> Finding | None:
+    """The fine-tune scores a far higher loss on the eval data than the base model did (`sftlab eval
+    --compare base --save`): training made the model worse at the very task it was trained for."""
+    b, a = _eval_result(run.summary, "before"), _eval_result(run.summary, "after")
+    before, after = _num((b or {}).get("loss")), _num((a or {}).get("loss"))
+    if before is None or after is None:
+        raise Skip("no eval loss of the base model (run `sftlab eval RUN --compare base --save`)")
+    if math.isfinite(after) and after <= before * (1 + th.worse_than_base):
+        return None
+    fixes = [_lr(run), "check the data and the template with `sftlab doctor` and `sftlab prepare --show 3`"]
+    if _cfg(run, "method") == "prefix":
+        fixes.insert(0, "retrain with this sftlab: prefix runs now start from the base model's own keys/values "
+                        "(a random prefix starts near-uniform, loss ~ln(vocab))")
+    rel = f"{after / before - 1:+.0%}" if math.isfinite(after) and before > 0 else "non-finite"
+    return Finding("worse_than_base", "error", "the fine-tuned model scores a far higher eval loss than the base model",
+                   evidence=[f"eval loss {_g(before)} (base model) -> {_g(after)} (fine-tuned), {rel}, "
+                             f"threshold +{th.worse_than_base:.0%}"],
+                   fixes=fixes, data={"before": before, "after": after})
+
+
 def rule_format(run: RunData, th: Thresholds) -> Finding | None:
     got = _latest_gen(run, "format_adherence")
     if got is None:
@@ -474,6 +495,7 @@ RULES: dict[str, Callable[[RunData, Thresholds], Finding | None]] = {
     "divergence": rule_divergence,
     "overfitting": rule_overfitting,
     "forgetting": rule_forgetting,
+    "worse_than_base": rule_worse_than_base,
     "format": rule_format,
     "repetition": rule_repetition,
     "eos": rule_eos,

@@ -10,7 +10,9 @@ Every export holds safetensors weights, the tokenizer with the chat template use
 written into tokenizer_config.json, and a generation_config.json whose ``eos_token_id`` lists the
 end-of-turn token, so plain ``transformers`` (and ``peft`` for an adapter) reproduce the run with no
 sftlab import. Before the folder appears, it is loaded back that way and its logits are compared with
-the run's. ``gguf=True`` also writes a llama.cpp-compatible GGUF (:func:`write_gguf`, from
+the run's; a prefix adapter's ``generate()`` is also compared with its forward pass (plain peft 0.21
+with transformers 5 generates without the prefix: such an export is refused, see
+:func:`sftlab.eval.generation.pass_prefix_to_generate` for how sftlab's own generation passes it). ``gguf=True`` also writes a llama.cpp-compatible GGUF (:func:`write_gguf`, from
 :mod:`sftlab.export_gguf`) carrying the same template.
 
 """
@@ -207,6 +209,23 @@ def _adapter_base(model: str) -> tuple[str, str, str | None]:
     return local, local, None
 
 
+def _generation_diff(model, ids, pad_id: int, n: int = 4) -> float:
+    """Max |logit diff| between what ``generate()`` scores for ``n`` greedy tokens after ``ids`` and the
+    forward pass over the same tokens: what generation serves is what the logits check measured."""
+    import torch  # deferred: heavy library, imported on first use
+
+    ids = ids.to(model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=pad_id)
+        seq = out.sequences
+        full = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits.float()
+    steps = torch.stack(list(out.logits), 1).float()
+    p = ids.shape[1]
+    return float((steps - full[:, p - 1:p - 1 + steps.shape[1]]).abs().max())
+
+
 def _write_adapter(mdir: Path, tmp: Path, base_path: str) -> None:
     """Copy the adapter as safetensors, pointing its config at a base model plain peft can open."""
     cfg = json.loads((mdir / "adapter_config.json").read_text(encoding="utf-8"))
@@ -337,7 +356,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
     """
 
     run_dir, out = Path(run_dir), Path(out)
-    kind, _ = _check_request(run_dir, out, merge=merge, gguf=gguf, gguf_dtype=gguf_dtype, force=force)
+    kind, peft_type = _check_request(run_dir, out, merge=merge, gguf=gguf, gguf_dtype=gguf_dtype, force=force)
     torch_dtype = _torch_dtype(dtype)
     run = RunDir(run_dir)
     model, tok, cfg = run.load_model(device=device, dtype=torch_dtype, merge=False)
@@ -380,17 +399,35 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
         if verify:
             back = _load_back(tmp, kind, weights or base, len(tok), torch_dtype)  # the exact base of the run
             res.max_logit_diff = float((_logits(back, ids) - reference).abs().max())
-            del back
             # float32 rounding in the merge grows with the logits' size: the tolerance is relative to it.
             tol = (atol if dtype in ("fp32", "float32") else 0.05) * max(1.0, float(reference.abs().max()))
             if not res.max_logit_diff <= tol:
                 raise SftlabError(f"export check failed: the exported model's logits differ from the run's by "
                                   f"{res.max_logit_diff:.3g} (more than {tol:.3g}); nothing was written")
+            if peft_type not in ("", "LORA"):  # prompt learning: peft injects its prefix at generate()
+                _check_prefix_generation(back, ids, tok.pad_token_id, tol, run_dir)
+            del back
         (tmp / "README.md").write_text(_readme(res), encoding="utf-8")
         res.files = sorted([p.name for p in tmp.iterdir()] + [EXPORT_INFO])
         info = {**res.to_dict(), "run": str(run_dir.resolve()), "chat_template": source}
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return res
+
+
+def _check_prefix_generation(back, ids, pad_id, tol: float, run_dir: Path) -> None:
+    """Refuse a prefix adapter whose plain-peft ``generate()`` does not use the prefix (peft 0.21 with
+    transformers 5 injects it under the deprecated ``past_key_values`` name, which the model ignores):
+    the folder would serve the base model while its forward pass, and the check above, use the prefix."""
+    import peft  # deferred: heavy library, imported on first use
+    import transformers  # deferred: heavy library, imported on first use
+
+    diff = _generation_diff(back, ids, pad_id)
+    if not diff <= tol:
+        raise SftlabError(f"export check failed: plain peft {peft.__version__} generate() with transformers "
+                          f"{transformers.__version__} ignores this prefix adapter (its generated logits differ from "
+                          f"its forward pass by {diff:.3g}); nothing was written",
+                          hint=f"serve the run itself: `sftlab chat {run_dir}` and `sftlab generate {run_dir}` pass the "
+                               f"prefix to generate(); the adapter alone is {run_dir / MODEL_DIR}")
 
 
 def format_export(res: ExportResult, limit: int = 5) -> str:

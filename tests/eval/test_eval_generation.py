@@ -182,3 +182,43 @@ def test_training_eval_row(tok, tiny_model_dir):
     assert {"gen_nonempty_rate", "gen_repetition_rate", "gen_format_adherence", "gen_task_score"} <= set(row)
     assert all(isinstance(v, (int, float)) for v in row.values())
     assert model.training
+
+
+def _prefix_model(tiny_model_dir, tokens: int = 6):
+    """The tiny model with a prefix-tuning adapter whose (scaled random) prefix changes its predictions."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=tokens))
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.mul_(30)
+    return model.eval()
+
+
+def test_a_prefix_model_generates_with_its_prefix(tok, tiny_model_dir):
+    """Greedy generation (batched, left-padded; and chat's streamed path) of a prefix-tuning model is
+    the greedy decode of its own forward logits, not the base model's reply."""
+    from sftlab.chat import ChatSession
+
+    model = _prefix_model(tiny_model_dir)
+    tpl = resolve_template(None, tok)
+    convs = [_conv(("user", "What is 2 + 2?"), ("assistant", "4")),
+             _conv(("system", "You are a helpful assistant."), ("user", "Extract the fields as JSON: Maria Lopez, 34"),
+                   ("assistant", "{}")),
+             _conv(("user", "hi"), ("assistant", "hello"))]
+    batched = generate(model, tok, tpl, convs, GenerationSettings(max_new_tokens=8), batch_size=3)
+    stop = stop_token_ids(tok, tpl)[0]
+    differs = 0
+    for conv, g in zip(convs, batched):
+        ids = tok.encode(render_prompt(tpl, conv), add_special_tokens=False)
+        with torch.no_grad():
+            manual = _manual_greedy(model, ids, 8, stop)
+            with model.disable_adapter():
+                base = _manual_greedy(model, ids, 8, stop)
+        assert g.token_ids == manual
+        differs += manual != base
+    assert differs == len(convs)  # the prefix matters: the base model would have said something else
+    session = ChatSession(model, tok, tpl, max_new_tokens=8)
+    assert session.send("What is 2 + 2?") == batched[0].text

@@ -383,3 +383,45 @@ def test_a_run_shorter_than_logging_steps_still_logs_its_last_step(tmp_path, tin
     assert Path(write_report(tmp_path / "run", doctor=False)["path"]).exists()
     train(train_config(tmp_path / "every", tiny_model_dir, max_steps=2, logging_steps=1), quiet=True)
     assert [r["step"] for r in RunDir(tmp_path / "every" / "run").metrics()] == [1, 2]  # the last one once
+
+
+def test_a_fresh_prefix_is_the_base_model_reading_a_short_chat_first(tmp_path, tiny_model_dir):
+    """peft's random prefix made the untrained SmolLM2 score loss ~10 (base ~0.8): the prefix now starts
+    as the base model's own keys/values of a rendered short chat, so the fresh prefix model is exactly
+    the base model with that text in front, and scores about the base model's loss."""
+    from sftlab.eval.loss import evaluate_loss
+    from sftlab.train.model import build_model, prefix_seed_ids
+    from sftlab.train.run import load_data
+
+    cfg = train_config(tmp_path, tiny_model_dir, method="prefix", prefix_tokens=7)
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data.tok, [], template=data.train.template)
+    model.eval()
+    seed = prefix_seed_ids(data.tok, data.train.template, 7)
+    assert len(seed) == 7 and data.tok.decode(seed).endswith("?<|im_end|>\n")  # the end of the chat's reply
+    ids = torch.tensor([data.train.examples[0].input_ids])
+    with torch.no_grad():
+        prefixed = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+        with model.disable_adapter():
+            reading = model(input_ids=torch.cat([torch.tensor([seed]), ids], 1)).logits[0, len(seed):]
+    assert torch.allclose(prefixed, reading, atol=1e-4)
+    fresh = evaluate_loss(model, data.tok, data.train.examples)["loss"]
+    with model.disable_adapter():
+        base = evaluate_loss(model, data.tok, data.train.examples)["loss"]
+    assert abs(fresh - base) < 0.02 * base
+
+
+def test_prefix_training_beats_the_base_model(tmp_path, tiny_model_dir):
+    from sftlab.eval.loss import evaluate_loss
+    from sftlab.train.run import load_data
+
+    cfg = train_config(tmp_path, tiny_model_dir, method="prefix", max_steps=8, learning_rate=3e-2)
+    train(cfg, quiet=True)
+    model, tok, _ = RunDir(tmp_path / "run").load_model(device="cpu")
+    examples = load_data(cfg).train.examples
+    after = evaluate_loss(model, tok, examples)["loss"]
+    with model.disable_adapter():
+        base = evaluate_loss(model, tok, examples)["loss"]
+    losses = [r["loss"] for r in RunDir(tmp_path / "run").metrics() if r["split"] == "train"]
+    assert abs(losses[0] - base) < 0.05 * base  # the first step trains from about the base model's loss
+    assert after < base - 0.1

@@ -8,6 +8,8 @@ stop token. Used by `sftlab eval`, the training-time eval, and `sftlab generate`
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -143,6 +145,51 @@ def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id
     return GenerationConfig(**kwargs)
 
 
+def is_prefix_model(model) -> bool:
+    """A peft model whose active adapter is prefix tuning."""
+    cfg = getattr(model, "active_peft_config", None) if hasattr(model, "peft_config") else None
+    return cfg is not None and str(getattr(cfg, "peft_type", "")).upper().endswith("PREFIX_TUNING")
+
+
+def pass_prefix_to_generate(model) -> bool:
+    """Make ``model.generate`` attend to a prefix-tuning adapter's virtual key/values; True for such a model.
+
+    peft injects the prefix as ``past_key_values`` when the cache it is given is empty. transformers 5
+    names the cache ``cache`` in generation (``past_key_values`` is a deprecated alias), so peft sees no
+    cache, injects the prefix under the old name, and the model uses the new one: generation ran the
+    base model alone (``Both past_key_values and cache are set ... ignoring deprecated past_key_values``)
+    while the loss measured the prefix model. Here peft's generation inputs see the cache under the name
+    it reads, and the model gets the prefixed cache back under the name it reads. Idempotent."""
+    if not is_prefix_model(model):
+        return False
+    if getattr(model, "_sftlab_prefix_generate", False):
+        return True
+    base_prepare, prepare = model.base_model_prepare_inputs_for_generation, model.prepare_inputs_for_generation
+    takes_cache = "cache" in inspect.signature(model.get_base_model().forward).parameters
+
+    @functools.wraps(base_prepare)
+    def base_inputs(*args, **kwargs):
+        out = base_prepare(*args, **kwargs)
+        if "cache" in out and out.get("past_key_values") is None:
+            out["past_key_values"] = out.pop("cache")
+        return out
+
+    @functools.wraps(prepare)
+    def inputs(*args, **kwargs):
+        model.base_model_prepare_inputs_for_generation = base_inputs
+        try:
+            out = prepare(*args, **kwargs)
+        finally:
+            model.base_model_prepare_inputs_for_generation = base_prepare
+        if takes_cache and "past_key_values" in out:
+            out["cache"] = out.pop("past_key_values")
+        return out
+
+    model.prepare_inputs_for_generation = inputs
+    model._sftlab_prefix_generate = True
+    return True
+
+
 def generate_texts(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None,
                    batch_size: int = 8, stop_ids: Sequence[int] | None = None) -> list[Generation]:
     """Generate one reply per rendered prompt string, in the order given.
@@ -163,6 +210,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     out: list[Generation | None] = [None] * len(encoded)
     config = _generation_config(settings, stops, pad_id)
+    pass_prefix_to_generate(model)
     was_training = model.training
     model.eval()
     try:

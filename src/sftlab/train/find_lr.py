@@ -161,7 +161,7 @@ def _run_sweep(rc: Config, data: RunData, steps: int, low: float, high: float) -
 
     losses: list[float] = []
     lrs: list[float] = []
-    model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens)
+    model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, template=data.train.template)
     batches = training_batches(rc, data.train.examples, data.tok, model, data.train)
     stopped = "completed"
     with tempfile.TemporaryDirectory(prefix="sftlab-lr-sweep-") as tmp:

@@ -7,6 +7,8 @@ import os
 from sftlab.config import Config
 from sftlab.core.errors import SftlabError
 from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
+from sftlab.data.templates import ChatTemplate
+from sftlab.data.types import Message
 from sftlab.models import load_model
 from sftlab.qlora import require_qlora
 from sftlab.train.kernels import apply_kernels, flash_attention_available
@@ -71,11 +73,63 @@ def _attention(cfg: Config) -> str | None:
     return "flash_attention_2" if cfg.packing and flash_attention_available() else None
 
 
-def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | None = None):
+# The text whose key/values start a prefix: the end of a finished exchange, so the data reads as the
+# next conversation after it (as in a packed row), not as the continuation of random vectors.
+PREFIX_SEED_CHAT = [Message("user", "Hi!"), Message("assistant", "Hello! How can I help you today?")]
+
+
+def prefix_seed_ids(tok, template: ChatTemplate | None, n: int) -> list[int]:
+    """``n`` token ids ending a rendered short chat (repeated when shorter): the prefix's starting text."""
+    text = template.render(PREFIX_SEED_CHAT) if template is not None else "Hello! How can I help you today?\n\n"
+    ids = tok.encode(text, add_special_tokens=False) or [tok.eos_token_id or 0]
+    return (ids * (n // len(ids) + 1))[-n:]
+
+
+def init_prefix_from_tokens(model, token_ids: list[int]) -> bool:
+    """Start a prefix-tuning adapter as the base model's own per-layer keys and values of ``token_ids``.
+
+    peft starts the prefix as random vectors: every layer's queries then attend to keys and values no
+    real token produces, and the fresh model scores near-uniform predictions (loss ~10 on SmolLM2
+    where the base scores ~0.8), so training first spends its steps undoing the damage. The keys and
+    values of real text (rotated for positions 0..n-1, where the data's positions start after the
+    prefix) make the untrained prefix model the base model reading that text first: about the base's
+    loss. False (peft's start kept) where the cache's shape is not the adapter's (per-layer head sizes)."""
+    import torch  # deferred: heavy library, imported on first use
+
+    emb = model.prompt_encoder[model.active_adapter].embedding.weight
+    base = model.get_base_model()
+    ids = torch.tensor([token_ids], device=emb.device)
+    with torch.no_grad():
+        out = base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        cache = out.get("cache", out.get("past_key_values"))
+        layers = getattr(cache, "layers", None) or []
+        # each layer's keys/values (1, heads, n, head_dim) -> (n, 2 * layers, heads, head_dim), peft's layout
+        kv = [t[0].transpose(0, 1) for layer in layers for t in (layer.keys, layer.values)]
+        if not kv or len(kv) * kv[0].numel() != emb.numel() or any(t.shape != kv[0].shape for t in kv):
+            return False
+        emb.copy_(torch.stack(kv, 1).reshape(emb.shape).to(emb.dtype))
+    return True
+
+
+def _peft_config(cfg: Config, new_ids: list[int]):
+    import peft  # deferred: heavy library, imported on first use
+
+    if cfg.method == "prefix":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix_tokens)
+    targets = "all-linear" if cfg.lora_target_modules == "all-linear" else \
+        [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+    extra = {"trainable_token_indices": {"embed_tokens": new_ids}} if new_ids else {}
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                           lora_dropout=cfg.lora_dropout, target_modules=targets, **extra)
+
+
+def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | None = None,
+                template: ChatTemplate | None = None):
     """Returns (model ready for Trainer, loss_fn(model, batch) used for the EWC Fisher).
 
     ``kernels_out``, when given, receives the :class:`~sftlab.train.kernels.KernelChoice` of each
-    optional kernel (liger_kernels, compile_blocks)."""
+    optional kernel (liger_kernels, compile_blocks). ``template``: the run's chat template, whose
+    rendering of a short chat starts a prefix-tuning adapter (:func:`init_prefix_from_tokens`)."""
     import torch  # deferred: heavy library, imported on first use
 
     kwargs = {}
@@ -108,18 +162,12 @@ def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | N
 
         if cfg.method == "qlora":
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
-        if cfg.method == "prefix":
-            pcfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix_tokens)
-        else:
-            targets = "all-linear" if cfg.lora_target_modules == "all-linear" else \
-                [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
-            extra = {"trainable_token_indices": {"embed_tokens": new_ids}} if new_ids else {}
-            pcfg = peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                   lora_dropout=cfg.lora_dropout, target_modules=targets, **extra)
         try:
-            model = peft.get_peft_model(model, pcfg)
+            model = peft.get_peft_model(model, _peft_config(cfg, new_ids))
         except ValueError as exc:
             raise SftlabError(f"cannot apply {cfg.method}: {exc}", hint="check lora_target_modules")
+        if cfg.method == "prefix":
+            init_prefix_from_tokens(model, prefix_seed_ids(tok, template, cfg.prefix_tokens))
         _speed_up_adapters(cfg, model)
 
     def loss_fn(m, batch):

@@ -147,7 +147,8 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
         print_checks(findings, notes.get("auto"))
     set_train_malloc()  # before the model's tensors exist
     kernels: list = []
-    model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels)
+    model, ewc_loss_fn = build_model(rc, data.tok, data.train.added_tokens, kernels_out=kernels,
+                                     template=data.train.template)
     general = data.general.examples if data.general else []
     train_examples, n_replay = mix_replay(data.train.examples, general, rc.replay_ratio, rc.seed)
     batches = training_batches(rc, train_examples, data.tok, model, data.train)
