@@ -12,16 +12,8 @@ from typing import Callable
 
 from sftlab.core.errors import SftlabError
 from sftlab.data.load import SURROGATE_FIX, Record, read_records, unpaired_surrogate
+from sftlab.data.roles import FormatError, validate_roles
 from sftlab.data.types import Conversation, Message
-
-
-class FormatError(ValueError):
-    """A record that does not fit its format. ``check`` names the failed check for the doctor."""
-
-    def __init__(self, message: str, check: str = "fields", fix: str | None = None):
-        self.check = check
-        self.fix = fix  # how to fix the record, when more specific than "fix the line"
-        super().__init__(message)
 
 _SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -65,48 +57,6 @@ def _weight(row: dict) -> float:
     if not (w >= 0.0) or w == float("inf"):
         raise FormatError(f"'weight' must be a finite number >= 0, got {w!r}", "fields")
     return w
-
-
-def validate_roles(messages: list[Message]) -> None:
-    """System (optional, first), then user; each user turn answered by the assistant, whose tool calls
-    (if any) are each followed by tool results and then the assistant again; ends with the assistant."""
-    if not messages:
-        raise FormatError("conversation has no messages", "fields")
-    body = messages[1:] if messages[0].role == "system" else messages
-    for i, m in enumerate(messages[1:], start=2):
-        if m.role == "system":
-            raise FormatError(f"message {i} is a system message; only the first message may be one", "role_order")
-    if not body:
-        raise FormatError("conversation has only a system message", "role_order")
-    offset = len(messages) - len(body)
-    prev = None
-    for i, m in enumerate(body):
-        if prev is None or prev.role == "assistant" and not prev.tool_calls:
-            expected = ("user",)
-        elif prev.role == "user":
-            expected = ("assistant",)
-        elif prev.role == "assistant":  # it made tool calls: their results come next
-            expected = ("tool",)
-        else:  # a tool result: more results, or the assistant goes on
-            expected = ("tool", "assistant")
-        if m.role not in expected:
-            check = "role_order"
-            if m.role == "tool":
-                why, check = "a tool result must follow an assistant message with tool_calls (or another tool result)", \
-                    "tool_orphan_result"
-            elif expected == ("tool",):
-                why, check = "the calls of the message before get no tool result", "tool_unanswered"
-            else:
-                why = "roles must alternate user/assistant, starting with user; tool results follow tool calls"
-            raise FormatError(f"message {i + 1 + offset} has role '{m.role}' where '{' or '.join(expected)}' "
-                              f"was expected ({why})", check)
-        prev = m
-    if body[-1].role != "assistant":
-        raise FormatError(f"conversation ends with a {body[-1].role} message; the last message must be the assistant's reply",
-                          "role_order")
-    for i, m in enumerate(messages, start=1):
-        if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
-            raise FormatError(f"message {i} (assistant) is empty", "empty_reply")
 
 
 def _parse_json(text: str, what: str, check: str, fix: str):
