@@ -145,7 +145,8 @@ def test_majority_format_wins_over_an_odd_first_line(tmp_path):
 
 
 # --- encoding and tokens in text ----------------------------------------------------------------------------
-@pytest.mark.parametrize("text", ["CafÃ© au lait", "it\u00e2\u20ac\u2122s here", "broken \ufffd char"])
+@pytest.mark.parametrize("text", ["CafÃ© au lait", "it\u00e2\u20ac\u2122s here", "broken \ufffd char",
+                                  "Brandâ„¢", "ÐŸÑ€Ð¸Ð²ÐµÑ‚", "æ—¥æœ¬èªž"])
 def test_mojibake_is_a_warning(tmp_path, text):
     path = write(tmp_path, [CLEAN[0], chat("Say it.", text)])
     result = run_doctor(path)
@@ -156,6 +157,13 @@ def test_mojibake_is_a_warning(tmp_path, text):
 
 def test_real_accents_are_not_mojibake(tmp_path):
     path = write(tmp_path, [chat("Où est le café ?", "São Paulo, Zürich, naïve, ½ — “quoted” ¿qué?")])
+    assert run_doctor(path).findings == []
+
+
+@pytest.mark.parametrize("text", ["Lui ha chiesto “perché…”", "C'è “qualcosa”…", "Er sagte „weiß”", "Öl° und è…»"])
+def test_accents_next_to_quotes_and_ellipses_are_not_mojibake(tmp_path, text):
+    """é…” are the cp1252 bytes of 酔 by chance: a repair to one stray CJK character is not plausible."""
+    path = write(tmp_path, [chat(text, "Non lo so.")])
     assert run_doctor(path).findings == []
 
 

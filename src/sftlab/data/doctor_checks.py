@@ -101,11 +101,11 @@ def _text_checks(conv: Conversation, marker_re: re.Pattern, specials: set[str], 
     """Encoding damage and template/special tokens; one finding per example and check."""
     hits: dict[str, list[str]] = defaultdict(list)
     for label, text in _texts(conv):
-        moji = [] if text.isascii() else [m for m in _MOJIBAKE.finditer(text) if _fixable(m.group())]
+        moji = [] if text.isascii() else [m for m in _MOJIBAKE.finditer(text) if _repair(m.group())]
         if moji:
             bad = moji[0].group()
-            hits["mojibake"].append(f"{label}: {bad!r} (probably {_fixable(bad)!r}; UTF-8 read as cp1252/latin-1)")
-            text = _MOJIBAKE.sub("", text)
+            hits["mojibake"].append(f"{label}: {bad!r} (probably {_repair(bad)!r}; UTF-8 read as cp1252/latin-1)")
+            text = _MOJIBAKE.sub(lambda m: "" if _repair(m.group()) else m.group(), text)
         if "\ufffd" in text:
             hits["mojibake"].append(f"{label}: U+FFFD replacement characters (text was decoded with errors replaced)")
         ctrl = _CONTROL.search(text)
@@ -156,11 +156,27 @@ def _strings(value) -> list[str]:
     return []
 
 
-def _fixable(s: str) -> str | None:
+def _repair(s: str) -> str | None:
+    """The text ``s`` was before its UTF-8 bytes were read as cp1252/latin-1, when that is plausible, else None.
+
+    Clean text can spell such bytes by chance: "perché…”" holds é…”, the cp1252 bytes of 酔. So a
+    repair counts only when it yields Latin text or punctuation (cafÃ© -> café, â€™ -> ’, â„¢ -> ™), a
+    Cyrillic letter from the classic Ð/Ñ leads, or at least two letters in a row (æ—¥æœ¬ -> 日本), which
+    chance does not spell.
+    """
     try:
-        return bytes(_MOJI_BYTE[c] for c in s).decode("utf-8")
+        fixed = bytes(_MOJI_BYTE[c] for c in s).decode("utf-8")
     except (UnicodeDecodeError, KeyError):
         return None
+    if all(_latin(c) for c in fixed) or s[0] in "ÐÑ" and "\u0400" <= fixed[0] <= "\u04ff":
+        return fixed
+    return fixed if sum(unicodedata.category(c).startswith("L") for c in fixed) >= 2 else None
+
+
+def _latin(c: str) -> bool:
+    """Latin letters and the punctuation, currency and letterlike symbols Western text uses."""
+    o = ord(c)
+    return o < 0x250 or 0x2000 <= o < 0x2070 or 0x20A0 <= o < 0x20D0 or 0x2100 <= o < 0x2150
 
 
 # --- duplicates and overlap -------------------------------------------------------------------------
