@@ -267,6 +267,22 @@ def test_template_that_cannot_place_replies_is_an_error(tmp_path, tok):
     assert f.data["line"] == 1 and "verbatim" in f.message
 
 
+NO_SYSTEM = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+             "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_template_that_refuses_a_conversation_is_one_error_with_a_fix(tmp_path, tok):
+    tpl = tmp_path / "nosys.jinja"
+    tpl.write_text(NO_SYSTEM)
+    path = write(tmp_path, [CLEAN[0], CLEAN[1]])  # the second has a system message
+    result = run_doctor(path, tokenizer=tok, template=str(tpl))
+    f = the_one(result, "template")  # once: not again as a template_consistency warning
+    assert [x.rule for x in result.findings] == ["template"]
+    assert f.data["line"] == 2 and f.message == "chat template 'nosys.jinja' failed to render: System role not supported"
+    assert "refuses system messages" in f.fixes[0] and "--template chatml" in f.fixes[0]
+
+
 def test_builtin_template_tokens_are_added_on_a_copy(tmp_path, tok):
     n = len(tok)
     result = run_doctor(write(tmp_path, CLEAN), tokenizer=tok, template="llama3")

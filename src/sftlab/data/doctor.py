@@ -204,7 +204,9 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
     if tpl is None:
         return
 
-    chats = [c for c in convs if not c.is_text][:sample]
+    # a conversation the template cannot render at all is already a "template" error: not again here
+    failed = {(f.data["file"], f.data["line"]) for f in findings if f.rule == "template"}
+    chats = [c for c in convs if not c.is_text and (c.source, c.line) not in failed][:sample]
     for c, problem in zip(chats, (check_template_consistency(tpl, [c]) for c in chats)):
         if problem:  # the finding names the file and line: not again in its text
             text = problem[0].removeprefix(f"{c.where()}, ").removeprefix(f"{c.where()}: ")

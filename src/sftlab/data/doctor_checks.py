@@ -359,12 +359,13 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
             try:
                 segs.append(labeler.segments(c))
                 kept.append(c)
-            except SftlabError as exc:
-                errors.append((c, str(exc).removeprefix(f"{c.where()}: ")))
+            except SftlabError as exc:  # its hint is the finding's fix
+                msg = str(exc).removeprefix(f"{c.where()}: ")
+                errors.append((c, msg.removesuffix(f" ({exc.hint})") if exc.hint else msg, exc.hint))
         if not labeler.skeletons_failed:
             break
-    for c, msg in errors:
-        _add(findings, "template", c.source, c.line, msg)
+    for c, msg, fix in errors:
+        _add(findings, "template", c.source, c.line, msg, fix=fix)
     encoded = labeler.encode_segments(segs)
     lengths, trained = [], []
     n_long = lost_total = 0
