@@ -141,7 +141,8 @@ def test_majority_format_wins_over_an_odd_first_line(tmp_path):
     path = write(tmp_path, [{"instruction": "x", "output": "y"}] + CLEAN)
     result = run_doctor(path)
     assert result.stats["format"] == "messages"
-    assert the_one(result, "fields").data["line"] == 1
+    f = the_one(result, "mixed_formats")
+    assert f.data["line"] == 1 and "the file mixes formats: 3 records look like messages, 1 like alpaca" in f.message
 
 
 # --- encoding and tokens in text ----------------------------------------------------------------------------

@@ -58,6 +58,27 @@ def test_undetectable_format_names_line_and_fields(tmp_path):
         load_conversations(_jsonl(tmp_path / "d.jsonl", [{"foo": 1}]))
 
 
+def test_a_file_mixing_formats_is_read_as_its_most_common_one_and_the_mix_is_named(tmp_path):
+    """prepare and the doctor read the file by one rule and blame the same line, naming the mix."""
+    from sftlab.data.doctor import run_doctor
+
+    alpaca = {"instruction": "Q0", "output": "A0"}
+    msgs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(3)]
+    path = _jsonl(tmp_path / "mixed.jsonl", [msgs[0], alpaca] + msgs[1:])
+    mix = ("line 2: this record looks like 'alpaca' format, but the file is read as 'messages', its most common "
+           "format; the file mixes formats: 3 records look like messages, 1 like alpaca; first other at line 2")
+    with pytest.raises(SftlabError) as err:
+        load_conversations(path)
+    assert str(err.value).startswith(f"{path}:2: " + mix.removeprefix("line 2: "))
+    assert "convert such records to 'messages' format" in str(err.value)
+    (f,) = run_doctor(path).findings
+    assert (f.rule, f.severity, f.where) == ("mixed_formats", "error", f"{path}:2") and f.message in str(err.value)
+    with pytest.raises(SftlabError) as err:  # --format given: the user's choice, no mix note
+        load_conversations(path, "messages")
+    assert "mixes formats" not in str(err.value) and f"{path}:2: 'messages' must be a list" in str(err.value)
+
+
 def test_malformed_line_is_named(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps(ROW) + "\n\n{not json\n", encoding="utf-8")

@@ -37,7 +37,7 @@ from sftlab.data.doctor_checks import (
     _token_checks,
 )
 from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
-from sftlab.data.formats import format_of_row, resolve_format, to_conversations
+from sftlab.data.formats import resolve_format, to_conversations
 from sftlab.data.load import folder_files, is_saved_dataset, read_records
 from sftlab.data.masking import Labeler
 from sftlab.data.mixture import Source, is_mixture, parse_sources
@@ -229,15 +229,9 @@ def _load(path, fmt: str | None, findings: list[Finding], split: str = "train") 
         files = {"read": [f.relative_to(p).as_posix() for f in read],
                  "skipped": [f.relative_to(p).as_posix() for f in skipped]}
     readable = [r for r in records if r.data is not None]
-    if fmt and fmt != "auto":
-        key = resolve_format(fmt, records)
-    elif readable:
-        # The majority format, so one odd first line does not make every other line "wrong".
-        counts = Counter(f for r in readable if (f := format_of_row(r.data)))
-        key = counts.most_common(1)[0][0] if counts else resolve_format(None, records)
-    else:
-        key = "unknown"
-    convs, failures = to_conversations(records, key, strict=False) if readable else ([], [])
+    # prepare's rule: --format, else the most common format (one odd first line does not make every other line "wrong")
+    key = resolve_format(fmt, records) if readable or (fmt and fmt != "auto") else "unknown"
+    convs, failures = to_conversations(records, fmt, strict=False) if readable else ([], [])
     if not readable:
         failures = [(r, None) for r in records]
     for rec, exc in failures:

@@ -24,6 +24,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "encoding": ("error", "invalid UTF-8 or cut characters (unpaired surrogates)"),
     "parse": ("error", "lines that do not parse"),
     "fields": ("error", "missing or wrong fields for the format"),
+    "mixed_formats": ("error", "records in another format than the rest of the file"),
     "role_order": ("error", "wrong role order (or no reply at the end)"),
     "empty_reply": ("error", "empty replies"),
     "non_text": ("error", "image, audio or other non-text content"),

@@ -1,13 +1,14 @@
 """Every input format -> one Conversation type.
 
 Each converter is a small pure function ``dict -> Conversation`` that raises :class:`FormatError`
-(with the name of the failed check) on a record it cannot convert. ``detect_format`` picks the
-format from the fields of the first readable record; ``--format`` overrides it.
+(with the name of the failed check) on a record it cannot convert. :func:`resolve_format` picks the
+format from the fields of the records (the most common); ``--format`` overrides it.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Callable
 
 from sftlab.core.errors import SftlabError
@@ -296,28 +297,56 @@ def format_of_row(row: dict) -> str | None:
 
 
 def resolve_format(name: str | None, records: list[Record]) -> str:
-    """The format to use: ``name`` if given (validated), else detected from the first readable record."""
+    """The format to use: ``name`` if given (validated), else the most common among the readable records
+    (ties: the earlier), so one odd line does not make every other line "wrong". Prepare, mixtures and
+    the doctor all read a file by this one rule."""
     if name and name != "auto":
         key = FORMAT_ALIASES.get(name, name).replace("-", "_")
         if key not in CONVERTERS:
             raise SftlabError(f"unknown format '{name}'", hint=f"use one of: {', '.join(CONVERTERS)}, or auto")
         return key
-    for r in records:
-        if r.data is not None:
-            fmt = format_of_row(r.data)
-            if fmt is None:
-                raise SftlabError(
-                    f"{r.where()}: cannot tell the data format from fields {sorted(r.data)}",
-                    hint="expected messages, conversations, instruction/output, prompt/completion or text; or pass --format",
-                )
-            return fmt
+    readable = [r for r in records if r.data is not None]
+    counts = Counter(f for r in readable if (f := format_of_row(r.data)))
+    if counts:
+        return counts.most_common(1)[0][0]
+    if readable:
+        r = readable[0]
+        raise SftlabError(
+            f"{r.where()}: cannot tell the data format from fields {sorted(r.data)}",
+            hint="expected messages, conversations, instruction/output, prompt/completion or text; or pass --format",
+        )
     raise SftlabError(f"{records[0].source if records else 'data'}: no readable records to detect the format from")
+
+
+def mixed_formats(records: list[Record], key: str) -> str | None:
+    """"the file mixes formats: 1 record looks like alpaca, 3 like messages; first other at line 1" when
+    some readable records look like another format than ``key``; None when none do."""
+    seen = [(r, f) for r in records if r.data is not None and (f := format_of_row(r.data))]
+    counts = Counter(f for _, f in seen)
+    if len(counts) < 2:
+        return None
+    first = next(r for r, f in seen if f != key)
+    one_file = len({r.source for r in records}) == 1
+    what, at = ("file", f"line {first.line}") if one_file else ("data", first.where())
+    parts = [f"{n} {'record looks' if n == 1 else 'records look'} like {f}" if k == 0 else f"{n} like {f}"
+             for k, (f, n) in enumerate(counts.most_common())]
+    return f"the {what} mixes formats: {', '.join(parts)}; first other at {at}"
+
+
+def _mixed_error(r: Record, key: str, note: str) -> FormatError:
+    other = format_of_row(r.data)
+    return FormatError(f"this record looks like '{other}' format, but the file is read as '{key}', its most common "
+                       f"format; {note}", "mixed_formats",
+                       f"convert such records to '{key}' format, or split the file by format and list the parts under "
+                       "`data:`, each read in its own format")
 
 
 def to_conversations(records: list[Record], fmt: str | None = None, *, system_prompt: str | None = None,
                      strict: bool = True) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
-    """Convert records; returns (conversations, failures). With ``strict`` the first failure raises."""
+    """Convert records; returns (conversations, failures). With ``strict`` the first failure raises.
+    A record of another format than the file's (auto-detected) fails naming the mix."""
     key = resolve_format(fmt, records)
+    note = mixed_formats(records, key) if not fmt or fmt == "auto" else None
     convert = CONVERTERS[key]
     convs: list[Conversation] = []
     failures: list[tuple[Record, FormatError]] = []
@@ -328,7 +357,8 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
         try:
             c = convert(r.data)
         except FormatError as exc:
-            failures.append((r, exc))
+            other = note and format_of_row(r.data)
+            failures.append((r, _mixed_error(r, key, note) if other and other != key else exc))
             continue
         c.source, c.line = r.source, r.line
         if system_prompt and not c.is_text and c.messages[0].role != "system":
