@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sftlab.core.errors import SftlabError
-from sftlab.data.formats import load_conversations, resolve_format
+from sftlab.data.formats import load_conversations, resolve_format, to_conversations
 from sftlab.data.load import read_records
 
 ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
@@ -77,6 +77,31 @@ def test_a_file_mixing_formats_is_read_as_its_most_common_one_and_the_mix_is_nam
     with pytest.raises(SftlabError) as err:  # --format given: the user's choice, no mix note
         load_conversations(path, "messages")
     assert "mixes formats" not in str(err.value) and f"{path}:2: 'messages' must be a list" in str(err.value)
+
+
+def test_a_json_file_holding_one_conversation_is_one_example(tmp_path):
+    p = tmp_path / "single.json"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                             "tools": [{"name": "f"}]}))
+    (conv,) = load_conversations(str(p))
+    assert [m.content for m in conv.messages] == ["hi", "hello"] and conv.where() == f"{p}:1"
+    assert conv.tools == [{"type": "function", "function": {"name": "f"}}]
+    p.write_text(json.dumps({"data": [ROW, ROW]}))  # an object holding one list of examples: still a list
+    assert len(load_conversations(str(p))) == 2
+
+
+def test_csv_messages_column_holding_json_text_is_parsed_like_tools(tmp_path):
+    p = tmp_path / "msgs.csv"
+    msgs = [{"role": "user", "content": "hi, there"}, {"role": "assistant", "content": "yo"}]
+    with p.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["messages", "tools"])
+        w.writerow([json.dumps(msgs), json.dumps([{"name": "f"}])])
+        w.writerow(["[{not json", ""])
+    with pytest.raises(SftlabError, match=r"msgs.csv:3: 'messages' \(a string\) is not valid JSON"):
+        load_conversations(str(p))
+    (conv,) = to_conversations(read_records(p), strict=False)[0]
+    assert [m.content for m in conv.messages] == ["hi, there", "yo"] and conv.tools[0]["function"]["name"] == "f"
 
 
 def test_malformed_line_is_named(tmp_path):

@@ -86,7 +86,9 @@ MALFORMED = {
     "arguments-not-json": (_tool_chat([_call('{"city": Paris}')]),
                            r"message 2 tool call 1 'arguments' is not valid JSON .*\(write the arguments as a JSON object"),
     "arguments-not-an-object": (_tool_chat([_call("[1, 2]")]),
-                                r"'arguments' must be an object or a JSON-object string, got list \(write the arguments"),
+                                r"'arguments' must be an object or a JSON-object string, got the string \"\[1, 2\]\" \(a JSON array\) \(write"),
+    "arguments-the-string-null": (_tool_chat([_call("null")]),
+                                  r"'arguments' must be an object or a JSON-object string, got the string \"null\" \(a JSON null\) \(write"),
     "result-without-call": ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
                                           {"role": "assistant", "content": "a"}]},
                             r"message 2 has role 'tool' where 'assistant' was expected \(a tool result must follow an assistant "
@@ -129,6 +131,16 @@ def test_malformed_tool_and_reasoning_records_are_one_line_with_the_fix(tmp_path
     assert code != 0 and len(err.splitlines()) == 1, err
     assert re.search(r"d\.jsonl:2: .*" + message, err), err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_legacy_functions_list_is_the_tools_offered(tmp_path):
+    row = {"functions": [WEATHER], "messages": [
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"role": "function", "name": "get_weather", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    (conv,) = load_conversations(_jsonl(tmp_path / "d.jsonl", [row]))
+    assert conv.tools == [{"type": "function", "function": WEATHER}]
+    assert conv.messages[1].tool_calls[0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
 
 
 def test_a_call_without_an_id_takes_a_result_with_any_id(tmp_path):

@@ -83,11 +83,14 @@ def _arguments(value, where: str) -> dict:
         return {}
     if isinstance(value, dict):
         return value
+    got = type(value).__name__
     if isinstance(value, str):
-        value = _parse_json(value, f"{where} 'arguments'", "tool_arguments", _ARGS_FIX)
+        text, value = value, _parse_json(value, f"{where} 'arguments'", "tool_arguments", _ARGS_FIX)
         if isinstance(value, dict):
             return value
-    raise FormatError(f"{where} 'arguments' must be an object or a JSON-object string, got {type(value).__name__}",
+        kind = {type(None): "null", list: "array", str: "string", bool: "boolean"}.get(type(value), "number")
+        got = f"the string {json.dumps(text[:40], ensure_ascii=False)} (a JSON {kind})"  # not "NoneType" for "null"
+    raise FormatError(f"{where} 'arguments' must be an object or a JSON-object string, got {got}",
                       "tool_arguments", _ARGS_FIX)
 
 
@@ -118,8 +121,11 @@ def _tool_calls(value, where: str) -> tuple[dict, ...] | None:
 
 
 def _tools(row: dict) -> list[dict] | None:
-    """The record's tool schemas (a list, or a JSON string of one), each as {"type": "function", "function": {...}}."""
+    """The record's tool schemas (a list, or a JSON string of one), each as {"type": "function", "function": {...}};
+    OpenAI's legacy ``functions`` list (beside legacy ``function_call``) is read as the tools offered."""
     tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        tools = row.get("functions")
     if tools is None or tools == "" or tools == []:
         return None
     if isinstance(tools, str):
@@ -190,8 +196,15 @@ def _opt_str(v) -> str | None:
     return None if v is None else str(v)
 
 
+def _json_list(value, key: str):
+    """A list given as JSON text (a CSV cell, as 'tools' may be) parsed; anything else as it is."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        return _parse_json(value, f"'{key}' (a string)", "fields", f"give '{key}' as a JSON list of messages")
+    return value
+
+
 def from_messages(row: dict) -> Conversation:
-    msgs = row.get("messages")
+    msgs = _json_list(row.get("messages"), "messages")
     if not isinstance(msgs, list):
         raise FormatError("'messages' must be a list of {role, content} objects")
     out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user, assistant or tool")
@@ -227,7 +240,7 @@ def _function_call_turn(value, i: int) -> Message:
 
 
 def from_sharegpt(row: dict) -> Conversation:
-    turns = row.get("conversations", row.get("conversation"))
+    turns = _json_list(row.get("conversations", row.get("conversation")), "conversations")
     if not isinstance(turns, list):
         raise FormatError("'conversations' must be a list of {from, value} objects")
     out = []
