@@ -431,6 +431,30 @@ def test_template_consistency_flags_a_generation_prompt_that_differs(tmp_path, t
     assert found[0].message.count(str(data)) == 0 and "assistant turn 1" in found[0].message  # where: once, as the finding's
 
 
+def test_trained_tokens_count_every_per_turn_example_as_prepare_does(tmp_path, tiny_model_dir):
+    """A Qwen3-style template splits a multi-turn chat into one example per assistant turn: the doctor's
+    token and trained-token totals are prepare's, not only each chat's last example."""
+    from test_official_templates import QWEN3, SPECIALS
+    from transformers import AutoTokenizer
+
+    from sftlab.data.formats import load_conversations
+    from sftlab.data.masking import Labeler
+    from sftlab.data.templates import ChatTemplate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS}, replace_extra_special_tokens=False)
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "two"},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "three"}]},
+            chat("hi", "hello")]
+    data, qwen3 = write(tmp_path, rows), tmp_path / "qwen3.jinja"
+    qwen3.write_text(QWEN3)
+    examples, report = Labeler(tok, ChatTemplate("qwen3.jinja", QWEN3)).encode(load_conversations(data))
+    assert len(examples) == 3  # the two-turn chat is two examples
+    stats = run_doctor(data, tokenizer=tok, template=str(qwen3)).stats
+    assert stats["trained_tokens"]["total"] == report.n_trained_tokens
+    assert round(stats["length"]["mean"] * 3) == report.n_tokens
+
+
 def test_template_consistency_judges_with_prepares_rule(tmp_path, tiny_model_dir):
     """Reasoning (inlined as <think> where the template has no field for it) and a Qwen3-style template
     (one example per turn, an empty <think> block on the turn it renders last) are clean: prepare

@@ -351,14 +351,15 @@ def _eval_overlap(train: list[Conversation], evl: list[Conversation], mh: _MinHa
 
 # --- token checks and statistics ---------------------------------------------------------------------
 def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, findings: list[Finding]) -> dict:
-    """Tokenize as training does (all assistant replies trained); lengths, trained tokens, the limit."""
+    """Tokenize as training does (all assistant replies trained; a chat split per turn is several
+    examples, as prepare counts them); lengths, trained tokens, the limit. Findings name the conversation."""
     labeler = Labeler(tok, tpl)
-    segs, kept, errors = [], [], []
+    exs, kept, errors = [], [], []
     for _ in range(2):  # twice only if a sampled check rejected the skeletons: then all exactly
-        segs, kept, errors = [], [], []
+        exs, kept, errors = [], [], []
         for c in convs:
             try:
-                segs.append(labeler.segments(c))
+                exs.append(labeler.examples(c))
                 kept.append(c)
             except SftlabError as exc:  # its hint is the finding's fix
                 msg = str(exc).removeprefix(f"{c.where()}: ")
@@ -367,22 +368,27 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
             break
     for c, msg, fix in errors:
         _add(findings, "template", c.source, c.line, msg, fix=fix)
-    encoded = labeler.encode_segments(segs)
+    encoded = iter(labeler.encode_segments([segs for ex in exs for segs in ex],
+                                           [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in exs for _ in ex]))
     lengths, trained = [], []
     n_long = lost_total = 0
-    for c, (ids, labels) in zip(kept, encoded):
-        n_tr = len(labels) - labels.count(IGNORE)
-        lengths.append(len(ids))
-        trained.append(n_tr)
-        if n_tr == 0:
-            _add(findings, "no_trained", c.source, c.line, "no token of this example is trained")
+    for c, ex in zip(kept, exs):
+        per = [next(encoded) for _ in ex]  # (ids, labels) of each of the conversation's examples
+        n_trs = [len(labels) - labels.count(IGNORE) for _, labels in per]
+        lengths += [len(ids) for ids, _ in per]
+        trained += n_trs
+        if 0 in n_trs:
+            which = "" if len(per) == 1 else f" (its example for assistant turn {n_trs.index(0) + 1} of {len(per)})"
+            _add(findings, "no_trained", c.source, c.line, f"no token of this example is trained{which}")
             continue
-        if max_len is not None and len(ids) > max_len:
-            lost = len(labels) - max_len - labels[max_len:].count(IGNORE)
-            n_long += 1
+        long = [(ids, labels) for ids, labels in per if max_len is not None and len(ids) > max_len]
+        if long:
+            lost = sum(len(labels) - max_len - labels[max_len:].count(IGNORE) for _, labels in long)
+            n_tr, size = sum(n_trs), max(len(ids) for ids, _ in long)
+            n_long += len(long)
             lost_total += lost
             _add(findings, "too_long", c.source, c.line,
-                 f"{len(ids)} tokens > max_seq_length {max_len}; cut there it loses {lost} of its {n_tr} "
+                 f"{size} tokens > max_seq_length {max_len}; cut there it loses {lost} of its {n_tr} "
                  f"trained tokens ({lost / n_tr:.0%})")
             if lost == n_tr:
                 _add(findings, "no_trained", c.source, c.line,
