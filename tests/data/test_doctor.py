@@ -328,6 +328,16 @@ def test_near_duplicate_by_shingles(tmp_path):
     assert f.data["line"] == 3 and "Jaccard" in f.message
 
 
+def test_duplicates_inside_the_eval_data_are_found(tmp_path):
+    train = write(tmp_path, CLEAN)
+    extra = chat("Which planet is largest?", "Jupiter.")
+    evl = write(tmp_path, [extra, chat("Is water wet?", "Yes."), extra], "eval.jsonl")
+    result = run_doctor(train, eval_data=evl)
+    f = the_one(result, "duplicate")  # counted twice in every eval metric
+    assert (f.data["file"], f.data["line"]) == (evl, 3) and f"{evl}:1" in f.message
+    assert result.stats["eval"]["duplicates"] == {"exact": 1, "near": 0} and result.stats["duplicates"]["exact"] == 0
+
+
 # --- train/eval overlap ------------------------------------------------------------------------------------------
 def test_eval_overlap_exact_prompt_and_near(tmp_path):
     train = write(tmp_path, CLEAN)

@@ -142,8 +142,10 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     stats["tools"] = _tool_stats(train.convs + (evl.convs if evl else []), n_turns, n_reasoning)
     stats["eval"] = None
     if evl:
+        # duplicates inside the eval data weigh that item twice in every eval metric
+        eval_dups = _duplicates(evl.convs, mh.index([_body(c) for c in evl.convs]), res.findings)
         stats["eval"] = {"data": evl.path, "format": evl.fmt, "records": evl.records, "examples": len(evl.convs),
-                         "files": evl.files,
+                         "files": evl.files, "duplicates": eval_dups,
                          **_eval_overlap(train.convs, evl.convs, mh, bodies, res.findings)}
     if parts:
         stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length) for src, f in parts]
@@ -368,7 +370,8 @@ def _stats_lines(s: dict) -> list[str]:
     out.append(f"duplicates: {d['exact']} exact, {d['near']} near")
     if s.get("eval"):
         e = s["eval"]
-        out.append(f"eval overlap: {e['exact_overlap']} exact, {e['near_overlap']} near")
+        out.append(f"eval overlap: {e['exact_overlap']} exact, {e['near_overlap']} near; duplicates inside eval: "
+                   f"{e['duplicates']['exact']} exact, {e['duplicates']['near']} near")
     if s.get("note"):
         out.append(f"note: {s['note']}")
     return out
