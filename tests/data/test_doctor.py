@@ -141,11 +141,13 @@ def test_majority_format_wins_over_an_odd_first_line(tmp_path):
     path = write(tmp_path, [{"instruction": "x", "output": "y"}] + CLEAN)
     result = run_doctor(path)
     assert result.stats["format"] == "messages"
-    assert the_one(result, "fields").data["line"] == 1
+    f = the_one(result, "mixed_formats")
+    assert f.data["line"] == 1 and "the file mixes formats: 3 records look like messages, 1 like alpaca" in f.message
 
 
 # --- encoding and tokens in text ----------------------------------------------------------------------------
-@pytest.mark.parametrize("text", ["CafÃ© au lait", "it\u00e2\u20ac\u2122s here", "broken \ufffd char"])
+@pytest.mark.parametrize("text", ["CafÃ© au lait", "it\u00e2\u20ac\u2122s here", "broken \ufffd char",
+                                  "Brandâ„¢", "ÐŸÑ€Ð¸Ð²ÐµÑ‚", "æ—¥æœ¬èªž"])
 def test_mojibake_is_a_warning(tmp_path, text):
     path = write(tmp_path, [CLEAN[0], chat("Say it.", text)])
     result = run_doctor(path)
@@ -156,6 +158,13 @@ def test_mojibake_is_a_warning(tmp_path, text):
 
 def test_real_accents_are_not_mojibake(tmp_path):
     path = write(tmp_path, [chat("Où est le café ?", "São Paulo, Zürich, naïve, ½ — “quoted” ¿qué?")])
+    assert run_doctor(path).findings == []
+
+
+@pytest.mark.parametrize("text", ["Lui ha chiesto “perché…”", "C'è “qualcosa”…", "Er sagte „weiß”", "Öl° und è…»"])
+def test_accents_next_to_quotes_and_ellipses_are_not_mojibake(tmp_path, text):
+    """é…” are the cp1252 bytes of 酔 by chance: a repair to one stray CJK character is not plausible."""
+    path = write(tmp_path, [chat(text, "Non lo so.")])
     assert run_doctor(path).findings == []
 
 
@@ -259,6 +268,22 @@ def test_template_that_cannot_place_replies_is_an_error(tmp_path, tok):
     assert f.data["line"] == 1 and "verbatim" in f.message
 
 
+NO_SYSTEM = ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+             "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_template_that_refuses_a_conversation_is_one_error_with_a_fix(tmp_path, tok):
+    tpl = tmp_path / "nosys.jinja"
+    tpl.write_text(NO_SYSTEM)
+    path = write(tmp_path, [CLEAN[0], CLEAN[1]])  # the second has a system message
+    result = run_doctor(path, tokenizer=tok, template=str(tpl))
+    f = the_one(result, "template")  # once: not again as a template_consistency warning
+    assert [x.rule for x in result.findings] == ["template"]
+    assert f.data["line"] == 2 and f.message == "chat template 'nosys.jinja' failed to render: System role not supported"
+    assert "refuses system messages" in f.fixes[0] and "--template chatml" in f.fixes[0]
+
+
 def test_builtin_template_tokens_are_added_on_a_copy(tmp_path, tok):
     n = len(tok)
     result = run_doctor(write(tmp_path, CLEAN), tokenizer=tok, template="llama3")
@@ -301,6 +326,16 @@ def test_near_duplicate_by_shingles(tmp_path):
     rows = [chat("Summarise.", " ".join(words)), CLEAN[0], chat("Summarise.", " ".join(changed))]
     f = the_one(run_doctor(write(tmp_path, rows)), "near_duplicate")
     assert f.data["line"] == 3 and "Jaccard" in f.message
+
+
+def test_duplicates_inside_the_eval_data_are_found(tmp_path):
+    train = write(tmp_path, CLEAN)
+    extra = chat("Which planet is largest?", "Jupiter.")
+    evl = write(tmp_path, [extra, chat("Is water wet?", "Yes."), extra], "eval.jsonl")
+    result = run_doctor(train, eval_data=evl)
+    f = the_one(result, "duplicate")  # counted twice in every eval metric
+    assert (f.data["file"], f.data["line"]) == (evl, 3) and f"{evl}:1" in f.message
+    assert result.stats["eval"]["duplicates"] == {"exact": 1, "near": 0} and result.stats["duplicates"]["exact"] == 0
 
 
 # --- train/eval overlap ------------------------------------------------------------------------------------------
@@ -404,6 +439,30 @@ def test_template_consistency_flags_a_generation_prompt_that_differs(tmp_path, t
     clean = run_doctor(str(data), tokenizer=tok)
     assert not [f for f in clean.findings if f.rule == "template_consistency"]
     assert found[0].message.count(str(data)) == 0 and "assistant turn 1" in found[0].message  # where: once, as the finding's
+
+
+def test_trained_tokens_count_every_per_turn_example_as_prepare_does(tmp_path, tiny_model_dir):
+    """A Qwen3-style template splits a multi-turn chat into one example per assistant turn: the doctor's
+    token and trained-token totals are prepare's, not only each chat's last example."""
+    from test_official_templates import QWEN3, SPECIALS
+    from transformers import AutoTokenizer
+
+    from sftlab.data.formats import load_conversations
+    from sftlab.data.masking import Labeler
+    from sftlab.data.templates import ChatTemplate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS}, replace_extra_special_tokens=False)
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "two"},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "three"}]},
+            chat("hi", "hello")]
+    data, qwen3 = write(tmp_path, rows), tmp_path / "qwen3.jinja"
+    qwen3.write_text(QWEN3)
+    examples, report = Labeler(tok, ChatTemplate("qwen3.jinja", QWEN3)).encode(load_conversations(data))
+    assert len(examples) == 3  # the two-turn chat is two examples
+    stats = run_doctor(data, tokenizer=tok, template=str(qwen3)).stats
+    assert stats["trained_tokens"]["total"] == report.n_trained_tokens
+    assert round(stats["length"]["mean"] * 3) == report.n_tokens
 
 
 def test_template_consistency_judges_with_prepares_rule(tmp_path, tiny_model_dir):

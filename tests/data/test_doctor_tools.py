@@ -190,3 +190,23 @@ def test_records_the_loader_rejects_are_errors_under_the_tool_and_reasoning_rule
     first = res.findings[0]
     assert "not valid JSON" in first.message and first.fixes and "JSON object" in first.fixes[0]
     assert "</think>" in res.findings[2].fixes[0]
+
+
+def test_a_result_id_no_call_has_is_one_error_in_the_doctor_and_refused_by_prepare(tmp_path):
+    """The doctor and prepare share the rule (sftlab.data.roles): the record is one error, named once."""
+    import json
+
+    from sftlab.core.errors import SftlabError
+    from sftlab.data.doctor import run_doctor
+    from sftlab.data.formats import load_conversations
+
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function",
+                                                                "function": {"name": "get_weather", "arguments": {}}}]},
+            {"role": "tool", "tool_call_id": "c9", "content": "21"}, {"role": "assistant", "content": "21 degrees."}]
+    path = tmp_path / "orphan.jsonl"
+    path.write_text(json.dumps({"messages": msgs, "tools": TOOLS}) + "\n")
+    res = run_doctor(path)
+    assert [(f.rule, f.severity, f.where) for f in res.findings] == [("tool_orphan_result", "error", f"{path}:1")]
+    with pytest.raises(SftlabError, match=rf"{path}:1: message 3 \(tool\): .*'c9' matches no open call"):
+        load_conversations(str(path))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sftlab.core.errors import SftlabError
-from sftlab.data.formats import load_conversations, resolve_format
+from sftlab.data.formats import load_conversations, resolve_format, to_conversations
 from sftlab.data.load import read_records
 
 ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
@@ -56,6 +56,52 @@ def test_format_override_and_unknown_format(tmp_path):
 def test_undetectable_format_names_line_and_fields(tmp_path):
     with pytest.raises(SftlabError, match=r"d.jsonl:1: cannot tell the data format from fields \['foo'\]"):
         load_conversations(_jsonl(tmp_path / "d.jsonl", [{"foo": 1}]))
+
+
+def test_a_file_mixing_formats_is_read_as_its_most_common_one_and_the_mix_is_named(tmp_path):
+    """prepare and the doctor read the file by one rule and blame the same line, naming the mix."""
+    from sftlab.data.doctor import run_doctor
+
+    alpaca = {"instruction": "Q0", "output": "A0"}
+    msgs = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(3)]
+    path = _jsonl(tmp_path / "mixed.jsonl", [msgs[0], alpaca] + msgs[1:])
+    mix = ("line 2: this record looks like 'alpaca' format, but the file is read as 'messages', its most common "
+           "format; the file mixes formats: 3 records look like messages, 1 like alpaca; first other at line 2")
+    with pytest.raises(SftlabError) as err:
+        load_conversations(path)
+    assert str(err.value).startswith(f"{path}:2: " + mix.removeprefix("line 2: "))
+    assert "convert such records to 'messages' format" in str(err.value)
+    (f,) = run_doctor(path).findings
+    assert (f.rule, f.severity, f.where) == ("mixed_formats", "error", f"{path}:2") and f.message in str(err.value)
+    with pytest.raises(SftlabError) as err:  # --format given: the user's choice, no mix note
+        load_conversations(path, "messages")
+    assert "mixes formats" not in str(err.value) and f"{path}:2: 'messages' must be a list" in str(err.value)
+
+
+def test_a_json_file_holding_one_conversation_is_one_example(tmp_path):
+    p = tmp_path / "single.json"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                             "tools": [{"name": "f"}]}))
+    (conv,) = load_conversations(str(p))
+    assert [m.content for m in conv.messages] == ["hi", "hello"] and conv.where() == f"{p}:1"
+    assert conv.tools == [{"type": "function", "function": {"name": "f"}}]
+    p.write_text(json.dumps({"data": [ROW, ROW]}))  # an object holding one list of examples: still a list
+    assert len(load_conversations(str(p))) == 2
+
+
+def test_csv_messages_column_holding_json_text_is_parsed_like_tools(tmp_path):
+    p = tmp_path / "msgs.csv"
+    msgs = [{"role": "user", "content": "hi, there"}, {"role": "assistant", "content": "yo"}]
+    with p.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["messages", "tools"])
+        w.writerow([json.dumps(msgs), json.dumps([{"name": "f"}])])
+        w.writerow(["[{not json", ""])
+    with pytest.raises(SftlabError, match=r"msgs.csv:3: 'messages' \(a string\) is not valid JSON"):
+        load_conversations(str(p))
+    (conv,) = to_conversations(read_records(p), strict=False)[0]
+    assert [m.content for m in conv.messages] == ["hi, there", "yo"] and conv.tools[0]["function"]["name"] == "f"
 
 
 def test_malformed_line_is_named(tmp_path):

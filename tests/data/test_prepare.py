@@ -57,11 +57,21 @@ def test_out_writes_arrow_dataset_and_report(tmp_path, tiny_model_dir):
     ('{"prompt": "a", "completion": "b"}\n', ["--template", "nope"], "unknown template 'nope'"),
     ('{"prompt": "a", "completion": "b"}\n', ["--set", "lerning_rate=1"], "unknown config key 'lerning_rate'"),
     ('{"prompt": "a", "completion": "b"}\n', ["--max-seq-length", "2"], "max_seq_length"),
+    # a template that refuses a record names it and the fix
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": [{"role": "system", "content": "S"}, {"role": "user", '
+     '"content": "a"}, {"role": "assistant", "content": "b"}]}\n', ["--template", "NOSYS"],
+     "{d}:2: chat template 'nosys.jinja' failed to render: System role not supported (the template refuses system "
+     "messages: drop them"),
 ])
 def test_bad_input_is_one_line_and_nothing_written(tmp_path, tiny_model_dir, capsys, content, args, message):
     d = tmp_path / "d.jsonl"
     if content is not None:
         d.write_text(content)
+    if "NOSYS" in args:
+        from test_doctor import NO_SYSTEM
+
+        (tmp_path / "nosys.jinja").write_text(NO_SYSTEM)
+        args = [str(tmp_path / "nosys.jinja") if a == "NOSYS" else a for a in args]
     dump = tmp_path / "dump.jsonl"
     code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(d), "--dump", str(dump)] + args)
     err = capsys.readouterr().err

@@ -86,11 +86,22 @@ MALFORMED = {
     "arguments-not-json": (_tool_chat([_call('{"city": Paris}')]),
                            r"message 2 tool call 1 'arguments' is not valid JSON .*\(write the arguments as a JSON object"),
     "arguments-not-an-object": (_tool_chat([_call("[1, 2]")]),
-                                r"'arguments' must be an object or a JSON-object string, got list \(write the arguments"),
+                                r"'arguments' must be an object or a JSON-object string, got the string \"\[1, 2\]\" \(a JSON array\) \(write"),
+    "arguments-the-string-null": (_tool_chat([_call("null")]),
+                                  r"'arguments' must be an object or a JSON-object string, got the string \"null\" \(a JSON null\) \(write"),
     "result-without-call": ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"},
                                           {"role": "assistant", "content": "a"}]},
                             r"message 2 has role 'tool' where 'assistant' was expected \(a tool result must follow an assistant "
                             r"message with tool_calls"),
+    # the doctor's rule (sftlab.data.roles.answered_call): an error there, so refused here too
+    "result-id-matches-no-call": ({**_tool_chat([_call({"city": "Paris"})])} | {"messages": [
+        *_tool_chat([_call({"city": "Paris"})])["messages"][:2], {"role": "tool", "tool_call_id": "c9", "content": "r"},
+        {"role": "assistant", "content": "ok"}]},
+        r"message 3 \(tool\): a tool result, but tool_call_id 'c9' matches no open call \(their ids: 'c1'\) "
+        r"\(set the result's tool_call_id to the id of the call it answers"),
+    "more-results-than-calls": ({**_tool_chat([_call({})])} | {"messages": [
+        *_tool_chat([_call({})])["messages"][:3], {"role": "tool", "content": "again"}, {"role": "assistant", "content": "ok"}]},
+        r"message 4 \(tool\): a tool result, but every call before it already has its result"),
     "ends-with-result": ({"messages": _tool_chat([_call({})])["messages"][:3]},
                          r"conversation ends with a tool message; the last message must be the assistant's reply"),
     "calls-on-user": ({"messages": [{"role": "user", "content": "q", "tool_calls": [_call({})]},
@@ -120,6 +131,22 @@ def test_malformed_tool_and_reasoning_records_are_one_line_with_the_fix(tmp_path
     assert code != 0 and len(err.splitlines()) == 1, err
     assert re.search(r"d\.jsonl:2: .*" + message, err), err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_legacy_functions_list_is_the_tools_offered(tmp_path):
+    row = {"functions": [WEATHER], "messages": [
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"role": "function", "name": "get_weather", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    (conv,) = load_conversations(_jsonl(tmp_path / "d.jsonl", [row]))
+    assert conv.tools == [{"type": "function", "function": WEATHER}]
+    assert conv.messages[1].tool_calls[0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+
+
+def test_a_call_without_an_id_takes_a_result_with_any_id(tmp_path):
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {}}}
+    (conv,) = load_conversations(_jsonl(tmp_path / "d.jsonl", [_tool_chat([call])]))  # the result says "c1"
+    assert conv.messages[2].tool_call_id == "c1"
 
 
 def test_template_without_tool_support_is_refused_and_chatml_tools_renders_them(tmp_path, tiny_model_dir, capsys):

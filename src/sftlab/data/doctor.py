@@ -37,7 +37,7 @@ from sftlab.data.doctor_checks import (
     _token_checks,
 )
 from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
-from sftlab.data.formats import format_of_row, resolve_format, to_conversations
+from sftlab.data.formats import resolve_format, to_conversations
 from sftlab.data.load import folder_files, is_saved_dataset, read_records
 from sftlab.data.masking import Labeler
 from sftlab.data.mixture import Source, is_mixture, parse_sources
@@ -142,8 +142,10 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     stats["tools"] = _tool_stats(train.convs + (evl.convs if evl else []), n_turns, n_reasoning)
     stats["eval"] = None
     if evl:
+        # duplicates inside the eval data weigh that item twice in every eval metric
+        eval_dups = _duplicates(evl.convs, mh.index([_body(c) for c in evl.convs]), res.findings)
         stats["eval"] = {"data": evl.path, "format": evl.fmt, "records": evl.records, "examples": len(evl.convs),
-                         "files": evl.files,
+                         "files": evl.files, "duplicates": eval_dups,
                          **_eval_overlap(train.convs, evl.convs, mh, bodies, res.findings)}
     if parts:
         stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length) for src, f in parts]
@@ -204,7 +206,9 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
     if tpl is None:
         return
 
-    chats = [c for c in convs if not c.is_text][:sample]
+    # a conversation the template cannot render at all is already a "template" error: not again here
+    failed = {(f.data["file"], f.data["line"]) for f in findings if f.rule == "template"}
+    chats = [c for c in convs if not c.is_text and (c.source, c.line) not in failed][:sample]
     for c, problem in zip(chats, (check_template_consistency(tpl, [c]) for c in chats)):
         if problem:  # the finding names the file and line: not again in its text
             text = problem[0].removeprefix(f"{c.where()}, ").removeprefix(f"{c.where()}: ")
@@ -227,15 +231,9 @@ def _load(path, fmt: str | None, findings: list[Finding], split: str = "train") 
         files = {"read": [f.relative_to(p).as_posix() for f in read],
                  "skipped": [f.relative_to(p).as_posix() for f in skipped]}
     readable = [r for r in records if r.data is not None]
-    if fmt and fmt != "auto":
-        key = resolve_format(fmt, records)
-    elif readable:
-        # The majority format, so one odd first line does not make every other line "wrong".
-        counts = Counter(f for r in readable if (f := format_of_row(r.data)))
-        key = counts.most_common(1)[0][0] if counts else resolve_format(None, records)
-    else:
-        key = "unknown"
-    convs, failures = to_conversations(records, key, strict=False) if readable else ([], [])
+    # prepare's rule: --format, else the most common format (one odd first line does not make every other line "wrong")
+    key = resolve_format(fmt, records) if readable or (fmt and fmt != "auto") else "unknown"
+    convs, failures = to_conversations(records, fmt, strict=False) if readable else ([], [])
     if not readable:
         failures = [(r, None) for r in records]
     for rec, exc in failures:
@@ -372,7 +370,8 @@ def _stats_lines(s: dict) -> list[str]:
     out.append(f"duplicates: {d['exact']} exact, {d['near']} near")
     if s.get("eval"):
         e = s["eval"]
-        out.append(f"eval overlap: {e['exact_overlap']} exact, {e['near_overlap']} near")
+        out.append(f"eval overlap: {e['exact_overlap']} exact, {e['near_overlap']} near; duplicates inside eval: "
+                   f"{e['duplicates']['exact']} exact, {e['duplicates']['near']} near")
     if s.get("note"):
         out.append(f"note: {s['note']}")
     return out

@@ -24,6 +24,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "encoding": ("error", "invalid UTF-8 or cut characters (unpaired surrogates)"),
     "parse": ("error", "lines that do not parse"),
     "fields": ("error", "missing or wrong fields for the format"),
+    "mixed_formats": ("error", "records in another format than the rest of the file"),
     "role_order": ("error", "wrong role order (or no reply at the end)"),
     "empty_reply": ("error", "empty replies"),
     "non_text": ("error", "image, audio or other non-text content"),
@@ -101,11 +102,11 @@ def _text_checks(conv: Conversation, marker_re: re.Pattern, specials: set[str], 
     """Encoding damage and template/special tokens; one finding per example and check."""
     hits: dict[str, list[str]] = defaultdict(list)
     for label, text in _texts(conv):
-        moji = [] if text.isascii() else [m for m in _MOJIBAKE.finditer(text) if _fixable(m.group())]
+        moji = [] if text.isascii() else [m for m in _MOJIBAKE.finditer(text) if _repair(m.group())]
         if moji:
             bad = moji[0].group()
-            hits["mojibake"].append(f"{label}: {bad!r} (probably {_fixable(bad)!r}; UTF-8 read as cp1252/latin-1)")
-            text = _MOJIBAKE.sub("", text)
+            hits["mojibake"].append(f"{label}: {bad!r} (probably {_repair(bad)!r}; UTF-8 read as cp1252/latin-1)")
+            text = _MOJIBAKE.sub(lambda m: "" if _repair(m.group()) else m.group(), text)
         if "\ufffd" in text:
             hits["mojibake"].append(f"{label}: U+FFFD replacement characters (text was decoded with errors replaced)")
         ctrl = _CONTROL.search(text)
@@ -156,11 +157,27 @@ def _strings(value) -> list[str]:
     return []
 
 
-def _fixable(s: str) -> str | None:
+def _repair(s: str) -> str | None:
+    """The text ``s`` was before its UTF-8 bytes were read as cp1252/latin-1, when that is plausible, else None.
+
+    Clean text can spell such bytes by chance: "perché…”" holds é…”, the cp1252 bytes of 酔. So a
+    repair counts only when it yields Latin text or punctuation (cafÃ© -> café, â€™ -> ’, â„¢ -> ™), a
+    Cyrillic letter from the classic Ð/Ñ leads, or at least two letters in a row (æ—¥æœ¬ -> 日本), which
+    chance does not spell.
+    """
     try:
-        return bytes(_MOJI_BYTE[c] for c in s).decode("utf-8")
+        fixed = bytes(_MOJI_BYTE[c] for c in s).decode("utf-8")
     except (UnicodeDecodeError, KeyError):
         return None
+    if all(_latin(c) for c in fixed) or s[0] in "ÐÑ" and "\u0400" <= fixed[0] <= "\u04ff":
+        return fixed
+    return fixed if sum(unicodedata.category(c).startswith("L") for c in fixed) >= 2 else None
+
+
+def _latin(c: str) -> bool:
+    """Latin letters and the punctuation, currency and letterlike symbols Western text uses."""
+    o = ord(c)
+    return o < 0x250 or 0x2000 <= o < 0x2070 or 0x20A0 <= o < 0x20D0 or 0x2100 <= o < 0x2150
 
 
 # --- duplicates and overlap -------------------------------------------------------------------------
@@ -334,37 +351,44 @@ def _eval_overlap(train: list[Conversation], evl: list[Conversation], mh: _MinHa
 
 # --- token checks and statistics ---------------------------------------------------------------------
 def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, findings: list[Finding]) -> dict:
-    """Tokenize as training does (all assistant replies trained); lengths, trained tokens, the limit."""
+    """Tokenize as training does (all assistant replies trained; a chat split per turn is several
+    examples, as prepare counts them); lengths, trained tokens, the limit. Findings name the conversation."""
     labeler = Labeler(tok, tpl)
-    segs, kept, errors = [], [], []
+    exs, kept, errors = [], [], []
     for _ in range(2):  # twice only if a sampled check rejected the skeletons: then all exactly
-        segs, kept, errors = [], [], []
+        exs, kept, errors = [], [], []
         for c in convs:
             try:
-                segs.append(labeler.segments(c))
+                exs.append(labeler.examples(c))
                 kept.append(c)
-            except SftlabError as exc:
-                errors.append((c, str(exc).removeprefix(f"{c.where()}: ")))
+            except SftlabError as exc:  # its hint is the finding's fix
+                msg = str(exc).removeprefix(f"{c.where()}: ")
+                errors.append((c, msg.removesuffix(f" ({exc.hint})") if exc.hint else msg, exc.hint))
         if not labeler.skeletons_failed:
             break
-    for c, msg in errors:
-        _add(findings, "template", c.source, c.line, msg)
-    encoded = labeler.encode_segments(segs)
+    for c, msg, fix in errors:
+        _add(findings, "template", c.source, c.line, msg, fix=fix)
+    encoded = iter(labeler.encode_segments([segs for ex in exs for segs in ex],
+                                           [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in exs for _ in ex]))
     lengths, trained = [], []
     n_long = lost_total = 0
-    for c, (ids, labels) in zip(kept, encoded):
-        n_tr = len(labels) - labels.count(IGNORE)
-        lengths.append(len(ids))
-        trained.append(n_tr)
-        if n_tr == 0:
-            _add(findings, "no_trained", c.source, c.line, "no token of this example is trained")
+    for c, ex in zip(kept, exs):
+        per = [next(encoded) for _ in ex]  # (ids, labels) of each of the conversation's examples
+        n_trs = [len(labels) - labels.count(IGNORE) for _, labels in per]
+        lengths += [len(ids) for ids, _ in per]
+        trained += n_trs
+        if 0 in n_trs:
+            which = "" if len(per) == 1 else f" (its example for assistant turn {n_trs.index(0) + 1} of {len(per)})"
+            _add(findings, "no_trained", c.source, c.line, f"no token of this example is trained{which}")
             continue
-        if max_len is not None and len(ids) > max_len:
-            lost = len(labels) - max_len - labels[max_len:].count(IGNORE)
-            n_long += 1
+        long = [(ids, labels) for ids, labels in per if max_len is not None and len(ids) > max_len]
+        if long:
+            lost = sum(len(labels) - max_len - labels[max_len:].count(IGNORE) for _, labels in long)
+            n_tr, size = sum(n_trs), max(len(ids) for ids, _ in long)
+            n_long += len(long)
             lost_total += lost
             _add(findings, "too_long", c.source, c.line,
-                 f"{len(ids)} tokens > max_seq_length {max_len}; cut there it loses {lost} of its {n_tr} "
+                 f"{size} tokens > max_seq_length {max_len}; cut there it loses {lost} of its {n_tr} "
                  f"trained tokens ({lost / n_tr:.0%})")
             if lost == n_tr:
                 _add(findings, "no_trained", c.source, c.line,

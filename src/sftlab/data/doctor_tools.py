@@ -17,6 +17,7 @@ from typing import Any
 
 from sftlab.core.findings import Finding
 from sftlab.data.doctor_checks import CHECKS
+from sftlab.data.roles import answered_call, orphan_reason
 from sftlab.data.types import Conversation, Message
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -160,11 +161,9 @@ def tool_checks(conv: Conversation, findings: list[Finding]) -> None:
                 open_calls.append((i, call.get("id") if isinstance(call, dict) else None, name))
                 _check_call(i, name, raw, conv.tools, schemas, once)
         elif m.role == "tool":
-            match = _answer(open_calls, m)
+            match = answered_call(open_calls, m)  # prepare's rule (validate_roles), so both judge alike
             if match is None:
-                what = (f"tool_call_id {m.tool_call_id!r} matches no open call" if m.tool_call_id and open_calls
-                        else "no assistant tool call comes before it")
-                once("tool_orphan_result", f"message {i} (tool): a tool result, but {what}")
+                once("tool_orphan_result", f"message {i} (tool): a tool result, but {orphan_reason(open_calls, m)}")
             else:
                 open_calls.remove(match)
         elif m.role == "user":
@@ -190,17 +189,6 @@ def _check_call(i: int, name: str | None, raw: Any, tools: list[dict] | None, sc
     problems = argument_problems(args, schemas[name]) if args is not None else []
     if problems:
         once("tool_schema", f"{label}: {'; '.join(problems)}")
-
-
-def _answer(open_calls: list, m: Message):
-    """The open call a tool message answers: by id, else by name, else the first open one (no id given)."""
-    if m.tool_call_id:
-        return next((c for c in open_calls if c[1] == m.tool_call_id), None)
-    if m.name:
-        named = next((c for c in open_calls if c[2] == m.name), None)
-        if named is not None:
-            return named
-    return open_calls[0] if open_calls else None
 
 
 def _unanswered(open_calls: list, i: int, role: str, once) -> None:

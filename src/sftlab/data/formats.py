@@ -1,27 +1,20 @@
 """Every input format -> one Conversation type.
 
 Each converter is a small pure function ``dict -> Conversation`` that raises :class:`FormatError`
-(with the name of the failed check) on a record it cannot convert. ``detect_format`` picks the
-format from the fields of the first readable record; ``--format`` overrides it.
+(with the name of the failed check) on a record it cannot convert. :func:`resolve_format` picks the
+format from the fields of the records (the most common); ``--format`` overrides it.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Callable
 
 from sftlab.core.errors import SftlabError
 from sftlab.data.load import SURROGATE_FIX, Record, read_records, unpaired_surrogate
+from sftlab.data.roles import FormatError, validate_roles
 from sftlab.data.types import Conversation, Message
-
-
-class FormatError(ValueError):
-    """A record that does not fit its format. ``check`` names the failed check for the doctor."""
-
-    def __init__(self, message: str, check: str = "fields", fix: str | None = None):
-        self.check = check
-        self.fix = fix  # how to fix the record, when more specific than "fix the line"
-        super().__init__(message)
 
 _SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -67,48 +60,6 @@ def _weight(row: dict) -> float:
     return w
 
 
-def validate_roles(messages: list[Message]) -> None:
-    """System (optional, first), then user; each user turn answered by the assistant, whose tool calls
-    (if any) are each followed by tool results and then the assistant again; ends with the assistant."""
-    if not messages:
-        raise FormatError("conversation has no messages", "fields")
-    body = messages[1:] if messages[0].role == "system" else messages
-    for i, m in enumerate(messages[1:], start=2):
-        if m.role == "system":
-            raise FormatError(f"message {i} is a system message; only the first message may be one", "role_order")
-    if not body:
-        raise FormatError("conversation has only a system message", "role_order")
-    offset = len(messages) - len(body)
-    prev = None
-    for i, m in enumerate(body):
-        if prev is None or prev.role == "assistant" and not prev.tool_calls:
-            expected = ("user",)
-        elif prev.role == "user":
-            expected = ("assistant",)
-        elif prev.role == "assistant":  # it made tool calls: their results come next
-            expected = ("tool",)
-        else:  # a tool result: more results, or the assistant goes on
-            expected = ("tool", "assistant")
-        if m.role not in expected:
-            check = "role_order"
-            if m.role == "tool":
-                why, check = "a tool result must follow an assistant message with tool_calls (or another tool result)", \
-                    "tool_orphan_result"
-            elif expected == ("tool",):
-                why, check = "the calls of the message before get no tool result", "tool_unanswered"
-            else:
-                why = "roles must alternate user/assistant, starting with user; tool results follow tool calls"
-            raise FormatError(f"message {i + 1 + offset} has role '{m.role}' where '{' or '.join(expected)}' "
-                              f"was expected ({why})", check)
-        prev = m
-    if body[-1].role != "assistant":
-        raise FormatError(f"conversation ends with a {body[-1].role} message; the last message must be the assistant's reply",
-                          "role_order")
-    for i, m in enumerate(messages, start=1):
-        if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
-            raise FormatError(f"message {i} (assistant) is empty", "empty_reply")
-
-
 def _parse_json(text: str, what: str, check: str, fix: str):
     """``text`` parsed as JSON; a FormatError naming ``what`` and the fix when it is not JSON."""
     try:
@@ -132,11 +83,14 @@ def _arguments(value, where: str) -> dict:
         return {}
     if isinstance(value, dict):
         return value
+    got = type(value).__name__
     if isinstance(value, str):
-        value = _parse_json(value, f"{where} 'arguments'", "tool_arguments", _ARGS_FIX)
+        text, value = value, _parse_json(value, f"{where} 'arguments'", "tool_arguments", _ARGS_FIX)
         if isinstance(value, dict):
             return value
-    raise FormatError(f"{where} 'arguments' must be an object or a JSON-object string, got {type(value).__name__}",
+        kind = {type(None): "null", list: "array", str: "string", bool: "boolean"}.get(type(value), "number")
+        got = f"the string {json.dumps(text[:40], ensure_ascii=False)} (a JSON {kind})"  # not "NoneType" for "null"
+    raise FormatError(f"{where} 'arguments' must be an object or a JSON-object string, got {got}",
                       "tool_arguments", _ARGS_FIX)
 
 
@@ -167,8 +121,11 @@ def _tool_calls(value, where: str) -> tuple[dict, ...] | None:
 
 
 def _tools(row: dict) -> list[dict] | None:
-    """The record's tool schemas (a list, or a JSON string of one), each as {"type": "function", "function": {...}}."""
+    """The record's tool schemas (a list, or a JSON string of one), each as {"type": "function", "function": {...}};
+    OpenAI's legacy ``functions`` list (beside legacy ``function_call``) is read as the tools offered."""
     tools = row.get("tools")
+    if tools is None or tools == "" or tools == []:
+        tools = row.get("functions")
     if tools is None or tools == "" or tools == []:
         return None
     if isinstance(tools, str):
@@ -239,8 +196,15 @@ def _opt_str(v) -> str | None:
     return None if v is None else str(v)
 
 
+def _json_list(value, key: str):
+    """A list given as JSON text (a CSV cell, as 'tools' may be) parsed; anything else as it is."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        return _parse_json(value, f"'{key}' (a string)", "fields", f"give '{key}' as a JSON list of messages")
+    return value
+
+
 def from_messages(row: dict) -> Conversation:
-    msgs = row.get("messages")
+    msgs = _json_list(row.get("messages"), "messages")
     if not isinstance(msgs, list):
         raise FormatError("'messages' must be a list of {role, content} objects")
     out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user, assistant or tool")
@@ -276,7 +240,7 @@ def _function_call_turn(value, i: int) -> Message:
 
 
 def from_sharegpt(row: dict) -> Conversation:
-    turns = row.get("conversations", row.get("conversation"))
+    turns = _json_list(row.get("conversations", row.get("conversation")), "conversations")
     if not isinstance(turns, list):
         raise FormatError("'conversations' must be a list of {from, value} objects")
     out = []
@@ -346,21 +310,24 @@ def format_of_row(row: dict) -> str | None:
 
 
 def resolve_format(name: str | None, records: list[Record]) -> str:
-    """The format to use: ``name`` if given (validated), else detected from the first readable record."""
+    """The format to use: ``name`` if given (validated), else the most common among the readable records
+    (ties: the earlier), so one odd line does not make every other line "wrong". Prepare, mixtures and
+    the doctor all read a file by this one rule."""
     if name and name != "auto":
         key = FORMAT_ALIASES.get(name, name).replace("-", "_")
         if key not in CONVERTERS:
             raise SftlabError(f"unknown format '{name}'", hint=f"use one of: {', '.join(CONVERTERS)}, or auto")
         return key
-    for r in records:
-        if r.data is not None:
-            fmt = format_of_row(r.data)
-            if fmt is None:
-                raise SftlabError(
-                    f"{r.where()}: cannot tell the data format from fields {sorted(r.data)}",
-                    hint="expected messages, conversations, instruction/output, prompt/completion or text; or pass --format",
-                )
-            return fmt
+    readable = [r for r in records if r.data is not None]
+    counts = Counter(f for r in readable if (f := format_of_row(r.data)))
+    if counts:
+        return counts.most_common(1)[0][0]
+    if readable:
+        r = readable[0]
+        raise SftlabError(
+            f"{r.where()}: cannot tell the data format from fields {sorted(r.data)}",
+            hint="expected messages, conversations, instruction/output, prompt/completion or text; or pass --format",
+        )
     raise SftlabError(f"{records[0].source if records else 'data'}: no readable records to detect the format from")
 
 
@@ -374,10 +341,35 @@ def add_system_prompt(convs: list[Conversation], system_prompt: str | None) -> l
     return convs
 
 
+def mixed_formats(records: list[Record], key: str) -> str | None:
+    """"the file mixes formats: 1 record looks like alpaca, 3 like messages; first other at line 1" when
+    some readable records look like another format than ``key``; None when none do."""
+    seen = [(r, f) for r in records if r.data is not None and (f := format_of_row(r.data))]
+    counts = Counter(f for _, f in seen)
+    if len(counts) < 2:
+        return None
+    first = next(r for r, f in seen if f != key)
+    one_file = len({r.source for r in records}) == 1
+    what, at = ("file", f"line {first.line}") if one_file else ("data", first.where())
+    parts = [f"{n} {'record looks' if n == 1 else 'records look'} like {f}" if k == 0 else f"{n} like {f}"
+             for k, (f, n) in enumerate(counts.most_common())]
+    return f"the {what} mixes formats: {', '.join(parts)}; first other at {at}"
+
+
+def _mixed_error(r: Record, key: str, note: str) -> FormatError:
+    other = format_of_row(r.data)
+    return FormatError(f"this record looks like '{other}' format, but the file is read as '{key}', its most common "
+                       f"format; {note}", "mixed_formats",
+                       f"convert such records to '{key}' format, or split the file by format and list the parts under "
+                       "`data:`, each read in its own format")
+
+
 def to_conversations(records: list[Record], fmt: str | None = None, *, system_prompt: str | None = None,
                      strict: bool = True) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
-    """Convert records; returns (conversations, failures). With ``strict`` the first failure raises."""
+    """Convert records; returns (conversations, failures). With ``strict`` the first failure raises.
+    A record of another format than the file's (auto-detected) fails naming the mix."""
     key = resolve_format(fmt, records)
+    note = mixed_formats(records, key) if not fmt or fmt == "auto" else None
     convert = CONVERTERS[key]
     convs: list[Conversation] = []
     failures: list[tuple[Record, FormatError]] = []
@@ -388,7 +380,8 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
         try:
             c = convert(r.data)
         except FormatError as exc:
-            failures.append((r, exc))
+            other = note and format_of_row(r.data)
+            failures.append((r, _mixed_error(r, key, note) if other and other != key else exc))
             continue
         c.source, c.line = r.source, r.line
         convs.append(c)

@@ -1,6 +1,6 @@
 """Read data files into records: (line, dict) pairs, each remembering where it came from.
 
-JSONL, JSON (a list, or an object holding one list), CSV, Parquet and local Hugging Face datasets
+JSONL, JSON (a list, an object holding one list, or one conversation object), CSV, Parquet and local Hugging Face datasets
 (a folder written by ``Dataset.save_to_disk``, or a folder of data files whose train split is read,
 as ``load_dataset(folder)`` picks it) are supported. Every record carries the 1-based line of the
 input file (JSONL, CSV, JSON arrays) or the 1-based row number (Parquet, datasets), so every later
@@ -139,6 +139,8 @@ def _read_json(p: Path) -> list[Record]:
     except RecursionError:
         raise SftlabError(f"{p}:{_deep_line(text)}: nested too deeply to read (lists or objects inside each other "
                           "over a thousand levels)", hint=_DEEP_FIX)
+    if isinstance(obj, dict) and _one_conversation(obj):  # {"messages": [...]}: one example, not a list of them
+        return [_checked(str(p), 1, obj, text)]
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -156,6 +158,12 @@ def _read_json(p: Path) -> list[Record]:
         else:
             out.append(Record(str(p), line, None, f"expected a JSON object, got {type(item).__name__}"))
     return out
+
+
+def _one_conversation(obj: dict) -> bool:
+    """Is this JSON object one chat (a 'messages' or 'conversations' list of role/from objects)?"""
+    turns = next((obj[k] for k in ("messages", "conversations", "conversation") if isinstance(obj.get(k), list)), None)
+    return bool(turns) and all(isinstance(t, dict) and ("role" in t or "from" in t) for t in turns)
 
 
 def _json_item_lines(text: str, n: int) -> list[int]:

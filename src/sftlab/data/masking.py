@@ -42,7 +42,7 @@ from sftlab.config import Masking, Reasoning, Truncation, choices
 from sftlab.core.errors import SftlabError
 from sftlab.core.loss import IGNORE
 from sftlab.data.skeleton import Skeletons
-from sftlab.data.templates import ChatTemplate
+from sftlab.data.templates import ChatTemplate, TemplateRefused
 from sftlab.data.turns import ConvLabels, TurnRule
 from sftlab.data.types import Conversation, Message
 
@@ -200,9 +200,12 @@ class Labeler(TurnRule):
         if self.template is None:
             raise SftlabError("chat data needs a chat template", hint="pass --template")
         conv = self._with_reasoning(conv)
-        if self._skeletons is not None:
-            return self._skeletons.segments(conv)
-        return self._examples_exact(conv)
+        try:
+            if self._skeletons is not None:
+                return self._skeletons.segments(conv)
+            return self._examples_exact(conv)
+        except TemplateRefused as exc:  # name the conversation the template refused, and a fix
+            raise exc.at(conv) from None
 
     def segments(self, conv: Conversation) -> list[tuple[str, bool]]:
         """The pieces of the conversation's last (longest-context) example."""

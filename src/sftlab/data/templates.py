@@ -118,6 +118,31 @@ class RenderLimit(Exception):
     """A render passed :data:`MAX_RENDER_CHARS` or :data:`MAX_RENDER_SECONDS`."""
 
 
+class TemplateRefused(SftlabError):
+    """The template failed to render these messages (its ``raise_exception``, or an error inside it):
+    ``reason`` is its message. :meth:`at` names the conversation and a fix."""
+
+    def __init__(self, name: str, reason: str):
+        self.template_name, self.reason = name, reason
+        super().__init__(f"chat template '{name}' failed to render: {reason}")
+
+    def at(self, conv) -> SftlabError:
+        """The same failure as one line naming ``conv`` (a Conversation) and how to fix it."""
+        return SftlabError(f"{conv.where()}: {self}", hint=self.fix(conv.messages))
+
+    def fix(self, messages: list[Message]) -> str:
+        """A fix guessed from the reason and the messages the template refused."""
+        why, roles = self.reason.lower(), {m.role for m in messages}
+        if "system" in why and "system" in roles:
+            return ("the template refuses system messages: drop them, fold them into the first user message, "
+                    "or use another template, e.g. --template chatml")
+        if "tool" in why or "function" in why or "tool" in roles or any(m.tool_calls for m in messages):
+            return ("the template refuses these tool calls or results: use the model's tool-calling template "
+                    "or --template chatml-tools")
+        return ("the template refuses this conversation: change it to what the template accepts, or use another "
+                "template, e.g. --template chatml")
+
+
 def _check_deadline() -> None:
     end = getattr(_deadline, "at", None)
     if end is not None and time.monotonic() > end:
@@ -236,7 +261,7 @@ def bounded_render(compiled, name: str, **context) -> str:
                           else f"chat template '{name}' stopped: {exc}",
                           hint="a chat template should only lay out the messages; fix the template") from None
     except TemplateError as exc:
-        raise SftlabError(f"chat template '{name}' failed to render: {exc}") from None
+        raise TemplateRefused(name, str(exc)) from None
     except (OverflowError, MemoryError, RecursionError) as exc:
         raise SftlabError(f"chat template '{name}' failed to render: {type(exc).__name__}: {exc}",
                           hint="a chat template should only lay out the messages; fix the template") from None
