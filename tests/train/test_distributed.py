@@ -277,9 +277,10 @@ def test_fsdp_options_become_accelerate_fsdp2_settings(tmp_path, tiny_model_dir)
             _sharding_arguments(train_config(tmp_path, tiny_model_dir, fsdp=bad), cuda=True)
 
 
-def test_only_global_rank_zero_clears_the_log(tmp_path, tiny_model_dir, monkeypatch):
-    """On node 2 LOCAL_RANK is 0 too: a fresh run's log is cleared by global rank 0 alone."""
-    from sftlab.train.run import start_run_folder
+def test_only_global_rank_zero_judges_whether_output_dir_holds_a_run(tmp_path, tiny_model_dir, monkeypatch):
+    """On node 2 LOCAL_RANK is 0 too, and a Ray worker or a later node may start after rank 0 wrote its
+    first files: only global rank 0 refuses a folder that holds a run."""
+    from sftlab.train.checks import run_folder_findings
 
     rc = train_config(tmp_path, tiny_model_dir)
     run = tmp_path / "run"
@@ -287,10 +288,9 @@ def test_only_global_rank_zero_clears_the_log(tmp_path, tiny_model_dir, monkeypa
     (run / A.METRICS).write_text('{"step": 1}\n')
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("RANK", "1")
-    assert start_run_folder(rc, run) is None and (run / A.METRICS).exists()
+    assert [f.rule for f in run_folder_findings(rc)] == []
     monkeypatch.setenv("RANK", "0")
-    start_run_folder(rc, run)
-    assert not (run / A.METRICS).exists()
+    assert [f.message for f in run_folder_findings(rc)] == [f"{rc.output_dir} holds a run"]
 
 
 def test_a_mixture_drawn_per_epoch_on_two_processes_resumes_mid_epoch(tmp_path, tiny_model_dir, data):

@@ -22,6 +22,7 @@ from sftlab.plan.auto import (
     estimated_bytes,
     lr_for_size,
 )
+from sftlab.train.distributed import is_global_main
 
 
 def _finding(rule: str, severity: str, message: str, fix: str) -> Finding:
@@ -242,7 +243,8 @@ def run_folder_findings(cfg: Config) -> list[Finding]:
     elif (why := _writable(where)) is not None:
         out.append(_finding("output_dir", "error", f"output_dir {cfg.output_dir} cannot be written in {where}: {why}",
                             "--output-dir a folder you can write"))
-    elif not cfg.resume and (held := A.RunDir(run).run_files()):
+    # global rank 0 alone: another process (a later node, a Ray worker) may already see its first files
+    elif not cfg.resume and is_global_main() and (held := A.RunDir(run).run_files()):
         out.append(Finding("output_dir", "error", f"{cfg.output_dir} holds a run", where="output_dir",
                            evidence=[f"found: {', '.join(held)}"],
                            fixes=["pass --resume to continue it, choose another --output-dir, or remove it"]))

@@ -161,8 +161,9 @@ def _cache_key(rc: Config, model_cfg, longest: int) -> str:
 
 def _from_trial(rc: Config, micro_ms: float, merged_ms: float, cached: bool) -> MergeChoice:
     b, ga = int(rc.batch_size), int(rc.gradient_accumulation)
+    micro_ms, merged_ms = round(micro_ms, 1), round(merged_ms, 1)  # as cached: a cached trial reads the same
     ratio = micro_ms / max(merged_ms, 1e-9)
-    trial = dict(micro_ms=round(micro_ms, 1), merged_ms=round(merged_ms, 1), cached=cached)
+    trial = dict(micro_ms=micro_ms, merged_ms=merged_ms, cached=cached)
     if ratio < SPEEDUP:
         return MergeChoice(False, f"one micro-batch of {b * ga} measured {ratio:.2f}x {ga} of {b} (needs {SPEEDUP:g}x)",
                            b, ga, **trial)
