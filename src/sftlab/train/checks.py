@@ -120,7 +120,10 @@ def method_findings(cfg: Config, model_cfg) -> list[Finding]:
     if cfg.method not in ("lora", "qlora") or cfg.lora_target_modules == "all-linear":
         return []
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
-    names = _module_names(model_cfg, cfg.trust_remote_code)
+    try:
+        names = _module_names(model_cfg, cfg.trust_remote_code)
+    except Exception:  # a model transformers cannot build from its config: loading it says why, in one line
+        return []
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:
         return []
