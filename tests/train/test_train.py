@@ -1,5 +1,6 @@
 """train(cfg) on a tiny model: methods, invariants, resume, signals, divergence, forgetting tools."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -221,6 +222,43 @@ def test_auto_values_follow_model_and_data_size(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cpu", 0.001))  # would not fit: checkpoint
     tight = auto.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=128)
     assert tight.gradient_checkpointing is True
+
+
+def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_dir):
+    """`batch_size: auto` is the largest micro-batch whose estimate for this model and these rows fits
+    90% of the memory (not a table by GPU size), accumulation makes a global batch of 16, and a value
+    the config sets is kept."""
+    from sftlab.models import model_config
+    from sftlab.plan import auto
+
+    mcfg = model_config(str(tiny_model_dir))
+    cfg = load_config(None, {"model": str(tiny_model_dir), "batch_size": "auto", "gradient_accumulation": "auto",
+                             "precision": "fp32", "gradient_checkpointing": False})
+
+    def need(b, seq=256, accum=1):
+        return auto.estimated_bytes(cfg, mcfg, batch=b, seq_len=seq, checkpointing=False, device="cuda", grad_accum=accum)
+
+    assert need(16) > need(8) > need(4)
+    between = (need(8) + need(16)) / 2 / 0.9 / 2**30  # room for 8 rows, not 16
+    assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cuda", mem_gb=between)[:2] == (8, 2)
+    assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (16, 1)
+    assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cuda", mem_gb=1e-6)[:2] == (1, 16)
+    # longer rows need more memory: the same budget takes fewer of them
+    assert auto.auto_batch(cfg, mcfg, seq_len=1024, device="cuda", mem_gb=between)[0] < 8
+    # on a CPU at most 4 rows (merge_micro_batches measures whether more pay); why names the memory
+    micro, accum, why = auto.auto_batch(cfg, mcfg, seq_len=256, device="cpu", mem_gb=1000)
+    assert (micro, accum) == (4, 4) and "free RAM" in why and "at most 4" in why
+    fixed = dataclasses.replace(cfg, gradient_accumulation=2)
+    assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (16, 2)
+    fixed = dataclasses.replace(cfg, batch_size=3)
+    assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (3, 6)
+    monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cuda", between))
+    monkeypatch.setattr(auto, "resolve_precision", lambda *a: ("fp32", None))
+    notes: dict = {}
+    rc = auto.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=256, notes=notes)
+    assert (rc.batch_size, rc.gradient_accumulation) == (8, 2)
+    line = auto.describe_auto(cfg, rc, n_params=10**6, n_examples=500, batch=notes["batch_size"])
+    assert "batch_size 8 (the largest micro-batch of 256-token rows" in line and "gradient_accumulation 2 (a global batch of 16)" in line
 
 
 def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):

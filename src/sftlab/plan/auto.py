@@ -3,7 +3,8 @@
 - learning rate: :func:`lr_for_size`, one table by method and model size, scaled for the LoRA scale
   alpha/r and the global batch by :func:`auto_learning_rate`;
 - epochs: :func:`epochs_for_data`, by number of training examples;
-- batch and accumulation: :func:`batch_for_memory`, by GPU memory;
+- batch and accumulation: :func:`auto_batch`, the largest micro-batch whose memory estimate for this model
+  and its rows fits, and accumulation to a global batch of 16;
 - gradient checkpointing: on only when the memory estimate (:mod:`sftlab.plan.memory`) would not fit;
 - precision: :func:`choose_precision`: bf16 on a GPU that supports it; on a CPU, bf16 only where a
   short probe of the model's own matmul shapes (:func:`sftlab.core.hardware.probe_precision`) measures
@@ -69,8 +70,14 @@ def epochs_for_data(n_examples: int) -> int:
     return 5 if n_examples < 1000 else 3 if n_examples < 10000 else 1
 
 
+AUTO_GLOBAL_BATCH = 16  # sequences per optimizer step that `batch_size`/`gradient_accumulation: auto` aim for
+CPU_MAX_MICRO = 4  # on a CPU, merge_micro_batches (a measured trial) decides whether larger micro-batches pay
+
+
 def batch_for_memory(gpu_gb: float | None) -> tuple[int, int]:
-    """(micro-batch, accumulation) by GPU memory in GB, an effective batch of 16; ``None``: no GPU."""
+    """(micro-batch, accumulation) by GPU memory in GB alone, a global batch of 16; ``None``: no GPU.
+    A rough table for when no model is known; `batch_size: auto` uses :func:`auto_batch`, which sizes
+    the micro-batch with the memory estimate of the run's own model and rows."""
     if gpu_gb is not None and gpu_gb >= 79:
         return 4, 4
     if gpu_gb is not None and gpu_gb >= 39:
@@ -78,10 +85,40 @@ def batch_for_memory(gpu_gb: float | None) -> tuple[int, int]:
     return 1, 16
 
 
-def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpointing: bool, device: str) -> int:
+def auto_batch(cfg: Config, model_cfg, *, seq_len: int, device: str, mem_gb: float) -> tuple[int, int, str]:
+    """(micro-batch, accumulation, why) for `batch_size` and/or `gradient_accumulation: auto`.
+
+    The micro-batch is the largest power of two up to 16 on a GPU (up to :data:`CPU_MAX_MICRO` on a
+    CPU) whose estimated peak (:mod:`sftlab.plan.memory`: this model, method, precision and rows of
+    ``seq_len`` tokens) stays within 90% of ``mem_gb``; 1 when none does (then `gradient_checkpointing:
+    auto` turns on). Accumulation makes the global batch :data:`AUTO_GLOBAL_BATCH`. A value the config
+    sets is kept.
+    """
+    budget = 0.9 * mem_gb * 2**30
+    if cfg.batch_size != "auto":
+        micro, why = int(cfg.batch_size), ""
+    else:
+        cap = AUTO_GLOBAL_BATCH if device == "cuda" else CPU_MAX_MICRO
+        accum = 1 if cfg.gradient_accumulation == "auto" else int(cfg.gradient_accumulation)
+        micro = 1
+        for b in (16, 8, 4, 2):
+            if b <= cap and estimated_bytes(cfg, model_cfg, batch=b, seq_len=seq_len, grad_accum=accum,
+                                            checkpointing=cfg.gradient_checkpointing is True, device=device) <= budget:
+                micro = b
+                break
+        where = f"{mem_gb:.0f} GB of {'GPU memory' if device == 'cuda' else 'free RAM'}"
+        why = (f"the largest micro-batch of {seq_len}-token rows whose estimate fits 90% of {where}"
+               + (f", at most {cap} on a CPU" if device != "cuda" else ""))
+    accum = (max(1, -(-AUTO_GLOBAL_BATCH // micro)) if cfg.gradient_accumulation == "auto"
+             else int(cfg.gradient_accumulation))
+    return micro, accum, why
+
+
+def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpointing: bool, device: str,
+                    grad_accum: int = 1) -> int:
     """Estimated peak memory (bytes) of one training step of ``cfg`` on ``device`` (see :mod:`sftlab.plan.memory`)."""
     shape = shape_from_config(model_cfg, cfg.model)
-    setup = TrainSetup(method=cfg.method,
+    setup = TrainSetup(method=cfg.method, grad_accum=max(1, grad_accum),
                        batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
@@ -125,7 +162,7 @@ def describe_precision(precision: str, probe: dict | None) -> str:
 
 
 def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples: int,
-                  probe: dict | None = None) -> str | None:
+                  probe: dict | None = None, batch: str | None = None) -> str | None:
     """One line: what each `auto` key of ``cfg`` became in ``resolved`` and on what grounds; None when
     nothing was `auto`."""
     why = {
@@ -133,6 +170,8 @@ def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples:
         "learning_rate": f"the {cfg.method} table for {n_params / 1e6:,.0f}M parameters at a global batch of "
                          f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}",
         "precision": f"bf16 {probe['bf16_speedup']:.2f}x fp32 on this CPU" if probe else "",
+        "batch_size": batch or "",
+        "gradient_accumulation": f"a global batch of {AUTO_GLOBAL_BATCH}",
         "gradient_checkpointing": "the estimate would not fit without it" if resolved.gradient_checkpointing
                                   else "fits without it",
     }
@@ -164,20 +203,19 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
     out = dataclasses.replace(cfg)
     if out.epochs == "auto":
         out.epochs = epochs_for_data(n_examples)
-    if out.batch_size == "auto" or out.gradient_accumulation == "auto":
-        b, ga = batch_for_memory(mem_gb if device == "cuda" else None)
-        if out.batch_size == "auto":
-            out.batch_size = b
-        if out.gradient_accumulation == "auto":
-            out.gradient_accumulation = ga
-    if out.learning_rate == "auto":  # after the batch: the rate follows the global batch
-        out.learning_rate = auto_learning_rate(
-            n_params, cfg.method, global_batch=int(out.batch_size) * int(out.gradient_accumulation),
-            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     if out.precision == "auto":
         out.precision, probe = resolve_precision(device, *_model_widths(model_cfg))
         if probe is not None and notes is not None:
             notes["precision_probe"] = probe.to_dict()
+    if out.batch_size == "auto" or out.gradient_accumulation == "auto":  # after the precision: it sizes the estimate
+        out.batch_size, out.gradient_accumulation, why = auto_batch(out, model_cfg, seq_len=seq_len, device=device,
+                                                                    mem_gb=mem_gb)
+        if notes is not None and why:
+            notes["batch_size"] = why
+    if out.learning_rate == "auto":  # after the batch: the rate follows the global batch
+        out.learning_rate = auto_learning_rate(
+            n_params, cfg.method, global_batch=int(out.batch_size) * int(out.gradient_accumulation),
+            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     if out.gradient_checkpointing == "auto":
         need = estimated_bytes(out, model_cfg, batch=int(out.batch_size), seq_len=seq_len, checkpointing=False,
                                device=device)
@@ -185,5 +223,5 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
     return out
 
 
-__all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "batch_for_memory", "choose_precision",
+__all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "auto_batch", "batch_for_memory", "choose_precision",
            "describe_auto", "describe_precision", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto", "resolve_precision"]

@@ -197,7 +197,7 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
     seq_len = cfg.max_seq_length if cfg.packing else min(cfg.max_seq_length, longest)
     notes: dict = {}
     rc = resolve_auto(cfg, n_params=n_params, n_examples=len(examples), model_cfg=mcfg, seq_len=seq_len, notes=notes)
-    notes["auto"] = describe_auto(cfg, rc, n_params=n_params, n_examples=len(examples), probe=notes.get("precision_probe"))
+    notes["auto"] = describe_auto(cfg, rc, n_params=n_params, n_examples=len(examples), probe=notes.get("precision_probe"), batch=notes.pop("batch_size", None))
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
                          train_keys=_example_keys(data.train.usable),  # any epoch may draw any of them
                          eval_keys=_example_keys(data.eval.examples if data.eval else None),
