@@ -613,3 +613,54 @@ def test_plan_stays_within_the_models_context_and_refuses_an_empty_budget(capsys
     for bad in ("0", "-5"):
         assert main(["plan", "--budget-gb", bad]) == 2
         assert "a memory budget must be above 0 GB" in capsys.readouterr().err
+
+
+def test_this_machine_row_plans_the_precision_train_would_pick(monkeypatch):
+    """A plan for a GPU also says whether this CPU machine could run it: at the precision `precision:
+    auto` measures here (the probe), not a fixed fp32."""
+    from sftlab.plan import fit as fit_mod
+
+    setup = TrainSetup(method="lora", batch=4, seq_len=512, device="cuda")
+    for chosen in ("bf16", "fp32"):
+        monkeypatch.setattr(fit_mod, "resolve_precision", lambda device, h, i, c=chosen: (c, None))
+        row = fits(SMOL, setup, CPU_MACHINE)["this machine"]
+        want = estimate_memory(SMOL, replace(setup, device="cpu", precision=chosen)).total_bytes
+        assert row["needed_bytes"] == want and row["precision"] == chosen and f"CPU training in {chosen}" in row["note"]
+    bf16 = estimate_memory(SMOL, replace(setup, device="cpu", precision="bf16")).total_bytes
+    assert bf16 != estimate_memory(SMOL, replace(setup, device="cpu", precision="fp32")).total_bytes
+
+
+def test_cli_plan_defaults_are_trains_and_a_config_plans_its_run(tmp_path, capsys, monkeypatch):
+    """Without flags, plan uses train's defaults (batch 4 x accumulation 4, so the recommended rate is
+    train's); with a training config it plans that run (its method, batch, accumulation, max_seq_length,
+    precision, ...), flags overriding it."""
+    from sftlab.config import load_config
+    from sftlab.plan.auto import auto_learning_rate
+
+    assert main(["plan", "--params", "135M", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    defaults = load_config(None, {})
+    assert (d["setup"]["batch"], d["setup"]["grad_accum"], d["setup"]["method"]) == (
+        defaults.batch_size, defaults.gradient_accumulation, defaults.method)
+    assert d["setup"]["seq_len"] == 512
+    g = defaults.batch_size * defaults.gradient_accumulation
+    assert d["recommended"]["learning_rate"] == auto_learning_rate(135e6, "lora", global_batch=g)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: smollm2-135m-instruct\nmethod: full\nbatch_size: 2\ngradient_accumulation: 8\n"
+                   "max_seq_length: 1024\nprecision: fp32\ngradient_checkpointing: true\noptimizer: adamw\n")
+    assert main(["plan", str(cfg), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    s = d["setup"]
+    assert (s["method"], s["batch"], s["grad_accum"], s["seq_len"], s["precision"], s["gradient_checkpointing"]) == (
+        "full", 2, 8, 1024, "fp32", True)
+    assert d["model"]["params"] > 100e6 and d["config"] == str(cfg)
+    assert main(["plan", str(cfg), "--batch", "1", "--seq-len", "256", "--method", "lora", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["method"], s["batch"], s["grad_accum"], s["seq_len"]) == ("lora", 1, 8, 256)
+    cfg.write_text("model: smollm2-135m-instruct\nbatch_size: auto\ngradient_accumulation: auto\n")
+    assert main(["plan", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "planning the run of" in out and "batch_size auto: planned at 4" in out
+    cfg.write_text("modle: x\n")
+    assert main(["plan", str(cfg)]) == 2
+    assert "unknown config key 'modle'" in capsys.readouterr().err

@@ -42,27 +42,41 @@ def _cmd_recommend(args) -> int:
     return 0
 
 
+# plan flag -> the training config key it plans (`sftlab plan CONFIG.yaml` reads them from a run's config)
+_PLAN_KEYS = {"method": "method", "batch": "batch_size", "grad_accum": "gradient_accumulation",
+              "seq_len": "max_seq_length", "precision": "precision", "optimizer": "optimizer", "lora_r": "lora_r",
+              "lora_dropout": "lora_dropout", "attention": "attn_implementation",
+              "merge_micro_batches": "merge_micro_batches"}
+_PLAN_SEQ_LEN = 512  # without a config: a typical row (a config plans its max_seq_length, the longest a row can be)
+
+
 @_command("plan", "estimate training memory part by part, where it fits, and a configuration that fits a budget")
 def _add_plan(p):
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml",
+                   help="a training config: plan the run it describes (model, method, batch, accumulation, "
+                        "max_seq_length, precision, ...); flags override it. Without one, train's defaults")
     p.add_argument("--model", help="model name, local HF folder or .gguf (config only, no weights); default: the embedded default")
     p.add_argument("--params", help="plan for a typical model of this size instead, e.g. 7B or 135M")
-    _config_flag(p, "method", default=field_default("method"))
-    p.add_argument("--batch", type=int, default=4, help="micro-batch size (default 4)")
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="tokens per row (default 512)")
-    p.add_argument("--grad-accum", dest="grad_accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    _config_flag(p, "precision", default="auto", help_text="auto: bf16 on cuda; on cpu, what a short probe measures faster here (as sftlab train)")
-    _config_flag(p, "optimizer", default=field_default("optimizer"))
+    _config_flag(p, "method")
+    p.add_argument("--batch", type=int, help=f"micro-batch size (default: train's, {field_default('batch_size')})")
+    p.add_argument("--seq-len", dest="seq_len", type=int,
+                   help=f"tokens per row (default: the config's max_seq_length; without a config {_PLAN_SEQ_LEN})")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int,
+                   help=f"gradient accumulation steps (default: train's, {field_default('gradient_accumulation')})")
+    _config_flag(p, "precision", help_text="auto: bf16 on cuda; on cpu, what a short probe measures faster here (as sftlab train)")
+    _config_flag(p, "optimizer")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
-                   help="recompute activations in backward")
-    _config_flag(p, "lora_r", default=field_default("lora_r"))
-    _config_flag(p, "lora_dropout", default=field_default("lora_dropout"))
+                   help="recompute activations in backward (train's auto turns it on only where it would not fit: "
+                        "the recommendation below does the same)")
+    _config_flag(p, "lora_r")
+    _config_flag(p, "lora_dropout")
     p.add_argument("--trained-fraction", dest="trained_fraction", type=float, default=1.0,
                    help="share of tokens with a trained label (default 1.0; prompt masking lowers it)")
     p.add_argument("--device", default="cuda", help="where training runs: cuda (default) or cpu")
-    _config_flag(p, "attn_implementation", "--attention", dest="attention", default="auto",
+    _config_flag(p, "attn_implementation", "--attention", dest="attention",
                  help_text="attention kernel; auto picks it as sftlab train does")
     p.add_argument("--budget-gb", dest="budget_gb", type=float, help="memory budget for the largest batch/length and the recommendation")
-    _config_flag(p, "merge_micro_batches", default="auto",
+    _config_flag(p, "merge_micro_batches",
                  help_text="as sftlab train: true plans the step as one micro-batch of batch x grad-accum; auto (on a "
                            "CPU, decided by a trial at train time) also shows that micro-batch's estimate")
     p.add_argument("--liger", action="store_true",
@@ -70,6 +84,31 @@ def _add_plan(p):
                         "liger_kernels and fused_loss set true); without it, a plan for cuda also shows that estimate")
     p.add_argument("--json", action="store_true", help="print total_bytes, breakdown, fits and recommended as JSON")
     p.set_defaults(func=_cmd_plan)
+
+
+def _plan_settings(args) -> tuple[dict, list[str]]:
+    """Each planned setting: the flag if given, else the training config's value (``args.config``), else
+    what `sftlab train` uses by default; and notes on values a plan cannot take as they are."""
+    from sftlab.config import load_config  # deferred: the command pulls in torch; `sftlab --help` stays fast
+
+    cfg = load_config(args.config, {})
+    given = {dest: getattr(args, dest) for dest in _PLAN_KEYS if getattr(args, dest) is not None}
+    out = {dest: given.get(dest, getattr(cfg, key)) for dest, key in _PLAN_KEYS.items()}
+    notes = []
+    if "seq_len" not in given and not args.config:
+        out["seq_len"] = _PLAN_SEQ_LEN
+    if out["batch"] == "auto":
+        out["batch"] = field_default("batch_size")
+        notes.append(f"batch_size auto: planned at {out['batch']}; train sizes it at start from this estimate for "
+                     "the data's longest row (the largest that fits)")
+    if out["grad_accum"] == "auto":
+        out["grad_accum"] = max(1, -(-16 // int(out["batch"])))
+    out["merge_micro_batches"] = str(out["merge_micro_batches"]).lower()
+    out["gradient_checkpointing"] = args.gradient_checkpointing or cfg.gradient_checkpointing is True
+    out["liger_kernels"] = args.liger or cfg.liger_kernels is True
+    out["fused_loss"] = args.liger or cfg.fused_loss is True
+    out["model"] = args.model or (None if args.params else cfg.model)
+    return out, notes
 
 
 def _cmd_plan(args) -> int:
@@ -91,40 +130,46 @@ def _cmd_plan(args) -> int:
         gb,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
-    shape = shape_from_params(args.params) if args.params else load_shape(args.model or "smollm2-135m-instruct")
-    precision, probe = args.precision, None
+    s, notes = _plan_settings(args)
+    shape = shape_from_params(args.params) if args.params else load_shape(s["model"])
+    precision, probe = s["precision"], None
     if precision == "auto":  # the rule `sftlab train` uses: bf16 on a GPU, measured on this CPU
         precision, probe = resolve_precision(args.device, shape.hidden, shape.intermediate)
-    setup = TrainSetup(method=args.method, batch=args.batch, seq_len=args.seq_len, grad_accum=args.grad_accum,
-                       precision=precision, optimizer=args.optimizer, device=args.device,
-                       gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
-                       trained_fraction=args.trained_fraction, attention=args.attention,
-                       liger_kernels=args.liger, fused_loss=args.liger)
-    merge = str(args.merge_micro_batches).lower()
+    batch, grad_accum = int(s["batch"]), int(s["grad_accum"])
+    setup = TrainSetup(method=s["method"], batch=batch, seq_len=int(s["seq_len"]), grad_accum=grad_accum,
+                       precision=precision, optimizer=s["optimizer"], device=args.device,
+                       gradient_checkpointing=s["gradient_checkpointing"], lora_r=int(s["lora_r"]),
+                       lora_dropout=float(s["lora_dropout"]), trained_fraction=args.trained_fraction,
+                       attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
+    merge = s["merge_micro_batches"]
     if merge not in ("auto", "true", "false"):
-        raise SftlabError(f"--merge-micro-batches {args.merge_micro_batches}: not auto, true or false")
-    if merge == "true" and args.grad_accum > 1:  # what train runs: one micro-batch per step
-        setup = dataclasses.replace(setup, batch=args.batch * args.grad_accum, grad_accum=1)
+        raise SftlabError(f"--merge-micro-batches {merge}: not auto, true or false")
+    if merge == "true" and grad_accum > 1:  # what train runs: one micro-batch per step
+        setup = dataclasses.replace(setup, batch=batch * grad_accum, grad_accum=1)
     plan = make_plan(shape, setup, budget_gb=args.budget_gb)
     merged = None
-    if merge == "auto" and args.device == "cpu" and args.grad_accum > 1:
-        merged = make_plan(shape, dataclasses.replace(setup, batch=args.batch * args.grad_accum, grad_accum=1),
+    if merge == "auto" and args.device == "cpu" and grad_accum > 1:
+        merged = make_plan(shape, dataclasses.replace(setup, batch=batch * grad_accum, grad_accum=1),
                            budget_gb=args.budget_gb).estimate.total_bytes
     liger = None  # auto on a GPU: train's trials decide, so show the estimate both ways
-    if args.device == "cuda" and not args.liger:
+    if args.device == "cuda" and not (setup.liger_kernels and setup.fused_loss):
         liger = make_plan(shape, dataclasses.replace(setup, liger_kernels=True, fused_loss=True),
                           budget_gb=args.budget_gb).estimate.total_bytes
     if args.json:
         _print_json({**plan.to_dict(), "precision_probe": probe.to_dict() if probe else None,
-                     "merged_total_bytes": merged, "liger_total_bytes": liger})
+                     "merged_total_bytes": merged, "liger_total_bytes": liger, "config": args.config, "notes": notes})
     else:
+        if args.config:
+            print(f"planning the run of {args.config} (flags override it)")
         if probe is not None:
             print(describe_precision(precision, probe.to_dict()))
         print(render_plan(plan))
+        for note in notes:
+            print(note)
         if merged is not None:
             print(f"merge_micro_batches auto: where a trial at train time measures one micro-batch of "
-                  f"{args.batch * args.grad_accum} faster than {args.grad_accum} of {args.batch} (and it fits), train "
-                  f"runs that: {gb(merged)} (--merge-micro-batches false plans {args.batch})")
+                  f"{batch * grad_accum} faster than {grad_accum} of {batch} (and it fits), train "
+                  f"runs that: {gb(merged)} (--merge-micro-batches false plans {batch})")
         if liger is not None:
             print(f"with liger-kernel (pip install 'sftlab[gpu]'), where train's trials turn its kernels and fused loss "
                   f"on: {gb(liger)} (--liger plans that; from liger-kernel 0.8.5's saved tensors, not yet measured on a GPU)")

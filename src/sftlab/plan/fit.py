@@ -13,7 +13,7 @@ from sftlab import qlora
 from sftlab.config import field_default
 from sftlab.core.errors import SftlabError
 from sftlab.core.hardware import device_memory_gb, device_name
-from sftlab.plan.auto import auto_learning_rate
+from sftlab.plan.auto import auto_learning_rate, resolve_precision
 from sftlab.plan.memory import (
     GB,
     MemoryEstimate,
@@ -42,7 +42,7 @@ def this_machine() -> Machine:
     device, gb = device_memory_gb()
     if device == "cuda":
         return Machine("cuda", f"this machine's {device_name()}", int(gb * 2**30))
-    return Machine("cpu", "this machine's free RAM (CPU training, fp32)", int(gb * 2**30))
+    return Machine("cpu", "this machine's free RAM", int(gb * 2**30))
 
 
 def _gpu_kernels(device: str, setup: TrainSetup) -> dict:
@@ -64,9 +64,12 @@ def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -
     else:
         local = setup if setup.device == m.device else replace(setup, device=m.device, precision="auto",
                                                               **_gpu_kernels(m.device, setup))
+        if local is not setup and local.device == "cpu":  # a GPU plan: what `train` would run here, as the probe decides
+            local = replace(local, precision=resolve_precision("cpu", shape.hidden, shape.intermediate)[0])
         need = estimate_memory(shape, local).total_bytes
+        note = m.name if m.device == "cuda" else f"{m.name}, CPU training in {local.resolved_precision}"
         out["this machine"] = {"fits": need <= m.capacity_bytes, "needed_bytes": need,
-                               "capacity_bytes": m.capacity_bytes, "note": m.name}
+                               "capacity_bytes": m.capacity_bytes, "note": note, "precision": local.resolved_precision}
     return out
 
 
