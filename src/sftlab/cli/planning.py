@@ -89,7 +89,9 @@ def _add_plan(p):
 def _plan_settings(args) -> tuple[dict, list[str]]:
     """Each planned setting: the flag if given, else the training config's value (``args.config``), else
     what `sftlab train` uses by default; and notes on values a plan cannot take as they are."""
-    from sftlab.config import load_config  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    from sftlab.config import (
+        load_config,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     cfg = load_config(args.config, {})
     given = {dest: getattr(args, dest) for dest in _PLAN_KEYS if getattr(args, dest) is not None}
