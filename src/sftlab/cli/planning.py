@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from sftlab.cli.base import _command, _config_flag, _print_json
-from sftlab.config import field_default
+from sftlab.config import field_default, load_config
 from sftlab.core.errors import SftlabError
 
 
@@ -89,10 +89,6 @@ def _add_plan(p):
 def _plan_settings(args) -> tuple[dict, list[str]]:
     """Each planned setting: the flag if given, else the training config's value (``args.config``), else
     what `sftlab train` uses by default; and notes on values a plan cannot take as they are."""
-    from sftlab.config import (
-        load_config,  # deferred: the command pulls in torch; `sftlab --help` stays fast
-    )
-
     cfg = load_config(args.config, {})
     given = {dest: getattr(args, dest) for dest in _PLAN_KEYS if getattr(args, dest) is not None}
     out = {dest: given.get(dest, getattr(cfg, key)) for dest, key in _PLAN_KEYS.items()}
