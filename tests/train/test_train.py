@@ -463,3 +463,24 @@ def test_prefix_training_beats_the_base_model(tmp_path, tiny_model_dir):
     losses = [r["loss"] for r in RunDir(tmp_path / "run").metrics() if r["split"] == "train"]
     assert abs(losses[0] - base) < 0.05 * base  # the first step trains from about the base model's loss
     assert after < base - 0.1
+
+
+def test_check_prints_the_memory_estimate_that_plan_breaks_down(tmp_path, tiny_model_dir, capsys):
+    """`train --check` states the step's estimated peak for the data's longest row, and `sftlab plan` on
+    the same config, device and row length gives the same total (one model of memory, not two)."""
+    from sftlab.core import hardware
+
+    cfg = train_config(tmp_path, tiny_model_dir, method="lora", gradient_accumulation=2)
+    path = tmp_path / "run.yaml"
+    cfg.save(path)
+    assert main(["train", str(path), "--check"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory: about "))
+    seq = int(line.split(" x ")[1].split()[0])
+    assert 0 < seq <= 128 and "fp32" in line and f"--device cpu --seq-len {seq}" in line
+    assert hardware.device_memory_gb()[0] == "cpu"
+    assert main(["plan", str(path), "--device", "cpu", "--seq-len", str(seq), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["setup"]["batch"], planned["setup"]["grad_accum"]) == (4, 2)
+    from sftlab.plan.render import gb
+
+    assert line.split("about ")[1].split(" at ")[0] == gb(planned["total_bytes"])

@@ -150,6 +150,8 @@ def _cmd_train(args) -> int:
         print(describe_precision(summary["resolved"]["precision"], summary.get("precision_probe")))
         if summary.get("merge"):
             print(summary["merge"])
+        if summary.get("memory"):
+            print(summary["memory"])
         return _print_checks(summary["findings"])
     stopped = summary["stopped"]
     print(f"run folder: {cfg.output_dir}  ({stopped}; {summary['steps']} steps, {summary['time_s']:.0f}s, "

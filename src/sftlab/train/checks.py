@@ -22,11 +22,24 @@ from sftlab.plan.auto import (
     estimated_bytes,
     lr_for_size,
 )
+from sftlab.plan.render import gb
 from sftlab.train.distributed import is_global_main
 
 
 def _finding(rule: str, severity: str, message: str, fix: str) -> Finding:
     return Finding(rule, severity, message, fixes=[fix])
+
+
+def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
+    """One line for `train --check`: the estimated peak memory of a step of ``cfg`` (resolved) with rows
+    of ``seq_len`` tokens on this machine's device, against what it has (:mod:`sftlab.plan.memory`)."""
+    device, mem_gb = device_memory_gb()
+    need = estimated_bytes(cfg, model_cfg, batch=int(cfg.batch_size), seq_len=seq_len, device=device,
+                           checkpointing=bool(cfg.gradient_checkpointing), grad_accum=int(cfg.gradient_accumulation))
+    where = "GPU memory" if device == "cuda" else "free RAM"
+    return (f"memory: about {gb(need)} at the peak of a step (micro-batch {cfg.batch_size} x {seq_len} "
+            f"tokens, {cfg.precision}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}) of "
+            f"{gb(mem_gb * 2**30)} {where} (`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
 
 
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,

@@ -48,6 +48,7 @@ from sftlab.train.checks import (
     checklist,
     checkpoints,
     last_good_checkpoint,
+    memory_line,
     run_folder_findings,
 )
 from sftlab.train.continual import ewc_from_examples, mix_replay
@@ -124,7 +125,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
 
     ``check_only``: print nothing, train nothing; return ``{"findings": [Finding dicts], "resolved":
     the config with every auto value resolved, "precision_probe", "auto": the line saying what auto chose,
-    "merge": what ``merge_micro_batches`` will do (``train/merge.py``'s preview)}``.
+    "merge": what ``merge_micro_batches`` will do (``train/merge.py``'s preview), "memory": the estimate's line}``.
     """
     from transformers import set_seed  # deferred: heavy library, imported on first use
 
@@ -138,10 +139,9 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     findings = blockers + findings
     if check_only:
         lengths = None if rc.packing else [len(e.input_ids) for e in data.train.examples]
-        merge = preview_merge(rc, model_config(cfg.model, trust_remote_code=cfg.trust_remote_code), lengths,
-                              seq_len=max(lengths) if lengths else int(rc.max_seq_length))
-        return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(),
-                "precision_probe": notes.get("precision_probe"), "auto": notes.get("auto"), "merge": merge}
+        mcfg, seq_len = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code), max(lengths or [int(rc.max_seq_length)])
+        return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(), "memory": memory_line(rc, mcfg, seq_len),
+                "precision_probe": notes.get("precision_probe"), "auto": notes.get("auto"), "merge": preview_merge(rc, mcfg, lengths, seq_len=seq_len)}
     raise_on_fatal(findings)  # one error line, not the checklist around it
     if not quiet:
         print_checks(findings, notes.get("auto"))
