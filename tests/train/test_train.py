@@ -252,13 +252,16 @@ def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_di
     assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (16, 2)
     fixed = dataclasses.replace(cfg, batch_size=3)
     assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (3, 6)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # four processes of 4 rows each are already 16
+    assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cpu", mem_gb=1000)[:2] == (4, 1)
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(auto, "device_memory_gb", lambda: ("cuda", between))
     monkeypatch.setattr(auto, "resolve_precision", lambda *a: ("fp32", None))
     notes: dict = {}
     rc = auto.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=256, notes=notes)
     assert (rc.batch_size, rc.gradient_accumulation) == (8, 2)
     line = auto.describe_auto(cfg, rc, n_params=10**6, n_examples=500, batch=notes["batch_size"])
-    assert "batch_size 8 (the largest micro-batch of 256-token rows" in line and "gradient_accumulation 2 (a global batch of 16)" in line
+    assert "batch_size 8 (the largest micro-batch of 256-token rows" in line and "gradient_accumulation 2 (a global batch of at least 16)" in line
 
 
 def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):

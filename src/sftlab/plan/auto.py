@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from sftlab.config import Config
 from sftlab.core.hardware import PrecisionProbe, device_memory_gb, probe_precision
@@ -91,8 +92,8 @@ def auto_batch(cfg: Config, model_cfg, *, seq_len: int, device: str, mem_gb: flo
     The micro-batch is the largest power of two up to 16 on a GPU (up to :data:`CPU_MAX_MICRO` on a
     CPU) whose estimated peak (:mod:`sftlab.plan.memory`: this model, method, precision and rows of
     ``seq_len`` tokens) stays within 90% of ``mem_gb``; 1 when none does (then `gradient_checkpointing:
-    auto` turns on). Accumulation makes the global batch :data:`AUTO_GLOBAL_BATCH`. A value the config
-    sets is kept.
+    auto` turns on). Accumulation makes the global batch (micro-batch x accumulation x processes) at
+    least :data:`AUTO_GLOBAL_BATCH`. A value the config sets is kept.
     """
     budget = 0.9 * mem_gb * 2**30
     if cfg.batch_size != "auto":
@@ -109,7 +110,8 @@ def auto_batch(cfg: Config, model_cfg, *, seq_len: int, device: str, mem_gb: flo
         where = f"{mem_gb:.0f} GB of {'GPU memory' if device == 'cuda' else 'free RAM'}"
         why = (f"the largest micro-batch of {seq_len}-token rows whose estimate fits 90% of {where}"
                + (f", at most {cap} on a CPU" if device != "cuda" else ""))
-    accum = (max(1, -(-AUTO_GLOBAL_BATCH // micro)) if cfg.gradient_accumulation == "auto"
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # under torchrun each process takes a micro-batch
+    accum = (max(1, -(-AUTO_GLOBAL_BATCH // (micro * world))) if cfg.gradient_accumulation == "auto"
              else int(cfg.gradient_accumulation))
     return micro, accum, why
 
@@ -171,7 +173,7 @@ def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples:
                          f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}",
         "precision": f"bf16 {probe['bf16_speedup']:.2f}x fp32 on this CPU" if probe else "",
         "batch_size": batch or "",
-        "gradient_accumulation": f"a global batch of {AUTO_GLOBAL_BATCH}",
+        "gradient_accumulation": f"a global batch of at least {AUTO_GLOBAL_BATCH}",
         "gradient_checkpointing": "the estimate would not fit without it" if resolved.gradient_checkpointing
                                   else "fits without it",
     }
