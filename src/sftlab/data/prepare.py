@@ -13,7 +13,13 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport, paused_gc
-from sftlab.data.mixture import EpochDraw, Mixture, is_mixture, load_mixture
+from sftlab.data.mixture import (
+    EpochDraw,
+    Mixture,
+    is_mixture,
+    load_mixture,
+    source_paths,
+)
 from sftlab.data.templates import ChatTemplate, missing_tokens, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.models import load_tokenizer
@@ -113,6 +119,37 @@ def source_lines(report: PrepareReport) -> list[str]:
                f"first epoch: {s['tokens']} tokens, {s['trained_tokens']} trained" if s.get("redrawn") else
                f"all its usable examples ({s['size']} conversations); {s['tokens']} tokens, {s['trained_tokens']} trained")
             for s in report.sources]
+
+
+def input_paths(cfg: Config) -> list[tuple[str, Path]]:
+    """(config key, path) of every data file or folder ``cfg`` reads: data, eval_data, replay_data, each
+    source of a mixture."""
+    return [(key, Path(p)) for key in ("data", "eval_data", "replay_data") for p in source_paths(getattr(cfg, key))]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)  # a hard link
+    except OSError:
+        return False
+
+
+def refuse_input_as_output(cfg: Config, out: str | Path, flag: str, *, config_file: str | Path | None = None) -> None:
+    """SftlabError when the output file ``out`` (given as ``flag``) is one of the inputs, or lies in an input
+    data folder: writing it would overwrite the data (or the config file) it is made from."""
+    target = Path(out).expanduser()
+    names = {"data": "the training data", "eval_data": "the eval data", "replay_data": "the replay data"}
+    inputs = [(f"{names[key]} (config key '{key}')", src) for key, src in input_paths(cfg)]
+    inputs += [("the config file", Path(config_file))] if config_file else []
+    for what, src in inputs:
+        if _same_file(target, src):
+            raise SftlabError(f"{flag} {out} is {what}: writing it would overwrite that input",
+                              hint=f"{flag} another file, e.g. {flag} {target.with_name(target.stem + '.prepared.jsonl')}")
+        if src.is_dir() and target.resolve().is_relative_to(src.resolve()):
+            raise SftlabError(f"{flag} {out} is inside {src}, {what}: it would become one of its data files",
+                              hint=f"{flag} a file outside that folder")
 
 
 def dump_rows(prepared: Prepared):
