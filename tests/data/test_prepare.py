@@ -127,3 +127,15 @@ def test_dump_beside_the_data_is_written(tmp_path, tiny_model_dir, monkeypatch):
     _data(tmp_path, 2)
     assert main(["prepare", "--model", str(tiny_model_dir), "--data", "train.jsonl", "--dump", "train.prepared.jsonl"]) == 0
     assert len((tmp_path / "train.prepared.jsonl").read_text().splitlines()) == 2
+
+
+def test_out_prints_no_datasets_progress_bar_and_leaves_the_setting_alone(tmp_path, tiny_model_dir, capfd):
+    import datasets
+
+    data = _data(tmp_path, 3)
+    assert not datasets.are_progress_bars_disabled()  # as a user's process has it
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "p")]) == 0
+    out, err = capfd.readouterr()
+    assert "Saving the dataset" not in out + err and "%|" not in err
+    assert f"wrote {tmp_path / 'p'}" in out
+    assert not datasets.are_progress_bars_disabled()  # the caller's own datasets calls keep their bars

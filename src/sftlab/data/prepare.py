@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +160,26 @@ def dump_rows(prepared: Prepared):
                "weight": ex.weight}
 
 
+@contextlib.contextmanager
+def _no_datasets_bars():
+    """datasets' progress bars off while sftlab saves ("Saving the dataset (1/1 shards)": noise in its output),
+    then as they were: a caller's own datasets calls keep theirs."""
+    import datasets  # deferred: heavy library, imported on first use
+
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS=0 keeps them on: datasets warns, we don't
+        warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            datasets.enable_progress_bars()
+
+
 def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
     """Write the tokenized examples as an Arrow dataset plus the preparation report, atomically."""
     import datasets  # deferred: heavy library, imported on first use
@@ -168,7 +190,7 @@ def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
         "weight": [e.weight for e in prepared.examples],
         "index": [e.index for e in prepared.examples],
     })
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, _no_datasets_bars():
         ds.save_to_disk(str(tmp / "dataset"))
         (tmp / "report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2))
         if prepared.template is not None:
