@@ -1,7 +1,11 @@
 """The shipped demo data: regenerated identically, parseable, and no train/eval overlap."""
 
 import json
+from pathlib import Path
 
+import sftlab
+from sftlab.cli import main
+from sftlab.config import load_config
 from sftlab.data.formats import load_conversations
 from sftlab.demo_data import demo_path
 
@@ -13,3 +17,34 @@ def test_every_split_loads_and_train_eval_do_not_overlap():
     assert not prompts["train"] & prompts["eval"]
     for c in splits["train"] + splits["eval"]:
         json.loads(c.replies()[-1])  # every demo reply is the JSON answer
+
+
+DEMO_YAML = Path(sftlab.__file__).parent / "demo_data" / "demo.yaml"
+REPO = Path(sftlab.__file__).parents[2]  # the folder the README's commands run in
+
+
+def test_the_demo_config_alone_names_the_demo_data_make_demo_passes(monkeypatch):
+    """Run from the repo root, demo.yaml trains on the files `make demo` passes (python -m sftlab.demo)."""
+    monkeypatch.chdir(REPO)
+    cfg = load_config(DEMO_YAML)
+    assert Path(cfg.data).resolve() == demo_path("train").resolve()
+    assert Path(cfg.eval_data).resolve() == demo_path("eval").resolve()
+
+
+def test_train_check_runs_on_the_demo_config_alone(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    code = main(["train", str(DEMO_YAML), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
+                 "--check", "--json"])
+    checked = json.loads(capsys.readouterr().out)
+    assert code == 0 and not [f for f in checked["findings"] if f["severity"] == "error"]
+    assert checked["resolved"]["data"] == "src/sftlab/demo_data/train.jsonl"
+    assert checked["resolved"]["eval_data"] == "src/sftlab/demo_data/eval.jsonl"
+
+
+def test_the_demo_config_elsewhere_says_where_relative_paths_start(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", str(DEMO_YAML), "--model", str(tiny_model_dir), "--check"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert ("data file 'src/sftlab/demo_data/train.jsonl' not found (check the path; a relative path starts at "
+            f"the working folder, {tmp_path}, also in a config file)") in err

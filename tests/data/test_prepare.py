@@ -86,3 +86,56 @@ def test_unknown_model_path(tmp_path, capsys):
     d = _data(tmp_path, 1)
     code = main(["prepare", "--model", str(tmp_path / "missing-model"), "--data", str(d)])
     assert code == 2 and "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, dump, extra, message", [
+    ("data", "train.jsonl", [], "--dump train.jsonl is the training data (config key 'data')"),
+    ("data-spelled-otherwise", "sub/../train.jsonl", [], "is the training data (config key 'data')"),
+    ("data-through-a-link", "link.jsonl", [], "is the training data (config key 'data')"),
+    ("data-through-a-hard-link", "hard.jsonl", [], "is the training data (config key 'data')"),
+    ("eval-data", "eval.jsonl", ["--set", "eval_data=eval.jsonl"], "is the eval data (config key 'eval_data')"),
+    ("replay-data", "general.jsonl", ["--set", "replay_data=general.jsonl"],
+     "is the replay data (config key 'replay_data')"),
+    ("mixture-source", "general.jsonl", ["--set", "data=[train.jsonl, {path: general.jsonl, weight: 1}]"],
+     "is the training data (config key 'data')"),
+    ("inside-a-data-folder", "folder/rows.jsonl", ["--data", "folder"], "is inside folder, the training data"),
+    ("config-file", "cfg.yaml", ["cfg.yaml"], "--dump cfg.yaml is the config file"),
+])
+def test_dump_refuses_to_overwrite_an_input(tmp_path, tiny_model_dir, capsys, monkeypatch, case, dump, extra, message):
+    """`--dump` naming an input (data, eval, replay, a mixture's source, the config) is one line; nothing is
+    written or changed."""
+    monkeypatch.chdir(tmp_path)
+    _data(tmp_path, 3)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "train.jsonl")
+    (tmp_path / "hard.jsonl").hardlink_to(tmp_path / "train.jsonl")
+    for name in ("eval.jsonl", "general.jsonl"):
+        (tmp_path / name).write_text((tmp_path / "train.jsonl").read_text())
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text())
+    (tmp_path / "cfg.yaml").write_text("data: train.jsonl\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", "train.jsonl", *extra, "--dump", dump])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_dump_beside_the_data_is_written(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _data(tmp_path, 2)
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", "train.jsonl", "--dump", "train.prepared.jsonl"]) == 0
+    assert len((tmp_path / "train.prepared.jsonl").read_text().splitlines()) == 2
+
+
+def test_out_prints_no_datasets_progress_bar_and_leaves_the_setting_alone(tmp_path, tiny_model_dir, capfd):
+    import datasets
+
+    data = _data(tmp_path, 3)
+    assert not datasets.are_progress_bars_disabled()  # as a user's process has it
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "p")]) == 0
+    out, err = capfd.readouterr()
+    assert "Saving the dataset" not in out + err and "%|" not in err
+    assert f"wrote {tmp_path / 'p'}" in out
+    assert not datasets.are_progress_bars_disabled()  # the caller's own datasets calls keep their bars

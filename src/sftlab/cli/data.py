@@ -33,12 +33,15 @@ def _cmd_prepare(args) -> int:
     from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         dump_rows,
         prepare,
+        refuse_input_as_output,
         render_example,
         save_dataset,
         source_lines,
     )
 
     cfg = _config_from_args(args)
+    if args.dump:  # before any reading or writing
+        refuse_input_as_output(cfg, args.dump, "--dump", config_file=args.config)
     prepared = prepare(cfg)
     if args.dump:
         write_jsonl(args.dump, dump_rows(prepared))

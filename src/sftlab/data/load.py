@@ -48,7 +48,8 @@ def read_records(path: str | Path, *, strict: bool = True, split: str = "train")
     """
     p = Path(path)
     if not p.exists():
-        raise SftlabError(f"data file '{path}' not found", hint="check the path")
+        where = "" if p.is_absolute() else f"; a relative path starts at the working folder, {Path.cwd()}, also in a config file"
+        raise SftlabError(f"data file '{path}' not found", hint=f"check the path{where}")
     if p.is_dir():
         records = _read_dataset_dir(p, split)
     else:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +15,13 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_dir
 from sftlab.data.formats import load_conversations
 from sftlab.data.masking import IGNORE, Example, Labeler, PrepareReport, paused_gc
-from sftlab.data.mixture import EpochDraw, Mixture, is_mixture, load_mixture
+from sftlab.data.mixture import (
+    EpochDraw,
+    Mixture,
+    is_mixture,
+    load_mixture,
+    source_paths,
+)
 from sftlab.data.templates import ChatTemplate, missing_tokens, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.models import load_tokenizer
@@ -115,10 +123,61 @@ def source_lines(report: PrepareReport) -> list[str]:
             for s in report.sources]
 
 
+def input_paths(cfg: Config) -> list[tuple[str, Path]]:
+    """(config key, path) of every data file or folder ``cfg`` reads: data, eval_data, replay_data, each
+    source of a mixture."""
+    return [(key, Path(p)) for key in ("data", "eval_data", "replay_data") for p in source_paths(getattr(cfg, key))]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)  # a hard link
+    except OSError:
+        return False
+
+
+def refuse_input_as_output(cfg: Config, out: str | Path, flag: str, *, config_file: str | Path | None = None) -> None:
+    """SftlabError when the output file ``out`` (given as ``flag``) is one of the inputs, or lies in an input
+    data folder: writing it would overwrite the data (or the config file) it is made from."""
+    target = Path(out).expanduser()
+    names = {"data": "the training data", "eval_data": "the eval data", "replay_data": "the replay data"}
+    inputs = [(f"{names[key]} (config key '{key}')", src) for key, src in input_paths(cfg)]
+    inputs += [("the config file", Path(config_file))] if config_file else []
+    for what, src in inputs:
+        if _same_file(target, src):
+            raise SftlabError(f"{flag} {out} is {what}: writing it would overwrite that input",
+                              hint=f"{flag} another file, e.g. {flag} {target.with_name(target.stem + '.prepared.jsonl')}")
+        if src.is_dir() and target.resolve().is_relative_to(src.resolve()):
+            raise SftlabError(f"{flag} {out} is inside {src}, {what}: it would become one of its data files",
+                              hint=f"{flag} a file outside that folder")
+
+
 def dump_rows(prepared: Prepared):
     for ex in prepared.examples:
         yield {"index": ex.index, "source": ex.where, "input_ids": ex.input_ids, "labels": ex.labels,
                "weight": ex.weight}
+
+
+@contextlib.contextmanager
+def _no_datasets_bars():
+    """datasets' progress bars off while sftlab saves ("Saving the dataset (1/1 shards)": noise in its output),
+    then as they were: a caller's own datasets calls keep theirs."""
+    import datasets  # deferred: heavy library, imported on first use
+
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS=0 keeps them on: datasets warns, we don't
+        warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            datasets.enable_progress_bars()
 
 
 def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
@@ -131,7 +190,7 @@ def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
         "weight": [e.weight for e in prepared.examples],
         "index": [e.index for e in prepared.examples],
     })
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, _no_datasets_bars():
         ds.save_to_disk(str(tmp / "dataset"))
         (tmp / "report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2))
         if prepared.template is not None:

@@ -88,7 +88,32 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         if lost / report.n_input > 0.05:
             out.append(_finding("truncation", "warning", f"max_seq_length {cfg.max_seq_length} cuts or drops {lost} of "
                                f"{report.n_input} examples", "raise max_seq_length"))
-    return out
+    return out + checkpoint_step_findings(cfg, has_eval=bool(eval_keys))  # eval data is never empty
+
+
+def checkpoint_steps(cfg: Config, *, has_eval: bool) -> tuple[int, int]:
+    """(eval_steps, save_steps) as the run uses them: the config's, unless load_best_model_at_end (with eval
+    data) needs them changed. It restores the best evaluated checkpoint, so transformers wants every checkpoint
+    at an evaluation (save_steps a multiple of eval_steps): eval_steps above save_steps is lowered to it, else
+    save_steps is rounded down to a multiple of eval_steps."""
+    ev, sv = cfg.eval_steps, cfg.save_steps
+    if not (cfg.load_best_model_at_end and has_eval) or sv % ev == 0:
+        return ev, sv
+    return (sv, sv) if ev > sv else (ev, sv // ev * ev)
+
+
+def checkpoint_step_findings(cfg: Config, *, has_eval: bool) -> list[Finding]:
+    """An info finding when :func:`checkpoint_steps` changes the config's eval_steps or save_steps."""
+    ev, sv = checkpoint_steps(cfg, has_eval=has_eval)
+    changed = [f"{key} {was} -> {now}" for key, was, now in
+               (("eval_steps", cfg.eval_steps, ev), ("save_steps", cfg.save_steps, sv)) if was != now]
+    if not changed:
+        return []
+    keep = -(-cfg.save_steps // cfg.eval_steps) * cfg.eval_steps  # the next multiple of the config's eval_steps
+    return [_finding("checkpoint_steps", "info", f"{' and '.join(changed)}: load_best_model_at_end needs every "
+                     "checkpoint at an evaluation (save_steps a multiple of eval_steps)",
+                     f"--set save_steps={keep} (a multiple of eval_steps) to keep yours, or "
+                     "--set load_best_model_at_end=false")]
 
 
 def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:

@@ -46,6 +46,7 @@ from sftlab.train.callbacks import (
 )
 from sftlab.train.checks import (
     checklist,
+    checkpoint_steps,
     checkpoints,
     last_good_checkpoint,
     memory_line,
@@ -202,6 +203,7 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
                          train_keys=_example_keys(data.train.usable),  # any epoch may draw any of them
                          eval_keys=_example_keys(data.eval.examples if data.eval else None),
                          report=data.train.report)
+    rc.eval_steps, rc.save_steps = checkpoint_steps(rc, has_eval=data.eval is not None)  # the checklist says why
     for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # a mixture, as counts
         if prepared is not None and prepared.mixture is not None:
             setattr(rc, key, prepared.mixture.resolved())
@@ -289,8 +291,7 @@ def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: boo
     )
 
     cuda = torch.cuda.is_available()
-    eval_steps = min(rc.eval_steps, rc.save_steps) if has_eval else rc.eval_steps
-    save_steps = rc.save_steps if not has_eval else max(eval_steps, (rc.save_steps // eval_steps) * eval_steps)
+    eval_steps, save_steps = checkpoint_steps(rc, has_eval=has_eval)  # resolve_and_check says when they change
     args = TrainingArguments(
         output_dir=str(ckpt_dir), num_train_epochs=float(rc.epochs), max_steps=rc.max_steps,
         per_device_train_batch_size=int(rc.batch_size), per_device_eval_batch_size=int(rc.batch_size),
