@@ -8,7 +8,12 @@ from tool_data import HERMES, TOOLS, call, weather_conv
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
-from sftlab.eval.generation import Generation, reference_reply, render_prompt
+from sftlab.eval.generation import (
+    Generation,
+    reference_reply,
+    render_prompt,
+    split_reply,
+)
 from sftlab.eval.run import score_generations, tool_refs
 from sftlab.eval.tool_calls import (
     check_tool_calls,
@@ -143,3 +148,28 @@ def test_evaluate_renders_tools_and_reports_the_rate(tiny_model_dir):
     assert mt["n_tool_calls_expected"] == 2 and 0.0 <= mt["valid_tool_call_rate"] <= mt["format_adherence"] <= 1.0
     assert res["format_check"] == "tool_call"
     assert "<tools>" in res["samples"][0]["prompt_text"] and res["samples"][0]["tool_call"]["valid"] is False
+
+
+def test_a_reply_that_reasons_first_is_scored_on_its_answer():
+    """A model trained on reasoning writes <think>...</think> before its answer; the reference holds the
+    answer alone. Scored on the whole text, a right answer scored 0 and its JSON failed the format check,
+    and reasoning that mentions <tool_call> made a right call invalid."""
+    plain = [Conversation([Message("user", "2+2?"), Message("assistant", "4", reasoning="2 and 2 make 4")]),
+             Conversation([Message("user", "json"), Message("assistant", '{"a": 1}', reasoning="fields")])]
+    gens = [Generation("<think>\n2 and 2 make 4\n</think>\n\n4", True, 9, [1]),
+            Generation('<think>\nfields\n</think>\n\n{"a": 1}', True, 9, [1])]
+    summary, rows = score_generations(gens[:1], [reference_reply(plain[0])])
+    assert summary["task_score"] == 1.0 and rows[0]["answer"] == "4" and rows[0]["reasoning"] == "2 and 2 make 4"
+    summary, _ = score_generations(gens[1:], [reference_reply(plain[1])], scorer="json_fields")
+    assert summary["task_score"] == 1.0 and summary["format_adherence"] == 1.0
+    conv = weather_conv(answered=False)
+    text = ('<think>\nI answer with <tool_call> tags.\n</think>\n\n<tool_call>\n{"name": "get_weather", '
+            '"arguments": {"city": "Paris", "unit": "celsius"}}\n</tool_call>')
+    llama = '<think>\nok\n</think>\n\n{"name": "get_weather", "parameters": {"unit": "celsius", "city": "Paris"}}'
+    summary, rows = score_generations([Generation(text, True, 9, [1], raw=text), Generation(llama, True, 9, [1])],
+                                      [reference_reply(conv)] * 2, tool_refs=tool_refs([conv, conv]))
+    assert summary["valid_tool_call_rate"] == 1.0 and summary["tool_call_match_rate"] == 1.0, rows
+    # the prompt opened the block (R1-style): only </think> is generated; a block never closed has no answer
+    assert split_reply("hm\n</think>\n\n4") == ("4", "hm")
+    assert split_reply("<think>\nstill thinking") == ("", "still thinking")
+    assert split_reply("no reasoning") == ("no reasoning", None)

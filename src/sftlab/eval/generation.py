@@ -92,6 +92,30 @@ def reference_reply(conv: Conversation) -> str | None:
     return (last.content + " " if last.content.strip() else "") + json.dumps(calls, ensure_ascii=False)
 
 
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reply(text: str) -> tuple[str, str | None]:
+    """(answer, reasoning) of a generated reply; reasoning None when the reply has none.
+
+    A reply that opens with ``<think>`` (as a model trained on reasoning writes it) is split at its
+    ``</think>``; one whose prompt opened the block (DeepSeek-R1's generation prompt ends with
+    ``<think>``) has a ``</think>`` and no ``<think>``. A block never closed (cut at max_new_tokens)
+    is all reasoning and no answer. The answer is what task scores and tool calls are judged on:
+    the reference reply holds no reasoning.
+    """
+    body = text.lstrip()
+    if body.startswith(_THINK_OPEN):
+        close = body.find(_THINK_CLOSE)
+        if close < 0:
+            return "", body[len(_THINK_OPEN):].strip("\n")
+        return body[close + len(_THINK_CLOSE):].lstrip(), body[len(_THINK_OPEN):close].strip("\n")
+    if _THINK_CLOSE in text and _THINK_OPEN not in text:
+        reasoning, _, answer = text.partition(_THINK_CLOSE)
+        return answer.lstrip(), reasoning.strip("\n")
+    return text, None
+
+
 def reference_message(conv: Conversation) -> Message | None:
     """The conversation's last assistant message (None without one)."""
     return next((m for m in reversed(conv.messages) if m.role == "assistant"), None)

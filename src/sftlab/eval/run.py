@@ -34,6 +34,7 @@ from sftlab.eval.generation import (
     reference_message,
     reference_reply,
     render_prompt,
+    split_reply,
 )
 from sftlab.eval.loss import evaluate_loss
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
@@ -49,7 +50,9 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
     Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate, finished_rate,
     repetition_rate (mean per reply of the repeated share of token n-grams, n=4: "seq-rep-4"; word
     3-grams for a generation without token ids), distinct_2 (over words), task_score (mean of the
-    scorer), format_adherence (share passing the data set's format check).
+    scorer), format_adherence (share passing the data set's format check). A reply that reasons first
+    (``<think>...</think>``) is scored on its answer after the reasoning (:func:`split_reply`); its row
+    then holds ``answer`` and ``reasoning`` as well.
 
     ``tool_refs`` (per example: the tools offered and the calls the reference reply makes, or None):
     an example whose reference calls tools is scored on its calls instead: ``format_ok`` when the
@@ -64,15 +67,18 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
     check = format_check_name(text_refs)
     rows = []
     for g, ref, tref in zip(generations, references, tool_refs):
+        answer, reasoning = split_reply(g.text)  # reasoning is not scored: the reference has none
         row = {"reply": g.text, "reference": ref, "finished": g.finished, "tokens": g.n_tokens,
                "repetition": m.repetition_rate(g.token_ids, 4) if g.token_ids else m.repetition_rate(g.text, 3)}
+        if reasoning is not None:
+            row.update(answer=answer, reasoning=reasoning)
         if tref and tref.calls:
-            tc = check_tool_calls(g.raw or g.text, tref.tools)
+            tc = check_tool_calls(split_reply(g.raw)[0] if g.raw else answer, tref.tools)
             match = tc.valid and same_calls(tc.calls, tref.calls)
             row.update(score=float(match), format_ok=tc.valid, tool_call={"valid": tc.valid, "why": tc.why,
                                                                            "calls": tc.calls, "match": match})
         else:
-            row.update(score=score(g.text, ref), format_ok=format_ok(check, g.text, g.finished))
+            row.update(score=score(answer, ref), format_ok=format_ok(check, answer, g.finished))
         rows.append(row)
     texts = [g.text for g in generations]
     summary = {
