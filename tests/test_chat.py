@@ -266,3 +266,23 @@ def test_a_call_that_does_not_parse_is_kept_as_text_and_said(loaded, monkeypatch
     assert run_chat(session, read=lambda prompt: next(lines), out=out) == 0
     assert "(not run as a tool call: a <tool_call> block is never closed)" in out.getvalue()
     assert session.history[-1] == Message("assistant", broken) and session.pending_calls == []
+
+
+def test_a_reply_that_reasons_keeps_its_reasoning_and_its_call(loaded, monkeypatch):
+    """Reasoning that mentions <tool_call> made the real call unparsed (kept as text); and a call after
+    reasoning went into the history as content "<think>...</think>", rendered back with one newline
+    before <tool_call> where chatml-tools trained two."""
+    from tool_data import TOOLS
+
+    from sftlab.data.templates import resolve_template
+
+    model, tok, _ = loaded
+    session = ChatSession(model, tok, resolve_template("chatml-tools", tok), max_new_tokens=MAX_NEW, tools=TOOLS)
+    reply = ('<think>\nI answer with a <tool_call> block.\n</think>\n\n<tool_call>\n'
+             '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (reply, reply))
+    session.send("weather in Paris?")
+    assert session.call_error is None and session.pending_calls[0]["function"]["name"] == "get_weather"
+    assert session.history[-1].reasoning == "I answer with a <tool_call> block."
+    session.add_tool_result(session.pending_calls[0], '{"temp": 21}')
+    assert "<|im_start|>assistant\n" + reply + "<|im_end|>\n" in session.prompt(None)  # as the model wrote it

@@ -32,6 +32,7 @@ from sftlab.eval.generation import (
     pass_prefix_to_generate,
     prompt_messages,
     reference_reply,
+    split_reply,
     stop_token_ids,
 )
 from sftlab.eval.run import load_target
@@ -174,16 +175,20 @@ class ChatSession:
         tools, a reply that calls them is kept with its ``tool_calls`` (see :attr:`pending_calls`).
         """
         reply, raw = self._generate(self.prompt(user_text), on_text)
-        calls = _parse_calls(raw) if self.tools else []
-        parsed = parse_tool_calls(raw) if self.tools else None
+        # Reasoning (<think>...</think> first) is kept as the turn's reasoning, so the history renders it
+        # as training did, and a call is looked for only in the answer after it.
+        answer, reasoning = split_reply(reply)
+        raw_answer = split_reply(raw)[0]
+        calls = _parse_calls(raw_answer) if self.tools else []
+        parsed = parse_tool_calls(raw_answer) if self.tools else None
         self.call_error = parsed.error if parsed is not None and not calls else None
         turn = [Message("user", user_text)] if user_text is not None else []
         if calls:
             n = sum(len(m.tool_calls or ()) for m in self.history)
             tool_calls = tuple({"id": f"call_{n + k + 1}", "type": "function", "function": c} for k, c in enumerate(calls))
-            self.history += turn + [Message("assistant", parsed.content, tool_calls=tool_calls)]
+            self.history += turn + [Message("assistant", parsed.content, tool_calls=tool_calls, reasoning=reasoning)]
         else:
-            self.history += turn + [Message("assistant", reply)]
+            self.history += turn + [Message("assistant", answer, reasoning=reasoning)]
         return reply
 
     def _generate(self, prompt: str, on_text: Callable[[str], None] | None) -> tuple[str, str]:
@@ -391,7 +396,7 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
             for i, (c, g) in enumerate(zip(convs, gens))]
     for row, c, g in zip(rows, convs, gens):
         if c.tools:  # the reply's calls, parsed and checked against the conversation's tools
-            tc = check_tool_calls(g.raw or g.text, c.tools)
+            tc = check_tool_calls(split_reply(g.raw or g.text)[0], c.tools)  # calls after any reasoning
             row["tool_calls"] = {"valid": tc.valid, "why": tc.why, "calls": tc.calls}
     if out:
         write_jsonl(out, rows)
