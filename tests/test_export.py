@@ -395,3 +395,20 @@ def test_a_prefix_export_generates_with_its_prefix_or_is_refused(tmp_path, tiny_
         with torch.no_grad():
             assert back.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6,
                                  do_sample=False)[0, ids.shape[1]:].tolist() == manual
+
+
+def test_an_export_renders_openai_string_arguments_as_training_did(tmp_path, tiny_model_dir):
+    """OpenAI messages carry a call's arguments as a JSON string; training decodes them, but the export's
+    chatml-tools template wrote them through tojson again: "arguments": "{\\"city\\": ...}" at inference."""
+    from tool_data import TOOLS, call, weather_conv
+    from transformers import AutoTokenizer
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir, template="chatml-tools")
+    res = export_run(run, tmp_path / "out", verify=False)
+    exported = AutoTokenizer.from_pretrained(str(res.out))
+    conv = weather_conv()
+    msgs = [m.to_template() for m in conv.messages]
+    msgs[1]["tool_calls"] = [call("get_weather", '{"city": "Paris", "unit": "celsius"}')]  # as the OpenAI API sends it
+    ours = RunDir(run).template(exported).render(conv.messages, tools=TOOLS)
+    assert '"arguments": {"city": "Paris", "unit": "celsius"}}' in ours
+    assert exported.apply_chat_template(msgs, tools=TOOLS, tokenize=False) == ours

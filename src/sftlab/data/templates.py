@@ -69,7 +69,9 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
 # Hermes/Qwen2.5-style tools on ChatML, for models whose own template does not render tools: the
 # schemas go into the system turn inside <tools>, each call is a <tool_call>{json}</tool_call> line in
 # the assistant turn, and results come back in a user turn as <tool_response> blocks (consecutive
-# results share one turn, as Qwen2.5 renders them). Reasoning is written as <think>...</think>.
+# results share one turn, as Qwen2.5 renders them). Reasoning is written as <think>...</think>. Arguments
+# given as a JSON string (OpenAI's wire format) are written as they are, as Qwen3's template does: training
+# passes them decoded, but an export's user may pass OpenAI messages to apply_chat_template.
 _TOOLS_SYSTEM = (
     "{% if tools %}<|im_start|>system" + _NL +
     "{% if messages[0].role == 'system' %}{{ messages[0].content }}" + _NL + _NL + "{% endif %}"
@@ -89,7 +91,9 @@ BUILTIN["chatml-tools"] = (
     "{% if m.reasoning_content %}<think>" + _NL + "{{ m.reasoning_content }}" + _NL + "</think>" + _NL + _NL + "{% endif %}"
     "{{ m.content }}{% if m.tool_calls %}{% for c in m.tool_calls %}"
     "{% if (loop.first and m.content) or not loop.first %}" + _NL + "{% endif %}<tool_call>" + _NL +
-    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}' + _NL + "</tool_call>"
+    '{"name": "{{ c.function.name }}", "arguments": '
+    "{% if c.function.arguments is string %}{{ c.function.arguments }}{% else %}{{ c.function.arguments | tojson }}{% endif %}"
+    '}' + _NL + "</tool_call>"
     "{% endfor %}{% endif %}<|im_end|>" + _NL +
     "{% elif m.role == 'tool' %}{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}" +
     _NL + "<tool_response>" + _NL + "{{ m.content }}" + _NL + "</tool_response>"
