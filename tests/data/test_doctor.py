@@ -491,3 +491,28 @@ def test_template_consistency_judges_with_prepares_rule(tmp_path, tiny_model_dir
     assert shifted.read_text() != QWEN3
     found = [f for f in run_doctor(data, tokenizer=tok, template=str(shifted)).findings if f.rule == "template_consistency"]
     assert len(found) == 2 and all("does not follow the inference prompt verbatim" in f.message for f in found)
+
+
+def test_examples_that_differ_only_in_their_calls_or_reasoning_are_not_duplicates(tmp_path):
+    """The duplicate checks read message content only, so calls with other arguments (whose content is
+    empty) and answers with other reasoning were reported as "same text as ..." though they train other text."""
+    from tool_data import TOOLS
+
+    def calling(city: str, call_id: str) -> dict:
+        return {"tools": TOOLS, "messages": [
+            {"role": "user", "content": "What is the weather like?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]},
+            {"role": "tool", "tool_call_id": call_id, "content": "sunny"},
+            {"role": "assistant", "content": "It is sunny."}]}
+
+    def reasoning(thought: str) -> dict:
+        return {"messages": [{"role": "user", "content": "Is 7 prime?"},
+                             {"role": "assistant", "content": "Yes.", "reasoning_content": thought}]}
+
+    rows = [calling("Paris", "a"), calling("Oslo", "b"), reasoning("7 has no divisor but 1 and 7."),
+            reasoning("Check 2, 3: neither divides 7.")]
+    result = run_doctor(write(tmp_path, rows))
+    assert only(result, "near_duplicate") == [], result.format_text()
+    # the same call under another call id is still a duplicate
+    assert only(run_doctor(write(tmp_path, [calling("Paris", "a"), calling("Paris", "b")], "dup.jsonl")), "near_duplicate")

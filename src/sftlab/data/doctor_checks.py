@@ -193,7 +193,14 @@ def _exact_key(c: Conversation) -> str:
 
 def _body(c: Conversation) -> str:
     # System prompts are left out: a long shared system prompt would make unrelated examples "near".
-    return c.text if c.is_text else "\n".join(m.content for m in c.messages if m.role != "system")
+    # Reasoning and tool calls are trained text too: examples that differ only there are not duplicates.
+    return c.text if c.is_text else "\n".join(_turn_text(m) for m in c.messages if m.role != "system")
+
+
+def _turn_text(m) -> str:
+    calls = [c.get("function", c) if isinstance(c, dict) else c for c in m.tool_calls or ()]  # ids left out
+    calls = [json.dumps([c.get("name"), c.get("arguments")] if isinstance(c, dict) else c, default=str) for c in calls]
+    return "\n".join([m.reasoning or "", m.content, *calls]).strip("\n")
 
 
 def _prompt(c: Conversation) -> str | None:
