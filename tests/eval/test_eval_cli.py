@@ -146,3 +146,25 @@ def test_model_that_does_not_load(tiny_model_dir, data_files, tmp_path, capsys):
     (run / "summary.json").unlink()
     code, _, err = run_cli(capsys, "eval", run, "--data", data_files[0], "--save")
     assert code == 2 and one_error_line(err, "summary.json"), err
+
+
+@pytest.mark.parametrize("reasoning", ["drop", "last"])
+def test_eval_labels_and_prompts_as_the_runs_reasoning_setting(tiny_model_dir, tmp_path, reasoning):
+    """A run trained with reasoning: drop (or last) had its eval loss scored by `sftlab eval` with the
+    reasoning tokens it never trained on, and its prompts showed earlier turns' reasoning."""
+    from sftlab.data.formats import load_conversations
+    from sftlab.data.prepare import labeler_for
+    from sftlab.eval.loss import evaluate_loss
+    from sftlab.eval.run import load_target, run_eval
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir, reasoning=reasoning)
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}.", "reasoning_content": f"{i} and {i} make {2 * i}"},
+                          {"role": "user", "content": "and twice that?"},
+                          {"role": "assistant", "content": f"{4 * i}.", "reasoning_content": "double it"}]} for i in range(3)]
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    res = run_eval(str(run), str(data), settings=None, device="cpu", samples=1)["result"]
+    model, tok, tpl, cfg = load_target(str(run), device="cpu")
+    examples, _ = labeler_for(cfg, tok, tpl).encode(load_conversations(str(data), None, split="eval"))
+    assert res["metrics"]["loss"] == pytest.approx(evaluate_loss(model, tok, examples, 8)["loss"], rel=1e-6)
+    assert "make" not in res["samples"][0]["prompt_text"]  # the first turn's reasoning is not in the prompt

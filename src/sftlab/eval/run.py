@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
@@ -138,9 +138,10 @@ def generation_metrics(model, tokenizer, template: ChatTemplate, conversations: 
 
 def encode_examples(tokenizer, template: ChatTemplate | None, conversations: Sequence[Conversation], *,
                     max_seq_length: int | None = 2048, truncation: str = "cut_turns",
-                    masking: str = "all_assistant") -> tuple[list[Example], dict]:
+                    masking: str = "all_assistant", reasoning: str = "per_turn") -> tuple[list[Example], dict]:
     """Tokenize eval conversations with the training labeler; (examples, preparation report dict)."""
-    labeler = Labeler(tokenizer, template, masking=masking, max_seq_length=max_seq_length, truncation=truncation)
+    labeler = Labeler(tokenizer, template, masking=masking, max_seq_length=max_seq_length, truncation=truncation,
+                      reasoning=reasoning)
     examples, report = labeler.encode(list(conversations))
     return examples, report.to_dict()
 
@@ -174,18 +175,21 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
              settings: GenerationSettings | None = None, batch_size: int = 8, scorer: str | None = None,
              max_seq_length: int | None = 2048, truncation: str = "cut_turns",
              general: Sequence[Conversation] | None = None, samples: int = 5, generation: bool = True,
-             sources: Sequence[str] | None = None) -> dict:
+             sources: Sequence[str] | None = None, masking: str = "all_assistant",
+             reasoning: str = "per_turn") -> dict:
     """Evaluate one loaded model on conversations. JSON-serialisable result:
     ``metrics`` (loss, perplexity, tokens, general_loss, and the generation summary), ``scorer``,
     ``format_check``, ``prepare`` (what tokenization kept/dropped), ``samples`` (the first
     ``samples`` prompts with reference, reply and score), ``settings`` (the generation settings).
     ``sources``: the source name of each conversation (several eval sources); the result then has
     ``sources``: {name: {n_examples, loss, perplexity, tokens, and with generation task_score,
-    format_adherence, finished_rate, n_generated}}.
+    format_adherence, finished_rate, n_generated}}. ``masking`` and ``reasoning``: the run's, so the loss
+    is over the tokens training scored and prompts hold the reasoning training showed (none under
+    ``reasoning: drop``/``last``, whose earlier turns have none).
     """
     settings = settings or GenerationSettings()
-    examples, prep = encode_examples(tokenizer, template, conversations, max_seq_length=max_seq_length,
-                                     truncation=truncation)
+    label = dict(max_seq_length=max_seq_length, truncation=truncation, masking=masking, reasoning=reasoning)
+    examples, prep = encode_examples(tokenizer, template, conversations, **label)
     if not examples:
         raise SftlabError(f"no eval example is left after tokenization ({prep['n_dropped_too_long']} too long, "
                           f"{prep['n_dropped_no_trained']} with no reply)", hint="raise max_seq_length")
@@ -195,10 +199,12 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
                     "settings": settings.to_dict(), "template": template.name if template else None,
                     "scorer": None, "format_check": None, "samples": []}
     if general:
-        g_examples, _ = encode_examples(tokenizer, template, general, max_seq_length=max_seq_length, truncation=truncation)
+        g_examples, _ = encode_examples(tokenizer, template, general, **label)
         if g_examples:
             result["metrics"]["general_loss"] = evaluate_loss(model, tokenizer, g_examples, batch_size)["loss"]
     chats = _chat(conversations)
+    if reasoning in ("drop", "last"):  # no reasoning before the reply, as in training
+        chats = [replace(c, messages=[replace(m, reasoning=None) for m in c.messages]) for c in chats]
     rows: list[dict] = []
     if generation and chats and template is not None:
         gens = generate(model, tokenizer, template, chats, settings, batch_size)
@@ -349,7 +355,8 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
     add_system_prompt(general_convs or [], system_prompt)
     max_len = max_seq_length or (cfg.max_seq_length if cfg is not None else 2048)
     trunc = cfg.truncation if cfg is not None else "cut_turns"
-    kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc,
+    kw_run = dict(masking=cfg.masking, reasoning=cfg.reasoning) if cfg is not None else {}  # label as training did
+    kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc, **kw_run,
               general=general_convs, samples=samples, sources=names)
     after = evaluate(model, tok, tpl, convs, **kw)
     info = {"target": str(target), "data": str(data) if names is None else ", ".join(dict.fromkeys(names)),
