@@ -382,3 +382,14 @@ def test_bad_run_folder_is_one_line(tmp_path, capsys, damage, message):
     assert main(["diagnose", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sftlab diagnose: error:") and message in err[0], err
+
+
+def test_format_names_the_tool_call_rate_and_tool_fixes(tmp_path):
+    """On tool-calling evals the format is the call: the finding said only "format adherence" and advised
+    a system prompt stating the output format, where the replies failed to make valid calls."""
+    summary = {**HEALTHY_SUMMARY, "eval": {"kind": "single", "result": {"metrics": {
+        "format_adherence": 0.3, "valid_tool_call_rate": 0.25, "tool_call_match_rate": 0.1}}}}
+    f = rules_found(make_run(tmp_path / "run", summary=summary))["format"]
+    assert any(e.startswith("valid tool call rate 25% in the final eval") for e in f.evidence), f.evidence
+    assert not any(x.startswith("system_prompt:") for x in f.fixes), f.fixes
+    assert any("replies call the tools" in x for x in f.fixes), f.fixes

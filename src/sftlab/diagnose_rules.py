@@ -237,10 +237,17 @@ def rule_format(run: RunData, th: Thresholds) -> Finding | None:
     b = _eval_result(run.summary, "before")
     if b and _finite(b.get("format_adherence")):
         evidence.append(f"the base model had {float(b['format_adherence']):.0%}")
-    fixes = ["more training examples that show the exact output format (aim for 100+ consistent ones)"]
+    calls = _latest_gen(run, "valid_tool_call_rate")  # the format of replies that should call a tool
+    if calls is not None:
+        evidence.append(f"valid tool call rate {calls[0]:.0%} in {calls[1]} (replies whose reference calls a tool: "
+                        "the call must parse, name an offered function and fit its schema)")
+    fixes = ["more training examples that show the exact output format (aim for 100+ consistent ones)"
+             if calls is None or calls[0] >= th.format_min else
+             "more training examples whose replies call the tools, in the call format of the training template "
+             "(aim for 100+); check the failing calls in `sftlab eval --json` (samples: tool_call.why)"]
     if _cfg(run, "masking") == "all":
         fixes.append("masking: all -> all_assistant (response-only loss: train on the replies only)")
-    if not _cfg(run, "system_prompt"):
+    if not _cfg(run, "system_prompt") and (calls is None or calls[0] >= th.format_min):
         fixes.append("system_prompt: <one line stating the output format>")
     losses = [float(r["eval_loss"]) for r in run.evals if _finite(r.get("eval_loss"))]
     longer = _train_longer(run) if losses and losses[-1] <= min(losses) else None  # still improving: train longer
