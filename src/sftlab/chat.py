@@ -24,7 +24,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
 from sftlab.data.doctor_tools import function_schemas, parse_arguments
 from sftlab.data.formats import load_conversations
-from sftlab.data.templates import ChatTemplate, resolve_template
+from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import (
     GenerationSettings,
@@ -37,7 +37,6 @@ from sftlab.eval.generation import (
 )
 from sftlab.eval.run import load_target
 from sftlab.eval.tool_calls import check_tool_calls, parse_tool_calls
-from sftlab.models import load_model
 from sftlab.rundir import RunDir
 
 HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a reply"
@@ -65,29 +64,6 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_adapter_export(folder: Path, template: str | None, device):
-    """An exported adapter: its base model (named in adapter_config.json, or the exact base weights
-    sftlab_export.json names when this machine has them) + the adapter + its tokenizer."""
-    from peft import PeftModel  # deferred: heavy library, imported on first use
-    from transformers import (
-        AutoTokenizer,  # deferred: heavy library, imported on first use
-    )
-
-    try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (json.JSONDecodeError, KeyError):
-        raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
-    try:  # the run's exact base weights (a converted GGUF in this machine's cache), when they are here
-        exact = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8")).get("base_weights")
-    except (OSError, ValueError, AttributeError):
-        exact = None
-    base = exact if isinstance(exact, str) and Path(exact).is_dir() else base
-    tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
-    model = PeftModel.from_pretrained(load_model(base, device=device, tokenizer=tok), str(folder))
-    model.eval()
-    return model, tok, resolve_template(template, tok)
-
-
 def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -> str | None:
     """The system prompt to chat/generate with: ``system_prompt`` when given ("" means none), else a run
     folder's ``system_prompt`` (training put it first in each conversation without a system message).
@@ -101,10 +77,7 @@ def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -
 def load_chat_model(model_or_run: str, *, template: str | None = None, device=None) -> tuple:
     """(model, tokenizer, ChatTemplate) for a run folder, an export folder or a model name/path."""
 
-    p = Path(model_or_run)
     with _quiet():
-        if p.is_dir() and (p / "adapter_config.json").exists() and not RunDir(p).config_path.exists():
-            return _load_adapter_export(p, template, device)
         model, tok, tpl, _ = load_target(model_or_run, template=template, device=device)
     if tpl is None:
         raise SftlabError(f"'{model_or_run}' has no chat template", hint="pass --template (e.g. chatml)")

@@ -168,3 +168,18 @@ def test_eval_labels_and_prompts_as_the_runs_reasoning_setting(tiny_model_dir, t
     examples, _ = labeler_for(cfg, tok, tpl).encode(load_conversations(str(data), None, split="eval"))
     assert res["metrics"]["loss"] == pytest.approx(evaluate_loss(model, tok, examples, 8)["loss"], rel=1e-6)
     assert "make" not in res["samples"][0]["prompt_text"]  # the first turn's reasoning is not in the prompt
+
+
+def test_eval_of_an_exported_adapter_scores_as_its_run(lora_run, data_files, tmp_path, capsys):
+    """`sftlab chat` took an adapter export; `sftlab eval` refused it: "a folder without config.json,
+    so not a HF model folder" (about a folder that holds an adapter and names its base)."""
+    from sftlab.export import export_run
+
+    out = export_run(lora_run, tmp_path / "adapter", verify=False).out
+    results = []
+    for target in (lora_run, out):
+        code, text, err = run_cli(capsys, "eval", target, "--data", data_files[0], "--max-new-tokens", 4, "--json")
+        assert code == 0, err
+        results.append(json.loads(text)["result"])
+    assert results[1]["metrics"]["loss"] == pytest.approx(results[0]["metrics"]["loss"], rel=1e-5)
+    assert [s["reply"] for s in results[1]["samples"]] == [s["reply"] for s in results[0]["samples"]]

@@ -12,7 +12,7 @@ from sftlab.core.io import atomic_write_text
 
 @_command("eval", "evaluate a run or model: loss, perplexity, generation metrics, task score; --compare for before/after")
 def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder, or a model (local folder, .gguf, hub id, smollm2-135m-instruct)")
+    p.add_argument("target", metavar="RUN_OR_MODEL", help="a run folder, an export (merged or adapter), or a model (local folder, .gguf, hub id, smollm2-135m-instruct)")
     p.add_argument("--data", required=True, action="append",
                    help="eval data file (same formats as training data); repeat it for results per source")
     p.add_argument("--compare", dest="compare_to", metavar="BASE",

@@ -281,10 +281,42 @@ def _template_for(name: str | None, tokenizer) -> ChatTemplate | None:
     return resolve_template(name, tokenizer)
 
 
+def load_adapter_export(folder: Path, device=None):
+    """(model, tokenizer) of an exported adapter: its base model (named in adapter_config.json, or the exact
+    base weights sftlab_export.json names when this machine has them) + the adapter + its tokenizer."""
+    import json
+
+    from peft import PeftModel  # deferred: heavy library, imported on first use
+    from transformers import (
+        AutoTokenizer,  # deferred: heavy library, imported on first use
+    )
+
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
+    try:  # the run's exact base weights (a converted GGUF in this machine's cache), when they are here
+        exact = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8")).get("base_weights")
+    except (OSError, ValueError, AttributeError):
+        exact = None
+    base = exact if isinstance(exact, str) and Path(exact).is_dir() else base
+    tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
+    model = PeftModel.from_pretrained(load_model(base, device=device, tokenizer=tok), str(folder))
+    model.eval()
+    return model, tok
+
+
+def is_adapter_export(spec) -> bool:
+    """A folder holding an adapter alone (``sftlab export`` without ``--merge``), not a run folder."""
+    p = Path(str(spec))
+    return p.is_dir() and (p / "adapter_config.json").is_file() and not RunDir(p).config_path.is_file()
+
+
 def load_target(spec: str, *, template: str | None = None, device=None, share_tokenizer=None):
     """(model, tokenizer, template, run config or None) for a run folder or a model name/path.
 
-    A run folder loads its trained model and the template it was trained with. ``share_tokenizer``
+    A run folder loads its trained model and the template it was trained with; an exported adapter its
+    base model with the adapter and the exported tokenizer (its template the training one). ``share_tokenizer``
     (a tokenizer) loads a plain model with that tokenizer instead of its own, so a base model and
     its fine-tune are scored on exactly the same tokens.
     """
@@ -298,6 +330,9 @@ def load_target(spec: str, *, template: str | None = None, device=None, share_to
         if tpl is not None and not tpl.kwargs:  # the template options of training (e.g. enable_thinking)
             tpl.kwargs = template_kwargs(cfg) or None
         return model, tok, tpl, cfg
+    if is_adapter_export(spec):
+        model, tok = _load_guard(f"adapter '{spec}'", lambda: load_adapter_export(Path(spec), device))
+        return model, tok, _template_for(template, tok), None
     tok = share_tokenizer if share_tokenizer is not None else _load_guard(f"model '{spec}'", lambda: load_tokenizer(spec))
     model = _load_guard(f"model '{spec}'", lambda: load_model(spec, device=device, tokenizer=tok))
     model.eval()
