@@ -221,6 +221,10 @@ def _doctor_text(run: RunData, doctor: bool) -> str:
     return f"<pre>{_e(res.format_text(limit=5))}</pre>"
 
 
+def _scored_by(result: dict):
+    return result.get("task_score_by") or result.get("scorer")
+
+
 def _eval_section(run: RunData) -> str:
     ev = run.summary.eval if run.summary else None
     out = ["<h2>Before and after</h2>"]
@@ -234,7 +238,7 @@ def _eval_section(run: RunData) -> str:
             cls = {True: "better", False: "worse"}.get(r.get("improved"), "")
             delta = "-" if r.get("delta") is None else f"{r['delta']:+.4f}"
             rows.append((r.get("label"), r.get("before"), r.get("after"), (delta, cls)))
-        out.append(f"<p>Eval data: {_e(ev.get('data'))}; scorer: {_e((ev.get('after') or {}).get('scorer'))}; "
+        out.append(f"<p>Eval data: {_e(ev.get('data'))}; scorer: {_e(_scored_by(ev.get('after') or {}))}; "
                    f"format check: {_e((ev.get('after') or {}).get('format_check'))}</p>")
         out.append(_table(rows, ("metric", ev.get("before_name", "base"), ev.get("after_name", "fine-tuned"), "change")))
         f = ev.get("forgetting")

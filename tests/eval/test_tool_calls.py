@@ -147,6 +147,14 @@ def test_evaluate_renders_tools_and_reports_the_rate(tiny_model_dir):
     mt = res["metrics"]
     assert mt["n_tool_calls_expected"] == 2 and 0.0 <= mt["valid_tool_call_rate"] <= mt["format_adherence"] <= 1.0
     assert res["format_check"] == "tool_call"
+    # every reference calls a tool: the task score is the call match, not the text scorer "exact"
+    from sftlab.eval.compare import format_result
+
+    assert res["task_score_by"] == "tool_call_match" and res["scorer"] is None
+    assert "task score (tool_call_match)" in format_result(res) and "(exact)" not in format_result(res)
+    mixed = evaluate(model, tok, tpl, [*convs, Conversation([Message("user", "hi"), Message("assistant", "hello")])],
+                     settings=GenerationSettings(max_new_tokens=2), max_seq_length=512)
+    assert mixed["task_score_by"] == "exact+tool_call_match"
     assert "<tools>" in res["samples"][0]["prompt_text"] and res["samples"][0]["tool_call"]["valid"] is False
 
 

@@ -119,7 +119,8 @@ def format_result(result: dict) -> str:
     mt = result.get("metrics", {})
     for key, label, _ in METRICS:
         if key in mt:
-            extra = f" ({result['scorer']})" if key == "task_score" and result.get("scorer") else ""
+            by = result.get("task_score_by") or result.get("scorer")
+            extra = f" ({by})" if key == "task_score" and by else ""
             extra = f" ({result['format_check']})" if key == "format_adherence" and result.get("format_check") else extra
             lines.append(f"{label + extra:<32} {_fmt(mt[key])}")
     if "tokens" in mt:

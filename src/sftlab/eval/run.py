@@ -197,7 +197,7 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
     result: dict = {"n_examples": len(conversations), "metrics": dict(loss),
                     "prepare": {k: prep[k] for k in _PREP_KEYS},
                     "settings": settings.to_dict(), "template": template.name if template else None,
-                    "scorer": None, "format_check": None, "samples": []}
+                    "scorer": None, "task_score_by": None, "format_check": None, "samples": []}
     if general:
         g_examples, _ = encode_examples(tokenizer, template, general, **label)
         if g_examples:
@@ -213,7 +213,10 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
         result["metrics"].update({k: v for k, v in summary.items() if k != "n"})
         result["metrics"]["n_generated"] = summary["n"]
         text_refs = [r for r, t in zip(refs, trefs) if t is None]
-        result["scorer"] = choose_scorer(text_refs, scorer)
+        result["scorer"] = choose_scorer(text_refs, scorer) if text_refs else None  # of the replies that are text
+        # what the task score is: the scorer on text replies, the call match on replies that should call a tool
+        result["task_score_by"] = "+".join(([result["scorer"]] if text_refs else [])
+                                           + (["tool_call_match"] if len(text_refs) < len(refs) else []))
         result["format_check"] = "+".join(([format_check_name(text_refs)] if text_refs else [])
                                           + (["tool_call"] if len(text_refs) < len(refs) else []))
         for c, row in list(zip(chats, rows))[:samples]:
