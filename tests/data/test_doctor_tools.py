@@ -40,6 +40,9 @@ def test_function_schemas_take_both_shapes():
     (True, {"type": "number"}, False), (True, {"type": "boolean"}, True), ([1], {"type": "array"}, True),
     ({}, {"type": "object"}, True), (None, {"type": ["string", "null"]}, True), ("c", {"enum": ["a", "b"]}, False),
     ("a", {"type": "string", "enum": ["a"]}, True), ("x", {}, True), ("x", {"type": "custom"}, True),
+    # an enum compares as JSON does (Python's True == 1 and 0 == False passed a boolean as 1 and 0 as false)
+    (True, {"enum": [1, 2]}, False), (0, {"enum": [False]}, False), (2.0, {"enum": [1, 2]}, True),
+    ([True], {"enum": [[1]]}, False),
 ])
 def test_type_ok(value, schema, ok):
     assert type_ok(value, schema) is ok

@@ -104,7 +104,7 @@ def type_ok(value: Any, schema: dict) -> bool:
     Booleans are not numbers; an integer is a number; a float with no fraction counts as an integer.
     Unknown or missing types accept anything.
     """
-    if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
+    if "enum" in schema and isinstance(schema["enum"], list) and not any(_json_equal(value, e) for e in schema["enum"]):
         return False
     want = schema.get("type")
     names = want if isinstance(want, list) else [want] if isinstance(want, str) else []
@@ -113,6 +113,17 @@ def type_ok(value: Any, schema: dict) -> bool:
     got = _json_type(value)
     return any(got == n or (n == "number" and got == "integer")
                or (n == "integer" and got == "number" and float(value).is_integer()) for n in names)
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 1 == 1.0, but true is not 1 (Python's True == 1), also inside arrays and objects."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_json_equal, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
+    return a == b
 
 
 def argument_problems(args: dict, schema: dict) -> list[str]:
