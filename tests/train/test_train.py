@@ -487,3 +487,26 @@ def test_check_prints_the_memory_estimate_that_plan_breaks_down(tmp_path, tiny_m
     from sftlab.plan.render import gb
 
     assert line.split("about ")[1].split(" at ")[0] == gb(planned["total_bytes"])
+
+
+def test_generation_during_training_prompts_without_reasoning_under_drop(tmp_path, tiny_model_dir, monkeypatch):
+    """reasoning: drop trains no reasoning anywhere, but eval_generate's prompts showed earlier turns' reasoning."""
+    import sftlab.train.run as train_run
+
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}.", "reasoning_content": f"SECRET {i}"},
+                          {"role": "user", "content": "and twice?"}, {"role": "assistant", "content": f"{4 * i}."}]}
+            for i in range(4)]
+    evald = tmp_path / "eval.jsonl"
+    evald.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    real = train_run.training_eval
+
+    def spy(*args, **kw):
+        seen.extend(kw.get("conversations") or [])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_run, "training_eval", spy)
+    train(train_config(tmp_path, tiny_model_dir, eval_data=str(evald), reasoning="drop", eval_generate=2, max_steps=1,
+                       eval_steps=1), quiet=True)
+    assert seen and all(m.reasoning is None for c in seen for m in c.messages)

@@ -116,6 +116,14 @@ def tool_refs(conversations: Sequence[Conversation]) -> list[ToolRef | None]:
     return out
 
 
+def prompts_as_trained(conversations: Sequence[Conversation], reasoning: str) -> list[Conversation]:
+    """The conversations to generate from under a run's ``reasoning`` setting: ``drop`` and ``last``
+    train no reasoning before the last reply, so the prompts hold none either."""
+    if reasoning not in ("drop", "last"):
+        return list(conversations)
+    return [replace(c, messages=[replace(m, reasoning=None) for m in c.messages]) for c in conversations]
+
+
 def _chat(conversations: Sequence[Conversation]) -> list[Conversation]:
     return [c for c in conversations if not c.is_text and reference_reply(c) is not None]
 
@@ -202,9 +210,7 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
         g_examples, _ = encode_examples(tokenizer, template, general, **label)
         if g_examples:
             result["metrics"]["general_loss"] = evaluate_loss(model, tokenizer, g_examples, batch_size)["loss"]
-    chats = _chat(conversations)
-    if reasoning in ("drop", "last"):  # no reasoning before the reply, as in training
-        chats = [replace(c, messages=[replace(m, reasoning=None) for m in c.messages]) for c in chats]
+    chats = prompts_as_trained(_chat(conversations), reasoning)
     rows: list[dict] = []
     if generation and chats and template is not None:
         gens = generate(model, tokenizer, template, chats, settings, batch_size)

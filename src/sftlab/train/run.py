@@ -31,7 +31,7 @@ from sftlab.core.io import (
 from sftlab.data.collate import PackedCollator, PadCollator
 from sftlab.data.packing import pack
 from sftlab.data.prepare import Prepared, prepare
-from sftlab.eval.run import training_eval
+from sftlab.eval.run import prompts_as_trained, training_eval
 from sftlab.models import load_tokenizer, model_config
 from sftlab.plan.auto import describe_auto, describe_precision, resolve_auto
 from sftlab.plan.shapes import shape_from_config
@@ -336,7 +336,8 @@ def build_trainer(rc: Config, data: RunData, model, ewc_loss_fn, args, batches: 
                             loss_mode=rc.loss, label_smoothing=rc.label_smoothing, ewc=ewc,
                             group_lengths=batches.lengths, train_sampler=batches.sampler,
                             general_examples=data.general.examples if data.general else None,
-                            gen_template=data.train.template, gen_conversations=evald.conversations if evald else None,
+                            gen_template=data.train.template,
+                            gen_conversations=prompts_as_trained(evald.conversations, rc.reasoning) if evald else None,
                             gen_limit=rc.eval_generate, fused_ce=fused_ce)
     return trainer, switch
 
