@@ -286,3 +286,25 @@ def test_a_reply_that_reasons_keeps_its_reasoning_and_its_call(loaded, monkeypat
     assert session.history[-1].reasoning == "I answer with a <tool_call> block."
     session.add_tool_result(session.pending_calls[0], '{"temp": 21}')
     assert "<|im_start|>assistant\n" + reply + "<|im_end|>\n" in session.prompt(None)  # as the model wrote it
+
+
+def test_bare_tool_schemas_are_offered_as_training_rendered_them(tmp_path, loaded):
+    """Training reads a bare {"name", "parameters"} schema as OpenAI's {"type": "function", "function": ...};
+    chat --tools passed the bare one to the template, so the model saw other <tools> text than in training."""
+    from tool_data import TOOLS
+
+    from sftlab.chat import load_tools
+    from sftlab.data.formats import load_conversations
+    from sftlab.data.templates import resolve_template
+
+    bare = [t["function"] for t in TOOLS]
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps(bare))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"tools": bare, "messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}) + "\n")
+    trained = load_conversations(str(data), None)[0]
+    model, tok, _ = loaded
+    tpl = resolve_template("chatml-tools", tok)
+    session = ChatSession(model, tok, tpl, max_new_tokens=MAX_NEW, tools=load_tools(path))
+    assert session.prompt("hi") == tpl.render(trained.messages[:1], add_generation_prompt=True, tools=trained.tools)

@@ -229,7 +229,8 @@ def _parse_calls(raw: str) -> list[dict]:
 
 def load_tools(path: str | Path) -> list[dict]:
     """Function schemas from a JSON file: a list, or an object with a "tools" list (OpenAI shape or bare
-    ``{"name", "parameters"}``). Mistakes are one SftlabError line naming the file (and line)."""
+    ``{"name", "parameters"}``, returned in OpenAI shape as training reads them). Mistakes are one
+    SftlabError line naming the file (and line)."""
     p = Path(path)
     if not p.is_file():
         raise SftlabError(f"tools file '{path}' not found", hint="pass a JSON file with a list of function schemas")
@@ -251,7 +252,8 @@ def load_tools(path: str | Path) -> list[dict]:
         if params is not None and not isinstance(params, dict):
             raise SftlabError(f"{path}: tool {i} ({function_schemas([t]).popitem()[0]}): \"parameters\" is not a JSON object",
                               hint="give a JSON schema object, e.g. {\"type\": \"object\", \"properties\": {...}}")
-    return tools
+    # in OpenAI's shape, as training data's tools are read: the template renders the same schemas as in training
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
 def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str], str] = input,
