@@ -57,6 +57,15 @@ def test_argument_problems_name_unknown_missing_and_wrong_types():
     assert argument_problems({"anything": 1}, {}) == []  # no properties listed: names are free
 
 
+def test_additional_properties_allow_names_beyond_the_listed_ones():
+    """A schema with additionalProperties true (or a schema) accepts other names: a call using one was
+    scored invalid and the doctor reported an unknown argument."""
+    for extra in (True, {"type": "string"}):
+        assert argument_problems({"city": "Paris", "note": "x"}, {**SCHEMA, "additionalProperties": extra}) == []
+    assert argument_problems({"city": "Paris", "note": "x"}, {**SCHEMA, "additionalProperties": False})[0].startswith(
+        "unknown argument 'note'")
+
+
 def test_parse_arguments():
     assert parse_arguments('{"a": 1}') == ({"a": 1}, None)
     assert parse_arguments(None) == ({}, None)

@@ -128,10 +128,12 @@ def _json_equal(a: Any, b: Any) -> bool:
 
 def argument_problems(args: dict, schema: dict) -> list[str]:
     """What is wrong with ``args`` for a ``parameters`` schema: unknown names (when the schema lists
-    ``properties``), missing ``required`` ones, values of the wrong type. Empty when they fit."""
+    ``properties`` and does not allow others with ``additionalProperties``), missing ``required`` ones,
+    values of the wrong type. Empty when they fit."""
     props = schema.get("properties") if isinstance(schema.get("properties"), dict) else None
     out = []
-    if props is not None:
+    extra = schema.get("additionalProperties")  # true or a schema: names beyond `properties` are allowed
+    if props is not None and not (extra is True or isinstance(extra, dict)):
         unknown = [k for k in args if k not in props]
         if unknown:
             out.append(f"unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
