@@ -510,3 +510,21 @@ def test_generation_during_training_prompts_without_reasoning_under_drop(tmp_pat
     train(train_config(tmp_path, tiny_model_dir, eval_data=str(evald), reasoning="drop", eval_generate=2, max_steps=1,
                        eval_steps=1), quiet=True)
     assert seen and all(m.reasoning is None for c in seen for m in c.messages)
+
+
+def test_check_warns_when_the_template_drops_the_datas_tools(tmp_path, tiny_model_dir):
+    """Data that offers tools (and answers without calling them) trained silently with a template that
+    ignores `tools`: the model never saw the schemas. Calls it drops were refused; offered tools were not."""
+    from tool_data import TOOLS
+
+    rows = [{"tools": TOOLS, "messages": [{"role": "user", "content": f"hi {i}"},
+                                          {"role": "assistant", "content": f"hello {i}"}]} for i in range(8)]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = train(train_config(tmp_path, tiny_model_dir, data=str(data)), check_only=True)["findings"]
+    dropped = [f for f in found if f["rule"] == "template_tools"]
+    assert len(dropped) == 1 and dropped[0]["severity"] == "warning" and "ignores the record's tools" in dropped[0]["message"]
+    assert "template=chatml-tools" in dropped[0]["fixes"][0]
+    found = train(train_config(tmp_path, tiny_model_dir, data=str(data), template="chatml-tools", max_seq_length=2048),
+                  check_only=True)["findings"]
+    assert not [f for f in found if f["rule"] == "template_tools"]

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,8 @@ from sftlab import rundir as A
 from sftlab.config import Config
 from sftlab.core.findings import Finding
 from sftlab.core.hardware import device_memory_gb
+from sftlab.data.doctor_tools import template_tool_check
+from sftlab.data.prepare import Prepared
 from sftlab.plan.auto import (
     estimated_bytes,
     lr_for_size,
@@ -310,3 +313,11 @@ def step_findings(total_steps: int) -> list[Finding]:
         return []
     return [_finding("steps", "error", "the run has 0 optimizer steps", "raise epochs or max_steps, or add data")]
 
+
+def tools_dropped(prepared: Prepared) -> list[Finding]:
+    """A warning when the data offers tools the template does not render (calls it drops are an error
+    in labelling already): the model trains without ever seeing the schemas it is meant to use."""
+    found: list[Finding] = []
+    if prepared.template is not None and any(c.tools for c in prepared.conversations):
+        template_tool_check([c for c in prepared.conversations if c.tools], prepared.template, found)
+    return [replace(f, severity="warning") for f in found]

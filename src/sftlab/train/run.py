@@ -51,6 +51,7 @@ from sftlab.train.checks import (
     last_good_checkpoint,
     memory_line,
     run_folder_findings,
+    tools_dropped,
 )
 from sftlab.train.continual import ewc_from_examples, mix_replay
 from sftlab.train.distributed import (
@@ -202,7 +203,7 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
                          train_keys=_example_keys(data.train.usable),  # any epoch may draw any of them
                          eval_keys=_example_keys(data.eval.examples if data.eval else None),
-                         report=data.train.report)
+                         report=data.train.report) + tools_dropped(data.train)
     rc.eval_steps, rc.save_steps = checkpoint_steps(rc, has_eval=data.eval is not None)  # the checklist says why
     for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # a mixture, as counts
         if prepared is not None and prepared.mixture is not None:
