@@ -181,3 +181,6 @@ def test_a_reply_that_reasons_first_is_scored_on_its_answer():
     assert split_reply("hm\n</think>\n\n4") == ("4", "hm")
     assert split_reply("<think>\nstill thinking") == ("", "still thinking")
     assert split_reply("no reasoning") == ("no reasoning", None)
+    # Qwen3 trains an empty <think> block before every answer of data without reasoning: scored on the answer
+    summary, _ = score_generations([Generation("<think>\n\n</think>\n\nHello!", True, 5, [1])], ["Hello!"])
+    assert summary["task_score"] == 1.0
