@@ -4,10 +4,11 @@ learning-rate schedule rebuilt for the new total (and says so)."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import train_config
+from conftest import chat_data, train_config
 
 from sftlab.cli import main
 from sftlab.config import load_config
@@ -69,3 +70,25 @@ def test_resuming_with_more_steps_rebuilds_the_schedule_and_says_so(tmp_path, ti
     assert lrs[3] == pytest.approx(ref[3]) and lrs[4] == pytest.approx(ref[4]) and lrs[3] > 0
     assert "the run was planned for 2 steps, now 4: its learning-rate schedule (linear) is rebuilt for 4 steps, " \
            "from step 3 on" in out
+
+
+@pytest.mark.parametrize("kind", ["packing", "replay"])
+def test_resume_check_counts_the_rows_an_epoch_trains(tmp_path, tiny_model_dir, kind):
+    """An epoch's steps follow its rows: packed rows (fewer than the examples) or the examples plus their
+    replay (more). The checklist counted the examples alone, so resuming such a run unchanged said its
+    schedule "was planned for 2 steps, now 8" and would be rebuilt, and told the user to keep the epochs
+    they had kept."""
+    kw = (dict(packing=True, batch_size=2) if kind == "packing" else
+          dict(replay_data=chat_data(tmp_path / "general.jsonl", 16, offset=50), replay_ratio=0.5, batch_size=4))
+    cfg = train_config(tmp_path, tiny_model_dir, save_steps=1, save_total_limit=50, **kw)
+    steps = train(cfg, quiet=True)["steps"]
+    assert steps < 8 if kind == "packing" else steps == 8  # 16 examples at batch 2 / 16 + 16 replay at batch 4
+    for p in sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*")):
+        if p.name != "checkpoint-1":  # as if killed after step 1
+            shutil.rmtree(p)
+    again = {**cfg.to_dict(), "resume": True}
+    found = train(load_config(None, again), check_only=True)["findings"]
+    assert [f["message"] for f in found if f["rule"] in ("resume", "global_batch", "warmup")] == []
+    longer = train(load_config(None, {**again, "epochs": 2}), check_only=True)["findings"]
+    assert [f["message"].split(":")[1] for f in longer if f["rule"] == "resume"] == \
+           [f" the run was planned for {steps} steps, now {2 * steps}"]

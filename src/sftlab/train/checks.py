@@ -43,8 +43,10 @@ def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
 
 
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
-              train_keys: set, eval_keys: set, report) -> list[Finding]:
-    """The configuration checklist, each finding with its fix. ``cfg`` is resolved (no `auto`)."""
+              train_keys: set, eval_keys: set, report, n_rows: int | None = None) -> list[Finding]:
+    """The configuration checklist, each finding with its fix. ``cfg`` is resolved (no `auto`). ``n_rows``:
+    the rows an epoch iterates (:func:`sftlab.train.epochs.epoch_rows`: with replay, packed), which the
+    step count follows; default ``n_examples``."""
     out: list[Finding] = []
     lr = float(cfg.learning_rate)
     ref = lr_for_size(n_params, cfg.method)
@@ -63,13 +65,17 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world
-    steps_per_epoch = max(1, -(-n_examples // global_batch))
+    rows = n_examples if n_rows is None else n_rows
+    steps_per_epoch = max(1, -(-rows // global_batch))
     # as Trainer counts them: a started epoch is a step
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * float(cfg.epochs))
-    if global_batch > max(8, n_examples // 4):
-        out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {n_examples} examples "
+    if global_batch > max(8, rows // 4):
+        what = f"{n_examples} examples" if rows == n_examples else (
+            f"{rows} rows per epoch ({n_examples} examples{' and replay' if cfg.replay_ratio > 0 else ''}"
+            f"{', packed' if cfg.packing else ''})")
+        out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {what} "
                            f"({steps_per_epoch} optimizer steps per epoch)",
-                           f"--set gradient_accumulation={max(1, n_examples // (8 * int(cfg.batch_size)))}"))
+                           f"--set gradient_accumulation={max(1, rows // (8 * int(cfg.batch_size)))}"))
     out += warmup_findings(cfg, total_steps)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg)
