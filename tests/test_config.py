@@ -69,6 +69,34 @@ def test_values_are_coerced_to_the_declared_type():
     assert cfg.data is None and cfg.report_to == ["tensorboard", "wandb"]
 
 
+@pytest.mark.parametrize("item, key, value", [
+    ("system_prompt=Be brief. #1 rule: no chit-chat", "system_prompt", "Be brief. #1 rule: no chit-chat"),  # was "Be brief."
+    ("system_prompt=You are terse. Answer: yes or no", "system_prompt", "You are terse. Answer: yes or no"),  # was a mapping
+    ("system_prompt=no", "system_prompt", "no"),  # was "False"
+    ("data=/data/my set #1.jsonl", "data", "/data/my set #1.jsonl"),  # was "/data/my set"
+    ("run_name=007", "run_name", "007"),  # was "7"
+    ("system_prompt='quoted: text'", "system_prompt", "quoted: text"),  # YAML quoting still works
+    ("data=[a.jsonl, b.jsonl]", "data", ["a.jsonl", "b.jsonl"]),
+    ("template=null", "template", None),
+    ("learning_rate=2e-4", "learning_rate", 2e-4),
+    ("packing=yes", "packing", True),
+])
+def test_set_keeps_the_text_of_text_keys(item, key, value):
+    """--set parses YAML for numbers, booleans and lists, but a text key (a prompt, a path, a name) keeps
+    what was typed: YAML cut a system prompt at ' #' without a word, or refused one with ': ' in it."""
+    assert getattr(load_config(None, C.parse_set([item])), key) == value
+
+
+def test_an_unquoted_yes_or_no_for_a_text_key_in_yaml_is_an_error(tmp_path, capsys):
+    """YAML reads `system_prompt: no` as false: it trained with the system prompt "False"."""
+    (tmp_path / "c.yaml").write_text("system_prompt: no\n")
+    with pytest.raises(SftlabError, match="config key 'system_prompt': YAML reads an unquoted yes/no"):
+        load_config(tmp_path / "c.yaml")
+    assert main(["train", str(tmp_path / "c.yaml"), "--data", "x.jsonl", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'quote it: system_prompt: "..."' in err
+
+
 def test_help_config_lists_allowed_values_from_the_types():
     assert "[full | lora | qlora | prefix] (default: 'lora')" in config_help()
     schema = config_schema()

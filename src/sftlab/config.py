@@ -190,7 +190,7 @@ def _as(t, raw):
     if t is float:
         return float(raw)
     if t is str:
-        if isinstance(raw, (dict, list)):
+        if isinstance(raw, (dict, list, bool)):  # a bool: YAML's reading of an unquoted yes/no/on/off
             raise ValueError
         return str(raw)
     if t is dict:
@@ -227,6 +227,9 @@ def _coerce(name: str, raw):
             return _as(t, raw)
         except (ValueError, TypeError):
             continue
+    if isinstance(raw, bool) and str in kinds:
+        raise SftlabError(f"config key '{name}': YAML reads an unquoted yes/no/on/off/true/false as {raw}, not text",
+                          hint=f"quote it: {name}: \"...\"")
     raise SftlabError(f"config key '{name}': {raw!r} {_expected(kinds)}")
 
 
@@ -257,18 +260,33 @@ def _validate(cfg: Config) -> None:
             raise SftlabError(f"config key '{name}': {val!r} must be positive")
 
 
+def _set_value(key: str, raw: str):
+    """One ``--set`` value: YAML-parsed, so numbers, booleans and lists work, except where the key takes
+    text (a path, a prompt, a name): there YAML would cut ``a #1`` at its comment, read ``Answer: briefly``
+    as a mapping, ``no`` as false and ``007`` as 7, so the text is kept as given (a YAML-quoted string,
+    and a whole ``[...]`` or ``{...}``, are still parsed: a list where the key takes one, else the usual error)."""
+    text = raw.strip()
+    kinds = field_types(key) if key in FIELDS else ()
+    takes_text = str in kinds and not {int, float, bool} & set(kinds)
+    quoted = len(text) >= 2 and text[0] in "'\"" and text[-1] == text[0]
+    structured = len(text) >= 2 and (text[0], text[-1]) in (("[", "]"), ("{", "}"))
+    if takes_text and not quoted and not structured:
+        return text
+    try:
+        return yaml.safe_load(raw) if text else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_set(items: list[str] | None) -> dict:
-    """``["lr=1e-4", "packing=true"]`` -> dict of raw values (YAML-parsed, so numbers and lists work)."""
+    """``["lr=1e-4", "packing=true"]`` -> dict of raw values (YAML-parsed, so numbers and lists work;
+    text keys keep their text, :func:`_set_value`)."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise SftlabError(f"--set '{item}' must look like key=value")
         key, raw = item.split("=", 1)
-        try:
-            val = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            val = raw
-        out[key.strip()] = val
+        out[key.strip()] = _set_value(key.strip(), raw)
     return out
 
 
