@@ -97,6 +97,18 @@ def test_an_unquoted_yes_or_no_for_a_text_key_in_yaml_is_an_error(tmp_path, caps
     assert err.count("\n") == 1 and 'quote it: system_prompt: "..."' in err
 
 
+@pytest.mark.parametrize("item", ["epochs=.inf", "epochs=inf", "learning_rate=nan", "warmup_ratio=.NaN", "max_grad_norm=1e400"])
+def test_a_number_that_is_not_finite_is_one_error(item, tmp_path, capsys):
+    """`epochs: .inf` crashed the checklist with OverflowError and `learning_rate: nan` torch's optimizer,
+    both with a traceback after loading the model and data."""
+    key = item.split("=")[0]
+    with pytest.raises(SftlabError, match=f"config key '{key}': .* is not a finite number"):
+        load_config(None, C.parse_set([item]))
+    assert main(["train", "--data", str(tmp_path / "x.jsonl"), "--set", item, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a finite number" in err and "Traceback" not in err
+
+
 def test_help_config_lists_allowed_values_from_the_types():
     assert "[full | lora | qlora | prefix] (default: 'lora')" in config_help()
     schema = config_schema()

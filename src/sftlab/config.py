@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,7 +189,9 @@ def _as(t, raw):
             raise ValueError
         return int(raw)
     if t is float:
-        return float(raw)
+        if not math.isfinite(value := float(raw)):  # nan, inf: no setting means them (epochs inf crashed the checklist)
+            raise ValueError
+        return value
     if t is str:
         if isinstance(raw, (dict, list, bool)):  # a bool: YAML's reading of an unquoted yes/no/on/off
             raise ValueError
@@ -217,6 +220,13 @@ def _expected(kinds: tuple) -> str:
     return f"is not a valid {' or '.join(t.__name__ for t in plain)}"
 
 
+def _not_finite(raw) -> bool:
+    try:
+        return not isinstance(raw, bool) and not math.isfinite(float(raw))
+    except (ValueError, TypeError):
+        return False
+
+
 def _coerce(name: str, raw):
     """Convert ``raw`` to the field's declared type; a value outside it is one error naming the key."""
     kinds = field_types(name)
@@ -227,6 +237,8 @@ def _coerce(name: str, raw):
             return _as(t, raw)
         except (ValueError, TypeError):
             continue
+    if float in kinds and _not_finite(raw):
+        raise SftlabError(f"config key '{name}': {raw!r} is not a finite number", hint=f"--set {name}=<a number>")
     if isinstance(raw, bool) and str in kinds:
         raise SftlabError(f"config key '{name}': YAML reads an unquoted yes/no/on/off/true/false as {raw}, not text",
                           hint=f"quote it: {name}: \"...\"")
