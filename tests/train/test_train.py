@@ -188,6 +188,19 @@ def test_check_flags_bad_configuration(tmp_path, tiny_model_dir, capsys):
     assert code == 2  # an error among the findings
 
 
+@pytest.mark.parametrize("batch, accum", [(16, 1), (16, 2), (4, 4)])
+def test_the_global_batch_fix_clears_the_warning(tmp_path, tiny_model_dir, batch, accum):
+    """Its fix was always a gradient_accumulation: "--set gradient_accumulation=1" for a run at 1 already
+    (a saved config of a merged run is batch 16 x 1), which changed nothing."""
+    cfg = train_config(tmp_path, tiny_model_dir, batch_size=batch, gradient_accumulation=accum)  # 16 examples
+    found = [f for f in train(cfg, check_only=True)["findings"] if f["rule"] == "global_batch"]
+    assert len(found) == 1
+    fixed = {k: v for k, v in (a.split("=") for a in found[0]["fixes"][0].split() if "=" in a)}
+    assert fixed != {"gradient_accumulation": str(accum)}
+    again = load_config(None, {**cfg.to_dict(), **fixed})
+    assert [f for f in train(again, check_only=True)["findings"] if f["rule"] == "global_batch"] == []
+
+
 def test_normal_run_prints_the_checklist_unless_quiet(tmp_path, tiny_model_dir, capsys):
     train(train_config(tmp_path / "loud", tiny_model_dir, max_steps=1, learning_rate=1.0))
     assert "check warning: learning rate 1 is outside the usual range" in capsys.readouterr().out

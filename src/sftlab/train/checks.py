@@ -73,9 +73,12 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         what = f"{n_examples} examples" if rows == n_examples else (
             f"{rows} rows per epoch ({n_examples} examples{' and replay' if cfg.replay_ratio > 0 else ''}"
             f"{', packed' if cfg.packing else ''})")
+        accum = max(1, rows // (8 * int(cfg.batch_size)))  # a global batch near an eighth of the rows
+        fix = (f"--set gradient_accumulation={accum}"  # unless accumulation alone cannot get there (or is 1 already)
+               if accum < int(cfg.gradient_accumulation) and int(cfg.batch_size) * accum * world <= max(8, rows // 4)
+               else f"--set batch_size={max(1, rows // (8 * world))} --set gradient_accumulation=1")
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {what} "
-                           f"({steps_per_epoch} optimizer steps per epoch)",
-                           f"--set gradient_accumulation={max(1, rows // (8 * int(cfg.batch_size)))}"))
+                           f"({steps_per_epoch} optimizer steps per epoch)", fix))
     out += warmup_findings(cfg, total_steps)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg)
