@@ -92,3 +92,27 @@ def test_resume_check_counts_the_rows_an_epoch_trains(tmp_path, tiny_model_dir, 
     longer = train(load_config(None, {**again, "epochs": 2}), check_only=True)["findings"]
     assert [f["message"].split(":")[1] for f in longer if f["rule"] == "resume"] == \
            [f" the run was planned for {steps} steps, now {2 * steps}"]
+
+
+def test_resume_with_another_global_batch_warns_that_the_data_position_moves(tmp_path, tiny_model_dir):
+    """Trainer finds its place in the data by the step count: resumed at step 2 with batch 8 instead of 4, it
+    took 16 examples as trained where 8 were, and skipped the rest of the epoch's first half. The checklist
+    said only that the schedule was rebuilt, and to keep max_steps/epochs "as they were" (they were)."""
+    cfg = train_config(tmp_path, tiny_model_dir, epochs=2, batch_size=4, save_steps=2, save_total_limit=50)
+    assert train(cfg, quiet=True)["steps"] == 8
+    for p in sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*")):
+        if p.name != "checkpoint-2":
+            shutil.rmtree(p)
+    again = {**cfg.to_dict(), "resume": True}
+
+    def resume_findings(**kw):
+        return [f for f in train(load_config(None, {**again, **kw}), check_only=True)["findings"] if f["rule"] == "resume"]
+
+    found = resume_findings(batch_size=8)
+    assert [f["severity"] for f in found] == ["warning", "info"]
+    assert "global batch of 4 (batch_size x gradient_accumulation), now 8" in found[0]["message"]
+    assert "resumed at step 2 it takes 16 examples as trained where the run trained 8" in found[0]["message"]
+    assert "keep batch_size x gradient_accumulation at 4" in found[0]["fixes"][0]
+    assert "max_steps/epochs" not in found[1]["fixes"][0]
+    assert "trained twice" in resume_findings(batch_size=2)[0]["message"]
+    assert resume_findings(batch_size=2, gradient_accumulation=2) == []  # the same global batch: the same steps

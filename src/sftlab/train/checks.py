@@ -238,17 +238,40 @@ def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
 
 def schedule_findings(cfg: Config, total_steps: int) -> list[Finding]:
     """``resume`` with another step count than the run was planned for: its learning-rate schedule is
-    rebuilt for the new total (the resumed steps train at the new schedule's rate for their step)."""
-    if not cfg.resume or (ckpt := last_good_checkpoint(Path(cfg.output_dir).expanduser() / A.CHECKPOINTS)) is None:
+    rebuilt for the new total (the resumed steps train at the new schedule's rate for their step); with
+    another global batch than the run trained at, also a warning: the data position is counted in steps."""
+    run = Path(cfg.output_dir).expanduser()
+    if not cfg.resume or (ckpt := last_good_checkpoint(run / A.CHECKPOINTS)) is None:
         return []
     state = checkpoint_state(ckpt)
     planned, step = state.get("max_steps"), int(state.get("global_step") or 0)
+    out = batch_change_findings(cfg, run, step)
     if not planned or planned == total_steps or step >= total_steps:
+        return out
+    fix = ("keep the global batch as it was" if out else
+           f"keep max_steps/epochs as they were ({planned} steps)") + " to continue the old schedule"
+    return out + [_finding("resume", "info", f"resume: the run was planned for {planned} steps, now {total_steps}: its "
+                           f"learning-rate schedule ({cfg.lr_scheduler}) is rebuilt for {total_steps} steps, from step "
+                           f"{step + 1} on", fix)]
+
+
+def batch_change_findings(cfg: Config, run: Path, step: int) -> list[Finding]:
+    """A warning when ``resume`` changes the global batch (batch_size x gradient_accumulation) of the run in
+    ``run``: Trainer finds its place in the data by the step count, so at another batch the resumed run skips
+    examples of the interrupted epoch (a larger batch) or trains some twice (a smaller one)."""
+    was = (_saved(run, "batch_size"), _saved(run, "gradient_accumulation"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in was):
         return []
-    return [_finding("resume", "info", f"resume: the run was planned for {planned} steps, now {total_steps}: its "
-                     f"learning-rate schedule ({cfg.lr_scheduler}) is rebuilt for {total_steps} steps, from step "
-                     f"{step + 1} on", f"keep max_steps/epochs as they were ({planned} steps) to continue the "
-                     "old schedule")]
+    old, new = was[0] * was[1], int(cfg.batch_size) * int(cfg.gradient_accumulation)
+    if old == new:
+        return []
+    unit = "packed rows" if cfg.packing else "examples"
+    return [_finding("resume", "warning", f"resume: the run trained at a global batch of {old} (batch_size x "
+                     f"gradient_accumulation), now {new}: Trainer counts the data position in steps, so resumed at "
+                     f"step {step} it takes {step * new} {unit} as trained where the run trained {step * old} "
+                     f"({'some are skipped' if new > old else 'some are trained twice'})",
+                     f"keep batch_size x gradient_accumulation at {old} (a smaller batch_size with more "
+                     "accumulation trains the same steps), or a new --output-dir")]
 
 
 def _nearest_existing(path: Path) -> Path:
