@@ -3,6 +3,7 @@ learning-rate schedule rebuilt for the new total (and says so)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -116,3 +117,24 @@ def test_resume_with_another_global_batch_warns_that_the_data_position_moves(tmp
     assert "max_steps/epochs" not in found[1]["fixes"][0]
     assert "trained twice" in resume_findings(batch_size=2)[0]["message"]
     assert resume_findings(batch_size=2, gradient_accumulation=2) == []  # the same global batch: the same steps
+
+
+def test_resuming_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, tiny_model_dir):
+    """A run killed past its last checkpoint (no signal: out of memory, a lost node) had logged steps the
+    resumed run trains and logs again: metrics.jsonl held steps 5..8 twice, with two losses each."""
+    evald = chat_data(tmp_path / "eval.jsonl", 4, offset=100)
+    cfg = train_config(tmp_path, tiny_model_dir, epochs=2, batch_size=4, save_steps=2, eval_steps=2,
+                       save_total_limit=50, eval_data=evald)
+    assert train(cfg, quiet=True)["steps"] == 8
+    run = tmp_path / "run"
+    for p in sorted((run / "checkpoints").glob("checkpoint-*")):
+        if p.name not in ("checkpoint-2", "checkpoint-4"):  # killed at step 8, before its save
+            shutil.rmtree(p)
+    (run / "summary.json").unlink()
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + "not json\n")  # kept as it is
+    train(load_config(None, {**cfg.to_dict(), "resume": True}), quiet=True)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines.count("not json") == 1
+    rows = [json.loads(line) for line in lines if line != "not json"]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4, 6, 8]
