@@ -664,3 +664,20 @@ def test_cli_plan_defaults_are_trains_and_a_config_plans_its_run(tmp_path, capsy
     cfg.write_text("modle: x\n")
     assert main(["plan", str(cfg)]) == 2
     assert "unknown config key 'modle'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", ["method: prefix\nprefix_tokens: 200\n", "packing: true\n"])
+def test_plan_of_a_config_estimates_what_train_check_estimates(tmp_path, capsys, extra):
+    """`sftlab plan RUN.yaml` left out the config's prefix_tokens (it planned 20 virtual tokens) and its packing
+    (train runs packed rows with sdpa, not the per-batch eager/sdpa choice): its total differed from the
+    memory line of `train --check`, which points to plan for the breakdown of that same total."""
+    from sftlab.config import load_config
+    from sftlab.models import model_config
+    from sftlab.plan.auto import estimated_bytes
+
+    text = f"precision: fp32\nbatch_size: 2\ngradient_accumulation: 1\nmax_seq_length: 256\n{extra}"
+    (tmp_path / "run.yaml").write_text(text)
+    cfg = load_config(tmp_path / "run.yaml")
+    want = estimated_bytes(cfg, model_config(cfg.model), batch=2, seq_len=256, checkpointing=False, device="cpu")
+    assert main(["plan", str(tmp_path / "run.yaml"), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == want
