@@ -201,6 +201,19 @@ def test_the_global_batch_fix_clears_the_warning(tmp_path, tiny_model_dir, batch
     assert [f for f in train(again, check_only=True)["findings"] if f["rule"] == "global_batch"] == []
 
 
+def test_max_steps_past_the_epochs_says_it_overrides_them(tmp_path, tiny_model_dir):
+    """epochs 1 with max_steps 12 on 16 examples at batch 4 trained 3 epochs, and nothing said that epochs was
+    no limit beside max_steps."""
+    cfg = train_config(tmp_path, tiny_model_dir, epochs=1, max_steps=12, batch_size=4)
+    found = [f for f in train(cfg, check_only=True)["findings"] if f["rule"] == "max_steps"]
+    assert [f["message"] for f in found] == ["max_steps 12 runs past epochs 1 (4 steps): the run trains 3 epochs, "
+                                             "as max_steps overrides epochs"]
+    assert found[0]["severity"] == "info" and found[0]["fixes"] == ["--set max_steps=-1 to train 1 epoch, or --set max_steps=4"]
+    assert train(cfg, quiet=True)["epochs"] == 3.0
+    within = train_config(tmp_path / "b", tiny_model_dir, epochs=1, max_steps=3, batch_size=4)
+    assert not [f for f in train(within, check_only=True)["findings"] if f["rule"] == "max_steps"]
+
+
 def test_normal_run_prints_the_checklist_unless_quiet(tmp_path, tiny_model_dir, capsys):
     train(train_config(tmp_path / "loud", tiny_model_dir, max_steps=1, learning_rate=1.0))
     assert "check warning: learning rate 1 is outside the usual range" in capsys.readouterr().out

@@ -79,7 +79,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                else f"--set batch_size={max(1, rows // (8 * world))} --set gradient_accumulation=1")
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {what} "
                            f"({steps_per_epoch} optimizer steps per epoch)", fix))
-    out += warmup_findings(cfg, total_steps)
+    out += warmup_findings(cfg, total_steps) + max_steps_findings(cfg, steps_per_epoch)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg)
     if cfg.weight_decay > 0.1:
@@ -144,6 +144,19 @@ def warmup_steps(cfg: Config, total_steps: int) -> int:
     if cfg.lr_scheduler == "constant" or total_steps <= 0:
         return 0
     return math.ceil(total_steps * cfg.warmup_ratio)
+
+
+def max_steps_findings(cfg: Config, steps_per_epoch: int) -> list[Finding]:
+    """An info finding when ``max_steps`` runs past ``epochs``: Trainer then trains max_steps whatever the
+    epochs say (epochs is not a limit beside it), so the data is passed over more often than configured."""
+    planned = math.ceil(steps_per_epoch * float(cfg.epochs))
+    if cfg.max_steps <= planned:
+        return []
+    return [_finding("max_steps", "info", f"max_steps {cfg.max_steps} runs past epochs {float(cfg.epochs):g} "
+                     f"({planned} steps): the run trains {cfg.max_steps / steps_per_epoch:.3g} epochs, as max_steps "
+                     "overrides epochs", f"--set max_steps=-1 to train {float(cfg.epochs):g} epoch"
+                     f"{'' if float(cfg.epochs) == 1 else 's'}, or "
+                     f"--set max_steps={planned}")]
 
 
 def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:
