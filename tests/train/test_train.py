@@ -274,6 +274,7 @@ def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_di
     # on a CPU at most 4 rows (merge_micro_batches measures whether more pay); why names the memory
     micro, accum, why = auto.auto_batch(cfg, mcfg, seq_len=256, device="cpu", mem_gb=1000)
     assert (micro, accum) == (4, 4) and "free RAM" in why and "at most 4" in why
+    assert "fits 90% of 1073.74 GB of free RAM" in why  # GB as the memory line says it (1000 GiB is not "1000 GB")
     fixed = dataclasses.replace(cfg, gradient_accumulation=2)
     assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (16, 2)
     fixed = dataclasses.replace(cfg, batch_size=3)
