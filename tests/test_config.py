@@ -109,6 +109,23 @@ def test_a_number_that_is_not_finite_is_one_error(item, tmp_path, capsys):
     assert err.count("\n") == 1 and "is not a finite number" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("key, value, why", [
+    ("eval_generate", -1, "must be >= 0 (0: loss only)"),  # generated for all eval examples but one
+    ("ewc_samples", 0, "must be at least 1 (the Fisher is measured on them)"),  # a Fisher of no examples: no penalty at all
+    ("ewc_samples", -1, "must be at least 1 (the Fisher is measured on them)"),  # all but one
+    ("save_total_limit", -1, "must be >= 0 (0: keep every checkpoint)"),
+    ("early_stopping_patience", -2, "must be >= 0 (0 disables)"),
+    ("early_stopping_min_delta", -0.5, "must be >= 0"),
+    ("max_grad_norm", -1.0, "must be >= 0 (0 disables clipping)"),
+])
+def test_a_count_or_limit_out_of_range_is_one_error(key, value, why):
+    """These ran as something else than asked, silently (in the comments)."""
+    with pytest.raises(SftlabError) as exc:
+        load_config(None, {key: value})
+    assert str(exc.value) == f"config key '{key}': {value!r} {why}"
+    assert getattr(load_config(None, {key: 0 if key != "ewc_samples" else 1}), key) in (0, 1)
+
+
 def test_help_config_lists_allowed_values_from_the_types():
     assert "[full | lora | qlora | prefix] (default: 'lora')" in config_help()
     schema = config_schema()

@@ -117,7 +117,7 @@ class Config:
     eval_steps: int = _f(500, "evaluate every N optimizer steps")
     eval_generate: int = _f(0, "at each evaluation also generate replies for this many eval examples and log gen_* metrics (0: loss only)")
     save_steps: int = _f(500, "checkpoint every N optimizer steps")
-    save_total_limit: int = _f(3, "checkpoints kept")
+    save_total_limit: int = _f(3, "checkpoints kept (0: every checkpoint)")
     early_stopping_patience: int = _f(3, "evaluations without improvement before stopping (0 disables)")
     early_stopping_min_delta: float = _f(0.01, "smallest eval-loss improvement that counts")
     load_best_model_at_end: bool = _f(True, "restore the checkpoint with the lowest eval loss at the end")
@@ -259,6 +259,14 @@ def _validate(cfg: Config) -> None:
         ("save_steps", cfg.save_steps >= 1, "must be at least 1"),
         ("logging_steps", cfg.logging_steps >= 1, "must be at least 1"),
         ("lora_alpha", cfg.lora_alpha > 0, "must be positive (the adapter's scale is alpha / r)"),
+        # below: values that ran as something else (eval_generate -1 generated for all but one eval example,
+        # ewc_samples -1 took all but one, 0 none: no penalty; a negative patience or norm disabled silently)
+        ("eval_generate", cfg.eval_generate >= 0, "must be >= 0 (0: loss only)"),
+        ("ewc_samples", cfg.ewc_samples >= 1, "must be at least 1 (the Fisher is measured on them)"),
+        ("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep every checkpoint)"),
+        ("early_stopping_patience", cfg.early_stopping_patience >= 0, "must be >= 0 (0 disables)"),
+        ("early_stopping_min_delta", cfg.early_stopping_min_delta >= 0, "must be >= 0"),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
     ]
     for key, ok, why in checks:
         if not ok:
