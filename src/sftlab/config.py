@@ -55,7 +55,7 @@ class Config:
     # --- model and data -------------------------------------------------------------------
     model: str = _f("smollm2-135m-instruct", "base model: the embedded default name, a local HF folder, a .gguf file or a hub id")
     data: str | list | None = _f(None, "training data file (jsonl/json/csv/parquet) or local HF dataset folder; or a list of sources, each a path or {path, format, weight | count, name} (see README: Several datasets)")
-    eval_data: str | list | None = _f(None, "evaluation data, same formats as data (a list: results per source)")
+    eval_data: str | list | None = _f(None, "evaluation data, same formats as data; a list of sources is one eval_loss in training (`sftlab eval RUN --data A --data B` gives results per source)")
     format: str = _f("auto", "data format: auto, messages (openai), sharegpt, alpaca, prompt_completion or text")
     template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, chatml-tools (renders tools), llama3, mistral, or a .jinja file")
     system_prompt: str | None = _f(None, "system prompt added to conversations that have none")
