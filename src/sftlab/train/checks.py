@@ -97,7 +97,8 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         if lost / report.n_input > 0.05:
             out.append(_finding("truncation", "warning", f"max_seq_length {cfg.max_seq_length} cuts or drops {lost} of "
                                f"{report.n_input} examples", "raise max_seq_length"))
-    return out + checkpoint_step_findings(cfg, has_eval=bool(eval_keys))  # eval data is never empty
+    has_eval = bool(eval_keys)  # eval data is never empty
+    return out + checkpoint_step_findings(cfg, has_eval=has_eval) + eval_step_findings(cfg, total_steps, has_eval)
 
 
 def checkpoint_steps(cfg: Config, *, has_eval: bool) -> tuple[int, int]:
@@ -123,6 +124,18 @@ def checkpoint_step_findings(cfg: Config, *, has_eval: bool) -> list[Finding]:
                      "checkpoint at an evaluation (save_steps a multiple of eval_steps)",
                      f"--set save_steps={keep} (a multiple of eval_steps) to keep yours, or "
                      "--set load_best_model_at_end=false")]
+
+
+def eval_step_findings(cfg: Config, total_steps: int, has_eval: bool) -> list[Finding]:
+    """An info finding when eval_steps (as the run uses it) is past the run's last step: the eval data is
+    then evaluated once, after training, so there is no eval curve and early stopping never acts."""
+    ev = checkpoint_steps(cfg, has_eval=has_eval)[0]
+    if not has_eval or total_steps <= 0 or ev <= total_steps:
+        return []
+    stop = ", and early stopping never acts" if cfg.early_stopping_patience > 0 else ""
+    return [_finding("eval_steps", "info", f"eval_steps {ev} is past the run's {total_steps} steps: the eval data is "
+                     f"evaluated only once, after training (no eval curve{stop})",
+                     f"--set eval_steps={max(1, total_steps // 5)} to evaluate during the run")]
 
 
 def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:
