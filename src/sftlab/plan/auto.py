@@ -126,7 +126,7 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
                        optimizer=cfg.optimizer if cfg.optimizer != "adamw8bit" or device == "cuda" else "adamw",
-                       lora_dropout=cfg.lora_dropout,
+                       lora_dropout=cfg.lora_dropout, ewc=cfg.ewc_lambda > 0,
                        attention="sdpa" if cfg.packing and cfg.attn_implementation == "auto" else cfg.attn_implementation,
                        # set true, they run (or the run stops); auto waits for a trial on the GPU: plan without
                        liger_kernels=cfg.liger_kernels is True and device == "cuda",
