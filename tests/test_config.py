@@ -69,6 +69,63 @@ def test_values_are_coerced_to_the_declared_type():
     assert cfg.data is None and cfg.report_to == ["tensorboard", "wandb"]
 
 
+@pytest.mark.parametrize("item, key, value", [
+    ("system_prompt=Be brief. #1 rule: no chit-chat", "system_prompt", "Be brief. #1 rule: no chit-chat"),  # was "Be brief."
+    ("system_prompt=You are terse. Answer: yes or no", "system_prompt", "You are terse. Answer: yes or no"),  # was a mapping
+    ("system_prompt=no", "system_prompt", "no"),  # was "False"
+    ("data=/data/my set #1.jsonl", "data", "/data/my set #1.jsonl"),  # was "/data/my set"
+    ("run_name=007", "run_name", "007"),  # was "7"
+    ("system_prompt='quoted: text'", "system_prompt", "quoted: text"),  # YAML quoting still works
+    ("data=[a.jsonl, b.jsonl]", "data", ["a.jsonl", "b.jsonl"]),
+    ("template=null", "template", None),
+    ("learning_rate=2e-4", "learning_rate", 2e-4),
+    ("packing=yes", "packing", True),
+])
+def test_set_keeps_the_text_of_text_keys(item, key, value):
+    """--set parses YAML for numbers, booleans and lists, but a text key (a prompt, a path, a name) keeps
+    what was typed: YAML cut a system prompt at ' #' without a word, or refused one with ': ' in it."""
+    assert getattr(load_config(None, C.parse_set([item])), key) == value
+
+
+def test_an_unquoted_yes_or_no_for_a_text_key_in_yaml_is_an_error(tmp_path, capsys):
+    """YAML reads `system_prompt: no` as false: it trained with the system prompt "False"."""
+    (tmp_path / "c.yaml").write_text("system_prompt: no\n")
+    with pytest.raises(SftlabError, match="config key 'system_prompt': YAML reads an unquoted yes/no"):
+        load_config(tmp_path / "c.yaml")
+    assert main(["train", str(tmp_path / "c.yaml"), "--data", "x.jsonl", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'quote it: system_prompt: "..."' in err
+
+
+@pytest.mark.parametrize("item", ["epochs=.inf", "epochs=inf", "learning_rate=nan", "warmup_ratio=.NaN", "max_grad_norm=1e400"])
+def test_a_number_that_is_not_finite_is_one_error(item, tmp_path, capsys):
+    """`epochs: .inf` crashed the checklist with OverflowError and `learning_rate: nan` torch's optimizer,
+    both with a traceback after loading the model and data."""
+    key = item.split("=")[0]
+    with pytest.raises(SftlabError, match=f"config key '{key}': .* is not a finite number"):
+        load_config(None, C.parse_set([item]))
+    assert main(["train", "--data", str(tmp_path / "x.jsonl"), "--set", item, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a finite number" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("eval_generate", -1, "must be >= 0 (0: loss only)"),  # generated for all eval examples but one
+    ("ewc_samples", 0, "must be at least 1 (the Fisher is measured on them)"),  # a Fisher of no examples: no penalty at all
+    ("ewc_samples", -1, "must be at least 1 (the Fisher is measured on them)"),  # all but one
+    ("save_total_limit", -1, "must be >= 0 (0: keep every checkpoint)"),
+    ("early_stopping_patience", -2, "must be >= 0 (0 disables)"),
+    ("early_stopping_min_delta", -0.5, "must be >= 0"),
+    ("max_grad_norm", -1.0, "must be >= 0 (0 disables clipping)"),
+])
+def test_a_count_or_limit_out_of_range_is_one_error(key, value, why):
+    """These ran as something else than asked, silently (in the comments)."""
+    with pytest.raises(SftlabError) as exc:
+        load_config(None, {key: value})
+    assert str(exc.value) == f"config key '{key}': {value!r} {why}"
+    assert getattr(load_config(None, {key: 0 if key != "ewc_samples" else 1}), key) in (0, 1)
+
+
 def test_help_config_lists_allowed_values_from_the_types():
     assert "[full | lora | qlora | prefix] (default: 'lora')" in config_help()
     schema = config_schema()

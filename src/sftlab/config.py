@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class Config:
     # --- model and data -------------------------------------------------------------------
     model: str = _f("smollm2-135m-instruct", "base model: the embedded default name, a local HF folder, a .gguf file or a hub id")
     data: str | list | None = _f(None, "training data file (jsonl/json/csv/parquet) or local HF dataset folder; or a list of sources, each a path or {path, format, weight | count, name} (see README: Several datasets)")
-    eval_data: str | list | None = _f(None, "evaluation data, same formats as data (a list: results per source)")
+    eval_data: str | list | None = _f(None, "evaluation data, same formats as data; a list of sources is one eval_loss in training (`sftlab eval RUN --data A --data B` gives results per source)")
     format: str = _f("auto", "data format: auto, messages (openai), sharegpt, alpaca, prompt_completion or text")
     template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, chatml-tools (renders tools), llama3, mistral, or a .jinja file")
     system_prompt: str | None = _f(None, "system prompt added to conversations that have none")
@@ -83,7 +84,7 @@ class Config:
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: float | Auto = _f(3, "number of epochs, or 'auto' by data size")
-    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    max_steps: int = _f(-1, "train this many optimizer steps, however many epochs they take (they override epochs); -1: run epochs")
     batch_size: int | Auto = _f(4, "per-device batch size, or 'auto': the largest micro-batch (up to 16 on a GPU, 4 on a CPU) whose memory estimate for this model and the data's rows fits; gradient_accumulation: auto then makes a global batch of 16")
     gradient_accumulation: int | Auto = _f(4, "micro-batches per optimizer step, or 'auto'")
     learning_rate: float | Auto = _f("auto", "peak learning rate, or 'auto': one table by method and model size (LoRA ~10x full), scaled with the global batch and LoRA alpha/r (README: Learning rate)")
@@ -116,7 +117,7 @@ class Config:
     eval_steps: int = _f(500, "evaluate every N optimizer steps")
     eval_generate: int = _f(0, "at each evaluation also generate replies for this many eval examples and log gen_* metrics (0: loss only)")
     save_steps: int = _f(500, "checkpoint every N optimizer steps")
-    save_total_limit: int = _f(3, "checkpoints kept")
+    save_total_limit: int = _f(3, "checkpoints kept (0: every checkpoint)")
     early_stopping_patience: int = _f(3, "evaluations without improvement before stopping (0 disables)")
     early_stopping_min_delta: float = _f(0.01, "smallest eval-loss improvement that counts")
     load_best_model_at_end: bool = _f(True, "restore the checkpoint with the lowest eval loss at the end")
@@ -188,9 +189,11 @@ def _as(t, raw):
             raise ValueError
         return int(raw)
     if t is float:
-        return float(raw)
+        if not math.isfinite(value := float(raw)):  # nan, inf: no setting means them (epochs inf crashed the checklist)
+            raise ValueError
+        return value
     if t is str:
-        if isinstance(raw, (dict, list)):
+        if isinstance(raw, (dict, list, bool)):  # a bool: YAML's reading of an unquoted yes/no/on/off
             raise ValueError
         return str(raw)
     if t is dict:
@@ -217,6 +220,13 @@ def _expected(kinds: tuple) -> str:
     return f"is not a valid {' or '.join(t.__name__ for t in plain)}"
 
 
+def _not_finite(raw) -> bool:
+    try:
+        return not isinstance(raw, bool) and not math.isfinite(float(raw))
+    except (ValueError, TypeError):
+        return False
+
+
 def _coerce(name: str, raw):
     """Convert ``raw`` to the field's declared type; a value outside it is one error naming the key."""
     kinds = field_types(name)
@@ -227,6 +237,11 @@ def _coerce(name: str, raw):
             return _as(t, raw)
         except (ValueError, TypeError):
             continue
+    if float in kinds and _not_finite(raw):
+        raise SftlabError(f"config key '{name}': {raw!r} is not a finite number", hint=f"--set {name}=<a number>")
+    if isinstance(raw, bool) and str in kinds:
+        raise SftlabError(f"config key '{name}': YAML reads an unquoted yes/no/on/off/true/false as {raw}, not text",
+                          hint=f"quote it: {name}: \"...\"")
     raise SftlabError(f"config key '{name}': {raw!r} {_expected(kinds)}")
 
 
@@ -244,6 +259,14 @@ def _validate(cfg: Config) -> None:
         ("save_steps", cfg.save_steps >= 1, "must be at least 1"),
         ("logging_steps", cfg.logging_steps >= 1, "must be at least 1"),
         ("lora_alpha", cfg.lora_alpha > 0, "must be positive (the adapter's scale is alpha / r)"),
+        # below: values that ran as something else (eval_generate -1 generated for all but one eval example,
+        # ewc_samples -1 took all but one, 0 none: no penalty; a negative patience or norm disabled silently)
+        ("eval_generate", cfg.eval_generate >= 0, "must be >= 0 (0: loss only)"),
+        ("ewc_samples", cfg.ewc_samples >= 1, "must be at least 1 (the Fisher is measured on them)"),
+        ("save_total_limit", cfg.save_total_limit >= 0, "must be >= 0 (0: keep every checkpoint)"),
+        ("early_stopping_patience", cfg.early_stopping_patience >= 0, "must be >= 0 (0 disables)"),
+        ("early_stopping_min_delta", cfg.early_stopping_min_delta >= 0, "must be >= 0"),
+        ("max_grad_norm", cfg.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -257,18 +280,33 @@ def _validate(cfg: Config) -> None:
             raise SftlabError(f"config key '{name}': {val!r} must be positive")
 
 
+def _set_value(key: str, raw: str):
+    """One ``--set`` value: YAML-parsed, so numbers, booleans and lists work, except where the key takes
+    text (a path, a prompt, a name): there YAML would cut ``a #1`` at its comment, read ``Answer: briefly``
+    as a mapping, ``no`` as false and ``007`` as 7, so the text is kept as given (a YAML-quoted string,
+    and a whole ``[...]`` or ``{...}``, are still parsed: a list where the key takes one, else the usual error)."""
+    text = raw.strip()
+    kinds = field_types(key) if key in FIELDS else ()
+    takes_text = str in kinds and not {int, float, bool} & set(kinds)
+    quoted = len(text) >= 2 and text[0] in "'\"" and text[-1] == text[0]
+    structured = len(text) >= 2 and (text[0], text[-1]) in (("[", "]"), ("{", "}"))
+    if takes_text and not quoted and not structured:
+        return text
+    try:
+        return yaml.safe_load(raw) if text else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_set(items: list[str] | None) -> dict:
-    """``["lr=1e-4", "packing=true"]`` -> dict of raw values (YAML-parsed, so numbers and lists work)."""
+    """``["lr=1e-4", "packing=true"]`` -> dict of raw values (YAML-parsed, so numbers and lists work;
+    text keys keep their text, :func:`_set_value`)."""
     out = {}
     for item in items or []:
         if "=" not in item:
             raise SftlabError(f"--set '{item}' must look like key=value")
         key, raw = item.split("=", 1)
-        try:
-            val = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            val = raw
-        out[key.strip()] = val
+        out[key.strip()] = _set_value(key.strip(), raw)
     return out
 
 

@@ -664,3 +664,36 @@ def test_cli_plan_defaults_are_trains_and_a_config_plans_its_run(tmp_path, capsy
     cfg.write_text("modle: x\n")
     assert main(["plan", str(cfg)]) == 2
     assert "unknown config key 'modle'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", ["method: prefix\nprefix_tokens: 200\n", "packing: true\n",
+                                   "method: full\newc_lambda: 1\nreplay_data: general.jsonl\n"])
+def test_plan_of_a_config_estimates_what_train_check_estimates(tmp_path, capsys, extra):
+    """`sftlab plan RUN.yaml` left out the config's prefix_tokens (it planned 20 virtual tokens) and its packing
+    (train runs packed rows with sdpa, not the per-batch eager/sdpa choice): its total differed from the
+    memory line of `train --check`, which points to plan for the breakdown of that same total."""
+    from sftlab.config import load_config
+    from sftlab.models import model_config
+    from sftlab.plan.auto import estimated_bytes
+
+    text = f"precision: fp32\nbatch_size: 2\ngradient_accumulation: 1\nmax_seq_length: 256\n{extra}"
+    (tmp_path / "run.yaml").write_text(text)
+    cfg = load_config(tmp_path / "run.yaml")
+    want = estimated_bytes(cfg, model_config(cfg.model), batch=2, seq_len=256, checkpointing=False, device="cpu")
+    assert main(["plan", str(tmp_path / "run.yaml"), "--device", "cpu", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["total_bytes"] == want
+    assert ("EWC anchor and Fisher" in d["breakdown"]) == ("ewc_lambda" in extra)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_ewc_holds_an_anchor_and_a_fisher_of_every_trained_parameter(method):
+    """train/continual.py's EWC keeps a copy of each trained parameter (the anchor) and its Fisher diagonal for
+    the whole run: for a full fine-tune two more copies of the model, which the estimate (batch_size and
+    gradient_checkpointing auto, the memory line, plan) left out."""
+    shape = shape_from_params("135M")
+    setup = TrainSetup(method=method, device="cpu", precision="fp32", batch=2, seq_len=256)
+    plain, ewc = (estimate_memory(shape, replace(setup, ewc=e)) for e in (False, True))
+    extra = 2 * (shape.params if method == "full" else ewc.trainable_params) * 4
+    assert ewc.breakdown["EWC anchor and Fisher"] == extra
+    assert ewc.phases["optimizer step"] == plain.phases["optimizer step"] + extra

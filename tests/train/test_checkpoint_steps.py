@@ -62,3 +62,22 @@ def test_a_run_prints_the_change_and_saves_the_values_it_used(tmp_path, tiny_mod
     saved = yaml.safe_load((tmp_path / "run" / A.CONFIG).read_text())
     assert (saved["eval_steps"], saved["save_steps"]) == (2, 2)
     assert summary["steps"] == 2 and (tmp_path / "run" / A.CHECKPOINTS / "checkpoint-2").is_dir()
+
+
+def test_check_says_when_the_run_ends_before_its_first_evaluation(tmp_path, tiny_model_dir):
+    """eval_steps 500 (the default) on a 30-step run with eval data: the eval data was evaluated once, after
+    training, so no eval curve and early stopping (patience 3) never acted, and nothing said so."""
+    evald = chat_data(tmp_path / "eval.jsonl", 4, offset=100)
+    data = chat_data(tmp_path / "forty.jsonl", 40)
+    cfg = train_config(tmp_path, tiny_model_dir, data=data, eval_data=evald, epochs=3, eval_steps=500, save_steps=500)
+
+    def found(c):
+        return [f for f in train(c, check_only=True, quiet=True)["findings"] if f["rule"] == "eval_steps"]
+
+    [f] = found(cfg)  # 40 examples at batch 4, 3 epochs: 30 steps
+    assert f["severity"] == "info" and f["message"] == (
+        "eval_steps 500 is past the run's 30 steps: the eval data is evaluated only once, after training "
+        "(no eval curve, and early stopping never acts)")
+    assert f["fixes"] == ["--set eval_steps=6 to evaluate during the run"]
+    assert found(train_config(tmp_path, tiny_model_dir, data=data, eval_data=evald, epochs=3, eval_steps=6)) == []
+    assert found(train_config(tmp_path, tiny_model_dir, data=data, epochs=3, eval_steps=500)) == []  # no eval data

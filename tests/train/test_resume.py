@@ -3,11 +3,13 @@ learning-rate schedule rebuilt for the new total (and says so)."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import train_config
+from conftest import chat_data, train_config
 
 from sftlab.cli import main
 from sftlab.config import load_config
@@ -69,3 +71,70 @@ def test_resuming_with_more_steps_rebuilds_the_schedule_and_says_so(tmp_path, ti
     assert lrs[3] == pytest.approx(ref[3]) and lrs[4] == pytest.approx(ref[4]) and lrs[3] > 0
     assert "the run was planned for 2 steps, now 4: its learning-rate schedule (linear) is rebuilt for 4 steps, " \
            "from step 3 on" in out
+
+
+@pytest.mark.parametrize("kind", ["packing", "replay"])
+def test_resume_check_counts_the_rows_an_epoch_trains(tmp_path, tiny_model_dir, kind):
+    """An epoch's steps follow its rows: packed rows (fewer than the examples) or the examples plus their
+    replay (more). The checklist counted the examples alone, so resuming such a run unchanged said its
+    schedule "was planned for 2 steps, now 8" and would be rebuilt, and told the user to keep the epochs
+    they had kept."""
+    kw = (dict(packing=True, batch_size=2) if kind == "packing" else
+          dict(replay_data=chat_data(tmp_path / "general.jsonl", 16, offset=50), replay_ratio=0.5, batch_size=4))
+    cfg = train_config(tmp_path, tiny_model_dir, save_steps=1, save_total_limit=50, **kw)
+    steps = train(cfg, quiet=True)["steps"]
+    assert steps < 8 if kind == "packing" else steps == 8  # 16 examples at batch 2 / 16 + 16 replay at batch 4
+    for p in sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*")):
+        if p.name != "checkpoint-1":  # as if killed after step 1
+            shutil.rmtree(p)
+    again = {**cfg.to_dict(), "resume": True}
+    found = train(load_config(None, again), check_only=True)["findings"]
+    assert [f["message"] for f in found if f["rule"] in ("resume", "global_batch", "warmup")] == []
+    longer = train(load_config(None, {**again, "epochs": 2}), check_only=True)["findings"]
+    assert [f["message"].split(":")[1] for f in longer if f["rule"] == "resume"] == \
+           [f" the run was planned for {steps} steps, now {2 * steps}"]
+
+
+def test_resume_with_another_global_batch_warns_that_the_data_position_moves(tmp_path, tiny_model_dir):
+    """Trainer finds its place in the data by the step count: resumed at step 2 with batch 8 instead of 4, it
+    took 16 examples as trained where 8 were, and skipped the rest of the epoch's first half. The checklist
+    said only that the schedule was rebuilt, and to keep max_steps/epochs "as they were" (they were)."""
+    cfg = train_config(tmp_path, tiny_model_dir, epochs=2, batch_size=4, save_steps=2, save_total_limit=50)
+    assert train(cfg, quiet=True)["steps"] == 8
+    for p in sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*")):
+        if p.name != "checkpoint-2":
+            shutil.rmtree(p)
+    again = {**cfg.to_dict(), "resume": True}
+
+    def resume_findings(**kw):
+        return [f for f in train(load_config(None, {**again, **kw}), check_only=True)["findings"] if f["rule"] == "resume"]
+
+    found = resume_findings(batch_size=8)
+    assert [f["severity"] for f in found] == ["warning", "info"]
+    assert "global batch of 4 (batch_size x gradient_accumulation), now 8" in found[0]["message"]
+    assert "resumed at step 2 it takes 16 examples as trained where the run trained 8" in found[0]["message"]
+    assert "keep batch_size x gradient_accumulation at 4" in found[0]["fixes"][0]
+    assert "max_steps/epochs" not in found[1]["fixes"][0]
+    assert "trained twice" in resume_findings(batch_size=2)[0]["message"]
+    assert resume_findings(batch_size=2, gradient_accumulation=2) == []  # the same global batch: the same steps
+
+
+def test_resuming_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, tiny_model_dir):
+    """A run killed past its last checkpoint (no signal: out of memory, a lost node) had logged steps the
+    resumed run trains and logs again: metrics.jsonl held steps 5..8 twice, with two losses each."""
+    evald = chat_data(tmp_path / "eval.jsonl", 4, offset=100)
+    cfg = train_config(tmp_path, tiny_model_dir, epochs=2, batch_size=4, save_steps=2, eval_steps=2,
+                       save_total_limit=50, eval_data=evald)
+    assert train(cfg, quiet=True)["steps"] == 8
+    run = tmp_path / "run"
+    for p in sorted((run / "checkpoints").glob("checkpoint-*")):
+        if p.name not in ("checkpoint-2", "checkpoint-4"):  # killed at step 8, before its save
+            shutil.rmtree(p)
+    (run / "summary.json").unlink()
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + "not json\n")  # kept as it is
+    train(load_config(None, {**cfg.to_dict(), "resume": True}), quiet=True)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines.count("not json") == 1
+    rows = [json.loads(line) for line in lines if line != "not json"]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4, 6, 8]

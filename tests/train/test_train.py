@@ -188,6 +188,32 @@ def test_check_flags_bad_configuration(tmp_path, tiny_model_dir, capsys):
     assert code == 2  # an error among the findings
 
 
+@pytest.mark.parametrize("batch, accum", [(16, 1), (16, 2), (4, 4)])
+def test_the_global_batch_fix_clears_the_warning(tmp_path, tiny_model_dir, batch, accum):
+    """Its fix was always a gradient_accumulation: "--set gradient_accumulation=1" for a run at 1 already
+    (a saved config of a merged run is batch 16 x 1), which changed nothing."""
+    cfg = train_config(tmp_path, tiny_model_dir, batch_size=batch, gradient_accumulation=accum)  # 16 examples
+    found = [f for f in train(cfg, check_only=True)["findings"] if f["rule"] == "global_batch"]
+    assert len(found) == 1
+    fixed = {k: v for k, v in (a.split("=") for a in found[0]["fixes"][0].split() if "=" in a)}
+    assert fixed != {"gradient_accumulation": str(accum)}
+    again = load_config(None, {**cfg.to_dict(), **fixed})
+    assert [f for f in train(again, check_only=True)["findings"] if f["rule"] == "global_batch"] == []
+
+
+def test_max_steps_past_the_epochs_says_it_overrides_them(tmp_path, tiny_model_dir):
+    """epochs 1 with max_steps 12 on 16 examples at batch 4 trained 3 epochs, and nothing said that epochs was
+    no limit beside max_steps."""
+    cfg = train_config(tmp_path, tiny_model_dir, epochs=1, max_steps=12, batch_size=4)
+    found = [f for f in train(cfg, check_only=True)["findings"] if f["rule"] == "max_steps"]
+    assert [f["message"] for f in found] == ["max_steps 12 runs past epochs 1 (4 steps): the run trains 3 epochs, "
+                                             "as max_steps overrides epochs"]
+    assert found[0]["severity"] == "info" and found[0]["fixes"] == ["--set max_steps=-1 to train 1 epoch, or --set max_steps=4"]
+    assert train(cfg, quiet=True)["epochs"] == 3.0
+    within = train_config(tmp_path / "b", tiny_model_dir, epochs=1, max_steps=3, batch_size=4)
+    assert not [f for f in train(within, check_only=True)["findings"] if f["rule"] == "max_steps"]
+
+
 def test_normal_run_prints_the_checklist_unless_quiet(tmp_path, tiny_model_dir, capsys):
     train(train_config(tmp_path / "loud", tiny_model_dir, max_steps=1, learning_rate=1.0))
     assert "check warning: learning rate 1 is outside the usual range" in capsys.readouterr().out
@@ -248,6 +274,7 @@ def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_di
     # on a CPU at most 4 rows (merge_micro_batches measures whether more pay); why names the memory
     micro, accum, why = auto.auto_batch(cfg, mcfg, seq_len=256, device="cpu", mem_gb=1000)
     assert (micro, accum) == (4, 4) and "free RAM" in why and "at most 4" in why
+    assert "fits 90% of 1073.74 GB of free RAM" in why  # GB as the memory line says it (1000 GiB is not "1000 GB")
     fixed = dataclasses.replace(cfg, gradient_accumulation=2)
     assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (16, 2)
     fixed = dataclasses.replace(cfg, batch_size=3)

@@ -102,6 +102,10 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
     if out["grad_accum"] == "auto":
         out["grad_accum"] = max(1, -(-16 // int(out["batch"])))
     out["merge_micro_batches"] = str(out["merge_micro_batches"]).lower()
+    out["prefix_tokens"] = cfg.prefix_tokens  # no flags: the config's (or train's default)
+    out["ewc"] = cfg.ewc_lambda > 0
+    if cfg.packing and out["attention"] == "auto":  # train runs packed rows with sdpa (flash where installed)
+        out["attention"] = "sdpa"
     out["gradient_checkpointing"] = args.gradient_checkpointing or cfg.gradient_checkpointing is True
     out["liger_kernels"] = args.liger or cfg.liger_kernels is True
     out["fused_loss"] = args.liger or cfg.fused_loss is True
@@ -138,6 +142,7 @@ def _cmd_plan(args) -> int:
                        precision=precision, optimizer=s["optimizer"], device=args.device,
                        gradient_checkpointing=s["gradient_checkpointing"], lora_r=int(s["lora_r"]),
                        lora_dropout=float(s["lora_dropout"]), trained_fraction=args.trained_fraction,
+                       prefix_tokens=int(s["prefix_tokens"]), ewc=s["ewc"],
                        attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
     merge = s["merge_micro_batches"]
     if merge not in ("auto", "true", "false"):

@@ -107,7 +107,8 @@ def auto_batch(cfg: Config, model_cfg, *, seq_len: int, device: str, mem_gb: flo
                                             checkpointing=cfg.gradient_checkpointing is True, device=device) <= budget:
                 micro = b
                 break
-        where = f"{mem_gb:.0f} GB of {'GPU memory' if device == 'cuda' else 'free RAM'}"
+        # in GB as the memory line of `train --check` and plan print it (mem_gb is GiB: 24.4 GB was "23 GB")
+        where = f"{mem_gb * 2**30 / 1e9:.2f} GB of {'GPU memory' if device == 'cuda' else 'free RAM'}"
         why = (f"the largest micro-batch of {seq_len}-token rows whose estimate fits 90% of {where}"
                + (f", at most {cap} on a CPU" if device != "cuda" else ""))
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # under torchrun each process takes a micro-batch
@@ -125,7 +126,7 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
                        optimizer=cfg.optimizer if cfg.optimizer != "adamw8bit" or device == "cuda" else "adamw",
-                       lora_dropout=cfg.lora_dropout,
+                       lora_dropout=cfg.lora_dropout, ewc=cfg.ewc_lambda > 0,
                        attention="sdpa" if cfg.packing and cfg.attn_implementation == "auto" else cfg.attn_implementation,
                        # set true, they run (or the run stops); auto waits for a trial on the GPU: plan without
                        liger_kernels=cfg.liger_kernels is True and device == "cuda",

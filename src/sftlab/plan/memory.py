@@ -125,6 +125,8 @@ def static_parts(shape: ModelShape, s: TrainSetup) -> dict[str, int]:
         parts["weights"] = shape.params * b.weight
         parts["gradients"] = shape.params * b.weight
         parts["optimizer"] = int(shape.params * opt)
+        if s.ewc:  # train/continual.py's EWC: the anchor and the Fisher, each like the parameter, all run long
+            parts["EWC anchor and Fisher"] = 2 * shape.params * b.weight
         return parts
     if s.method == "qlora":
         linear = shape.n_layers * shape.layer_linear_params
@@ -137,6 +139,8 @@ def static_parts(shape: ModelShape, s: TrainSetup) -> dict[str, int]:
     parts["adapter_weights"] = n * 4
     parts["adapter_gradients"] = n * 4
     parts["adapter_optimizer"] = int(n * (opt - (4.0 if s.mixed else 0.0)))
+    if s.ewc:
+        parts["EWC anchor and Fisher"] = 2 * n * 4
     return parts
 
 # --- activations ------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class TrainSetup:
     # linear cross entropy): what they keep, as liger-kernel 0.8.5 writes them (train/kernels.py)
     liger_kernels: bool = False
     fused_loss: bool = False
+    ewc: bool = False  # EWC (ewc_lambda > 0): an anchor copy and a Fisher diagonal of every trained parameter
 
     def __post_init__(self):
         validate_setup(self)

@@ -16,11 +16,13 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 from sftlab.core.hardware import peak_memory_mb
+from sftlab.core.io import atomic_write_text
 from sftlab.plan.allocator import keep_freed_pages, release_freed_memory, train_malloc
 
 
@@ -49,6 +51,8 @@ class MetricsLogger(TrainerCallback):
             print(line, flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save and state.global_step > 0:  # resumed: its checkpoint's step is where the log goes on
+            drop_rows_after(self.path, state.global_step)
         t = self.trainer_ref()
         self._last = (time.perf_counter(), t.tokens_seen, t.trained_tokens_seen)
         self._bar = None
@@ -114,6 +118,30 @@ class MetricsLogger(TrainerCallback):
             self._eval_steps.add(row["step"])
             head = "final" if self.final else f"step {row['step']:>5}"
             self.say(f"{head}  eval_loss {logs['eval_loss']:.4f}  ppl {logs.get('eval_perplexity', float('nan')):.2f}")
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove from metrics.jsonl the rows of steps after ``step``, the checkpoint a run resumes from: a run
+    killed past its last checkpoint (no signal to save one: out of memory, a lost node) logged steps that the
+    resumed run trains and logs again, and the log held both. Returns how many rows were removed; a line
+    that is no JSON row is kept."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return 0
+
+    def after(line: str) -> bool:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        s = row.get("step") if isinstance(row, dict) else None
+        return isinstance(s, (int, float)) and not isinstance(s, bool) and s > step
+
+    keep = [line for line in lines if not after(line)]
+    if len(keep) < len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return len(lines) - len(keep)
 
 
 _TRACKED = ("tokens_per_second", "trained_tokens_per_second")  # our train-row scalars the trackers also get

@@ -46,8 +46,10 @@ def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
 
 
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
-              train_keys: set, eval_keys: set, report) -> list[Finding]:
-    """The configuration checklist, each finding with its fix. ``cfg`` is resolved (no `auto`)."""
+              train_keys: set, eval_keys: set, report, n_rows: int | None = None) -> list[Finding]:
+    """The configuration checklist, each finding with its fix. ``cfg`` is resolved (no `auto`). ``n_rows``:
+    the rows an epoch iterates (:func:`sftlab.train.epochs.epoch_rows`: with replay, packed), which the
+    step count follows; default ``n_examples``."""
     out: list[Finding] = []
     lr = float(cfg.learning_rate)
     ref = lr_for_size(n_params, cfg.method)
@@ -66,14 +68,21 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world
-    steps_per_epoch = max(1, -(-n_examples // global_batch))
+    rows = n_examples if n_rows is None else n_rows
+    steps_per_epoch = max(1, -(-rows // global_batch))
     # as Trainer counts them: a started epoch is a step
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * float(cfg.epochs))
-    if global_batch > max(8, n_examples // 4):
-        out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {n_examples} examples "
-                           f"({steps_per_epoch} optimizer steps per epoch)",
-                           f"--set gradient_accumulation={max(1, n_examples // (8 * int(cfg.batch_size)))}"))
-    out += warmup_findings(cfg, total_steps)
+    if global_batch > max(8, rows // 4):
+        what = f"{n_examples} examples" if rows == n_examples else (
+            f"{rows} rows per epoch ({n_examples} examples{' and replay' if cfg.replay_ratio > 0 else ''}"
+            f"{', packed' if cfg.packing else ''})")
+        accum = max(1, rows // (8 * int(cfg.batch_size)))  # a global batch near an eighth of the rows
+        fix = (f"--set gradient_accumulation={accum}"  # unless accumulation alone cannot get there (or is 1 already)
+               if accum < int(cfg.gradient_accumulation) and int(cfg.batch_size) * accum * world <= max(8, rows // 4)
+               else f"--set batch_size={max(1, rows // (8 * world))} --set gradient_accumulation=1")
+        out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {what} "
+                           f"({steps_per_epoch} optimizer steps per epoch)", fix))
+    out += warmup_findings(cfg, total_steps) + max_steps_findings(cfg, steps_per_epoch)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg)
     if cfg.weight_decay > 0.1:
@@ -91,7 +100,8 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         if lost / report.n_input > 0.05:
             out.append(_finding("truncation", "warning", f"max_seq_length {cfg.max_seq_length} cuts or drops {lost} of "
                                f"{report.n_input} examples", "raise max_seq_length"))
-    return out + checkpoint_step_findings(cfg, has_eval=bool(eval_keys))  # eval data is never empty
+    has_eval = bool(eval_keys)  # eval data is never empty
+    return out + checkpoint_step_findings(cfg, has_eval=has_eval) + eval_step_findings(cfg, total_steps, has_eval)
 
 
 def checkpoint_steps(cfg: Config, *, has_eval: bool) -> tuple[int, int]:
@@ -119,6 +129,18 @@ def checkpoint_step_findings(cfg: Config, *, has_eval: bool) -> list[Finding]:
                      "--set load_best_model_at_end=false")]
 
 
+def eval_step_findings(cfg: Config, total_steps: int, has_eval: bool) -> list[Finding]:
+    """An info finding when eval_steps (as the run uses it) is past the run's last step: the eval data is
+    then evaluated once, after training, so there is no eval curve and early stopping never acts."""
+    ev = checkpoint_steps(cfg, has_eval=has_eval)[0]
+    if not has_eval or total_steps <= 0 or ev <= total_steps:
+        return []
+    stop = ", and early stopping never acts" if cfg.early_stopping_patience > 0 else ""
+    return [_finding("eval_steps", "info", f"eval_steps {ev} is past the run's {total_steps} steps: the eval data is "
+                     f"evaluated only once, after training (no eval curve{stop})",
+                     f"--set eval_steps={max(1, total_steps // 5)} to evaluate during the run")]
+
+
 def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:
     """Every module of the model ``model_cfg`` describes (name -> class name), built on the meta device
     (no weights)."""
@@ -138,6 +160,19 @@ def warmup_steps(cfg: Config, total_steps: int) -> int:
     if cfg.lr_scheduler == "constant" or total_steps <= 0:
         return 0
     return math.ceil(total_steps * cfg.warmup_ratio)
+
+
+def max_steps_findings(cfg: Config, steps_per_epoch: int) -> list[Finding]:
+    """An info finding when ``max_steps`` runs past ``epochs``: Trainer then trains max_steps whatever the
+    epochs say (epochs is not a limit beside it), so the data is passed over more often than configured."""
+    planned = math.ceil(steps_per_epoch * float(cfg.epochs))
+    if cfg.max_steps <= planned:
+        return []
+    return [_finding("max_steps", "info", f"max_steps {cfg.max_steps} runs past epochs {float(cfg.epochs):g} "
+                     f"({planned} steps): the run trains {cfg.max_steps / steps_per_epoch:.3g} epochs, as max_steps "
+                     "overrides epochs", f"--set max_steps=-1 to train {float(cfg.epochs):g} epoch"
+                     f"{'' if float(cfg.epochs) == 1 else 's'}, or "
+                     f"--set max_steps={planned}")]
 
 
 def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:
@@ -232,17 +267,40 @@ def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
 
 def schedule_findings(cfg: Config, total_steps: int) -> list[Finding]:
     """``resume`` with another step count than the run was planned for: its learning-rate schedule is
-    rebuilt for the new total (the resumed steps train at the new schedule's rate for their step)."""
-    if not cfg.resume or (ckpt := last_good_checkpoint(Path(cfg.output_dir).expanduser() / A.CHECKPOINTS)) is None:
+    rebuilt for the new total (the resumed steps train at the new schedule's rate for their step); with
+    another global batch than the run trained at, also a warning: the data position is counted in steps."""
+    run = Path(cfg.output_dir).expanduser()
+    if not cfg.resume or (ckpt := last_good_checkpoint(run / A.CHECKPOINTS)) is None:
         return []
     state = checkpoint_state(ckpt)
     planned, step = state.get("max_steps"), int(state.get("global_step") or 0)
+    out = batch_change_findings(cfg, run, step)
     if not planned or planned == total_steps or step >= total_steps:
+        return out
+    fix = ("keep the global batch as it was" if out else
+           f"keep max_steps/epochs as they were ({planned} steps)") + " to continue the old schedule"
+    return out + [_finding("resume", "info", f"resume: the run was planned for {planned} steps, now {total_steps}: its "
+                           f"learning-rate schedule ({cfg.lr_scheduler}) is rebuilt for {total_steps} steps, from step "
+                           f"{step + 1} on", fix)]
+
+
+def batch_change_findings(cfg: Config, run: Path, step: int) -> list[Finding]:
+    """A warning when ``resume`` changes the global batch (batch_size x gradient_accumulation) of the run in
+    ``run``: Trainer finds its place in the data by the step count, so at another batch the resumed run skips
+    examples of the interrupted epoch (a larger batch) or trains some twice (a smaller one)."""
+    was = (_saved(run, "batch_size"), _saved(run, "gradient_accumulation"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in was):
         return []
-    return [_finding("resume", "info", f"resume: the run was planned for {planned} steps, now {total_steps}: its "
-                     f"learning-rate schedule ({cfg.lr_scheduler}) is rebuilt for {total_steps} steps, from step "
-                     f"{step + 1} on", f"keep max_steps/epochs as they were ({planned} steps) to continue the "
-                     "old schedule")]
+    old, new = was[0] * was[1], int(cfg.batch_size) * int(cfg.gradient_accumulation)
+    if old == new:
+        return []
+    unit = "packed rows" if cfg.packing else "examples"
+    return [_finding("resume", "warning", f"resume: the run trained at a global batch of {old} (batch_size x "
+                     f"gradient_accumulation), now {new}: Trainer counts the data position in steps, so resumed at "
+                     f"step {step} it takes {step * new} {unit} as trained where the run trained {step * old} "
+                     f"({'some are skipped' if new > old else 'some are trained twice'})",
+                     f"keep batch_size x gradient_accumulation at {old} (a smaller batch_size with more "
+                     "accumulation trains the same steps), or a new --output-dir")]
 
 
 def _nearest_existing(path: Path) -> Path:

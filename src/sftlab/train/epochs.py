@@ -20,7 +20,10 @@ import random
 import torch
 from torch.utils.data import Sampler
 
+from sftlab.config import Config
 from sftlab.data.mixture import EpochDraw
+from sftlab.data.packing import pack_indices
+from sftlab.train.continual import mix_replay
 
 
 class EpochSampler(Sampler):
@@ -81,3 +84,11 @@ def drawn_epochs(pool: list, draw: EpochDraw, replay: list, *, seed: int,
     sampler = EpochSampler(draw, seed=seed, extra=tuple(range(len(pool), len(items))), lengths=lengths,
                            group_size=group_size)
     return EpochExamples(items, sampler)
+
+
+def epoch_rows(cfg: Config, task: list, general: list) -> int:
+    """The rows the Trainer iterates per epoch, which its step count follows: the ``task`` examples of one
+    epoch and the replay examples from ``general`` that ``replay_ratio`` mixes in (as
+    :func:`~sftlab.train.continual.mix_replay` does for the run); with ``packing``, the rows they pack into."""
+    mixed, _ = mix_replay(task, general, cfg.replay_ratio, cfg.seed)
+    return len(pack_indices([len(e.input_ids) for e in mixed], cfg.max_seq_length)) if cfg.packing else len(mixed)

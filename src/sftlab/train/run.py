@@ -60,7 +60,7 @@ from sftlab.train.distributed import (
     sharding_arguments,
     world_size,
 )
-from sftlab.train.epochs import drawn_epochs
+from sftlab.train.epochs import drawn_epochs, epoch_rows
 from sftlab.train.kernels import fused_loss_fn
 from sftlab.train.merge import preview_merge, speed_choices
 from sftlab.train.model import build_model
@@ -203,7 +203,7 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
     findings = checklist(rc, n_params=n_params, n_examples=len(examples), seq_len=seq_len, model_cfg=mcfg,
                          train_keys=_example_keys(data.train.usable),  # any epoch may draw any of them
                          eval_keys=_example_keys(data.eval.examples if data.eval else None),
-                         report=data.train.report) + tools_dropped(data.train)
+                         report=data.train.report, n_rows=epoch_rows(rc, examples, data.general.examples if data.general else [])) + tools_dropped(data.train)
     rc.eval_steps, rc.save_steps = checkpoint_steps(rc, has_eval=data.eval is not None)  # the checklist says why
     for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # a mixture, as counts
         if prepared is not None and prepared.mixture is not None:
