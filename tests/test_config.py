@@ -151,3 +151,17 @@ def test_one_learning_rate_table_by_method_and_size():
     for method in ("full", "lora"):  # `sftlab plan` recommends the rate `train` resolves
         rec = recommend_config(shape, TrainSetup(method=method, batch=1, seq_len=256, device="cuda"), 1e15)
         assert rec.learning_rate == auto.auto_learning_rate(shape.params, method, global_batch=1)
+
+
+def test_one_and_zero_are_booleans_and_none_is_no_tracker(tmp_path):
+    """`packing: 1` in YAML (an int) is true as `--set packing=1` is; `report_to: none` (transformers'
+    spelling) is no tracker, not an unknown one."""
+    f = tmp_path / "c.yaml"
+    f.write_text("packing: 1\ngroup_by_length: 0\nreport_to: none\n")
+    cfg = load_config(f, {})
+    assert cfg.packing is True and cfg.group_by_length is False and cfg.report_to == []
+    assert load_config(None, {"report_to": ["None"]}).report_to == []
+    assert load_config(None, {"report_to": "tensorboard"}).report_to == ["tensorboard"]
+    f.write_text("packing: 2\n")
+    with pytest.raises(SftlabError, match="packing"):
+        load_config(f, {})

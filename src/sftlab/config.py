@@ -122,7 +122,7 @@ class Config:
     early_stopping_min_delta: float = _f(0.01, "smallest eval-loss improvement that counts")
     load_best_model_at_end: bool = _f(True, "restore the checkpoint with the lowest eval loss at the end")
     logging_steps: int = _f(10, "log every N optimizer steps")
-    report_to: list = _f([], "extra loggers: tensorboard, trackio, wandb, mlflow (tensorboard writes to RUN/tensorboard)")
+    report_to: list = _f([], "extra loggers: tensorboard, trackio, wandb, mlflow (tensorboard writes to RUN/tensorboard); none or [] for none")
     run_name: str | None = _f(None, "run name shown by the trackers (default: the run folder's name)")
     project: str | None = _f(None, "tracker project: wandb's WANDB_PROJECT, mlflow's experiment, trackio's project")
     output_dir: str = _f("runs/sft", "run folder")
@@ -183,6 +183,8 @@ def _as(t, raw):
             return raw
         if isinstance(raw, str) and raw.lower() in _TRUE + _FALSE:
             return raw.lower() in _TRUE
+        if type(raw) is int and raw in (0, 1):  # YAML's reading of an unquoted 1/0, which a --set string allows
+            return bool(raw)
         raise ValueError
     if t is int:
         if isinstance(raw, float) and not raw.is_integer():
@@ -202,9 +204,9 @@ def _as(t, raw):
         raise ValueError
     if t is list:
         if isinstance(raw, list):
-            return raw
-        if isinstance(raw, str):
-            return [s.strip() for s in raw.split(",") if s.strip()]
+            return [] if [str(x).lower() for x in raw] == ["none"] else raw
+        if isinstance(raw, str):  # 'none': transformers' spelling of no tracker
+            return [] if raw.strip().lower() == "none" else [s.strip() for s in raw.split(",") if s.strip()]
     raise ValueError
 
 
