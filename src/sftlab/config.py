@@ -85,7 +85,7 @@ class Config:
     # --- optimisation -----------------------------------------------------------------------
     epochs: float | Auto = _f(3, "number of epochs, or 'auto' by data size")
     max_steps: int = _f(-1, "train this many optimizer steps, however many epochs they take (they override epochs); -1: run epochs")
-    batch_size: int | Auto = _f(4, "per-device batch size, or 'auto': the largest micro-batch (up to 16 on a GPU, 4 on a CPU) whose memory estimate for this model and the data's rows fits; gradient_accumulation: auto then makes a global batch of 16")
+    batch_size: int | Auto = _f(4, "per-device batch size, or 'auto': the largest micro-batch (up to 16 on a GPU, 4 on a CPU) whose memory estimate for this model and the data's rows fits; gradient_accumulation: auto then makes a global batch of 16 (less for under 64 examples)")
     gradient_accumulation: int | Auto = _f(4, "micro-batches per optimizer step, or 'auto'")
     learning_rate: float | Auto = _f("auto", "peak learning rate, or 'auto': one table by method and model size (LoRA ~10x full), scaled with the global batch and LoRA alpha/r (README: Learning rate)")
     weight_decay: float = _f(0.01, "AdamW weight decay")

@@ -279,6 +279,10 @@ def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_di
     assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (16, 2)
     fixed = dataclasses.replace(cfg, batch_size=3)
     assert auto.auto_batch(fixed, mcfg, seq_len=256, device="cuda", mem_gb=1000)[:2] == (3, 6)
+    # small data: the global batch the checklist finds plausible (at most a quarter of the examples, 8 at least)
+    assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cuda", mem_gb=1000, n_examples=40)[:2] == (8, 1)
+    assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cpu", mem_gb=1000, n_examples=48)[:2] == (4, 3)
+    assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cpu", mem_gb=1000, n_examples=5000)[:2] == (4, 4)
     monkeypatch.setenv("WORLD_SIZE", "4")  # four processes of 4 rows each are already 16
     assert auto.auto_batch(cfg, mcfg, seq_len=256, device="cpu", mem_gb=1000)[:2] == (4, 1)
     monkeypatch.delenv("WORLD_SIZE")
@@ -288,7 +292,7 @@ def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_di
     rc = auto.resolve_auto(cfg, n_params=10**6, n_examples=500, model_cfg=mcfg, seq_len=256, notes=notes)
     assert (rc.batch_size, rc.gradient_accumulation) == (8, 2)
     line = auto.describe_auto(cfg, rc, n_params=10**6, n_examples=500, batch=notes["batch_size"])
-    assert "batch_size 8 (the largest micro-batch of 256-token rows" in line and "gradient_accumulation 2 (a global batch of at least 16)" in line
+    assert "batch_size 8 (the largest micro-batch of 256-token rows" in line and "gradient_accumulation 2 (a global batch of about 16)" in line
 
 
 def test_bf16_mixed_precision_trains_on_this_cpu(tmp_path, tiny_model_dir):
@@ -555,3 +559,16 @@ def test_check_warns_when_the_template_drops_the_datas_tools(tmp_path, tiny_mode
     found = train(train_config(tmp_path, tiny_model_dir, data=str(data), template="chatml-tools", max_seq_length=2048),
                   check_only=True)["findings"]
     assert not [f for f in found if f["rule"] == "template_tools"]
+
+
+def test_auto_batch_on_small_data_is_one_the_checklist_finds_plausible(tmp_path, tiny_model_dir, capsys):
+    """40 examples: `auto` aims below the default global batch of 16, and the checklist (which calls a
+    global batch above a quarter of the examples implausible) has nothing to say about it."""
+    cfg = train_config(tmp_path, tiny_model_dir, data=chat_data(tmp_path / "d.jsonl", 40), batch_size="auto",
+                       gradient_accumulation="auto", method="lora")
+    path = tmp_path / "run.yaml"
+    cfg.save(path)
+    assert main(["train", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "global batch" not in out.replace("a global batch of about", "") and "batch_size 4" in out
+    assert "gradient_accumulation 2 (a global batch of about 10 for 40 examples)" in out

@@ -86,20 +86,28 @@ def batch_for_memory(gpu_gb: float | None) -> tuple[int, int]:
     return 1, 16
 
 
-def auto_batch(cfg: Config, model_cfg, *, seq_len: int, device: str, mem_gb: float) -> tuple[int, int, str]:
+def auto_global_batch(n_examples: int | None) -> int:
+    """The global batch `auto` aims for: :data:`AUTO_GLOBAL_BATCH`, or less for small data, where the
+    checklist calls a global batch above a quarter of the examples (and above 8) implausible."""
+    return AUTO_GLOBAL_BATCH if n_examples is None else min(AUTO_GLOBAL_BATCH, max(8, n_examples // 4))
+
+
+def auto_batch(cfg: Config, model_cfg, *, seq_len: int, device: str, mem_gb: float,
+               n_examples: int | None = None) -> tuple[int, int, str]:
     """(micro-batch, accumulation, why) for `batch_size` and/or `gradient_accumulation: auto`.
 
     The micro-batch is the largest power of two up to 16 on a GPU (up to :data:`CPU_MAX_MICRO` on a
     CPU) whose estimated peak (:mod:`sftlab.plan.memory`: this model, method, precision and rows of
     ``seq_len`` tokens) stays within 90% of ``mem_gb``; 1 when none does (then `gradient_checkpointing:
     auto` turns on). Accumulation makes the global batch (micro-batch x accumulation x processes) at
-    least :data:`AUTO_GLOBAL_BATCH`. A value the config sets is kept.
+    least :func:`auto_global_batch` (16; 8 up to 16 for under 64 ``n_examples``), without going above what the
+    checklist finds plausible for ``n_examples``. A value the config sets is kept.
     """
-    budget = 0.9 * mem_gb * 2**30
+    budget, target = 0.9 * mem_gb * 2**30, auto_global_batch(n_examples)
     if cfg.batch_size != "auto":
         micro, why = int(cfg.batch_size), ""
     else:
-        cap = AUTO_GLOBAL_BATCH if device == "cuda" else CPU_MAX_MICRO
+        cap = min(target, AUTO_GLOBAL_BATCH if device == "cuda" else CPU_MAX_MICRO)
         accum = 1 if cfg.gradient_accumulation == "auto" else int(cfg.gradient_accumulation)
         micro = 1
         for b in (16, 8, 4, 2):
@@ -112,8 +120,12 @@ def auto_batch(cfg: Config, model_cfg, *, seq_len: int, device: str, mem_gb: flo
         why = (f"the largest micro-batch of {seq_len}-token rows whose estimate fits 90% of {where}"
                + (f", at most {cap} on a CPU" if device != "cuda" else ""))
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))  # under torchrun each process takes a micro-batch
-    accum = (max(1, -(-AUTO_GLOBAL_BATCH // (micro * world))) if cfg.gradient_accumulation == "auto"
-             else int(cfg.gradient_accumulation))
+    if cfg.gradient_accumulation != "auto":
+        return micro, int(cfg.gradient_accumulation), why
+    accum = max(1, -(-target // (micro * world)))
+    limit = max(8, n_examples // 4) if n_examples is not None else None  # the checklist's plausible global batch
+    while limit is not None and accum > 1 and micro * accum * world > limit:
+        accum -= 1
     return micro, accum, why
 
 
@@ -174,7 +186,8 @@ def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples:
                          f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}",
         "precision": f"bf16 {probe['bf16_speedup']:.2f}x fp32 on this CPU" if probe else "",
         "batch_size": batch or "",
-        "gradient_accumulation": f"a global batch of at least {AUTO_GLOBAL_BATCH}",
+        "gradient_accumulation": f"a global batch of about {auto_global_batch(n_examples)}"
+                                 + (f" for {n_examples} examples" if auto_global_batch(n_examples) < AUTO_GLOBAL_BATCH else ""),
         "gradient_checkpointing": "the estimate would not fit without it" if resolved.gradient_checkpointing
                                   else "fits without it",
     }
@@ -212,7 +225,7 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
             notes["precision_probe"] = probe.to_dict()
     if out.batch_size == "auto" or out.gradient_accumulation == "auto":  # after the precision: it sizes the estimate
         out.batch_size, out.gradient_accumulation, why = auto_batch(out, model_cfg, seq_len=seq_len, device=device,
-                                                                    mem_gb=mem_gb)
+                                                                    mem_gb=mem_gb, n_examples=n_examples)
         if notes is not None and why:
             notes["batch_size"] = why
     if out.learning_rate == "auto":  # after the batch: the rate follows the global batch
@@ -226,5 +239,5 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
     return out
 
 
-__all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "auto_batch", "batch_for_memory", "choose_precision",
+__all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "auto_batch", "auto_global_batch", "batch_for_memory", "choose_precision",
            "describe_auto", "describe_precision", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto", "resolve_precision"]
