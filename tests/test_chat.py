@@ -308,3 +308,23 @@ def test_bare_tool_schemas_are_offered_as_training_rendered_them(tmp_path, loade
     tpl = resolve_template("chatml-tools", tok)
     session = ChatSession(model, tok, tpl, max_new_tokens=MAX_NEW, tools=load_tools(path))
     assert session.prompt("hi") == tpl.render(trained.messages[:1], add_generation_prompt=True, tools=trained.tools)
+
+
+def test_a_call_to_a_function_not_offered_is_played_with_a_warning(loaded, monkeypatch):
+    """The user still plays the call (the model may be probed), but is told that it names no offered
+    tool, as eval would count it invalid; a call that fits gets no warning."""
+    import io
+
+    session = _tool_session(loaded)
+    stray = '<tool_call>\n{"name": "launch_rocket", "arguments": {"target": "moon"}}\n</tool_call>'
+    replies = iter([stray, "It is done."])
+    monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (lambda r: (r, r))(next(replies)))
+    lines = iter(["go", "ok", "/exit"])
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: next(lines), out=out) == 0
+    text = out.getvalue()
+    assert "(warning: call 'launch_rocket': not one of the tools (get_weather" in text and "tool call: launch_rocket" in text
+    fitting = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (fitting, fitting))
+    session.send("weather?")
+    assert session.call_warning is None and session.pending_calls

@@ -119,6 +119,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation; the system prompt stays."""
         self.call_error: str | None = None  # why the last reply's tool call did not parse (kept as text)
+        self.call_warning: str | None = None  # why the last reply's calls do not fit the tools offered
         self.history = [Message("system", self.system_prompt)] if self.system_prompt else []
 
     def prompt(self, user_text: str | None) -> str:
@@ -155,6 +156,8 @@ class ChatSession:
         calls = _parse_calls(raw_answer) if self.tools else []
         parsed = parse_tool_calls(raw_answer) if self.tools else None
         self.call_error = parsed.error if parsed is not None and not calls else None
+        # a call that parses but names no offered function or misfits its schema is still played, and said
+        self.call_warning = check_tool_calls(raw_answer, self.tools).why if calls else None
         turn = [Message("user", user_text)] if user_text is not None else []
         if calls:
             n = sum(len(m.tool_calls or ()) for m in self.history)
@@ -304,6 +307,8 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
                 write(f"\n(not run as a tool call: {session.call_error})")
             while session.pending_calls:  # the user plays the tools, then the model continues
                 write("\n")
+                if session.call_warning:
+                    write(f"(warning: {session.call_warning}; sftlab eval counts such a call as invalid)\n")
                 for call in session.pending_calls:
                     fn = call["function"]
                     write(f"tool call: {fn['name']}\n{json.dumps(fn['arguments'], indent=2, ensure_ascii=False)}\n")
