@@ -1,10 +1,10 @@
-"""Parsing generated tool calls in the three dialects, checking them against schemas, and the
+"""Parsing generated tool calls in the four dialects, checking them against schemas, and the
 valid-tool-call metric in the generation summary."""
 
 from __future__ import annotations
 
 import pytest
-from tool_data import HERMES, TOOLS, call, weather_conv
+from tool_data import HERMES, TOOLS, call, tool_conv, weather_conv
 
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
@@ -20,9 +20,13 @@ from sftlab.eval.tool_calls import (
     expected_calls,
     parse_tool_calls,
     same_calls,
+    typed_value,
 )
 
 PARIS = {"name": "get_weather", "arguments": {"city": "Paris"}}
+# Qwen3-Coder's XML form, as its chat template renders a call
+XML_PARIS = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+             "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>")
 
 
 @pytest.mark.parametrize("text,dialect,calls,content", [
@@ -32,6 +36,19 @@ PARIS = {"name": "get_weather", "arguments": {"city": "Paris"}}
      [PARIS, {"name": "set_timer", "arguments": {"minutes": 5}}], "Let me check."),
     ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', "mistral", [PARIS], ""),
     ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', "mistral", [PARIS], ""),
+    ('[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Paris"}', "mistral", [PARIS], ""),
+    ('Two calls.[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Paris"}'
+     '[TOOL_CALLS]set_timer[CALL_ID]k9Lm2Np4Q[ARGS]{"minutes": 5}', "mistral",
+     [PARIS, {"name": "set_timer", "arguments": {"minutes": 5}}], "Two calls."),
+    (XML_PARIS, "qwen3_coder", [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}], ""),
+    # values stay raw text until checked against the schema; one newline each side is the template's
+    ("Let me check.\n<tool_call>\n<function=set_timer>\n<parameter=minutes>\n5\n</parameter>\n"
+     "<parameter=label>\n\n  tea \n\n</parameter>\n</function>\n<function=get_weather>\n"
+     "<parameter=city>Paris</parameter>\n</function>\n</tool_call>", "qwen3_coder",
+     [{"name": "set_timer", "arguments": {"minutes": "5", "label": "\n  tea \n"}}, PARIS], "Let me check."),
+    ("<tool_call><function=get_weather></function></tool_call>\n<tool_call>\n<function=set_timer>\n"
+     "<parameter=minutes>\n5\n</parameter>\n</function>\n</tool_call>", "qwen3_coder",
+     [{"name": "get_weather", "arguments": {}}, {"name": "set_timer", "arguments": {"minutes": "5"}}], ""),
     ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', "json", [PARIS], ""),
     ('  {"name": "get_weather", "parameters": {"city": "Paris"}}\n', "json", [PARIS], ""),
     ('[{"name": "get_weather", "arguments": {"city": "Paris"}}]', "json", [PARIS], ""),
@@ -50,6 +67,24 @@ def test_parse_each_dialect(text, dialect, calls, content):
     ('<tool_call>{"name": "f"} trailing</tool_call>', "text after the JSON"),
     ("[TOOL_CALLS]get_weather[ARGS]{oops", "the [TOOL_CALLS] arguments are not JSON"),
     ("[TOOL_CALLS] hello", "followed by neither"),
+    ('[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ{"city": "Paris"}', "followed by neither"),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</tool_call>",
+     "<function=get_weather> is never closed (no </function>)"),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</function>\n</tool_call>",
+     "<parameter=city> in <function=get_weather> is never closed (no </parameter> before </function>)"),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=unit>\ncelsius\n</parameter>\n"
+     "</function>\n</tool_call>",
+     "<parameter=city> in <function=get_weather> is never closed (no </parameter> before the next <parameter=)"),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", "a <tool_call> block is never closed"),
+    ("<tool_call>\n<function=get_weather>\nParis\n</function>\n</tool_call>",
+     "<function=get_weather> holds text outside its <parameter=...> tags"),
+    ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=city>\nOslo\n"
+     "</parameter>\n</function>\n</tool_call>", "<function=get_weather> has a <parameter=city> twice"),
+    ("<tool_call>\n<function=>\n</function>\n</tool_call>", "a <function=> has no name"),
+    ("<tool_call>\n<function=get_weather>\n</function>\nsee above\n</tool_call>",
+     "text outside <function=...> inside a <tool_call> block"),
+    (XML_PARIS + '<tool_call>{"name": "set_timer", "arguments": {"minutes": 5}}</tool_call>',
+     "the <tool_call> blocks mix JSON and <function=...> calls"),
 ])
 def test_broken_calls_say_why(text, error):
     p = parse_tool_calls(text)
@@ -78,6 +113,62 @@ def test_check_against_the_schemas(text, valid, why):
     res = check_tool_calls(text, TOOLS)
     assert res.valid is valid
     assert (why is None and res.why is None) or (why in res.why)
+
+
+def _xml(name: str, **params: str) -> str:
+    body = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+SEARCH = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
+    "query": {"type": "string"}, "limit": {"type": "integer"}, "score": {"type": ["number", "null"]},
+    "exact": {"type": "boolean"}, "filters": {"type": "object"}, "tags": {"type": "array"}, "any": {}}}}}
+
+
+def test_qwen3_coder_values_are_typed_by_the_schema():
+    """The XML form writes every value as text; Qwen3-Coder's parser types it by the function's schema."""
+    text = _xml("search", query="42", limit="10", score="0.5", exact="True", filters='{"lang": "en"}',
+                tags='["a", "b"]', any="[1, 2]")
+    res = check_tool_calls(text, [SEARCH])
+    assert (res.valid, res.why, res.dialect) == (True, None, "qwen3_coder")
+    assert res.calls == [{"name": "search", "arguments": {"query": "42", "limit": 10, "score": 0.5, "exact": True,
+                                                           "filters": {"lang": "en"}, "tags": ["a", "b"],
+                                                           "any": [1, 2]}}]
+    assert check_tool_calls(_xml("set_timer", minutes="5", label="tea"), TOOLS).calls == [
+        {"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}}]
+    # text that does not convert stays text, and the schema check says so
+    for params, why in [({"limit": "ten"}, "argument 'limit' is \"ten\" but the schema wants integer"),
+                        ({"exact": "yes"}, "argument 'exact' is \"yes\" but the schema wants boolean"),
+                        ({"filters": "{lang: en}"}, "argument 'filters' is \"{lang: en}\" but the schema wants object"),
+                        ({"limit": "NaN"}, "argument 'limit' is \"NaN\" but the schema wants integer")]:
+        res = check_tool_calls(_xml("search", **params), [SEARCH])
+        assert not res.valid and why in res.why, res.why
+    assert typed_value("null", {"type": "integer"}) is None
+    assert typed_value("celsius", {"enum": ["celsius"]}) == "celsius" and typed_value("3", None) == 3
+    assert typed_value(" 7 ", {"type": "number"}) == 7 and typed_value("false", {"type": "boolean"}) is False
+    assert typed_value("true", {"type": "string"}) == "true" and typed_value("1e999", {"type": "number"}) == "1e999"
+    assert typed_value("1" + "0" * 400, {"type": "integer"}) == 10 ** 400
+
+
+def test_a_qwen3_coder_call_matches_the_openai_reference():
+    """A correct XML call is the reference call once its values are typed: valid and a match."""
+    conv = weather_conv(answered=False)  # the reference: an OpenAI-format call, arguments a dict
+    timer = tool_conv(Message("user", "Tea timer"),
+                      Message("assistant", "", tool_calls=(call("set_timer", '{"minutes": 5, "label": "tea"}'),)))
+    replies = [XML_PARIS, _xml("set_timer", minutes="5", label="tea"), _xml("get_weather", city="Oslo"),
+               XML_PARIS.replace("</function>", "")]
+    gens = [Generation(r, True, 9, [1], raw=r) for r in replies]
+    convs = [conv, timer, conv, conv]
+    summary, rows = score_generations(gens, [reference_reply(c) for c in convs], tool_refs=tool_refs(convs))
+    assert [r["tool_call"]["match"] for r in rows] == [True, True, False, False]
+    assert [r["tool_call"]["valid"] for r in rows] == [True, True, True, False]
+    assert rows[0]["tool_call"]["calls"] == [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]
+    assert rows[3]["tool_call"]["why"] == "<function=get_weather> is never closed (no </function>)"
+    assert summary["tool_call_match_rate"] == 0.5 and summary["valid_tool_call_rate"] == 0.75
+    mistral = '[TOOL_CALLS]get_weather[CALL_ID]abc123XYZ[ARGS]{"city": "Paris", "unit": "celsius"}'
+    summary, _ = score_generations([Generation(mistral, True, 9, [1], raw=mistral)], [reference_reply(conv)],
+                                   tool_refs=tool_refs([conv]))
+    assert summary["tool_call_match_rate"] == 1.0
 
 
 def test_no_tools_offered_means_no_valid_call():
