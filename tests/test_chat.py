@@ -328,3 +328,23 @@ def test_a_call_to_a_function_not_offered_is_played_with_a_warning(loaded, monke
     monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (fitting, fitting))
     session.send("weather?")
     assert session.call_warning is None and session.pending_calls
+
+
+def test_a_qwen3_coder_xml_call_is_played_with_its_values_typed(loaded, monkeypatch):
+    """Qwen3-Coder writes calls as <function=...><parameter=...> XML with text values: chat kept such a
+    reply as text; now it is a call, each value typed by the function's schema as eval checks it."""
+    session = _tool_session(loaded)
+    xml = ("Starting it.\n<tool_call>\n<function=set_timer>\n<parameter=minutes>\n5\n</parameter>\n"
+           "<parameter=label>\ntea\n</parameter>\n</function>\n</tool_call>")
+    monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (xml, xml))
+    session.send("tea timer")
+    assert session.call_error is None and session.call_warning is None
+    assert session.history[-1].content == "Starting it."
+    assert [c["function"] for c in session.pending_calls] == [{"name": "set_timer",
+                                                               "arguments": {"minutes": 5, "label": "tea"}}]
+    broken = xml.replace("</parameter>\n</function>", "</function>")
+    monkeypatch.setattr(session, "_generate", lambda prompt, on_text: (broken, broken))
+    session.send("again")
+    assert session.call_error == ("<parameter=label> in <function=set_timer> is never closed "
+                                  "(no </parameter> before </function>)")
+    assert session.history[-1] == Message("assistant", broken)

@@ -22,7 +22,7 @@ from typing import TextIO
 
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
-from sftlab.data.doctor_tools import function_schemas, parse_arguments
+from sftlab.data.doctor_tools import function_schemas
 from sftlab.data.formats import load_conversations
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
@@ -36,7 +36,7 @@ from sftlab.eval.generation import (
     stop_token_ids,
 )
 from sftlab.eval.run import load_target
-from sftlab.eval.tool_calls import check_tool_calls, parse_tool_calls
+from sftlab.eval.tool_calls import call_arguments, check_tool_calls, parse_tool_calls
 from sftlab.rundir import RunDir
 
 HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a reply"
@@ -153,7 +153,7 @@ class ChatSession:
         # as training did, and a call is looked for only in the answer after it.
         answer, reasoning = split_reply(reply)
         raw_answer = split_reply(raw)[0]
-        calls = _parse_calls(raw_answer) if self.tools else []
+        calls = _parse_calls(raw_answer, self.tools) if self.tools else []
         parsed = parse_tool_calls(raw_answer) if self.tools else None
         self.call_error = parsed.error if parsed is not None and not calls else None
         # a call that parses but names no offered function or misfits its schema is still played, and said
@@ -218,12 +218,14 @@ class ChatSession:
         return "".join(pieces), tok.decode(new[:cut], skip_special_tokens=False)
 
 
-def _parse_calls(raw: str) -> list[dict]:
-    """The calls in a reply as ``{"name", "arguments": dict}``; [] for none or a call that does not parse."""
+def _parse_calls(raw: str, tools: list[dict] | None) -> list[dict]:
+    """The calls in a reply as ``{"name", "arguments": dict}``; [] for none or a call that does not parse.
+    ``tools`` type the raw values of Qwen3-Coder's XML calls, as eval's check does."""
     parsed = parse_tool_calls(raw)
+    schemas = function_schemas(tools)
     calls = []
     for c in parsed.calls:
-        args, why = parse_arguments(c["arguments"])
+        args, why = call_arguments(c, parsed.dialect, schemas)
         if why:
             return []
         calls.append({"name": c["name"], "arguments": args})
