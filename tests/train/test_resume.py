@@ -117,6 +117,9 @@ def test_resume_with_another_global_batch_warns_that_the_data_position_moves(tmp
     assert "max_steps/epochs" not in found[1]["fixes"][0]
     assert "trained twice" in resume_findings(batch_size=2)[0]["message"]
     assert resume_findings(batch_size=2, gradient_accumulation=2) == []  # the same global batch: the same steps
+    assert "the learning rate" not in found[0]["message"]  # the config's rate is fixed: it stays
+    auto = resume_findings(batch_size=8, learning_rate="auto")[0]["message"]  # auto follows the batch: said
+    assert "the learning rate is" in auto and "before (learning_rate: auto follows the global batch)" in auto
 
 
 def test_resuming_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, tiny_model_dir):

@@ -295,10 +295,13 @@ def batch_change_findings(cfg: Config, run: Path, step: int) -> list[Finding]:
     if old == new:
         return []
     unit = "packed rows" if cfg.packing else "examples"
+    lr_was, lr = _saved(run, "learning_rate"), float(cfg.learning_rate)
+    lr_note = (f"; the learning rate is {lr:g} now, {lr_was:g} before (learning_rate: auto follows the global batch)"
+               if isinstance(lr_was, (int, float)) and not isinstance(lr_was, bool) and lr_was != lr else "")
     return [_finding("resume", "warning", f"resume: the run trained at a global batch of {old} (batch_size x "
                      f"gradient_accumulation), now {new}: Trainer counts the data position in steps, so resumed at "
                      f"step {step} it takes {step * new} {unit} as trained where the run trained {step * old} "
-                     f"({'some are skipped' if new > old else 'some are trained twice'})",
+                     f"({'some are skipped' if new > old else 'some are trained twice'}){lr_note}",
                      f"keep batch_size x gradient_accumulation at {old} (a smaller batch_size with more "
                      "accumulation trains the same steps), or a new --output-dir")]
 
