@@ -348,3 +348,36 @@ def test_a_qwen3_coder_xml_call_is_played_with_its_values_typed(loaded, monkeypa
     assert session.call_error == ("<parameter=label> in <function=set_timer> is never closed "
                                   "(no </parameter> before </function>)")
     assert session.history[-1] == Message("assistant", broken)
+
+
+def test_generate_offers_tools_with_prompts(run, tmp_path, capsys):
+    """--tools with --prompt renders the schemas into each prompt (as chat --tools does) and checks each
+    reply's calls; with --data (whose conversations carry their own tools) it is one error line."""
+    from tool_data import TOOLS
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    assert main(["generate", str(run), "--prompt", "weather in Oslo?", "--tools", str(tools), "--max-new-tokens", "2",
+                 "--device", "cpu", "--template", "chatml-tools"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": []}
+    assert main(["generate", str(run), "--prompt", "weather in Oslo?", "--max-new-tokens", "2", "--device", "cpu",
+                 "--template", "chatml-tools"]) == 0
+    assert "tool_calls" not in json.loads(capsys.readouterr().out)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    assert main(["generate", str(run), "--data", str(data), "--tools", str(tools)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tools goes with --prompt" in err and "\n" not in err
+
+
+def test_generate_prompt_with_tools_renders_them(loaded):
+    from tool_data import TOOLS
+
+    from sftlab.chat import _conversations
+    from sftlab.data.templates import resolve_template
+
+    _, tok, _ = loaded
+    conv = _conversations(["weather in Oslo?"], None, None, None, TOOLS)[0]
+    text = resolve_template("chatml-tools", tok).render(conv.messages, True, tools=conv.tools)
+    assert '"name": "get_weather"' in text and "<tools>" in text

@@ -342,30 +342,37 @@ class GenerateResult:
 
 
 def _conversations(prompts: list[str] | None, data: str | None, fmt: str | None,
-                   system_prompt: str | None) -> list[Conversation]:
+                   system_prompt: str | None, tools: list[dict] | None = None) -> list[Conversation]:
     if bool(prompts) == bool(data):
         raise SftlabError("give either --prompt (one or more) or --data FILE", hint="not both, not neither")
+    if data and tools:
+        raise SftlabError("--tools goes with --prompt: a --data file's conversations carry their own tools",
+                          hint="drop --tools, or give the prompts with --prompt")
     if data:
         convs = load_conversations(data, fmt, system_prompt=system_prompt)
         if not convs:
             raise SftlabError(f"{data}: holds no conversations")
         return convs
     sys_msg = [Message("system", system_prompt)] if system_prompt else []
-    return [Conversation(sys_msg + [Message("user", p)], source="--prompt", line=i) for i, p in enumerate(prompts, 1)]
+    return [Conversation(sys_msg + [Message("user", p)], source="--prompt", line=i, tools=tools)
+            for i, p in enumerate(prompts, 1)]
 
 
 def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data: str | None = None,
                    out: str | None = None, fmt: str | None = None, system_prompt: str | None = None,
                    template: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0, batch_size: int = 8, device=None) -> GenerateResult:
+                   top_p: float = 1.0, seed: int = 0, batch_size: int = 8, device=None,
+                   tools: list[dict] | None = None) -> GenerateResult:
     """Generate the next assistant reply for each prompt or data conversation; write JSONL to ``out``.
 
     A data conversation's prompt is its messages before its last assistant reply, which is kept as
     ``reference``. ``system_prompt`` (default: a run's own, see :func:`default_system_prompt`) goes first
-    in each conversation without a system message. Greedy unless ``temperature`` > 0. Rows come back in input order.
+    in each conversation without a system message. ``tools`` (function schemas, :func:`load_tools`) are
+    offered with each ``prompts`` text, as a data file's conversations offer theirs. Greedy unless
+    ``temperature`` > 0. Rows come back in input order.
     """
 
-    convs = _conversations(prompts, data, fmt, default_system_prompt(model_or_run, system_prompt))
+    convs = _conversations(prompts, data, fmt, default_system_prompt(model_or_run, system_prompt), tools)
     if temperature < 0:
         raise SftlabError(f"--temperature {temperature} must be >= 0 (0 is greedy)")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=temperature > 0,

@@ -83,6 +83,8 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     _add_generation_flags(p)
     p.add_argument("--prompt", action="append", help="a user message to reply to (repeatable)")
     p.add_argument("--data", help="data file: each conversation's last assistant reply is generated (kept as 'reference')")
+    p.add_argument("--tools", metavar="FILE.json", help="function schemas offered with each --prompt (a JSON list, as "
+                   "chat --tools); each row then has its tool_calls checked against them")
     _config_flag(p, "format")
     p.add_argument("--out", metavar="FILE.jsonl", help="write rows here (default: print them as JSONL)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
@@ -93,11 +95,13 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from sftlab.chat import (
-        generate_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    from sftlab.chat import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        generate_jsonl,
+        load_tools,
     )
 
-    res = generate_jsonl(args.model, prompts=args.prompt, data=args.data, out=args.out, fmt=args.format,
+    tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the model loads
+    res = generate_jsonl(args.model, prompts=args.prompt, data=args.data, out=args.out, fmt=args.format, tools=tools,
                          system_prompt=args.system_prompt, template=args.template, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
                          device=args.device)
