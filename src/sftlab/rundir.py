@@ -34,6 +34,7 @@ SUMMARY = "summary.json"
 PREPARE_REPORT = "prepare_report.json"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_BATCH = "sftlab-batch.json"  # in each checkpoint: the global batch and rate it was trained at
 # what training leaves in a run folder (config.yaml alone may be a user's own config kept there)
 RUN_FILES = (METRICS, SUMMARY, PREPARE_REPORT, MODEL_DIR, CHECKPOINTS)
 

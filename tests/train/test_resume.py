@@ -111,15 +111,22 @@ def test_resume_with_another_global_batch_warns_that_the_data_position_moves(tmp
 
     found = resume_findings(batch_size=8)
     assert [f["severity"] for f in found] == ["warning", "info"]
-    assert "global batch of 4 (batch_size x gradient_accumulation), now 8" in found[0]["message"]
+    assert "global batch of 4 (batch_size x gradient_accumulation x processes), now 8" in found[0]["message"]
     assert "resumed at step 2 it takes 16 examples as trained where the run trained 8" in found[0]["message"]
-    assert "keep batch_size x gradient_accumulation at 4" in found[0]["fixes"][0]
+    assert "keep batch_size x gradient_accumulation x processes at 4" in found[0]["fixes"][0]
     assert "max_steps/epochs" not in found[1]["fixes"][0]
     assert "trained twice" in resume_findings(batch_size=2)[0]["message"]
     assert resume_findings(batch_size=2, gradient_accumulation=2) == []  # the same global batch: the same steps
     assert "the learning rate" not in found[0]["message"]  # the config's rate is fixed: it stays
     auto = resume_findings(batch_size=8, learning_rate="auto")[0]["message"]  # auto follows the batch: said
     assert "the learning rate is" in auto and "before (learning_rate: auto follows the global batch)" in auto
+    # a resume attempt rewrites config.yaml before its first checkpoint: the checkpoint's own record decides
+    record = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "sftlab-batch.json").read_text())
+    assert record == {"global_batch": 4, "learning_rate": 1e-3}
+    saved = tmp_path / "run" / "config.yaml"
+    saved.write_text(saved.read_text().replace("batch_size: 4", "batch_size: 8"))
+    assert "global batch of 4 (batch_size x gradient_accumulation x processes), now 8" in resume_findings(batch_size=8)[0]["message"]
+    assert not [f for f in resume_findings(batch_size=4) if f["severity"] == "warning"]  # as the checkpoint trained
 
 
 def test_resuming_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, tiny_model_dir):

@@ -21,6 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
+from sftlab import rundir as A
 from sftlab.core.hardware import peak_memory_mb
 from sftlab.core.io import atomic_write_text
 from sftlab.plan.allocator import keep_freed_pages, release_freed_memory, train_malloc
@@ -73,6 +74,15 @@ class MetricsLogger(TrainerCallback):
                 self.say(f"step {state.global_step}: evaluating")
             if control.should_save:
                 self.say(f"step {state.global_step}: saving checkpoint-{state.global_step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        """Beside each checkpoint, the global batch and rate it was trained at: a resume compares against
+        them (config.yaml is rewritten by every resume attempt, a checkpoint only by its own run)."""
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and ckpt.is_dir():
+            batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+            atomic_write_text(ckpt / A.CHECKPOINT_BATCH,
+                              json.dumps({"global_batch": batch, "learning_rate": args.learning_rate}))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._bar is not None:

@@ -288,21 +288,21 @@ def batch_change_findings(cfg: Config, run: Path, step: int) -> list[Finding]:
     """A warning when ``resume`` changes the global batch (batch_size x gradient_accumulation) of the run in
     ``run``: Trainer finds its place in the data by the step count, so at another batch the resumed run skips
     examples of the interrupted epoch (a larger batch) or trains some twice (a smaller one)."""
-    was = (_saved(run, "batch_size"), _saved(run, "gradient_accumulation"))
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in was):
+    old, lr_was = _trained_batch(run)
+    if old is None:
         return []
-    old, new = was[0] * was[1], int(cfg.batch_size) * int(cfg.gradient_accumulation)
+    new = int(cfg.batch_size) * int(cfg.gradient_accumulation) * int(os.environ.get("WORLD_SIZE", "1"))
     if old == new:
         return []
     unit = "packed rows" if cfg.packing else "examples"
-    lr_was, lr = _saved(run, "learning_rate"), float(cfg.learning_rate)
+    lr = float(cfg.learning_rate)
     lr_note = (f"; the learning rate is {lr:g} now, {lr_was:g} before (learning_rate: auto follows the global batch)"
                if isinstance(lr_was, (int, float)) and not isinstance(lr_was, bool) and lr_was != lr else "")
     return [_finding("resume", "warning", f"resume: the run trained at a global batch of {old} (batch_size x "
-                     f"gradient_accumulation), now {new}: Trainer counts the data position in steps, so resumed at "
+                     f"gradient_accumulation x processes), now {new}: Trainer counts the data position in steps, so resumed at "
                      f"step {step} it takes {step * new} {unit} as trained where the run trained {step * old} "
                      f"({'some are skipped' if new > old else 'some are trained twice'}){lr_note}",
-                     f"keep batch_size x gradient_accumulation at {old} (a smaller batch_size with more "
+                     f"keep batch_size x gradient_accumulation x processes at {old} (a smaller batch_size with more "
                      "accumulation trains the same steps), or a new --output-dir")]
 
 
@@ -323,6 +323,22 @@ def _writable(folder: Path) -> str | None:
     os.close(fd)
     os.unlink(probe)
     return None
+
+
+def _trained_batch(run: Path) -> tuple[int | None, float | None]:
+    """(global batch, learning rate) the last complete checkpoint of ``run`` was trained at: its own record
+    (:data:`sftlab.rundir.CHECKPOINT_BATCH`), else the run's config.yaml (one process); None when unknown."""
+    ckpt = last_good_checkpoint(run / A.CHECKPOINTS)
+    try:
+        rec = json.loads((ckpt / A.CHECKPOINT_BATCH).read_text(encoding="utf-8")) if ckpt else None
+    except (OSError, ValueError):
+        rec = None
+    if isinstance(rec, dict) and isinstance(rec.get("global_batch"), int):
+        return rec["global_batch"], rec.get("learning_rate")
+    was = (_saved(run, "batch_size"), _saved(run, "gradient_accumulation"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in was):
+        return None, None
+    return was[0] * was[1], _saved(run, "learning_rate")
 
 
 def _saved(run: Path, key: str):
