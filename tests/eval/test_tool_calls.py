@@ -275,3 +275,29 @@ def test_a_reply_that_reasons_first_is_scored_on_its_answer():
     # Qwen3 trains an empty <think> block before every answer of data without reasoning: scored on the answer
     summary, _ = score_generations([Generation("<think>\n\n</think>\n\nHello!", True, 5, [1])], ["Hello!"])
     assert summary["task_score"] == 1.0
+
+
+def test_eval_per_source_lines_give_each_sources_tool_call_rates(tiny_model_dir, tmp_path, capsys):
+    """With several --data sources, a source of tool-calling conversations has its valid tool call and
+    tool call match rates (over its call turns) in its per-source line; a plain source has none."""
+    import json
+
+    from conftest import chat_data, make_lora_run
+    from tool_data import TOOLS
+
+    from sftlab.cli import main
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir, template="chatml-tools")
+    calls = tmp_path / "calls.jsonl"
+    calls.write_text("".join(json.dumps({"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"weather in {c}?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": c}}}]}]}) + "\n" for c in ("Oslo", "Lima", "Rome")))
+    plain = chat_data(tmp_path / "plain.jsonl", 2)
+    assert main(["eval", str(run), "--data", str(calls), "--data", plain, "--max-new-tokens", "4", "--json"]) == 0
+    sources = json.loads(capsys.readouterr().out)["result"]["sources"]
+    assert sources["calls"]["n_tool_calls_expected"] == 3 and 0 <= sources["calls"]["valid_tool_call_rate"] <= 1
+    assert "valid_tool_call_rate" not in sources["plain"]
+    assert main(["eval", str(run), "--data", str(calls), "--data", plain, "--max-new-tokens", "4"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  calls:") or x.startswith("  plain:")]
+    assert "valid_tool_call" in lines[0] and "(3 call turns)" in lines[0] and "valid_tool_call" not in lines[1]

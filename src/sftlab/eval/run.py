@@ -250,6 +250,10 @@ def _per_source(model, tokenizer, conversations, sources: Sequence[str], example
             out[name].update(n_generated=len(mine), task_score=m.mean([r["score"] for r in mine]),
                              format_adherence=m.mean([float(r["format_ok"]) for r in mine]),
                              finished_rate=m.mean([float(r["finished"]) for r in mine]))
+            if calls := [r["tool_call"] for r in mine if "tool_call" in r]:  # as the totals: over call turns
+                out[name].update(n_tool_calls_expected=len(calls),
+                                 valid_tool_call_rate=m.mean([float(c["valid"]) for c in calls]),
+                                 tool_call_match_rate=m.mean([float(c["match"]) for c in calls]))
     return out
 
 # --- sftlab eval -------------------------------------------------------------------------------
@@ -444,5 +448,8 @@ def format_sources(out: dict) -> str:
             line += f", loss {r['loss']:.4f}" + (f" (before {before[name]['loss']:.4f})" if "loss" in before.get(name, {}) else "")
         if "task_score" in r:
             line += f", task_score {r['task_score']:.3f}, format_adherence {r['format_adherence']:.3f}"
+        if "valid_tool_call_rate" in r:
+            line += (f", valid_tool_call {r['valid_tool_call_rate']:.3f}, tool_call_match {r['tool_call_match_rate']:.3f}"
+                     f" ({r['n_tool_calls_expected']} call turns)")
         lines.append(line)
     return "per source:\n" + "\n".join(lines) if lines else ""
