@@ -28,6 +28,7 @@ from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import (
     GenerationSettings,
+    decode_reply,
     generate,
     pass_prefix_to_generate,
     prompt_messages,
@@ -200,10 +201,8 @@ class ChatSession:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        pieces: list[str] = []
         try:
             for piece in streamer:
-                pieces.append(piece)
                 if on_text and piece:
                     on_text(piece)
         except KeyboardInterrupt:
@@ -215,7 +214,8 @@ class ChatSession:
             raise failure[0]
         new = output[0][0, ids["input_ids"].shape[1]:].tolist() if output else []
         cut = next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))
-        return "".join(pieces), tok.decode(new[:cut], skip_special_tokens=False)
+        # the reply as text (special tokens dropped, <think> tags kept for split_reply) and with them all
+        return decode_reply(tok, new[:cut]), tok.decode(new[:cut], skip_special_tokens=False)
 
 
 def _parse_calls(raw: str, tools: list[dict] | None) -> list[dict]:

@@ -301,3 +301,20 @@ def test_eval_per_source_lines_give_each_sources_tool_call_rates(tiny_model_dir,
     assert main(["eval", str(run), "--data", str(calls), "--data", plain, "--max-new-tokens", "4"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  calls:") or x.startswith("  plain:")]
     assert "valid_tool_call" in lines[0] and "(3 call turns)" in lines[0] and "valid_tool_call" not in lines[1]
+
+
+def test_think_tags_a_tokenizer_makes_special_survive_decoding(tiny_model_dir, tmp_path):
+    """Some reasoning models' tokenizers make <think> and </think> special tokens: decoded with special
+    tokens skipped, the reply lost its tags and its reasoning was scored as the answer."""
+    from transformers import AutoTokenizer
+
+    from sftlab.eval.generation import decode_reply, split_reply
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    text = "<think>\nadd them\n</think>\n\n42"
+    plain_ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    assert decode_reply(tok, plain_ids) == text  # tags as plain text: as before
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    assert tok.convert_tokens_to_ids("<think>") in ids and "<think>" not in tok.decode(ids, skip_special_tokens=True)
+    assert decode_reply(tok, ids) == text and split_reply(decode_reply(tok, ids)) == ("42", "add them")

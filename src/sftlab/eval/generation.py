@@ -116,6 +116,16 @@ def split_reply(text: str) -> tuple[str, str | None]:
     return text, None
 
 
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """A reply's text without special tokens, except ``<think>``/``</think>`` where the tokenizer makes
+    them special (some reasoning models do): :func:`split_reply` needs them to tell reasoning from answer."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    think = {t for t in (tokenizer.convert_tokens_to_ids(x) for x in (_THINK_OPEN, _THINK_CLOSE)) if t in special}
+    if not think:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    return tokenizer.decode([t for t in ids if t in think or t not in special], skip_special_tokens=False)
+
+
 def reference_message(conv: Conversation) -> Message | None:
     """The conversation's last assistant message (None without one)."""
     return next((m for m in reversed(conv.messages) if m.role == "assistant"), None)
@@ -254,7 +264,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
                     new = gen[r, width:].tolist()
                     cut = next((k for k, t in enumerate(new) if t in stop_set), None)
                     kept = new if cut is None else new[:cut]
-                    out[i] = Generation(tokenizer.decode(kept, skip_special_tokens=True), cut is not None, len(kept), kept,
+                    out[i] = Generation(decode_reply(tokenizer, kept), cut is not None, len(kept), kept,
                                         tokenizer.decode(kept, skip_special_tokens=False))
     finally:
         model.train(was_training)
