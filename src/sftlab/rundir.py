@@ -8,7 +8,8 @@ A run folder holds:
     model/               the adapter (LoRA/QLoRA/prefix: adapter_config.json + adapter_model.safetensors)
                          or the full model (config.json + model.safetensors), plus the tokenizer
                          whose chat_template is exactly the template used in training
-    checkpoints/         checkpoint-N folders (written to a staging folder and renamed)
+    checkpoints/         checkpoint-N folders (written to a staging folder and renamed), each with
+                         sftlab-batch.json: the global batch and learning rate it was trained at
 
 Train writes it (using the file-name constants and :class:`Summary`); eval, diagnose, report,
 export, chat and the CLI read it through :class:`RunDir`. A missing or damaged file is one
