@@ -301,3 +301,14 @@ def test_a_folder_given_as_held_out_data_reads_its_validation_else_its_test_spli
                           for name in ("train", "test")}).save_to_disk(str(saved))
     assert [c.messages[0].content for c in load_conversations(str(saved), split="eval")] == ["test"]
     assert [c.messages[0].content for c in load_conversations(str(saved))] == ["train"]
+
+
+def test_csv_row_split_by_an_unquoted_comma_is_an_error_not_a_cut_reply(tmp_path):
+    # "red, green, blue" unquoted is three cells: reading the row would train the reply "red".
+    p = tmp_path / "c.csv"
+    p.write_text("instruction,output\nhi,hello\nList three colors,red, green, blue\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"c.csv:3: row has 4 cells, the header 2") as e:
+        load_conversations(str(p))
+    assert "double quotes" in e.value.hint
+    p.write_text('instruction,output\nhi,hello\nList three colors,"red, green, blue"\n', encoding="utf-8")
+    assert load_conversations(str(p))[1].messages[1].content == "red, green, blue"

@@ -24,6 +24,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text spells one: only then is a walk needed
 SURROGATE_FIX = "remove or complete the cut character: \\ud83d\\ude00 is a whole emoji, \\ud83d alone is half of one"
 _DEEP_FIX = "no chat record nests that deep: fix or remove it"
+_CSV_COMMA_FIX = 'put double quotes around each value that holds a comma ("red, green, blue"), doubling quotes inside it'
 
 
 @dataclass
@@ -235,7 +236,12 @@ def _read_csv(p: Path) -> list[Record]:
             out = []
             for row in reader:
                 # reader.line_num is the physical line the row ended on; multi-line cells are rare.
-                out.append(Record(str(p), reader.line_num, {k: v for k, v in row.items() if k is not None}))
+                if None in row:  # more cells than the header: an unquoted comma split a value
+                    n, m = len(reader.fieldnames) + len(row[None]), len(reader.fieldnames)
+                    out.append(Record(str(p), reader.line_num, None, f"row has {n} cells, the header {m}: "
+                                      "a value holding a comma was split", fix=_CSV_COMMA_FIX))
+                    continue
+                out.append(Record(str(p), reader.line_num, row))
             return out
     except UnicodeDecodeError as exc:
         raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
