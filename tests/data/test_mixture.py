@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -109,8 +110,11 @@ def test_a_source_with_nothing_left_after_tokenization_is_one_clear_error(tmp_pa
     long.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "x " * 200},
                                                      {"role": "assistant", "content": "y"}]}) + "\n" for _ in range(3)))
     spec = [{"path": short, "weight": 1}, {"path": str(long), "weight": 1}]
-    with pytest.raises(SftlabError, match=r"source 'long' \(.*long.jsonl\): none of its 3 conversations is left"):
+    with pytest.raises(SftlabError, match=r"source 'long' \(.*long.jsonl\): none of its 3 conversations is left") as e:
         _prepared(spec, max_seq_length=64, truncation="drop")
+    # why, in the error itself: `sftlab prepare` stops at it, so it cannot list the dropped examples
+    assert re.search(r"after tokenization; \S*long.jsonl:1: \d+ tokens > max_seq_length 64 \(", str(e.value))
+    assert "see `sftlab prepare`" not in str(e.value)
 
 
 def test_largest_remainder_counts_add_up_exactly():

@@ -106,7 +106,7 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key:
                           hint="raise max_seq_length or check the masking strategy")
     pool = draw = None
     if mix is not None:
-        draw = mix.epochs(examples)
+        draw = mix.epochs(examples, report.dropped)
         if draw is not None:
             pool, examples = examples, [examples[j] for j in draw.indices(0)]
             convs = [mix.conversations[i] for i in dict.fromkeys(e.index for e in examples)]
