@@ -242,3 +242,13 @@ def test_a_training_run_saves_the_resolved_mixture_and_reports_each_source(tmp_p
     assert load_config(run / A.CONFIG).data == saved
     page = (run / "report.html").read_text() if write_report(run, doctor=True) else ""
     assert "<h3>Sources (one epoch)</h3>" in page and "50.0%" in page and "per source:" in page
+
+
+def test_prepare_names_a_mixtures_files_not_its_python_list(tmp_path, tiny_model_dir, capsys):
+    a, b = chat_data(tmp_path / "a.jsonl", 4), chat_data(tmp_path / "b.jsonl", 3)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": [{"path": a, "weight": 1}, {"path": b, "weight": 1}],
+                                   "model": str(tiny_model_dir), "max_seq_length": 128}))
+    assert main(["prepare", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"prepared {a}, {b}: 7/7 examples kept" in out and "{'path'" not in out

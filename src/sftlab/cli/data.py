@@ -16,6 +16,7 @@ from sftlab.cli.base import (
 from sftlab.config import field_default
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
+from sftlab.data.mixture import source_paths
 
 
 @_command("prepare", "tokenize conversations into training examples with exact response-only labels")
@@ -56,7 +57,7 @@ def _cmd_prepare(args) -> int:
         print(render_example(prepared.tokenizer, ex))
     r = prepared.report
     tpl = prepared.template.name if prepared.template else "none (plain text)"
-    print(f"prepared {cfg.data}: {r.summary()}; template: {tpl}")
+    print(f"prepared {', '.join(source_paths(cfg.data))}: {r.summary()}; template: {tpl}")
     if r.sources:
         print("per source:\n" + "\n".join(source_lines(r)))
     print(r.rule())

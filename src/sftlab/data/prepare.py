@@ -102,7 +102,7 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key:
         template, added = setup_template(cfg, tokenizer)
     examples, report = labeler_for(cfg, tokenizer, template).encode(convs)
     if not examples:
-        raise SftlabError(f"{path}: no example is left to train on ({report.summary()})",
+        raise SftlabError(f"{', '.join(source_paths(path))}: no example is left to train on ({report.summary()})",
                           hint="raise max_seq_length or check the masking strategy")
     pool = draw = None
     if mix is not None:
