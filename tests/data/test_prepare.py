@@ -139,3 +139,18 @@ def test_out_prints_no_datasets_progress_bar_and_leaves_the_setting_alone(tmp_pa
     assert "Saving the dataset" not in out + err and "%|" not in err
     assert f"wrote {tmp_path / 'p'}" in out
     assert not datasets.are_progress_bars_disabled()  # the caller's own datasets calls keep their bars
+
+
+@pytest.mark.parametrize("out", ["notes", "afile"])
+def test_refused_out_leaves_no_dump_written(tmp_path, tiny_model_dir, capsys, out):
+    # --out at a folder of the user's files (or at a file) is refused: "nothing was written" must hold for --dump too
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    (tmp_path / "afile").write_text("keep")
+    dump = tmp_path / "rows.jsonl"
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--dump", str(dump),
+                 "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / out) in err
+    assert not dump.exists()
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"

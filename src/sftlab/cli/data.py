@@ -15,7 +15,7 @@ from sftlab.cli.base import (
 )
 from sftlab.config import field_default
 from sftlab.core.errors import SftlabError
-from sftlab.core.io import write_jsonl
+from sftlab.core.io import check_output_dir, write_jsonl
 from sftlab.data.mixture import source_paths
 
 
@@ -32,6 +32,7 @@ def _add_prepare(p):
 
 def _cmd_prepare(args) -> int:
     from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        OUT_FILES,
         dump_rows,
         prepare,
         refuse_input_as_output,
@@ -43,6 +44,8 @@ def _cmd_prepare(args) -> int:
     cfg = _config_from_args(args)
     if args.dump:  # before any reading or writing
         refuse_input_as_output(cfg, args.dump, "--dump", config_file=args.config)
+    if args.out:  # a refused --out must not leave the --dump file written
+        check_output_dir(args.out, OUT_FILES)
     prepared = prepare(cfg)
     if args.dump:
         write_jsonl(args.dump, dump_rows(prepared))

@@ -180,6 +180,9 @@ def _no_datasets_bars():
             datasets.enable_progress_bars()
 
 
+OUT_FILES = ["dataset", "report.json", "chat_template.jinja"]  # what save_dataset writes
+
+
 def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
     """Write the tokenized examples as an Arrow dataset plus the preparation report, atomically."""
     import datasets  # deferred: heavy library, imported on first use
