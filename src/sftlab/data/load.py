@@ -279,7 +279,7 @@ _SPLIT_RES = {name: re.compile(rf"(?:^|[-._ 0-9/])(?:{'|'.join(words)})(?=[-._ 0
               for name, words in _SPLITS.items()}
 
 
-def _split_of(rel: str) -> str | None:
+def split_of(rel: str) -> str | None:
     return next((name for name, rx in _SPLIT_RES.items() if rx.search(rel)), None)
 
 
@@ -294,7 +294,7 @@ def folder_files(p: Path, split: str = "train") -> tuple[list[Path], list[Path]]
     if not found:
         raise SftlabError(f"{p}: no data files (.jsonl/.json/.csv/.parquet) in this folder",
                           hint="hidden files and folders (.name) are skipped")
-    splits = {f: _split_of(f.relative_to(p).as_posix()) for f in found}
+    splits = {f: split_of(f.relative_to(p).as_posix()) for f in found}
     if not any(splits.values()) or len(found) == 1:
         return found, []
     wanted = ("train",) if split == "train" else ("validation", "test")
