@@ -312,3 +312,16 @@ def test_csv_row_split_by_an_unquoted_comma_is_an_error_not_a_cut_reply(tmp_path
     assert "double quotes" in e.value.hint
     p.write_text('instruction,output\nhi,hello\nList three colors,"red, green, blue"\n', encoding="utf-8")
     assert load_conversations(str(p))[1].messages[1].content == "red, green, blue"
+
+
+def test_alpaca_history_turns_are_read_before_the_instruction(tmp_path):
+    # LLaMA-Factory's alpaca rows carry earlier turns in "history": they were dropped without a word
+    rows = [{"instruction": "and 3+3?", "input": "", "output": "6", "history": [["2+2?", "4"], ["and 2+3?", "5"]]},
+            {"instruction": "hi", "output": "yo", "history": []},
+            {"instruction": "hi", "output": "yo", "history": [["only a question"]]}]
+    convs, failures = to_conversations(read_records(_jsonl(tmp_path / "a.jsonl", rows)), strict=False)
+    assert [(m.role, m.content) for m in convs[0].messages] == [
+        ("user", "2+2?"), ("assistant", "4"), ("user", "and 2+3?"), ("assistant", "5"), ("user", "and 3+3?"), ("assistant", "6")]
+    assert [(m.role, m.content) for m in convs[1].messages] == [("user", "hi"), ("assistant", "yo")]
+    ((rec, exc),) = failures
+    assert rec.line == 3 and "'history' must be a list of [instruction, response] pairs" in str(exc)

@@ -261,9 +261,21 @@ def from_alpaca(row: dict) -> Conversation:
     msgs = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         msgs.append(Message("system", row["system"]))
-    msgs += [Message("user", user), Message("assistant", output)]
+    msgs += _alpaca_history(row.get("history")) + [Message("user", user), Message("assistant", output)]
     validate_roles(msgs)
     return Conversation(msgs, weight=_weight(row))
+
+
+def _alpaca_history(history) -> list[Message]:
+    """LLaMA-Factory's alpaca ``history``: the earlier turns, ``[[instruction, response], ...]``."""
+    history = _json_list(history, "history")
+    if history is None or history == []:
+        return []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+        raise FormatError("'history' must be a list of [instruction, response] pairs",
+                          fix='write it as [["first question", "first answer"], ...], or leave it out')
+    return [Message(role, _text(t, f"'history[{i}][{j}]'"))
+            for i, pair in enumerate(history) for j, (role, t) in enumerate(zip(("user", "assistant"), pair))]
 
 
 def from_prompt_completion(row: dict) -> Conversation:
