@@ -325,3 +325,19 @@ def test_alpaca_history_turns_are_read_before_the_instruction(tmp_path):
     assert [(m.role, m.content) for m in convs[1].messages] == [("user", "hi"), ("assistant", "yo")]
     ((rec, exc),) = failures
     assert rec.line == 3 and "'history' must be a list of [instruction, response] pairs" in str(exc)
+
+
+def test_top_level_system_field_of_messages_and_prompt_completion_rows_is_read(tmp_path):
+    # as sharegpt and alpaca rows' 'system' already was; it was dropped, and the template's default system prompt trained instead
+    def roles(row):
+        (c,) = load_conversations(_jsonl(tmp_path / "s.jsonl", [row]))
+        return [(m.role, m.content) for m in c.messages]
+
+    assert roles({"system": "S", **ROW}) == [("system", "S"), ("user", "Hi"), ("assistant", "Hello")]
+    assert roles({"system": "S", "prompt": "P", "completion": "C"}) == [("system", "S"), ("user", "P"), ("assistant", "C")]
+    assert roles({"system": "S", "prompt": [{"role": "user", "content": "P"}],
+                  "completion": [{"role": "assistant", "content": "C"}]}) == [("system", "S"), ("user", "P"), ("assistant", "C")]
+    assert roles({"system": "S", "messages": [{"role": "system", "content": "S"}] + ROW["messages"]})[0] == ("system", "S")
+    assert roles({"system": "", **ROW}) == [("user", "Hi"), ("assistant", "Hello")]
+    with pytest.raises(SftlabError, match=r"s.jsonl:1: the record has a 'system' field and a different system message"):
+        roles({"system": "S", "messages": [{"role": "system", "content": "other"}] + ROW["messages"]})

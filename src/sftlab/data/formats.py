@@ -208,8 +208,22 @@ def from_messages(row: dict) -> Conversation:
     if not isinstance(msgs, list):
         raise FormatError("'messages' must be a list of {role, content} objects")
     out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user, assistant or tool")
+    out = _with_system_field(row, out)
     validate_roles(out)
     return Conversation(out, weight=_weight(row), tools=_tools(row))
+
+
+def _with_system_field(row: dict, msgs: list[Message]) -> list[Message]:
+    """A record's top-level 'system' string (as sharegpt and alpaca rows carry it) as its first message."""
+    system = row.get("system")
+    if not isinstance(system, str) or not system.strip():
+        return msgs
+    if msgs and msgs[0].role == "system":
+        if msgs[0].content != system:
+            raise FormatError("the record has a 'system' field and a different system message",
+                              fix="keep one of them")
+        return msgs
+    return [Message("system", system)] + msgs
 
 
 def _turns(items: list, noun: str, role_key: str, text_key: str, roles: dict, allowed: str) -> list[Message]:
@@ -284,8 +298,10 @@ def from_prompt_completion(row: dict) -> Conversation:
         # TRL's conversational prompt/completion: both are message lists.
         if not isinstance(prompt, list) or not isinstance(completion, list):
             raise FormatError("'prompt' and 'completion' must both be strings or both message lists")
-        return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools")})
+        return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools"),
+                              "system": row.get("system")})
     msgs = [Message("user", _text(prompt, "'prompt'")), Message("assistant", _text(completion, "'completion'"))]
+    msgs = _with_system_field(row, msgs)
     validate_roles(msgs)
     return Conversation(msgs, weight=_weight(row))
 
