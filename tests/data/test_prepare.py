@@ -154,3 +154,12 @@ def test_refused_out_leaves_no_dump_written(tmp_path, tiny_model_dir, capsys, ou
     assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / out) in err
     assert not dump.exists()
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"
+
+
+def test_nothing_left_error_blames_the_length_not_the_end_of_turn_token(tmp_path, tiny_model_dir, capsys):
+    # every example too long: the error said "end-of-turn token untrained after 0 of 0 trained replies" too
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--max-seq-length", "8",
+                 "--truncation", "drop"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no example is left to train on (0/5 examples kept" in err and "5 dropped as too long" in err
+    assert "end-of-turn" not in err and "0 of 0" not in err

@@ -133,7 +133,7 @@ class PrepareReport:
             parts.append(f"{self.n_dropped_too_long} dropped as too long")
         if self.n_dropped_no_trained:
             parts.append(f"{self.n_dropped_no_trained} dropped with no trained token")
-        if self.eos_trained is False:
+        if self.eos_trained is False and self.n_reply_ends > self.n_reply_ends_trained:  # not "0 of 0": nothing kept
             parts.append(f"end-of-turn token untrained after {self.n_reply_ends - self.n_reply_ends_trained}"
                          f" of {self.n_reply_ends} trained replies")
         return ", ".join(parts)
