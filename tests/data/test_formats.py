@@ -341,3 +341,11 @@ def test_top_level_system_field_of_messages_and_prompt_completion_rows_is_read(t
     assert roles({"system": "", **ROW}) == [("user", "Hi"), ("assistant", "Hello")]
     with pytest.raises(SftlabError, match=r"s.jsonl:1: the record has a 'system' field and a different system message"):
         roles({"system": "S", "messages": [{"role": "system", "content": "other"}] + ROW["messages"]})
+
+
+def test_conversations_of_role_content_turns_are_read_as_messages(tmp_path):
+    # {"conversations": [{"role", "content"}]}, as many hub datasets store chats: it was refused, and
+    # `--format messages` (the hint) could not read it either
+    row = {"conversations": ROW["messages"], "system": "S"}
+    (c,) = load_conversations(_jsonl(tmp_path / "r.jsonl", [row]))
+    assert [(m.role, m.content) for m in c.messages] == [("system", "S"), ("user", "Hi"), ("assistant", "Hello")]

@@ -257,6 +257,8 @@ def from_sharegpt(row: dict) -> Conversation:
     turns = _json_list(row.get("conversations", row.get("conversation")), "conversations")
     if not isinstance(turns, list):
         raise FormatError("'conversations' must be a list of {from, value} objects")
+    if turns and all(isinstance(t, dict) and "role" in t and "from" not in t for t in turns):
+        return from_messages({**row, "messages": turns})  # openai turns under sharegpt's key (many hub datasets)
     out = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         out.append(Message("system", row["system"]))
