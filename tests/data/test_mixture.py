@@ -252,3 +252,11 @@ def test_prepare_names_a_mixtures_files_not_its_python_list(tmp_path, tiny_model
     assert main(["prepare", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert f"prepared {a}, {b}: 7/7 examples kept" in out and "{'path'" not in out
+
+
+def test_wrong_format_of_a_source_points_at_its_format_key_not_at_the_flag(tmp_path):
+    # `--format` cannot change a source's own `format:`: the hint sent users to a flag that does nothing
+    path = chat_data(tmp_path / "chat.jsonl", 3)
+    with pytest.raises(SftlabError, match=r"chat.jsonl:1: 'instruction' is missing") as e:
+        load_mixture([{"path": path, "format": "alpaca", "weight": 1}])
+    assert "change the `format: alpaca` of source 'chat'" in str(e.value) and "--format" not in str(e.value)

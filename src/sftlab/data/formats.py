@@ -395,9 +395,11 @@ def _mixed_error(r: Record, key: str, note: str) -> FormatError:
 
 
 def to_conversations(records: list[Record], fmt: str | None = None, *, system_prompt: str | None = None,
-                     strict: bool = True) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
+                     strict: bool = True, format_fix: str = "pass --format",
+                     ) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
     """Convert records; returns (conversations, failures). With ``strict`` the first failure raises.
-    A record of another format than the file's (auto-detected) fails naming the mix."""
+    A record of another format than the file's (auto-detected) fails naming the mix. ``format_fix``:
+    how the user changes the format the file is read in (for the error's hint)."""
     key = resolve_format(fmt, records)
     note = mixed_formats(records, key) if not fmt or fmt == "auto" else None
     convert = CONVERTERS[key]
@@ -420,7 +422,7 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
         r, exc = failures[0]
         more = f" (and {len(failures) - 1} more; run `sftlab doctor` to list them)" if len(failures) > 1 else ""
         raise SftlabError(f"{r.where()}: {exc}{more}",
-                          hint=exc.fix or f"this file is read as '{key}' format; fix the line or pass --format")
+                          hint=exc.fix or f"this file is read as '{key}' format; fix the line or {format_fix}")
     return convs, failures
 
 

@@ -246,7 +246,8 @@ def read_source(src: Source, fmt: str | None, *, system_prompt: str | None = Non
     ``split`` of a folder: "train", or "eval" for held-out data."""
     records = read_records(src.path, strict=True, split=split)
     key = resolve_format(src.format or fmt, records)
-    convs, _ = to_conversations(records, src.format or fmt, system_prompt=system_prompt, strict=True)
+    fix = f"change the `format: {src.format}` of source '{src.name}'" if src.format else "pass --format"
+    convs, _ = to_conversations(records, src.format or fmt, system_prompt=system_prompt, strict=True, format_fix=fix)
     if not convs:
         raise SftlabError(f"source '{src.name}' ({src.path}): holds no examples")
     return convs, key
