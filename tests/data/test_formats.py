@@ -349,3 +349,18 @@ def test_conversations_of_role_content_turns_are_read_as_messages(tmp_path):
     row = {"conversations": ROW["messages"], "system": "S"}
     (c,) = load_conversations(_jsonl(tmp_path / "r.jsonl", [row]))
     assert [(m.role, m.content) for m in c.messages] == [("system", "S"), ("user", "Hi"), ("assistant", "Hello")]
+
+
+@pytest.mark.parametrize("name,split,message", [
+    ("test.jsonl", "train", r"ds: no training split in this folder of 1 data file, named as other splits: test.jsonl is test"),
+    ("train.jsonl", "eval", r"ds: no validation or test split in this folder of 1 data file, named as other splits: "
+                            r"train.jsonl is train"),
+])
+def test_folder_of_one_file_named_as_another_split_is_not_read_as_this_one(tmp_path, name, split, message):
+    # a folder holding only test.jsonl trained on the test set; only train.jsonl, as eval data, scored the training set
+    (tmp_path / "ds").mkdir()
+    _jsonl(tmp_path / "ds" / name, [ROW])
+    with pytest.raises(SftlabError, match=message):
+        read_records(tmp_path / "ds", split=split)
+    _jsonl(tmp_path / "ds" / name, [ROW])
+    assert len(read_records(tmp_path / "ds", split="eval" if split == "train" else "train")) == 1

@@ -295,15 +295,15 @@ def folder_files(p: Path, split: str = "train") -> tuple[list[Path], list[Path]]
         raise SftlabError(f"{p}: no data files (.jsonl/.json/.csv/.parquet) in this folder",
                           hint="hidden files and folders (.name) are skipped")
     splits = {f: split_of(f.relative_to(p).as_posix()) for f in found}
-    if not any(splits.values()) or len(found) == 1:
+    if not any(splits.values()):  # one file named as another split is that split: not read as this one
         return found, []
     wanted = ("train",) if split == "train" else ("validation", "test")
     name = next((w for w in wanted if any(splits[f] == w for f in found)), None)
     if name is None:
         named = ", ".join(f"{f.relative_to(p)} is {splits[f]}" for f in found if splits[f])
         what = "training" if split == "train" else "validation or test"
-        raise SftlabError(f"{p}: no {what} split in this folder of {len(found)} data files, and their names "
-                          f"look like other splits: {named}",
+        raise SftlabError(f"{p}: no {what} split in this folder of {len(found)} data file{'s' * (len(found) != 1)}, "
+                          f"named as other splits: {named}",
                           hint=f"name the file {'train' if split == 'train' else 'validation or test'}.jsonl "
                                "(or *-NNNNN-of-NNNNN), or pass that file itself")
     return [f for f in found if splits[f] == name], [f for f in found if splits[f] != name]
