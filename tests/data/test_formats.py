@@ -364,3 +364,16 @@ def test_folder_of_one_file_named_as_another_split_is_not_read_as_this_one(tmp_p
         read_records(tmp_path / "ds", split=split)
     _jsonl(tmp_path / "ds" / name, [ROW])
     assert len(read_records(tmp_path / "ds", split="eval" if split == "train" else "train")) == 1
+
+
+def test_saved_dataset_dict_never_reads_another_split_as_the_training_data(tmp_path):
+    # a DatasetDict without a 'train' split was read through its first split: test or validation data trained on
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+    DatasetDict(test=Dataset.from_list(rows[:3]), validation=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "held"))
+    with pytest.raises(SftlabError, match=r"held: no training split in this dataset \(it has test, validation\)"):
+        read_records(tmp_path / "held")
+    assert len(read_records(tmp_path / "held", split="eval")) == 2  # validation first
+    DatasetDict(test_sft=Dataset.from_list(rows[:3]), train_sft=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "sft"))
+    assert [len(read_records(tmp_path / "sft", split=s)) for s in ("train", "eval")] == [2, 3]

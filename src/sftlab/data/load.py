@@ -325,14 +325,27 @@ def _read_dataset_dir(p: Path, split: str = "train") -> list[Record]:
         except Exception as exc:
             raise SftlabError(f"{p}: cannot load the dataset folder ({exc})")
         if isinstance(ds, datasets.DatasetDict):
-            wanted = ("train",) if split == "train" else ("validation", "test")
-            name = next((w for w in wanted if w in ds), None)
-            if name is None and split != "train":
-                raise SftlabError(f"{p}: no validation or test split in this dataset (it has {', '.join(ds)})",
-                                  hint="pass held-out data as its own file or dataset")
-            ds = ds[name or next(iter(ds))]
+            ds = ds[_dict_split(p, list(ds), split)]
         return [Record(str(p), i, row) for i, row in enumerate(ds, start=1)]
     out: list[Record] = []
     for f in folder_files(p, split)[0]:
         out.extend(read_records(f, strict=False))
     return out
+
+
+def _dict_split(p: Path, names: list[str], split: str) -> str:
+    """The split of a saved DatasetDict to read: "train" (or the one split named so, e.g. train_sft), for
+    "eval" validation, else test; a dict of one unnamed split is that split. Never another split."""
+    wanted = ("train",) if split == "train" else ("validation", "test")
+    for w in wanted:
+        found = [n for n in names if n == w] or [n for n in names if split_of(f"{n}.") == w]
+        if len(found) > 1:
+            raise SftlabError(f"{p}: several {w} splits in this dataset ({', '.join(found)})",
+                              hint="save the one to use as a dataset of its own: ds['NAME'].save_to_disk(FOLDER)")
+        if found:
+            return found[0]
+    if len(names) == 1 and split_of(f"{names[0]}.") is None:
+        return names[0]
+    what = "training" if split == "train" else "validation or test"
+    raise SftlabError(f"{p}: no {what} split in this dataset (it has {', '.join(names)})",
+                      hint="save the split to use as a dataset of its own: ds['NAME'].save_to_disk(FOLDER)")
