@@ -260,3 +260,12 @@ def test_wrong_format_of_a_source_points_at_its_format_key_not_at_the_flag(tmp_p
     with pytest.raises(SftlabError, match=r"chat.jsonl:1: 'instruction' is missing") as e:
         load_mixture([{"path": path, "format": "alpaca", "weight": 1}])
     assert "change the `format: alpaca` of source 'chat'" in str(e.value) and "--format" not in str(e.value)
+
+
+def test_data_flag_takes_a_list_of_sources_as_its_help_says(tmp_path, tiny_model_dir, capsys):
+    # `--data "[a.jsonl, {path: b.jsonl, count: 2}]"` was read as one file of that name: "not found"
+    a, b = chat_data(tmp_path / "a.jsonl", 4), chat_data(tmp_path / "b.jsonl", 3)
+    spec = f"[{{path: {a}, count: 3}}, {{path: {b}, count: 2}}]"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", spec, "--max-seq-length", "128"]) == 0
+    out = capsys.readouterr().out
+    assert f"prepared {a}, {b}:" in out and "  a: 3 examples per epoch" in out and "  b: 2 examples per epoch" in out
