@@ -163,3 +163,9 @@ def test_nothing_left_error_blames_the_length_not_the_end_of_turn_token(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "no example is left to train on (0/5 examples kept" in err and "5 dropped as too long" in err
     assert "end-of-turn" not in err and "0 of 0" not in err
+
+
+def test_negative_show_is_an_error_not_all_but_the_last(tmp_path, tiny_model_dir, capsys):
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--show", "-2"])
+    cap = capsys.readouterr()
+    assert code == 2 and "--show -2: must be a count of examples, 0 or more" in cap.err and "--- example" not in cap.out

@@ -41,6 +41,8 @@ def _cmd_prepare(args) -> int:
         source_lines,
     )
 
+    if args.show < 0:  # a slice [:-2] would show every example but the last two
+        raise SftlabError(f"--show {args.show}: must be a count of examples, 0 or more", hint="e.g. --show 3")
     cfg = _config_from_args(args)
     if args.dump:  # before any reading or writing
         refuse_input_as_output(cfg, args.dump, "--dump", config_file=args.config)
