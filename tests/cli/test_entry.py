@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -26,3 +27,18 @@ def test_train_without_data_says_so_before_loading_torch(tmp_path):
         "sftlab train: error: no training data given (pass --data FILE or set `data:` in the config)"]
     assert out.stdout.strip() == "torch loaded: False exit: 2"
     assert not (tmp_path / "run").exists()
+
+
+def test_doctor_into_a_closed_pipe_stops_quietly(tmp_path):
+    # `sftlab doctor data.jsonl | head -1`: the reader leaves before the report is printed.
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "hello"}\n', encoding="utf-8")
+    r, w = os.pipe()
+    os.close(r)  # nobody reads: the first write fails with EPIPE
+    try:
+        out = subprocess.run([sys.executable, "-m", "sftlab", "doctor", str(data)], stdout=w,
+                             stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(w)
+    assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
+    assert out.returncode == 141

@@ -516,3 +516,22 @@ def test_examples_that_differ_only_in_their_calls_or_reasoning_are_not_duplicate
     assert only(result, "near_duplicate") == [], result.format_text()
     # the same call under another call id is still a duplicate
     assert only(run_doctor(write(tmp_path, [calling("Paris", "a"), calling("Paris", "b")], "dup.jsonl")), "near_duplicate")
+
+
+def test_csv_row_with_more_cells_than_the_header_is_a_parse_finding(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,completion\nhi,there\nname three colors,red, green, blue\n", encoding="utf-8")
+    result = run_doctor(str(path))
+    f = the_one(result, "parse")
+    assert f.data["line"] == 3 and "row has 4 cells, the header 2" in f.message
+    assert result.stats["examples"] == 1 and result.exit_code == 2
+
+
+def test_folder_as_eval_data_says_it_read_the_held_out_split(tmp_path):
+    (tmp_path / "ds").mkdir()
+    write(tmp_path, CLEAN, "ds/train.jsonl")
+    write(tmp_path, [chat("held-out question", "held-out answer")], "ds/validation.jsonl")
+    text = run_doctor(str(tmp_path / "ds"), eval_data=str(tmp_path / "ds")).format_text()
+    assert "read 1 file: train.jsonl; skipped (not the train split): validation.jsonl" in text
+    assert "read 1 file: validation.jsonl; skipped (not the validation split): train.jsonl" in text
+    assert "validation.jsonl; skipped (not the train split)" not in text

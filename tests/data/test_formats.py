@@ -301,3 +301,79 @@ def test_a_folder_given_as_held_out_data_reads_its_validation_else_its_test_spli
                           for name in ("train", "test")}).save_to_disk(str(saved))
     assert [c.messages[0].content for c in load_conversations(str(saved), split="eval")] == ["test"]
     assert [c.messages[0].content for c in load_conversations(str(saved))] == ["train"]
+
+
+def test_csv_row_split_by_an_unquoted_comma_is_an_error_not_a_cut_reply(tmp_path):
+    # "red, green, blue" unquoted is three cells: reading the row would train the reply "red".
+    p = tmp_path / "c.csv"
+    p.write_text("instruction,output\nhi,hello\nList three colors,red, green, blue\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"c.csv:3: row has 4 cells, the header 2") as e:
+        load_conversations(str(p))
+    assert "double quotes" in e.value.hint
+    p.write_text('instruction,output\nhi,hello\nList three colors,"red, green, blue"\n', encoding="utf-8")
+    assert load_conversations(str(p))[1].messages[1].content == "red, green, blue"
+
+
+def test_alpaca_history_turns_are_read_before_the_instruction(tmp_path):
+    # LLaMA-Factory's alpaca rows carry earlier turns in "history": they were dropped without a word
+    rows = [{"instruction": "and 3+3?", "input": "", "output": "6", "history": [["2+2?", "4"], ["and 2+3?", "5"]]},
+            {"instruction": "hi", "output": "yo", "history": []},
+            {"instruction": "hi", "output": "yo", "history": [["only a question"]]}]
+    convs, failures = to_conversations(read_records(_jsonl(tmp_path / "a.jsonl", rows)), strict=False)
+    assert [(m.role, m.content) for m in convs[0].messages] == [
+        ("user", "2+2?"), ("assistant", "4"), ("user", "and 2+3?"), ("assistant", "5"), ("user", "and 3+3?"), ("assistant", "6")]
+    assert [(m.role, m.content) for m in convs[1].messages] == [("user", "hi"), ("assistant", "yo")]
+    ((rec, exc),) = failures
+    assert rec.line == 3 and "'history' must be a list of [instruction, response] pairs" in str(exc)
+
+
+def test_top_level_system_field_of_messages_and_prompt_completion_rows_is_read(tmp_path):
+    # as sharegpt and alpaca rows' 'system' already was; it was dropped, and the template's default system prompt trained instead
+    def roles(row):
+        (c,) = load_conversations(_jsonl(tmp_path / "s.jsonl", [row]))
+        return [(m.role, m.content) for m in c.messages]
+
+    assert roles({"system": "S", **ROW}) == [("system", "S"), ("user", "Hi"), ("assistant", "Hello")]
+    assert roles({"system": "S", "prompt": "P", "completion": "C"}) == [("system", "S"), ("user", "P"), ("assistant", "C")]
+    assert roles({"system": "S", "prompt": [{"role": "user", "content": "P"}],
+                  "completion": [{"role": "assistant", "content": "C"}]}) == [("system", "S"), ("user", "P"), ("assistant", "C")]
+    assert roles({"system": "S", "messages": [{"role": "system", "content": "S"}] + ROW["messages"]})[0] == ("system", "S")
+    assert roles({"system": "", **ROW}) == [("user", "Hi"), ("assistant", "Hello")]
+    with pytest.raises(SftlabError, match=r"s.jsonl:1: the record has a 'system' field and a different system message"):
+        roles({"system": "S", "messages": [{"role": "system", "content": "other"}] + ROW["messages"]})
+
+
+def test_conversations_of_role_content_turns_are_read_as_messages(tmp_path):
+    # {"conversations": [{"role", "content"}]}, as many hub datasets store chats: it was refused, and
+    # `--format messages` (the hint) could not read it either
+    row = {"conversations": ROW["messages"], "system": "S"}
+    (c,) = load_conversations(_jsonl(tmp_path / "r.jsonl", [row]))
+    assert [(m.role, m.content) for m in c.messages] == [("system", "S"), ("user", "Hi"), ("assistant", "Hello")]
+
+
+@pytest.mark.parametrize("name,split,message", [
+    ("test.jsonl", "train", r"ds: no training split in this folder of 1 data file, named as other splits: test.jsonl is test"),
+    ("train.jsonl", "eval", r"ds: no validation or test split in this folder of 1 data file, named as other splits: "
+                            r"train.jsonl is train"),
+])
+def test_folder_of_one_file_named_as_another_split_is_not_read_as_this_one(tmp_path, name, split, message):
+    # a folder holding only test.jsonl trained on the test set; only train.jsonl, as eval data, scored the training set
+    (tmp_path / "ds").mkdir()
+    _jsonl(tmp_path / "ds" / name, [ROW])
+    with pytest.raises(SftlabError, match=message):
+        read_records(tmp_path / "ds", split=split)
+    _jsonl(tmp_path / "ds" / name, [ROW])
+    assert len(read_records(tmp_path / "ds", split="eval" if split == "train" else "train")) == 1
+
+
+def test_saved_dataset_dict_never_reads_another_split_as_the_training_data(tmp_path):
+    # a DatasetDict without a 'train' split was read through its first split: test or validation data trained on
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+    DatasetDict(test=Dataset.from_list(rows[:3]), validation=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "held"))
+    with pytest.raises(SftlabError, match=r"held: no training split in this dataset \(it has test, validation\)"):
+        read_records(tmp_path / "held")
+    assert len(read_records(tmp_path / "held", split="eval")) == 2  # validation first
+    DatasetDict(test_sft=Dataset.from_list(rows[:3]), train_sft=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "sft"))
+    assert [len(read_records(tmp_path / "sft", split=s)) for s in ("train", "eval")] == [2, 3]

@@ -143,6 +143,23 @@ def test_truncation_policies_are_reported(tok):
     assert len(trunc.input_ids) == 64 and rep.n_truncated == 1 and trunc.n_trained > 0
 
 
+@pytest.mark.parametrize("truncation", ["cut_turns", "drop", "truncate"])
+def test_example_over_the_limit_by_its_untrained_tail_only_is_kept_whole(tok, truncation):
+    # chatml ends each turn "<|im_end|>\n": at max_seq_length = length - 1 only the "\n" is over, untrained;
+    # cut_turns and drop dropped the whole example, though cutting that "\n" loses nothing trained
+    tpl = resolve_template("chatml", tok)
+    conv = Conversation([Message("user", "q"), Message("assistant", "the reply")], source="h.jsonl", line=1)
+    (full,), _ = Labeler(tok, tpl).encode([conv])
+    assert full.labels[-1] == IGNORE and tok.decode(full.input_ids[-1:]) == "\n"
+    (ex,), rep = Labeler(tok, tpl, max_seq_length=len(full.input_ids) - 1, truncation=truncation).encode([conv])
+    assert ex.input_ids == full.input_ids[:-1] and ex.labels == full.labels[:-1]
+    assert trained_text(tok, ex) == ["the reply<|im_end|>"]
+    assert (rep.n_kept, rep.n_dropped_too_long, rep.n_turns_cut, rep.n_truncated) == (1, 0, 0, 0)
+    # one token less and the reply's end-of-turn token is over: the policy applies as before
+    _, rep = Labeler(tok, tpl, max_seq_length=len(full.input_ids) - 2, truncation=truncation).encode([conv])
+    assert (rep.n_dropped_too_long, rep.n_truncated) == ((0, 1) if truncation == "truncate" else (1, 0))
+
+
 def test_example_left_without_trained_token_is_dropped_and_reported(tok):
     tpl = resolve_template("chatml", tok)
     conv = Conversation([Message("user", "word " * 80), Message("assistant", "ok")], source="g.jsonl", line=2)

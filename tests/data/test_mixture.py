@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -109,8 +110,11 @@ def test_a_source_with_nothing_left_after_tokenization_is_one_clear_error(tmp_pa
     long.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "x " * 200},
                                                      {"role": "assistant", "content": "y"}]}) + "\n" for _ in range(3)))
     spec = [{"path": short, "weight": 1}, {"path": str(long), "weight": 1}]
-    with pytest.raises(SftlabError, match=r"source 'long' \(.*long.jsonl\): none of its 3 conversations is left"):
+    with pytest.raises(SftlabError, match=r"source 'long' \(.*long.jsonl\): none of its 3 conversations is left") as e:
         _prepared(spec, max_seq_length=64, truncation="drop")
+    # why, in the error itself: `sftlab prepare` stops at it, so it cannot list the dropped examples
+    assert re.search(r"after tokenization; \S*long.jsonl:1: \d+ tokens > max_seq_length 64 \(", str(e.value))
+    assert "see `sftlab prepare`" not in str(e.value)
 
 
 def test_largest_remainder_counts_add_up_exactly():
@@ -238,3 +242,30 @@ def test_a_training_run_saves_the_resolved_mixture_and_reports_each_source(tmp_p
     assert load_config(run / A.CONFIG).data == saved
     page = (run / "report.html").read_text() if write_report(run, doctor=True) else ""
     assert "<h3>Sources (one epoch)</h3>" in page and "50.0%" in page and "per source:" in page
+
+
+def test_prepare_names_a_mixtures_files_not_its_python_list(tmp_path, tiny_model_dir, capsys):
+    a, b = chat_data(tmp_path / "a.jsonl", 4), chat_data(tmp_path / "b.jsonl", 3)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"data": [{"path": a, "weight": 1}, {"path": b, "weight": 1}],
+                                   "model": str(tiny_model_dir), "max_seq_length": 128}))
+    assert main(["prepare", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"prepared {a}, {b}: 7/7 examples kept" in out and "{'path'" not in out
+
+
+def test_wrong_format_of_a_source_points_at_its_format_key_not_at_the_flag(tmp_path):
+    # `--format` cannot change a source's own `format:`: the hint sent users to a flag that does nothing
+    path = chat_data(tmp_path / "chat.jsonl", 3)
+    with pytest.raises(SftlabError, match=r"chat.jsonl:1: 'instruction' is missing") as e:
+        load_mixture([{"path": path, "format": "alpaca", "weight": 1}])
+    assert "change the `format: alpaca` of source 'chat'" in str(e.value) and "--format" not in str(e.value)
+
+
+def test_data_flag_takes_a_list_of_sources_as_its_help_says(tmp_path, tiny_model_dir, capsys):
+    # `--data "[a.jsonl, {path: b.jsonl, count: 2}]"` was read as one file of that name: "not found"
+    a, b = chat_data(tmp_path / "a.jsonl", 4), chat_data(tmp_path / "b.jsonl", 3)
+    spec = f"[{{path: {a}, count: 3}}, {{path: {b}, count: 2}}]"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", spec, "--max-seq-length", "128"]) == 0
+    out = capsys.readouterr().out
+    assert f"prepared {a}, {b}:" in out and "  a: 3 examples per epoch" in out and "  b: 2 examples per epoch" in out

@@ -139,3 +139,33 @@ def test_out_prints_no_datasets_progress_bar_and_leaves_the_setting_alone(tmp_pa
     assert "Saving the dataset" not in out + err and "%|" not in err
     assert f"wrote {tmp_path / 'p'}" in out
     assert not datasets.are_progress_bars_disabled()  # the caller's own datasets calls keep their bars
+
+
+@pytest.mark.parametrize("out", ["notes", "afile"])
+def test_refused_out_leaves_no_dump_written(tmp_path, tiny_model_dir, capsys, out):
+    # --out at a folder of the user's files (or at a file) is refused: "nothing was written" must hold for --dump too
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    (tmp_path / "afile").write_text("keep")
+    dump = tmp_path / "rows.jsonl"
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--dump", str(dump),
+                 "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / out) in err
+    assert not dump.exists()
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"
+
+
+def test_nothing_left_error_blames_the_length_not_the_end_of_turn_token(tmp_path, tiny_model_dir, capsys):
+    # every example too long: the error said "end-of-turn token untrained after 0 of 0 trained replies" too
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--max-seq-length", "8",
+                 "--truncation", "drop"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no example is left to train on (0/5 examples kept" in err and "5 dropped as too long" in err
+    assert "end-of-turn" not in err and "0 of 0" not in err
+
+
+def test_negative_show_is_an_error_not_all_but_the_last(tmp_path, tiny_model_dir, capsys):
+    code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--show", "-2"])
+    cap = capsys.readouterr()
+    assert code == 2 and "--show -2: must be a count of examples, 0 or more" in cap.err and "--- example" not in cap.out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"sftlab {args.command}: stopped by SIGTERM", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # the reader of stdout left (`sftlab doctor data.jsonl | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error flushing at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old)

@@ -80,11 +80,14 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 def _config_from_args(args):
     """The config file, then each config flag given, then --set: later wins."""
     from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        field_types,
         load_config,
         parse_set,
     )
 
     overrides = {k: getattr(args, k) for k in args.config_keys if getattr(args, k, None) is not None}
+    # a flag of a key that takes a list (--data "[a.jsonl, {path: b.jsonl, weight: 1}]") reads it as --set does
+    overrides.update(parse_set([f"{k}={v}" for k, v in overrides.items() if isinstance(v, str) and list in field_types(k)]))
     overrides.update(parse_set(args.set))
     return load_config(args.config, overrides)
 

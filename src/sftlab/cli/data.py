@@ -15,7 +15,8 @@ from sftlab.cli.base import (
 )
 from sftlab.config import field_default
 from sftlab.core.errors import SftlabError
-from sftlab.core.io import write_jsonl
+from sftlab.core.io import check_output_dir, write_jsonl
+from sftlab.data.mixture import source_paths
 
 
 @_command("prepare", "tokenize conversations into training examples with exact response-only labels")
@@ -31,6 +32,7 @@ def _add_prepare(p):
 
 def _cmd_prepare(args) -> int:
     from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        OUT_FILES,
         dump_rows,
         prepare,
         refuse_input_as_output,
@@ -39,9 +41,13 @@ def _cmd_prepare(args) -> int:
         source_lines,
     )
 
+    if args.show < 0:  # a slice [:-2] would show every example but the last two
+        raise SftlabError(f"--show {args.show}: must be a count of examples, 0 or more", hint="e.g. --show 3")
     cfg = _config_from_args(args)
     if args.dump:  # before any reading or writing
         refuse_input_as_output(cfg, args.dump, "--dump", config_file=args.config)
+    if args.out:  # a refused --out must not leave the --dump file written
+        check_output_dir(args.out, OUT_FILES)
     prepared = prepare(cfg)
     if args.dump:
         write_jsonl(args.dump, dump_rows(prepared))
@@ -56,7 +62,7 @@ def _cmd_prepare(args) -> int:
         print(render_example(prepared.tokenizer, ex))
     r = prepared.report
     tpl = prepared.template.name if prepared.template else "none (plain text)"
-    print(f"prepared {cfg.data}: {r.summary()}; template: {tpl}")
+    print(f"prepared {', '.join(source_paths(cfg.data))}: {r.summary()}; template: {tpl}")
     if r.sources:
         print("per source:\n" + "\n".join(source_lines(r)))
     print(r.rule())

@@ -101,12 +101,7 @@ def atomic_dir(path: str | Path):
     recorded in its :data:`OUTPUT_MARK`, or what the new output holds too. A file at ``path``, or a
     folder with anything else in it (the input data, the user's notes, ``--out .``), is an error and
     nothing is written or removed."""
-    path = Path(path)
-    if path.name in ("", ".", ".."):  # `--out .`: the folder by its own name, beside it in its parent
-        path = path.resolve()
-    if path.exists() and not path.is_dir():
-        raise SftlabError(f"{path} is a file: the output is a folder and would replace it",
-                          hint="choose another output path")
+    path = _out_dir(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -129,9 +124,26 @@ def atomic_dir(path: str | Path):
         raise
 
 
-def _mark_output(tmp: Path, path: Path) -> None:
-    """Record what ``tmp`` holds; refuse when the folder it would replace holds anything else."""
-    written = sorted(p.name for p in tmp.iterdir())
+def _out_dir(path: str | Path) -> Path:
+    """``path`` as an output folder; SftlabError when a file is there."""
+    path = Path(path)
+    if path.name in ("", ".", ".."):  # `--out .`: the folder by its own name, beside it in its parent
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise SftlabError(f"{path} is a file: the output is a folder and would replace it",
+                          hint="choose another output path")
+    return path
+
+
+def check_output_dir(path: str | Path, names: list[str]) -> None:
+    """The refusals of :func:`atomic_dir` for an output of the files ``names``, made before a command
+    writes anything else (e.g. `prepare --dump` beside `--out`), so that a refused output leaves nothing."""
+    path = _out_dir(path)
+    _refuse_foreign(path, names)
+
+
+def _refuse_foreign(path: Path, written: list[str]) -> None:
+    """SftlabError when the folder ``path`` holds anything neither ``written`` nor recorded as sftlab's."""
     if path.is_dir():
         try:
             earlier = set(json.loads((path / OUTPUT_MARK).read_text(encoding="utf-8")))
@@ -142,6 +154,12 @@ def _mark_output(tmp: Path, path: Path) -> None:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise SftlabError(f"{path} already holds {shown}, which this output would delete; nothing was written",
                               hint="choose a new output folder, or move those files out of it")
+
+
+def _mark_output(tmp: Path, path: Path) -> None:
+    """Record what ``tmp`` holds; refuse when the folder it would replace holds anything else."""
+    written = sorted(p.name for p in tmp.iterdir())
+    _refuse_foreign(path, written)
     (tmp / OUTPUT_MARK).write_text(json.dumps(written), encoding="utf-8")
 
 

@@ -38,7 +38,7 @@ from sftlab.data.doctor_checks import (
 )
 from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
 from sftlab.data.formats import resolve_format, to_conversations
-from sftlab.data.load import folder_files, is_saved_dataset, read_records
+from sftlab.data.load import folder_files, is_saved_dataset, read_records, split_of
 from sftlab.data.masking import Labeler
 from sftlab.data.mixture import Source, is_mixture, parse_sources
 from sftlab.data.templates import (
@@ -283,7 +283,7 @@ def _files_lines(files: dict | None, limit: int = 5) -> list[str]:
     names = lambda fs: ", ".join(fs[:limit]) + (f" and {len(fs) - limit} more" if len(fs) > limit else "")  # noqa: E731
     line = f"  read {len(files['read'])} file{'s' * (len(files['read']) != 1)}: {names(files['read'])}"
     if files["skipped"]:
-        line += f"; skipped (not the train split): {names(files['skipped'])}"
+        line += f"; skipped (not the {split_of(files['read'][0])} split): {names(files['skipped'])}"
     return [line]
 
 

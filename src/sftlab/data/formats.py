@@ -208,8 +208,22 @@ def from_messages(row: dict) -> Conversation:
     if not isinstance(msgs, list):
         raise FormatError("'messages' must be a list of {role, content} objects")
     out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user, assistant or tool")
+    out = _with_system_field(row, out)
     validate_roles(out)
     return Conversation(out, weight=_weight(row), tools=_tools(row))
+
+
+def _with_system_field(row: dict, msgs: list[Message]) -> list[Message]:
+    """A record's top-level 'system' string (as sharegpt and alpaca rows carry it) as its first message."""
+    system = row.get("system")
+    if not isinstance(system, str) or not system.strip():
+        return msgs
+    if msgs and msgs[0].role == "system":
+        if msgs[0].content != system:
+            raise FormatError("the record has a 'system' field and a different system message",
+                              fix="keep one of them")
+        return msgs
+    return [Message("system", system)] + msgs
 
 
 def _turns(items: list, noun: str, role_key: str, text_key: str, roles: dict, allowed: str) -> list[Message]:
@@ -243,6 +257,8 @@ def from_sharegpt(row: dict) -> Conversation:
     turns = _json_list(row.get("conversations", row.get("conversation")), "conversations")
     if not isinstance(turns, list):
         raise FormatError("'conversations' must be a list of {from, value} objects")
+    if turns and all(isinstance(t, dict) and "role" in t and "from" not in t for t in turns):
+        return from_messages({**row, "messages": turns})  # openai turns under sharegpt's key (many hub datasets)
     out = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         out.append(Message("system", row["system"]))
@@ -261,9 +277,21 @@ def from_alpaca(row: dict) -> Conversation:
     msgs = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         msgs.append(Message("system", row["system"]))
-    msgs += [Message("user", user), Message("assistant", output)]
+    msgs += _alpaca_history(row.get("history")) + [Message("user", user), Message("assistant", output)]
     validate_roles(msgs)
     return Conversation(msgs, weight=_weight(row))
+
+
+def _alpaca_history(history) -> list[Message]:
+    """LLaMA-Factory's alpaca ``history``: the earlier turns, ``[[instruction, response], ...]``."""
+    history = _json_list(history, "history")
+    if history is None or history == []:
+        return []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
+        raise FormatError("'history' must be a list of [instruction, response] pairs",
+                          fix='write it as [["first question", "first answer"], ...], or leave it out')
+    return [Message(role, _text(t, f"'history[{i}][{j}]'"))
+            for i, pair in enumerate(history) for j, (role, t) in enumerate(zip(("user", "assistant"), pair))]
 
 
 def from_prompt_completion(row: dict) -> Conversation:
@@ -272,8 +300,10 @@ def from_prompt_completion(row: dict) -> Conversation:
         # TRL's conversational prompt/completion: both are message lists.
         if not isinstance(prompt, list) or not isinstance(completion, list):
             raise FormatError("'prompt' and 'completion' must both be strings or both message lists")
-        return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools")})
+        return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools"),
+                              "system": row.get("system")})
     msgs = [Message("user", _text(prompt, "'prompt'")), Message("assistant", _text(completion, "'completion'"))]
+    msgs = _with_system_field(row, msgs)
     validate_roles(msgs)
     return Conversation(msgs, weight=_weight(row))
 
@@ -365,9 +395,11 @@ def _mixed_error(r: Record, key: str, note: str) -> FormatError:
 
 
 def to_conversations(records: list[Record], fmt: str | None = None, *, system_prompt: str | None = None,
-                     strict: bool = True) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
+                     strict: bool = True, format_fix: str = "pass --format",
+                     ) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
     """Convert records; returns (conversations, failures). With ``strict`` the first failure raises.
-    A record of another format than the file's (auto-detected) fails naming the mix."""
+    A record of another format than the file's (auto-detected) fails naming the mix. ``format_fix``:
+    how the user changes the format the file is read in (for the error's hint)."""
     key = resolve_format(fmt, records)
     note = mixed_formats(records, key) if not fmt or fmt == "auto" else None
     convert = CONVERTERS[key]
@@ -390,7 +422,7 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
         r, exc = failures[0]
         more = f" (and {len(failures) - 1} more; run `sftlab doctor` to list them)" if len(failures) > 1 else ""
         raise SftlabError(f"{r.where()}: {exc}{more}",
-                          hint=exc.fix or f"this file is read as '{key}' format; fix the line or pass --format")
+                          hint=exc.fix or f"this file is read as '{key}' format; fix the line or {format_fix}")
     return convs, failures
 
 

@@ -24,6 +24,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON text spells one: only then is a walk needed
 SURROGATE_FIX = "remove or complete the cut character: \\ud83d\\ude00 is a whole emoji, \\ud83d alone is half of one"
 _DEEP_FIX = "no chat record nests that deep: fix or remove it"
+_CSV_COMMA_FIX = 'put double quotes around each value that holds a comma ("red, green, blue"), doubling quotes inside it'
 
 
 @dataclass
@@ -235,7 +236,12 @@ def _read_csv(p: Path) -> list[Record]:
             out = []
             for row in reader:
                 # reader.line_num is the physical line the row ended on; multi-line cells are rare.
-                out.append(Record(str(p), reader.line_num, {k: v for k, v in row.items() if k is not None}))
+                if None in row:  # more cells than the header: an unquoted comma split a value
+                    n, m = len(reader.fieldnames) + len(row[None]), len(reader.fieldnames)
+                    out.append(Record(str(p), reader.line_num, None, f"row has {n} cells, the header {m}: "
+                                      "a value holding a comma was split", fix=_CSV_COMMA_FIX))
+                    continue
+                out.append(Record(str(p), reader.line_num, row))
             return out
     except UnicodeDecodeError as exc:
         raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
@@ -273,7 +279,7 @@ _SPLIT_RES = {name: re.compile(rf"(?:^|[-._ 0-9/])(?:{'|'.join(words)})(?=[-._ 0
               for name, words in _SPLITS.items()}
 
 
-def _split_of(rel: str) -> str | None:
+def split_of(rel: str) -> str | None:
     return next((name for name, rx in _SPLIT_RES.items() if rx.search(rel)), None)
 
 
@@ -288,16 +294,16 @@ def folder_files(p: Path, split: str = "train") -> tuple[list[Path], list[Path]]
     if not found:
         raise SftlabError(f"{p}: no data files (.jsonl/.json/.csv/.parquet) in this folder",
                           hint="hidden files and folders (.name) are skipped")
-    splits = {f: _split_of(f.relative_to(p).as_posix()) for f in found}
-    if not any(splits.values()) or len(found) == 1:
+    splits = {f: split_of(f.relative_to(p).as_posix()) for f in found}
+    if not any(splits.values()):  # one file named as another split is that split: not read as this one
         return found, []
     wanted = ("train",) if split == "train" else ("validation", "test")
     name = next((w for w in wanted if any(splits[f] == w for f in found)), None)
     if name is None:
         named = ", ".join(f"{f.relative_to(p)} is {splits[f]}" for f in found if splits[f])
         what = "training" if split == "train" else "validation or test"
-        raise SftlabError(f"{p}: no {what} split in this folder of {len(found)} data files, and their names "
-                          f"look like other splits: {named}",
+        raise SftlabError(f"{p}: no {what} split in this folder of {len(found)} data file{'s' * (len(found) != 1)}, "
+                          f"named as other splits: {named}",
                           hint=f"name the file {'train' if split == 'train' else 'validation or test'}.jsonl "
                                "(or *-NNNNN-of-NNNNN), or pass that file itself")
     return [f for f in found if splits[f] == name], [f for f in found if splits[f] != name]
@@ -319,14 +325,27 @@ def _read_dataset_dir(p: Path, split: str = "train") -> list[Record]:
         except Exception as exc:
             raise SftlabError(f"{p}: cannot load the dataset folder ({exc})")
         if isinstance(ds, datasets.DatasetDict):
-            wanted = ("train",) if split == "train" else ("validation", "test")
-            name = next((w for w in wanted if w in ds), None)
-            if name is None and split != "train":
-                raise SftlabError(f"{p}: no validation or test split in this dataset (it has {', '.join(ds)})",
-                                  hint="pass held-out data as its own file or dataset")
-            ds = ds[name or next(iter(ds))]
+            ds = ds[_dict_split(p, list(ds), split)]
         return [Record(str(p), i, row) for i, row in enumerate(ds, start=1)]
     out: list[Record] = []
     for f in folder_files(p, split)[0]:
         out.extend(read_records(f, strict=False))
     return out
+
+
+def _dict_split(p: Path, names: list[str], split: str) -> str:
+    """The split of a saved DatasetDict to read: "train" (or the one split named so, e.g. train_sft), for
+    "eval" validation, else test; a dict of one unnamed split is that split. Never another split."""
+    wanted = ("train",) if split == "train" else ("validation", "test")
+    for w in wanted:
+        found = [n for n in names if n == w] or [n for n in names if split_of(f"{n}.") == w]
+        if len(found) > 1:
+            raise SftlabError(f"{p}: several {w} splits in this dataset ({', '.join(found)})",
+                              hint="save the one to use as a dataset of its own: ds['NAME'].save_to_disk(FOLDER)")
+        if found:
+            return found[0]
+    if len(names) == 1 and split_of(f"{names[0]}.") is None:
+        return names[0]
+    what = "training" if split == "train" else "validation or test"
+    raise SftlabError(f"{p}: no {what} split in this dataset (it has {', '.join(names)})",
+                      hint="save the split to use as a dataset of its own: ds['NAME'].save_to_disk(FOLDER)")

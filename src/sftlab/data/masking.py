@@ -133,7 +133,7 @@ class PrepareReport:
             parts.append(f"{self.n_dropped_too_long} dropped as too long")
         if self.n_dropped_no_trained:
             parts.append(f"{self.n_dropped_no_trained} dropped with no trained token")
-        if self.eos_trained is False:
+        if self.eos_trained is False and self.n_reply_ends > self.n_reply_ends_trained:  # not "0 of 0": nothing kept
             parts.append(f"end-of-turn token untrained after {self.n_reply_ends - self.n_reply_ends_trained}"
                          f" of {self.n_reply_ends} trained replies")
         return ", ".join(parts)
@@ -368,6 +368,8 @@ class Labeler(TurnRule):
         examples: list[Example] = []
         for (idx, upto), (ids, labels) in zip(owners, encoded):
             conv = convs[idx]
+            if self.max_len is not None:
+                ids, labels = self._untrained_tail_cut(ids, labels)
             if self.max_len is not None and len(ids) > self.max_len:
                 part = conv if conv.is_text or upto == len(conv.messages) else replace(conv, messages=conv.messages[:upto])
                 fitted = self._fit(part, ids, labels, report)
@@ -397,6 +399,13 @@ class Labeler(TurnRule):
             report.eos_trained = 0 < report.n_reply_ends == report.n_reply_ends_trained
         return examples, report
 
+    def _untrained_tail_cut(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """An example over max_seq_length by untrained tokens only (the template's "\n" after the last
+        reply's end-of-turn token) cut at the limit: nothing trained is lost, so no policy drops it."""
+        if len(ids) > self.max_len and all(x == IGNORE for x in labels[self.max_len:]):
+            return ids[: self.max_len], labels[: self.max_len]
+        return ids, labels
+
     def _fit(self, conv: Conversation, ids: list[int], labels: list[int], report: PrepareReport):
         """Apply the truncation policy to one over-long example; None means drop it."""
         if self.truncation == "drop":
@@ -412,6 +421,7 @@ class Labeler(TurnRule):
                 msgs = msgs[:sys_n] + msgs[nxt:]
                 shorter = replace(conv, messages=msgs)
                 (new_ids, new_labels), = self.encode_segments([self.segments(shorter)])
+                new_ids, new_labels = self._untrained_tail_cut(new_ids, new_labels)
                 if len(new_ids) <= self.max_len:
                     report.n_turns_cut += 1
                     return new_ids, new_labels

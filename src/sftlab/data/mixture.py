@@ -201,19 +201,22 @@ class Mixture:
         return [{"path": s.path, "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
                 for s, f, c in zip(self.sources, self.formats, self.counts)]
 
-    def epochs(self, examples) -> EpochDraw | None:
+    def epochs(self, examples, dropped: list[tuple[str, str]] = ()) -> EpochDraw | None:
         """The per-epoch draw over the tokenized ``examples`` (each ``index`` points into
-        :attr:`conversations`); None when not sampled (each epoch is every example once)."""
+        :attr:`conversations`); None when not sampled (each epoch is every example once). ``dropped``:
+        (where, why) of each example tokenization dropped, to say why a source has none left."""
         if not self.sampled:
             return None
         pools: list[list[int]] = [[] for _ in self.sources]
         for j, ex in enumerate(examples):
             pools[self.source_of[ex.index]].append(j)
-        for s, pool, k, n in zip(self.sources, pools, self.counts, self.sizes):
+        for i, (s, pool, k, n) in enumerate(zip(self.sources, pools, self.counts, self.sizes)):
             if k and not pool:
+                first = self.conversations[self.source_of.index(i)].where()
+                why = next((f"; {where}: {w}" for where, w in dropped if where == first), "")
                 raise SftlabError(f"source '{s.name}' ({s.path}): none of its {n} conversations is left to train on "
-                                  "after tokenization", hint="see `sftlab prepare` for why (raise max_seq_length?), "
-                                                              "or leave the source out")
+                                  f"after tokenization{why}", hint="raise max_seq_length (`sftlab doctor --model` lists "
+                                                                   "each example over it), or leave the source out")
         return EpochDraw(tuple(map(tuple, pools)), tuple(self.counts), self.seed)
 
     def stats(self, usable, epoch) -> list[dict]:
@@ -243,7 +246,8 @@ def read_source(src: Source, fmt: str | None, *, system_prompt: str | None = Non
     ``split`` of a folder: "train", or "eval" for held-out data."""
     records = read_records(src.path, strict=True, split=split)
     key = resolve_format(src.format or fmt, records)
-    convs, _ = to_conversations(records, src.format or fmt, system_prompt=system_prompt, strict=True)
+    fix = f"change the `format: {src.format}` of source '{src.name}'" if src.format else "pass --format"
+    convs, _ = to_conversations(records, src.format or fmt, system_prompt=system_prompt, strict=True, format_fix=fix)
     if not convs:
         raise SftlabError(f"source '{src.name}' ({src.path}): holds no examples")
     return convs, key

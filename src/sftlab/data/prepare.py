@@ -102,11 +102,11 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key:
         template, added = setup_template(cfg, tokenizer)
     examples, report = labeler_for(cfg, tokenizer, template).encode(convs)
     if not examples:
-        raise SftlabError(f"{path}: no example is left to train on ({report.summary()})",
+        raise SftlabError(f"{', '.join(source_paths(path))}: no example is left to train on ({report.summary()})",
                           hint="raise max_seq_length or check the masking strategy")
     pool = draw = None
     if mix is not None:
-        draw = mix.epochs(examples)
+        draw = mix.epochs(examples, report.dropped)
         if draw is not None:
             pool, examples = examples, [examples[j] for j in draw.indices(0)]
             convs = [mix.conversations[i] for i in dict.fromkeys(e.index for e in examples)]
@@ -178,6 +178,9 @@ def _no_datasets_bars():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             datasets.enable_progress_bars()
+
+
+OUT_FILES = ["dataset", "report.json", "chat_template.jinja"]  # what save_dataset writes
 
 
 def save_dataset(prepared: Prepared, out_dir: str | Path) -> None:
