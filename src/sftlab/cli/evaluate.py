@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from sftlab.cli.base import _command, _config_flag, _print_json, _report_findings
+from sftlab.cli.base import (
+    _command,
+    _config_flag,
+    _print_json,
+    _report_findings,
+    json_text,
+)
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_write_text
 
@@ -71,7 +76,7 @@ def _cmd_eval(args) -> int:
                    max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device,
                    limit=args.limit, system_prompt=args.system_prompt)
     if args.out:
-        atomic_write_text(args.out, json.dumps(out, indent=2, default=str))
+        atomic_write_text(args.out, json_text(out))
     if args.save:
         attach_to_run(args.target, out)
     if args.json:
