@@ -183,6 +183,17 @@ def test_repetition_found(tmp_path):
     assert any("repetition-penalty" in x for x in f.fixes) and any("temperature" in x for x in f.fixes)
 
 
+def test_repetition_fix_starts_from_the_settings_the_eval_used(tmp_path):
+    # the final eval already used --repetition-penalty 1.3 and sampling: "1.0 -> 1.2" and "sample with a
+    # lower temperature" were advice the user had already taken (or the wrong way round)
+    settings = {"max_new_tokens": 64, "do_sample": True, "temperature": 0.8, "top_p": 1.0, "repetition_penalty": 1.3}
+    summary = {**HEALTHY_SUMMARY, "eval": {"kind": "single", "result": {
+        "metrics": {"repetition_rate": 0.5, "finished_rate": 0.4}, "settings": settings}}}
+    f = rules_found(make_run(tmp_path / "run", summary=summary))["repetition"]
+    assert "generation: --repetition-penalty 1.3 -> 1.4" in f.fixes
+    assert not any("temperature" in x for x in f.fixes)
+
+
 def test_repetition_not_found_at_threshold(tmp_path):
     _, evals = healthy_rows()
     evals[-1]["gen_repetition_rate"] = 0.2

@@ -86,6 +86,14 @@ def _eval_result(summary: Summary | None, which: str) -> dict | None:
     return part.get("metrics") if isinstance(part, dict) else None
 
 
+def _eval_settings(summary: Summary | None) -> dict:
+    """The generation settings of the final eval (summary.eval), {} without one."""
+    ev = summary.eval if summary else None
+    part = (ev.get("result") if ev.get("kind") == "single" else ev.get("after")) if isinstance(ev, dict) else None
+    got = part.get("settings") if isinstance(part, dict) else None
+    return got if isinstance(got, dict) else {}
+
+
 def _latest_gen(run: RunData, key: str) -> tuple[float, str] | None:
     """(value, where) of a generation metric: the final eval result, else the last eval row with it."""
     after = _eval_result(run.summary, "after")
@@ -268,8 +276,12 @@ def rule_repetition(run: RunData, th: Thresholds) -> Finding | None:
     fin = _latest_gen(run, "finished_rate")
     if fin is not None and fin[0] < 0.9:
         evidence.append(f"only {fin[0]:.0%} of replies ended at the end-of-turn token (the rest ran to max_new_tokens)")
-    fixes = ["generation: --repetition-penalty 1.0 -> 1.2",
-             "generation: sample with a lower temperature, --do-sample --temperature 0.7 (greedy decoding loops easily)"]
+    used = _eval_settings(run.summary) if where == "the final eval" else {}  # training evals: the defaults
+    pen = _num(used.get("repetition_penalty"))
+    pen = pen if pen is not None and math.isfinite(pen) and pen > 0 else 1.0
+    fixes = [f"generation: --repetition-penalty {float(pen)} -> {float(max(1.2, round(pen + 0.1, 2)))}"]
+    if not used.get("do_sample"):  # sampling already: a lower temperature would loop more, not less
+        fixes.append("generation: sample with a lower temperature, --do-sample --temperature 0.7 (greedy decoding loops easily)")
     if run.summary is not None and run.summary.eos_trained is False:
         fixes.append("train the end-of-turn/EOS token (see the eos finding): a model that never learned to stop repeats")
     return Finding("repetition", "warning", "generated replies repeat themselves", evidence=evidence, fixes=fixes,
