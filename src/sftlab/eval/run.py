@@ -414,7 +414,7 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
         system_prompt = cfg.system_prompt if cfg is not None else None
     add_system_prompt(convs, system_prompt)
     add_system_prompt(general_convs or [], system_prompt)
-    max_len = max_seq_length or (cfg.max_seq_length if cfg is not None else 2048)
+    max_len = max_seq_length if max_seq_length is not None else (cfg.max_seq_length if cfg is not None else 2048)
     trunc = cfg.truncation if cfg is not None else "cut_turns"
     kw_run = dict(masking=cfg.masking, reasoning=cfg.reasoning) if cfg is not None else {}  # label as training did
     kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc, **kw_run,
