@@ -153,6 +153,8 @@ CASES = [
     # 0 was taken as "not given": the eval ran at the default length and wrote its result
     ("eval-max-seq-length-0", lambda e: ["eval", e["model"], "--data", e["data"], "--max-seq-length", "0",
                                          "--out", "ev.json"], 2, "max_seq_length 0", ["ev.json"]),
+    ("eval-negative-samples", lambda e: ["eval", e["model"], "--data", e["data"], "--samples", "-1", "--out", "ev.json"],
+     2, "--samples -1", ["ev.json"]),
 ]
 
 

@@ -58,6 +58,8 @@ def _cmd_eval(args) -> int:
     if not 0 < args.threshold < 10:
         raise SftlabError(f"--forgetting-threshold {args.threshold:g}: the general-data loss rise that counts as "
                           "forgetting must be above 0 (0.10 is a 10% rise)", hint="e.g. --forgetting-threshold 0.1")
+    if args.samples < 0:  # a negative count sliced the samples from the end: all but the last few
+        raise SftlabError(f"--samples {args.samples} must be 0 or more (sample generations kept in the result)")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.save:
