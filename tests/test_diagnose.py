@@ -404,3 +404,30 @@ def test_format_names_the_tool_call_rate_and_tool_fixes(tmp_path):
     assert any(e.startswith("valid tool call rate 25% in the final eval") for e in f.evidence), f.evidence
     assert not any(x.startswith("system_prompt:") for x in f.fixes), f.fixes
     assert any("replies call the tools" in x for x in f.fixes), f.fixes
+
+
+# --- plateau -------------------------------------------------------------------------------------
+
+def test_plateau_found_when_the_train_loss_never_falls(tmp_path):
+    # a run whose loss stayed flat (learning rate far too low, or nothing trained) was "no problems found"
+    train, evals = healthy_rows()
+    for r in train:
+        r["loss"] = 2.0 + 0.01 * (r["step"] % 20 == 0)
+    for r in evals:
+        r["eval_loss"] = 2.1
+    f = rules_found(make_run(tmp_path / "run", train=train, evals=evals))["plateau"]
+    assert f.severity == "warning" and "train loss 2.000 at step 10 -> 2.0" in f.evidence[0]
+    assert "eval loss 2.100 at step 20 -> 2.100 at step 100" in f.evidence[1]
+    assert "learning_rate: 0.0002 -> 0.0006" in f.fixes
+    assert any("sftlab prepare" in x and "--show 3" in x for x in f.fixes)
+
+
+def test_plateau_not_found_for_a_learning_or_unfinished_run(tmp_path):
+    assert "plateau" not in rules_found(make_run(tmp_path / "healthy"))
+    train, _ = healthy_rows()
+    for r in train:
+        r["loss"] = 0.02  # already fitted: nothing left to fall
+    assert "plateau" not in rules_found(make_run(tmp_path / "fitted", train=train))
+    flat = [{**r, "loss": 2.0} for r in healthy_rows()[0]]
+    d = diagnose(make_run(tmp_path / "unfinished", train=flat, summary=False))
+    assert d.checked["plateau"].startswith("skipped: the run did not finish")

@@ -61,6 +61,7 @@ class Thresholds:
     grad_explode: float = 10.0  # gradient norm above this multiple of the run's median
     truncation_warn: float = 0.05  # share of examples dropped/truncated that is a warning (any is info)
     worse_than_base: float = 0.5  # eval loss of the fine-tune above the base model's by this share (0.5 = 50%)
+    plateau_drop: float = 0.05  # train loss that fell by less than this share over the run did not learn
 
 
 class Skip(Exception):
@@ -331,6 +332,32 @@ def rule_divergence(run: RunData, th: Thresholds) -> Finding | None:
     return Finding("divergence", "error", "training diverged: the loss or gradients blew up", evidence=evidence, fixes=fixes)
 
 
+def rule_plateau(run: RunData, th: Thresholds) -> Finding | None:
+    """The train loss never really fell: the run learned (almost) nothing."""
+    if run.summary is None or run.summary.stopped == "interrupted":
+        raise Skip("the run did not finish (its loss may not have started to fall)")
+    tr = [(r.get("step"), _num(r.get("loss"))) for r in run.train if _num(r.get("loss")) is not None]
+    if len(tr) < 4:
+        raise Skip(f"{len(tr)} train-loss rows, need 4")
+    if not all(math.isfinite(v) for _, v in tr):
+        return None  # non-finite: the divergence finding
+    first, last = tr[0][1], sum(v for _, v in tr[-3:]) / 3
+    if first < 0.1 or last < first * (1 - th.plateau_drop):  # already fitted, or it fell: learning
+        return None
+    evidence = [f"train loss {_g(first)} at step {tr[0][0]} -> {_g(last)} at the end (last 3 logs), "
+                f"{last / first - 1:+.1%}; a run that learns falls by more than {th.plateau_drop:.0%}"]
+    ev = [(r.get("step"), float(r["eval_loss"])) for r in run.evals if _finite(r.get("eval_loss"))]
+    if len(ev) >= 2:
+        evidence.append(f"eval loss {_g(ev[0][1])} at step {ev[0][0]} -> {_g(ev[-1][1])} at step {ev[-1][0]}")
+    lr = _cfg(run, "learning_rate")
+    fixes = [f"learning_rate: {lr:g} -> {lr * 3:g}" if isinstance(lr, (int, float)) else "learning_rate: raise it 3x",
+             f"check what is trained: `sftlab prepare {run.dir.config_path} --show 3` (the labels of each example) "
+             f"and `sftlab doctor {_cfg(run, 'data') or 'DATA'}`",
+             "if the base model already knows this data, there is little to learn: `sftlab eval RUN --compare base`"]
+    return Finding("plateau", "warning", "the train loss barely fell: the run learned (almost) nothing",
+                   evidence=evidence, fixes=fixes, data={"first": first, "last": last})
+
+
 def rule_eos(run: RunData, th: Thresholds) -> Finding | None:
     s = run.summary
     if s is None or s.eos_trained is None:
@@ -440,6 +467,7 @@ RULES: dict[str, Callable[[RunData, Thresholds], Finding | None]] = {
     "interrupted": rule_interrupted,
     "divergence": rule_divergence,
     "overfitting": rule_overfitting,
+    "plateau": rule_plateau,
     "forgetting": rule_forgetting,
     "worse_than_base": rule_worse_than_base,
     "format": rule_format,
