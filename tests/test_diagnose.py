@@ -431,3 +431,13 @@ def test_plateau_not_found_for_a_learning_or_unfinished_run(tmp_path):
     flat = [{**r, "loss": 2.0} for r in healthy_rows()[0]]
     d = diagnose(make_run(tmp_path / "unfinished", train=flat, summary=False))
     assert d.checked["plateau"].startswith("skipped: the run did not finish")
+
+
+def test_a_large_gradient_in_warmup_is_not_divergence(tmp_path):
+    # the gradient norm of the first steps (before any real update: warmup keeps the rate near 0) is large
+    # by nature; a run whose loss then fell smoothly was "[error] training diverged, lower the rate 10x"
+    train, _ = healthy_rows()  # steps 10..100, warmup_ratio 0.1: warmup ends at step 10
+    train[0]["grad_norm"] = 50.0
+    assert "divergence" not in rules_found(make_run(tmp_path / "warm", train=train))
+    train[0]["grad_norm"], train[4]["grad_norm"] = 1.0, 50.0  # after warmup it still counts
+    assert "divergence" in rules_found(make_run(tmp_path / "late", train=train))

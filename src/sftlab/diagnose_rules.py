@@ -310,9 +310,13 @@ def rule_divergence(run: RunData, th: Thresholds) -> Finding | None:
             evidence.append(f"train loss {_g(peak[1])} at step {peak[0]}, {peak[1] / losses[0][1]:.1f}x its first value "
                             f"{_g(losses[0][1])} (limit {th.loss_explode:g}x)")
     grads = [(r.get("step"), float(r["grad_norm"])) for r in run.train if _finite(r.get("grad_norm"))]
-    if len(grads) >= 3:
+    # the gradient before (or while warmup keeps the rate near 0 around) the first updates is large by nature
+    wr, steps = _cfg(run, "warmup_ratio", 0.0) or 0.0, _steps(run) or 0
+    warm = max(1, math.ceil(wr * steps)) if isinstance(wr, (int, float)) else 1
+    late = [(s, g) for s, g in grads if isinstance(s, (int, float)) and s > warm]
+    if len(grads) >= 3 and late:
         med = median(g for _, g in grads)
-        peak = max(grads, key=lambda x: x[1])
+        peak = max(late, key=lambda x: x[1])
         if med > 0 and peak[1] > th.grad_explode * med:
             evidence.append(f"gradient norm {_g(peak[1])} at step {peak[0]}, {peak[1] / med:.0f}x the median {_g(med)} "
                             f"(limit {th.grad_explode:g}x)")
