@@ -26,3 +26,13 @@ def test_train_without_data_says_so_before_loading_torch(tmp_path):
         "sftlab train: error: no training data given (pass --data FILE or set `data:` in the config)"]
     assert out.stdout.strip() == "torch loaded: False exit: 2"
     assert not (tmp_path / "run").exists()
+
+
+def test_output_piped_to_a_reader_that_stops_early_is_no_traceback():
+    # `sftlab recommend ... | head -1`: head exits after one line and the next print raised BrokenPipeError
+    proc = subprocess.Popen([sys.executable, "-m", "sftlab", "recommend", "--examples", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"sftlab {args.command}: stopped by SIGTERM", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, old)
