@@ -155,6 +155,12 @@ CASES = [
                                          "--out", "ev.json"], 2, "max_seq_length 0", ["ev.json"]),
     ("eval-negative-samples", lambda e: ["eval", e["model"], "--data", e["data"], "--samples", "-1", "--out", "ev.json"],
      2, "--samples -1", ["ev.json"]),
+    # sampling settings that greedy decoding ignores (eval stored them in its settings as if used)
+    ("eval-temperature-without-do-sample", lambda e: ["eval", e["model"], "--data", e["data"], "--temperature", "0.7",
+                                                      "--out", "ev.json"], 2, "--temperature 0.7 without --do-sample",
+     ["ev.json"]),
+    ("generate-top-p-while-greedy", lambda e: ["generate", e["model"], "--prompt", "hi", "--top-p", "0.5",
+                                               "--out", "g.jsonl"], 2, "--top-p 0.5 with greedy decoding", ["g.jsonl"]),
 ]
 
 
