@@ -150,6 +150,17 @@ CASES = [
     ("eval-negative-forgetting-threshold", lambda e: ["eval", "nothere", "--data", e["data"],
                                                       "--forgetting-threshold", "-1"], 2, "must be above 0", []),
     ("plan-zero-budget", lambda e: ["plan", "--budget-gb", "0"], 2, "must be above 0 GB", []),
+    # 0 was taken as "not given": the eval ran at the default length and wrote its result
+    ("eval-max-seq-length-0", lambda e: ["eval", e["model"], "--data", e["data"], "--max-seq-length", "0",
+                                         "--out", "ev.json"], 2, "max_seq_length 0", ["ev.json"]),
+    ("eval-negative-samples", lambda e: ["eval", e["model"], "--data", e["data"], "--samples", "-1", "--out", "ev.json"],
+     2, "--samples -1", ["ev.json"]),
+    # sampling settings that greedy decoding ignores (eval stored them in its settings as if used)
+    ("eval-temperature-without-do-sample", lambda e: ["eval", e["model"], "--data", e["data"], "--temperature", "0.7",
+                                                      "--out", "ev.json"], 2, "--temperature 0.7 without --do-sample",
+     ["ev.json"]),
+    ("generate-top-p-while-greedy", lambda e: ["generate", e["model"], "--prompt", "hi", "--top-p", "0.5",
+                                               "--out", "g.jsonl"], 2, "--top-p 0.5 with greedy decoding", ["g.jsonl"]),
 ]
 
 

@@ -183,6 +183,17 @@ def test_repetition_found(tmp_path):
     assert any("repetition-penalty" in x for x in f.fixes) and any("temperature" in x for x in f.fixes)
 
 
+def test_repetition_fix_starts_from_the_settings_the_eval_used(tmp_path):
+    # the final eval already used --repetition-penalty 1.3 and sampling: "1.0 -> 1.2" and "sample with a
+    # lower temperature" were advice the user had already taken (or the wrong way round)
+    settings = {"max_new_tokens": 64, "do_sample": True, "temperature": 0.8, "top_p": 1.0, "repetition_penalty": 1.3}
+    summary = {**HEALTHY_SUMMARY, "eval": {"kind": "single", "result": {
+        "metrics": {"repetition_rate": 0.5, "finished_rate": 0.4}, "settings": settings}}}
+    f = rules_found(make_run(tmp_path / "run", summary=summary))["repetition"]
+    assert "generation: --repetition-penalty 1.3 -> 1.4" in f.fixes
+    assert not any("temperature" in x for x in f.fixes)
+
+
 def test_repetition_not_found_at_threshold(tmp_path):
     _, evals = healthy_rows()
     evals[-1]["gen_repetition_rate"] = 0.2
@@ -393,3 +404,40 @@ def test_format_names_the_tool_call_rate_and_tool_fixes(tmp_path):
     assert any(e.startswith("valid tool call rate 25% in the final eval") for e in f.evidence), f.evidence
     assert not any(x.startswith("system_prompt:") for x in f.fixes), f.fixes
     assert any("replies call the tools" in x for x in f.fixes), f.fixes
+
+
+# --- plateau -------------------------------------------------------------------------------------
+
+def test_plateau_found_when_the_train_loss_never_falls(tmp_path):
+    # a run whose loss stayed flat (learning rate far too low, or nothing trained) was "no problems found"
+    train, evals = healthy_rows()
+    for r in train:
+        r["loss"] = 2.0 + 0.01 * (r["step"] % 20 == 0)
+    for r in evals:
+        r["eval_loss"] = 2.1
+    f = rules_found(make_run(tmp_path / "run", train=train, evals=evals))["plateau"]
+    assert f.severity == "warning" and "train loss 2.000 at step 10 -> 2.0" in f.evidence[0]
+    assert "eval loss 2.100 at step 20 -> 2.100 at step 100" in f.evidence[1]
+    assert "learning_rate: 0.0002 -> 0.0006" in f.fixes
+    assert any("sftlab prepare" in x and "--show 3" in x for x in f.fixes)
+
+
+def test_plateau_not_found_for_a_learning_or_unfinished_run(tmp_path):
+    assert "plateau" not in rules_found(make_run(tmp_path / "healthy"))
+    train, _ = healthy_rows()
+    for r in train:
+        r["loss"] = 0.02  # already fitted: nothing left to fall
+    assert "plateau" not in rules_found(make_run(tmp_path / "fitted", train=train))
+    flat = [{**r, "loss": 2.0} for r in healthy_rows()[0]]
+    d = diagnose(make_run(tmp_path / "unfinished", train=flat, summary=False))
+    assert d.checked["plateau"].startswith("skipped: the run did not finish")
+
+
+def test_a_large_gradient_in_warmup_is_not_divergence(tmp_path):
+    # the gradient norm of the first steps (before any real update: warmup keeps the rate near 0) is large
+    # by nature; a run whose loss then fell smoothly was "[error] training diverged, lower the rate 10x"
+    train, _ = healthy_rows()  # steps 10..100, warmup_ratio 0.1: warmup ends at step 10
+    train[0]["grad_norm"] = 50.0
+    assert "divergence" not in rules_found(make_run(tmp_path / "warm", train=train))
+    train[0]["grad_norm"], train[4]["grad_norm"] = 1.0, 50.0  # after warmup it still counts
+    assert "divergence" in rules_found(make_run(tmp_path / "late", train=train))

@@ -287,3 +287,18 @@ def test_default_model_converts_loads_and_stops_at_im_end():
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     assert new[-1] == im_end and len(new) < 64
     assert "Paris" in tok.decode(new)
+
+
+def test_gguf_next_to_hf_files_is_read_from_the_gguf_alone(tiny_model_dir, tiny_gguf, tmp_path, tmp_cache):
+    # `sftlab export --merge --gguf` writes the GGUF beside the HF files (tokenizer.json, config.json, ...).
+    # transformers then built the tokenizer from the folder's tokenizer.json and lost the chat template
+    # and eos: `sftlab chat OUT/model-f16.gguf` failed with "has no chat template" and would not stop.
+    out = tmp_path / "export"
+    shutil.copytree(tiny_model_dir, out)
+    shutil.copy(tiny_gguf, out / "model-f16.gguf")
+    from transformers import AutoTokenizer
+
+    tok = models.load_tokenizer(str(out / "model-f16.gguf"))
+    assert tok.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    assert tok.eos_token == "<|im_end|>"
+    assert models.load_model(str(out / "model-f16.gguf")).generation_config.eos_token_id == 2

@@ -178,3 +178,19 @@ def test_report_shows_max_steps_when_it_ends_the_run(tmp_path):
                    epochs=3, max_steps=6)
     page = Path(write_report(run, doctor=False)["path"]).read_text()
     assert "config: max_steps" in page and "max_steps: 6 -&gt; 12" in page and "epochs: 3 -&gt; 4" not in page
+
+
+def test_report_of_a_single_eval_names_its_data_scorer_and_sources(tmp_path, capsys):
+    # `sftlab eval RUN --data A --data B --save` (no --compare): the section was headed "Before and after"
+    # with no base model, and left out the eval data, the scorer and the per-source results
+    single = {"kind": "single", "target": "run", "data": "ea, eb", "result": {
+        "metrics": {"loss": 0.5, "task_score": 0.75}, "task_score_by": "json_fields+exact", "format_check": "json_object+finished",
+        "sources": {"ea": {"n_examples": 4, "loss": 0.25, "task_score": 0.875, "scorer": "json_fields", "format_adherence": 1.0},
+                    "eb": {"n_examples": 3, "loss": 0.75, "task_score": 0.625, "scorer": "exact", "format_adherence": 0.5}},
+        "samples": []}}
+    run = _run(tmp_path, summary_extra={"eval": single})
+    assert main(["report", str(run), "--no-doctor"]) == 0
+    page = (run / "report.html").read_text()
+    assert "<h2>Evaluation</h2>" in page and "<h2>Before and after</h2>" not in page
+    assert "Eval data: ea, eb; scorer: json_fields+exact; format check: json_object+finished" in page
+    assert "<td>ea</td><td class=\"num\">4</td><td class=\"num\">0.25</td><td class=\"num\">0.875</td><td>json_fields</td>" in page

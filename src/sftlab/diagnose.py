@@ -10,6 +10,7 @@ never loads weights. Each rule (in :mod:`sftlab.diagnose_rules`) is one small fu
     format             low format adherence of generated replies
     repetition         high n-gram repetition in generated replies
     divergence         NaN/inf, or exploding loss or gradient norm
+    plateau            train loss that barely fell over the run (learned almost nothing)
     eos                the end-of-turn/EOS token of trained replies is not trained (worst: pad == EOS)
     truncation         examples dropped or cut because they were longer than max_seq_length
     template_mismatch  the template saved for inference differs from the one used in training

@@ -61,6 +61,7 @@ class Thresholds:
     grad_explode: float = 10.0  # gradient norm above this multiple of the run's median
     truncation_warn: float = 0.05  # share of examples dropped/truncated that is a warning (any is info)
     worse_than_base: float = 0.5  # eval loss of the fine-tune above the base model's by this share (0.5 = 50%)
+    plateau_drop: float = 0.05  # train loss that fell by less than this share over the run did not learn
 
 
 class Skip(Exception):
@@ -84,6 +85,14 @@ def _eval_result(summary: Summary | None, which: str) -> dict | None:
         return ev.get("result", {}).get("metrics") if which == "after" else None
     part = ev.get(which)
     return part.get("metrics") if isinstance(part, dict) else None
+
+
+def _eval_settings(summary: Summary | None) -> dict:
+    """The generation settings of the final eval (summary.eval), {} without one."""
+    ev = summary.eval if summary else None
+    part = (ev.get("result") if ev.get("kind") == "single" else ev.get("after")) if isinstance(ev, dict) else None
+    got = part.get("settings") if isinstance(part, dict) else None
+    return got if isinstance(got, dict) else {}
 
 
 def _latest_gen(run: RunData, key: str) -> tuple[float, str] | None:
@@ -268,8 +277,12 @@ def rule_repetition(run: RunData, th: Thresholds) -> Finding | None:
     fin = _latest_gen(run, "finished_rate")
     if fin is not None and fin[0] < 0.9:
         evidence.append(f"only {fin[0]:.0%} of replies ended at the end-of-turn token (the rest ran to max_new_tokens)")
-    fixes = ["generation: --repetition-penalty 1.0 -> 1.2",
-             "generation: sample with a lower temperature, --do-sample --temperature 0.7 (greedy decoding loops easily)"]
+    used = _eval_settings(run.summary) if where == "the final eval" else {}  # training evals: the defaults
+    pen = _num(used.get("repetition_penalty"))
+    pen = pen if pen is not None and math.isfinite(pen) and pen > 0 else 1.0
+    fixes = [f"generation: --repetition-penalty {float(pen)} -> {float(max(1.2, round(pen + 0.1, 2)))}"]
+    if not used.get("do_sample"):  # sampling already: a lower temperature would loop more, not less
+        fixes.append("generation: sample with a lower temperature, --do-sample --temperature 0.7 (greedy decoding loops easily)")
     if run.summary is not None and run.summary.eos_trained is False:
         fixes.append("train the end-of-turn/EOS token (see the eos finding): a model that never learned to stop repeats")
     return Finding("repetition", "warning", "generated replies repeat themselves", evidence=evidence, fixes=fixes,
@@ -297,9 +310,13 @@ def rule_divergence(run: RunData, th: Thresholds) -> Finding | None:
             evidence.append(f"train loss {_g(peak[1])} at step {peak[0]}, {peak[1] / losses[0][1]:.1f}x its first value "
                             f"{_g(losses[0][1])} (limit {th.loss_explode:g}x)")
     grads = [(r.get("step"), float(r["grad_norm"])) for r in run.train if _finite(r.get("grad_norm"))]
-    if len(grads) >= 3:
+    # the gradient before (or while warmup keeps the rate near 0 around) the first updates is large by nature
+    wr, steps = _cfg(run, "warmup_ratio", 0.0) or 0.0, _steps(run) or 0
+    warm = max(1, math.ceil(wr * steps)) if isinstance(wr, (int, float)) else 1
+    late = [(s, g) for s, g in grads if isinstance(s, (int, float)) and s > warm]
+    if len(grads) >= 3 and late:
         med = median(g for _, g in grads)
-        peak = max(grads, key=lambda x: x[1])
+        peak = max(late, key=lambda x: x[1])
         if med > 0 and peak[1] > th.grad_explode * med:
             evidence.append(f"gradient norm {_g(peak[1])} at step {peak[0]}, {peak[1] / med:.0f}x the median {_g(med)} "
                             f"(limit {th.grad_explode:g}x)")
@@ -317,6 +334,32 @@ def rule_divergence(run: RunData, th: Thresholds) -> Finding | None:
     data = _cfg(run, "data")
     fixes.append(f"check the data for broken or extreme examples: sftlab doctor {data or 'DATA'}")
     return Finding("divergence", "error", "training diverged: the loss or gradients blew up", evidence=evidence, fixes=fixes)
+
+
+def rule_plateau(run: RunData, th: Thresholds) -> Finding | None:
+    """The train loss never really fell: the run learned (almost) nothing."""
+    if run.summary is None or run.summary.stopped == "interrupted":
+        raise Skip("the run did not finish (its loss may not have started to fall)")
+    tr = [(r.get("step"), _num(r.get("loss"))) for r in run.train if _num(r.get("loss")) is not None]
+    if len(tr) < 4:
+        raise Skip(f"{len(tr)} train-loss rows, need 4")
+    if not all(math.isfinite(v) for _, v in tr):
+        return None  # non-finite: the divergence finding
+    first, last = tr[0][1], sum(v for _, v in tr[-3:]) / 3
+    if first < 0.1 or last < first * (1 - th.plateau_drop):  # already fitted, or it fell: learning
+        return None
+    evidence = [f"train loss {_g(first)} at step {tr[0][0]} -> {_g(last)} at the end (last 3 logs), "
+                f"{last / first - 1:+.1%}; a run that learns falls by more than {th.plateau_drop:.0%}"]
+    ev = [(r.get("step"), float(r["eval_loss"])) for r in run.evals if _finite(r.get("eval_loss"))]
+    if len(ev) >= 2:
+        evidence.append(f"eval loss {_g(ev[0][1])} at step {ev[0][0]} -> {_g(ev[-1][1])} at step {ev[-1][0]}")
+    lr = _cfg(run, "learning_rate")
+    fixes = [f"learning_rate: {lr:g} -> {lr * 3:g}" if isinstance(lr, (int, float)) else "learning_rate: raise it 3x",
+             f"check what is trained: `sftlab prepare {run.dir.config_path} --show 3` (the labels of each example) "
+             f"and `sftlab doctor {_cfg(run, 'data') or 'DATA'}`",
+             "if the base model already knows this data, there is little to learn: `sftlab eval RUN --compare base`"]
+    return Finding("plateau", "warning", "the train loss barely fell: the run learned (almost) nothing",
+                   evidence=evidence, fixes=fixes, data={"first": first, "last": last})
 
 
 def rule_eos(run: RunData, th: Thresholds) -> Finding | None:
@@ -428,6 +471,7 @@ RULES: dict[str, Callable[[RunData, Thresholds], Finding | None]] = {
     "interrupted": rule_interrupted,
     "divergence": rule_divergence,
     "overfitting": rule_overfitting,
+    "plateau": rule_plateau,
     "forgetting": rule_forgetting,
     "worse_than_base": rule_worse_than_base,
     "format": rule_format,

@@ -43,7 +43,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 # Bump when the conversion below changes, so stale cached folders are not reused.
-_CONVERTER_VERSION = 1
+_CONVERTER_VERSION = 2  # 2: a GGUF beside HF files is read alone (1 took their tokenizer)
 _DONE_MARKER = "sftlab_conversion.json"
 _NOT_FOUND_FIX = f"give a local HF folder, a .gguf file, or '{DEFAULT_MODEL}'"
 # A hub id is "name" or "org/name"; anything else that does not exist on disk is a mistyped path.
@@ -315,11 +315,17 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         GenerationConfig,
     )
 
-    folder, fname = str(gguf.parent), gguf.name
-    with _gguf_errors(gguf):
-        config = AutoConfig.from_pretrained(folder, gguf_file=fname)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # read alone: transformers takes a tokenizer.json beside a GGUF (an export's) over its metadata, losing template+eos
+    alone = Path(tempfile.mkdtemp(prefix=".gguf-", dir=out.parent))
+    try:
+        (alone / gguf.name).symlink_to(gguf.resolve())
+        with _gguf_errors(gguf):
+            folder, fname = str(alone), gguf.name
+            config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    finally:
+        shutil.rmtree(alone, ignore_errors=True)
     meta = _gguf_fields(gguf, ("tokenizer.ggml.pre",))
 
     _fix_gguf_tokenizer(tok, meta.get("tokenizer.ggml.pre"))

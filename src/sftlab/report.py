@@ -227,7 +227,8 @@ def _scored_by(result: dict):
 
 def _eval_section(run: RunData) -> str:
     ev = run.summary.eval if run.summary else None
-    out = ["<h2>Before and after</h2>"]
+    single = isinstance(ev, dict) and ev.get("kind") != "compare"
+    out = ["<h2>Evaluation</h2>" if single else "<h2>Before and after</h2>"]
     if not isinstance(ev, dict):
         out.append('<p class="muted">No before/after evaluation stored with this run; run '
                    "<code>sftlab eval RUN --data EVAL --compare base --save</code>.</p>")
@@ -248,8 +249,14 @@ def _eval_section(run: RunData) -> str:
         samples = [(s.get("prompt"), s.get("reference"), s.get("before"), s.get("after")) for s in ev.get("samples", [])]
         head = ("prompt", "reference", ev.get("before_name", "base"), ev.get("after_name", "fine-tuned"))
     else:
-        res = ev.get("result", ev)
+        res = ev.get("result", ev)  # `sftlab eval --save` without --compare: the fine-tune alone
+        out.append(f"<p>Eval data: {_e(ev.get('data'))}; scorer: {_e(_scored_by(res))}; "
+                   f"format check: {_e(res.get('format_check'))} (no base model: add --compare base for before and after)</p>")
         out.append(_table([(k, v) for k, v in (res.get("metrics") or {}).items()], ("metric", "value")))
+        per = [(name, r.get("n_examples"), r.get("loss"), r.get("task_score"), r.get("scorer"), r.get("format_adherence"))
+               for name, r in (res.get("sources") or {}).items() if isinstance(r, dict)]
+        if per:
+            out.append(_table(per, ("source", "examples", "loss", "task score", "scorer", "format adherence")))
         samples = [(s.get("prompt"), s.get("reference"), s.get("reply")) for s in res.get("samples", [])]
         head = ("prompt", "reference", "reply")
     if samples:

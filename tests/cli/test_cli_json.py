@@ -91,3 +91,30 @@ def test_train_check_text_prints_the_checklist_once(inputs, tiny_model_dir, capf
     assert main(["train", *flags, "--check", "--set", "weight_decay=0.5"]) == 0
     out = capfd.readouterr().out
     assert out.count("weight decay 0.5 is high") == 1 and "{" not in out
+
+
+def test_eval_json_of_a_nan_model_is_strict_json(tiny_model_dir, tmp_path, capfd):
+    # a diverged model's eval loss is NaN: json.dumps wrote a bare NaN, which jq and JavaScript reject
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    nan_dir = tmp_path / "nan_model"
+    shutil.copytree(tiny_model_dir, nan_dir)
+    model = AutoModelForCausalLM.from_pretrained(nan_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(nan_dir)
+    out_file = tmp_path / "eval.json"
+    code = main(["eval", str(nan_dir), "--data", _data(tmp_path / "eval.jsonl", 4), "--max-new-tokens", "2",
+                 "--json", "--out", str(out_file)])
+    out = capfd.readouterr().out
+    assert code == 0
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+    for doc in (strict(out), strict(out_file.read_text())):
+        assert doc["result"]["metrics"]["loss"] == "nan"
+        assert doc["result"]["metrics"]["perplexity"] == "nan"

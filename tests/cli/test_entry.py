@@ -42,3 +42,13 @@ def test_doctor_into_a_closed_pipe_stops_quietly(tmp_path):
         os.close(w)
     assert "Traceback" not in out.stderr and "BrokenPipeError" not in out.stderr, out.stderr
     assert out.returncode == 141
+
+
+def test_output_piped_to_a_reader_that_stops_early_is_no_traceback():
+    # `sftlab recommend ... | head -1`: head exits after one line and the next print raised BrokenPipeError
+    proc = subprocess.Popen([sys.executable, "-m", "sftlab", "recommend", "--examples", "50"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -269,3 +269,41 @@ def test_data_flag_takes_a_list_of_sources_as_its_help_says(tmp_path, tiny_model
     assert main(["prepare", "--model", str(tiny_model_dir), "--data", spec, "--max-seq-length", "128"]) == 0
     out = capsys.readouterr().out
     assert f"prepared {a}, {b}:" in out and "  a: 3 examples per epoch" in out and "  b: 2 examples per epoch" in out
+
+
+def test_eval_scores_each_source_with_its_own_scorer(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # a JSON-extraction source evaluated beside a plain-chat one was scored 'exact' (the scorer the union of
+    # references called for): its per-source task score differed from evaluating it alone (json_fields)
+    from conftest import make_lora_run
+
+    import sftlab.eval.run as ev
+    from sftlab.eval.generation import Generation, GenerationSettings, reference_reply
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    js = tmp_path / "js.jsonl"
+    js.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"extract {i}"},
+        {"role": "assistant", "content": json.dumps({"n": i, "even": i % 2 == 0}, separators=(",", ":"))}]}) + "\n"
+        for i in range(3)))
+    text = chat_data(tmp_path / "text.jsonl", 2)
+
+    def replies(model, tok, tpl, convs, settings, batch_size):  # the reference, as JSON with spaces
+        out = []
+        for c in convs:
+            ref = reference_reply(c)
+            reply = json.dumps(json.loads(ref)) if ref.startswith("{") else ref
+            out.append(Generation(reply, True, 3, [5, 6, 7]))
+        return out
+
+    monkeypatch.setattr(ev, "generate", replies)
+    short = GenerationSettings(max_new_tokens=4)
+    alone = ev.run_eval(str(run), str(js), settings=short)["result"]
+    assert alone["scorer"] == "json_fields" and alone["metrics"]["task_score"] == 1.0
+    both = ev.run_eval(str(run), [str(js), text], settings=short)["result"]
+    assert both["sources"]["js"]["task_score"] == 1.0 and both["sources"]["js"]["scorer"] == "json_fields"
+    assert both["sources"]["text"]["task_score"] == 1.0 and both["sources"]["text"]["scorer"] == "exact"
+    assert both["scorer"] == "json_fields+exact" and both["format_check"] == "json_object+finished"
+    assert both["metrics"]["task_score"] == 1.0
+    assert ev.run_eval(str(run), [str(js), text], settings=short, compare_to=str(tiny_model_dir))["after"] == both
+    assert main(["eval", str(run), "--data", str(js), "--data", text, "--max-new-tokens", "4"]) == 0
+    assert "task_score (json_fields) 1.000" in capsys.readouterr().out

@@ -412,6 +412,8 @@ def test_cli_plan_text_with_budget(capsys):
     assert main(["plan", "--params", "135M", "--method", "full", "--budget-gb", "24"]) == 0
     out = capsys.readouterr().out
     assert "peak memory" in out and "largest batch" in out and "recommended:" in out
+    # the recommendation uses far less than the budget here: "leaves 10% of the budget spare" said it used 90%
+    assert "of the 24.00 GB budget (at most 90% of it: 10% kept spare)" in out and "leaves 10%" not in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from sftlab.cli.base import _command, _config_flag, _print_json, _report_findings
+from sftlab.cli.base import (
+    _command,
+    _config_flag,
+    _print_json,
+    _report_findings,
+    json_text,
+)
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import atomic_write_text
 
@@ -53,6 +58,12 @@ def _cmd_eval(args) -> int:
     if not 0 < args.threshold < 10:
         raise SftlabError(f"--forgetting-threshold {args.threshold:g}: the general-data loss rise that counts as "
                           "forgetting must be above 0 (0.10 is a 10% rise)", hint="e.g. --forgetting-threshold 0.1")
+    unused = [f"{flag} {v:g}" for flag, v in (("--temperature", args.temperature), ("--top-p", args.top_p)) if v != 1.0]
+    if unused and not args.do_sample:  # greedy: they were stored in the result's settings as if used
+        raise SftlabError(f"{' and '.join(unused)} without --do-sample: replies are greedy and the setting is unused",
+                          hint="add --do-sample to sample, or drop it")
+    if args.samples < 0:  # a negative count sliced the samples from the end: all but the last few
+        raise SftlabError(f"--samples {args.samples} must be 0 or more (sample generations kept in the result)")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.save:
@@ -71,7 +82,7 @@ def _cmd_eval(args) -> int:
                    max_seq_length=args.max_seq_length, samples=args.samples, threshold=args.threshold, device=args.device,
                    limit=args.limit, system_prompt=args.system_prompt)
     if args.out:
-        atomic_write_text(args.out, json.dumps(out, indent=2, default=str))
+        atomic_write_text(args.out, json_text(out))
     if args.save:
         attach_to_run(args.target, out)
     if args.json:

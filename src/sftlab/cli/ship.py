@@ -61,6 +61,13 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_chat)
 
 
+def _check_sampling(args) -> None:
+    """--top-p while greedy (--temperature 0) would be ignored: one clear error instead."""
+    if args.top_p != 1.0 and not args.temperature:
+        raise SftlabError(f"--top-p {args.top_p:g} with greedy decoding (--temperature 0): the sampling mass is unused",
+                          hint="add --temperature (e.g. 0.7) to sample, or drop --top-p")
+
+
 def _cmd_chat(args) -> int:
     from sftlab.chat import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         ChatSession,
@@ -70,6 +77,7 @@ def _cmd_chat(args) -> int:
         run_chat,
     )
 
+    _check_sampling(args)
     tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the model loads
     model, tok, tpl = load_chat_model(args.model, template=args.template, device=args.device)
     session = ChatSession(model, tok, tpl, system_prompt=default_system_prompt(args.model, args.system_prompt),
@@ -101,6 +109,7 @@ def _cmd_generate(args) -> int:
     )
 
     tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the model loads
+    _check_sampling(args)
     res = generate_jsonl(args.model, prompts=args.prompt, data=args.data, out=args.out, fmt=args.format, tools=tools,
                          system_prompt=args.system_prompt, template=args.template, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,

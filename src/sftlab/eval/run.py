@@ -44,7 +44,8 @@ from sftlab.rundir import RunDir
 
 
 def score_generations(generations: Sequence[Generation], references: Sequence[str], *,
-                      scorer: str | None = None, tool_refs: Sequence[ToolRef | None] | None = None) -> tuple[dict, list[dict]]:
+                      scorer: str | None = None, tool_refs: Sequence[ToolRef | None] | None = None,
+                      groups: Sequence[str] | None = None) -> tuple[dict, list[dict]]:
     """(summary, per-example rows) for generated replies against reference replies.
 
     Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate, finished_rate,
@@ -61,12 +62,14 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
     tool_call_match_rate (over those examples).
     """
     tool_refs = list(tool_refs) if tool_refs is not None else [None] * len(references)
-    text_refs = [r for r, t in zip(references, tool_refs) if not (t and t.calls)]
-    name = choose_scorer(text_refs, scorer)
-    score = get_scorer(name)
-    check = format_check_name(text_refs)
+    groups = list(groups) if groups is not None else [None] * len(references)
+    by_group: dict = {}  # each group (eval source) its own scorer and format check, from its own references
+    for r, t, grp in zip(references, tool_refs, groups):
+        by_group.setdefault(grp, []).extend([] if t and t.calls else [r])
+    pick = {grp: (get_scorer(choose_scorer(refs, scorer)), format_check_name(refs)) for grp, refs in by_group.items()}
     rows = []
-    for g, ref, tref in zip(generations, references, tool_refs):
+    for g, ref, tref, grp in zip(generations, references, tool_refs, groups):
+        score, check = pick[grp]
         answer, reasoning = split_reply(g.text)  # reasoning is not scored: the reference has none
         row = {"reply": g.text, "reference": ref, "finished": g.finished, "tokens": g.n_tokens,
                "repetition": m.repetition_rate(g.token_ids, 4) if g.token_ids else m.repetition_rate(g.text, 3)}
@@ -215,26 +218,37 @@ def evaluate(model, tokenizer, template: ChatTemplate | None, conversations: Seq
     if generation and chats and template is not None:
         gens = generate(model, tokenizer, template, chats, settings, batch_size)
         refs, trefs = [reference_reply(c) for c in chats], tool_refs(chats)
-        summary, rows = score_generations(gens, refs, scorer=scorer, tool_refs=trefs)
+        groups = _chat_sources(conversations, sources) if sources is not None else [None] * len(chats)
+        summary, rows = score_generations(gens, refs, scorer=scorer, tool_refs=trefs, groups=groups)
         result["metrics"].update({k: v for k, v in summary.items() if k != "n"})
         result["metrics"]["n_generated"] = summary["n"]
-        text_refs = [r for r, t in zip(refs, trefs) if t is None]
-        result["scorer"] = choose_scorer(text_refs, scorer) if text_refs else None  # of the replies that are text
+        by_source: dict = {}  # several sources: each is scored by the scorer its own references call for
+        for r, t, grp in zip(refs, trefs, groups):
+            by_source.setdefault(grp, []).extend([] if t is not None else [r])
+        text = [refs for refs in by_source.values() if refs]
+        text_refs = [r for refs in text for r in refs]
+        # of the replies that are text (for several sources "json_fields+exact": pass it on as --scorer never)
+        result["scorer"] = "+".join(dict.fromkeys(choose_scorer(refs, scorer) for refs in text)) or None
         # what the task score is: the scorer on text replies, the call match on replies that should call a tool
         result["task_score_by"] = "+".join(([result["scorer"]] if text_refs else [])
                                            + (["tool_call_match"] if len(text_refs) < len(refs) else []))
-        result["format_check"] = "+".join(([format_check_name(text_refs)] if text_refs else [])
+        result["format_check"] = "+".join([*dict.fromkeys(format_check_name(refs) for refs in text)]
                                           + (["tool_call"] if len(text_refs) < len(refs) else []))
         for c, row in list(zip(chats, rows))[:samples]:
             result["samples"].append({"where": c.where(), "prompt": prompt_messages(c)[-1].content,
                                       "prompt_text": render_prompt(template, c), **row})
     if sources is not None:
-        result["sources"] = _per_source(model, tokenizer, conversations, sources, examples, rows, batch_size)
+        result["sources"] = _per_source(model, tokenizer, conversations, sources, examples, rows, batch_size, scorer)
     return result
 
 
+def _chat_sources(conversations, sources: Sequence[str]) -> list[str]:
+    """The source of each conversation that replies are generated for (see :func:`_chat`), in order."""
+    return [sources[i] for i, c in enumerate(conversations) if not c.is_text and reference_reply(c) is not None]
+
+
 def _per_source(model, tokenizer, conversations, sources: Sequence[str], examples: list[Example],
-                rows: list[dict], batch_size: int) -> dict[str, dict]:
+                rows: list[dict], batch_size: int, scorer: str | None = None) -> dict[str, dict]:
     """Loss per source (its own examples) and, when replies were generated, the generation scores per source."""
     out: dict[str, dict] = {name: {"n_examples": 0} for name in dict.fromkeys(sources)}
     for name in sources:
@@ -243,7 +257,7 @@ def _per_source(model, tokenizer, conversations, sources: Sequence[str], example
         mine = [e for e in examples if sources[e.index] == name]
         if mine:
             out[name].update(evaluate_loss(model, tokenizer, mine, batch_size))
-    chat_sources = [sources[i] for i, c in enumerate(conversations) if not c.is_text and reference_reply(c) is not None]
+    chat_sources = _chat_sources(conversations, sources)
     for name in out:
         mine = [r for r, src in zip(rows, chat_sources) if src == name]
         if mine:
@@ -254,6 +268,9 @@ def _per_source(model, tokenizer, conversations, sources: Sequence[str], example
                 out[name].update(n_tool_calls_expected=len(calls),
                                  valid_tool_call_rate=m.mean([float(c["valid"]) for c in calls]),
                                  tool_call_match_rate=m.mean([float(c["match"]) for c in calls]))
+            text = [r["reference"] for r in mine if "tool_call" not in r]
+            if text:
+                out[name]["scorer"] = choose_scorer(text, scorer)
     return out
 
 # --- sftlab eval -------------------------------------------------------------------------------
@@ -401,7 +418,7 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
         system_prompt = cfg.system_prompt if cfg is not None else None
     add_system_prompt(convs, system_prompt)
     add_system_prompt(general_convs or [], system_prompt)
-    max_len = max_seq_length or (cfg.max_seq_length if cfg is not None else 2048)
+    max_len = max_seq_length if max_seq_length is not None else (cfg.max_seq_length if cfg is not None else 2048)
     trunc = cfg.truncation if cfg is not None else "cut_turns"
     kw_run = dict(masking=cfg.masking, reasoning=cfg.reasoning) if cfg is not None else {}  # label as training did
     kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc, **kw_run,
@@ -422,7 +439,8 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
                                                     share_tokenizer=shared)
     if compare_to == "base":
         base_tpl = tpl  # the base is scored with the run's tokenizer and training template
-    kw["scorer"] = after["scorer"] or scorer  # score both with the same scorer
+    if names is None:  # several sources choose their scorers alike for both, from the same references
+        kw["scorer"] = after["scorer"] or scorer  # score both with the same scorer
     before = evaluate(base_model, base_tok, base_tpl, convs, **kw)
     return {"kind": "compare", **info, "base": str(base_spec),
             **compare(before, after, threshold=threshold)}
@@ -447,7 +465,8 @@ def format_sources(out: dict) -> str:
         if "loss" in r:
             line += f", loss {r['loss']:.4f}" + (f" (before {before[name]['loss']:.4f})" if "loss" in before.get(name, {}) else "")
         if "task_score" in r:
-            line += f", task_score {r['task_score']:.3f}, format_adherence {r['format_adherence']:.3f}"
+            by = f" ({r['scorer']})" if r.get("scorer") else ""
+            line += f", task_score{by} {r['task_score']:.3f}, format_adherence {r['format_adherence']:.3f}"
         if "valid_tool_call_rate" in r:
             line += (f", valid_tool_call {r['valid_tool_call_rate']:.3f}, tool_call_match {r['tool_call_match_rate']:.3f}"
                      f" ({r['n_tool_calls_expected']} call turns)")

@@ -93,7 +93,7 @@ def render_plan(plan: Plan) -> str:
     if r.fits:
         lines.append(f"recommended: {r.method}, batch {r.batch} x accumulation {r.grad_accum}, checkpointing "
                      f"{'on' if r.gradient_checkpointing else 'off'}, learning rate {r.learning_rate:g} "
-                     f"-> {gb(r.estimated_bytes)} (leaves 10% of the budget spare)")
+                     f"-> {gb(r.estimated_bytes)} of the {gb(b['bytes'])} budget (at most 90% of it: 10% kept spare)")
     else:
         lines.append("recommended: nothing tried fits this budget")
     lines += [f"  - {n}" for n in r.notes]
