@@ -18,11 +18,11 @@ never loads weights. Each rule (in :mod:`sftlab.diagnose_rules`) is one small fu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.core.findings import SEVERITIES, Finding, exit_code, format_findings
+from sftlab.core.io import json_safe
 from sftlab.diagnose_rules import RULES, RunData, Skip, Thresholds
 from sftlab.rundir import RunDir
 
@@ -40,7 +40,7 @@ class Diagnosis:
         return exit_code(self.findings)
 
     def to_dict(self) -> dict:
-        return _json_safe({"run_dir": self.run_dir, "findings": [f.to_dict() for f in self.findings],
+        return json_safe({"run_dir": self.run_dir, "findings": [f.to_dict() for f in self.findings],
                            "checked": self.checked, "exit_code": self.exit_code})
 
     def skipped(self) -> list[str]:
@@ -53,16 +53,6 @@ class Diagnosis:
         if self.skipped():
             out.append("\nnot checked: " + "; ".join(self.skipped()))
         return "\n".join(out)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -5,31 +5,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import typing
 
 from sftlab.config import FIELDS, field_choices, field_default, field_types
 from sftlab.core.findings import Finding
+from sftlab.core.io import json_safe
 
 _json_stdout = None  # the real stdout while a --json command runs; everything else is sent to stderr
 
 
-def _strict(obj):
-    """``obj`` with each NaN/inf float as the string "nan"/"inf"/"-inf": json.dumps writes them as NaN and
-    Infinity, which no strict JSON parser (jq, JavaScript) reads (a diverged model's eval loss is NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
-
-
 def json_text(obj) -> str:
     """``obj`` as strict JSON text (what --json prints and eval --out writes)."""
-    return json.dumps(_strict(obj), indent=2, default=str, allow_nan=False)
+    return json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False)
 
 
 def _print_json(obj) -> None:

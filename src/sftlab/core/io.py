@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -177,6 +178,18 @@ def _swap_in(tmp: Path, path: Path) -> None:
         raise
     if aside is not None:
         shutil.rmtree(aside) if aside.is_dir() else aside.unlink()
+
+
+def json_safe(obj):
+    """``obj`` with each NaN/inf float as the string "nan"/"inf"/"-inf": json.dumps writes them as NaN and
+    Infinity, which no strict JSON parser (jq, JavaScript) reads (a diverged model's eval loss is NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
