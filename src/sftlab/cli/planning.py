@@ -99,8 +99,12 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
         out["batch"] = field_default("batch_size")
         notes.append(f"batch_size auto: planned at {out['batch']}; train sizes it at start from this estimate for "
                      "the data's longest row (the largest that fits)")
-    if out["grad_accum"] == "auto":
-        out["grad_accum"] = max(1, -(-16 // int(out["batch"])))
+    if out["grad_accum"] == "auto":  # train's rule without the data's size: a global batch of 16
+        from sftlab.plan.auto import (
+            AUTO_GLOBAL_BATCH,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        )
+
+        out["grad_accum"] = max(1, -(-AUTO_GLOBAL_BATCH // int(out["batch"])))
     out["merge_micro_batches"] = str(out["merge_micro_batches"]).lower()
     out["prefix_tokens"] = cfg.prefix_tokens  # no flags: the config's (or train's default)
     out["ewc"] = cfg.ewc_lambda > 0

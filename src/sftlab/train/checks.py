@@ -327,7 +327,7 @@ def _writable(folder: Path) -> str | None:
 
 def _trained_batch(run: Path) -> tuple[int | None, float | None]:
     """(global batch, learning rate) the last complete checkpoint of ``run`` was trained at: its own record
-    (:data:`sftlab.rundir.CHECKPOINT_BATCH`), else the run's config.yaml (one process); None when unknown."""
+    (:data:`sftlab.rundir.CHECKPOINT_BATCH`), else the run's config.yaml; None when unknown."""
     ckpt = last_good_checkpoint(run / A.CHECKPOINTS)
     try:
         rec = json.loads((ckpt / A.CHECKPOINT_BATCH).read_text(encoding="utf-8")) if ckpt else None
@@ -338,7 +338,8 @@ def _trained_batch(run: Path) -> tuple[int | None, float | None]:
     was = (_saved(run, "batch_size"), _saved(run, "gradient_accumulation"))
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in was):
         return None, None
-    return was[0] * was[1], _saved(run, "learning_rate")
+    # a run from before the record: assume the processes it ran on are today's
+    return was[0] * was[1] * int(os.environ.get("WORLD_SIZE", "1")), _saved(run, "learning_rate")
 
 
 def _saved(run: Path, key: str):
