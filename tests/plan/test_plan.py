@@ -699,3 +699,6 @@ def test_ewc_holds_an_anchor_and_a_fisher_of_every_trained_parameter(method):
     extra = 2 * (shape.params if method == "full" else ewc.trainable_params) * 4
     assert ewc.breakdown["EWC anchor and Fisher"] == extra
     assert ewc.phases["optimizer step"] == plain.phases["optimizer step"] + extra
+    # the penalty's two temporaries of the largest trained tensor (the embedding), while the activations live
+    tmp = 2 * shape.vocab * shape.hidden * 4 if method == "full" else 0
+    assert ewc.phases["loss backward"] == plain.phases["loss backward"] + extra + tmp

@@ -129,6 +129,27 @@ def test_ewc_penalty_pulls_towards_the_anchor():
     assert torch.allclose(pen, expected) and float(pen) > 0
 
 
+def test_ewc_penalty_keeps_no_copy_of_the_parameters_and_has_autograd_gradient():
+    from sftlab.train.continual import EWC
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 1))
+    ewc = EWC(model, [torch.randn(8, 5)], lambda m, b: (m(b) ** 2).mean(), lam=3.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    own = {t.data_ptr() for t in [*model.parameters(), *ewc.fisher.values(), *ewc.anchor.values()]}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pen = ewc.penalty(model)
+    assert saved and all(t.data_ptr() in own for t in saved)  # nothing param-sized of its own lives to backward
+    pen.backward()
+    expected = 0.5 * 3.0 * sum((ewc.fisher[n] * (p - ewc.anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+    assert torch.allclose(pen, expected)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, 3.0 * ewc.fisher[n] * (p.detach() - ewc.anchor[n]))
+
+
 class _SignalAt(TrainerCallback):
     def __init__(self, step, sig):
         self.step, self.sig = step, sig

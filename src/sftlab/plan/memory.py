@@ -300,6 +300,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryEstimate:
         chunks = 1 if s.fused_loss else -(-_trained_rows(s) // s.loss_chunk)
         head_grad = {"gradients (output head)": shape.vocab * shape.hidden * 4 * (2 if chunks > 1 else 1)}
 
+    if s.ewc and s.method == "full":
+        # EWC's penalty, computed after the forward with every activation alive: F * (θ - θ*) of one
+        # tensor at a time, two temporaries of the largest (the embedding). Adapters' are negligible.
+        largest = max(shape.vocab * shape.hidden, *(a * c for a, c in shape.linear_shapes().values()))
+        logits["EWC penalty (transient)"] = 2 * largest * b.weight
     candidates: dict[str, dict[str, int]] = {}
     if s.gradient_checkpointing:
         kept = shape.n_layers * ckpt_per_layer * n_tok

@@ -49,7 +49,7 @@ class EWC:
             loss.backward()
             for n, p in params.items():
                 if p.grad is not None:
-                    self.fisher[n] += p.grad.detach() ** 2
+                    self.fisher[n].addcmul_(p.grad, p.grad)  # in place: no squared copy
             n_batches += 1
         model.zero_grad(set_to_none=True)
         for n in self.fisher:
@@ -58,15 +58,36 @@ class EWC:
             model.train()
 
     def penalty(self, model) -> torch.Tensor:
+        """The penalty, differentiable in the parameters. Each parameter's term is one autograd node
+        that keeps no tensor of its own: autograd's ``F * (θ - θ*) ** 2`` kept θ - θ* of every
+        parameter from this forward to its backward, one more copy of the trained parameters for
+        the whole step (0.54 GB of a full fine-tune of a 135M model)."""
         total = None
         for n, p in model.named_parameters():
             key = n if n in self.fisher else n.replace("module.", "", 1)
             if key in self.fisher:
-                term = (self.fisher[key] * (p - self.anchor[key]) ** 2).sum()
+                term = _Quadratic.apply(p, self.fisher[key], self.anchor[key])
                 total = term if total is None else total + term
         if total is None:
             return torch.zeros(())
         return 0.5 * self.lam * total
+
+
+class _Quadratic(torch.autograd.Function):
+    """Σ F (θ - θ*)², its gradient 2 F (θ - θ*) recomputed in backward from the tensors that live
+    anyway (the parameter, its Fisher and its anchor), one parameter's temporary at a time."""
+
+    @staticmethod
+    def forward(ctx, p, fisher, anchor):
+        ctx.save_for_backward(p, fisher, anchor)
+        d = p - anchor
+        return torch.dot(d.reshape(-1), (fisher * d).reshape(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, fisher, anchor = ctx.saved_tensors
+        d = p - anchor
+        return d.mul_(fisher).mul_(2 * grad), None, None
 
 
 def ewc_from_examples(model, examples: list[Example], loss_fn, lam: float, pad_id: int, batch_size: int = 4) -> EWC:
