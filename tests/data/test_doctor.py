@@ -535,3 +535,31 @@ def test_folder_as_eval_data_says_it_read_the_held_out_split(tmp_path):
     assert "read 1 file: train.jsonl; skipped (not the train split): validation.jsonl" in text
     assert "read 1 file: validation.jsonl; skipped (not the validation split): train.jsonl" in text
     assert "validation.jsonl; skipped (not the train split)" not in text
+
+
+def _loss_trained_tokens(examples, pad_id: int) -> int:
+    """Positions the training loss computes (core.loss after the collator), for ``examples``."""
+    import torch
+
+    from sftlab.core.loss import per_token_losses
+    from sftlab.data.collate import PadCollator
+
+    batch = PadCollator(pad_id)(examples)
+    hidden = torch.zeros(*batch["labels"].shape, 4)
+    _, mask = per_token_losses(hidden, torch.nn.Linear(4, 300), batch["labels"])
+    return int(mask.sum())
+
+
+def test_plain_text_trained_tokens_are_those_the_loss_uses(tmp_path, tok):
+    from sftlab.config import Config
+    from sftlab.data.prepare import prepare
+
+    texts = ["hello world", "The quick brown fox.", "alpha beta gamma"]
+    path = write(tmp_path, [{"text": t} for t in texts])
+    doctor = run_doctor(path, tokenizer=tok).stats["trained_tokens"]["total"]
+    prepared = prepare(Config(model="unused", data=path), tok)
+    used = _loss_trained_tokens(prepared.examples, tok.pad_token_id)
+    # every byte and the EOS, but the first token: nothing predicts it
+    assert used == sum(len(t) + 1 - 1 for t in texts)
+    assert doctor == used == prepared.report.n_trained_tokens
+    assert sum(e.n_trained for e in prepared.examples) == used
