@@ -377,3 +377,33 @@ def test_saved_dataset_dict_never_reads_another_split_as_the_training_data(tmp_p
     assert len(read_records(tmp_path / "held", split="eval")) == 2  # validation first
     DatasetDict(test_sft=Dataset.from_list(rows[:3]), train_sft=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "sft"))
     assert [len(read_records(tmp_path / "sft", split=s)) for s in ("train", "eval")] == [2, 3]
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("Instruction,Input,Output\nAdd, 1 2 ,3\n", [("user", "Add\n\n 1 2 "), ("assistant", "3")]),
+    (" prompt , completion ,WEIGHT\n2+2?, 4 ,2\n", [("user", "2+2?"), ("assistant", " 4 ")]),
+    ("TEXT\nsome text\n", "some text"),
+])
+def test_csv_header_names_match_ignoring_case_and_spaces(tmp_path, body, expected):
+    p = tmp_path / "d.csv"
+    p.write_text(body, encoding="utf-8")
+    (c,) = load_conversations(str(p))
+    if isinstance(expected, str):
+        assert c.text == expected
+    else:  # the cells are kept exactly, spaces and all
+        assert [(m.role, m.content) for m in c.messages] == expected
+    assert c.weight == (2.0 if "WEIGHT" in body else 1.0) and c.line == 2
+
+
+def test_csv_header_of_no_format_is_one_line_naming_it(tmp_path, tiny_model_dir, capsys):
+    from sftlab.cli import main
+
+    p = tmp_path / "qa.csv"
+    p.write_text("Question,Answer\nq,a\n", encoding="utf-8")
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{p}: cannot tell the data format from the CSV header 'Question,Answer'" in err
+    assert "prompt+completion" in err and "instruction+output" in err
+    p.write_text("prompt,Prompt ,completion\na,b,c\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"names the column 'prompt' twice \('prompt' and 'Prompt '\)"):
+        load_conversations(str(p))

@@ -354,6 +354,11 @@ def resolve_format(name: str | None, records: list[Record]) -> str:
         return counts.most_common(1)[0][0]
     if readable:
         r = readable[0]
+        if r.header is not None:  # a CSV file: its header is what the user wrote and can change
+            raise SftlabError(
+                f"{r.source}: cannot tell the data format from the CSV header {','.join(r.header)!r}",
+                hint="expected the columns messages, conversations, instruction+output (input optional), "
+                     "prompt+completion or text (any case, spaces around ignored); rename them, or pass --format")
         raise SftlabError(
             f"{r.where()}: cannot tell the data format from fields {sorted(r.data)}",
             hint="expected messages, conversations, instruction/output, prompt/completion or text; or pass --format",

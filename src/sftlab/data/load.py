@@ -35,6 +35,7 @@ class Record:
     error: str | None = None  # why it could not be parsed
     fix: str | None = None  # how to fix it, when more specific than "fix or remove that line"
     check: str = "parse"  # the doctor's check for the error: "parse" or "encoding"
+    header: tuple[str, ...] | None = None  # a CSV row: the file's header as written (for format errors)
 
     def where(self) -> str:
         return f"{self.source}:{self.line}"
@@ -226,6 +227,23 @@ def _deep_line(text: str, limit: int = 500) -> int:
     return line
 
 
+# Columns the formats read: a CSV header names them in any case, with spaces around ("Instruction", " prompt ").
+CSV_COLUMNS = ("messages", "conversations", "conversation", "instruction", "input", "output", "prompt", "completion",
+               "text", "system", "weight", "tools", "functions", "history")
+
+
+def csv_columns(p: Path, header: list[str]) -> list[str]:
+    """The header with each name of a known column (:data:`CSV_COLUMNS`, matched ignoring case and surrounding
+    spaces) written as the formats read it; other names as they are. Two names for one column: SftlabError."""
+    out = [k if (k := str(h).strip().casefold()) in CSV_COLUMNS else h for h in header]
+    twice = next((k for k in CSV_COLUMNS if out.count(k) > 1), None)
+    if twice:
+        same = " and ".join(repr(h) for h, k in zip(header, out) if k == twice)
+        raise SftlabError(f"{p}: the CSV header {','.join(header)!r} names the column '{twice}' twice ({same})",
+                          hint="keep one of them (column names are read ignoring case and surrounding spaces)")
+    return out
+
+
 def _read_csv(p: Path) -> list[Record]:
     # The csv module refuses cells over 128 KiB by default ("field larger than field limit"): long
     # documents are valid data, and the length policy (max_seq_length) is what deals with them.
@@ -233,6 +251,8 @@ def _read_csv(p: Path) -> list[Record]:
     try:
         with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
+            header = tuple(reader.fieldnames or ())
+            reader.fieldnames = csv_columns(p, list(header))
             out = []
             for row in reader:
                 # reader.line_num is the physical line the row ended on; multi-line cells are rare.
@@ -241,7 +261,7 @@ def _read_csv(p: Path) -> list[Record]:
                     out.append(Record(str(p), reader.line_num, None, f"row has {n} cells, the header {m}: "
                                       "a value holding a comma was split", fix=_CSV_COMMA_FIX))
                     continue
-                out.append(Record(str(p), reader.line_num, row))
+                out.append(Record(str(p), reader.line_num, row, header=header))
             return out
     except UnicodeDecodeError as exc:
         raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
