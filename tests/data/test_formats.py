@@ -405,5 +405,18 @@ def test_csv_header_of_no_format_is_one_line_naming_it(tmp_path, tiny_model_dir,
     assert "\n" not in err and f"{p}: cannot tell the data format from the CSV header 'Question,Answer'" in err
     assert "prompt+completion" in err and "instruction+output" in err
     p.write_text("prompt,Prompt ,completion\na,b,c\n", encoding="utf-8")
-    with pytest.raises(SftlabError, match=r"names the column 'prompt' twice \('prompt' and 'Prompt '\)"):
+    with pytest.raises(SftlabError, match=r"name the column 'prompt' twice \('prompt' and 'Prompt '\)"):
+        load_conversations(str(p))
+
+
+def test_parquet_column_names_match_ignoring_case_and_spaces(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"Prompt": ["2+2?"], " Completion": [" 4"]}), p)
+    (c,) = load_conversations(str(p))
+    assert [(m.role, m.content) for m in c.messages] == [("user", "2+2?"), ("assistant", " 4")]
+    pq.write_table(pa.table({"Q": ["a"], "A": ["b"]}), p)
+    with pytest.raises(SftlabError, match=r"d.parquet: cannot tell the data format from the columns 'Q,A'"):
         load_conversations(str(p))

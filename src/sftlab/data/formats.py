@@ -372,9 +372,10 @@ def resolve_format(name: str | None, records: list[Record], open_end: bool = Fal
         return counts.most_common(1)[0][0]
     if readable:
         r = readable[0]
-        if r.header is not None:  # a CSV file: its header is what the user wrote and can change
+        if r.header is not None:  # a CSV or Parquet file: its column names are what the user wrote and can change
+            what = "CSV header" if r.source.lower().endswith(".csv") else "columns"
             raise SftlabError(
-                f"{r.source}: cannot tell the data format from the CSV header {','.join(r.header)!r}",
+                f"{r.source}: cannot tell the data format from the {what} {','.join(r.header)!r}",
                 hint="expected the columns messages, conversations, instruction+output (input optional), "
                      "prompt+completion or text (any case, spaces around ignored); rename them, or pass --format")
         raise SftlabError(

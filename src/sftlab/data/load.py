@@ -35,7 +35,7 @@ class Record:
     error: str | None = None  # why it could not be parsed
     fix: str | None = None  # how to fix it, when more specific than "fix or remove that line"
     check: str = "parse"  # the doctor's check for the error: "parse" or "encoding"
-    header: tuple[str, ...] | None = None  # a CSV row: the file's header as written (for format errors)
+    header: tuple[str, ...] | None = None  # a CSV or Parquet row: the file's column names as written (for format errors)
 
     def where(self) -> str:
         return f"{self.source}:{self.line}"
@@ -227,7 +227,8 @@ def _deep_line(text: str, limit: int = 500) -> int:
     return line
 
 
-# Columns the formats read: a CSV header names them in any case, with spaces around ("Instruction", " prompt ").
+# Columns the formats read: a CSV header (or Parquet file) names them in any case, with spaces around ("Instruction",
+# " prompt ").
 CSV_COLUMNS = ("messages", "conversations", "conversation", "instruction", "input", "output", "prompt", "completion",
                "text", "system", "weight", "tools", "functions", "history")
 
@@ -239,7 +240,8 @@ def csv_columns(p: Path, header: list[str]) -> list[str]:
     twice = next((k for k in CSV_COLUMNS if out.count(k) > 1), None)
     if twice:
         same = " and ".join(repr(h) for h, k in zip(header, out) if k == twice)
-        raise SftlabError(f"{p}: the CSV header {','.join(header)!r} names the column '{twice}' twice ({same})",
+        what = "CSV header" if p.suffix.lower() == ".csv" else "columns"
+        raise SftlabError(f"{p}: the {what} {','.join(header)!r} name the column '{twice}' twice ({same})",
                           hint="keep one of them (column names are read ignoring case and surrounding spaces)")
     return out
 
@@ -276,16 +278,18 @@ def _read_parquet(p: Path) -> list[Record]:
         table = pq.read_table(p)
     except Exception as exc:  # pyarrow raises many types for a damaged file
         raise SftlabError(f"{p}: cannot read Parquet file ({exc})")
+    header = tuple(table.column_names)
+    table = table.rename_columns(csv_columns(p, list(header)))
     try:
         rows = table.to_pylist()
     except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8: find the rows
-        return [_parquet_row(p, table, i) for i in range(table.num_rows)]
-    return [Record(str(p), i, row) for i, row in enumerate(rows, start=1)]
+        return [_parquet_row(p, table, i, header) for i in range(table.num_rows)]
+    return [Record(str(p), i, row, header=header) for i, row in enumerate(rows, start=1)]
 
 
-def _parquet_row(p: Path, table, i: int) -> Record:
+def _parquet_row(p: Path, table, i: int, header: tuple[str, ...]) -> Record:
     try:
-        return Record(str(p), i + 1, table.slice(i, 1).to_pylist()[0])
+        return Record(str(p), i + 1, table.slice(i, 1).to_pylist()[0], header=header)
     except UnicodeDecodeError as exc:  # e.g. a surrogate written as UTF-8 bytes (CESU-8), a cut character
         return Record(str(p), i + 1, None, f"invalid UTF-8 in a text column ({exc.reason} at byte {exc.start})",
                       fix="re-encode the text as UTF-8; remove or complete any cut character", check="encoding")
