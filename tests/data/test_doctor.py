@@ -619,3 +619,12 @@ def test_plain_text_trained_tokens_are_those_the_loss_uses(tmp_path, tok):
     assert used == sum(len(t) + 1 - 1 for t in texts)
     assert doctor == used == prepared.report.n_trained_tokens
     assert sum(e.n_trained for e in prepared.examples) == used
+
+
+def test_max_seq_length_below_trainings_minimum_is_refused_up_front(tmp_path, tok):
+    from sftlab.core.errors import SftlabError
+
+    path = write(tmp_path, [chat("hi", "x" * 50)])
+    for kw in ({"tokenizer": tok}, {"length_tokenizer": tok}, {}):  # training refuses it too: not a checked limit
+        with pytest.raises(SftlabError, match="max_seq_length 4 is too small"):
+            run_doctor(path, max_seq_length=4, **kw)

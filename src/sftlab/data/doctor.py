@@ -119,8 +119,8 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     Raises SftlabError for a missing file, unknown format, unknown template; problems in the data
     itself become findings.
     """
-    if max_seq_length is not None and max_seq_length < 1:
-        raise SftlabError(f"max_seq_length must be positive, got {max_seq_length}")
+    if max_seq_length is not None and max_seq_length < 8:  # training's limit (config and the labeler)
+        raise SftlabError(f"max_seq_length {max_seq_length} is too small", hint="use at least 8 tokens")
     if truncation not in TRUNCATION:
         raise SftlabError(f"unknown truncation '{truncation}'", hint=f"use one of: {', '.join(TRUNCATION)}")
     if template and tokenizer is None:
