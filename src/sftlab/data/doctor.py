@@ -190,7 +190,8 @@ def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None
         if max_len is not None and n > max_len:
             _add(findings, "too_long", c.source, c.line,
                  f"{n} tokens of message text (by the {name or 'default'} tokenizer, before the chat template) "
-                 f"> max_seq_length {max_len}; training (truncation: {truncation}) {policy_words(truncation, c.is_text)}",
+                 f"> max_seq_length {max_len}; training (truncation: {truncation}) "
+                 f"{policy_words(truncation, c.is_text, user_turns=sum(m.role == 'user' for m in c.messages))}",
                  fix="raise max_seq_length, or shorten or split the example")
     n_long = sum(n > max_len for n in lengths) if max_len is not None else 0
     return {"length": _length_stats(lengths, "tokens"), "trained_tokens": None,

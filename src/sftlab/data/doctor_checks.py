@@ -436,14 +436,16 @@ def _length_policy(c: Conversation, policy: Labeler, n_long: int, size: int, n_t
              f"all its trained tokens lie past max_seq_length {limit}; cut there it trains on nothing (dropped)")
 
 
-def policy_words(truncation: str, is_text: bool, plural: bool = False) -> str:
+def policy_words(truncation: str, is_text: bool, plural: bool = False, user_turns: int = 2) -> str:
     """What training does to an example (``plural``: to examples) over max_seq_length under ``truncation``
-    (plain text: cut at the limit)."""
+    (plain text: cut at the limit; a chat of one exchange has no earlier turn to cut)."""
     it, its = ("them", "their") if plural else ("it", "its")
     if truncation == "truncate" or is_text and truncation == "cut_turns":
         return f"cuts {it} at the limit"
     if truncation == "drop":
         return f"drops {it}"
+    if user_turns < 2:
+        return f"drops {it} (no earlier turn to cut)"
     return f"cuts {its} earliest turns to fit, or drops {it} when that is not enough"
 
 
