@@ -420,3 +420,17 @@ def test_parquet_column_names_match_ignoring_case_and_spaces(tmp_path):
     pq.write_table(pa.table({"Q": ["a"], "A": ["b"]}), p)
     with pytest.raises(SftlabError, match=r"d.parquet: cannot tell the data format from the columns 'Q,A'"):
         load_conversations(str(p))
+
+
+@pytest.mark.parametrize("name,body,why", [
+    ("e.jsonl", "", "the file is empty"),
+    ("b.jsonl", "\n  \n", "the file holds only blank lines"),
+    ("h.csv", "prompt,completion\n", "the CSV file has a header but no rows"),
+    ("l.json", "[]", "the JSON holds an empty list"),
+])
+def test_no_records_says_what_the_file_holds(tmp_path, name, body, why):
+    p = tmp_path / name
+    p.write_text(body, encoding="utf-8")
+    with pytest.raises(SftlabError, match=f"{name}: no examples found") as e:
+        read_records(p)
+    assert e.value.hint == why

@@ -69,8 +69,21 @@ def read_records(path: str | Path, *, strict: bool = True, split: str = "train")
                 raise SftlabError(f"{r.where()}: {r.error}",
                                   hint=r.fix or "fix or remove that line; `sftlab doctor` lists every such line")
     if not records:
-        raise SftlabError(f"{path}: no examples found", hint="the file is empty")
+        raise SftlabError(f"{path}: no examples found", hint=_why_empty(p))
     return records
+
+
+def _why_empty(p: Path) -> str:
+    """Why a file or folder read as no records: what it holds instead."""
+    if p.is_dir():
+        return "its data files hold no records"
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return "the Parquet file has no rows"
+    if not p.read_bytes().removeprefix(_BOM):
+        return "the file is empty"
+    return {".csv": "the CSV file has a header but no rows",
+            ".json": "the JSON holds an empty list"}.get(suffix, "the file holds only blank lines")
 
 
 def _read_jsonl(p: Path) -> list[Record]:
