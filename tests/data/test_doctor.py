@@ -464,6 +464,10 @@ def test_without_a_model_too_long_says_what_training_does(tmp_path, tok):
     assert "1 example (50.0%); training (truncation: drop) drops them" in result.format_text()
     result = run_doctor(path, length_tokenizer=tok, max_seq_length=40)  # cut_turns: one exchange, nothing to cut
     assert "(truncation: cut_turns) drops it (no earlier turn to cut)" in the_one(result, "too_long").message
+    # plain text is trained with the EOS appended: 40 bytes of text is 41 tokens, over a limit of 40
+    text = write(tmp_path, [{"text": "y" * 40}, {"text": "z" * 39}], "text40.jsonl")
+    assert "41 tokens (with the EOS training appends" in the_one(run_doctor(text, length_tokenizer=tok, max_seq_length=40),
+                                                                  "too_long").message
     text = write(tmp_path, [{"text": "y" * 50}], "text.jsonl")
     assert "cuts it at the limit" in the_one(run_doctor(text, length_tokenizer=tok, max_seq_length=20), "too_long").message
 

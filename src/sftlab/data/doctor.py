@@ -183,13 +183,16 @@ def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None
     """Token lengths of the message text (no template: a lower bound of the training length) by ``tok``;
     examples over ``max_len`` are flagged "too_long", with what training's ``truncation`` does to them."""
     lengths = []
+    eos = tok.eos_token if isinstance(tok.eos_token, str) else ""
     for c in convs:
-        text = c.text if c.is_text else "\n".join(m.content for m in c.messages)
+        # plain text is trained as it is plus the EOS (prepare's rule): that length is exact, not a lower bound
+        text = c.text + eos if c.is_text else "\n".join(m.content for m in c.messages)
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         lengths.append(n)
         if max_len is not None and n > max_len:
+            what = "with the EOS training appends" if c.is_text else "of message text, before the chat template"
             _add(findings, "too_long", c.source, c.line,
-                 f"{n} tokens of message text (by the {name or 'default'} tokenizer, before the chat template) "
+                 f"{n} tokens ({what}; by the {name or 'default'} tokenizer) "
                  f"> max_seq_length {max_len}; training (truncation: {truncation}) "
                  f"{policy_words(truncation, c.is_text, user_turns=sum(m.role == 'user' for m in c.messages))}",
                  fix="raise max_seq_length, or shorten or split the example")
