@@ -434,3 +434,18 @@ def test_no_records_says_what_the_file_holds(tmp_path, name, body, why):
     with pytest.raises(SftlabError, match=f"{name}: no examples found") as e:
         read_records(p)
     assert e.value.hint == why
+
+
+@pytest.mark.parametrize("name", ["latin.csv", "latin.json"])
+def test_bad_utf8_names_the_line_not_a_chunk_offset(tmp_path, name):
+    rows = [f"question number {i}" for i in range(1000)]
+    rows[700] = "caf\xe9 " + rows[700]
+    if name.endswith(".csv"):  # the csv reader decodes in chunks: its offset was into the last chunk
+        body = "prompt,completion\n" + "".join(f"{r},answer\n" for r in rows)
+    else:
+        body = "[\n" + ",\n".join(json.dumps({"prompt": r, "completion": "answer"}, ensure_ascii=False) for r in rows) + "\n]"
+    p = tmp_path / name
+    p.write_bytes(body.encode("latin-1"))
+    line = 702  # the header or the opening bracket, then row 701
+    with pytest.raises(SftlabError, match=rf"{name}:{line}: invalid UTF-8 at byte \d+ of the line \(b'\\xe9'\)"):
+        read_records(p)

@@ -146,8 +146,8 @@ def _checked(source: str, line: int, obj, text: str | None) -> Record:
 def _read_json(p: Path) -> list[Record]:
     try:
         text = p.read_text(encoding="utf-8-sig")  # -sig: a leading byte order mark is skipped
-    except UnicodeDecodeError as exc:
-        raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
+    except UnicodeDecodeError:
+        raise _bad_utf8(p) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -278,10 +278,21 @@ def _read_csv(p: Path) -> list[Record]:
                     continue
                 out.append(Record(str(p), reader.line_num, row, header=header))
             return out
-    except UnicodeDecodeError as exc:
-        raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
+    except UnicodeDecodeError:  # its offset counts from the reader's last chunk, not the file: find the line
+        raise _bad_utf8(p) from None
     except csv.Error as exc:
         raise SftlabError(f"{p}: malformed CSV ({exc})")
+
+
+def _bad_utf8(p: Path) -> SftlabError:
+    """The error for a file that is not UTF-8, naming its first bad line and the byte in it."""
+    for i, line in enumerate(p.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return SftlabError(f"{p}:{i}: invalid UTF-8 at byte {exc.start} of the line ({line[exc.start:exc.end]!r})",
+                               hint="re-encode the file as UTF-8 (it may be cp1252 or latin-1)")
+    return SftlabError(f"{p}: invalid UTF-8", hint="re-encode the file as UTF-8")
 
 
 def _read_parquet(p: Path) -> list[Record]:
