@@ -449,3 +449,13 @@ def test_bad_utf8_names_the_line_not_a_chunk_offset(tmp_path, name):
     line = 702  # the header or the opening bracket, then row 701
     with pytest.raises(SftlabError, match=rf"{name}:{line}: invalid UTF-8 at byte \d+ of the line \(b'\\xe9'\)"):
         read_records(p)
+
+
+def test_a_file_type_given_as_format_says_so(tmp_path):
+    p = _jsonl(tmp_path / "d.jsonl", [ROW])
+    with pytest.raises(SftlabError, match="unknown format 'csv'") as e:
+        load_conversations(p, "csv")
+    assert e.value.hint.startswith("'csv' is a file type, read from the file name") and "prompt_completion" in e.value.hint
+    with pytest.raises(SftlabError, match="unknown format 'xml'") as e:
+        load_conversations(p, "xml")
+    assert e.value.hint.startswith("use one of: messages")

@@ -364,7 +364,10 @@ def resolve_format(name: str | None, records: list[Record], open_end: bool = Fal
     if name and name != "auto":
         key = FORMAT_ALIASES.get(name, name).replace("-", "_")
         if key not in CONVERTERS:
-            raise SftlabError(f"unknown format '{name}'", hint=f"use one of: {', '.join(CONVERTERS)}, or auto")
+            names = f"{', '.join(CONVERTERS)}, or auto"
+            file_type = key.lstrip(".").lower() in ("jsonl", "json", "csv", "parquet")  # not a record format
+            raise SftlabError(f"unknown format '{name}'", hint=f"'{name}' is a file type, read from the file name; the "
+                              f"format is the records' fields: {names}" if file_type else f"use one of: {names}")
         return key
     readable = [r for r in records if r.data is not None]
     counts = Counter(f for r in readable if (f := format_of_row(r.data, open_end)))
