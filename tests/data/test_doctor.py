@@ -634,3 +634,11 @@ def test_max_seq_length_below_trainings_minimum_is_refused_up_front(tmp_path, to
     for kw in ({"tokenizer": tok}, {"length_tokenizer": tok}, {}):  # training refuses it too: not a checked limit
         with pytest.raises(SftlabError, match="max_seq_length 4 is too small"):
             run_doctor(path, max_seq_length=4, **kw)
+
+
+def test_a_file_listed_twice_is_not_a_duplicate_of_itself(tmp_path):
+    path = write(tmp_path, CLEAN)
+    result = run_doctor([path, path])
+    found = only(result, "duplicate")
+    assert len(found) == 3 and all("listed as two sources" in f.message for f in found)
+    assert not any(f"duplicate of {f.where}" in f.message for f in found)

@@ -297,7 +297,9 @@ def _duplicates(convs: list[Conversation], index: _NearIndex, findings: list[Fin
         ek, nk = _exact_key(c), _norm(_body(c))
         if ek in first_exact:
             n_exact += 1
-            _add(findings, "duplicate", c.source, c.line, f"exact duplicate of {convs[first_exact[ek]].where()}")
+            first = convs[first_exact[ek]].where()
+            _add(findings, "duplicate", c.source, c.line, f"exact duplicate of {first}" if first != c.where() else
+                 "the same record read twice: its file is listed as two sources (a weight or count repeats a source)")
             continue
         first_exact[ek] = i
         if nk and nk in first_norm:
