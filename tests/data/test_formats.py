@@ -459,3 +459,13 @@ def test_a_file_type_given_as_format_says_so(tmp_path):
     with pytest.raises(SftlabError, match="unknown format 'xml'") as e:
         load_conversations(p, "xml")
     assert e.value.hint.startswith("use one of: messages")
+
+
+@pytest.mark.parametrize("row,reply", [({"prompt": "p"}, "completion"), ({"instruction": "i", "input": "x"}, "output")])
+def test_prompts_without_replies_are_refused_for_training_naming_generate(tmp_path, row, reply):
+    p = _jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(SftlabError, match=rf"d.jsonl:1: the records hold prompts without replies \(no '{reply}' field\)") as e:
+        load_conversations(p)
+    assert "sftlab generate" in e.value.hint
+    (c,) = load_conversations(p, open_end=True)  # as generate reads them
+    assert [m.role for m in c.messages] == ["user"]

@@ -375,6 +375,11 @@ def resolve_format(name: str | None, records: list[Record], open_end: bool = Fal
         return counts.most_common(1)[0][0]
     if readable:
         r = readable[0]
+        if format_of_row(r.data, open_end=True):  # a prompt or instruction alone: nothing to train on
+            reply = "completion" if "prompt" in r.data else "output"
+            raise SftlabError(f"{r.where()}: the records hold prompts without replies (no '{reply}' field)",
+                              hint=f"training needs each reply: add '{reply}'; to have a model write them, "
+                                   "use `sftlab generate MODEL --data FILE`")
         if r.header is not None:  # a CSV or Parquet file: its column names are what the user wrote and can change
             what = "CSV header" if r.source.lower().endswith(".csv") else "columns"
             raise SftlabError(
