@@ -469,3 +469,14 @@ def test_prompts_without_replies_are_refused_for_training_naming_generate(tmp_pa
     assert "sftlab generate" in e.value.hint
     (c,) = load_conversations(p, open_end=True)  # as generate reads them
     assert [m.role for m in c.messages] == ["user"]
+
+
+def test_saved_dataset_column_names_match_ignoring_case(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"Instruction": "Add", "Output": "3"}]).save_to_disk(str(tmp_path / "hf"))
+    (c,) = load_conversations(str(tmp_path / "hf"))
+    assert [(m.role, m.content) for m in c.messages] == [("user", "Add"), ("assistant", "3")]
+    Dataset.from_list([{"Q": "a"}]).save_to_disk(str(tmp_path / "q"))
+    with pytest.raises(SftlabError, match=r"q: cannot tell the data format from the columns 'Q'"):
+        load_conversations(str(tmp_path / "q"))

@@ -374,7 +374,9 @@ def _read_dataset_dir(p: Path, split: str = "train") -> list[Record]:
             raise SftlabError(f"{p}: cannot load the dataset folder ({exc})")
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[_dict_split(p, list(ds), split)]
-        return [Record(str(p), i, row) for i, row in enumerate(ds, start=1)]
+        header = tuple(ds.column_names)  # matched to the formats' columns as a CSV header or Parquet file is
+        ds = ds.rename_columns({a: b for a, b in zip(header, csv_columns(p, list(header))) if a != b})
+        return [Record(str(p), i, row, header=header) for i, row in enumerate(ds, start=1)]
     out: list[Record] = []
     for f in folder_files(p, split)[0]:
         out.extend(read_records(f, strict=False))
