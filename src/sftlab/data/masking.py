@@ -114,7 +114,7 @@ class PrepareReport:
     def rule(self) -> str:
         """Which label rule was applied, and why (one line, for `prepare`)."""
         if not self.n_single and not self.n_split:
-            return "labels: plain text, every token trained"
+            return "labels: plain text, every token trained but the first (nothing predicts it)"
         parts = []
         if self.n_single:
             parts.append(f"{self.n_single} chats one example each (history renders as produced)")
