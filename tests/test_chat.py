@@ -144,6 +144,43 @@ def test_generate_cli(run, loaded, tmp_path, capsys):
     assert [r["prompt"][-1]["content"] for r in rows] == ["hello", "two"]
 
 
+def test_generate_replies_to_prompt_only_files(run, loaded, tmp_path, capsys):
+    """The natural input to generate: prompts without replies, in each format."""
+    files = {
+        "m.jsonl": [{"messages": [{"role": "user", "content": "hello"}]},
+                    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                  {"role": "user", "content": "two"}]},
+                    {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}],
+        "p.jsonl": [{"prompt": "hello"}],
+        "s.jsonl": [{"conversations": [{"from": "human", "value": "hello"}]}],
+        "a.jsonl": [{"instruction": "hello"}],
+    }
+    for name, rows in files.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.csv").write_text("Prompt\nhello\n")
+    for name in [*files, "p.csv"]:
+        out = tmp_path / f"{name}.gen.jsonl"
+        assert main(["generate", str(run), "--data", str(tmp_path / name), "--out", str(out), "--max-new-tokens",
+                     str(MAX_NEW), "--device", "cpu"]) == 0, capsys.readouterr().err
+        got = [json.loads(line) for line in out.read_text().splitlines()]
+        assert got[0]["prompt"] == [{"role": "user", "content": "hello"}] and got[0]["reference"] is None
+        assert got[0]["reply"] == _expected(loaded, [Message("user", "hello")])
+    got = [json.loads(line) for line in (tmp_path / "m.jsonl.gen.jsonl").read_text().splitlines()]
+    # the whole chat is the prompt; an empty final assistant message is the reply to generate
+    assert [len(r["prompt"]) for r in got] == [1, 3, 1] and got[1]["prompt"][-1]["content"] == "two"
+    assert got[1]["reply"] == _expected(loaded, [Message("user", "a"), Message("assistant", "b"), Message("user", "two")])
+    capsys.readouterr()
+    # truly unusable: one line, before the model loads
+    bad = {"t.jsonl": ({"text": "plain"}, "plain-text records have no prompt"),
+           "sys.jsonl": ({"messages": [{"role": "system", "content": "S"}]}, "only a system message"),
+           "q.jsonl": ({"question": "hi"}, "cannot tell the data format")}
+    for name, (row, words) in bad.items():
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+        assert main(["generate", str(run), "--data", str(tmp_path / name), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sftlab generate: error:") and words in err and "\n" not in err, err
+
+
 def test_bad_input_is_one_line(run, tmp_path, capsys):
     assert main(["generate", str(run)]) == 2
     assert "give either --prompt" in capsys.readouterr().err

@@ -348,10 +348,15 @@ def _conversations(prompts: list[str] | None, data: str | None, fmt: str | None,
     if data and tools:
         raise SftlabError("--tools goes with --prompt: a --data file's conversations carry their own tools",
                           hint="drop --tools, or give the prompts with --prompt")
-    if data:
-        convs = load_conversations(data, fmt, system_prompt=system_prompt)
+    if data:  # prompts may end before the reply (a user turn, a prompt or instruction alone): it is generated
+        convs = load_conversations(data, fmt, system_prompt=system_prompt, open_end=True)
         if not convs:
             raise SftlabError(f"{data}: holds no conversations")
+        text = next((c for c in convs if c.is_text), None)
+        if text is not None:  # before the model loads
+            raise SftlabError(f"{text.where()}: plain-text records have no prompt to generate a reply to",
+                              hint="give chat data: messages, conversations, prompt (completion optional) or "
+                                   "instruction (output optional)")
         return convs
     sys_msg = [Message("system", system_prompt)] if system_prompt else []
     return [Conversation(sys_msg + [Message("user", p)], source="--prompt", line=i, tools=tools)
@@ -365,8 +370,10 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
                    tools: list[dict] | None = None) -> GenerateResult:
     """Generate the next assistant reply for each prompt or data conversation; write JSONL to ``out``.
 
-    A data conversation's prompt is its messages before its last assistant reply, which is kept as
-    ``reference``. ``system_prompt`` (default: a run's own, see :func:`default_system_prompt`) goes first
+    A data conversation's prompt is its messages before its final assistant reply, which is kept as
+    ``reference``; one that ends on a user turn or tool result (a prompt-only file: messages without
+    the reply, a prompt without completion, an instruction without output) is the prompt whole, with
+    ``reference`` None. ``system_prompt`` (default: a run's own, see :func:`default_system_prompt`) goes first
     in each conversation without a system message. ``tools`` (function schemas, :func:`load_tools`) are
     offered with each ``prompts`` text, as a data file's conversations offer theirs. Greedy unless
     ``temperature`` > 0. Rows come back in input order.

@@ -227,7 +227,7 @@ def test_too_long_counts_and_lost_trained_share(tmp_path, tok):
     rows = [("hi", "x" * 30), ("hello", "short"), ("what", "y" * 40)]
     path = write(tmp_path, [chat(u, a) for u, a in rows])
     limit = 40
-    result = run_doctor(path, tokenizer=tok, max_seq_length=limit)
+    result = run_doctor(path, tokenizer=tok, max_seq_length=limit, truncation="truncate")
     counts = [chatml_tokens(u, a) for u, a in rows]
     long_rows = [i for i, (_, _, total) in enumerate(counts) if total > limit]
     assert long_rows == [0, 2]
@@ -235,10 +235,13 @@ def test_too_long_counts_and_lost_trained_share(tmp_path, tok):
     lost = [p + t - max(p, limit) for p, t, total in counts if total > limit]
     found = only(result, "too_long")
     assert [f.data["line"] for f in found] == [1, 3] and all(f.severity == "warning" for f in found)
-    assert f"loses {lost[0]} of its {counts[0][1]} trained tokens" in found[0].message
+    assert f"{counts[0][2]} tokens > max_seq_length {limit}" in found[0].message  # the real length
+    assert f"(truncation: truncate) cuts it at the limit, losing {lost[0]} of its {counts[0][1]} trained tokens" \
+        in found[0].message
     total_trained = sum(t for _, t, _ in counts)
     assert result.stats["max_seq_length"] == {
-        "limit": limit, "too_long": 2, "too_long_share": round(2 / 3, 4),
+        "limit": limit, "truncation": "truncate", "too_long": 2, "too_long_share": round(2 / 3, 4),
+        "turns_cut": 0, "truncated": 2, "dropped": 0,
         "lost_trained_tokens": sum(lost), "lost_trained_share": round(sum(lost) / total_trained, 4)}
     assert result.stats["trained_tokens"] == {
         "total": total_trained, "mean": round(total_trained / 3, 2), "min": min(t for _, t, _ in counts),
@@ -248,16 +251,53 @@ def test_too_long_counts_and_lost_trained_share(tmp_path, tok):
     assert (length["unit"], length["min"], length["max"]) == ("tokens", min(totals), max(totals))
     assert sum(h["count"] for h in length["histogram"]) == 3
     assert result.exit_code == 1
+    # training's default (cut_turns) has no earlier turn to cut from a one-turn chat: it drops them whole
+    result = run_doctor(path, tokenizer=tok, max_seq_length=limit)
+    found = only(result, "too_long")
+    assert [f.data["line"] for f in found] == [1, 3]
+    assert f"(truncation: cut_turns) drops it, losing {counts[0][1]} of its {counts[0][1]} trained tokens (100%)" \
+        in found[0].message
+    m = result.stats["max_seq_length"]
+    assert (m["too_long"], m["turns_cut"], m["truncated"], m["dropped"]) == (2, 0, 0, 2)
+    assert m["lost_trained_tokens"] == counts[0][1] + counts[2][1]
+    assert "training (truncation: cut_turns): 2 dropped, losing" in result.format_text()
+
+
+@pytest.mark.parametrize("truncation", ["cut_turns", "truncate", "drop"])
+def test_too_long_report_is_what_prepare_does(tmp_path, tok, truncation):
+    from sftlab.config import Config
+    from sftlab.data.prepare import prepare
+
+    long_chat = {"messages": [{"role": "user", "content": "a" * 30}, {"role": "assistant", "content": "b" * 30},
+                              {"role": "user", "content": "c"}, {"role": "assistant", "content": "d" * 5}]}
+    rows = [long_chat, chat("hi", "x" * 60), chat("what", "p" * 30), chat("hi", "ok"), {"text": "z" * 70}, {"text": "zz"}]
+    path = write(tmp_path, rows[:4])
+    text_path = write(tmp_path, rows[4:], "text.jsonl")
+    for p in (path, text_path):
+        result = run_doctor(p, tokenizer=tok, max_seq_length=48, truncation=truncation)
+        full = prepare(Config(model="unused", data=p, max_seq_length=4096), tok).report
+        cut = prepare(Config(model="unused", data=p, max_seq_length=48, truncation=truncation), tok).report
+        m = result.stats["max_seq_length"]
+        # an example cut at the limit with no trained token left is dropped (prepare counts it both ways)
+        assert (m["turns_cut"], m["truncated"], m["dropped"]) == (
+            cut.n_turns_cut, cut.n_truncated - cut.n_dropped_no_trained, cut.n_dropped_too_long + cut.n_dropped_no_trained)
+        assert m["too_long"] == m["turns_cut"] + m["truncated"] + m["dropped"] > 0
+        assert result.stats["trained_tokens"]["total"] == full.n_trained_tokens
+        assert m["lost_trained_tokens"] == full.n_trained_tokens - cut.n_trained_tokens
+        assert result.stats["length"]["max"] > 48  # lengths are the real ones, not cut at the limit
 
 
 def test_reply_entirely_past_the_limit_has_no_trained_token(tmp_path, tok):
     path = write(tmp_path, [CLEAN[0], chat("p" * 80, "ok")])
     assert chatml_tokens(CLEAN[0]["messages"][0]["content"], "Paris.")[2] <= 64 < chatml_tokens("p" * 80, "ok")[0]
-    result = run_doctor(path, tokenizer=tok, max_seq_length=64)
+    result = run_doctor(path, tokenizer=tok, max_seq_length=64, truncation="truncate")
     f = the_one(result, "no_trained")
     assert f.data["line"] == 2 and f.severity == "error"
     assert the_one(result, "too_long").data["line"] == 2
     assert result.exit_code == 2
+    # the default policy drops the example as too long: a warning that says so, not "trains on nothing"
+    result = run_doctor(path, tokenizer=tok, max_seq_length=64)
+    assert not only(result, "no_trained") and "drops it" in the_one(result, "too_long").message
 
 
 def test_template_that_cannot_place_replies_is_an_error(tmp_path, tok):
@@ -408,6 +448,28 @@ def test_cli_with_model_folder(tmp_path, capsys, tok):
     data = json.loads(out)
     assert code == 1 and [(f["rule"], f["data"]["line"]) for f in data["findings"]] == [("too_long", 1)]
     assert data["stats"]["length"]["unit"] == "tokens" and data["stats"]["trained_tokens"]["total"] > 0
+    assert "(truncation: cut_turns) drops it" in data["findings"][0]["message"]
+    code, out, _ = run_cli(capsys, path, "--model", str(model_dir), "--max-seq-length", "64", "--truncation", "truncate")
+    assert code == 1 and "(truncation: truncate) cuts it at the limit, losing" in out
+    assert "1 cut at the limit, losing" in out
+    code, _, err = run_cli(capsys, path, "--truncation", "sideways")
+    assert code == 2 and "sideways" in err and "\n" not in err.strip()
+
+
+def test_without_a_model_too_long_says_what_training_does(tmp_path, tok):
+    path = write(tmp_path, [chat("hi", "x" * 50), CLEAN[0]])
+    result = run_doctor(path, length_tokenizer=tok, length_tokenizer_name="byte", max_seq_length=40, truncation="drop")
+    assert "(truncation: drop) drops it" in the_one(result, "too_long").message
+    assert result.stats["max_seq_length"]["truncation"] == "drop"
+    assert "1 example (50.0%); training (truncation: drop) drops them" in result.format_text()
+    result = run_doctor(path, length_tokenizer=tok, max_seq_length=40)  # cut_turns: one exchange, nothing to cut
+    assert "(truncation: cut_turns) drops it (no earlier turn to cut)" in the_one(result, "too_long").message
+    # plain text is trained with the EOS appended: 40 bytes of text is 41 tokens, over a limit of 40
+    text = write(tmp_path, [{"text": "y" * 40}, {"text": "z" * 39}], "text40.jsonl")
+    assert "41 tokens (with the EOS training appends" in the_one(run_doctor(text, length_tokenizer=tok, max_seq_length=40),
+                                                                  "too_long").message
+    text = write(tmp_path, [{"text": "y" * 50}], "text.jsonl")
+    assert "cuts it at the limit" in the_one(run_doctor(text, length_tokenizer=tok, max_seq_length=20), "too_long").message
 
 
 @pytest.mark.parametrize("args, words", [
@@ -535,3 +597,48 @@ def test_folder_as_eval_data_says_it_read_the_held_out_split(tmp_path):
     assert "read 1 file: train.jsonl; skipped (not the train split): validation.jsonl" in text
     assert "read 1 file: validation.jsonl; skipped (not the validation split): train.jsonl" in text
     assert "validation.jsonl; skipped (not the train split)" not in text
+
+
+def _loss_trained_tokens(examples, pad_id: int) -> int:
+    """Positions the training loss computes (core.loss after the collator), for ``examples``."""
+    import torch
+
+    from sftlab.core.loss import per_token_losses
+    from sftlab.data.collate import PadCollator
+
+    batch = PadCollator(pad_id)(examples)
+    hidden = torch.zeros(*batch["labels"].shape, 4)
+    _, mask = per_token_losses(hidden, torch.nn.Linear(4, 300), batch["labels"])
+    return int(mask.sum())
+
+
+def test_plain_text_trained_tokens_are_those_the_loss_uses(tmp_path, tok):
+    from sftlab.config import Config
+    from sftlab.data.prepare import prepare
+
+    texts = ["hello world", "The quick brown fox.", "alpha beta gamma"]
+    path = write(tmp_path, [{"text": t} for t in texts])
+    doctor = run_doctor(path, tokenizer=tok).stats["trained_tokens"]["total"]
+    prepared = prepare(Config(model="unused", data=path), tok)
+    used = _loss_trained_tokens(prepared.examples, tok.pad_token_id)
+    # every byte and the EOS, but the first token: nothing predicts it
+    assert used == sum(len(t) + 1 - 1 for t in texts)
+    assert doctor == used == prepared.report.n_trained_tokens
+    assert sum(e.n_trained for e in prepared.examples) == used
+
+
+def test_max_seq_length_below_trainings_minimum_is_refused_up_front(tmp_path, tok):
+    from sftlab.core.errors import SftlabError
+
+    path = write(tmp_path, [chat("hi", "x" * 50)])
+    for kw in ({"tokenizer": tok}, {"length_tokenizer": tok}, {}):  # training refuses it too: not a checked limit
+        with pytest.raises(SftlabError, match="max_seq_length 4 is too small"):
+            run_doctor(path, max_seq_length=4, **kw)
+
+
+def test_a_file_listed_twice_is_not_a_duplicate_of_itself(tmp_path):
+    path = write(tmp_path, CLEAN)
+    result = run_doctor([path, path])
+    found = only(result, "duplicate")
+    assert len(found) == 3 and all("listed as two sources" in f.message for f in found)
+    assert not any(f"duplicate of {f.where}" in f.message for f in found)

@@ -377,3 +377,106 @@ def test_saved_dataset_dict_never_reads_another_split_as_the_training_data(tmp_p
     assert len(read_records(tmp_path / "held", split="eval")) == 2  # validation first
     DatasetDict(test_sft=Dataset.from_list(rows[:3]), train_sft=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "sft"))
     assert [len(read_records(tmp_path / "sft", split=s)) for s in ("train", "eval")] == [2, 3]
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("Instruction,Input,Output\nAdd, 1 2 ,3\n", [("user", "Add\n\n 1 2 "), ("assistant", "3")]),
+    (" prompt , completion ,WEIGHT\n2+2?, 4 ,2\n", [("user", "2+2?"), ("assistant", " 4 ")]),
+    ("TEXT\nsome text\n", "some text"),
+])
+def test_csv_header_names_match_ignoring_case_and_spaces(tmp_path, body, expected):
+    p = tmp_path / "d.csv"
+    p.write_text(body, encoding="utf-8")
+    (c,) = load_conversations(str(p))
+    if isinstance(expected, str):
+        assert c.text == expected
+    else:  # the cells are kept exactly, spaces and all
+        assert [(m.role, m.content) for m in c.messages] == expected
+    assert c.weight == (2.0 if "WEIGHT" in body else 1.0) and c.line == 2
+
+
+def test_csv_header_of_no_format_is_one_line_naming_it(tmp_path, tiny_model_dir, capsys):
+    from sftlab.cli import main
+
+    p = tmp_path / "qa.csv"
+    p.write_text("Question,Answer\nq,a\n", encoding="utf-8")
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{p}: cannot tell the data format from the CSV header 'Question,Answer'" in err
+    assert "prompt+completion" in err and "instruction+output" in err
+    p.write_text("prompt,Prompt ,completion\na,b,c\n", encoding="utf-8")
+    with pytest.raises(SftlabError, match=r"name the column 'prompt' twice \('prompt' and 'Prompt '\)"):
+        load_conversations(str(p))
+
+
+def test_parquet_column_names_match_ignoring_case_and_spaces(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"Prompt": ["2+2?"], " Completion": [" 4"]}), p)
+    (c,) = load_conversations(str(p))
+    assert [(m.role, m.content) for m in c.messages] == [("user", "2+2?"), ("assistant", " 4")]
+    pq.write_table(pa.table({"Q": ["a"], "A": ["b"]}), p)
+    with pytest.raises(SftlabError, match=r"d.parquet: cannot tell the data format from the columns 'Q,A'"):
+        load_conversations(str(p))
+
+
+@pytest.mark.parametrize("name,body,why", [
+    ("e.jsonl", "", "the file is empty"),
+    ("b.jsonl", "\n  \n", "the file holds only blank lines"),
+    ("h.csv", "prompt,completion\n", "the CSV file has a header but no rows"),
+    ("l.json", "[]", "the JSON holds an empty list"),
+])
+def test_no_records_says_what_the_file_holds(tmp_path, name, body, why):
+    p = tmp_path / name
+    p.write_text(body, encoding="utf-8")
+    with pytest.raises(SftlabError, match=f"{name}: no examples found") as e:
+        read_records(p)
+    assert e.value.hint == why
+
+
+@pytest.mark.parametrize("name", ["latin.csv", "latin.json"])
+def test_bad_utf8_names_the_line_not_a_chunk_offset(tmp_path, name):
+    rows = [f"question number {i}" for i in range(1000)]
+    rows[700] = "caf\xe9 " + rows[700]
+    if name.endswith(".csv"):  # the csv reader decodes in chunks: its offset was into the last chunk
+        body = "prompt,completion\n" + "".join(f"{r},answer\n" for r in rows)
+    else:
+        body = "[\n" + ",\n".join(json.dumps({"prompt": r, "completion": "answer"}, ensure_ascii=False) for r in rows) + "\n]"
+    p = tmp_path / name
+    p.write_bytes(body.encode("latin-1"))
+    line = 702  # the header or the opening bracket, then row 701
+    with pytest.raises(SftlabError, match=rf"{name}:{line}: invalid UTF-8 at byte \d+ of the line \(b'\\xe9'\)"):
+        read_records(p)
+
+
+def test_a_file_type_given_as_format_says_so(tmp_path):
+    p = _jsonl(tmp_path / "d.jsonl", [ROW])
+    with pytest.raises(SftlabError, match="unknown format 'csv'") as e:
+        load_conversations(p, "csv")
+    assert e.value.hint.startswith("'csv' is a file type, read from the file name") and "prompt_completion" in e.value.hint
+    with pytest.raises(SftlabError, match="unknown format 'xml'") as e:
+        load_conversations(p, "xml")
+    assert e.value.hint.startswith("use one of: messages")
+
+
+@pytest.mark.parametrize("row,reply", [({"prompt": "p"}, "completion"), ({"instruction": "i", "input": "x"}, "output")])
+def test_prompts_without_replies_are_refused_for_training_naming_generate(tmp_path, row, reply):
+    p = _jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(SftlabError, match=rf"d.jsonl:1: the records hold prompts without replies \(no '{reply}' field\)") as e:
+        load_conversations(p)
+    assert "sftlab generate" in e.value.hint
+    (c,) = load_conversations(p, open_end=True)  # as generate reads them
+    assert [m.role for m in c.messages] == ["user"]
+
+
+def test_saved_dataset_column_names_match_ignoring_case(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"Instruction": "Add", "Output": "3"}]).save_to_disk(str(tmp_path / "hf"))
+    (c,) = load_conversations(str(tmp_path / "hf"))
+    assert [(m.role, m.content) for m in c.messages] == [("user", "Add"), ("assistant", "3")]
+    Dataset.from_list([{"Q": "a"}]).save_to_disk(str(tmp_path / "q"))
+    with pytest.raises(SftlabError, match=r"q: cannot tell the data format from the columns 'Q'"):
+        load_conversations(str(tmp_path / "q"))

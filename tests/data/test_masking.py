@@ -76,7 +76,7 @@ def test_last_assistant_and_all_masking(tok):
     (last,), _ = Labeler(tok, tpl, masking="last_assistant").encode([conv])
     assert trained_text(tok, last) == ["second<|im_end|>"]
     (every,), _ = Labeler(tok, tpl, masking="all").encode([conv])
-    assert every.labels == every.input_ids
+    assert every.labels == [IGNORE] + every.input_ids[1:]  # the first token: nothing predicts it
 
 
 def test_eos_stays_trained_when_pad_equals_eos(tok):
@@ -170,10 +170,10 @@ def test_example_left_without_trained_token_is_dropped_and_reported(tok):
         Labeler(tok, tpl, max_seq_length=32, truncation="truncate").encode([conv], strict_empty=True)
 
 
-def test_plain_text_trains_every_token_and_eos(tok):
+def test_plain_text_trains_every_predicted_token_and_eos(tok):
     conv = Conversation(text="just some text")
     (ex,), _ = Labeler(tok, None).encode([conv])
-    assert ex.labels == ex.input_ids
+    assert ex.labels == [-100] + ex.input_ids[1:]  # the first token: nothing predicts it
     assert tok.decode(ex.input_ids) == "just some text" + tok.eos_token
 
 

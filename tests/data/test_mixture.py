@@ -307,3 +307,12 @@ def test_eval_scores_each_source_with_its_own_scorer(tiny_model_dir, tmp_path, m
     assert ev.run_eval(str(run), [str(js), text], settings=short, compare_to=str(tiny_model_dir))["after"] == both
     assert main(["eval", str(run), "--data", str(js), "--data", text, "--max-new-tokens", "4"]) == 0
     assert "task_score (json_fields) 1.000" in capsys.readouterr().out
+
+
+def test_a_bad_record_in_a_source_names_the_source_to_give_a_format(tmp_path):
+    good = _alpaca(tmp_path / "a.jsonl", 2)
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "completion": ""}) + "\n")
+    with pytest.raises(SftlabError, match=r"b.jsonl:1: message 2 \(assistant\) is empty") as e:
+        load_mixture([str(good), str(bad)])
+    assert "give source 'b' its own `format:`" in e.value.hint and "--format" not in e.value.hint

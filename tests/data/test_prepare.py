@@ -169,3 +169,13 @@ def test_negative_show_is_an_error_not_all_but_the_last(tmp_path, tiny_model_dir
     code = main(["prepare", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path)), "--show", "-2"])
     cap = capsys.readouterr()
     assert code == 2 and "--show -2: must be a count of examples, 0 or more" in cap.err and "--- example" not in cap.out
+
+
+def test_plain_text_rule_line_says_the_first_token_is_not_trained(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "hello world"}) + "\n")
+    dump = tmp_path / "d.jsonl"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(data), "--dump", str(dump)]) == 0
+    assert "labels: plain text, every token trained but the first (nothing predicts it)" in capsys.readouterr().out
+    (row,) = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert row["labels"] == [-100] + row["input_ids"][1:]

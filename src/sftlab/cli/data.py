@@ -92,6 +92,8 @@ def _add_doctor(p: argparse.ArgumentParser) -> None:
     _config_flag(p, "format", dest="fmt")
     _config_flag(p, "max_seq_length", default=field_default("max_seq_length"),
                  help_text="token limit checked (without --model: by the default model's tokenizer)")
+    _config_flag(p, "truncation", default=field_default("truncation"),
+                 help_text="what training does with longer examples; the report says what each one loses")
     p.add_argument("--eval", dest="eval_data", default=None, help="eval data file to check for overlap with DATA")
     p.add_argument("--json", action="store_true", help="print findings and stats as JSON")
     p.set_defaults(func=_cmd_doctor)
@@ -118,5 +120,5 @@ def _cmd_doctor(args) -> int:
                   file=sys.stderr)
     result = run_doctor(args.data[0] if len(args.data) == 1 else args.data, eval_data=args.eval_data, fmt=args.fmt, tokenizer=tokenizer,
                         template=args.template, max_seq_length=args.max_seq_length,
-                        length_tokenizer=length_tok, length_tokenizer_name=DEFAULT_MODEL)
+                        length_tokenizer=length_tok, length_tokenizer_name=DEFAULT_MODEL, truncation=args.truncation)
     return _report_findings(result, args.json)

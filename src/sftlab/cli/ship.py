@@ -90,7 +90,8 @@ def _cmd_chat(args) -> int:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     _add_generation_flags(p)
     p.add_argument("--prompt", action="append", help="a user message to reply to (repeatable)")
-    p.add_argument("--data", help="data file: each conversation's last assistant reply is generated (kept as 'reference')")
+    p.add_argument("--data", help="data file: each conversation's final assistant reply is generated (kept as 'reference'); "
+                                  "prompts without a reply (ending on a user turn, prompt or instruction alone) are replied to")
     p.add_argument("--tools", metavar="FILE.json", help="function schemas offered with each --prompt (a JSON list, as "
                    "chat --tools); each row then has its tool_calls checked against them")
     _config_flag(p, "format")

@@ -35,11 +35,12 @@ from sftlab.data.doctor_checks import (
     _n,
     _text_checks,
     _token_checks,
+    policy_words,
 )
 from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
 from sftlab.data.formats import resolve_format, to_conversations
 from sftlab.data.load import folder_files, is_saved_dataset, read_records, split_of
-from sftlab.data.masking import Labeler
+from sftlab.data.masking import IGNORE, TRUNCATION, Labeler
 from sftlab.data.mixture import Source, is_mixture, parse_sources
 from sftlab.data.templates import (
     BUILTIN,
@@ -101,7 +102,7 @@ class _File:
 
 def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None = None, fmt: str | None = None,
                tokenizer=None, template: str | None = None, max_seq_length: int | None = 2048,
-               length_tokenizer=None, length_tokenizer_name: str = "") -> DoctorResult:
+               length_tokenizer=None, length_tokenizer_name: str = "", truncation: str = "cut_turns") -> DoctorResult:
     """Check ``data`` (and its overlap with ``eval_data``); token checks need ``tokenizer``.
 
     ``data`` may be a list of sources (paths or ``{path, format, weight | count, name}``, as in the
@@ -110,13 +111,18 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     Without ``tokenizer``, ``length_tokenizer`` (the CLI passes the default model's, named
     ``length_tokenizer_name``) measures each example's message text in tokens, no template applied,
     so ``max_seq_length`` is still checked; without either, lengths are characters and unchecked.
+    Lengths are the examples' whole lengths; an example over ``max_seq_length`` is reported with what
+    training does to it under ``truncation`` (as prepare: cut earlier turns, cut at the limit, or drop)
+    and the trained tokens it loses.
 
     ``template`` is a built-in name, "tokenizer" or a .jinja file (default: the tokenizer's own).
     Raises SftlabError for a missing file, unknown format, unknown template; problems in the data
     itself become findings.
     """
-    if max_seq_length is not None and max_seq_length < 1:
-        raise SftlabError(f"max_seq_length must be positive, got {max_seq_length}")
+    if max_seq_length is not None and max_seq_length < 8:  # training's limit (config and the labeler)
+        raise SftlabError(f"max_seq_length {max_seq_length} is too small", hint="use at least 8 tokens")
+    if truncation not in TRUNCATION:
+        raise SftlabError(f"unknown truncation '{truncation}'", hint=f"use one of: {', '.join(TRUNCATION)}")
     if template and tokenizer is None:
         _check_template_name(template)
     res = DoctorResult()
@@ -150,12 +156,13 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     if parts:
         stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length) for src, f in parts]
     if tok is not None:
-        stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings))
+        stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings, truncation))
         stats["added_tokens"] = added
         _consistency(train.convs, tpl, res.findings)
         template_tool_check(train.convs, tpl, res.findings)
     elif length_tokenizer is not None:
-        stats.update(_text_lengths(train.convs, length_tokenizer, length_tokenizer_name, max_seq_length, res.findings))
+        stats.update(_text_lengths(train.convs, length_tokenizer, length_tokenizer_name, max_seq_length, res.findings,
+                                   truncation))
     else:
         chars = [len(c.text) if c.is_text else sum(len(m.content) for m in c.messages) for c in train.convs]
         stats["length"] = _length_stats(chars, "characters")
@@ -171,23 +178,30 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     return res
 
 
-def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None, findings: list[Finding]) -> dict:
+def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None, findings: list[Finding],
+                  truncation: str = "cut_turns") -> dict:
     """Token lengths of the message text (no template: a lower bound of the training length) by ``tok``;
-    examples over ``max_len`` are flagged "too_long"."""
+    examples over ``max_len`` are flagged "too_long", with what training's ``truncation`` does to them."""
     lengths = []
+    eos = tok.eos_token if isinstance(tok.eos_token, str) else ""
     for c in convs:
-        text = c.text if c.is_text else "\n".join(m.content for m in c.messages)
+        # plain text is trained as it is plus the EOS (prepare's rule): that length is exact, not a lower bound
+        text = c.text + eos if c.is_text else "\n".join(m.content for m in c.messages)
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         lengths.append(n)
         if max_len is not None and n > max_len:
+            what = "with the EOS training appends" if c.is_text else "of message text, before the chat template"
             _add(findings, "too_long", c.source, c.line,
-                 f"{n} tokens of message text (by the {name or 'default'} tokenizer, before the chat template) "
-                 f"> max_seq_length {max_len}")
+                 f"{n} tokens ({what}; by the {name or 'default'} tokenizer) "
+                 f"> max_seq_length {max_len}; training (truncation: {truncation}) "
+                 f"{policy_words(truncation, c.is_text, user_turns=sum(m.role == 'user' for m in c.messages))}",
+                 fix="raise max_seq_length, or shorten or split the example")
     n_long = sum(n > max_len for n in lengths) if max_len is not None else 0
     return {"length": _length_stats(lengths, "tokens"), "trained_tokens": None,
             "max_seq_length": None if max_len is None else {
-                "limit": max_len, "too_long": n_long, "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
-                "lost_trained_tokens": None, "lost_trained_share": None},
+                "limit": max_len, "truncation": truncation, "too_long": n_long,
+                "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
+                "turns_cut": None, "truncated": None, "dropped": None, "lost_trained_tokens": None, "lost_trained_share": None},
             "note": f"lengths are tokens of message text by the {name or 'default'} tokenizer, without a chat template; "
                     "pass --model for your model's exact lengths and trained tokens"}
 
@@ -272,7 +286,8 @@ def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None) -> dict:
     except SftlabError:
         return row
     row.update(tokens=rep.n_tokens, trained_tokens=rep.n_trained_tokens,
-               too_long=sum(len(e.input_ids) > max_len for e in examples) if max_len else None)
+               too_long=sum(len(e.input_ids) > max_len and any(x != IGNORE for x in e.labels[max_len:])
+                            for e in examples) if max_len else None)  # as the whole-data count: a cut untrained tail is free
     return row
 
 
@@ -356,9 +371,14 @@ def _stats_lines(s: dict) -> list[str]:
                    f"min {t['min']}, max {t['max']}")
     if s.get("max_seq_length"):
         m = s["max_seq_length"]
-        lost = (f"; cut there they lose {m['lost_trained_tokens']} trained tokens ({m['lost_trained_share']:.1%})"
-                if m.get("lost_trained_tokens") is not None else "")
-        out.append(f"over max_seq_length {m['limit']}: {m['too_long']} examples ({m['too_long_share']:.1%}){lost}")
+        line = f"over max_seq_length {m['limit']}: {_n(m['too_long'], 'example')} ({m['too_long_share']:.1%})"
+        if m["too_long"] and m.get("dropped") is not None:  # what training (truncation: ...) does with them
+            done = [f"{m['turns_cut']} get earlier turns cut", f"{m['truncated']} cut at the limit", f"{m['dropped']} dropped"]
+            line += (f"; training (truncation: {m['truncation']}): {', '.join(d for d in done if not d.startswith('0 '))}, "
+                     f"losing {m['lost_trained_tokens']} trained tokens ({m['lost_trained_share']:.1%})")
+        elif m["too_long"]:
+            line += f"; training (truncation: {m['truncation']}) {policy_words(m['truncation'], s.get('format') == 'text', True)}"
+        out.append(line)
     if s.get("added_tokens"):
         out.append(f"template tokens the tokenizer lacks (training adds them): {', '.join(s['added_tokens'])}")
     t = s.get("tools")

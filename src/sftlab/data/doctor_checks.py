@@ -297,7 +297,9 @@ def _duplicates(convs: list[Conversation], index: _NearIndex, findings: list[Fin
         ek, nk = _exact_key(c), _norm(_body(c))
         if ek in first_exact:
             n_exact += 1
-            _add(findings, "duplicate", c.source, c.line, f"exact duplicate of {convs[first_exact[ek]].where()}")
+            first = convs[first_exact[ek]].where()
+            _add(findings, "duplicate", c.source, c.line, f"exact duplicate of {first}" if first != c.where() else
+                 "the same record read twice: its file is listed as two sources (a weight or count repeats a source)")
             continue
         first_exact[ek] = i
         if nk and nk in first_norm:
@@ -357,9 +359,11 @@ def _eval_overlap(train: list[Conversation], evl: list[Conversation], mh: _MinHa
 
 
 # --- token checks and statistics ---------------------------------------------------------------------
-def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, findings: list[Finding]) -> dict:
+def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, findings: list[Finding],
+                  truncation: str = "cut_turns") -> dict:
     """Tokenize as training does (all assistant replies trained; a chat split per turn is several
-    examples, as prepare counts them); lengths, trained tokens, the limit. Findings name the conversation."""
+    examples, as prepare counts them); lengths (before any cut), trained tokens, and what training's
+    ``truncation`` policy does to examples over the limit. Findings name the conversation."""
     labeler = Labeler(tok, tpl)
     exs, kept, errors = [], [], []
     for _ in range(2):  # twice only if a sampled check rejected the skeletons: then all exactly
@@ -378,7 +382,7 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
     encoded = iter(labeler.encode_segments([segs for ex in exs for segs in ex],
                                            [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in exs for _ in ex]))
     lengths, trained = [], []
-    n_long = lost_total = 0
+    policy, cut = None, Counter()  # the labeler with training's length policy, made for the first long example
     for c, ex in zip(kept, exs):
         per = [next(encoded) for _ in ex]  # (ids, labels) of each of the conversation's examples
         n_trs = [len(labels) - labels.count(IGNORE) for _, labels in per]
@@ -388,29 +392,63 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
             which = "" if len(per) == 1 else f" (its example for assistant turn {n_trs.index(0) + 1} of {len(per)})"
             _add(findings, "no_trained", c.source, c.line, f"no token of this example is trained{which}")
             continue
-        long = [(ids, labels) for ids, labels in per if max_len is not None and len(ids) > max_len]
+        # over the limit as training sees it: an untrained tail past the limit (a "\n" after <|im_end|>) is cut freely
+        long = [ids for ids, labels in per if max_len is not None and len(ids) > max_len
+                and any(x != IGNORE for x in labels[max_len:])]
         if long:
-            lost = sum(len(labels) - max_len - labels[max_len:].count(IGNORE) for _, labels in long)
-            n_tr, size = sum(n_trs), max(len(ids) for ids, _ in long)
-            n_long += len(long)
-            lost_total += lost
-            _add(findings, "too_long", c.source, c.line,
-                 f"{size} tokens > max_seq_length {max_len}; cut there it loses {lost} of its {n_tr} "
-                 f"trained tokens ({lost / n_tr:.0%})")
-            if lost == n_tr:
-                _add(findings, "no_trained", c.source, c.line,
-                     f"all {n_tr} trained tokens lie past max_seq_length {max_len}; cut there it trains on nothing")
+            policy = policy or Labeler(tok, tpl, max_seq_length=max_len, truncation=truncation)
+            _length_policy(c, policy, len(long), max(map(len, long)), sum(n_trs), cut, findings)
     total, total_tr = sum(lengths), sum(trained)
     out = {"length": _length_stats(lengths, "tokens"), "trained_tokens": None, "max_seq_length": None}
     if trained:
         out["trained_tokens"] = {"total": total_tr, "mean": round(total_tr / len(trained), 2), "min": min(trained),
                                  "max": max(trained), "share": round(total_tr / total, 4) if total else 0.0}
     if max_len is not None:
-        out["max_seq_length"] = {"limit": max_len, "too_long": n_long,
-                                 "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
-                                 "lost_trained_tokens": lost_total,
-                                 "lost_trained_share": round(lost_total / total_tr, 4) if total_tr else 0.0}
+        out["max_seq_length"] = {"limit": max_len, "truncation": truncation, "too_long": cut["long"],
+                                 "too_long_share": round(cut["long"] / len(lengths), 4) if lengths else 0.0,
+                                 "turns_cut": cut["turns_cut"], "truncated": cut["truncated"], "dropped": cut["dropped"],
+                                 "lost_trained_tokens": cut["lost"],
+                                 "lost_trained_share": round(cut["lost"] / total_tr, 4) if total_tr else 0.0}
     return out
+
+
+def _length_policy(c: Conversation, policy: Labeler, n_long: int, size: int, n_tr: int, cut: Counter,
+                   findings: list[Finding]) -> None:
+    """Label ``c`` as prepare does, under max_seq_length and the truncation policy: count what is cut,
+    dropped and lost in ``cut``, and say so in a "too_long" finding (and "no_trained" when truncating
+    at the limit leaves nothing trained)."""
+    examples, rep = policy.encode([c])
+    lost = n_tr - sum(e.n_trained for e in examples)
+    dropped = rep.n_dropped_too_long + rep.n_dropped_no_trained  # cut at the limit to nothing trained: dropped
+    truncated = rep.n_truncated - rep.n_dropped_no_trained
+    cut.update(long=n_long, turns_cut=rep.n_turns_cut, truncated=truncated, dropped=dropped, lost=lost)
+    n_ex = rep.n_kept + dropped
+    of = (lambda k: "it" if n_ex == 1 else f"{k} of its {n_ex} examples")  # noqa: E731
+    done = [f"cuts earlier turns of {of(rep.n_turns_cut)} to fit" if rep.n_turns_cut else "",
+            f"cuts {of(truncated)} at the limit" if truncated else "",
+            f"drops {of(dropped)}" if dropped else ""]
+    what = " and ".join(d for d in done if d) or "fits it"
+    limit = policy.max_len
+    _add(findings, "too_long", c.source, c.line,
+         f"{size} tokens > max_seq_length {limit}; training (truncation: {policy.truncation}) {what}, losing "
+         f"{lost} of its {n_tr} trained tokens ({lost / n_tr:.0%})",
+         fix="raise max_seq_length, or shorten or split the example")
+    if rep.n_dropped_no_trained:
+        _add(findings, "no_trained", c.source, c.line,
+             f"all its trained tokens lie past max_seq_length {limit}; cut there it trains on nothing (dropped)")
+
+
+def policy_words(truncation: str, is_text: bool, plural: bool = False, user_turns: int = 2) -> str:
+    """What training does to an example (``plural``: to examples) over max_seq_length under ``truncation``
+    (plain text: cut at the limit; a chat of one exchange has no earlier turn to cut)."""
+    it, its = ("them", "their") if plural else ("it", "its")
+    if truncation == "truncate" or is_text and truncation == "cut_turns":
+        return f"cuts {it} at the limit"
+    if truncation == "drop":
+        return f"drops {it}"
+    if user_turns < 2:
+        return f"drops {it} (no earlier turn to cut)"
+    return f"cuts {its} earliest turns to fit, or drops {it} when that is not enough"
 
 
 def _length_stats(values: list[int], unit: str) -> dict | None:

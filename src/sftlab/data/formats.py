@@ -203,13 +203,23 @@ def _json_list(value, key: str):
     return value
 
 
-def from_messages(row: dict) -> Conversation:
+def _open_end(msgs: list[Message], open_end: bool) -> list[Message]:
+    """Of a prompt read for generation (``open_end``), an empty last assistant message is the reply to
+    generate (a placeholder): left out."""
+    last = msgs[-1] if msgs else None
+    if open_end and last and last.role == "assistant" and not last.content.strip() and not last.tool_calls \
+            and not last.reasoning:
+        return msgs[:-1]
+    return msgs
+
+
+def from_messages(row: dict, open_end: bool = False) -> Conversation:
     msgs = _json_list(row.get("messages"), "messages")
     if not isinstance(msgs, list):
         raise FormatError("'messages' must be a list of {role, content} objects")
     out = _turns(msgs, "message", "role", "content", _OPENAI_ROLES, "system, user, assistant or tool")
-    out = _with_system_field(row, out)
-    validate_roles(out)
+    out = _open_end(_with_system_field(row, out), open_end)
+    validate_roles(out, open_end)
     return Conversation(out, weight=_weight(row), tools=_tools(row))
 
 
@@ -253,32 +263,34 @@ def _function_call_turn(value, i: int) -> Message:
     return Message("assistant", "", tool_calls=tuple(_tool_call(c, f"{where} (function_call)") for c in calls))
 
 
-def from_sharegpt(row: dict) -> Conversation:
+def from_sharegpt(row: dict, open_end: bool = False) -> Conversation:
     turns = _json_list(row.get("conversations", row.get("conversation")), "conversations")
     if not isinstance(turns, list):
         raise FormatError("'conversations' must be a list of {from, value} objects")
     if turns and all(isinstance(t, dict) and "role" in t and "from" not in t for t in turns):
-        return from_messages({**row, "messages": turns})  # openai turns under sharegpt's key (many hub datasets)
+        return from_messages({**row, "messages": turns}, open_end)  # openai turns under sharegpt's key (many hub datasets)
     out = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         out.append(Message("system", row["system"]))
     out += _turns(turns, "turn", "from", "value", _SHAREGPT_ROLES, "human, gpt, system, function_call or observation")
-    validate_roles(out)
+    out = _open_end(out, open_end)
+    validate_roles(out, open_end)
     return Conversation(out, weight=_weight(row), tools=_tools(row))
 
 
-def from_alpaca(row: dict) -> Conversation:
+def from_alpaca(row: dict, open_end: bool = False) -> Conversation:
     instruction = _text(row.get("instruction"), "'instruction'")
     extra = row.get("input") or ""
     if not isinstance(extra, str):
         raise FormatError("'input' must be a string")
-    output = _text(row.get("output"), "'output'")
+    output = "" if open_end and row.get("output") is None else _text(row.get("output"), "'output'")
     user = instruction if not extra.strip() else f"{instruction}\n\n{extra}"
     msgs = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         msgs.append(Message("system", row["system"]))
     msgs += _alpaca_history(row.get("history")) + [Message("user", user), Message("assistant", output)]
-    validate_roles(msgs)
+    msgs = _open_end(msgs, open_end)
+    validate_roles(msgs, open_end)
     return Conversation(msgs, weight=_weight(row))
 
 
@@ -294,27 +306,29 @@ def _alpaca_history(history) -> list[Message]:
             for i, pair in enumerate(history) for j, (role, t) in enumerate(zip(("user", "assistant"), pair))]
 
 
-def from_prompt_completion(row: dict) -> Conversation:
+def from_prompt_completion(row: dict, open_end: bool = False) -> Conversation:
     prompt, completion = row.get("prompt"), row.get("completion")
+    if open_end and completion is None:  # a prompt to generate the completion of
+        completion = [] if isinstance(prompt, list) else ""
     if isinstance(prompt, list) or isinstance(completion, list):
         # TRL's conversational prompt/completion: both are message lists.
         if not isinstance(prompt, list) or not isinstance(completion, list):
             raise FormatError("'prompt' and 'completion' must both be strings or both message lists")
         return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools"),
-                              "system": row.get("system")})
+                              "system": row.get("system")}, open_end)
     msgs = [Message("user", _text(prompt, "'prompt'")), Message("assistant", _text(completion, "'completion'"))]
-    msgs = _with_system_field(row, msgs)
-    validate_roles(msgs)
+    msgs = _open_end(_with_system_field(row, msgs), open_end)
+    validate_roles(msgs, open_end)
     return Conversation(msgs, weight=_weight(row))
 
 
-def from_text(row: dict) -> Conversation:
+def from_text(row: dict, open_end: bool = False) -> Conversation:
     text = _text(row.get("text"), "'text'")
     if not text.strip():
         raise FormatError("'text' is empty", "empty_reply")
     return Conversation(text=text, weight=_weight(row))
 
-CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
+CONVERTERS: dict[str, Callable[..., Conversation]] = {  # (row, open_end=False) -> Conversation
     "messages": from_messages,
     "sharegpt": from_sharegpt,
     "alpaca": from_alpaca,
@@ -325,7 +339,9 @@ FORMAT_ALIASES = {"openai": "messages", "chatml": "messages", "prompt-completion
                   "completion": "prompt_completion", "plain": "text", "vicuna": "sharegpt"}
 
 
-def format_of_row(row: dict) -> str | None:
+def format_of_row(row: dict, open_end: bool = False) -> str | None:
+    """The format a record's fields name; ``open_end`` (prompts for generation): also an instruction
+    without output (alpaca) or a prompt without completion."""
     if "messages" in row:
         return "messages"
     if "conversations" in row or "conversation" in row:
@@ -334,26 +350,42 @@ def format_of_row(row: dict) -> str | None:
         return "alpaca"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
+    if open_end and ("instruction" in row or "prompt" in row):
+        return "alpaca" if "instruction" in row else "prompt_completion"
     if "text" in row:
         return "text"
     return None
 
 
-def resolve_format(name: str | None, records: list[Record]) -> str:
+def resolve_format(name: str | None, records: list[Record], open_end: bool = False) -> str:
     """The format to use: ``name`` if given (validated), else the most common among the readable records
     (ties: the earlier), so one odd line does not make every other line "wrong". Prepare, mixtures and
     the doctor all read a file by this one rule."""
     if name and name != "auto":
         key = FORMAT_ALIASES.get(name, name).replace("-", "_")
         if key not in CONVERTERS:
-            raise SftlabError(f"unknown format '{name}'", hint=f"use one of: {', '.join(CONVERTERS)}, or auto")
+            names = f"{', '.join(CONVERTERS)}, or auto"
+            file_type = key.lstrip(".").lower() in ("jsonl", "json", "csv", "parquet")  # not a record format
+            raise SftlabError(f"unknown format '{name}'", hint=f"'{name}' is a file type, read from the file name; the "
+                              f"format is the records' fields: {names}" if file_type else f"use one of: {names}")
         return key
     readable = [r for r in records if r.data is not None]
-    counts = Counter(f for r in readable if (f := format_of_row(r.data)))
+    counts = Counter(f for r in readable if (f := format_of_row(r.data, open_end)))
     if counts:
         return counts.most_common(1)[0][0]
     if readable:
         r = readable[0]
+        if format_of_row(r.data, open_end=True):  # a prompt or instruction alone: nothing to train on
+            reply = "completion" if "prompt" in r.data else "output"
+            raise SftlabError(f"{r.where()}: the records hold prompts without replies (no '{reply}' field)",
+                              hint=f"training needs each reply: add '{reply}'; to have a model write them, "
+                                   "use `sftlab generate MODEL --data FILE`")
+        if r.header is not None:  # a CSV or Parquet file: its column names are what the user wrote and can change
+            what = "CSV header" if r.source.lower().endswith(".csv") else "columns"
+            raise SftlabError(
+                f"{r.source}: cannot tell the data format from the {what} {','.join(r.header)!r}",
+                hint="expected the columns messages, conversations, instruction+output (input optional), "
+                     "prompt+completion or text (any case, spaces around ignored); rename them, or pass --format")
         raise SftlabError(
             f"{r.where()}: cannot tell the data format from fields {sorted(r.data)}",
             hint="expected messages, conversations, instruction/output, prompt/completion or text; or pass --format",
@@ -371,10 +403,10 @@ def add_system_prompt(convs: list[Conversation], system_prompt: str | None) -> l
     return convs
 
 
-def mixed_formats(records: list[Record], key: str) -> str | None:
+def mixed_formats(records: list[Record], key: str, open_end: bool = False) -> str | None:
     """"the file mixes formats: 1 record looks like alpaca, 3 like messages; first other at line 1" when
     some readable records look like another format than ``key``; None when none do."""
-    seen = [(r, f) for r in records if r.data is not None and (f := format_of_row(r.data))]
+    seen = [(r, f) for r in records if r.data is not None and (f := format_of_row(r.data, open_end))]
     counts = Counter(f for _, f in seen)
     if len(counts) < 2:
         return None
@@ -386,8 +418,8 @@ def mixed_formats(records: list[Record], key: str) -> str | None:
     return f"the {what} mixes formats: {', '.join(parts)}; first other at {at}"
 
 
-def _mixed_error(r: Record, key: str, note: str) -> FormatError:
-    other = format_of_row(r.data)
+def _mixed_error(r: Record, key: str, note: str, open_end: bool = False) -> FormatError:
+    other = format_of_row(r.data, open_end)
     return FormatError(f"this record looks like '{other}' format, but the file is read as '{key}', its most common "
                        f"format; {note}", "mixed_formats",
                        f"convert such records to '{key}' format, or split the file by format and list the parts under "
@@ -395,13 +427,14 @@ def _mixed_error(r: Record, key: str, note: str) -> FormatError:
 
 
 def to_conversations(records: list[Record], fmt: str | None = None, *, system_prompt: str | None = None,
-                     strict: bool = True, format_fix: str = "pass --format",
+                     strict: bool = True, format_fix: str = "pass --format", open_end: bool = False,
                      ) -> tuple[list[Conversation], list[tuple[Record, FormatError]]]:
     """Convert records; returns (conversations, failures). With ``strict`` the first failure raises.
     A record of another format than the file's (auto-detected) fails naming the mix. ``format_fix``:
-    how the user changes the format the file is read in (for the error's hint)."""
-    key = resolve_format(fmt, records)
-    note = mixed_formats(records, key) if not fmt or fmt == "auto" else None
+    how the user changes the format the file is read in (for the error's hint). ``open_end``: read
+    prompts for generation (see :func:`format_of_row` and :func:`sftlab.data.roles.validate_roles`)."""
+    key = resolve_format(fmt, records, open_end)
+    note = mixed_formats(records, key, open_end) if not fmt or fmt == "auto" else None
     convert = CONVERTERS[key]
     convs: list[Conversation] = []
     failures: list[tuple[Record, FormatError]] = []
@@ -410,10 +443,10 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
             failures.append((r, FormatError(r.error or "unreadable", "parse")))
             continue
         try:
-            c = convert(r.data)
+            c = convert(r.data, open_end) if open_end else convert(r.data)
         except FormatError as exc:
-            other = note and format_of_row(r.data)
-            failures.append((r, _mixed_error(r, key, note) if other and other != key else exc))
+            other = note and format_of_row(r.data, open_end)
+            failures.append((r, _mixed_error(r, key, note, open_end) if other and other != key else exc))
             continue
         c.source, c.line = r.source, r.line
         convs.append(c)
@@ -427,10 +460,11 @@ def to_conversations(records: list[Record], fmt: str | None = None, *, system_pr
 
 
 def load_conversations(path: str, fmt: str | None = None, *, system_prompt: str | None = None,
-                       split: str = "train") -> list[Conversation]:
+                       split: str = "train", open_end: bool = False) -> list[Conversation]:
     """Read a data file (any supported type and format) into conversations; bad lines raise SftlabError.
-    ``split``: of a folder, "train" or "eval" (held-out data: its validation, else its test split)."""
+    ``split``: of a folder, "train" or "eval" (held-out data: its validation, else its test split).
+    ``open_end``: prompts for generation may end before the reply (see :func:`to_conversations`)."""
 
     convs, _ = to_conversations(read_records(path, strict=True, split=split), fmt, system_prompt=system_prompt,
-                                strict=True)
+                                strict=True, open_end=open_end)
     return convs

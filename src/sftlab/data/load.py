@@ -35,6 +35,7 @@ class Record:
     error: str | None = None  # why it could not be parsed
     fix: str | None = None  # how to fix it, when more specific than "fix or remove that line"
     check: str = "parse"  # the doctor's check for the error: "parse" or "encoding"
+    header: tuple[str, ...] | None = None  # a CSV or Parquet row: the file's column names as written (for format errors)
 
     def where(self) -> str:
         return f"{self.source}:{self.line}"
@@ -68,8 +69,21 @@ def read_records(path: str | Path, *, strict: bool = True, split: str = "train")
                 raise SftlabError(f"{r.where()}: {r.error}",
                                   hint=r.fix or "fix or remove that line; `sftlab doctor` lists every such line")
     if not records:
-        raise SftlabError(f"{path}: no examples found", hint="the file is empty")
+        raise SftlabError(f"{path}: no examples found", hint=_why_empty(p))
     return records
+
+
+def _why_empty(p: Path) -> str:
+    """Why a file or folder read as no records: what it holds instead."""
+    if p.is_dir():
+        return "its data files hold no records"
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        return "the Parquet file has no rows"
+    if not p.read_bytes().removeprefix(_BOM):
+        return "the file is empty"
+    return {".csv": "the CSV file has a header but no rows",
+            ".json": "the JSON holds an empty list"}.get(suffix, "the file holds only blank lines")
 
 
 def _read_jsonl(p: Path) -> list[Record]:
@@ -132,8 +146,8 @@ def _checked(source: str, line: int, obj, text: str | None) -> Record:
 def _read_json(p: Path) -> list[Record]:
     try:
         text = p.read_text(encoding="utf-8-sig")  # -sig: a leading byte order mark is skipped
-    except UnicodeDecodeError as exc:
-        raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
+    except UnicodeDecodeError:
+        raise _bad_utf8(p) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -226,6 +240,25 @@ def _deep_line(text: str, limit: int = 500) -> int:
     return line
 
 
+# Columns the formats read: a CSV header (or Parquet file) names them in any case, with spaces around ("Instruction",
+# " prompt ").
+CSV_COLUMNS = ("messages", "conversations", "conversation", "instruction", "input", "output", "prompt", "completion",
+               "text", "system", "weight", "tools", "functions", "history")
+
+
+def csv_columns(p: Path, header: list[str]) -> list[str]:
+    """The header with each name of a known column (:data:`CSV_COLUMNS`, matched ignoring case and surrounding
+    spaces) written as the formats read it; other names as they are. Two names for one column: SftlabError."""
+    out = [k if (k := str(h).strip().casefold()) in CSV_COLUMNS else h for h in header]
+    twice = next((k for k in CSV_COLUMNS if out.count(k) > 1), None)
+    if twice:
+        same = " and ".join(repr(h) for h, k in zip(header, out) if k == twice)
+        what = "CSV header" if p.suffix.lower() == ".csv" else "columns"
+        raise SftlabError(f"{p}: the {what} {','.join(header)!r} name the column '{twice}' twice ({same})",
+                          hint="keep one of them (column names are read ignoring case and surrounding spaces)")
+    return out
+
+
 def _read_csv(p: Path) -> list[Record]:
     # The csv module refuses cells over 128 KiB by default ("field larger than field limit"): long
     # documents are valid data, and the length policy (max_seq_length) is what deals with them.
@@ -233,6 +266,8 @@ def _read_csv(p: Path) -> list[Record]:
     try:
         with p.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
+            header = tuple(reader.fieldnames or ())
+            reader.fieldnames = csv_columns(p, list(header))
             out = []
             for row in reader:
                 # reader.line_num is the physical line the row ended on; multi-line cells are rare.
@@ -241,12 +276,23 @@ def _read_csv(p: Path) -> list[Record]:
                     out.append(Record(str(p), reader.line_num, None, f"row has {n} cells, the header {m}: "
                                       "a value holding a comma was split", fix=_CSV_COMMA_FIX))
                     continue
-                out.append(Record(str(p), reader.line_num, row))
+                out.append(Record(str(p), reader.line_num, row, header=header))
             return out
-    except UnicodeDecodeError as exc:
-        raise SftlabError(f"{p}: invalid UTF-8 at byte {exc.start}", hint="re-encode the file as UTF-8")
+    except UnicodeDecodeError:  # its offset counts from the reader's last chunk, not the file: find the line
+        raise _bad_utf8(p) from None
     except csv.Error as exc:
         raise SftlabError(f"{p}: malformed CSV ({exc})")
+
+
+def _bad_utf8(p: Path) -> SftlabError:
+    """The error for a file that is not UTF-8, naming its first bad line and the byte in it."""
+    for i, line in enumerate(p.read_bytes().split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return SftlabError(f"{p}:{i}: invalid UTF-8 at byte {exc.start} of the line ({line[exc.start:exc.end]!r})",
+                               hint="re-encode the file as UTF-8 (it may be cp1252 or latin-1)")
+    return SftlabError(f"{p}: invalid UTF-8", hint="re-encode the file as UTF-8")
 
 
 def _read_parquet(p: Path) -> list[Record]:
@@ -256,16 +302,18 @@ def _read_parquet(p: Path) -> list[Record]:
         table = pq.read_table(p)
     except Exception as exc:  # pyarrow raises many types for a damaged file
         raise SftlabError(f"{p}: cannot read Parquet file ({exc})")
+    header = tuple(table.column_names)
+    table = table.rename_columns(csv_columns(p, list(header)))
     try:
         rows = table.to_pylist()
     except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8: find the rows
-        return [_parquet_row(p, table, i) for i in range(table.num_rows)]
-    return [Record(str(p), i, row) for i, row in enumerate(rows, start=1)]
+        return [_parquet_row(p, table, i, header) for i in range(table.num_rows)]
+    return [Record(str(p), i, row, header=header) for i, row in enumerate(rows, start=1)]
 
 
-def _parquet_row(p: Path, table, i: int) -> Record:
+def _parquet_row(p: Path, table, i: int, header: tuple[str, ...]) -> Record:
     try:
-        return Record(str(p), i + 1, table.slice(i, 1).to_pylist()[0])
+        return Record(str(p), i + 1, table.slice(i, 1).to_pylist()[0], header=header)
     except UnicodeDecodeError as exc:  # e.g. a surrogate written as UTF-8 bytes (CESU-8), a cut character
         return Record(str(p), i + 1, None, f"invalid UTF-8 in a text column ({exc.reason} at byte {exc.start})",
                       fix="re-encode the text as UTF-8; remove or complete any cut character", check="encoding")
@@ -326,7 +374,9 @@ def _read_dataset_dir(p: Path, split: str = "train") -> list[Record]:
             raise SftlabError(f"{p}: cannot load the dataset folder ({exc})")
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[_dict_split(p, list(ds), split)]
-        return [Record(str(p), i, row) for i, row in enumerate(ds, start=1)]
+        header = tuple(ds.column_names)  # matched to the formats' columns as a CSV header or Parquet file is
+        ds = ds.rename_columns({a: b for a, b in zip(header, csv_columns(p, list(header))) if a != b})
+        return [Record(str(p), i, row, header=header) for i, row in enumerate(ds, start=1)]
     out: list[Record] = []
     for f in folder_files(p, split)[0]:
         out.extend(read_records(f, strict=False))

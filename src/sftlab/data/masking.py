@@ -24,7 +24,9 @@ and ``<|return|>``; Qwen3's empty ``<think>\n\n</think>\n\n`` block).
    token (where tokenizers split anyway) and each distinct chunk is tokenized once; a sample is
    compared with whole-prompt tokenization and any difference turns the sharing off.
 
-Labels are set by position, never by token id, so pad == EOS can not mask the EOS.
+Labels are set by position, never by token id, so pad == EOS can not mask the EOS. The first
+label is always -100: the loss shifts labels by one, so no position predicts it (plain text would
+otherwise count one trained token per example that training never sees).
 
 Step 1 is done once per conversation shape (roles, tool calls, tools), not per conversation, when the
 template never inspects message content (``skeleton``): the same labels, checked against the exact
@@ -112,7 +114,7 @@ class PrepareReport:
     def rule(self) -> str:
         """Which label rule was applied, and why (one line, for `prepare`)."""
         if not self.n_single and not self.n_split:
-            return "labels: plain text, every token trained"
+            return "labels: plain text, every token trained but the first (nothing predicts it)"
         parts = []
         if self.n_single:
             parts.append(f"{self.n_single} chats one example each (history renders as produced)")
@@ -324,6 +326,8 @@ class Labeler(TurnRule):
                 pos += 1
                 ids.extend(piece)
                 labels.extend(piece if trained else [IGNORE] * len(piece))
+            if labels:  # nothing predicts the first token (the loss shifts labels by one): never count it trained
+                labels[0] = IGNORE
             out.append((ids, labels))
         return out
 

@@ -246,7 +246,9 @@ def read_source(src: Source, fmt: str | None, *, system_prompt: str | None = Non
     ``split`` of a folder: "train", or "eval" for held-out data."""
     records = read_records(src.path, strict=True, split=split)
     key = resolve_format(src.format or fmt, records)
-    fix = f"change the `format: {src.format}` of source '{src.name}'" if src.format else "pass --format"
+    # --format would read every source in one format: a mixture names the one source to change
+    fix = (f"change the `format: {src.format}` of source '{src.name}'" if src.format
+           else f"give source '{src.name}' its own `format:`")
     convs, _ = to_conversations(records, src.format or fmt, system_prompt=system_prompt, strict=True, format_fix=fix)
     if not convs:
         raise SftlabError(f"source '{src.name}' ({src.path}): holds no examples")

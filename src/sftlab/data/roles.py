@@ -56,10 +56,11 @@ def orphan_reason(open_calls: list[OpenCall], m: Message, after_calls: bool = Fa
     return "no assistant tool call comes before it"
 
 
-def validate_roles(messages: list[Message]) -> None:
+def validate_roles(messages: list[Message], open_end: bool = False) -> None:
     """System (optional, first), then user; each user turn answered by the assistant, whose tool calls
     (if any) are each followed by tool results (each answering one of those calls, see
-    :func:`answered_call`) and then the assistant again; ends with the assistant."""
+    :func:`answered_call`) and then the assistant again; ends with the assistant (``open_end``: or with
+    the user or a tool result, a prompt awaiting the assistant's reply, as generation reads it)."""
     if not messages:
         raise FormatError("conversation has no messages", "fields")
     body = messages[1:] if messages[0].role == "system" else messages
@@ -100,7 +101,7 @@ def validate_roles(messages: list[Message]) -> None:
                                   "tool_orphan_result", ORPHAN_ID_FIX)
             open_calls.remove(match)
         prev = m
-    if body[-1].role != "assistant":
+    if body[-1].role != "assistant" and not (open_end and body[-1].role in ("user", "tool")):
         raise FormatError(f"conversation ends with a {body[-1].role} message; the last message must be the assistant's reply",
                           "role_order")
     for i, m in enumerate(messages, start=1):

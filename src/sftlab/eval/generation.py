@@ -72,9 +72,9 @@ class Generation:
 
 
 def prompt_messages(conv: Conversation) -> list[Message]:
-    """The messages before the conversation's last assistant reply (the whole chat if it has none)."""
-    last = max((i for i, msg in enumerate(conv.messages) if msg.role == "assistant"), default=None)
-    return list(conv.messages if last is None else conv.messages[:last])
+    """The messages before the conversation's final assistant reply (the whole chat when it does not end
+    with one: a prompt awaiting the reply)."""
+    return list(conv.messages[:-1] if reference_message(conv) is not None else conv.messages)
 
 
 def reference_reply(conv: Conversation) -> str | None:
@@ -127,8 +127,9 @@ def decode_reply(tokenizer, ids: list[int]) -> str:
 
 
 def reference_message(conv: Conversation) -> Message | None:
-    """The conversation's last assistant message (None without one)."""
-    return next((m for m in reversed(conv.messages) if m.role == "assistant"), None)
+    """The conversation's final message when it is the assistant's reply (None otherwise: a prompt that
+    ends on a user turn or tool result has no reference)."""
+    return conv.messages[-1] if conv.messages and conv.messages[-1].role == "assistant" else None
 
 
 def render_prompt(template: ChatTemplate, conv: Conversation) -> str:
