@@ -183,3 +183,23 @@ def test_eval_of_an_exported_adapter_scores_as_its_run(lora_run, data_files, tmp
         results.append(json.loads(text)["result"])
     assert results[1]["metrics"]["loss"] == pytest.approx(results[0]["metrics"]["loss"], rel=1e-5)
     assert [s["reply"] for s in results[1]["samples"]] == [s["reply"] for s in results[0]["samples"]]
+
+
+def test_compare_base_of_an_exported_adapter_is_its_runs_comparison(lora_run, data_files, tmp_path, capsys):
+    """`eval EXPORT --compare base` failed: "--compare base needs a run folder". The adapter's base is
+    the one its adapter_config.json names: the same before/after as the run's own comparison."""
+    from sftlab.export import export_run
+
+    out = export_run(lora_run, tmp_path / "adapter", verify=False).out
+    results = []
+    for target in (lora_run, out):
+        code, text, err = run_cli(capsys, "eval", target, "--data", data_files[0], "--compare", "base",
+                                  "--max-new-tokens", 4, "--json")
+        assert code == 0, err
+        results.append(json.loads(text))
+    run_res, exp_res = results
+    assert exp_res["kind"] == "compare" and Path(exp_res["base"]).resolve() == Path(run_res["base"]).resolve()
+    for side in ("before", "after"):
+        assert exp_res[side]["metrics"]["loss"] == pytest.approx(run_res[side]["metrics"]["loss"], rel=1e-5)
+    assert exp_res["before"]["metrics"]["loss"] != exp_res["after"]["metrics"]["loss"]
+    assert [s["before"] for s in exp_res["samples"]] == [s["before"] for s in run_res["samples"]]

@@ -314,26 +314,31 @@ def _template_for(name: str | None, tokenizer) -> ChatTemplate | None:
 def load_adapter_export(folder: Path, device=None):
     """(model, tokenizer) of an exported adapter: its base model (named in adapter_config.json, or the exact
     base weights sftlab_export.json names when this machine has them) + the adapter + its tokenizer."""
-    import json
-
     from peft import PeftModel  # deferred: heavy library, imported on first use
     from transformers import (
         AutoTokenizer,  # deferred: heavy library, imported on first use
     )
 
+    tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
+    model = PeftModel.from_pretrained(load_model(adapter_export_base(folder), device=device, tokenizer=tok), str(folder))
+    model.eval()
+    return model, tok
+
+
+def adapter_export_base(folder: Path) -> str:
+    """The base model an exported adapter is loaded on: the one adapter_config.json names, or the exact
+    base weights sftlab_export.json names when this machine has them (a converted GGUF in its cache)."""
+    import json
+
     try:
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
-    try:  # the run's exact base weights (a converted GGUF in this machine's cache), when they are here
+    try:
         exact = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8")).get("base_weights")
     except (OSError, ValueError, AttributeError):
         exact = None
-    base = exact if isinstance(exact, str) and Path(exact).is_dir() else base
-    tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
-    model = PeftModel.from_pretrained(load_model(base, device=device, tokenizer=tok), str(folder))
-    model.eval()
-    return model, tok
+    return exact if isinstance(exact, str) and Path(exact).is_dir() else base
 
 
 def is_adapter_export(spec) -> bool:
@@ -429,10 +434,11 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
     if not compare_to:
         return {"kind": "single", **info, "result": after}
     del model
-    if compare_to == "base":
-        if cfg is None:
-            raise SftlabError("--compare base needs a run folder to know the base model", hint="pass --compare MODEL")
-        base_spec, shared = cfg.model, tok
+    if compare_to == "base":  # a run names its base model, an exported adapter its adapter_config.json
+        if cfg is None and not is_adapter_export(target):
+            raise SftlabError("--compare base needs a run folder or an exported adapter to know the base model",
+                              hint="pass --compare MODEL")
+        base_spec, shared = (cfg.model if cfg is not None else adapter_export_base(Path(target))), tok
     else:
         base_spec, shared = compare_to, None
     base_model, base_tok, base_tpl, _ = load_target(base_spec, template=template, device=device,
