@@ -307,8 +307,16 @@ def test_export_and_eval_use_the_runs_template_options(tmp_path, tiny_model_dir)
     assert '"enable_thinking": false' in (res.out / "README.md").read_text()
 
 
-def test_adapter_export_of_the_default_model_names_its_hub_id(tmp_path, tiny_model_dir, monkeypatch):
-    """Not this machine's cache path: elsewhere that folder does not exist. sftlab here still loads the exact base."""
+def test_adapter_export_of_the_default_model_loads_offline_from_its_adapter_config(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """adapter_config.json named the hub id HuggingFaceTB/SmolLM2-135M-Instruct, which plain peft can not
+    resolve offline (and whose unquantized weights are not the ones the adapter trained on). It names the
+    exact base on this machine now; sftlab_export.json keeps the run's model name, from which sftlab loads
+    the export where that folder is gone (another machine)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import sftlab.eval.run as er
     import sftlab.export as ex
     import sftlab.rundir as rd
     from sftlab import models
@@ -326,16 +334,29 @@ def test_adapter_export_of_the_default_model_names_its_hub_id(tmp_path, tiny_mod
     monkeypatch.setattr(rd, "load_model", lambda name, **kw: real(here(name), **kw))
     res = export_run(run, tmp_path / "exp")  # its check loads the export back on the exact base
     exact = str(tiny_model_dir.resolve())
-    assert json.loads((res.out / "adapter_config.json").read_text())["base_model_name_or_path"] == models.DEFAULT_MODEL_HUB_ID
-    assert res.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and res.base_weights == exact
+    named = json.loads((res.out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == exact == res.base_model and res.base_source == models.DEFAULT_MODEL
     assert res.max_logit_diff is not None and res.max_logit_diff < 1e-3
-    readme = (res.out / "README.md").read_text()
-    assert f"from_pretrained({models.DEFAULT_MODEL_HUB_ID!r})" in readme and exact in readme and "--merge" in readme
-    assert "note: the run trained on sftlab's de-quantized copy of the Q4_1 GGUF" in format_export(res)
-    model, tok, _ = load_chat_model(str(res.out), device="cpu")  # offline: the hub id would not load here
     ids, want = _run_logits(run)
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(named), str(res.out)).eval()
+    with torch.no_grad():  # plain peft, from adapter_config alone, offline: the run's model
+        assert torch.allclose(plain(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)
+    readme = (res.out / "README.md").read_text()
+    assert f"from_pretrained({exact!r})" in readme and models.DEFAULT_MODEL_HUB_ID in readme and "--merge" in readme
+    assert "the exact base the run trained on" in format_export(res)
+    assert json.loads((res.out / "sftlab_export.json").read_text())["base_source"] == models.DEFAULT_MODEL
+    # elsewhere the cached copy is not there: sftlab loads the base from the run's model name
+    moved = tmp_path / "moved"
+    shutil.copytree(res.out, moved)
+    acfg = json.loads((moved / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = str(tmp_path / "gone" / "smollm2-135m-instruct.q4_1")
+    (moved / "adapter_config.json").write_text(json.dumps(acfg))
+    real_er = er.load_model
+    monkeypatch.setattr(er, "load_model", lambda name, **kw: real_er(here(name), **kw))
+    for folder in (res.out, moved):
+        model, tok, _ = load_chat_model(str(folder), device="cpu")
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)
 
 
 def _prefix_run(path: Path, tiny_model_dir: Path) -> Path:

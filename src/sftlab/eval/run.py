@@ -39,7 +39,7 @@ from sftlab.eval.generation import (
 from sftlab.eval.loss import evaluate_loss
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
 from sftlab.eval.tool_calls import check_tool_calls, expected_calls, same_calls
-from sftlab.models import load_model, load_tokenizer
+from sftlab.models import DEFAULT_MODEL, load_model, load_tokenizer
 from sftlab.rundir import RunDir
 
 
@@ -326,8 +326,10 @@ def load_adapter_export(folder: Path, device=None):
 
 
 def adapter_export_base(folder: Path) -> str:
-    """The base model an exported adapter is loaded on: the one adapter_config.json names, or the exact
-    base weights sftlab_export.json names when this machine has them (a converted GGUF in its cache)."""
+    """The base model an exported adapter is loaded on: the one adapter_config.json names when it is on
+    this machine; else the exact base weights sftlab_export.json names (older exports named the hub id);
+    else the run's model as its config named it (``base_source``: the default model or a .gguf file,
+    which sftlab converts again here); else adapter_config.json's name as it is (a hub id)."""
     import json
 
     try:
@@ -335,10 +337,16 @@ def adapter_export_base(folder: Path) -> str:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
     try:
-        exact = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8")).get("base_weights")
+        info = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8"))
+        exact, source = info.get("base_weights"), info.get("base_source")
     except (OSError, ValueError, AttributeError):
-        exact = None
-    return exact if isinstance(exact, str) and Path(exact).is_dir() else base
+        exact = source = None
+    for here in (base, exact):
+        if isinstance(here, str) and Path(here).is_dir():
+            return here
+    if isinstance(source, str) and (source.strip().lower() == DEFAULT_MODEL or Path(source).is_file()):
+        return source
+    return base
 
 
 def is_adapter_export(spec) -> bool:
