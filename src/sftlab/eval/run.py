@@ -475,12 +475,15 @@ def format_sources(out: dict) -> str:
     before = (out.get("before") or {}).get("sources") or {}
     lines = []
     for name, r in (res.get("sources") or {}).items():
+        b = before.get(name, {})
+        was = lambda key, f: f" (before {b[key]:{f}})" if key in b else ""  # noqa: E731
         line = f"  {name}: {r['n_examples']} examples"
         if "loss" in r:
-            line += f", loss {r['loss']:.4f}" + (f" (before {before[name]['loss']:.4f})" if "loss" in before.get(name, {}) else "")
+            line += f", loss {r['loss']:.4f}" + was("loss", ".4f")
         if "task_score" in r:
             by = f" ({r['scorer']})" if r.get("scorer") else ""
-            line += f", task_score{by} {r['task_score']:.3f}, format_adherence {r['format_adherence']:.3f}"
+            line += (f", task_score{by} {r['task_score']:.3f}{was('task_score', '.3f')}, format_adherence "
+                     f"{r['format_adherence']:.3f}{was('format_adherence', '.3f')}")
         if "valid_tool_call_rate" in r:
             line += (f", valid_tool_call {r['valid_tool_call_rate']:.3f}, tool_call_match {r['tool_call_match_rate']:.3f}"
                      f" ({r['n_tool_calls_expected']} call turns)")
