@@ -381,3 +381,57 @@ def test_generate_prompt_with_tools_renders_them(loaded):
     conv = _conversations(["weather in Oslo?"], None, None, None, TOOLS)[0]
     text = resolve_template("chatml-tools", tok).render(conv.messages, True, tools=conv.tools)
     assert '"name": "get_weather"' in text and "<tools>" in text
+
+
+def _streamed_chat(session, monkeypatch, pieces: list[str], lines: list[str]) -> str:
+    """What run_chat shows when the model streams ``pieces`` (then a plain reply after any tool result)."""
+    import io
+
+    replies = iter(["".join(pieces), "It is 21 degrees."])
+    chunks = iter([pieces, ["It is 21 degrees."]])
+
+    def fake_generate(prompt, on_text):
+        text = next(replies)
+        for piece in next(chunks):
+            on_text(piece)
+        return text, text
+
+    monkeypatch.setattr(session, "_generate", fake_generate)
+    feed = iter(lines)
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: (out.write(prompt), next(feed))[1], out=out) == 0
+    return out.getvalue()
+
+
+def test_a_streamed_tool_call_is_shown_once_formatted_not_also_raw(loaded, monkeypatch):
+    """Streaming printed `<tool_call>{"name": ...}</tool_call>` as it came, then the formatted call again."""
+    pieces = ["Checking the", " weather.<tool", "_call>\n{\"name\": ", '"get_weather", "arguments": {"city": "Paris"}}',
+              "\n</tool_call>"]
+    shown = _streamed_chat(_tool_session(loaded), monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"])
+    assert "<tool" not in shown and '"arguments"' not in shown
+    assert 'assistant> Checking the weather.\ntool call: get_weather\n{\n  "city": "Paris"\n}\n' in shown
+    assert "assistant> It is 21 degrees." in shown
+    # a call that does not parse is shown as the model wrote it, once, with why it was not run
+    broken = ['Sure.<tool_call>{"name": "get_weather", ', '"arguments": {"city": "Par']
+    shown = _streamed_chat(_tool_session(loaded), monkeypatch, broken, ["weather?", "/exit"])
+    assert shown.split("(not run")[0].count("<tool_call>") == 1 and ('assistant> Sure.<tool_call>{"name": "get_weather", "arguments": '
+                                                 '{"city": "Par\n(not run as a tool call:') in shown
+    # a marker's first characters that turn out to be text are shown, and JSON answers stream for hermes
+    shown = _streamed_chat(_tool_session(loaded), monkeypatch, ['{"a": 1} a <tool', "box> here"], ["hi", "/exit"])
+    assert 'assistant> {"a": 1} a <toolbox> here\n' in shown
+
+
+def test_call_openers_follow_the_templates_dialect(loaded):
+    from tool_data import HERMES, TOOLS
+
+    from sftlab.chat import call_openers
+    from sftlab.data.templates import ChatTemplate, resolve_template
+
+    _, tok, _ = loaded
+    assert call_openers(ChatTemplate("hermes", HERMES, "<|im_end|>", {}), tok, TOOLS) == (("<tool_call>",), False)
+    assert call_openers(resolve_template("chatml-tools", tok), tok, TOOLS) == (("<tool_call>",), False)
+    # Llama 3.1 style: the whole reply is the call's JSON
+    llama = ("{% for m in messages %}<|start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+             '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}'
+             "{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+    assert call_openers(ChatTemplate("llama-ish", llama, "<|end|>", {}), tok, TOOLS) == ((), True)
