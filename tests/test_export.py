@@ -316,7 +316,7 @@ def test_adapter_export_of_the_default_model_loads_offline_from_its_adapter_conf
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    import sftlab.eval.run as er
+    import sftlab.eval.exports as er
     import sftlab.export as ex
     import sftlab.rundir as rd
     from sftlab import models

@@ -32,12 +32,11 @@ from sftlab.data.mixture import source_paths
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
+from sftlab.eval.exports import EXPORT_INFO
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
 from sftlab.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, resolve_model_path
 from sftlab.rundir import MODEL_DIR, RunDir
-
-EXPORT_INFO = "sftlab_export.json"
 
 
 @dataclass
@@ -59,7 +58,7 @@ class ExportResult:
     system_prompt: str | None = None  # the run's system_prompt, now the template's default system message
     base_weights: str | None = None  # adapter: the exact base weights the run trained on, on this machine
     base_note: str | None = None  # adapter: where its base comes from when that is not simply base_model
-    base_source: str | None = None  # adapter: the run's model as its config names it (sftlab resolves it anywhere)
+    base_source: str | None = None  # the run's model as its config names it (sftlab resolves it anywhere)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -375,7 +374,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
     source = template_with_system_prompt(template_with_defaults(template.source, kwargs), cfg.system_prompt)
     trained = ChatTemplate(template.name, template.source, template.eot, template.special, kwargs or None)
     exported = ChatTemplate(template.name, source, template.eot, template.special)
-    base, weights, note = cfg.model, None, None
+    base, weights, note = cfg.model, None, None  # merged/full: the base it was fine-tuned from, for eval --compare base
+    if Path(cfg.model).exists():
+        base = str(Path(cfg.model).resolve())
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open
         base, weights, note = _adapter_base(cfg.model)
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
@@ -384,7 +385,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                                                                 _run_conversations(cfg)),
                        chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None,
                        base_weights=weights if weights != base else None, base_note=note,
-                       base_source=cfg.model if kind == "adapter" else None)
+                       base_source=cfg.model)
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 

@@ -203,3 +203,24 @@ def test_compare_base_of_an_exported_adapter_is_its_runs_comparison(lora_run, da
         assert exp_res[side]["metrics"]["loss"] == pytest.approx(run_res[side]["metrics"]["loss"], rel=1e-5)
     assert exp_res["before"]["metrics"]["loss"] != exp_res["after"]["metrics"]["loss"]
     assert [s["before"] for s in exp_res["samples"]] == [s["before"] for s in run_res["samples"]]
+
+
+def test_compare_base_of_a_merged_export_is_its_runs_comparison(lora_run, data_files, tmp_path, capsys):
+    """A merged export names no base in adapter_config.json: `--compare base` refused it; its
+    sftlab_export.json names the base it was fine-tuned from (a full path, not the run's relative one)."""
+    from sftlab.export import export_run
+
+    out = export_run(lora_run, tmp_path / "merged", merge=True, verify=False).out
+    code, text, err = run_cli(capsys, "eval", out, "--data", data_files[0], "--compare", "base", "--max-new-tokens", 2,
+                              "--json")
+    assert code == 0, err
+    merged = json.loads(text)
+    code, text, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--compare", "base",
+                              "--max-new-tokens", 2, "--json")
+    run_res = json.loads(text)
+    assert Path(merged["base"]).is_absolute() and Path(merged["base"]).resolve() == Path(run_res["base"]).resolve()
+    assert merged["before"]["metrics"]["loss"] == pytest.approx(run_res["before"]["metrics"]["loss"], rel=1e-6)
+    assert merged["after"]["metrics"]["loss"] == pytest.approx(run_res["after"]["metrics"]["loss"], rel=1e-4)
+    (out / "sftlab_export.json").unlink()  # a plain model folder: no base to compare with, said in one line
+    code, _, err = run_cli(capsys, "eval", out, "--data", data_files[0], "--compare", "base")
+    assert code != 0 and one_error_line(err, "--compare base needs a run folder or an export")

@@ -26,6 +26,12 @@ from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import DEFAULT_FORGETTING_THRESHOLD, compare
+from sftlab.eval.exports import (
+    export_base,
+    is_adapter_export,
+    is_export,
+    load_adapter_export,
+)
 from sftlab.eval.generation import (
     Generation,
     GenerationSettings,
@@ -39,7 +45,7 @@ from sftlab.eval.generation import (
 from sftlab.eval.loss import evaluate_loss
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
 from sftlab.eval.tool_calls import check_tool_calls, expected_calls, same_calls
-from sftlab.models import DEFAULT_MODEL, load_model, load_tokenizer
+from sftlab.models import load_model, load_tokenizer
 from sftlab.rundir import RunDir
 
 
@@ -311,50 +317,6 @@ def _template_for(name: str | None, tokenizer) -> ChatTemplate | None:
     return resolve_template(name, tokenizer)
 
 
-def load_adapter_export(folder: Path, device=None):
-    """(model, tokenizer) of an exported adapter: its base model (named in adapter_config.json, or the exact
-    base weights sftlab_export.json names when this machine has them) + the adapter + its tokenizer."""
-    from peft import PeftModel  # deferred: heavy library, imported on first use
-    from transformers import (
-        AutoTokenizer,  # deferred: heavy library, imported on first use
-    )
-
-    tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
-    model = PeftModel.from_pretrained(load_model(adapter_export_base(folder), device=device, tokenizer=tok), str(folder))
-    model.eval()
-    return model, tok
-
-
-def adapter_export_base(folder: Path) -> str:
-    """The base model an exported adapter is loaded on: the one adapter_config.json names when it is on
-    this machine; else the exact base weights sftlab_export.json names (older exports named the hub id);
-    else the run's model as its config named it (``base_source``: the default model or a .gguf file,
-    which sftlab converts again here); else adapter_config.json's name as it is (a hub id)."""
-    import json
-
-    try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
-    try:
-        info = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8"))
-        exact, source = info.get("base_weights"), info.get("base_source")
-    except (OSError, ValueError, AttributeError):
-        exact = source = None
-    for here in (base, exact):
-        if isinstance(here, str) and Path(here).is_dir():
-            return here
-    if isinstance(source, str) and (source.strip().lower() == DEFAULT_MODEL or Path(source).is_file()):
-        return source
-    return base
-
-
-def is_adapter_export(spec) -> bool:
-    """A folder holding an adapter alone (``sftlab export`` without ``--merge``), not a run folder."""
-    p = Path(str(spec))
-    return p.is_dir() and (p / "adapter_config.json").is_file() and not RunDir(p).config_path.is_file()
-
-
 def load_target(spec: str, *, template: str | None = None, device=None, share_tokenizer=None):
     """(model, tokenizer, template, run config or None) for a run folder or a model name/path.
 
@@ -442,11 +404,11 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
     if not compare_to:
         return {"kind": "single", **info, "result": after}
     del model
-    if compare_to == "base":  # a run names its base model, an exported adapter its adapter_config.json
-        if cfg is None and not is_adapter_export(target):
-            raise SftlabError("--compare base needs a run folder or an exported adapter to know the base model",
+    if compare_to == "base":  # a run names its base model, an export its adapter_config.json or sftlab_export.json
+        if cfg is None and not is_export(target):
+            raise SftlabError("--compare base needs a run folder or an export (sftlab export) to know the base model",
                               hint="pass --compare MODEL")
-        base_spec, shared = (cfg.model if cfg is not None else adapter_export_base(Path(target))), tok
+        base_spec, shared = (cfg.model if cfg is not None else export_base(Path(target))), tok
     else:
         base_spec, shared = compare_to, None
     base_model, base_tok, base_tpl, _ = load_target(base_spec, template=template, device=device,
