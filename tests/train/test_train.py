@@ -630,3 +630,20 @@ def test_a_prefix_that_can_not_start_from_the_model_is_refused_in_one_line(tmp_p
     assert main(["train", str(tmp_path / "cfg.yaml")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "would start from random vectors" in err[0] and "method=lora" in err[0]
+
+
+def test_a_run_of_a_model_named_from_the_current_folder_loads_from_anywhere(tmp_path, tiny_model_dir, monkeypatch):
+    """`model: tiny` (a folder in the current one) was saved as is: eval, chat, export and report of the run
+    from any other folder failed with "model 'tiny' could not be loaded: a hub id ..."."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "tiny")
+    monkeypatch.chdir(work)
+    cfg = train_config(work, tiny_model_dir, model="tiny", method="lora", max_steps=1)
+    train(cfg, quiet=True)
+    monkeypatch.chdir(tmp_path)
+    run = RunDir(work / "run")
+    assert run.config().model == str(work / "tiny")
+    model, _, _ = run.load_model(device="cpu")
+    assert model.get_base_model().config.vocab_size > 0
