@@ -224,3 +224,10 @@ def test_compare_base_of_a_merged_export_is_its_runs_comparison(lora_run, data_f
     (out / "sftlab_export.json").unlink()  # a plain model folder: no base to compare with, said in one line
     code, _, err = run_cli(capsys, "eval", out, "--data", data_files[0], "--compare", "base")
     assert code != 0 and one_error_line(err, "--compare base needs a run folder or an export")
+
+
+def test_save_of_an_export_or_a_model_says_it_is_not_a_run(tiny_model_dir, data_files, capsys):
+    """--save of an export said "no summary.json in this run folder (the run did not finish)"."""
+    code, _, err = run_cli(capsys, "eval", tiny_model_dir, "--data", data_files[0], "--save")
+    assert code == 2 and one_error_line(err, "is not a run folder (no config.yaml)") and "--out FILE.json" in err
+    assert "did not finish" not in err
