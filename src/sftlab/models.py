@@ -231,10 +231,10 @@ def _load_errors(name: str) -> Iterator[None]:
         raise SftlabError(f"model '{name}' could not be loaded: {first} ({_NOT_FOUND_FIX})") from e
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise SftlabError(
-                f"model '{name}' needs its own Python code; pass trust_remote_code=True "
-                "(--trust-remote-code) only if you trust its source"
-            ) from e
+            raise SftlabError(f"model '{name}' needs its own Python code; pass trust_remote_code=True "
+                              "(--trust-remote-code) only if you trust its source") from e
+        if "does not support an attention implementation" in str(e):  # e.g. sdpa asked of Gemma 2
+            raise SftlabError(f"model '{name}': {str(e).split(' yet.')[0]}", hint="--set attn_implementation=auto") from e
         raise
 
 # ---------------------------------------------------------------------------------------------------
