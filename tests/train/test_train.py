@@ -634,16 +634,23 @@ def test_a_prefix_that_can_not_start_from_the_model_is_refused_in_one_line(tmp_p
 
 def test_a_run_of_a_model_named_from_the_current_folder_loads_from_anywhere(tmp_path, tiny_model_dir, monkeypatch):
     """`model: tiny` (a folder in the current one) was saved as is: eval, chat, export and report of the run
-    from any other folder failed with "model 'tiny' could not be loaded: a hub id ..."."""
+    from any other folder failed with "model 'tiny' could not be loaded: a hub id ..."; so did data paths
+    (eval's general data is the run's replay_data; report's doctor skipped the data "not found from here")."""
     import shutil
 
     work = tmp_path / "work"
     shutil.copytree(tiny_model_dir, work / "tiny")
     monkeypatch.chdir(work)
-    cfg = train_config(work, tiny_model_dir, model="tiny", method="lora", max_steps=1)
+    chat_data(work / "general.jsonl", 4, offset=50)
+    cfg = train_config(work, tiny_model_dir, model="tiny", method="lora", max_steps=1, data="train.jsonl",
+                       eval_data="general.jsonl", replay_data="general.jsonl")
     train(cfg, quiet=True)
     monkeypatch.chdir(tmp_path)
     run = RunDir(work / "run")
-    assert run.config().model == str(work / "tiny")
+    saved = run.config()
+    assert saved.model == str(work / "tiny") and saved.data == str(work / "train.jsonl")
+    assert saved.eval_data == saved.replay_data == str(work / "general.jsonl")
     model, _, _ = run.load_model(device="cpu")
     assert model.get_base_model().config.vocab_size > 0
+    # eval takes the run's replay_data as its general data: it was not found from another folder
+    assert main(["eval", str(work / "run"), "--data", str(work / "general.jsonl"), "--max-new-tokens", "1"]) == 0
