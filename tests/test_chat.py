@@ -18,7 +18,7 @@ import sftlab
 from sftlab.chat import ChatSession, load_chat_model, run_chat
 from sftlab.cli import main
 from sftlab.data.types import Conversation, Message
-from sftlab.eval.generation import GenerationSettings, generate_replies
+from sftlab.eval.generation import GenerationSettings, generate, generate_replies
 
 MAX_NEW = 8
 
@@ -104,7 +104,11 @@ def test_chat_through_a_pseudo_terminal(run, loaded):
         term.send("hello")
         term.expect("assistant> ")
         streamed = term.expect("you> ").replace("\r\n", "\n")
-        assert streamed == _expected(loaded, [Message("system", "Be brief."), Message("user", "hello")]) + "\n"
+        model, tok, tpl = loaded
+        conv = Conversation([Message("system", "Be brief."), Message("user", "hello"), Message("assistant", "")])
+        gen = generate(model, tok, tpl, [conv], GenerationSettings(max_new_tokens=MAX_NEW))[0]
+        cut = "" if gen.finished else f" [cut at --max-new-tokens {MAX_NEW}]"  # a reply cut short says so
+        assert streamed == gen.text + cut + "\n"
         term.send("/reset")
         term.expect("(history cleared)")
         term.expect("you> ")
@@ -435,3 +439,25 @@ def test_call_openers_follow_the_templates_dialect(loaded):
              '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}'
              "{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
     assert call_openers(ChatTemplate("llama-ish", llama, "<|end|>", {}), tok, TOOLS) == ((), True)
+
+
+def test_a_reply_cut_at_max_new_tokens_says_so(loaded):
+    """A reply that ran out of --max-new-tokens read as the model's whole answer."""
+    import io
+
+    model, tok, tpl = loaded
+    conv = Conversation([Message("user", "hello"), Message("assistant", "")])
+    gen = generate(model, tok, tpl, [conv], GenerationSettings(max_new_tokens=3))[0]
+    assert not gen.finished  # the random tiny model runs on
+    shown = []
+    for ends_at_once in (False, True):
+        session = ChatSession(model, tok, tpl, max_new_tokens=3)
+        if ends_at_once:  # its first token taken as the end of turn: the reply ends, nothing is cut
+            session.stop_ids = [*session.stop_ids, gen.token_ids[0]]
+        lines = iter(["hello", "/exit"])
+        out = io.StringIO()
+        assert run_chat(session, read=lambda prompt: next(lines), out=out) == 0
+        shown.append(out.getvalue())
+        assert session.was_cut == (not ends_at_once)
+    assert "assistant> " + gen.text + " [cut at --max-new-tokens 3]\n" in shown[0]
+    assert "[cut at" not in shown[1] and "assistant> " in shown[1]

@@ -121,6 +121,7 @@ class ChatSession:
         """Forget the conversation; the system prompt stays."""
         self.call_error: str | None = None  # why the last reply's tool call did not parse (kept as text)
         self.call_warning: str | None = None  # why the last reply's calls do not fit the tools offered
+        self.was_cut = False  # the last reply ran to max_new_tokens without its end-of-turn token
         self.history = [Message("system", self.system_prompt)] if self.system_prompt else []
 
     def prompt(self, user_text: str | None) -> str:
@@ -214,6 +215,7 @@ class ChatSession:
             raise failure[0]
         new = output[0][0, ids["input_ids"].shape[1]:].tolist() if output else []
         cut = next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))
+        self.was_cut = cut == len(new) and len(new) >= self.max_new_tokens  # no end of turn: --max-new-tokens ended it
         # the reply as text (special tokens dropped, <think> tags kept for split_reply) and with them all
         return decode_reply(tok, new[:cut]), tok.decode(new[:cut], skip_special_tokens=False)
 
@@ -325,6 +327,11 @@ def load_tools(path: str | Path) -> list[dict]:
     return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
+def _say_cut(session: ChatSession, write: Callable[[str], None]) -> None:
+    if session.was_cut:  # else a reply cut short reads as the model's whole answer
+        write(f" [cut at --max-new-tokens {session.max_new_tokens}]")
+
+
 def _hold(session: ChatSession, write: Callable[[str], None]) -> HoldCalls:
     """The streamed text's filter: with tools, a call is held back for its formatted form."""
     openers, json_start = call_openers(session.template, session.tokenizer, session.tools) if session.tools else ((), False)
@@ -377,6 +384,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
         try:
             session.send(text, on_text=hold)
             hold.finish(bool(session.pending_calls))
+            _say_cut(session, write)
             if session.call_error:
                 write(f"\n(not run as a tool call: {session.call_error})")
             while session.pending_calls:  # the user plays the tools, then the model continues
@@ -391,6 +399,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
                 hold = _hold(session, write)
                 session.send(None, on_text=hold)
                 hold.finish(bool(session.pending_calls))
+                _say_cut(session, write)
         except KeyboardInterrupt:
             hold.finish(False)  # what the model wrote before the stop, a call's start included
             write(" [stopped]")
