@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -433,3 +434,37 @@ def test_an_export_renders_openai_string_arguments_as_training_did(tmp_path, tin
     ours = RunDir(run).template(exported).render(conv.messages, tools=TOOLS)
     assert '"arguments": {"city": "Paris", "unit": "celsius"}}' in ours
     assert exported.apply_chat_template(msgs, tools=TOOLS, tokenize=False) == ours
+
+
+def test_adapter_export_of_a_hub_model_names_its_hub_id(tmp_path, tiny_model_dir):
+    """Offline, sftlab finds a hub id in the hub cache: adapter_config.json named that snapshot folder (this
+    machine's cache path) instead of the hub id, which plain transformers also finds in the cache offline."""
+    hub = tmp_path / "hub"
+    snap = hub / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snap)
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    cfg = RunDir(run).config()
+    cfg.model = "org/tiny"
+    cfg.save(RunDir(run).config_path)
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "sftlab", "export", str(run), "--out", str(tmp_path / "exp"), "--json"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout)
+    assert json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    assert res["base_model"] == "org/tiny" and res["base_weights"] == str(snap) and res["max_logit_diff"] < 1e-4
+    plain = textwrap.dedent("""
+        import json, sys
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        d = sys.argv[1]
+        base = json.load(open(d + "/adapter_config.json"))["base_model_name_or_path"]
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), d)
+        print("loaded", base)
+    """)
+    done = subprocess.run([sys.executable, "-c", plain, str(tmp_path / "exp")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "loaded org/tiny" in done.stdout, done.stderr[-2000:]

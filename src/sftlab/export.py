@@ -211,6 +211,8 @@ def _adapter_base(model: str) -> tuple[str, str, str | None]:
     if Path(model).suffix.lower() == ".gguf":
         return local, local, (f"the base is sftlab's conversion of {model} in this machine's cache ({local}); elsewhere "
                               "convert that .gguf again (sftlab.models.resolve_model_path), or export with --merge")
+    if not Path(model).expanduser().exists():  # a hub id: plain transformers finds it in the hub cache offline too
+        return model, local, None
     return local, local, None
 
 
