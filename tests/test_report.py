@@ -217,6 +217,17 @@ def test_report_of_a_saved_compare_shows_before_and_after_per_source(tmp_path, c
     text = format_sources(ev)  # and `sftlab eval` prints the same before/after for each source
     assert "ea: 3 examples, loss 0.5000 (before 2.2500), task_score (json_fields) 0.875 (before 0.125)" in text
     assert "format_adherence 0.750 (before 1.000)" in text
+    tools = {"valid_tool_call_rate": 0.5, "tool_call_match_rate": 0.25, "n_tool_calls_expected": 4}
+    ev["before"]["sources"]["eb"].update(tools)
+    ev["after"]["sources"]["eb"].update(tools, valid_tool_call_rate=1.0, tool_call_match_rate=0.75)
+    assert ("valid_tool_call 1.000 (before 0.500), tool_call_match 0.750 (before 0.250) (4 call turns)"
+            in format_sources(ev))
+    (tmp_path / "tools").mkdir()
+    run = _run(tmp_path / "tools", summary_extra={"eval": ev})
+    write_report(run, doctor=False)
+    page = (run / "report.html").read_text()
+    assert ('<th>tool call match (base)</th><th>tool call match (fine-tuned)</th></tr><tr><td>ea</td>' in page
+            and '<td class="num">0.25</td><td class="better">0.75</td></tr>' in page)
     (tmp_path / "one").mkdir()
     single = _run(tmp_path / "one", summary_extra={"eval": _eval_result()})  # one source: no per-source table
     write_report(single, doctor=False)

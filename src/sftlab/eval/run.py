@@ -447,7 +447,7 @@ def format_sources(out: dict) -> str:
             line += (f", task_score{by} {r['task_score']:.3f}{was('task_score', '.3f')}, format_adherence "
                      f"{r['format_adherence']:.3f}{was('format_adherence', '.3f')}")
         if "valid_tool_call_rate" in r:
-            line += (f", valid_tool_call {r['valid_tool_call_rate']:.3f}, tool_call_match {r['tool_call_match_rate']:.3f}"
-                     f" ({r['n_tool_calls_expected']} call turns)")
+            line += (f", valid_tool_call {r['valid_tool_call_rate']:.3f}{was('valid_tool_call_rate', '.3f')}, tool_call_match "
+                     f"{r['tool_call_match_rate']:.3f}{was('tool_call_match_rate', '.3f')} ({r['n_tool_calls_expected']} call turns)")
         lines.append(line)
     return "per source:\n" + "\n".join(lines) if lines else ""
