@@ -654,3 +654,23 @@ def test_a_run_of_a_model_named_from_the_current_folder_loads_from_anywhere(tmp_
     assert model.get_base_model().config.vocab_size > 0
     # eval takes the run's replay_data as its general data: it was not found from another folder
     assert main(["eval", str(work / "run"), "--data", str(work / "general.jsonl"), "--max-new-tokens", "1"]) == 0
+
+
+def test_a_sliding_window_prefix_model_replies_alike_in_any_batch(tmp_path, tiny_model_dir):
+    """Left pads sat between the prefix and a shorter prompt, so Gemma's sliding window over the prompt's
+    first tokens held other prefix tokens: a reply depended on the prompts batched with it."""
+    from sftlab.data.types import Conversation, Message
+    from sftlab.eval.generation import GenerationSettings, generate
+    from sftlab.train.model import build_model
+    from sftlab.train.run import load_data
+
+    gemma = _tiny_gemma(tmp_path / "gemma2", tiny_model_dir, "gemma2")
+    cfg = train_config(tmp_path, gemma, method="prefix", prefix_tokens=7)
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data.tok, [], template=data.train.template)
+    convs = [Conversation([Message("user", q), Message("assistant", "")])
+             for q in ("hi", "what is 3 plus 3 and then some more words?", "ok then", "what is 2 plus 2?")]
+    settings = GenerationSettings(max_new_tokens=6)
+    batched = [g.token_ids for g in generate(model, data.tok, data.train.template, convs, settings, batch_size=4)]
+    alone = [generate(model, data.tok, data.train.template, [c], settings, batch_size=1)[0].token_ids for c in convs]
+    assert batched == alone
