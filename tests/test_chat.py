@@ -18,7 +18,7 @@ import sftlab
 from sftlab.chat import ChatSession, load_chat_model, run_chat
 from sftlab.cli import main
 from sftlab.data.types import Conversation, Message
-from sftlab.eval.generation import GenerationSettings, generate_replies
+from sftlab.eval.generation import GenerationSettings, generate, generate_replies
 
 MAX_NEW = 8
 
@@ -104,7 +104,11 @@ def test_chat_through_a_pseudo_terminal(run, loaded):
         term.send("hello")
         term.expect("assistant> ")
         streamed = term.expect("you> ").replace("\r\n", "\n")
-        assert streamed == _expected(loaded, [Message("system", "Be brief."), Message("user", "hello")]) + "\n"
+        model, tok, tpl = loaded
+        conv = Conversation([Message("system", "Be brief."), Message("user", "hello"), Message("assistant", "")])
+        gen = generate(model, tok, tpl, [conv], GenerationSettings(max_new_tokens=MAX_NEW))[0]
+        cut = "" if gen.finished else f" [cut at --max-new-tokens {MAX_NEW}]"  # a reply cut short says so
+        assert streamed == gen.text + cut + "\n"
         term.send("/reset")
         term.expect("(history cleared)")
         term.expect("you> ")
@@ -418,3 +422,79 @@ def test_generate_prompt_with_tools_renders_them(loaded):
     conv = _conversations(["weather in Oslo?"], None, None, None, TOOLS)[0]
     text = resolve_template("chatml-tools", tok).render(conv.messages, True, tools=conv.tools)
     assert '"name": "get_weather"' in text and "<tools>" in text
+
+
+def _streamed_chat(session, monkeypatch, pieces: list[str], lines: list[str]) -> str:
+    """What run_chat shows when the model streams ``pieces`` (then a plain reply after any tool result)."""
+    import io
+
+    replies = iter(["".join(pieces), "It is 21 degrees."])
+    chunks = iter([pieces, ["It is 21 degrees."]])
+
+    def fake_generate(prompt, on_text):
+        text = next(replies)
+        for piece in next(chunks):
+            on_text(piece)
+        return text, text
+
+    monkeypatch.setattr(session, "_generate", fake_generate)
+    feed = iter(lines)
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: (out.write(prompt), next(feed))[1], out=out) == 0
+    return out.getvalue()
+
+
+def test_a_streamed_tool_call_is_shown_once_formatted_not_also_raw(loaded, monkeypatch):
+    """Streaming printed `<tool_call>{"name": ...}</tool_call>` as it came, then the formatted call again."""
+    pieces = ["Checking the", " weather.<tool", "_call>\n{\"name\": ", '"get_weather", "arguments": {"city": "Paris"}}',
+              "\n</tool_call>"]
+    shown = _streamed_chat(_tool_session(loaded), monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"])
+    assert "<tool" not in shown and '"arguments"' not in shown
+    assert 'assistant> Checking the weather.\ntool call: get_weather\n{\n  "city": "Paris"\n}\n' in shown
+    assert "assistant> It is 21 degrees." in shown
+    # a call that does not parse is shown as the model wrote it, once, with why it was not run
+    broken = ['Sure.<tool_call>{"name": "get_weather", ', '"arguments": {"city": "Par']
+    shown = _streamed_chat(_tool_session(loaded), monkeypatch, broken, ["weather?", "/exit"])
+    assert shown.split("(not run")[0].count("<tool_call>") == 1 and ('assistant> Sure.<tool_call>{"name": "get_weather", "arguments": '
+                                                 '{"city": "Par\n(not run as a tool call:') in shown
+    # a marker's first characters that turn out to be text are shown, and JSON answers stream for hermes
+    shown = _streamed_chat(_tool_session(loaded), monkeypatch, ['{"a": 1} a <tool', "box> here"], ["hi", "/exit"])
+    assert 'assistant> {"a": 1} a <toolbox> here\n' in shown
+
+
+def test_call_openers_follow_the_templates_dialect(loaded):
+    from tool_data import HERMES, TOOLS
+
+    from sftlab.chat import call_openers
+    from sftlab.data.templates import ChatTemplate, resolve_template
+
+    _, tok, _ = loaded
+    assert call_openers(ChatTemplate("hermes", HERMES, "<|im_end|>", {}), tok, TOOLS) == (("<tool_call>",), False)
+    assert call_openers(resolve_template("chatml-tools", tok), tok, TOOLS) == (("<tool_call>",), False)
+    # Llama 3.1 style: the whole reply is the call's JSON
+    llama = ("{% for m in messages %}<|start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+             '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}'
+             "{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+    assert call_openers(ChatTemplate("llama-ish", llama, "<|end|>", {}), tok, TOOLS) == ((), True)
+
+
+def test_a_reply_cut_at_max_new_tokens_says_so(loaded):
+    """A reply that ran out of --max-new-tokens read as the model's whole answer."""
+    import io
+
+    model, tok, tpl = loaded
+    conv = Conversation([Message("user", "hello"), Message("assistant", "")])
+    gen = generate(model, tok, tpl, [conv], GenerationSettings(max_new_tokens=3))[0]
+    assert not gen.finished  # the random tiny model runs on
+    shown = []
+    for ends_at_once in (False, True):
+        session = ChatSession(model, tok, tpl, max_new_tokens=3)
+        if ends_at_once:  # its first token taken as the end of turn: the reply ends, nothing is cut
+            session.stop_ids = [*session.stop_ids, gen.token_ids[0]]
+        lines = iter(["hello", "/exit"])
+        out = io.StringIO()
+        assert run_chat(session, read=lambda prompt: next(lines), out=out) == 0
+        shown.append(out.getvalue())
+        assert session.was_cut == (not ends_at_once)
+    assert "assistant> " + gen.text + " [cut at --max-new-tokens 3]\n" in shown[0]
+    assert "[cut at" not in shown[1] and "assistant> " in shown[1]

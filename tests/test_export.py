@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -307,8 +308,16 @@ def test_export_and_eval_use_the_runs_template_options(tmp_path, tiny_model_dir)
     assert '"enable_thinking": false' in (res.out / "README.md").read_text()
 
 
-def test_adapter_export_of_the_default_model_names_its_hub_id(tmp_path, tiny_model_dir, monkeypatch):
-    """Not this machine's cache path: elsewhere that folder does not exist. sftlab here still loads the exact base."""
+def test_adapter_export_of_the_default_model_loads_offline_from_its_adapter_config(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """adapter_config.json named the hub id HuggingFaceTB/SmolLM2-135M-Instruct, which plain peft can not
+    resolve offline (and whose unquantized weights are not the ones the adapter trained on). It names the
+    exact base on this machine now; sftlab_export.json keeps the run's model name, from which sftlab loads
+    the export where that folder is gone (another machine)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import sftlab.eval.exports as er
     import sftlab.export as ex
     import sftlab.rundir as rd
     from sftlab import models
@@ -326,16 +335,29 @@ def test_adapter_export_of_the_default_model_names_its_hub_id(tmp_path, tiny_mod
     monkeypatch.setattr(rd, "load_model", lambda name, **kw: real(here(name), **kw))
     res = export_run(run, tmp_path / "exp")  # its check loads the export back on the exact base
     exact = str(tiny_model_dir.resolve())
-    assert json.loads((res.out / "adapter_config.json").read_text())["base_model_name_or_path"] == models.DEFAULT_MODEL_HUB_ID
-    assert res.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and res.base_weights == exact
+    named = json.loads((res.out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == exact == res.base_model and res.base_source == models.DEFAULT_MODEL
     assert res.max_logit_diff is not None and res.max_logit_diff < 1e-3
-    readme = (res.out / "README.md").read_text()
-    assert f"from_pretrained({models.DEFAULT_MODEL_HUB_ID!r})" in readme and exact in readme and "--merge" in readme
-    assert "note: the run trained on sftlab's de-quantized copy of the Q4_1 GGUF" in format_export(res)
-    model, tok, _ = load_chat_model(str(res.out), device="cpu")  # offline: the hub id would not load here
     ids, want = _run_logits(run)
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(named), str(res.out)).eval()
+    with torch.no_grad():  # plain peft, from adapter_config alone, offline: the run's model
+        assert torch.allclose(plain(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)
+    readme = (res.out / "README.md").read_text()
+    assert f"from_pretrained({exact!r})" in readme and models.DEFAULT_MODEL_HUB_ID in readme and "--merge" in readme
+    assert "the exact base the run trained on" in format_export(res)
+    assert json.loads((res.out / "sftlab_export.json").read_text())["base_source"] == models.DEFAULT_MODEL
+    # elsewhere the cached copy is not there: sftlab loads the base from the run's model name
+    moved = tmp_path / "moved"
+    shutil.copytree(res.out, moved)
+    acfg = json.loads((moved / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = str(tmp_path / "gone" / "smollm2-135m-instruct.q4_1")
+    (moved / "adapter_config.json").write_text(json.dumps(acfg))
+    real_er = er.load_model
+    monkeypatch.setattr(er, "load_model", lambda name, **kw: real_er(here(name), **kw))
+    for folder in (res.out, moved):
+        model, tok, _ = load_chat_model(str(folder), device="cpu")
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=torch.tensor([ids])).logits[0], want, atol=1e-4)
 
 
 def _prefix_run(path: Path, tiny_model_dir: Path) -> Path:
@@ -412,3 +434,37 @@ def test_an_export_renders_openai_string_arguments_as_training_did(tmp_path, tin
     ours = RunDir(run).template(exported).render(conv.messages, tools=TOOLS)
     assert '"arguments": {"city": "Paris", "unit": "celsius"}}' in ours
     assert exported.apply_chat_template(msgs, tools=TOOLS, tokenize=False) == ours
+
+
+def test_adapter_export_of_a_hub_model_names_its_hub_id(tmp_path, tiny_model_dir):
+    """Offline, sftlab finds a hub id in the hub cache: adapter_config.json named that snapshot folder (this
+    machine's cache path) instead of the hub id, which plain transformers also finds in the cache offline."""
+    hub = tmp_path / "hub"
+    snap = hub / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_dir, snap)
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    run = make_lora_run(tmp_path / "run", tiny_model_dir)
+    cfg = RunDir(run).config()
+    cfg.model = "org/tiny"
+    cfg.save(RunDir(run).config_path)
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "sftlab", "export", str(run), "--out", str(tmp_path / "exp"), "--json"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    res = json.loads(done.stdout)
+    assert json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny"
+    assert res["base_model"] == "org/tiny" and res["base_weights"] == str(snap) and res["max_logit_diff"] < 1e-4
+    plain = textwrap.dedent("""
+        import json, sys
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        d = sys.argv[1]
+        base = json.load(open(d + "/adapter_config.json"))["base_model_name_or_path"]
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), d)
+        print("loaded", base)
+    """)
+    done = subprocess.run([sys.executable, "-c", plain, str(tmp_path / "exp")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "loaded org/tiny" in done.stdout, done.stderr[-2000:]

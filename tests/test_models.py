@@ -302,3 +302,19 @@ def test_gguf_next_to_hf_files_is_read_from_the_gguf_alone(tiny_model_dir, tiny_
     assert tok.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
     assert tok.eos_token == "<|im_end|>"
     assert models.load_model(str(out / "model-f16.gguf")).generation_config.eos_token_id == 2
+
+
+def test_a_model_without_sdpa_loads_by_default_and_refuses_sdpa_in_one_line(tmp_path):
+    """Gemma 2 has no sdpa: load_model forced "sdpa" when no attention was asked, so every Gemma 2 failed to
+    load, and an explicit sdpa was a ValueError traceback."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                   sliding_window=4)).save_pretrained(str(tmp_path))
+    model = models.load_model(str(tmp_path), device="cpu")
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(SftlabError, match="does not support an attention implementation") as err:
+        models.load_model(str(tmp_path), device="cpu", attn_implementation="sdpa")
+    assert "\n" not in str(err.value) and "attn_implementation=auto" in err.value.hint

@@ -194,3 +194,41 @@ def test_report_of_a_single_eval_names_its_data_scorer_and_sources(tmp_path, cap
     assert "<h2>Evaluation</h2>" in page and "<h2>Before and after</h2>" not in page
     assert "Eval data: ea, eb; scorer: json_fields+exact; format check: json_object+finished" in page
     assert "<td>ea</td><td class=\"num\">4</td><td class=\"num\">0.25</td><td class=\"num\">0.875</td><td>json_fields</td>" in page
+
+
+def test_report_of_a_saved_compare_shows_before_and_after_per_source(tmp_path, capsys):
+    """`sftlab eval RUN --data A --data B --compare base --save`: eval printed each source before and after,
+    the report showed only the totals."""
+    from sftlab.eval.run import format_sources
+
+    src = lambda loss, score, fmt: {"n_examples": 3, "loss": loss, "task_score": score,  # noqa: E731
+                                    "format_adherence": fmt, "scorer": "json_fields", "n_generated": 3}
+    before = {"metrics": {"loss": 2.5, "task_score": 0.1}, "sources": {"ea": src(2.25, 0.125, 0.5), "eb": src(2.75, 0.5, 1.0)}}
+    after = {"metrics": {"loss": 0.8, "task_score": 0.9}, "sources": {"ea": src(0.5, 0.875, 1.0), "eb": src(1.0, 0.25, 0.75)}}
+    ev = {"kind": "compare", "target": "run", "data": "ea, eb", "base": "tiny", **compare(before, after)}
+    run = _run(tmp_path, summary_extra={"eval": ev})
+    assert main(["report", str(run), "--no-doctor"]) == 0
+    page = (run / "report.html").read_text()
+    assert "<h3>Per source</h3>" in page and "<th>task score (base)</th><th>task score (fine-tuned)</th>" in page
+    assert ('<td>ea</td><td class="num">3</td><td>json_fields</td><td class="num">2.25</td><td class="better">0.5</td>'
+            '<td class="num">0.125</td><td class="better">0.875</td>') in page
+    assert '<td>eb</td>' in page and '<td class="num">0.5</td><td class="worse">0.25</td>' in page
+    assert "tool call match" not in page  # no source expected a call
+    text = format_sources(ev)  # and `sftlab eval` prints the same before/after for each source
+    assert "ea: 3 examples, loss 0.5000 (before 2.2500), task_score (json_fields) 0.875 (before 0.125)" in text
+    assert "format_adherence 0.750 (before 1.000)" in text
+    tools = {"valid_tool_call_rate": 0.5, "tool_call_match_rate": 0.25, "n_tool_calls_expected": 4}
+    ev["before"]["sources"]["eb"].update(tools)
+    ev["after"]["sources"]["eb"].update(tools, valid_tool_call_rate=1.0, tool_call_match_rate=0.75)
+    assert ("valid_tool_call 1.000 (before 0.500), tool_call_match 0.750 (before 0.250) (4 call turns)"
+            in format_sources(ev))
+    (tmp_path / "tools").mkdir()
+    run = _run(tmp_path / "tools", summary_extra={"eval": ev})
+    write_report(run, doctor=False)
+    page = (run / "report.html").read_text()
+    assert ('<th>tool call match (base)</th><th>tool call match (fine-tuned)</th></tr><tr><td>ea</td>' in page
+            and '<td class="num">0.25</td><td class="better">0.75</td></tr>' in page)
+    (tmp_path / "one").mkdir()
+    single = _run(tmp_path / "one", summary_extra={"eval": _eval_result()})  # one source: no per-source table
+    write_report(single, doctor=False)
+    assert "Per source" not in (single / "report.html").read_text()

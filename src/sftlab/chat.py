@@ -121,6 +121,7 @@ class ChatSession:
         """Forget the conversation; the system prompt stays."""
         self.call_error: str | None = None  # why the last reply's tool call did not parse (kept as text)
         self.call_warning: str | None = None  # why the last reply's calls do not fit the tools offered
+        self.was_cut = False  # the last reply ran to max_new_tokens without its end-of-turn token
         self.history = [Message("system", self.system_prompt)] if self.system_prompt else []
 
     def prompt(self, user_text: str | None) -> str:
@@ -214,8 +215,73 @@ class ChatSession:
             raise failure[0]
         new = output[0][0, ids["input_ids"].shape[1]:].tolist() if output else []
         cut = next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))
+        self.was_cut = cut == len(new) and len(new) >= self.max_new_tokens  # no end of turn: --max-new-tokens ended it
         # the reply as text (special tokens dropped, <think> tags kept for split_reply) and with them all
         return decode_reply(tok, new[:cut]), tok.decode(new[:cut], skip_special_tokens=False)
+
+
+_OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # where a call starts, by dialect (eval/tool_calls.py)
+
+
+def call_openers(template: ChatTemplate, tokenizer, tools: list[dict] | None) -> tuple[tuple[str, ...], bool]:
+    """(the text that opens a tool call in a streamed reply, whether a reply that starts with ``{``/``[``
+    is a call) for the template's dialect, from how it renders an assistant call. A marker that is a
+    special token is not streamed (its JSON is: the reply starts with it); a template that renders no call
+    gets every marker."""
+    probe = [Message("user", "hi")]
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+    try:
+        head = template.render(probe, add_generation_prompt=True, tools=tools)
+        full = template.render(probe + [Message("assistant", "", tool_calls=(call,))], tools=tools)
+    except SftlabError:
+        return _OPENERS, False
+    body = full[len(head):] if full.startswith(head) else full
+    special = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for marker in _OPENERS:
+        if marker in body:
+            return ((), True) if marker in special else ((marker,), marker == "<|python_tag|>")
+    return ((), True) if '"f"' in body else (_OPENERS, False)
+
+
+class HoldCalls:
+    """Streams a reply's text to ``write`` but holds it back from where a tool call opens (``openers``, or
+    the reply's first character with ``json_start``), so the call is shown once, formatted, not also raw.
+    A marker's first characters at the end of the text wait for the next piece; text inside reasoning
+    (``<think>`` not yet closed) is streamed. :meth:`finish` writes what was held when no call was made."""
+
+    def __init__(self, write: Callable[[str], None], openers: tuple[str, ...], json_start: bool):
+        self.write, self.openers, self.json_start = write, openers, json_start
+        self.text, self.shown, self.held = "", 0, False
+
+    def __call__(self, piece: str) -> None:
+        self.text += piece
+        if self.held:
+            return
+        text, start = self.text, 0
+        if "<think>" in text:
+            start = text.find("</think>")
+            if start < 0:
+                return self._show(len(text))
+            start += len("</think>")
+        found = [k for o in self.openers if (k := text.find(o, start)) >= 0]
+        if self.json_start and text[start:].lstrip()[:1] in ("{", "["):
+            found.append(start)
+        if found:
+            self._show(min(found))
+            self.held = True
+            return
+        wait = max((n for o in self.openers for n in range(1, len(o)) if text.endswith(o[:n])), default=0)
+        self._show(len(text) - wait)
+
+    def _show(self, upto: int) -> None:
+        if upto > self.shown:
+            self.write(self.text[self.shown:upto])
+            self.shown = upto
+
+    def finish(self, called: bool) -> None:
+        """The reply ended: its held text is shown unless it was the call (shown formatted instead)."""
+        if not called:
+            self._show(len(self.text))
 
 
 def _parse_calls(raw: str, tools: list[dict] | None) -> list[dict]:
@@ -261,6 +327,17 @@ def load_tools(path: str | Path) -> list[dict]:
     return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
+def _say_cut(session: ChatSession, write: Callable[[str], None]) -> None:
+    if session.was_cut:  # else a reply cut short reads as the model's whole answer
+        write(f" [cut at --max-new-tokens {session.max_new_tokens}]")
+
+
+def _hold(session: ChatSession, write: Callable[[str], None]) -> HoldCalls:
+    """The streamed text's filter: with tools, a call is held back for its formatted form."""
+    openers, json_start = call_openers(session.template, session.tokenizer, session.tools) if session.tools else ((), False)
+    return HoldCalls(write, openers, json_start)
+
+
 def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str], str] = input,
              out: TextIO | None = None) -> int:
     """The interactive loop: ``you> `` prompts, streamed ``assistant> `` replies, /reset and /exit.
@@ -303,8 +380,11 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
             write(f"unknown command {text.split()[0]}: {HELP}\n")
             continue
         write("assistant> ")
+        hold = _hold(session, write)
         try:
-            session.send(text, on_text=write)
+            session.send(text, on_text=hold)
+            hold.finish(bool(session.pending_calls))
+            _say_cut(session, write)
             if session.call_error:
                 write(f"\n(not run as a tool call: {session.call_error})")
             while session.pending_calls:  # the user plays the tools, then the model continues
@@ -316,8 +396,12 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
                     write(f"tool call: {fn['name']}\n{json.dumps(fn['arguments'], indent=2, ensure_ascii=False)}\n")
                     session.add_tool_result(call, read(f"tool result ({fn['name']})> ").strip())
                 write("assistant> ")
-                session.send(None, on_text=write)
+                hold = _hold(session, write)
+                session.send(None, on_text=hold)
+                hold.finish(bool(session.pending_calls))
+                _say_cut(session, write)
         except KeyboardInterrupt:
+            hold.finish(False)  # what the model wrote before the stop, a call's start included
             write(" [stopped]")
         except EOFError:
             write("\n")

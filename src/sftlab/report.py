@@ -242,6 +242,7 @@ def _eval_section(run: RunData) -> str:
         out.append(f"<p>Eval data: {_e(ev.get('data'))}; scorer: {_e(_scored_by(ev.get('after') or {}))}; "
                    f"format check: {_e((ev.get('after') or {}).get('format_check'))}</p>")
         out.append(_table(rows, ("metric", ev.get("before_name", "base"), ev.get("after_name", "fine-tuned"), "change")))
+        out.append(_per_source_compare(ev))
         f = ev.get("forgetting")
         if isinstance(f, dict) and {"relative", "flagged", "threshold", "before", "after"} <= set(f):
             line = format_forgetting(f)  # the same words as `sftlab eval`
@@ -263,6 +264,35 @@ def _eval_section(run: RunData) -> str:
         out.append("<h3>Sample generations</h3>")
         out.append(_table([tuple(("" if c is None else str(c), "text") for c in row) for row in samples], head))
     return "".join(out)
+
+
+# (key in a source's result, column label, which direction is better)
+_SOURCE_METRICS = (("loss", "loss", "lower"), ("task_score", "task score", "higher"),
+                   ("format_adherence", "format adherence", "higher"), ("tool_call_match_rate", "tool call match", "higher"))
+
+
+def _per_source_compare(ev: dict) -> str:
+    """Before and after per eval source of a saved ``--compare`` (several --data files), as `sftlab eval`
+    prints them; "" for one source."""
+    before, after = ((ev.get(k) or {}).get("sources") or {} for k in ("before", "after"))
+    names = [n for n, r in after.items() if isinstance(r, dict)] if isinstance(after, dict) else []
+    if not names:
+        return ""
+    before = before if isinstance(before, dict) else {}
+    keys = [k for k in _SOURCE_METRICS if any(k[0] in after[n] for n in names)]
+    b_name, a_name = ev.get("before_name", "base"), ev.get("after_name", "fine-tuned")
+    rows = []
+    for name in names:
+        a, b = after[name], before.get(name) if isinstance(before.get(name), dict) else {}
+        row: list = [name, a.get("n_examples"), a.get("scorer") or "-"]
+        for key, _, better in keys:
+            x, y = b.get(key), a.get(key)
+            ok = isinstance(x, (int, float)) and isinstance(y, (int, float)) and x != y
+            cls = ("better" if (y < x) == (better == "lower") else "worse") if ok else ""
+            row += [x, (_fmt(y), cls) if cls else y]
+        rows.append(tuple(row))
+    head = ("source", "examples", "scorer") + tuple(f"{label} ({who})" for _, label, _ in keys for who in (b_name, a_name))
+    return "<h3>Per source</h3>" + _table(rows, head)
 
 
 def _diagnosis_section(diag: Diagnosis) -> str:

@@ -183,3 +183,51 @@ def test_eval_of_an_exported_adapter_scores_as_its_run(lora_run, data_files, tmp
         results.append(json.loads(text)["result"])
     assert results[1]["metrics"]["loss"] == pytest.approx(results[0]["metrics"]["loss"], rel=1e-5)
     assert [s["reply"] for s in results[1]["samples"]] == [s["reply"] for s in results[0]["samples"]]
+
+
+def test_compare_base_of_an_exported_adapter_is_its_runs_comparison(lora_run, data_files, tmp_path, capsys):
+    """`eval EXPORT --compare base` failed: "--compare base needs a run folder". The adapter's base is
+    the one its adapter_config.json names: the same before/after as the run's own comparison."""
+    from sftlab.export import export_run
+
+    out = export_run(lora_run, tmp_path / "adapter", verify=False).out
+    results = []
+    for target in (lora_run, out):
+        code, text, err = run_cli(capsys, "eval", target, "--data", data_files[0], "--compare", "base",
+                                  "--max-new-tokens", 4, "--json")
+        assert code == 0, err
+        results.append(json.loads(text))
+    run_res, exp_res = results
+    assert exp_res["kind"] == "compare" and Path(exp_res["base"]).resolve() == Path(run_res["base"]).resolve()
+    for side in ("before", "after"):
+        assert exp_res[side]["metrics"]["loss"] == pytest.approx(run_res[side]["metrics"]["loss"], rel=1e-5)
+    assert exp_res["before"]["metrics"]["loss"] != exp_res["after"]["metrics"]["loss"]
+    assert [s["before"] for s in exp_res["samples"]] == [s["before"] for s in run_res["samples"]]
+
+
+def test_compare_base_of_a_merged_export_is_its_runs_comparison(lora_run, data_files, tmp_path, capsys):
+    """A merged export names no base in adapter_config.json: `--compare base` refused it; its
+    sftlab_export.json names the base it was fine-tuned from (a full path, not the run's relative one)."""
+    from sftlab.export import export_run
+
+    out = export_run(lora_run, tmp_path / "merged", merge=True, verify=False).out
+    code, text, err = run_cli(capsys, "eval", out, "--data", data_files[0], "--compare", "base", "--max-new-tokens", 2,
+                              "--json")
+    assert code == 0, err
+    merged = json.loads(text)
+    code, text, err = run_cli(capsys, "eval", lora_run, "--data", data_files[0], "--compare", "base",
+                              "--max-new-tokens", 2, "--json")
+    run_res = json.loads(text)
+    assert Path(merged["base"]).is_absolute() and Path(merged["base"]).resolve() == Path(run_res["base"]).resolve()
+    assert merged["before"]["metrics"]["loss"] == pytest.approx(run_res["before"]["metrics"]["loss"], rel=1e-6)
+    assert merged["after"]["metrics"]["loss"] == pytest.approx(run_res["after"]["metrics"]["loss"], rel=1e-4)
+    (out / "sftlab_export.json").unlink()  # a plain model folder: no base to compare with, said in one line
+    code, _, err = run_cli(capsys, "eval", out, "--data", data_files[0], "--compare", "base")
+    assert code != 0 and one_error_line(err, "--compare base needs a run folder or an export")
+
+
+def test_save_of_an_export_or_a_model_says_it_is_not_a_run(tiny_model_dir, data_files, capsys):
+    """--save of an export said "no summary.json in this run folder (the run did not finish)"."""
+    code, _, err = run_cli(capsys, "eval", tiny_model_dir, "--data", data_files[0], "--save")
+    assert code == 2 and one_error_line(err, "is not a run folder (no config.yaml)") and "--out FILE.json" in err
+    assert "did not finish" not in err

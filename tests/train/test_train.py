@@ -593,3 +593,105 @@ def test_auto_batch_on_small_data_is_one_the_checklist_finds_plausible(tmp_path,
     out = capsys.readouterr().out
     assert "global batch" not in out.replace("a global batch of about", "") and "batch_size 4" in out
     assert "gradient_accumulation 2 (a global batch of about 10 for 40 examples)" in out
+
+
+def _tiny_gemma(out: Path, tiny_model_dir: Path, kind: str) -> Path:
+    """A random 2-layer Gemma 2 (a sliding-window layer, then a global one) or Gemma 3 (both sliding)
+    with a 4-token window, and the tiny tokenizer."""
+    import shutil
+
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+    )
+
+    config, cls = (Gemma2Config, Gemma2ForCausalLM) if kind == "gemma2" else (Gemma3TextConfig, Gemma3ForCausalLM)
+    torch.manual_seed(0)
+    model = cls(config(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=4,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    shutil.copytree(tiny_model_dir, out)
+    for f in out.glob("model*.safetensors"):
+        f.unlink()
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_a_fresh_prefix_of_a_sliding_window_model_reads_the_chat_too(tmp_path, tiny_model_dir, kind):
+    """Gemma's cache keeps only the last `sliding_window` tokens in a sliding layer, so the prefix's keys and
+    values did not fit and the prefix silently kept peft's random start."""
+    from sftlab.train.model import build_model, prefix_seed_ids
+    from sftlab.train.run import load_data
+
+    gemma = _tiny_gemma(tmp_path / kind, tiny_model_dir, kind)
+    cfg = train_config(tmp_path, gemma, method="prefix", prefix_tokens=7)
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data.tok, [], template=data.train.template)
+    model.eval()
+    seed = prefix_seed_ids(data.tok, data.train.template, 7)
+    ids = torch.tensor([data.train.examples[0].input_ids])
+    with torch.no_grad():
+        prefixed = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+        with model.disable_adapter():
+            reading = model(input_ids=torch.cat([torch.tensor([seed]), ids], 1)).logits[0, len(seed):]
+    assert torch.allclose(prefixed, reading, atol=1e-4)
+
+
+def test_a_prefix_that_can_not_start_from_the_model_is_refused_in_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import yaml
+
+    import sftlab.train.model as tm
+
+    monkeypatch.setattr(tm, "init_prefix_from_tokens", lambda model, ids: False)  # a layout that does not fit
+    cfg = train_config(tmp_path, tiny_model_dir, method="prefix", max_steps=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)))
+    assert main(["train", str(tmp_path / "cfg.yaml")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would start from random vectors" in err[0] and "method=lora" in err[0]
+
+
+def test_a_run_of_a_model_named_from_the_current_folder_loads_from_anywhere(tmp_path, tiny_model_dir, monkeypatch):
+    """`model: tiny` (a folder in the current one) was saved as is: eval, chat, export and report of the run
+    from any other folder failed with "model 'tiny' could not be loaded: a hub id ..."; so did data paths
+    (eval's general data is the run's replay_data; report's doctor skipped the data "not found from here")."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "tiny")
+    monkeypatch.chdir(work)
+    chat_data(work / "general.jsonl", 4, offset=50)
+    cfg = train_config(work, tiny_model_dir, model="tiny", method="lora", max_steps=1, data="train.jsonl",
+                       eval_data="general.jsonl", replay_data="general.jsonl")
+    train(cfg, quiet=True)
+    monkeypatch.chdir(tmp_path)
+    run = RunDir(work / "run")
+    saved = run.config()
+    assert saved.model == str(work / "tiny") and saved.data == str(work / "train.jsonl")
+    assert saved.eval_data == saved.replay_data == str(work / "general.jsonl")
+    model, _, _ = run.load_model(device="cpu")
+    assert model.get_base_model().config.vocab_size > 0
+    # eval takes the run's replay_data as its general data: it was not found from another folder
+    assert main(["eval", str(work / "run"), "--data", str(work / "general.jsonl"), "--max-new-tokens", "1"]) == 0
+
+
+def test_a_sliding_window_prefix_model_replies_alike_in_any_batch(tmp_path, tiny_model_dir):
+    """Left pads sat between the prefix and a shorter prompt, so Gemma's sliding window over the prompt's
+    first tokens held other prefix tokens: a reply depended on the prompts batched with it."""
+    from sftlab.data.types import Conversation, Message
+    from sftlab.eval.generation import GenerationSettings, generate
+    from sftlab.train.model import build_model
+    from sftlab.train.run import load_data
+
+    gemma = _tiny_gemma(tmp_path / "gemma2", tiny_model_dir, "gemma2")
+    cfg = train_config(tmp_path, gemma, method="prefix", prefix_tokens=7)
+    data = load_data(cfg)
+    model, _ = build_model(cfg, data.tok, [], template=data.train.template)
+    convs = [Conversation([Message("user", q), Message("assistant", "")])
+             for q in ("hi", "what is 3 plus 3 and then some more words?", "ok then", "what is 2 plus 2?")]
+    settings = GenerationSettings(max_new_tokens=6)
+    batched = [g.token_ids for g in generate(model, data.tok, data.train.template, convs, settings, batch_size=4)]
+    alone = [generate(model, data.tok, data.train.template, [c], settings, batch_size=1)[0].token_ids for c in convs]
+    assert batched == alone

@@ -71,6 +71,9 @@ def _cmd_eval(args) -> int:
             RunDir,  # deferred: the command pulls in torch; `sftlab --help` stays fast
         )
 
+        if not RunDir(args.target).config_path.is_file():  # an export or a model: no summary.json to store it in
+            raise SftlabError(f"--save stores the result in a run folder's summary.json, and {args.target} is not a "
+                              "run folder (no config.yaml)", hint="eval the run folder, or write the result with --out FILE.json")
         RunDir(args.target).summary()  # --save needs a finished run: fail before evaluating
     from sftlab.eval.run import (
         format_sources,  # deferred: the command pulls in torch; `sftlab --help` stays fast

@@ -225,6 +225,17 @@ def pass_prefix_to_generate(model) -> bool:
     return True
 
 
+def _pads_move_the_prefix(model) -> bool:
+    """A prefix-tuning model with sliding-window attention (Gemma 2/3, Mistral): left pads sit between the
+    prefix and the prompt, so a sliding window over the prompt's first tokens holds other prefix tokens
+    than without pads, and a reply depended on the prompts batched with it."""
+    if not is_prefix_model(model):
+        return False
+    cfg = model.get_base_model().config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(getattr(cfg, "sliding_window", None)) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+
+
 def generate_texts(model, tokenizer, prompts: Sequence[str], settings: GenerationSettings | None = None,
                    batch_size: int = 8, stop_ids: Sequence[int] | None = None) -> list[Generation]:
     """Generate one reply per rendered prompt string, in the order given.
@@ -251,8 +262,11 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], settings: Generatio
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(settings.seed)
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+            if _pads_move_the_prefix(model):  # only prompts of one length share a batch: no pads
+                batches = [[i for i in b if len(encoded[i]) == n] for b in batches
+                           for n in dict.fromkeys(len(encoded[i]) for i in b)]
+            for idx in batches:
                 width = max(len(encoded[i]) for i in idx)
                 ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
                 att = torch.zeros((len(idx), width), dtype=torch.long)

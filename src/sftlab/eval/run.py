@@ -26,6 +26,12 @@ from sftlab.data.templates import ChatTemplate, resolve_template
 from sftlab.data.types import Conversation
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import DEFAULT_FORGETTING_THRESHOLD, compare
+from sftlab.eval.exports import (
+    export_base,
+    is_adapter_export,
+    is_export,
+    load_adapter_export,
+)
 from sftlab.eval.generation import (
     Generation,
     GenerationSettings,
@@ -311,37 +317,6 @@ def _template_for(name: str | None, tokenizer) -> ChatTemplate | None:
     return resolve_template(name, tokenizer)
 
 
-def load_adapter_export(folder: Path, device=None):
-    """(model, tokenizer) of an exported adapter: its base model (named in adapter_config.json, or the exact
-    base weights sftlab_export.json names when this machine has them) + the adapter + its tokenizer."""
-    import json
-
-    from peft import PeftModel  # deferred: heavy library, imported on first use
-    from transformers import (
-        AutoTokenizer,  # deferred: heavy library, imported on first use
-    )
-
-    try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise SftlabError(f"{folder}/adapter_config.json: damaged or names no base model")
-    try:  # the run's exact base weights (a converted GGUF in this machine's cache), when they are here
-        exact = json.loads((folder / "sftlab_export.json").read_text(encoding="utf-8")).get("base_weights")
-    except (OSError, ValueError, AttributeError):
-        exact = None
-    base = exact if isinstance(exact, str) and Path(exact).is_dir() else base
-    tok = AutoTokenizer.from_pretrained(str(folder))  # as exported: pad token and chat template included
-    model = PeftModel.from_pretrained(load_model(base, device=device, tokenizer=tok), str(folder))
-    model.eval()
-    return model, tok
-
-
-def is_adapter_export(spec) -> bool:
-    """A folder holding an adapter alone (``sftlab export`` without ``--merge``), not a run folder."""
-    p = Path(str(spec))
-    return p.is_dir() and (p / "adapter_config.json").is_file() and not RunDir(p).config_path.is_file()
-
-
 def load_target(spec: str, *, template: str | None = None, device=None, share_tokenizer=None):
     """(model, tokenizer, template, run config or None) for a run folder or a model name/path.
 
@@ -429,10 +404,11 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
     if not compare_to:
         return {"kind": "single", **info, "result": after}
     del model
-    if compare_to == "base":
-        if cfg is None:
-            raise SftlabError("--compare base needs a run folder to know the base model", hint="pass --compare MODEL")
-        base_spec, shared = cfg.model, tok
+    if compare_to == "base":  # a run names its base model, an export its adapter_config.json or sftlab_export.json
+        if cfg is None and not is_export(target):
+            raise SftlabError("--compare base needs a run folder or an export (sftlab export) to know the base model",
+                              hint="pass --compare MODEL")
+        base_spec, shared = (cfg.model if cfg is not None else export_base(Path(target))), tok
     else:
         base_spec, shared = compare_to, None
     base_model, base_tok, base_tpl, _ = load_target(base_spec, template=template, device=device,
@@ -461,14 +437,17 @@ def format_sources(out: dict) -> str:
     before = (out.get("before") or {}).get("sources") or {}
     lines = []
     for name, r in (res.get("sources") or {}).items():
+        b = before.get(name, {})
+        was = lambda key, f: f" (before {b[key]:{f}})" if key in b else ""  # noqa: E731
         line = f"  {name}: {r['n_examples']} examples"
         if "loss" in r:
-            line += f", loss {r['loss']:.4f}" + (f" (before {before[name]['loss']:.4f})" if "loss" in before.get(name, {}) else "")
+            line += f", loss {r['loss']:.4f}" + was("loss", ".4f")
         if "task_score" in r:
             by = f" ({r['scorer']})" if r.get("scorer") else ""
-            line += f", task_score{by} {r['task_score']:.3f}, format_adherence {r['format_adherence']:.3f}"
+            line += (f", task_score{by} {r['task_score']:.3f}{was('task_score', '.3f')}, format_adherence "
+                     f"{r['format_adherence']:.3f}{was('format_adherence', '.3f')}")
         if "valid_tool_call_rate" in r:
-            line += (f", valid_tool_call {r['valid_tool_call_rate']:.3f}, tool_call_match {r['tool_call_match_rate']:.3f}"
-                     f" ({r['n_tool_calls_expected']} call turns)")
+            line += (f", valid_tool_call {r['valid_tool_call_rate']:.3f}{was('valid_tool_call_rate', '.3f')}, tool_call_match "
+                     f"{r['tool_call_match_rate']:.3f}{was('tool_call_match_rate', '.3f')} ({r['n_tool_calls_expected']} call turns)")
         lines.append(line)
     return "per source:\n" + "\n".join(lines) if lines else ""

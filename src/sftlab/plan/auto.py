@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 from sftlab.config import Config
 from sftlab.core.hardware import PrecisionProbe, device_memory_gb, probe_precision
+from sftlab.models import DEFAULT_MODEL
 from sftlab.plan.memory import TrainSetup, estimate_memory
 from sftlab.plan.shapes import shape_from_config
 
@@ -210,13 +212,20 @@ def _model_widths(model_cfg) -> tuple[int, int]:
 
 def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_len: int,
                  notes: dict | None = None) -> Config:
-    """A copy of ``cfg`` with every `auto` replaced by the value that will be used on this machine.
+    """A copy of ``cfg`` with every `auto` replaced by the value that will be used on this machine, and a
+    ``model`` or data path relative to the current folder made absolute (the run folder is read from anywhere).
 
     ``notes``, when given, receives what the choices were based on: ``precision_probe`` (the probe's
     figures, :meth:`PrecisionProbe.to_dict`) when `precision: auto` ran one.
     """
     device, mem_gb = device_memory_gb()
     out = dataclasses.replace(cfg)
+    for key in ("model", "data", "eval_data", "replay_data"):
+        # a file or folder named from the current folder: the run's config names it from anywhere
+        value = getattr(out, key)
+        local = Path(value).expanduser() if isinstance(value, str) else None
+        if local is not None and value.strip().lower() != DEFAULT_MODEL and not local.is_absolute() and local.exists():
+            setattr(out, key, str(local.absolute()))
     if out.epochs == "auto":
         out.epochs = epochs_for_data(n_examples)
     if out.precision == "auto":

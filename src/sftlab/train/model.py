@@ -93,14 +93,23 @@ def init_prefix_from_tokens(model, token_ids: list[int]) -> bool:
     where the base scores ~0.8), so training first spends its steps undoing the damage. The keys and
     values of real text (rotated for positions 0..n-1, where the data's positions start after the
     prefix) make the untrained prefix model the base model reading that text first: about the base's
-    loss. False (peft's start kept) where the cache's shape is not the adapter's (per-layer head sizes)."""
+    loss. The keys and values go into a plain cache that keeps every token in every layer: the model's own
+    cache keeps only the last ``sliding_window`` tokens in a sliding-window layer (Gemma 2/3), which left
+    such a model's prefix at peft's random start. False (peft's start kept) where the cache's shape is
+    still not the adapter's (per-layer head sizes)."""
+    import inspect
+
     import torch  # deferred: heavy library, imported on first use
+    from transformers import (
+        DynamicCache,  # deferred: heavy library, imported on first use
+    )
 
     emb = model.prompt_encoder[model.active_adapter].embedding.weight
     base = model.get_base_model()
     ids = torch.tensor([token_ids], device=emb.device)
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     with torch.no_grad():
-        out = base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        out = base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{name: DynamicCache()})
         cache = out.get("cache", out.get("past_key_values"))
         layers = getattr(cache, "layers", None) or []
         # each layer's keys/values (1, heads, n, head_dim) -> (n, 2 * layers, heads, head_dim), peft's layout
@@ -166,8 +175,9 @@ def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | N
             model = peft.get_peft_model(model, _peft_config(cfg, new_ids))
         except ValueError as exc:
             raise SftlabError(f"cannot apply {cfg.method}: {exc}", hint="check lora_target_modules")
-        if cfg.method == "prefix":
-            init_prefix_from_tokens(model, prefix_seed_ids(tok, template, cfg.prefix_tokens))
+        if cfg.method == "prefix" and not init_prefix_from_tokens(model, prefix_seed_ids(tok, template, cfg.prefix_tokens)):
+            raise SftlabError(f"prefix tuning: {cfg.model}'s per-layer keys and values do not fit the prefix (its layers "
+                              "differ in shape), so it would start from random vectors", hint="use --set method=lora")
         _speed_up_adapters(cfg, model)
 
     def loss_fn(m, batch):
