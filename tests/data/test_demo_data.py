@@ -37,8 +37,9 @@ def test_train_check_runs_on_the_demo_config_alone(tmp_path, tiny_model_dir, mon
                  "--check", "--json"])
     checked = json.loads(capsys.readouterr().out)
     assert code == 0 and not [f for f in checked["findings"] if f["severity"] == "error"]
-    assert checked["resolved"]["data"] == "src/sftlab/demo_data/train.jsonl"
-    assert checked["resolved"]["eval_data"] == "src/sftlab/demo_data/eval.jsonl"
+    # read from the repo root; the run's config names them from anywhere
+    assert checked["resolved"]["data"] == str(REPO / "src/sftlab/demo_data/train.jsonl")
+    assert checked["resolved"]["eval_data"] == str(REPO / "src/sftlab/demo_data/eval.jsonl")
 
 
 def test_the_demo_config_elsewhere_says_where_relative_paths_start(tmp_path, tiny_model_dir, monkeypatch, capsys):

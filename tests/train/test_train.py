@@ -271,6 +271,23 @@ def test_auto_values_follow_model_and_data_size(monkeypatch, tiny_model_dir):
     assert tight.gradient_checkpointing is True
 
 
+def test_a_mixtures_relative_paths_are_saved_absolute(monkeypatch, tmp_path, tiny_model_dir):
+    """The run's config names a mixture's sources from anywhere, as it does one data file: eval, report and
+    resume of a run read from another folder did not find `data: [a.jsonl, {path: b.jsonl, weight: 2}]`."""
+    from sftlab.models import model_config
+    from sftlab.plan import auto
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    cfg = load_config(None, {"model": str(tiny_model_dir), "data": ["a.jsonl", {"path": "b.jsonl", "weight": 2}],
+                             "eval_data": ["a.jsonl", "gone.jsonl"], "batch_size": 4})
+    rc = auto.resolve_auto(cfg, n_params=10**6, n_examples=100, model_cfg=model_config(str(tiny_model_dir)), seq_len=64)
+    assert rc.data == [str(tmp_path / "a.jsonl"), {"path": str(tmp_path / "b.jsonl"), "weight": 2}]
+    assert rc.eval_data == [str(tmp_path / "a.jsonl"), "gone.jsonl"]  # what is not here stays as written
+    assert cfg.data[0] == "a.jsonl"  # the config itself is not changed
+
+
 def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_dir):
     """`batch_size: auto` is the largest micro-batch whose estimate for this model and these rows fits
     90% of the memory (not a table by GPU size), accumulation makes a global batch of 16, and a value

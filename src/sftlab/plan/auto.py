@@ -210,6 +210,14 @@ def _model_widths(model_cfg) -> tuple[int, int]:
     return int(hidden), int(inter)
 
 
+def _absolute(value):
+    """A path relative to the current folder that exists here, made absolute; anything else as it is."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    local = Path(value).expanduser()
+    return str(local.absolute()) if not local.is_absolute() and local.exists() else value
+
+
 def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_len: int,
                  notes: dict | None = None) -> Config:
     """A copy of ``cfg`` with every `auto` replaced by the value that will be used on this machine, and a
@@ -223,9 +231,11 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
     for key in ("model", "data", "eval_data", "replay_data"):
         # a file or folder named from the current folder: the run's config names it from anywhere
         value = getattr(out, key)
-        local = Path(value).expanduser() if isinstance(value, str) else None
-        if local is not None and value.strip().lower() != DEFAULT_MODEL and not local.is_absolute() and local.exists():
-            setattr(out, key, str(local.absolute()))
+        if isinstance(value, list):  # a mixture: each source's path (a source's name stays its file's stem)
+            setattr(out, key, [{**v, "path": _absolute(v.get("path"))} if isinstance(v, dict) and "path" in v
+                               else _absolute(v) for v in value])
+        elif key != "model" or not isinstance(value, str) or value.strip().lower() != DEFAULT_MODEL:
+            setattr(out, key, _absolute(value))
     if out.epochs == "auto":
         out.epochs = epochs_for_data(n_examples)
     if out.precision == "auto":
