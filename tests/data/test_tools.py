@@ -159,7 +159,7 @@ def test_template_without_tool_support_is_refused_and_chatml_tools_renders_them(
     out = capsys.readouterr().out
     assert '«<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>»' in out
     assert "<tool_response>\nsunny\n</tool_response>" in out and "«sunny" not in out
-    assert "labels: each turn trained as the model produces it: 2 chats one example each" in out
+    assert "labels: each turn trained as the model produces it: 2 chats as one example each" in out
 
 
 def test_show_marks_the_reasoning_span(tiny_model_dir, tmp_path):
