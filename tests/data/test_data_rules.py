@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 
+from sftlab.data.doctor import run_doctor
 from sftlab.data.masking import PrepareReport
 
 
 def _jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def test_a_boolean_weight_is_refused(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "yo"}], "weight": True}])
+    res = run_doctor(path)
+    assert [(f.rule, f.severity) for f in res.findings] == [("fields", "error")]
+    assert "'weight' must be a number, got True" in res.findings[0].message
 
 
 def test_the_label_rule_line_says_chat_and_chats():

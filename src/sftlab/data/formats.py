@@ -52,6 +52,8 @@ def _weight(row: dict) -> float:
     if w is None or isinstance(w, str) and not w.strip():  # an empty CSV cell: no weight given
         return 1.0
     try:
+        if isinstance(w, bool):  # float(True) is 1.0: `weight: true` would pass as a weight of 1
+            raise TypeError
         w = float(w)
     except (TypeError, ValueError):
         raise FormatError(f"'weight' must be a number, got {w!r}", "fields")
