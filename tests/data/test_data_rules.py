@@ -4,13 +4,35 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from sftlab.core.errors import SftlabError
 from sftlab.data.doctor import run_doctor
+from sftlab.data.load import read_records
 from sftlab.data.masking import PrepareReport
 
 
 def _jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def test_a_key_given_twice_is_an_error_naming_line_and_key(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                     '{"messages": [{"role": "user", "content": "lost", "content": "kept"}, '
+                     '{"role": "assistant", "content": "yo"}]}\n')
+    with pytest.raises(SftlabError, match=r"d\.jsonl:2: key 'content' is given twice in messages\[0\]"):
+        read_records(jsonl)
+    assert [r.line for r in read_records(jsonl, strict=False) if r.data is None] == [2]
+    arr = tmp_path / "d.json"
+    arr.write_text('[\n{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},\n'
+                   '{"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],\n'
+                   ' "weight": 1, "weight": 2}\n]\n')
+    bad = [r for r in read_records(arr, strict=False) if r.data is None]
+    assert [(r.line, "key 'weight'" in r.error) for r in bad] == [(3, True)]
+    res = run_doctor(str(arr))
+    assert [(f.rule, f.severity, f.data["line"]) for f in res.findings] == [("parse", "error", 3)]
 
 
 def test_a_boolean_weight_is_refused(tmp_path):
