@@ -160,3 +160,28 @@ def test_a_blank_user_turn_is_a_warning(tmp_path, content, what):
     res = run_doctor(path)
     assert [(f.rule, f.severity, f.data["line"], f.message) for f in res.findings] == [
         ("empty_user", "warning", 1, f"message 1 (user) is {what}")]
+
+
+def test_a_weighted_source_left_without_examples_is_an_error_as_in_prepare(tmp_path, tiny_model_dir, capsys):
+    """A weighted mixture draws from every source each epoch: prepare refuses one that tokenization left
+    empty; the doctor says so (with the limit that keeps one). Without weights it only loses those examples."""
+    long = _jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "tell me " * 20},
+                                                          {"role": "assistant", "content": "a long answer " * 12}]}])
+    short = _jsonl(tmp_path / "short.jsonl", _rows(3)[:1])
+    cfg = {"model": str(tiny_model_dir), "max_seq_length": 64, "data": [{"path": long, "weight": 1}, {"path": short, "weight": 1}]}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    cfg_path = str(tmp_path / "run.yaml")
+    with pytest.raises(SftlabError, match="source 'long'"):
+        prepare(load_config(cfg_path))
+    code, res = _doctor_json(capsys, cfg_path)
+    found = [f for f in res["findings"] if f["rule"] == "nothing_left"]
+    assert code == 2 and [f["where"] for f in found] == [long] and "source 'long'" in found[0]["message"]
+    need = int(found[0]["fixes"][0].split("raise max_seq_length to ")[1].split()[0])
+    assert prepare(load_config(cfg_path, {"max_seq_length": need})).report.n_kept == 2
+    with pytest.raises(SftlabError, match="source 'long'"):
+        prepare(load_config(cfg_path, {"max_seq_length": need - 1}))
+    # the same sources without weights: every usable example once, the long one dropped, no error
+    plain = load_config(cfg_path, {"data": [long, short]})
+    assert prepare(plain).report.n_kept == 1
+    code, res = _doctor_json(capsys, cfg_path, long, short)
+    assert code == 1 and not [f for f in res["findings"] if f["rule"] == "nothing_left"]

@@ -164,12 +164,16 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         stats["eval"] = {"data": evl.path, "format": evl.fmt, "records": evl.records, "examples": len(evl.convs),
                          "files": evl.files, "duplicates": eval_dups,
                          **_eval_overlap(train.convs, evl.convs, mh, bodies, res.findings)}
+    left_out: list[Finding] = []  # sources training leaves empty: said only when the whole data is not (prepare's order)
     if parts:
-        stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length, rule) for src, f in parts]
+        sampled = any(s.weight is not None or s.count is not None for s, _ in parts)  # prepare draws each epoch
+        stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length, rule, truncation if sampled else None,
+                                          left_out) for src, f in parts]
     if tok is not None:
         stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings, truncation, rule))
         stats.update(rule)
         _nothing_left(stats["max_seq_length"], len(train.convs), train.path, res.findings)
+        res.findings += left_out if not any(f.rule == "nothing_left" for f in res.findings) else []
         stats["added_tokens"] = added
         _consistency(train.convs, tpl, res.findings)
         template_tool_check(train.convs, tpl, res.findings)
@@ -327,8 +331,11 @@ def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str,
     return joined, parts
 
 
-def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None, rule: dict) -> dict:
-    """One row of the per-source table; tokens and trained tokens (as training labels them) need ``tok``."""
+def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None, rule: dict, truncation: str | None,
+                  findings: list[Finding]) -> dict:
+    """One row of the per-source table; tokens and trained tokens (as training labels them) need ``tok``.
+    ``truncation`` (of a weighted or counted mixture, which draws from each source every epoch): a source
+    that training leaves without an example is an error, as prepare refuses it."""
     row = {"name": src.name, "path": src.path, "format": f.fmt, "weight": src.weight, "count": src.count,
            "records": f.records, "examples": len(f.convs), "tokens": None, "trained_tokens": None, "too_long": None}
     if tok is None or not f.convs:
@@ -340,6 +347,17 @@ def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None, rule: di
     row.update(tokens=rep.n_tokens, trained_tokens=rep.n_trained_tokens,
                too_long=sum(len(e.input_ids) > max_len and any(x != IGNORE for x in e.labels[max_len:])
                             for e in examples) if max_len else None)  # as the whole-data count: a cut untrained tail is free
+    if truncation and f.convs and (not examples or row["too_long"] == len(examples)):  # else some example fits whole
+        kept = examples and Labeler(tok, tpl, max_seq_length=max_len, truncation=truncation, **rule).encode(f.convs)[0]
+        if not kept:
+            need = min((len(e.labels) - next(i for i, x in enumerate(reversed(e.labels)) if x != IGNORE) for e in examples),
+                       default=None)
+            why = f"each over max_seq_length {max_len} (truncation: {truncation})" if examples else "each with no trained token"
+            findings.append(Finding(
+                "nothing_left", "error", f"source '{src.name}': training leaves no example of its {_n(len(f.convs), 'conversation')}, "
+                f"{why}; a weighted or counted source must keep one, so prepare stops", where=src.path,
+                fixes=[f"raise max_seq_length to {need} (its shortest example then fits)"] * bool(need) + ["or leave the source out"],
+                data={"file": src.path, "line": 0}))
     return row
 
 
