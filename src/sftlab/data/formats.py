@@ -160,7 +160,11 @@ def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
         if close < 0:
             raise FormatError(f"{where} opens <think> but never closes it", "reasoning_unclosed",
                               "add </think> after the reasoning, or move it to a 'reasoning_content' field")
-        return body[close + len(_THINK_CLOSE):].lstrip("\n"), body[len(_THINK_OPEN):close].strip("\n")
+        reasoning = body[len(_THINK_OPEN):close].strip("\n")
+        if _THINK_OPEN in reasoning:  # the first </think> closes the outer block: the rest would be trained as the answer
+            raise FormatError(f"{where} has a <think> inside its <think> block", "reasoning_unclosed",
+                              "remove the inner <think> (reasoning blocks do not nest)")
+        return body[close + len(_THINK_CLOSE):].lstrip("\n"), reasoning
     return content, None
 
 
