@@ -185,6 +185,9 @@ def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
                 raise FormatError(f"{where} has reasoning both in '{given[0]}' and inline <think>", "reasoning",
                                   "keep the reasoning in one place: the field or the <think> block")
             reasoning = m[given[0]]
+            if _THINK_OPEN in reasoning or _THINK_CLOSE in reasoning:  # the template wraps it: trained as <think><think>...
+                raise FormatError(f"{where} '{given[0]}' holds <think> tags; the template adds them around the field",
+                                  "reasoning_unclosed", f"remove the <think> and </think> tags from '{given[0]}'")
         return Message("assistant", content, tool_calls=calls, reasoning=reasoning)
     if "tool_calls" in m and m["tool_calls"]:
         raise FormatError(f"{where} is a {role} message with 'tool_calls'; only assistant messages make calls",
