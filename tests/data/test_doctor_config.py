@@ -185,3 +185,12 @@ def test_a_weighted_source_left_without_examples_is_an_error_as_in_prepare(tmp_p
     assert prepare(plain).report.n_kept == 1
     code, res = _doctor_json(capsys, cfg_path, long, short)
     assert code == 1 and not [f for f in res["findings"] if f["rule"] == "nothing_left"]
+
+
+def test_the_tools_stats_line_says_example_and_examples(tmp_path):
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    row = {"tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
+           "messages": [{"role": "user", "content": "1+?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "assistant", "content": "1"}]}
+    text = run_doctor(_jsonl(tmp_path / "d.jsonl", [row])).format_text()
+    assert "tools: 1 example offers tools; 1 call, 1 tool result; reasoning in 0 of 2 assistant turns" in text

@@ -454,8 +454,9 @@ def _stats_lines(s: dict) -> list[str]:
         out.append(f"template tokens the tokenizer lacks (training adds them): {', '.join(s['added_tokens'])}")
     t = s.get("tools")
     if t and (t["examples_with_tools"] or t["tool_calls"] or t["turns_with_reasoning"]):
-        out.append(f"tools: {t['examples_with_tools']} examples offer tools; {t['tool_calls']} calls, "
-                   f"{t['tool_results']} tool results; reasoning in {t['turns_with_reasoning']} of "
+        n = t["examples_with_tools"]
+        out.append(f"tools: {_n(n, 'example')} offer{'s' * (n == 1)} tools; {_n(t['tool_calls'], 'call')}, "
+                   f"{_n(t['tool_results'], 'tool result')}; reasoning in {t['turns_with_reasoning']} of "
                    f"{t['assistant_turns']} assistant turns ({t['reasoning_share']:.1%})")
     d = s["duplicates"]
     out.append(f"duplicates: {d['exact']} exact, {d['near']} near")
