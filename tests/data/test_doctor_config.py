@@ -136,6 +136,11 @@ def test_without_a_model_every_example_surely_dropped_is_an_error(tmp_path):
     assert len(found) == 1 and "raise max_seq_length above 62" in found[0].fixes[0], found
     assert not [f for f in run_doctor(path, length_tokenizer=tok, max_seq_length=40, truncation="truncate").findings
                 if f.rule == "nothing_left"]
+    # plain text under drop: its length (with the EOS) is exact, and each over the limit is dropped
+    text = _jsonl(tmp_path / "t.jsonl", [{"text": "z" * 50}, {"text": "w" * 45}])
+    found = [f for f in run_doctor(text, length_tokenizer=tok, max_seq_length=40, truncation="drop").findings
+             if f.rule == "nothing_left"]
+    assert len(found) == 1 and "raise max_seq_length to 46 " in found[0].fixes[0]
 
 
 def _byte_tokenizer():

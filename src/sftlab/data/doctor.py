@@ -248,15 +248,16 @@ def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None
                  fix="raise max_seq_length, or shorten or split the example")
     n_long = sum(n > max_len for n in lengths) if max_len is not None else 0
     # surely dropped (even before the template adds tokens): drop, or a chat with no earlier turn to cut
-    sure = sum(max_len is not None and n > max_len and not c.is_text
-               and (truncation == "drop" or truncation == "cut_turns" and sum(m.role == "user" for m in c.messages) < 2)
+    sure = sum(max_len is not None and n > max_len and (truncation == "drop" or truncation == "cut_turns" and not c.is_text
+                                                         and sum(m.role == "user" for m in c.messages) < 2)
                for c, n in zip(convs, lengths))
     return {"length": _length_stats(lengths, "tokens"), "trained_tokens": None,
             "max_seq_length": None if max_len is None else {
                 "limit": max_len, "truncation": truncation, "too_long": n_long,
                 "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
                 "turns_cut": None, "truncated": None, "dropped": None, "lost_trained_tokens": None, "lost_trained_share": None,
-                "kept": len(lengths) - sure if sure else None, "shortest": min(lengths, default=None)},
+                "kept": len(lengths) - sure if sure else None, "shortest": min(lengths, default=None),
+                "keeps_one_whole": min(lengths) if lengths and all(c.is_text for c in convs) else None},  # text: exact
             "note": f"lengths are tokens of message text by the {name or 'default'} tokenizer, without a chat template; "
                     "pass --model for your model's exact lengths and trained tokens"}
 
