@@ -49,6 +49,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "template_consistency": ("warning", "training text and inference prompt disagree"),
     "tool_schema": ("warning", "tool-call arguments that do not match the function's schema"),
     "tool_unanswered": ("warning", "tool calls never answered by a tool result"),
+    "tool_result_order": ("warning", "results of one function in another order than its calls"),
     "reasoning_in_user": ("warning", "<think> reasoning inside user or system turns"),
 }
 NEAR_JACCARD = 0.9  # word 3-shingle Jaccard at or above which two texts are near duplicates

@@ -29,6 +29,7 @@ _FIXES = {
     "tool_schema": "make the arguments match the function's \"parameters\" schema (or fix the schema)",
     "tool_orphan_result": "put the assistant turn with the matching tool_calls right before the tool result",
     "tool_unanswered": "add a \"tool\" message with the call's result right after the assistant's call",
+    "tool_result_order": "put the tool results in the order of the calls they answer",
     "reasoning_unclosed": "close the reasoning with </think> before the reply (or remove the stray tag)",
     "reasoning_in_user": "move the <think> block into the assistant turn (as reasoning_content or inline)",
 }
@@ -178,10 +179,20 @@ def tool_checks(conv: Conversation, findings: list[Finding]) -> None:
             if match is None:
                 once("tool_orphan_result", f"message {i} (tool): a tool result, but {orphan_reason(open_calls, m)}")
             else:
+                # results are rendered in the order given, mostly without ids: of one function, only order tells them apart
+                same = [c for c in open_calls[:open_calls.index(match)] if c[2] == match[2]]
+                if same:
+                    once("tool_result_order", f"message {i} (tool): answers call {_call_name(match)} of message {match[0]} "
+                         f"before call {_call_name(same[0])}; a template that does not render tool_call_id "
+                         "(chatml-tools, most) shows the results in this order, pairing them with the wrong calls")
                 open_calls.remove(match)
         elif m.role == "user":
             _unanswered(open_calls, i, m.role, once)
             open_calls = []
+
+
+def _call_name(call: tuple[int, str | None, str | None]) -> str:
+    return f"{call[1]!r} ({call[2]})" if call[1] else repr(call[2])
 
 
 def _check_call(i: int, name: str | None, raw: Any, tools: list[dict] | None, schemas: dict, once) -> None:
