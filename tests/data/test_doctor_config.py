@@ -199,3 +199,11 @@ def test_the_tools_stats_line_says_example_and_examples(tmp_path):
                         {"role": "tool", "tool_call_id": "c1", "content": "1"}, {"role": "assistant", "content": "1"}]}
     text = run_doctor(_jsonl(tmp_path / "d.jsonl", [row])).format_text()
     assert "tools: 1 example offers tools; 1 call, 1 tool result; reasoning in 0 of 2 assistant turns" in text
+
+
+def test_the_configs_eval_data_is_checked_for_overlap(tmp_path, tiny_model_dir, capsys):
+    cfg_path = _config(tmp_path, tiny_model_dir, eval_data=_jsonl(tmp_path / "eval.jsonl", _rows(2)))
+    _, res = _doctor_json(capsys, cfg_path)
+    assert res["stats"]["eval"]["exact_overlap"] == 2  # the eval rows are a.jsonl's first two
+    _, res = _doctor_json(capsys, cfg_path, "--eval", _jsonl(tmp_path / "other.jsonl", _rows(1, offset=50)))
+    assert res["stats"]["eval"]["exact_overlap"] == 0
