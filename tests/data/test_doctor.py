@@ -337,7 +337,8 @@ def test_builtin_template_tokens_are_added_on_a_copy(tmp_path, tok):
 def test_lengths_without_a_model_are_characters(tmp_path):
     result = run_doctor(write(tmp_path, [chat("ab", "cde"), chat("x", "y")]))
     length = result.stats["length"]
-    assert (length["unit"], length["min"], length["max"]) == ("characters", 2, 5)
+    # the messages' text joined by newlines (as the token measure): "x\ny", "ab\ncde"
+    assert (length["unit"], length["min"], length["max"]) == ("characters", 3, 6)
     assert result.stats["trained_tokens"] is None and "characters" in result.format_text()
 
 

@@ -207,3 +207,20 @@ def test_the_configs_eval_data_is_checked_for_overlap(tmp_path, tiny_model_dir, 
     assert res["stats"]["eval"]["exact_overlap"] == 2  # the eval rows are a.jsonl's first two
     _, res = _doctor_json(capsys, cfg_path, "--eval", _jsonl(tmp_path / "other.jsonl", _rows(1, offset=50)))
     assert res["stats"]["eval"]["exact_overlap"] == 0
+
+
+@pytest.mark.parametrize("reasoning, length", [("per_turn", 2 + 1 + 60 + 1 + 2), ("last", 66), ("keep", 66), ("drop", 5)])
+def test_without_a_model_lengths_count_the_reasoning_training_keeps_and_tool_calls(tmp_path, reasoning, length):
+    """Message text alone missed a reply's reasoning: a chat with 60 bytes of <think> measured 5 tokens and
+    passed a limit of 40 that prepare then dropped it at. Lengths by the byte tokenizer: one token per byte."""
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "reasoning_content": "r" * 60}]}
+    res = run_doctor(_jsonl(tmp_path / "d.jsonl", [row]), length_tokenizer=_byte_tokenizer(), max_seq_length=40,
+                     reasoning=reasoning)
+    assert res.stats["length"]["max"] == length
+    assert [f.rule for f in res.findings] == ([] if length <= 40 else ["nothing_left", "too_long"])
+    call = {"id": "c", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    row = {"tools": tools, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                                        {"role": "tool", "tool_call_id": "c", "content": "1"}, {"role": "assistant", "content": "1"}]}
+    res = run_doctor(_jsonl(tmp_path / "t.jsonl", [row]), length_tokenizer=_byte_tokenizer(), reasoning=reasoning)
+    assert res.stats["length"]["max"] == len('hi\n\nadd {"a": 1}\n1\n1')

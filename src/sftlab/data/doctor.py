@@ -39,7 +39,12 @@ from sftlab.data.doctor_checks import (
     _token_checks,
     policy_words,
 )
-from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
+from sftlab.data.doctor_tools import (
+    message_text,
+    reasoning_checks,
+    template_tool_check,
+    tool_checks,
+)
 from sftlab.data.formats import resolve_format, to_conversations
 from sftlab.data.load import folder_files, is_saved_dataset, read_records, split_of
 from sftlab.data.masking import IGNORE, MASKING, REASONING, TRUNCATION, Labeler
@@ -114,7 +119,8 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     config): every file is checked, duplicates are found across them, and ``stats["sources"]`` has
     one row per source (records, usable examples, format; with a tokenizer, tokens and trained tokens).
     Without ``tokenizer``, ``length_tokenizer`` (the CLI passes the default model's, named
-    ``length_tokenizer_name``) measures each example's message text in tokens, no template applied,
+    ``length_tokenizer_name``) measures each example's message text (with its tool calls and the
+    reasoning training keeps) in tokens, no template applied,
     so ``max_seq_length`` is still checked; without either, lengths are characters and unchecked.
     Lengths are the examples' whole lengths; an example over ``max_seq_length`` is reported with what
     training does to it under ``truncation`` (as prepare: cut earlier turns, cut at the limit, or drop)
@@ -149,8 +155,8 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         _text_checks(conv, marker_re, specials, res.findings)
         _empty_user(conv, res.findings)
         tool_checks(conv, res.findings)
-        turns, reasoning = reasoning_checks(conv, res.findings)
-        n_turns, n_reasoning = n_turns + turns, n_reasoning + reasoning
+        turns, with_reasoning = reasoning_checks(conv, res.findings)
+        n_turns, n_reasoning = n_turns + turns, n_reasoning + with_reasoning
     mh = _MinHash()
     bodies = mh.index([_body(c) for c in train.convs])
     stats = {"data": train.path, "format": train.fmt, "records": train.records, "examples": len(train.convs),
@@ -179,10 +185,10 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         template_tool_check(train.convs, tpl, res.findings)
     elif length_tokenizer is not None:
         stats.update(_text_lengths(train.convs, length_tokenizer, length_tokenizer_name, max_seq_length, res.findings,
-                                   truncation))
+                                   truncation, reasoning))
         _nothing_left(stats["max_seq_length"], len(train.convs), train.path, res.findings)
     else:
-        chars = [len(c.text) if c.is_text else sum(len(m.content) for m in c.messages) for c in train.convs]
+        chars = [len(c.text) if c.is_text else len(message_text(c, reasoning)) for c in train.convs]
         stats["length"] = _length_stats(chars, "characters")
         stats["trained_tokens"] = stats["max_seq_length"] = None
         stats["note"] = "lengths are characters of message text; pass a model for token lengths and trained tokens"
@@ -229,14 +235,14 @@ def _nothing_left(m: dict | None, n: int, path: str, findings: list[Finding]) ->
 
 
 def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None, findings: list[Finding],
-                  truncation: str = "cut_turns") -> dict:
+                  truncation: str = "cut_turns", reasoning: str = "per_turn") -> dict:
     """Token lengths of the message text (no template: a lower bound of the training length) by ``tok``;
     examples over ``max_len`` are flagged "too_long", with what training's ``truncation`` does to them."""
     lengths = []
     eos = tok.eos_token if isinstance(tok.eos_token, str) else ""
     for c in convs:
         # plain text is trained as it is plus the EOS (prepare's rule): that length is exact, not a lower bound
-        text = c.text + eos if c.is_text else "\n".join(m.content for m in c.messages)
+        text = c.text + eos if c.is_text else message_text(c, reasoning)  # with tool calls and kept reasoning
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         lengths.append(n)
         if max_len is not None and n > max_len:

@@ -70,6 +70,22 @@ def call_parts(call: Any) -> tuple[str | None, Any]:
     return (name if isinstance(name, str) else None), args
 
 
+def message_text(conv: Conversation, reasoning: str = "per_turn") -> str:
+    """The text every template renders of a chat, without the template: contents, tool calls (name and
+    arguments) and the reasoning training keeps at least (``keep``: all of it; ``per_turn`` and ``last``:
+    the last assistant turn's, which its longest example holds; ``drop``: none). A lower bound of its length."""
+    last = max((i for i, m in enumerate(conv.messages) if m.role == "assistant"), default=-1)
+    parts = []
+    for i, m in enumerate(conv.messages):
+        if m.reasoning and (reasoning == "keep" or reasoning != "drop" and i == last):
+            parts.append(m.reasoning)
+        parts.append(m.content)
+        for call in m.tool_calls or ():
+            name, args = call_parts(call)
+            parts.append(f"{name or ''} {args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}")
+    return "\n".join(parts)
+
+
 def parse_arguments(args: Any) -> tuple[dict | None, str | None]:
     """(arguments as a dict, None) or (None, what is wrong). A JSON string is decoded; None means {}."""
     if args is None:
