@@ -224,3 +224,12 @@ def test_without_a_model_lengths_count_the_reasoning_training_keeps_and_tool_cal
                                         {"role": "tool", "tool_call_id": "c", "content": "1"}, {"role": "assistant", "content": "1"}]}
     res = run_doctor(_jsonl(tmp_path / "t.jsonl", [row]), length_tokenizer=_byte_tokenizer(), reasoning=reasoning)
     assert res.stats["length"]["max"] == len('hi\n\nadd {"a": 1}\n1\n1')
+
+
+def test_set_overrides_the_configs_keys_as_in_prepare(tmp_path, tiny_model_dir, capsys):
+    cfg_path = _config(tmp_path, tiny_model_dir, max_seq_length=4096)
+    _, res = _doctor_json(capsys, cfg_path, "--set", "max_seq_length=24", "--set", "truncation=drop")
+    assert [f["rule"] for f in res["findings"]][0] == "nothing_left"
+    assert main(["doctor", str(tmp_path / "a.jsonl"), "--set", "masking=all"]) == 2
+    out, err = capsys.readouterr()
+    assert "--set overrides a training config, and none is given" in err and len(err.strip().splitlines()) == 1

@@ -102,6 +102,8 @@ def _add_doctor(p: argparse.ArgumentParser) -> None:
     _config_flag(p, "masking", help_text="which tokens training trains (counted as prepare labels them)")
     _config_flag(p, "reasoning", help_text="what training does with reasoning (<think>) turns (counted as prepare labels them)")
     p.add_argument("--eval", dest="eval_data", default=None, help="eval data file to check for overlap with DATA")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any key of the training config (as prepare and train take it)")
     p.add_argument("--json", action="store_true", help="print findings and stats as JSON")
     p.set_defaults(func=_cmd_doctor)
 
@@ -121,8 +123,9 @@ def _doctor_inputs(args) -> tuple[str | None, list[str]]:
 
 def _cmd_doctor(args) -> int:
     """Exit 0 when clean, 1 with only warnings, 2 with errors in the data."""
-    from sftlab.config import (
-        load_config,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        load_config,
+        parse_set,
     )
     from sftlab.data.doctor import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         run_doctor,
@@ -138,9 +141,13 @@ def _cmd_doctor(args) -> int:
              "truncation": args.truncation, "masking": args.masking, "reasoning": args.reasoning}
     flags = {k: v for k, v in flags.items() if v is not None}
     if config:  # the run's own settings, as `sftlab prepare RUN.yaml` reads them; flags and DATA override them
-        cfg = load_config(config, {**flags, **({"data": data[0] if len(data) == 1 else data} if data else {})})
+        cfg = load_config(config, {**flags, **({"data": data[0] if len(data) == 1 else data} if data else {}),
+                                   **parse_set(args.set)})
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         return _report_findings(run_doctor_config(cfg, tokenizer, eval_data=args.eval_data), args.json)
+    if args.set:
+        raise SftlabError("--set overrides a training config, and none is given",
+                          hint="pass the run's config: sftlab doctor RUN.yaml --set KEY=VALUE (or use the flags)")
     tokenizer = length_tok = None
     if args.model:
         tokenizer = load_tokenizer(args.model)

@@ -195,7 +195,8 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     order = {c: i for i, c in enumerate(CHECKS)}
     eval_paths = {Path(f.path) for _, f in eparts} or ({Path(evl.path)} if evl else set())
     in_eval = lambda f: bool(eval_paths & {Path(f.data["file"]), *Path(f.data["file"]).parents})  # noqa: E731
-    res.findings.sort(key=lambda f: (in_eval(f), f.data["file"], f.data["line"], order[f.rule]))
+    # what stops training comes first (nothing_left), then by file and line
+    res.findings.sort(key=lambda f: (in_eval(f), f.rule != "nothing_left", f.data["file"], f.data["line"], order[f.rule]))
     stats["findings"] = dict(Counter(f.severity for f in res.findings))
     stats["checks"] = dict(Counter(f.rule for f in res.findings))
     res.stats = stats
