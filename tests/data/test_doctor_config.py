@@ -233,3 +233,21 @@ def test_set_overrides_the_configs_keys_as_in_prepare(tmp_path, tiny_model_dir, 
     assert main(["doctor", str(tmp_path / "a.jsonl"), "--set", "masking=all"]) == 2
     out, err = capsys.readouterr()
     assert "--set overrides a training config, and none is given" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_key_a_typo_away_from_one_training_reads_is_a_warning(tmp_path):
+    """'contents', 'reasoning_contents', 'tool_call', 'tool' are read as nothing: their text is silently left out."""
+    ok = {"role": "assistant", "content": "yo"}
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {**ok, "reasoning_contents": "hmm"}]},
+            {"messages": [{"role": "user", "content": "hi2"}, {**ok, "tool_call": [{"id": "a"}]}]},
+            {"tool": [{"name": "f"}], "messages": [{"role": "user", "content": "hi3"}, ok]},
+            {"messages": [{"role": "user", "content": "hi4", "reasoning_content": "secret"}, ok]},
+            # extra keys that are no near miss (a per-message flag, an id) are nobody's business
+            {"id": 7, "messages": [{"role": "user", "content": "hi5", "train": False}, {**ok, "loss": True}]}]
+    res = run_doctor(_jsonl(tmp_path / "d.jsonl", rows))
+    assert [(f.rule, f.severity, f.data["line"], f.message) for f in res.findings] == [
+        ("unread_keys", "warning", 1, "message 2: key 'reasoning_contents' is not read (did you mean 'reasoning_content'?): "
+                                      "its value is ignored"),
+        ("unread_keys", "warning", 2, "message 2: key 'tool_call' is not read (did you mean 'tool_calls'?): its value is ignored"),
+        ("unread_keys", "warning", 3, "key 'tool' is not read (did you mean 'tools'?): its value is ignored"),
+        ("unread_keys", "warning", 4, "message 1 (user): 'reasoning_content' is read on assistant messages only: it is ignored")]

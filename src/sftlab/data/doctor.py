@@ -44,6 +44,7 @@ from sftlab.data.doctor_tools import (
     reasoning_checks,
     template_tool_check,
     tool_checks,
+    unread_keys,
 )
 from sftlab.data.formats import resolve_format, to_conversations
 from sftlab.data.load import folder_files, is_saved_dataset, read_records, split_of
@@ -311,6 +312,9 @@ def _load(path, fmt: str | None, findings: list[Finding], split: str = "train", 
     # prepare's rule: --format, else the most common format (one odd first line does not make every other line "wrong")
     key = resolve_format(fmt, records) if readable or (fmt and fmt != "auto") else "unknown"
     convs, failures = to_conversations(records, fmt, strict=False, system_prompt=system_prompt) if readable else ([], [])
+    for r in readable if key == "messages" else ():  # a typo'd key silently drops what it holds
+        if (found := unread_keys(r.data)) is not None:
+            _add(findings, "unread_keys", r.source, r.line, found[0], fix=found[1])
     if not readable:
         failures = [(r, None) for r in records]
     for rec, exc in failures:

@@ -38,6 +38,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "tool_orphan_result": ("error", "tool results with no matching call before them"),
     "template_tools": ("error", "the chat template ignores tools or tool calls"),
     "reasoning_unclosed": ("error", "unclosed or stray <think> tags in replies"),
+    "unread_keys": ("warning", "keys training does not read, a typo away from ones it does"),
     "empty_user": ("warning", "user turns that are empty or only whitespace"),
     "mojibake": ("warning", "mojibake (text decoded with the wrong encoding)"),
     "control_chars": ("warning", "control characters"),
