@@ -251,3 +251,11 @@ def test_a_key_a_typo_away_from_one_training_reads_is_a_warning(tmp_path):
         ("unread_keys", "warning", 2, "message 2: key 'tool_call' is not read (did you mean 'tool_calls'?): its value is ignored"),
         ("unread_keys", "warning", 3, "key 'tool' is not read (did you mean 'tools'?): its value is ignored"),
         ("unread_keys", "warning", 4, "message 1 (user): 'reasoning_content' is read on assistant messages only: it is ignored")]
+
+
+def test_the_report_names_the_runs_model_template_and_label_settings(tmp_path, tiny_model_dir, capsys):
+    cfg_path = _config(tmp_path, tiny_model_dir, template="chatml", masking="last_assistant", reasoning="keep")
+    main(["doctor", cfg_path])
+    out = capsys.readouterr().out
+    assert f"  as the run trains it: model {tiny_model_dir}, template chatml\n" in out
+    assert "trained tokens (masking: last_assistant, reasoning: keep): " in out

@@ -77,6 +77,8 @@ class DoctorResult:
         s, out = self.stats, []
         out.append(f"data: {s['data']} ({s['format']} format; {s['examples']} of {s['records']} records usable)")
         out += _files_lines(s.get("files"))
+        if s.get("run"):
+            out.append(f"  as the run trains it: model {s['run']['model']}, template {s['run']['template']}")
         if s.get("sources"):
             out.append("per source:")
             out += [f"  {line}" for line in _source_lines(s["sources"])]
@@ -210,10 +212,12 @@ def run_doctor_config(cfg: Config, tokenizer, *, eval_data: str | Path | list | 
     ``tokenizer`` (``cfg.model``'s); ``eval_data`` (default ``cfg.eval_data``) for overlap."""
     if not cfg.data:
         raise SftlabError("the config names no training data", hint="set `data:` in the config, or pass DATA")
-    return run_doctor(cfg.data, eval_data=eval_data or cfg.eval_data, fmt=cfg.format, tokenizer=tokenizer,
-                      template=cfg.template, max_seq_length=cfg.max_seq_length, truncation=cfg.truncation,
-                      masking=cfg.masking, reasoning=cfg.reasoning, template_kwargs=template_kwargs(cfg),
-                      system_prompt=cfg.system_prompt)
+    res = run_doctor(cfg.data, eval_data=eval_data or cfg.eval_data, fmt=cfg.format, tokenizer=tokenizer,
+                     template=cfg.template, max_seq_length=cfg.max_seq_length, truncation=cfg.truncation,
+                     masking=cfg.masking, reasoning=cfg.reasoning, template_kwargs=template_kwargs(cfg),
+                     system_prompt=cfg.system_prompt)
+    res.stats["run"] = {"model": cfg.model, "template": cfg.template or "the tokenizer's own"}
+    return res
 
 
 def _nothing_left(m: dict | None, n: int, path: str, findings: list[Finding]) -> None:
