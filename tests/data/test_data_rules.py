@@ -47,3 +47,22 @@ def test_the_label_rule_line_says_chat_and_chats():
     assert "1 chat as one example (" in PrepareReport(n_single=1).rule()
     assert "2 chats as one example each" in PrepareReport(n_single=2).rule()
     assert "1 chat split into one example per assistant turn" in PrepareReport(n_split=1).rule()
+
+
+def test_every_example_at_weight_zero_is_refused_by_prepare_and_the_doctor(tmp_path, tiny_model_dir):
+    """Each example's loss is multiplied by its weight: all at 0, every step would learn nothing."""
+    from sftlab.config import load_config
+    from sftlab.data.prepare import prepare
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "weight": 0}
+            for i in range(2)]
+    path = _jsonl(tmp_path / "d.jsonl", rows)
+    cfg = load_config(None, {"model": str(tiny_model_dir), "data": path})
+    with pytest.raises(SftlabError, match="every example has weight 0: training would learn nothing"):
+        prepare(cfg)
+    found = [(f.rule, f.severity) for f in run_doctor(path).findings]
+    assert found == [("nothing_left", "error")]
+    # one example with a weight is enough: a weight of 0 may be a choice
+    path = _jsonl(tmp_path / "d.jsonl", rows + [{**rows[0], "weight": 0.5}])
+    assert prepare(load_config(None, {"model": str(tiny_model_dir), "data": path})).report.n_kept == 3
+    assert not [f for f in run_doctor(path).findings if f.rule == "nothing_left"]

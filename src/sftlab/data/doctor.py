@@ -165,6 +165,10 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     stats = {"data": train.path, "format": train.fmt, "records": train.records, "examples": len(train.convs),
              "files": train.files}
     stats["duplicates"] = _duplicates(train.convs, bodies, res.findings)
+    if train.convs and not any(c.weight for c in train.convs):  # prepare refuses it: the loss would be 0 throughout
+        res.findings.append(Finding("nothing_left", "error", "every example has weight 0: training would learn nothing",
+                                    where=train.path, fixes=["give the examples a weight > 0 (1 when none is given)"],
+                                    data={"file": train.path, "line": 0}))
     stats["tools"] = _tool_stats(train.convs + (evl.convs if evl else []), n_turns, n_reasoning)
     stats["eval"] = None
     if evl:
