@@ -259,3 +259,16 @@ def test_the_report_names_the_runs_model_template_and_label_settings(tmp_path, t
     out = capsys.readouterr().out
     assert f"  as the run trains it: model {tiny_model_dir}, template chatml\n" in out
     assert "trained tokens (masking: last_assistant, reasoning: keep): " in out
+
+
+def test_nothing_left_offers_truncate_only_where_truncating_keeps_an_example(tmp_path):
+    tok = _byte_tokenizer()
+    path = _jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "x" * 50}]}])
+    for limit, offered in ((40, True), (12, False)):  # the prompt alone is over 12 tokens: truncating keeps nothing
+        found = [f for f in run_doctor(path, tokenizer=tok, template="chatml", max_seq_length=limit, truncation="drop").findings
+                 if f.rule == "nothing_left"]
+        assert len(found) == 1 and any("truncation: truncate" in x for x in found[0].fixes) == offered, found
+        kept = [f for f in run_doctor(path, tokenizer=tok, template="chatml", max_seq_length=limit,
+                                      truncation="truncate").findings if f.rule == "nothing_left"]
+        assert bool(kept) != offered
