@@ -272,3 +272,15 @@ def test_nothing_left_offers_truncate_only_where_truncating_keeps_an_example(tmp
         kept = [f for f in run_doctor(path, tokenizer=tok, template="chatml", max_seq_length=limit,
                                       truncation="truncate").findings if f.rule == "nothing_left"]
         assert bool(kept) != offered
+
+
+def test_plain_data_with_reasoning_drop_renders_as_prepare_does(tmp_path, tiny_model_dir, capsys):
+    """Under reasoning: drop prepare renders with enable_thinking=False (a Qwen3 template then writes an empty
+    <think> block into the prompt); the plain DATA form with --reasoning drop must count the same."""
+    cfg_path = _config(tmp_path, tiny_model_dir, template="qwen3", reasoning="drop", max_seq_length=4096)
+    cfg = load_config(cfg_path, {"data": str(tmp_path / "a.jsonl"), "system_prompt": None})
+    prepared = prepare(cfg)
+    _, res = _doctor_json(capsys, str(tmp_path / "a.jsonl"), "--model", str(tiny_model_dir), "--template", cfg.template,
+                          "--reasoning", "drop", "--max-seq-length", "4096")
+    assert res["stats"]["trained_tokens"]["total"] == sum(e.n_trained for e in prepared.usable)
+    assert round(res["stats"]["length"]["mean"] * len(prepared.usable)) == sum(len(e.input_ids) for e in prepared.usable)

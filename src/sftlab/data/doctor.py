@@ -146,7 +146,8 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     res = DoctorResult()
     train, parts = _load_sources(data, fmt, res.findings, "data", system_prompt)
     evl, eparts = _load_sources(eval_data, fmt, res.findings, "eval_data", system_prompt) if eval_data else (None, [])
-    tok, tpl, added = _setup_tokenizer(tokenizer, template, train.convs + (evl.convs if evl else []), template_kwargs)
+    kwargs = {**({"enable_thinking": False} if reasoning == "drop" else {}), **(template_kwargs or {})}  # prepare's
+    tok, tpl, added = _setup_tokenizer(tokenizer, template, train.convs + (evl.convs if evl else []), kwargs)
     rule = {"masking": masking, "reasoning": reasoning}  # the run's label settings: every Labeler here gets them
     # without a model, the default model's tokenizer (which measures lengths) is the one prepare would use
     special_tok = tok if tok is not None else length_tokenizer
