@@ -165,3 +165,19 @@ def test_one_and_zero_are_booleans_and_none_is_no_tracker(tmp_path):
     f.write_text("packing: 2\n")
     with pytest.raises(SftlabError, match="packing"):
         load_config(f, {})
+
+
+def test_a_config_key_given_twice_is_one_error_naming_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word: a config with max_seq_length twice (or a
+    mixture source with two weights) would train on settings other than the user read."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max_seq_length: 512\nlearning_rate: 1e-4\nmax_seq_length: 64\n")
+    with pytest.raises(SftlabError, match=r"run\.yaml:3: not valid YAML \(key 'max_seq_length' is given twice "
+                                          r"\(first on line 1\)"):
+        load_config(cfg)
+    cfg.write_text("data:\n  - {path: a.jsonl, weight: 1, weight: 2}\n")
+    with pytest.raises(SftlabError, match=r"run\.yaml:2: .*key 'weight' is given twice"):
+        load_config(cfg)
+    # YAML merge keys still override, as YAML means them to
+    cfg.write_text("data:\n  - &src {path: a.jsonl, weight: 1}\n  - {<<: *src, path: b.jsonl}\n")
+    assert load_config(cfg).data == [{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 1}]

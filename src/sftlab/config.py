@@ -312,6 +312,21 @@ def parse_set(items: list[str] | None) -> dict:
     return out
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's loader, refusing a key given twice in one mapping (safe_load keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<" and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (first on line {seen[key]}); only the last would count",
+                    key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
     """Read YAML (if given), apply overrides, coerce types and validate. Errors name the key."""
     raw: dict = {}
@@ -320,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not p.exists():
             raise SftlabError(f"config file '{path}' not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""

@@ -46,7 +46,7 @@ def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit:
         load_config,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
     from sftlab.data.doctor import (
-        run_doctor,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        run_doctor_config,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
     from sftlab.data.prepare import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         prepare,
@@ -83,7 +83,7 @@ def run_demo(out_dir: str = "runs/demo", *, max_steps: int | None = None, limit:
 
     _step("1. check the data (sftlab doctor)")
     tok = load_tokenizer(cfg.model)
-    doc = run_doctor(train_data, eval_data=eval_data, tokenizer=tok, max_seq_length=cfg.max_seq_length)
+    doc = run_doctor_config(cfg, tok)  # the data as this run trains it (its template, limit, masking, reasoning)
     print(doc.format_text(limit=5))
 
     _step("2. what is trained (sftlab prepare --show 1): «trained» tokens")

@@ -242,7 +242,10 @@ def test_too_long_counts_and_lost_trained_share(tmp_path, tok):
     assert result.stats["max_seq_length"] == {
         "limit": limit, "truncation": "truncate", "too_long": 2, "too_long_share": round(2 / 3, 4),
         "turns_cut": 0, "truncated": 2, "dropped": 0,
-        "lost_trained_tokens": sum(lost), "lost_trained_share": round(sum(lost) / total_trained, 4)}
+        "lost_trained_tokens": sum(lost), "lost_trained_share": round(sum(lost) / total_trained, 4), "kept": 3,
+        # the limits that keep the shortest long example whole (its last trained token), or truncated to its first
+        "keeps_one_whole": min(p + t for p, t, total in counts if total > limit),
+        "truncate_keeps_one": min(p + 1 for p, t, total in counts if total > limit)}
     assert result.stats["trained_tokens"] == {
         "total": total_trained, "mean": round(total_trained / 3, 2), "min": min(t for _, t, _ in counts),
         "max": max(t for _, t, _ in counts), "share": round(total_trained / sum(c[2] for c in counts), 4)}
@@ -334,7 +337,8 @@ def test_builtin_template_tokens_are_added_on_a_copy(tmp_path, tok):
 def test_lengths_without_a_model_are_characters(tmp_path):
     result = run_doctor(write(tmp_path, [chat("ab", "cde"), chat("x", "y")]))
     length = result.stats["length"]
-    assert (length["unit"], length["min"], length["max"]) == ("characters", 2, 5)
+    # the messages' text joined by newlines (as the token measure): "x\ny", "ab\ncde"
+    assert (length["unit"], length["min"], length["max"]) == ("characters", 3, 6)
     assert result.stats["trained_tokens"] is None and "characters" in result.format_text()
 
 

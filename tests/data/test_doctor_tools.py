@@ -222,3 +222,17 @@ def test_a_result_id_no_call_has_is_one_error_in_the_doctor_and_refused_by_prepa
     assert [(f.rule, f.severity, f.where) for f in res.findings] == [("tool_orphan_result", "error", f"{path}:1")]
     with pytest.raises(SftlabError, match=rf"{path}:1: message 3 \(tool\): .*'c9' matches no open call"):
         load_conversations(str(path))
+
+
+@pytest.mark.parametrize("order, warned", [(("call_1", "call_2"), False), (("call_2", "call_1"), True)])
+def test_tool_results_out_of_call_order_are_a_warning(order, warned):
+    """Most templates (chatml-tools) render results without their ids, in the order given: answered out of
+    call order, the model reads Rome's result as the one for Paris."""
+    calls = (call("get_weather", {"city": "Paris"}, "call_1"), call("get_weather", {"city": "Rome"}, "call_2"))
+    results = [Message("tool", {"call_1": "sun", "call_2": "rain"}[i], tool_call_id=i) for i in order]
+    conv = tool_conv(Message("user", "Paris and Rome?"), Message("assistant", "", tool_calls=calls), *results,
+                     Message("assistant", "Sun in Paris, rain in Rome."))
+    found = [(f.rule, f.severity, f.message) for f in findings_of(conv)]
+    assert found == ([("tool_result_order", "warning", "message 3 (tool): answers call 'call_2' (get_weather) of message 2 "
+                       "before call 'call_1' (get_weather); a template that does not render tool_call_id (chatml-tools, "
+                       "most) shows the results in this order, pairing them with the wrong calls")] if warned else [])

@@ -312,7 +312,12 @@ def test_eval_scores_each_source_with_its_own_scorer(tiny_model_dir, tmp_path, m
 def test_a_bad_record_in_a_source_names_the_source_to_give_a_format(tmp_path):
     good = _alpaca(tmp_path / "a.jsonl", 2)
     bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"prompt": 5, "completion": "x"}) + "\n")
+    with pytest.raises(SftlabError, match=r"b.jsonl:1: 'prompt' must be a string, got int") as e:
+        load_mixture([str(good), str(bad)])
+    assert "give source 'b' its own `format:`" in e.value.hint and "--format" not in e.value.hint
+    # a record whose problem is not its format gets its own fix
     bad.write_text(json.dumps({"prompt": "p", "completion": ""}) + "\n")
     with pytest.raises(SftlabError, match=r"b.jsonl:1: message 2 \(assistant\) is empty") as e:
         load_mixture([str(good), str(bad)])
-    assert "give source 'b' its own `format:`" in e.value.hint and "--format" not in e.value.hint
+    assert e.value.hint == "write the reply, or remove the example"

@@ -317,7 +317,7 @@ def test_qwen3_dump_has_one_example_per_turn_with_its_reasoning(tmp_path, tiny_m
     data.write_text(json.dumps(row) + "\n" + json.dumps({"messages": row["messages"][:2]}) + "\n")
     assert main(["prepare", "--model", model, "--data", str(data), "--dump", str(tmp_path / "dump.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert "2 chats" not in out and "1 chats one example per assistant turn" in out and SPLIT_HISTORY in out
+    assert "2 chats" not in out and "1 chat split into one example per assistant turn" in out and SPLIT_HISTORY in out
     rows = [json.loads(line) for line in (tmp_path / "dump.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 0, 1]
     t = AutoTokenizer.from_pretrained(model)

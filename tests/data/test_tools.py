@@ -114,6 +114,14 @@ MALFORMED = {
                                r"turn 2 \(function_call\) is not valid JSON .*\(write the value as"),
     "unclosed-think": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>hmm, 42"}]},
                        r"message 2 opens <think> but never closes it \(add </think> after the reasoning"),
+    "nested-think": ({"messages": [{"role": "user", "content": "q"},
+                                   {"role": "assistant", "content": "<think>a<think>b</think></think>4"}]},
+                     r"message 2 has a <think> inside its <think> block \(remove the inner <think>"),
+    "think-tags-in-field": ({"messages": [{"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": "4", "reasoning_content": "<think>a</think>"}]},
+                           r"message 2 'reasoning_content' holds <think> tags; .*\(remove the <think> and </think> tags"),
+    "empty-after-reasoning": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>"}]},
+                              r"message 2 \(assistant\) is empty after its reasoning .*\(write the reply, or remove the example\)"),
     "reasoning-twice": ({"messages": [{"role": "user", "content": "q"},
                                       {"role": "assistant", "content": "<think>a</think>b", "reasoning_content": "a"}]},
                         r"message 2 has reasoning both in 'reasoning_content' and inline <think> \(keep the reasoning in one place"),
@@ -159,7 +167,7 @@ def test_template_without_tool_support_is_refused_and_chatml_tools_renders_them(
     out = capsys.readouterr().out
     assert '«<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>»' in out
     assert "<tool_response>\nsunny\n</tool_response>" in out and "«sunny" not in out
-    assert "labels: each turn trained as the model produces it: 2 chats one example each" in out
+    assert "labels: each turn trained as the model produces it: 2 chats as one example each" in out
 
 
 def test_show_marks_the_reasoning_span(tiny_model_dir, tmp_path):

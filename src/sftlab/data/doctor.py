@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sftlab.config import Config
 from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding, exit_code, format_findings
 from sftlab.data.consistency import check_template_consistency
@@ -29,6 +30,7 @@ from sftlab.data.doctor_checks import (
     _add,
     _body,
     _duplicates,
+    _empty_user,
     _eval_overlap,
     _length_stats,
     _MinHash,
@@ -37,11 +39,18 @@ from sftlab.data.doctor_checks import (
     _token_checks,
     policy_words,
 )
-from sftlab.data.doctor_tools import reasoning_checks, template_tool_check, tool_checks
+from sftlab.data.doctor_tools import (
+    message_text,
+    reasoning_checks,
+    template_tool_check,
+    tool_checks,
+    unread_keys,
+)
 from sftlab.data.formats import resolve_format, to_conversations
 from sftlab.data.load import folder_files, is_saved_dataset, read_records, split_of
-from sftlab.data.masking import IGNORE, TRUNCATION, Labeler
+from sftlab.data.masking import IGNORE, MASKING, REASONING, TRUNCATION, Labeler
 from sftlab.data.mixture import Source, is_mixture, parse_sources
+from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import (
     BUILTIN,
     missing_tokens,
@@ -68,6 +77,8 @@ class DoctorResult:
         s, out = self.stats, []
         out.append(f"data: {s['data']} ({s['format']} format; {s['examples']} of {s['records']} records usable)")
         out += _files_lines(s.get("files"))
+        if s.get("run"):
+            out.append(f"  as the run trains it: model {s['run']['model']}, template {s['run']['template']}")
         if s.get("sources"):
             out.append("per source:")
             out += [f"  {line}" for line in _source_lines(s["sources"])]
@@ -102,33 +113,42 @@ class _File:
 
 def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None = None, fmt: str | None = None,
                tokenizer=None, template: str | None = None, max_seq_length: int | None = 2048,
-               length_tokenizer=None, length_tokenizer_name: str = "", truncation: str = "cut_turns") -> DoctorResult:
+               length_tokenizer=None, length_tokenizer_name: str = "", truncation: str = "cut_turns",
+               masking: str = "all_assistant", reasoning: str = "per_turn", template_kwargs: dict | None = None,
+               system_prompt: str | None = None) -> DoctorResult:
     """Check ``data`` (and its overlap with ``eval_data``); token checks need ``tokenizer``.
 
     ``data`` may be a list of sources (paths or ``{path, format, weight | count, name}``, as in the
     config): every file is checked, duplicates are found across them, and ``stats["sources"]`` has
     one row per source (records, usable examples, format; with a tokenizer, tokens and trained tokens).
     Without ``tokenizer``, ``length_tokenizer`` (the CLI passes the default model's, named
-    ``length_tokenizer_name``) measures each example's message text in tokens, no template applied,
+    ``length_tokenizer_name``) measures each example's message text (with its tool calls and the
+    reasoning training keeps) in tokens, no template applied,
     so ``max_seq_length`` is still checked; without either, lengths are characters and unchecked.
     Lengths are the examples' whole lengths; an example over ``max_seq_length`` is reported with what
     training does to it under ``truncation`` (as prepare: cut earlier turns, cut at the limit, or drop)
     and the trained tokens it loses.
 
     ``template`` is a built-in name, "tokenizer" or a .jinja file (default: the tokenizer's own).
+    ``masking``, ``reasoning``, ``template_kwargs`` and ``system_prompt`` are the run's (see
+    :func:`run_doctor_config`): trained tokens are counted as that run's prepare labels them.
     Raises SftlabError for a missing file, unknown format, unknown template; problems in the data
     itself become findings.
     """
     if max_seq_length is not None and max_seq_length < 8:  # training's limit (config and the labeler)
         raise SftlabError(f"max_seq_length {max_seq_length} is too small", hint="use at least 8 tokens")
-    if truncation not in TRUNCATION:
-        raise SftlabError(f"unknown truncation '{truncation}'", hint=f"use one of: {', '.join(TRUNCATION)}")
+    for key, value, allowed in (("truncation", truncation, TRUNCATION), ("masking", masking, MASKING),
+                                ("reasoning", reasoning, REASONING)):
+        if value not in allowed:
+            raise SftlabError(f"unknown {key} '{value}'", hint=f"use one of: {', '.join(allowed)}")
     if template and tokenizer is None:
         _check_template_name(template)
     res = DoctorResult()
-    train, parts = _load_sources(data, fmt, res.findings, "data")
-    evl, eparts = _load_sources(eval_data, fmt, res.findings, "eval_data") if eval_data else (None, [])
-    tok, tpl, added = _setup_tokenizer(tokenizer, template, train.convs + (evl.convs if evl else []))
+    train, parts = _load_sources(data, fmt, res.findings, "data", system_prompt)
+    evl, eparts = _load_sources(eval_data, fmt, res.findings, "eval_data", system_prompt) if eval_data else (None, [])
+    kwargs = {**({"enable_thinking": False} if reasoning == "drop" else {}), **(template_kwargs or {})}  # prepare's
+    tok, tpl, added = _setup_tokenizer(tokenizer, template, train.convs + (evl.convs if evl else []), kwargs)
+    rule = {"masking": masking, "reasoning": reasoning}  # the run's label settings: every Labeler here gets them
     # without a model, the default model's tokenizer (which measures lengths) is the one prepare would use
     special_tok = tok if tok is not None else length_tokenizer
     specials = _special_tokens(special_tok) if special_tok is not None else set()
@@ -137,14 +157,19 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
     n_turns = n_reasoning = 0
     for conv in train.convs + (evl.convs if evl else []):
         _text_checks(conv, marker_re, specials, res.findings)
+        _empty_user(conv, res.findings)
         tool_checks(conv, res.findings)
-        turns, reasoning = reasoning_checks(conv, res.findings)
-        n_turns, n_reasoning = n_turns + turns, n_reasoning + reasoning
+        turns, with_reasoning = reasoning_checks(conv, res.findings)
+        n_turns, n_reasoning = n_turns + turns, n_reasoning + with_reasoning
     mh = _MinHash()
     bodies = mh.index([_body(c) for c in train.convs])
     stats = {"data": train.path, "format": train.fmt, "records": train.records, "examples": len(train.convs),
              "files": train.files}
     stats["duplicates"] = _duplicates(train.convs, bodies, res.findings)
+    if train.convs and not any(c.weight for c in train.convs):  # prepare refuses it: the loss would be 0 throughout
+        res.findings.append(Finding("nothing_left", "error", "every example has weight 0: training would learn nothing",
+                                    where=train.path, fixes=["give the examples a weight > 0 (1 when none is given)"],
+                                    data={"file": train.path, "line": 0}))
     stats["tools"] = _tool_stats(train.convs + (evl.convs if evl else []), n_turns, n_reasoning)
     stats["eval"] = None
     if evl:
@@ -153,40 +178,82 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         stats["eval"] = {"data": evl.path, "format": evl.fmt, "records": evl.records, "examples": len(evl.convs),
                          "files": evl.files, "duplicates": eval_dups,
                          **_eval_overlap(train.convs, evl.convs, mh, bodies, res.findings)}
+    left_out: list[Finding] = []  # sources training leaves empty: said only when the whole data is not (prepare's order)
     if parts:
-        stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length) for src, f in parts]
+        sampled = any(s.weight is not None or s.count is not None for s, _ in parts)  # prepare draws each epoch
+        stats["sources"] = [_source_stats(src, f, tok, tpl, max_seq_length, rule, truncation if sampled else None,
+                                          left_out) for src, f in parts]
     if tok is not None:
-        stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings, truncation))
+        stats.update(_token_checks(train.convs, tok, tpl, max_seq_length, res.findings, truncation, rule))
+        stats.update(rule)
+        _nothing_left(stats["max_seq_length"], len(train.convs), train.path, res.findings)
+        res.findings += left_out if not any(f.rule == "nothing_left" for f in res.findings) else []
         stats["added_tokens"] = added
         _consistency(train.convs, tpl, res.findings)
         template_tool_check(train.convs, tpl, res.findings)
     elif length_tokenizer is not None:
         stats.update(_text_lengths(train.convs, length_tokenizer, length_tokenizer_name, max_seq_length, res.findings,
-                                   truncation))
+                                   truncation, reasoning))
+        _nothing_left(stats["max_seq_length"], len(train.convs), train.path, res.findings)
     else:
-        chars = [len(c.text) if c.is_text else sum(len(m.content) for m in c.messages) for c in train.convs]
+        chars = [len(c.text) if c.is_text else len(message_text(c, reasoning)) for c in train.convs]
         stats["length"] = _length_stats(chars, "characters")
         stats["trained_tokens"] = stats["max_seq_length"] = None
         stats["note"] = "lengths are characters of message text; pass a model for token lengths and trained tokens"
     order = {c: i for i, c in enumerate(CHECKS)}
     eval_paths = {Path(f.path) for _, f in eparts} or ({Path(evl.path)} if evl else set())
     in_eval = lambda f: bool(eval_paths & {Path(f.data["file"]), *Path(f.data["file"]).parents})  # noqa: E731
-    res.findings.sort(key=lambda f: (in_eval(f), f.data["file"], f.data["line"], order[f.rule]))
+    # what stops training comes first (nothing_left), then by file and line
+    res.findings.sort(key=lambda f: (in_eval(f), f.rule != "nothing_left", f.data["file"], f.data["line"], order[f.rule]))
     stats["findings"] = dict(Counter(f.severity for f in res.findings))
     stats["checks"] = dict(Counter(f.rule for f in res.findings))
     res.stats = stats
     return res
 
 
+def run_doctor_config(cfg: Config, tokenizer, *, eval_data: str | Path | list | None = None) -> DoctorResult:
+    """Check ``cfg.data`` as that run trains it: its sources (and weights), format, system prompt,
+    template (and ``chat_template_kwargs``), max_seq_length, truncation, masking and reasoning, with
+    ``tokenizer`` (``cfg.model``'s); ``eval_data`` (default ``cfg.eval_data``) for overlap."""
+    if not cfg.data:
+        raise SftlabError("the config names no training data", hint="set `data:` in the config, or pass DATA")
+    res = run_doctor(cfg.data, eval_data=eval_data or cfg.eval_data, fmt=cfg.format, tokenizer=tokenizer,
+                     template=cfg.template, max_seq_length=cfg.max_seq_length, truncation=cfg.truncation,
+                     masking=cfg.masking, reasoning=cfg.reasoning, template_kwargs=template_kwargs(cfg),
+                     system_prompt=cfg.system_prompt)
+    res.stats["run"] = {"model": cfg.model, "template": cfg.template or "the tokenizer's own"}
+    return res
+
+
+def _nothing_left(m: dict | None, n: int, path: str, findings: list[Finding]) -> None:
+    """prepare's "no example is left to train on" as one error, with the limit (or policy) that keeps one."""
+    if not m or not n or m.get("kept") != 0:
+        return
+    fixes = []
+    if m.get("keeps_one_whole"):
+        fixes.append(f"raise max_seq_length to {m['keeps_one_whole']} (the shortest example then fits with all its "
+                     "trained tokens)")
+    elif m.get("shortest"):
+        fixes.append(f"raise max_seq_length above {m['shortest']} (the shortest example's message text alone; "
+                     "pass --model for exact lengths)")
+    over = m["dropped"] or m["dropped"] is None  # None: measured without the template (only drops are counted)
+    if over and m["truncation"] != "truncate" and (m.get("truncate_keeps_one") or m["limit"] + 1) <= m["limit"]:
+        fixes.append(f"or set truncation: truncate (keeps each example's first {m['limit']} tokens)")
+    why = f"each over max_seq_length {m['limit']} (truncation: {m['truncation']})" if over else "each with no trained token"
+    findings.append(Finding("nothing_left", "error", f"training would drop every example of the {_n(n, 'conversation')}, "
+                            f"{why}; prepare stops with 'no example is left to train on'", where=path,
+                            fixes=fixes, data={"file": path, "line": 0}))
+
+
 def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None, findings: list[Finding],
-                  truncation: str = "cut_turns") -> dict:
+                  truncation: str = "cut_turns", reasoning: str = "per_turn") -> dict:
     """Token lengths of the message text (no template: a lower bound of the training length) by ``tok``;
     examples over ``max_len`` are flagged "too_long", with what training's ``truncation`` does to them."""
     lengths = []
     eos = tok.eos_token if isinstance(tok.eos_token, str) else ""
     for c in convs:
         # plain text is trained as it is plus the EOS (prepare's rule): that length is exact, not a lower bound
-        text = c.text + eos if c.is_text else "\n".join(m.content for m in c.messages)
+        text = c.text + eos if c.is_text else message_text(c, reasoning)  # with tool calls and kept reasoning
         n = len(tok(text, add_special_tokens=False)["input_ids"])
         lengths.append(n)
         if max_len is not None and n > max_len:
@@ -197,11 +264,17 @@ def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None
                  f"{policy_words(truncation, c.is_text, user_turns=sum(m.role == 'user' for m in c.messages))}",
                  fix="raise max_seq_length, or shorten or split the example")
     n_long = sum(n > max_len for n in lengths) if max_len is not None else 0
+    # surely dropped (even before the template adds tokens): drop, or a chat with no earlier turn to cut
+    sure = sum(max_len is not None and n > max_len and (truncation == "drop" or truncation == "cut_turns" and not c.is_text
+                                                         and sum(m.role == "user" for m in c.messages) < 2)
+               for c, n in zip(convs, lengths))
     return {"length": _length_stats(lengths, "tokens"), "trained_tokens": None,
             "max_seq_length": None if max_len is None else {
                 "limit": max_len, "truncation": truncation, "too_long": n_long,
                 "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
-                "turns_cut": None, "truncated": None, "dropped": None, "lost_trained_tokens": None, "lost_trained_share": None},
+                "turns_cut": None, "truncated": None, "dropped": None, "lost_trained_tokens": None, "lost_trained_share": None,
+                "kept": len(lengths) - sure if sure else None, "shortest": min(lengths, default=None),
+                "keeps_one_whole": min(lengths) if lengths and all(c.is_text for c in convs) else None},  # text: exact
             "note": f"lengths are tokens of message text by the {name or 'default'} tokenizer, without a chat template; "
                     "pass --model for your model's exact lengths and trained tokens"}
 
@@ -229,7 +302,7 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
             _add(findings, "template_consistency", c.source, c.line, text)
 
 # --- reading ------------------------------------------------------------------------------------
-def _load(path, fmt: str | None, findings: list[Finding], split: str = "train") -> _File:
+def _load(path, fmt: str | None, findings: list[Finding], split: str = "train", system_prompt: str | None = None) -> _File:
     """Read and convert one file; unreadable or unconvertible records become findings."""
     p = Path(path)
     if p.is_file() and p.suffix.lower() in (".json", ".csv"):
@@ -247,7 +320,10 @@ def _load(path, fmt: str | None, findings: list[Finding], split: str = "train") 
     readable = [r for r in records if r.data is not None]
     # prepare's rule: --format, else the most common format (one odd first line does not make every other line "wrong")
     key = resolve_format(fmt, records) if readable or (fmt and fmt != "auto") else "unknown"
-    convs, failures = to_conversations(records, fmt, strict=False) if readable else ([], [])
+    convs, failures = to_conversations(records, fmt, strict=False, system_prompt=system_prompt) if readable else ([], [])
+    for r in readable if key == "messages" else ():  # a typo'd key silently drops what it holds
+        if (found := unread_keys(r.data)) is not None:
+            _add(findings, "unread_keys", r.source, r.line, found[0], fix=found[1])
     if not readable:
         failures = [(r, None) for r in records]
     for rec, exc in failures:
@@ -262,32 +338,47 @@ def _load(path, fmt: str | None, findings: list[Finding], split: str = "train") 
     return _File(str(p), key, len(records), convs, files)
 
 
-def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str) -> tuple[_File, list]:
+def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str,
+                  system_prompt: str | None = None) -> tuple[_File, list]:
     """One file as :func:`_load`; a list of sources read each with its own format and joined:
     (all of them as one _File, [(Source, its _File)] per source; [] for one file)."""
     split = "train" if key == "data" else "eval"  # a folder of held-out data: its validation or test split
     if not is_mixture(spec):
-        return _load(spec, fmt, findings, split), []
-    parts = [(src, _load(src.path, src.format or fmt, findings, split)) for src in parse_sources(spec, key)]
+        return _load(spec, fmt, findings, split, system_prompt), []
+    parts = [(src, _load(src.path, src.format or fmt, findings, split, system_prompt)) for src in parse_sources(spec, key)]
     files = [f for _, f in parts]
     joined = _File(", ".join(f.path for f in files), "/".join(dict.fromkeys(f.fmt for f in files)),
                    sum(f.records for f in files), [c for f in files for c in f.convs])
     return joined, parts
 
 
-def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None) -> dict:
-    """One row of the per-source table; tokens and trained tokens (as training labels them) need ``tok``."""
+def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None, rule: dict, truncation: str | None,
+                  findings: list[Finding]) -> dict:
+    """One row of the per-source table; tokens and trained tokens (as training labels them) need ``tok``.
+    ``truncation`` (of a weighted or counted mixture, which draws from each source every epoch): a source
+    that training leaves without an example is an error, as prepare refuses it."""
     row = {"name": src.name, "path": src.path, "format": f.fmt, "weight": src.weight, "count": src.count,
            "records": f.records, "examples": len(f.convs), "tokens": None, "trained_tokens": None, "too_long": None}
     if tok is None or not f.convs:
         return row
     try:  # the whole-data token checks already turned any problem into findings: only the sums here
-        examples, rep = Labeler(tok, tpl).encode(f.convs)
+        examples, rep = Labeler(tok, tpl, **rule).encode(f.convs)
     except SftlabError:
         return row
     row.update(tokens=rep.n_tokens, trained_tokens=rep.n_trained_tokens,
                too_long=sum(len(e.input_ids) > max_len and any(x != IGNORE for x in e.labels[max_len:])
                             for e in examples) if max_len else None)  # as the whole-data count: a cut untrained tail is free
+    if truncation and f.convs and (not examples or row["too_long"] == len(examples)):  # else some example fits whole
+        kept = examples and Labeler(tok, tpl, max_seq_length=max_len, truncation=truncation, **rule).encode(f.convs)[0]
+        if not kept:
+            need = min((len(e.labels) - next(i for i, x in enumerate(reversed(e.labels)) if x != IGNORE) for e in examples),
+                       default=None)
+            why = f"each over max_seq_length {max_len} (truncation: {truncation})" if examples else "each with no trained token"
+            findings.append(Finding(
+                "nothing_left", "error", f"source '{src.name}': training leaves no example of its {_n(len(f.convs), 'conversation')}, "
+                f"{why}; a weighted or counted source must keep one, so prepare stops", where=src.path,
+                fixes=[f"raise max_seq_length to {need} (its shortest example then fits)"] * bool(need) + ["or leave the source out"],
+                data={"file": src.path, "line": 0}))
     return row
 
 
@@ -332,13 +423,13 @@ def _check_template_name(name: str) -> None:
                       hint=f"use one of: {', '.join(template_names())}, 'tokenizer', or a .jinja file")
 
 
-def _setup_tokenizer(tokenizer, template: str | None, convs: list[Conversation]):
+def _setup_tokenizer(tokenizer, template: str | None, convs: list[Conversation], kwargs: dict | None = None):
     """The tokenizer and template training would use, with the tokens a built-in template adds."""
     if tokenizer is None:
         return None, None, []
     if not template and all(c.is_text for c in convs):
         return tokenizer, None, []
-    tpl = resolve_template(template, tokenizer)
+    tpl = resolve_template(template, tokenizer, kwargs)
     added = missing_tokens(tpl, tokenizer) if tpl.name != "tokenizer" else []
     if added:  # as prepare.setup_template does; on a copy, so the caller's tokenizer stays as it was
         tokenizer = copy.deepcopy(tokenizer)
@@ -367,7 +458,8 @@ def _stats_lines(s: dict) -> list[str]:
                    f"p95 {ln['p95']}, max {ln['max']}")
     if s.get("trained_tokens"):
         t = s["trained_tokens"]
-        out.append(f"trained tokens: {t['total']} ({t['share']:.1%} of all tokens); per example mean {t['mean']}, "
+        how = f" (masking: {s['masking']}, reasoning: {s['reasoning']})" if s.get("masking") else ""
+        out.append(f"trained tokens{how}: {t['total']} ({t['share']:.1%} of all tokens); per example mean {t['mean']}, "
                    f"min {t['min']}, max {t['max']}")
     if s.get("max_seq_length"):
         m = s["max_seq_length"]
@@ -383,8 +475,9 @@ def _stats_lines(s: dict) -> list[str]:
         out.append(f"template tokens the tokenizer lacks (training adds them): {', '.join(s['added_tokens'])}")
     t = s.get("tools")
     if t and (t["examples_with_tools"] or t["tool_calls"] or t["turns_with_reasoning"]):
-        out.append(f"tools: {t['examples_with_tools']} examples offer tools; {t['tool_calls']} calls, "
-                   f"{t['tool_results']} tool results; reasoning in {t['turns_with_reasoning']} of "
+        n = t["examples_with_tools"]
+        out.append(f"tools: {_n(n, 'example')} offer{'s' * (n == 1)} tools; {_n(t['tool_calls'], 'call')}, "
+                   f"{_n(t['tool_results'], 'tool result')}; reasoning in {t['turns_with_reasoning']} of "
                    f"{t['assistant_turns']} assistant turns ({t['reasoning_share']:.1%})")
     d = s["duplicates"]
     out.append(f"duplicates: {d['exact']} exact, {d['near']} near")
@@ -397,4 +490,4 @@ def _stats_lines(s: dict) -> list[str]:
     return out
 
 # The checks live in sftlab.data.doctor_checks; their public names stay importable from here.
-__all__ = ["CHECKS", "NEAR_JACCARD", "TEMPLATE_MARKERS", "DoctorResult", "Finding", "run_doctor"]
+__all__ = ["CHECKS", "NEAR_JACCARD", "TEMPLATE_MARKERS", "DoctorResult", "Finding", "run_doctor", "run_doctor_config"]

@@ -31,12 +31,15 @@ CHECKS: dict[str, tuple[str, str]] = {
     "template": ("error", "the chat template cannot place the replies"),
     "special_tokens": ("error", "the tokenizer's special tokens inside message text"),
     "no_trained": ("error", "examples with no trained token"),
+    "nothing_left": ("error", "no example is left to train on"),
     "eval_overlap": ("error", "eval examples or prompts also in the training data"),
     "tool_arguments": ("error", "tool-call arguments that are not a JSON object"),
     "tool_unknown_function": ("error", "calls to a function the record's tools do not offer"),
     "tool_orphan_result": ("error", "tool results with no matching call before them"),
     "template_tools": ("error", "the chat template ignores tools or tool calls"),
     "reasoning_unclosed": ("error", "unclosed or stray <think> tags in replies"),
+    "unread_keys": ("warning", "keys training does not read, a typo away from ones it does"),
+    "empty_user": ("warning", "user turns that are empty or only whitespace"),
     "mojibake": ("warning", "mojibake (text decoded with the wrong encoding)"),
     "control_chars": ("warning", "control characters"),
     "template_markers": ("warning", "chat-template markers inside message text"),
@@ -47,6 +50,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "template_consistency": ("warning", "training text and inference prompt disagree"),
     "tool_schema": ("warning", "tool-call arguments that do not match the function's schema"),
     "tool_unanswered": ("warning", "tool calls never answered by a tool result"),
+    "tool_result_order": ("warning", "results of one function in another order than its calls"),
     "reasoning_in_user": ("warning", "<think> reasoning inside user or system turns"),
 }
 NEAR_JACCARD = 0.9  # word 3-shingle Jaccard at or above which two texts are near duplicates
@@ -122,6 +126,16 @@ def _text_checks(conv: Conversation, marker_re: re.Pattern, specials: set[str], 
     for check, msgs in hits.items():
         more = f" (and {_n(len(msgs) - 1, 'more message')})" if len(msgs) > 1 else ""
         _add(findings, check, conv.source, conv.line, msgs[0] + more)
+
+
+def _empty_user(conv: Conversation, findings: list[Finding]) -> None:
+    """A user turn that is empty or only whitespace: its reply answers nothing (often a prompt lost upstream)."""
+    at = [] if conv.is_text else [i for i, m in enumerate(conv.messages, start=1) if m.role == "user" and not m.content.strip()]
+    if at:
+        what = "empty" if not conv.messages[at[0] - 1].content else "only whitespace"
+        _add(findings, "empty_user", conv.source, conv.line, f"message {at[0]} (user) is {what}"
+             + (f" (and {_n(len(at) - 1, 'more user message')})" if len(at) > 1 else ""),
+             fix="restore the prompt that was lost, or remove the example")
 
 
 def _texts(conv: Conversation) -> list[tuple[str, str]]:
@@ -360,11 +374,12 @@ def _eval_overlap(train: list[Conversation], evl: list[Conversation], mh: _MinHa
 
 # --- token checks and statistics ---------------------------------------------------------------------
 def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, findings: list[Finding],
-                  truncation: str = "cut_turns") -> dict:
-    """Tokenize as training does (all assistant replies trained; a chat split per turn is several
+                  truncation: str = "cut_turns", rule: dict | None = None) -> dict:
+    """Tokenize as training does (the run's ``rule``: masking and reasoning; a chat split per turn is several
     examples, as prepare counts them); lengths (before any cut), trained tokens, and what training's
     ``truncation`` policy does to examples over the limit. Findings name the conversation."""
-    labeler = Labeler(tok, tpl)
+    rule = rule or {}
+    labeler = Labeler(tok, tpl, **rule)
     exs, kept, errors = [], [], []
     for _ in range(2):  # twice only if a sampled check rejected the skeletons: then all exactly
         exs, kept, errors = [], [], []
@@ -382,7 +397,7 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
     encoded = iter(labeler.encode_segments([segs for ex in exs for segs in ex],
                                            [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in exs for _ in ex]))
     lengths, trained = [], []
-    policy, cut = None, Counter()  # the labeler with training's length policy, made for the first long example
+    policy, cut, need = None, Counter(), []  # the labeler with training's length policy, made for the first long example
     for c, ex in zip(kept, exs):
         per = [next(encoded) for _ in ex]  # (ids, labels) of each of the conversation's examples
         n_trs = [len(labels) - labels.count(IGNORE) for _, labels in per]
@@ -396,8 +411,11 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
         long = [ids for ids, labels in per if max_len is not None and len(ids) > max_len
                 and any(x != IGNORE for x in labels[max_len:])]
         if long:
-            policy = policy or Labeler(tok, tpl, max_seq_length=max_len, truncation=truncation)
+            policy = policy or Labeler(tok, tpl, max_seq_length=max_len, truncation=truncation, **rule)
             _length_policy(c, policy, len(long), max(map(len, long)), sum(n_trs), cut, findings)
+            # the limit that keeps this example whole (its last trained token), and the one truncating keeps it at
+            need += [(len(lb) - next(i for i, x in enumerate(reversed(lb)) if x != IGNORE),
+                      next(i for i, x in enumerate(lb) if x != IGNORE) + 1) for _, lb in per if len(lb) > max_len]
     total, total_tr = sum(lengths), sum(trained)
     out = {"length": _length_stats(lengths, "tokens"), "trained_tokens": None, "max_seq_length": None}
     if trained:
@@ -408,7 +426,10 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
                                  "too_long_share": round(cut["long"] / len(lengths), 4) if lengths else 0.0,
                                  "turns_cut": cut["turns_cut"], "truncated": cut["truncated"], "dropped": cut["dropped"],
                                  "lost_trained_tokens": cut["lost"],
-                                 "lost_trained_share": round(cut["lost"] / total_tr, 4) if total_tr else 0.0}
+                                 "lost_trained_share": round(cut["lost"] / total_tr, 4) if total_tr else 0.0,
+                                 "kept": len(lengths) - trained.count(0) - cut["dropped"],
+                                 "keeps_one_whole": min((a for a, _ in need), default=None),
+                                 "truncate_keeps_one": min((b for _, b in need), default=None)}
     return out
 
 

@@ -11,6 +11,8 @@ user or system turns. Once per data set, given a template: does it render ``tool
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import re
 from typing import Any
@@ -29,6 +31,7 @@ _FIXES = {
     "tool_schema": "make the arguments match the function's \"parameters\" schema (or fix the schema)",
     "tool_orphan_result": "put the assistant turn with the matching tool_calls right before the tool result",
     "tool_unanswered": "add a \"tool\" message with the call's result right after the assistant's call",
+    "tool_result_order": "put the tool results in the order of the calls they answer",
     "reasoning_unclosed": "close the reasoning with </think> before the reply (or remove the stray tag)",
     "reasoning_in_user": "move the <think> block into the assistant turn (as reasoning_content or inline)",
 }
@@ -67,6 +70,52 @@ def call_parts(call: Any) -> tuple[str | None, Any]:
     args = fn.get("arguments", fn.get("parameters"))
     name = fn.get("name")
     return (name if isinstance(name, str) else None), args
+
+
+def message_text(conv: Conversation, reasoning: str = "per_turn") -> str:
+    """The text every template renders of a chat, without the template: contents, tool calls (name and
+    arguments) and the reasoning training keeps at least (``keep``: all of it; ``per_turn`` and ``last``:
+    the last assistant turn's, which its longest example holds; ``drop``: none). A lower bound of its length."""
+    last = max((i for i, m in enumerate(conv.messages) if m.role == "assistant"), default=-1)
+    parts = []
+    for i, m in enumerate(conv.messages):
+        if m.reasoning and (reasoning == "keep" or reasoning != "drop" and i == last):
+            parts.append(m.reasoning)
+        parts.append(m.content)
+        for call in m.tool_calls or ():
+            name, args = call_parts(call)
+            parts.append(f"{name or ''} {args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}")
+    return "\n".join(parts)
+
+
+# What the messages format reads: of a record, of a message (a near miss of these is most likely a typo).
+_RECORD_KEYS = ("messages", "tools", "functions", "system", "weight")
+_MESSAGE_KEYS = ("role", "content", "reasoning_content", "reasoning", "thinking", "tool_calls", "function_call",
+                 "tool_call_id", "name")
+
+
+@functools.lru_cache(maxsize=1024)  # the same few extra keys repeat on every record
+def _near(key: str, known: tuple[str, ...]) -> str | None:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8) if key not in known else []
+    return close[0] if close else None
+
+
+def unread_keys(row: dict) -> tuple[str, str] | None:
+    """For a messages-format record: (what, fix) for a key training does not read that is a letter or so
+    away from one it reads (``contents``, ``reasoning_contents``, ``tool_call``), or for reasoning on a
+    non-assistant message: content dropped without a word. None when there is none."""
+    rename = "rename the key to the one training reads"
+    for key in row:
+        if (k := _near(str(key), _RECORD_KEYS)) is not None:
+            return f"key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
+    for i, m in enumerate(row.get("messages") or [], start=1):
+        for key in (m if isinstance(m, dict) else ()):
+            if (k := _near(str(key), _MESSAGE_KEYS)) is not None:
+                return f"message {i}: key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
+            if key in _MESSAGE_KEYS[2:5] and m.get("role") != "assistant" and m[key]:
+                return (f"message {i} ({m.get('role')}): '{key}' is read on assistant messages only: it is ignored",
+                        "move the reasoning to the assistant reply it belongs to, or remove it")
+    return None
 
 
 def parse_arguments(args: Any) -> tuple[dict | None, str | None]:
@@ -178,10 +227,20 @@ def tool_checks(conv: Conversation, findings: list[Finding]) -> None:
             if match is None:
                 once("tool_orphan_result", f"message {i} (tool): a tool result, but {orphan_reason(open_calls, m)}")
             else:
+                # results are rendered in the order given, mostly without ids: of one function, only order tells them apart
+                same = [c for c in open_calls[:open_calls.index(match)] if c[2] == match[2]]
+                if same:
+                    once("tool_result_order", f"message {i} (tool): answers call {_call_name(match)} of message {match[0]} "
+                         f"before call {_call_name(same[0])}; a template that does not render tool_call_id "
+                         "(chatml-tools, most) shows the results in this order, pairing them with the wrong calls")
                 open_calls.remove(match)
         elif m.role == "user":
             _unanswered(open_calls, i, m.role, once)
             open_calls = []
+
+
+def _call_name(call: tuple[int, str | None, str | None]) -> str:
+    return f"{call[1]!r} ({call[2]})" if call[1] else repr(call[2])
 
 
 def _check_call(i: int, name: str | None, raw: Any, tools: list[dict] | None, schemas: dict, once) -> None:

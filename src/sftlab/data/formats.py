@@ -52,6 +52,8 @@ def _weight(row: dict) -> float:
     if w is None or isinstance(w, str) and not w.strip():  # an empty CSV cell: no weight given
         return 1.0
     try:
+        if isinstance(w, bool):  # float(True) is 1.0: `weight: true` would pass as a weight of 1
+            raise TypeError
         w = float(w)
     except (TypeError, ValueError):
         raise FormatError(f"'weight' must be a number, got {w!r}", "fields")
@@ -158,7 +160,11 @@ def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
         if close < 0:
             raise FormatError(f"{where} opens <think> but never closes it", "reasoning_unclosed",
                               "add </think> after the reasoning, or move it to a 'reasoning_content' field")
-        return body[close + len(_THINK_CLOSE):].lstrip("\n"), body[len(_THINK_OPEN):close].strip("\n")
+        reasoning = body[len(_THINK_OPEN):close].strip("\n")
+        if _THINK_OPEN in reasoning:  # the first </think> closes the outer block: the rest would be trained as the answer
+            raise FormatError(f"{where} has a <think> inside its <think> block", "reasoning_unclosed",
+                              "remove the inner <think> (reasoning blocks do not nest)")
+        return body[close + len(_THINK_CLOSE):].lstrip("\n"), reasoning
     return content, None
 
 
@@ -179,6 +185,9 @@ def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
                 raise FormatError(f"{where} has reasoning both in '{given[0]}' and inline <think>", "reasoning",
                                   "keep the reasoning in one place: the field or the <think> block")
             reasoning = m[given[0]]
+            if _THINK_OPEN in reasoning or _THINK_CLOSE in reasoning:  # the template wraps it: trained as <think><think>...
+                raise FormatError(f"{where} '{given[0]}' holds <think> tags; the template adds them around the field",
+                                  "reasoning_unclosed", f"remove the <think> and </think> tags from '{given[0]}'")
         return Message("assistant", content, tool_calls=calls, reasoning=reasoning)
     if "tool_calls" in m and m["tool_calls"]:
         raise FormatError(f"{where} is a {role} message with 'tool_calls'; only assistant messages make calls",

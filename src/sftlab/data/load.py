@@ -100,7 +100,7 @@ def _read_jsonl(p: Path) -> list[Record]:
             out.append(Record(str(p), i, None, f"invalid UTF-8 at byte {exc.start} of the line", check="encoding"))
             continue
         try:
-            obj = json.loads(line)
+            obj, repeated = _loads(line)
         except json.JSONDecodeError as exc:
             out.append(Record(str(p), i, None, f"line is not valid JSON ({exc.msg} at column {exc.colno})"))
             continue
@@ -111,8 +111,54 @@ def _read_jsonl(p: Path) -> list[Record]:
         if not isinstance(obj, dict):
             out.append(Record(str(p), i, None, f"expected a JSON object, got {type(obj).__name__}"))
             continue
-        out.append(_checked(str(p), i, obj, line))
+        out.append(_checked(str(p), i, obj, line, repeated))
     return out
+
+
+class _Repeated(dict):
+    """A JSON object that spelled a key twice (``key``: the first such); plain ``json`` keeps the last value."""
+
+    key = ""
+
+
+_REPEATS = [0]  # objects with a repeated key parsed so far: a parse that added none needs no walk
+
+
+def _loads(text: str):
+    """``json.loads``, and whether the text gave some object a key twice (see :func:`repeated_key`)."""
+    before = _REPEATS[0]
+    obj = json.loads(text, object_pairs_hook=_pairs)
+    return obj, _REPEATS[0] != before
+
+
+def _pairs(pairs: list) -> dict:
+    d = dict(pairs)
+    if len(d) == len(pairs):
+        return d
+    _REPEATS[0] += 1
+    seen: set = set()
+    rep = _Repeated(d)
+    rep.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return rep
+
+
+def repeated_key(obj) -> str | None:
+    """Where ``obj`` (parsed with :func:`_pairs`) holds an object with a key given twice: a one-line
+    problem naming the key, or None. JSON readers keep only the last value: the first is lost silently."""
+    stack = [(obj, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, _Repeated):
+            return (f"key '{v.key}' is given twice in {path or 'the record'}; JSON keeps only the last value, "
+                    "so the first would be lost silently")
+        if isinstance(v, dict):
+            stack += [(x, f"{path}.{k}" if path else str(k)) for k, x in reversed(v.items())]
+        elif isinstance(v, list):
+            stack += [(x, f"{path}[{j}]") for j, x in reversed(list(enumerate(v)))]
+    return None
+
+
+REPEATED_KEY_FIX = "remove or rename one of the two"
 
 
 def unpaired_surrogate(obj, text: str | None = None) -> str | None:
@@ -135,8 +181,12 @@ def unpaired_surrogate(obj, text: str | None = None) -> str | None:
     return None
 
 
-def _checked(source: str, line: int, obj, text: str | None) -> Record:
-    """The record, or an unreadable one when its strings hold a lone surrogate (no tokenizer takes those)."""
+def _checked(source: str, line: int, obj, text: str | None, repeated: bool = False) -> Record:
+    """The record, or an unreadable one when its strings hold a lone surrogate (no tokenizer takes those),
+    or (``repeated``: the text spelled a key twice somewhere) an object that gives a key twice."""
+    problem = repeated_key(obj) if repeated else None
+    if problem:
+        return Record(source, line, None, problem, fix=REPEATED_KEY_FIX)
     problem = unpaired_surrogate(obj, text)
     if problem:
         return Record(source, line, None, problem, fix=SURROGATE_FIX, check="encoding")
@@ -149,14 +199,14 @@ def _read_json(p: Path) -> list[Record]:
     except UnicodeDecodeError:
         raise _bad_utf8(p) from None
     try:
-        obj = json.loads(text)
+        obj, repeated = _loads(text)
     except json.JSONDecodeError as exc:
         raise SftlabError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the JSON, or use JSONL")
     except RecursionError:
         raise SftlabError(f"{p}:{_deep_line(text)}: nested too deeply to read (lists or objects inside each other "
                           "over a thousand levels)", hint=_DEEP_FIX)
     if isinstance(obj, dict) and _one_conversation(obj):  # {"messages": [...]}: one example, not a list of them
-        return [_checked(str(p), 1, obj, text)]
+        return [_checked(str(p), 1, obj, text, repeated)]
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -170,7 +220,7 @@ def _read_json(p: Path) -> list[Record]:
     for i, item in enumerate(obj):
         line = starts[i] if i < len(starts) else i + 1
         if isinstance(item, dict):
-            out.append(_checked(str(p), line, item, text))
+            out.append(_checked(str(p), line, item, text, repeated))
         else:
             out.append(Record(str(p), line, None, f"expected a JSON object, got {type(item).__name__}"))
     return out

@@ -117,9 +117,10 @@ class PrepareReport:
             return "labels: plain text, every token trained but the first (nothing predicts it)"
         parts = []
         if self.n_single:
-            parts.append(f"{self.n_single} chats one example each (history renders as produced)")
+            parts.append(f"{self.n_single} chat{'s' * (self.n_single != 1)} as one example"
+                         f"{' each' * (self.n_single != 1)} (history renders as produced)")
         if self.n_split:
-            parts.append(f"{self.n_split} chats one example per assistant turn")
+            parts.append(f"{self.n_split} chat{'s' * (self.n_split != 1)} split into one example per assistant turn")
         notes = "; ".join(f"{why} ({n})" for why, n in self.rule_notes.items())
         return "labels: each turn trained as the model produces it: " + ", ".join(parts) + (f"; {notes}" if notes else "")
 

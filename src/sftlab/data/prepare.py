@@ -104,6 +104,9 @@ def prepare(cfg: Config, tokenizer=None, *, data: str | list | None = None, key:
     if not examples:
         raise SftlabError(f"{', '.join(source_paths(path))}: no example is left to train on ({report.summary()})",
                           hint="raise max_seq_length or check the masking strategy")
+    if not any(e.weight for e in examples):  # every loss term multiplied by 0: steps that learn nothing
+        raise SftlabError(f"{', '.join(source_paths(path))}: every example has weight 0: training would learn nothing",
+                          hint="give the examples a weight > 0 (1 when none is given)")
     pool = draw = None
     if mix is not None:
         draw = mix.epochs(examples, report.dropped)

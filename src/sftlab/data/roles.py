@@ -106,4 +106,6 @@ def validate_roles(messages: list[Message], open_end: bool = False) -> None:
                           "role_order")
     for i, m in enumerate(messages, start=1):
         if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
-            raise FormatError(f"message {i} (assistant) is empty", "empty_reply")
+            after = " after its reasoning (it thinks, then answers nothing)" if m.reasoning and m.reasoning.strip() else ""
+            raise FormatError(f"message {i} (assistant) is empty{after}", "empty_reply",
+                              "write the reply, or remove the example")
