@@ -612,9 +612,9 @@ def test_plan_stays_within_the_models_context_and_refuses_an_empty_budget(capsys
     assert d["model"]["context"] == 8192 and d["budget"]["max_seq_len"] == 8192  # 80 GB would hold far more
     assert main(["plan", "--params", "7B", "--seq-len", "16384"]) == 0
     assert "16384 tokens is beyond the model's context of 4096" in capsys.readouterr().out
-    for bad in ("0", "-5"):
+    for bad in ("0", "-5", "nan", "inf"):  # inf: an OverflowError traceback before
         assert main(["plan", "--budget-gb", bad]) == 2
-        assert "a memory budget must be above 0 GB" in capsys.readouterr().err
+        assert "a memory budget must be a number of GB above 0" in capsys.readouterr().err
 
 
 def test_this_machine_row_plans_the_precision_train_would_pick(monkeypatch):

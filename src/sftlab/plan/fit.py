@@ -174,8 +174,9 @@ def make_plan(shape: ModelShape, setup: TrainSetup, budget_gb: float | None = No
     The budget is ``budget_gb`` if given, else this machine's memory when the setup is for its device,
     else 80 GB (one A100/H100).
     """
-    if budget_gb is not None and not budget_gb > 0:
-        raise SftlabError(f"--budget-gb {budget_gb:g}: a memory budget must be above 0 GB", hint="e.g. --budget-gb 24")
+    if budget_gb is not None and not 0 < budget_gb < float("inf"):
+        raise SftlabError(f"--budget-gb {budget_gb:g}: a memory budget must be a number of GB above 0",
+                          hint="e.g. --budget-gb 24")
     m = machine or this_machine()
     est = estimate_memory(shape, setup)
     if budget_gb is not None:
