@@ -33,16 +33,31 @@ def _finding(rule: str, severity: str, message: str, fix: str) -> Finding:
     return Finding(rule, severity, message, fixes=[fix])
 
 
+def step_shape(cfg: Config) -> tuple[int, int]:
+    """(micro-batch, accumulation) the run's steps compute: batch x accumulation as one micro-batch where
+    ``merge_micro_batches`` is true (train/merge.py); ``auto`` merges only after a trial, where it fits."""
+    b, ga = int(cfg.batch_size), int(cfg.gradient_accumulation)
+    return (b * ga, 1) if cfg.merge_micro_batches is True else (b, ga)
+
+
+def step_bytes(cfg: Config, model_cfg, seq_len: int, device: str) -> int:
+    """Estimated peak bytes of a step of ``cfg`` (resolved): the micro-batch that runs, with accumulation
+    keeping the gradients through the next micro-batch, as `sftlab plan` estimates it."""
+    batch, accum = step_shape(cfg)
+    return estimated_bytes(cfg, model_cfg, batch=batch, seq_len=seq_len, device=device,
+                           checkpointing=bool(cfg.gradient_checkpointing), grad_accum=accum)
+
+
 def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
     """One line for `train --check`: the estimated peak memory of a step of ``cfg`` (resolved) with rows
     of ``seq_len`` tokens on this machine's device, against what it has (:mod:`sftlab.plan.memory`)."""
     device, mem_gb = device_memory_gb()
-    need = estimated_bytes(cfg, model_cfg, batch=int(cfg.batch_size), seq_len=seq_len, device=device,
-                           checkpointing=bool(cfg.gradient_checkpointing), grad_accum=int(cfg.gradient_accumulation))
+    need, (batch, accum) = step_bytes(cfg, model_cfg, seq_len, device), step_shape(cfg)
     where = "GPU memory" if device == "cuda" else "free RAM"
-    return (f"memory: about {gb(need)} at the peak of a step (micro-batch {cfg.batch_size} x {seq_len} "
-            f"tokens, {cfg.precision}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}) of "
-            f"{gb(mem_gb * 2**30)} {where} (`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
+    return (f"memory: about {gb(need)} at the peak of a step (micro-batch {batch} x {seq_len} tokens"
+            f"{f' x accumulation {accum}' if accum > 1 else ''}, {cfg.precision}, checkpointing "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}) of {gb(mem_gb * 2**30)} {where} "
+            f"(`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
 
 
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
@@ -59,10 +74,9 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                            f"for a {n_params / 1e9:.2g}B model ({cfg.method})",
                            fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
     device, mem_gb = device_memory_gb()
-    need = estimated_bytes(cfg, model_cfg, batch=int(cfg.batch_size), seq_len=seq_len,
-                           checkpointing=bool(cfg.gradient_checkpointing), device=device)
+    need = step_bytes(cfg, model_cfg, seq_len, device)  # as memory_line: what `sftlab plan CONFIG` estimates
     if need > mem_gb * 2**30:
-        out.append(_finding("memory", "error", f"batch {cfg.batch_size} x {seq_len} tokens needs about {need / 2**30:.1f} GiB, "
+        out.append(_finding("memory", "error", f"micro-batch {step_shape(cfg)[0]} x {seq_len} tokens needs about {need / 2**30:.1f} GiB, "
                            f"{mem_gb:.1f} GiB available", "lower batch_size and raise gradient_accumulation, "
                            "or --set gradient_checkpointing=true"))
 
