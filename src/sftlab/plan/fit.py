@@ -140,7 +140,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     notes = []
     last = _cheaper_methods(setup.method, setup.device)[-1]
     longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
-                          budget_bytes, limit=setup.seq_len)
+                          budget_bytes, limit=min(setup.seq_len, shape.context or setup.seq_len))  # not past the context
     notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
                  + "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state")
