@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,48 @@ def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
             f"(`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
 
 
+def _fits_with(cfg: Config, model_cfg, seq_len: int, device: str, budget: float, **changes) -> bool:
+    return step_bytes(dataclasses.replace(cfg, **changes), model_cfg, seq_len, device) <= budget
+
+
+def memory_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
+    """An error where the step (as memory_line estimates it) does not fit this machine, with the changes
+    that make it fit: a smaller micro-batch at the same global batch, checkpointing, shorter rows."""
+    device, mem_gb = device_memory_gb()
+    budget, need = mem_gb * 2**30, step_bytes(cfg, model_cfg, seq_len, device)
+    if need <= budget:
+        return []
+    (batch, accum), fixes = step_shape(cfg), []
+    unmerge = {"merge_micro_batches": False} if cfg.merge_micro_batches is True else {}
+    micro = batch // 2  # the largest power-of-two fraction of the micro-batch that fits
+    while micro >= 1 and not _fits_with(cfg, model_cfg, seq_len, device, budget, batch_size=micro,
+                                        gradient_accumulation=2, **unmerge):
+        micro //= 2
+    if micro >= 1:
+        fixes.append(f"--set batch_size={micro} --set gradient_accumulation={-(-batch * accum // micro)}"
+                     + (" --set merge_micro_batches=false" if unmerge else "") + " (the same global batch)")
+    if not cfg.gradient_checkpointing:
+        fixes.append("--set gradient_checkpointing=true")
+    if not fixes:
+        cheaper = {"full": " or --set method=lora (or qlora)", "lora": " or --set method=qlora"}.get(cfg.method, "")
+        fixes.append(f"lower max_seq_length (now {cfg.max_seq_length}){cheaper}")
+    fixes.append(f"`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down and recommends what fits")
+    return [Finding("memory", "error", f"micro-batch {batch} x {seq_len} tokens needs about {gb(need)} at the peak of a "
+                    f"step, {gb(budget)} {'GPU memory' if device == 'cuda' else 'free RAM'} available", fixes=fixes)]
+
+
+def context_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
+    """A warning where rows are longer than the model's context (max_position_embeddings): positions past
+    it were never trained (and a model with learned positions has none to look up)."""
+    context = int(getattr(model_cfg, "max_position_embeddings", 0) or getattr(model_cfg, "n_positions", 0) or 0)
+    if not context or seq_len <= context:
+        return []
+    return [_finding("max_seq_length", "warning", f"rows of up to {seq_len} tokens"
+                     f"{' (packed)' if cfg.packing else ''} are longer than the model's context of {context} "
+                     "(max_position_embeddings): it never trained on the positions past it",
+                     f"--set max_seq_length={context}")]
+
+
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
               train_keys: set, eval_keys: set, report, n_rows: int | None = None) -> list[Finding]:
     """The configuration checklist, each finding with its fix. ``cfg`` is resolved (no `auto`). ``n_rows``:
@@ -73,12 +116,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         out.append(Finding("learning_rate", "warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} "
                            f"for a {n_params / 1e9:.2g}B model ({cfg.method})",
                            fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
-    device, mem_gb = device_memory_gb()
-    need = step_bytes(cfg, model_cfg, seq_len, device)  # as memory_line: what `sftlab plan CONFIG` estimates
-    if need > mem_gb * 2**30:
-        out.append(_finding("memory", "error", f"micro-batch {step_shape(cfg)[0]} x {seq_len} tokens needs about {need / 2**30:.1f} GiB, "
-                           f"{mem_gb:.1f} GiB available", "lower batch_size and raise gradient_accumulation, "
-                           "or --set gradient_checkpointing=true"))
+    out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, seq_len)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world
