@@ -281,6 +281,14 @@ def test_recommended_config_fits_the_budget_and_keeps_the_effective_batch():
     assert small.learning_rate == 7.07e-5  # full under 0.5B: 1e-4 at a global batch of 8, x sqrt(4/8) here
     nothing = recommend_config(shape_from_params("70B"), TrainSetup(method="full", seq_len=4096), 24 * GB)
     assert not nothing.fits and nothing.notes
+    # the largest micro-batch that fits is 5 of a global batch of 8: 4 x 2 keeps 8 exactly (it was 5 x 2 = 10)
+    lora = TrainSetup(method="lora", batch=8, seq_len=2048, device="cuda")
+    budget = (estimate_memory(seven_b(), replace(lora, batch=5, grad_accum=2)).total_bytes
+              + estimate_memory(seven_b(), replace(lora, batch=6, grad_accum=2)).total_bytes) / 2 / 0.9
+    even = recommend_config(seven_b(), lora, budget)
+    assert (even.batch, even.grad_accum) == (4, 2) and not any("rounded up" in n for n in even.notes), even
+    odd = recommend_config(seven_b(), replace(lora, batch=7), budget)  # 7 = 4 x 2, one row more
+    assert (odd.batch, odd.grad_accum) == (4, 2) and "(rounded up to 8)" in odd.notes[-1]
 
 
 def test_make_plan_budget_defaults_and_json_shape():
@@ -706,3 +714,4 @@ def test_ewc_holds_an_anchor_and_a_fisher_of_every_trained_parameter(method):
     # the penalty's two temporaries of the largest trained tensor (the embedding), while the activations live
     tmp = 2 * shape.vocab * shape.hidden * 4 if method == "full" else 0
     assert ewc.phases["loss backward"] == plain.phases["loss backward"] + extra + tmp
+

@@ -126,6 +126,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
                 if micro < 1:
                     continue
                 accum = -(-effective // micro)
+                micro = -(-effective // accum)  # as even as that accumulation allows: 4 x 2 for 8, not 5 x 2
             final = replace(base, batch=micro, grad_accum=accum)
             notes = []
             if method != setup.method:
