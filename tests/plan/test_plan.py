@@ -715,3 +715,16 @@ def test_ewc_holds_an_anchor_and_a_fisher_of_every_trained_parameter(method):
     tmp = 2 * shape.vocab * shape.hidden * 4 if method == "full" else 0
     assert ewc.phases["loss backward"] == plain.phases["loss backward"] + extra + tmp
 
+
+def test_plan_of_a_sharded_config_says_it_plans_one_unsharded_process(tmp_path, capsys):
+    """A config with fsdp or deepspeed was planned as one GPU holding everything, without a word: the
+    plan now says what it leaves out (sharding is not estimated), in the text and in --json's notes."""
+    for key, value in (("fsdp", "full_shard auto_wrap"), ("deepspeed", "ds_zero3.json")):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"model: llama-2-7b\nmethod: full\n{key}: {value}\nmax_seq_length: 1024\n")
+        assert main(["plan", str(path), "--json"]) == 0
+        notes = json.loads(capsys.readouterr().out)["notes"]
+        assert any(n.startswith(f"{key} '{value}': planned as one process holding the whole model") for n in notes)
+    path.write_text("model: llama-2-7b\nmethod: full\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    assert not any("sharding" in n for n in json.loads(capsys.readouterr().out)["notes"])

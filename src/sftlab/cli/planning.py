@@ -114,6 +114,10 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
     out["liger_kernels"] = args.liger or cfg.liger_kernels is True
     out["fused_loss"] = args.liger or cfg.fused_loss is True
     out["model"] = args.model or (None if args.params else cfg.model)
+    if cfg.fsdp or cfg.deepspeed:
+        notes.append(f"{'fsdp ' + repr(cfg.fsdp) if cfg.fsdp else 'deepspeed ' + repr(cfg.deepspeed)}: planned as one "
+                     "process holding the whole model; sharding (FSDP full_shard, ZeRO-2/3) splits gradients and "
+                     "optimizer state (ZeRO-3 and full_shard the weights too) over the GPUs, which this plan does not estimate")
     return out, notes
 
 
