@@ -728,3 +728,21 @@ def test_plan_of_a_sharded_config_says_it_plans_one_unsharded_process(tmp_path, 
     path.write_text("model: llama-2-7b\nmethod: full\n")
     assert main(["plan", str(path), "--json"]) == 0
     assert not any("sharding" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_train_check_and_plan_agree_on_8bit_adam_on_a_cpu():
+    """train --check estimated adamw8bit on a CPU as fp32 AdamW (8 bytes of state per parameter) while
+    `sftlab plan --device cpu --optimizer adamw8bit` counted 8-bit state; bitsandbytes keeps uint8 state
+    and a float32 absmax per 256 on a CPU as on a GPU, which is what both now estimate."""
+    from sftlab.config import load_config
+    from sftlab.plan.auto import estimated_bytes
+
+    tiny = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 1000,
+            "intermediate_size": 512, "max_position_embeddings": 512}
+    shape = shape_from_config(tiny, "tiny")
+    for opt in ("adamw", "adamw8bit"):
+        cfg = load_config(None, {"method": "full", "optimizer": opt, "precision": "fp32"})
+        got = estimated_bytes(cfg, tiny, batch=2, seq_len=64, checkpointing=False, device="cpu")
+        setup = TrainSetup(method="full", optimizer=opt, precision="fp32", batch=2, seq_len=64, device="cpu")
+        assert got == estimate_memory(shape, setup).total_bytes, opt
+    assert static_parts(shape, setup)["optimizer"] < shape.params * 2.1  # 2 bytes + absmax, not 8
