@@ -746,3 +746,13 @@ def test_train_check_and_plan_agree_on_8bit_adam_on_a_cpu():
         setup = TrainSetup(method="full", optimizer=opt, precision="fp32", batch=2, seq_len=64, device="cpu")
         assert got == estimate_memory(shape, setup).total_bytes, opt
     assert static_parts(shape, setup)["optimizer"] < shape.params * 2.1  # 2 bytes + absmax, not 8
+
+
+def test_plan_refuses_flash_attention_where_train_cannot_run_it(capsys):
+    """flash_attention_2 on a CPU or in fp32 was planned silently although loading the model refuses it;
+    a GPU plan with it still gets its this-machine row on a CPU (planned there with sdpa)."""
+    for flags in (["--device", "cpu"], ["--precision", "fp32"]):
+        assert main(["plan", "--attention", "flash_attention_2", *flags]) == 2
+        assert "attention flash_attention_2 runs on CUDA GPUs in bf16 or fp16" in capsys.readouterr().err
+    row = fits(SMOL, TrainSetup(method="lora", attention="flash_attention_2", device="cuda"), CPU_MACHINE)
+    assert row["this machine"]["needed_bytes"] > 0

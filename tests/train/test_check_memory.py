@@ -62,3 +62,16 @@ def test_rows_longer_than_the_models_context_are_flagged(cfg, tiny_model_dir):
     [f] = checks.context_findings(dataclasses.replace(cfg, packing=True, max_seq_length=1024), mcfg, 1024)
     assert f.severity == "warning" and "1024 tokens (packed) are longer than the model's context of 512" in f.message
     assert f.fixes == ["--set max_seq_length=512"]
+
+
+def test_flash_attention_where_loading_would_refuse_it_is_a_check_error(cfg, monkeypatch):
+    """train --check said "configuration looks sound" for flash_attention_2 on a CPU; the run then failed
+    at model loading."""
+    flash = dataclasses.replace(cfg, attn_implementation="flash_attention_2", precision="bf16")
+    [f] = checks.attention_findings(flash, "cpu")
+    assert f.severity == "error" and "needs a CUDA GPU" in f.message and f.fixes == ["--set attn_implementation=sdpa"]
+    [f] = checks.attention_findings(dataclasses.replace(flash, precision="fp32"), "cuda")
+    assert "needs bf16 or fp16" in f.message
+    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: object())
+    assert checks.attention_findings(flash, "cuda") == []
+    assert checks.attention_findings(cfg, "cpu") == []

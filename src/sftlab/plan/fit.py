@@ -46,8 +46,11 @@ def this_machine() -> Machine:
 
 
 def _gpu_kernels(device: str, setup: TrainSetup) -> dict:
-    """liger-kernel's kernels run only on a GPU: a CPU plan of the same setup is without them."""
-    return {} if device == "cuda" else {"liger_kernels": False, "fused_loss": False}
+    """liger-kernel's kernels and flash-attn run only on a GPU: a CPU plan of the same setup is without them."""
+    if device == "cuda":
+        return {}
+    return {"liger_kernels": False, "fused_loss": False,
+            "attention": "sdpa" if setup.attention == "flash_attention_2" else setup.attention}
 
 
 def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -> dict[str, dict]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -91,6 +92,19 @@ def memory_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
                     f"step, {gb(budget)} {'GPU memory' if device == 'cuda' else 'free RAM'} available", fixes=fixes)]
 
 
+def attention_findings(cfg: Config, device: str) -> list[Finding]:
+    """flash_attention_2 where loading the model refuses it: without the flash-attn package, off CUDA, in fp32."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return []
+    why = ("a CUDA GPU" if device != "cuda" else "bf16 or fp16" if cfg.precision == "fp32"
+           else "the flash-attn package" if importlib.util.find_spec("flash_attn") is None else None)
+    if why is None:
+        return []
+    return [_finding("attn_implementation", "error", f"attn_implementation flash_attention_2 needs {why} "
+                     f"(here: {cfg.precision} on {device}); loading the model would fail",
+                     "--set attn_implementation=sdpa")]
+
+
 def context_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
     """A warning where rows are longer than the model's context (max_position_embeddings): positions past
     it were never trained (and a model with learned positions has none to look up)."""
@@ -116,6 +130,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         out.append(Finding("learning_rate", "warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} "
                            f"for a {n_params / 1e9:.2g}B model ({cfg.method})",
                            fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
+    out += attention_findings(cfg, device_memory_gb()[0])
     out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, seq_len)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
