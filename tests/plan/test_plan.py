@@ -57,6 +57,10 @@ def test_rule1_under_50_examples_prompting_or_few_shot(complexity, approach):
     rec = recommend(UseCase(complexity=complexity, examples=49, strict_format=True, compute="high"))
     assert rec.approach == approach and rec.rule == 1
     assert any("49" in r for r in rec.reasons)
+    # domain knowledge that changes weekly: rule 1 still decides, but the advice names retrieval for it
+    fresh = recommend(UseCase(complexity=complexity, examples=10, domain_specific=True, knowledge_updates="weekly"))
+    assert fresh.rule == 1 and any("retrieve it (RAG) into the prompt" in c for c in fresh.caveats), fresh.caveats
+    assert not any("RAG" in c for c in recommend(UseCase(complexity=complexity, examples=10, domain_specific=True)).caveats)
 
 
 def test_rule2_knowledge_heavy_fast_changing_without_strict_format_is_rag():
