@@ -675,6 +675,10 @@ def test_cli_plan_defaults_are_trains_and_a_config_plans_its_run(tmp_path, capsy
     assert main(["plan", str(cfg), "--batch", "1", "--seq-len", "256", "--method", "lora", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)["setup"]
     assert (s["method"], s["batch"], s["grad_accum"], s["seq_len"]) == ("lora", 1, 8, 256)
+    # a flag overrides the config's gradient_checkpointing: true both ways (there was no way to turn it off)
+    for flag, want in (("--no-gradient-checkpointing", False), ("--gradient-checkpointing", True)):
+        assert main(["plan", str(cfg), flag, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["setup"]["gradient_checkpointing"] is want
     cfg.write_text("model: smollm2-135m-instruct\nbatch_size: auto\ngradient_accumulation: auto\n")
     assert main(["plan", str(cfg)]) == 0
     out = capsys.readouterr().out

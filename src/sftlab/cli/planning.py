@@ -65,9 +65,9 @@ def _add_plan(p):
                    help=f"gradient accumulation steps (default: train's, {field_default('gradient_accumulation')})")
     _config_flag(p, "precision", help_text="auto: bf16 on cuda; on cpu, what a short probe measures faster here (as sftlab train)")
     _config_flag(p, "optimizer")
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
-                   help="recompute activations in backward (train's auto turns it on only where it would not fit: "
-                        "the recommendation below does the same)")
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action=argparse.BooleanOptionalAction,
+                   default=None, help="recompute activations in backward (default: the config's when true; train's "
+                                      "auto turns it on only where it would not fit: the recommendation below does the same)")
     _config_flag(p, "lora_r")
     _config_flag(p, "lora_dropout")
     p.add_argument("--trained-fraction", dest="trained_fraction", type=float, default=1.0,
@@ -110,7 +110,8 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
     out["ewc"] = cfg.ewc_lambda > 0
     if cfg.packing and out["attention"] == "auto":  # train runs packed rows with sdpa (flash where installed)
         out["attention"] = "sdpa"
-    out["gradient_checkpointing"] = args.gradient_checkpointing or cfg.gradient_checkpointing is True
+    out["gradient_checkpointing"] = (cfg.gradient_checkpointing is True if args.gradient_checkpointing is None
+                                     else args.gradient_checkpointing)  # --no-gradient-checkpointing overrides a config's true
     out["liger_kernels"] = args.liger or cfg.liger_kernels is True
     out["fused_loss"] = args.liger or cfg.fused_loss is True
     out["model"] = args.model or (None if args.params else cfg.model)
