@@ -405,7 +405,7 @@ def test_cli_plan_json_for_7b_qlora(capsys):
     assert d["recommended"]["method"] == "qlora"
 
 
-def test_cli_plan_for_cuda_shows_the_estimate_with_liger_too(capsys):
+def test_cli_plan_for_cuda_shows_the_estimate_with_liger_too(capsys, tmp_path):
     """auto kernels wait for a trial on the GPU, so a cuda plan gives both figures; --liger plans with them."""
     assert main(["plan", "--params", "1.7B", "--method", "full", "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
@@ -418,6 +418,14 @@ def test_cli_plan_for_cuda_shows_the_estimate_with_liger_too(capsys):
     assert "with liger-kernel (pip install 'sftlab[gpu]')" in capsys.readouterr().out
     assert main(["plan", "--params", "1.7B", "--device", "cpu", "--liger"]) == 2
     assert "run on CUDA GPUs" in capsys.readouterr().err
+    # a config with liger on (which a CPU plan refuses) is planned for a CPU with --no-liger
+    cfg = tmp_path / "liger.yaml"
+    cfg.write_text("model: smollm2-135m-instruct\nliger_kernels: true\nfused_loss: true\n")
+    assert main(["plan", str(cfg), "--device", "cpu", "--json"]) == 2
+    assert "run on CUDA GPUs" in capsys.readouterr().err
+    assert main(["plan", str(cfg), "--device", "cpu", "--no-liger", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["liger_kernels"], s["fused_loss"], s["device"]) == (False, False, "cpu")
 
 
 def test_cli_plan_text_with_budget(capsys):

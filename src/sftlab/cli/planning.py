@@ -79,9 +79,10 @@ def _add_plan(p):
     _config_flag(p, "merge_micro_batches",
                  help_text="as sftlab train: true plans the step as one micro-batch of batch x grad-accum; auto (on a "
                            "CPU, decided by a trial at train time) also shows that micro-batch's estimate")
-    p.add_argument("--liger", action="store_true",
+    p.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
                    help="plan with liger-kernel's RMSNorm/SwiGLU/RoPE kernels and fused loss on (cuda; train's "
-                        "liger_kernels and fused_loss set true); without it, a plan for cuda also shows that estimate")
+                        "liger_kernels and fused_loss set true), or --no-liger off (default: the config's); without "
+                        "them, a plan for cuda also shows that estimate")
     p.add_argument("--json", action="store_true", help="print total_bytes, breakdown, fits and recommended as JSON")
     p.set_defaults(func=_cmd_plan)
 
@@ -112,8 +113,8 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
         out["attention"] = "sdpa"
     out["gradient_checkpointing"] = (cfg.gradient_checkpointing is True if args.gradient_checkpointing is None
                                      else args.gradient_checkpointing)  # --no-gradient-checkpointing overrides a config's true
-    out["liger_kernels"] = args.liger or cfg.liger_kernels is True
-    out["fused_loss"] = args.liger or cfg.fused_loss is True
+    out["liger_kernels"] = cfg.liger_kernels is True if args.liger is None else args.liger  # --no-liger: both off
+    out["fused_loss"] = cfg.fused_loss is True if args.liger is None else args.liger
     out["model"] = args.model or (None if args.params else cfg.model)
     if cfg.fsdp or cfg.deepspeed:
         notes.append(f"{'fsdp ' + repr(cfg.fsdp) if cfg.fsdp else 'deepspeed ' + repr(cfg.deepspeed)}: planned as one "

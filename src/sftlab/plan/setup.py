@@ -102,7 +102,7 @@ def validate_setup(s: TrainSetup) -> None:
                           hint="plan it with --device cuda and --precision bf16, or use --attention sdpa")
     if (s.liger_kernels or s.fused_loss) and s.device != "cuda":
         raise SftlabError("liger-kernel's kernels (liger_kernels, fused_loss) run on CUDA GPUs",
-                          hint="plan them with --device cuda")
+                          hint="plan them with --device cuda, or without them: --no-liger")
     if s.method == "qlora" and s.device == "cpu":
         # bitsandbytes trains NF4 on CPU too, from the version sftlab.qlora names (the one rule). A plan
         # for CUDA is often made away from the GPU, so it does not ask for bitsandbytes here.
