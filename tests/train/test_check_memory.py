@@ -54,6 +54,9 @@ def test_memory_fixes_are_the_ones_that_make_the_step_fit(cfg, tiny_model_dir, m
     [f] = checks.memory_findings(merged, mcfg, seq)
     assert f.message.startswith("micro-batch 32 x ") and "--set merge_micro_batches=false" in f.fixes[0]
     assert _fix_fits(merged, mcfg, seq, budget, f.fixes[0])
+    # sharded (fsdp): the estimate is of one unsharded process, so it warns rather than errs
+    [f] = checks.memory_findings(dataclasses.replace(cfg, fsdp="full_shard auto_wrap"), mcfg, seq)
+    assert f.severity == "warning" and "unsharded" in f.message
 
 
 def test_rows_longer_than_the_models_context_are_flagged(cfg, tiny_model_dir):

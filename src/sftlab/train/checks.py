@@ -88,8 +88,11 @@ def memory_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
         cheaper = {"full": " or --set method=lora (or qlora)", "lora": " or --set method=qlora"}.get(cfg.method, "")
         fixes.append(f"lower max_seq_length (now {cfg.max_seq_length}){cheaper}")
     fixes.append(f"`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down and recommends what fits")
-    return [Finding("memory", "error", f"micro-batch {batch} x {seq_len} tokens needs about {gb(need)} at the peak of a "
-                    f"step, {gb(budget)} {'GPU memory' if device == 'cuda' else 'free RAM'} available", fixes=fixes)]
+    sharded = cfg.fsdp or cfg.deepspeed  # the estimate is of one process holding everything: not a verdict
+    return [Finding("memory", "warning" if sharded else "error", f"micro-batch {batch} x {seq_len} tokens needs about "
+                    f"{gb(need)} at the peak of a step, {gb(budget)} {'GPU memory' if device == 'cuda' else 'free RAM'} "
+                    "available" + (" (unsharded: fsdp/deepspeed split it over the GPUs, not estimated)" if sharded else ""),
+                    fixes=fixes)]
 
 
 def attention_findings(cfg: Config, device: str) -> list[Finding]:
