@@ -635,7 +635,7 @@ def test_plan_stays_within_the_models_context_and_refuses_an_empty_budget(capsys
     # a --seq-len past the context that fits nowhere: the longest offered is still within the context
     seven = load_shape("llama-2-7b")
     rec = recommend_config(seven, TrainSetup(method="lora", seq_len=1_000_000, device="cuda"), 80 * GB)
-    assert not rec.fits and "the longest that fits is 4096 tokens" in rec.notes[0], rec.notes
+    assert not rec.fits and "the longest that fits is 4096 tokens (the model's context)" in rec.notes[0], rec.notes
     for bad in ("0", "-5", "nan", "inf"):  # inf: an OverflowError traceback before
         assert main(["plan", "--budget-gb", bad]) == 2
         assert "a memory budget must be a number of GB above 0" in capsys.readouterr().err
