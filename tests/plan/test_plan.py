@@ -772,3 +772,13 @@ def test_plan_refuses_flash_attention_where_train_cannot_run_it(capsys):
         assert "attention flash_attention_2 runs on CUDA GPUs in bf16 or fp16" in capsys.readouterr().err
     row = fits(SMOL, TrainSetup(method="lora", attention="flash_attention_2", device="cuda"), CPU_MACHINE)
     assert row["this machine"]["needed_bytes"] > 0
+
+
+def test_plan_notes_a_lora_rank_past_the_layers_width(capsys):
+    """--lora-r 100000 on a 135M model (k_proj 576 -> 192) was planned as given, ending in 'nothing fits
+    ... shard over GPUs'; the rank is the mistake, and the plan now says so."""
+    assert main(["plan", "--params", "135M", "--method", "lora", "--lora-r", "100000", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith("lora_r 100000 is above k_proj's width of 192") and "--lora-r 64" in n for n in notes), notes
+    assert main(["plan", "--params", "135M", "--method", "lora", "--lora-r", "192", "--json"]) == 0
+    assert not any("lora_r" in n for n in json.loads(capsys.readouterr().out)["notes"])

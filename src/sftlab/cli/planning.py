@@ -154,6 +154,11 @@ def _cmd_plan(args) -> int:
                        lora_dropout=float(s["lora_dropout"]), trained_fraction=args.trained_fraction,
                        prefix_tokens=int(s["prefix_tokens"]), ewc=s["ewc"],
                        attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
+    if setup.method in ("lora", "qlora"):  # a rank past a layer's width adds parameters, not capacity
+        narrow, name = min((min(shape.linear_shapes()[t]), t) for t in setup.lora_targets)
+        if setup.lora_r > narrow:
+            notes.append(f"lora_r {setup.lora_r} is above {name}'s width of {narrow}: a LoRA update's rank cannot "
+                         f"exceed it, so the extra rank only costs memory; --lora-r {min(narrow, 64)} or less")
     merge = s["merge_micro_batches"]
     if merge not in ("auto", "true", "false"):
         raise SftlabError(f"--merge-micro-batches {merge}: not auto, true or false")
