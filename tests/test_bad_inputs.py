@@ -149,7 +149,7 @@ CASES = [
      "--gguf-dtype f32 without --gguf", ["exp"]),
     ("eval-negative-forgetting-threshold", lambda e: ["eval", "nothere", "--data", e["data"],
                                                       "--forgetting-threshold", "-1"], 2, "must be above 0", []),
-    ("plan-zero-budget", lambda e: ["plan", "--budget-gb", "0"], 2, "must be above 0 GB", []),
+    ("plan-zero-budget", lambda e: ["plan", "--budget-gb", "0"], 2, "must be a number of GB above 0", []),
     # 0 was taken as "not given": the eval ran at the default length and wrote its result
     ("eval-max-seq-length-0", lambda e: ["eval", e["model"], "--data", e["data"], "--max-seq-length", "0",
                                          "--out", "ev.json"], 2, "max_seq_length 0", ["ev.json"]),

@@ -57,6 +57,10 @@ def test_rule1_under_50_examples_prompting_or_few_shot(complexity, approach):
     rec = recommend(UseCase(complexity=complexity, examples=49, strict_format=True, compute="high"))
     assert rec.approach == approach and rec.rule == 1
     assert any("49" in r for r in rec.reasons)
+    # domain knowledge that changes weekly: rule 1 still decides, but the advice names retrieval for it
+    fresh = recommend(UseCase(complexity=complexity, examples=10, domain_specific=True, knowledge_updates="weekly"))
+    assert fresh.rule == 1 and any("retrieve it (RAG) into the prompt" in c for c in fresh.caveats), fresh.caveats
+    assert not any("RAG" in c for c in recommend(UseCase(complexity=complexity, examples=10, domain_specific=True)).caveats)
 
 
 def test_rule2_knowledge_heavy_fast_changing_without_strict_format_is_rag():
@@ -281,6 +285,14 @@ def test_recommended_config_fits_the_budget_and_keeps_the_effective_batch():
     assert small.learning_rate == 7.07e-5  # full under 0.5B: 1e-4 at a global batch of 8, x sqrt(4/8) here
     nothing = recommend_config(shape_from_params("70B"), TrainSetup(method="full", seq_len=4096), 24 * GB)
     assert not nothing.fits and nothing.notes
+    # the largest micro-batch that fits is 5 of a global batch of 8: 4 x 2 keeps 8 exactly (it was 5 x 2 = 10)
+    lora = TrainSetup(method="lora", batch=8, seq_len=2048, device="cuda")
+    budget = (estimate_memory(seven_b(), replace(lora, batch=5, grad_accum=2)).total_bytes
+              + estimate_memory(seven_b(), replace(lora, batch=6, grad_accum=2)).total_bytes) / 2 / 0.9
+    even = recommend_config(seven_b(), lora, budget)
+    assert (even.batch, even.grad_accum) == (4, 2) and not any("rounded up" in n for n in even.notes), even
+    odd = recommend_config(seven_b(), replace(lora, batch=7), budget)  # 7 = 4 x 2, one row more
+    assert (odd.batch, odd.grad_accum) == (4, 2) and "(rounded up to 8)" in odd.notes[-1]
 
 
 def test_make_plan_budget_defaults_and_json_shape():
@@ -393,7 +405,7 @@ def test_cli_plan_json_for_7b_qlora(capsys):
     assert d["recommended"]["method"] == "qlora"
 
 
-def test_cli_plan_for_cuda_shows_the_estimate_with_liger_too(capsys):
+def test_cli_plan_for_cuda_shows_the_estimate_with_liger_too(capsys, tmp_path):
     """auto kernels wait for a trial on the GPU, so a cuda plan gives both figures; --liger plans with them."""
     assert main(["plan", "--params", "1.7B", "--method", "full", "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
@@ -406,6 +418,14 @@ def test_cli_plan_for_cuda_shows_the_estimate_with_liger_too(capsys):
     assert "with liger-kernel (pip install 'sftlab[gpu]')" in capsys.readouterr().out
     assert main(["plan", "--params", "1.7B", "--device", "cpu", "--liger"]) == 2
     assert "run on CUDA GPUs" in capsys.readouterr().err
+    # a config with liger on (which a CPU plan refuses) is planned for a CPU with --no-liger
+    cfg = tmp_path / "liger.yaml"
+    cfg.write_text("model: smollm2-135m-instruct\nliger_kernels: true\nfused_loss: true\n")
+    assert main(["plan", str(cfg), "--device", "cpu", "--json"]) == 2
+    assert "run on CUDA GPUs" in capsys.readouterr().err
+    assert main(["plan", str(cfg), "--device", "cpu", "--no-liger", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["liger_kernels"], s["fused_loss"], s["device"]) == (False, False, "cpu")
 
 
 def test_cli_plan_text_with_budget(capsys):
@@ -612,9 +632,13 @@ def test_plan_stays_within_the_models_context_and_refuses_an_empty_budget(capsys
     assert d["model"]["context"] == 8192 and d["budget"]["max_seq_len"] == 8192  # 80 GB would hold far more
     assert main(["plan", "--params", "7B", "--seq-len", "16384"]) == 0
     assert "16384 tokens is beyond the model's context of 4096" in capsys.readouterr().out
-    for bad in ("0", "-5"):
+    # a --seq-len past the context that fits nowhere: the longest offered is still within the context
+    seven = load_shape("llama-2-7b")
+    rec = recommend_config(seven, TrainSetup(method="lora", seq_len=1_000_000, device="cuda"), 80 * GB)
+    assert not rec.fits and "the longest that fits is 4096 tokens (the model's context)" in rec.notes[0], rec.notes
+    for bad in ("0", "-5", "nan", "inf"):  # inf: an OverflowError traceback before
         assert main(["plan", "--budget-gb", bad]) == 2
-        assert "a memory budget must be above 0 GB" in capsys.readouterr().err
+        assert "a memory budget must be a number of GB above 0" in capsys.readouterr().err
 
 
 def test_this_machine_row_plans_the_precision_train_would_pick(monkeypatch):
@@ -659,6 +683,10 @@ def test_cli_plan_defaults_are_trains_and_a_config_plans_its_run(tmp_path, capsy
     assert main(["plan", str(cfg), "--batch", "1", "--seq-len", "256", "--method", "lora", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)["setup"]
     assert (s["method"], s["batch"], s["grad_accum"], s["seq_len"]) == ("lora", 1, 8, 256)
+    # a flag overrides the config's gradient_checkpointing: true both ways (there was no way to turn it off)
+    for flag, want in (("--no-gradient-checkpointing", False), ("--gradient-checkpointing", True)):
+        assert main(["plan", str(cfg), flag, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["setup"]["gradient_checkpointing"] is want
     cfg.write_text("model: smollm2-135m-instruct\nbatch_size: auto\ngradient_accumulation: auto\n")
     assert main(["plan", str(cfg)]) == 0
     out = capsys.readouterr().out
@@ -702,3 +730,55 @@ def test_ewc_holds_an_anchor_and_a_fisher_of_every_trained_parameter(method):
     # the penalty's two temporaries of the largest trained tensor (the embedding), while the activations live
     tmp = 2 * shape.vocab * shape.hidden * 4 if method == "full" else 0
     assert ewc.phases["loss backward"] == plain.phases["loss backward"] + extra + tmp
+
+
+def test_plan_of_a_sharded_config_says_it_plans_one_unsharded_process(tmp_path, capsys):
+    """A config with fsdp or deepspeed was planned as one GPU holding everything, without a word: the
+    plan now says what it leaves out (sharding is not estimated), in the text and in --json's notes."""
+    for key, value in (("fsdp", "full_shard auto_wrap"), ("deepspeed", "ds_zero3.json")):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(f"model: llama-2-7b\nmethod: full\n{key}: {value}\nmax_seq_length: 1024\n")
+        assert main(["plan", str(path), "--json"]) == 0
+        notes = json.loads(capsys.readouterr().out)["notes"]
+        assert any(n.startswith(f"{key} '{value}': planned as one process holding the whole model") for n in notes)
+    path.write_text("model: llama-2-7b\nmethod: full\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    assert not any("sharding" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_train_check_and_plan_agree_on_8bit_adam_on_a_cpu():
+    """train --check estimated adamw8bit on a CPU as fp32 AdamW (8 bytes of state per parameter) while
+    `sftlab plan --device cpu --optimizer adamw8bit` counted 8-bit state; bitsandbytes keeps uint8 state
+    and a float32 absmax per 256 on a CPU as on a GPU, which is what both now estimate."""
+    from sftlab.config import load_config
+    from sftlab.plan.auto import estimated_bytes
+
+    tiny = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 1000,
+            "intermediate_size": 512, "max_position_embeddings": 512}
+    shape = shape_from_config(tiny, "tiny")
+    for opt in ("adamw", "adamw8bit"):
+        cfg = load_config(None, {"method": "full", "optimizer": opt, "precision": "fp32"})
+        got = estimated_bytes(cfg, tiny, batch=2, seq_len=64, checkpointing=False, device="cpu")
+        setup = TrainSetup(method="full", optimizer=opt, precision="fp32", batch=2, seq_len=64, device="cpu")
+        assert got == estimate_memory(shape, setup).total_bytes, opt
+    assert static_parts(shape, setup)["optimizer"] < shape.params * 2.1  # 2 bytes + absmax, not 8
+
+
+def test_plan_refuses_flash_attention_where_train_cannot_run_it(capsys):
+    """flash_attention_2 on a CPU or in fp32 was planned silently although loading the model refuses it;
+    a GPU plan with it still gets its this-machine row on a CPU (planned there with sdpa)."""
+    for flags in (["--device", "cpu"], ["--precision", "fp32"]):
+        assert main(["plan", "--attention", "flash_attention_2", *flags]) == 2
+        assert "attention flash_attention_2 runs on CUDA GPUs in bf16 or fp16" in capsys.readouterr().err
+    row = fits(SMOL, TrainSetup(method="lora", attention="flash_attention_2", device="cuda"), CPU_MACHINE)
+    assert row["this machine"]["needed_bytes"] > 0
+
+
+def test_plan_notes_a_lora_rank_past_the_layers_width(capsys):
+    """--lora-r 100000 on a 135M model (k_proj 576 -> 192) was planned as given, ending in 'nothing fits
+    ... shard over GPUs'; the rank is the mistake, and the plan now says so."""
+    assert main(["plan", "--params", "135M", "--method", "lora", "--lora-r", "100000", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith("lora_r 100000 is above k_proj's width of 192") and "--lora-r 64" in n for n in notes), notes
+    assert main(["plan", "--params", "135M", "--method", "lora", "--lora-r", "192", "--json"]) == 0
+    assert not any("lora_r" in n for n in json.loads(capsys.readouterr().out)["notes"])

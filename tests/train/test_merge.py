@@ -130,3 +130,34 @@ def test_check_shows_what_the_merge_will_do_and_a_cached_trial_once_there_is_one
     assert after == f"merge_micro_batches: {state} (this machine's earlier trial: {s['merge']['reason']})"
     off = train(_cfg(tmp_path, tiny_model_dir, merge_micro_batches=False), check_only=True, quiet=True)["merge"]
     assert off == "merge_micro_batches: off (off in the config)"
+
+
+def test_check_memory_is_the_micro_batch_that_runs_as_plan_estimates_it(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """With the micro-batches merged (true in the config), `train --check` estimated a micro-batch of 4
+    while the run computes 8 at once; its memory line and its memory finding now give `sftlab plan
+    CONFIG`'s figure for the step that runs, accumulation included (the finding ignored accumulation)."""
+    import json
+
+    from sftlab.cli import main
+    from sftlab.core import hardware
+    from sftlab.plan.render import gb
+    from sftlab.train import checks
+    from sftlab.train.run import train
+
+    for merged, want in ((True, (8, 1)), (False, (4, 2))):
+        cfg = _cfg(tmp_path, tiny_model_dir, precision="fp32", merge_micro_batches=merged)
+        path = tmp_path / f"run-{merged}.yaml"
+        cfg.save(path)
+        line = train(cfg, check_only=True, quiet=True)["memory"]
+        assert line.startswith("memory: about ") and f"micro-batch {want[0]} x " in line
+        seq = int(line.split(" x ")[1].split()[0])
+        assert main(["plan", str(path), "--device", "cpu", "--seq-len", str(seq), "--json"]) == 0
+        planned = json.loads(capsys.readouterr().out)
+        assert (planned["setup"]["batch"], planned["setup"]["grad_accum"]) == want
+        assert line.split("about ")[1].split(" at ")[0] == gb(planned["total_bytes"])
+        # a machine with a byte less than that estimate: the checklist says it does not fit
+        need = planned["total_bytes"]
+        monkeypatch.setattr(checks, "device_memory_gb", lambda n=need: ("cpu", (n - 1) / 2**30))
+        findings = train(cfg, check_only=True, quiet=True)["findings"]
+        assert any(f["rule"] == "memory" and f"micro-batch {want[0]} x" in f["message"] for f in findings), findings
+        monkeypatch.setattr(checks, "device_memory_gb", hardware.device_memory_gb)

@@ -65,9 +65,9 @@ def _add_plan(p):
                    help=f"gradient accumulation steps (default: train's, {field_default('gradient_accumulation')})")
     _config_flag(p, "precision", help_text="auto: bf16 on cuda; on cpu, what a short probe measures faster here (as sftlab train)")
     _config_flag(p, "optimizer")
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true",
-                   help="recompute activations in backward (train's auto turns it on only where it would not fit: "
-                        "the recommendation below does the same)")
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action=argparse.BooleanOptionalAction,
+                   default=None, help="recompute activations in backward (default: the config's when true; train's "
+                                      "auto turns it on only where it would not fit: the recommendation below does the same)")
     _config_flag(p, "lora_r")
     _config_flag(p, "lora_dropout")
     p.add_argument("--trained-fraction", dest="trained_fraction", type=float, default=1.0,
@@ -79,9 +79,10 @@ def _add_plan(p):
     _config_flag(p, "merge_micro_batches",
                  help_text="as sftlab train: true plans the step as one micro-batch of batch x grad-accum; auto (on a "
                            "CPU, decided by a trial at train time) also shows that micro-batch's estimate")
-    p.add_argument("--liger", action="store_true",
+    p.add_argument("--liger", action=argparse.BooleanOptionalAction, default=None,
                    help="plan with liger-kernel's RMSNorm/SwiGLU/RoPE kernels and fused loss on (cuda; train's "
-                        "liger_kernels and fused_loss set true); without it, a plan for cuda also shows that estimate")
+                        "liger_kernels and fused_loss set true), or --no-liger off (default: the config's); without "
+                        "them, a plan for cuda also shows that estimate")
     p.add_argument("--json", action="store_true", help="print total_bytes, breakdown, fits and recommended as JSON")
     p.set_defaults(func=_cmd_plan)
 
@@ -110,10 +111,15 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
     out["ewc"] = cfg.ewc_lambda > 0
     if cfg.packing and out["attention"] == "auto":  # train runs packed rows with sdpa (flash where installed)
         out["attention"] = "sdpa"
-    out["gradient_checkpointing"] = args.gradient_checkpointing or cfg.gradient_checkpointing is True
-    out["liger_kernels"] = args.liger or cfg.liger_kernels is True
-    out["fused_loss"] = args.liger or cfg.fused_loss is True
+    out["gradient_checkpointing"] = (cfg.gradient_checkpointing is True if args.gradient_checkpointing is None
+                                     else args.gradient_checkpointing)  # --no-gradient-checkpointing overrides a config's true
+    out["liger_kernels"] = cfg.liger_kernels is True if args.liger is None else args.liger  # --no-liger: both off
+    out["fused_loss"] = cfg.fused_loss is True if args.liger is None else args.liger
     out["model"] = args.model or (None if args.params else cfg.model)
+    if cfg.fsdp or cfg.deepspeed:
+        notes.append(f"{'fsdp ' + repr(cfg.fsdp) if cfg.fsdp else 'deepspeed ' + repr(cfg.deepspeed)}: planned as one "
+                     "process holding the whole model; sharding (FSDP full_shard, ZeRO-2/3) splits gradients and "
+                     "optimizer state (ZeRO-3 and full_shard the weights too) over the GPUs, which this plan does not estimate")
     return out, notes
 
 
@@ -148,6 +154,11 @@ def _cmd_plan(args) -> int:
                        lora_dropout=float(s["lora_dropout"]), trained_fraction=args.trained_fraction,
                        prefix_tokens=int(s["prefix_tokens"]), ewc=s["ewc"],
                        attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
+    if setup.method in ("lora", "qlora"):  # a rank past a layer's width adds parameters, not capacity
+        narrow, name = min((min(shape.linear_shapes()[t]), t) for t in setup.lora_targets)
+        if setup.lora_r > narrow:
+            notes.append(f"lora_r {setup.lora_r} is above {name}'s width of {narrow}: a LoRA update's rank cannot "
+                         f"exceed it, so the extra rank only costs memory; --lora-r {min(narrow, 64)} or less")
     merge = s["merge_micro_batches"]
     if merge not in ("auto", "true", "false"):
         raise SftlabError(f"--merge-micro-batches {merge}: not auto, true or false")

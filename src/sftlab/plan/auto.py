@@ -139,9 +139,11 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
                        batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
-                       optimizer=cfg.optimizer if cfg.optimizer != "adamw8bit" or device == "cuda" else "adamw",
+                       optimizer=cfg.optimizer,  # bitsandbytes keeps 8-bit Adam state on a CPU too (0.50: uint8 + absmax)
                        lora_dropout=cfg.lora_dropout, ewc=cfg.ewc_lambda > 0,
-                       attention="sdpa" if cfg.packing and cfg.attn_implementation == "auto" else cfg.attn_implementation,
+                       attention="sdpa" if (cfg.packing and cfg.attn_implementation == "auto") or (  # flash where it cannot
+                           cfg.attn_implementation == "flash_attention_2" and (device != "cuda" or cfg.precision == "fp32"))
+                       else cfg.attn_implementation,  # run: the checklist's attention error says so
                        # set true, they run (or the run stops); auto waits for a trial on the GPU: plan without
                        liger_kernels=cfg.liger_kernels is True and device == "cuda",
                        fused_loss=cfg.fused_loss is True and device == "cuda")

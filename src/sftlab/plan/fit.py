@@ -46,8 +46,11 @@ def this_machine() -> Machine:
 
 
 def _gpu_kernels(device: str, setup: TrainSetup) -> dict:
-    """liger-kernel's kernels run only on a GPU: a CPU plan of the same setup is without them."""
-    return {} if device == "cuda" else {"liger_kernels": False, "fused_loss": False}
+    """liger-kernel's kernels and flash-attn run only on a GPU: a CPU plan of the same setup is without them."""
+    if device == "cuda":
+        return {}
+    return {"liger_kernels": False, "fused_loss": False,
+            "attention": "sdpa" if setup.attention == "flash_attention_2" else setup.attention}
 
 
 def fits(shape: ModelShape, setup: TrainSetup, machine: Machine | None = None) -> dict[str, dict]:
@@ -126,6 +129,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
                 if micro < 1:
                     continue
                 accum = -(-effective // micro)
+                micro = -(-effective // accum)  # as even as that accumulation allows: 4 x 2 for 8, not 5 x 2
             final = replace(base, batch=micro, grad_accum=accum)
             notes = []
             if method != setup.method:
@@ -140,9 +144,10 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     notes = []
     last = _cheaper_methods(setup.method, setup.device)[-1]
     longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
-                          budget_bytes, limit=setup.seq_len)
+                          budget_bytes, limit=min(setup.seq_len, shape.context or setup.seq_len))  # not past the context
     notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
+                 + (" (the model's context)" if longest and longest == shape.context else "")
                  + "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state")
     return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
                        None, notes)
@@ -174,8 +179,9 @@ def make_plan(shape: ModelShape, setup: TrainSetup, budget_gb: float | None = No
     The budget is ``budget_gb`` if given, else this machine's memory when the setup is for its device,
     else 80 GB (one A100/H100).
     """
-    if budget_gb is not None and not budget_gb > 0:
-        raise SftlabError(f"--budget-gb {budget_gb:g}: a memory budget must be above 0 GB", hint="e.g. --budget-gb 24")
+    if budget_gb is not None and not 0 < budget_gb < float("inf"):
+        raise SftlabError(f"--budget-gb {budget_gb:g}: a memory budget must be a number of GB above 0",
+                          hint="e.g. --budget-gb 24")
     m = machine or this_machine()
     est = estimate_memory(shape, setup)
     if budget_gb is not None:

@@ -119,6 +119,9 @@ def _caveats(uc: UseCase, approach: str) -> list[str]:
         out.append("latency-sensitive: the examples lengthen every prompt; move to PEFT once you have 100+ examples")
     if approach in ("PEFT", "full SFT") and uc.domain_specific and uc.knowledge_updates in ("daily", "weekly"):
         out.append(f"the knowledge changes {uc.knowledge_updates}: pair the fine-tuned model with retrieval (RAG) for facts")
+    if approach in ("prompt engineering", "few-shot") and uc.domain_specific and uc.knowledge_updates in ("daily", "weekly"):
+        out.append(f"domain knowledge that changes {uc.knowledge_updates}: no prompt holds it; retrieve it (RAG) into "
+                   "the prompt, which needs no labelled examples")
     if approach == "full SFT":
         out.append("watch for forgetting of general skills: mix in replay data and compare before/after")
     if approach in ("prompt engineering", "few-shot") and uc.strict_format:

@@ -96,9 +96,13 @@ def validate_setup(s: TrainSetup) -> None:
     bad = [t for t in s.lora_targets if t not in ALL_LINEAR]
     if bad or not s.lora_targets:
         raise SftlabError(f"unknown LoRA target {bad[0] if bad else '(none)'!r}", hint=f"use some of: {', '.join(ALL_LINEAR)}")
+    if s.attention == "flash_attention_2" and (s.device != "cuda" or not s.mixed):
+        raise SftlabError(f"attention flash_attention_2 runs on CUDA GPUs in bf16 or fp16, not {s.resolved_precision} "
+                          f"on {s.device} (sftlab train refuses it there)",
+                          hint="plan it with --device cuda and --precision bf16, or use --attention sdpa")
     if (s.liger_kernels or s.fused_loss) and s.device != "cuda":
         raise SftlabError("liger-kernel's kernels (liger_kernels, fused_loss) run on CUDA GPUs",
-                          hint="plan them with --device cuda")
+                          hint="plan them with --device cuda, or without them: --no-liger")
     if s.method == "qlora" and s.device == "cpu":
         # bitsandbytes trains NF4 on CPU too, from the version sftlab.qlora names (the one rule). A plan
         # for CUDA is often made away from the GPU, so it does not ask for bitsandbytes here.

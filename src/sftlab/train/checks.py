@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -33,16 +35,89 @@ def _finding(rule: str, severity: str, message: str, fix: str) -> Finding:
     return Finding(rule, severity, message, fixes=[fix])
 
 
+def step_shape(cfg: Config) -> tuple[int, int]:
+    """(micro-batch, accumulation) the run's steps compute: batch x accumulation as one micro-batch where
+    ``merge_micro_batches`` is true (train/merge.py); ``auto`` merges only after a trial, where it fits."""
+    b, ga = int(cfg.batch_size), int(cfg.gradient_accumulation)
+    return (b * ga, 1) if cfg.merge_micro_batches is True else (b, ga)
+
+
+def step_bytes(cfg: Config, model_cfg, seq_len: int, device: str) -> int:
+    """Estimated peak bytes of a step of ``cfg`` (resolved): the micro-batch that runs, with accumulation
+    keeping the gradients through the next micro-batch, as `sftlab plan` estimates it."""
+    batch, accum = step_shape(cfg)
+    return estimated_bytes(cfg, model_cfg, batch=batch, seq_len=seq_len, device=device,
+                           checkpointing=bool(cfg.gradient_checkpointing), grad_accum=accum)
+
+
 def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
     """One line for `train --check`: the estimated peak memory of a step of ``cfg`` (resolved) with rows
     of ``seq_len`` tokens on this machine's device, against what it has (:mod:`sftlab.plan.memory`)."""
     device, mem_gb = device_memory_gb()
-    need = estimated_bytes(cfg, model_cfg, batch=int(cfg.batch_size), seq_len=seq_len, device=device,
-                           checkpointing=bool(cfg.gradient_checkpointing), grad_accum=int(cfg.gradient_accumulation))
+    need, (batch, accum) = step_bytes(cfg, model_cfg, seq_len, device), step_shape(cfg)
     where = "GPU memory" if device == "cuda" else "free RAM"
-    return (f"memory: about {gb(need)} at the peak of a step (micro-batch {cfg.batch_size} x {seq_len} "
-            f"tokens, {cfg.precision}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}) of "
-            f"{gb(mem_gb * 2**30)} {where} (`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
+    return (f"memory: about {gb(need)} at the peak of a step (micro-batch {batch} x {seq_len} tokens"
+            f"{f' x accumulation {accum}' if accum > 1 else ''}, {cfg.precision}, checkpointing "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}) of {gb(mem_gb * 2**30)} {where} "
+            f"(`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
+
+
+def _fits_with(cfg: Config, model_cfg, seq_len: int, device: str, budget: float, **changes) -> bool:
+    return step_bytes(dataclasses.replace(cfg, **changes), model_cfg, seq_len, device) <= budget
+
+
+def memory_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
+    """An error where the step (as memory_line estimates it) does not fit this machine, with the changes
+    that make it fit: a smaller micro-batch at the same global batch, checkpointing, shorter rows."""
+    device, mem_gb = device_memory_gb()
+    budget, need = mem_gb * 2**30, step_bytes(cfg, model_cfg, seq_len, device)
+    if need <= budget:
+        return []
+    (batch, accum), fixes = step_shape(cfg), []
+    unmerge = {"merge_micro_batches": False} if cfg.merge_micro_batches is True else {}
+    micro = batch // 2  # the largest power-of-two fraction of the micro-batch that fits
+    while micro >= 1 and not _fits_with(cfg, model_cfg, seq_len, device, budget, batch_size=micro,
+                                        gradient_accumulation=2, **unmerge):
+        micro //= 2
+    if micro >= 1:
+        fixes.append(f"--set batch_size={micro} --set gradient_accumulation={-(-batch * accum // micro)}"
+                     + (" --set merge_micro_batches=false" if unmerge else "") + " (the same global batch)")
+    if not cfg.gradient_checkpointing:
+        fixes.append("--set gradient_checkpointing=true")
+    if not fixes:
+        cheaper = {"full": " or --set method=lora (or qlora)", "lora": " or --set method=qlora"}.get(cfg.method, "")
+        fixes.append(f"lower max_seq_length (now {cfg.max_seq_length}){cheaper}")
+    fixes.append(f"`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down and recommends what fits")
+    sharded = cfg.fsdp or cfg.deepspeed  # the estimate is of one process holding everything: not a verdict
+    return [Finding("memory", "warning" if sharded else "error", f"micro-batch {batch} x {seq_len} tokens needs about "
+                    f"{gb(need)} at the peak of a step, {gb(budget)} {'GPU memory' if device == 'cuda' else 'free RAM'} "
+                    "available" + (" (unsharded: fsdp/deepspeed split it over the GPUs, not estimated)" if sharded else ""),
+                    fixes=fixes)]
+
+
+def attention_findings(cfg: Config, device: str) -> list[Finding]:
+    """flash_attention_2 where loading the model refuses it: without the flash-attn package, off CUDA, in fp32."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return []
+    why = ("a CUDA GPU" if device != "cuda" else "bf16 or fp16" if cfg.precision == "fp32"
+           else "the flash-attn package" if importlib.util.find_spec("flash_attn") is None else None)
+    if why is None:
+        return []
+    return [_finding("attn_implementation", "error", f"attn_implementation flash_attention_2 needs {why} "
+                     f"(here: {cfg.precision} on {device}); loading the model would fail",
+                     "--set attn_implementation=sdpa")]
+
+
+def context_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
+    """A warning where rows are longer than the model's context (max_position_embeddings): positions past
+    it were never trained (and a model with learned positions has none to look up)."""
+    context = int(getattr(model_cfg, "max_position_embeddings", 0) or getattr(model_cfg, "n_positions", 0) or 0)
+    if not context or seq_len <= context:
+        return []
+    return [_finding("max_seq_length", "warning", f"rows of up to {seq_len} tokens"
+                     f"{' (packed)' if cfg.packing else ''} are longer than the model's context of {context} "
+                     "(max_position_embeddings): it never trained on the positions past it",
+                     f"--set max_seq_length={context}")]
 
 
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
@@ -58,13 +133,8 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         out.append(Finding("learning_rate", "warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} "
                            f"for a {n_params / 1e9:.2g}B model ({cfg.method})",
                            fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
-    device, mem_gb = device_memory_gb()
-    need = estimated_bytes(cfg, model_cfg, batch=int(cfg.batch_size), seq_len=seq_len,
-                           checkpointing=bool(cfg.gradient_checkpointing), device=device)
-    if need > mem_gb * 2**30:
-        out.append(_finding("memory", "error", f"batch {cfg.batch_size} x {seq_len} tokens needs about {need / 2**30:.1f} GiB, "
-                           f"{mem_gb:.1f} GiB available", "lower batch_size and raise gradient_accumulation, "
-                           "or --set gradient_checkpointing=true"))
+    out += attention_findings(cfg, device_memory_gb()[0])
+    out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, seq_len)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world

@@ -25,6 +25,7 @@ from sftlab.core.attention import AttentionSwitch
 from sftlab.core.hardware import device_memory_gb, machine_key
 from sftlab.core.io import cached_entry, store_entry
 from sftlab.plan.auto import estimated_bytes
+from sftlab.train.checks import memory_line
 from sftlab.train.distributed import world_size
 from sftlab.train.trainer import forward_loss
 
@@ -191,9 +192,8 @@ def decide_merge(rc: Config, model, batches, *, seq_len: int, world_size: int = 
     return _from_trial(rc, micro_ms, merged_ms, cached=False)
 
 
-def preview_merge(rc: Config, model_cfg, lengths: list[int] | None, *, seq_len: int) -> str:
-    """What ``merge_micro_batches`` will do, for `train --check` (which loads no model): the rule, or
-    this machine's cached trial for the same shapes, or that a trial at the start decides."""
+def _preview_choice(rc: Config, model_cfg, lengths: list[int] | None, *, seq_len: int) -> MergeChoice | None:
+    """The rule's decision, or this machine's cached trial for the same shapes (None: a trial at the start decides)."""
     settled = _before_trial(rc, model_cfg, on_gpu=_cuda_available(), world_size=world_size(), seq_len=seq_len)
     b, ga = int(rc.batch_size), int(rc.gradient_accumulation)
     idx = _typical_indices(lengths, len(lengths) if lengths is not None else 0, b * ga) if settled is None else None
@@ -201,12 +201,30 @@ def preview_merge(rc: Config, model_cfg, lengths: list[int] | None, *, seq_len: 
         entry = cached_entry(CACHE, _cache_key(rc, model_cfg, max(lengths[i] for i in idx)))
         if entry is not None and {"micro_ms", "merged_ms"} <= set(entry):
             settled = _from_trial(rc, entry["micro_ms"], entry["merged_ms"], cached=True)
+    return settled
+
+
+def preview_merge(rc: Config, model_cfg, lengths: list[int] | None, *, seq_len: int) -> str:
+    """What ``merge_micro_batches`` will do, for `train --check` (which loads no model): the rule, or
+    this machine's cached trial for the same shapes, or that a trial at the start decides."""
+    return check_preview(rc, model_cfg, lengths, seq_len=seq_len)["merge"]
+
+
+def check_preview(rc: Config, model_cfg, lengths: list[int] | None, *, seq_len: int) -> dict:
+    """`train --check`'s ``merge`` line (:func:`preview_merge`) and ``memory`` line, the latter for the
+    micro-batch that will run: one of batch x accumulation where the rule or a cached trial merges them."""
+    settled = _preview_choice(rc, model_cfg, lengths, seq_len=seq_len)
+    b, ga = int(rc.batch_size), int(rc.gradient_accumulation)
+    runs = merged_config(rc, settled) if settled is not None else rc
+    memory = memory_line(runs, model_cfg, seq_len)
     if settled is None:
-        return (f"merge_micro_batches: auto: a trial at the start decides ({ga} micro-batches of {b} "
-                "against one, on this run's model and examples)")
+        return {"memory": memory, "merge": f"merge_micro_batches: auto: a trial at the start decides ({ga} micro-batches "
+                                           f"of {b} against one, on this run's model and examples)"}
     if settled.micro_ms is not None:
-        return f"merge_micro_batches: {'on' if settled.enabled else 'off'} (this machine's earlier trial: {settled.reason})"
-    return f"merge_micro_batches: {'on' if settled.enabled else 'off'} ({settled.reason})"
+        line = f"merge_micro_batches: {'on' if settled.enabled else 'off'} (this machine's earlier trial: {settled.reason})"
+    else:
+        line = f"merge_micro_batches: {'on' if settled.enabled else 'off'} ({settled.reason})"
+    return {"memory": memory, "merge": line}
 
 
 def merged_config(rc: Config, choice: MergeChoice) -> Config:
@@ -228,4 +246,4 @@ def speed_choices(rc: Config, model, batches, kernels: list, notes: dict, *, qui
     return merged_config(rc, merge)
 
 
-__all__ = ["MergeChoice", "decide_merge", "measure_merge", "merged_config", "preview_merge", "speed_choices"]
+__all__ = ["MergeChoice", "check_preview", "decide_merge", "measure_merge", "merged_config", "preview_merge", "speed_choices"]

@@ -49,7 +49,6 @@ from sftlab.train.checks import (
     checkpoint_steps,
     checkpoints,
     last_good_checkpoint,
-    memory_line,
     run_folder_findings,
     tools_dropped,
 )
@@ -62,7 +61,7 @@ from sftlab.train.distributed import (
 )
 from sftlab.train.epochs import drawn_epochs, epoch_rows
 from sftlab.train.kernels import fused_loss_fn
-from sftlab.train.merge import preview_merge, speed_choices
+from sftlab.train.merge import check_preview, speed_choices
 from sftlab.train.model import build_model
 from sftlab.train.trainer import Divergence, SftlabTrainer
 
@@ -142,8 +141,8 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     if check_only:
         lengths = None if rc.packing else [len(e.input_ids) for e in data.train.examples]
         mcfg, seq_len = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code), max(lengths or [int(rc.max_seq_length)])
-        return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(), "memory": memory_line(rc, mcfg, seq_len),
-                "precision_probe": notes.get("precision_probe"), "auto": notes.get("auto"), "merge": preview_merge(rc, mcfg, lengths, seq_len=seq_len)}
+        return {"findings": [f.to_dict() for f in findings], "resolved": rc.to_dict(), "precision_probe": notes.get("precision_probe"),
+                "auto": notes.get("auto"), **check_preview(rc, mcfg, lengths, seq_len=seq_len)}  # memory: of the micro-batch that runs
     raise_on_fatal(findings)  # one error line, not the checklist around it
     if not quiet:
         print_checks(findings, notes.get("auto"))
