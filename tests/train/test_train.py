@@ -495,26 +495,34 @@ def test_a_run_shorter_than_logging_steps_still_logs_its_last_step(tmp_path, tin
     assert [r["step"] for r in RunDir(tmp_path / "every" / "run").metrics()] == [1, 2]  # the last one once
 
 
-def test_a_fresh_prefix_is_the_base_model_reading_a_short_chat_first(tmp_path, tiny_model_dir):
-    """peft's random prefix made the untrained SmolLM2 score loss ~10 (base ~0.8): the prefix now starts
-    as the base model's own keys/values of a rendered short chat, so the fresh prefix model is exactly
-    the base model with that text in front, and scores about the base model's loss."""
-    from sftlab.eval.loss import evaluate_loss
+def _fresh_prefix_reads_its_seed(tmp_path, model_dir):
+    """(model, data, seed) of a fresh 7-token prefix model, after checking that its logits on an example are the
+    base model's reading the seed text first."""
     from sftlab.train.model import build_model, prefix_seed_ids
     from sftlab.train.run import load_data
 
-    cfg = train_config(tmp_path, tiny_model_dir, method="prefix", prefix_tokens=7)
+    cfg = train_config(tmp_path, model_dir, method="prefix", prefix_tokens=7)
     data = load_data(cfg)
     model, _ = build_model(cfg, data.tok, [], template=data.train.template)
     model.eval()
     seed = prefix_seed_ids(data.tok, data.train.template, 7)
-    assert len(seed) == 7 and data.tok.decode(seed).endswith("?<|im_end|>\n")  # the end of the chat's reply
     ids = torch.tensor([data.train.examples[0].input_ids])
     with torch.no_grad():
         prefixed = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
         with model.disable_adapter():
             reading = model(input_ids=torch.cat([torch.tensor([seed]), ids], 1)).logits[0, len(seed):]
     assert torch.allclose(prefixed, reading, atol=1e-4)
+    return model, data, seed
+
+
+def test_a_fresh_prefix_is_the_base_model_reading_a_short_chat_first(tmp_path, tiny_model_dir):
+    """peft's random prefix made the untrained SmolLM2 score loss ~10 (base ~0.8): the prefix now starts
+    as the base model's own keys/values of a rendered short chat, so the fresh prefix model is exactly
+    the base model with that text in front, and scores about the base model's loss."""
+    from sftlab.eval.loss import evaluate_loss
+
+    model, data, seed = _fresh_prefix_reads_its_seed(tmp_path, tiny_model_dir)
+    assert len(seed) == 7 and data.tok.decode(seed).endswith("?<|im_end|>\n")  # the end of the chat's reply
     fresh = evaluate_loss(model, data.tok, data.train.examples)["loss"]
     with model.disable_adapter():
         base = evaluate_loss(model, data.tok, data.train.examples)["loss"]
@@ -640,21 +648,7 @@ def _tiny_gemma(out: Path, tiny_model_dir: Path, kind: str) -> Path:
 def test_a_fresh_prefix_of_a_sliding_window_model_reads_the_chat_too(tmp_path, tiny_model_dir, kind):
     """Gemma's cache keeps only the last `sliding_window` tokens in a sliding layer, so the prefix's keys and
     values did not fit and the prefix silently kept peft's random start."""
-    from sftlab.train.model import build_model, prefix_seed_ids
-    from sftlab.train.run import load_data
-
-    gemma = _tiny_gemma(tmp_path / kind, tiny_model_dir, kind)
-    cfg = train_config(tmp_path, gemma, method="prefix", prefix_tokens=7)
-    data = load_data(cfg)
-    model, _ = build_model(cfg, data.tok, [], template=data.train.template)
-    model.eval()
-    seed = prefix_seed_ids(data.tok, data.train.template, 7)
-    ids = torch.tensor([data.train.examples[0].input_ids])
-    with torch.no_grad():
-        prefixed = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-        with model.disable_adapter():
-            reading = model(input_ids=torch.cat([torch.tensor([seed]), ids], 1)).logits[0, len(seed):]
-    assert torch.allclose(prefixed, reading, atol=1e-4)
+    _fresh_prefix_reads_its_seed(tmp_path, _tiny_gemma(tmp_path / kind, tiny_model_dir, kind))
 
 
 def test_a_prefix_that_can_not_start_from_the_model_is_refused_in_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
