@@ -312,7 +312,7 @@ def parse_set(items: list[str] | None) -> dict:
     return out
 
 
-class _UniqueKeys(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """YAML's loader, refusing a key given twice in one mapping (safe_load keeps the last value silently)."""
 
     def construct_mapping(self, node, deep=False):
@@ -335,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not p.exists():
             raise SftlabError(f"config file '{path}' not found")
         try:
-            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""

@@ -121,6 +121,9 @@ def test_use_case_errors_are_one_line(tmp_path):
         UseCase(compute="huge")
     with pytest.raises(SftlabError, match="examples"):
         load_use_case(None, {"examples": "many"})
+    f.write_text("examples: 800\ncompute: low\nexamples: 80\n")  # safe_load kept the last value silently
+    with pytest.raises(SftlabError, match=r"line 3: not valid YAML \(key 'examples' is given twice"):
+        load_use_case(f)
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -349,7 +352,11 @@ def test_qlora_is_a_cpu_fallback_only_with_bitsandbytes(bnb_version):
     bnb_version("0.50.2")  # a 7B LoRA on CPU keeps a ~27 GB fp32 base: only QLoRA fits 20 GB
     rec = recommend_config(seven_b(), setup, 20 * GB)
     assert rec.fits and rec.method == "qlora" and rec.estimated_bytes <= 20 * GB
-    assert "nothing fits 4 GB at 512 tokens, even qlora" in recommend_config(seven_b(), setup, 4 * GB).notes[-1]
+    note = recommend_config(seven_b(), setup, 4 * GB).notes[-1]
+    assert "nothing fits 4 GB at 512 tokens, even qlora" in note
+    assert "more memory" in note and "GPU" not in note  # a CPU plan: sharding over GPUs is no advice here
+    gpu = recommend_config(seven_b(), replace(setup, device="cuda"), 4 * GB).notes[-1]
+    assert "shard over GPUs" in gpu
     bnb_version(None)
     rec = recommend_config(seven_b(), setup, 20 * GB)
     assert not rec.fits and rec.method == "lora"

@@ -148,7 +148,8 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
                  + (" (the model's context)" if longest and longest == shape.context else "")
-                 + "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state")
+                 + ("; use a machine with more memory, a smaller model or shorter rows" if setup.device == "cpu" else
+                    "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state"))
     return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
                        None, notes)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from sftlab.config import UniqueKeyLoader
 from sftlab.core.errors import SftlabError
 
 APPROACHES = ("prompt engineering", "few-shot", "RAG", "PEFT", "full SFT")
@@ -138,13 +139,15 @@ def load_use_case(path: str | Path | None = None, overrides: dict | None = None)
     if path is not None:
         p = Path(path)
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except FileNotFoundError:
             raise SftlabError(f"use-case file {p} does not exist") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise SftlabError(f"{p}{where}: not valid YAML", hint="write one 'key: value' per line") from None
+            problem = getattr(exc, "problem", None)
+            raise SftlabError(f"{p}{where}: not valid YAML" + (f" ({problem})" if problem else ""),
+                              hint="write one 'key: value' per line") from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
