@@ -76,6 +76,15 @@ def test_report_is_self_contained_with_every_section(tmp_path, capsys):
     assert "No problems found" in page
 
 
+def test_the_reports_doctor_checks_the_data_as_the_run_trained_it(tmp_path, tiny_model_dir):
+    """The report ran the doctor with its defaults (no template, no limit), not the run's settings: with the
+    run's saved tokenizer it checks the data as `sftlab doctor RUN.yaml` does, the run's limit included."""
+    run = _run(tmp_path, tokenizer_from=tiny_model_dir, max_seq_length=8)
+    page = Path(write_report(run, doctor=True)["path"]).read_text()
+    assert "as the run trains it: model tiny" in page and "template chatml" in page
+    assert "no example is left" in page or "nothing_left" in page  # every chat is longer than the run's 8 tokens
+
+
 def test_length_histogram_bins_every_length():
     h = length_histogram([0, 1, 31, 32, 100], bins=4)
     assert h == {"bin_width": 26, "counts": [2, 2, 0, 1]}  # 0..100 in bins of 26: [0,26) [26,52) [52,78) [78,104)

@@ -10,6 +10,7 @@ doctor's summary), before/after table and sample generations, and the diagnosis.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 from sftlab.core.errors import SftlabError
 from sftlab.core.findings import format_findings
 from sftlab.core.io import atomic_write_text
-from sftlab.data.doctor import run_doctor
+from sftlab.data.doctor import run_doctor, run_doctor_config
 from sftlab.data.mixture import source_paths
 from sftlab.diagnose import Diagnosis, RunData, diagnose_run, load_run
 from sftlab.eval.compare import format_forgetting
@@ -215,10 +216,30 @@ def _doctor_text(run: RunData, doctor: bool) -> str:
     eval_data = getattr(run.config, "eval_data", None)
     eval_ok = eval_data and all(Path(p).exists() for p in source_paths(eval_data))
     try:
-        res = run_doctor(data, eval_data=eval_data if eval_ok else None, fmt=getattr(run.config, "format", None))
+        tok = _run_tokenizer(run)
+        if tok is not None:  # the data as this run trained it: its template, limit, truncation, masking, reasoning
+            cfg = dataclasses.replace(run.config, eval_data=eval_data if eval_ok else None)
+            res = run_doctor_config(cfg, tok)
+        else:
+            res = run_doctor(data, eval_data=eval_data if eval_ok else None, fmt=getattr(run.config, "format", None))
     except SftlabError as exc:
         return f"<p>The data doctor could not read the data: {_e(exc)}</p>"
     return f"<pre>{_e(res.format_text(limit=5))}</pre>"
+
+
+def _run_tokenizer(run: RunData):
+    """The tokenizer the run saved with its model (it carries the training template), or None."""
+    mdir = run.dir.model_dir
+    if not (mdir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import (
+        AutoTokenizer,  # deferred: heavy library, imported on first use
+    )
+
+    try:
+        return AutoTokenizer.from_pretrained(mdir, trust_remote_code=run.config.trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def _scored_by(result: dict):
