@@ -42,7 +42,7 @@ if conv:
             if template is not None:
                 tok.chat_template = template.source
             tok.save_pretrained(str(tmp))
-    R._save_final = save_final
+    R.save_final = save_final
 t0 = time.time()
 cfg = load_config(None, {"data": str(demo_path("train")), "output_dir": out, "max_steps": 10, "batch_size": 4,
                          "gradient_accumulation": 2, **over})

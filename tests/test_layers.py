@@ -15,7 +15,7 @@ PACKAGE = Path(sftlab.__file__).parent
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("sftlab.core",)),
-    ("base", ("sftlab.config", "sftlab.models", "sftlab.qlora")),
+    ("base", ("sftlab.config", "sftlab.models", "sftlab.gguf_cache", "sftlab.special_tokens", "sftlab.qlora")),
     ("data", ("sftlab.data", "sftlab.demo_data", "sftlab.rundir")),
     ("plan", ("sftlab.plan",)),
     ("eval", ("sftlab.eval",)),

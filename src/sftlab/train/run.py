@@ -8,8 +8,6 @@ callbacks, EWC, attention switch) -> fit (train, final evaluation, save) -> summ
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -22,11 +20,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding
 from sftlab.core.hardware import peak_memory_mb
 from sftlab.core.io import (
-    USER_ERRNOS,
-    atomic_dir,
     atomic_write_text,
-    describe_os_error,
-    write_error,
 )
 from sftlab.data.collate import PackedCollator, PadCollator
 from sftlab.data.packing import pack
@@ -47,8 +41,6 @@ from sftlab.train.callbacks import (
 from sftlab.train.checks import (
     checklist,
     checkpoint_steps,
-    checkpoints,
-    last_good_checkpoint,
     run_folder_findings,
     tools_dropped,
 )
@@ -60,6 +52,7 @@ from sftlab.train.distributed import (
     world_size,
 )
 from sftlab.train.epochs import drawn_epochs, epoch_rows
+from sftlab.train.folder import save_failed, save_final, start_run_folder
 from sftlab.train.kernels import fused_loss_fn
 from sftlab.train.merge import check_preview, speed_choices
 from sftlab.train.model import build_model
@@ -254,35 +247,6 @@ def training_batches(rc: Config, examples: list, tok, model, prepared: Prepared 
     return Batches(pack(examples, rc.max_seq_length), collator, None)
 
 
-def start_run_folder(rc: Config, run: Path) -> str | None:
-    """Create the run folder; returns the checkpoint to resume from (``resume``), else None."""
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(run, exc, kept=False) from None
-    if not rc.resume:  # the folder holds no run (run_folder_findings): nothing old to clear
-        return None
-    ckpt_dir = run / A.CHECKPOINTS
-    resume_from = last_good_checkpoint(ckpt_dir)
-    if resume_from is None:
-        raise SftlabError(f"{run}: no complete checkpoint to resume from", hint="start without resume=true")
-    drop_incomplete_checkpoints(ckpt_dir, after=resume_from)
-    return str(resume_from)
-
-
-def drop_incomplete_checkpoints(ckpt_dir: Path, *, after: Path | None) -> list[Path]:
-    """Remove what a kill or a full disk left of a save: the trainer's staging folders, and any checkpoint
-    folder without its trainer state newer than ``after``, so a resume never takes one for the last
-    checkpoint. Returns what was removed."""
-    last = int(after.name.split("-")[-1]) if after is not None else -1
-    cut = [p for step, p, ok in checkpoints(ckpt_dir) if not ok and step > last]
-    cut += sorted(ckpt_dir.glob(".staging-checkpoint-*")) if ckpt_dir.is_dir() else []
-    for p in cut:
-        print(f"removing {p}: an incomplete checkpoint (the save was cut off)", file=sys.stderr, flush=True)
-        shutil.rmtree(p, ignore_errors=True)
-    return cut
-
-
 def training_arguments(rc: Config, ckpt_dir: Path, *, has_eval: bool, quiet: bool):
     """transformers.TrainingArguments for the resolved config; checkpoints fall on eval steps."""
     import torch  # deferred: heavy library, imported on first use
@@ -393,7 +357,7 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     except Divergence as exc:
         stopped, divergence = "diverged", {"step": exc.step, "loss": exc.loss}
     except OSError as exc:
-        raise _save_failed(run / A.CHECKPOINTS, exc) from None
+        raise save_failed(run / A.CHECKPOINTS, exc) from None
     finally:
         h.stopper.uninstall()
     elapsed = time.perf_counter() - t0
@@ -405,7 +369,7 @@ def fit(h: Harness, rc: Config, data: RunData, run: Path, resume_from: str | Non
     if stopped in _FINISHED:
         if trainer.args.should_save:
             h.logger.say(f"saving the model to {run / A.MODEL_DIR}")
-        _save_final(trainer, data.tok, data.train.template, run / A.MODEL_DIR)
+        save_final(trainer, data.tok, data.train.template, run / A.MODEL_DIR)
     return Fitted(stopped, divergence, result, elapsed, final_eval)
 
 
@@ -421,38 +385,6 @@ def final_evaluation(h: Harness) -> dict:
     h.logger.say(f"final evaluation on {len(h.trainer.eval_dataset)} eval examples")
     h.logger.final = True  # its eval line reads "final", not a second "step N" line
     return h.trainer.evaluate()
-
-
-def _save_failed(ckpt_dir: Path, exc: OSError) -> SftlabError:
-    """A write failed during training (a checkpoint save, the metrics log): drop the cut-off checkpoint,
-    keep the last good one, and say so in one line. Errors no user can fix are re-raised as they are."""
-    if exc.errno not in USER_ERRNOS:
-        raise exc
-    good = last_good_checkpoint(ckpt_dir)
-    drop_incomplete_checkpoints(ckpt_dir, after=good)
-    what = describe_os_error(exc)
-    if good is None:
-        return SftlabError(f"training stopped: cannot write in {ckpt_dir.parent}: {what}; no checkpoint was kept",
-                           hint="free some space and run again")
-    return SftlabError(f"training stopped: cannot write in {ckpt_dir.parent}: {what}; the last good checkpoint "
-                       f"{good.name} is kept", hint="free some space, then continue with --resume")
-
-
-def _save_final(trainer, tok, template, out: Path) -> None:
-    """The adapter or model, and the tokenizer carrying the exact chat template used in training.
-
-    Written by the main process only; under FSDP/DeepSpeed every process joins the gather of the
-    sharded weights (Trainer.save_model writes on the main process alone)."""
-    if not trainer.args.should_save:
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            trainer.save_model(str(out))
-        return
-    with atomic_dir(out) as tmp:
-        trainer.save_model(str(tmp))
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
-        if template is not None:
-            tok.chat_template = template.source
-        tok.save_pretrained(str(tmp))
 
 
 # -- summary -------------------------------------------------------------------------------------
