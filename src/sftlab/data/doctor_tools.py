@@ -11,8 +11,6 @@ user or system turns. Once per data set, given a template: does it render ``tool
 
 from __future__ import annotations
 
-import difflib
-import functools
 import json
 import re
 from typing import Any
@@ -86,36 +84,6 @@ def message_text(conv: Conversation, reasoning: str = "per_turn") -> str:
             name, args = call_parts(call)
             parts.append(f"{name or ''} {args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}")
     return "\n".join(parts)
-
-
-# What the messages format reads: of a record, of a message (a near miss of these is most likely a typo).
-_RECORD_KEYS = ("messages", "tools", "functions", "system", "weight")
-_MESSAGE_KEYS = ("role", "content", "reasoning_content", "reasoning", "thinking", "tool_calls", "function_call",
-                 "tool_call_id", "name")
-
-
-@functools.lru_cache(maxsize=1024)  # the same few extra keys repeat on every record
-def _near(key: str, known: tuple[str, ...]) -> str | None:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8) if key not in known else []
-    return close[0] if close else None
-
-
-def unread_keys(row: dict) -> tuple[str, str] | None:
-    """For a messages-format record: (what, fix) for a key training does not read that is a letter or so
-    away from one it reads (``contents``, ``reasoning_contents``, ``tool_call``), or for reasoning on a
-    non-assistant message: content dropped without a word. None when there is none."""
-    rename = "rename the key to the one training reads"
-    for key in row:
-        if (k := _near(str(key), _RECORD_KEYS)) is not None:
-            return f"key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
-    for i, m in enumerate(row.get("messages") or [], start=1):
-        for key in (m if isinstance(m, dict) else ()):
-            if (k := _near(str(key), _MESSAGE_KEYS)) is not None:
-                return f"message {i}: key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
-            if key in _MESSAGE_KEYS[2:5] and m.get("role") != "assistant" and m[key]:
-                return (f"message {i} ({m.get('role')}): '{key}' is read on assistant messages only: it is ignored",
-                        "move the reasoning to the assistant reply it belongs to, or remove it")
-    return None
 
 
 def parse_arguments(args: Any) -> tuple[dict | None, str | None]:
