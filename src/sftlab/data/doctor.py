@@ -100,7 +100,8 @@ class DoctorResult:
             out.append(f"\nexample length ({length['unit']})")
             out += [f"  {line}" for line in _histogram_lines(length["histogram"])]
         n = Counter(f.severity for f in self.findings)
-        verdict = "clean" if not self.findings else f"{_n(n['error'], 'error')}, {_n(n['warning'], 'warning')}"
+        verdict = f"{_n(n['error'], 'error')}, {_n(n['warning'], 'warning')}" if n["error"] or n["warning"] else "clean"
+        verdict += f" ({_n(n['info'], 'note')})" if n["info"] else ""
         out.append(f"\nverdict: {verdict} (exit {self.exit_code})")
         return "\n".join(out)
 

@@ -51,6 +51,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "tool_unanswered": ("warning", "tool calls never answered by a tool result"),
     "tool_result_order": ("warning", "results of one function in another order than its calls"),
     "reasoning_in_user": ("warning", "<think> reasoning inside user or system turns"),
+    "reasoning_unopened": ("info", "reasoning before a </think> with no <think>, read as reasoning (DeepSeek-R1 style)"),
 }
 NEAR_JACCARD = 0.9  # word 3-shingle Jaccard at or above which two texts are near duplicates
 

@@ -5,7 +5,7 @@ Per conversation: tool-call arguments that are not a JSON object, calls to a fun
 ``tools`` do not offer, argument names its schema does not list (and required ones missing), values
 of the wrong JSON type, tool results with no call before them (or a ``tool_call_id`` no call has),
 calls never answered before the conversation moves on; unclosed ``<think>`` blocks and reasoning in
-user or system turns. Once per data set, given a template: does it render ``tools`` and
+user or system turns; reasoning read from a reply with a ``</think>`` and no ``<think>`` (info). Once per data set, given a template: does it render ``tools`` and
 ``tool_calls`` at all (a template that drops them trains replies the model can not reproduce)?
 """
 
@@ -32,6 +32,8 @@ _FIXES = {
     "tool_result_order": "put the tool results in the order of the calls they answer",
     "reasoning_unclosed": "close the reasoning with </think> before the reply (or remove the stray tag)",
     "reasoning_in_user": "move the <think> block into the assistant turn (as reasoning_content or inline)",
+    "reasoning_unopened": "nothing to do for DeepSeek-R1-style data (its prompt opens <think>); "
+                          "otherwise add the missing <think> before the reasoning",
 }
 
 
@@ -258,6 +260,9 @@ def reasoning_checks(conv: Conversation, findings: list[Finding]) -> tuple[int, 
             if bad or depth:
                 _add(findings, "reasoning_unclosed", conv, f"message {i} (assistant): {bad or 'a <think> is never closed'}")
                 break
+            if m.reasoning_unopened:  # prepare read it so (formats.split_reasoning): said, not refused
+                _add(findings, "reasoning_unopened", conv, f"message {i} (assistant): the text before its </think> is "
+                     "read as reasoning; no <think> opens it (a DeepSeek-R1 reply, whose prompt opens the block?)")
         elif tags and m.role in ("user", "system"):
             _add(findings, "reasoning_in_user", conv, f"message {i} ({m.role}): holds {'/'.join(sorted(set(tags)))} tags")
             break
