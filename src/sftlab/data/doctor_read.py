@@ -13,7 +13,12 @@ from pathlib import Path
 
 from sftlab.core.findings import Finding
 from sftlab.data.doctor_checks import CHECKS, _add
-from sftlab.data.formats import resolve_format, to_conversations
+from sftlab.data.formats import (
+    _SHAREGPT_ROLES,
+    format_of_row,
+    resolve_format,
+    to_conversations,
+)
 from sftlab.data.load import folder_files, is_saved_dataset, read_records
 from sftlab.data.mixture import is_mixture, parse_sources
 from sftlab.data.types import Conversation
@@ -47,8 +52,8 @@ def _load(path, fmt: str | None, findings: list[Finding], split: str = "train", 
     # prepare's rule: --format, else the most common format (one odd first line does not make every other line "wrong")
     key = resolve_format(fmt, records) if readable or (fmt and fmt != "auto") else "unknown"
     convs, failures = to_conversations(records, fmt, strict=False, system_prompt=system_prompt) if readable else ([], [])
-    for r in readable if key == "messages" else ():  # a typo'd key silently drops what it holds
-        if (found := unread_keys(r.data)) is not None:
+    for r in readable:  # a typo'd key silently drops what it holds (a record of another format: mixed_formats says so)
+        if isinstance(r.data, dict) and format_of_row(r.data) in (key, None) and (found := unread_keys(r.data, key)) is not None:
             _add(findings, "unread_keys", r.source, r.line, found[0], fix=found[1])
     if not readable:
         failures = [(r, None) for r in records]
@@ -78,7 +83,6 @@ def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str,
     return joined, parts
 
 
-
 def _bad_utf8_lines(p: Path) -> list[tuple[int, str]]:
     out = []
     for i, bline in enumerate(p.read_bytes().split(b"\n"), start=1):
@@ -89,11 +93,18 @@ def _bad_utf8_lines(p: Path) -> list[tuple[int, str]]:
     return out
 
 
-
-# What the messages format reads: of a record, of a message (a near miss of these is most likely a typo).
-_RECORD_KEYS = ("messages", "tools", "functions", "system", "weight")
-_MESSAGE_KEYS = ("role", "content", "reasoning_content", "reasoning", "thinking", "tool_calls", "function_call",
-                 "tool_call_id", "name")
+# What each format reads of a record (a near miss of these is most likely a typo; CSV and Parquet column
+# names are matched in any case before this), and of each message or turn in its list(s).
+_RECORD_KEYS = {
+    "messages": ("messages", "tools", "functions", "system", "weight"),
+    "sharegpt": ("conversations", "conversation", "tools", "functions", "system", "weight"),
+    "alpaca": ("instruction", "input", "output", "system", "history", "weight"),
+    "prompt_completion": ("prompt", "completion", "tools", "system", "weight"),
+    "text": ("text", "weight"),
+}
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_MESSAGE_KEYS = ("role", "content", *_REASONING_KEYS, "tool_calls", "function_call", "tool_call_id", "name")
+_TURN_KEYS = ("from", "value", *_REASONING_KEYS, "tool_calls", "function_call", "tool_call_id", "name")  # sharegpt
 
 
 @functools.lru_cache(maxsize=1024)  # the same few extra keys repeat on every record
@@ -102,21 +113,37 @@ def _near(key: str, known: tuple[str, ...]) -> str | None:
     return close[0] if close else None
 
 
-def unread_keys(row: dict) -> tuple[str, str] | None:
-    """For a messages-format record: (what, fix) for a key training does not read that is a letter or so
-    away from one it reads (``contents``, ``reasoning_contents``, ``tool_call``), or for reasoning on a
-    non-assistant message: content dropped without a word. None when there is none."""
+def _turn_lists(row: dict, fmt: str) -> list[tuple[str, list, tuple[str, ...], str]]:
+    """(noun, list, the keys read of each item, its role key) of the message lists ``fmt`` reads in ``row``."""
+    if fmt == "messages":
+        return [("message", row.get("messages"), _MESSAGE_KEYS, "role")]
+    if fmt == "sharegpt":
+        turns = row.get("conversations", row.get("conversation"))
+        if isinstance(turns, list) and turns and all(isinstance(t, dict) and "role" in t and "from" not in t for t in turns):
+            return [("turn", turns, _MESSAGE_KEYS, "role")]  # openai turns under sharegpt's key: read as messages
+        return [("turn", turns, _TURN_KEYS, "from")]
+    if fmt == "prompt_completion":  # TRL's conversational form: both are message lists
+        return [(f"{k} message", row.get(k), _MESSAGE_KEYS, "role") for k in ("prompt", "completion")]
+    return []
+
+
+def unread_keys(row: dict, fmt: str = "messages") -> tuple[str, str] | None:
+    """For a record read as ``fmt``: (what, fix) for a key training does not read that is a letter or so
+    away from one it reads (``mesages``, ``inptu``, ``contents``, ``vaule``, ``reasoning_contents``), or
+    for reasoning on a non-assistant message: content dropped without a word. None when there is none."""
     rename = "rename the key to the one training reads"
-    for key in row:
-        if (k := _near(str(key), _RECORD_KEYS)) is not None:
+    for key in row if fmt in _RECORD_KEYS else ():
+        if (k := _near(str(key), _RECORD_KEYS[fmt])) is not None:
             return f"key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
-    for i, m in enumerate(row.get("messages") or [], start=1):
-        for key in (m if isinstance(m, dict) else ()):
-            if (k := _near(str(key), _MESSAGE_KEYS)) is not None:
-                return f"message {i}: key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
-            if key in _MESSAGE_KEYS[2:5] and m.get("role") != "assistant" and m[key]:
-                return (f"message {i} ({m.get('role')}): '{key}' is read on assistant messages only: it is ignored",
-                        "move the reasoning to the assistant reply it belongs to, or remove it")
+    for noun, items, known, role_key in _turn_lists(row, fmt):
+        for i, m in enumerate(items if isinstance(items, list) else [], start=1):
+            for key in (m if isinstance(m, dict) else ()):
+                if (k := _near(str(key), known)) is not None:
+                    return f"{noun} {i}: key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
+                role = m.get(role_key)  # a sharegpt function_call turn reads only its value
+                assistant = role == "assistant" if role_key == "role" else \
+                    _SHAREGPT_ROLES.get(str(role).lower()) == "assistant" and str(role).lower() != "function_call"
+                if key in _REASONING_KEYS and not assistant and m[key]:
+                    return (f"{noun} {i} ({role}): '{key}' is read on assistant messages only: it is ignored",
+                            "move the reasoning to the assistant reply it belongs to, or remove it")
     return None
-
-
