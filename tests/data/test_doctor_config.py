@@ -294,6 +294,21 @@ def test_a_key_a_typo_away_is_a_warning_in_every_format(tmp_path, rows, expected
     assert all(f.severity == "warning" and f.fixes for f in res.findings if f.rule == "unread_keys")
 
 
+def test_data_may_follow_the_options(tmp_path, tiny_model_dir, capsys):
+    """`sftlab doctor RUN.yaml --max-seq-length 64 a.jsonl` was refused ("unrecognized arguments: a.jsonl"):
+    argparse filled DATA only up to the first option. Options and DATA now mix in any order."""
+    cfg_path = _config(tmp_path, tiny_model_dir)
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    _, res = _doctor_json(capsys, cfg_path, "--max-seq-length", "64", a)
+    assert res["stats"]["data"] == a and res["stats"]["max_seq_length"]["limit"] == 64  # DATA replaces the config's
+    assert res["stats"]["run"]["model"] == str(tiny_model_dir)
+    _, res = _doctor_json(capsys, a, "--model", str(tiny_model_dir), b, "--max-seq-length", "64")
+    assert [s["path"] for s in res["stats"]["sources"]] == [a, b] and res["stats"]["max_seq_length"]["limit"] == 64
+    with pytest.raises(SystemExit, match="2"):  # an unknown option is still refused, as argparse refuses it
+        main(["doctor", a, "--bogus", b])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_the_report_names_the_runs_model_template_and_label_settings(tmp_path, tiny_model_dir, capsys):
     cfg_path = _config(tmp_path, tiny_model_dir, template="chatml", masking="last_assistant", reasoning="keep")
     main(["doctor", cfg_path])
