@@ -224,7 +224,7 @@ def test_a_deepseek_r1_reply_with_no_opening_think_is_a_note_not_an_error(tmp_pa
     assert got == [("reasoning_unopened", "info", f"{path}:1"), ("reasoning_unclosed", "error", f"{path}:2"),
                    ("reasoning_unclosed", "error", f"{path}:3")]
     assert "the text before its </think> is read as reasoning" in res.findings[0].message
-    assert "a second </think> after its reasoning" in res.findings[1].message
+    assert "a stray </think> after its reasoning (it closes no <think>)" in res.findings[1].message
     assert res.stats["tools"]["turns_with_reasoning"] == 1
     path.write_text(json.dumps(rec("add them\n</think>\n\n4")) + "\n")
     assert main(["doctor", str(path)]) == 0  # a note: no error, no warning

@@ -53,7 +53,8 @@ def _load(path, fmt: str | None, findings: list[Finding], split: str = "train", 
     key = resolve_format(fmt, records) if readable or (fmt and fmt != "auto") else "unknown"
     convs, failures = to_conversations(records, fmt, strict=False, system_prompt=system_prompt) if readable else ([], [])
     for r in readable:  # a typo'd key silently drops what it holds (a record of another format: mixed_formats says so)
-        if isinstance(r.data, dict) and format_of_row(r.data) in (key, None) and (found := unread_keys(r.data, key)) is not None:
+        ours = isinstance(r.data, dict) and format_of_row(r.data) in (key, None)
+        if ours and (found := unread_keys(r.data, key)) is not None:
             _add(findings, "unread_keys", r.source, r.line, found[0], fix=found[1])
     if not readable:
         failures = [(r, None) for r in records]

@@ -5,8 +5,9 @@ Per conversation: tool-call arguments that are not a JSON object, calls to a fun
 ``tools`` do not offer, argument names its schema does not list (and required ones missing), values
 of the wrong JSON type, tool results with no call before them (or a ``tool_call_id`` no call has),
 calls never answered before the conversation moves on; unclosed ``<think>`` blocks and reasoning in
-user or system turns; reasoning read from a reply with a ``</think>`` and no ``<think>`` (info). Once per data set, given a template: does it render ``tools`` and
-``tool_calls`` at all (a template that drops them trains replies the model can not reproduce)?
+user or system turns; reasoning read from a reply with a ``</think>`` and no ``<think>`` (info). Once per
+data set, given a template: does it render ``tools`` and ``tool_calls`` at all (a template that drops
+them trains replies the model can not reproduce)?
 """
 
 from __future__ import annotations

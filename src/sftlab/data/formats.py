@@ -169,11 +169,12 @@ def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
         if _THINK_OPEN in reasoning:  # the first </think> closes the outer block: the rest would be trained as the answer
             raise FormatError(f"{where} has a <think> inside its <think> block", "reasoning_unclosed",
                               "remove the inner <think> (reasoning blocks do not nest)")
-        answer = body[close + len(_THINK_CLOSE):].lstrip("\n")
-        first = _THINK_TAG.search(answer)
-        if first and first.group() == _THINK_CLOSE:  # trained as a literal tag the model learns to write mid-answer
-            raise FormatError(f"{where} has a second </think> after its reasoning, with no <think> before it",
-                              "reasoning_unclosed", "remove the stray </think> (one block of reasoning, then the answer)")
+        answer, depth = body[close + len(_THINK_CLOSE):].lstrip("\n"), 0
+        for tag in _THINK_TAG.findall(answer):  # a </think> closing nothing: a literal tag the model learns mid-answer
+            depth += 1 if tag == _THINK_OPEN else -1
+            if depth < 0:
+                raise FormatError(f"{where} has a stray </think> after its reasoning (it closes no <think>)",
+                                  "reasoning_unclosed", "remove the stray </think> (one block of reasoning, then the answer)")
         return answer, reasoning
     return content, None
 
