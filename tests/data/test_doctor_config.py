@@ -258,7 +258,7 @@ def test_a_key_a_typo_away_from_one_training_reads_is_a_warning(tmp_path):
                   {"instruction": "q2", "output": "b", "sytem": "Be brief."},
                   {"instruction": "q3", "output": "c", "histroy": [["h", "i"]]},
                   {"instruction": "q4", "outptu": "d"},  # not alpaca without 'output': the error says what is missing
-                  {"instruction": "q5", "output": "e", "id": 5, "source": "web"}],
+                  {"instruction": "q5", "output": "e", "id": 5, "source": "web", "instruction_id": 5}],
                  [(1, "key 'inptu' is not read (did you mean 'input'?)"), (2, "key 'sytem' is not read (did you mean 'system'?)"),
                   (3, "key 'histroy' is not read (did you mean 'history'?)"),
                   (4, "key 'outptu' is not read (did you mean 'output'?)")], id="alpaca"),
@@ -268,7 +268,8 @@ def test_a_key_a_typo_away_from_one_training_reads_is_a_warning(tmp_path):
                                      {"from": "gpt", "value": "yo"}]},
                   {"conversations": [{"from": "human", "value": "hi4"}, {"from": "gpt", "value": "yo", "thinkng": "r"}]},
                   {"convresations": [{"from": "human", "value": "hi5"}, {"from": "gpt", "value": "yo"}]},
-                  {"conversations": [{"from": "human", "value": "hi6", "train": False}, {"from": "gpt", "value": "yo"}]}],
+                  {"conversations": [{"from": "human", "value": "hi6", "train": False}, {"from": "gpt", "value": "yo"}],
+                   "conversation_id": "c6"}],  # a key near one the record holds is a key of its own, no typo
                  [(1, "turn 1: key 'vaule' is not read (did you mean 'value'?)"),
                   (2, "key 'sytem' is not read (did you mean 'system'?)"),
                   (3, "turn 1 (human): 'reasoning_content' is read on assistant messages only"),
@@ -276,7 +277,7 @@ def test_a_key_a_typo_away_from_one_training_reads_is_a_warning(tmp_path):
                   (5, "key 'convresations' is not read (did you mean 'conversations'?)")], id="sharegpt"),
     pytest.param([{"prompt": "q", "completion": "a", "wieght": 2},
                   {"prompt": [{"role": "user", "content": "q2"}], "completion": [{"role": "assistant", "contnet": "a"}]},
-                  {"prompt": "q3", "completion": "c", "id": 3}],
+                  {"prompt": "q3", "completion": "c", "id": 3, "prompt_id": "p3"}],
                  [(1, "key 'wieght' is not read (did you mean 'weight'?)"),
                   (2, "completion message 1: key 'contnet' is not read (did you mean 'content'?)")], id="prompt_completion"),
     pytest.param([{"text": "hello", "weigth": 0.5}, {"text": "world", "meta": {"url": "x"}}, {"texts": "again"}],

@@ -114,6 +114,12 @@ def _near(key: str, known: tuple[str, ...]) -> str | None:
     return close[0] if close else None
 
 
+def _has(obj: dict, key: str) -> bool:
+    """Does ``obj`` hold ``key`` (or sharegpt's other spelling of it)? A key near one it holds is no typo of
+    it but a key of its own (``prompt_id`` beside ``prompt``, ``conversation_id`` beside ``conversations``)."""
+    return key in obj or key.startswith("conversation") and ("conversation" in obj or "conversations" in obj)
+
+
 def _turn_lists(row: dict, fmt: str) -> list[tuple[str, list, tuple[str, ...], str]]:
     """(noun, list, the keys read of each item, its role key) of the message lists ``fmt`` reads in ``row``."""
     if fmt == "messages":
@@ -134,12 +140,12 @@ def unread_keys(row: dict, fmt: str = "messages") -> tuple[str, str] | None:
     for reasoning on a non-assistant message: content dropped without a word. None when there is none."""
     rename = "rename the key to the one training reads"
     for key in row if fmt in _RECORD_KEYS else ():
-        if (k := _near(str(key), _RECORD_KEYS[fmt])) is not None:
+        if (k := _near(str(key), _RECORD_KEYS[fmt])) is not None and not _has(row, k):
             return f"key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
     for noun, items, known, role_key in _turn_lists(row, fmt):
         for i, m in enumerate(items if isinstance(items, list) else [], start=1):
             for key in (m if isinstance(m, dict) else ()):
-                if (k := _near(str(key), known)) is not None:
+                if (k := _near(str(key), known)) is not None and not _has(m, k):
                     return f"{noun} {i}: key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
                 role = m.get(role_key)  # a sharegpt function_call turn reads only its value
                 assistant = role == "assistant" if role_key == "role" else \
