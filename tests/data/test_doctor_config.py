@@ -253,6 +253,63 @@ def test_a_key_a_typo_away_from_one_training_reads_is_a_warning(tmp_path):
         ("unread_keys", "warning", 4, "message 1 (user): 'reasoning_content' is read on assistant messages only: it is ignored")]
 
 
+@pytest.mark.parametrize("rows,expected", [
+    pytest.param([{"instruction": "q1", "inptu": "the text", "output": "a"},
+                  {"instruction": "q2", "output": "b", "sytem": "Be brief."},
+                  {"instruction": "q3", "output": "c", "histroy": [["h", "i"]]},
+                  {"instruction": "q4", "outptu": "d"},  # not alpaca without 'output': the error says what is missing
+                  {"instruction": "q5", "output": "e", "id": 5, "source": "web", "instruction_id": 5}],
+                 [(1, "key 'inptu' is not read (did you mean 'input'?)"), (2, "key 'sytem' is not read (did you mean 'system'?)"),
+                  (3, "key 'histroy' is not read (did you mean 'history'?)"),
+                  (4, "key 'outptu' is not read (did you mean 'output'?)")], id="alpaca"),
+    pytest.param([{"conversations": [{"from": "human", "vaule": "hi"}, {"from": "gpt", "value": "yo"}]},
+                  {"conversations": [{"from": "human", "value": "hi2"}, {"from": "gpt", "value": "yo"}], "sytem": "x"},
+                  {"conversations": [{"from": "human", "value": "hi3", "reasoning_content": "secret"},
+                                     {"from": "gpt", "value": "yo"}]},
+                  {"conversations": [{"from": "human", "value": "hi4"}, {"from": "gpt", "value": "yo", "thinkng": "r"}]},
+                  {"convresations": [{"from": "human", "value": "hi5"}, {"from": "gpt", "value": "yo"}]},
+                  {"conversations": [{"from": "human", "value": "hi6", "train": False}, {"from": "gpt", "value": "yo"}],
+                   "conversation_id": "c6"}],  # a key near one the record holds is a key of its own, no typo
+                 [(1, "turn 1: key 'vaule' is not read (did you mean 'value'?)"),
+                  (2, "key 'sytem' is not read (did you mean 'system'?)"),
+                  (3, "turn 1 (human): 'reasoning_content' is read on assistant messages only"),
+                  (4, "turn 2: key 'thinkng' is not read (did you mean 'thinking'?)"),
+                  (5, "key 'convresations' is not read (did you mean 'conversations'?)")], id="sharegpt"),
+    pytest.param([{"prompt": "q", "completion": "a", "wieght": 2},
+                  {"prompt": [{"role": "user", "content": "q2"}], "completion": [{"role": "assistant", "contnet": "a"}]},
+                  {"prompt": "q3", "completion": "c", "id": 3, "prompt_id": "p3"}],
+                 [(1, "key 'wieght' is not read (did you mean 'weight'?)"),
+                  (2, "completion message 1: key 'contnet' is not read (did you mean 'content'?)")], id="prompt_completion"),
+    pytest.param([{"text": "hello", "weigth": 0.5}, {"text": "world", "meta": {"url": "x"}}, {"texts": "again"}],
+                 [(1, "key 'weigth' is not read (did you mean 'weight'?)"), (3, "key 'texts' is not read (did you mean 'text'?)")],
+                 id="text"),
+])
+def test_a_key_a_typo_away_is_a_warning_in_every_format(tmp_path, rows, expected):
+    """Not only the messages format: alpaca's 'inptu', sharegpt's 'vaule', a completion's 'wieght', text's
+    'weigth' were read as nothing, the text or weight they hold silently left out of training."""
+    res = run_doctor(_jsonl(tmp_path / "d.jsonl", rows))
+    got = [(f.data["line"], f.message) for f in res.findings if f.rule == "unread_keys"]
+    assert [line for line, _ in got] == [line for line, _ in expected], got
+    for (_, msg), (_, want) in zip(got, expected):
+        assert msg.startswith(want), msg
+    assert all(f.severity == "warning" and f.fixes for f in res.findings if f.rule == "unread_keys")
+
+
+def test_data_may_follow_the_options(tmp_path, tiny_model_dir, capsys):
+    """`sftlab doctor RUN.yaml --max-seq-length 64 a.jsonl` was refused ("unrecognized arguments: a.jsonl"):
+    argparse filled DATA only up to the first option. Options and DATA now mix in any order."""
+    cfg_path = _config(tmp_path, tiny_model_dir)
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    _, res = _doctor_json(capsys, cfg_path, "--max-seq-length", "64", a)
+    assert res["stats"]["data"] == a and res["stats"]["max_seq_length"]["limit"] == 64  # DATA replaces the config's
+    assert res["stats"]["run"]["model"] == str(tiny_model_dir)
+    _, res = _doctor_json(capsys, a, "--model", str(tiny_model_dir), b, "--max-seq-length", "64")
+    assert [s["path"] for s in res["stats"]["sources"]] == [a, b] and res["stats"]["max_seq_length"]["limit"] == 64
+    with pytest.raises(SystemExit, match="2"):  # an unknown option is still refused, as argparse refuses it
+        main(["doctor", a, "--bogus", b])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_the_report_names_the_runs_model_template_and_label_settings(tmp_path, tiny_model_dir, capsys):
     cfg_path = _config(tmp_path, tiny_model_dir, template="chatml", masking="last_assistant", reasoning="keep")
     main(["doctor", cfg_path])

@@ -204,6 +204,34 @@ def test_records_the_loader_rejects_are_errors_under_the_tool_and_reasoning_rule
     assert "</think>" in res.findings[2].fixes[0]
 
 
+def test_a_deepseek_r1_reply_with_no_opening_think_is_a_note_not_an_error(tmp_path, capsys):
+    """A reply whose first think tag is </think> (DeepSeek-R1's raw output: its prompt opens <think>) is read
+    as reasoning by prepare, so the doctor says so (info) instead of calling the tag stray (an error); a
+    second </think> after it still closes nothing, an error in both."""
+    import json
+
+    from sftlab.cli import main
+    from sftlab.data.doctor import run_doctor
+
+    def rec(reply):
+        return {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": reply}]}
+
+    path = tmp_path / "r1.jsonl"
+    path.write_text("".join(json.dumps(rec(r)) + "\n" for r in ("add them\n</think>\n\n4", "add\n</think>\n\n4</think>5",
+                                                                "<think>add</think>4</think>5")))
+    res = run_doctor(path)
+    got = [(f.rule, f.severity, f.where) for f in res.findings]
+    assert got == [("reasoning_unopened", "info", f"{path}:1"), ("reasoning_unclosed", "error", f"{path}:2"),
+                   ("reasoning_unclosed", "error", f"{path}:3")]
+    assert "the text before its </think> is read as reasoning" in res.findings[0].message
+    assert "a stray </think> after its reasoning (it closes no <think>)" in res.findings[1].message
+    assert res.stats["tools"]["turns_with_reasoning"] == 1
+    path.write_text(json.dumps(rec("add them\n</think>\n\n4")) + "\n")
+    assert main(["doctor", str(path)]) == 0  # a note: no error, no warning
+    out = capsys.readouterr().out
+    assert "[info] reasoning_unopened" in out and "verdict: clean (1 note) (exit 0)" in out
+
+
 def test_a_result_id_no_call_has_is_one_error_in_the_doctor_and_refused_by_prepare(tmp_path):
     """The doctor and prepare share the rule (sftlab.data.roles): the record is one error, named once."""
     import json

@@ -294,6 +294,24 @@ def test_turn_ending_at_the_next_role_token_and_generation_prompt_rule_are_repor
     assert [r for ex in exs for r in runs(tok, ex)] == ["Hello!<｜end▁of▁sentence｜>", "Paris.<｜end▁of▁sentence｜>"]
 
 
+def test_deepseek_r1_raw_replies_train_under_r1s_own_template(tok, tmp_path):
+    """R1's raw reply opens with its reasoning and no <think> (the generation prompt opened it). Read as the
+    answer, R1's template (which keeps only what follows </think>) refused it as not rendered verbatim; read
+    as reasoning, it trains the answer under reasoning: drop, and per_turn says the template drops reasoning."""
+    from sftlab.core.errors import SftlabError
+
+    (conv,) = _load(tmp_path, {"messages": [{"role": "user", "content": "2+2?"},
+                                            {"role": "assistant", "content": "add them\n</think>\n\n4"}]})
+    TEMPLATES["deepseek-r1"] = (DEEPSEEK_R1, "single")
+    try:
+        (ex,), _ = Labeler(tok, tpl("deepseek-r1", tok), reasoning="drop").encode([conv])
+        with pytest.raises(SftlabError, match="drops the reasoning of assistant turn 1"):
+            Labeler(tok, tpl("deepseek-r1", tok)).encode([conv])
+    finally:
+        del TEMPLATES["deepseek-r1"]
+    assert runs(tok, ex) == ["4<｜end▁of▁sentence｜>"]
+
+
 def _model_with_template(tmp_path, tiny_model_dir, source: str):
     t = AutoTokenizer.from_pretrained(tiny_model_dir)
     t.add_special_tokens({"additional_special_tokens": SPECIALS}, replace_extra_special_tokens=False)

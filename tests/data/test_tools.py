@@ -68,6 +68,9 @@ def test_sharegpt_function_calling_dialect(tmp_path):
     ({"content": "4", "reasoning_content": ""}, None, "4"),
     ({"content": "4", "reasoning": " \n", "thinking": ""}, None, "4"),
     ({"content": "<think>\nadd\n</think>\n\n4", "reasoning_content": ""}, "add", "4"),
+    # DeepSeek-R1's raw reply: its prompt opened the block, so the first think tag is </think>
+    ({"content": "step one\n</think>\n\nanswer"}, "step one", "answer"),
+    ({"content": "</think>answer"}, "", "answer"),
 ])
 def test_reasoning_inline_or_as_a_field_is_normalised(tmp_path, assistant, reasoning, content):
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", **assistant}]}
@@ -120,6 +123,15 @@ MALFORMED = {
     "think-tags-in-field": ({"messages": [{"role": "user", "content": "q"},
                                          {"role": "assistant", "content": "4", "reasoning_content": "<think>a</think>"}]},
                            r"message 2 'reasoning_content' holds <think> tags; .*\(remove the <think> and </think> tags"),
+    "stray-close-after-reasoning": ({"messages": [{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": "<think>a</think>b</think>c"}]},
+                                    r"message 2 has a stray </think> after its reasoning.*\(remove the stray </think>"),
+    "stray-close-after-unopened-reasoning": ({"messages": [{"role": "user", "content": "q"},
+                                                           {"role": "assistant", "content": "a\n</think>\n\nb</think>c"}]},
+                                             r"message 2 has a stray </think> after its reasoning.*\(remove the stray"),
+    "stray-close-after-a-later-block": ({"messages": [{"role": "user", "content": "q"},
+                                                     {"role": "assistant", "content": "<think>a</think>b <think>c</think>d</think>"}]},
+                                       r"message 2 has a stray </think> after its reasoning"),
     "empty-after-reasoning": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>r</think>"}]},
                               r"message 2 \(assistant\) is empty after its reasoning .*\(write the reply, or remove the example\)"),
     "reasoning-twice": ({"messages": [{"role": "user", "content": "q"},
@@ -139,6 +151,33 @@ def test_malformed_tool_and_reasoning_records_are_one_line_with_the_fix(tmp_path
     assert code != 0 and len(err.splitlines()) == 1, err
     assert re.search(r"d\.jsonl:2: .*" + message, err), err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_deepseek_r1_reply_without_its_opening_think_trains_as_the_same_reply_with_it(tiny_model_dir, tmp_path):
+    """DeepSeek-R1's generation prompt opens <think>, so its raw replies are "reasoning</think>answer". Read as
+    content, chatml trained the reasoning and a stray </think> with no <think>, `reasoning: drop` kept it all,
+    and R1's own template refused the reply; read as reasoning, it is the same example as with <think> added."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    replies = ("add them\n</think>\n\n4", "<think>\nadd them\n</think>\n\n4")
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": c}]} for c in replies]
+    rows += [{"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": c}]} for c in replies]
+    data = _jsonl(tmp_path / "r1.jsonl", rows[:2])
+    r1, opened = load_conversations(data)
+    assert r1.messages == opened.messages and (r1.messages[1].reasoning, r1.messages[1].content) == ("add them", "4")
+    assert r1.messages[1].reasoning_unopened and not opened.messages[1].reasoning_unopened  # for the doctor's note
+    r1_gpt, opened_gpt = load_conversations(_jsonl(tmp_path / "r1s.jsonl", rows[2:]), "sharegpt")
+    assert r1_gpt.messages == opened_gpt.messages == r1.messages
+    for template in ("chatml", "chatml-tools"):
+        for reasoning in ("per_turn", "drop"):
+            labeler = Labeler(tok, resolve_template(template, tok), reasoning=reasoning)
+            (a, b), _ = labeler.encode([r1, opened])
+            assert (a.input_ids, a.labels) == (b.input_ids, b.labels), (template, reasoning)
+    (ex,), _ = Labeler(tok, resolve_template("chatml", tok), reasoning="drop").encode([r1])
+    assert trained_text(tok, ex) == ["4<|im_end|>"]  # drop drops it: it is reasoning, not the answer
+    dump = tmp_path / "dump.jsonl"
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", data, "--template", "chatml", "--dump", str(dump)]) == 0
+    a, b = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert (a["input_ids"], a["labels"]) == (b["input_ids"], b["labels"])
 
 
 def test_legacy_functions_list_is_the_tools_offered(tmp_path):

@@ -25,9 +25,27 @@ from sftlab.cli.base import COMMANDS, _run
 from sftlab.core.errors import SftlabError
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser whose positional of several values (doctor's DATA) mixes freely with options:
+    plain argparse fills it only up to the first option, so `sftlab doctor RUN.yaml --max-seq-length 64
+    a.jsonl` was refused ("unrecognized arguments: a.jsonl"). Such a command is parsed intermixed."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        several = any(a.nargs in ("*", "+") for a in self._get_positional_actions())
+        if self._intermixing or not several:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning toolkit.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     for name, (help_text, add_fn) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_fn(p)

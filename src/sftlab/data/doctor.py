@@ -32,24 +32,27 @@ from sftlab.data.doctor_checks import (
     _duplicates,
     _empty_user,
     _eval_overlap,
-    _length_stats,
     _MinHash,
     _n,
     _text_checks,
+)
+from sftlab.data.doctor_lengths import (
+    _length_stats,
+    _nothing_left,
+    _text_lengths,
     _token_checks,
     policy_words,
 )
+from sftlab.data.doctor_read import _File, _load_sources
 from sftlab.data.doctor_tools import (
     message_text,
     reasoning_checks,
     template_tool_check,
     tool_checks,
-    unread_keys,
 )
-from sftlab.data.formats import resolve_format, to_conversations
-from sftlab.data.load import folder_files, is_saved_dataset, read_records, split_of
+from sftlab.data.load import split_of
 from sftlab.data.masking import IGNORE, MASKING, REASONING, TRUNCATION, Labeler
-from sftlab.data.mixture import Source, is_mixture, parse_sources
+from sftlab.data.mixture import Source
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import (
     BUILTIN,
@@ -97,18 +100,10 @@ class DoctorResult:
             out.append(f"\nexample length ({length['unit']})")
             out += [f"  {line}" for line in _histogram_lines(length["histogram"])]
         n = Counter(f.severity for f in self.findings)
-        verdict = "clean" if not self.findings else f"{_n(n['error'], 'error')}, {_n(n['warning'], 'warning')}"
+        verdict = f"{_n(n['error'], 'error')}, {_n(n['warning'], 'warning')}" if n["error"] or n["warning"] else "clean"
+        verdict += f" ({_n(n['info'], 'note')})" if n["info"] else ""
         out.append(f"\nverdict: {verdict} (exit {self.exit_code})")
         return "\n".join(out)
-
-
-@dataclass
-class _File:
-    path: str
-    fmt: str
-    records: int
-    convs: list[Conversation]
-    files: dict | None = None  # a folder of data files: {"read": [...], "skipped": [...]} (names in it)
 
 
 def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None = None, fmt: str | None = None,
@@ -225,60 +220,6 @@ def run_doctor_config(cfg: Config, tokenizer, *, eval_data: str | Path | list | 
     return res
 
 
-def _nothing_left(m: dict | None, n: int, path: str, findings: list[Finding]) -> None:
-    """prepare's "no example is left to train on" as one error, with the limit (or policy) that keeps one."""
-    if not m or not n or m.get("kept") != 0:
-        return
-    fixes = []
-    if m.get("keeps_one_whole"):
-        fixes.append(f"raise max_seq_length to {m['keeps_one_whole']} (the shortest example then fits with all its "
-                     "trained tokens)")
-    elif m.get("shortest"):
-        fixes.append(f"raise max_seq_length above {m['shortest']} (the shortest example's message text alone; "
-                     "pass --model for exact lengths)")
-    over = m["dropped"] or m["dropped"] is None  # None: measured without the template (only drops are counted)
-    if over and m["truncation"] != "truncate" and (m.get("truncate_keeps_one") or m["limit"] + 1) <= m["limit"]:
-        fixes.append(f"or set truncation: truncate (keeps each example's first {m['limit']} tokens)")
-    why = f"each over max_seq_length {m['limit']} (truncation: {m['truncation']})" if over else "each with no trained token"
-    findings.append(Finding("nothing_left", "error", f"training would drop every example of the {_n(n, 'conversation')}, "
-                            f"{why}; prepare stops with 'no example is left to train on'", where=path,
-                            fixes=fixes, data={"file": path, "line": 0}))
-
-
-def _text_lengths(convs: list[Conversation], tok, name: str, max_len: int | None, findings: list[Finding],
-                  truncation: str = "cut_turns", reasoning: str = "per_turn") -> dict:
-    """Token lengths of the message text (no template: a lower bound of the training length) by ``tok``;
-    examples over ``max_len`` are flagged "too_long", with what training's ``truncation`` does to them."""
-    lengths = []
-    eos = tok.eos_token if isinstance(tok.eos_token, str) else ""
-    for c in convs:
-        # plain text is trained as it is plus the EOS (prepare's rule): that length is exact, not a lower bound
-        text = c.text + eos if c.is_text else message_text(c, reasoning)  # with tool calls and kept reasoning
-        n = len(tok(text, add_special_tokens=False)["input_ids"])
-        lengths.append(n)
-        if max_len is not None and n > max_len:
-            what = "with the EOS training appends" if c.is_text else "of message text, before the chat template"
-            _add(findings, "too_long", c.source, c.line,
-                 f"{n} tokens ({what}; by the {name or 'default'} tokenizer) "
-                 f"> max_seq_length {max_len}; training (truncation: {truncation}) "
-                 f"{policy_words(truncation, c.is_text, user_turns=sum(m.role == 'user' for m in c.messages))}",
-                 fix="raise max_seq_length, or shorten or split the example")
-    n_long = sum(n > max_len for n in lengths) if max_len is not None else 0
-    # surely dropped (even before the template adds tokens): drop, or a chat with no earlier turn to cut
-    sure = sum(max_len is not None and n > max_len and (truncation == "drop" or truncation == "cut_turns" and not c.is_text
-                                                         and sum(m.role == "user" for m in c.messages) < 2)
-               for c, n in zip(convs, lengths))
-    return {"length": _length_stats(lengths, "tokens"), "trained_tokens": None,
-            "max_seq_length": None if max_len is None else {
-                "limit": max_len, "truncation": truncation, "too_long": n_long,
-                "too_long_share": round(n_long / len(lengths), 4) if lengths else 0.0,
-                "turns_cut": None, "truncated": None, "dropped": None, "lost_trained_tokens": None, "lost_trained_share": None,
-                "kept": len(lengths) - sure if sure else None, "shortest": min(lengths, default=None),
-                "keeps_one_whole": min(lengths) if lengths and all(c.is_text for c in convs) else None},  # text: exact
-            "note": f"lengths are tokens of message text by the {name or 'default'} tokenizer, without a chat template; "
-                    "pass --model for your model's exact lengths and trained tokens"}
-
-
 def _tool_stats(convs: list[Conversation], n_turns: int, n_reasoning: int) -> dict:
     """How many examples offer tools or call them, and the share of assistant turns with reasoning."""
     calls = sum(len(m.tool_calls or ()) for c in convs for m in c.messages)
@@ -300,57 +241,6 @@ def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample
         if problem:  # the finding names the file and line: not again in its text
             text = problem[0].removeprefix(f"{c.where()}, ").removeprefix(f"{c.where()}: ")
             _add(findings, "template_consistency", c.source, c.line, text)
-
-# --- reading ------------------------------------------------------------------------------------
-def _load(path, fmt: str | None, findings: list[Finding], split: str = "train", system_prompt: str | None = None) -> _File:
-    """Read and convert one file; unreadable or unconvertible records become findings."""
-    p = Path(path)
-    if p.is_file() and p.suffix.lower() in (".json", ".csv"):
-        bad = _bad_utf8_lines(p)  # these readers decode the whole file at once: find the lines first
-        if bad:
-            for line, msg in bad:
-                _add(findings, "encoding", str(p), line, msg)
-            return _File(str(p), fmt or "unknown", len(bad), [])
-    records = read_records(path, strict=False, split=split)
-    files = None
-    if p.is_dir() and not is_saved_dataset(p):  # a folder of data files: say which were read
-        read, skipped = folder_files(p, split)
-        files = {"read": [f.relative_to(p).as_posix() for f in read],
-                 "skipped": [f.relative_to(p).as_posix() for f in skipped]}
-    readable = [r for r in records if r.data is not None]
-    # prepare's rule: --format, else the most common format (one odd first line does not make every other line "wrong")
-    key = resolve_format(fmt, records) if readable or (fmt and fmt != "auto") else "unknown"
-    convs, failures = to_conversations(records, fmt, strict=False, system_prompt=system_prompt) if readable else ([], [])
-    for r in readable if key == "messages" else ():  # a typo'd key silently drops what it holds
-        if (found := unread_keys(r.data)) is not None:
-            _add(findings, "unread_keys", r.source, r.line, found[0], fix=found[1])
-    if not readable:
-        failures = [(r, None) for r in records]
-    for rec, exc in failures:
-        if exc is None or exc.check == "parse":
-            _add(findings, rec.check if rec.error else "parse", rec.source, rec.line, rec.error or "unreadable",
-                 fix=rec.fix)
-        else:
-            # The record cannot be read at all: an error, under the check that names what is wrong.
-            check = exc.check if exc.check in CHECKS else "fields"
-            msg = f"{exc} (read as '{key}' format)" if check == "fields" else str(exc)
-            _add(findings, check, rec.source, rec.line, msg, severity="error", fix=exc.fix)
-    return _File(str(p), key, len(records), convs, files)
-
-
-def _load_sources(spec, fmt: str | None, findings: list[Finding], key: str,
-                  system_prompt: str | None = None) -> tuple[_File, list]:
-    """One file as :func:`_load`; a list of sources read each with its own format and joined:
-    (all of them as one _File, [(Source, its _File)] per source; [] for one file)."""
-    split = "train" if key == "data" else "eval"  # a folder of held-out data: its validation or test split
-    if not is_mixture(spec):
-        return _load(spec, fmt, findings, split, system_prompt), []
-    parts = [(src, _load(src.path, src.format or fmt, findings, split, system_prompt)) for src in parse_sources(spec, key)]
-    files = [f for _, f in parts]
-    joined = _File(", ".join(f.path for f in files), "/".join(dict.fromkeys(f.fmt for f in files)),
-                   sum(f.records for f in files), [c for f in files for c in f.convs])
-    return joined, parts
-
 
 def _source_stats(src: Source, f: _File, tok, tpl, max_len: int | None, rule: dict, truncation: str | None,
                   findings: list[Finding]) -> dict:
@@ -403,16 +293,6 @@ def _source_lines(rows: list[dict]) -> list[str]:
             if r.get("too_long"):
                 line += f", {r['too_long']} over max_seq_length"
         out.append(line)
-    return out
-
-
-def _bad_utf8_lines(p: Path) -> list[tuple[int, str]]:
-    out = []
-    for i, bline in enumerate(p.read_bytes().split(b"\n"), start=1):
-        try:
-            bline.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            out.append((i, f"invalid UTF-8 at byte {exc.start} of the line (re-encode the file as UTF-8)"))
     return out
 
 
@@ -489,5 +369,6 @@ def _stats_lines(s: dict) -> list[str]:
         out.append(f"note: {s['note']}")
     return out
 
-# The checks live in sftlab.data.doctor_checks; their public names stay importable from here.
+# The checks live in sftlab.data.doctor_checks (+ doctor_lengths, doctor_read, doctor_tools); their public names
+# stay importable from here.
 __all__ = ["CHECKS", "NEAR_JACCARD", "TEMPLATE_MARKERS", "DoctorResult", "Finding", "run_doctor", "run_doctor_config"]

@@ -1,5 +1,6 @@
 """The data doctor's checks: the check registry, per-example text checks, duplicates and train/eval
-overlap (MinHash), token checks and length statistics.
+overlap (MinHash). Token lengths and truncation are in :mod:`sftlab.data.doctor_lengths`, reading files
+and unread keys in :mod:`sftlab.data.doctor_read`, tool-calling and reasoning in :mod:`sftlab.data.doctor_tools`.
 
 Each check appends :class:`sftlab.core.findings.Finding` objects (rule = the check's name) to a list; :func:`sftlab.data.doctor.run_doctor` reads
 the files, runs the checks and reports.
@@ -14,9 +15,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding
-from sftlab.data.masking import IGNORE, Labeler
 from sftlab.data.types import Conversation
 
 # check name -> (severity, heading). The report lists checks in this order.
@@ -52,6 +51,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "tool_unanswered": ("warning", "tool calls never answered by a tool result"),
     "tool_result_order": ("warning", "results of one function in another order than its calls"),
     "reasoning_in_user": ("warning", "<think> reasoning inside user or system turns"),
+    "reasoning_unopened": ("info", "reasoning before a </think> with no <think>, read as reasoning (DeepSeek-R1 style)"),
 }
 NEAR_JACCARD = 0.9  # word 3-shingle Jaccard at or above which two texts are near duplicates
 
@@ -370,123 +370,3 @@ def _eval_overlap(train: list[Conversation], evl: list[Conversation], mh: _MinHa
                          f"{train[hit[0]].where()} ({what} word 3-shingle Jaccard {hit[1]:.2f})")
                     break
     return {"exact_overlap": n_exact, "near_overlap": n_near}
-
-
-# --- token checks and statistics ---------------------------------------------------------------------
-def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, findings: list[Finding],
-                  truncation: str = "cut_turns", rule: dict | None = None) -> dict:
-    """Tokenize as training does (the run's ``rule``: masking and reasoning; a chat split per turn is several
-    examples, as prepare counts them); lengths (before any cut), trained tokens, and what training's
-    ``truncation`` policy does to examples over the limit. Findings name the conversation."""
-    rule = rule or {}
-    labeler = Labeler(tok, tpl, **rule)
-    exs, kept, errors = [], [], []
-    for _ in range(2):  # twice only if a sampled check rejected the skeletons: then all exactly
-        exs, kept, errors = [], [], []
-        for c in convs:
-            try:
-                exs.append(labeler.examples(c))
-                kept.append(c)
-            except SftlabError as exc:  # its hint is the finding's fix
-                msg = str(exc).removeprefix(f"{c.where()}: ")
-                errors.append((c, msg.removesuffix(f" ({exc.hint})") if exc.hint else msg, exc.hint))
-        if not labeler.skeletons_failed:
-            break
-    for c, msg, fix in errors:
-        _add(findings, "template", c.source, c.line, msg, fix=fix)
-    encoded = iter(labeler.encode_segments([segs for ex in exs for segs in ex],
-                                           [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in exs for _ in ex]))
-    lengths, trained = [], []
-    policy, cut, need = None, Counter(), []  # the labeler with training's length policy, made for the first long example
-    for c, ex in zip(kept, exs):
-        per = [next(encoded) for _ in ex]  # (ids, labels) of each of the conversation's examples
-        n_trs = [len(labels) - labels.count(IGNORE) for _, labels in per]
-        lengths += [len(ids) for ids, _ in per]
-        trained += n_trs
-        if 0 in n_trs:
-            which = "" if len(per) == 1 else f" (its example for assistant turn {n_trs.index(0) + 1} of {len(per)})"
-            _add(findings, "no_trained", c.source, c.line, f"no token of this example is trained{which}")
-            continue
-        # over the limit as training sees it: an untrained tail past the limit (a "\n" after <|im_end|>) is cut freely
-        long = [ids for ids, labels in per if max_len is not None and len(ids) > max_len
-                and any(x != IGNORE for x in labels[max_len:])]
-        if long:
-            policy = policy or Labeler(tok, tpl, max_seq_length=max_len, truncation=truncation, **rule)
-            _length_policy(c, policy, len(long), max(map(len, long)), sum(n_trs), cut, findings)
-            # the limit that keeps this example whole (its last trained token), and the one truncating keeps it at
-            need += [(len(lb) - next(i for i, x in enumerate(reversed(lb)) if x != IGNORE),
-                      next(i for i, x in enumerate(lb) if x != IGNORE) + 1) for _, lb in per if len(lb) > max_len]
-    total, total_tr = sum(lengths), sum(trained)
-    out = {"length": _length_stats(lengths, "tokens"), "trained_tokens": None, "max_seq_length": None}
-    if trained:
-        out["trained_tokens"] = {"total": total_tr, "mean": round(total_tr / len(trained), 2), "min": min(trained),
-                                 "max": max(trained), "share": round(total_tr / total, 4) if total else 0.0}
-    if max_len is not None:
-        out["max_seq_length"] = {"limit": max_len, "truncation": truncation, "too_long": cut["long"],
-                                 "too_long_share": round(cut["long"] / len(lengths), 4) if lengths else 0.0,
-                                 "turns_cut": cut["turns_cut"], "truncated": cut["truncated"], "dropped": cut["dropped"],
-                                 "lost_trained_tokens": cut["lost"],
-                                 "lost_trained_share": round(cut["lost"] / total_tr, 4) if total_tr else 0.0,
-                                 "kept": len(lengths) - trained.count(0) - cut["dropped"],
-                                 "keeps_one_whole": min((a for a, _ in need), default=None),
-                                 "truncate_keeps_one": min((b for _, b in need), default=None)}
-    return out
-
-
-def _length_policy(c: Conversation, policy: Labeler, n_long: int, size: int, n_tr: int, cut: Counter,
-                   findings: list[Finding]) -> None:
-    """Label ``c`` as prepare does, under max_seq_length and the truncation policy: count what is cut,
-    dropped and lost in ``cut``, and say so in a "too_long" finding (and "no_trained" when truncating
-    at the limit leaves nothing trained)."""
-    examples, rep = policy.encode([c])
-    lost = n_tr - sum(e.n_trained for e in examples)
-    dropped = rep.n_dropped_too_long + rep.n_dropped_no_trained  # cut at the limit to nothing trained: dropped
-    truncated = rep.n_truncated - rep.n_dropped_no_trained
-    cut.update(long=n_long, turns_cut=rep.n_turns_cut, truncated=truncated, dropped=dropped, lost=lost)
-    n_ex = rep.n_kept + dropped
-    of = (lambda k: "it" if n_ex == 1 else f"{k} of its {n_ex} examples")  # noqa: E731
-    done = [f"cuts earlier turns of {of(rep.n_turns_cut)} to fit" if rep.n_turns_cut else "",
-            f"cuts {of(truncated)} at the limit" if truncated else "",
-            f"drops {of(dropped)}" if dropped else ""]
-    what = " and ".join(d for d in done if d) or "fits it"
-    limit = policy.max_len
-    _add(findings, "too_long", c.source, c.line,
-         f"{size} tokens > max_seq_length {limit}; training (truncation: {policy.truncation}) {what}, losing "
-         f"{lost} of its {n_tr} trained tokens ({lost / n_tr:.0%})",
-         fix="raise max_seq_length, or shorten or split the example")
-    if rep.n_dropped_no_trained:
-        _add(findings, "no_trained", c.source, c.line,
-             f"all its trained tokens lie past max_seq_length {limit}; cut there it trains on nothing (dropped)")
-
-
-def policy_words(truncation: str, is_text: bool, plural: bool = False, user_turns: int = 2) -> str:
-    """What training does to an example (``plural``: to examples) over max_seq_length under ``truncation``
-    (plain text: cut at the limit; a chat of one exchange has no earlier turn to cut)."""
-    it, its = ("them", "their") if plural else ("it", "its")
-    if truncation == "truncate" or is_text and truncation == "cut_turns":
-        return f"cuts {it} at the limit"
-    if truncation == "drop":
-        return f"drops {it}"
-    if user_turns < 2:
-        return f"drops {it} (no earlier turn to cut)"
-    return f"cuts {its} earliest turns to fit, or drops {it} when that is not enough"
-
-
-def _length_stats(values: list[int], unit: str) -> dict | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return {"unit": unit, "min": v[0], "max": v[-1], "mean": round(sum(v) / len(v), 2), "median": v[len(v) // 2],
-            "p95": v[min(len(v) - 1, int(0.95 * len(v)))], "histogram": _histogram(v)}
-
-
-def _histogram(values: list[int], bins: int = 10) -> list[dict]:
-    lo, hi = values[0], values[-1]
-    width = 1
-    while width * bins < hi - lo + 1:  # 1, 2, 5, 10, 20, 50, ...
-        width = width * 5 // 2 if str(width)[0] == "2" else width * 2
-    start = lo // width * width
-    counts = [0] * ((hi - start) // width + 1)
-    for x in values:
-        counts[(x - start) // width] += 1
-    return [{"lo": start + i * width, "hi": start + (i + 1) * width - 1, "count": n} for i, n in enumerate(counts)]

@@ -5,14 +5,13 @@ Per conversation: tool-call arguments that are not a JSON object, calls to a fun
 ``tools`` do not offer, argument names its schema does not list (and required ones missing), values
 of the wrong JSON type, tool results with no call before them (or a ``tool_call_id`` no call has),
 calls never answered before the conversation moves on; unclosed ``<think>`` blocks and reasoning in
-user or system turns. Once per data set, given a template: does it render ``tools`` and
-``tool_calls`` at all (a template that drops them trains replies the model can not reproduce)?
+user or system turns; reasoning read from a reply with a ``</think>`` and no ``<think>`` (info). Once per
+data set, given a template: does it render ``tools`` and ``tool_calls`` at all (a template that drops
+them trains replies the model can not reproduce)?
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
 import json
 import re
 from typing import Any
@@ -34,6 +33,8 @@ _FIXES = {
     "tool_result_order": "put the tool results in the order of the calls they answer",
     "reasoning_unclosed": "close the reasoning with </think> before the reply (or remove the stray tag)",
     "reasoning_in_user": "move the <think> block into the assistant turn (as reasoning_content or inline)",
+    "reasoning_unopened": "nothing to do for DeepSeek-R1-style data (its prompt opens <think>); "
+                          "otherwise add the missing <think> before the reasoning",
 }
 
 
@@ -86,36 +87,6 @@ def message_text(conv: Conversation, reasoning: str = "per_turn") -> str:
             name, args = call_parts(call)
             parts.append(f"{name or ''} {args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}")
     return "\n".join(parts)
-
-
-# What the messages format reads: of a record, of a message (a near miss of these is most likely a typo).
-_RECORD_KEYS = ("messages", "tools", "functions", "system", "weight")
-_MESSAGE_KEYS = ("role", "content", "reasoning_content", "reasoning", "thinking", "tool_calls", "function_call",
-                 "tool_call_id", "name")
-
-
-@functools.lru_cache(maxsize=1024)  # the same few extra keys repeat on every record
-def _near(key: str, known: tuple[str, ...]) -> str | None:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.8) if key not in known else []
-    return close[0] if close else None
-
-
-def unread_keys(row: dict) -> tuple[str, str] | None:
-    """For a messages-format record: (what, fix) for a key training does not read that is a letter or so
-    away from one it reads (``contents``, ``reasoning_contents``, ``tool_call``), or for reasoning on a
-    non-assistant message: content dropped without a word. None when there is none."""
-    rename = "rename the key to the one training reads"
-    for key in row:
-        if (k := _near(str(key), _RECORD_KEYS)) is not None:
-            return f"key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
-    for i, m in enumerate(row.get("messages") or [], start=1):
-        for key in (m if isinstance(m, dict) else ()):
-            if (k := _near(str(key), _MESSAGE_KEYS)) is not None:
-                return f"message {i}: key '{key}' is not read (did you mean '{k}'?): its value is ignored", rename
-            if key in _MESSAGE_KEYS[2:5] and m.get("role") != "assistant" and m[key]:
-                return (f"message {i} ({m.get('role')}): '{key}' is read on assistant messages only: it is ignored",
-                        "move the reasoning to the assistant reply it belongs to, or remove it")
-    return None
 
 
 def parse_arguments(args: Any) -> tuple[dict | None, str | None]:
@@ -290,6 +261,9 @@ def reasoning_checks(conv: Conversation, findings: list[Finding]) -> tuple[int, 
             if bad or depth:
                 _add(findings, "reasoning_unclosed", conv, f"message {i} (assistant): {bad or 'a <think> is never closed'}")
                 break
+            if m.reasoning_unopened:  # prepare read it so (formats.split_reasoning): said, not refused
+                _add(findings, "reasoning_unopened", conv, f"message {i} (assistant): the text before its </think> is "
+                     "read as reasoning; no <think> opens it (a DeepSeek-R1 reply, whose prompt opens the block?)")
         elif tags and m.role in ("user", "system"):
             _add(findings, "reasoning_in_user", conv, f"message {i} ({m.role}): holds {'/'.join(sorted(set(tags)))} tags")
             break

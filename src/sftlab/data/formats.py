@@ -8,6 +8,7 @@ format from the fields of the records (the most common); ``--format`` overrides 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Callable
 
@@ -26,6 +27,7 @@ _SHAREGPT_ROLES = {
 _OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                  "tool": "tool", "function": "tool", "ipython": "tool"}
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_THINK_TAG = re.compile(r"</?think>")
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _TEXT_PARTS = ("text", "input_text", "output_text")  # content part types holding text (chat and responses APIs)
 
@@ -151,10 +153,13 @@ def _tools(row: dict) -> list[dict] | None:
 def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
     """(answer, reasoning) from content that may open with ``<think>...</think>``; reasoning None if absent.
 
-    Reasoning is stripped of the newlines around it and the answer of those before it (as the
-    reasoning templates render them back: ``<think>\n{reasoning}\n</think>\n\n{answer}``).
+    Reasoning is stripped of the newlines around it and the answer of those before it (as templates render
+    them: ``<think>\n{reasoning}\n</think>\n\n{answer}``). Content whose first think tag is ``</think>`` reads as
+    if ``<think>`` opened it (DeepSeek-R1's raw replies: its prompt opens the block). A later ``</think>`` is an error.
     """
     body = content.lstrip()
+    if unopened_reasoning(content):
+        body = _THINK_OPEN + content
     if body.startswith(_THINK_OPEN):
         close = body.find(_THINK_CLOSE)
         if close < 0:
@@ -164,8 +169,20 @@ def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
         if _THINK_OPEN in reasoning:  # the first </think> closes the outer block: the rest would be trained as the answer
             raise FormatError(f"{where} has a <think> inside its <think> block", "reasoning_unclosed",
                               "remove the inner <think> (reasoning blocks do not nest)")
-        return body[close + len(_THINK_CLOSE):].lstrip("\n"), reasoning
+        answer, depth = body[close + len(_THINK_CLOSE):].lstrip("\n"), 0
+        for tag in _THINK_TAG.findall(answer):  # a </think> closing nothing: a literal tag the model learns mid-answer
+            depth += 1 if tag == _THINK_OPEN else -1
+            if depth < 0:
+                raise FormatError(f"{where} has a stray </think> after its reasoning (it closes no <think>)",
+                                  "reasoning_unclosed", "remove the stray </think> (one block of reasoning, then the answer)")
+        return answer, reasoning
     return content, None
+
+
+def unopened_reasoning(content: str) -> bool:
+    """Is the content's first think tag a ``</think>``? (DeepSeek-R1's raw replies: the prompt opened the block.)"""
+    first = _THINK_TAG.search(content)
+    return first is not None and first.group() == _THINK_CLOSE
 
 
 def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
@@ -179,6 +196,7 @@ def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
         # an empty field is no reasoning (exports write "reasoning_content": "" on every message): as reasoning
         # it would train an empty <think> block, and clash with an inline one
         given = [k for k in _REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()]
+        unopened = unopened_reasoning(content)
         content, reasoning = split_reasoning(content, where)
         if given:
             if reasoning is not None:
@@ -188,7 +206,7 @@ def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
             if _THINK_OPEN in reasoning or _THINK_CLOSE in reasoning:  # the template wraps it: trained as <think><think>...
                 raise FormatError(f"{where} '{given[0]}' holds <think> tags; the template adds them around the field",
                                   "reasoning_unclosed", f"remove the <think> and </think> tags from '{given[0]}'")
-        return Message("assistant", content, tool_calls=calls, reasoning=reasoning)
+        return Message("assistant", content, tool_calls=calls, reasoning=reasoning, reasoning_unopened=unopened)
     if "tool_calls" in m and m["tool_calls"]:
         raise FormatError(f"{where} is a {role} message with 'tool_calls'; only assistant messages make calls",
                           "tool_calls", "move the calls to the assistant message")

@@ -23,6 +23,9 @@ class Message:
     reasoning: str | None = None  # assistant only: its thinking, without the <think> markers
     tool_call_id: str | None = None  # tool only: the call this result answers
     name: str | None = None  # tool only: the function whose result this is
+    # assistant only: its reasoning was read from content with a </think> and no <think> (DeepSeek-R1's raw
+    # replies); the doctor says so. Not part of the message's value: equal to the same message with <think>.
+    reasoning_unopened: bool = field(default=False, compare=False, repr=False)
 
     def to_template(self) -> dict:
         """The message as chat templates expect it (HF conventions: ``reasoning_content``, ``tool_calls``)."""
