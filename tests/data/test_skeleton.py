@@ -330,8 +330,9 @@ def test_labels_do_not_depend_on_the_order_of_conversations(tok, name, monkeypat
 
 
 def test_deepseek_r1_reply_starting_with_a_new_line_is_trained_the_same_in_either_order(tok):
-    """DeepSeek-R1's prompt ends ``<think>\\n``; a reply starting with a new line continues it. The exact
-    rule trains the reply from the prompt's end; the skeleton learnt from another reply must agree."""
+    """DeepSeek-R1's prompt ends ``<think>\\n``, which the rendered turn does not show. The exact rule trains
+    the (empty) reasoning's close and then the reply as rendered, its leading new line included; the
+    skeleton learnt from another reply must agree."""
     import test_official_templates as off
 
     from sftlab.data.masking import trained_text
@@ -344,4 +345,4 @@ def test_deepseek_r1_reply_starting_with_a_new_line_is_trained_the_same_in_eithe
     for order in ([a, b], [b, a]):
         exs = Labeler(t, tpl).encode(order)[0]
         got = {trained_text(t, e)[0] for e in exs}
-        assert got == {"a1<｜end▁of▁sentence｜>", "Hello<｜end▁of▁sentence｜>"}, order
+        assert got == {"\n</think>\n\na1<｜end▁of▁sentence｜>", "\n</think>\n\n\nHello<｜end▁of▁sentence｜>"}, order

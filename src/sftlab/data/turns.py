@@ -20,6 +20,8 @@ SPLIT_HISTORY = "the template renders earlier turns differently from how the mod
 NOTE_GEN_PROMPT = ("the inference prompt is not a prefix of the rendered turn: one example per turn, the turn "
                    "trained from where the prompt's end is found in it")
 NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
+NOTE_OPEN_THINK = ("the inference prompt opens a <think> block the rendered turn does not show: the turn's reasoning "
+                   "(empty when it has none) and </think> are trained before its reply, as the model writes them")
 
 
 class ConvLabels(list):
@@ -55,14 +57,19 @@ class TurnRule:
         prompts = [render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
         whole = self.masking == "all" or self.reasoning in ("keep", "last")
         turns = []  # (rendered through this turn, trained start and end, end token found, prompt is its prefix)
+        replies = []  # each turn's trained text in its own example (where the prompt is not its prefix)
         for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
             rendered = full if i == len(msgs) - 1 else render(msgs[:i + 1], tools=tools)
+            self._check_thinking_closed(conv, msgs[i], prompt, n + 1, whole)
             start, exact = _align(prompt, rendered)
+            lead = ""
             if not exact:
                 self._note(NOTE_GEN_PROMPT)
+                start, lead = self._thinking_opened(msgs[i], prompt, rendered, start)
             end, has_end = self._turn_end(rendered, start)
-            self._check_turn(conv, msgs[i], rendered[start:end], n + 1, whole)
+            self._check_turn(conv, msgs[i], lead + rendered[start:end], n + 1, whole)
             turns.append((rendered, start, end, has_end, exact))
+            replies.append(lead + rendered[start:end])
         for m in msgs:
             # a template may JSON-encode a result (Mistral's `content | tojson`): look for either form
             if m.role == "tool" and m.content.strip() and m.content.strip() not in full and \
@@ -78,11 +85,11 @@ class TurnRule:
             if not all(full.startswith(r[:e]) for r, _, e, _, _ in turns):
                 self._note(SPLIT_HISTORY)
             out = ConvLabels()
-            for n, ((rendered, start, end, has_end, _), prompt) in enumerate(zip(turns, prompts)):
+            for n, ((_, _, _, has_end, _), prompt, text) in enumerate(zip(turns, prompts, replies)):
                 if last and n < len(turns) - 1:
                     continue
                 # the context is the inference prompt itself (the rendered prefix where they agree)
-                reply = rendered[start:end] + ("" if has_end else self._eos_or_fail(conv))
+                reply = text + ("" if has_end else self._eos_or_fail(conv))
                 out.append([(prompt, False), (reply, True)] if prompt else [(reply, True)])
             out.split, out.notes = True, tuple(self._notes)
             return out
@@ -140,6 +147,37 @@ class TurnRule:
             spans.append((begin, pos + len(stop), True))
             cursor = pos + len(stop)
         return spans
+
+    def _check_thinking_closed(self, conv: Conversation, m: Message, prompt: str, nth: int, whole: bool) -> None:
+        """A turn with reasoning whose inference prompt already closes the thinking block (Qwen3 under
+        ``enable_thinking: false`` ends it ``<think>\n\n</think>\n\n``): the model never writes reasoning
+        there, and training it after the closed block would teach it to."""
+        if m.reasoning and m.reasoning.strip() and not whole and prompt.rstrip().endswith("</think>"):
+            raise SftlabError(f"{conv.where()}: assistant turn {nth} has reasoning, but the chat template '{self.template.name}' "
+                              "closes the thinking block in the inference prompt (enable_thinking: false?), so the model "
+                              "never writes reasoning there",
+                              hint="set reasoning: drop to train the answers without it, or remove enable_thinking: false "
+                                   "from chat_template_kwargs")
+
+    def _thinking_opened(self, m: Message, prompt: str, rendered: str, start: int) -> tuple[int, str]:
+        """(where the turn starts in ``rendered``, text the model writes before it) where the inference prompt
+        ends inside a ``<think>`` block that the rendered turn does not show (DeepSeek-R1: the prompt ends
+        ``<think>\n`` and every turn is rendered without its reasoning). The model continues the open block:
+        its reasoning (empty when it has none), ``</think>``, then the reply as rendered; trained otherwise
+        from the prompt's end, it would learn to answer inside the thinking block and never close it."""
+        if not prompt.rstrip().endswith("<think>"):
+            return start, ""
+        p = prompt.rindex("<think>")
+        head, _ = _align(prompt[:p], rendered)
+        end, _ = self._turn_end(rendered, head)
+        if "<think>" in rendered[head:end] or "</think>" in rendered[head:end]:
+            return start, ""  # the turn renders a thinking block of its own: trained as rendered
+        self._note(NOTE_OPEN_THINK)
+        block = f"<think>\n{m.reasoning or ''}\n</think>\n\n"  # as inline reasoning is written (templates.py)
+        lead = block[len(prompt) - p:] if block.startswith(prompt[p:]) else f"{m.reasoning or ''}\n</think>\n\n"
+        if m.reasoning is not None and not self.template.renders_reasoning and rendered.startswith("\n\n", head):
+            head += 2  # what the template left of the inline block it cut at </think>
+        return head, lead
 
     def _turn_end(self, rendered: str, start: int) -> tuple[int, bool]:
         """(end of the trained span, whether it ends in a special token).
