@@ -211,10 +211,16 @@ class TurnRule:
         if content and content not in trained:
             raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",
                               hint="use a template that keeps message content as is, e.g. --template chatml")
-        for call in m.tool_calls or ():
-            if call["function"]["name"] not in trained:
+        names = [call["function"]["name"] for call in m.tool_calls or ()]
+        for name in dict.fromkeys(names):
+            if name not in trained:
                 raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render the tool calls "
                                   f"of assistant turn {nth}", hint="use a template that renders tools, e.g. --template chatml-tools")
+            if trained.count(name) < names.count(name):  # GPT-OSS's renders only a turn's first call
+                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' renders {trained.count(name)} of "
+                                  f"the {names.count(name)} calls to '{name}' in assistant turn {nth}: the others would be lost",
+                                  hint="give each call its own assistant message, or use a template that renders them all, "
+                                       "e.g. --template chatml-tools")
 
     def _eos_or_fail(self, conv: Conversation) -> str:
         if not self.eos:
