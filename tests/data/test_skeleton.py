@@ -97,8 +97,9 @@ def test_renders_once_per_role_sequence_not_per_conversation(tok, monkeypatch):
     convs = [Conversation([Message("user", f"question {i}"), Message("assistant", f"answer {i}")]) for i in range(1000)]
     examples, _ = Labeler(tok, tpl).encode(convs)
     assert len(examples) == 1000
-    # learning (2 probe + 2 exact renders) + the exact check of the first and of 1 in VERIFY_EVERY
-    assert len(calls) <= 4 + 2 * (1 + 1000 // skeleton.VERIFY_EVERY)
+    # the labeler's probe of the document's end (2 renders), learning (2 probe + 2 exact renders) + the exact
+    # check of the first and of 1 in VERIFY_EVERY
+    assert len(calls) <= 2 + 4 + 2 * (1 + 1000 // skeleton.VERIFY_EVERY)
     assert len(calls) < 2000 / 10
 
 

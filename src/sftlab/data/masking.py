@@ -15,7 +15,12 @@ and ``<|return|>``; Qwen3's empty ``<think>\n\n</think>\n\n`` block).
 2. A turn whose render ends in no special token ends at the next role's token when the full render
    has one there (trained); otherwise the tokenizer's EOS is appended and trained, so the model
    always learns to stop. The reply text must be in the trained span (a clear error otherwise), and
-   so must every tool call's function name (a template that ignores ``tool_calls`` is refused).
+   so must every tool call's function name, once per call (a template that ignores ``tool_calls``, or
+   renders only a turn's first call, is refused). Special tokens a template writes after the last turn
+   only, glued to its end (Phi-4-mini's EOS), close the document: not trained.
+2b. Reasoning the inference prompt frames: where it opens a ``<think>`` block the rendered turn does not
+   show (DeepSeek-R1), the turn's reasoning (empty without one) and ``</think>`` are trained before the
+   reply; where it closes the block (Qwen3 under ``enable_thinking: false``), a turn with reasoning is an error.
 3. The text is cut into alternating untrained/trained segments and each segment is tokenized on
    its own, in one batched call. A token therefore never straddles a reply boundary, the prompt
    part is tokenized exactly as at inference (where it is rendered with the generation prompt),
@@ -188,6 +193,7 @@ class Labeler(TurnRule):
         self._anchor = "\n"
         self._anchor_ids = self._encode_plain([self._anchor])[0] if self._prepends else []
         self.eos_appended = False
+        self._doc_end = self._document_end() if template is not None else None
         self.end_ids = self._end_of_turn_ids()
         # Per-turn examples share their history: their prompts are tokenized in chunks, each once.
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
@@ -440,7 +446,9 @@ def reply_ends(ids: list[int], labels: list[int], end_ids: list[int]) -> tuple[i
     """(end-of-turn tokens right after a trained token, how many of those are trained themselves).
 
     An end-of-turn token that follows trained text closes a trained reply: the model must learn to
-    emit it there, or it never learns to stop. Counted on the labels, so any labelling path agrees.
+    emit it there, or it never learns to stop. Counted on the labels, so any labelling path agrees. An
+    untrained one right after a trained end token closes the document, not the reply (Phi-4-mini's
+    ``<|end|><|endoftext|>`` after the last turn): the reply had ended.
     """
     n = n_trained = 0
     for tid in end_ids:
@@ -450,7 +458,7 @@ def reply_ends(ids: list[int], labels: list[int], end_ids: list[int]) -> tuple[i
                 p = ids.index(tid, p + 1)  # C-speed scan: end tokens are sparse
             except ValueError:
                 break
-            if labels[p - 1] != IGNORE:
+            if labels[p - 1] != IGNORE and not (labels[p] == IGNORE and ids[p - 1] in end_ids):
                 n += 1
                 n_trained += labels[p] != IGNORE
     return n, n_trained

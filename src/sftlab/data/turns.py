@@ -197,10 +197,36 @@ class TurnRule:
         tail = body[len(text):]
         if not tail.strip():
             return start + len(body.rstrip()), False
-        p = len(text) + len(tail) - len(tail.lstrip())
+        p = run = len(text) + len(tail) - len(tail.lstrip())
         while (tok := self._special_at(body, p)) is not None:
             p += len(tok)
+        doc_end = getattr(self, "_doc_end", None)
+        if doc_end and p - len(doc_end) > run and body.startswith(doc_end, p - len(doc_end)) and not body[p:].strip():
+            p -= len(doc_end)  # Phi-4-mini's EOS after the last turn closes the document, not the turn
         return start + p, True
+
+    def _document_end(self) -> str | None:
+        """The special tokens a template writes after the last turn only, glued to its end-of-turn token
+        (Phi-4-mini ends a conversation ``<|end|><|endoftext|>``, a turn that more follows ``<|end|>``): they
+        close the document, and the model stops at the turn's own end. Probed once on two renders."""
+        self._doc_end = None
+        probe = "\ue002reply\ue002"
+        try:
+            alone = self.template.render([Message("user", "hi"), Message("assistant", probe)])
+            more = self.template.render([Message("user", "hi"), Message("assistant", probe), Message("user", "hi")])
+        except SftlabError:
+            return None
+        at = alone.find(probe) + len(probe)
+        if at < len(probe) or more.find(probe) + len(probe) != at:
+            return None
+        end, has_end = self._turn_end(alone, at)
+        p = at  # the special tokens both renders write after the reply
+        while p < end and (tok := self._special_at(alone, p)) is not None and more.startswith(tok, p):
+            p += len(tok)
+        extra = alone[p:end]
+        if has_end and at < p < end and self._special_at(alone, p) is not None:
+            return extra
+        return None
 
     def _check_turn(self, conv: Conversation, m: Message, trained: str, nth: int, whole: bool) -> None:
         if m.reasoning and m.reasoning.strip() not in trained and not whole:
