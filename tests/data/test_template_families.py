@@ -271,3 +271,19 @@ def test_cut_turns_drops_whole_tool_exchanges_and_keeps_the_inference_context(to
     assert context == t.render(short[:-1], add_generation_prompt=True, tools=conv.tools)
     assert "temp" not in tok.decode(last.input_ids) and "You're welcome." in text
     assert not any(m.content in text for m in conv.messages if m.role != "assistant")
+
+
+def test_cut_turns_on_a_per_turn_example_trains_only_its_own_turn(tok):
+    """Nemotron splits a chat only because turn 1's thinking leaves history. Cutting turn 3's example
+    (turn 1 goes) leaves a chat that renders as one example: trained whole, turn 2 was trained twice,
+    once in its own example and again in turn 3's."""
+    conv = Conversation([Message("user", "Question one " * 3), Message("assistant", "Answer one.", reasoning="think " * 5),
+                         Message("user", "Question two " * 3), Message("assistant", "Answer two."),
+                         Message("user", "Question three " * 3), Message("assistant", "Answer three.")])
+    t = tpl(tok, off.NEMOTRON)
+    full, _ = Labeler(tok, t).encode([conv])
+    assert len(full) == 3
+    exs, report = Labeler(tok, t, max_seq_length=len(full[-1].input_ids) - 3).encode([conv])
+    assert report.n_turns_cut == 1
+    assert [trained(tok, e) for e in exs] == [["<think>\n" + "think " * 5 + "\n</think>\n\nAnswer one.<SPECIAL_12>"],
+                                              ["Answer two.<SPECIAL_12>"], ["Answer three.<SPECIAL_12>"]]

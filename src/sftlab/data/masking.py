@@ -359,10 +359,10 @@ class Labeler(TurnRule):
         report = PrepareReport(n_input=len(convs))
         with paused_gc():
             labels = self.examples_many(convs)
-            owners = []  # (conversation index, messages the example covers)
+            owners = []  # (conversation index, messages the example covers, one of its per-turn examples)
             for idx, (conv, ex) in enumerate(zip(convs, labels)):
                 if conv.is_text:
-                    owners.append((idx, 0))
+                    owners.append((idx, 0, False))
                     continue
                 report.n_split += ex.split
                 report.n_single += not ex.split
@@ -370,20 +370,20 @@ class Labeler(TurnRule):
                     report.rule_notes[why] = report.rule_notes.get(why, 0) + 1
                 ends = [i + 1 for i, m in enumerate(conv.messages) if m.role == "assistant"]
                 ends = ends[len(ends) - len(ex):] if ex.split else [len(conv.messages)]
-                owners += [(idx, n) for n in ends]
+                owners += [(idx, n, ex.split) for n in ends]
             encoded = self.encode_segments([segs for ex in labels for segs in ex],
                                            [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in labels for _ in ex])
             return self._apply_length_policy(convs, owners, encoded, report, strict_empty)
 
     def _apply_length_policy(self, convs, owners, encoded, report: PrepareReport, strict_empty: bool):
         examples: list[Example] = []
-        for (idx, upto), (ids, labels) in zip(owners, encoded):
+        for (idx, upto, own_turn), (ids, labels) in zip(owners, encoded):
             conv = convs[idx]
             if self.max_len is not None:
                 ids, labels = self._untrained_tail_cut(ids, labels)
             if self.max_len is not None and len(ids) > self.max_len:
                 part = conv if conv.is_text or upto == len(conv.messages) else replace(conv, messages=conv.messages[:upto])
-                fitted = self._fit(part, ids, labels, report)
+                fitted = self._fit(part, ids, labels, report, own_turn)
                 if fitted is None:
                     report.n_dropped_too_long += 1
                     report.dropped.append((conv.where(), f"{len(ids)} tokens > max_seq_length {self.max_len}"))
@@ -417,8 +417,10 @@ class Labeler(TurnRule):
             return ids[: self.max_len], labels[: self.max_len]
         return ids, labels
 
-    def _fit(self, conv: Conversation, ids: list[int], labels: list[int], report: PrepareReport):
-        """Apply the truncation policy to one over-long example; None means drop it."""
+    def _fit(self, conv: Conversation, ids: list[int], labels: list[int], report: PrepareReport, own_turn: bool = False):
+        """Apply the truncation policy to one over-long example; None means drop it. ``own_turn``: the
+        example trains only the last turn of ``conv`` (one of a split chat's per-turn examples), and so does
+        its cut version, even where the shorter chat is one example: its other turns have examples of their own."""
         if self.truncation == "drop":
             return None
         if self.truncation == "cut_turns" and not conv.is_text:
@@ -431,7 +433,11 @@ class Labeler(TurnRule):
                     break
                 msgs = msgs[:sys_n] + msgs[nxt:]
                 shorter = replace(conv, messages=msgs)
-                (new_ids, new_labels), = self.encode_segments([self.segments(shorter)])
+                segs = self.segments(shorter)
+                if own_turn:
+                    last = max(k for k, (_, trained) in enumerate(segs) if trained)
+                    segs = [(text, trained and k == last) for k, (text, trained) in enumerate(segs)]
+                (new_ids, new_labels), = self.encode_segments([segs])
                 new_ids, new_labels = self._untrained_tail_cut(new_ids, new_labels)
                 if len(new_ids) <= self.max_len:
                     report.n_turns_cut += 1
