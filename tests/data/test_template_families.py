@@ -287,3 +287,20 @@ def test_cut_turns_on_a_per_turn_example_trains_only_its_own_turn(tok):
     assert report.n_turns_cut == 1
     assert [trained(tok, e) for e in exs] == [["<think>\n" + "think " * 5 + "\n</think>\n\nAnswer one.<SPECIAL_12>"],
                                               ["Answer two.<SPECIAL_12>"], ["Answer three.<SPECIAL_12>"]]
+
+
+@pytest.mark.parametrize("mode", ["keep", "last"])
+def test_one_example_reasoning_modes_train_a_tool_call_turn_through_its_end(tok, mode):
+    """reasoning: keep|last train the turns as the full render shows them. Qwen3 renders the call turn
+    there without its reasoning (before the last query), so it is found anew in the full render: it was
+    trained only up to the first special token after its (empty) text, `<tool_call>`, leaving the call
+    itself and <|im_end|> untrained. GPT-OSS's call turn likewise stopped at <|channel|>."""
+    conv = tool_chat(reasoning=("Two cities: call both.", "Compare them."))
+    exs, report = Labeler(tok, tpl(tok, off.QWEN3), reasoning=mode).encode([conv])
+    assert report.n_single == 1 and [trained(tok, e) for e in exs] == [[
+        _qwen_calls() + "<|im_end|>", "Paris 21, Rome 25.<|im_end|>", "<think>\n\n</think>\n\nYou're welcome.<|im_end|>"]]
+    exs, report = Labeler(tok, tpl(tok, fam.GPT_OSS_TOOLS), reasoning=mode).encode(
+        [tool_chat(reasoning=("Need the weather.", "It is warm."), calls=1)])
+    assert [trained(tok, e) for e in exs][0][0] == (' to=functions.get_weather<|channel|>commentary json<|message|>'
+                                                     '{"city": "Paris"}<|call|>')
+    assert not report.rule_notes  # one example: no note about per-turn examples

@@ -63,7 +63,7 @@ class TurnRule:
             self._check_thinking_closed(conv, msgs[i], prompt, n + 1, whole)
             start, exact = _align(prompt, rendered)
             lead = ""
-            if not exact:
+            if not exact and not whole:  # (one example from the full render: its spans are found there)
                 self._note(NOTE_GEN_PROMPT)
                 start, lead = self._thinking_opened(msgs[i], prompt, rendered, start)
             end, has_end = self._turn_end(rendered, start)
@@ -131,13 +131,18 @@ class TurnRule:
                 spans.append((begin, end, has_end))
                 cursor = end
                 continue
-            # History renders this turn differently: train it as the full render shows it, up to the
-            # first special token after its text (and before the next turn starts).
+            # History renders this turn differently: train it as the full render shows it, through the
+            # token that ends it in its own render (Qwen3's <|im_end|>, after any tool calls), else up to the
+            # first special token after its text (GPT-OSS ends history turns <|end|>, not <|return|>); in
+            # either case before the next turn starts.
             limit = max(starts[n + 1], begin)
             content = conv.messages[[i for i, m in enumerate(conv.messages) if m.role == "assistant"][n]].content.strip()
             at = full.find(content, begin, limit) if content else -1
             pos = at + len(content) if at >= 0 else begin
-            stop = None
+            last_tok = next((s for s in self._specials if rendered[:end].endswith(s)), None) if has_end else None
+            found = full.find(last_tok, pos, limit) if last_tok else -1
+            stop = last_tok if found >= 0 else None
+            pos = found if found >= 0 else pos
             while pos < limit and stop is None:
                 stop = self._special_at(full, pos)
                 pos += 1 if stop is None else 0
