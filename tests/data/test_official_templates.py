@@ -17,7 +17,12 @@ from sftlab.cli import main
 from sftlab.core.loss import IGNORE
 from sftlab.data.masking import Labeler
 from sftlab.data.templates import ChatTemplate
-from sftlab.data.turns import NOTE_GEN_PROMPT, NOTE_NEXT_ROLE, SPLIT_HISTORY
+from sftlab.data.turns import (
+    NOTE_GEN_PROMPT,
+    NOTE_NEXT_ROLE,
+    NOTE_OPEN_THINK,
+    SPLIT_HISTORY,
+)
 from sftlab.data.types import Conversation, Message
 
 # Qwen3 (Qwen/Qwen3-8B tokenizer_config.json): reasoning only after the last user query, an empty
@@ -286,12 +291,14 @@ def test_turn_ending_at_the_next_role_token_and_generation_prompt_rule_are_repor
         exs, report = Labeler(tok, tpl("deepseek-r1", tok)).encode([CHAT])
     finally:
         del TEMPLATES["deepseek-r1"]
-    # The prompt opens <think>\n, which the rendered turn does not: trained from where they differ.
-    assert NOTE_GEN_PROMPT in report.rule_notes and report.n_split == 1
+    # The prompt opens <think>\n, which the rendered turn does not: the model closes the (empty) block, then
+    # replies. Trained from the prompt's end alone, it would learn to answer inside <think> and never close it.
+    assert NOTE_GEN_PROMPT in report.rule_notes and NOTE_OPEN_THINK in report.rule_notes and report.n_split == 1
     for ex in exs:  # each turn in its inference context: the prompt that opens <think>
         context = tok.decode([i for i, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE])
         assert context.endswith("<｜Assistant｜><think>\n")
-    assert [r for ex in exs for r in runs(tok, ex)] == ["Hello!<｜end▁of▁sentence｜>", "Paris.<｜end▁of▁sentence｜>"]
+    assert [r for ex in exs for r in runs(tok, ex)] == ["\n</think>\n\nHello!<｜end▁of▁sentence｜>",
+                                                         "\n</think>\n\nParis.<｜end▁of▁sentence｜>"]
 
 
 def test_deepseek_r1_raw_replies_train_under_r1s_own_template(tok, tmp_path):

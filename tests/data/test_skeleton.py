@@ -97,8 +97,9 @@ def test_renders_once_per_role_sequence_not_per_conversation(tok, monkeypatch):
     convs = [Conversation([Message("user", f"question {i}"), Message("assistant", f"answer {i}")]) for i in range(1000)]
     examples, _ = Labeler(tok, tpl).encode(convs)
     assert len(examples) == 1000
-    # learning (2 probe + 2 exact renders) + the exact check of the first and of 1 in VERIFY_EVERY
-    assert len(calls) <= 4 + 2 * (1 + 1000 // skeleton.VERIFY_EVERY)
+    # the labeler's probe of the document's end (2 renders), learning (2 probe + 2 exact renders) + the exact
+    # check of the first and of 1 in VERIFY_EVERY
+    assert len(calls) <= 2 + 4 + 2 * (1 + 1000 // skeleton.VERIFY_EVERY)
     assert len(calls) < 2000 / 10
 
 
@@ -330,8 +331,9 @@ def test_labels_do_not_depend_on_the_order_of_conversations(tok, name, monkeypat
 
 
 def test_deepseek_r1_reply_starting_with_a_new_line_is_trained_the_same_in_either_order(tok):
-    """DeepSeek-R1's prompt ends ``<think>\\n``; a reply starting with a new line continues it. The exact
-    rule trains the reply from the prompt's end; the skeleton learnt from another reply must agree."""
+    """DeepSeek-R1's prompt ends ``<think>\\n``, which the rendered turn does not show. The exact rule trains
+    the (empty) reasoning's close and then the reply as rendered, its leading new line included; the
+    skeleton learnt from another reply must agree."""
     import test_official_templates as off
 
     from sftlab.data.masking import trained_text
@@ -344,4 +346,4 @@ def test_deepseek_r1_reply_starting_with_a_new_line_is_trained_the_same_in_eithe
     for order in ([a, b], [b, a]):
         exs = Labeler(t, tpl).encode(order)[0]
         got = {trained_text(t, e)[0] for e in exs}
-        assert got == {"a1<｜end▁of▁sentence｜>", "Hello<｜end▁of▁sentence｜>"}, order
+        assert got == {"\n</think>\n\na1<｜end▁of▁sentence｜>", "\n</think>\n\n\nHello<｜end▁of▁sentence｜>"}, order

@@ -15,7 +15,12 @@ and ``<|return|>``; Qwen3's empty ``<think>\n\n</think>\n\n`` block).
 2. A turn whose render ends in no special token ends at the next role's token when the full render
    has one there (trained); otherwise the tokenizer's EOS is appended and trained, so the model
    always learns to stop. The reply text must be in the trained span (a clear error otherwise), and
-   so must every tool call's function name (a template that ignores ``tool_calls`` is refused).
+   so must every tool call's function name, once per call (a template that ignores ``tool_calls``, or
+   renders only a turn's first call, is refused). Special tokens a template writes after the last turn
+   only, glued to its end (Phi-4-mini's EOS), close the document: not trained.
+2b. Reasoning the inference prompt frames: where it opens a ``<think>`` block the rendered turn does not
+   show (DeepSeek-R1), the turn's reasoning (empty without one) and ``</think>`` are trained before the
+   reply; where it closes the block (Qwen3 under ``enable_thinking: false``), a turn with reasoning is an error.
 3. The text is cut into alternating untrained/trained segments and each segment is tokenized on
    its own, in one batched call. A token therefore never straddles a reply boundary, the prompt
    part is tokenized exactly as at inference (where it is rendered with the generation prompt),
@@ -188,6 +193,7 @@ class Labeler(TurnRule):
         self._anchor = "\n"
         self._anchor_ids = self._encode_plain([self._anchor])[0] if self._prepends else []
         self.eos_appended = False
+        self._doc_end = self._document_end() if template is not None else None
         self.end_ids = self._end_of_turn_ids()
         # Per-turn examples share their history: their prompts are tokenized in chunks, each once.
         self._special_re = re.compile("|".join(map(re.escape, self._specials))) if self._specials else None
@@ -353,10 +359,10 @@ class Labeler(TurnRule):
         report = PrepareReport(n_input=len(convs))
         with paused_gc():
             labels = self.examples_many(convs)
-            owners = []  # (conversation index, messages the example covers)
+            owners = []  # (conversation index, messages the example covers, one of its per-turn examples)
             for idx, (conv, ex) in enumerate(zip(convs, labels)):
                 if conv.is_text:
-                    owners.append((idx, 0))
+                    owners.append((idx, 0, False))
                     continue
                 report.n_split += ex.split
                 report.n_single += not ex.split
@@ -364,20 +370,20 @@ class Labeler(TurnRule):
                     report.rule_notes[why] = report.rule_notes.get(why, 0) + 1
                 ends = [i + 1 for i, m in enumerate(conv.messages) if m.role == "assistant"]
                 ends = ends[len(ends) - len(ex):] if ex.split else [len(conv.messages)]
-                owners += [(idx, n) for n in ends]
+                owners += [(idx, n, ex.split) for n in ends]
             encoded = self.encode_segments([segs for ex in labels for segs in ex],
                                            [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in labels for _ in ex])
             return self._apply_length_policy(convs, owners, encoded, report, strict_empty)
 
     def _apply_length_policy(self, convs, owners, encoded, report: PrepareReport, strict_empty: bool):
         examples: list[Example] = []
-        for (idx, upto), (ids, labels) in zip(owners, encoded):
+        for (idx, upto, own_turn), (ids, labels) in zip(owners, encoded):
             conv = convs[idx]
             if self.max_len is not None:
                 ids, labels = self._untrained_tail_cut(ids, labels)
             if self.max_len is not None and len(ids) > self.max_len:
                 part = conv if conv.is_text or upto == len(conv.messages) else replace(conv, messages=conv.messages[:upto])
-                fitted = self._fit(part, ids, labels, report)
+                fitted = self._fit(part, ids, labels, report, own_turn)
                 if fitted is None:
                     report.n_dropped_too_long += 1
                     report.dropped.append((conv.where(), f"{len(ids)} tokens > max_seq_length {self.max_len}"))
@@ -411,8 +417,10 @@ class Labeler(TurnRule):
             return ids[: self.max_len], labels[: self.max_len]
         return ids, labels
 
-    def _fit(self, conv: Conversation, ids: list[int], labels: list[int], report: PrepareReport):
-        """Apply the truncation policy to one over-long example; None means drop it."""
+    def _fit(self, conv: Conversation, ids: list[int], labels: list[int], report: PrepareReport, own_turn: bool = False):
+        """Apply the truncation policy to one over-long example; None means drop it. ``own_turn``: the
+        example trains only the last turn of ``conv`` (one of a split chat's per-turn examples), and so does
+        its cut version, even where the shorter chat is one example: its other turns have examples of their own."""
         if self.truncation == "drop":
             return None
         if self.truncation == "cut_turns" and not conv.is_text:
@@ -425,7 +433,11 @@ class Labeler(TurnRule):
                     break
                 msgs = msgs[:sys_n] + msgs[nxt:]
                 shorter = replace(conv, messages=msgs)
-                (new_ids, new_labels), = self.encode_segments([self.segments(shorter)])
+                segs = self.segments(shorter)
+                if own_turn:
+                    last = max(k for k, (_, trained) in enumerate(segs) if trained)
+                    segs = [(text, trained and k == last) for k, (text, trained) in enumerate(segs)]
+                (new_ids, new_labels), = self.encode_segments([segs])
                 new_ids, new_labels = self._untrained_tail_cut(new_ids, new_labels)
                 if len(new_ids) <= self.max_len:
                     report.n_turns_cut += 1
@@ -440,7 +452,9 @@ def reply_ends(ids: list[int], labels: list[int], end_ids: list[int]) -> tuple[i
     """(end-of-turn tokens right after a trained token, how many of those are trained themselves).
 
     An end-of-turn token that follows trained text closes a trained reply: the model must learn to
-    emit it there, or it never learns to stop. Counted on the labels, so any labelling path agrees.
+    emit it there, or it never learns to stop. Counted on the labels, so any labelling path agrees. An
+    untrained one right after a trained end token closes the document, not the reply (Phi-4-mini's
+    ``<|end|><|endoftext|>`` after the last turn): the reply had ended.
     """
     n = n_trained = 0
     for tid in end_ids:
@@ -450,7 +464,7 @@ def reply_ends(ids: list[int], labels: list[int], end_ids: list[int]) -> tuple[i
                 p = ids.index(tid, p + 1)  # C-speed scan: end tokens are sparse
             except ValueError:
                 break
-            if labels[p - 1] != IGNORE:
+            if labels[p - 1] != IGNORE and not (labels[p] == IGNORE and ids[p - 1] in end_ids):
                 n += 1
                 n_trained += labels[p] != IGNORE
     return n, n_trained

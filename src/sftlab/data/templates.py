@@ -140,6 +140,9 @@ class TemplateRefused(SftlabError):
         if "system" in why and "system" in roles:
             return ("the template refuses system messages: drop them, fold them into the first user message, "
                     "or use another template, e.g. --template chatml")
+        if "(not \"dict\") to str" in why and any(m.tool_calls for m in messages):
+            return ("the template joins tool-call arguments as a string; sftlab passes them as a dict, the Hugging Face "
+                    "convention that vLLM follows too: use a template that writes them with tojson, e.g. --template chatml-tools")
         if "tool" in why or "function" in why or "tool" in roles or any(m.tool_calls for m in messages):
             return ("the template refuses these tool calls or results: use the model's tool-calling template "
                     "or --template chatml-tools")
@@ -266,6 +269,10 @@ def bounded_render(compiled, name: str, **context) -> str:
                           hint="a chat template should only lay out the messages; fix the template") from None
     except TemplateError as exc:
         raise TemplateRefused(name, str(exc)) from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        # An error inside the template's own expressions (DeepSeek-R1 concatenates a tool call's
+        # arguments as a string: `'...' + arguments` on a dict): the template refuses these messages.
+        raise TemplateRefused(name, f"{type(exc).__name__}: {exc}") from None
     except (OverflowError, MemoryError, RecursionError) as exc:
         raise SftlabError(f"chat template '{name}' failed to render: {type(exc).__name__}: {exc}",
                           hint="a chat template should only lay out the messages; fix the template") from None

@@ -20,6 +20,8 @@ SPLIT_HISTORY = "the template renders earlier turns differently from how the mod
 NOTE_GEN_PROMPT = ("the inference prompt is not a prefix of the rendered turn: one example per turn, the turn "
                    "trained from where the prompt's end is found in it")
 NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
+NOTE_OPEN_THINK = ("the inference prompt opens a <think> block the rendered turn does not show: the turn's reasoning "
+                   "(empty when it has none) and </think> are trained before its reply, as the model writes them")
 
 
 class ConvLabels(list):
@@ -55,14 +57,19 @@ class TurnRule:
         prompts = [render(msgs[:i], add_generation_prompt=True, tools=tools) for i in assistant_idx]
         whole = self.masking == "all" or self.reasoning in ("keep", "last")
         turns = []  # (rendered through this turn, trained start and end, end token found, prompt is its prefix)
+        replies = []  # each turn's trained text in its own example (where the prompt is not its prefix)
         for n, (i, prompt) in enumerate(zip(assistant_idx, prompts)):
             rendered = full if i == len(msgs) - 1 else render(msgs[:i + 1], tools=tools)
+            self._check_thinking_closed(conv, msgs[i], prompt, n + 1, whole)
             start, exact = _align(prompt, rendered)
-            if not exact:
+            lead = ""
+            if not exact and not whole:  # (one example from the full render: its spans are found there)
                 self._note(NOTE_GEN_PROMPT)
+                start, lead = self._thinking_opened(msgs[i], prompt, rendered, start)
             end, has_end = self._turn_end(rendered, start)
-            self._check_turn(conv, msgs[i], rendered[start:end], n + 1, whole)
+            self._check_turn(conv, msgs[i], lead + rendered[start:end], n + 1, whole)
             turns.append((rendered, start, end, has_end, exact))
+            replies.append(lead + rendered[start:end])
         for m in msgs:
             # a template may JSON-encode a result (Mistral's `content | tojson`): look for either form
             if m.role == "tool" and m.content.strip() and m.content.strip() not in full and \
@@ -78,11 +85,11 @@ class TurnRule:
             if not all(full.startswith(r[:e]) for r, _, e, _, _ in turns):
                 self._note(SPLIT_HISTORY)
             out = ConvLabels()
-            for n, ((rendered, start, end, has_end, _), prompt) in enumerate(zip(turns, prompts)):
+            for n, ((_, _, _, has_end, _), prompt, text) in enumerate(zip(turns, prompts, replies)):
                 if last and n < len(turns) - 1:
                     continue
                 # the context is the inference prompt itself (the rendered prefix where they agree)
-                reply = rendered[start:end] + ("" if has_end else self._eos_or_fail(conv))
+                reply = text + ("" if has_end else self._eos_or_fail(conv))
                 out.append([(prompt, False), (reply, True)] if prompt else [(reply, True)])
             out.split, out.notes = True, tuple(self._notes)
             return out
@@ -124,13 +131,18 @@ class TurnRule:
                 spans.append((begin, end, has_end))
                 cursor = end
                 continue
-            # History renders this turn differently: train it as the full render shows it, up to the
-            # first special token after its text (and before the next turn starts).
+            # History renders this turn differently: train it as the full render shows it, through the
+            # token that ends it in its own render (Qwen3's <|im_end|>, after any tool calls), else up to the
+            # first special token after its text (GPT-OSS ends history turns <|end|>, not <|return|>); in
+            # either case before the next turn starts.
             limit = max(starts[n + 1], begin)
             content = conv.messages[[i for i, m in enumerate(conv.messages) if m.role == "assistant"][n]].content.strip()
             at = full.find(content, begin, limit) if content else -1
             pos = at + len(content) if at >= 0 else begin
-            stop = None
+            last_tok = next((s for s in self._specials if rendered[:end].endswith(s)), None) if has_end else None
+            found = full.find(last_tok, pos, limit) if last_tok else -1
+            stop = last_tok if found >= 0 else None
+            pos = found if found >= 0 else pos
             while pos < limit and stop is None:
                 stop = self._special_at(full, pos)
                 pos += 1 if stop is None else 0
@@ -140,6 +152,37 @@ class TurnRule:
             spans.append((begin, pos + len(stop), True))
             cursor = pos + len(stop)
         return spans
+
+    def _check_thinking_closed(self, conv: Conversation, m: Message, prompt: str, nth: int, whole: bool) -> None:
+        """A turn with reasoning whose inference prompt already closes the thinking block (Qwen3 under
+        ``enable_thinking: false`` ends it ``<think>\n\n</think>\n\n``): the model never writes reasoning
+        there, and training it after the closed block would teach it to."""
+        if m.reasoning and m.reasoning.strip() and not whole and prompt.rstrip().endswith("</think>"):
+            raise SftlabError(f"{conv.where()}: assistant turn {nth} has reasoning, but the chat template '{self.template.name}' "
+                              "closes the thinking block in the inference prompt (enable_thinking: false?), so the model "
+                              "never writes reasoning there",
+                              hint="set reasoning: drop to train the answers without it, or remove enable_thinking: false "
+                                   "from chat_template_kwargs")
+
+    def _thinking_opened(self, m: Message, prompt: str, rendered: str, start: int) -> tuple[int, str]:
+        """(where the turn starts in ``rendered``, text the model writes before it) where the inference prompt
+        ends inside a ``<think>`` block that the rendered turn does not show (DeepSeek-R1: the prompt ends
+        ``<think>\n`` and every turn is rendered without its reasoning). The model continues the open block:
+        its reasoning (empty when it has none), ``</think>``, then the reply as rendered; trained otherwise
+        from the prompt's end, it would learn to answer inside the thinking block and never close it."""
+        if not prompt.rstrip().endswith("<think>"):
+            return start, ""
+        p = prompt.rindex("<think>")
+        head, _ = _align(prompt[:p], rendered)
+        end, _ = self._turn_end(rendered, head)
+        if "<think>" in rendered[head:end] or "</think>" in rendered[head:end]:
+            return start, ""  # the turn renders a thinking block of its own: trained as rendered
+        self._note(NOTE_OPEN_THINK)
+        block = f"<think>\n{m.reasoning or ''}\n</think>\n\n"  # as inline reasoning is written (templates.py)
+        lead = block[len(prompt) - p:] if block.startswith(prompt[p:]) else f"{m.reasoning or ''}\n</think>\n\n"
+        if m.reasoning is not None and not self.template.renders_reasoning and rendered.startswith("\n\n", head):
+            head += 2  # what the template left of the inline block it cut at </think>
+        return head, lead
 
     def _turn_end(self, rendered: str, start: int) -> tuple[int, bool]:
         """(end of the trained span, whether it ends in a special token).
@@ -159,10 +202,36 @@ class TurnRule:
         tail = body[len(text):]
         if not tail.strip():
             return start + len(body.rstrip()), False
-        p = len(text) + len(tail) - len(tail.lstrip())
+        p = run = len(text) + len(tail) - len(tail.lstrip())
         while (tok := self._special_at(body, p)) is not None:
             p += len(tok)
+        doc_end = getattr(self, "_doc_end", None)
+        if doc_end and p - len(doc_end) > run and body.startswith(doc_end, p - len(doc_end)) and not body[p:].strip():
+            p -= len(doc_end)  # Phi-4-mini's EOS after the last turn closes the document, not the turn
         return start + p, True
+
+    def _document_end(self) -> str | None:
+        """The special tokens a template writes after the last turn only, glued to its end-of-turn token
+        (Phi-4-mini ends a conversation ``<|end|><|endoftext|>``, a turn that more follows ``<|end|>``): they
+        close the document, and the model stops at the turn's own end. Probed once on two renders."""
+        self._doc_end = None
+        probe = "\ue002reply\ue002"
+        try:
+            alone = self.template.render([Message("user", "hi"), Message("assistant", probe)])
+            more = self.template.render([Message("user", "hi"), Message("assistant", probe), Message("user", "hi")])
+        except SftlabError:
+            return None
+        at = alone.find(probe) + len(probe)
+        if at < len(probe) or more.find(probe) + len(probe) != at:
+            return None
+        end, has_end = self._turn_end(alone, at)
+        p = at  # the special tokens both renders write after the reply
+        while p < end and (tok := self._special_at(alone, p)) is not None and more.startswith(tok, p):
+            p += len(tok)
+        extra = alone[p:end]
+        if has_end and at < p < end and self._special_at(alone, p) is not None:
+            return extra
+        return None
 
     def _check_turn(self, conv: Conversation, m: Message, trained: str, nth: int, whole: bool) -> None:
         if m.reasoning and m.reasoning.strip() not in trained and not whole:
@@ -173,10 +242,16 @@ class TurnRule:
         if content and content not in trained:
             raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render assistant reply {nth} verbatim",
                               hint="use a template that keeps message content as is, e.g. --template chatml")
-        for call in m.tool_calls or ():
-            if call["function"]["name"] not in trained:
+        names = [call["function"]["name"] for call in m.tool_calls or ()]
+        for name in dict.fromkeys(names):
+            if name not in trained:
                 raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render the tool calls "
                                   f"of assistant turn {nth}", hint="use a template that renders tools, e.g. --template chatml-tools")
+            if trained.count(name) < names.count(name):  # GPT-OSS's renders only a turn's first call
+                raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' renders {trained.count(name)} of "
+                                  f"the {names.count(name)} calls to '{name}' in assistant turn {nth}: the others would be lost",
+                                  hint="give each call its own assistant message, or use a template that renders them all, "
+                                       "e.g. --template chatml-tools")
 
     def _eos_or_fail(self, conv: Conversation) -> str:
         if not self.eos:
