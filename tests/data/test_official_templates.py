@@ -304,19 +304,17 @@ def test_turn_ending_at_the_next_role_token_and_generation_prompt_rule_are_repor
 def test_deepseek_r1_raw_replies_train_under_r1s_own_template(tok, tmp_path):
     """R1's raw reply opens with its reasoning and no <think> (the generation prompt opened it). Read as the
     answer, R1's template (which keeps only what follows </think>) refused it as not rendered verbatim; read
-    as reasoning, it trains the answer under reasoning: drop, and per_turn says the template drops reasoning."""
-    from sftlab.core.errors import SftlabError
-
+    as reasoning, it trains inside the <think> R1's prompt opens (per_turn), or the answer alone (drop)."""
     (conv,) = _load(tmp_path, {"messages": [{"role": "user", "content": "2+2?"},
                                             {"role": "assistant", "content": "add them\n</think>\n\n4"}]})
     TEMPLATES["deepseek-r1"] = (DEEPSEEK_R1, "single")
     try:
-        (ex,), _ = Labeler(tok, tpl("deepseek-r1", tok), reasoning="drop").encode([conv])
-        with pytest.raises(SftlabError, match="drops the reasoning of assistant turn 1"):
-            Labeler(tok, tpl("deepseek-r1", tok)).encode([conv])
+        (dropped,), _ = Labeler(tok, tpl("deepseek-r1", tok), reasoning="drop").encode([conv])
+        (kept,), _ = Labeler(tok, tpl("deepseek-r1", tok)).encode([conv])
     finally:
         del TEMPLATES["deepseek-r1"]
-    assert runs(tok, ex) == ["4<｜end▁of▁sentence｜>"]
+    assert runs(tok, dropped) == ["\n</think>\n\n4<｜end▁of▁sentence｜>"]  # the block R1's prompt opens, closed empty
+    assert runs(tok, kept) == ["add them\n</think>\n\n4<｜end▁of▁sentence｜>"]
 
 
 def _model_with_template(tmp_path, tiny_model_dir, source: str):
