@@ -4,7 +4,8 @@ what the model saw in training? :func:`check_template_consistency` answers for a
 from __future__ import annotations
 
 from sftlab.core.errors import SftlabError
-from sftlab.data.formats import FormatError, split_reasoning
+from sftlab.data.reasoning import split_reasoning
+from sftlab.data.roles import FormatError
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 

@@ -261,7 +261,7 @@ def reasoning_checks(conv: Conversation, findings: list[Finding]) -> tuple[int, 
             if bad or depth:
                 _add(findings, "reasoning_unclosed", conv, f"message {i} (assistant): {bad or 'a <think> is never closed'}")
                 break
-            if m.reasoning_unopened:  # prepare read it so (formats.split_reasoning): said, not refused
+            if m.reasoning_unopened:  # prepare read it so (reasoning.split_reasoning): said, not refused
                 _add(findings, "reasoning_unopened", conv, f"message {i} (assistant): the text before its </think> is "
                      "read as reasoning; no <think> opens it (a DeepSeek-R1 reply, whose prompt opens the block?)")
         elif tags and m.role in ("user", "system"):

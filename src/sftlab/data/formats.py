@@ -8,12 +8,17 @@ format from the fields of the records (the most common); ``--format`` overrides 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from typing import Callable
 
 from sftlab.core.errors import SftlabError
 from sftlab.data.load import SURROGATE_FIX, Record, read_records, unpaired_surrogate
+from sftlab.data.reasoning import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    split_reasoning,
+    unopened_reasoning,
+)
 from sftlab.data.roles import FormatError, validate_roles
 from sftlab.data.types import Conversation, Message
 
@@ -26,8 +31,6 @@ _SHAREGPT_ROLES = {
 }
 _OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                  "tool": "tool", "function": "tool", "ipython": "tool"}
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-_THINK_TAG = re.compile(r"</?think>")
 _REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _TEXT_PARTS = ("text", "input_text", "output_text")  # content part types holding text (chat and responses APIs)
 
@@ -150,41 +153,6 @@ def _tools(row: dict) -> list[dict] | None:
     return out
 
 
-def split_reasoning(content: str, where: str) -> tuple[str, str | None]:
-    """(answer, reasoning) from content that may open with ``<think>...</think>``; reasoning None if absent.
-
-    Reasoning is stripped of the newlines around it and the answer of those before it (as templates render
-    them: ``<think>\n{reasoning}\n</think>\n\n{answer}``). Content whose first think tag is ``</think>`` reads as
-    if ``<think>`` opened it (DeepSeek-R1's raw replies: its prompt opens the block). A later ``</think>`` is an error.
-    """
-    body = content.lstrip()
-    if unopened_reasoning(content):
-        body = _THINK_OPEN + content
-    if body.startswith(_THINK_OPEN):
-        close = body.find(_THINK_CLOSE)
-        if close < 0:
-            raise FormatError(f"{where} opens <think> but never closes it", "reasoning_unclosed",
-                              "add </think> after the reasoning, or move it to a 'reasoning_content' field")
-        reasoning = body[len(_THINK_OPEN):close].strip("\n")
-        if _THINK_OPEN in reasoning:  # the first </think> closes the outer block: the rest would be trained as the answer
-            raise FormatError(f"{where} has a <think> inside its <think> block", "reasoning_unclosed",
-                              "remove the inner <think> (reasoning blocks do not nest)")
-        answer, depth = body[close + len(_THINK_CLOSE):].lstrip("\n"), 0
-        for tag in _THINK_TAG.findall(answer):  # a </think> closing nothing: a literal tag the model learns mid-answer
-            depth += 1 if tag == _THINK_OPEN else -1
-            if depth < 0:
-                raise FormatError(f"{where} has a stray </think> after its reasoning (it closes no <think>)",
-                                  "reasoning_unclosed", "remove the stray </think> (one block of reasoning, then the answer)")
-        return answer, reasoning
-    return content, None
-
-
-def unopened_reasoning(content: str) -> bool:
-    """Is the content's first think tag a ``</think>``? (DeepSeek-R1's raw replies: the prompt opened the block.)"""
-    first = _THINK_TAG.search(content)
-    return first is not None and first.group() == _THINK_CLOSE
-
-
 def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
     where = f"{noun} {i}"
     if role == "assistant":
@@ -203,7 +171,7 @@ def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
                 raise FormatError(f"{where} has reasoning both in '{given[0]}' and inline <think>", "reasoning",
                                   "keep the reasoning in one place: the field or the <think> block")
             reasoning = m[given[0]]
-            if _THINK_OPEN in reasoning or _THINK_CLOSE in reasoning:  # the template wraps it: trained as <think><think>...
+            if THINK_OPEN in reasoning or THINK_CLOSE in reasoning:  # the template wraps it: trained as <think><think>...
                 raise FormatError(f"{where} '{given[0]}' holds <think> tags; the template adds them around the field",
                                   "reasoning_unclosed", f"remove the <think> and </think> tags from '{given[0]}'")
         return Message("assistant", content, tool_calls=calls, reasoning=reasoning, reasoning_unopened=unopened)
