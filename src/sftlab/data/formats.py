@@ -13,12 +13,7 @@ from typing import Callable
 
 from sftlab.core.errors import SftlabError
 from sftlab.data.load import SURROGATE_FIX, Record, read_records, unpaired_surrogate
-from sftlab.data.reasoning import (
-    THINK_CLOSE,
-    THINK_OPEN,
-    split_reasoning,
-    unopened_reasoning,
-)
+from sftlab.data.reasoning import assistant_message
 from sftlab.data.roles import FormatError, validate_roles
 from sftlab.data.types import Conversation, Message
 
@@ -31,7 +26,6 @@ _SHAREGPT_ROLES = {
 }
 _OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                  "tool": "tool", "function": "tool", "ipython": "tool"}
-_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 _TEXT_PARTS = ("text", "input_text", "output_text")  # content part types holding text (chat and responses APIs)
 
 
@@ -161,20 +155,7 @@ def _message(m: dict, i: int, noun: str, role: str, text_key: str) -> Message:
             calls = (_tool_call(m["function_call"], f"{where} function_call"),)
         raw = m.get(text_key)
         content = "" if raw is None and calls else _text(raw, f"{where} {text_key}")
-        # an empty field is no reasoning (exports write "reasoning_content": "" on every message): as reasoning
-        # it would train an empty <think> block, and clash with an inline one
-        given = [k for k in _REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()]
-        unopened = unopened_reasoning(content)
-        content, reasoning = split_reasoning(content, where)
-        if given:
-            if reasoning is not None:
-                raise FormatError(f"{where} has reasoning both in '{given[0]}' and inline <think>", "reasoning",
-                                  "keep the reasoning in one place: the field or the <think> block")
-            reasoning = m[given[0]]
-            if THINK_OPEN in reasoning or THINK_CLOSE in reasoning:  # the template wraps it: trained as <think><think>...
-                raise FormatError(f"{where} '{given[0]}' holds <think> tags; the template adds them around the field",
-                                  "reasoning_unclosed", f"remove the <think> and </think> tags from '{given[0]}'")
-        return Message("assistant", content, tool_calls=calls, reasoning=reasoning, reasoning_unopened=unopened)
+        return assistant_message(content, where, m, calls)
     if "tool_calls" in m and m["tool_calls"]:
         raise FormatError(f"{where} is a {role} message with 'tool_calls'; only assistant messages make calls",
                           "tool_calls", "move the calls to the assistant message")
@@ -283,7 +264,7 @@ def from_alpaca(row: dict, open_end: bool = False) -> Conversation:
     msgs = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         msgs.append(Message("system", row["system"]))
-    msgs += _alpaca_history(row.get("history")) + [Message("user", user), Message("assistant", output)]
+    msgs += _alpaca_history(row.get("history")) + [Message("user", user), assistant_message(output, "'output'")]
     msgs = _open_end(msgs, open_end)
     validate_roles(msgs, open_end)
     return Conversation(msgs, weight=_weight(row))
@@ -297,8 +278,9 @@ def _alpaca_history(history) -> list[Message]:
     if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 for h in history):
         raise FormatError("'history' must be a list of [instruction, response] pairs",
                           fix='write it as [["first question", "first answer"], ...], or leave it out')
-    return [Message(role, _text(t, f"'history[{i}][{j}]'"))
-            for i, pair in enumerate(history) for j, (role, t) in enumerate(zip(("user", "assistant"), pair))]
+    return [m for i, (ask, reply) in enumerate(history)
+            for m in (Message("user", _text(ask, f"'history[{i}][0]'")),
+                      assistant_message(_text(reply, f"'history[{i}][1]'"), f"'history[{i}][1]'"))]
 
 
 def from_prompt_completion(row: dict, open_end: bool = False) -> Conversation:
@@ -311,7 +293,7 @@ def from_prompt_completion(row: dict, open_end: bool = False) -> Conversation:
             raise FormatError("'prompt' and 'completion' must both be strings or both message lists")
         return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools"),
                               "system": row.get("system")}, open_end)
-    msgs = [Message("user", _text(prompt, "'prompt'")), Message("assistant", _text(completion, "'completion'"))]
+    msgs = [Message("user", _text(prompt, "'prompt'")), assistant_message(_text(completion, "'completion'"), "'completion'")]
     msgs = _open_end(_with_system_field(row, msgs), open_end)
     validate_roles(msgs, open_end)
     return Conversation(msgs, weight=_weight(row))
