@@ -1,14 +1,16 @@
 """Reasoning in every input format: one rule (sftlab.data.reasoning) splits a reply's <think> block from its
 answer in messages, sharegpt, alpaca (output and history) and prompt/completion, so `reasoning` applies to
-them all; what the doctor notes, prepare reads."""
+them all; what prepare refuses, the doctor calls an error, and what the doctor notes, prepare reads."""
 
 import json
+import re
 
 import pytest
 
 from sftlab.cli import main
 from sftlab.data.doctor import run_doctor
 from sftlab.data.reasoning import split_reasoning
+from sftlab.data.roles import FormatError
 
 
 def _jsonl(path, rows):
@@ -68,6 +70,33 @@ def test_the_doctor_notes_an_r1_reply_in_every_format_and_prepare_reads_it(tmp_p
         assert res.stats["tools"]["turns_with_reasoning"] == 1, name
 
 
+BAD_ANSWERS = {  # a reply -> what prepare and the doctor both say of it
+    "opened-in-answer": ("<think>r</think>\n\na <think> and more", "opens a <think> in its answer that is never closed"),
+    "opened-without-reasoning": ("a <think> and more", "opens a <think> in its answer that is never closed"),
+    "nested-in-answer": ("<think>r</think>a <think><think>b</think></think>", "has a <think> inside another in its answer"),
+    "stray-close": ("<think>r</think>a</think>", "has a stray </think> after its reasoning"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_ANSWERS))
+def test_think_tags_the_doctor_calls_wrong_in_an_answer_are_refused_by_prepare(tmp_path, tiny_model_dir, capsys, name):
+    """A <think> opened in the answer and never closed was trained as literal text by prepare (the model learns
+    to open a block it never closes) while the doctor called it an error; now both say the same, once."""
+    reply, what = BAD_ANSWERS[name]
+    for fmt, (row, _) in _in_each_format(reply).items():
+        data = _jsonl(tmp_path / f"{fmt}.jsonl", [_msgs(("hi", "hello")), row]) if fmt == "messages" else \
+            _jsonl(tmp_path / f"{fmt}.jsonl", [row])
+        line = 2 if fmt == "messages" else 1
+        code = main(["prepare", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and len(err.splitlines()) == 1, (fmt, err)
+        assert re.search(rf"{fmt}\.jsonl:{line}: .*{re.escape(what)}.*\(", err), (fmt, err)  # file:line, what, (the fix)
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+        res = run_doctor(data)
+        assert [(f.rule, f.severity, f.where) for f in res.findings] == [("reasoning_unclosed", "error", f"{data}:{line}")]
+        assert what in res.findings[0].message and res.findings[0].fixes[0]
+
+
 @pytest.mark.parametrize("content, answer, reasoning", [
     ("no reasoning", "no reasoning", None),
     ("  <think>\nr\n</think>\n\na", "a", "r"),
@@ -77,3 +106,9 @@ def test_the_doctor_notes_an_r1_reply_in_every_format_and_prepare_reads_it(tmp_p
 ])
 def test_split_reasoning_reads_the_first_think_tag(content, answer, reasoning):
     assert split_reasoning(content, "message 2") == (answer, reasoning)
+
+
+def test_an_unclosed_think_in_the_answer_is_a_format_error_naming_the_reply():
+    with pytest.raises(FormatError, match=r"^'output' opens a <think> in its answer that is never closed$") as exc:
+        split_reasoning("<think>r</think>a<think>b", "'output'")
+    assert exc.value.check == "reasoning_unclosed" and "</think>" in exc.value.fix

@@ -13,16 +13,14 @@ them trains replies the model can not reproduce)?
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from sftlab.core.findings import Finding
 from sftlab.data.doctor_checks import CHECKS
+from sftlab.data.reasoning import THINK_OPEN, THINK_TAG, think_tag_problem
 from sftlab.data.roles import answered_call, orphan_reason
 from sftlab.data.types import Conversation, Message
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-_THINK_TAG = re.compile(r"</?think>")
 TOOL_TEMPLATE_FIX = "train with a template that renders tools: --set template=chatml-tools (or the model's own tool template)"
 _FIXES = {
     "tool_arguments": "write the call's arguments as a JSON object, e.g. {\"city\": \"Paris\"}",
@@ -248,18 +246,13 @@ def reasoning_checks(conv: Conversation, findings: list[Finding]) -> tuple[int, 
         return 0, 0
     n_assistant = n_reasoning = 0
     for i, m in enumerate(conv.messages, start=1):
-        tags = _THINK_TAG.findall(m.content)
+        tags = THINK_TAG.findall(m.content)
         if m.role == "assistant":
             n_assistant += 1
             n_reasoning += bool(m.reasoning and m.reasoning.strip()) or THINK_OPEN in tags
-            depth, bad = 0, None
-            for t in tags:
-                depth += 1 if t == THINK_OPEN else -1
-                if depth not in (0, 1):
-                    bad = "a </think> with no <think> before it" if depth < 0 else "a <think> inside another"
-                    break
-            if bad or depth:
-                _add(findings, "reasoning_unclosed", conv, f"message {i} (assistant): {bad or 'a <think> is never closed'}")
+            bad = think_tag_problem(m.content)  # prepare's rule (reasoning.split_reasoning): read data never has one
+            if bad:
+                _add(findings, "reasoning_unclosed", conv, f"message {i} (assistant): {bad}")
                 break
             if m.reasoning_unopened:  # prepare read it so (reasoning.split_reasoning): said, not refused
                 _add(findings, "reasoning_unopened", conv, f"message {i} (assistant): the text before its </think> is "
