@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from tool_data import HERMES, TOOLS, call, tool_conv, weather_conv
 
+from sftlab.data.reasoning import split_reasoning
+from sftlab.data.roles import FormatError
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import (
@@ -318,3 +320,23 @@ def test_think_tags_a_tokenizer_makes_special_survive_decoding(tiny_model_dir, t
     ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
     assert tok.convert_tokens_to_ids("<think>") in ids and "<think>" not in tok.decode(ids, skip_special_tokens=True)
     assert decode_reply(tok, ids) == text and split_reply(decode_reply(tok, ids)) == ("42", "add them")
+
+
+@pytest.mark.parametrize("text, answer, reasoning", [
+    ("a</think>b<think>c</think>d", "b<think>c</think>d", "a"),  # first tag </think>: R1, though a <think> follows
+    ("a</think>b</think>c", "b</think>c", "a"),  # a second </think> stays in the answer (training refuses it)
+    ("x <think>y</think> z", "x <think>y</think> z", None),  # a block mid-reply is not reasoning
+    ("  <think>r</think>\n\na", "a", "r"),
+    ("</think>a", "a", ""),
+    ("<think>a<think>b</think>c", "c", "a<think>b"),  # nested: cut at the first </think>, as training reads it
+])
+def test_split_reply_finds_reasoning_by_training_rule(text, answer, reasoning):
+    """Training reads a reply whose FIRST think tag is </think> as R1-style; split_reply asked for no <think>
+    anywhere, so a reply that thinks again after its first </think> was scored with its reasoning in the answer.
+    Where training accepts the text, both split it the same (the answer as scored: leading space trimmed)."""
+    assert split_reply(text) == (answer, reasoning)
+    try:
+        trained = split_reasoning(text, "reply")
+    except FormatError:
+        return
+    assert (trained[0].lstrip(), trained[1]) == (answer, reasoning)

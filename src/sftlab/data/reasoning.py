@@ -1,9 +1,10 @@
 """Reasoning in an assistant reply: the ``<think>...</think>`` block read apart from the answer.
 
 One rule for every input format (:func:`assistant_message`, which each converter in
-:mod:`sftlab.data.formats` builds its assistant replies with) and the doctor (:func:`think_tag_problem`): a
-reply holds reasoning when it opens with ``<think>`` or when its first think tag is ``</think>``
-(DeepSeek-R1's raw replies: its prompt opens the block); the reasoning runs to the first ``</think>``.
+:mod:`sftlab.data.formats` builds its assistant replies with), the doctor (:func:`think_tag_problem`) and
+evaluation (:func:`locate_reasoning`, under ``eval.generation.split_reply``): a reply holds reasoning when
+it opens with ``<think>`` or when its first think tag is ``</think>`` (DeepSeek-R1's raw replies: its
+prompt opens the block); the reasoning runs to the first ``</think>``.
 """
 
 from __future__ import annotations

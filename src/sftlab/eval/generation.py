@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from sftlab.core.errors import SftlabError
+from sftlab.data.reasoning import THINK_CLOSE, THINK_OPEN, locate_reasoning
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
 
@@ -92,35 +93,27 @@ def reference_reply(conv: Conversation) -> str | None:
     return (last.content + " " if last.content.strip() else "") + json.dumps(calls, ensure_ascii=False)
 
 
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-
-
 def split_reply(text: str) -> tuple[str, str | None]:
     """(answer, reasoning) of a generated reply; reasoning None when the reply has none.
 
-    A reply that opens with ``<think>`` (as a model trained on reasoning writes it) is split at its
-    ``</think>``; one whose prompt opened the block (DeepSeek-R1's generation prompt ends with
-    ``<think>``) has a ``</think>`` and no ``<think>``. A block never closed (cut at max_new_tokens)
-    is all reasoning and no answer. The answer is what task scores and tool calls are judged on:
-    the reference reply holds no reasoning.
+    Training's rule of where reasoning is (:func:`sftlab.data.reasoning.locate_reasoning`): a reply that opens
+    with ``<think>`` (as a model trained on reasoning writes it), or whose first think tag is ``</think>``
+    (DeepSeek-R1's generation prompt ends with ``<think>``), holds reasoning up to its first ``</think>``. Unlike
+    training data, nothing is refused: a block never closed (cut at max_new_tokens) is all reasoning and no
+    answer, and tags after the reasoning stay in the answer. The answer is what task scores and tool calls
+    are judged on: the reference reply holds no reasoning.
     """
-    body = text.lstrip()
-    if body.startswith(_THINK_OPEN):
-        close = body.find(_THINK_CLOSE)
-        if close < 0:
-            return "", body[len(_THINK_OPEN):].strip("\n")
-        return body[close + len(_THINK_CLOSE):].lstrip(), body[len(_THINK_OPEN):close].strip("\n")
-    if _THINK_CLOSE in text and _THINK_OPEN not in text:
-        reasoning, _, answer = text.partition(_THINK_CLOSE)
-        return answer.lstrip(), reasoning.strip("\n")
-    return text, None
+    rest, reasoning, _ = locate_reasoning(text)
+    if reasoning is None:
+        return text, None
+    return rest.lstrip(), reasoning.strip("\n")
 
 
 def decode_reply(tokenizer, ids: list[int]) -> str:
     """A reply's text without special tokens, except ``<think>``/``</think>`` where the tokenizer makes
     them special (some reasoning models do): :func:`split_reply` needs them to tell reasoning from answer."""
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
-    think = {t for t in (tokenizer.convert_tokens_to_ids(x) for x in (_THINK_OPEN, _THINK_CLOSE)) if t in special}
+    think = {t for t in (tokenizer.convert_tokens_to_ids(x) for x in (THINK_OPEN, THINK_CLOSE)) if t in special}
     if not think:
         return tokenizer.decode(ids, skip_special_tokens=True)
     return tokenizer.decode([t for t in ids if t in think or t not in special], skip_special_tokens=False)
