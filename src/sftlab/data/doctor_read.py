@@ -21,6 +21,7 @@ from sftlab.data.formats import (
 )
 from sftlab.data.load import folder_files, is_saved_dataset, read_records
 from sftlab.data.mixture import is_mixture, parse_sources
+from sftlab.data.reasoning import REASONING_KEYS
 from sftlab.data.types import Conversation
 
 
@@ -103,9 +104,8 @@ _RECORD_KEYS = {
     "prompt_completion": ("prompt", "completion", "tools", "system", "weight"),
     "text": ("text", "weight"),
 }
-_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
-_MESSAGE_KEYS = ("role", "content", *_REASONING_KEYS, "tool_calls", "function_call", "tool_call_id", "name")
-_TURN_KEYS = ("from", "value", *_REASONING_KEYS, "tool_calls", "function_call", "tool_call_id", "name")  # sharegpt
+_MESSAGE_KEYS = ("role", "content", *REASONING_KEYS, "tool_calls", "function_call", "tool_call_id", "name")
+_TURN_KEYS = ("from", "value", *REASONING_KEYS, "tool_calls", "function_call", "tool_call_id", "name")  # sharegpt
 
 
 @functools.lru_cache(maxsize=1024)  # the same few extra keys repeat on every record
@@ -150,7 +150,7 @@ def unread_keys(row: dict, fmt: str = "messages") -> tuple[str, str] | None:
                 role = m.get(role_key)  # a sharegpt function_call turn reads only its value
                 assistant = role == "assistant" if role_key == "role" else \
                     _SHAREGPT_ROLES.get(str(role).lower()) == "assistant" and str(role).lower() != "function_call"
-                if key in _REASONING_KEYS and not assistant and m[key]:
+                if key in REASONING_KEYS and not assistant and m[key]:
                     return (f"{noun} {i} ({role}): '{key}' is read on assistant messages only: it is ignored",
                             "move the reasoning to the assistant reply it belongs to, or remove it")
     return None
