@@ -9,6 +9,7 @@ import pytest
 
 from sftlab.cli import main
 from sftlab.data.doctor import run_doctor
+from sftlab.data.formats import from_alpaca
 from sftlab.data.reasoning import split_reasoning
 from sftlab.data.roles import FormatError
 
@@ -68,6 +69,22 @@ def test_the_doctor_notes_an_r1_reply_in_every_format_and_prepare_reads_it(tmp_p
         res = run_doctor(path)
         assert [(f.rule, f.severity) for f in res.findings] == [("reasoning_unopened", "info")], name
         assert res.stats["tools"]["turns_with_reasoning"] == 1, name
+
+
+@pytest.mark.parametrize("key", ["reasoning", "reasoning_content", "thinking"])
+def test_a_record_level_reasoning_field_is_the_replys_reasoning_in_alpaca_and_completion(tmp_path, tiny_model_dir, key):
+    """{"instruction", "output", "reasoning"} (a common column layout) trained without its reasoning, and the
+    doctor called the record clean; now the field is the final reply's reasoning, as in the messages format."""
+    ref = _msgs(("q", ("r", "a")))
+    for name, row in {"alpaca": {"instruction": "q", "output": "a", key: "r"},
+                      "prompt_completion": {"prompt": "q", "completion": "a", key: "r"}}.items():
+        got = _dump(tmp_path, tiny_model_dir, name, row, None)
+        assert got == _dump(tmp_path, tiny_model_dir, name + "-ref", ref, None), name
+        assert got != _dump(tmp_path, tiny_model_dir, name + "-plain", {k: v for k, v in row.items() if k != key}, None)
+        res = run_doctor(_jsonl(tmp_path / f"{name}-doc.jsonl", [row]))
+        assert res.findings == [] and res.stats["tools"]["turns_with_reasoning"] == 1, name
+    with pytest.raises(FormatError, match="both in 'reasoning' and inline"):  # never both
+        from_alpaca({"instruction": "q", "output": "<think>x</think>a", "reasoning": "r"})
 
 
 BAD_ANSWERS = {  # a reply -> what prepare and the doctor both say of it

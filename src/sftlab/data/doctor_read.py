@@ -100,8 +100,8 @@ def _bad_utf8_lines(p: Path) -> list[tuple[int, str]]:
 _RECORD_KEYS = {
     "messages": ("messages", "tools", "functions", "system", "weight"),
     "sharegpt": ("conversations", "conversation", "tools", "functions", "system", "weight"),
-    "alpaca": ("instruction", "input", "output", "system", "history", "weight"),
-    "prompt_completion": ("prompt", "completion", "tools", "system", "weight"),
+    "alpaca": ("instruction", "input", "output", "system", "history", "weight", *REASONING_KEYS),
+    "prompt_completion": ("prompt", "completion", "tools", "system", "weight", *REASONING_KEYS),
     "text": ("text", "weight"),
 }
 _MESSAGE_KEYS = ("role", "content", *REASONING_KEYS, "tool_calls", "function_call", "tool_call_id", "name")

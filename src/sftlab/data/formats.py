@@ -264,7 +264,7 @@ def from_alpaca(row: dict, open_end: bool = False) -> Conversation:
     msgs = []
     if isinstance(row.get("system"), str) and row["system"].strip():
         msgs.append(Message("system", row["system"]))
-    msgs += _alpaca_history(row.get("history")) + [Message("user", user), assistant_message(output, "'output'")]
+    msgs += _alpaca_history(row.get("history")) + [Message("user", user), assistant_message(output, "'output'", row)]  # a record-level reasoning field is the reply's
     msgs = _open_end(msgs, open_end)
     validate_roles(msgs, open_end)
     return Conversation(msgs, weight=_weight(row))
@@ -293,7 +293,7 @@ def from_prompt_completion(row: dict, open_end: bool = False) -> Conversation:
             raise FormatError("'prompt' and 'completion' must both be strings or both message lists")
         return from_messages({"messages": prompt + completion, "weight": row.get("weight"), "tools": row.get("tools"),
                               "system": row.get("system")}, open_end)
-    msgs = [Message("user", _text(prompt, "'prompt'")), assistant_message(_text(completion, "'completion'"), "'completion'")]
+    msgs = [Message("user", _text(prompt, "'prompt'")), assistant_message(_text(completion, "'completion'"), "'completion'", row)]
     msgs = _open_end(_with_system_field(row, msgs), open_end)
     validate_roles(msgs, open_end)
     return Conversation(msgs, weight=_weight(row))
