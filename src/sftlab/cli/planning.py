@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from sftlab.cli.base import _command, _config_flag, _print_json
-from sftlab.config import field_default, load_config
+from sftlab.config import field_default, load_config, parse_set
 from sftlab.core.errors import SftlabError
 
 
@@ -54,7 +54,9 @@ _PLAN_SEQ_LEN = 512  # without a config: a typical row (a config plans its max_s
 def _add_plan(p):
     p.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                    help="a training config: plan the run it describes (model, method, batch, accumulation, "
-                        "max_seq_length, precision, ...); flags override it. Without one, train's defaults")
+                        "max_seq_length, precision, ...); --set and flags override it. Without one, train's defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, as sftlab train --set does (the flags below override these)")
     p.add_argument("--model", help="model name, local HF folder or .gguf (config only, no weights); default: the embedded default")
     p.add_argument("--params", help="plan for a typical model of this size instead, e.g. 7B or 135M")
     _config_flag(p, "method")
@@ -90,11 +92,11 @@ def _add_plan(p):
 def _plan_settings(args) -> tuple[dict, list[str]]:
     """Each planned setting: the flag if given, else the training config's value (``args.config``), else
     what `sftlab train` uses by default; and notes on values a plan cannot take as they are."""
-    cfg = load_config(args.config, {})
+    cfg = load_config(args.config, parse_set(args.set))
     given = {dest: getattr(args, dest) for dest in _PLAN_KEYS if getattr(args, dest) is not None}
     out = {dest: given.get(dest, getattr(cfg, key)) for dest, key in _PLAN_KEYS.items()}
     notes = []
-    if "seq_len" not in given and not args.config:
+    if "seq_len" not in given and not args.config and "max_seq_length" not in parse_set(args.set):
         out["seq_len"] = _PLAN_SEQ_LEN
     if out["batch"] == "auto":
         out["batch"] = field_default("batch_size")
@@ -141,6 +143,10 @@ def _cmd_plan(args) -> int:
     from sftlab.plan.render import (
         gb,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
+    from sftlab.plan.shapes import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
+        lora_rank_past_width,
+        past_context,
+    )
 
     s, notes = _plan_settings(args)
     shape = shape_from_params(args.params) if args.params else load_shape(s["model"])
@@ -154,11 +160,12 @@ def _cmd_plan(args) -> int:
                        lora_dropout=float(s["lora_dropout"]), trained_fraction=args.trained_fraction,
                        prefix_tokens=int(s["prefix_tokens"]), ewc=s["ewc"],
                        attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
-    if setup.method in ("lora", "qlora"):  # a rank past a layer's width adds parameters, not capacity
-        narrow, name = min((min(shape.linear_shapes()[t]), t) for t in setup.lora_targets)
-        if setup.lora_r > narrow:
-            notes.append(f"lora_r {setup.lora_r} is above {name}'s width of {narrow}: a LoRA update's rank cannot "
-                         f"exceed it, so the extra rank only costs memory; --lora-r {min(narrow, 64)} or less")
+    if setup.method in ("lora", "qlora") and (wide := lora_rank_past_width(shape, setup.lora_r, setup.lora_targets)):
+        notes.append(f"{wide[0]}; --lora-r {wide[1]} or less")  # a rank past a layer's width adds parameters, not capacity
+    if over := past_context(shape.context, setup.seq_len, setup.method, setup.prefix_tokens):
+        notes.append(f"note: {over[0]} is beyond the model's context of {shape.context} (positions it never trained "
+                     f"on); plan with --seq-len at most {over[1]}" if over[1] else
+                     f"note: {over[0]} is beyond the model's context of {shape.context}: prefix_tokens alone fill it")
     merge = s["merge_micro_batches"]
     if merge not in ("auto", "true", "false"):
         raise SftlabError(f"--merge-micro-batches {merge}: not auto, true or false")
@@ -178,7 +185,7 @@ def _cmd_plan(args) -> int:
                      "merged_total_bytes": merged, "liger_total_bytes": liger, "config": args.config, "notes": notes})
     else:
         if args.config:
-            print(f"planning the run of {args.config} (flags override it)")
+            print(f"planning the run of {args.config} ({'--set and ' if args.set else ''}flags override it)")
         if probe is not None:
             print(describe_precision(precision, probe.to_dict()))
         print(render_plan(plan))

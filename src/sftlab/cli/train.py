@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 
 from sftlab.cli.base import (
@@ -80,6 +81,22 @@ def _check_and_find_lr(cfg, steps: int) -> int:
     return 0
 
 
+def _name_plan_command(summary: dict, args) -> None:
+    """Put this command's config and overrides (as plan's --set) in place of CONFIG in the `sftlab plan`
+    command that the check's memory line and memory fixes point to, so that it runs as printed."""
+    from sftlab.train.checks import (
+        PLAN_CONFIG,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+
+    given = [f"{k}={v}" for k in args.config_keys if (v := getattr(args, k, None)) is not None]
+    words = ([args.config] if args.config else []) + [w for item in given + list(args.set) for w in ("--set", item)]
+    named = " ".join(["sftlab plan", *map(shlex.quote, words)])
+    if summary.get("memory"):
+        summary["memory"] = summary["memory"].replace(PLAN_CONFIG, named)
+    for f in summary.get("findings", []):
+        f["fixes"] = [fix.replace(PLAN_CONFIG, named) for fix in f.get("fixes", [])]
+
+
 def _cmd_train(args) -> int:
     from sftlab.config import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
         config_help,
@@ -134,6 +151,8 @@ def _cmd_train(args) -> int:
         _close_process_group(wait=False)  # no barrier: the other processes may never reach it
         raise
     _close_process_group(wait=True)
+    if args.check:
+        _name_plan_command(summary, args)
     if args.json and args.check:
         _print_json(summary)
         return 2 if any(f["severity"] == "error" for f in summary["findings"]) else 0

@@ -22,7 +22,7 @@ from sftlab.plan.memory import (
     max_batch,
     max_seq_len,
 )
-from sftlab.plan.shapes import ModelShape
+from sftlab.plan.shapes import ModelShape, longest_row
 
 # Usable memory of common training GPUs, in GB as sold (1e9 bytes): RTX 3090/4090/A10 (24),
 # A100-40GB (40), A6000/L40S (48), A100/H100-80GB (80), H200 (141).
@@ -143,11 +143,13 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
                                int(full_budget), estimate_memory(shape, final).total_bytes, notes)
     notes = []
     last = _cheaper_methods(setup.method, setup.device)[-1]
+    within = longest_row(shape.context, last, setup.prefix_tokens)  # not past the context
     longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
-                          budget_bytes, limit=min(setup.seq_len, shape.context or setup.seq_len))  # not past the context
+                          budget_bytes, limit=min(setup.seq_len, within))
     notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
-                 + (" (the model's context)" if longest and longest == shape.context else "")
+                 + (f" (the model's context{' after the prefix' if within < shape.context else ''})"
+                    if longest and longest == within else "")
                  + ("; use a machine with more memory, a smaller model or shorter rows" if setup.device == "cpu" else
                     "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state"))
     return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
@@ -195,6 +197,6 @@ def make_plan(shape: ModelShape, setup: TrainSetup, budget_gb: float | None = No
                    "max_batch": max_batch(shape, replace(setup, grad_accum=1), budget),
                    # no longer than the model's context: beyond it the positions were never trained
                    "max_seq_len": max_seq_len(shape, replace(setup, grad_accum=1), budget,
-                                              limit=shape.context or 1 << 20)}
+                                              limit=longest_row(shape.context, setup.method, setup.prefix_tokens))}
     return Plan(model=shape.to_dict(), estimate=est, fits=fits(shape, setup, m),
                 recommended=recommend_config(shape, setup, budget), budget=budget_info)

@@ -355,7 +355,7 @@ def static_bytes_per_param(shape: ModelShape, setup: TrainSetup) -> float:
 
 def _largest(fits, limit: int) -> int:
     """Largest n in [1, limit] with fits(n) true, for a monotone fits; 0 when fits(1) is false."""
-    if not fits(1):
+    if limit < 1 or not fits(1):
         return 0
     lo, hi = 1, 2
     while hi <= limit and fits(hi):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sftlab.plan.fit import Plan
 from sftlab.plan.recommend import Recommendation
+from sftlab.plan.shapes import longest_row
 
 _PART_NAMES = {
     "weights": "weights",
@@ -82,13 +83,11 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  {mark}  {name}: needs {gb(f['needed_bytes'])} of {gb(f['capacity_bytes'])}{extra}")
     b = plan.budget
     lines.append("")
-    capped = m.get("context") and b["max_seq_len"] == m["context"]
+    within = longest_row(m.get("context") or 0, s["method"], s["prefix_tokens"])
+    capped = m.get("context") and b["max_seq_len"] == within
     lines.append(f"budget {gb(b['bytes'])} ({b['source']}): largest batch at {s['seq_len']} tokens: {b['max_batch'] or 'none'}; "
                  f"longest sequence at batch {s['batch']}: {b['max_seq_len'] or 'none'}"
-                 + (" (the model's context)" if capped else ""))
-    if m.get("context") and s["seq_len"] > m["context"]:
-        lines.append(f"note: {s['seq_len']} tokens is beyond the model's context of {m['context']} (positions it never "
-                     "trained on); plan with --seq-len at most that")
+                 + ((" (the model's context" + (" after the prefix)" if within < m["context"] else ")")) if capped else ""))
     r = plan.recommended
     if r.fits:
         lines.append(f"recommended: {r.method}, batch {r.batch} x accumulation {r.grad_accum}, checkpointing "

@@ -145,6 +145,37 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     return ModelShape(name, layers, hidden, heads, kv, inter, vocab, tied, head_dim, context)
 
 
+def longest_row(context: int, method: str, prefix_tokens: int) -> int:
+    """The most tokens a row can have within the model's ``context`` (0: unknown, no limit: 1 << 20): prefix
+    tuning's virtual tokens take the first positions (the row's tokens come after them); 0 when none fit."""
+    if not context:
+        return 1 << 20
+    return max(0, context - (int(prefix_tokens) if method == "prefix" else 0))
+
+
+def past_context(context: int, seq_len: int, method: str, prefix_tokens: int) -> tuple[str, int] | None:
+    """Where rows of ``seq_len`` tokens (after prefix tuning's virtual tokens) run past the model's context
+    (max_position_embeddings), positions it never trained on: (what the rows take, in words; the longest row
+    that fits, :func:`longest_row`), else None. The one rule of `sftlab plan`'s note and `train --check`'s."""
+    longest = longest_row(context, method, prefix_tokens)
+    if not context or seq_len <= longest:
+        return None
+    prefix = f" after {prefix_tokens} virtual tokens (prefix_tokens)" if method == "prefix" else ""
+    return f"{seq_len} tokens{prefix}", longest
+
+
+def lora_rank_past_width(shape: ModelShape, lora_r: int, targets) -> tuple[str, int] | None:
+    """Where ``lora_r`` is above the width (the smaller of in and out features) of the narrowest layer of
+    ``targets`` it adapts: (why, a rank to use instead), else None. The one rule of `sftlab plan`'s note and
+    `train --check`'s warning."""
+    widths = [(min(shape.linear_shapes()[t]), t) for t in targets if t in shape.linear_shapes()]
+    if not widths or lora_r <= min(widths)[0]:
+        return None
+    narrow, name = min(widths)
+    return (f"lora_r {lora_r} is above {name}'s width of {narrow}: a LoRA update's rank cannot exceed it, so the "
+            "extra rank only costs memory", min(narrow, 64))
+
+
 def load_shape(model: str) -> ModelShape:
     """Shape of ``model``: a local HF folder, a .gguf file, the embedded default, a name from the table
     of typical shapes (``llama-2-7b``, ...), or a hub id already cached. Reads the config, never weights.

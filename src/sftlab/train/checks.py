@@ -28,6 +28,8 @@ from sftlab.plan.auto import (
     lr_for_size,
 )
 from sftlab.plan.render import gb
+from sftlab.plan.setup import ALL_LINEAR
+from sftlab.plan.shapes import lora_rank_past_width, past_context, shape_from_config
 from sftlab.train.distributed import is_global_main
 
 
@@ -59,7 +61,18 @@ def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
     return (f"memory: about {gb(need)} at the peak of a step (micro-batch {batch} x {seq_len} tokens"
             f"{f' x accumulation {accum}' if accum > 1 else ''}, {cfg.precision}, checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}) of {gb(mem_gb * 2**30)} {where} "
-            f"(`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
+            f"(`{plan_command(cfg, device, seq_len)}` breaks it down)")
+
+
+PLAN_CONFIG = "sftlab plan CONFIG"  # `train --check` puts the user's config and overrides in place of CONFIG
+
+
+def plan_command(cfg: Config, device: str, seq_len: int) -> str:
+    """The `sftlab plan` command that estimates the step of ``cfg`` (resolved) as :func:`step_bytes` does:
+    the step's micro-batch, accumulation, precision and checkpointing as flags, which win over the config."""
+    batch, accum = step_shape(cfg)
+    return (f"{PLAN_CONFIG} --device {device} --seq-len {seq_len} --batch {batch} --grad-accum {accum} "
+            f"--precision {cfg.precision} --{'' if cfg.gradient_checkpointing else 'no-'}gradient-checkpointing")
 
 
 def _fits_with(cfg: Config, model_cfg, seq_len: int, device: str, budget: float, **changes) -> bool:
@@ -87,7 +100,7 @@ def memory_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
     if not fixes:
         cheaper = {"full": " or --set method=lora (or qlora)", "lora": " or --set method=qlora"}.get(cfg.method, "")
         fixes.append(f"lower max_seq_length (now {cfg.max_seq_length}){cheaper}")
-    fixes.append(f"`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down and recommends what fits")
+    fixes.append(f"`{plan_command(cfg, device, seq_len)}` breaks it down and recommends what fits")
     sharded = cfg.fsdp or cfg.deepspeed  # the estimate is of one process holding everything: not a verdict
     return [Finding("memory", "warning" if sharded else "error", f"micro-batch {batch} x {seq_len} tokens needs about "
                     f"{gb(need)} at the peak of a step, {gb(budget)} {'GPU memory' if device == 'cuda' else 'free RAM'} "
@@ -109,15 +122,24 @@ def attention_findings(cfg: Config, device: str) -> list[Finding]:
 
 
 def context_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
-    """A warning where rows are longer than the model's context (max_position_embeddings): positions past
-    it were never trained (and a model with learned positions has none to look up)."""
-    context = int(getattr(model_cfg, "max_position_embeddings", 0) or getattr(model_cfg, "n_positions", 0) or 0)
-    if not context or seq_len <= context:
+    """A warning where rows (after prefix tuning's virtual tokens) are longer than the model's context
+    (max_position_embeddings): positions past it were never trained (a model with learned positions has none)."""
+    context = shape_from_config(model_cfg, cfg.model).context
+    if (over := past_context(context, seq_len, cfg.method, int(cfg.prefix_tokens))) is None:
         return []
-    return [_finding("max_seq_length", "warning", f"rows of up to {seq_len} tokens"
-                     f"{' (packed)' if cfg.packing else ''} are longer than the model's context of {context} "
-                     "(max_position_embeddings): it never trained on the positions past it",
-                     f"--set max_seq_length={context}")]
+    fix = (f"--set max_seq_length={over[1]}" if over[1] else f"--set prefix_tokens={context // 2}")
+    return [_finding("max_seq_length", "warning", f"rows of up to {over[0]}{' (packed)' if cfg.packing else ''} are "
+                     f"longer than the model's context of {context} (max_position_embeddings): it never trained on "
+                     "the positions past it", fix)]
+
+
+def lora_rank_findings(cfg: Config, model_cfg) -> list[Finding]:
+    """A warning where lora_r is above the width of a layer LoRA adapts (as `sftlab plan` notes it)."""
+    if cfg.method not in ("lora", "qlora"):
+        return []
+    targets = ALL_LINEAR if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.replace(" ", "").split(",")
+    wide = lora_rank_past_width(shape_from_config(model_cfg, cfg.model), int(cfg.lora_r), targets)
+    return [_finding("lora_r", "warning", wide[0], f"--set lora_r={wide[1]}")] if wide else []
 
 
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
@@ -154,7 +176,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                            f"({steps_per_epoch} optimizer steps per epoch)", fix))
     out += warmup_findings(cfg, total_steps) + max_steps_findings(cfg, steps_per_epoch)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
-    out += method_findings(cfg, model_cfg)
+    out += method_findings(cfg, model_cfg) + lora_rank_findings(cfg, model_cfg)
     if cfg.weight_decay > 0.1:
         out.append(_finding("weight_decay", "warning", f"weight decay {cfg.weight_decay:g} is high for fine-tuning", "--set weight_decay=0.01"))
     if eval_keys:

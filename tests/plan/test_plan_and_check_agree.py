@@ -1,0 +1,125 @@
+"""`sftlab plan` and `sftlab train --check` on the same run: the plan command the check points to runs as
+printed (the user's config and --set overrides included), and both give the same notes on a LoRA rank past
+a layer's width and on rows (after prefix tuning's virtual tokens) past the model's context."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+
+import pytest
+from conftest import chat_data, train_config
+
+from sftlab.cli import main
+from sftlab.models import model_config
+from sftlab.plan.render import gb
+from sftlab.plan.shapes import load_shape
+from sftlab.train import checks
+
+
+def _check(capsys, argv: list[str]) -> str:
+    assert main(["train", *argv, "--check"]) == 0
+    return capsys.readouterr().out
+
+
+def _plan_json(capsys, command: str) -> dict:
+    words = shlex.split(command)
+    assert words[:2] == ["sftlab", "plan"], command
+    assert main([*words[1:], "--json"]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_plan_command_of_the_check_runs_with_the_users_overrides(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The memory line said `sftlab plan CONFIG --device cpu --seq-len N`: plan had no --set (so a run given
+    as flags and --set could not be planned), CONFIG was not the user's, and plan then estimated its own
+    defaults (another batch, accumulation, precision), not the step the line gave."""
+    monkeypatch.chdir(tmp_path)
+    data = chat_data(tmp_path / "train.jsonl", 40)
+    (tmp_path / "run.yaml").write_text(f"model: {tiny_model_dir}\nmethod: lora\n")
+    argv = ["run.yaml", "--data", data, "--output-dir", str(tmp_path / "run"), "--set", "lora_r=8",
+            "--set", "precision=fp32", "--set", "batch_size=2", "--set", "merge_micro_batches=false"]
+    line = next(x for x in _check(capsys, argv).splitlines() if x.startswith("memory: "))
+    command = re.search(r"`(sftlab plan [^`]*)`", line).group(1)
+    assert command.startswith(f"sftlab plan run.yaml --set data={data} ") and "--set lora_r=8" in command
+    d = _plan_json(capsys, command)
+    s = d["setup"]
+    assert (s["method"], s["lora_r"], s["batch"], s["grad_accum"], s["precision"]) == ("lora", 8, 2, 4, "fp32")
+    assert f"about {gb(d['total_bytes'])} at the peak" in line and d["config"] == "run.yaml"
+    # a memory error's fix names the same command
+    monkeypatch.setattr(checks, "device_memory_gb", lambda: ("cpu", 1e-4))
+    assert main(["train", *argv, "--check", "--json"]) == 2
+    [mem] = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["rule"] == "memory"]
+    assert re.search(r"`(sftlab plan [^`]*)`", mem["fixes"][-1]).group(1) == command
+
+
+def test_plan_takes_set_overrides_and_its_flags_win(capsys):
+    assert main(["plan", "--set", "method=full", "--set", "max_seq_length=300", "--set", "batch_size=3",
+                 "--device", "cpu", "--precision", "fp32", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["setup"]
+    assert (s["method"], s["seq_len"], s["batch"]) == ("full", 300, 3)
+    assert main(["plan", "--set", "batch_size=3", "--batch", "5", "--device", "cpu", "--precision", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["setup"]["batch"] == 5
+    for bad, said in (("batch_size", "must look like key=value"), ("lr=1", "unknown config key 'lr'")):
+        assert main(["plan", "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_warns_of_a_lora_rank_past_a_layers_width_as_plan_does(tiny_model_dir, tmp_path, capsys):
+    """plan noted a LoRA rank above a layer's width (k_proj of the tiny model: 64 -> 32); train --check said
+    nothing of it."""
+    mcfg = model_config(str(tiny_model_dir))
+    cfg = train_config(tmp_path, tiny_model_dir, method="lora", lora_r=100)
+    [f] = checks.lora_rank_findings(cfg, mcfg)
+    assert f.severity == "warning" and f.message.startswith("lora_r 100 is above k_proj's width of 32")
+    assert f.fixes == ["--set lora_r=32"]
+    assert checks.lora_rank_findings(dataclasses.replace(cfg, lora_r=32), mcfg) == []
+    assert checks.lora_rank_findings(dataclasses.replace(cfg, lora_r=48, lora_target_modules="gate_proj, up_proj"), mcfg) == []
+    assert checks.lora_rank_findings(dataclasses.replace(cfg, lora_r=48, lora_target_modules="gate_proj,k_proj"), mcfg)
+    assert checks.lora_rank_findings(dataclasses.replace(cfg, method="full"), mcfg) == []
+    assert "lora_r" in {x.rule for x in checks.checklist(cfg, n_params=1, n_examples=16, seq_len=32, model_cfg=mcfg,
+                                                         train_keys=set(), eval_keys=set(), report=None)}
+    assert main(["plan", "--model", str(tiny_model_dir), "--method", "lora", "--lora-r", "100", "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert [n for n in notes if n.startswith(f.message)] == [f"{f.message}; --lora-r 32 or less"]
+
+
+@pytest.fixture
+def short_context_model(tiny_model_dir, tmp_path):
+    """The tiny model with a context (max_position_embeddings) of 64."""
+    out = tmp_path / "ctx64"
+    shutil.copytree(tiny_model_dir, out)
+    conf = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 64}))
+    return out
+
+
+def test_prefix_tokens_count_towards_the_models_context(short_context_model, tmp_path, capsys):
+    """Prefix tuning's virtual tokens take the first positions (peft passes them as past keys and values:
+    the row's tokens start at position prefix_tokens): rows of 50 tokens after 20 virtual tokens run past a
+    context of 64, which neither plan nor train --check said."""
+    mcfg = model_config(str(short_context_model))
+    cfg = train_config(tmp_path, short_context_model, method="prefix", prefix_tokens=20)
+    [f] = checks.context_findings(cfg, mcfg, 50)
+    assert "rows of up to 50 tokens after 20 virtual tokens (prefix_tokens) are longer than the model's context of 64" \
+        in f.message and f.fixes == ["--set max_seq_length=44"]
+    assert checks.context_findings(cfg, mcfg, 44) == []
+    assert checks.context_findings(dataclasses.replace(cfg, method="lora"), mcfg, 50) == []
+    [f] = checks.context_findings(dataclasses.replace(cfg, prefix_tokens=64), mcfg, 10)
+    assert f.fixes == ["--set prefix_tokens=32"]
+    base = ["plan", "--model", str(short_context_model), "--method", "prefix", "--device", "cpu", "--precision", "fp32"]
+    assert main([*base, "--seq-len", "50", "--set", "prefix_tokens=20", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert any(n.startswith("note: 50 tokens after 20 virtual tokens (prefix_tokens) is beyond the model's context "
+                            "of 64") and n.endswith("--seq-len at most 44") for n in d["notes"]), d["notes"]
+    assert d["budget"]["max_seq_len"] == 44  # the longest row offered leaves room for the prefix
+    assert main([*base, "--seq-len", "44", "--set", "prefix_tokens=20"]) == 0
+    out = capsys.readouterr().out
+    assert "beyond the model's context" not in out and "44 (the model's context after the prefix)" in out
+    # the same rows without the prefix fit
+    assert main([*base[:4], "lora", *base[5:], "--seq-len", "50", "--json"]) == 0
+    assert not any("context" in n for n in json.loads(capsys.readouterr().out)["notes"])
+    assert load_shape(str(short_context_model)).context == 64
