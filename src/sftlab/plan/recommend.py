@@ -142,6 +142,9 @@ def load_use_case(path: str | Path | None = None, overrides: dict | None = None)
             raw = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except FileNotFoundError:
             raise SftlabError(f"use-case file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not UTF-8 text
+            why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+            raise SftlabError(f"use-case file {p} cannot be read: {why}", hint="give a YAML file of use-case keys") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
