@@ -147,6 +147,8 @@ CASES = [
     ("recommend-unknown-level", lambda e: ["recommend", "--examples", "10", "--compute", "huge"], 2, "compute", []),
     ("plan-model-and-params", lambda e: ["plan", "--model", e["model"], "--params", "7B"], 2, "not both", []),
     ("plan-bad-params", lambda e: ["plan", "--params", "lots"], 2, "lots", []),
+    # planned as a 32M model (one layer of the smallest typical shape), named "~1M"
+    ("plan-params-below-the-smallest-shape", lambda e: ["plan", "--params", "1M"], 2, "the smallest typical shape", []),
     # run folders that are not run folders
     ("diagnose-missing-run", lambda e: ["diagnose", "nothere"], 2, "nothere", []),
     ("report-missing-run", lambda e: ["report", "nothere"], 2, "nothere", []),

@@ -123,3 +123,24 @@ def test_prefix_tokens_count_towards_the_models_context(short_context_model, tmp
     assert main([*base[:4], "lora", *base[5:], "--seq-len", "50", "--json"]) == 0
     assert not any("context" in n for n in json.loads(capsys.readouterr().out)["notes"])
     assert load_shape(str(short_context_model)).context == 64
+
+
+def test_a_tiny_model_is_not_called_0m_and_a_small_budget_not_0_gb(tiny_model_dir, tmp_path, capsys):
+    """A model under 500K parameters was "0M parameters" (plan, auto's line) and "a 5.7e-05B model" (the
+    learning-rate check); a budget under 0.5 GB was "nothing fits 0 GB"."""
+    from sftlab.plan.auto import describe_auto
+    from sftlab.plan.shapes import human_count
+
+    params = load_shape(str(tiny_model_dir)).params
+    assert params < 5e5 and human_count(params) == f"{params / 1e3:.3g}K"
+    assert main(["plan", "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32",
+                 "--budget-gb", "0.0001"]) == 0
+    out = capsys.readouterr().out
+    assert f"{human_count(params)} parameters, 2 layers" in out and "0M" not in out
+    assert "nothing fits 0.0001 GB at 512 tokens" in out
+    cfg = train_config(tmp_path, tiny_model_dir, learning_rate=1.0)
+    auto = dataclasses.replace(cfg, learning_rate="auto")
+    assert f"table for {human_count(params)} parameters" in describe_auto(auto, cfg, n_params=params, n_examples=16)
+    [f] = [x for x in checks.checklist(cfg, n_params=params, n_examples=16, seq_len=32, model_cfg=model_config(
+        str(tiny_model_dir)), train_keys=set(), eval_keys=set(), report=None) if x.rule == "learning_rate"]
+    assert f"for a {human_count(params)}-parameter model (full)" in f.message

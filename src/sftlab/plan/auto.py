@@ -23,7 +23,7 @@ from sftlab.config import Config
 from sftlab.core.hardware import PrecisionProbe, device_memory_gb, probe_precision
 from sftlab.models import DEFAULT_MODEL
 from sftlab.plan.memory import TrainSetup, estimate_memory
-from sftlab.plan.shapes import shape_from_config
+from sftlab.plan.shapes import human_count, shape_from_config
 
 
 def lr_for_size(n_params: float, method: str) -> float:
@@ -186,7 +186,7 @@ def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples:
     nothing was `auto`."""
     why = {
         "epochs": f"{n_examples} examples",
-        "learning_rate": f"the {cfg.method} table for {n_params / 1e6:,.0f}M parameters at a global batch of "
+        "learning_rate": f"the {cfg.method} table for {human_count(n_params)} parameters at a global batch of "
                          f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}",
         "precision": f"bf16 {probe['bf16_speedup']:.2f}x fp32 on this CPU" if probe else "",
         "batch_size": batch or "",

@@ -133,7 +133,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
             final = replace(base, batch=micro, grad_accum=accum)
             notes = []
             if method != setup.method:
-                notes.append(f"{setup.method} does not fit {full_budget / GB:.0f} GB at {setup.seq_len} tokens; {method} does")
+                notes.append(f"{setup.method} does not fit {full_budget / GB:.3g} GB at {setup.seq_len} tokens; {method} does")
             if ckpt and not setup.gradient_checkpointing:
                 notes.append("gradient checkpointing on: activations are recomputed in backward (about 30% slower)")
             if accum > 1:
@@ -146,7 +146,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     within = longest_row(shape.context, last, setup.prefix_tokens)  # not past the context
     longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
                           budget_bytes, limit=min(setup.seq_len, within))
-    notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
+    notes.append(f"nothing fits {full_budget / GB:.3g} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
                  + (f" (the model's context{' after the prefix' if within < shape.context else ''})"
                     if longest and longest == within else "")

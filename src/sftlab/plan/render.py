@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sftlab.plan.fit import Plan
 from sftlab.plan.recommend import Recommendation
-from sftlab.plan.shapes import longest_row
+from sftlab.plan.shapes import human_count, longest_row
 
 _PART_NAMES = {
     "weights": "weights",
@@ -49,7 +49,7 @@ def render_recommendation(rec: Recommendation) -> str:
 def render_plan(plan: Plan) -> str:
     e, s, m = plan.estimate, plan.estimate.setup, plan.model
     lines = [
-        f"model: {m['name']}: {m['params'] / 1e6:,.0f}M parameters, {m['n_layers']} layers, hidden {m['hidden']}, "
+        f"model: {m['name']}: {human_count(m['params'])} parameters, {m['n_layers']} layers, hidden {m['hidden']}, "
         f"{m['n_heads']} heads ({m['n_kv_heads']} key-value), intermediate {m['intermediate']}, vocabulary {m['vocab']}"
         f"{', tied embeddings' if m['tied_embeddings'] else ''}",
         f"setup: {s['method']}, batch {s['batch']} x {s['seq_len']} tokens"

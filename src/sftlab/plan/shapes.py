@@ -116,11 +116,17 @@ def shape_from_params(n_params: int | str) -> ModelShape:
     n = parse_param_count(n_params)
     ref = min(_KNOWN.values(), key=lambda s: abs(math.log(s.params / n)))
     if abs(math.log(ref.params / n)) < math.log(1.15):  # "7B" means Llama-2-7B's 6.7B, not a 33-layer variant
-        return replace(ref, name=f"~{_human_count(n)} (typical shape: {ref.name})")
+        return replace(ref, name=f"~{human_count(n)} (typical shape: {ref.name})")
     per_layer = ref.layer_linear_params + 2 * ref.hidden
     layers = max(1, round((n - ref.embedding_params - ref.hidden) / per_layer))
-    label = f"~{_human_count(n)} (typical shape: {ref.name}" + ("" if layers == ref.n_layers else f", {layers} layers") + ")"
-    return replace(ref, name=label, n_layers=layers)
+    label = f"~{human_count(n)} (typical shape: {ref.name}" + ("" if layers == ref.n_layers else f", {layers} layers") + ")"
+    shape = replace(ref, name=label, n_layers=layers)
+    if abs(math.log(shape.params / n)) >= math.log(1.15):  # under ~40M: one layer's embedding alone is more
+        raise SftlabError(f"--params {n_params}: the smallest typical shape ({ref.name}, {layers} layer"
+                          f"{'' if layers == 1 else 's'}) has {human_count(shape.params)} parameters, its embedding "
+                          f"alone {human_count(ref.embedding_params)}",
+                          hint="plan a model this small by its config: --model FOLDER (a config.json is enough)")
+    return shape
 
 
 def shape_from_config(config, name: str = "model") -> ModelShape:
@@ -193,7 +199,7 @@ def load_shape(model: str) -> ModelShape:
         raise
 
 
-def _human_count(n: float) -> str:
+def human_count(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.3g}{unit}"

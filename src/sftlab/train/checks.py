@@ -29,7 +29,12 @@ from sftlab.plan.auto import (
 )
 from sftlab.plan.render import gb
 from sftlab.plan.setup import ALL_LINEAR
-from sftlab.plan.shapes import lora_rank_past_width, past_context, shape_from_config
+from sftlab.plan.shapes import (
+    human_count,
+    lora_rank_past_width,
+    past_context,
+    shape_from_config,
+)
 from sftlab.train.distributed import is_global_main
 
 
@@ -153,7 +158,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
     lo, hi = ref / 10, ref * 10  # the table is per method: an order of magnitude either way is unusual
     if not lo <= lr <= hi:
         out.append(Finding("learning_rate", "warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} "
-                           f"for a {n_params / 1e9:.2g}B model ({cfg.method})",
+                           f"for a {human_count(n_params)}-parameter model ({cfg.method})",
                            fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
     out += attention_findings(cfg, device_memory_gb()[0])
     out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, seq_len)
