@@ -144,3 +144,58 @@ def test_a_tiny_model_is_not_called_0m_and_a_small_budget_not_0_gb(tiny_model_di
     [f] = [x for x in checks.checklist(cfg, n_params=params, n_examples=16, seq_len=32, model_cfg=model_config(
         str(tiny_model_dir)), train_keys=set(), eval_keys=set(), report=None) if x.rule == "learning_rate"]
     assert f"for a {human_count(params)}-parameter model (full)" in f.message
+
+
+def test_liger_or_flash_where_they_cannot_run_is_a_check_error_and_the_plan_command_still_runs(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """liger_kernels/fused_loss true on a CPU: `train --check` said "configuration looks sound", then loading
+    the model failed; and the plan command of its memory line (plan refuses liger on a CPU, and flash attention
+    there) exited 2 instead of breaking the step down."""
+    from sftlab.train import checks_model
+
+    cfg = train_config(tmp_path, tiny_model_dir, liger_kernels=True, fused_loss=True)
+    [f] = checks.kernel_findings(cfg, "cpu")
+    assert f.severity == "error" and f.rule == "liger_kernels" and "need a CUDA GPU (here: cpu)" in f.message
+    assert f.fixes == ["--set liger_kernels=auto --set fused_loss=auto"]
+    assert checks.kernel_findings(dataclasses.replace(cfg, liger_kernels="auto", fused_loss="auto"), "cpu") == []
+    monkeypatch.setattr(checks_model, "liger_available", lambda: False)
+    [f] = checks.kernel_findings(dataclasses.replace(cfg, liger_kernels=False), "cuda")
+    assert f.rule == "fused_loss" and "need liger-kernel" in f.message
+    monkeypatch.setattr(checks_model, "liger_available", lambda: True)
+    assert checks.kernel_findings(cfg, "cuda") == []
+    mcfg = model_config(str(tiny_model_dir))
+    flash = dataclasses.replace(cfg, attn_implementation="flash_attention_2")
+    overrides = "--set liger_kernels=true --set fused_loss=true --set attn_implementation=flash_attention_2"
+    command = checks.plan_command(flash, "cpu", 48).replace(
+        checks.PLAN_CONFIG, f"sftlab plan --set model={tiny_model_dir} --set method=full {overrides}")
+    assert _plan_json(capsys, command)["total_bytes"] == checks.step_bytes(flash, mcfg, 48, "cpu")
+
+
+def test_plan_and_the_check_estimate_only_the_lora_target_modules_of_the_config(tiny_model_dir, tmp_path, capsys):
+    """lora_target_modules was left out of every estimate (plan, the memory line, batch_size auto): a config
+    adapting q_proj alone was estimated as adapting all seven linears, and plan's rank note named k_proj, which
+    it does not adapt."""
+    from sftlab.plan.auto import estimated_bytes
+    from sftlab.plan.setup import ALL_LINEAR, lora_targets
+
+    assert lora_targets("all-linear") == ALL_LINEAR and lora_targets("q_proj, v_proj,q_proj") == ("q_proj", "v_proj")
+    assert lora_targets("c_attn") == ALL_LINEAR  # another architecture's names: the Llama shape stands in
+    base = ["plan", "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32", "--lora-r", "40", "--json"]
+    assert main([*base, "--set", "lora_target_modules=q_proj"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["trainable_params"] == 2 * 40 * (64 + 64) and not d["notes"]  # q_proj is 64 -> 64 wide
+    cfg = train_config(tmp_path, tiny_model_dir, method="lora", lora_r=40, lora_target_modules="q_proj")
+    mcfg = model_config(str(tiny_model_dir))
+    assert d["total_bytes"] == estimated_bytes(cfg, mcfg, batch=4, seq_len=512, checkpointing=False, device="cpu",
+                                               grad_accum=4)
+    assert main(base) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["trainable_params"] > 2 * 40 * 128 and "k_proj's width of 32" in d["notes"][0]
+
+
+def test_plan_notes_that_train_refuses_packing_with_prefix_tuning(capsys):
+    assert main(["plan", "--params", "135M", "--method", "prefix", "--set", "packing=true", "--json"]) == 0
+    assert any(n.startswith("packing: train refuses it with prefix tuning") for n in json.loads(
+        capsys.readouterr().out)["notes"])
+    assert main(["plan", "--params", "135M", "--set", "packing=true", "--json"]) == 0
+    assert not any("packing" in n for n in json.loads(capsys.readouterr().out)["notes"])

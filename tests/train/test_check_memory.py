@@ -9,7 +9,7 @@ import pytest
 from conftest import train_config
 
 from sftlab.models import model_config
-from sftlab.train import checks
+from sftlab.train import checks, checks_model
 
 
 @pytest.fixture
@@ -75,6 +75,6 @@ def test_flash_attention_where_loading_would_refuse_it_is_a_check_error(cfg, mon
     assert f.severity == "error" and "needs a CUDA GPU" in f.message and f.fixes == ["--set attn_implementation=sdpa"]
     [f] = checks.attention_findings(dataclasses.replace(flash, precision="fp32"), "cuda")
     assert "needs bf16 or fp16" in f.message
-    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(checks_model.importlib.util, "find_spec", lambda name: object())
     assert checks.attention_findings(flash, "cuda") == []
     assert checks.attention_findings(cfg, "cpu") == []

@@ -92,6 +92,10 @@ def _add_plan(p):
 def _plan_settings(args) -> tuple[dict, list[str]]:
     """Each planned setting: the flag if given, else the training config's value (``args.config``), else
     what `sftlab train` uses by default; and notes on values a plan cannot take as they are."""
+    from sftlab.plan.setup import (
+        lora_targets,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+
     cfg = load_config(args.config, parse_set(args.set))
     given = {dest: getattr(args, dest) for dest in _PLAN_KEYS if getattr(args, dest) is not None}
     out = {dest: given.get(dest, getattr(cfg, key)) for dest, key in _PLAN_KEYS.items()}
@@ -110,6 +114,9 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
         out["grad_accum"] = max(1, -(-AUTO_GLOBAL_BATCH // int(out["batch"])))
     out["merge_micro_batches"] = str(out["merge_micro_batches"]).lower()
     out["prefix_tokens"] = cfg.prefix_tokens  # no flags: the config's (or train's default)
+    out["lora_targets"] = lora_targets(cfg.lora_target_modules)
+    if cfg.packing and out["method"] == "prefix":
+        notes.append("packing: train refuses it with prefix tuning (its virtual tokens break packed rows); --set packing=false")
     out["ewc"] = cfg.ewc_lambda > 0
     if cfg.packing and out["attention"] == "auto":  # train runs packed rows with sdpa (flash where installed)
         out["attention"] = "sdpa"
@@ -158,7 +165,7 @@ def _cmd_plan(args) -> int:
                        precision=precision, optimizer=s["optimizer"], device=args.device,
                        gradient_checkpointing=s["gradient_checkpointing"], lora_r=int(s["lora_r"]),
                        lora_dropout=float(s["lora_dropout"]), trained_fraction=args.trained_fraction,
-                       prefix_tokens=int(s["prefix_tokens"]), ewc=s["ewc"],
+                       prefix_tokens=int(s["prefix_tokens"]), ewc=s["ewc"], lora_targets=s["lora_targets"],
                        attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
     if setup.method in ("lora", "qlora") and (wide := lora_rank_past_width(shape, setup.lora_r, setup.lora_targets)):
         notes.append(f"{wide[0]}; --lora-r {wide[1]} or less")  # a rank past a layer's width adds parameters, not capacity

@@ -23,6 +23,7 @@ from sftlab.config import Config
 from sftlab.core.hardware import PrecisionProbe, device_memory_gb, probe_precision
 from sftlab.models import DEFAULT_MODEL
 from sftlab.plan.memory import TrainSetup, estimate_memory
+from sftlab.plan.setup import lora_targets
 from sftlab.plan.shapes import human_count, shape_from_config
 
 
@@ -138,6 +139,7 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
     setup = TrainSetup(method=cfg.method, grad_accum=max(1, grad_accum),
                        batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
+                       lora_targets=lora_targets(cfg.lora_target_modules),
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
                        optimizer=cfg.optimizer,  # bitsandbytes keeps 8-bit Adam state on a CPU too (0.50: uint8 + absmax)
                        lora_dropout=cfg.lora_dropout, ewc=cfg.ewc_lambda > 0,

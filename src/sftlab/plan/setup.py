@@ -23,6 +23,14 @@ DEVICES = ("cuda", "cpu")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def lora_targets(modules: str) -> tuple[str, ...]:
+    """The layers a LoRA estimate adapts for ``lora_target_modules`` (the config's: all-linear, or names, comma
+    separated): the Llama block's linears it names; all of them for all-linear, or for names of another
+    architecture (c_attn, ...), whose layers the Llama-style shape stands in for."""
+    named = tuple(dict.fromkeys(t.strip() for t in str(modules).split(",") if t.strip() in ALL_LINEAR))
+    return named or ALL_LINEAR
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """One training configuration. ``batch`` is the micro-batch, ``seq_len`` tokens per row."""
@@ -137,4 +145,4 @@ def attention_kernel(shape: ModelShape, s: TrainSetup) -> str:
 
 
 __all__ = ["ALL_LINEAR", "ATTENTION", "DEVICES", "METHODS", "OPTIMIZERS", "PRECISIONS", "Bytes", "TrainSetup",
-           "attention_kernel", "dtype_bytes", "validate_setup"]
+           "attention_kernel", "dtype_bytes", "lora_targets", "validate_setup"]
