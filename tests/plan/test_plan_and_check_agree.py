@@ -85,6 +85,12 @@ def test_check_warns_of_a_lora_rank_past_a_layers_width_as_plan_does(tiny_model_
     assert main(["plan", "--model", str(tiny_model_dir), "--method", "lora", "--lora-r", "100", "--json"]) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
     assert [n for n in notes if n.startswith(f.message)] == [f"{f.message}; --lora-r 32 or less"]
+    # GPT-2 has no k_proj or down_proj (c_attn, c_proj, c_fc): the warning does not name a layer it lacks
+    from transformers import GPT2Config
+
+    gpt2 = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    [f] = checks.lora_rank_findings(dataclasses.replace(cfg, lora_r=64), gpt2)
+    assert f.message.startswith("lora_r 64 is above the width of its narrowest adapted layer, 32:"), f.message
 
 
 @pytest.fixture

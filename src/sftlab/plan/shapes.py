@@ -170,16 +170,18 @@ def past_context(context: int, seq_len: int, method: str, prefix_tokens: int) ->
     return f"{seq_len} tokens{prefix}", longest
 
 
-def lora_rank_past_width(shape: ModelShape, lora_r: int, targets) -> tuple[str, int] | None:
+def lora_rank_past_width(shape: ModelShape, lora_r: int, targets, has_layer=lambda name: True) -> tuple[str, int] | None:
     """Where ``lora_r`` is above the width (the smaller of in and out features) of the narrowest layer of
     ``targets`` it adapts: (why, a rank to use instead), else None. The one rule of `sftlab plan`'s note and
-    `train --check`'s warning."""
+    `train --check`'s warning; ``has_layer(name)`` false: the model names its layers otherwise (GPT-2's
+    c_attn, ...), so the layer is not named."""
     widths = [(min(shape.linear_shapes()[t]), t) for t in targets if t in shape.linear_shapes()]
     if not widths or lora_r <= min(widths)[0]:
         return None
     narrow, name = min(widths)
-    return (f"lora_r {lora_r} is above {name}'s width of {narrow}: a LoRA update's rank cannot exceed it, so the "
-            "extra rank only costs memory", min(narrow, 64))
+    layer = f"{name}'s width of {narrow}" if has_layer(name) else f"the width of its narrowest adapted layer, {narrow}"
+    return (f"lora_r {lora_r} is above {layer}: a LoRA update's rank cannot exceed it, so the extra rank only "
+            "costs memory", min(narrow, 64))
 
 
 def load_shape(model: str) -> ModelShape:

@@ -58,7 +58,14 @@ def lora_rank_findings(cfg: Config, model_cfg) -> list[Finding]:
     """A warning where lora_r is above the width of a layer LoRA adapts (as `sftlab plan` notes it)."""
     if cfg.method not in ("lora", "qlora"):
         return []
-    wide = lora_rank_past_width(shape_from_config(model_cfg, cfg.model), int(cfg.lora_r), lora_targets(cfg.lora_target_modules))
+    def has_layer(name: str) -> bool:  # built (on the meta device) only when the rank is past a width
+        try:
+            return any(n.rsplit(".", 1)[-1] == name for n in _module_names(model_cfg, cfg.trust_remote_code))
+        except Exception:  # a model transformers cannot build from its config: loading it says why
+            return False
+
+    wide = lora_rank_past_width(shape_from_config(model_cfg, cfg.model), int(cfg.lora_r),
+                                lora_targets(cfg.lora_target_modules), has_layer)
     return [_finding("lora_r", "warning", wide[0], f"--set lora_r={wide[1]}")] if wide else []
 
 
