@@ -205,3 +205,12 @@ def test_plan_notes_that_train_refuses_packing_with_prefix_tuning(capsys):
         capsys.readouterr().out)["notes"])
     assert main(["plan", "--params", "135M", "--set", "packing=true", "--json"]) == 0
     assert not any("packing" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_recommend_with_no_examples_is_not_few_shot(capsys):
+    """0 examples of a moderate task got few-shot: 'put a handful of the examples in the prompt', of none."""
+    assert main(["recommend", "--examples", "0", "--complexity", "complex", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["approach"] == "prompt engineering" and d["rule"] == 1 and "no labelled examples" in d["reasons"][0]
+    assert main(["recommend", "--examples", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["approach"] == "few-shot"

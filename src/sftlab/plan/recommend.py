@@ -2,7 +2,7 @@
 
 The rules are the usual decision framework, checked in order; the first that matches decides:
 
-1. fewer than 50 examples: prompt engineering for a simple task, few-shot prompting otherwise;
+1. fewer than 50 examples: prompt engineering for a simple task (or without examples), few-shot prompting otherwise;
 2. knowledge-heavy (domain-specific), no strict output format, and the knowledge changes daily or
    weekly: RAG (retrieval keeps answers current without retraining);
 3. low compute and 100 or more examples: PEFT (LoRA/QLoRA);
@@ -73,7 +73,11 @@ def recommend(uc: UseCase) -> Recommendation:
     n = uc.examples
     fast_changing = uc.knowledge_updates in ("daily", "weekly")
     if n < 50:
-        if uc.complexity == "simple":
+        if n == 0:  # few-shot needs examples to show
+            rec = Recommendation("prompt engineering", 1, [
+                "no labelled examples: nothing to fine-tune on, nor to show in the prompt",
+                "write clear instructions; with a few examples, few-shot prompting; with 50 or more, fine-tuning"])
+        elif uc.complexity == "simple":
             rec = Recommendation("prompt engineering", 1, [
                 f"only {n} examples: too few to fine-tune without overfitting (under 50)",
                 "the task is simple, so clear instructions in the prompt should do"])
