@@ -214,3 +214,18 @@ def test_recommend_with_no_examples_is_not_few_shot(capsys):
     assert d["approach"] == "prompt engineering" and d["rule"] == 1 and "no labelled examples" in d["reasons"][0]
     assert main(["recommend", "--examples", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["approach"] == "few-shot"
+
+
+def test_where_the_budget_search_stops_the_plan_says_or_more():
+    """A huge budget gave "largest batch: 65536" and, for a model of unknown context, "longest sequence:
+    1048576": where the search stops, not what fits."""
+    from sftlab.plan import TrainSetup, make_plan, render_plan, shape_from_config
+
+    shape = shape_from_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128})
+    assert shape.context == 0
+    out = render_plan(make_plan(shape, TrainSetup(method="lora", device="cpu", precision="fp32", batch=1, seq_len=8),
+                                budget_gb=1e9))
+    assert "largest batch at 8 tokens: 65536 or more; longest sequence at batch 1: 1048576 or more" in out
+    out = render_plan(make_plan(shape, TrainSetup(method="lora", device="cpu", precision="fp32", batch=4, seq_len=64),
+                                budget_gb=2))
+    assert "or more" not in out

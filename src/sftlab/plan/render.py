@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from sftlab.plan.fit import Plan
+from sftlab.plan.memory import BATCH_LIMIT
 from sftlab.plan.recommend import Recommendation
-from sftlab.plan.shapes import human_count, longest_row
+from sftlab.plan.shapes import SEQ_LIMIT, human_count, longest_row
 
 _PART_NAMES = {
     "weights": "weights",
@@ -85,8 +86,10 @@ def render_plan(plan: Plan) -> str:
     lines.append("")
     within = longest_row(m.get("context") or 0, s["method"], s["prefix_tokens"])
     capped = m.get("context") and b["max_seq_len"] == within
-    lines.append(f"budget {gb(b['bytes'])} ({b['source']}): largest batch at {s['seq_len']} tokens: {b['max_batch'] or 'none'}; "
-                 f"longest sequence at batch {s['batch']}: {b['max_seq_len'] or 'none'}"
+    # where the search stops, the budget holds that much at least
+    lines.append(f"budget {gb(b['bytes'])} ({b['source']}): largest batch at {s['seq_len']} tokens: {b['max_batch'] or 'none'}"
+                 f"{' or more' if b['max_batch'] == BATCH_LIMIT else ''}; longest sequence at batch {s['batch']}: "
+                 f"{b['max_seq_len'] or 'none'}{' or more' if b['max_seq_len'] == SEQ_LIMIT else ''}"
                  + ((" (the model's context" + (" after the prefix)" if within < m["context"] else ")")) if capped else ""))
     r = plan.recommended
     if r.fits:

@@ -16,6 +16,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.models import model_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+SEQ_LIMIT = 1 << 20  # the longest row a plan searches (where the model's context is unknown)
 
 
 @dataclass(frozen=True)
@@ -152,10 +153,10 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
 
 
 def longest_row(context: int, method: str, prefix_tokens: int) -> int:
-    """The most tokens a row can have within the model's ``context`` (0: unknown, no limit: 1 << 20): prefix
+    """The most tokens a row can have within the model's ``context`` (0: unknown, :data:`SEQ_LIMIT`): prefix
     tuning's virtual tokens take the first positions (the row's tokens come after them); 0 when none fit."""
     if not context:
-        return 1 << 20
+        return SEQ_LIMIT
     return max(0, context - (int(prefix_tokens) if method == "prefix" else 0))
 
 
