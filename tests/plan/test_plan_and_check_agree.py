@@ -229,3 +229,23 @@ def test_where_the_budget_search_stops_the_plan_says_or_more():
     out = render_plan(make_plan(shape, TrainSetup(method="lora", device="cpu", precision="fp32", batch=4, seq_len=64),
                                 budget_gb=2))
     assert "or more" not in out
+
+
+def test_a_merged_micro_batch_that_does_not_fit_is_said_so_in_gb(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """plan said train "runs that: 199.87 GB" for a merged micro-batch far over the budget, which train's rule
+    never merges (over 80% of the memory); and that rule's reason in train --check gave GiB beside the memory
+    line's GB for the same memory (22.6 GiB there, 24.29 GB on the next line)."""
+    from sftlab.train import merge
+
+    base = ["plan", "--model", str(tiny_model_dir), "--device", "cpu", "--precision", "fp32", "--batch", "4",
+            "--grad-accum", "4"]
+    assert main([*base, "--budget-gb", "0.2"]) == 0
+    out = capsys.readouterr().out
+    assert "merge_micro_batches auto: one micro-batch of 16 would need" in out and "train keeps 4 of 4" in out
+    assert main([*base, "--budget-gb", "100"]) == 0
+    assert "where a trial at train time measures one micro-batch of 16 faster" in capsys.readouterr().out
+    cfg = train_config(tmp_path, tiny_model_dir, gradient_accumulation=4, merge_micro_batches="auto")
+    monkeypatch.setattr(merge, "device_memory_gb", lambda: ("cpu", 1e-3))
+    monkeypatch.setattr(merge, "_cuda_available", lambda: False)
+    choice = merge._preview_choice(cfg, model_config(str(tiny_model_dir)), None, seq_len=32)
+    assert re.fullmatch(r"a micro-batch of 16 would need [0-9.]+ [MG]B \(over 80% of 1\.1 MB\)", choice.reason), choice.reason

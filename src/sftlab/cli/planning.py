@@ -154,6 +154,9 @@ def _cmd_plan(args) -> int:
         lora_rank_past_width,
         past_context,
     )
+    from sftlab.train.merge import (
+        FIT,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
 
     s, notes = _plan_settings(args)
     shape = shape_from_params(args.params) if args.params else load_shape(s["model"])
@@ -198,9 +201,12 @@ def _cmd_plan(args) -> int:
         print(render_plan(plan))
         for note in notes:
             print(note)
-        if merged is not None:
+        if merged is not None and merged > FIT * plan.budget["bytes"]:  # train's rule: no trial, not merged
+            print(f"merge_micro_batches auto: one micro-batch of {batch * grad_accum} would need {gb(merged)}, over "
+                  f"{FIT:.0%} of the budget: train keeps {grad_accum} of {batch}, as planned above")
+        elif merged is not None:
             print(f"merge_micro_batches auto: where a trial at train time measures one micro-batch of "
-                  f"{batch * grad_accum} faster than {grad_accum} of {batch} (and it fits), train "
+                  f"{batch * grad_accum} faster than {grad_accum} of {batch}, train "
                   f"runs that: {gb(merged)} (--merge-micro-batches false plans {batch})")
         if liger is not None:
             print(f"with liger-kernel (pip install 'sftlab[gpu]'), where train's trials turn its kernels and fused loss "
