@@ -249,3 +249,17 @@ def test_a_merged_micro_batch_that_does_not_fit_is_said_so_in_gb(tiny_model_dir,
     monkeypatch.setattr(merge, "_cuda_available", lambda: False)
     choice = merge._preview_choice(cfg, model_config(str(tiny_model_dir)), None, seq_len=32)
     assert re.fullmatch(r"a micro-batch of 16 would need [0-9.]+ [MG]B \(over 80% of 1\.1 MB\)", choice.reason), choice.reason
+
+
+def test_plan_recommends_the_learning_rate_train_chooses_for_the_configs_lora_alpha(tiny_model_dir, capsys):
+    """plan's recommended learning rate used the default lora_alpha (32), not the config's: with lora_alpha 128
+    train's `learning_rate: auto` chose 0.0005 and plan recommended 0.002."""
+    from sftlab.plan.auto import auto_learning_rate
+
+    assert main(["plan", "--set", f"model={tiny_model_dir}", "--set", "lora_alpha=128", "--device", "cpu",
+                 "--precision", "fp32", "--batch", "4", "--grad-accum", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    params = load_shape(str(tiny_model_dir)).params
+    want = auto_learning_rate(params, "lora", global_batch=8, lora_r=16, lora_alpha=128)
+    assert d["recommended"]["learning_rate"] == want != auto_learning_rate(params, "lora", global_batch=8)
+    assert d["setup"]["lora_alpha"] == 128

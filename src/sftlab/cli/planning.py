@@ -114,7 +114,7 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
         out["grad_accum"] = max(1, -(-AUTO_GLOBAL_BATCH // int(out["batch"])))
     out["merge_micro_batches"] = str(out["merge_micro_batches"]).lower()
     out["prefix_tokens"] = cfg.prefix_tokens  # no flags: the config's (or train's default)
-    out["lora_targets"] = lora_targets(cfg.lora_target_modules)
+    out["lora_targets"], out["lora_alpha"] = lora_targets(cfg.lora_target_modules), cfg.lora_alpha
     if cfg.packing and out["method"] == "prefix":
         notes.append("packing: train refuses it with prefix tuning (its virtual tokens break packed rows); --set packing=false")
     out["ewc"] = cfg.ewc_lambda > 0
@@ -169,6 +169,7 @@ def _cmd_plan(args) -> int:
                        gradient_checkpointing=s["gradient_checkpointing"], lora_r=int(s["lora_r"]),
                        lora_dropout=float(s["lora_dropout"]), trained_fraction=args.trained_fraction,
                        prefix_tokens=int(s["prefix_tokens"]), ewc=s["ewc"], lora_targets=s["lora_targets"],
+                       lora_alpha=int(s["lora_alpha"]),
                        attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
     if setup.method in ("lora", "qlora") and (wide := lora_rank_past_width(shape, setup.lora_r, setup.lora_targets)):
         notes.append(f"{wide[0]}; --lora-r {wide[1]} or less")  # a rank past a layer's width adds parameters, not capacity

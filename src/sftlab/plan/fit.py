@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
-from sftlab.config import field_default
 from sftlab.core.errors import SftlabError
 from sftlab.core.hardware import device_memory_gb, device_name
 from sftlab.plan.auto import auto_learning_rate, resolve_precision
@@ -102,9 +101,9 @@ def _cheaper_methods(method: str, device: str) -> list[str]:
 
 
 def _lr(shape: ModelShape, method: str, setup: TrainSetup, effective: int) -> float:
-    """The learning rate `learning_rate: auto` gives this method, model and global batch (default lora_alpha)."""
+    """The learning rate `learning_rate: auto` gives this method, model, global batch and LoRA scale."""
     return auto_learning_rate(shape.params, method, global_batch=effective, lora_r=setup.lora_r,
-                              lora_alpha=field_default("lora_alpha"))
+                              lora_alpha=setup.lora_alpha)
 
 
 HEADROOM = 0.9  # a recommendation leaves 10% of the budget for estimate error and fragmentation

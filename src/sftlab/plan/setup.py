@@ -44,6 +44,7 @@ class TrainSetup:
     grad_accum: int = 1
     device: str = "cuda"
     lora_r: int = 16
+    lora_alpha: int = 32  # the adapter's scale alpha / r: no memory, but `learning_rate: auto` follows it
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_LINEAR
     prefix_tokens: int = 20
@@ -89,7 +90,7 @@ def validate_setup(s: TrainSetup) -> None:
                                  ("precision", s.precision, PRECISIONS), ("device", s.device, DEVICES)):
         if value not in allowed:
             raise SftlabError(f"unknown {name} {value!r}", hint=f"use one of: {', '.join(allowed)}")
-    for name in ("batch", "seq_len", "grad_accum", "lora_r", "prefix_tokens", "loss_chunk"):
+    for name in ("batch", "seq_len", "grad_accum", "lora_r", "lora_alpha", "prefix_tokens", "loss_chunk"):
         if int(getattr(s, name)) < 1:
             raise SftlabError(f"{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if not 0.0 < s.trained_fraction <= 1.0:
