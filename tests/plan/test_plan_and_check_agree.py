@@ -263,3 +263,19 @@ def test_plan_recommends_the_learning_rate_train_chooses_for_the_configs_lora_al
     want = auto_learning_rate(params, "lora", global_batch=8, lora_r=16, lora_alpha=128)
     assert d["recommended"]["learning_rate"] == want != auto_learning_rate(params, "lora", global_batch=8)
     assert d["setup"]["lora_alpha"] == 128
+
+
+def test_a_budget_below_the_fixed_memory_is_not_told_to_shard(tiny_model_dir):
+    """A 0.5 GB GPU budget for a 100K-parameter model: 'shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload
+    optimizer state', though the CUDA context and framework overhead alone are 0.7 GB and sharding the model
+    saves nothing of them."""
+    from sftlab.plan import TrainSetup, recommend_config
+
+    shape = load_shape(str(tiny_model_dir))
+    for device, what in (("cuda", "the CUDA context and framework overhead"), ("cpu", "the process baseline")):
+        rec = recommend_config(shape, TrainSetup(method="lora", device=device, precision="fp32"), 0.5e9)
+        assert not rec.fits and rec.notes[0].startswith(f"nothing fits 0.5 GB at any length: {what}"), rec.notes
+        assert "shard" not in rec.notes[0] and rec.notes[0].endswith("give a larger budget")
+    seven = load_shape("llama-2-7b")  # the weights are what does not fit: sharding is the advice
+    rec = recommend_config(seven, TrainSetup(method="full", device="cuda", seq_len=512), 2e9)
+    assert not rec.fits and "shard over GPUs" in rec.notes[0]

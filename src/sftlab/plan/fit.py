@@ -106,6 +106,7 @@ def _lr(shape: ModelShape, method: str, setup: TrainSetup, effective: int) -> fl
                               lora_alpha=setup.lora_alpha)
 
 
+_FIXED = ("cuda_context", "overhead", "process baseline")  # what a step holds whatever the model's size and rows
 HEADROOM = 0.9  # a recommendation leaves 10% of the budget for estimate error and fragmentation
 
 
@@ -145,6 +146,14 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     within = longest_row(shape.context, last, setup.prefix_tokens)  # not past the context
     longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
                           budget_bytes, limit=min(setup.seq_len, within))
+    floor = estimate_memory(shape, replace(setup, method=last, batch=1, seq_len=1, grad_accum=1, gradient_checkpointing=True))
+    fixed = sum(v for k, v in floor.breakdown.items() if k in _FIXED)
+    if not longest and fixed > budget_bytes:  # sharding or a smaller model cannot help: the budget is below the fixed part
+        what = "process baseline and framework overhead" if setup.device == "cpu" else "CUDA context and framework overhead"
+        notes.append(f"nothing fits {full_budget / GB:.3g} GB at any length: the {what} alone take {fixed / GB:.3g} GB "
+                     f"(a step of {last} with batch 1 needs at least {floor.total_bytes / GB:.3g} GB); give a larger budget")
+        return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len,
+                           int(full_budget), None, notes)
     notes.append(f"nothing fits {full_budget / GB:.3g} GB at {setup.seq_len} tokens, even {last} with batch 1 "
                  f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
                  + (f" (the model's context{' after the prefix' if within < shape.context else ''})"
