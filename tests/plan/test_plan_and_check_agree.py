@@ -53,6 +53,8 @@ def test_the_plan_command_of_the_check_runs_with_the_users_overrides(tiny_model_
     assert main(["train", *argv, "--check", "--json"]) == 2
     [mem] = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["rule"] == "memory"]
     assert re.search(r"`(sftlab plan [^`]*)`", mem["fixes"][-1]).group(1) == command
+    assert main(["train", *argv, "--check", "--find-lr"]) == 2  # its checklist, before the range test
+    assert f"`{command}` breaks it down" in capsys.readouterr().out
 
 
 def test_plan_takes_set_overrides_and_its_flags_win(capsys):

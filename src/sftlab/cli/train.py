@@ -54,7 +54,7 @@ def _close_process_group(wait: bool) -> None:
             dist.destroy_process_group()
 
 
-def _check_and_find_lr(cfg, steps: int) -> int:
+def _check_and_find_lr(cfg, steps: int, args) -> int:
     """`train --check --find-lr`: the checklist, then the range test's curve and choice; nothing trained."""
     from sftlab.plan.auto import (
         describe_precision,  # deferred: the command pulls in torch; `sftlab --help` stays fast
@@ -69,6 +69,7 @@ def _check_and_find_lr(cfg, steps: int) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):
         checked = train(cfg, check_only=True, quiet=True)
+    _name_plan_command(checked, args)
     if checked.get("auto"):
         print(checked["auto"])
     print(describe_precision(checked["resolved"]["precision"], checked.get("precision_probe")))
@@ -128,7 +129,7 @@ def _cmd_train(args) -> int:
                           hint="drop --find-lr to resume, or start a new run folder")
     try:
         if args.check and args.find_lr is not None:
-            return _check_and_find_lr(cfg, args.find_lr)
+            return _check_and_find_lr(cfg, args.find_lr, args)
         if args.find_lr is not None:
             from sftlab.train.find_lr import (
                 train_with_found_lr,  # deferred: the command pulls in torch; `sftlab --help` stays fast
