@@ -265,6 +265,15 @@ def test_plan_recommends_the_learning_rate_train_chooses_for_the_configs_lora_al
     want = auto_learning_rate(params, "lora", global_batch=8, lora_r=16, lora_alpha=128)
     assert d["recommended"]["learning_rate"] == want != auto_learning_rate(params, "lora", global_batch=8)
     assert d["setup"]["lora_alpha"] == 128
+    # train's line says what the rate followed: the scale too, where it is not the table's 2
+    from sftlab.config import load_config
+    from sftlab.plan.auto import describe_auto
+
+    cfg = load_config(None, {"lora_alpha": 128})
+    line = describe_auto(cfg, dataclasses.replace(cfg, learning_rate=want, batch_size=4, gradient_accumulation=2),
+                         n_params=params, n_examples=100)
+    assert "at a global batch of 8 and a LoRA scale alpha/r of 8)" in line, line
+    assert "LoRA scale" not in describe_auto(load_config(None, {}), cfg, n_params=params, n_examples=100)
 
 
 def test_a_budget_below_the_fixed_memory_is_not_told_to_shard(tiny_model_dir):

@@ -189,7 +189,9 @@ def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples:
     why = {
         "epochs": f"{n_examples} examples",
         "learning_rate": f"the {cfg.method} table for {human_count(n_params)} parameters at a global batch of "
-                         f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}",
+                         f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}"
+                         + (f" and a LoRA scale alpha/r of {cfg.lora_alpha / cfg.lora_r:g}" if cfg.method in ("lora", "qlora")
+                            and cfg.lora_alpha / cfg.lora_r != REFERENCE_LORA_SCALE else ""),
         "precision": f"bf16 {probe['bf16_speedup']:.2f}x fp32 on this CPU" if probe else "",
         "batch_size": batch or "",
         "gradient_accumulation": f"a global batch of about {auto_global_batch(n_examples)}"
