@@ -246,6 +246,8 @@ def test_a_merged_micro_batch_that_does_not_fit_is_said_so_in_gb(tiny_model_dir,
     assert "merge_micro_batches auto: one micro-batch of 16 would need" in out and "train keeps 4 of 4" in out
     assert main([*base, "--budget-gb", "100"]) == 0
     assert "where a trial at train time measures one micro-batch of 16 faster" in capsys.readouterr().out
+    assert main([*base, "--budget-gb", "100", "--set", "deepspeed=ds.json", "--json"]) == 0  # sharded: never merged
+    assert json.loads(capsys.readouterr().out)["merged_total_bytes"] is None
     cfg = train_config(tmp_path, tiny_model_dir, gradient_accumulation=4, merge_micro_batches="auto")
     monkeypatch.setattr(merge, "device_memory_gb", lambda: ("cpu", 1e-3))
     monkeypatch.setattr(merge, "_cuda_available", lambda: False)

@@ -125,6 +125,7 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
     out["liger_kernels"] = cfg.liger_kernels is True if args.liger is None else args.liger  # --no-liger: both off
     out["fused_loss"] = cfg.fused_loss is True if args.liger is None else args.liger
     out["model"] = args.model or (None if args.params else cfg.model)
+    out["sharded"] = bool(cfg.fsdp or cfg.deepspeed)  # merge_micro_batches auto never merges there
     if cfg.fsdp or cfg.deepspeed:
         notes.append(f"{'fsdp ' + repr(cfg.fsdp) if cfg.fsdp else 'deepspeed ' + repr(cfg.deepspeed)}: planned as one "
                      "process holding the whole model; sharding (FSDP full_shard, ZeRO-2/3) splits gradients and "
@@ -184,7 +185,7 @@ def _cmd_plan(args) -> int:
         setup = dataclasses.replace(setup, batch=batch * grad_accum, grad_accum=1)
     plan = make_plan(shape, setup, budget_gb=args.budget_gb)
     merged = None
-    if merge == "auto" and args.device == "cpu" and grad_accum > 1:
+    if merge == "auto" and args.device == "cpu" and grad_accum > 1 and not s["sharded"]:  # train/merge.py's rule
         merged = make_plan(shape, dataclasses.replace(setup, batch=batch * grad_accum, grad_accum=1),
                            budget_gb=args.budget_gb).estimate.total_bytes
     liger = None  # auto on a GPU: train's trials decide, so show the estimate both ways
