@@ -292,3 +292,14 @@ def test_a_budget_below_the_fixed_memory_is_not_told_to_shard(tiny_model_dir):
     seven = load_shape("llama-2-7b")  # the weights are what does not fit: sharding is the advice
     rec = recommend_config(seven, TrainSetup(method="full", device="cuda", seq_len=512), 2e9)
     assert not rec.fits and "shard over GPUs" in rec.notes[0]
+
+
+def test_plan_shows_liger_s_estimate_only_where_train_may_turn_it_on(tmp_path, capsys):
+    """--no-liger, or a config with liger_kernels and fused_loss false, still got 'with liger-kernel, where
+    train's trials turn its kernels and fused loss on: ...', which train then never does."""
+    for extra in (["--no-liger"], ["--set", "liger_kernels=false", "--set", "fused_loss=false"]):
+        assert main(["plan", "--params", "135M", *extra, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["liger_total_bytes"] is None, extra
+    for extra in ([], ["--set", "liger_kernels=false"]):  # fused_loss auto: its trial may still turn it on
+        assert main(["plan", "--params", "135M", *extra, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["liger_total_bytes"] > 0, extra

@@ -124,6 +124,7 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
                                      else args.gradient_checkpointing)  # --no-gradient-checkpointing overrides a config's true
     out["liger_kernels"] = cfg.liger_kernels is True if args.liger is None else args.liger  # --no-liger: both off
     out["fused_loss"] = cfg.fused_loss is True if args.liger is None else args.liger
+    out["liger_auto"] = args.liger is None and "auto" in (cfg.liger_kernels, cfg.fused_loss)  # train's trials decide
     out["model"] = args.model or (None if args.params else cfg.model)
     out["sharded"] = bool(cfg.fsdp or cfg.deepspeed)  # merge_micro_batches auto never merges there
     if cfg.fsdp or cfg.deepspeed:
@@ -189,7 +190,7 @@ def _cmd_plan(args) -> int:
         merged = make_plan(shape, dataclasses.replace(setup, batch=batch * grad_accum, grad_accum=1),
                            budget_gb=args.budget_gb).estimate.total_bytes
     liger = None  # auto on a GPU: train's trials decide, so show the estimate both ways
-    if args.device == "cuda" and not (setup.liger_kernels and setup.fused_loss):
+    if args.device == "cuda" and s["liger_auto"] and not (setup.liger_kernels and setup.fused_loss):
         liger = make_plan(shape, dataclasses.replace(setup, liger_kernels=True, fused_loss=True),
                           budget_gb=args.budget_gb).estimate.total_bytes
     if args.json:
