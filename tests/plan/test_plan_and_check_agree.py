@@ -303,3 +303,40 @@ def test_plan_shows_liger_s_estimate_only_where_train_may_turn_it_on(tmp_path, c
     for extra in ([], ["--set", "liger_kernels=false"]):  # fused_loss auto: its trial may still turn it on
         assert main(["plan", "--params", "135M", *extra, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["liger_total_bytes"] > 0, extra
+
+
+def test_prefix_tuning_is_never_checkpointed(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Prefix tuning with gradient checkpointing: train --check said the configuration looked sound and the
+    run died at its first step with a RuntimeError traceback (transformers drops a checkpointed layer's cache,
+    the prefix's keys and values, while the mask still counts them); `gradient_checkpointing: auto` turned it
+    on where memory was short, the memory check advised it, and plan recommended it."""
+    from sftlab.plan import TrainSetup, recommend_config
+    from sftlab.plan import auto as auto_mod
+
+    cfg = train_config(tmp_path, tiny_model_dir, method="prefix", gradient_checkpointing=True)
+    mcfg = model_config(str(tiny_model_dir))
+    [f] = checks.method_findings(cfg, mcfg)
+    assert f.severity == "error" and f.rule == "gradient_checkpointing" and "prefix tuning" in f.message
+    # the run itself: one error line before any step, not a traceback
+    argv = ["train", "--model", str(tiny_model_dir), "--data", cfg.data, "--output-dir", str(tmp_path / "r"),
+            "--method", "prefix", "--set", "gradient_checkpointing=true", "--set", "precision=fp32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "gradient checkpointing does not work with prefix tuning" in err and "Traceback" not in err
+    # auto leaves it off where memory is short, and the memory check does not advise it
+    monkeypatch.setattr(auto_mod, "device_memory_gb", lambda: ("cpu", 1e-3))
+    auto = dataclasses.replace(cfg, gradient_checkpointing="auto")
+    rc = auto_mod.resolve_auto(auto, n_params=1e5, n_examples=16, model_cfg=mcfg, seq_len=32)
+    assert rc.gradient_checkpointing is False
+    assert auto_mod.resolve_auto(dataclasses.replace(auto, method="lora"), n_params=1e5, n_examples=16,
+                                 model_cfg=mcfg, seq_len=32).gradient_checkpointing is True
+    monkeypatch.setattr(checks, "device_memory_gb", lambda: ("cpu", 1e-3))
+    [f] = checks.memory_findings(rc, mcfg, 32)
+    assert not any("gradient_checkpointing" in x for x in f.fixes), f.fixes
+    # plan: never recommends it for prefix, and notes it where asked for
+    shape = load_shape(str(tiny_model_dir))
+    for budget in (1e9, 0.72e9, 0.1e9):
+        rec = recommend_config(shape, TrainSetup(method="prefix", device="cuda", batch=16, seq_len=256), budget)
+        assert rec.gradient_checkpointing is False and "checkpointing" not in " ".join(rec.notes), rec
+    assert main(["plan", "--model", str(tiny_model_dir), "--method", "prefix", "--gradient-checkpointing", "--json"]) == 0
+    assert any("does not work with prefix tuning" in n for n in json.loads(capsys.readouterr().out)["notes"])

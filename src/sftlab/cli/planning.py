@@ -92,6 +92,9 @@ def _add_plan(p):
 def _plan_settings(args) -> tuple[dict, list[str]]:
     """Each planned setting: the flag if given, else the training config's value (``args.config``), else
     what `sftlab train` uses by default; and notes on values a plan cannot take as they are."""
+    from sftlab.plan.auto import (
+        PREFIX_NO_CHECKPOINTING,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
     from sftlab.plan.setup import (
         lora_targets,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
@@ -122,6 +125,8 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
         out["attention"] = "sdpa"
     out["gradient_checkpointing"] = (cfg.gradient_checkpointing is True if args.gradient_checkpointing is None
                                      else args.gradient_checkpointing)  # --no-gradient-checkpointing overrides a config's true
+    if out["method"] == "prefix" and out["gradient_checkpointing"]:
+        notes.append(f"{PREFIX_NO_CHECKPOINTING}: train refuses it; --no-gradient-checkpointing")
     out["liger_kernels"] = cfg.liger_kernels is True if args.liger is None else args.liger  # --no-liger: both off
     out["fused_loss"] = cfg.fused_loss is True if args.liger is None else args.liger
     out["liger_auto"] = args.liger is None and "auto" in (cfg.liger_kernels, cfg.fused_loss)  # train's trials decide

@@ -152,6 +152,10 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
     return estimate_memory(shape, setup).total_bytes
 
 
+PREFIX_NO_CHECKPOINTING = ("gradient checkpointing does not work with prefix tuning: transformers drops the "
+                           "prefix's keys and values from a checkpointed layer, and the step fails")
+
+
 def choose_precision(device: str, probe: PrecisionProbe | None, *, cuda_bf16: bool = True) -> str:
     """The rule of `precision: auto`. On CUDA: bf16 where the GPU supports it, else fp32. On a CPU: bf16
     only where the probe measured it at least 5% faster than fp32 (it rounds: a tie goes to fp32)."""
@@ -197,7 +201,7 @@ def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples:
         "gradient_accumulation": f"a global batch of about {auto_global_batch(n_examples)}"
                                  + (f" for {n_examples} examples" if auto_global_batch(n_examples) < AUTO_GLOBAL_BATCH else ""),
         "gradient_checkpointing": "the estimate would not fit without it" if resolved.gradient_checkpointing
-                                  else "fits without it",
+                                  else "prefix tuning runs without it" if cfg.method == "prefix" else "fits without it",
     }
     parts = []
     for key in ("epochs", "batch_size", "gradient_accumulation", "learning_rate", "precision", "gradient_checkpointing"):
@@ -260,9 +264,10 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
     if out.gradient_checkpointing == "auto":
         need = estimated_bytes(out, model_cfg, batch=int(out.batch_size), seq_len=seq_len, checkpointing=False,
                                device=device)
-        out.gradient_checkpointing = need > 0.9 * mem_gb * 2**30
+        # prefix tuning cannot run with it (PREFIX_NO_CHECKPOINTING): off, and the memory check says if it does not fit
+        out.gradient_checkpointing = need > 0.9 * mem_gb * 2**30 and cfg.method != "prefix"
     return out
 
 
-__all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "auto_batch", "auto_global_batch", "batch_for_memory", "choose_precision",
+__all__ = ["PREFIX_NO_CHECKPOINTING", "REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "auto_batch", "auto_global_batch", "batch_for_memory", "choose_precision",
            "describe_auto", "describe_precision", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto", "resolve_precision"]

@@ -120,7 +120,8 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     full_budget, budget_bytes = budget_bytes, budget_bytes * headroom
     effective = setup.batch * setup.grad_accum
     for method in _cheaper_methods(setup.method, setup.device):
-        for ckpt in ([True] if setup.gradient_checkpointing else [False, True]):
+        # prefix tuning cannot run checkpointed (auto.PREFIX_NO_CHECKPOINTING)
+        for ckpt in ([False] if method == "prefix" else [True] if setup.gradient_checkpointing else [False, True]):
             base = replace(setup, method=method, gradient_checkpointing=ckpt, batch=effective, grad_accum=1)
             if estimate_memory(shape, base).total_bytes <= budget_bytes:
                 micro, accum = effective, 1
@@ -143,24 +144,24 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
                                int(full_budget), estimate_memory(shape, final).total_bytes, notes)
     notes = []
     last = _cheaper_methods(setup.method, setup.device)[-1]
-    within = longest_row(shape.context, last, setup.prefix_tokens)  # not past the context
-    longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
+    within, ckpt = longest_row(shape.context, last, setup.prefix_tokens), last != "prefix"  # not past the context
+    longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=ckpt),
                           budget_bytes, limit=min(setup.seq_len, within))
-    floor = estimate_memory(shape, replace(setup, method=last, batch=1, seq_len=1, grad_accum=1, gradient_checkpointing=True))
+    floor = estimate_memory(shape, replace(setup, method=last, batch=1, seq_len=1, grad_accum=1, gradient_checkpointing=ckpt))
     fixed = sum(v for k, v in floor.breakdown.items() if k in _FIXED)
     if not longest and fixed > budget_bytes:  # sharding or a smaller model cannot help: the budget is below the fixed part
         what = "process baseline and framework overhead" if setup.device == "cpu" else "CUDA context and framework overhead"
         notes.append(f"nothing fits {full_budget / GB:.3g} GB at any length: the {what} alone take {fixed / GB:.3g} GB "
                      f"(a step of {last} with batch 1 needs at least {floor.total_bytes / GB:.3g} GB); give a larger budget")
-        return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len,
+        return Recommended(False, last, 1, effective, ckpt, _lr(shape, last, setup, effective), setup.seq_len,
                            int(full_budget), None, notes)
-    notes.append(f"nothing fits {full_budget / GB:.3g} GB at {setup.seq_len} tokens, even {last} with batch 1 "
-                 f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
+    notes.append(f"nothing fits {full_budget / GB:.3g} GB at {setup.seq_len} tokens, even {last} with batch 1"
+                 + (" and checkpointing" if ckpt else "") + (f"; the longest that fits is {longest} tokens" if longest else "")
                  + (f" (the model's context{' after the prefix' if within < shape.context else ''})"
                     if longest and longest == within else "")
                  + ("; use a machine with more memory, a smaller model or shorter rows" if setup.device == "cpu" else
                     "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state"))
-    return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
+    return Recommended(False, last, 1, effective, ckpt, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
                        None, notes)
 
 

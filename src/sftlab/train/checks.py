@@ -106,7 +106,7 @@ def memory_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
     if micro >= 1:
         fixes.append(f"--set batch_size={micro} --set gradient_accumulation={-(-batch * accum // micro)}"
                      + (" --set merge_micro_batches=false" if unmerge else "") + " (the same global batch)")
-    if not cfg.gradient_checkpointing:
+    if not cfg.gradient_checkpointing and cfg.method != "prefix":  # prefix tuning cannot run with it
         fixes.append("--set gradient_checkpointing=true")
     if not fixes:
         cheaper = {"full": " or --set method=lora (or qlora)", "lora": " or --set method=qlora"}.get(cfg.method, "")

@@ -8,6 +8,7 @@ import importlib.util
 
 from sftlab.config import Config
 from sftlab.core.findings import Finding
+from sftlab.plan.auto import PREFIX_NO_CHECKPOINTING
 from sftlab.plan.setup import lora_targets
 from sftlab.plan.shapes import lora_rank_past_width, past_context, shape_from_config
 from sftlab.train.kernels import liger_available
@@ -83,11 +84,14 @@ def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:
 
 
 def method_findings(cfg: Config, model_cfg) -> list[Finding]:
-    """What the method refuses once the model is loaded: packing with prefix tuning (its virtual tokens
-    break packed rows), LoRA target modules the model does not have (a warning when only some are
+    """What the method refuses once the model is loaded: packing or gradient checkpointing with prefix tuning
+    (its virtual tokens break packed rows; checkpointed layers drop them), LoRA target modules the model does not have (a warning when only some are
     missing: peft adapts the others)."""
     if cfg.method == "prefix" and cfg.packing:
         return [_finding("packing", "error", "packing does not work with prefix tuning", "--set packing=false")]
+    if cfg.method == "prefix" and cfg.gradient_checkpointing is True:
+        return [_finding("gradient_checkpointing", "error", PREFIX_NO_CHECKPOINTING,
+                         "--set gradient_checkpointing=false (or auto)")]
     if cfg.method not in ("lora", "qlora") or cfg.lora_target_modules == "all-linear":
         return []
     targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
