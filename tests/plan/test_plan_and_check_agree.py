@@ -145,7 +145,7 @@ def test_a_tiny_model_is_not_called_0m_and_a_small_budget_not_0_gb(tiny_model_di
                  "--budget-gb", "0.0001"]) == 0
     out = capsys.readouterr().out
     assert f"{human_count(params)} parameters, 2 layers" in out and "0M" not in out
-    assert "nothing fits 0.0001 GB at 512 tokens" in out
+    assert "nothing fits 0.0001 GB at any length" in out
     cfg = train_config(tmp_path, tiny_model_dir, learning_rate=1.0)
     auto = dataclasses.replace(cfg, learning_rate="auto")
     assert f"table for {human_count(params)} parameters" in describe_auto(auto, cfg, n_params=params, n_examples=16)
@@ -340,3 +340,32 @@ def test_prefix_tuning_is_never_checkpointed(tiny_model_dir, tmp_path, capsys, m
         assert rec.gradient_checkpointing is False and "checkpointing" not in " ".join(rec.notes), rec
     assert main(["plan", "--model", str(tiny_model_dir), "--method", "prefix", "--gradient-checkpointing", "--json"]) == 0
     assert any("does not work with prefix tuning" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_the_context_check_reads_positions_as_the_model_and_the_packer_use_them(tiny_model_dir, tmp_path):
+    """Packed rows restart positions at each example (a 100-token row of two 40-token examples stays within a
+    context of 48), which the check called past the context; and past a GPT-2's learned positions (prefix
+    tuning's virtual tokens included) the run fails with an IndexError, which the check called a warning."""
+    from transformers import GPT2Config
+
+    gpt2 = GPT2Config(vocab_size=384, n_embd=32, n_layer=2, n_head=2, n_positions=48)
+    cfg = train_config(tmp_path, tiny_model_dir, max_seq_length=100, packing=True)
+    keys = {tuple(range(40)), tuple(range(30))}
+    common = dict(n_params=1e5, n_examples=2, model_cfg=gpt2, train_keys=keys, eval_keys=set(), report=None)
+    assert "max_seq_length" not in {f.rule for f in checks.checklist(cfg, seq_len=100, **common)}
+    [f] = [f for f in checks.checklist(cfg, seq_len=100, **{**common, "train_keys": {tuple(range(60))}})
+           if f.rule == "max_seq_length"]
+    assert f.message.startswith("examples (packed: positions restart at each) of up to 60 tokens are longer than")
+    assert f.severity == "error" and "its positions are learned" in f.message and f.fixes == ["--set max_seq_length=48"]
+    prefix = dataclasses.replace(cfg, packing=False, method="prefix", prefix_tokens=20)
+    [f] = checks.context_findings(prefix, gpt2, 40)
+    assert f.severity == "error" and "40 tokens after 20 virtual tokens" in f.message
+    [f] = checks.context_findings(prefix, model_config(str(tiny_model_dir)), 500)  # rotary (Llama): a warning
+    assert f.severity == "warning"
+
+
+def test_plan_of_packed_rows_past_the_context_says_only_long_examples_pass_it(tiny_model_dir, capsys):
+    assert main(["plan", "--model", str(tiny_model_dir), "--set", "packing=true", "--seq-len", "1024", "--json"]) == 0
+    [note] = [n for n in json.loads(capsys.readouterr().out)["notes"] if "context" in n]
+    assert note.startswith("note: packed rows of 1024 tokens: positions restart at each example") and \
+        note.endswith("--set max_seq_length=512 keeps every example within it")

@@ -63,7 +63,8 @@ def test_rows_longer_than_the_models_context_are_flagged(cfg, tiny_model_dir):
     mcfg = model_config(str(tiny_model_dir))  # max_position_embeddings 512
     assert checks.context_findings(cfg, mcfg, 512) == []
     [f] = checks.context_findings(dataclasses.replace(cfg, packing=True, max_seq_length=1024), mcfg, 1024)
-    assert f.severity == "warning" and "1024 tokens (packed) are longer than the model's context of 512" in f.message
+    assert f.severity == "warning" and f.message.startswith(
+        "examples (packed: positions restart at each) of up to 1024 tokens are longer than the model's context of 512")
     assert f.fixes == ["--set max_seq_length=512"]
 
 

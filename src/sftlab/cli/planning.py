@@ -120,7 +120,7 @@ def _plan_settings(args) -> tuple[dict, list[str]]:
     out["lora_targets"], out["lora_alpha"] = lora_targets(cfg.lora_target_modules), cfg.lora_alpha
     if cfg.packing and out["method"] == "prefix":
         notes.append("packing: train refuses it with prefix tuning (its virtual tokens break packed rows); --set packing=false")
-    out["ewc"] = cfg.ewc_lambda > 0
+    out["ewc"], out["packing"] = cfg.ewc_lambda > 0, cfg.packing
     if cfg.packing and out["attention"] == "auto":  # train runs packed rows with sdpa (flash where installed)
         out["attention"] = "sdpa"
     out["gradient_checkpointing"] = (cfg.gradient_checkpointing is True if args.gradient_checkpointing is None
@@ -180,7 +180,11 @@ def _cmd_plan(args) -> int:
                        attention=s["attention"], liger_kernels=s["liger_kernels"], fused_loss=s["fused_loss"])
     if setup.method in ("lora", "qlora") and (wide := lora_rank_past_width(shape, setup.lora_r, setup.lora_targets)):
         notes.append(f"{wide[0]}; --lora-r {wide[1]} or less")  # a rank past a layer's width adds parameters, not capacity
-    if over := past_context(shape.context, setup.seq_len, setup.method, setup.prefix_tokens):
+    if (over := past_context(shape.context, setup.seq_len, setup.method, setup.prefix_tokens)) and s["packing"]:
+        notes.append(f"note: packed rows of {setup.seq_len} tokens: positions restart at each example, so only an "
+                     f"example longer than the model's context of {shape.context} passes it; --set max_seq_length="
+                     f"{over[1]} keeps every example within it")
+    elif over:
         notes.append(f"note: {over[0]} is beyond the model's context of {shape.context} (positions it never trained "
                      f"on); plan with --seq-len at most {over[1]}" if over[1] else
                      f"note: {over[0]} is beyond the model's context of {shape.context}: prefix_tokens alone fill it")

@@ -133,7 +133,9 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                            f"for a {human_count(n_params)}-parameter model ({cfg.method})",
                            fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
     out += attention_findings(cfg, device_memory_gb()[0]) + kernel_findings(cfg, device_memory_gb()[0])
-    out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, seq_len)
+    # packed rows restart positions at each example (data/collate.py): the longest example is what reaches the context
+    longest = min(seq_len, max(map(len, train_keys))) if cfg.packing and train_keys else seq_len
+    out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, longest)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world

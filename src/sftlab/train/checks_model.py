@@ -44,15 +44,27 @@ def kernel_findings(cfg: Config, device: str) -> list[Finding]:
 
 
 def context_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
-    """A warning where rows (after prefix tuning's virtual tokens) are longer than the model's context
+    """A warning where rows of ``seq_len`` tokens (with packing: the longest example, as positions restart at each
+    example of a packed row) after prefix tuning's virtual tokens are longer than the model's context
     (max_position_embeddings): positions past it were never trained (a model with learned positions has none)."""
     context = shape_from_config(model_cfg, cfg.model).context
     if (over := past_context(context, seq_len, cfg.method, int(cfg.prefix_tokens))) is None:
         return []
     fix = (f"--set max_seq_length={over[1]}" if over[1] else f"--set prefix_tokens={context // 2}")
-    return [_finding("max_seq_length", "warning", f"rows of up to {over[0]}{' (packed)' if cfg.packing else ''} are "
-                     f"longer than the model's context of {context} (max_position_embeddings): it never trained on "
-                     "the positions past it", fix)]
+    what = "examples (packed: positions restart at each)" if cfg.packing else "rows"  # data/collate.py
+    if _learned_positions(model_cfg):  # GPT-2, OPT: no embedding past the last position, an IndexError at the first step
+        return [_finding("max_seq_length", "error", f"{what} of up to {over[0]} are longer than the model's context of "
+                         f"{context}: its positions are learned, with no embedding past it, so the step fails", fix)]
+    return [_finding("max_seq_length", "warning", f"{what} of up to {over[0]} are longer than the model's context "
+                     f"of {context} (max_position_embeddings): it never trained on the positions past it", fix)]
+
+
+_ROTARY = ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct", "partial_rotary_factor")
+
+
+def _learned_positions(model_cfg) -> bool:
+    """A table of learned position embeddings (GPT-2, OPT), not rotary (Llama, Qwen, GPT-J) or ALiBi positions."""
+    return not any(hasattr(model_cfg, a) for a in _ROTARY) and not getattr(model_cfg, "alibi", False)
 
 
 def lora_rank_findings(cfg: Config, model_cfg) -> list[Finding]:
