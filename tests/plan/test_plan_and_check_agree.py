@@ -60,8 +60,10 @@ def test_the_plan_command_of_the_check_runs_with_the_users_overrides(tiny_model_
 def test_plan_takes_set_overrides_and_its_flags_win(capsys):
     assert main(["plan", "--set", "method=full", "--set", "max_seq_length=300", "--set", "batch_size=3",
                  "--device", "cpu", "--precision", "fp32", "--json"]) == 0
-    s = json.loads(capsys.readouterr().out)["setup"]
+    d = json.loads(capsys.readouterr().out)
+    s = d["setup"]
     assert (s["method"], s["seq_len"], s["batch"]) == ("full", 300, 3)
+    assert d["set"] == ["method=full", "max_seq_length=300", "batch_size=3"]  # what was planned, as --json says it
     assert main(["plan", "--set", "batch_size=3", "--batch", "5", "--device", "cpu", "--precision", "fp32", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["setup"]["batch"] == 5
     for bad, said in (("batch_size", "must look like key=value"), ("lr=1", "unknown config key 'lr'")):

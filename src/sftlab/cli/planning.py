@@ -204,7 +204,7 @@ def _cmd_plan(args) -> int:
                           budget_gb=args.budget_gb).estimate.total_bytes
     if args.json:
         _print_json({**plan.to_dict(), "precision_probe": probe.to_dict() if probe else None,
-                     "merged_total_bytes": merged, "liger_total_bytes": liger, "config": args.config, "notes": notes})
+                     "merged_total_bytes": merged, "liger_total_bytes": liger, "config": args.config, "set": args.set, "notes": notes})
     else:
         if args.config:
             print(f"planning the run of {args.config} ({'--set and ' if args.set else ''}flags override it)")
