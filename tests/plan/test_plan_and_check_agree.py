@@ -128,6 +128,8 @@ def test_prefix_tokens_count_towards_the_models_context(short_context_model, tmp
     assert d["budget"]["max_seq_len"] == 44  # the longest row offered leaves room for the prefix
     assert main([*base, "--seq-len", "44", "--set", "prefix_tokens=20"]) == 0
     out = capsys.readouterr().out
+    assert "setup: prefix, batch 4 x 44 tokens x accumulation 4, fp32 on cpu, adamw, checkpointing off, 20 virtual " \
+           "tokens;" in out  # the setup line said nothing of the prefix's length
     assert "beyond the model's context" not in out and "44 (the model's context after the prefix)" in out
     # the same rows without the prefix fit
     assert main([*base[:4], "lora", *base[5:], "--seq-len", "50", "--json"]) == 0

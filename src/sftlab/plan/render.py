@@ -57,6 +57,7 @@ def render_plan(plan: Plan) -> str:
         f"{' x accumulation ' + str(s['grad_accum']) if s['grad_accum'] > 1 else ''}, {s['precision']} on {s['device']}, "
         f"{s['optimizer']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
         + (f", LoRA r={s['lora_r']} alpha {s['lora_alpha']} dropout {s['lora_dropout']}" if s["method"] in ("lora", "qlora") else "")
+        + (f", {s['prefix_tokens']} virtual tokens" if s["method"] == "prefix" else "")
         + f"; {e.trainable_params:,} trainable parameters",
         "",
         f"peak memory: {gb(e.total_bytes)} (at the {e.peak_phase})",
