@@ -220,6 +220,8 @@ def test_recommend_with_no_examples_is_not_few_shot(capsys):
     assert d["approach"] == "prompt engineering" and d["rule"] == 1 and "no labelled examples" in d["reasons"][0]
     assert main(["recommend", "--examples", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["approach"] == "few-shot"
+    assert main(["recommend", "--examples", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reasons"][0].startswith("only 1 example: too few")
 
 
 def test_where_the_budget_search_stops_the_plan_says_or_more():

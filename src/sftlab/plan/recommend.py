@@ -79,11 +79,11 @@ def recommend(uc: UseCase) -> Recommendation:
                 "write clear instructions; with a few examples, few-shot prompting; with 50 or more, fine-tuning"])
         elif uc.complexity == "simple":
             rec = Recommendation("prompt engineering", 1, [
-                f"only {n} examples: too few to fine-tune without overfitting (under 50)",
+                f"only {n} example{'' if n == 1 else 's'}: too few to fine-tune without overfitting (under 50)",
                 "the task is simple, so clear instructions in the prompt should do"])
         else:
             rec = Recommendation("few-shot", 1, [
-                f"only {n} examples: too few to fine-tune without overfitting (under 50)",
+                f"only {n} example{'' if n == 1 else 's'}: too few to fine-tune without overfitting (under 50)",
                 f"the task is {uc.complexity}: put a handful of the examples in the prompt to show the pattern"])
     elif uc.domain_specific and not uc.strict_format and fast_changing:
         rec = Recommendation("RAG", 2, [
