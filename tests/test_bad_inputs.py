@@ -122,6 +122,14 @@ CASES = [
     ("config-invalid-yaml", lambda e: ["train", "bad.yaml", "--check"], 2, "bad.yaml", []),
     ("config-not-a-mapping", lambda e: ["train", "list.yaml", "--check"], 2, "list.yaml", []),
     ("config-unknown-key", lambda e: ["train", "unknown.yaml", "--check"], 2, "modle", []),
+    # a folder or binary file as the config or use case was an IsADirectoryError / UnicodeDecodeError traceback
+    ("config-is-a-folder", lambda e: ["train", "datadir", "--check"], 2, "config file 'datadir' cannot be read", []),
+    ("config-binary", lambda e: ["train", "binary.jsonl", "--check"], 2, "not UTF-8 text", []),
+    ("plan-config-is-a-folder", lambda e: ["plan", "datadir"], 2, "config file 'datadir' cannot be read", []),
+    ("plan-config-binary", lambda e: ["plan", "binary.jsonl"], 2, "not UTF-8 text", []),
+    ("plan-set-unknown-key", lambda e: ["plan", "--set", "modle=x"], 2, "modle", []),
+    ("recommend-use-case-is-a-folder", lambda e: ["recommend", "datadir"], 2, "use-case file datadir cannot be read", []),
+    ("recommend-use-case-binary", lambda e: ["recommend", "binary.jsonl"], 2, "not UTF-8 text", []),
     ("set-without-equals", lambda e: _train(e, "--set", "learning_rate", "--check"), 2, "learning_rate", []),
     ("set-unknown-key", lambda e: _train(e, "--set", "learning_rat=1", "--check"), 2, "learning_rat", []),
     ("set-wrong-type", lambda e: _train(e, "--set", "learning_rate=fast", "--check"), 2, "learning_rate", []),
@@ -139,6 +147,8 @@ CASES = [
     ("recommend-unknown-level", lambda e: ["recommend", "--examples", "10", "--compute", "huge"], 2, "compute", []),
     ("plan-model-and-params", lambda e: ["plan", "--model", e["model"], "--params", "7B"], 2, "not both", []),
     ("plan-bad-params", lambda e: ["plan", "--params", "lots"], 2, "lots", []),
+    # planned as a 32M model (one layer of the smallest typical shape), named "~1M"
+    ("plan-params-below-the-smallest-shape", lambda e: ["plan", "--params", "1M"], 2, "the smallest typical shape", []),
     # run folders that are not run folders
     ("diagnose-missing-run", lambda e: ["diagnose", "nothere"], 2, "nothere", []),
     ("report-missing-run", lambda e: ["report", "nothere"], 2, "nothere", []),

@@ -336,6 +336,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise SftlabError(f"config file '{path}' not found")
         try:
             loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not UTF-8 text
+            why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+            raise SftlabError(f"config file '{path}' cannot be read: {why}", hint="give a YAML file of config keys")
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""

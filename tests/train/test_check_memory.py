@@ -9,7 +9,7 @@ import pytest
 from conftest import train_config
 
 from sftlab.models import model_config
-from sftlab.train import checks
+from sftlab.train import checks, checks_model
 
 
 @pytest.fixture
@@ -63,7 +63,8 @@ def test_rows_longer_than_the_models_context_are_flagged(cfg, tiny_model_dir):
     mcfg = model_config(str(tiny_model_dir))  # max_position_embeddings 512
     assert checks.context_findings(cfg, mcfg, 512) == []
     [f] = checks.context_findings(dataclasses.replace(cfg, packing=True, max_seq_length=1024), mcfg, 1024)
-    assert f.severity == "warning" and "1024 tokens (packed) are longer than the model's context of 512" in f.message
+    assert f.severity == "warning" and f.message.startswith(
+        "examples (packed: positions restart at each) of up to 1024 tokens are longer than the model's context of 512")
     assert f.fixes == ["--set max_seq_length=512"]
 
 
@@ -75,6 +76,6 @@ def test_flash_attention_where_loading_would_refuse_it_is_a_check_error(cfg, mon
     assert f.severity == "error" and "needs a CUDA GPU" in f.message and f.fixes == ["--set attn_implementation=sdpa"]
     [f] = checks.attention_findings(dataclasses.replace(flash, precision="fp32"), "cuda")
     assert "needs bf16 or fp16" in f.message
-    monkeypatch.setattr(checks.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(checks_model.importlib.util, "find_spec", lambda name: object())
     assert checks.attention_findings(flash, "cuda") == []
     assert checks.attention_findings(cfg, "cpu") == []

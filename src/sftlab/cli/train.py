@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import sys
 
 from sftlab.cli.base import (
@@ -53,7 +54,7 @@ def _close_process_group(wait: bool) -> None:
             dist.destroy_process_group()
 
 
-def _check_and_find_lr(cfg, steps: int) -> int:
+def _check_and_find_lr(cfg, steps: int, args) -> int:
     """`train --check --find-lr`: the checklist, then the range test's curve and choice; nothing trained."""
     from sftlab.plan.auto import (
         describe_precision,  # deferred: the command pulls in torch; `sftlab --help` stays fast
@@ -68,6 +69,7 @@ def _check_and_find_lr(cfg, steps: int) -> int:
 
     with contextlib.redirect_stdout(sys.stderr):
         checked = train(cfg, check_only=True, quiet=True)
+    _name_plan_command(checked, args)
     if checked.get("auto"):
         print(checked["auto"])
     print(describe_precision(checked["resolved"]["precision"], checked.get("precision_probe")))
@@ -78,6 +80,22 @@ def _check_and_find_lr(cfg, steps: int) -> int:
         return rc
     print(describe_sweep(find_lr(cfg, steps=steps)))
     return 0
+
+
+def _name_plan_command(summary: dict, args) -> None:
+    """Put this command's config and overrides (as plan's --set) in place of CONFIG in the `sftlab plan`
+    command that the check's memory line and memory fixes point to, so that it runs as printed."""
+    from sftlab.train.checks import (
+        PLAN_CONFIG,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+
+    given = [f"{k}={v}" for k in args.config_keys if (v := getattr(args, k, None)) is not None]
+    words = ([args.config] if args.config else []) + [w for item in given + list(args.set) for w in ("--set", item)]
+    named = " ".join(["sftlab plan", *map(shlex.quote, words)])
+    if summary.get("memory"):
+        summary["memory"] = summary["memory"].replace(PLAN_CONFIG, named)
+    for f in summary.get("findings", []):
+        f["fixes"] = [fix.replace(PLAN_CONFIG, named) for fix in f.get("fixes", [])]
 
 
 def _cmd_train(args) -> int:
@@ -111,7 +129,7 @@ def _cmd_train(args) -> int:
                           hint="drop --find-lr to resume, or start a new run folder")
     try:
         if args.check and args.find_lr is not None:
-            return _check_and_find_lr(cfg, args.find_lr)
+            return _check_and_find_lr(cfg, args.find_lr, args)
         if args.find_lr is not None:
             from sftlab.train.find_lr import (
                 train_with_found_lr,  # deferred: the command pulls in torch; `sftlab --help` stays fast
@@ -134,6 +152,8 @@ def _cmd_train(args) -> int:
         _close_process_group(wait=False)  # no barrier: the other processes may never reach it
         raise
     _close_process_group(wait=True)
+    if args.check:
+        _name_plan_command(summary, args)
     if args.json and args.check:
         _print_json(summary)
         return 2 if any(f["severity"] == "error" for f in summary["findings"]) else 0

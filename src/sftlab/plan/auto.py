@@ -23,7 +23,8 @@ from sftlab.config import Config
 from sftlab.core.hardware import PrecisionProbe, device_memory_gb, probe_precision
 from sftlab.models import DEFAULT_MODEL
 from sftlab.plan.memory import TrainSetup, estimate_memory
-from sftlab.plan.shapes import shape_from_config
+from sftlab.plan.setup import lora_targets
+from sftlab.plan.shapes import human_count, shape_from_config
 
 
 def lr_for_size(n_params: float, method: str) -> float:
@@ -138,6 +139,7 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
     setup = TrainSetup(method=cfg.method, grad_accum=max(1, grad_accum),
                        batch=batch, seq_len=seq_len, gradient_checkpointing=checkpointing,
                        device=device, lora_r=cfg.lora_r, prefix_tokens=cfg.prefix_tokens,
+                       lora_targets=lora_targets(cfg.lora_target_modules),
                        precision=cfg.precision if cfg.precision in ("bf16", "fp16", "fp32") else "auto",
                        optimizer=cfg.optimizer,  # bitsandbytes keeps 8-bit Adam state on a CPU too (0.50: uint8 + absmax)
                        lora_dropout=cfg.lora_dropout, ewc=cfg.ewc_lambda > 0,
@@ -148,6 +150,10 @@ def estimated_bytes(cfg: Config, model_cfg, *, batch: int, seq_len: int, checkpo
                        liger_kernels=cfg.liger_kernels is True and device == "cuda",
                        fused_loss=cfg.fused_loss is True and device == "cuda")
     return estimate_memory(shape, setup).total_bytes
+
+
+PREFIX_NO_CHECKPOINTING = ("gradient checkpointing does not work with prefix tuning: transformers drops the "
+                           "prefix's keys and values from a checkpointed layer, and the step fails")
 
 
 def choose_precision(device: str, probe: PrecisionProbe | None, *, cuda_bf16: bool = True) -> str:
@@ -186,14 +192,16 @@ def describe_auto(cfg: Config, resolved: Config, *, n_params: float, n_examples:
     nothing was `auto`."""
     why = {
         "epochs": f"{n_examples} examples",
-        "learning_rate": f"the {cfg.method} table for {n_params / 1e6:,.0f}M parameters at a global batch of "
-                         f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}",
+        "learning_rate": f"the {cfg.method} table for {human_count(n_params)} parameters at a global batch of "
+                         f"{int(resolved.batch_size) * int(resolved.gradient_accumulation)}"
+                         + (f" and a LoRA scale alpha/r of {cfg.lora_alpha / cfg.lora_r:g}" if cfg.method in ("lora", "qlora")
+                            and cfg.lora_alpha / cfg.lora_r != REFERENCE_LORA_SCALE else ""),
         "precision": f"bf16 {probe['bf16_speedup']:.2f}x fp32 on this CPU" if probe else "",
         "batch_size": batch or "",
         "gradient_accumulation": f"a global batch of about {auto_global_batch(n_examples)}"
                                  + (f" for {n_examples} examples" if auto_global_batch(n_examples) < AUTO_GLOBAL_BATCH else ""),
         "gradient_checkpointing": "the estimate would not fit without it" if resolved.gradient_checkpointing
-                                  else "fits without it",
+                                  else "prefix tuning runs without it" if cfg.method == "prefix" else "fits without it",
     }
     parts = []
     for key in ("epochs", "batch_size", "gradient_accumulation", "learning_rate", "precision", "gradient_checkpointing"):
@@ -256,9 +264,10 @@ def resolve_auto(cfg: Config, *, n_params: int, n_examples: int, model_cfg, seq_
     if out.gradient_checkpointing == "auto":
         need = estimated_bytes(out, model_cfg, batch=int(out.batch_size), seq_len=seq_len, checkpointing=False,
                                device=device)
-        out.gradient_checkpointing = need > 0.9 * mem_gb * 2**30
+        # prefix tuning cannot run with it (PREFIX_NO_CHECKPOINTING): off, and the memory check says if it does not fit
+        out.gradient_checkpointing = need > 0.9 * mem_gb * 2**30 and cfg.method != "prefix"
     return out
 
 
-__all__ = ["REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "auto_batch", "auto_global_batch", "batch_for_memory", "choose_precision",
+__all__ = ["PREFIX_NO_CHECKPOINTING", "REFERENCE_BATCH", "REFERENCE_LORA_SCALE", "auto_learning_rate", "auto_batch", "auto_global_batch", "batch_for_memory", "choose_precision",
            "describe_auto", "describe_precision", "epochs_for_data", "estimated_bytes", "lr_for_size", "resolve_auto", "resolve_precision"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from sftlab import qlora
-from sftlab.config import field_default
 from sftlab.core.errors import SftlabError
 from sftlab.core.hardware import device_memory_gb, device_name
 from sftlab.plan.auto import auto_learning_rate, resolve_precision
@@ -22,7 +21,7 @@ from sftlab.plan.memory import (
     max_batch,
     max_seq_len,
 )
-from sftlab.plan.shapes import ModelShape
+from sftlab.plan.shapes import ModelShape, longest_row
 
 # Usable memory of common training GPUs, in GB as sold (1e9 bytes): RTX 3090/4090/A10 (24),
 # A100-40GB (40), A6000/L40S (48), A100/H100-80GB (80), H200 (141).
@@ -102,11 +101,12 @@ def _cheaper_methods(method: str, device: str) -> list[str]:
 
 
 def _lr(shape: ModelShape, method: str, setup: TrainSetup, effective: int) -> float:
-    """The learning rate `learning_rate: auto` gives this method, model and global batch (default lora_alpha)."""
+    """The learning rate `learning_rate: auto` gives this method, model, global batch and LoRA scale."""
     return auto_learning_rate(shape.params, method, global_batch=effective, lora_r=setup.lora_r,
-                              lora_alpha=field_default("lora_alpha"))
+                              lora_alpha=setup.lora_alpha)
 
 
+_FIXED = ("cuda_context", "overhead", "process baseline")  # what a step holds whatever the model's size and rows
 HEADROOM = 0.9  # a recommendation leaves 10% of the budget for estimate error and fragmentation
 
 
@@ -120,7 +120,8 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
     full_budget, budget_bytes = budget_bytes, budget_bytes * headroom
     effective = setup.batch * setup.grad_accum
     for method in _cheaper_methods(setup.method, setup.device):
-        for ckpt in ([True] if setup.gradient_checkpointing else [False, True]):
+        # prefix tuning cannot run checkpointed (auto.PREFIX_NO_CHECKPOINTING)
+        for ckpt in ([False] if method == "prefix" else [True] if setup.gradient_checkpointing else [False, True]):
             base = replace(setup, method=method, gradient_checkpointing=ckpt, batch=effective, grad_accum=1)
             if estimate_memory(shape, base).total_bytes <= budget_bytes:
                 micro, accum = effective, 1
@@ -133,7 +134,7 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
             final = replace(base, batch=micro, grad_accum=accum)
             notes = []
             if method != setup.method:
-                notes.append(f"{setup.method} does not fit {full_budget / GB:.0f} GB at {setup.seq_len} tokens; {method} does")
+                notes.append(f"{setup.method} does not fit {full_budget / GB:.3g} GB at {setup.seq_len} tokens; {method} does")
             if ckpt and not setup.gradient_checkpointing:
                 notes.append("gradient checkpointing on: activations are recomputed in backward (about 30% slower)")
             if accum > 1:
@@ -143,14 +144,24 @@ def recommend_config(shape: ModelShape, setup: TrainSetup, budget_bytes: float, 
                                int(full_budget), estimate_memory(shape, final).total_bytes, notes)
     notes = []
     last = _cheaper_methods(setup.method, setup.device)[-1]
-    longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=True),
-                          budget_bytes, limit=min(setup.seq_len, shape.context or setup.seq_len))  # not past the context
-    notes.append(f"nothing fits {full_budget / GB:.0f} GB at {setup.seq_len} tokens, even {last} with batch 1 "
-                 f"and checkpointing" + (f"; the longest that fits is {longest} tokens" if longest else "")
-                 + (" (the model's context)" if longest and longest == shape.context else "")
+    within, ckpt = longest_row(shape.context, last, setup.prefix_tokens), last != "prefix"  # not past the context
+    longest = max_seq_len(shape, replace(setup, method=last, batch=1, grad_accum=1, gradient_checkpointing=ckpt),
+                          budget_bytes, limit=min(setup.seq_len, within))
+    floor = estimate_memory(shape, replace(setup, method=last, batch=1, seq_len=1, grad_accum=1, gradient_checkpointing=ckpt))
+    fixed = sum(v for k, v in floor.breakdown.items() if k in _FIXED)
+    if not longest and fixed > budget_bytes:  # sharding or a smaller model cannot help: the budget is below the fixed part
+        what = "process baseline and framework overhead" if setup.device == "cpu" else "CUDA context and framework overhead"
+        notes.append(f"nothing fits {full_budget / GB:.3g} GB at any length: the {what} alone take {fixed / GB:.3g} GB "
+                     f"(a step of {last} with batch 1 needs at least {floor.total_bytes / GB:.3g} GB); give a larger budget")
+        return Recommended(False, last, 1, effective, ckpt, _lr(shape, last, setup, effective), setup.seq_len,
+                           int(full_budget), None, notes)
+    notes.append(f"nothing fits {full_budget / GB:.3g} GB at {setup.seq_len} tokens, even {last} with batch 1"
+                 + (" and checkpointing" if ckpt else "") + (f"; the longest that fits is {longest} tokens" if longest else "")
+                 + (f" (the model's context{' after the prefix' if within < shape.context else ''})"
+                    if longest and longest == within else "")
                  + ("; use a machine with more memory, a smaller model or shorter rows" if setup.device == "cpu" else
                     "; shard over GPUs (FSDP/DeepSpeed ZeRO-3) or offload optimizer state"))
-    return Recommended(False, last, 1, effective, True, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
+    return Recommended(False, last, 1, effective, ckpt, _lr(shape, last, setup, effective), setup.seq_len, int(full_budget),
                        None, notes)
 
 
@@ -195,6 +206,6 @@ def make_plan(shape: ModelShape, setup: TrainSetup, budget_gb: float | None = No
                    "max_batch": max_batch(shape, replace(setup, grad_accum=1), budget),
                    # no longer than the model's context: beyond it the positions were never trained
                    "max_seq_len": max_seq_len(shape, replace(setup, grad_accum=1), budget,
-                                              limit=shape.context or 1 << 20)}
+                                              limit=longest_row(shape.context, setup.method, setup.prefix_tokens))}
     return Plan(model=shape.to_dict(), estimate=est, fits=fits(shape, setup, m),
                 recommended=recommend_config(shape, setup, budget), budget=budget_info)

@@ -50,7 +50,7 @@ from sftlab.plan.setup import (
     attention_kernel,
     dtype_bytes,
 )
-from sftlab.plan.shapes import ModelShape
+from sftlab.plan.shapes import SEQ_LIMIT, ModelShape
 
 GB = 1e9
 # On CPU: kernel-library code paged in on first use, thread pools and small-block allocator slack, seen
@@ -355,7 +355,7 @@ def static_bytes_per_param(shape: ModelShape, setup: TrainSetup) -> float:
 
 def _largest(fits, limit: int) -> int:
     """Largest n in [1, limit] with fits(n) true, for a monotone fits; 0 when fits(1) is false."""
-    if not fits(1):
+    if limit < 1 or not fits(1):
         return 0
     lo, hi = 1, 2
     while hi <= limit and fits(hi):
@@ -367,12 +367,15 @@ def _largest(fits, limit: int) -> int:
     return lo
 
 
-def max_batch(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit: int = 1 << 16) -> int:
+BATCH_LIMIT = 1 << 16  # the largest micro-batch a plan searches
+
+
+def max_batch(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit: int = BATCH_LIMIT) -> int:
     """Largest micro-batch that fits ``budget_bytes`` at ``setup.seq_len``; 0 when none does."""
     return _largest(lambda n: estimate_memory(shape, replace(setup, batch=n)).total_bytes <= budget_bytes, limit)
 
 
-def max_seq_len(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit: int = 1 << 20) -> int:
+def max_seq_len(shape: ModelShape, setup: TrainSetup, budget_bytes: float, limit: int = SEQ_LIMIT) -> int:
     """Largest sequence length that fits ``budget_bytes`` at ``setup.batch``; 0 when none does."""
     return _largest(lambda n: estimate_memory(shape, replace(setup, seq_len=n)).total_bytes <= budget_bytes, limit)
 

@@ -2,7 +2,7 @@
 
 The rules are the usual decision framework, checked in order; the first that matches decides:
 
-1. fewer than 50 examples: prompt engineering for a simple task, few-shot prompting otherwise;
+1. fewer than 50 examples: prompt engineering for a simple task (or without examples), few-shot prompting otherwise;
 2. knowledge-heavy (domain-specific), no strict output format, and the knowledge changes daily or
    weekly: RAG (retrieval keeps answers current without retraining);
 3. low compute and 100 or more examples: PEFT (LoRA/QLoRA);
@@ -73,13 +73,17 @@ def recommend(uc: UseCase) -> Recommendation:
     n = uc.examples
     fast_changing = uc.knowledge_updates in ("daily", "weekly")
     if n < 50:
-        if uc.complexity == "simple":
+        if n == 0:  # few-shot needs examples to show
             rec = Recommendation("prompt engineering", 1, [
-                f"only {n} examples: too few to fine-tune without overfitting (under 50)",
+                "no labelled examples: nothing to fine-tune on, nor to show in the prompt",
+                "write clear instructions; with a few examples, few-shot prompting; with 50 or more, fine-tuning"])
+        elif uc.complexity == "simple":
+            rec = Recommendation("prompt engineering", 1, [
+                f"only {n} example{'' if n == 1 else 's'}: too few to fine-tune without overfitting (under 50)",
                 "the task is simple, so clear instructions in the prompt should do"])
         else:
             rec = Recommendation("few-shot", 1, [
-                f"only {n} examples: too few to fine-tune without overfitting (under 50)",
+                f"only {n} example{'' if n == 1 else 's'}: too few to fine-tune without overfitting (under 50)",
                 f"the task is {uc.complexity}: put a handful of the examples in the prompt to show the pattern"])
     elif uc.domain_specific and not uc.strict_format and fast_changing:
         rec = Recommendation("RAG", 2, [
@@ -142,6 +146,9 @@ def load_use_case(path: str | Path | None = None, overrides: dict | None = None)
             raw = yaml.load(p.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         except FileNotFoundError:
             raise SftlabError(f"use-case file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not UTF-8 text
+            why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+            raise SftlabError(f"use-case file {p} cannot be read: {why}", hint="give a YAML file of use-case keys") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from sftlab.plan.fit import Plan
+from sftlab.plan.memory import BATCH_LIMIT
 from sftlab.plan.recommend import Recommendation
+from sftlab.plan.shapes import SEQ_LIMIT, human_count, longest_row
 
 _PART_NAMES = {
     "weights": "weights",
@@ -48,13 +50,14 @@ def render_recommendation(rec: Recommendation) -> str:
 def render_plan(plan: Plan) -> str:
     e, s, m = plan.estimate, plan.estimate.setup, plan.model
     lines = [
-        f"model: {m['name']}: {m['params'] / 1e6:,.0f}M parameters, {m['n_layers']} layers, hidden {m['hidden']}, "
+        f"model: {m['name']}: {human_count(m['params'])} parameters, {m['n_layers']} layers, hidden {m['hidden']}, "
         f"{m['n_heads']} heads ({m['n_kv_heads']} key-value), intermediate {m['intermediate']}, vocabulary {m['vocab']}"
         f"{', tied embeddings' if m['tied_embeddings'] else ''}",
         f"setup: {s['method']}, batch {s['batch']} x {s['seq_len']} tokens"
         f"{' x accumulation ' + str(s['grad_accum']) if s['grad_accum'] > 1 else ''}, {s['precision']} on {s['device']}, "
         f"{s['optimizer']}, checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
-        + (f", LoRA r={s['lora_r']} dropout {s['lora_dropout']}" if s["method"] in ("lora", "qlora") else "")
+        + (f", LoRA r={s['lora_r']} alpha {s['lora_alpha']} dropout {s['lora_dropout']}" if s["method"] in ("lora", "qlora") else "")
+        + (f", {s['prefix_tokens']} virtual tokens" if s["method"] == "prefix" else "")
         + f"; {e.trainable_params:,} trainable parameters",
         "",
         f"peak memory: {gb(e.total_bytes)} (at the {e.peak_phase})",
@@ -82,13 +85,13 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  {mark}  {name}: needs {gb(f['needed_bytes'])} of {gb(f['capacity_bytes'])}{extra}")
     b = plan.budget
     lines.append("")
-    capped = m.get("context") and b["max_seq_len"] == m["context"]
-    lines.append(f"budget {gb(b['bytes'])} ({b['source']}): largest batch at {s['seq_len']} tokens: {b['max_batch'] or 'none'}; "
-                 f"longest sequence at batch {s['batch']}: {b['max_seq_len'] or 'none'}"
-                 + (" (the model's context)" if capped else ""))
-    if m.get("context") and s["seq_len"] > m["context"]:
-        lines.append(f"note: {s['seq_len']} tokens is beyond the model's context of {m['context']} (positions it never "
-                     "trained on); plan with --seq-len at most that")
+    within = longest_row(m.get("context") or 0, s["method"], s["prefix_tokens"])
+    capped = m.get("context") and b["max_seq_len"] == within
+    # where the search stops, the budget holds that much at least
+    lines.append(f"budget {gb(b['bytes'])} ({b['source']}): largest batch at {s['seq_len']} tokens: {b['max_batch'] or 'none'}"
+                 f"{' or more' if b['max_batch'] == BATCH_LIMIT else ''}; longest sequence at batch {s['batch']}: "
+                 f"{b['max_seq_len'] or 'none'}{' or more' if b['max_seq_len'] == SEQ_LIMIT else ''}"
+                 + ((" (the model's context" + (" after the prefix)" if within < m["context"] else ")")) if capped else ""))
     r = plan.recommended
     if r.fits:
         lines.append(f"recommended: {r.method}, batch {r.batch} x accumulation {r.grad_accum}, checkpointing "

@@ -23,6 +23,14 @@ DEVICES = ("cuda", "cpu")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def lora_targets(modules: str) -> tuple[str, ...]:
+    """The layers a LoRA estimate adapts for ``lora_target_modules`` (the config's: all-linear, or names, comma
+    separated): the Llama block's linears it names; all of them for all-linear, or for names of another
+    architecture (c_attn, ...), whose layers the Llama-style shape stands in for."""
+    named = tuple(dict.fromkeys(t.strip() for t in str(modules).split(",") if t.strip() in ALL_LINEAR))
+    return named or ALL_LINEAR
+
+
 @dataclass(frozen=True)
 class TrainSetup:
     """One training configuration. ``batch`` is the micro-batch, ``seq_len`` tokens per row."""
@@ -36,6 +44,7 @@ class TrainSetup:
     grad_accum: int = 1
     device: str = "cuda"
     lora_r: int = 16
+    lora_alpha: int = 32  # the adapter's scale alpha / r: no memory, but `learning_rate: auto` follows it
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ALL_LINEAR
     prefix_tokens: int = 20
@@ -81,7 +90,7 @@ def validate_setup(s: TrainSetup) -> None:
                                  ("precision", s.precision, PRECISIONS), ("device", s.device, DEVICES)):
         if value not in allowed:
             raise SftlabError(f"unknown {name} {value!r}", hint=f"use one of: {', '.join(allowed)}")
-    for name in ("batch", "seq_len", "grad_accum", "lora_r", "prefix_tokens", "loss_chunk"):
+    for name in ("batch", "seq_len", "grad_accum", "lora_r", "lora_alpha", "prefix_tokens", "loss_chunk"):
         if int(getattr(s, name)) < 1:
             raise SftlabError(f"{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if not 0.0 < s.trained_fraction <= 1.0:
@@ -137,4 +146,4 @@ def attention_kernel(shape: ModelShape, s: TrainSetup) -> str:
 
 
 __all__ = ["ALL_LINEAR", "ATTENTION", "DEVICES", "METHODS", "OPTIMIZERS", "PRECISIONS", "Bytes", "TrainSetup",
-           "attention_kernel", "dtype_bytes", "validate_setup"]
+           "attention_kernel", "dtype_bytes", "lora_targets", "validate_setup"]

@@ -16,6 +16,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.models import model_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+SEQ_LIMIT = 1 << 20  # the longest row a plan searches (where the model's context is unknown)
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,17 @@ def shape_from_params(n_params: int | str) -> ModelShape:
     n = parse_param_count(n_params)
     ref = min(_KNOWN.values(), key=lambda s: abs(math.log(s.params / n)))
     if abs(math.log(ref.params / n)) < math.log(1.15):  # "7B" means Llama-2-7B's 6.7B, not a 33-layer variant
-        return replace(ref, name=f"~{_human_count(n)} (typical shape: {ref.name})")
+        return replace(ref, name=f"~{human_count(n)} (typical shape: {ref.name})")
     per_layer = ref.layer_linear_params + 2 * ref.hidden
     layers = max(1, round((n - ref.embedding_params - ref.hidden) / per_layer))
-    label = f"~{_human_count(n)} (typical shape: {ref.name}" + ("" if layers == ref.n_layers else f", {layers} layers") + ")"
-    return replace(ref, name=label, n_layers=layers)
+    label = f"~{human_count(n)} (typical shape: {ref.name}" + ("" if layers == ref.n_layers else f", {layers} layers") + ")"
+    shape = replace(ref, name=label, n_layers=layers)
+    if abs(math.log(shape.params / n)) >= math.log(1.15):  # under ~40M: one layer's embedding alone is more
+        raise SftlabError(f"--params {n_params}: the smallest typical shape ({ref.name}, {layers} layer"
+                          f"{'' if layers == 1 else 's'}) has {human_count(shape.params)} parameters, its embedding "
+                          f"alone {human_count(ref.embedding_params)}",
+                          hint="plan a model this small by its config: --model FOLDER (a config.json is enough)")
+    return shape
 
 
 def shape_from_config(config, name: str = "model") -> ModelShape:
@@ -145,6 +152,39 @@ def shape_from_config(config, name: str = "model") -> ModelShape:
     return ModelShape(name, layers, hidden, heads, kv, inter, vocab, tied, head_dim, context)
 
 
+def longest_row(context: int, method: str, prefix_tokens: int) -> int:
+    """The most tokens a row can have within the model's ``context`` (0: unknown, :data:`SEQ_LIMIT`): prefix
+    tuning's virtual tokens take the first positions (the row's tokens come after them); 0 when none fit."""
+    if not context:
+        return SEQ_LIMIT
+    return max(0, context - (int(prefix_tokens) if method == "prefix" else 0))
+
+
+def past_context(context: int, seq_len: int, method: str, prefix_tokens: int) -> tuple[str, int] | None:
+    """Where rows of ``seq_len`` tokens (after prefix tuning's virtual tokens) run past the model's context
+    (max_position_embeddings), positions it never trained on: (what the rows take, in words; the longest row
+    that fits, :func:`longest_row`), else None. The one rule of `sftlab plan`'s note and `train --check`'s."""
+    longest = longest_row(context, method, prefix_tokens)
+    if not context or seq_len <= longest:
+        return None
+    prefix = f" after {prefix_tokens} virtual tokens (prefix_tokens)" if method == "prefix" else ""
+    return f"{seq_len} tokens{prefix}", longest
+
+
+def lora_rank_past_width(shape: ModelShape, lora_r: int, targets, has_layer=lambda name: True) -> tuple[str, int] | None:
+    """Where ``lora_r`` is above the width (the smaller of in and out features) of the narrowest layer of
+    ``targets`` it adapts: (why, a rank to use instead), else None. The one rule of `sftlab plan`'s note and
+    `train --check`'s warning; ``has_layer(name)`` false: the model names its layers otherwise (GPT-2's
+    c_attn, ...), so the layer is not named."""
+    widths = [(min(shape.linear_shapes()[t]), t) for t in targets if t in shape.linear_shapes()]
+    if not widths or lora_r <= min(widths)[0]:
+        return None
+    narrow, name = min(widths)
+    layer = f"{name}'s width of {narrow}" if has_layer(name) else f"the width of its narrowest adapted layer, {narrow}"
+    return (f"lora_r {lora_r} is above {layer}: a LoRA update's rank cannot exceed it, so the extra rank only "
+            "costs memory", min(narrow, 64))
+
+
 def load_shape(model: str) -> ModelShape:
     """Shape of ``model``: a local HF folder, a .gguf file, the embedded default, a name from the table
     of typical shapes (``llama-2-7b``, ...), or a hub id already cached. Reads the config, never weights.
@@ -162,7 +202,7 @@ def load_shape(model: str) -> ModelShape:
         raise
 
 
-def _human_count(n: float) -> str:
+def human_count(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.3g}{unit}"

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,6 +27,16 @@ from sftlab.plan.auto import (
     lr_for_size,
 )
 from sftlab.plan.render import gb
+from sftlab.plan.shapes import (
+    human_count,
+)
+from sftlab.train.checks_model import (
+    attention_findings,
+    context_findings,
+    kernel_findings,
+    lora_rank_findings,
+    method_findings,
+)
 from sftlab.train.distributed import is_global_main
 
 
@@ -59,7 +68,22 @@ def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
     return (f"memory: about {gb(need)} at the peak of a step (micro-batch {batch} x {seq_len} tokens"
             f"{f' x accumulation {accum}' if accum > 1 else ''}, {cfg.precision}, checkpointing "
             f"{'on' if cfg.gradient_checkpointing else 'off'}) of {gb(mem_gb * 2**30)} {where} "
-            f"(`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down)")
+            f"(`{plan_command(cfg, device, seq_len)}` breaks it down)")
+
+
+PLAN_CONFIG = "sftlab plan CONFIG"  # `train --check` puts the user's config and overrides in place of CONFIG
+
+
+def plan_command(cfg: Config, device: str, seq_len: int) -> str:
+    """The `sftlab plan` command that estimates the step of ``cfg`` (resolved) as :func:`step_bytes` does:
+    the step's micro-batch, accumulation, precision and checkpointing as flags, which win over the config;
+    liger-kernel and flash attention off where the estimate leaves them out (they cannot run there)."""
+    batch, accum = step_shape(cfg)
+    liger = device != "cuda" and True in (cfg.liger_kernels, cfg.fused_loss)
+    flash = cfg.attn_implementation == "flash_attention_2" and (device != "cuda" or cfg.precision == "fp32")
+    return (f"{PLAN_CONFIG} --device {device} --seq-len {seq_len} --batch {batch} --grad-accum {accum} "
+            f"--precision {cfg.precision} --{'' if cfg.gradient_checkpointing else 'no-'}gradient-checkpointing"
+            + (" --no-liger" if liger else "") + (" --attention sdpa" if flash else ""))
 
 
 def _fits_with(cfg: Config, model_cfg, seq_len: int, device: str, budget: float, **changes) -> bool:
@@ -82,42 +106,17 @@ def memory_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
     if micro >= 1:
         fixes.append(f"--set batch_size={micro} --set gradient_accumulation={-(-batch * accum // micro)}"
                      + (" --set merge_micro_batches=false" if unmerge else "") + " (the same global batch)")
-    if not cfg.gradient_checkpointing:
+    if not cfg.gradient_checkpointing and cfg.method != "prefix":  # prefix tuning cannot run with it
         fixes.append("--set gradient_checkpointing=true")
     if not fixes:
         cheaper = {"full": " or --set method=lora (or qlora)", "lora": " or --set method=qlora"}.get(cfg.method, "")
         fixes.append(f"lower max_seq_length (now {cfg.max_seq_length}){cheaper}")
-    fixes.append(f"`sftlab plan CONFIG --device {device} --seq-len {seq_len}` breaks it down and recommends what fits")
+    fixes.append(f"`{plan_command(cfg, device, seq_len)}` breaks it down and recommends what fits")
     sharded = cfg.fsdp or cfg.deepspeed  # the estimate is of one process holding everything: not a verdict
     return [Finding("memory", "warning" if sharded else "error", f"micro-batch {batch} x {seq_len} tokens needs about "
                     f"{gb(need)} at the peak of a step, {gb(budget)} {'GPU memory' if device == 'cuda' else 'free RAM'} "
                     "available" + (" (unsharded: fsdp/deepspeed split it over the GPUs, not estimated)" if sharded else ""),
                     fixes=fixes)]
-
-
-def attention_findings(cfg: Config, device: str) -> list[Finding]:
-    """flash_attention_2 where loading the model refuses it: without the flash-attn package, off CUDA, in fp32."""
-    if cfg.attn_implementation != "flash_attention_2":
-        return []
-    why = ("a CUDA GPU" if device != "cuda" else "bf16 or fp16" if cfg.precision == "fp32"
-           else "the flash-attn package" if importlib.util.find_spec("flash_attn") is None else None)
-    if why is None:
-        return []
-    return [_finding("attn_implementation", "error", f"attn_implementation flash_attention_2 needs {why} "
-                     f"(here: {cfg.precision} on {device}); loading the model would fail",
-                     "--set attn_implementation=sdpa")]
-
-
-def context_findings(cfg: Config, model_cfg, seq_len: int) -> list[Finding]:
-    """A warning where rows are longer than the model's context (max_position_embeddings): positions past
-    it were never trained (and a model with learned positions has none to look up)."""
-    context = int(getattr(model_cfg, "max_position_embeddings", 0) or getattr(model_cfg, "n_positions", 0) or 0)
-    if not context or seq_len <= context:
-        return []
-    return [_finding("max_seq_length", "warning", f"rows of up to {seq_len} tokens"
-                     f"{' (packed)' if cfg.packing else ''} are longer than the model's context of {context} "
-                     "(max_position_embeddings): it never trained on the positions past it",
-                     f"--set max_seq_length={context}")]
 
 
 def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, model_cfg,
@@ -131,10 +130,12 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
     lo, hi = ref / 10, ref * 10  # the table is per method: an order of magnitude either way is unusual
     if not lo <= lr <= hi:
         out.append(Finding("learning_rate", "warning", f"learning rate {lr:g} is outside the usual range {lo:g}..{hi:g} "
-                           f"for a {n_params / 1e9:.2g}B model ({cfg.method})",
+                           f"for a {human_count(n_params)}-parameter model ({cfg.method})",
                            fixes=[f"--set learning_rate={ref:g}", "sftlab train ... --check --find-lr (measure it)"]))
-    out += attention_findings(cfg, device_memory_gb()[0])
-    out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, seq_len)
+    out += attention_findings(cfg, device_memory_gb()[0]) + kernel_findings(cfg, device_memory_gb()[0])
+    # packed rows restart positions at each example (data/collate.py): the longest example is what reaches the context
+    longest = min(seq_len, max(map(len, train_keys))) if cfg.packing and train_keys else seq_len
+    out += memory_findings(cfg, model_cfg, seq_len) + context_findings(cfg, model_cfg, longest)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = int(cfg.batch_size) * int(cfg.gradient_accumulation) * world
@@ -154,7 +155,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                            f"({steps_per_epoch} optimizer steps per epoch)", fix))
     out += warmup_findings(cfg, total_steps) + max_steps_findings(cfg, steps_per_epoch)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
-    out += method_findings(cfg, model_cfg)
+    out += method_findings(cfg, model_cfg) + lora_rank_findings(cfg, model_cfg)
     if cfg.weight_decay > 0.1:
         out.append(_finding("weight_decay", "warning", f"weight decay {cfg.weight_decay:g} is high for fine-tuning", "--set weight_decay=0.01"))
     if eval_keys:
@@ -211,19 +212,6 @@ def eval_step_findings(cfg: Config, total_steps: int, has_eval: bool) -> list[Fi
                      f"--set eval_steps={max(1, total_steps // 5)} to evaluate during the run")]
 
 
-def _module_names(model_cfg, trust_remote_code: bool) -> dict[str, str]:
-    """Every module of the model ``model_cfg`` describes (name -> class name), built on the meta device
-    (no weights)."""
-    import torch  # deferred: heavy library, imported on first use
-    from transformers import (
-        AutoModelForCausalLM,  # deferred: heavy library, imported on first use
-    )
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_cfg, trust_remote_code=trust_remote_code)
-    return {name: type(m).__name__ for name, m in model.named_modules()}
-
-
 def warmup_steps(cfg: Config, total_steps: int) -> int:
     """The warmup's optimizer steps, as transformers counts them: ceil(total x warmup_ratio) (its
     ``get_warmup_steps`` for a ratio below 1); none under the constant schedule, which has no warmup."""
@@ -255,31 +243,6 @@ def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:
             else f"is {warmup / total_steps:.0%} of the run")
     return [_finding("warmup", "warning", f"warmup ({warmup} of {total_steps} steps) {what}, and step 1 trains at "
                      "lr 0", "--set warmup_ratio=0 for a run this short, or train longer")]
-
-
-def method_findings(cfg: Config, model_cfg) -> list[Finding]:
-    """What the method refuses once the model is loaded: packing with prefix tuning (its virtual tokens
-    break packed rows), LoRA target modules the model does not have (a warning when only some are
-    missing: peft adapts the others)."""
-    if cfg.method == "prefix" and cfg.packing:
-        return [_finding("packing", "error", "packing does not work with prefix tuning", "--set packing=false")]
-    if cfg.method not in ("lora", "qlora") or cfg.lora_target_modules == "all-linear":
-        return []
-    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
-    try:
-        names = _module_names(model_cfg, cfg.trust_remote_code)
-    except Exception:  # a model transformers cannot build from its config: loading it says why, in one line
-        return []
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if not missing:
-        return []
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind in ("Linear", "Conv1D")} - {"lm_head"})
-    fix = f"--set lora_target_modules={','.join(leaves) + ' or all-linear' if leaves else 'all-linear'}"
-    if len(missing) == len(targets):
-        return [_finding("lora_target_modules", "error", f"lora_target_modules: the model has no module "
-                         f"{', '.join(missing)}", fix)]
-    return [_finding("lora_target_modules", "warning", f"lora_target_modules: the model has no module "
-                     f"{', '.join(missing)}; LoRA adapts only the others", fix)]
 
 
 # -- what the run hits before its first step: the run folder, resume, the step count ----------------

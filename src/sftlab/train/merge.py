@@ -25,6 +25,7 @@ from sftlab.core.attention import AttentionSwitch
 from sftlab.core.hardware import device_memory_gb, machine_key
 from sftlab.core.io import cached_entry, store_entry
 from sftlab.plan.auto import estimated_bytes
+from sftlab.plan.render import gb
 from sftlab.train.checks import memory_line
 from sftlab.train.distributed import world_size
 from sftlab.train.trainer import forward_loss
@@ -147,8 +148,9 @@ def _before_trial(rc: Config, model_cfg, *, on_gpu: bool, world_size: int, seq_l
                            checkpointing=bool(rc.gradient_checkpointing), device="cpu")
     budget = device_memory_gb()[1] * 2**30
     if need > FIT * budget:
-        return dataclasses.replace(as_set, reason=f"a micro-batch of {b * ga} would need {need / 2**30:.1f} GiB "
-                                                  f"(over {FIT:.0%} of {budget / 2**30:.1f} GiB)")
+        # in GB as the memory line beside it says them (22.6 GiB of free RAM was 24.29 GB there)
+        return dataclasses.replace(as_set, reason=f"a micro-batch of {b * ga} would need {gb(need)} "
+                                                  f"(over {FIT:.0%} of {gb(budget)})")
     return None
 
 

@@ -10,6 +10,7 @@ from sftlab.core.loss import hidden_states_instead_of_logits, sft_loss
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Message
 from sftlab.models import load_model
+from sftlab.plan.auto import PREFIX_NO_CHECKPOINTING
 from sftlab.qlora import require_qlora
 from sftlab.train.kernels import apply_kernels, flash_attention_available
 from sftlab.train.lora_fast import use_fused_lora
@@ -141,6 +142,8 @@ def build_model(cfg: Config, tok, added_tokens: list[str], kernels_out: list | N
     rendering of a short chat starts a prefix-tuning adapter (:func:`init_prefix_from_tokens`)."""
     import torch  # deferred: heavy library, imported on first use
 
+    if cfg.method == "prefix" and cfg.gradient_checkpointing is True:  # else a shape error at the first step
+        raise SftlabError(PREFIX_NO_CHECKPOINTING, hint="--set gradient_checkpointing=false")
     kwargs = {}
     if cfg.method == "qlora":
         from transformers import (
