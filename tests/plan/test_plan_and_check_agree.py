@@ -14,10 +14,12 @@ import pytest
 from conftest import chat_data, train_config
 
 from sftlab.cli import main
+from sftlab.core.errors import SftlabError
 from sftlab.models import model_config
 from sftlab.plan.render import gb
 from sftlab.plan.shapes import load_shape
 from sftlab.train import checks
+from sftlab.train.run import train
 
 
 def _check(capsys, argv: list[str]) -> str:
@@ -55,6 +57,11 @@ def test_the_plan_command_of_the_check_runs_with_the_users_overrides(tiny_model_
     assert re.search(r"`(sftlab plan [^`]*)`", mem["fixes"][-1]).group(1) == command
     assert main(["train", *argv, "--check", "--find-lr"]) == 2  # its checklist, before the range test
     assert f"`{command}` breaks it down" in capsys.readouterr().out
+    # a plain run prints the same checklist (and keeps it in summary.json) with the command named, not CONFIG
+    assert main(["train", *argv, "--set", "max_steps=1"]) == 0
+    out, named = capsys.readouterr().out, command.replace(" --device", " --set max_steps=1 --device")
+    [mem] = [f for f in json.loads((tmp_path / "run" / "summary.json").read_text())["findings"] if "free RAM" in f]
+    assert f"`{named}`" in out and f"`{named}`" in mem and checks.PLAN_CONFIG not in out + mem
 
 
 def test_plan_takes_set_overrides_and_its_flags_win(capsys):
@@ -368,6 +375,21 @@ def test_the_context_check_reads_positions_as_the_model_and_the_packer_use_them(
     assert f.severity == "error" and "40 tokens after 20 virtual tokens" in f.message
     [f] = checks.context_findings(prefix, model_config(str(tiny_model_dir)), 500)  # rotary (Llama): a warning
     assert f.severity == "warning"
+
+
+def test_a_run_past_learned_positions_stops_with_the_checks_line_not_an_index_error(tiny_model_dir, tmp_path):
+    """`train --check` called rows past a GPT-2's learned positions an error, but a plain train went on and
+    crashed at its first step with an IndexError traceback (the position embedding has no row for them)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=16)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = train_config(tmp_path, tiny_model_dir, model=str(model_dir), max_steps=1)
+    with pytest.raises(SftlabError, match="positions are learned") as e:
+        train(cfg, quiet=True)
+    assert e.value.hint == "--set max_seq_length=16"
 
 
 def test_plan_of_packed_rows_past_the_context_says_only_long_examples_pass_it(tiny_model_dir, capsys):

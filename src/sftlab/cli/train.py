@@ -82,16 +82,21 @@ def _check_and_find_lr(cfg, steps: int, args) -> int:
     return 0
 
 
+def _plan_command(args) -> str:
+    """The `sftlab plan` command of this command's config and overrides (as plan's --set): what the memory
+    line and memory fixes of the checklist point to, in place of CONFIG, so that it runs as printed."""
+    given = [f"{k}={v}" for k in args.config_keys if (v := getattr(args, k, None)) is not None]
+    words = ([args.config] if args.config else []) + [w for item in given + list(args.set) for w in ("--set", item)]
+    return " ".join(["sftlab plan", *map(shlex.quote, words)])
+
+
 def _name_plan_command(summary: dict, args) -> None:
-    """Put this command's config and overrides (as plan's --set) in place of CONFIG in the `sftlab plan`
-    command that the check's memory line and memory fixes point to, so that it runs as printed."""
+    """`train --check`'s summary with :func:`_plan_command` in place of CONFIG."""
     from sftlab.train.checks import (
         PLAN_CONFIG,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
-    given = [f"{k}={v}" for k in args.config_keys if (v := getattr(args, k, None)) is not None]
-    words = ([args.config] if args.config else []) + [w for item in given + list(args.set) for w in ("--set", item)]
-    named = " ".join(["sftlab plan", *map(shlex.quote, words)])
+    named = _plan_command(args)
     if summary.get("memory"):
         summary["memory"] = summary["memory"].replace(PLAN_CONFIG, named)
     for f in summary.get("findings", []):
@@ -147,7 +152,7 @@ def _cmd_train(args) -> int:
             with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
                 summary = train_on_ray(cfg, workers=args.ray_workers or 1, address=args.ray_address, quiet=args.json)
         else:
-            summary = train(cfg, quiet=args.json)
+            summary = train(cfg, quiet=args.json, notes={"plan_command": _plan_command(args)})
     except BaseException:
         _close_process_group(wait=False)  # no barrier: the other processes may never reach it
         raise

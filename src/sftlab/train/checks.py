@@ -74,6 +74,15 @@ def memory_line(cfg: Config, model_cfg, seq_len: int) -> str:
 PLAN_CONFIG = "sftlab plan CONFIG"  # `train --check` puts the user's config and overrides in place of CONFIG
 
 
+def name_plan_command(findings: list[Finding], named: str | None) -> list[Finding]:
+    """The findings with ``named`` (the user's `sftlab plan` command: their config and overrides) in place of
+    :data:`PLAN_CONFIG`, so the command a memory line points to runs as printed; as they are without it."""
+    if not named:
+        return findings
+    return [replace(f, message=f.message.replace(PLAN_CONFIG, named), fixes=[x.replace(PLAN_CONFIG, named) for x in f.fixes])
+            for f in findings]
+
+
 def plan_command(cfg: Config, device: str, seq_len: int) -> str:
     """The `sftlab plan` command that estimates the step of ``cfg`` (resolved) as :func:`step_bytes` does:
     the step's micro-batch, accumulation, precision and checkpointing as flags, which win over the config;

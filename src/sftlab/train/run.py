@@ -41,6 +41,7 @@ from sftlab.train.callbacks import (
 from sftlab.train.checks import (
     checklist,
     checkpoint_steps,
+    name_plan_command,
     run_folder_findings,
     tools_dropped,
 )
@@ -63,7 +64,7 @@ from sftlab.train.trainer import Divergence, SftlabTrainer
 _OPTIMIZERS = {"adamw": "adamw_torch_fused", "adam": "adamw_torch_fused", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}
 _FINISHED = ("completed", "early_stopping")  # stops after which the model is evaluated and saved
 # checklist errors the run cannot start with (the run-folder ones are checked first)
-_FATAL = ("steps", "packing", "lora_target_modules")
+_FATAL = ("steps", "packing", "lora_target_modules", "max_seq_length")  # the last: only past learned positions
 
 
 @dataclass
@@ -130,7 +131,7 @@ def train(cfg: Config, *, check_only: bool = False, quiet: bool = False, callbac
     data = load_data(cfg)
     rc, findings, resolved_notes = resolve_and_check(cfg, data)
     notes = {**resolved_notes, **(notes or {})}
-    findings = blockers + findings
+    findings = name_plan_command(blockers + findings, notes.get("plan_command"))
     if check_only:
         lengths = None if rc.packing else [len(e.input_ids) for e in data.train.examples]
         mcfg, seq_len = model_config(cfg.model, trust_remote_code=cfg.trust_remote_code), max(lengths or [int(rc.max_seq_length)])
