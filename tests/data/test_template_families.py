@@ -304,3 +304,50 @@ def test_one_example_reasoning_modes_train_a_tool_call_turn_through_its_end(tok,
     assert [trained(tok, e) for e in exs][0][0] == (' to=functions.get_weather<|channel|>commentary json<|message|>'
                                                      '{"city": "Paris"}<|call|>')
     assert not report.rule_notes  # one example: no note about per-turn examples
+
+
+R_CHAT = Conversation([Message("user", "2+3?"), Message("assistant", "5", reasoning="Add."),
+                       Message("user", "times 4?"), Message("assistant", "20", reasoning="Multiply.")])
+
+
+@pytest.mark.parametrize("source,keep,last", [(off.QWEN3, 1, 0), (fam.DEEPSEEK_R1, 2, 1), (fam.GPT_OSS_TOOLS, 1, 0),
+                                              (fam.QWEN25, 0, 0)])
+def test_one_example_modes_count_the_turns_whose_reasoning_the_full_render_drops(tok, source, keep, last):
+    """reasoning: keep|last train one example from the full render: Qwen3 drops the reasoning of turns before
+    the last user message, R1 every turn's, GPT-OSS a turn's once a final answer follows; those turns trained
+    without it and nothing said so. per_turn trains each with its reasoning: nothing lost."""
+    for mode, n in (("keep", keep), ("last", last), ("per_turn", 0)):
+        _, report = Labeler(tok, tpl(tok, source), reasoning=mode).encode([R_CHAT, R_CHAT])
+        assert report.n_reasoning_lost == 2 * n, mode
+        assert report.to_dict()["n_reasoning_lost"] == 2 * n
+    _, report = Labeler(tok, tpl(tok, source), masking="all").encode([R_CHAT])  # one example too
+    assert report.n_reasoning_lost == keep
+
+
+def test_lost_reasoning_is_one_warning_in_prepare_doctor_and_train_check(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from sftlab.cli import main
+
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "4", "reasoning_content": "two"},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "three"}]}
+            for q in ("2+2?", "two plus two?", "2 + 2?")]
+    data, q3 = tmp_path / "d.jsonl", tmp_path / "qwen3.jinja"
+    data.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    q3.write_text(off.QWEN3)
+    common = ["--model", str(tiny_model_dir), "--data", str(data), "--template", str(q3)]
+    assert main(["prepare", *common, "--reasoning", "keep"]) == 0
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: 3 assistant turns with reasoning are trained without it: reasoning: keep trains each chat "
+                      "as one example from its full render, and the chat template drops that reasoning there; set "
+                      "reasoning: per_turn to train each turn with its reasoning in its own inference context"]
+    assert main(["prepare", *common]) == 0 and "warning:" not in capsys.readouterr().out  # per_turn: each turn keeps it
+    main(["doctor", str(data), "--model", str(tiny_model_dir), "--template", str(q3), "--reasoning", "keep", "--json"])
+    found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["rule"] == "reasoning_lost"]
+    assert len(found) == 1 and "3 assistant turns" in found[0]["message"] and "(this chat and 2 more)" in found[0]["message"]
+    assert "reasoning: per_turn" in found[0]["fixes"][0]
+    assert main(["train", *common[:4], "--set", f"template={q3}", "--set", "reasoning=keep", "--output-dir",
+                 str(tmp_path / "run"), "--check", "--json"]) == 0
+    checks = json.loads(capsys.readouterr().out)["findings"]
+    assert [f["message"] for f in checks if f["rule"] == "reasoning_lost"] == [warned[0][len("warning: "):].split("; set")[0]]

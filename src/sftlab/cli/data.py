@@ -40,6 +40,7 @@ def _cmd_prepare(args) -> int:
         save_dataset,
         source_lines,
     )
+    from sftlab.data.turns import reasoning_lost_warning  # deferred: with prepare
 
     if args.show < 0:  # a slice [:-2] would show every example but the last two
         raise SftlabError(f"--show {args.show}: must be a count of examples, 0 or more", hint="e.g. --show 3")
@@ -66,6 +67,8 @@ def _cmd_prepare(args) -> int:
     if r.sources:
         print("per source:\n" + "\n".join(source_lines(r)))
     print(r.rule())
+    if lost := reasoning_lost_warning(r.n_reasoning_lost, cfg.reasoning, cfg.masking):
+        print(f"warning: {lost[0]}; {lost[1]}")
     if prepared.added_tokens:
         print(f"note: added special tokens the template needs: {', '.join(prepared.added_tokens)} (embeddings are resized in training)")
     if r.eos_appended:

@@ -60,7 +60,6 @@ REASONING = choices(Reasoning)
 CHUNK_CHECK_FIRST, CHUNK_CHECK_EVERY = 8, 50
 
 
-
 @contextmanager
 def paused_gc():
     """Pause the cyclic garbage collector while building many int lists (no cycles among them).
@@ -112,6 +111,7 @@ class PrepareReport:
     n_single: int = 0  # chats kept as one example (history renders unchanged, or reasoning keep/last)
     n_split: int = 0  # chats split into one example per assistant turn
     rule_notes: dict[str, int] = field(default_factory=dict)  # why split / how turns end -> conversations
+    n_reasoning_lost: int = 0  # assistant turns trained without their reasoning (one example, the template drops it)
     sources: list[dict] = field(default_factory=list)  # per source of a mixture (sftlab.data.mixture.Mixture.stats)
     # kept examples' lengths in tokens: {"bin_width": w, "counts": [n of length in [i*w, (i+1)*w)]}
     length_histogram: dict = field(default_factory=dict)
@@ -366,6 +366,7 @@ class Labeler(TurnRule):
                     continue
                 report.n_split += ex.split
                 report.n_single += not ex.split
+                report.n_reasoning_lost += ex.reasoning_lost
                 for why in ex.notes:
                     report.rule_notes[why] = report.rule_notes.get(why, 0) + 1
                 ends = [i + 1 for i, m in enumerate(conv.messages) if m.role == "assistant"]
