@@ -230,7 +230,7 @@ def _tool_stats(convs: list[Conversation], n_turns: int, n_reasoning: int) -> di
 
 
 def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample: int = 32) -> None:
-    """The inference prompt (generation prompt) must be a prefix of the training text at every reply."""
+    """Each reply must follow its inference prompt as prepare trains it (see check_template_consistency)."""
     if tpl is None:
         return
 

@@ -1,0 +1,91 @@
+"""check_template_consistency (the doctor's and export's template_consistency) on real templates: no finding
+where prepare trains every turn as the model writes it after its inference prompt, a finding where it could not."""
+
+import family_templates as fam
+import pytest
+import test_official_templates as off
+
+from sftlab.data.consistency import check_template_consistency
+from sftlab.data.templates import ChatTemplate
+from sftlab.data.types import Conversation, Message
+
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>"}
+REASONING = [Message("user", "2+2?"), Message("assistant", "4", reasoning="two plus two"),
+             Message("user", "3+3?"), Message("assistant", "6", reasoning="three")]
+SYSTEM = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello!"),
+          Message("user", "Capital of France?"), Message("assistant", "Paris.")]
+CLEAN = {"deepseek-r1": fam.DEEPSEEK_R1, "deepseek-r1-short": off.DEEPSEEK_R1, "mistral-v3": off.MISTRAL_TOOLS,
+         "mistral-v7": fam.MISTRAL_V7, "mistral-v11": fam.MISTRAL_V11, "gpt-oss": off.GPT_OSS,
+         "gpt-oss-tools": fam.GPT_OSS_TOOLS, "cohere2": off.COHERE2, "glm4": off.GLM4, "qwen3": off.QWEN3,
+         "qwen3-thinking-2507": off.QWEN3_THINKING_2507, "qwen2.5": fam.QWEN25, "llama3.2": fam.LLAMA32,
+         "phi4-mini": fam.PHI4_MINI, "gemma3": fam.GEMMA3, "nemotron": off.NEMOTRON}
+
+
+def tpl(source: str) -> ChatTemplate:
+    return ChatTemplate("t", source, None, SPECIAL)
+
+
+@pytest.mark.parametrize("name", CLEAN)
+def test_real_templates_are_consistent_as_prepare_trains_them(name):
+    """DeepSeek-R1's prompt opens <think> the rendered turn never shows (prepare trains the reasoning and
+    </think> there); Mistral v3 writes the system prompt into the last user message only, so the inference
+    prompt is no prefix of the chat through the turn (prepare trains each turn after its own prompt); GPT-OSS,
+    Cohere2, GLM4 and Mistral open every reply with markup or a space the model writes. Each was a finding."""
+    t = tpl(CLEAN[name])
+    assert check_template_consistency(t) == []
+    assert check_template_consistency(t, [REASONING, SYSTEM]) == []
+
+
+def _edit(source: str, old: str, new: str) -> str:
+    assert old in source
+    return source.replace(old, new)
+
+
+@pytest.mark.parametrize("name,source,conv,words", [
+    # R1 with a new line the training render lacks before the <think> its prompt opens
+    ("r1", _edit(fam.DEEPSEEK_R1, "{{'<｜Assistant｜><think>\\n'}}", "{{'<｜Assistant｜>\\n<think>\\n'}}"), SYSTEM,
+     "not a prefix"),
+    # Mistral v3 whose last user message (the one the inference prompt ends with) is closed ' [/INST]', in
+    # history '[/INST]': the turn's start is not found, user text would be trained
+    ("mistral-v3", _edit(off.MISTRAL_TOOLS, "'\\n\\n' + message.content + '[/INST]'", "'\\n\\n' + message.content + ' [/INST]'"),
+     SYSTEM, "not a prefix"),
+    # GPT-OSS writing a word after the final channel's header: the model would learn to say it
+    ("gpt-oss", _edit(off.GPT_OSS, "{{- '<|start|>assistant<|channel|>final<|message|>' + message.content + '<|return|>' }}",
+                      "{{- '<|start|>assistant<|channel|>final<|message|>Answer: ' + message.content + '<|return|>' }}"),
+     SYSTEM, "verbatim"),
+    # Qwen3 with a blank line before its <think> block after a prompt that ends in a new line
+    ("qwen3", _edit(off.QWEN3, "message.role + '\\n<think>", "message.role + '\\n\\n<think>"), REASONING, "verbatim"),
+])
+def test_a_real_mismatch_in_those_templates_is_still_found(name, source, conv, words):
+    problems = check_template_consistency(tpl(source), [conv])
+    assert problems and all(words in p for p in problems), problems
+
+
+def test_a_tool_chat_under_mistral_v3_and_qwen25_is_consistent():
+    from test_template_families import tool_chat
+
+    for source in (off.MISTRAL_TOOLS, fam.QWEN25, fam.MISTRAL_V7):
+        assert check_template_consistency(tpl(source), [tool_chat(calls=1), tool_chat()]) == []
+    conv = Conversation(SYSTEM)
+    assert check_template_consistency(tpl(off.MISTRAL_TOOLS), [conv]) == []
+
+
+def test_the_doctor_finds_no_template_consistency_problem_with_r1_or_mistral_v3(tmp_path, tiny_model_dir):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sftlab.data.doctor import run_doctor
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": off.SPECIALS + fam.SPECIALS}, replace_extra_special_tokens=False)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4", "reasoning_content": "two plus two"},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    for name, source in (("r1", fam.DEEPSEEK_R1), ("mistral-v3", off.MISTRAL_TOOLS)):
+        path = tmp_path / f"{name}.jinja"
+        path.write_text(source)
+        res = run_doctor(str(data), tokenizer=tok, template=str(path))
+        assert not [f.message for f in res.findings if f.rule in ("template_consistency", "template")], name
