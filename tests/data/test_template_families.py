@@ -351,3 +351,20 @@ def test_lost_reasoning_is_one_warning_in_prepare_doctor_and_train_check(tmp_pat
                  str(tmp_path / "run"), "--check", "--json"]) == 0
     checks = json.loads(capsys.readouterr().out)["findings"]
     assert [f["message"] for f in checks if f["rule"] == "reasoning_lost"] == [warned[0][len("warning: "):].split("; set")[0]]
+
+
+def test_show_marks_the_reasoning_of_the_think_block_r1s_prompt_opens(tok):
+    """R1's <think> is in the untrained prompt, so the trained run holds only the reasoning and </think>:
+    --show marked no reasoning there (‹…› needed a whole <think>…</think> inside the trained run)."""
+    from sftlab.data.prepare import render_example
+
+    exs, _ = Labeler(tok, tpl(tok, fam.DEEPSEEK_R1)).encode([R_CHAT])
+    shown = [render_example(tok, ex, color=False) for ex in exs]
+    assert shown[0].endswith("<｜Assistant｜><think>\n«‹Add.\n</think>›\n\n5" + R1_EOS + "»")
+    assert shown[1].endswith("<｜Assistant｜><think>\n«‹Multiply.\n</think>›\n\n20" + R1_EOS + "»")
+    assert "\x1b[43;30mAdd.\n</think>\x1b[42;30m" in render_example(tok, exs[0], color=True)
+    # a whole block in the trained run (Qwen3) is marked as before; no block, nothing marked
+    q3, _ = Labeler(tok, tpl(tok, off.QWEN3)).encode([R_CHAT])
+    assert render_example(tok, q3[-1], color=False).endswith("«‹<think>\nMultiply.\n</think>›\n\n20<|im_end|>»")
+    q25, _ = Labeler(tok, tpl(tok, fam.QWEN25)).encode([PLAIN])
+    assert "‹" not in render_example(tok, q25[0], color=False)
