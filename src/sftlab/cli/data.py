@@ -59,7 +59,8 @@ def _cmd_prepare(args) -> int:
                      "added_tokens": prepared.added_tokens})
         return 0
     for ex in prepared.examples[: args.show]:
-        print(f"--- example {ex.index + 1} ({ex.where}): {len(ex.input_ids)} tokens, {ex.n_trained} trained")
+        turn = f", assistant turn {ex.turn} (one example per turn)" if ex.turn else ""  # one of a split chat's examples
+        print(f"--- example {ex.index + 1} ({ex.where}){turn}: {len(ex.input_ids)} tokens, {ex.n_trained} trained")
         print(render_example(prepared.tokenizer, ex))
     r = prepared.report
     tpl = prepared.template.name if prepared.template else "none (plain text)"

@@ -85,6 +85,7 @@ class Example:
     weight: float = 1.0
     index: int = 0  # position in the input conversations
     where: str = ""  # "file:line"
+    turn: int = 0  # one of a split chat's per-turn examples: the assistant turn it trains (1-based); else 0
 
     @property
     def n_trained(self) -> int:
@@ -390,7 +391,8 @@ class Labeler(TurnRule):
                     report.dropped.append((conv.where(), f"{len(ids)} tokens > max_seq_length {self.max_len}"))
                     continue
                 ids, labels = fitted
-            ex = Example(ids, labels, conv.weight, idx, conv.where())
+            turn = sum(m.role == "assistant" for m in conv.messages[:upto]) if own_turn and not conv.is_text else 0
+            ex = Example(ids, labels, conv.weight, idx, conv.where(), turn)
             if ex.n_trained == 0:
                 report.n_dropped_no_trained += 1
                 report.dropped.append((conv.where(), "no trained token left"))

@@ -159,8 +159,9 @@ def refuse_input_as_output(cfg: Config, out: str | Path, flag: str, *, config_fi
 
 def dump_rows(prepared: Prepared):
     for ex in prepared.examples:
-        yield {"index": ex.index, "source": ex.where, "input_ids": ex.input_ids, "labels": ex.labels,
-               "weight": ex.weight}
+        # turn: the assistant turn a per-turn example trains (a chat split into one example per turn), else null
+        yield {"index": ex.index, "source": ex.where, "turn": ex.turn or None, "input_ids": ex.input_ids,
+               "labels": ex.labels, "weight": ex.weight}
 
 
 @contextlib.contextmanager
