@@ -368,3 +368,18 @@ def test_show_marks_the_reasoning_of_the_think_block_r1s_prompt_opens(tok):
     assert render_example(tok, q3[-1], color=False).endswith("«‹<think>\nMultiply.\n</think>›\n\n20<|im_end|>»")
     q25, _ = Labeler(tok, tpl(tok, fam.QWEN25)).encode([PLAIN])
     assert "‹" not in render_example(tok, q25[0], color=False)
+
+
+def test_deepseek_and_cohere_markers_are_added_as_tokens_so_the_reply_ends_at_r1s_eos(tiny_model_dir):
+    """missing_tokens knew only lower-case <|...|>: with DeepSeek-R1's template file on a model without its
+    tokens, <｜end▁of▁sentence｜> stayed text, no end-of-turn token was found, and the tokenizer's EOS was
+    appended after it (and trained); Cohere2's <|START_RESPONSE|> stayed text too."""
+    from sftlab.data.templates import missing_tokens
+
+    t = AutoTokenizer.from_pretrained(tiny_model_dir)
+    r1 = missing_tokens(tpl(t, fam.DEEPSEEK_R1), t)
+    assert {"<｜Assistant｜>", "<｜User｜>", R1_EOS, "<｜tool▁sep｜>"} <= set(r1)
+    assert "<|START_RESPONSE|>" in missing_tokens(tpl(t, off.COHERE2), t)
+    t.add_special_tokens({"additional_special_tokens": r1}, replace_extra_special_tokens=False)
+    exs, report = Labeler(t, tpl(t, fam.DEEPSEEK_R1)).encode([R_CHAT])
+    assert not report.eos_appended and trained(t, exs[0]) == ["Add.\n</think>\n\n5" + R1_EOS]
