@@ -343,6 +343,8 @@ def test_lost_reasoning_is_one_warning_in_prepare_doctor_and_train_check(tmp_pat
                       "as one example from its full render, and the chat template drops that reasoning there; set "
                       "reasoning: per_turn to train each turn with its reasoning in its own inference context"]
     assert main(["prepare", *common]) == 0 and "warning:" not in capsys.readouterr().out  # per_turn: each turn keeps it
+    assert main(["prepare", *common, "--reasoning", "keep", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [warned[0][len("warning: "):]]
     main(["doctor", str(data), "--model", str(tiny_model_dir), "--template", str(q3), "--reasoning", "keep", "--json"])
     found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["rule"] == "reasoning_lost"]
     assert len(found) == 1 and "3 assistant turns" in found[0]["message"] and "(this chat and 2 more)" in found[0]["message"]

@@ -54,9 +54,10 @@ def _cmd_prepare(args) -> int:
         write_jsonl(args.dump, dump_rows(prepared))
     if args.out:
         save_dataset(prepared, args.out)
+    lost = reasoning_lost_warning(prepared.report.n_reasoning_lost, cfg.reasoning, cfg.masking)
     if args.json:
         _print_json({"report": prepared.report.to_dict(), "template": prepared.template.name if prepared.template else None,
-                     "added_tokens": prepared.added_tokens})
+                     "added_tokens": prepared.added_tokens, "warnings": [f"{lost[0]}; {lost[1]}"] if lost else []})
         return 0
     for ex in prepared.examples[: args.show]:
         turn = f", assistant turn {ex.turn} (one example per turn)" if ex.turn else ""  # one of a split chat's examples
@@ -68,7 +69,7 @@ def _cmd_prepare(args) -> int:
     if r.sources:
         print("per source:\n" + "\n".join(source_lines(r)))
     print(r.rule())
-    if lost := reasoning_lost_warning(r.n_reasoning_lost, cfg.reasoning, cfg.masking):
+    if lost:
         print(f"warning: {lost[0]}; {lost[1]}")
     if prepared.added_tokens:
         print(f"note: added special tokens the template needs: {', '.join(prepared.added_tokens)} (embeddings are resized in training)")
