@@ -89,3 +89,31 @@ def test_the_doctor_finds_no_template_consistency_problem_with_r1_or_mistral_v3(
         path.write_text(source)
         res = run_doctor(str(data), tokenizer=tok, template=str(path))
         assert not [f.message for f in res.findings if f.rule in ("template_consistency", "template")], name
+
+
+def test_the_doctor_reports_a_refused_tool_chat_as_one_finding_not_an_abort(tmp_path, tiny_model_dir):
+    """Llama 3.2 refuses two calls in one turn, R1 concatenates the arguments dict (GPT-OSS renders only the first
+    call, which prepare refuses): the token checks report it as a
+    'template' finding with its line, but template_tool_check rendered the same chat again unguarded and the
+    doctor stopped with one error line and no report. And a file whose every chat the template refuses said
+    'each with no trained token' as well (prepare stops on the template error, not on that)."""
+    import json
+
+    from test_template_families import tool_chat
+    from transformers import AutoTokenizer
+
+    from sftlab.data.doctor import run_doctor
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    conv = tool_chat()
+    row = {"tools": conv.tools, "messages": [
+        {"role": m.role, "content": m.content, **({"tool_calls": list(m.tool_calls)} if m.tool_calls else {}),
+         **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in conv.messages]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    for name, source in (("llama32", fam.LLAMA32), ("r1", fam.DEEPSEEK_R1), ("gpt-oss", fam.GPT_OSS_TOOLS)):
+        path = tmp_path / f"{name}.jinja"
+        path.write_text(source)
+        res = run_doctor(str(data), tokenizer=tok, template=str(path), max_seq_length=4096)
+        found = [(f.rule, f.data["line"]) for f in res.findings if f.severity == "error"]
+        assert ("template", 1) in found and "nothing_left" not in dict(found), name

@@ -144,7 +144,8 @@ def _histogram(values: list[int], bins: int = 10) -> list[dict]:
 
 def _nothing_left(m: dict | None, n: int, path: str, findings: list[Finding]) -> None:
     """prepare's "no example is left to train on" as one error, with the limit (or policy) that keeps one."""
-    if not m or not n or m.get("kept") != 0:
+    refused = {(f.data["file"], f.data["line"]) for f in findings if f.rule == "template"}
+    if not m or not n or m.get("kept") != 0 or len(refused) >= n:  # each a "template" error: prepare stops on that
         return
     fixes = []
     if m.get("keeps_one_whole"):
