@@ -322,6 +322,8 @@ def test_one_example_modes_count_the_turns_whose_reasoning_the_full_render_drops
         assert report.to_dict()["n_reasoning_lost"] == 2 * n
     _, report = Labeler(tok, tpl(tok, source), masking="all").encode([R_CHAT])  # one example too
     assert report.n_reasoning_lost == keep
+    _, report = Labeler(tok, tpl(tok, source), masking="last_assistant", reasoning="keep").encode([R_CHAT])
+    assert report.n_reasoning_lost == last  # only the last turn is trained: the others' loss costs nothing
 
 
 def test_lost_reasoning_is_one_warning_in_prepare_doctor_and_train_check(tmp_path, tiny_model_dir, capsys):

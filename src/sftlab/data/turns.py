@@ -97,9 +97,10 @@ class TurnRule:
         lost = 0
         if whole:
             spans = self._spans_in_full(conv, full, prompts, turns)
-            # turns whose reasoning the full render drops (Qwen3 before the last query, DeepSeek-R1, GPT-OSS)
-            lost = sum(1 for (b, e, _), i in zip(spans, assistant_idx)
-                       if (msgs[i].reasoning or "").strip() and msgs[i].reasoning.strip() not in full[b:e])
+            # trained turns whose reasoning the full render drops (Qwen3 before the last query, DeepSeek-R1, GPT-OSS)
+            lost = sum(1 for n, ((b, e, _), i) in enumerate(zip(spans, assistant_idx))
+                       if (msgs[i].reasoning or "").strip() and msgs[i].reasoning.strip() not in full[b:e]
+                       and (not last or n == len(spans) - 1))
         elif all(exact and full.startswith(r[:e]) for r, _, e, _, exact in turns):
             spans = [(s, e, h) for _, s, e, h, _ in turns]
         else:
