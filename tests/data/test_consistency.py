@@ -117,3 +117,28 @@ def test_the_doctor_reports_a_refused_tool_chat_as_one_finding_not_an_abort(tmp_
         res = run_doctor(str(data), tokenizer=tok, template=str(path), max_seq_length=4096)
         found = [(f.rule, f.data["line"]) for f in res.findings if f.severity == "error"]
         assert ("template", 1) in found and "nothing_left" not in dict(found), name
+
+
+def test_reasoning_the_run_drops_is_left_out_as_prepare_leaves_it_out(tmp_path, tiny_model_dir):
+    """reasoning: drop renders Qwen3 with enable_thinking false (the prompt closes an empty block) and trains
+    the answers without reasoning; the doctor checked the chats with their reasoning and reported each turn
+    as 'the inference prompt is not a prefix'."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sftlab.data.doctor import run_doctor
+
+    off_thinking = ChatTemplate("t", off.QWEN3, None, SPECIAL, {"enable_thinking": False})
+    assert check_template_consistency(off_thinking, [REASONING], reasoning="drop") == []
+    assert "not a prefix" in check_template_consistency(off_thinking, [REASONING])[0]  # kept, it would be trained
+    # last: the earlier turns' reasoning is left out (here the full render drops it anyway), the last turn's kept
+    assert check_template_consistency(tpl(off.QWEN3), [REASONING], reasoning="last") == []
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.add_special_tokens({"additional_special_tokens": off.SPECIALS}, replace_extra_special_tokens=False)
+    data, q3 = tmp_path / "d.jsonl", tmp_path / "qwen3.jinja"
+    data.write_text(json.dumps({"messages": [{"role": m.role, "content": m.content, "reasoning_content": m.reasoning}
+                                             for m in REASONING]}) + "\n")
+    q3.write_text(off.QWEN3)
+    res = run_doctor(str(data), tokenizer=tok, template=str(q3), reasoning="drop")
+    assert not [f.message for f in res.findings if f.rule in ("template_consistency", "template")]

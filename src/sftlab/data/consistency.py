@@ -4,6 +4,7 @@ what the model saw in training? :func:`check_template_consistency` answers for a
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from sftlab.core.errors import SftlabError
 from sftlab.data.formats import FormatError, split_reasoning
@@ -65,6 +66,16 @@ def _answers(rest: str, m: Message, opening: str, label: str, opened: bool) -> l
     return out
 
 
+def _without_reasoning(msgs: list[Message], reasoning: str) -> list[Message]:
+    """The messages as prepare trains them under ``reasoning: drop`` (no reasoning) or ``last`` (only the last
+    assistant turn's)."""
+    if reasoning not in ("drop", "last") or all(m.reasoning is None for m in msgs):
+        return msgs
+    turns = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+    keep = turns[-1] if reasoning == "last" and turns else -1
+    return [m if m.reasoning is None or i == keep else replace(m, reasoning=None) for i, m in enumerate(msgs)]
+
+
 def _excerpt(text: str, pos: int) -> str:
     return text[max(0, pos - 20): pos + 25]
 
@@ -77,7 +88,8 @@ def _as_messages(conv) -> tuple[list[Message], str]:
 
 
 def check_template_consistency(template: ChatTemplate | str,
-                               conversations: list[Conversation] | list[list[Message]] | None = None) -> list[str]:
+                               conversations: list[Conversation] | list[list[Message]] | None = None,
+                               reasoning: str = "per_turn") -> list[str]:
     """Problems found when comparing training and inference renderings; empty if they agree.
 
     Judged by the rule ``prepare`` labels with (``sftlab.data.turns``): each assistant turn is trained
@@ -92,7 +104,8 @@ def check_template_consistency(template: ChatTemplate | str,
     block (reasoning inlined as ``<think>`` where the template has no field for it, as prepare trains it,
     Qwen3's empty block, GPT-OSS's analysis channel). Each problem names the conversation, the turn, the
     first differing character and a short excerpt
-    of both texts. ``template`` is a ChatTemplate or a jinja source string.
+    of both texts. ``template`` is a ChatTemplate or a jinja source string. ``reasoning``: the run's; under
+    ``drop`` (``last``) the reasoning of every (every earlier) turn is left out, as prepare leaves it out.
     """
     if isinstance(template, str):
         template = ChatTemplate("template", template)
@@ -103,6 +116,7 @@ def check_template_consistency(template: ChatTemplate | str,
         if isinstance(conv, Conversation) and conv.is_text:
             continue
         msgs, where = _as_messages(conv)
+        msgs = _without_reasoning(msgs, reasoning)
         tools = conv.tools if isinstance(conv, Conversation) else None
         label = where or f"{'sample ' if sample else ''}conversation {k}"
         try:
