@@ -142,3 +142,16 @@ def test_reasoning_the_run_drops_is_left_out_as_prepare_leaves_it_out(tmp_path, 
     q3.write_text(off.QWEN3)
     res = run_doctor(str(data), tokenizer=tok, template=str(q3), reasoning="drop")
     assert not [f.message for f in res.findings if f.rule in ("template_consistency", "template")]
+
+
+def test_export_checks_the_run_conversations_with_the_reasoning_the_run_kept():
+    """An export of a reasoning: drop run (Qwen3, enable_thinking false as the exported default) reported every
+    run conversation with reasoning as inconsistent: the check saw the reasoning training had left out."""
+    from sftlab.export import _check_export_template, template_with_defaults
+
+    kwargs = {"enable_thinking": False}
+    trained = ChatTemplate("t", off.QWEN3, None, SPECIAL, kwargs)
+    exported = ChatTemplate("t", template_with_defaults(off.QWEN3, kwargs), None, SPECIAL)
+    convs = [Conversation(list(REASONING), source="d.jsonl", line=1)]
+    assert _check_export_template(trained, exported, None, convs, "drop") == []
+    assert any("not a prefix" in p for p in _check_export_template(trained, exported, None, convs))
