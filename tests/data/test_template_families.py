@@ -198,7 +198,7 @@ def test_deepseek_r1_trains_the_reasoning_and_the_close_of_the_think_block_its_p
                          Message("user", "Thanks!"), Message("assistant", "You're welcome.")])
     exs, report = labelled(tok, tpl(tok, fam.DEEPSEEK_R1), conv, [
         "Add.\n</think>\n\n5" + R1_EOS, "Multiply.\n</think>\n\n20" + R1_EOS, "\n</think>\n\nYou're welcome." + R1_EOS])
-    assert report.n_split == 1
+    assert report.n_split == 1 and report.summary().startswith("3 examples kept from 1 input,")
     for ex in exs:
         first = next(k for k, lab in enumerate(ex.labels) if lab != IGNORE)
         assert tok.decode(ex.input_ids[:first]).endswith("<｜Assistant｜><think>\n")

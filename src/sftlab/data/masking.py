@@ -132,7 +132,7 @@ class PrepareReport:
 
     def summary(self) -> str:
         parts = [f"{self.n_kept}/{self.n_input} examples kept" if self.n_split == 0
-                 else f"{self.n_kept} examples kept from {self.n_input} inputs", f"{self.n_tokens} tokens",
+                 else f"{self.n_kept} examples kept from {self.n_input} input{'s' * (self.n_input != 1)}", f"{self.n_tokens} tokens",
                  f"{self.n_trained_tokens} trained"]
         if self.n_turns_cut:
             parts.append(f"{self.n_turns_cut} had earlier turns cut to fit")
