@@ -53,6 +53,9 @@ def _edit(source: str, old: str, new: str) -> str:
     ("gpt-oss", _edit(off.GPT_OSS, "{{- '<|start|>assistant<|channel|>final<|message|>' + message.content + '<|return|>' }}",
                       "{{- '<|start|>assistant<|channel|>final<|message|>Answer: ' + message.content + '<|return|>' }}"),
      SYSTEM, "verbatim"),
+    # Phi-4 ignoring add_generation_prompt: the model would have to write <|im_start|>assistant<|im_sep|> itself
+    ("phi4", _edit(fam.PHI4, "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}", ""),
+     SYSTEM, "verbatim"),
     # Qwen3 with a blank line before its <think> block after a prompt that ends in a new line
     ("qwen3", _edit(off.QWEN3, "message.role + '\\n<think>", "message.role + '\\n\\n<think>"), REASONING, "verbatim"),
 ])

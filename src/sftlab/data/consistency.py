@@ -32,17 +32,19 @@ def _reply_opening(template: ChatTemplate) -> str:
     """What the template writes between the generation prompt and every reply, the model's to write: GPT-OSS's
     ``<|channel|>final<|message|>``, Cohere2's ``<|START_RESPONSE|>``, Mistral's space after ``[/INST]``, GLM's
     new line after ``<|assistant|>``. Empty where it opens or ends with text (the model would learn to say it),
-    or starts with white space after a prompt that already ends in it (a stray blank line before the reply)."""
+    starts with white space after a prompt that already ends in it (a stray blank line before the reply), or is
+    markup where the template writes no generation prompt (the model would have to write the assistant header)."""
     try:
         prompt = template.render([Message("user", "hi")], add_generation_prompt=True)
         turn = template.render([Message("user", "hi"), Message("assistant", _PROBE)])
+        bare = template.render([Message("user", "hi")])
     except SftlabError:
         return ""
     if not turn.startswith(prompt) or _PROBE not in turn[len(prompt):]:
         return ""
     opening = turn[len(prompt):turn.index(_PROBE, len(prompt))]
-    if not _OPENING.fullmatch(opening):
-        return ""
+    if not _OPENING.fullmatch(opening) or (opening.strip() and bare == prompt):
+        return ""  # text; or markup where the template ignores add_generation_prompt: the assistant header itself
     return "" if opening[:1].isspace() and prompt[-1:].isspace() else opening
 
 
