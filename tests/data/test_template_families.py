@@ -19,6 +19,7 @@ from sftlab.data.collate import PackedCollator
 from sftlab.data.masking import Labeler
 from sftlab.data.packing import pack
 from sftlab.data.templates import ChatTemplate
+from sftlab.data.turns import NOTE_WHOLE
 from sftlab.data.types import Conversation, Message
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -303,7 +304,10 @@ def test_one_example_reasoning_modes_train_a_tool_call_turn_through_its_end(tok,
         [tool_chat(reasoning=("Need the weather.", "It is warm."), calls=1)])
     assert [trained(tok, e) for e in exs][0][0] == (' to=functions.get_weather<|channel|>commentary json<|message|>'
                                                      '{"city": "Paris"}<|call|>')
-    assert not report.rule_notes  # one example: no note about per-turn examples
+    assert list(report.rule_notes) == [NOTE_WHOLE]  # one example: no note about per-turn examples
+    # not "each turn trained as the model produces it" (reasoning is lost, prompts differ): as the full render has it
+    assert report.rule() == ("labels: 1 chat trained as one example, the assistant turns as the full render shows "
+                             "them (reasoning: keep|last or masking: all)")
 
 
 R_CHAT = Conversation([Message("user", "2+3?"), Message("assistant", "5", reasoning="Add."),

@@ -50,7 +50,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.loss import IGNORE
 from sftlab.data.skeleton import Skeletons
 from sftlab.data.templates import ChatTemplate, TemplateRefused
-from sftlab.data.turns import ConvLabels, TurnRule
+from sftlab.data.turns import NOTE_WHOLE, ConvLabels, TurnRule
 from sftlab.data.types import Conversation, Message
 
 MASKING = choices(Masking)
@@ -121,6 +121,10 @@ class PrepareReport:
         """Which label rule was applied, and why (one line, for `prepare`)."""
         if not self.n_single and not self.n_split:
             return "labels: plain text, every token trained but the first (nothing predicts it)"
+        if NOTE_WHOLE in self.rule_notes:  # not "as the model produces it": as the full render shows it
+            return f"labels: {self.n_single} chat{'s' * (self.n_single != 1)} trained as one example" \
+                   f"{' each' * (self.n_single != 1)}, the assistant turns as the full render shows them " \
+                   "(reasoning: keep|last or masking: all)"
         parts = []
         if self.n_single:
             parts.append(f"{self.n_single} chat{'s' * (self.n_single != 1)} as one example"

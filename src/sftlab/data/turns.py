@@ -20,6 +20,7 @@ SPLIT_HISTORY = "the template renders earlier turns differently from how the mod
 NOTE_GEN_PROMPT = ("the inference prompt is not a prefix of the rendered turn: one example per turn, the turn "
                    "trained from where the prompt's end is found in it")
 NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
+NOTE_WHOLE = "reasoning: keep|last or masking: all: each chat one example, its turns as its full render shows them"
 NOTE_OPEN_THINK = ("the inference prompt opens a <think> block the rendered turn does not show: the turn's reasoning "
                    "(empty when it has none) and </think> are trained before its reply, as the model writes them")
 
@@ -96,6 +97,7 @@ class TurnRule:
         last = self.masking == "last_assistant"
         lost = 0
         if whole:
+            self._note(NOTE_WHOLE)
             spans = self._spans_in_full(conv, full, prompts, turns)
             # trained turns whose reasoning the full render drops (Qwen3 before the last query, DeepSeek-R1, GPT-OSS)
             lost = sum(1 for n, ((b, e, _), i) in enumerate(zip(spans, assistant_idx))
