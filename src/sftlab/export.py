@@ -140,12 +140,13 @@ def _before_reply(msgs: list[Message]) -> list[Message]:
 
 
 def _check_export_template(trained: ChatTemplate, exported: ChatTemplate, system_prompt: str | None,
-                           convs: list[Conversation]) -> list[str]:
+                           convs: list[Conversation], reasoning: str = "per_turn") -> list[str]:
     """The consistency check of the exported template (sample and run conversations, as a user sends
-    them: without the run's system_prompt), and: does it render a conversation exactly as training
-    did (training template and options, ``system_prompt`` added where there is no system message)?"""
+    them: without the run's system_prompt; with the reasoning the run's ``reasoning`` keeps), and: does it
+    render a conversation exactly as training did (training template and options, ``system_prompt`` added
+    where there is no system message)?"""
 
-    problems = check_template_consistency(exported) + check_template_consistency(exported, convs)
+    problems = check_template_consistency(exported) + check_template_consistency(exported, convs, reasoning)
     samples = [Conversation(list(m)) for m in SAMPLE_CONVERSATIONS] + list(convs)
     for k, conv in enumerate(samples, start=1):
         if conv.is_text:
@@ -384,7 +385,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
                        end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops,
                        template_problems=_check_export_template(trained, exported, cfg.system_prompt,
-                                                                _run_conversations(cfg)),
+                                                                _run_conversations(cfg), cfg.reasoning),
                        chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None,
                        base_weights=weights if weights != base else None, base_note=note,
                        base_source=cfg.model)

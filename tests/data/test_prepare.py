@@ -179,3 +179,22 @@ def test_plain_text_rule_line_says_the_first_token_is_not_trained(tmp_path, tiny
     assert "labels: plain text, every token trained but the first (nothing predicts it)" in capsys.readouterr().out
     (row,) = [json.loads(line) for line in dump.read_text().splitlines()]
     assert row["labels"] == [-100] + row["input_ids"][1:]
+
+
+def test_show_and_dump_name_the_turn_each_example_of_a_split_chat_trains(tmp_path, tiny_model_dir, capsys):
+    """Qwen3 splits a chat into one example per assistant turn: --show printed "example 1" three times with
+    nothing to tell them apart, and --dump rows had no way to say which turn each trains."""
+    from test_official_templates import QWEN3
+
+    rows = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "two"},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "three"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    data, q3, dump = _data(tmp_path), tmp_path / "qwen3.jinja", tmp_path / "dump.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q3.write_text(QWEN3)
+    assert main(["prepare", "--model", str(tiny_model_dir), "--data", str(data), "--template", str(q3), "--show", "3",
+                 "--dump", str(dump)]) == 0
+    heads = [line.rsplit(": ", 1)[0] for line in capsys.readouterr().out.splitlines() if line.startswith("--- example")]
+    assert heads == [f"--- example 1 ({data}:1), assistant turn 1 (one example per turn)",
+                     f"--- example 1 ({data}:1), assistant turn 2 (one example per turn)", f"--- example 2 ({data}:2)"]
+    assert [(r["index"], r["turn"]) for r in map(json.loads, dump.read_text().splitlines())] == [(0, 1), (0, 2), (1, None)]

@@ -19,6 +19,7 @@ from sftlab.data.collate import PackedCollator
 from sftlab.data.masking import Labeler
 from sftlab.data.packing import pack
 from sftlab.data.templates import ChatTemplate
+from sftlab.data.turns import NOTE_WHOLE
 from sftlab.data.types import Conversation, Message
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -198,7 +199,7 @@ def test_deepseek_r1_trains_the_reasoning_and_the_close_of_the_think_block_its_p
                          Message("user", "Thanks!"), Message("assistant", "You're welcome.")])
     exs, report = labelled(tok, tpl(tok, fam.DEEPSEEK_R1), conv, [
         "Add.\n</think>\n\n5" + R1_EOS, "Multiply.\n</think>\n\n20" + R1_EOS, "\n</think>\n\nYou're welcome." + R1_EOS])
-    assert report.n_split == 1
+    assert report.n_split == 1 and report.summary().startswith("3 examples kept from 1 input,")
     for ex in exs:
         first = next(k for k, lab in enumerate(ex.labels) if lab != IGNORE)
         assert tok.decode(ex.input_ids[:first]).endswith("<｜Assistant｜><think>\n")
@@ -303,4 +304,90 @@ def test_one_example_reasoning_modes_train_a_tool_call_turn_through_its_end(tok,
         [tool_chat(reasoning=("Need the weather.", "It is warm."), calls=1)])
     assert [trained(tok, e) for e in exs][0][0] == (' to=functions.get_weather<|channel|>commentary json<|message|>'
                                                      '{"city": "Paris"}<|call|>')
-    assert not report.rule_notes  # one example: no note about per-turn examples
+    assert list(report.rule_notes) == [NOTE_WHOLE]  # one example: no note about per-turn examples
+    # not "each turn trained as the model produces it" (reasoning is lost, prompts differ): as the full render has it
+    assert report.rule() == ("labels: 1 chat trained as one example, the assistant turns as the full render shows "
+                             "them (reasoning: keep|last or masking: all)")
+
+
+R_CHAT = Conversation([Message("user", "2+3?"), Message("assistant", "5", reasoning="Add."),
+                       Message("user", "times 4?"), Message("assistant", "20", reasoning="Multiply.")])
+
+
+@pytest.mark.parametrize("source,keep,last", [(off.QWEN3, 1, 0), (fam.DEEPSEEK_R1, 2, 1), (fam.GPT_OSS_TOOLS, 1, 0),
+                                              (fam.QWEN25, 0, 0)])
+def test_one_example_modes_count_the_turns_whose_reasoning_the_full_render_drops(tok, source, keep, last):
+    """reasoning: keep|last train one example from the full render: Qwen3 drops the reasoning of turns before
+    the last user message, R1 every turn's, GPT-OSS a turn's once a final answer follows; those turns trained
+    without it and nothing said so. per_turn trains each with its reasoning: nothing lost."""
+    for mode, n in (("keep", keep), ("last", last), ("per_turn", 0)):
+        _, report = Labeler(tok, tpl(tok, source), reasoning=mode).encode([R_CHAT, R_CHAT])
+        assert report.n_reasoning_lost == 2 * n, mode
+        assert report.to_dict()["n_reasoning_lost"] == 2 * n
+    _, report = Labeler(tok, tpl(tok, source), masking="all").encode([R_CHAT])  # one example too
+    assert report.n_reasoning_lost == keep
+    _, report = Labeler(tok, tpl(tok, source), masking="last_assistant", reasoning="keep").encode([R_CHAT])
+    assert report.n_reasoning_lost == last  # only the last turn is trained: the others' loss costs nothing
+
+
+def test_lost_reasoning_is_one_warning_in_prepare_doctor_and_train_check(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from sftlab.cli import main
+
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "4", "reasoning_content": "two"},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "three"}]}
+            for q in ("2+2?", "two plus two?", "2 + 2?")]
+    data, q3 = tmp_path / "d.jsonl", tmp_path / "qwen3.jinja"
+    data.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    q3.write_text(off.QWEN3)
+    common = ["--model", str(tiny_model_dir), "--data", str(data), "--template", str(q3)]
+    assert main(["prepare", *common, "--reasoning", "keep"]) == 0
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: 3 assistant turns with reasoning are trained without it: reasoning: keep trains each chat "
+                      "as one example from its full render, and the chat template drops that reasoning there; set "
+                      "reasoning: per_turn to train each turn with its reasoning in its own inference context"]
+    assert main(["prepare", *common]) == 0 and "warning:" not in capsys.readouterr().out  # per_turn: each turn keeps it
+    assert main(["prepare", *common, "--reasoning", "keep", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [warned[0][len("warning: "):]]
+    main(["doctor", str(data), "--model", str(tiny_model_dir), "--template", str(q3), "--reasoning", "keep", "--json"])
+    found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["rule"] == "reasoning_lost"]
+    assert len(found) == 1 and "3 assistant turns" in found[0]["message"] and "(this chat and 2 more)" in found[0]["message"]
+    assert "reasoning: per_turn" in found[0]["fixes"][0]
+    assert main(["train", *common[:4], "--set", f"template={q3}", "--set", "reasoning=keep", "--output-dir",
+                 str(tmp_path / "run"), "--check", "--json"]) == 0
+    checks = json.loads(capsys.readouterr().out)["findings"]
+    assert [f["message"] for f in checks if f["rule"] == "reasoning_lost"] == [warned[0][len("warning: "):].split("; set")[0]]
+
+
+def test_show_marks_the_reasoning_of_the_think_block_r1s_prompt_opens(tok):
+    """R1's <think> is in the untrained prompt, so the trained run holds only the reasoning and </think>:
+    --show marked no reasoning there (‹…› needed a whole <think>…</think> inside the trained run)."""
+    from sftlab.data.prepare import render_example
+
+    exs, _ = Labeler(tok, tpl(tok, fam.DEEPSEEK_R1)).encode([R_CHAT])
+    shown = [render_example(tok, ex, color=False) for ex in exs]
+    assert shown[0].endswith("<｜Assistant｜><think>\n«‹Add.\n</think>›\n\n5" + R1_EOS + "»")
+    assert shown[1].endswith("<｜Assistant｜><think>\n«‹Multiply.\n</think>›\n\n20" + R1_EOS + "»")
+    assert "\x1b[43;30mAdd.\n</think>\x1b[42;30m" in render_example(tok, exs[0], color=True)
+    # a whole block in the trained run (Qwen3) is marked as before; no block, nothing marked
+    q3, _ = Labeler(tok, tpl(tok, off.QWEN3)).encode([R_CHAT])
+    assert render_example(tok, q3[-1], color=False).endswith("«‹<think>\nMultiply.\n</think>›\n\n20<|im_end|>»")
+    q25, _ = Labeler(tok, tpl(tok, fam.QWEN25)).encode([PLAIN])
+    assert "‹" not in render_example(tok, q25[0], color=False)
+
+
+def test_deepseek_and_cohere_markers_are_added_as_tokens_so_the_reply_ends_at_r1s_eos(tiny_model_dir):
+    """missing_tokens knew only lower-case <|...|>: with DeepSeek-R1's template file on a model without its
+    tokens, <｜end▁of▁sentence｜> stayed text, no end-of-turn token was found, and the tokenizer's EOS was
+    appended after it (and trained); Cohere2's <|START_RESPONSE|> stayed text too."""
+    from sftlab.data.templates import missing_tokens
+
+    t = AutoTokenizer.from_pretrained(tiny_model_dir)
+    r1 = missing_tokens(tpl(t, fam.DEEPSEEK_R1), t)
+    assert {"<｜Assistant｜>", "<｜User｜>", R1_EOS, "<｜tool▁sep｜>"} <= set(r1)
+    assert "<|START_RESPONSE|>" in missing_tokens(tpl(t, off.COHERE2), t)
+    t.add_special_tokens({"additional_special_tokens": r1}, replace_extra_special_tokens=False)
+    exs, report = Labeler(t, tpl(t, fam.DEEPSEEK_R1)).encode([R_CHAT])
+    assert not report.eos_appended and trained(t, exs[0]) == ["Add.\n</think>\n\n5" + R1_EOS]

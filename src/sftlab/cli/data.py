@@ -40,6 +40,7 @@ def _cmd_prepare(args) -> int:
         save_dataset,
         source_lines,
     )
+    from sftlab.data.turns import reasoning_lost_warning  # deferred: with prepare
 
     if args.show < 0:  # a slice [:-2] would show every example but the last two
         raise SftlabError(f"--show {args.show}: must be a count of examples, 0 or more", hint="e.g. --show 3")
@@ -53,12 +54,14 @@ def _cmd_prepare(args) -> int:
         write_jsonl(args.dump, dump_rows(prepared))
     if args.out:
         save_dataset(prepared, args.out)
+    lost = reasoning_lost_warning(prepared.report.n_reasoning_lost, cfg.reasoning, cfg.masking)
     if args.json:
         _print_json({"report": prepared.report.to_dict(), "template": prepared.template.name if prepared.template else None,
-                     "added_tokens": prepared.added_tokens})
+                     "added_tokens": prepared.added_tokens, "warnings": [f"{lost[0]}; {lost[1]}"] if lost else []})
         return 0
     for ex in prepared.examples[: args.show]:
-        print(f"--- example {ex.index + 1} ({ex.where}): {len(ex.input_ids)} tokens, {ex.n_trained} trained")
+        turn = f", assistant turn {ex.turn} (one example per turn)" if ex.turn else ""  # one of a split chat's examples
+        print(f"--- example {ex.index + 1} ({ex.where}){turn}: {len(ex.input_ids)} tokens, {ex.n_trained} trained")
         print(render_example(prepared.tokenizer, ex))
     r = prepared.report
     tpl = prepared.template.name if prepared.template else "none (plain text)"
@@ -66,6 +69,8 @@ def _cmd_prepare(args) -> int:
     if r.sources:
         print("per source:\n" + "\n".join(source_lines(r)))
     print(r.rule())
+    if lost:
+        print(f"warning: {lost[0]}; {lost[1]}")
     if prepared.added_tokens:
         print(f"note: added special tokens the template needs: {', '.join(prepared.added_tokens)} (embeddings are resized in training)")
     if r.eos_appended:

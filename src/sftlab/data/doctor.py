@@ -184,7 +184,7 @@ def run_doctor(data: str | Path | list, *, eval_data: str | Path | list | None =
         _nothing_left(stats["max_seq_length"], len(train.convs), train.path, res.findings)
         res.findings += left_out if not any(f.rule == "nothing_left" for f in res.findings) else []
         stats["added_tokens"] = added
-        _consistency(train.convs, tpl, res.findings)
+        _consistency(train.convs, tpl, res.findings, reasoning)
         template_tool_check(train.convs, tpl, res.findings)
     elif length_tokenizer is not None:
         stats.update(_text_lengths(train.convs, length_tokenizer, length_tokenizer_name, max_seq_length, res.findings,
@@ -229,15 +229,16 @@ def _tool_stats(convs: list[Conversation], n_turns: int, n_reasoning: int) -> di
             "reasoning_share": round(n_reasoning / n_turns, 4) if n_turns else 0.0}
 
 
-def _consistency(convs: list[Conversation], tpl, findings: list[Finding], sample: int = 32) -> None:
-    """The inference prompt (generation prompt) must be a prefix of the training text at every reply."""
+def _consistency(convs: list[Conversation], tpl, findings: list[Finding], reasoning: str = "per_turn",
+                 sample: int = 32) -> None:
+    """Each reply must follow its inference prompt as prepare trains it (see check_template_consistency)."""
     if tpl is None:
         return
 
     # a conversation the template cannot render at all is already a "template" error: not again here
     failed = {(f.data["file"], f.data["line"]) for f in findings if f.rule == "template"}
     chats = [c for c in convs if not c.is_text and (c.source, c.line) not in failed][:sample]
-    for c, problem in zip(chats, (check_template_consistency(tpl, [c]) for c in chats)):
+    for c, problem in zip(chats, (check_template_consistency(tpl, [c], reasoning) for c in chats)):
         if problem:  # the finding names the file and line: not again in its text
             text = problem[0].removeprefix(f"{c.where()}, ").removeprefix(f"{c.where()}: ")
             _add(findings, "template_consistency", c.source, c.line, text)

@@ -47,6 +47,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "near_duplicate": ("warning", "near duplicates"),
     "eval_near_overlap": ("warning", "eval examples or prompts nearly identical to training data"),
     "template_consistency": ("warning", "training text and inference prompt disagree"),
+    "reasoning_lost": ("warning", "reasoning the template drops from the one example reasoning: keep|last trains"),
     "tool_schema": ("warning", "tool-call arguments that do not match the function's schema"),
     "tool_unanswered": ("warning", "tool calls never answered by a tool result"),
     "tool_result_order": ("warning", "results of one function in another order than its calls"),

@@ -15,6 +15,7 @@ from sftlab.core.findings import Finding
 from sftlab.data.doctor_checks import _add, _n
 from sftlab.data.doctor_tools import message_text
 from sftlab.data.masking import IGNORE, Labeler
+from sftlab.data.turns import reasoning_lost_warning
 from sftlab.data.types import Conversation
 
 
@@ -39,6 +40,10 @@ def _token_checks(convs: list[Conversation], tok, tpl, max_len: int | None, find
             break
     for c, msg, fix in errors:
         _add(findings, "template", c.source, c.line, msg, fix=fix)
+    lost = [(c, ex.reasoning_lost) for c, ex in zip(kept, exs) if getattr(ex, "reasoning_lost", 0)]
+    if warn := reasoning_lost_warning(sum(n for _, n in lost), rule.get("reasoning", "per_turn"), rule.get("masking", "")):
+        _add(findings, "reasoning_lost", lost[0][0].source, lost[0][0].line,  # once per run, at its first such chat
+             f"{warn[0]} (this chat and {len(lost) - 1} more)" if len(lost) > 1 else warn[0], fix=warn[1])
     encoded = iter(labeler.encode_segments([segs for ex in exs for segs in ex],
                                            [bool(getattr(ex, "split", False)) and len(ex) > 1 for ex in exs for _ in ex]))
     lengths, trained = [], []
@@ -139,7 +144,8 @@ def _histogram(values: list[int], bins: int = 10) -> list[dict]:
 
 def _nothing_left(m: dict | None, n: int, path: str, findings: list[Finding]) -> None:
     """prepare's "no example is left to train on" as one error, with the limit (or policy) that keeps one."""
-    if not m or not n or m.get("kept") != 0:
+    refused = {(f.data["file"], f.data["line"]) for f in findings if f.rule == "template"}
+    if not m or not n or m.get("kept") != 0 or len(refused) >= n:  # each a "template" error: prepare stops on that
         return
     fixes = []
     if m.get("keeps_one_whole"):

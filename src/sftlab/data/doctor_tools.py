@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding
 from sftlab.data.doctor_checks import CHECKS
 from sftlab.data.reasoning import THINK_OPEN, THINK_TAG, think_tag_problem
@@ -270,20 +271,31 @@ def template_tool_check(convs: list[Conversation], tpl, findings: list[Finding])
     without its function names or call arguments (it ignores ``tools`` / ``tool_calls``)."""
     if tpl is None:
         return
-    with_tools = next((c for c in convs if c.tools and function_schemas(c.tools)), None)
+    # a conversation the template refuses is a "template" finding already (the token checks): the first one it renders
+    with_tools = calling = text = None
+    for c in (c for c in convs if c.tools and function_schemas(c.tools)):
+        msgs = [m for m in c.messages if m.role in ("system", "user")][:2] or [Message("user", "hi")]
+        try:
+            bare, full = tpl.render(msgs, add_generation_prompt=True), tpl.render(msgs, add_generation_prompt=True, tools=c.tools)
+        except SftlabError:
+            continue
+        with_tools = c
+        break
     if with_tools is not None:
-        msgs = [m for m in with_tools.messages if m.role in ("system", "user")][:2] or [Message("user", "hi")]
-        bare = tpl.render(msgs, add_generation_prompt=True)
-        full = tpl.render(msgs, add_generation_prompt=True, tools=with_tools.tools)
         names = list(function_schemas(with_tools.tools))
         if full == bare or not all(n in full for n in names):
             _add(findings, "template_tools", with_tools, f"template '{tpl.name}' ignores the record's tools: "
                  f"rendered with and without them, the text {'is the same' if full == bare else 'lacks ' + names[0]}",
                  TOOL_TEMPLATE_FIX)
-    calling = next((c for c in convs if any(m.tool_calls for m in c.messages)), None)
+    for c in (c for c in convs if any(m.tool_calls for m in c.messages)):
+        k = next(i for i, m in enumerate(c.messages) if m.tool_calls)
+        try:
+            text = tpl.render(c.messages[:k + 1], tools=c.tools)
+        except SftlabError:
+            continue
+        calling = c
+        break
     if calling is not None:
-        k = next(i for i, m in enumerate(calling.messages) if m.tool_calls)
-        text = tpl.render(calling.messages[:k + 1], tools=calling.tools)
         missing = []
         for call in calling.messages[k].tool_calls:
             name, raw = call_parts(call)

@@ -50,7 +50,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.core.loss import IGNORE
 from sftlab.data.skeleton import Skeletons
 from sftlab.data.templates import ChatTemplate, TemplateRefused
-from sftlab.data.turns import ConvLabels, TurnRule
+from sftlab.data.turns import NOTE_WHOLE, ConvLabels, TurnRule
 from sftlab.data.types import Conversation, Message
 
 MASKING = choices(Masking)
@@ -58,7 +58,6 @@ TRUNCATION = choices(Truncation)
 REASONING = choices(Reasoning)
 # Chunked prompt tokenization is compared with the whole prompt's on the first few and 1 in this many.
 CHUNK_CHECK_FIRST, CHUNK_CHECK_EVERY = 8, 50
-
 
 
 @contextmanager
@@ -86,6 +85,7 @@ class Example:
     weight: float = 1.0
     index: int = 0  # position in the input conversations
     where: str = ""  # "file:line"
+    turn: int = 0  # one of a split chat's per-turn examples: the assistant turn it trains (1-based); else 0
 
     @property
     def n_trained(self) -> int:
@@ -112,6 +112,7 @@ class PrepareReport:
     n_single: int = 0  # chats kept as one example (history renders unchanged, or reasoning keep/last)
     n_split: int = 0  # chats split into one example per assistant turn
     rule_notes: dict[str, int] = field(default_factory=dict)  # why split / how turns end -> conversations
+    n_reasoning_lost: int = 0  # assistant turns trained without their reasoning (one example, the template drops it)
     sources: list[dict] = field(default_factory=list)  # per source of a mixture (sftlab.data.mixture.Mixture.stats)
     # kept examples' lengths in tokens: {"bin_width": w, "counts": [n of length in [i*w, (i+1)*w)]}
     length_histogram: dict = field(default_factory=dict)
@@ -120,6 +121,10 @@ class PrepareReport:
         """Which label rule was applied, and why (one line, for `prepare`)."""
         if not self.n_single and not self.n_split:
             return "labels: plain text, every token trained but the first (nothing predicts it)"
+        if NOTE_WHOLE in self.rule_notes:  # not "as the model produces it": as the full render shows it
+            return f"labels: {self.n_single} chat{'s' * (self.n_single != 1)} trained as one example" \
+                   f"{' each' * (self.n_single != 1)}, the assistant turns as the full render shows them " \
+                   "(reasoning: keep|last or masking: all)"
         parts = []
         if self.n_single:
             parts.append(f"{self.n_single} chat{'s' * (self.n_single != 1)} as one example"
@@ -131,7 +136,7 @@ class PrepareReport:
 
     def summary(self) -> str:
         parts = [f"{self.n_kept}/{self.n_input} examples kept" if self.n_split == 0
-                 else f"{self.n_kept} examples kept from {self.n_input} inputs", f"{self.n_tokens} tokens",
+                 else f"{self.n_kept} examples kept from {self.n_input} input{'s' * (self.n_input != 1)}", f"{self.n_tokens} tokens",
                  f"{self.n_trained_tokens} trained"]
         if self.n_turns_cut:
             parts.append(f"{self.n_turns_cut} had earlier turns cut to fit")
@@ -366,6 +371,7 @@ class Labeler(TurnRule):
                     continue
                 report.n_split += ex.split
                 report.n_single += not ex.split
+                report.n_reasoning_lost += ex.reasoning_lost
                 for why in ex.notes:
                     report.rule_notes[why] = report.rule_notes.get(why, 0) + 1
                 ends = [i + 1 for i, m in enumerate(conv.messages) if m.role == "assistant"]
@@ -389,7 +395,8 @@ class Labeler(TurnRule):
                     report.dropped.append((conv.where(), f"{len(ids)} tokens > max_seq_length {self.max_len}"))
                     continue
                 ids, labels = fitted
-            ex = Example(ids, labels, conv.weight, idx, conv.where())
+            turn = sum(m.role == "assistant" for m in conv.messages[:upto]) if own_turn and not conv.is_text else 0
+            ex = Example(ids, labels, conv.weight, idx, conv.where(), turn)
             if ex.n_trained == 0:
                 report.n_dropped_no_trained += 1
                 report.dropped.append((conv.where(), "no trained token left"))

@@ -159,8 +159,9 @@ def refuse_input_as_output(cfg: Config, out: str | Path, flag: str, *, config_fi
 
 def dump_rows(prepared: Prepared):
     for ex in prepared.examples:
-        yield {"index": ex.index, "source": ex.where, "input_ids": ex.input_ids, "labels": ex.labels,
-               "weight": ex.weight}
+        # turn: the assistant turn a per-turn example trains (a chat split into one example per turn), else null
+        yield {"index": ex.index, "source": ex.where, "turn": ex.turn or None, "input_ids": ex.input_ids,
+               "labels": ex.labels, "weight": ex.weight}
 
 
 @contextlib.contextmanager
@@ -209,25 +210,37 @@ _REASONING_SPAN = re.compile(r"<think>.*?</think>|<\|channel\|>analysis<\|messag
 
 def render_example(tokenizer, ex: Example, color: bool | None = None) -> str:
     """The example's text with trained tokens highlighted (green on a terminal, «…» otherwise) and
-    the reasoning span within them marked (yellow on a terminal, ‹…› otherwise)."""
+    the reasoning span within them marked (yellow on a terminal, ‹…› otherwise), also where the untrained
+    prompt opened its ``<think>`` (DeepSeek-R1: the trained text is the reasoning, ``</think>``, the reply)."""
     if color is None:
         color = sys.stdout.isatty()
     on, off = ("\x1b[42;30m", "\x1b[0m") if color else ("«", "»")
     r_on, r_off = ("\x1b[43;30m", "\x1b[42;30m") if color else ("‹", "›")
 
-    def mark(text: str) -> str:
-        return _REASONING_SPAN.sub(lambda m: f"{r_on}{m.group(0)}{r_off}", text)
+    def mark(text: str, opened: bool) -> str:
+        head = ""
+        close = text.find("</think>") if opened else -1
+        if close >= 0 and "<think>" not in text[:close]:  # the block the prompt opened ends here
+            head, text = f"{r_on}{text[:close + len('</think>')]}{r_off}", text[close + len("</think>"):]
+        return head + _REASONING_SPAN.sub(lambda m: f"{r_on}{m.group(0)}{r_off}", text)
 
-    out, run, trained = [], [], None
+    out, run, trained, before = [], [], None, ""
     for tid, lab in zip(ex.input_ids, ex.labels):
         t = lab != IGNORE
         if trained is not None and t != trained:
             text = tokenizer.decode(run)
-            out.append(f"{on}{mark(text)}{off}" if trained else text)
+            out.append(f"{on}{mark(text, _opens_think(before))}{off}" if trained else text)
+            before = "" if trained else text
             run = []
         run.append(tid)
         trained = t
     if run:
         text = tokenizer.decode(run)
-        out.append(f"{on}{mark(text)}{off}" if trained else text)
+        out.append(f"{on}{mark(text, _opens_think(before))}{off}" if trained else text)
     return "".join(out)
+
+
+def _opens_think(prompt: str) -> bool:
+    """The untrained text before a trained run ends inside a ``<think>`` block it opened."""
+    p = prompt.rfind("<think>")
+    return p >= 0 and "</think>" not in prompt[p:] and not prompt[p + len("<think>"):].strip()

@@ -395,8 +395,9 @@ def _resolve(name: str | None, tokenizer) -> ChatTemplate:
 
 
 def missing_tokens(template: ChatTemplate, tokenizer) -> list[str]:
-    """Special tokens a built-in template writes that the tokenizer does not know as single tokens."""
-
-    wanted = set(re.findall(r"<\|[a-z_]+\|>", template.source))
+    """Special tokens a template writes that the tokenizer does not know as single tokens: ``<|...|>`` (any
+    case: Cohere2's ``<|START_RESPONSE|>``) and DeepSeek's full-width ``<｜...｜>`` (``<｜Assistant｜>``,
+    ``<｜end▁of▁sentence｜>``), which were left to be split into text: a reply's end then was no token."""
+    wanted = set(re.findall(r"<\|[A-Za-z_]+\|>|<｜[^｜<>\s]+｜>", template.source))
     vocab = tokenizer.get_vocab()
     return sorted(t for t in wanted if t not in vocab)

@@ -20,18 +20,36 @@ SPLIT_HISTORY = "the template renders earlier turns differently from how the mod
 NOTE_GEN_PROMPT = ("the inference prompt is not a prefix of the rendered turn: one example per turn, the turn "
                    "trained from where the prompt's end is found in it")
 NOTE_NEXT_ROLE = "a turn renders no end-of-turn token: the next role's token is trained as its end"
+NOTE_WHOLE = "reasoning: keep|last or masking: all: each chat one example, its turns as its full render shows them"
 NOTE_OPEN_THINK = ("the inference prompt opens a <think> block the rendered turn does not show: the turn's reasoning "
                    "(empty when it has none) and </think> are trained before its reply, as the model writes them")
 
 
+def reasoning_lost_warning(n: int, reasoning: str, masking: str) -> tuple[str, str] | None:
+    """(warning, fix) when ``n`` assistant turns lose their reasoning in training: ``reasoning: keep|last``
+    (or ``masking: all``) train one example per chat from its full render, and a template that drops a
+    turn's reasoning there (Qwen3 before the last user message, DeepSeek-R1, GPT-OSS) trains that turn
+    without it. None when no turn does."""
+    if not n:
+        return None
+    why = f"reasoning: {reasoning}" if reasoning in ("keep", "last") else f"masking: {masking}"
+    text = (f"{n} assistant turn{'s' * (n != 1)} with reasoning {'are' if n != 1 else 'is'} trained without it: "
+            f"{why} trains each chat as one example from its full render, and the chat template drops that reasoning there")
+    fix = ("set reasoning: per_turn to train each turn with its reasoning in its own inference context"
+           + (" (with masking: all_assistant)" if masking == "all" else ""))
+    return text, fix
+
+
 class ConvLabels(list):
     """A conversation's examples (each a list of (text, trained) pieces), with how they were cut:
-    ``split`` (one example per assistant turn) and ``notes`` (the report's reasons)."""
+    ``split`` (one example per assistant turn), ``notes`` (the report's reasons) and ``reasoning_lost``
+    (assistant turns with reasoning trained without it: one example from a full render that drops it)."""
 
-    def __init__(self, examples=(), split: bool = False, notes: tuple[str, ...] = ()):
+    def __init__(self, examples=(), split: bool = False, notes: tuple[str, ...] = (), reasoning_lost: int = 0):
         super().__init__(examples)
         self.split = split
         self.notes = notes
+        self.reasoning_lost = reasoning_lost
 
 
 class TurnRule:
@@ -77,8 +95,14 @@ class TurnRule:
                 raise SftlabError(f"{conv.where()}: the chat template '{self.template.name}' does not render tool results",
                                   hint="use a template with a tool role, e.g. --template chatml-tools")
         last = self.masking == "last_assistant"
+        lost = 0
         if whole:
+            self._note(NOTE_WHOLE)
             spans = self._spans_in_full(conv, full, prompts, turns)
+            # trained turns whose reasoning the full render drops (Qwen3 before the last query, DeepSeek-R1, GPT-OSS)
+            lost = sum(1 for n, ((b, e, _), i) in enumerate(zip(spans, assistant_idx))
+                       if (msgs[i].reasoning or "").strip() and msgs[i].reasoning.strip() not in full[b:e]
+                       and (not last or n == len(spans) - 1))
         elif all(exact and full.startswith(r[:e]) for r, _, e, _, exact in turns):
             spans = [(s, e, h) for _, s, e, h, _ in turns]
         else:
@@ -94,7 +118,7 @@ class TurnRule:
             out.split, out.notes = True, tuple(self._notes)
             return out
         segs = self._cut(conv, full, spans, last)
-        return ConvLabels([segs], split=False, notes=tuple(self._notes))
+        return ConvLabels([segs], split=False, notes=tuple(self._notes), reasoning_lost=lost)
 
     def _cut(self, conv, full: str, spans, last: bool) -> list[tuple[str, bool]]:
         """One example: ``full`` cut at the trained spans (start, end, end token found)."""

@@ -22,6 +22,7 @@ from sftlab.core.findings import Finding
 from sftlab.core.hardware import device_memory_gb
 from sftlab.data.doctor_tools import template_tool_check
 from sftlab.data.prepare import Prepared
+from sftlab.data.turns import reasoning_lost_warning
 from sftlab.plan.auto import (
     estimated_bytes,
     lr_for_size,
@@ -180,6 +181,8 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
         if lost / report.n_input > 0.05:
             out.append(_finding("truncation", "warning", f"max_seq_length {cfg.max_seq_length} cuts or drops {lost} of "
                                f"{report.n_input} examples", "raise max_seq_length"))
+    if report is not None and (lost_reasoning := reasoning_lost_warning(report.n_reasoning_lost, cfg.reasoning, cfg.masking)):
+        out.append(_finding("reasoning_lost", "warning", *lost_reasoning))
     has_eval = bool(eval_keys)  # eval data is never empty
     return out + checkpoint_step_findings(cfg, has_eval=has_eval) + eval_step_findings(cfg, total_steps, has_eval)
 
