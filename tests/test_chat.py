@@ -15,7 +15,7 @@ import pytest
 from conftest import make_lora_run
 
 import sftlab
-from sftlab.chat import ChatSession, load_chat_model, run_chat
+from sftlab.chat import ChatSession, HoldCalls, load_chat_model, run_chat
 from sftlab.cli import main
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import GenerationSettings, generate, generate_replies
@@ -462,20 +462,52 @@ def test_a_streamed_tool_call_is_shown_once_formatted_not_also_raw(loaded, monke
     assert 'assistant> {"a": 1} a <toolbox> here\n' in shown
 
 
-def test_call_openers_follow_the_templates_dialect(loaded):
-    from tool_data import HERMES, TOOLS
+LLAMA_JSON = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+              '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}'
+              "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Llama 3.1's form: the reply is the JSON
 
-    from sftlab.chat import call_openers
-    from sftlab.data.templates import ChatTemplate, resolve_template
 
-    _, tok, _ = loaded
-    assert call_openers(ChatTemplate("hermes", HERMES, "<|im_end|>", {}), tok, TOOLS) == (("<tool_call>",), False)
-    assert call_openers(resolve_template("chatml-tools", tok), tok, TOOLS) == (("<tool_call>",), False)
-    # Llama 3.1 style: the whole reply is the call's JSON
-    llama = ("{% for m in messages %}<|start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
-             '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}'
-             "{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
-    assert call_openers(ChatTemplate("llama-ish", llama, "<|end|>", {}), tok, TOOLS) == ((), True)
+@pytest.mark.parametrize("template, pieces, before", [
+    # a bare JSON call (Llama's form) from a model whose template writes <tool_call> blocks
+    ("hermes", ['{"name": "get_', 'weather", "arguments": {"city": ', '"Paris"}}'], ""),
+    ("hermes", ['[{"name": "get_weather", ', '"parameters": {"city": "Paris"}}]'], ""),
+    # a Hermes/Qwen block, and Mistral's list, from a model whose template writes bare JSON
+    ("llama", ["Checking the weather.", '<tool_call>\n{"name": "get_weather", ', '"arguments": {"city": "Paris"}}\n</tool_call>'],
+     "Checking the weather."),
+    ("llama", ["Checking the weather.[TOOL_", 'CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'],
+     "Checking the weather."),
+    ("hermes", ["<|python", '_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'], ""),
+    # after reasoning, whose <think> the generation prompt opened
+    ("llama", ["I should look it up.</think>\n", '{"name": "get_weather",', ' "arguments": {"city": "Paris"}}'],
+     "I should look it up.</think>\n"),
+])
+def test_a_call_in_another_dialect_than_the_templates_is_shown_once(loaded, monkeypatch, template, pieces, before):
+    """The hold-back knew only the template's own dialect: another one the parser reads (so chat plays
+    the call) was streamed raw, then shown formatted again."""
+    from sftlab.data.templates import ChatTemplate
+
+    session = _tool_session(loaded)
+    if template == "llama":
+        session.template = ChatTemplate("llama-ish", LLAMA_JSON, "<|im_end|>", {})
+    shown = _streamed_chat(session, monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"])
+    assert session.history[1].tool_calls[0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert f'assistant> {before}\ntool call: get_weather\n{{\n  "city": "Paris"\n}}\n' in shown
+    assert shown.count("Paris") == 1 and "_tag" not in shown and "CALLS" not in shown
+
+
+def test_json_and_text_that_are_no_call_stream_whole(loaded, monkeypatch):
+    """Held JSON that turns out to be an answer, not a call, is shown as written, once."""
+    for pieces in (['{"city": ', '"Paris"}', " is the answer"], ['{"city": "Paris"}'], ['[1, ', '2]'],
+                   ['{"name": "get_weather", "arguments": '], ["a [TOOL", "BOX] b"]):
+        shown = _streamed_chat(_tool_session(loaded), monkeypatch, pieces, ["hi", "/exit"])
+        assert f"assistant> {''.join(pieces)}\n" in shown and "tool call:" not in shown
+    streamed: list[str] = []  # a JSON answer streams once its value is complete and not a call
+    hold = HoldCalls(streamed.append)
+    for piece in ['{"city": ', '"Paris"}', " is", " it"]:
+        hold(piece)
+        streamed.append("|")
+    assert "".join(streamed) == '|{"city": "Paris"}| is| it|'
 
 
 def test_a_reply_cut_at_max_new_tokens_says_so(loaded):

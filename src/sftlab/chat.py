@@ -220,57 +220,57 @@ class ChatSession:
         return decode_reply(tok, new[:cut]), tok.decode(new[:cut], skip_special_tokens=False)
 
 
-_OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # where a call starts, by dialect (eval/tool_calls.py)
+# Where a call starts, in every dialect parse_tool_calls reads (eval/tool_calls.py), whatever the template's own:
+# a model may write another one (its base model's), and chat plays such a call too. A reply whose answer is
+# bare JSON is the json dialect's call.
+_OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
 
-def call_openers(template: ChatTemplate, tokenizer, tools: list[dict] | None) -> tuple[tuple[str, ...], bool]:
-    """(the text that opens a tool call in a streamed reply, whether a reply that starts with ``{``/``[``
-    is a call) for the template's dialect, from how it renders an assistant call. A marker that is a
-    special token is not streamed (its JSON is: the reply starts with it); a template that renders no call
-    gets every marker."""
-    probe = [Message("user", "hi")]
-    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+def _may_be_call(answer: str) -> bool:
+    """Could ``answer`` (a reply's text after any reasoning, so far) still turn out to be a bare-JSON call?
+    True while its JSON value is incomplete; False once it holds text after the value or the value is
+    not call-shaped, so a JSON answer is streamed from there."""
+    body = answer.lstrip()
+    if body[:1] not in ("{", "["):
+        return False
     try:
-        head = template.render(probe, add_generation_prompt=True, tools=tools)
-        full = template.render(probe + [Message("assistant", "", tool_calls=(call,))], tools=tools)
-    except SftlabError:
-        return _OPENERS, False
-    body = full[len(head):] if full.startswith(head) else full
-    special = set(getattr(tokenizer, "all_special_tokens", None) or [])
-    for marker in _OPENERS:
-        if marker in body:
-            return ((), True) if marker in special else ((marker,), marker == "<|python_tag|>")
-    return ((), True) if '"f"' in body else (_OPENERS, False)
+        _, end = json.JSONDecoder().raw_decode(body)
+    except json.JSONDecodeError:
+        return True  # not complete yet (or never valid JSON: shown when the reply ends)
+    return not body[end:].strip() and parse_tool_calls(body).dialect == "json"
 
 
 class HoldCalls:
-    """Streams a reply's text to ``write`` but holds it back from where a tool call opens (``openers``, or
-    the reply's first character with ``json_start``), so the call is shown once, formatted, not also raw.
-    A marker's first characters at the end of the text wait for the next piece; text inside reasoning
-    (``<think>`` not yet closed) is streamed. :meth:`finish` writes what was held when no call was made."""
+    """Streams a reply's text to ``write`` but holds it back from where a tool call may open, in any
+    dialect the parser reads, whatever the template's own: a marker (:data:`_OPENERS`) anywhere in the
+    answer, or an answer that starts as JSON, held while it may still be a call. So a call is shown once,
+    formatted, not also raw. A marker's first characters at the end of the text wait for the next piece;
+    text inside reasoning (``<think>`` not yet closed) is streamed; so is all text when not ``active`` (no
+    tools: no call is played). :meth:`finish` writes what was held when no call was made."""
 
-    def __init__(self, write: Callable[[str], None], openers: tuple[str, ...], json_start: bool):
-        self.write, self.openers, self.json_start = write, openers, json_start
+    def __init__(self, write: Callable[[str], None], active: bool = True):
+        self.write, self.active = write, active
         self.text, self.shown, self.held = "", 0, False
 
     def __call__(self, piece: str) -> None:
         self.text += piece
+        if not self.active:  # no tools offered: no call is played, the text streams as it comes
+            return self._show(len(self.text))
         if self.held:
             return
         text, start = self.text, 0
-        if "<think>" in text:
-            start = text.find("</think>")
-            if start < 0:
-                return self._show(len(text))
-            start += len("</think>")
-        found = [k for o in self.openers if (k := text.find(o, start)) >= 0]
-        if self.json_start and text[start:].lstrip()[:1] in ("{", "["):
-            found.append(start)
+        if "</think>" in text:  # the answer follows the reasoning (whose <think> the prompt may have opened)
+            start = text.find("</think>") + len("</think>")
+        elif text.lstrip().startswith("<think>"):
+            return self._show(len(text))
+        if _may_be_call(text[start:]):
+            return self._show(start)  # held until the JSON is complete (a call) or shows it is not one
+        found = [k for o in _OPENERS if (k := text.find(o, start)) >= 0]
         if found:
             self._show(min(found))
             self.held = True
             return
-        wait = max((n for o in self.openers for n in range(1, len(o)) if text.endswith(o[:n])), default=0)
+        wait = max((n for o in _OPENERS for n in range(1, len(o)) if text.endswith(o[:n])), default=0)
         self._show(len(text) - wait)
 
     def _show(self, upto: int) -> None:
@@ -333,9 +333,9 @@ def _say_cut(session: ChatSession, write: Callable[[str], None]) -> None:
 
 
 def _hold(session: ChatSession, write: Callable[[str], None]) -> HoldCalls:
-    """The streamed text's filter: with tools, a call is held back for its formatted form."""
-    openers, json_start = call_openers(session.template, session.tokenizer, session.tools) if session.tools else ((), False)
-    return HoldCalls(write, openers, json_start)
+    """The streamed text's filter: with tools, a call (in any dialect the parser reads) is held back for
+    its formatted form; without, the text is streamed as it comes."""
+    return HoldCalls(write, active=bool(session.tools))
 
 
 def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str], str] = input,
