@@ -530,3 +530,25 @@ def test_a_reply_cut_at_max_new_tokens_says_so(loaded):
         assert session.was_cut == (not ends_at_once)
     assert "assistant> " + gen.text + " [cut at --max-new-tokens 3]\n" in shown[0]
     assert "[cut at" not in shown[1] and "assistant> " in shown[1]
+
+
+def test_a_broken_call_after_a_tool_result_is_said_too(loaded, monkeypatch):
+    """After a tool result, a reply whose call did not parse was shown as text without saying why it was
+    not run (only the first reply of a turn said so)."""
+    pieces = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>']
+    session = _tool_session(loaded)
+    replies = iter([pieces[0], '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"'])
+
+    def fake_generate(prompt, on_text):
+        text = next(replies)
+        on_text(text)
+        return text, text
+
+    import io
+    monkeypatch.setattr(session, "_generate", fake_generate)
+    feed = iter(["weather in Paris?", '{"temp": 21}', "/exit"])
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: (out.write(prompt), next(feed))[1], out=out) == 0
+    shown = out.getvalue()
+    assert ('tool result (get_weather)> assistant> <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"\n'
+            "(not run as a tool call: a <tool_call> block is never closed)\nyou> ") in shown

@@ -327,9 +327,14 @@ def load_tools(path: str | Path) -> list[dict]:
     return [t if "function" in t else {"type": "function", "function": t} for t in tools]
 
 
-def _say_cut(session: ChatSession, write: Callable[[str], None]) -> None:
+def _end_reply(session: ChatSession, hold: HoldCalls, write: Callable[[str], None]) -> None:
+    """After a streamed reply: its held text unless it made a call, whether it was cut, why a call-shaped
+    text was not run."""
+    hold.finish(bool(session.pending_calls))
     if session.was_cut:  # else a reply cut short reads as the model's whole answer
         write(f" [cut at --max-new-tokens {session.max_new_tokens}]")
+    if session.call_error:
+        write(f"\n(not run as a tool call: {session.call_error})")
 
 
 def _hold(session: ChatSession, write: Callable[[str], None]) -> HoldCalls:
@@ -383,10 +388,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
         hold = _hold(session, write)
         try:
             session.send(text, on_text=hold)
-            hold.finish(bool(session.pending_calls))
-            _say_cut(session, write)
-            if session.call_error:
-                write(f"\n(not run as a tool call: {session.call_error})")
+            _end_reply(session, hold, write)
             while session.pending_calls:  # the user plays the tools, then the model continues
                 write("\n")
                 if session.call_warning:
@@ -398,8 +400,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
                 write("assistant> ")
                 hold = _hold(session, write)
                 session.send(None, on_text=hold)
-                hold.finish(bool(session.pending_calls))
-                _say_cut(session, write)
+                _end_reply(session, hold, write)  # a broken call after a tool result is said too
         except KeyboardInterrupt:
             hold.finish(False)  # what the model wrote before the stop, a call's start included
             write(" [stopped]")
