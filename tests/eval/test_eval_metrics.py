@@ -198,3 +198,15 @@ def test_format_eval_single():
     assert "eval run on eval.jsonl" in text and "task score (json_fields)" in text
     assert "format adherence (json_object)" in text and "scored tokens                    40" in text
     assert "1.250" in text and "reply:     x x" in text and text.rstrip().endswith("...")
+
+
+def test_format_result_keeps_one_column_with_long_scorer_names():
+    """With tool-call references the labels ("task score (exact+tool_call_match)") outgrew the 32-wide
+    column and pushed their values out of line with the rest."""
+    from sftlab.eval.compare import format_result
+
+    res = {"metrics": {"loss": 0.5, "task_score": 0.8, "format_adherence": 0.8, "valid_tool_call_rate": 1.0,
+                       "tokens": 402}, "task_score_by": "exact+tool_call_match", "format_check": "finished+tool_call"}
+    lines = format_result(res).splitlines()
+    assert lines[1].startswith("task score (exact+tool_call_match)")
+    assert len({len(line) - len(line.split()[-1]) for line in lines}) == 1  # every value starts in one column

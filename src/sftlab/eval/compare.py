@@ -115,17 +115,18 @@ def format_comparison(cmp: dict) -> str:
 
 def format_result(result: dict) -> str:
     """One eval result as plain text: a metric per line."""
-    lines = []
+    rows = []
     mt = result.get("metrics", {})
     for key, label, _ in METRICS:
         if key in mt:
             by = result.get("task_score_by") or result.get("scorer")
             extra = f" ({by})" if key == "task_score" and by else ""
             extra = f" ({result['format_check']})" if key == "format_adherence" and result.get("format_check") else extra
-            lines.append(f"{label + extra:<32} {_fmt(mt[key])}")
+            rows.append((label + extra, _fmt(mt[key])))
     if "tokens" in mt:
-        lines.append(f"{'scored tokens':<32} {mt['tokens']}")
-    return "\n".join(lines)
+        rows.append(("scored tokens", str(mt["tokens"])))
+    width = max([32] + [len(label) for label, _ in rows])  # a long scorer name (exact+tool_call_match) keeps the column
+    return "\n".join(f"{label:<{width}} {value}" for label, value in rows)
 
 
 def format_eval(out: dict, samples: int = 3) -> str:
