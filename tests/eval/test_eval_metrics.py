@@ -210,3 +210,13 @@ def test_format_result_keeps_one_column_with_long_scorer_names():
     lines = format_result(res).splitlines()
     assert lines[1].startswith("task score (exact+tool_call_match)")
     assert len({len(line) - len(line.split()[-1]) for line in lines}) == 1  # every value starts in one column
+
+
+def test_compare_table_says_what_the_task_score_is():
+    """A single eval labels "task score (json_fields)"; the before/after table said only "task score",
+    whether exact match, json fields or tool-call match."""
+    base = {"metrics": {"task_score": 0.0, "format_adherence": 0.0}, "task_score_by": "exact+tool_call_match",
+            "scorer": "exact", "format_check": "finished+tool_call"}
+    text = format_comparison(compare(base, {**base, "metrics": {"task_score": 0.8, "format_adherence": 0.8}}))
+    assert "task score (exact+tool_call_match)" in text and "format adherence (finished+tool_call)" in text
+    assert len({line.index("0.000") for line in text.splitlines()[1:]}) == 1  # the base column stays aligned

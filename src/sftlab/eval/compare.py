@@ -56,6 +56,7 @@ def compare(before: dict, after: dict, *, threshold: float = DEFAULT_FORGETTING_
         b, a = bm.get(key), am.get(key)
         if b is None and a is None:
             continue
+        label += _scored_by(after, key)  # both sides are scored alike: what the number is, as a single eval says
         delta = a - b if _finite(a) and _finite(b) else None
         improved = None
         if delta is not None and better != "neither" and delta != 0:
@@ -70,6 +71,13 @@ def compare(before: dict, after: dict, *, threshold: float = DEFAULT_FORGETTING_
     return {"before_name": before_name, "after_name": after_name, "before": before, "after": after,
             "table": rows, "samples": samples,
             "forgetting": forgetting(bm.get("general_loss"), am.get("general_loss"), threshold)}
+
+
+def _scored_by(result: dict, key: str) -> str:
+    """" (scorer)" after the task score's label, " (check)" after format adherence's; else ""."""
+    by = {"task_score": result.get("task_score_by") or result.get("scorer"),
+          "format_adherence": result.get("format_check")}.get(key)
+    return f" ({by})" if by else ""
 
 
 def _fmt(x) -> str:
@@ -119,10 +127,7 @@ def format_result(result: dict) -> str:
     mt = result.get("metrics", {})
     for key, label, _ in METRICS:
         if key in mt:
-            by = result.get("task_score_by") or result.get("scorer")
-            extra = f" ({by})" if key == "task_score" and by else ""
-            extra = f" ({result['format_check']})" if key == "format_adherence" and result.get("format_check") else extra
-            rows.append((label + extra, _fmt(mt[key])))
+            rows.append((label + _scored_by(result, key), _fmt(mt[key])))
     if "tokens" in mt:
         rows.append(("scored tokens", str(mt["tokens"])))
     width = max([32] + [len(label) for label, _ in rows])  # a long scorer name (exact+tool_call_match) keeps the column
