@@ -552,3 +552,32 @@ def test_a_broken_call_after_a_tool_result_is_said_too(loaded, monkeypatch):
     shown = out.getvalue()
     assert ('tool result (get_weather)> assistant> <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"\n'
             "(not run as a tool call: a <tool_call> block is never closed)\nyou> ") in shown
+
+
+def test_chat_and_generate_show_earlier_reasoning_as_the_run_trained(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A run trained with reasoning: last (or drop) saw no reasoning before the last reply; eval's prompts
+    drop it, but chat's history and generate --data rendered it: other prompts than training and eval."""
+    import io
+
+    import sftlab.chat as chat
+    from sftlab.eval.run import run_eval
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir, reasoning="last")
+    model, tok, tpl = load_chat_model(str(run), device="cpu")
+    for reasoning, shown in (("per_turn", True), ("last", False), ("drop", False)):
+        session = ChatSession(model, tok, tpl, max_new_tokens=2, reasoning=reasoning)
+        session.history += [Message("user", "hi"), Message("assistant", "4", reasoning="two and two")]
+        assert ("two and two" in session.prompt("and again?")) == shown
+    rows = [{"messages": [{"role": "user", "content": "what is 2 plus 2?"},
+                          {"role": "assistant", "content": "4.", "reasoning_content": "two and two make four"},
+                          {"role": "user", "content": "and twice that?"}, {"role": "assistant", "content": "8."}]}]
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps(rows[0]) + "\n")
+    res = chat.generate_jsonl(str(run), data=str(data), max_new_tokens=MAX_NEW, device="cpu")
+    assert "reasoning_content" not in res.rows[0]["prompt"][1]
+    sample = run_eval(str(run), str(data), settings=GenerationSettings(max_new_tokens=MAX_NEW), device="cpu")
+    assert res.rows[0]["reply"] == sample["result"]["samples"][0]["reply"]  # the same prompt as eval's
+    sessions = []  # and `sftlab chat RUN` takes the run's setting
+    monkeypatch.setattr(chat, "run_chat", lambda session, name: sessions.append(session) or 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert main(["chat", str(run), "--device", "cpu"]) == 0 and sessions[0].reasoning == "last"

@@ -36,7 +36,7 @@ from sftlab.eval.generation import (
     split_reply,
     stop_token_ids,
 )
-from sftlab.eval.run import load_target
+from sftlab.eval.run import load_target, prompts_as_trained
 from sftlab.eval.tool_calls import call_arguments, check_tool_calls, parse_tool_calls
 from sftlab.rundir import RunDir
 
@@ -75,6 +75,13 @@ def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -
     return run.config().system_prompt if run.config_path.is_file() else None
 
 
+def run_reasoning(model_or_run: str) -> str:
+    """A run folder's ``reasoning`` setting (``drop``/``last`` trained no reasoning before the last reply,
+    so prompts hold none, as :func:`sftlab.eval.run.prompts_as_trained` makes eval's); else ``per_turn``."""
+    run = RunDir(model_or_run)
+    return run.config().reasoning if run.config_path.is_file() else "per_turn"
+
+
 def load_chat_model(model_or_run: str, *, template: str | None = None, device=None) -> tuple:
     """(model, tokenizer, ChatTemplate) for a run folder, an export folder or a model name/path."""
 
@@ -108,6 +115,7 @@ class ChatSession:
     top_p: float = 1.0
     history: list[Message] = field(default_factory=list)
     tools: list[dict] | None = None  # function schemas offered to the model (rendered as the template's `tools`)
+    reasoning: str = "per_turn"  # the run's setting: under drop/last earlier replies' reasoning is not shown again
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -128,7 +136,9 @@ class ChatSession:
         """The text the model sees for the next reply: the history, the user turn (None: the model
         continues after tool results), the generation prompt; the tools when the session has them."""
         turn = [Message("user", user_text)] if user_text is not None else []
-        return self.template.render(self.history + turn, add_generation_prompt=True, tools=self.tools)
+        # as training showed earlier replies: without their reasoning under reasoning drop/last
+        shown = prompts_as_trained([Conversation(self.history + turn)], self.reasoning)[0].messages
+        return self.template.render(shown, add_generation_prompt=True, tools=self.tools)
 
     @property
     def pending_calls(self) -> list[dict]:
@@ -465,6 +475,7 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     """
 
     convs = _conversations(prompts, data, fmt, default_system_prompt(model_or_run, system_prompt), tools)
+    convs = prompts_as_trained(convs, run_reasoning(model_or_run))  # earlier turns' reasoning as training showed it
     if temperature < 0:
         raise SftlabError(f"--temperature {temperature} must be >= 0 (0 is greedy)")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=temperature > 0,

@@ -75,6 +75,7 @@ def _cmd_chat(args) -> int:
         load_chat_model,
         load_tools,
         run_chat,
+        run_reasoning,
     )
 
     _check_sampling(args)
@@ -82,7 +83,8 @@ def _cmd_chat(args) -> int:
     model, tok, tpl = load_chat_model(args.model, template=args.template, device=args.device)
     session = ChatSession(model, tok, tpl, system_prompt=default_system_prompt(args.model, args.system_prompt),
                           max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, tools=tools)
+                          temperature=args.temperature, top_p=args.top_p, tools=tools,
+                          reasoning=run_reasoning(args.model))
     return run_chat(session, name=args.model)
 
 
