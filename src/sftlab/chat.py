@@ -26,6 +26,7 @@ from sftlab.data.doctor_tools import function_schemas
 from sftlab.data.formats import load_conversations
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
+from sftlab.eval.exports import export_labeling
 from sftlab.eval.generation import (
     GenerationSettings,
     decode_reply,
@@ -76,10 +77,11 @@ def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -
 
 
 def run_reasoning(model_or_run: str) -> str:
-    """A run folder's ``reasoning`` setting (``drop``/``last`` trained no reasoning before the last reply,
-    so prompts hold none, as :func:`sftlab.eval.run.prompts_as_trained` makes eval's); else ``per_turn``."""
+    """A run folder's ``reasoning`` setting, or the one its export kept (``drop``/``last`` trained no reasoning
+    before the last reply, so prompts hold none, as :func:`sftlab.eval.run.prompts_as_trained` makes eval's);
+    else ``per_turn``."""
     run = RunDir(model_or_run)
-    return run.config().reasoning if run.config_path.is_file() else "per_turn"
+    return run.config().reasoning if run.config_path.is_file() else export_labeling(model_or_run).get("reasoning", "per_turn")
 
 
 def load_chat_model(model_or_run: str, *, template: str | None = None, device=None) -> tuple:

@@ -32,7 +32,7 @@ from sftlab.data.mixture import source_paths
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
-from sftlab.eval.exports import EXPORT_INFO
+from sftlab.eval.exports import EXPORT_INFO, LABELING
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
 from sftlab.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, resolve_model_path
@@ -59,6 +59,7 @@ class ExportResult:
     base_weights: str | None = None  # adapter: the exact base weights the run trained on, on this machine
     base_note: str | None = None  # adapter: where its base comes from when that is not simply base_model
     base_source: str | None = None  # the run's model as its config names it (sftlab resolves it anywhere)
+    labeling: dict = field(default_factory=dict)  # how the run tokenized and scored (eval of the export does alike)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -387,7 +388,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
                                                                 _run_conversations(cfg)),
                        chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None,
                        base_weights=weights if weights != base else None, base_note=note,
-                       base_source=cfg.model)
+                       base_source=cfg.model, labeling={k: getattr(cfg, k) for k in LABELING})
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 

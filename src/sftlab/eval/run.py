@@ -27,7 +27,9 @@ from sftlab.data.types import Conversation
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import DEFAULT_FORGETTING_THRESHOLD, compare
 from sftlab.eval.exports import (
+    LABELING,
     export_base,
+    export_labeling,
     is_adapter_export,
     is_export,
     load_adapter_export,
@@ -393,9 +395,11 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
         system_prompt = cfg.system_prompt if cfg is not None else None
     add_system_prompt(convs, system_prompt)
     add_system_prompt(general_convs or [], system_prompt)
-    max_len = max_seq_length if max_seq_length is not None else (cfg.max_seq_length if cfg is not None else 2048)
-    trunc = cfg.truncation if cfg is not None else "cut_turns"
-    kw_run = dict(masking=cfg.masking, reasoning=cfg.reasoning) if cfg is not None else {}  # label as training did
+    # label as training did: a run's config, or what an export kept of it
+    run_label = {k: getattr(cfg, k) for k in LABELING} if cfg is not None else export_labeling(target)
+    max_len = max_seq_length if max_seq_length is not None else run_label.get("max_seq_length", 2048)
+    trunc = run_label.get("truncation", "cut_turns")
+    kw_run = {k: run_label[k] for k in ("masking", "reasoning") if k in run_label}
     kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc, **kw_run,
               general=general_convs, samples=samples, sources=names)
     after = evaluate(model, tok, tpl, convs, **kw)
