@@ -220,3 +220,13 @@ def test_compare_table_says_what_the_task_score_is():
     text = format_comparison(compare(base, {**base, "metrics": {"task_score": 0.8, "format_adherence": 0.8}}))
     assert "task score (exact+tool_call_match)" in text and "format adherence (finished+tool_call)" in text
     assert len({line.index("0.000") for line in text.splitlines()[1:]}) == 1  # the base column stays aligned
+
+
+def test_a_reply_of_reasoning_alone_is_empty():
+    """A reply that only reasons (its <think> never closed, or nothing after </think>) gives the user no
+    answer, and is scored on none; the non-empty rate counted it as a reply."""
+    gens = [Generation("<think>\nlet me see, 2 and 2", False, 12), Generation("<think>\nhm\n</think>\n\n", True, 6),
+            Generation("<think>\nhm\n</think>\n\n4", True, 7), Generation("4", True, 1)]
+    summary, rows = score_generations(gens, ["4"] * 4)
+    assert summary["nonempty_rate"] == pytest.approx(2 / 4)
+    assert [r["score"] for r in rows] == [0.0, 0.0, 1.0, 1.0]

@@ -56,7 +56,8 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
                       groups: Sequence[str] | None = None) -> tuple[dict, list[dict]]:
     """(summary, per-example rows) for generated replies against reference replies.
 
-    Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate, finished_rate,
+    Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate (replies with an
+    answer after any reasoning), finished_rate,
     repetition_rate (mean per reply of the repeated share of token n-grams, n=4: "seq-rep-4"; word
     3-grams for a generation without token ids), distinct_2 (over words), task_score (mean of the
     scorer), format_adherence (share passing the data set's format check). A reply that reasons first
@@ -96,7 +97,8 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
         "n": len(rows),
         "mean_reply_tokens": m.mean([g.n_tokens for g in generations]),
         "mean_reply_words": m.mean([len(m.words(t)) for t in texts]),
-        "nonempty_rate": m.mean([float(m.is_nonempty(t)) for t in texts]),
+        # an answer, not reasoning alone: a reply that only thinks (or is cut inside <think>) says nothing
+        "nonempty_rate": m.mean([float(m.is_nonempty(split_reply(t)[0])) for t in texts]),
         "finished_rate": m.mean([float(g.finished) for g in generations]),
         "repetition_rate": m.mean([r["repetition"] for r in rows]),
         "distinct_2": m.distinct_n(texts, 2),
