@@ -230,3 +230,24 @@ def test_a_reply_of_reasoning_alone_is_empty():
     summary, rows = score_generations(gens, ["4"] * 4)
     assert summary["nonempty_rate"] == pytest.approx(2 / 4)
     assert [r["score"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_a_sample_that_reasons_shows_its_answer_first():
+    """A reply that reasons first was printed from its <think> block, cut at 100 characters: the answer it
+    was scored on never showed."""
+    from sftlab.eval.compare import format_eval
+
+    long = "<think>\n" + "let me add these numbers carefully " * 5 + "\n</think>\n\n42"
+    gens = [Generation(long, True, 40), Generation("<think>\nhm", False, 3)]
+    _, rows = score_generations(gens, ["42", "42"])
+    samples = [{"prompt": "p", **r} for r in rows]
+    out = {"kind": "single", "target": "run", "data": "d", "result": {"metrics": {}, "samples": samples}}
+    text = format_eval(out)
+    assert "reply:     42 [after reasoning: let me add these numbers carefully le...]" in text
+    assert "reply:     (no answer) [after reasoning: hm]" in text
+    cmp = compare({"samples": samples}, {"samples": [{"prompt": "p", **r} for r in rows[::-1]]})
+    text = format_eval({"kind": "compare", "target": "run", "data": "d", "base": "b", **cmp})
+    assert "before:    42 [after reasoning:" in text and "after:     (no answer) [after reasoning: hm]" in text
+    plain = compare({"samples": [{"reply": "a"}]}, {"samples": [{"reply": "b"}]})["samples"][0]
+    assert "before_answer" not in plain and format_eval({"kind": "compare", "target": "r", "data": "d", "base": "b",
+                                                         **compare({"samples": [{"reply": "a"}]}, {"samples": [{"reply": "b"}]})}).endswith("after:     b")

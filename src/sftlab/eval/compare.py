@@ -65,9 +65,13 @@ def compare(before: dict, after: dict, *, threshold: float = DEFAULT_FORGETTING_
                      "better": better, "improved": improved})
     samples = []
     for sb, sa in zip(before.get("samples", []), after.get("samples", [])):
-        samples.append({"where": sa.get("where"), "prompt": sa.get("prompt"), "reference": sa.get("reference"),
-                        "before": sb.get("reply"), "after": sa.get("reply"),
-                        "before_score": sb.get("score"), "after_score": sa.get("score")})
+        row = {"where": sa.get("where"), "prompt": sa.get("prompt"), "reference": sa.get("reference"),
+               "before": sb.get("reply"), "after": sa.get("reply"),
+               "before_score": sb.get("score"), "after_score": sa.get("score")}
+        for side, s in (("before", sb), ("after", sa)):  # a reply that reasons: the answer it was scored on
+            if s.get("reasoning") is not None:
+                row.update({f"{side}_answer": s.get("answer"), f"{side}_reasoning": s["reasoning"]})
+        samples.append(row)
     return {"before_name": before_name, "after_name": after_name, "before": before, "after": after,
             "table": rows, "samples": samples,
             "forgetting": forgetting(bm.get("general_loss"), am.get("general_loss"), threshold)}
@@ -140,11 +144,14 @@ def format_eval(out: dict, samples: int = 3) -> str:
     if out["kind"] == "single":
         res = out["result"]
         body = format_result(res)
-        pairs = [(s.get("prompt"), s.get("reference"), None, s.get("reply")) for s in res.get("samples", [])]
+        pairs = [(s.get("prompt"), s.get("reference"), None, _answer_first(s.get("reply"), s.get("answer"),
+                                                                            s.get("reasoning")))
+                 for s in res.get("samples", [])]
     else:
         head += f" (base: {out['base']})"
         body = format_comparison(out)
-        pairs = [(s["prompt"], s["reference"], s["before"], s["after"]) for s in out.get("samples", [])]
+        pairs = [(s["prompt"], s["reference"], *(_answer_first(s[side], s.get(f"{side}_answer"), s.get(f"{side}_reasoning"))
+                                                 for side in ("before", "after"))) for s in out.get("samples", [])]
     if out.get("system_prompt"):
         head += f"\nsystem prompt (where a conversation has none, as in training): {_short(out['system_prompt'])}"
     lines = [head, body]
@@ -156,6 +163,14 @@ def format_eval(out: dict, samples: int = 3) -> str:
             lines.append(f"before:    {_short(before)}")
         lines.append(f"{'after:' if before is not None else 'reply:':<11}{_short(after)}")
     return "\n".join(lines)
+
+
+def _answer_first(reply, answer: str | None, reasoning: str | None) -> str:
+    """A sample reply as printed: one that reasons first shows the answer it was scored on, then the start of
+    its reasoning (shown whole, a long <think> block filled the line and hid the answer)."""
+    if reasoning is None:
+        return "" if reply is None else reply
+    return f"{_short(answer) if answer and answer.strip() else '(no answer)'} [after reasoning: {_short(reasoning, 40)}]"
 
 
 def _short(text, width: int = 100) -> str:
