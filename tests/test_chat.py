@@ -334,7 +334,7 @@ def test_bare_tool_schemas_are_offered_as_training_rendered_them(tmp_path, loade
     chat --tools passed the bare one to the template, so the model saw other <tools> text than in training."""
     from tool_data import TOOLS
 
-    from sftlab.chat import load_tools
+    from sftlab.chat_tools import load_tools
     from sftlab.data.formats import load_conversations
     from sftlab.data.templates import resolve_template
 

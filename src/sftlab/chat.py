@@ -17,9 +17,9 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
+from sftlab.chat_tools import HoldCalls, ignores_tools, played_calls
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
 from sftlab.data.doctor_tools import function_schemas
@@ -38,7 +38,7 @@ from sftlab.eval.generation import (
     stop_token_ids,
 )
 from sftlab.eval.run import load_target, prompts_as_trained
-from sftlab.eval.tool_calls import call_arguments, check_tool_calls, parse_tool_calls
+from sftlab.eval.tool_calls import check_tool_calls, parse_tool_calls
 from sftlab.rundir import RunDir
 
 HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a reply"
@@ -167,7 +167,7 @@ class ChatSession:
         # as training did, and a call is looked for only in the answer after it.
         answer, reasoning = split_reply(reply)
         raw_answer = split_reply(raw)[0]
-        calls = _parse_calls(raw_answer, self.tools) if self.tools else []
+        calls = played_calls(raw_answer, self.tools) if self.tools else []
         parsed = parse_tool_calls(raw_answer) if self.tools else None
         self.call_error = parsed.error if parsed is not None and not calls else None
         # a call that parses but names no offered function or misfits its schema is still played, and said
@@ -232,113 +232,6 @@ class ChatSession:
         return decode_reply(tok, new[:cut]), tok.decode(new[:cut], skip_special_tokens=False)
 
 
-# Where a call starts, in every dialect parse_tool_calls reads (eval/tool_calls.py), whatever the template's own:
-# a model may write another one (its base model's), and chat plays such a call too. A reply whose answer is
-# bare JSON is the json dialect's call.
-_OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
-
-
-def _may_be_call(answer: str) -> bool:
-    """Could ``answer`` (a reply's text after any reasoning, so far) still turn out to be a bare-JSON call?
-    True while its JSON value is incomplete; False once it holds text after the value or the value is
-    not call-shaped, so a JSON answer is streamed from there."""
-    body = answer.lstrip()
-    if body[:1] not in ("{", "["):
-        return False
-    try:
-        _, end = json.JSONDecoder().raw_decode(body)
-    except json.JSONDecodeError:
-        return True  # not complete yet (or never valid JSON: shown when the reply ends)
-    return not body[end:].strip() and parse_tool_calls(body).dialect == "json"
-
-
-class HoldCalls:
-    """Streams a reply's text to ``write`` but holds it back from where a tool call may open, in any
-    dialect the parser reads, whatever the template's own: a marker (:data:`_OPENERS`) anywhere in the
-    answer, or an answer that starts as JSON, held while it may still be a call. So a call is shown once,
-    formatted, not also raw. A marker's first characters at the end of the text wait for the next piece;
-    text inside reasoning (``<think>`` not yet closed) is streamed; so is all text when not ``active`` (no
-    tools: no call is played). :meth:`finish` writes what was held when no call was made."""
-
-    def __init__(self, write: Callable[[str], None], active: bool = True):
-        self.write, self.active = write, active
-        self.text, self.shown, self.held = "", 0, False
-
-    def __call__(self, piece: str) -> None:
-        self.text += piece
-        if not self.active:  # no tools offered: no call is played, the text streams as it comes
-            return self._show(len(self.text))
-        if self.held:
-            return
-        text, start = self.text, 0
-        if "</think>" in text:  # the answer follows the reasoning (whose <think> the prompt may have opened)
-            start = text.find("</think>") + len("</think>")
-        elif text.lstrip().startswith("<think>"):
-            return self._show(len(text))
-        if _may_be_call(text[start:]):
-            return self._show(start)  # held until the JSON is complete (a call) or shows it is not one
-        found = [k for o in _OPENERS if (k := text.find(o, start)) >= 0]
-        if found:
-            self._show(min(found))
-            self.held = True
-            return
-        wait = max((n for o in _OPENERS for n in range(1, len(o)) if text.endswith(o[:n])), default=0)
-        self._show(len(text) - wait)
-
-    def _show(self, upto: int) -> None:
-        if upto > self.shown:
-            self.write(self.text[self.shown:upto])
-            self.shown = upto
-
-    def finish(self, called: bool) -> None:
-        """The reply ended: its held text is shown unless it was the call (shown formatted instead)."""
-        if not called:
-            self._show(len(self.text))
-
-
-def _parse_calls(raw: str, tools: list[dict] | None) -> list[dict]:
-    """The calls in a reply as ``{"name", "arguments": dict}``; [] for none or a call that does not parse.
-    ``tools`` type the raw values of Qwen3-Coder's XML calls, as eval's check does."""
-    parsed = parse_tool_calls(raw)
-    schemas = function_schemas(tools)
-    calls = []
-    for c in parsed.calls:
-        args, why = call_arguments(c, parsed.dialect, schemas)
-        if why:
-            return []
-        calls.append({"name": c["name"], "arguments": args})
-    return calls
-
-
-def load_tools(path: str | Path) -> list[dict]:
-    """Function schemas from a JSON file: a list, or an object with a "tools" list (OpenAI shape or bare
-    ``{"name", "parameters"}``, returned in OpenAI shape as training reads them). Mistakes are one
-    SftlabError line naming the file (and line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SftlabError(f"tools file '{path}' not found", hint="pass a JSON file with a list of function schemas")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SftlabError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the JSON syntax there")
-    except UnicodeDecodeError:
-        raise SftlabError(f"{path}: not UTF-8 text", hint="re-encode the file as UTF-8")
-    tools = data.get("tools") if isinstance(data, dict) else data
-    if not isinstance(tools, list) or not tools:
-        raise SftlabError(f"{path}: expected a JSON list of function schemas (or {{\"tools\": [...]}})",
-                          hint='e.g. [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]')
-    for i, t in enumerate(tools, start=1):
-        if len(function_schemas([t])) != 1:
-            raise SftlabError(f"{path}: tool {i} has no function name",
-                              hint='write it as {"type": "function", "function": {"name": ..., "parameters": {...}}}')
-        params = t.get("function", t).get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise SftlabError(f"{path}: tool {i} ({function_schemas([t]).popitem()[0]}): \"parameters\" is not a JSON object",
-                              hint="give a JSON schema object, e.g. {\"type\": \"object\", \"properties\": {...}}")
-    # in OpenAI's shape, as training data's tools are read: the template renders the same schemas as in training
-    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
-
-
 def _end_reply(session: ChatSession, hold: HoldCalls, write: Callable[[str], None]) -> None:
     """After a streamed reply: its held text unless it made a call, whether it was cut, why a call-shaped
     text was not run."""
@@ -372,8 +265,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
     if session.tools:
         names = ", ".join(function_schemas(session.tools))
         write(f"tools: {names} (a tool call is shown with its arguments; type its result at 'tool result>')\n")
-        probe = [Message("user", "hi")]
-        if session.template.render(probe, True, tools=session.tools) == session.template.render(probe, True):
+        if ignores_tools(session.template, session.tools):
             write(f"warning: template {session.template.name} ignores tools: the model never sees them "
                   "(pass --template with a template that renders tools)\n")
     if session.system_prompt:

@@ -73,9 +73,11 @@ def _cmd_chat(args) -> int:
         ChatSession,
         default_system_prompt,
         load_chat_model,
-        load_tools,
         run_chat,
         run_reasoning,
+    )
+    from sftlab.chat_tools import (
+        load_tools,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
     _check_sampling(args)
@@ -106,9 +108,11 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from sftlab.chat import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
-        generate_jsonl,
-        load_tools,
+    from sftlab.chat import (
+        generate_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.chat_tools import (
+        load_tools,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
     tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the model loads
