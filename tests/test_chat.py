@@ -581,3 +581,22 @@ def test_chat_and_generate_show_earlier_reasoning_as_the_run_trained(tiny_model_
     monkeypatch.setattr(chat, "run_chat", lambda session, name: sessions.append(session) or 0)
     monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
     assert main(["chat", str(run), "--device", "cpu"]) == 0 and sessions[0].reasoning == "last"
+
+
+def test_generate_refuses_tools_its_template_never_shows(run, tmp_path, capsys):
+    """`generate --tools` with a template that ignores tools (the run's plain ChatML) generated from prompts
+    without them and judged each reply's calls anyway; chat warns of it, generate said nothing."""
+    from tool_data import TOOLS
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    assert main(["generate", str(run), "--prompt", "weather in Oslo?", "--tools", str(tools), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tools: template chatml ignores tools" in err and "chatml-tools" in err and "\n" not in err
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS}) + "\n")
+    assert main(["generate", str(run), "--data", str(data), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d.jsonl:1: its tools: template chatml ignores tools" in err and "\n" not in err
+    assert main(["generate", str(run), "--data", str(data), "--device", "cpu", "--template", "chatml-tools",
+                 "--max-new-tokens", "2"]) == 0

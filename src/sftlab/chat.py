@@ -375,6 +375,11 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                   temperature=temperature or 1.0, top_p=top_p, seed=seed)
     model, tok, tpl = load_chat_model(model_or_run, template=template, device=device)
+    offers = next((c for c in convs if ignores_tools(tpl, c.tools)), None)
+    if offers is not None:  # its replies would be judged on calls to tools the model never saw
+        raise SftlabError(f"{'--tools' if tools else offers.where() + ': its tools'}: template {tpl.name} ignores "
+                          "tools, so the model would never see them", hint="pass --template with a template that "
+                          "renders tools (e.g. chatml-tools, or the model's own)")
     started = time.perf_counter()
     gens = generate(model, tok, tpl, convs, settings, batch_size=batch_size)
     rows = [{"index": i, "source": c.where(), "prompt": [m.to_template() for m in prompt_messages(c)],
