@@ -251,3 +251,19 @@ def test_a_sample_that_reasons_shows_its_answer_first():
     plain = compare({"samples": [{"reply": "a"}]}, {"samples": [{"reply": "b"}]})["samples"][0]
     assert "before_answer" not in plain and format_eval({"kind": "compare", "target": "r", "data": "d", "base": "b",
                                                          **compare({"samples": [{"reply": "a"}]}, {"samples": [{"reply": "b"}]})}).endswith("after:     b")
+
+
+def test_eval_says_what_the_loss_leaves_out():
+    """Examples longer than max_seq_length were left out of the loss (or cut) without a word: the loss
+    read as over the whole data set."""
+    from sftlab.eval.compare import format_eval, format_result
+
+    res = {"metrics": {"loss": 0.5, "tokens": 332},
+           "prepare": {"n_input": 5, "n_kept": 4, "n_dropped_too_long": 1, "n_truncated": 0, "n_turns_cut": 2}}
+    note = ("note: of 5 examples, 1 left out of the loss (longer than max_seq_length), 2 had earlier turns cut to "
+            "fit (max_seq_length: the run's, or --max-seq-length)")
+    assert format_result(res).splitlines()[-1] == note
+    whole = {"metrics": {"loss": 0.5}, "prepare": {"n_input": 5, "n_kept": 5, "n_dropped_too_long": 0}}
+    assert "note" not in format_result(whole)
+    text = format_eval({"kind": "compare", "target": "r", "data": "d", "base": "b", **compare(res, res)})
+    assert note in text

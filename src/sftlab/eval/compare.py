@@ -119,10 +119,21 @@ def format_comparison(cmp: dict) -> str:
         mark = {True: "  better", False: "  worse", None: ""}[r["improved"]]
         delta = "-" if r["delta"] is None else f"{r['delta']:+.3f}"
         lines.append(f"{r['label']:<{width}}  {_fmt(r['before']):>12}  {_fmt(r['after']):>12}  {delta:>10}{mark}")
-    line = format_forgetting(cmp.get("forgetting"))
-    if line:
-        lines.append(line)
+    lines += filter(None, [format_forgetting(cmp.get("forgetting")), prepare_note(cmp.get("after") or {})])
     return "\n".join(lines)
+
+
+def prepare_note(result: dict) -> str | None:
+    """What the loss leaves out or cuts (``result["prepare"]``: examples over max_seq_length), or None when
+    it scores every example whole: else the loss reads as over the whole data set."""
+    p = result.get("prepare") or {}
+    parts = [f"{n} {what}" for key, what in (("n_dropped_too_long", "left out of the loss (longer than max_seq_length)"),
+                                             ("n_turns_cut", "had earlier turns cut to fit"),
+                                             ("n_truncated", "truncated at max_seq_length"))
+             if (n := p.get(key))]
+    if not parts:
+        return None
+    return f"note: of {p.get('n_input')} examples, {', '.join(parts)} (max_seq_length: the run's, or --max-seq-length)"
 
 
 def format_result(result: dict) -> str:
@@ -135,7 +146,8 @@ def format_result(result: dict) -> str:
     if "tokens" in mt:
         rows.append(("scored tokens", str(mt["tokens"])))
     width = max([32] + [len(label) for label, _ in rows])  # a long scorer name (exact+tool_call_match) keeps the column
-    return "\n".join(f"{label:<{width}} {value}" for label, value in rows)
+    note = prepare_note(result)
+    return "\n".join([f"{label:<{width}} {value}" for label, value in rows] + ([note] if note else []))
 
 
 def format_eval(out: dict, samples: int = 3) -> str:
