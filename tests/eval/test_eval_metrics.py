@@ -10,7 +10,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import compare, forgetting, format_comparison
 from sftlab.eval.generation import Generation
-from sftlab.eval.run import score_generations
+from sftlab.eval.run import ToolRef, score_generations
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
 
 
@@ -267,3 +267,22 @@ def test_eval_says_what_the_loss_leaves_out():
     assert "note" not in format_result(whole)
     text = format_eval({"kind": "compare", "target": "r", "data": "d", "base": "b", **compare(res, res)})
     assert note in text
+
+
+def test_a_tool_call_sample_says_how_its_call_was_judged():
+    """A sample whose reference is a call showed the reply alone: not whether its call parsed, why not, or
+    whether it was the reference's call (the JSON had it, the printed samples did not)."""
+    from sftlab.eval.compare import format_eval
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    ref = ToolRef(tools, [{"name": "f", "arguments": {}}])
+    gens = [Generation('<tool_call>{"name": "f", "arguments": {}}</tool_call>', True, 9),
+            Generation('<tool_call>{"name": "f"', False, 5)]
+    _, rows = score_generations(gens, ["r", "r"], tool_refs=[ref, ref])
+    samples = [{"prompt": "p", **r} for r in rows]
+    text = format_eval({"kind": "single", "target": "t", "data": "d", "result": {"metrics": {}, "samples": samples}})
+    assert "(tool call valid, the reference's call)" in text
+    assert "(tool call invalid: a <tool_call> block is never closed)" in text
+    cmp = compare({"samples": samples[::-1]}, {"samples": samples})
+    text = format_eval({"kind": "compare", "target": "t", "data": "d", "base": "b", **cmp})
+    assert text.index("before:") < text.index("(tool call invalid") < text.index("after:") < text.index("(tool call valid")

@@ -71,6 +71,8 @@ def compare(before: dict, after: dict, *, threshold: float = DEFAULT_FORGETTING_
         for side, s in (("before", sb), ("after", sa)):  # a reply that reasons: the answer it was scored on
             if s.get("reasoning") is not None:
                 row.update({f"{side}_answer": s.get("answer"), f"{side}_reasoning": s["reasoning"]})
+            if s.get("tool_call"):  # a reply that should call a tool: its call, judged
+                row[f"{side}_call"] = s["tool_call"]
         samples.append(row)
     return {"before_name": before_name, "after_name": after_name, "before": before, "after": after,
             "table": rows, "samples": samples,
@@ -156,24 +158,24 @@ def format_eval(out: dict, samples: int = 3) -> str:
     if out["kind"] == "single":
         res = out["result"]
         body = format_result(res)
-        pairs = [(s.get("prompt"), s.get("reference"), None, _answer_first(s.get("reply"), s.get("answer"),
-                                                                            s.get("reasoning")))
-                 for s in res.get("samples", [])]
+        shown = [(s, [("reply:", s)]) for s in res.get("samples", [])]
     else:
         head += f" (base: {out['base']})"
         body = format_comparison(out)
-        pairs = [(s["prompt"], s["reference"], *(_answer_first(s[side], s.get(f"{side}_answer"), s.get(f"{side}_reasoning"))
-                                                 for side in ("before", "after"))) for s in out.get("samples", [])]
+        shown = [(s, [(f"{side}:", {"reply": s[side], **{k: s.get(f"{side}_{k}") for k in ("answer", "reasoning", "call")}})
+                      for side in ("before", "after")]) for s in out.get("samples", [])]
     if out.get("system_prompt"):
         head += f"\nsystem prompt (where a conversation has none, as in training): {_short(out['system_prompt'])}"
     lines = [head, body]
-    for prompt, ref, before, after in pairs[:samples]:
-        lines.append("")
-        lines.append(f"prompt:    {_short(prompt)}")
-        lines.append(f"reference: {_short(ref)}")
-        if before is not None:
-            lines.append(f"before:    {_short(before)}")
-        lines.append(f"{'after:' if before is not None else 'reply:':<11}{_short(after)}")
+    for s, sides in shown[:samples]:
+        lines += ["", f"prompt:    {_short(s.get('prompt'))}", f"reference: {_short(s.get('reference'))}"]
+        for label, r in sides:
+            lines.append(f"{label:<11}{_short(_answer_first(r.get('reply'), r.get('answer'), r.get('reasoning')))}")
+            call = r.get("call") or r.get("tool_call")  # a reply that should call a tool: how its call was judged
+            if call:
+                verdict = ("valid, the reference's call" if call.get("match") else "valid, not the reference's call") \
+                    if call.get("valid") else f"invalid: {call.get('why')}"
+                lines.append(f"{'':<11}(tool call {_short(verdict)})")
     return "\n".join(lines)
 
 
