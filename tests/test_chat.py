@@ -600,3 +600,17 @@ def test_generate_refuses_tools_its_template_never_shows(run, tmp_path, capsys):
     assert "d.jsonl:1: its tools: template chatml ignores tools" in err and "\n" not in err
     assert main(["generate", str(run), "--data", str(data), "--device", "cpu", "--template", "chatml-tools",
                  "--max-new-tokens", "2"]) == 0
+
+
+def test_generate_rows_keep_the_answer_apart_from_the_reasoning(run, tmp_path, monkeypatch):
+    """eval's rows hold a reasoning reply's answer and reasoning apart; generate's held the reply whole, so a
+    reader of the JSONL had to split <think> blocks itself to get the answer."""
+    import sftlab.chat as chat
+    from sftlab.eval.generation import Generation
+
+    replies = ["<think>\ntwo and two\n</think>\n\n4", "4", "<think>\nstill thinking"]
+    monkeypatch.setattr(chat, "generate", lambda model, tok, tpl, convs, settings, batch_size: [
+        Generation(t, True, 3) for t in replies])
+    rows = chat.generate_jsonl(str(run), prompts=["a", "b", "c"], device="cpu").rows
+    assert (rows[0]["answer"], rows[0]["reasoning"]) == ("4", "two and two")
+    assert "answer" not in rows[1] and (rows[2]["answer"], rows[2]["reasoning"]) == ("", "still thinking")

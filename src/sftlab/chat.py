@@ -320,7 +320,8 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
 @dataclass
 class GenerateResult:
     rows: list[dict]  # one per prompt: index, source, prompt (messages), reply, finished, n_tokens, reference
-    # (+ tool_calls: {valid, why, calls} for a conversation that offers tools)
+    # (+ answer and reasoning for a reply that reasons first; tool_calls: {valid, why, calls} for a
+    # conversation that offers tools)
     out: str | None
     seconds: float
 
@@ -386,6 +387,9 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
              "reply": g.text, "finished": g.finished, "n_tokens": g.n_tokens, "reference": reference_reply(c)}
             for i, (c, g) in enumerate(zip(convs, gens))]
     for row, c, g in zip(rows, convs, gens):
+        answer, reasoning = split_reply(g.text)
+        if reasoning is not None:  # as eval's rows: the answer apart from the reasoning before it
+            row.update(answer=answer, reasoning=reasoning)
         if c.tools:  # the reply's calls, parsed and checked against the conversation's tools
             tc = check_tool_calls(split_reply(g.raw or g.text)[0], c.tools)  # calls after any reasoning
             row["tool_calls"] = {"valid": tc.valid, "why": tc.why, "calls": tc.calls}
