@@ -614,3 +614,19 @@ def test_generate_rows_keep_the_answer_apart_from_the_reasoning(run, tmp_path, m
     rows = chat.generate_jsonl(str(run), prompts=["a", "b", "c"], device="cpu").rows
     assert (rows[0]["answer"], rows[0]["reasoning"]) == ("4", "two and two")
     assert "answer" not in rows[1] and (rows[2]["answer"], rows[2]["reasoning"]) == ("", "still thinking")
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+@pytest.mark.parametrize("flags,words", [(["--temperature", "-1"], "--temperature -1 must be >= 0"),
+                                         (["--top-p", "1.5", "--temperature", "0.7"], "--top-p 1.5 must be in (0, 1]"),
+                                         (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1")])
+def test_bad_generation_flags_are_one_line_naming_the_value_before_the_model_loads(run, capsys, monkeypatch,
+                                                                                   command, flags, words):
+    """chat loaded the model, then said "--temperature must be >= 0 and --top-p in (0, 1]" (which, at what value?)."""
+    import sftlab.chat as chat
+
+    monkeypatch.setattr(chat, "load_chat_model", lambda *a, **k: pytest.fail("the model loaded"))
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, str(run), *extra, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err

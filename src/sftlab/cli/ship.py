@@ -62,7 +62,13 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _check_sampling(args) -> None:
-    """--top-p while greedy (--temperature 0) would be ignored: one clear error instead."""
+    """Generation flags out of range, or --top-p while greedy (--temperature 0, where it would be ignored):
+    one clear error naming the value, before the model loads."""
+    for flag, value, ok, want in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 is greedy)"),
+                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise SftlabError(f"{flag} {value:g} must be {want}")
     if args.top_p != 1.0 and not args.temperature:
         raise SftlabError(f"--top-p {args.top_p:g} with greedy decoding (--temperature 0): the sampling mass is unused",
                           hint="add --temperature (e.g. 0.7) to sample, or drop --top-p")
