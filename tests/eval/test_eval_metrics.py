@@ -286,3 +286,25 @@ def test_a_tool_call_sample_says_how_its_call_was_judged():
     cmp = compare({"samples": samples[::-1]}, {"samples": samples})
     text = format_eval({"kind": "compare", "target": "t", "data": "d", "base": "b", **cmp})
     assert text.index("before:") < text.index("(tool call invalid") < text.index("after:") < text.index("(tool call valid")
+
+
+def test_per_source_lines_say_a_call_match_is_part_of_the_task_score():
+    """With several --data sources, a source of tool-call turns printed "task_score (exact) 0.800": the
+    0.8 was mostly the call match, as the totals' "(exact+tool_call_match)" said."""
+    from sftlab.data.types import Conversation, Message
+    from sftlab.eval.run import _per_source, format_sources
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}
+    convs = [Conversation([Message("user", "q"), Message("assistant", "", tool_calls=(call,))], tools=tools),
+             Conversation([Message("user", "q"), Message("assistant", "4")]),
+             Conversation([Message("user", "q"), Message("assistant", "4")])]
+    gens = [Generation('<tool_call>{"name": "f", "arguments": {}}</tool_call>', True, 9), Generation("4", True, 1),
+            Generation("5", True, 1)]
+    ref = ToolRef(tools, [{"name": "f", "arguments": {}}])
+    _, rows = score_generations(gens, ["x", "4", "4"], tool_refs=[ref, None, None])
+    per = _per_source(None, None, convs, ["tools", "tools", "text"], [], rows, 8)
+    assert per["tools"]["task_score_by"] == "exact+tool_call_match" and per["text"]["task_score_by"] == "exact"
+    text = format_sources({"result": {"sources": per}})
+    assert "tools: 2 examples, task_score (exact+tool_call_match) 1.000" in text
+    assert "text: 1 example, task_score (exact) 0.000" in text

@@ -281,6 +281,9 @@ def _per_source(model, tokenizer, conversations, sources: Sequence[str], example
             text = [r["reference"] for r in mine if "tool_call" not in r]
             if text:
                 out[name]["scorer"] = choose_scorer(text, scorer)
+            # what its task score is, as the totals say it: the text scorer, the call match, or both
+            out[name]["task_score_by"] = "+".join(([out[name]["scorer"]] if text else [])
+                                                  + (["tool_call_match"] if calls else []))
     return out
 
 # --- sftlab eval -------------------------------------------------------------------------------
@@ -445,11 +448,11 @@ def format_sources(out: dict) -> str:
     for name, r in (res.get("sources") or {}).items():
         b = before.get(name, {})
         was = lambda key, f: f" (before {b[key]:{f}})" if key in b else ""  # noqa: E731
-        line = f"  {name}: {r['n_examples']} examples"
+        line = f"  {name}: {r['n_examples']} example{'s' * (r['n_examples'] != 1)}"
         if "loss" in r:
             line += f", loss {r['loss']:.4f}" + was("loss", ".4f")
         if "task_score" in r:
-            by = f" ({r['scorer']})" if r.get("scorer") else ""
+            by = f" ({r.get('task_score_by') or r['scorer']})" if r.get("task_score_by") or r.get("scorer") else ""
             line += (f", task_score{by} {r['task_score']:.3f}{was('task_score', '.3f')}, format_adherence "
                      f"{r['format_adherence']:.3f}{was('format_adherence', '.3f')}")
         if "valid_tool_call_rate" in r:
