@@ -630,3 +630,19 @@ def test_bad_generation_flags_are_one_line_naming_the_value_before_the_model_loa
     assert main([command, str(run), *extra, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+@pytest.mark.parametrize("pieces,shown", [
+    (['Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "\nI will wait."],
+     "assistant> Checking. I will wait.\ntool call: get_weather\n"),
+    (['<think>\nhm\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+      " Back soon."], "assistant> <think>\nhm\n</think>\n\nBack soon.\ntool call: get_weather\n"),
+    (['Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'],
+     "assistant> Checking.\ntool call: get_weather\n"),
+])
+def test_text_after_a_call_is_shown_too(loaded, monkeypatch, pieces, shown):
+    """The hold-back kept everything from a call's opening: text the model wrote after the call was never
+    shown, though the history kept it and the model saw it on the next turn."""
+    session = _tool_session(loaded)
+    text = _streamed_chat(session, monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"])
+    assert shown in text

@@ -235,7 +235,7 @@ class ChatSession:
 def _end_reply(session: ChatSession, hold: HoldCalls, write: Callable[[str], None]) -> None:
     """After a streamed reply: its held text unless it made a call, whether it was cut, why a call-shaped
     text was not run."""
-    hold.finish(bool(session.pending_calls))
+    hold.finish(bool(session.pending_calls), session.history[-1].content if session.pending_calls else "")
     if session.was_cut:  # else a reply cut short reads as the model's whole answer
         write(f" [cut at --max-new-tokens {session.max_new_tokens}]")
     if session.call_error:

@@ -11,6 +11,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.data.doctor_tools import function_schemas
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Message
+from sftlab.eval.generation import split_reply
 from sftlab.eval.tool_calls import call_arguments, parse_tool_calls
 
 
@@ -78,10 +79,16 @@ class HoldCalls:
             self.write(self.text[self.shown:upto])
             self.shown = upto
 
-    def finish(self, called: bool) -> None:
-        """The reply ended: its held text is shown unless it was the call (shown formatted instead)."""
+    def finish(self, called: bool, content: str = "") -> None:
+        """The reply ended: its held text is shown unless it was the call (shown formatted instead); then
+        ``content`` (the reply's text outside its calls) as far as it was not shown before the call, so text
+        the model wrote after a call is not hidden."""
         if not called:
-            self._show(len(self.text))
+            return self._show(len(self.text))
+        before = split_reply(self.text[:self.shown])[0].strip()
+        after = content.strip()[len(before):].strip() if content.strip().startswith(before) else ""
+        if after:
+            self.write(("" if self.text[:self.shown].endswith(("\n", " ")) or not before else " ") + after)
 
 
 def played_calls(raw: str, tools: list[dict] | None) -> list[dict]:
