@@ -646,3 +646,25 @@ def test_text_after_a_call_is_shown_too(loaded, monkeypatch, pieces, shown):
     session = _tool_session(loaded)
     text = _streamed_chat(session, monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"])
     assert shown in text
+
+
+def test_a_streamed_reply_keeps_think_tags_that_are_special_tokens():
+    """Where <think>/</think> are special tokens, the reply's text keeps them (decode_reply) but the stream
+    left them out with every special token: the reasoning ran into the answer with no tag between them."""
+    import torch
+    from conftest import build_tiny_tokenizer
+    from transformers import TextIteratorStreamer
+
+    from sftlab.chat import reply_streamer
+    from sftlab.eval.generation import decode_reply
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    for t, want in ((tok, "<think>\nhm\n</think>\n\n4"), (build_tiny_tokenizer(), "<think>\nhm\n</think>\n\n4")):
+        ids = t("<think>\nhm\n</think>\n\n4<|im_end|>", add_special_tokens=False).input_ids
+        streamer = reply_streamer(t, TextIteratorStreamer)
+        streamer.put(torch.tensor([[1, 5, 6]]))  # the prompt: skipped
+        for i in ids:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        assert "".join(streamer) == want == decode_reply(t, ids[:-1])

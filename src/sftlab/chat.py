@@ -34,6 +34,7 @@ from sftlab.eval.generation import (
     pass_prefix_to_generate,
     prompt_messages,
     reference_reply,
+    special_think_ids,
     split_reply,
     stop_token_ids,
 )
@@ -64,6 +65,24 @@ def _quiet() -> Iterator[None]:
         bnb.setLevel(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def reply_streamer(tokenizer, streamer_class):
+    """A ``streamer_class`` (transformers' TextIteratorStreamer) that streams a reply as :func:`decode_reply`
+    decodes it: special tokens left out, but ``<think>``/``</think>`` kept where they are special (left out,
+    the reasoning streamed into the answer with no tag between them)."""
+    think = special_think_ids(tokenizer)
+    if not think:
+        return streamer_class(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = streamer_class(tokenizer, skip_prompt=True, skip_special_tokens=False)
+    drop, put = set(tokenizer.all_special_ids) - think, streamer.put
+
+    def put_kept(value):
+        value = value[0] if len(value.shape) > 1 and value.shape[0] == 1 else value
+        put(value[[t not in drop for t in value.tolist()]] if value.dim() == 1 else value)
+
+    streamer.put = put_kept
+    return streamer
 
 
 def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -> str | None:
@@ -192,7 +211,7 @@ class ChatSession:
         tok = self.tokenizer
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
         device = next(self.model.parameters()).device
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        streamer = reply_streamer(tok, TextIteratorStreamer)
         stop = _StopFlag()
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0} \
             if self.temperature > 0 else {"do_sample": False}
