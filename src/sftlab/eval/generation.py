@@ -119,8 +119,15 @@ def split_reply(text: str) -> tuple[str, str | None]:
 def special_think_ids(tokenizer) -> set[int]:
     """The ids of ``<think>``/``</think>`` where the tokenizer makes them special tokens (some reasoning
     models do), which a reply's text keeps: :func:`split_reply` needs them; empty otherwise."""
+    return special_ids_of(tokenizer, (_THINK_OPEN, _THINK_CLOSE))
+
+
+def special_ids_of(tokenizer, tokens) -> set[int]:
+    """The ids of those of ``tokens`` that are special tokens of ``tokenizer``. A token not in the vocabulary
+    converts to the unknown token's id, itself special (SmolLM2's <|endoftext|>): that one is no match."""
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
-    return {t for t in (tokenizer.convert_tokens_to_ids(x) for x in (_THINK_OPEN, _THINK_CLOSE)) if t in special}
+    ids = {x: tokenizer.convert_tokens_to_ids(x) for x in tokens}
+    return {t for x, t in ids.items() if t in special and tokenizer.convert_ids_to_tokens(t) == x}
 
 
 def decode_reply(tokenizer, ids: list[int]) -> str:
