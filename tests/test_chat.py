@@ -668,3 +668,29 @@ def test_a_streamed_reply_keeps_think_tags_that_are_special_tokens():
             streamer.put(torch.tensor([i]))
         streamer.end()
         assert "".join(streamer) == want == decode_reply(t, ids[:-1])
+
+
+def test_a_call_marker_that_is_a_special_token_is_held_back_too():
+    """Where a call's marker is a special token (Mistral's [TOOL_CALLS], Llama's <|python_tag|>), the stream
+    left it out: 'Sure.[{"name": ...}]' streamed raw, the hold-back seeing no marker, then the call again."""
+    import torch
+    from conftest import build_tiny_tokenizer
+    from transformers import TextIteratorStreamer
+
+    from sftlab.chat import reply_streamer
+    from sftlab.chat_tools import CALL_MARKERS, HoldCalls
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    ids = tok('Sure.[TOOL_CALLS][{"name": "f", "arguments": {}}]<|endoftext|>', add_special_tokens=False).input_ids
+    for keep, want in ((CALL_MARKERS, "Sure."), ((), 'Sure.[{"name": "f", "arguments": {}}]')):
+        streamer = reply_streamer(tok, TextIteratorStreamer, keep=keep)
+        streamer.put(torch.tensor([[1, 5]]))
+        for i in ids:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        shown: list[str] = []
+        hold = HoldCalls(shown.append)
+        for piece in streamer:
+            hold(piece)
+        assert "".join(shown) == want and "<|endoftext|>" not in hold.text

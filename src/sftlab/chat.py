@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from sftlab.chat_tools import HoldCalls, ignores_tools, played_calls
+from sftlab.chat_tools import CALL_MARKERS, HoldCalls, ignores_tools, played_calls
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
 from sftlab.data.doctor_tools import function_schemas
@@ -34,6 +34,7 @@ from sftlab.eval.generation import (
     pass_prefix_to_generate,
     prompt_messages,
     reference_reply,
+    special_ids_of,
     special_think_ids,
     split_reply,
     stop_token_ids,
@@ -67,15 +68,16 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def reply_streamer(tokenizer, streamer_class):
+def reply_streamer(tokenizer, streamer_class, keep: tuple[str, ...] = ()):
     """A ``streamer_class`` (transformers' TextIteratorStreamer) that streams a reply as :func:`decode_reply`
     decodes it: special tokens left out, but ``<think>``/``</think>`` kept where they are special (left out,
-    the reasoning streamed into the answer with no tag between them)."""
-    think = special_think_ids(tokenizer)
-    if not think:
+    the reasoning streamed into the answer with no tag between them), and the special tokens in ``keep``
+    (a tool call's marker, so the hold-back sees where the call opens)."""
+    kept = special_think_ids(tokenizer) | special_ids_of(tokenizer, keep)
+    if not kept:
         return streamer_class(tokenizer, skip_prompt=True, skip_special_tokens=True)
     streamer = streamer_class(tokenizer, skip_prompt=True, skip_special_tokens=False)
-    drop, put = set(tokenizer.all_special_ids) - think, streamer.put
+    drop, put = set(tokenizer.all_special_ids) - kept, streamer.put
 
     def put_kept(value):
         value = value[0] if len(value.shape) > 1 and value.shape[0] == 1 else value
@@ -211,7 +213,7 @@ class ChatSession:
         tok = self.tokenizer
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
         device = next(self.model.parameters()).device
-        streamer = reply_streamer(tok, TextIteratorStreamer)
+        streamer = reply_streamer(tok, TextIteratorStreamer, keep=CALL_MARKERS if self.tools else ())
         stop = _StopFlag()
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0} \
             if self.temperature > 0 else {"do_sample": False}

@@ -24,7 +24,7 @@ def ignores_tools(template: ChatTemplate, tools: list[dict] | None) -> bool:
 # Where a call starts, in every dialect parse_tool_calls reads (eval/tool_calls.py), whatever the template's own:
 # a model may write another one (its base model's), and chat plays such a call too. A reply whose answer is
 # bare JSON is the json dialect's call.
-_OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+CALL_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
 
 def _may_be_call(answer: str) -> bool:
@@ -43,7 +43,7 @@ def _may_be_call(answer: str) -> bool:
 
 class HoldCalls:
     """Streams a reply's text to ``write`` but holds it back from where a tool call may open, in any
-    dialect the parser reads, whatever the template's own: a marker (:data:`_OPENERS`) anywhere in the
+    dialect the parser reads, whatever the template's own: a marker (:data:`CALL_MARKERS`) anywhere in the
     answer, or an answer that starts as JSON, held while it may still be a call. So a call is shown once,
     formatted, not also raw. A marker's first characters at the end of the text wait for the next piece;
     text inside reasoning (``<think>`` not yet closed) is streamed; so is all text when not ``active`` (no
@@ -66,12 +66,12 @@ class HoldCalls:
             return self._show(len(text))
         if _may_be_call(text[start:]):
             return self._show(start)  # held until the JSON is complete (a call) or shows it is not one
-        found = [k for o in _OPENERS if (k := text.find(o, start)) >= 0]
+        found = [k for o in CALL_MARKERS if (k := text.find(o, start)) >= 0]
         if found:
             self._show(min(found))
             self.held = True
             return
-        wait = max((n for o in _OPENERS for n in range(1, len(o)) if text.endswith(o[:n])), default=0)
+        wait = max((n for o in CALL_MARKERS for n in range(1, len(o)) if text.endswith(o[:n])), default=0)
         self._show(len(text) - wait)
 
     def _show(self, upto: int) -> None:
