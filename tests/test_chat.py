@@ -293,7 +293,7 @@ def test_generate_checks_the_replys_tool_calls(run, tmp_path, capsys):
                  "chatml-tools"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["reference"] == '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
-    assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": []}
+    assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": [], "match": False}
 
 
 def test_a_call_that_does_not_parse_is_kept_as_text_and_said(loaded, monkeypatch):
@@ -694,3 +694,24 @@ def test_a_call_marker_that_is_a_special_token_is_held_back_too():
         for piece in streamer:
             hold(piece)
         assert "".join(shown) == want and "<|endoftext|>" not in hold.text
+
+
+def test_generate_rows_say_whether_a_call_is_the_references(run, tmp_path, monkeypatch):
+    """eval scores a call against the reference's call; generate --data checked it parsed and fit the
+    tools, not whether it was the reference's call, though the row held that reference."""
+    from tool_data import TOOLS
+
+    import sftlab.chat as chat
+    from sftlab.eval.generation import Generation
+
+    rows = [{"tools": TOOLS, "messages": [{"role": "user", "content": f"weather in {c}?"}, {
+        "role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": c}}}]}]} for c in ("Oslo", "Rome")]
+    rows.append({"tools": TOOLS, "messages": [{"role": "user", "content": "hi"}]})
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    monkeypatch.setattr(chat, "generate", lambda *a, **k: [Generation(call, True, 9)] * 3)
+    out = chat.generate_jsonl(str(run), data=str(data), template="chatml-tools", device="cpu").rows
+    assert [r["tool_calls"].get("match") for r in out] == [True, False, None]
+    assert all(r["tool_calls"]["valid"] for r in out)

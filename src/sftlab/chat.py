@@ -33,6 +33,7 @@ from sftlab.eval.generation import (
     generate,
     pass_prefix_to_generate,
     prompt_messages,
+    reference_message,
     reference_reply,
     special_ids_of,
     special_think_ids,
@@ -40,7 +41,12 @@ from sftlab.eval.generation import (
     stop_token_ids,
 )
 from sftlab.eval.run import load_target, prompts_as_trained
-from sftlab.eval.tool_calls import check_tool_calls, parse_tool_calls
+from sftlab.eval.tool_calls import (
+    check_tool_calls,
+    expected_calls,
+    parse_tool_calls,
+    same_calls,
+)
 from sftlab.rundir import RunDir
 
 HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a reply"
@@ -342,7 +348,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
 class GenerateResult:
     rows: list[dict]  # one per prompt: index, source, prompt (messages), reply, finished, n_tokens, reference
     # (+ answer and reasoning for a reply that reasons first; tool_calls: {valid, why, calls} for a
-    # conversation that offers tools)
+    # conversation that offers tools, + match where its reference reply is a call)
     out: str | None
     seconds: float
 
@@ -414,6 +420,9 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
         if c.tools:  # the reply's calls, parsed and checked against the conversation's tools
             tc = check_tool_calls(split_reply(g.raw or g.text)[0], c.tools)  # calls after any reasoning
             row["tool_calls"] = {"valid": tc.valid, "why": tc.why, "calls": tc.calls}
+            ref = reference_message(c)
+            if ref is not None and ref.tool_calls:  # as eval's rows: are they the reference's calls?
+                row["tool_calls"]["match"] = tc.valid and same_calls(tc.calls, expected_calls(ref.tool_calls))
     if out:
         write_jsonl(out, rows)
     return GenerateResult(rows, out, time.perf_counter() - started)
