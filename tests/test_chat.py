@@ -715,3 +715,16 @@ def test_generate_rows_say_whether_a_call_is_the_references(run, tmp_path, monke
     out = chat.generate_jsonl(str(run), data=str(data), template="chatml-tools", device="cpu").rows
     assert [r["tool_calls"].get("match") for r in out] == [True, False, None]
     assert all(r["tool_calls"]["valid"] for r in out)
+
+
+@pytest.mark.parametrize("command,after", [("/exit", None), ("/reset", "(history cleared)\nyou> ")])
+def test_commands_work_at_the_tool_result_prompt(loaded, monkeypatch, command, after):
+    """/exit or /reset typed at 'tool result>' went to the model as the tool's result, and it went on."""
+    pieces = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>']
+    session = _tool_session(loaded)
+    shown = _streamed_chat(session, monkeypatch, pieces, ["weather in Paris?", command, "/exit"])
+    assert "It is 21 degrees" not in shown and not any(m.role == "tool" for m in session.history)
+    if after:
+        assert shown.endswith("tool result (get_weather)> " + after) and session.history == []
+    else:
+        assert shown.endswith("tool result (get_weather)> ")

@@ -327,11 +327,21 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
                 for call in session.pending_calls:
                     fn = call["function"]
                     write(f"tool call: {fn['name']}\n{json.dumps(fn['arguments'], indent=2, ensure_ascii=False)}\n")
-                    session.add_tool_result(call, read(f"tool result ({fn['name']})> ").strip())
-                write("assistant> ")
-                hold = _hold(session, write)
-                session.send(None, on_text=hold)
-                _end_reply(session, hold, write)  # a broken call after a tool result is said too
+                    result = read(f"tool result ({fn['name']})> ").strip()
+                    if result in ("/exit", "/quit"):  # the commands work here too, not sent as the tool's result
+                        return 0
+                    if result == "/reset":
+                        session.reset()
+                        write("(history cleared)")
+                        break
+                    session.add_tool_result(call, result)
+                else:
+                    write("assistant> ")
+                    hold = _hold(session, write)
+                    session.send(None, on_text=hold)
+                    _end_reply(session, hold, write)  # a broken call after a tool result is said too
+                    continue
+                break
         except KeyboardInterrupt:
             hold.finish(False)  # what the model wrote before the stop, a call's start included
             write(" [stopped]")
