@@ -15,7 +15,7 @@ import pytest
 from conftest import make_lora_run
 
 import sftlab
-from sftlab.chat import ChatSession, load_chat_model, run_chat
+from sftlab.chat import ChatSession, HoldCalls, load_chat_model, run_chat
 from sftlab.cli import main
 from sftlab.data.types import Conversation, Message
 from sftlab.eval.generation import GenerationSettings, generate, generate_replies
@@ -293,7 +293,7 @@ def test_generate_checks_the_replys_tool_calls(run, tmp_path, capsys):
                  "chatml-tools"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["reference"] == '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
-    assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": []}
+    assert row["tool_calls"] == {"valid": False, "why": "no tool call in the reply", "calls": [], "match": False}
 
 
 def test_a_call_that_does_not_parse_is_kept_as_text_and_said(loaded, monkeypatch):
@@ -334,7 +334,7 @@ def test_bare_tool_schemas_are_offered_as_training_rendered_them(tmp_path, loade
     chat --tools passed the bare one to the template, so the model saw other <tools> text than in training."""
     from tool_data import TOOLS
 
-    from sftlab.chat import load_tools
+    from sftlab.chat_tools import load_tools
     from sftlab.data.formats import load_conversations
     from sftlab.data.templates import resolve_template
 
@@ -462,20 +462,52 @@ def test_a_streamed_tool_call_is_shown_once_formatted_not_also_raw(loaded, monke
     assert 'assistant> {"a": 1} a <toolbox> here\n' in shown
 
 
-def test_call_openers_follow_the_templates_dialect(loaded):
-    from tool_data import HERMES, TOOLS
+LLAMA_JSON = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+              '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}'
+              "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # Llama 3.1's form: the reply is the JSON
 
-    from sftlab.chat import call_openers
-    from sftlab.data.templates import ChatTemplate, resolve_template
 
-    _, tok, _ = loaded
-    assert call_openers(ChatTemplate("hermes", HERMES, "<|im_end|>", {}), tok, TOOLS) == (("<tool_call>",), False)
-    assert call_openers(resolve_template("chatml-tools", tok), tok, TOOLS) == (("<tool_call>",), False)
-    # Llama 3.1 style: the whole reply is the call's JSON
-    llama = ("{% for m in messages %}<|start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
-             '{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}{% endfor %}'
-             "{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
-    assert call_openers(ChatTemplate("llama-ish", llama, "<|end|>", {}), tok, TOOLS) == ((), True)
+@pytest.mark.parametrize("template, pieces, before", [
+    # a bare JSON call (Llama's form) from a model whose template writes <tool_call> blocks
+    ("hermes", ['{"name": "get_', 'weather", "arguments": {"city": ', '"Paris"}}'], ""),
+    ("hermes", ['[{"name": "get_weather", ', '"parameters": {"city": "Paris"}}]'], ""),
+    # a Hermes/Qwen block, and Mistral's list, from a model whose template writes bare JSON
+    ("llama", ["Checking the weather.", '<tool_call>\n{"name": "get_weather", ', '"arguments": {"city": "Paris"}}\n</tool_call>'],
+     "Checking the weather."),
+    ("llama", ["Checking the weather.[TOOL_", 'CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'],
+     "Checking the weather."),
+    ("hermes", ["<|python", '_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'], ""),
+    # after reasoning, whose <think> the generation prompt opened
+    ("llama", ["I should look it up.</think>\n", '{"name": "get_weather",', ' "arguments": {"city": "Paris"}}'],
+     "I should look it up.</think>\n"),
+])
+def test_a_call_in_another_dialect_than_the_templates_is_shown_once(loaded, monkeypatch, template, pieces, before):
+    """The hold-back knew only the template's own dialect: another one the parser reads (so chat plays
+    the call) was streamed raw, then shown formatted again."""
+    from sftlab.data.templates import ChatTemplate
+
+    session = _tool_session(loaded)
+    if template == "llama":
+        session.template = ChatTemplate("llama-ish", LLAMA_JSON, "<|im_end|>", {})
+    shown = _streamed_chat(session, monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"])
+    assert session.history[1].tool_calls[0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    assert f'assistant> {before}\ntool call: get_weather\n{{\n  "city": "Paris"\n}}\n' in shown
+    assert shown.count("Paris") == 1 and "_tag" not in shown and "CALLS" not in shown
+
+
+def test_json_and_text_that_are_no_call_stream_whole(loaded, monkeypatch):
+    """Held JSON that turns out to be an answer, not a call, is shown as written, once."""
+    for pieces in (['{"city": ', '"Paris"}', " is the answer"], ['{"city": "Paris"}'], ['[1, ', '2]'],
+                   ['{"name": "get_weather", "arguments": '], ["a [TOOL", "BOX] b"]):
+        shown = _streamed_chat(_tool_session(loaded), monkeypatch, pieces, ["hi", "/exit"])
+        assert f"assistant> {''.join(pieces)}\n" in shown and "tool call:" not in shown
+    streamed: list[str] = []  # a JSON answer streams once its value is complete and not a call
+    hold = HoldCalls(streamed.append)
+    for piece in ['{"city": ', '"Paris"}', " is", " it"]:
+        hold(piece)
+        streamed.append("|")
+    assert "".join(streamed) == '|{"city": "Paris"}| is| it|'
 
 
 def test_a_reply_cut_at_max_new_tokens_says_so(loaded):
@@ -498,3 +530,201 @@ def test_a_reply_cut_at_max_new_tokens_says_so(loaded):
         assert session.was_cut == (not ends_at_once)
     assert "assistant> " + gen.text + " [cut at --max-new-tokens 3]\n" in shown[0]
     assert "[cut at" not in shown[1] and "assistant> " in shown[1]
+
+
+def test_a_broken_call_after_a_tool_result_is_said_too(loaded, monkeypatch):
+    """After a tool result, a reply whose call did not parse was shown as text without saying why it was
+    not run (only the first reply of a turn said so)."""
+    pieces = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>']
+    session = _tool_session(loaded)
+    replies = iter([pieces[0], '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"'])
+
+    def fake_generate(prompt, on_text):
+        text = next(replies)
+        on_text(text)
+        return text, text
+
+    import io
+    monkeypatch.setattr(session, "_generate", fake_generate)
+    feed = iter(["weather in Paris?", '{"temp": 21}', "/exit"])
+    out = io.StringIO()
+    assert run_chat(session, read=lambda prompt: (out.write(prompt), next(feed))[1], out=out) == 0
+    shown = out.getvalue()
+    assert ('tool result (get_weather)> assistant> <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"\n'
+            "(not run as a tool call: a <tool_call> block is never closed)\nyou> ") in shown
+
+
+def test_chat_and_generate_show_earlier_reasoning_as_the_run_trained(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A run trained with reasoning: last (or drop) saw no reasoning before the last reply; eval's prompts
+    drop it, but chat's history and generate --data rendered it: other prompts than training and eval."""
+    import io
+
+    import sftlab.chat as chat
+    from sftlab.eval.run import run_eval
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir, reasoning="last")
+    model, tok, tpl = load_chat_model(str(run), device="cpu")
+    for reasoning, shown in (("per_turn", True), ("last", False), ("drop", False)):
+        session = ChatSession(model, tok, tpl, max_new_tokens=2, reasoning=reasoning)
+        session.history += [Message("user", "hi"), Message("assistant", "4", reasoning="two and two")]
+        assert ("two and two" in session.prompt("and again?")) == shown
+    rows = [{"messages": [{"role": "user", "content": "what is 2 plus 2?"},
+                          {"role": "assistant", "content": "4.", "reasoning_content": "two and two make four"},
+                          {"role": "user", "content": "and twice that?"}, {"role": "assistant", "content": "8."}]}]
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps(rows[0]) + "\n")
+    res = chat.generate_jsonl(str(run), data=str(data), max_new_tokens=MAX_NEW, device="cpu")
+    assert "reasoning_content" not in res.rows[0]["prompt"][1]
+    sample = run_eval(str(run), str(data), settings=GenerationSettings(max_new_tokens=MAX_NEW), device="cpu")
+    assert res.rows[0]["reply"] == sample["result"]["samples"][0]["reply"]  # the same prompt as eval's
+    sessions = []  # and `sftlab chat RUN` takes the run's setting
+    monkeypatch.setattr(chat, "run_chat", lambda session, name: sessions.append(session) or 0)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert main(["chat", str(run), "--device", "cpu"]) == 0 and sessions[0].reasoning == "last"
+
+
+def test_generate_refuses_tools_its_template_never_shows(run, tmp_path, capsys):
+    """`generate --tools` with a template that ignores tools (the run's plain ChatML) generated from prompts
+    without them and judged each reply's calls anyway; chat warns of it, generate said nothing."""
+    from tool_data import TOOLS
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    assert main(["generate", str(run), "--prompt", "weather in Oslo?", "--tools", str(tools), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tools: template chatml ignores tools" in err and "chatml-tools" in err and "\n" not in err
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "weather?"}], "tools": TOOLS}) + "\n")
+    assert main(["generate", str(run), "--data", str(data), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d.jsonl:1: its tools: template chatml ignores tools" in err and "\n" not in err
+    assert main(["generate", str(run), "--data", str(data), "--device", "cpu", "--template", "chatml-tools",
+                 "--max-new-tokens", "2"]) == 0
+
+
+def test_generate_rows_keep_the_answer_apart_from_the_reasoning(run, tmp_path, monkeypatch):
+    """eval's rows hold a reasoning reply's answer and reasoning apart; generate's held the reply whole, so a
+    reader of the JSONL had to split <think> blocks itself to get the answer."""
+    import sftlab.chat as chat
+    from sftlab.eval.generation import Generation
+
+    replies = ["<think>\ntwo and two\n</think>\n\n4", "4", "<think>\nstill thinking"]
+    monkeypatch.setattr(chat, "generate", lambda model, tok, tpl, convs, settings, batch_size: [
+        Generation(t, True, 3) for t in replies])
+    rows = chat.generate_jsonl(str(run), prompts=["a", "b", "c"], device="cpu").rows
+    assert (rows[0]["answer"], rows[0]["reasoning"]) == ("4", "two and two")
+    assert "answer" not in rows[1] and (rows[2]["answer"], rows[2]["reasoning"]) == ("", "still thinking")
+
+
+@pytest.mark.parametrize("command", ["chat", "generate"])
+@pytest.mark.parametrize("flags,words", [(["--temperature", "-1"], "--temperature -1 must be >= 0"),
+                                         (["--top-p", "1.5", "--temperature", "0.7"], "--top-p 1.5 must be in (0, 1]"),
+                                         (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1")])
+def test_bad_generation_flags_are_one_line_naming_the_value_before_the_model_loads(run, capsys, monkeypatch,
+                                                                                   command, flags, words):
+    """chat loaded the model, then said "--temperature must be >= 0 and --top-p in (0, 1]" (which, at what value?)."""
+    import sftlab.chat as chat
+
+    monkeypatch.setattr(chat, "load_chat_model", lambda *a, **k: pytest.fail("the model loaded"))
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, str(run), *extra, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+
+
+@pytest.mark.parametrize("pieces,shown", [
+    (['Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "\nI will wait."],
+     "assistant> Checking. I will wait.\ntool call: get_weather\n"),
+    (['<think>\nhm\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+      " Back soon."], "assistant> <think>\nhm\n</think>\n\nBack soon.\ntool call: get_weather\n"),
+    (['Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'],
+     "assistant> Checking.\ntool call: get_weather\n"),
+])
+def test_text_after_a_call_is_shown_too(loaded, monkeypatch, pieces, shown):
+    """The hold-back kept everything from a call's opening: text the model wrote after the call was never
+    shown, though the history kept it and the model saw it on the next turn."""
+    session = _tool_session(loaded)
+    text = _streamed_chat(session, monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"])
+    assert shown in text
+
+
+def test_a_streamed_reply_keeps_think_tags_that_are_special_tokens():
+    """Where <think>/</think> are special tokens, the reply's text keeps them (decode_reply) but the stream
+    left them out with every special token: the reasoning ran into the answer with no tag between them."""
+    import torch
+    from conftest import build_tiny_tokenizer
+    from transformers import TextIteratorStreamer
+
+    from sftlab.chat import reply_streamer
+    from sftlab.eval.generation import decode_reply
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    for t, want in ((tok, "<think>\nhm\n</think>\n\n4"), (build_tiny_tokenizer(), "<think>\nhm\n</think>\n\n4")):
+        ids = t("<think>\nhm\n</think>\n\n4<|im_end|>", add_special_tokens=False).input_ids
+        streamer = reply_streamer(t, TextIteratorStreamer)
+        streamer.put(torch.tensor([[1, 5, 6]]))  # the prompt: skipped
+        for i in ids:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        assert "".join(streamer) == want == decode_reply(t, ids[:-1])
+
+
+def test_a_call_marker_that_is_a_special_token_is_held_back_too():
+    """Where a call's marker is a special token (Mistral's [TOOL_CALLS], Llama's <|python_tag|>), the stream
+    left it out: 'Sure.[{"name": ...}]' streamed raw, the hold-back seeing no marker, then the call again."""
+    import torch
+    from conftest import build_tiny_tokenizer
+    from transformers import TextIteratorStreamer
+
+    from sftlab.chat import reply_streamer
+    from sftlab.chat_tools import CALL_MARKERS, HoldCalls
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    ids = tok('Sure.[TOOL_CALLS][{"name": "f", "arguments": {}}]<|endoftext|>', add_special_tokens=False).input_ids
+    for keep, want in ((CALL_MARKERS, "Sure."), ((), 'Sure.[{"name": "f", "arguments": {}}]')):
+        streamer = reply_streamer(tok, TextIteratorStreamer, keep=keep)
+        streamer.put(torch.tensor([[1, 5]]))
+        for i in ids:
+            streamer.put(torch.tensor([i]))
+        streamer.end()
+        shown: list[str] = []
+        hold = HoldCalls(shown.append)
+        for piece in streamer:
+            hold(piece)
+        assert "".join(shown) == want and "<|endoftext|>" not in hold.text
+
+
+def test_generate_rows_say_whether_a_call_is_the_references(run, tmp_path, monkeypatch):
+    """eval scores a call against the reference's call; generate --data checked it parsed and fit the
+    tools, not whether it was the reference's call, though the row held that reference."""
+    from tool_data import TOOLS
+
+    import sftlab.chat as chat
+    from sftlab.eval.generation import Generation
+
+    rows = [{"tools": TOOLS, "messages": [{"role": "user", "content": f"weather in {c}?"}, {
+        "role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": c}}}]}]} for c in ("Oslo", "Rome")]
+    rows.append({"tools": TOOLS, "messages": [{"role": "user", "content": "hi"}]})
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    monkeypatch.setattr(chat, "generate", lambda *a, **k: [Generation(call, True, 9)] * 3)
+    out = chat.generate_jsonl(str(run), data=str(data), template="chatml-tools", device="cpu").rows
+    assert [r["tool_calls"].get("match") for r in out] == [True, False, None]
+    assert all(r["tool_calls"]["valid"] for r in out)
+
+
+@pytest.mark.parametrize("command,after", [("/exit", None), ("/reset", "(history cleared)\nyou> ")])
+def test_commands_work_at_the_tool_result_prompt(loaded, monkeypatch, command, after):
+    """/exit or /reset typed at 'tool result>' went to the model as the tool's result, and it went on."""
+    pieces = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>']
+    session = _tool_session(loaded)
+    shown = _streamed_chat(session, monkeypatch, pieces, ["weather in Paris?", command, "/exit"])
+    assert "It is 21 degrees" not in shown and not any(m.role == "tool" for m in session.history)
+    if after:
+        assert shown.endswith("tool result (get_weather)> " + after) and session.history == []
+    else:
+        assert shown.endswith("tool result (get_weather)> ")

@@ -468,3 +468,23 @@ def test_adapter_export_of_a_hub_model_names_its_hub_id(tmp_path, tiny_model_dir
     """)
     done = subprocess.run([sys.executable, "-c", plain, str(tmp_path / "exp")], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "loaded org/tiny" in done.stdout, done.stderr[-2000:]
+
+
+def test_export_readme_says_how_to_use_tools_and_reasoning(tmp_path, tiny_model_dir):
+    """The export's README said nothing of the tools a run trained with (its `tools=` hint showed only with
+    template options) nor of the <think> block its replies open with."""
+    from tool_data import TOOLS
+
+    rows = [{"tools": TOOLS, "messages": [
+        {"role": "user", "content": "weather in Oslo?"},
+        {"role": "assistant", "content": "", "reasoning_content": "look it up", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}]}]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = make_lora_run(tmp_path / "run", tiny_model_dir, data=str(data), template="chatml-tools")
+    res = export_run(run, tmp_path / "out", verify=False)
+    readme = (res.out / "README.md").read_text()
+    assert res.trained_on == ["tools", "reasoning"]
+    assert "tools=[...]" in readme and "<think>...</think>" in readme
+    plain = export_run(make_lora_run(tmp_path / "plain", tiny_model_dir), tmp_path / "out2", verify=False)
+    assert "tools=" not in (plain.out / "README.md").read_text() and plain.trained_on == []

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("plan", ("sftlab.plan",)),
     ("eval", ("sftlab.eval",)),
     ("train", ("sftlab.train",)),
-    ("apps", ("sftlab.diagnose", "sftlab.diagnose_rules", "sftlab.diagnose_progress", "sftlab.report", "sftlab.report_plots", "sftlab.export", "sftlab.export_gguf", "sftlab.chat")),
+    ("apps", ("sftlab.diagnose", "sftlab.diagnose_rules", "sftlab.diagnose_progress", "sftlab.report", "sftlab.report_plots", "sftlab.export", "sftlab.export_gguf", "sftlab.chat", "sftlab.chat_tools")),
     ("entry", ("sftlab.cli", "sftlab.demo", "sftlab.__main__")),
 ]
 # Only the entry layer (and the package's lazy public API) import sftlab modules inside functions:

@@ -241,6 +241,27 @@ def test_gguf_is_converted_once_and_matches_the_source(tiny_model_dir, tiny_gguf
     assert ref.tokenize("in 2024") != tok.tokenize("in 2024")
 
 
+def test_gguf_conversion_says_one_line_and_shows_no_progress_bar(tiny_gguf, tmp_cache, capfd):
+    """`sftlab eval x.gguf` printed transformers' "Converting and de-quantizing GGUF tensors" tqdm bar (a
+    plain tqdm that disable_progress_bar does not reach) and weight-loading bars, and no line of sftlab's."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bar, before = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
+    for enabled in (True, False):  # as a library caller has them (on), and as the CLI sets them (off)
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        shutil.rmtree(tmp_cache, ignore_errors=True)
+        capfd.readouterr()
+        models.resolve_model_path(str(tiny_gguf))
+        out, err = capfd.readouterr()
+        assert out == "" and err == ("sftlab: converting tiny.gguf to safetensors once "
+                                     "(about 20 s; later loads take about a second)\n")
+        assert hf_logging.is_progress_bar_enabled() == enabled and gguf_utils.tqdm is bar  # restored
+    models.resolve_model_path(str(tiny_gguf))  # converted: no line at all
+    assert capfd.readouterr() == ("", "")
+    (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
 def test_concurrent_conversions_share_one_folder(tiny_gguf, tmp_cache):
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(models.resolve_model_path(str(tiny_gguf))))

@@ -17,27 +17,36 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
+from sftlab.chat_tools import CALL_MARKERS, HoldCalls, ignores_tools, played_calls
 from sftlab.core.errors import SftlabError
 from sftlab.core.io import write_jsonl
 from sftlab.data.doctor_tools import function_schemas
 from sftlab.data.formats import load_conversations
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
+from sftlab.eval.exports import export_labeling
 from sftlab.eval.generation import (
     GenerationSettings,
     decode_reply,
     generate,
     pass_prefix_to_generate,
     prompt_messages,
+    reference_message,
     reference_reply,
+    special_ids_of,
+    special_think_ids,
     split_reply,
     stop_token_ids,
 )
-from sftlab.eval.run import load_target
-from sftlab.eval.tool_calls import call_arguments, check_tool_calls, parse_tool_calls
+from sftlab.eval.run import load_target, prompts_as_trained
+from sftlab.eval.tool_calls import (
+    check_tool_calls,
+    expected_calls,
+    parse_tool_calls,
+    same_calls,
+)
 from sftlab.rundir import RunDir
 
 HELP = "/reset clears the history, /exit quits (Ctrl-D too); Ctrl-C stops a reply"
@@ -65,6 +74,25 @@ def _quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def reply_streamer(tokenizer, streamer_class, keep: tuple[str, ...] = ()):
+    """A ``streamer_class`` (transformers' TextIteratorStreamer) that streams a reply as :func:`decode_reply`
+    decodes it: special tokens left out, but ``<think>``/``</think>`` kept where they are special (left out,
+    the reasoning streamed into the answer with no tag between them), and the special tokens in ``keep``
+    (a tool call's marker, so the hold-back sees where the call opens)."""
+    kept = special_think_ids(tokenizer) | special_ids_of(tokenizer, keep)
+    if not kept:
+        return streamer_class(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer = streamer_class(tokenizer, skip_prompt=True, skip_special_tokens=False)
+    drop, put = set(tokenizer.all_special_ids) - kept, streamer.put
+
+    def put_kept(value):
+        value = value[0] if len(value.shape) > 1 and value.shape[0] == 1 else value
+        put(value[[t not in drop for t in value.tolist()]] if value.dim() == 1 else value)
+
+    streamer.put = put_kept
+    return streamer
+
+
 def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -> str | None:
     """The system prompt to chat/generate with: ``system_prompt`` when given ("" means none), else a run
     folder's ``system_prompt`` (training put it first in each conversation without a system message).
@@ -73,6 +101,14 @@ def default_system_prompt(model_or_run: str, system_prompt: str | None = None) -
         return system_prompt or None
     run = RunDir(model_or_run)
     return run.config().system_prompt if run.config_path.is_file() else None
+
+
+def run_reasoning(model_or_run: str) -> str:
+    """A run folder's ``reasoning`` setting, or the one its export kept (``drop``/``last`` trained no reasoning
+    before the last reply, so prompts hold none, as :func:`sftlab.eval.run.prompts_as_trained` makes eval's);
+    else ``per_turn``."""
+    run = RunDir(model_or_run)
+    return run.config().reasoning if run.config_path.is_file() else export_labeling(model_or_run).get("reasoning", "per_turn")
 
 
 def load_chat_model(model_or_run: str, *, template: str | None = None, device=None) -> tuple:
@@ -108,6 +144,7 @@ class ChatSession:
     top_p: float = 1.0
     history: list[Message] = field(default_factory=list)
     tools: list[dict] | None = None  # function schemas offered to the model (rendered as the template's `tools`)
+    reasoning: str = "per_turn"  # the run's setting: under drop/last earlier replies' reasoning is not shown again
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -128,7 +165,9 @@ class ChatSession:
         """The text the model sees for the next reply: the history, the user turn (None: the model
         continues after tool results), the generation prompt; the tools when the session has them."""
         turn = [Message("user", user_text)] if user_text is not None else []
-        return self.template.render(self.history + turn, add_generation_prompt=True, tools=self.tools)
+        # as training showed earlier replies: without their reasoning under reasoning drop/last
+        shown = prompts_as_trained([Conversation(self.history + turn)], self.reasoning)[0].messages
+        return self.template.render(shown, add_generation_prompt=True, tools=self.tools)
 
     @property
     def pending_calls(self) -> list[dict]:
@@ -155,7 +194,7 @@ class ChatSession:
         # as training did, and a call is looked for only in the answer after it.
         answer, reasoning = split_reply(reply)
         raw_answer = split_reply(raw)[0]
-        calls = _parse_calls(raw_answer, self.tools) if self.tools else []
+        calls = played_calls(raw_answer, self.tools) if self.tools else []
         parsed = parse_tool_calls(raw_answer) if self.tools else None
         self.call_error = parsed.error if parsed is not None and not calls else None
         # a call that parses but names no offered function or misfits its schema is still played, and said
@@ -180,7 +219,7 @@ class ChatSession:
         tok = self.tokenizer
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
         device = next(self.model.parameters()).device
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        streamer = reply_streamer(tok, TextIteratorStreamer, keep=CALL_MARKERS if self.tools else ())
         stop = _StopFlag()
         sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0} \
             if self.temperature > 0 else {"do_sample": False}
@@ -220,122 +259,20 @@ class ChatSession:
         return decode_reply(tok, new[:cut]), tok.decode(new[:cut], skip_special_tokens=False)
 
 
-_OPENERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")  # where a call starts, by dialect (eval/tool_calls.py)
-
-
-def call_openers(template: ChatTemplate, tokenizer, tools: list[dict] | None) -> tuple[tuple[str, ...], bool]:
-    """(the text that opens a tool call in a streamed reply, whether a reply that starts with ``{``/``[``
-    is a call) for the template's dialect, from how it renders an assistant call. A marker that is a
-    special token is not streamed (its JSON is: the reply starts with it); a template that renders no call
-    gets every marker."""
-    probe = [Message("user", "hi")]
-    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
-    try:
-        head = template.render(probe, add_generation_prompt=True, tools=tools)
-        full = template.render(probe + [Message("assistant", "", tool_calls=(call,))], tools=tools)
-    except SftlabError:
-        return _OPENERS, False
-    body = full[len(head):] if full.startswith(head) else full
-    special = set(getattr(tokenizer, "all_special_tokens", None) or [])
-    for marker in _OPENERS:
-        if marker in body:
-            return ((), True) if marker in special else ((marker,), marker == "<|python_tag|>")
-    return ((), True) if '"f"' in body else (_OPENERS, False)
-
-
-class HoldCalls:
-    """Streams a reply's text to ``write`` but holds it back from where a tool call opens (``openers``, or
-    the reply's first character with ``json_start``), so the call is shown once, formatted, not also raw.
-    A marker's first characters at the end of the text wait for the next piece; text inside reasoning
-    (``<think>`` not yet closed) is streamed. :meth:`finish` writes what was held when no call was made."""
-
-    def __init__(self, write: Callable[[str], None], openers: tuple[str, ...], json_start: bool):
-        self.write, self.openers, self.json_start = write, openers, json_start
-        self.text, self.shown, self.held = "", 0, False
-
-    def __call__(self, piece: str) -> None:
-        self.text += piece
-        if self.held:
-            return
-        text, start = self.text, 0
-        if "<think>" in text:
-            start = text.find("</think>")
-            if start < 0:
-                return self._show(len(text))
-            start += len("</think>")
-        found = [k for o in self.openers if (k := text.find(o, start)) >= 0]
-        if self.json_start and text[start:].lstrip()[:1] in ("{", "["):
-            found.append(start)
-        if found:
-            self._show(min(found))
-            self.held = True
-            return
-        wait = max((n for o in self.openers for n in range(1, len(o)) if text.endswith(o[:n])), default=0)
-        self._show(len(text) - wait)
-
-    def _show(self, upto: int) -> None:
-        if upto > self.shown:
-            self.write(self.text[self.shown:upto])
-            self.shown = upto
-
-    def finish(self, called: bool) -> None:
-        """The reply ended: its held text is shown unless it was the call (shown formatted instead)."""
-        if not called:
-            self._show(len(self.text))
-
-
-def _parse_calls(raw: str, tools: list[dict] | None) -> list[dict]:
-    """The calls in a reply as ``{"name", "arguments": dict}``; [] for none or a call that does not parse.
-    ``tools`` type the raw values of Qwen3-Coder's XML calls, as eval's check does."""
-    parsed = parse_tool_calls(raw)
-    schemas = function_schemas(tools)
-    calls = []
-    for c in parsed.calls:
-        args, why = call_arguments(c, parsed.dialect, schemas)
-        if why:
-            return []
-        calls.append({"name": c["name"], "arguments": args})
-    return calls
-
-
-def load_tools(path: str | Path) -> list[dict]:
-    """Function schemas from a JSON file: a list, or an object with a "tools" list (OpenAI shape or bare
-    ``{"name", "parameters"}``, returned in OpenAI shape as training reads them). Mistakes are one
-    SftlabError line naming the file (and line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SftlabError(f"tools file '{path}' not found", hint="pass a JSON file with a list of function schemas")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SftlabError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the JSON syntax there")
-    except UnicodeDecodeError:
-        raise SftlabError(f"{path}: not UTF-8 text", hint="re-encode the file as UTF-8")
-    tools = data.get("tools") if isinstance(data, dict) else data
-    if not isinstance(tools, list) or not tools:
-        raise SftlabError(f"{path}: expected a JSON list of function schemas (or {{\"tools\": [...]}})",
-                          hint='e.g. [{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}]')
-    for i, t in enumerate(tools, start=1):
-        if len(function_schemas([t])) != 1:
-            raise SftlabError(f"{path}: tool {i} has no function name",
-                              hint='write it as {"type": "function", "function": {"name": ..., "parameters": {...}}}')
-        params = t.get("function", t).get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise SftlabError(f"{path}: tool {i} ({function_schemas([t]).popitem()[0]}): \"parameters\" is not a JSON object",
-                              hint="give a JSON schema object, e.g. {\"type\": \"object\", \"properties\": {...}}")
-    # in OpenAI's shape, as training data's tools are read: the template renders the same schemas as in training
-    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
-
-
-def _say_cut(session: ChatSession, write: Callable[[str], None]) -> None:
+def _end_reply(session: ChatSession, hold: HoldCalls, write: Callable[[str], None]) -> None:
+    """After a streamed reply: its held text unless it made a call, whether it was cut, why a call-shaped
+    text was not run."""
+    hold.finish(bool(session.pending_calls), session.history[-1].content if session.pending_calls else "")
     if session.was_cut:  # else a reply cut short reads as the model's whole answer
         write(f" [cut at --max-new-tokens {session.max_new_tokens}]")
+    if session.call_error:
+        write(f"\n(not run as a tool call: {session.call_error})")
 
 
 def _hold(session: ChatSession, write: Callable[[str], None]) -> HoldCalls:
-    """The streamed text's filter: with tools, a call is held back for its formatted form."""
-    openers, json_start = call_openers(session.template, session.tokenizer, session.tools) if session.tools else ((), False)
-    return HoldCalls(write, openers, json_start)
+    """The streamed text's filter: with tools, a call (in any dialect the parser reads) is held back for
+    its formatted form; without, the text is streamed as it comes."""
+    return HoldCalls(write, active=bool(session.tools))
 
 
 def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str], str] = input,
@@ -355,8 +292,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
     if session.tools:
         names = ", ".join(function_schemas(session.tools))
         write(f"tools: {names} (a tool call is shown with its arguments; type its result at 'tool result>')\n")
-        probe = [Message("user", "hi")]
-        if session.template.render(probe, True, tools=session.tools) == session.template.render(probe, True):
+        if ignores_tools(session.template, session.tools):
             write(f"warning: template {session.template.name} ignores tools: the model never sees them "
                   "(pass --template with a template that renders tools)\n")
     if session.system_prompt:
@@ -383,10 +319,7 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
         hold = _hold(session, write)
         try:
             session.send(text, on_text=hold)
-            hold.finish(bool(session.pending_calls))
-            _say_cut(session, write)
-            if session.call_error:
-                write(f"\n(not run as a tool call: {session.call_error})")
+            _end_reply(session, hold, write)
             while session.pending_calls:  # the user plays the tools, then the model continues
                 write("\n")
                 if session.call_warning:
@@ -394,12 +327,21 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
                 for call in session.pending_calls:
                     fn = call["function"]
                     write(f"tool call: {fn['name']}\n{json.dumps(fn['arguments'], indent=2, ensure_ascii=False)}\n")
-                    session.add_tool_result(call, read(f"tool result ({fn['name']})> ").strip())
-                write("assistant> ")
-                hold = _hold(session, write)
-                session.send(None, on_text=hold)
-                hold.finish(bool(session.pending_calls))
-                _say_cut(session, write)
+                    result = read(f"tool result ({fn['name']})> ").strip()
+                    if result in ("/exit", "/quit"):  # the commands work here too, not sent as the tool's result
+                        return 0
+                    if result == "/reset":
+                        session.reset()
+                        write("(history cleared)")
+                        break
+                    session.add_tool_result(call, result)
+                else:
+                    write("assistant> ")
+                    hold = _hold(session, write)
+                    session.send(None, on_text=hold)
+                    _end_reply(session, hold, write)  # a broken call after a tool result is said too
+                    continue
+                break
         except KeyboardInterrupt:
             hold.finish(False)  # what the model wrote before the stop, a call's start included
             write(" [stopped]")
@@ -415,7 +357,8 @@ def run_chat(session: ChatSession, *, name: str = "model", read: Callable[[str],
 @dataclass
 class GenerateResult:
     rows: list[dict]  # one per prompt: index, source, prompt (messages), reply, finished, n_tokens, reference
-    # (+ tool_calls: {valid, why, calls} for a conversation that offers tools)
+    # (+ answer and reasoning for a reply that reasons first; tool_calls: {valid, why, calls} for a
+    # conversation that offers tools, + match where its reference reply is a call)
     out: str | None
     seconds: float
 
@@ -464,20 +407,32 @@ def generate_jsonl(model_or_run: str, *, prompts: list[str] | None = None, data:
     """
 
     convs = _conversations(prompts, data, fmt, default_system_prompt(model_or_run, system_prompt), tools)
+    convs = prompts_as_trained(convs, run_reasoning(model_or_run))  # earlier turns' reasoning as training showed it
     if temperature < 0:
         raise SftlabError(f"--temperature {temperature} must be >= 0 (0 is greedy)")
     settings = GenerationSettings(max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                   temperature=temperature or 1.0, top_p=top_p, seed=seed)
     model, tok, tpl = load_chat_model(model_or_run, template=template, device=device)
+    offers = next((c for c in convs if ignores_tools(tpl, c.tools)), None)
+    if offers is not None:  # its replies would be judged on calls to tools the model never saw
+        raise SftlabError(f"{'--tools' if tools else offers.where() + ': its tools'}: template {tpl.name} ignores "
+                          "tools, so the model would never see them", hint="pass --template with a template that "
+                          "renders tools (e.g. chatml-tools, or the model's own)")
     started = time.perf_counter()
     gens = generate(model, tok, tpl, convs, settings, batch_size=batch_size)
     rows = [{"index": i, "source": c.where(), "prompt": [m.to_template() for m in prompt_messages(c)],
              "reply": g.text, "finished": g.finished, "n_tokens": g.n_tokens, "reference": reference_reply(c)}
             for i, (c, g) in enumerate(zip(convs, gens))]
     for row, c, g in zip(rows, convs, gens):
+        answer, reasoning = split_reply(g.text)
+        if reasoning is not None:  # as eval's rows: the answer apart from the reasoning before it
+            row.update(answer=answer, reasoning=reasoning)
         if c.tools:  # the reply's calls, parsed and checked against the conversation's tools
             tc = check_tool_calls(split_reply(g.raw or g.text)[0], c.tools)  # calls after any reasoning
             row["tool_calls"] = {"valid": tc.valid, "why": tc.why, "calls": tc.calls}
+            ref = reference_message(c)
+            if ref is not None and ref.tool_calls:  # as eval's rows: are they the reference's calls?
+                row["tool_calls"]["match"] = tc.valid and same_calls(tc.calls, expected_calls(ref.tool_calls))
     if out:
         write_jsonl(out, rows)
     return GenerateResult(rows, out, time.perf_counter() - started)

@@ -32,7 +32,7 @@ from sftlab.data.mixture import source_paths
 from sftlab.data.prepare import template_kwargs
 from sftlab.data.templates import ChatTemplate
 from sftlab.data.types import Conversation, Message
-from sftlab.eval.exports import EXPORT_INFO
+from sftlab.eval.exports import EXPORT_INFO, LABELING
 from sftlab.eval.generation import stop_token_ids
 from sftlab.export_gguf import GGUF_DTYPES, write_gguf
 from sftlab.models import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, resolve_model_path
@@ -59,6 +59,8 @@ class ExportResult:
     base_weights: str | None = None  # adapter: the exact base weights the run trained on, on this machine
     base_note: str | None = None  # adapter: where its base comes from when that is not simply base_model
     base_source: str | None = None  # the run's model as its config names it (sftlab resolves it anywhere)
+    labeling: dict = field(default_factory=dict)  # how the run tokenized and scored (eval of the export does alike)
+    trained_on: list[str] = field(default_factory=list)  # "tools", "reasoning": what the README says how to use
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -282,8 +284,12 @@ def _readme(res: ExportResult) -> str:
             + (f"\nNote on the base model: {res.base_note}.\n\n" if res.base_note else "")
             + f"Chat template: {res.template} (in tokenizer_config.json); end of turn: {res.end_of_turn}\n\n"
             + (f"Template options of training, now the template's defaults: {json.dumps(res.chat_template_kwargs)}"
-               " (pass one to apply_chat_template to override it). Tool schemas go in as `tools=`.\n\n"
-               if res.chat_template_kwargs else "")
+               " (pass one to apply_chat_template to override it).\n\n" if res.chat_template_kwargs else "")
+            + ("Trained on tool calls: pass the function schemas as `apply_chat_template(messages, tools=[...])`, "
+               "as training rendered them; the reply writes a call as the template shows one.\n\n"
+               if "tools" in res.trained_on else "")
+            + ("Trained on reasoning: a reply opens with its reasoning in `<think>...</think>`; the answer "
+               "follows the `</think>`.\n\n" if "reasoning" in res.trained_on else "")
             + (f"System prompt of training, now the template's default (used when the conversation has no system "
                f"message; send your own to override it): {json.dumps(res.system_prompt, ensure_ascii=False)}\n\n"
                if res.system_prompt else "")
@@ -382,13 +388,16 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, ggu
         base = str(Path(cfg.model).resolve())
     if kind == "adapter":  # the adapter's config must name a base that plain peft can open
         base, weights, note = _adapter_base(cfg.model)
+    sample = _run_conversations(cfg)
+    on = ["tools"] * any(c.tools for c in sample) + ["reasoning"] * (cfg.reasoning != "drop" and any(
+        m.reasoning is not None for c in sample for m in c.messages))
     res = ExportResult(out=out, kind=kind, method=cfg.method, base_model=base, template=cfg.template or "tokenizer",
-                       end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops,
-                       template_problems=_check_export_template(trained, exported, cfg.system_prompt,
-                                                                _run_conversations(cfg), cfg.reasoning),
+                       end_of_turn=tok.convert_ids_to_tokens(stops[0]), stop_token_ids=stops, trained_on=on,
+                       template_problems=_check_export_template(trained, exported, cfg.system_prompt, sample,
+                                                                cfg.reasoning),
                        chat_template_kwargs=kwargs, system_prompt=cfg.system_prompt or None,
                        base_weights=weights if weights != base else None, base_note=note,
-                       base_source=cfg.model)
+                       base_source=cfg.model, labeling={k: getattr(cfg, k) for k in LABELING})
     ids = _probe_ids(template, tok)
     reference = _logits(model, ids) if verify else None
 

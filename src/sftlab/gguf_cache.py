@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -65,11 +66,15 @@ def convert_gguf_cached(gguf: Path) -> Path:
     with _file_lock(final.parent / f".{final.name}.lock"):
         if is_converted(final):  # another process finished it while we waited
             return final
-        logger.info("converting %s to safetensors once (about 20 s) -> %s", gguf, final)
+        # one line of sftlab's own (stderr: a --json stdout stays one document), not transformers' bars
+        print(f"sftlab: converting {gguf.name} to safetensors once (about 20 s; later loads take about a second)",
+              file=sys.stderr, flush=True)
+        logger.info("converting %s -> %s", gguf, final)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         try:
             started = time.perf_counter()
-            _convert_gguf(gguf, tmp)
+            with _no_progress_bars():
+                _convert_gguf(gguf, tmp)
             logger.info("converted in %.1f s", time.perf_counter() - started)
             publish_tree(tmp)  # mkdtemp and safetensors make it private; a shared cache must stay readable
             if final.exists():  # a leftover without its marker (e.g. a crashed older version)
@@ -78,6 +83,37 @@ def convert_gguf_cached(gguf: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' bars off while converting, their previous state restored: its weight loading and
+    saving bars follow ``disable_progress_bar``; its GGUF de-quantizing bar is a plain tqdm that does not,
+    so that module's ``tqdm`` is swapped for a disabled one meanwhile."""
+    import functools
+
+    from transformers.utils import (
+        logging as hf_logging,  # deferred: heavy library, imported on first use
+    )
+
+    try:
+        from transformers import (
+            modeling_gguf_pytorch_utils as gguf_utils,  # deferred: heavy library, imported on first use
+        )
+    except ImportError:  # pragma: no cover - a transformers without GGUF support fails later, with its own error
+        gguf_utils = None
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -231,3 +231,30 @@ def test_save_of_an_export_or_a_model_says_it_is_not_a_run(tiny_model_dir, data_
     code, _, err = run_cli(capsys, "eval", tiny_model_dir, "--data", data_files[0], "--save")
     assert code == 2 and one_error_line(err, "is not a run folder (no config.yaml)") and "--out FILE.json" in err
     assert "did not finish" not in err
+
+
+def test_eval_of_an_export_labels_as_its_run(tiny_model_dir, tmp_path, capsys):
+    """An export kept nothing of how its run labelled: `sftlab eval EXPORT` scored the loss with the default
+    masking, reasoning and max_seq_length (another number than `sftlab eval RUN`), and chat/generate showed
+    earlier turns' reasoning the run (reasoning: last) never trained on."""
+    from sftlab.chat import run_reasoning
+    from sftlab.export import export_run
+
+    run = make_lora_run(tmp_path / "run", tiny_model_dir, reasoning="last", masking="last_assistant", max_seq_length=96)
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}.", "reasoning_content": f"{i} and {i} make {2 * i}"},
+                          {"role": "user", "content": "and twice that?"},
+                          {"role": "assistant", "content": f"{4 * i}.", "reasoning_content": "double it " * (i * 20)}]}
+            for i in range(3)]
+    data = write_jsonl(tmp_path / "eval.jsonl", rows)
+    results = []
+    for target in (run, export_run(run, tmp_path / "adapter", verify=False).out,
+                   export_run(run, tmp_path / "merged", merge=True, verify=False).out):
+        code, text, err = run_cli(capsys, "eval", target, "--data", data, "--max-new-tokens", 2, "--json")
+        assert code == 0, err
+        results.append(json.loads(text)["result"])
+        assert run_reasoning(str(target)) == "last"
+    for res in results[1:]:
+        assert res["prepare"] == results[0]["prepare"] and res["prepare"]["n_dropped_too_long"] == 2  # max_seq_length 96
+        assert res["metrics"]["loss"] == pytest.approx(results[0]["metrics"]["loss"], rel=1e-4)
+        assert res["samples"][0]["prompt_text"] == results[0]["samples"][0]["prompt_text"]

@@ -222,3 +222,19 @@ def test_a_prefix_model_generates_with_its_prefix(tok, tiny_model_dir):
     assert differs == len(convs)  # the prefix matters: the base model would have said something else
     session = ChatSession(model, tok, tpl, max_new_tokens=8)
     assert session.send("What is 2 + 2?") == batched[0].text
+
+
+def test_a_reply_leaves_out_the_unknown_token_of_a_vocabulary_without_think():
+    """A vocabulary without <think> converts it to the unknown token's id, itself special (SmolLM2's
+    <|endoftext|>): decode_reply took that for <think> and kept every <|endoftext|> in the reply's text."""
+    from conftest import build_tiny_tokenizer
+
+    from sftlab.eval.generation import decode_reply, special_think_ids
+
+    tok = build_tiny_tokenizer()
+    assert tok.unk_token_id == 0 and special_think_ids(tok) == set()
+    ids = tok("hi", add_special_tokens=False).input_ids
+    assert decode_reply(tok, ids + [0, 0, 1]) == "hi"
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    think = tok("<think>hm</think>4", add_special_tokens=False).input_ids
+    assert decode_reply(tok, think + [0]) == "<think>hm</think>4"

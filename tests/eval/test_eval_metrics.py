@@ -10,7 +10,7 @@ from sftlab.core.errors import SftlabError
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import compare, forgetting, format_comparison
 from sftlab.eval.generation import Generation
-from sftlab.eval.run import score_generations
+from sftlab.eval.run import ToolRef, score_generations
 from sftlab.eval.scorers import choose_scorer, format_check_name, format_ok, get_scorer
 
 
@@ -198,3 +198,113 @@ def test_format_eval_single():
     assert "eval run on eval.jsonl" in text and "task score (json_fields)" in text
     assert "format adherence (json_object)" in text and "scored tokens                    40" in text
     assert "1.250" in text and "reply:     x x" in text and text.rstrip().endswith("...")
+
+
+def test_format_result_keeps_one_column_with_long_scorer_names():
+    """With tool-call references the labels ("task score (exact+tool_call_match)") outgrew the 32-wide
+    column and pushed their values out of line with the rest."""
+    from sftlab.eval.compare import format_result
+
+    res = {"metrics": {"loss": 0.5, "task_score": 0.8, "format_adherence": 0.8, "valid_tool_call_rate": 1.0,
+                       "tokens": 402}, "task_score_by": "exact+tool_call_match", "format_check": "finished+tool_call"}
+    lines = format_result(res).splitlines()
+    assert lines[1].startswith("task score (exact+tool_call_match)")
+    assert len({len(line) - len(line.split()[-1]) for line in lines}) == 1  # every value starts in one column
+
+
+def test_compare_table_says_what_the_task_score_is():
+    """A single eval labels "task score (json_fields)"; the before/after table said only "task score",
+    whether exact match, json fields or tool-call match."""
+    base = {"metrics": {"task_score": 0.0, "format_adherence": 0.0}, "task_score_by": "exact+tool_call_match",
+            "scorer": "exact", "format_check": "finished+tool_call"}
+    text = format_comparison(compare(base, {**base, "metrics": {"task_score": 0.8, "format_adherence": 0.8}}))
+    assert "task score (exact+tool_call_match)" in text and "format adherence (finished+tool_call)" in text
+    assert len({line.index("0.000") for line in text.splitlines()[1:]}) == 1  # the base column stays aligned
+
+
+def test_a_reply_of_reasoning_alone_is_empty():
+    """A reply that only reasons (its <think> never closed, or nothing after </think>) gives the user no
+    answer, and is scored on none; the non-empty rate counted it as a reply."""
+    gens = [Generation("<think>\nlet me see, 2 and 2", False, 12), Generation("<think>\nhm\n</think>\n\n", True, 6),
+            Generation("<think>\nhm\n</think>\n\n4", True, 7), Generation("4", True, 1)]
+    summary, rows = score_generations(gens, ["4"] * 4)
+    assert summary["nonempty_rate"] == pytest.approx(2 / 4)
+    assert [r["score"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_a_sample_that_reasons_shows_its_answer_first():
+    """A reply that reasons first was printed from its <think> block, cut at 100 characters: the answer it
+    was scored on never showed."""
+    from sftlab.eval.compare import format_eval
+
+    long = "<think>\n" + "let me add these numbers carefully " * 5 + "\n</think>\n\n42"
+    gens = [Generation(long, True, 40), Generation("<think>\nhm", False, 3)]
+    _, rows = score_generations(gens, ["42", "42"])
+    samples = [{"prompt": "p", **r} for r in rows]
+    out = {"kind": "single", "target": "run", "data": "d", "result": {"metrics": {}, "samples": samples}}
+    text = format_eval(out)
+    assert "reply:     42 [after reasoning: let me add these numbers carefully le...]" in text
+    assert "reply:     (no answer) [after reasoning: hm]" in text
+    cmp = compare({"samples": samples}, {"samples": [{"prompt": "p", **r} for r in rows[::-1]]})
+    text = format_eval({"kind": "compare", "target": "run", "data": "d", "base": "b", **cmp})
+    assert "before:    42 [after reasoning:" in text and "after:     (no answer) [after reasoning: hm]" in text
+    plain = compare({"samples": [{"reply": "a"}]}, {"samples": [{"reply": "b"}]})["samples"][0]
+    assert "before_answer" not in plain and format_eval({"kind": "compare", "target": "r", "data": "d", "base": "b",
+                                                         **compare({"samples": [{"reply": "a"}]}, {"samples": [{"reply": "b"}]})}).endswith("after:     b")
+
+
+def test_eval_says_what_the_loss_leaves_out():
+    """Examples longer than max_seq_length were left out of the loss (or cut) without a word: the loss
+    read as over the whole data set."""
+    from sftlab.eval.compare import format_eval, format_result
+
+    res = {"metrics": {"loss": 0.5, "tokens": 332},
+           "prepare": {"n_input": 5, "n_kept": 4, "n_dropped_too_long": 1, "n_truncated": 0, "n_turns_cut": 2}}
+    note = ("note: of 5 examples, 1 left out of the loss (longer than max_seq_length), 2 had earlier turns cut to "
+            "fit (max_seq_length: the run's, or --max-seq-length)")
+    assert format_result(res).splitlines()[-1] == note
+    whole = {"metrics": {"loss": 0.5}, "prepare": {"n_input": 5, "n_kept": 5, "n_dropped_too_long": 0}}
+    assert "note" not in format_result(whole)
+    text = format_eval({"kind": "compare", "target": "r", "data": "d", "base": "b", **compare(res, res)})
+    assert note in text
+
+
+def test_a_tool_call_sample_says_how_its_call_was_judged():
+    """A sample whose reference is a call showed the reply alone: not whether its call parsed, why not, or
+    whether it was the reference's call (the JSON had it, the printed samples did not)."""
+    from sftlab.eval.compare import format_eval
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    ref = ToolRef(tools, [{"name": "f", "arguments": {}}])
+    gens = [Generation('<tool_call>{"name": "f", "arguments": {}}</tool_call>', True, 9),
+            Generation('<tool_call>{"name": "f"', False, 5)]
+    _, rows = score_generations(gens, ["r", "r"], tool_refs=[ref, ref])
+    samples = [{"prompt": "p", **r} for r in rows]
+    text = format_eval({"kind": "single", "target": "t", "data": "d", "result": {"metrics": {}, "samples": samples}})
+    assert "(tool call valid, the reference's call)" in text
+    assert "(tool call invalid: a <tool_call> block is never closed)" in text
+    cmp = compare({"samples": samples[::-1]}, {"samples": samples})
+    text = format_eval({"kind": "compare", "target": "t", "data": "d", "base": "b", **cmp})
+    assert text.index("before:") < text.index("(tool call invalid") < text.index("after:") < text.index("(tool call valid")
+
+
+def test_per_source_lines_say_a_call_match_is_part_of_the_task_score():
+    """With several --data sources, a source of tool-call turns printed "task_score (exact) 0.800": the
+    0.8 was mostly the call match, as the totals' "(exact+tool_call_match)" said."""
+    from sftlab.data.types import Conversation, Message
+    from sftlab.eval.run import _per_source, format_sources
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}
+    convs = [Conversation([Message("user", "q"), Message("assistant", "", tool_calls=(call,))], tools=tools),
+             Conversation([Message("user", "q"), Message("assistant", "4")]),
+             Conversation([Message("user", "q"), Message("assistant", "4")])]
+    gens = [Generation('<tool_call>{"name": "f", "arguments": {}}</tool_call>', True, 9), Generation("4", True, 1),
+            Generation("5", True, 1)]
+    ref = ToolRef(tools, [{"name": "f", "arguments": {}}])
+    _, rows = score_generations(gens, ["x", "4", "4"], tool_refs=[ref, None, None])
+    per = _per_source(None, None, convs, ["tools", "tools", "text"], [], rows, 8)
+    assert per["tools"]["task_score_by"] == "exact+tool_call_match" and per["text"]["task_score_by"] == "exact"
+    text = format_sources({"result": {"sources": per}})
+    assert "tools: 2 examples, task_score (exact+tool_call_match) 1.000" in text
+    assert "text: 1 example, task_score (exact) 0.000" in text

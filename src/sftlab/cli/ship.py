@@ -62,7 +62,13 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
 
 
 def _check_sampling(args) -> None:
-    """--top-p while greedy (--temperature 0) would be ignored: one clear error instead."""
+    """Generation flags out of range, or --top-p while greedy (--temperature 0, where it would be ignored):
+    one clear error naming the value, before the model loads."""
+    for flag, value, ok, want in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 is greedy)"),
+                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise SftlabError(f"{flag} {value:g} must be {want}")
     if args.top_p != 1.0 and not args.temperature:
         raise SftlabError(f"--top-p {args.top_p:g} with greedy decoding (--temperature 0): the sampling mass is unused",
                           hint="add --temperature (e.g. 0.7) to sample, or drop --top-p")
@@ -73,8 +79,11 @@ def _cmd_chat(args) -> int:
         ChatSession,
         default_system_prompt,
         load_chat_model,
-        load_tools,
         run_chat,
+        run_reasoning,
+    )
+    from sftlab.chat_tools import (
+        load_tools,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
     _check_sampling(args)
@@ -82,7 +91,8 @@ def _cmd_chat(args) -> int:
     model, tok, tpl = load_chat_model(args.model, template=args.template, device=args.device)
     session = ChatSession(model, tok, tpl, system_prompt=default_system_prompt(args.model, args.system_prompt),
                           max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, tools=tools)
+                          temperature=args.temperature, top_p=args.top_p, tools=tools,
+                          reasoning=run_reasoning(args.model))
     return run_chat(session, name=args.model)
 
 
@@ -104,9 +114,11 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from sftlab.chat import (  # deferred: the command pulls in torch; `sftlab --help` stays fast
-        generate_jsonl,
-        load_tools,
+    from sftlab.chat import (
+        generate_jsonl,  # deferred: the command pulls in torch; `sftlab --help` stays fast
+    )
+    from sftlab.chat_tools import (
+        load_tools,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
     tools = load_tools(args.tools) if args.tools else None  # a bad file fails before the model loads

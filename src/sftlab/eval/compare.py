@@ -56,6 +56,7 @@ def compare(before: dict, after: dict, *, threshold: float = DEFAULT_FORGETTING_
         b, a = bm.get(key), am.get(key)
         if b is None and a is None:
             continue
+        label += _scored_by(after, key)  # both sides are scored alike: what the number is, as a single eval says
         delta = a - b if _finite(a) and _finite(b) else None
         improved = None
         if delta is not None and better != "neither" and delta != 0:
@@ -64,12 +65,25 @@ def compare(before: dict, after: dict, *, threshold: float = DEFAULT_FORGETTING_
                      "better": better, "improved": improved})
     samples = []
     for sb, sa in zip(before.get("samples", []), after.get("samples", [])):
-        samples.append({"where": sa.get("where"), "prompt": sa.get("prompt"), "reference": sa.get("reference"),
-                        "before": sb.get("reply"), "after": sa.get("reply"),
-                        "before_score": sb.get("score"), "after_score": sa.get("score")})
+        row = {"where": sa.get("where"), "prompt": sa.get("prompt"), "reference": sa.get("reference"),
+               "before": sb.get("reply"), "after": sa.get("reply"),
+               "before_score": sb.get("score"), "after_score": sa.get("score")}
+        for side, s in (("before", sb), ("after", sa)):  # a reply that reasons: the answer it was scored on
+            if s.get("reasoning") is not None:
+                row.update({f"{side}_answer": s.get("answer"), f"{side}_reasoning": s["reasoning"]})
+            if s.get("tool_call"):  # a reply that should call a tool: its call, judged
+                row[f"{side}_call"] = s["tool_call"]
+        samples.append(row)
     return {"before_name": before_name, "after_name": after_name, "before": before, "after": after,
             "table": rows, "samples": samples,
             "forgetting": forgetting(bm.get("general_loss"), am.get("general_loss"), threshold)}
+
+
+def _scored_by(result: dict, key: str) -> str:
+    """" (scorer)" after the task score's label, " (check)" after format adherence's; else ""."""
+    by = {"task_score": result.get("task_score_by") or result.get("scorer"),
+          "format_adherence": result.get("format_check")}.get(key)
+    return f" ({by})" if by else ""
 
 
 def _fmt(x) -> str:
@@ -107,25 +121,35 @@ def format_comparison(cmp: dict) -> str:
         mark = {True: "  better", False: "  worse", None: ""}[r["improved"]]
         delta = "-" if r["delta"] is None else f"{r['delta']:+.3f}"
         lines.append(f"{r['label']:<{width}}  {_fmt(r['before']):>12}  {_fmt(r['after']):>12}  {delta:>10}{mark}")
-    line = format_forgetting(cmp.get("forgetting"))
-    if line:
-        lines.append(line)
+    lines += filter(None, [format_forgetting(cmp.get("forgetting")), prepare_note(cmp.get("after") or {})])
     return "\n".join(lines)
+
+
+def prepare_note(result: dict) -> str | None:
+    """What the loss leaves out or cuts (``result["prepare"]``: examples over max_seq_length), or None when
+    it scores every example whole: else the loss reads as over the whole data set."""
+    p = result.get("prepare") or {}
+    parts = [f"{n} {what}" for key, what in (("n_dropped_too_long", "left out of the loss (longer than max_seq_length)"),
+                                             ("n_turns_cut", "had earlier turns cut to fit"),
+                                             ("n_truncated", "truncated at max_seq_length"))
+             if (n := p.get(key))]
+    if not parts:
+        return None
+    return f"note: of {p.get('n_input')} examples, {', '.join(parts)} (max_seq_length: the run's, or --max-seq-length)"
 
 
 def format_result(result: dict) -> str:
     """One eval result as plain text: a metric per line."""
-    lines = []
+    rows = []
     mt = result.get("metrics", {})
     for key, label, _ in METRICS:
         if key in mt:
-            by = result.get("task_score_by") or result.get("scorer")
-            extra = f" ({by})" if key == "task_score" and by else ""
-            extra = f" ({result['format_check']})" if key == "format_adherence" and result.get("format_check") else extra
-            lines.append(f"{label + extra:<32} {_fmt(mt[key])}")
+            rows.append((label + _scored_by(result, key), _fmt(mt[key])))
     if "tokens" in mt:
-        lines.append(f"{'scored tokens':<32} {mt['tokens']}")
-    return "\n".join(lines)
+        rows.append(("scored tokens", str(mt["tokens"])))
+    width = max([32] + [len(label) for label, _ in rows])  # a long scorer name (exact+tool_call_match) keeps the column
+    note = prepare_note(result)
+    return "\n".join([f"{label:<{width}} {value}" for label, value in rows] + ([note] if note else []))
 
 
 def format_eval(out: dict, samples: int = 3) -> str:
@@ -134,22 +158,33 @@ def format_eval(out: dict, samples: int = 3) -> str:
     if out["kind"] == "single":
         res = out["result"]
         body = format_result(res)
-        pairs = [(s.get("prompt"), s.get("reference"), None, s.get("reply")) for s in res.get("samples", [])]
+        shown = [(s, [("reply:", s)]) for s in res.get("samples", [])]
     else:
         head += f" (base: {out['base']})"
         body = format_comparison(out)
-        pairs = [(s["prompt"], s["reference"], s["before"], s["after"]) for s in out.get("samples", [])]
+        shown = [(s, [(f"{side}:", {"reply": s[side], **{k: s.get(f"{side}_{k}") for k in ("answer", "reasoning", "call")}})
+                      for side in ("before", "after")]) for s in out.get("samples", [])]
     if out.get("system_prompt"):
         head += f"\nsystem prompt (where a conversation has none, as in training): {_short(out['system_prompt'])}"
     lines = [head, body]
-    for prompt, ref, before, after in pairs[:samples]:
-        lines.append("")
-        lines.append(f"prompt:    {_short(prompt)}")
-        lines.append(f"reference: {_short(ref)}")
-        if before is not None:
-            lines.append(f"before:    {_short(before)}")
-        lines.append(f"{'after:' if before is not None else 'reply:':<11}{_short(after)}")
+    for s, sides in shown[:samples]:
+        lines += ["", f"prompt:    {_short(s.get('prompt'))}", f"reference: {_short(s.get('reference'))}"]
+        for label, r in sides:
+            lines.append(f"{label:<11}{_short(_answer_first(r.get('reply'), r.get('answer'), r.get('reasoning')))}")
+            call = r.get("call") or r.get("tool_call")  # a reply that should call a tool: how its call was judged
+            if call:
+                verdict = ("valid, the reference's call" if call.get("match") else "valid, not the reference's call") \
+                    if call.get("valid") else f"invalid: {call.get('why')}"
+                lines.append(f"{'':<11}(tool call {_short(verdict)})")
     return "\n".join(lines)
+
+
+def _answer_first(reply, answer: str | None, reasoning: str | None) -> str:
+    """A sample reply as printed: one that reasons first shows the answer it was scored on, then the start of
+    its reasoning (shown whole, a long <think> block filled the line and hid the answer)."""
+    if reasoning is None:
+        return "" if reply is None else reply
+    return f"{_short(answer) if answer and answer.strip() else '(no answer)'} [after reasoning: {_short(reasoning, 40)}]"
 
 
 def _short(text, width: int = 100) -> str:

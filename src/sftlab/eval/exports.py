@@ -16,6 +16,9 @@ from sftlab.models import DEFAULT_MODEL, load_model
 from sftlab.rundir import RunDir
 
 EXPORT_INFO = "sftlab_export.json"
+# the run's settings of how conversations become tokens and labels, kept by an export (``labeling``) so that
+# `sftlab eval EXPORT` scores the loss, and chat/generate show earlier reasoning, as for the run
+LABELING = ("max_seq_length", "truncation", "masking", "reasoning")
 
 
 def _info(folder: Path) -> dict:
@@ -36,6 +39,14 @@ def is_export(spec) -> bool:
     """An ``sftlab export`` folder (an adapter, or merged/full weights with sftlab_export.json), not a run."""
     p = Path(str(spec))
     return is_adapter_export(p) or (p.is_dir() and (p / EXPORT_INFO).is_file() and not RunDir(p).config_path.is_file())
+
+
+def export_labeling(spec) -> dict:
+    """The run's labeling settings an export keeps (see :data:`LABELING`); {} for anything else (an older
+    export, a plain model)."""
+    p = Path(str(spec))
+    kept = _info(p).get("labeling") if is_export(p) else None
+    return {k: kept[k] for k in LABELING if k in kept} if isinstance(kept, dict) else {}
 
 
 def export_base(folder: Path) -> str:

@@ -109,13 +109,26 @@ def split_reply(text: str) -> tuple[str, str | None]:
     return rest.lstrip(), reasoning.strip("\n")
 
 
-def decode_reply(tokenizer, ids: list[int]) -> str:
-    """A reply's text without special tokens, except ``<think>``/``</think>`` where the tokenizer makes
-    them special (some reasoning models do): :func:`split_reply` needs them to tell reasoning from answer."""
+def special_think_ids(tokenizer) -> set[int]:
+    """The ids of ``<think>``/``</think>`` where the tokenizer makes them special tokens (some reasoning
+    models do), which a reply's text keeps: :func:`split_reply` needs them; empty otherwise."""
+    return special_ids_of(tokenizer, (THINK_OPEN, THINK_CLOSE))
+
+
+def special_ids_of(tokenizer, tokens) -> set[int]:
+    """The ids of those of ``tokens`` that are special tokens of ``tokenizer``. A token not in the vocabulary
+    converts to the unknown token's id, itself special (SmolLM2's <|endoftext|>): that one is no match."""
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
-    think = {t for t in (tokenizer.convert_tokens_to_ids(x) for x in (THINK_OPEN, THINK_CLOSE)) if t in special}
+    ids = {x: tokenizer.convert_tokens_to_ids(x) for x in tokens}
+    return {t for x, t in ids.items() if t in special and tokenizer.convert_ids_to_tokens(t) == x}
+
+
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """A reply's text without special tokens, except ``<think>``/``</think>`` (:func:`special_think_ids`)."""
+    think = special_think_ids(tokenizer)
     if not think:
         return tokenizer.decode(ids, skip_special_tokens=True)
+    special = set(tokenizer.all_special_ids)
     return tokenizer.decode([t for t in ids if t in think or t not in special], skip_special_tokens=False)
 
 

@@ -27,7 +27,9 @@ from sftlab.data.types import Conversation
 from sftlab.eval import metrics as m
 from sftlab.eval.compare import DEFAULT_FORGETTING_THRESHOLD, compare
 from sftlab.eval.exports import (
+    LABELING,
     export_base,
+    export_labeling,
     is_adapter_export,
     is_export,
     load_adapter_export,
@@ -54,7 +56,8 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
                       groups: Sequence[str] | None = None) -> tuple[dict, list[dict]]:
     """(summary, per-example rows) for generated replies against reference replies.
 
-    Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate, finished_rate,
+    Summary keys (all numbers): n, mean_reply_tokens, mean_reply_words, nonempty_rate (replies with an
+    answer after any reasoning), finished_rate,
     repetition_rate (mean per reply of the repeated share of token n-grams, n=4: "seq-rep-4"; word
     3-grams for a generation without token ids), distinct_2 (over words), task_score (mean of the
     scorer), format_adherence (share passing the data set's format check). A reply that reasons first
@@ -94,7 +97,8 @@ def score_generations(generations: Sequence[Generation], references: Sequence[st
         "n": len(rows),
         "mean_reply_tokens": m.mean([g.n_tokens for g in generations]),
         "mean_reply_words": m.mean([len(m.words(t)) for t in texts]),
-        "nonempty_rate": m.mean([float(m.is_nonempty(t)) for t in texts]),
+        # an answer, not reasoning alone: a reply that only thinks (or is cut inside <think>) says nothing
+        "nonempty_rate": m.mean([float(m.is_nonempty(split_reply(t)[0])) for t in texts]),
         "finished_rate": m.mean([float(g.finished) for g in generations]),
         "repetition_rate": m.mean([r["repetition"] for r in rows]),
         "distinct_2": m.distinct_n(texts, 2),
@@ -277,6 +281,9 @@ def _per_source(model, tokenizer, conversations, sources: Sequence[str], example
             text = [r["reference"] for r in mine if "tool_call" not in r]
             if text:
                 out[name]["scorer"] = choose_scorer(text, scorer)
+            # what its task score is, as the totals say it: the text scorer, the call match, or both
+            out[name]["task_score_by"] = "+".join(([out[name]["scorer"]] if text else [])
+                                                  + (["tool_call_match"] if calls else []))
     return out
 
 # --- sftlab eval -------------------------------------------------------------------------------
@@ -393,9 +400,11 @@ def run_eval(target: str, data: str | list, *, compare_to: str | None = None, ge
         system_prompt = cfg.system_prompt if cfg is not None else None
     add_system_prompt(convs, system_prompt)
     add_system_prompt(general_convs or [], system_prompt)
-    max_len = max_seq_length if max_seq_length is not None else (cfg.max_seq_length if cfg is not None else 2048)
-    trunc = cfg.truncation if cfg is not None else "cut_turns"
-    kw_run = dict(masking=cfg.masking, reasoning=cfg.reasoning) if cfg is not None else {}  # label as training did
+    # label as training did: a run's config, or what an export kept of it
+    run_label = {k: getattr(cfg, k) for k in LABELING} if cfg is not None else export_labeling(target)
+    max_len = max_seq_length if max_seq_length is not None else run_label.get("max_seq_length", 2048)
+    trunc = run_label.get("truncation", "cut_turns")
+    kw_run = {k: run_label[k] for k in ("masking", "reasoning") if k in run_label}
     kw = dict(settings=settings, batch_size=batch_size, scorer=scorer, max_seq_length=max_len, truncation=trunc, **kw_run,
               general=general_convs, samples=samples, sources=names)
     after = evaluate(model, tok, tpl, convs, **kw)
@@ -439,11 +448,11 @@ def format_sources(out: dict) -> str:
     for name, r in (res.get("sources") or {}).items():
         b = before.get(name, {})
         was = lambda key, f: f" (before {b[key]:{f}})" if key in b else ""  # noqa: E731
-        line = f"  {name}: {r['n_examples']} examples"
+        line = f"  {name}: {r['n_examples']} example{'s' * (r['n_examples'] != 1)}"
         if "loss" in r:
             line += f", loss {r['loss']:.4f}" + was("loss", ".4f")
         if "task_score" in r:
-            by = f" ({r['scorer']})" if r.get("scorer") else ""
+            by = f" ({r.get('task_score_by') or r['scorer']})" if r.get("task_score_by") or r.get("scorer") else ""
             line += (f", task_score{by} {r['task_score']:.3f}{was('task_score', '.3f')}, format_adherence "
                      f"{r['format_adherence']:.3f}{was('format_adherence', '.3f')}")
         if "valid_tool_call_rate" in r:
