@@ -441,3 +441,14 @@ def test_a_large_gradient_in_warmup_is_not_divergence(tmp_path):
     assert "divergence" not in rules_found(make_run(tmp_path / "warm", train=train))
     train[0]["grad_norm"], train[4]["grad_norm"] = 1.0, 50.0  # after warmup it still counts
     assert "divergence" in rules_found(make_run(tmp_path / "late", train=train))
+
+
+def test_gradients_that_shrink_as_the_loss_converges_are_not_divergence(tmp_path):
+    """A healthy run's loss fell from 2.5 to 0.003 and its gradient norm with it, 0.37 -> 0.004: against the
+    whole run's median (0.0088) the first logged norm after warmup read 42x, "[error] training diverged"."""
+    train, _ = healthy_rows()
+    for k, r in enumerate(train):
+        r["grad_norm"] = 0.37 * 0.6 ** k  # 0.37 down to 0.004 over the run
+    assert "divergence" not in rules_found(make_run(tmp_path / "converging", train=train))
+    train[-1]["grad_norm"] = 0.5  # a late jump against the small norms before it still counts
+    assert "divergence" in rules_found(make_run(tmp_path / "late-jump", train=train))

@@ -58,7 +58,7 @@ class Thresholds:
     format_min: float = 0.80  # format adherence below this is a problem
     repetition_max: float = 0.20  # mean n-gram repetition rate above this is a problem
     loss_explode: float = 2.0  # train loss above this multiple of its first value
-    grad_explode: float = 10.0  # gradient norm above this multiple of the run's median
+    grad_explode: float = 10.0  # gradient norm above this multiple of the median of the (up to 10) logged steps before it
     truncation_warn: float = 0.05  # share of examples dropped/truncated that is a warning (any is info)
     worse_than_base: float = 0.5  # eval loss of the fine-tune above the base model's by this share (0.5 = 50%)
     plateau_drop: float = 0.05  # train loss that fell by less than this share over the run did not learn
@@ -313,13 +313,14 @@ def rule_divergence(run: RunData, th: Thresholds) -> Finding | None:
     # the gradient before (or while warmup keeps the rate near 0 around) the first updates is large by nature
     wr, steps = _cfg(run, "warmup_ratio", 0.0) or 0.0, _steps(run) or 0
     warm = max(1, math.ceil(wr * steps)) if isinstance(wr, (int, float)) else 1
-    late = [(s, g) for s, g in grads if isinstance(s, (int, float)) and s > warm]
-    if len(grads) >= 3 and late:
-        med = median(g for _, g in grads)
-        peak = max(late, key=lambda x: x[1])
-        if med > 0 and peak[1] > th.grad_explode * med:
-            evidence.append(f"gradient norm {_g(peak[1])} at step {peak[0]}, {peak[1] / med:.0f}x the median {_g(med)} "
-                            f"(limit {th.grad_explode:g}x)")
+    # a spike against the steps just before it, not the whole run's median: a converging run's gradients
+    # shrink 10-100x, and its early (healthy) norms would read as a blow-up against its late ones
+    spikes = [(g / med, s, g, med) for i, (s, g) in enumerate(grads) if i >= 3 and isinstance(s, (int, float)) and s > warm
+              and (med := median(x for _, x in grads[max(0, i - 10):i])) > 0]
+    if spikes and (top := max(spikes))[0] > th.grad_explode:
+        _, step, g, med = top
+        evidence.append(f"gradient norm {_g(g)} at step {step}, {g / med:.0f}x the median {_g(med)} of the logged steps "
+                        f"before it (limit {th.grad_explode:g}x)")
     if not evidence:
         return None
     lr = _cfg(run, "learning_rate")
