@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -427,6 +428,23 @@ def run_folder_findings(cfg: Config) -> list[Finding]:
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         out.append(_finding("max_steps", "error", f"max_steps {cfg.max_steps} trains nothing",
                             "--set max_steps=-1 to run every epoch, or a positive step count"))
+    return out + tracker_findings(cfg.report_to)
+
+
+# report_to's items -> the modules any of which transformers' callback for it imports, and the package to install
+_TRACKER_MODULES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+                    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio")}
+
+
+def tracker_findings(report_to: list) -> list[Finding]:
+    """An error for a tracker in ``report_to`` whose package is not installed: transformers' callback
+    would raise (a traceback) when the Trainer is built, after the model and data were loaded."""
+    out = []
+    for name in report_to:
+        modules, package = _TRACKER_MODULES.get(name, ((name,), name))
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            out.append(_finding("report_to", "error", f"report_to {name}: the {package} package is not installed",
+                                f"pip install {package}, or drop {name} from report_to"))
     return out
 
 
