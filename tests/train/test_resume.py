@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import chat_data, train_config
+from safetensors.torch import load, load_file
 
 from sftlab.cli import main
 from sftlab.config import load_config
@@ -148,3 +150,25 @@ def test_resuming_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, tiny_
     rows = [json.loads(line) for line in lines if line != "not json"]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
     assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4, 6, 8]
+
+
+def test_a_resumed_run_stops_early_where_the_uninterrupted_one_did(tmp_path, tiny_model_dir):
+    """Early stopping's count of evaluations without improvement restarted at 0 on resume: a run killed after
+    step 3 (2 of its 3 patience used) trained on to step 6 instead of stopping at step 4, and ended with other
+    weights. min_delta 100: no evaluation counts as an improvement."""
+    evald = chat_data(tmp_path / "eval.jsonl", 4, offset=100)
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=8, eval_steps=1, save_steps=1, save_total_limit=0,
+                       early_stopping_patience=3, early_stopping_min_delta=100.0, learning_rate=1e-2, eval_data=evald)
+    s = train(cfg, quiet=True)
+    assert (s["stopped"], s["steps"]) == ("early_stopping", 4)
+    run = tmp_path / "run"
+    ref_weights = _files(run / "model")
+    ref_evals = [r["eval_loss"] for r in RunDir(run).metrics() if r["split"] == "eval"]
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")  # killed during step 4
+    shutil.rmtree(run / "model")
+    (run / "summary.json").unlink()
+    s2 = train(load_config(None, {**cfg.to_dict(), "resume": True}), quiet=True)
+    assert (s2["stopped"], s2["steps"]) == ("early_stopping", 4)
+    assert [r["eval_loss"] for r in RunDir(run).metrics() if r["split"] == "eval"] == pytest.approx(ref_evals[:4])
+    got, ref = load_file(str(run / "model" / "model.safetensors")), load(ref_weights["model.safetensors"])
+    assert got.keys() == ref.keys() and all(torch.allclose(got[k], ref[k], atol=1e-6) for k in got)

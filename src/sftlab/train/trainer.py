@@ -18,6 +18,9 @@
   count taken once, not walked over every parameter on each micro-step (another 15 ms).
 - ``_get_train_sampler``: a mixture's per-epoch draw (``train_sampler``, ``train/epochs.py``), else
   length-grouped batches; ``num_examples`` counts the drawn epoch.
+- ``_load_callback_state``: a resumed run continues early stopping's count of evaluations without
+  improvement from the checkpoint (transformers starts it at 0 again, so the resumed run stopped later
+  than the uninterrupted one).
 - ``_load_optimizer_and_scheduler``: a resumed run continues at its (rebuilt) schedule's rate for the
   step, not the rate the checkpoint's schedule ended at.
 - ``create_accelerator_and_postprocess``: FSDP2 on CPU processes (gloo), which accelerate leaves out
@@ -33,7 +36,7 @@ import time
 from typing import Callable
 
 import torch
-from transformers import Trainer
+from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from sftlab.core.errors import SftlabError
@@ -262,6 +265,20 @@ class SftlabTrainer(Trainer):
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _load_callback_state(self) -> None:
+        """Resuming: early stopping's counter as the checkpoint saved it, with this run's patience and
+        min_delta. (transformers restores callback states only under
+        ``restore_callback_states_from_checkpoint``, which would also bring back the checkpoint's patience
+        and its TrainerControl flags.)"""
+        saved = self.state.stateful_callbacks.get("EarlyStoppingCallback")
+        saved = saved[0] if isinstance(saved, list) and saved else saved
+        if not isinstance(saved, dict):
+            return
+        count = int(saved.get("attributes", {}).get("early_stopping_patience_counter", 0))
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, EarlyStoppingCallback):
+                cb.early_stopping_patience_counter = count
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming: the optimizer's rate for the next step is the one the checkpoint's schedule left it at;
         take the rebuilt schedule's rate for that step instead (the same value unless the step count
