@@ -262,6 +262,15 @@ def test_wrong_format_of_a_source_points_at_its_format_key_not_at_the_flag(tmp_p
     assert "change the `format: alpaca` of source 'chat'" in str(e.value) and "--format" not in str(e.value)
 
 
+def test_an_unknown_format_of_a_source_names_the_source(tmp_path):
+    """It said only "unknown format 'nosuch'": which of the sources, in which key, was left to guess."""
+    a, b = chat_data(tmp_path / "a.jsonl", 3), chat_data(tmp_path / "b.jsonl", 3)
+    with pytest.raises(SftlabError) as e:
+        load_mixture([{"path": a, "weight": 1}, {"path": b, "weight": 1, "format": "nosuch"}])
+    assert str(e.value).startswith(f"config key 'data', source 2 ({b}): unknown format 'nosuch'")
+    assert "use one of: messages" in str(e.value)
+
+
 def test_data_flag_takes_a_list_of_sources_as_its_help_says(tmp_path, tiny_model_dir, capsys):
     # `--data "[a.jsonl, {path: b.jsonl, count: 2}]"` was read as one file of that name: "not found"
     a, b = chat_data(tmp_path / "a.jsonl", 4), chat_data(tmp_path / "b.jsonl", 3)

@@ -103,6 +103,11 @@ def _one(i: int, raw, key: str) -> Source:
     fmt = raw.get("format")
     if fmt is not None and not isinstance(fmt, str):
         raise SftlabError(f"{where}: format must be a name such as alpaca, got {fmt!r}")
+    if fmt is not None:
+        try:
+            resolve_format(fmt, [])  # the name alone: one line naming this source, not the bare name
+        except SftlabError as exc:
+            raise SftlabError(f"{where}: {exc}") from None
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise SftlabError(f"{where}: name must be a non-empty string, got {name!r}")
