@@ -21,22 +21,30 @@ from sftlab.train.run import train
 pytestmark = pytest.mark.xdist_group("train")
 
 
-def _weights(run: Path) -> dict:
-    return load_file(str(run / A.MODEL_DIR / "model.safetensors"))
-
-
-def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir):
-    common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0)
-    a = train(train_config(tmp_path / "a", tiny_model_dir, batch_size=8, gradient_accumulation=1, **common), quiet=True)
-    b = train(train_config(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4,
-                           merge_micro_batches=False, **common), quiet=True)  # really 4 micro-batches
-    la = [r["loss"] for r in RunDir(tmp_path / "a" / "run").metrics() if r["split"] == "train"]
-    lb = [r["loss"] for r in RunDir(tmp_path / "b" / "run").metrics() if r["split"] == "train"]
-    assert len(la) == 2 and la == pytest.approx(lb, abs=1e-5)
-    wa, wb = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-    assert a["trained_tokens"] == b["trained_tokens"]
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir, method):
+    """The same step three ways: one micro-batch of 8, 4 accumulated micro-batches of 2, and those 4 merged
+    into one (merge_micro_batches); for a full fine-tune and for LoRA (its adapter weights)."""
+    common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0, method=method)
+    shapes = {"a": dict(batch_size=8, gradient_accumulation=1),
+              "b": dict(batch_size=2, gradient_accumulation=4, merge_micro_batches=False),  # really 4 micro-batches
+              "c": dict(batch_size=2, gradient_accumulation=4, merge_micro_batches=True)}
+    summaries = {k: train(train_config(tmp_path / k, tiny_model_dir, **kw, **common), quiet=True) for k, kw in shapes.items()}
+    assert summaries["c"]["merge"]["enabled"] and not summaries["b"]["merge"]["enabled"]
+    losses = {k: [r["loss"] for r in RunDir(tmp_path / k / "run").metrics() if r["split"] == "train"] for k in shapes}
+    file = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    weights = {k: load_file(str(tmp_path / k / "run" / A.MODEL_DIR / file)) for k in shapes}
+    assert len(losses["a"]) == 2
+    for k in "bc":
+        assert losses["a"] == pytest.approx(losses[k], abs=1e-5), k
+        assert weights[k].keys() == weights["a"].keys()
+        for name in weights["a"]:
+            assert torch.allclose(weights["a"][name], weights[k][name], atol=1e-5), (k, name)
+        assert summaries[k]["trained_tokens"] == summaries["a"]["trained_tokens"]
+    base = load_file(str(tiny_model_dir / "model.safetensors"))  # the steps trained (equal weights prove something)
+    trained = [n for n, w in weights["a"].items() if ("lora_B" in n and w.abs().sum() > 0) or
+               (n in base and not torch.equal(base[n], w))]
+    assert trained
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "prefix", "qlora"])
