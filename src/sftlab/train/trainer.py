@@ -295,6 +295,25 @@ class SftlabTrainer(Trainer):
             state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
         super()._save(output_dir, state_dict)
 
+    def _best_checkpoint(self, run_dir: str) -> str | None:
+        """The checkpoint with the lowest eval loss among the evaluations that have one (this step's being
+        saved included; the first of equals). transformers takes the best evaluation's step, and where that
+        step saved no checkpoint (eval_steps below save_steps) it kept the earlier best checkpoint, even
+        where a later checkpoint had a lower eval loss."""
+        metric = self.args.metric_for_best_model
+        if not metric:
+            return None
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        best = None
+        for row in self.state.log_history:  # saved with every checkpoint, so a resumed run has it too
+            step, value = row.get("step"), row.get(key)
+            path = os.path.join(run_dir, f"checkpoint-{step}")
+            if value is None or (step != self.state.global_step and not os.path.isdir(path)):
+                continue
+            if best is None or value < best[0]:
+                best = (value, path)
+        return best[1] if best else None
+
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
@@ -311,12 +330,10 @@ class SftlabTrainer(Trainer):
         finally:
             self.args.output_dir = original
         self.accelerator.wait_for_everyone()  # every process's part (its RNG state) is in before the rename
-        if self.state.best_global_step:
-            best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
-            if os.path.exists(best) or self.state.best_global_step == self.state.global_step:
-                self.state.best_model_checkpoint = best
-                if self.args.should_save:
-                    self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+        if (best := self._best_checkpoint(run_dir)) is not None:
+            self.state.best_model_checkpoint = best
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
         if self.args.should_save:
             publish_tree(os.path.join(staging, name))  # safetensors writes its weights 0600
             if os.path.exists(final):
