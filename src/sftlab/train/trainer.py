@@ -8,7 +8,8 @@
 - ``evaluate``: the evaluation function passed in (``evaluate_fn``, the eval layer's ``training_eval``:
   token-weighted eval loss, not a mean of batch means, and perplexity).
 - ``_save_checkpoint``: writes into a staging folder and renames, so a crash never leaves half a
-  checkpoint.
+  checkpoint; the best checkpoint (``load_best_model_at_end``) is the saved one with the lowest eval
+  loss (``_best_checkpoint``).
 - ``compute_loss`` also picks the attention kernel per micro-batch under ``attn_implementation: auto``
   (``attention.py``).
 - ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage;
