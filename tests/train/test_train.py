@@ -73,6 +73,21 @@ def test_each_method_trains_and_saves(tmp_path, tiny_model_dir, method):
     assert summary["prepare"]["n_reply_ends"] == summary["prepare"]["n_reply_ends_trained"] == 16
 
 
+def test_qlora_without_bitsandbytes_is_one_error_line_and_no_run_folder(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import sftlab.qlora
+
+    monkeypatch.setattr(sftlab.qlora, "bitsandbytes_version", lambda: None)
+    cfg = train_config(tmp_path, tiny_model_dir)
+    argv = ["train", "--model", str(tiny_model_dir), "--data", cfg.data, "--output-dir", cfg.output_dir,
+            "--method", "qlora", "--set", "max_steps=1"]
+    for extra in ([], ["--check"]):
+        capsys.readouterr()
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs bitsandbytes" in err and "--method lora" in err, err
+    assert not Path(cfg.output_dir).exists()
+
+
 def test_saved_model_and_checkpoints_are_readable_by_others(tmp_path, tiny_model_dir):
     umask = os.umask(0)
     os.umask(umask)
