@@ -202,8 +202,9 @@ class Mixture:
 
     def resolved(self) -> list[dict]:
         """The mixture as the run's resolved config stores it: counts when sampled, so it draws the same
-        epochs; plain sources (every example once) otherwise."""
-        return [{"path": s.path, "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
+        epochs; plain sources (every example once) otherwise. Paths absolute: the run folder's config
+        names its sources from any folder."""
+        return [{"path": str(Path(s.path).absolute()), "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
                 for s, f, c in zip(self.sources, self.formats, self.counts)]
 
     def epochs(self, examples, dropped: list[tuple[str, str]] = ()) -> EpochDraw | None:
