@@ -155,7 +155,8 @@ def test_resuming_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, tiny_
 def test_a_resumed_run_stops_early_where_the_uninterrupted_one_did(tmp_path, tiny_model_dir):
     """Early stopping's count of evaluations without improvement restarted at 0 on resume: a run killed after
     step 3 (2 of its 3 patience used) trained on to step 6 instead of stopping at step 4, and ended with other
-    weights. min_delta 100: no evaluation counts as an improvement."""
+    weights; and the run it stopped, resumed, trained a step more. min_delta 100: no evaluation counts as an
+    improvement."""
     evald = chat_data(tmp_path / "eval.jsonl", 4, offset=100)
     cfg = train_config(tmp_path, tiny_model_dir, max_steps=8, eval_steps=1, save_steps=1, save_total_limit=0,
                        early_stopping_patience=3, early_stopping_min_delta=100.0, learning_rate=1e-2, eval_data=evald)
@@ -164,10 +165,16 @@ def test_a_resumed_run_stops_early_where_the_uninterrupted_one_did(tmp_path, tin
     run = tmp_path / "run"
     ref_weights = _files(run / "model")
     ref_evals = [r["eval_loss"] for r in RunDir(run).metrics() if r["split"] == "eval"]
+    again = load_config(None, {**cfg.to_dict(), "resume": True})
+    before = _files(run)  # resuming the stopped run trained step 5 and replaced its model
+    with pytest.raises(SftlabError, match=re.escape("run already complete (early stopping at step 4: 3 evaluations "
+                                                    "without improvement); raise early_stopping_patience")):
+        train(again, quiet=True)
+    assert _files(run) == before
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")  # killed during step 4
     shutil.rmtree(run / "model")
     (run / "summary.json").unlink()
-    s2 = train(load_config(None, {**cfg.to_dict(), "resume": True}), quiet=True)
+    s2 = train(again, quiet=True)
     assert (s2["stopped"], s2["steps"]) == ("early_stopping", 4)
     assert [r["eval_loss"] for r in RunDir(run).metrics() if r["split"] == "eval"] == pytest.approx(ref_evals[:4])
     got, ref = load_file(str(run / "model" / "model.safetensors")), load(ref_weights["model.safetensors"])

@@ -295,9 +295,18 @@ def checkpoint_state(folder: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+def _evaluations_waited(state: dict) -> int:
+    """Early stopping's count of evaluations without improvement, as the checkpoint saved it (0: none)."""
+    saved = (state.get("stateful_callbacks") or {}).get("EarlyStoppingCallback")
+    saved = saved[0] if isinstance(saved, list) and saved else saved
+    count = saved.get("attributes", {}).get("early_stopping_patience_counter") if isinstance(saved, dict) else None
+    return count if isinstance(count, int) else 0
+
+
 def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
-    """An error when the checkpoint to resume from already reached ``cfg``'s end: Trainer would train a
-    step past it (at lr 0) and evaluate twice. ``saved_epochs``: the run's own (resolved) epochs, which
+    """An error when the checkpoint to resume from already reached ``cfg``'s end, its steps or epochs or
+    the step early stopping stopped it at: Trainer would train a step past it (at lr 0) and evaluate twice
+    (an early-stopped run trained on to its next evaluation and replaced its model). ``saved_epochs``: the run's own (resolved) epochs, which
     ``epochs: auto`` resolves to again."""
     step, epoch = int(state.get("global_step") or 0), float(state.get("epoch") or 0.0)
     epochs = saved_epochs if cfg.epochs == "auto" else cfg.epochs
@@ -305,6 +314,8 @@ def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
         done, more = f"{step}/{cfg.max_steps} steps", "max_steps"
     elif cfg.max_steps < 0 and isinstance(epochs, (int, float)) and epoch >= float(epochs) - 1e-6:
         done, more = f"{epoch:g}/{float(epochs):g} epochs", "epochs"
+    elif cfg.eval_data and 0 < cfg.early_stopping_patience <= (waited := _evaluations_waited(state)):
+        done, more = f"early stopping at step {step}: {waited} evaluations without improvement", "early_stopping_patience"
     else:
         return None
     return _finding("resume", "error", f"run already complete ({done}); raise {more} to train on",
