@@ -134,6 +134,33 @@ def test_replay_mixing_count_and_ewc(tmp_path, tiny_model_dir):
     assert s["replay_examples"] == 4 and s["examples"] == 16
 
 
+def test_ewc_penalty_is_logged_beside_the_task_loss_once_per_step(tmp_path, tiny_model_dir, monkeypatch):
+    """The logged `loss` held the penalty (a run at a strong ewc_lambda logged 4x its first loss, which
+    `diagnose` called divergence); and each micro-batch added penalty / gradient_accumulation, so a step
+    with fewer micro-batches (an epoch's last) got only part of it. 8 micro-batches of 2 at accumulation
+    3: steps of 3, 3 and 2."""
+    from sftlab.train.continual import EWC
+
+    seen = []
+    real = EWC.penalty
+    monkeypatch.setattr(EWC, "penalty", lambda self, model: seen.append(float(p := real(self, model))) or p)
+    general = chat_data(tmp_path / "general.jsonl", 6, offset=100)
+    kw = dict(batch_size=2, gradient_accumulation=3, merge_micro_batches=False, learning_rate=5e-2, optimizer="sgd",
+              replay_data=general, ewc_samples=4)
+    train(train_config(tmp_path / "plain", tiny_model_dir, **kw), quiet=True)
+    plain = [r for r in RunDir(tmp_path / "plain" / "run").metrics() if r["split"] == "train"]
+    assert seen == [] and all("ewc_penalty" not in r for r in plain)
+    train(train_config(tmp_path / "ewc", tiny_model_dir, ewc_lambda=1e4, **kw), quiet=True)
+    rows = [r for r in RunDir(tmp_path / "ewc" / "run").metrics() if r["split"] == "train"]
+    assert len(seen) == 8 and len(rows) == 3
+    per_step = [seen[0], seen[3], seen[6]]  # every micro-batch of a step sees the same weights
+    assert seen[:3] == [per_step[0]] * 3 and seen[3:6] == [per_step[1]] * 3 and seen[6:] == [per_step[2]] * 2
+    assert [r["ewc_penalty"] for r in rows] == pytest.approx(per_step, rel=1e-5)
+    assert per_step[0] == 0.0 and per_step[1] > 0 and per_step[2] > 0  # at the anchor, then away from it
+    assert rows[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # the task loss, without the penalty
+    assert all(r["loss"] < 7.0 for r in rows)
+
+
 def test_ewc_penalty_pulls_towards_the_anchor():
     from sftlab.train.continual import EWC
 

@@ -12,6 +12,9 @@
   loss (``_best_checkpoint``).
 - ``compute_loss`` also picks the attention kernel per micro-batch under ``attn_implementation: auto``
   (``attention.py``).
+- ``compute_loss``/``training_step``/``log``: EWC's penalty joins the loss that is backpropagated, once per
+  step (a share per micro-batch), but the logged ``loss`` is the task loss; the penalty is logged as
+  ``ewc_penalty`` (with it in ``loss``, ``diagnose`` read the penalty's growth as divergence).
 - ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage;
   Trainer's ``model.train()`` on every micro-step is skipped when every module is in training mode
   already (it walks ~2,500 modules: 16 ms a micro-step on the default model, 2 CPU cores).
@@ -145,6 +148,8 @@ class SftlabTrainer(Trainer):
         self.loss_mode = loss_mode
         self.label_smoothing = label_smoothing
         self.ewc = ewc
+        self._ewc_part = None  # this micro-batch's share of the step's EWC penalty (training_step takes it out)
+        self._ewc_sum, self._ewc_logged_step = 0.0, None  # penalty summed over the steps since the last train row
         # Our compute_loss normalises by the step's token count itself: never divide by GA again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -215,8 +220,10 @@ class SftlabTrainer(Trainer):
         if model.training:
             self.tokens_seen += int(inputs["n_real"]) if "n_real" in inputs else labels.numel()
             self.trained_tokens_seen += int((labels[:, 1:] != IGNORE).sum())
-            if self.ewc is not None:
-                loss = loss + self.ewc.penalty(model) / self.args.gradient_accumulation_steps
+            if self.ewc is not None:  # once per step: a share for each of this step's micro-batches
+                micro = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+                self._ewc_part = self.ewc.penalty(model) / micro
+                loss = loss + self._ewc_part
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -237,7 +244,22 @@ class SftlabTrainer(Trainer):
                 del model.train
         if not torch.isfinite(loss).all():
             raise Divergence(self.state.global_step + 1, float(loss))
+        if self._ewc_logged_step is None:  # the step this run (or its resumed part) starts after
+            self._ewc_logged_step = self.state.global_step
+        if self._ewc_part is not None:  # the logged loss is the task's; the penalty is logged beside it
+            part, self._ewc_part = self._ewc_part.detach(), None
+            self._ewc_sum = self._ewc_sum + part
+            loss = loss - part
         return loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """A train row gets ``ewc_penalty``: the EWC penalty per step since the last row (its ``loss`` is the
+        task loss without it, as eval_loss is)."""
+        if self.ewc is not None and "loss" in logs and "eval_loss" not in logs:
+            steps = max(self.state.global_step - (self._ewc_logged_step or 0), 1)
+            logs["ewc_penalty"] = float(self._ewc_sum) / steps
+            self._ewc_sum, self._ewc_logged_step = 0.0, self.state.global_step
+        super().log(logs, *args, **kwargs)
 
     def floating_point_ops(self, inputs) -> int:
         main = getattr(self.model, "main_input_name", "input_ids")
