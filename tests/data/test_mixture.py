@@ -330,3 +330,23 @@ def test_a_bad_record_in_a_source_names_the_source_to_give_a_format(tmp_path):
     with pytest.raises(SftlabError, match=r"b.jsonl:1: message 2 \(assistant\) is empty") as e:
         load_mixture([str(good), str(bad)])
     assert e.value.hint == "write the reply, or remove the example"
+
+
+def test_a_source_whose_weight_rounds_to_no_example_is_a_warning(tmp_path, tiny_model_dir):
+    """0.01 of 0.01 + 1 over 13 examples rounds to 0: the source was read and silently never trained on."""
+    from conftest import train_config
+
+    from sftlab.train.run import train
+
+    a, b = chat_data(tmp_path / "a.jsonl", 3), chat_data(tmp_path / "b.jsonl", 10, offset=50)
+    mix = load_mixture([{"path": a, "weight": 0.01}, {"path": b, "weight": 1}])
+    assert mix.counts == [0, 13]
+    [f] = mix.unused_findings()
+    assert (f.rule, f.severity, f.where) == ("mixture", "warning", "data")
+    assert f.message == f"source 'a' ({a}): weight 0.01 is 0.99% of the weights, under one of an epoch's 13 examples: " \
+                        "it is never trained on"
+    assert load_mixture([{"path": a, "weight": 0.1}, {"path": b, "weight": 1}]).unused_findings() == []
+    assert load_mixture([a, b]).unused_findings() == [] and load_mixture([{"path": a, "count": 1}]).unused_findings() == []
+    cfg = train_config(tmp_path, tiny_model_dir, data=[{"path": a, "weight": 0.01}, {"path": b, "weight": 1}])
+    found = train(cfg, check_only=True)["findings"]
+    assert [x["message"] for x in found if x["rule"] == "mixture"] == [f.message]
