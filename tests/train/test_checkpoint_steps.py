@@ -83,9 +83,12 @@ def test_check_says_when_the_run_ends_before_its_first_evaluation(tmp_path, tiny
     assert found(train_config(tmp_path, tiny_model_dir, data=data, epochs=3, eval_steps=500)) == []  # no eval data
 
 
-def test_the_restored_checkpoint_is_the_saved_one_with_the_lowest_eval_loss(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("second", [4.0, float("nan")])
+def test_the_restored_checkpoint_is_the_saved_one_with_the_lowest_eval_loss(tmp_path, tiny_model_dir, monkeypatch,
+                                                                            second):
     """Evaluated every step, saved every 2nd: eval losses 5, 4, 3, 3.5. Step 3 (the best evaluation) has no
-    checkpoint; transformers then kept checkpoint-2 (4.0) as the best and restored it over checkpoint-4 (3.5)."""
+    checkpoint; transformers then kept checkpoint-2 (4.0) as the best and restored it over checkpoint-4 (3.5).
+    A NaN eval loss at step 2 is never the best."""
     import json
 
     import torch
@@ -93,7 +96,7 @@ def test_the_restored_checkpoint_is_the_saved_one_with_the_lowest_eval_loss(tmp_
 
     import sftlab.train.run as run_module
 
-    script, real = [5.0, 4.0, 3.0, 3.5], run_module.training_eval
+    script, real = [5.0, second, 3.0, 3.5], run_module.training_eval
 
     def scripted(model, tok, examples, **kw):
         row = real(model, tok, examples, **kw)

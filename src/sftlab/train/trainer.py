@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
@@ -331,7 +332,8 @@ class SftlabTrainer(Trainer):
         for row in self.state.log_history:  # saved with every checkpoint, so a resumed run has it too
             step, value = row.get("step"), row.get(key)
             path = os.path.join(run_dir, f"checkpoint-{step}")
-            if value is None or (step != self.state.global_step and not os.path.isdir(path)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                    step != self.state.global_step and not os.path.isdir(path)):  # a NaN is never the best
                 continue
             if best is None or value < best[0]:
                 best = (value, path)
