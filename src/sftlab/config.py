@@ -110,7 +110,7 @@ class Config:
     # --- forgetting -------------------------------------------------------------------------
     replay_data: str | None = _f(None, "general data mixed into training to limit forgetting")
     replay_ratio: float = _f(0.0, "share of the training mix that is replay data (0..0.9)")
-    ewc_lambda: float = _f(0.0, "EWC penalty weight (0 disables)")
+    ewc_lambda: float = _f(0.0, "EWC penalty weight (0 disables): lambda/2 * sum F (theta - theta0)^2 is added to the loss trained on; metrics.jsonl logs it as ewc_penalty, beside the task loss")
     ewc_samples: int = _f(64, "examples of the replay/general data used to estimate the Fisher diagonal")
 
     # --- evaluation, checkpoints, logging ---------------------------------------------------

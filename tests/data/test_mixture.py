@@ -262,6 +262,15 @@ def test_wrong_format_of_a_source_points_at_its_format_key_not_at_the_flag(tmp_p
     assert "change the `format: alpaca` of source 'chat'" in str(e.value) and "--format" not in str(e.value)
 
 
+def test_an_unknown_format_of_a_source_names_the_source(tmp_path):
+    """It said only "unknown format 'nosuch'": which of the sources, in which key, was left to guess."""
+    a, b = chat_data(tmp_path / "a.jsonl", 3), chat_data(tmp_path / "b.jsonl", 3)
+    with pytest.raises(SftlabError) as e:
+        load_mixture([{"path": a, "weight": 1}, {"path": b, "weight": 1, "format": "nosuch"}])
+    assert str(e.value).startswith(f"config key 'data', source 2 ({b}): unknown format 'nosuch'")
+    assert "use one of: messages" in str(e.value)
+
+
 def test_data_flag_takes_a_list_of_sources_as_its_help_says(tmp_path, tiny_model_dir, capsys):
     # `--data "[a.jsonl, {path: b.jsonl, count: 2}]"` was read as one file of that name: "not found"
     a, b = chat_data(tmp_path / "a.jsonl", 4), chat_data(tmp_path / "b.jsonl", 3)
@@ -321,3 +330,23 @@ def test_a_bad_record_in_a_source_names_the_source_to_give_a_format(tmp_path):
     with pytest.raises(SftlabError, match=r"b.jsonl:1: message 2 \(assistant\) is empty") as e:
         load_mixture([str(good), str(bad)])
     assert e.value.hint == "write the reply, or remove the example"
+
+
+def test_a_source_whose_weight_rounds_to_no_example_is_a_warning(tmp_path, tiny_model_dir):
+    """0.01 of 0.01 + 1 over 13 examples rounds to 0: the source was read and silently never trained on."""
+    from conftest import train_config
+
+    from sftlab.train.run import train
+
+    a, b = chat_data(tmp_path / "a.jsonl", 3), chat_data(tmp_path / "b.jsonl", 10, offset=50)
+    mix = load_mixture([{"path": a, "weight": 0.01}, {"path": b, "weight": 1}])
+    assert mix.counts == [0, 13]
+    [f] = mix.unused_findings()
+    assert (f.rule, f.severity, f.where) == ("mixture", "warning", "data")
+    assert f.message == f"source 'a' ({a}): weight 0.01 is 0.99% of the weights, under one of an epoch's 13 examples: " \
+                        "it is never trained on"
+    assert load_mixture([{"path": a, "weight": 0.1}, {"path": b, "weight": 1}]).unused_findings() == []
+    assert load_mixture([a, b]).unused_findings() == [] and load_mixture([{"path": a, "count": 1}]).unused_findings() == []
+    cfg = train_config(tmp_path, tiny_model_dir, data=[{"path": a, "weight": 0.01}, {"path": b, "weight": 1}])
+    found = train(cfg, check_only=True)["findings"]
+    assert [x["message"] for x in found if x["rule"] == "mixture"] == [f.message]

@@ -104,3 +104,22 @@ def test_pack_masks_each_examples_first_label_and_keeps_weights():
     assert "attention_mask" not in batch
     assert batch["loss_weights"].tolist() == [[2.0, 2.0, 2.0, 1.0, 1.0]]
     assert packing_efficiency([row], 8) == 5 / 8
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_sftlabs_training_loss_is_the_same_packed_and_unpacked(tiny_model_dir, examples, mode):
+    """The training path itself (the head swapped for hidden states, only trained positions projected, each
+    packed example its own sequence by its position ids), normalised as the trainer does, for both loss modes."""
+    from sftlab.core.loss import count_sequences
+    from sftlab.train.trainer import forward_loss
+
+    tok, exs = examples
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    losses = []
+    with torch.no_grad():
+        for batch in (PadCollator(tok.pad_token_id)(exs), PackedCollator(tok.pad_token_id, mode="mask")(pack(exs, 160))):
+            pos = batch.get("position_ids")
+            loss, _ = forward_loss(model, batch, mode=mode, position_ids=pos, num_items=int((batch["labels"][:, 1:] != IGNORE).sum()),
+                                   num_sequences=count_sequences(batch["labels"], pos))
+            losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)

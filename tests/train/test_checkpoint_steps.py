@@ -81,3 +81,37 @@ def test_check_says_when_the_run_ends_before_its_first_evaluation(tmp_path, tiny
     assert f["fixes"] == ["--set eval_steps=6 to evaluate during the run"]
     assert found(train_config(tmp_path, tiny_model_dir, data=data, eval_data=evald, epochs=3, eval_steps=6)) == []
     assert found(train_config(tmp_path, tiny_model_dir, data=data, epochs=3, eval_steps=500)) == []  # no eval data
+
+
+@pytest.mark.parametrize("second", [4.0, float("nan")])
+def test_the_restored_checkpoint_is_the_saved_one_with_the_lowest_eval_loss(tmp_path, tiny_model_dir, monkeypatch,
+                                                                            second):
+    """Evaluated every step, saved every 2nd: eval losses 5, 4, 3, 3.5. Step 3 (the best evaluation) has no
+    checkpoint; transformers then kept checkpoint-2 (4.0) as the best and restored it over checkpoint-4 (3.5).
+    A NaN eval loss at step 2 is never the best."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    import sftlab.train.run as run_module
+
+    script, real = [5.0, second, 3.0, 3.5], run_module.training_eval
+
+    def scripted(model, tok, examples, **kw):
+        row = real(model, tok, examples, **kw)
+        if script:
+            row["eval_loss"] = script.pop(0)
+        return row
+
+    monkeypatch.setattr(run_module, "training_eval", scripted)
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=4, eval_steps=1, save_steps=2, save_total_limit=0,
+                       early_stopping_patience=0, learning_rate=1e-2, eval_data=chat_data(tmp_path / "e.jsonl", 4, offset=100))
+    s = train(cfg, quiet=True)
+    ckpts = tmp_path / "run" / A.CHECKPOINTS
+    state = json.loads((ckpts / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(ckpts / "checkpoint-4")
+    assert s["final_eval_loss"] == 3.5 and s["best_eval_loss"] == 3.0  # the best evaluation, though not saved
+    final = load_file(str(tmp_path / "run" / A.MODEL_DIR / "model.safetensors"))
+    kept = load_file(str(ckpts / "checkpoint-4" / "model.safetensors"))
+    assert all(torch.equal(final[k], kept[k]) for k in final)

@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import chat_data, train_config
+from safetensors.torch import load, load_file
 
 from sftlab.cli import main
 from sftlab.config import load_config
@@ -148,3 +150,60 @@ def test_resuming_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, tiny_
     rows = [json.loads(line) for line in lines if line != "not json"]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 9))
     assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4, 6, 8]
+
+
+def test_a_resumed_run_stops_early_where_the_uninterrupted_one_did(tmp_path, tiny_model_dir):
+    """Early stopping's count of evaluations without improvement restarted at 0 on resume: a run killed after
+    step 3 (2 of its 3 patience used) trained on to step 6 instead of stopping at step 4, and ended with other
+    weights; and the run it stopped, resumed, trained a step more. min_delta 100: no evaluation counts as an
+    improvement."""
+    evald = chat_data(tmp_path / "eval.jsonl", 4, offset=100)
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=8, eval_steps=1, save_steps=1, save_total_limit=0,
+                       early_stopping_patience=3, early_stopping_min_delta=100.0, learning_rate=1e-2, eval_data=evald)
+    s = train(cfg, quiet=True)
+    assert (s["stopped"], s["steps"]) == ("early_stopping", 4)
+    run = tmp_path / "run"
+    ref_weights = _files(run / "model")
+    ref_evals = [r["eval_loss"] for r in RunDir(run).metrics() if r["split"] == "eval"]
+    again = load_config(None, {**cfg.to_dict(), "resume": True})
+    before = _files(run)  # resuming the stopped run trained step 5 and replaced its model
+    with pytest.raises(SftlabError, match=re.escape("run already complete (early stopping at step 4: 3 evaluations "
+                                                    "without improvement); raise early_stopping_patience")):
+        train(again, quiet=True)
+    assert _files(run) == before
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")  # killed during step 4
+    shutil.rmtree(run / "model")
+    (run / "summary.json").unlink()
+    s2 = train(again, quiet=True)
+    assert (s2["stopped"], s2["steps"]) == ("early_stopping", 4)
+    assert [r["eval_loss"] for r in RunDir(run).metrics() if r["split"] == "eval"] == pytest.approx(ref_evals[:4])
+    got, ref = load_file(str(run / "model" / "model.safetensors")), load(ref_weights["model.safetensors"])
+    assert got.keys() == ref.keys() and all(torch.allclose(got[k], ref[k], atol=1e-6) for k in got)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_mixture_with_accumulation_resumed_mid_epoch_ends_as_the_uninterrupted_run(tmp_path, tiny_model_dir, merge):
+    """A weighted mixture drawn afresh each epoch, 2 micro-batches of 2 per step (accumulated, or merged into
+    one), replay examples and an EWC penalty: killed after step 3 (mid epoch 1, of 2), resumed, it logs the
+    same losses and ends with the same weights as the run that was not killed."""
+    data = [{"path": chat_data(tmp_path / "big.jsonl", 10), "weight": 0.7},
+            {"path": chat_data(tmp_path / "small.jsonl", 3, offset=300), "weight": 0.3}]
+    cfg = train_config(tmp_path, tiny_model_dir, data=data, epochs=2, batch_size=2, gradient_accumulation=2,
+                       merge_micro_batches=merge, save_steps=1, save_total_limit=0, learning_rate=1e-2,
+                       optimizer="adamw", lr_scheduler="cosine", template="chatml",
+                       replay_data=chat_data(tmp_path / "general.jsonl", 4, offset=100), replay_ratio=0.2,
+                       ewc_lambda=50.0, ewc_samples=4)
+    s = train(cfg, quiet=True)
+    run = tmp_path / "run"
+    assert s["steps"] == 8 and s["replay_examples"] == 3  # 13 drawn + 3 replay = 16 per epoch, 4 per step
+    ref_losses = [r["loss"] for r in RunDir(run).metrics() if r["split"] == "train"]
+    ref = load_file(str(run / "model" / "model.safetensors"))
+    for p in (run / "checkpoints").glob("checkpoint-*"):
+        if int(p.name.split("-")[1]) > 3:
+            shutil.rmtree(p)
+    shutil.rmtree(run / "model")
+    (run / "summary.json").unlink()
+    assert train(load_config(None, {**cfg.to_dict(), "resume": True}), quiet=True)["steps"] == 8
+    assert [r["loss"] for r in RunDir(run).metrics() if r["split"] == "train"] == pytest.approx(ref_losses, abs=1e-6)
+    got = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.allclose(got[k], ref[k], atol=1e-6) for k in ref)

@@ -127,3 +127,25 @@ def test_trackio_local_run_gets_name_and_project(tmp_path, tiny_model_dir, monke
     calls = _spy(monkeypatch, trackio)
     _tiny_run(tmp_path, tiny_model_dir, report_to=["trackio"], run_name="mix-1", project="sftlab-exp")
     assert calls and calls[0]["project"] == "sftlab-exp" and calls[0]["name"] == "mix-1"
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb", "mlflow", "trackio"])
+def test_a_tracker_whose_package_is_missing_is_one_error_line_before_loading(tmp_path, tiny_model_dir, monkeypatch,
+                                                                              capsys, tracker):
+    """transformers' callback raised a RuntimeError traceback when the Trainer was built (after loading)."""
+    import importlib.util
+
+    from sftlab.cli import main
+
+    real = importlib.util.find_spec
+    gone = {"tensorboard", "tensorboardX", tracker}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in gone else real(name, *a))
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(tiny_model_dir), "--data", chat_data(tmp_path / "t.jsonl", 8),
+            "--output-dir", str(run), "--method", "full", "--set", "max_steps=1", "--set", f"report_to={tracker}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"report_to {tracker}: the " in err and "not installed" in err, err
+    assert "Traceback" not in err and not run.exists()
+    found = main([*argv, "--check", "--json"])
+    assert found != 0 and "not installed" in capsys.readouterr().out

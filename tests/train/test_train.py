@@ -21,22 +21,30 @@ from sftlab.train.run import train
 pytestmark = pytest.mark.xdist_group("train")
 
 
-def _weights(run: Path) -> dict:
-    return load_file(str(run / A.MODEL_DIR / "model.safetensors"))
-
-
-def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir):
-    common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0)
-    a = train(train_config(tmp_path / "a", tiny_model_dir, batch_size=8, gradient_accumulation=1, **common), quiet=True)
-    b = train(train_config(tmp_path / "b", tiny_model_dir, batch_size=2, gradient_accumulation=4,
-                           merge_micro_batches=False, **common), quiet=True)  # really 4 micro-batches
-    la = [r["loss"] for r in RunDir(tmp_path / "a" / "run").metrics() if r["split"] == "train"]
-    lb = [r["loss"] for r in RunDir(tmp_path / "b" / "run").metrics() if r["split"] == "train"]
-    assert len(la) == 2 and la == pytest.approx(lb, abs=1e-5)
-    wa, wb = _weights(tmp_path / "a" / "run"), _weights(tmp_path / "b" / "run")
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-    assert a["trained_tokens"] == b["trained_tokens"]
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_batch8_equals_batch2_with_accumulation4(tmp_path, tiny_model_dir, method):
+    """The same step three ways: one micro-batch of 8, 4 accumulated micro-batches of 2, and those 4 merged
+    into one (merge_micro_batches); for a full fine-tune and for LoRA (its adapter weights)."""
+    common = dict(optimizer="sgd", max_steps=2, learning_rate=0.5, max_grad_norm=0.0, weight_decay=0.0, method=method)
+    shapes = {"a": dict(batch_size=8, gradient_accumulation=1),
+              "b": dict(batch_size=2, gradient_accumulation=4, merge_micro_batches=False),  # really 4 micro-batches
+              "c": dict(batch_size=2, gradient_accumulation=4, merge_micro_batches=True)}
+    summaries = {k: train(train_config(tmp_path / k, tiny_model_dir, **kw, **common), quiet=True) for k, kw in shapes.items()}
+    assert summaries["c"]["merge"]["enabled"] and not summaries["b"]["merge"]["enabled"]
+    losses = {k: [r["loss"] for r in RunDir(tmp_path / k / "run").metrics() if r["split"] == "train"] for k in shapes}
+    file = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    weights = {k: load_file(str(tmp_path / k / "run" / A.MODEL_DIR / file)) for k in shapes}
+    assert len(losses["a"]) == 2
+    for k in "bc":
+        assert losses["a"] == pytest.approx(losses[k], abs=1e-5), k
+        assert weights[k].keys() == weights["a"].keys()
+        for name in weights["a"]:
+            assert torch.allclose(weights["a"][name], weights[k][name], atol=1e-5), (k, name)
+        assert summaries[k]["trained_tokens"] == summaries["a"]["trained_tokens"]
+    base = load_file(str(tiny_model_dir / "model.safetensors"))  # the steps trained (equal weights prove something)
+    trained = [n for n, w in weights["a"].items() if ("lora_B" in n and w.abs().sum() > 0) or
+               (n in base and not torch.equal(base[n], w))]
+    assert trained
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "prefix", "qlora"])
@@ -63,6 +71,21 @@ def test_each_method_trains_and_saves(tmp_path, tiny_model_dir, method):
     assert RunDir(run).summary().to_dict() == json.loads(json.dumps(summary))
     assert summary["eos_trained"] is True and summary["precision"] == "fp32"
     assert summary["prepare"]["n_reply_ends"] == summary["prepare"]["n_reply_ends_trained"] == 16
+
+
+def test_qlora_without_bitsandbytes_is_one_error_line_and_no_run_folder(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import sftlab.qlora
+
+    monkeypatch.setattr(sftlab.qlora, "bitsandbytes_version", lambda: None)
+    cfg = train_config(tmp_path, tiny_model_dir)
+    argv = ["train", "--model", str(tiny_model_dir), "--data", cfg.data, "--output-dir", cfg.output_dir,
+            "--method", "qlora", "--set", "max_steps=1"]
+    for extra in ([], ["--check"]):
+        capsys.readouterr()
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs bitsandbytes" in err and "--method lora" in err, err
+    assert not Path(cfg.output_dir).exists()
 
 
 def test_saved_model_and_checkpoints_are_readable_by_others(tmp_path, tiny_model_dir):
@@ -109,6 +132,33 @@ def test_replay_mixing_count_and_ewc(tmp_path, tiny_model_dir):
     s = train(train_config(tmp_path, tiny_model_dir, replay_data=general, replay_ratio=0.2, ewc_lambda=10.0, ewc_samples=4,
                    max_steps=2), quiet=True)
     assert s["replay_examples"] == 4 and s["examples"] == 16
+
+
+def test_ewc_penalty_is_logged_beside_the_task_loss_once_per_step(tmp_path, tiny_model_dir, monkeypatch):
+    """The logged `loss` held the penalty (a run at a strong ewc_lambda logged 4x its first loss, which
+    `diagnose` called divergence); and each micro-batch added penalty / gradient_accumulation, so a step
+    with fewer micro-batches (an epoch's last) got only part of it. 8 micro-batches of 2 at accumulation
+    3: steps of 3, 3 and 2."""
+    from sftlab.train.continual import EWC
+
+    seen = []
+    real = EWC.penalty
+    monkeypatch.setattr(EWC, "penalty", lambda self, model: seen.append(float(p := real(self, model))) or p)
+    general = chat_data(tmp_path / "general.jsonl", 6, offset=100)
+    kw = dict(batch_size=2, gradient_accumulation=3, merge_micro_batches=False, learning_rate=5e-2, optimizer="sgd",
+              replay_data=general, ewc_samples=4)
+    train(train_config(tmp_path / "plain", tiny_model_dir, **kw), quiet=True)
+    plain = [r for r in RunDir(tmp_path / "plain" / "run").metrics() if r["split"] == "train"]
+    assert seen == [] and all("ewc_penalty" not in r for r in plain)
+    train(train_config(tmp_path / "ewc", tiny_model_dir, ewc_lambda=1e4, **kw), quiet=True)
+    rows = [r for r in RunDir(tmp_path / "ewc" / "run").metrics() if r["split"] == "train"]
+    assert len(seen) == 8 and len(rows) == 3
+    per_step = [seen[0], seen[3], seen[6]]  # every micro-batch of a step sees the same weights
+    assert seen[:3] == [per_step[0]] * 3 and seen[3:6] == [per_step[1]] * 3 and seen[6:] == [per_step[2]] * 2
+    assert [r["ewc_penalty"] for r in rows] == pytest.approx(per_step, rel=1e-5)
+    assert per_step[0] == 0.0 and per_step[1] > 0 and per_step[2] > 0  # at the anchor, then away from it
+    assert rows[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # the task loss, without the penalty
+    assert all(r["loss"] < 7.0 for r in rows)
 
 
 def test_ewc_penalty_pulls_towards_the_anchor():
@@ -286,6 +336,22 @@ def test_a_mixtures_relative_paths_are_saved_absolute(monkeypatch, tmp_path, tin
     assert rc.data == [str(tmp_path / "a.jsonl"), {"path": str(tmp_path / "b.jsonl"), "weight": 2}]
     assert rc.eval_data == [str(tmp_path / "a.jsonl"), "gone.jsonl"]  # what is not here stays as written
     assert cfg.data[0] == "a.jsonl"  # the config itself is not changed
+
+
+def test_a_runs_saved_mixtures_name_their_sources_from_anywhere(monkeypatch, tmp_path, tiny_model_dir):
+    """The run replaced the resolved (absolute) mixture with its drawn counts, and with them the paths as the
+    user wrote them: `path: a.jsonl` in RUN/config.yaml, which eval, report and resume from another folder
+    did not find."""
+    monkeypatch.chdir(tmp_path)
+    chat_data(tmp_path / "a.jsonl", 8), chat_data(tmp_path / "b.jsonl", 4, offset=50)
+    chat_data(tmp_path / "e.jsonl", 4, offset=100)
+    cfg = train_config(tmp_path, tiny_model_dir, data=[{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 1}],
+                       eval_data=["e.jsonl", "b.jsonl"], max_steps=1, output_dir="run")
+    train(cfg, quiet=True)
+    saved = yaml_load(tmp_path / "run" / A.CONFIG)
+    assert [s["path"] for s in saved["data"]] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert [s["path"] for s in saved["eval_data"]] == [str(tmp_path / "e.jsonl"), str(tmp_path / "b.jsonl")]
+    assert [s["count"] for s in saved["data"]] == [6, 6]
 
 
 def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_dir):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftlab.core.errors import SftlabError
+from sftlab.core.findings import Finding
 from sftlab.data.formats import resolve_format, to_conversations
 from sftlab.data.load import read_records
 from sftlab.data.types import Conversation
@@ -103,6 +104,11 @@ def _one(i: int, raw, key: str) -> Source:
     fmt = raw.get("format")
     if fmt is not None and not isinstance(fmt, str):
         raise SftlabError(f"{where}: format must be a name such as alpaca, got {fmt!r}")
+    if fmt is not None:
+        try:
+            resolve_format(fmt, [])  # the name alone: one line naming this source, not the bare name
+        except SftlabError as exc:
+            raise SftlabError(f"{where}: {exc}") from None
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise SftlabError(f"{where}: name must be a non-empty string, got {name!r}")
@@ -197,9 +203,19 @@ class Mixture:
 
     def resolved(self) -> list[dict]:
         """The mixture as the run's resolved config stores it: counts when sampled, so it draws the same
-        epochs; plain sources (every example once) otherwise."""
-        return [{"path": s.path, "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
+        epochs; plain sources (every example once) otherwise. Paths absolute: the run folder's config
+        names its sources from any folder."""
+        return [{"path": str(Path(s.path).absolute()), "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
                 for s, f, c in zip(self.sources, self.formats, self.counts)]
+
+    def unused_findings(self, key: str = "data") -> list[Finding]:
+        """A warning for each weighted source whose share of an epoch rounds to no example: it is read
+        and tokenized, but nothing of it is trained on."""
+        total, wsum = sum(self.counts), sum(s.weight or 0 for s in self.sources)
+        return [Finding("mixture", "warning", f"source '{s.name}' ({s.path}): weight {s.weight:g} is {s.weight / wsum:.2%} "
+                        f"of the weights, under one of an epoch's {total} examples: it is never trained on", where=key,
+                        fixes=["raise its weight, or leave the source out"])
+                for s, c in zip(self.sources, self.counts) if self.sampled and s.weight is not None and c == 0]
 
     def epochs(self, examples, dropped: list[tuple[str, str]] = ()) -> EpochDraw | None:
         """The per-epoch draw over the tokenized ``examples`` (each ``index`` points into

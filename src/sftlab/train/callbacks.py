@@ -111,6 +111,8 @@ class MetricsLogger(TrainerCallback):
                         "trained_tokens_per_second": (t.trained_tokens_seen - tr0) / dt,
                         "tokens": t.tokens_seen, "trained_tokens": t.trained_tokens_seen,
                         "memory_mb": round(peak_memory_mb(), 1)})
+            if "ewc_penalty" in logs:  # EWC: the penalty added to the loss above
+                row["ewc_penalty"] = logs["ewc_penalty"]
             self._last = (now, t.tokens_seen, t.trained_tokens_seen)
             # The same dict goes on to the trackers' callbacks (tensorboard, wandb, ...): give them throughput too.
             logs.update({k: row[k] for k in _TRACKED})

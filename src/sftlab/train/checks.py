@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -294,9 +295,18 @@ def checkpoint_state(folder: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+def _evaluations_waited(state: dict) -> int:
+    """Early stopping's count of evaluations without improvement, as the checkpoint saved it (0: none)."""
+    saved = (state.get("stateful_callbacks") or {}).get("EarlyStoppingCallback")
+    saved = saved[0] if isinstance(saved, list) and saved else saved
+    count = saved.get("attributes", {}).get("early_stopping_patience_counter") if isinstance(saved, dict) else None
+    return count if isinstance(count, int) else 0
+
+
 def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
-    """An error when the checkpoint to resume from already reached ``cfg``'s end: Trainer would train a
-    step past it (at lr 0) and evaluate twice. ``saved_epochs``: the run's own (resolved) epochs, which
+    """An error when the checkpoint to resume from already reached ``cfg``'s end, its steps or epochs or
+    the step early stopping stopped it at: Trainer would train a step past it (at lr 0) and evaluate twice
+    (an early-stopped run trained on to its next evaluation and replaced its model). ``saved_epochs``: the run's own (resolved) epochs, which
     ``epochs: auto`` resolves to again."""
     step, epoch = int(state.get("global_step") or 0), float(state.get("epoch") or 0.0)
     epochs = saved_epochs if cfg.epochs == "auto" else cfg.epochs
@@ -304,6 +314,8 @@ def _complete_run(cfg: Config, state: dict, saved_epochs) -> Finding | None:
         done, more = f"{step}/{cfg.max_steps} steps", "max_steps"
     elif cfg.max_steps < 0 and isinstance(epochs, (int, float)) and epoch >= float(epochs) - 1e-6:
         done, more = f"{epoch:g}/{float(epochs):g} epochs", "epochs"
+    elif cfg.eval_data and 0 < cfg.early_stopping_patience <= (waited := _evaluations_waited(state)):
+        done, more = f"early stopping at step {step}: {waited} evaluations without improvement", "early_stopping_patience"
     else:
         return None
     return _finding("resume", "error", f"run already complete ({done}); raise {more} to train on",
@@ -427,6 +439,23 @@ def run_folder_findings(cfg: Config) -> list[Finding]:
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         out.append(_finding("max_steps", "error", f"max_steps {cfg.max_steps} trains nothing",
                             "--set max_steps=-1 to run every epoch, or a positive step count"))
+    return out + tracker_findings(cfg.report_to)
+
+
+# report_to's items -> the modules any of which transformers' callback for it imports, and the package to install
+_TRACKER_MODULES = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+                    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio")}
+
+
+def tracker_findings(report_to: list) -> list[Finding]:
+    """An error for a tracker in ``report_to`` whose package is not installed: transformers' callback
+    would raise (a traceback) when the Trainer is built, after the model and data were loaded."""
+    out = []
+    for name in report_to:
+        modules, package = _TRACKER_MODULES.get(name, ((name,), name))
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            out.append(_finding("report_to", "error", f"report_to {name}: the {package} package is not installed",
+                                f"pip install {package}, or drop {name} from report_to"))
     return out
 
 

@@ -201,6 +201,7 @@ def resolve_and_check(cfg: Config, data: RunData) -> tuple[Config, list[Finding]
     for key, prepared in (("data", data.train), ("eval_data", data.eval)):  # a mixture, as counts
         if prepared is not None and prepared.mixture is not None:
             setattr(rc, key, prepared.mixture.resolved())
+            findings += prepared.mixture.unused_findings(key)
     if rc.packing and data.train.draw is not None:
         findings.append(Finding("mixture", "info", "packing: the mixture is drawn once for the run (its first epoch, "
                                 "packed); every epoch trains on those rows", where="data",

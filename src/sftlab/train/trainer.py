@@ -8,9 +8,13 @@
 - ``evaluate``: the evaluation function passed in (``evaluate_fn``, the eval layer's ``training_eval``:
   token-weighted eval loss, not a mean of batch means, and perplexity).
 - ``_save_checkpoint``: writes into a staging folder and renames, so a crash never leaves half a
-  checkpoint.
+  checkpoint; the best checkpoint (``load_best_model_at_end``) is the saved one with the lowest eval
+  loss (``_best_checkpoint``).
 - ``compute_loss`` also picks the attention kernel per micro-batch under ``attn_implementation: auto``
   (``attention.py``).
+- ``compute_loss``/``training_step``/``log``: EWC's penalty joins the loss that is backpropagated, once per
+  step (a share per micro-batch), but the logged ``loss`` is the task loss; the penalty is logged as
+  ``ewc_penalty`` (with it in ``loss``, ``diagnose`` read the penalty's growth as divergence).
 - ``training_step``: a NaN/inf loss stops the run with a diagnosis instead of training on garbage;
   Trainer's ``model.train()`` on every micro-step is skipped when every module is in training mode
   already (it walks ~2,500 modules: 16 ms a micro-step on the default model, 2 CPU cores).
@@ -18,6 +22,9 @@
   count taken once, not walked over every parameter on each micro-step (another 15 ms).
 - ``_get_train_sampler``: a mixture's per-epoch draw (``train_sampler``, ``train/epochs.py``), else
   length-grouped batches; ``num_examples`` counts the drawn epoch.
+- ``_load_callback_state``: a resumed run continues early stopping's count of evaluations without
+  improvement from the checkpoint (transformers starts it at 0 again, so the resumed run stopped later
+  than the uninterrupted one).
 - ``_load_optimizer_and_scheduler``: a resumed run continues at its (rebuilt) schedule's rate for the
   step, not the rate the checkpoint's schedule ended at.
 - ``create_accelerator_and_postprocess``: FSDP2 on CPU processes (gloo), which accelerate leaves out
@@ -27,13 +34,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import time
 from typing import Callable
 
 import torch
-from transformers import Trainer
+from transformers import EarlyStoppingCallback, Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from sftlab.core.errors import SftlabError
@@ -141,6 +149,8 @@ class SftlabTrainer(Trainer):
         self.loss_mode = loss_mode
         self.label_smoothing = label_smoothing
         self.ewc = ewc
+        self._ewc_part = None  # this micro-batch's share of the step's EWC penalty (training_step takes it out)
+        self._ewc_sum, self._ewc_logged_step = 0.0, None  # penalty summed over the steps since the last train row
         # Our compute_loss normalises by the step's token count itself: never divide by GA again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -211,8 +221,10 @@ class SftlabTrainer(Trainer):
         if model.training:
             self.tokens_seen += int(inputs["n_real"]) if "n_real" in inputs else labels.numel()
             self.trained_tokens_seen += int((labels[:, 1:] != IGNORE).sum())
-            if self.ewc is not None:
-                loss = loss + self.ewc.penalty(model) / self.args.gradient_accumulation_steps
+            if self.ewc is not None:  # once per step: a share for each of this step's micro-batches
+                micro = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+                self._ewc_part = self.ewc.penalty(model) / micro
+                loss = loss + self._ewc_part
         return (loss, out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -233,7 +245,22 @@ class SftlabTrainer(Trainer):
                 del model.train
         if not torch.isfinite(loss).all():
             raise Divergence(self.state.global_step + 1, float(loss))
+        if self._ewc_logged_step is None:  # the step this run (or its resumed part) starts after
+            self._ewc_logged_step = self.state.global_step
+        if self._ewc_part is not None:  # the logged loss is the task's; the penalty is logged beside it
+            part, self._ewc_part = self._ewc_part.detach(), None
+            self._ewc_sum = self._ewc_sum + part
+            loss = loss - part
         return loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """A train row gets ``ewc_penalty``: the EWC penalty per step since the last row (its ``loss`` is the
+        task loss without it, as eval_loss is)."""
+        if self.ewc is not None and "loss" in logs and "eval_loss" not in logs:
+            steps = max(self.state.global_step - (self._ewc_logged_step or 0), 1)
+            logs["ewc_penalty"] = float(self._ewc_sum) / steps
+            self._ewc_sum, self._ewc_logged_step = 0.0, self.state.global_step
+        super().log(logs, *args, **kwargs)
 
     def floating_point_ops(self, inputs) -> int:
         main = getattr(self.model, "main_input_name", "input_ids")
@@ -262,6 +289,20 @@ class SftlabTrainer(Trainer):
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _load_callback_state(self) -> None:
+        """Resuming: early stopping's counter as the checkpoint saved it, with this run's patience and
+        min_delta. (transformers restores callback states only under
+        ``restore_callback_states_from_checkpoint``, which would also bring back the checkpoint's patience
+        and its TrainerControl flags.)"""
+        saved = self.state.stateful_callbacks.get("EarlyStoppingCallback")
+        saved = saved[0] if isinstance(saved, list) and saved else saved
+        if not isinstance(saved, dict):
+            return
+        count = int(saved.get("attributes", {}).get("early_stopping_patience_counter", 0))
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, EarlyStoppingCallback):
+                cb.early_stopping_patience_counter = count
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         """Resuming: the optimizer's rate for the next step is the one the checkpoint's schedule left it at;
         take the rebuilt schedule's rate for that step instead (the same value unless the step count
@@ -277,6 +318,26 @@ class SftlabTrainer(Trainer):
             tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
             state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
         super()._save(output_dir, state_dict)
+
+    def _best_checkpoint(self, run_dir: str) -> str | None:
+        """The checkpoint with the lowest eval loss among the evaluations that have one (this step's being
+        saved included; the first of equals). transformers takes the best evaluation's step, and where that
+        step saved no checkpoint (eval_steps below save_steps) it kept the earlier best checkpoint, even
+        where a later checkpoint had a lower eval loss."""
+        metric = self.args.metric_for_best_model
+        if not metric:
+            return None
+        key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        best = None
+        for row in self.state.log_history:  # saved with every checkpoint, so a resumed run has it too
+            step, value = row.get("step"), row.get(key)
+            path = os.path.join(run_dir, f"checkpoint-{step}")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                    step != self.state.global_step and not os.path.isdir(path)):  # a NaN is never the best
+                continue
+            if best is None or value < best[0]:
+                best = (value, path)
+        return best[1] if best else None
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial)
@@ -294,12 +355,10 @@ class SftlabTrainer(Trainer):
         finally:
             self.args.output_dir = original
         self.accelerator.wait_for_everyone()  # every process's part (its RNG state) is in before the rename
-        if self.state.best_global_step:
-            best = os.path.join(run_dir, f"checkpoint-{self.state.best_global_step}")
-            if os.path.exists(best) or self.state.best_global_step == self.state.global_step:
-                self.state.best_model_checkpoint = best
-                if self.args.should_save:
-                    self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
+        if (best := self._best_checkpoint(run_dir)) is not None:
+            self.state.best_model_checkpoint = best
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, name, "trainer_state.json"))
         if self.args.should_save:
             publish_tree(os.path.join(staging, name))  # safetensors writes its weights 0600
             if os.path.exists(final):
