@@ -127,3 +127,26 @@ def test_trackio_local_run_gets_name_and_project(tmp_path, tiny_model_dir, monke
     calls = _spy(monkeypatch, trackio)
     _tiny_run(tmp_path, tiny_model_dir, report_to=["trackio"], run_name="mix-1", project="sftlab-exp")
     assert calls and calls[0]["project"] == "sftlab-exp" and calls[0]["name"] == "mix-1"
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow", "trackio", "tensorboard"])
+def test_a_tracker_whose_package_is_missing_is_one_clear_error_before_loading(tmp_path, tiny_model_dir, monkeypatch,
+                                                                              capsys, tracker):
+    # without its package, transformers' integration raised a RuntimeError with a traceback once the model was
+    # loaded (report_to: [wandb] without wandb); --check said the configuration looked sound
+    import yaml
+
+    from sftlab.cli import main
+    from sftlab.core.errors import SftlabError
+    from sftlab.train import checks
+
+    monkeypatch.setattr(checks, "_module_installed", lambda name: False)
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=1, report_to=[tracker])
+    with pytest.raises(SftlabError, match=rf"report_to {tracker}: .*not installed") as e:
+        train(cfg, quiet=True)
+    assert "pip install" in e.value.hint
+    assert not (tmp_path / "run").exists()  # stopped before the run folder was started
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", str(path), "--check"]) == 2
+    assert f"check error: report_to {tracker}:" in capsys.readouterr().out

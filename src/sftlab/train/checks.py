@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -163,6 +164,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                else f"--set batch_size={max(1, rows // (8 * world))} --set gradient_accumulation=1")
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {what} "
                            f"({steps_per_epoch} optimizer steps per epoch)", fix))
+    out += tracker_findings(cfg)
     out += warmup_findings(cfg, total_steps) + max_steps_findings(cfg, steps_per_epoch)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg) + lora_rank_findings(cfg, model_cfg)
@@ -243,6 +245,23 @@ def max_steps_findings(cfg: Config, steps_per_epoch: int) -> list[Finding]:
                      "overrides epochs", f"--set max_steps=-1 to train {float(cfg.epochs):g} epoch"
                      f"{'' if float(cfg.epochs) == 1 else 's'}, or "
                      f"--set max_steps={planned}")]
+
+
+# The modules transformers' integration of each tracker imports (transformers.integrations' is_*_available).
+_TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "trackio": ("trackio",)}
+
+
+def _module_installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def tracker_findings(cfg: Config) -> list[Finding]:
+    """A tracker in ``report_to`` whose package is missing: transformers raises (a traceback) once the model is
+    loaded, so the run stops here with one line instead."""
+    missing = [t for t in cfg.report_to if not any(map(_module_installed, _TRACKER_MODULES.get(t, (t,))))]
+    return [_finding("report_to", "error", f"report_to {t}: the {t} package is not installed, and transformers' "
+                     f"{t} integration needs it", f"pip install {t}, or leave {t} out of report_to") for t in missing[:1]]
 
 
 def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:
