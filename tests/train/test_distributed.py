@@ -256,6 +256,18 @@ def test_ray_flags_without_ray_say_how_to_install(monkeypatch, tmp_path, tiny_mo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_ray_workers_below_one_is_one_clear_error(tmp_path, tiny_model_dir, capsys, workers):
+    # --ray-workers 0 trained in this process without a word (0 read as "no Ray"); -2 went on to Ray
+    from sftlab.cli import main
+
+    code = main(["train", "--model", str(tiny_model_dir), "--data", chat_data(tmp_path / "d.jsonl", 4),
+                 "--output-dir", str(tmp_path / "run"), "--ray-workers", workers])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--ray-workers {workers}" in err and "1 or more" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_fsdp_options_become_accelerate_fsdp2_settings(tmp_path, tiny_model_dir):
     """`fsdp` words map to FSDP2 plugin settings that transformers and accelerate accept (built, not run);
     FSDP's own activation checkpointing replaces Trainer's; bad words are refused."""
