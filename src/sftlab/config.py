@@ -269,6 +269,7 @@ def _validate(cfg: Config) -> None:
         ("early_stopping_patience", cfg.early_stopping_patience >= 0, "must be >= 0 (0 disables)"),
         ("early_stopping_min_delta", cfg.early_stopping_min_delta >= 0, "must be >= 0"),
         ("max_grad_norm", cfg.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+        ("seed", 0 <= cfg.seed < 2**32, f"must be between 0 and {2**32 - 1} (numpy's seed range)"),  # else a traceback in training
     ]
     for key, ok, why in checks:
         if not ok:
