@@ -19,6 +19,7 @@ import yaml
 
 from sftlab import rundir as A
 from sftlab.config import Config
+from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding
 from sftlab.core.hardware import device_memory_gb
 from sftlab.data.doctor_tools import template_tool_check
@@ -39,7 +40,7 @@ from sftlab.train.checks_model import (
     lora_rank_findings,
     method_findings,
 )
-from sftlab.train.distributed import is_global_main
+from sftlab.train.distributed import is_global_main, sharding_arguments
 
 
 def _finding(rule: str, severity: str, message: str, fix: str) -> Finding:
@@ -164,7 +165,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                else f"--set batch_size={max(1, rows // (8 * world))} --set gradient_accumulation=1")
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {what} "
                            f"({steps_per_epoch} optimizer steps per epoch)", fix))
-    out += tracker_findings(cfg)
+    out += tracker_findings(cfg) + sharding_findings(cfg, device_memory_gb()[0])
     out += warmup_findings(cfg, total_steps) + max_steps_findings(cfg, steps_per_epoch)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg) + lora_rank_findings(cfg, model_cfg)
@@ -262,6 +263,17 @@ def tracker_findings(cfg: Config) -> list[Finding]:
     missing = [t for t in cfg.report_to if not any(map(_module_installed, _TRACKER_MODULES.get(t, (t,))))]
     return [_finding("report_to", "error", f"report_to {t}: the {t} package is not installed, and transformers' "
                      f"{t} integration needs it", f"pip install {t}, or leave {t} out of report_to") for t in missing[:1]]
+
+
+def sharding_findings(cfg: Config, device: str) -> list[Finding]:
+    """``fsdp``/``deepspeed`` settings the run refuses (:func:`sharding_arguments`: unknown words, DeepSpeed or
+    fsdp offload off CUDA, fsdp in one CPU process): --check says so, and the run stops before loading."""
+    try:
+        sharding_arguments(cfg, cuda=device == "cuda")
+    except SftlabError as e:
+        message = str(e).removesuffix(f" ({e.hint})") if e.hint else str(e)
+        return [_finding("sharding", "error", message, e.hint or "unset fsdp and deepspeed")]
+    return []
 
 
 def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:
