@@ -117,6 +117,8 @@ def test_a_number_that_is_not_finite_is_one_error(item, tmp_path, capsys):
     ("early_stopping_patience", -2, "must be >= 0 (0 disables)"),
     ("early_stopping_min_delta", -0.5, "must be >= 0"),
     ("max_grad_norm", -1.0, "must be >= 0 (0 disables clipping)"),
+    ("seed", -1, "must be between 0 and 4294967295 (numpy's seed range)"),  # a ValueError traceback once training began
+    ("seed", 2**32, "must be between 0 and 4294967295 (numpy's seed range)"),
 ])
 def test_a_count_or_limit_out_of_range_is_one_error(key, value, why):
     """These ran as something else than asked, silently (in the comments)."""

@@ -142,3 +142,22 @@ def test_the_walker_sees_upward_and_deferred_imports():
     found = list(_imports_of(src, "sftlab.core.probe", False))
     assert found == [("sftlab.train.run", 1, False), ("sftlab.eval", 5, True)]
     assert [_layer(t) for t, _, _ in found] == [5, 4] and _layer("sftlab.core.probe") == 0
+
+
+def _architecture_layers_block() -> str:
+    text = (PACKAGE.parent.parent / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    return text.split("## Layers", 1)[1].split("```")[1]
+
+
+def test_architecture_names_every_module_and_no_other():
+    """ARCHITECTURE.md's layer picture names each module (by its name; data/'s chain without `.py`), and
+    every `name.py` it names exists: a new module, or a removed one, shows up here."""
+    import re
+
+    block = _architecture_layers_block()
+    stems = {p.stem for p in _modules() if p.stem not in ("__init__",)}
+    unnamed = sorted(str(p.relative_to(PACKAGE)) for p in _modules()
+                     if p.stem != "__init__" and not re.search(rf"(?<![\w/]){re.escape(p.stem)}(\.py)?\b", block))
+    assert not unnamed, f"modules ARCHITECTURE.md's layers do not name: {unnamed}"
+    stale = sorted(n for n in set(re.findall(r"\b(\w+)\.py\b", block)) if n not in stems)
+    assert not stale, f"ARCHITECTURE.md's layers name modules that do not exist: {stale}"

@@ -57,7 +57,7 @@ class Config:
     data: str | list | None = _f(None, "training data file (jsonl/json/csv/parquet) or local HF dataset folder; or a list of sources, each a path or {path, format, weight | count, name} (see README: Several datasets)")
     eval_data: str | list | None = _f(None, "evaluation data, same formats as data; a list of sources is one eval_loss in training (`sftlab eval RUN --data A --data B` gives results per source)")
     format: str = _f("auto", "data format: auto, messages (openai), sharegpt, alpaca, prompt_completion or text")
-    template: str | None = _f(None, "chat template: None uses the tokenizer's own; or alpaca, vicuna, chatml, chatml-tools (renders tools), llama3, mistral, or a .jinja file")
+    template: str | None = _f(None, "chat template: 'tokenizer' (or null, the default) uses the tokenizer's own; or alpaca, vicuna (also named sharegpt), chatml, chatml-tools (renders tools), llama3, mistral, or a .jinja file")
     system_prompt: str | None = _f(None, "system prompt added to conversations that have none")
     max_seq_length: int = _f(2048, "longest example in tokens")
     masking: Masking = _f("all_assistant", "which tokens are trained")
@@ -87,7 +87,7 @@ class Config:
     max_steps: int = _f(-1, "train this many optimizer steps, however many epochs they take (they override epochs); -1: run epochs")
     batch_size: int | Auto = _f(4, "per-device batch size, or 'auto': the largest micro-batch (up to 16 on a GPU, 4 on a CPU) whose memory estimate for this model and the data's rows fits; gradient_accumulation: auto then makes a global batch of 16 (less for under 64 examples)")
     gradient_accumulation: int | Auto = _f(4, "micro-batches per optimizer step, or 'auto'")
-    learning_rate: float | Auto = _f("auto", "peak learning rate, or 'auto': one table by method and model size (LoRA ~10x full), scaled with the global batch and LoRA alpha/r (README: Learning rate)")
+    learning_rate: float | Auto = _f("auto", "peak learning rate, or 'auto': one table by method and model size (LoRA ~10x full), scaled with the global batch and LoRA alpha/r (README: What `auto` chooses)")
     weight_decay: float = _f(0.01, "AdamW weight decay")
     warmup_ratio: float = _f(0.1, "share of steps spent warming up")
     lr_scheduler: Scheduler = _f("cosine", "learning-rate schedule")
@@ -269,6 +269,7 @@ def _validate(cfg: Config) -> None:
         ("early_stopping_patience", cfg.early_stopping_patience >= 0, "must be >= 0 (0 disables)"),
         ("early_stopping_min_delta", cfg.early_stopping_min_delta >= 0, "must be >= 0"),
         ("max_grad_norm", cfg.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+        ("seed", 0 <= cfg.seed < 2**32, f"must be between 0 and {2**32 - 1} (numpy's seed range)"),  # else a traceback in training
     ]
     for key, ok, why in checks:
         if not ok:

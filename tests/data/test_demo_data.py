@@ -49,3 +49,17 @@ def test_the_demo_config_elsewhere_says_where_relative_paths_start(tmp_path, tin
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert ("data file 'src/sftlab/demo_data/train.jsonl' not found (check the path; a relative path starts at "
             f"the working folder, {tmp_path}, also in a config file)") in err
+
+
+def test_every_data_file_of_the_package_is_in_its_package_data():
+    # package-data listed demo_data/*.jsonl only: an installed wheel had no demo.yaml, which `sftlab.demo`
+    # loads, nor tools.yaml (an editable install, as `make demo` makes, hid it)
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sftlab"]
+    package = root / "src" / "sftlab"
+    files = [p.relative_to(package).as_posix() for p in package.rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert files and not [f for f in files if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]

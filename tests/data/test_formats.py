@@ -405,7 +405,7 @@ def test_csv_header_of_no_format_is_one_line_naming_it(tmp_path, tiny_model_dir,
     assert "\n" not in err and f"{p}: cannot tell the data format from the CSV header 'Question,Answer'" in err
     assert "prompt+completion" in err and "instruction+output" in err
     p.write_text("prompt,Prompt ,completion\na,b,c\n", encoding="utf-8")
-    with pytest.raises(SftlabError, match=r"name the column 'prompt' twice \('prompt' and 'Prompt '\)"):
+    with pytest.raises(SftlabError, match=r"CSV header 'prompt,Prompt ,completion' names the column 'prompt' twice \('prompt' and 'Prompt '\)"):
         load_conversations(str(p))
 
 

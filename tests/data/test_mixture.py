@@ -350,3 +350,27 @@ def test_a_source_whose_weight_rounds_to_no_example_is_a_warning(tmp_path, tiny_
     cfg = train_config(tmp_path, tiny_model_dir, data=[{"path": a, "weight": 0.01}, {"path": b, "weight": 1}])
     found = train(cfg, check_only=True)["findings"]
     assert [x["message"] for x in found if x["rule"] == "mixture"] == [f.message]
+
+
+def test_a_runs_saved_mixture_names_its_files_from_anywhere(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    # sources given relative to the working folder were saved as given, while a plain `data:` path was made
+    # absolute: `sftlab prepare RUN/config.yaml` (diagnose's own suggestion) failed from any other folder
+    from conftest import train_config
+
+    from sftlab import rundir as A
+    from sftlab.train.run import train
+
+    chat_data(tmp_path / "a.jsonl", 8), chat_data(tmp_path / "b.jsonl", 4, offset=300)
+    monkeypatch.chdir(tmp_path)
+    train(train_config(tmp_path, tiny_model_dir, data=[{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 1}],
+                       eval_data=["a.jsonl", "b.jsonl"], max_steps=1,
+                       template="chatml"), quiet=True)
+    saved = yaml.safe_load((tmp_path / "run" / A.CONFIG).read_text())
+    assert [s["path"] for s in saved["data"]] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    assert [s["path"] for s in saved["eval_data"]] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["prepare", str(tmp_path / "run" / A.CONFIG)]) == 0
+    assert "examples kept" in capsys.readouterr().out

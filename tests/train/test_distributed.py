@@ -256,6 +256,44 @@ def test_ray_flags_without_ray_say_how_to_install(monkeypatch, tmp_path, tiny_mo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_ray_workers_below_one_is_one_clear_error(tmp_path, tiny_model_dir, capsys, workers):
+    # --ray-workers 0 trained in this process without a word (0 read as "no Ray"); -2 went on to Ray
+    from sftlab.cli import main
+
+    code = main(["train", "--model", str(tiny_model_dir), "--data", chat_data(tmp_path / "d.jsonl", 4),
+                 "--output-dir", str(tmp_path / "run"), "--ray-workers", workers])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--ray-workers {workers}" in err and "1 or more" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("fsdp=bogus", "fsdp='bogus': FSDP2 takes"),
+    ("fsdp=full_shard", "fsdp on CPU shards the model over processes, and this run is one process"),
+    ("deepspeed=zero2.json", "deepspeed needs CUDA GPUs"),
+])
+def test_sharding_a_run_refuses_is_a_check_error_and_stops_the_run_before_loading(tmp_path, tiny_model_dir, capsys,
+                                                                                   monkeypatch, setting, message):
+    # --check called these configurations sound, and the run refused them only after loading the model and
+    # creating the run folder
+    import torch
+
+    from sftlab.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU refusals: a GPU runs these settings")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["train", "--model", str(tiny_model_dir), "--data", chat_data(tmp_path / "d.jsonl", 4),
+            "--output-dir", str(tmp_path / "run"), "--set", setting]
+    assert main([*args, "--check"]) == 2
+    assert f"check error: {message}" in capsys.readouterr().out
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_fsdp_options_become_accelerate_fsdp2_settings(tmp_path, tiny_model_dir):
     """`fsdp` words map to FSDP2 plugin settings that transformers and accelerate accept (built, not run);
     FSDP's own activation checkpointing replaces Trainer's; bad words are refused."""

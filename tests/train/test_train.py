@@ -338,22 +338,6 @@ def test_a_mixtures_relative_paths_are_saved_absolute(monkeypatch, tmp_path, tin
     assert cfg.data[0] == "a.jsonl"  # the config itself is not changed
 
 
-def test_a_runs_saved_mixtures_name_their_sources_from_anywhere(monkeypatch, tmp_path, tiny_model_dir):
-    """The run replaced the resolved (absolute) mixture with its drawn counts, and with them the paths as the
-    user wrote them: `path: a.jsonl` in RUN/config.yaml, which eval, report and resume from another folder
-    did not find."""
-    monkeypatch.chdir(tmp_path)
-    chat_data(tmp_path / "a.jsonl", 8), chat_data(tmp_path / "b.jsonl", 4, offset=50)
-    chat_data(tmp_path / "e.jsonl", 4, offset=100)
-    cfg = train_config(tmp_path, tiny_model_dir, data=[{"path": "a.jsonl", "weight": 1}, {"path": "b.jsonl", "weight": 1}],
-                       eval_data=["e.jsonl", "b.jsonl"], max_steps=1, output_dir="run")
-    train(cfg, quiet=True)
-    saved = yaml_load(tmp_path / "run" / A.CONFIG)
-    assert [s["path"] for s in saved["data"]] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
-    assert [s["path"] for s in saved["eval_data"]] == [str(tmp_path / "e.jsonl"), str(tmp_path / "b.jsonl")]
-    assert [s["count"] for s in saved["data"]] == [6, 6]
-
-
 def test_auto_batch_follows_the_model_memory_estimate(monkeypatch, tiny_model_dir):
     """`batch_size: auto` is the largest micro-batch whose estimate for this model and these rows fits
     90% of the memory (not a table by GPU size), accumulation makes a global batch of 16, and a value

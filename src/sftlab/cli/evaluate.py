@@ -21,7 +21,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, action="append",
                    help="eval data file (same formats as training data); repeat it for results per source")
     p.add_argument("--compare", dest="compare_to", metavar="BASE",
-                   help="also score BASE on the same data and print both with the difference; 'base' = the run's base model")
+                   help="also score BASE on the same data and print both with the difference; 'base' = the base model of the run or export")
     p.add_argument("--general", help="general data for the forgetting check (default: the run's replay_data)")
     _config_flag(p, "format", dest="fmt")
     p.add_argument("--template", help="chat template (default: the run's training template, or the tokenizer's own)")

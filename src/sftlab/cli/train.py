@@ -28,7 +28,7 @@ def _add_train(p):
                         "learning_rate auto's), print its curve and train at its choice; with --check: only the test")
     p.add_argument("--ray-workers", type=int, default=None, metavar="N",
                    help="run on N Ray Train workers (pip install 'sftlab[ray]'); a local Ray unless --ray-address")
-    p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to run on, e.g. ray://head:10001")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="the Ray cluster to run on, e.g. ray://head:10001 (alone: 1 worker there)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     p.add_argument("--json", action="store_true", help="print the summary (with --check: findings and resolved "
                                                        "config; with --help-config: every key) as JSON")
@@ -115,6 +115,9 @@ def _cmd_train(args) -> int:
         else:
             print(config_help())
         return 0
+    if args.ray_workers is not None and args.ray_workers < 1:  # 0 read as "no Ray" and trained here without a word
+        raise SftlabError(f"--ray-workers {args.ray_workers}: the number of Ray Train workers must be 1 or more",
+                          hint="--ray-workers 2, or leave the flag out to train in this process")
     cfg = _config_from_args(args)
     if not cfg.data:  # before torch and transformers load (seconds): the same error prepare() gives
         raise SftlabError("no training data given", hint="pass --data FILE or set `data:` in the config")

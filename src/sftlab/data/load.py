@@ -303,8 +303,8 @@ def csv_columns(p: Path, header: list[str]) -> list[str]:
     twice = next((k for k in CSV_COLUMNS if out.count(k) > 1), None)
     if twice:
         same = " and ".join(repr(h) for h, k in zip(header, out) if k == twice)
-        what = "CSV header" if p.suffix.lower() == ".csv" else "columns"
-        raise SftlabError(f"{p}: the {what} {','.join(header)!r} name the column '{twice}' twice ({same})",
+        what, verb = ("CSV header", "names") if p.suffix.lower() == ".csv" else ("columns", "name")
+        raise SftlabError(f"{p}: the {what} {','.join(header)!r} {verb} the column '{twice}' twice ({same})",
                           hint="keep one of them (column names are read ignoring case and surrounding spaces)")
     return out
 

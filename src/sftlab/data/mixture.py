@@ -47,6 +47,12 @@ from sftlab.data.types import Conversation
 _KEYS = ("path", "format", "weight", "count", "name")
 
 
+def _absolute(path: str) -> str:
+    """``path`` made absolute when it names a file or folder relative to the working folder; else as it is."""
+    local = Path(path).expanduser()
+    return str(local.absolute()) if not local.is_absolute() and local.exists() else path
+
+
 @dataclass(frozen=True)
 class Source:
     """One entry of a mixture. ``format`` None: the config's ``format``; ``weight`` and ``count`` None: unset."""
@@ -203,9 +209,9 @@ class Mixture:
 
     def resolved(self) -> list[dict]:
         """The mixture as the run's resolved config stores it: counts when sampled, so it draws the same
-        epochs; plain sources (every example once) otherwise. Paths absolute: the run folder's config
-        names its sources from any folder."""
-        return [{"path": str(Path(s.path).absolute()), "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
+        epochs; plain sources (every example once) otherwise. A path relative to the working folder is made
+        absolute, as a plain ``data:`` path is: the run's config is read from anywhere."""
+        return [{"path": _absolute(s.path), "format": f, **({"count": c} if self.sampled else {}), "name": s.name}
                 for s, f, c in zip(self.sources, self.formats, self.counts)]
 
     def unused_findings(self, key: str = "data") -> list[Finding]:

@@ -19,6 +19,7 @@ import yaml
 
 from sftlab import rundir as A
 from sftlab.config import Config
+from sftlab.core.errors import SftlabError
 from sftlab.core.findings import Finding
 from sftlab.core.hardware import device_memory_gb
 from sftlab.data.doctor_tools import template_tool_check
@@ -39,7 +40,7 @@ from sftlab.train.checks_model import (
     lora_rank_findings,
     method_findings,
 )
-from sftlab.train.distributed import is_global_main
+from sftlab.train.distributed import is_global_main, sharding_arguments
 
 
 def _finding(rule: str, severity: str, message: str, fix: str) -> Finding:
@@ -164,6 +165,7 @@ def checklist(cfg: Config, *, n_params: int, n_examples: int, seq_len: int, mode
                else f"--set batch_size={max(1, rows // (8 * world))} --set gradient_accumulation=1")
         out.append(_finding("global_batch", "warning", f"global batch {global_batch} is implausible for {what} "
                            f"({steps_per_epoch} optimizer steps per epoch)", fix))
+    out += sharding_findings(cfg, device_memory_gb()[0])
     out += warmup_findings(cfg, total_steps) + max_steps_findings(cfg, steps_per_epoch)
     out += step_findings(total_steps) + schedule_findings(cfg, total_steps)
     out += method_findings(cfg, model_cfg) + lora_rank_findings(cfg, model_cfg)
@@ -244,6 +246,17 @@ def max_steps_findings(cfg: Config, steps_per_epoch: int) -> list[Finding]:
                      "overrides epochs", f"--set max_steps=-1 to train {float(cfg.epochs):g} epoch"
                      f"{'' if float(cfg.epochs) == 1 else 's'}, or "
                      f"--set max_steps={planned}")]
+
+
+def sharding_findings(cfg: Config, device: str) -> list[Finding]:
+    """``fsdp``/``deepspeed`` settings the run refuses (:func:`sharding_arguments`: unknown words, DeepSpeed or
+    fsdp offload off CUDA, fsdp in one CPU process): --check says so, and the run stops before loading."""
+    try:
+        sharding_arguments(cfg, cuda=device == "cuda")
+    except SftlabError as e:
+        message = str(e).removesuffix(f" ({e.hint})") if e.hint else str(e)
+        return [_finding("sharding", "error", message, e.hint or "unset fsdp and deepspeed")]
+    return []
 
 
 def warmup_findings(cfg: Config, total_steps: int) -> list[Finding]:

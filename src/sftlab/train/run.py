@@ -64,7 +64,7 @@ from sftlab.train.trainer import Divergence, SftlabTrainer
 _OPTIMIZERS = {"adamw": "adamw_torch_fused", "adam": "adamw_torch_fused", "sgd": "sgd", "adamw8bit": "adamw_bnb_8bit"}
 _FINISHED = ("completed", "early_stopping")  # stops after which the model is evaluated and saved
 # checklist errors the run cannot start with (the run-folder ones are checked first)
-_FATAL = ("steps", "packing", "lora_target_modules", "max_seq_length")  # the last: only past learned positions
+_FATAL = ("steps", "packing", "lora_target_modules", "max_seq_length", "sharding")  # max_seq_length: only past learned positions
 
 
 @dataclass
