@@ -424,12 +424,12 @@ def test_generate_prompt_with_tools_renders_them(loaded):
     assert '"name": "get_weather"' in text and "<tools>" in text
 
 
-def _streamed_chat(session, monkeypatch, pieces: list[str], lines: list[str]) -> str:
-    """What run_chat shows when the model streams ``pieces`` (then a plain reply after any tool result)."""
+def _streamed_chat(session, monkeypatch, pieces: list[str], lines: list[str], after: str = "It is 21 degrees.") -> str:
+    """What run_chat shows when the model streams ``pieces`` (then ``after``, in one piece, after any tool result)."""
     import io
 
-    replies = iter(["".join(pieces), "It is 21 degrees."])
-    chunks = iter([pieces, ["It is 21 degrees."]])
+    replies = iter(["".join(pieces), after])
+    chunks = iter([pieces, [after]])
 
     def fake_generate(prompt, on_text):
         text = next(replies)
@@ -536,20 +536,8 @@ def test_a_broken_call_after_a_tool_result_is_said_too(loaded, monkeypatch):
     """After a tool result, a reply whose call did not parse was shown as text without saying why it was
     not run (only the first reply of a turn said so)."""
     pieces = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>']
-    session = _tool_session(loaded)
-    replies = iter([pieces[0], '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"'])
-
-    def fake_generate(prompt, on_text):
-        text = next(replies)
-        on_text(text)
-        return text, text
-
-    import io
-    monkeypatch.setattr(session, "_generate", fake_generate)
-    feed = iter(["weather in Paris?", '{"temp": 21}', "/exit"])
-    out = io.StringIO()
-    assert run_chat(session, read=lambda prompt: (out.write(prompt), next(feed))[1], out=out) == 0
-    shown = out.getvalue()
+    shown = _streamed_chat(_tool_session(loaded), monkeypatch, pieces, ["weather in Paris?", '{"temp": 21}', "/exit"],
+                           after='<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"')
     assert ('tool result (get_weather)> assistant> <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"\n'
             "(not run as a tool call: a <tool_call> block is never closed)\nyou> ") in shown
 
