@@ -68,7 +68,7 @@ def _check_and_find_lr(cfg, steps: int, args) -> int:
     )
 
     with contextlib.redirect_stdout(sys.stderr):
-        checked = train(cfg, check_only=True, quiet=True)
+        checked = train(cfg, check_only=True, quiet=True, notes={"plan_command": _plan_command(args)})
     _name_plan_command(checked, args)
     if checked.get("auto"):
         print(checked["auto"])
@@ -91,16 +91,14 @@ def _plan_command(args) -> str:
 
 
 def _name_plan_command(summary: dict, args) -> None:
-    """`train --check`'s summary with :func:`_plan_command` in place of CONFIG."""
+    """`train --check`'s memory line with :func:`_plan_command` in place of CONFIG (its findings are named
+    by train itself, from ``notes``)."""
     from sftlab.train.checks import (
         PLAN_CONFIG,  # deferred: the command pulls in torch; `sftlab --help` stays fast
     )
 
-    named = _plan_command(args)
     if summary.get("memory"):
-        summary["memory"] = summary["memory"].replace(PLAN_CONFIG, named)
-    for f in summary.get("findings", []):
-        f["fixes"] = [fix.replace(PLAN_CONFIG, named) for fix in f.get("fixes", [])]
+        summary["memory"] = summary["memory"].replace(PLAN_CONFIG, _plan_command(args))
 
 
 def _cmd_train(args) -> int:
@@ -146,7 +144,7 @@ def _cmd_train(args) -> int:
             summary = train_with_found_lr(cfg, steps=args.find_lr)
         elif args.check:  # the checklist is printed here; anything the library prints goes to stderr
             with contextlib.redirect_stdout(sys.stderr):
-                summary = train(cfg, check_only=True, quiet=True)
+                summary = train(cfg, check_only=True, quiet=True, notes={"plan_command": _plan_command(args)})
         elif args.ray_workers or args.ray_address:
             from sftlab.train.ray import (
                 train_on_ray,  # deferred: the optional Ray extra
